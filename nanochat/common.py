@@ -1,0 +1,357 @@
+"""
+Thin helpers shared by every stage: paths, logging, rank info, safe file writes, downloads.
+
+Design choices:
+- Nothing here imports torch at module import time, so data tools stay light; distributed
+  info comes from the environment variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE).
+- Every artifact is written through `atomic_path`: the writer fills a uniquely named temp
+  file in the same directory, which is fsynced and `os.replace`d onto the final name only
+  when the writer finished without error. A crash never leaves a half-written file under a
+  final name, and an old file survives a failed rewrite.
+- `file_lock` is an exclusive `fcntl.flock` on `<path>.lock`, so several processes (e.g. all
+  torchrun ranks) can ask for the same download and only one does the work. Lock files are
+  left in place on purpose: deleting them would let two processes lock different inodes.
+- `download_file` uses the standard library only. A failed attempt (HTTP error, stall past
+  the per-read timeout, body shorter than Content-Length, or a file rejected by `validate`)
+  is retried with exponential backoff; a 4xx answer (other than 408/429), e.g. 404, is
+  final and fails at once. The temp file is discarded on failure, so the final path only
+  ever holds a complete, validated file.
+- `ProgressBar` has no dependencies: `\\r` updates on a terminal, and a plain line every
+  few seconds otherwise, so logs of long runs stay readable.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+logger = logging.getLogger("nanochat.common")
+
+T = TypeVar("T")
+
+# -----------------------------------------------------------------------------
+# Paths, ranks, logging
+
+
+def get_base_dir() -> Path:
+    """The artifact root: `$NANOCHAT_BASE_DIR`, else `~/.cache/nanochat`; created if missing."""
+    env = os.environ.get("NANOCHAT_BASE_DIR")
+    base = Path(env).expanduser() if env else Path.home() / ".cache" / "nanochat"
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(is_ddp, rank, local_rank, world_size) from the torchrun environment; (False, 0, 0, 1) without it."""
+    is_ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not is_ddp:
+        return False, 0, 0, 1
+    return True, _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """`print` on rank 0 only (rank from the RANK environment variable, default 0)."""
+    if _env_int("RANK", 0) == 0:
+        print(*args, **kwargs)
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """Attach one compact stderr handler to the "nanochat" logger (rank 0: `level`, others: warnings)."""
+    _, rank, _, world_size = get_dist_info()
+    root = logging.getLogger("nanochat")  # modules log to "nanochat.<name>" children of it
+    if not any(getattr(h, "_nanochat", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        prefix = f"[rank {rank}] " if world_size > 1 else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
+        )
+        handler._nanochat = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+        root.propagate = False
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    return root
+
+
+# -----------------------------------------------------------------------------
+# Safe writes and locks
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path next to `path`; on success fsync it and rename it onto `path`, on error delete it."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"atomic_path: nothing was written to {tmp} for {path}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive `fcntl.flock` on `<path>.lock` (created if missing) for the duration of the block."""
+    lock_path = Path(f"{os.fspath(path)}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# Progress
+
+
+def _human(x: float, unit: str, fraction: bool = False) -> str:
+    """1234567 -> "1.2M" (or "1.2 MB" for unit "B"); small plain numbers get a decimal if `fraction`."""
+    suffixes = (" B", " KB", " MB", " GB") if unit == "B" else ("", "k", "M", "G")
+    for suffix in suffixes:
+        if abs(x) < 1000 or suffix == suffixes[-1]:
+            plain = suffix == suffixes[0] and not fraction
+            return f"{x:.0f}{suffix}" if plain else f"{x:.1f}{suffix}"
+        x /= 1000
+    raise AssertionError("unreachable")
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
+
+
+def format_progress(desc: str, done: float, total: float | None, elapsed: float, unit: str = "") -> str:
+    """One progress line: description, percent, done/total, rate and ETA (when the total is known)."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    rate_text = f"{_human(rate, unit, fraction=True)}{'' if unit == 'B' else ' ' + (unit or 'it')}/s"
+    parts = [desc] if desc else []
+    if total:
+        eta = (total - done) / rate if rate > 0 else float("inf")
+        parts += [
+            f"{100 * done / total:5.1f}%",
+            f"{_human(done, unit)}/{_human(total, unit)}",
+            rate_text,
+            f"ETA {_clock(eta) if eta != float('inf') else '?'}",
+        ]
+    else:
+        parts += [_human(done, unit), rate_text]
+    parts.append(f"elapsed {_clock(elapsed)}")
+    return "  ".join(parts)
+
+
+class ProgressBar:
+    """A tiny progress bar for long work; update it from one thread.
+
+    On a terminal it redraws one line with `\\r` (at most every 0.1 s); otherwise it prints
+    a full line every `interval` seconds, so captured logs stay short. `unit="B"` shows
+    bytes in KB/MB/GB.
+    """
+
+    def __init__(
+        self,
+        total: float | None,
+        desc: str = "",
+        unit: str = "",
+        stream: IO[str] | None = None,
+        interval: float = 5.0,
+    ) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = 0.1 if self.tty else interval
+        self.done = 0.0
+        self.start = self.last_draw = time.monotonic()
+        self.closed = False
+        self._width = 0  # length of the last line drawn on a terminal, to blank it out
+
+    def update(self, n: float = 1) -> None:
+        """Advance by `n` and redraw if enough time has passed."""
+        self.done += n
+        now = time.monotonic()
+        if now - self.last_draw >= self.interval:
+            self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        self.last_draw = now
+        line = format_progress(self.desc, self.done, self.total, now - self.start, self.unit)
+        if self.tty:
+            self.stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Draw the final state once and end the line."""
+        if self.closed:
+            return
+        self.closed = True
+        self._draw(time.monotonic())
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "") -> Iterator[T]:
+    """Wrap an iterable with a ProgressBar that advances by one per item."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    with ProgressBar(total, desc=desc, unit=unit) as bar:
+        for item in iterable:
+            yield item
+            bar.update(1)
+
+
+# -----------------------------------------------------------------------------
+# Downloads
+
+MAX_BACKOFF = 60.0  # seconds; cap on the exponential wait between attempts
+CHUNK_SIZE = 1 << 20
+
+
+class _FatalHTTPError(Exception):
+    """An answer that retrying cannot fix (404 and most other 4xx)."""
+
+
+def _passes(path: Path, validate: Callable[[Path], object] | None) -> bool:
+    if not path.is_file():
+        return False
+    if validate is None:
+        return True
+    try:
+        return validate(path) is not False
+    except Exception as e:
+        logger.warning("existing %s failed validation (%s); downloading it again", path, e)
+        return False
+
+
+def _fetch_once(
+    url: str, tmp: Path, timeout: float, bar_desc: str | None, validate: Callable[[Path], object] | None
+) -> None:
+    request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)  # timeout applies to every socket read
+    except urllib.error.HTTPError as e:
+        if 400 <= e.code < 500 and e.code not in (408, 429):
+            raise _FatalHTTPError(f"HTTP {e.code} {e.reason}") from e
+        raise
+    with response, open(tmp, "wb") as f:
+        length_header = response.headers.get("Content-Length")
+        expected = int(length_header) if length_header is not None else None
+        received = 0
+        bar = ProgressBar(expected, desc=bar_desc, unit="B") if bar_desc is not None else None
+        try:
+            while chunk := response.read(CHUNK_SIZE):
+                f.write(chunk)
+                received += len(chunk)
+                if bar:
+                    bar.update(len(chunk))
+        finally:
+            if bar:
+                bar.close()
+    if expected is not None and received != expected:
+        raise OSError(f"body cut short: got {received} of {expected} bytes")
+    if validate is not None and validate(tmp) is False:
+        raise ValueError("downloaded file failed validation")
+
+
+def download_file(
+    url: str,
+    path: str | os.PathLike,
+    *,
+    timeout: float = 30.0,
+    retries: int = 5,
+    backoff: float = 1.0,
+    validate: Callable[[Path], object] | None = None,
+    progress: bool = True,
+) -> Path:
+    """Download `url` to `path` (skipped if it already exists and passes `validate`) and return the path.
+
+    `validate(tmp_path)` rejects a download by raising or returning False. There are
+    `1 + retries` attempts, waiting backoff, 2*backoff, 4*backoff... seconds (capped at
+    MAX_BACKOFF) between them; a 4xx answer such as 404 fails at once. Raises RuntimeError
+    naming the url and the last error; the final path never holds a partial file.
+    """
+    path = Path(path)
+    stale = list(path.parent.glob(f"{path.name}.tmp.*"))  # leftovers of a crashed run
+    if not stale and _passes(path, validate):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(path):  # temps of this path are only written under this lock, so any we see are stale
+        for tmp in path.parent.glob(f"{path.name}.tmp.*"):
+            tmp.unlink(missing_ok=True)
+        if _passes(path, validate):  # complete already, or another process finished it while we waited
+            return path
+        last_error: BaseException | None = None
+        for attempt in range(retries + 1):
+            if attempt > 0:
+                wait = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF)
+                logger.warning(
+                    "download of %s failed (%s); retry %d/%d in %.1fs",
+                    url,
+                    last_error,
+                    attempt,
+                    retries,
+                    wait,
+                )
+                time.sleep(wait)
+            try:
+                with atomic_path(path) as tmp:
+                    _fetch_once(url, tmp, timeout, path.name if progress else None, validate)
+                return path
+            except _FatalHTTPError as e:
+                raise RuntimeError(f"download of {url} failed: {e} (not retrying)") from e
+            except Exception as e:  # HTTP/URL errors, timeouts, short bodies, rejected files
+                last_error = e
+        raise RuntimeError(
+            f"download of {url} failed after {retries + 1} attempts; last error: {last_error!r}"
+        ) from last_error

@@ -1,0 +1,368 @@
+"""Tests for nanochat.common: paths, ranks, atomic writes, locks, progress, and robust downloads.
+
+Downloads run against a real HTTP server on 127.0.0.1 whose answer to each request follows a
+script (`ScriptedServer`, also used by test_dataset.py), so retries, stalls, short bodies and
+concurrent downloaders are exercised over real sockets, without the network.
+"""
+
+import io
+import multiprocessing
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from nanochat import common
+from nanochat.common import (
+    ProgressBar,
+    atomic_path,
+    download_file,
+    file_lock,
+    format_progress,
+    get_base_dir,
+    get_dist_info,
+    print0,
+    progress,
+)
+
+# -----------------------------------------------------------------------------
+# A scripted local HTTP server
+
+
+class ScriptedServer:
+    """Serves `bodies[path]`; the n-th request to a path gets action `scripts[path][n]` (the last repeats).
+
+    Actions: "ok", "500", "404", "garbage" (200 with non-matching bytes), "short" (Content-Length
+    larger than the bytes sent, then close), "stall" (half the body, then silence for
+    `stall_seconds`), "slow" (wait `slow_seconds`, then ok).
+    """
+
+    def __init__(self, stall_seconds: float = 1.0, slow_seconds: float = 1.0) -> None:
+        self.bodies: dict[str, bytes] = {}
+        self.scripts: dict[str, list[str]] = {}
+        self.requests: list[str] = []
+        self.stall_seconds, self.slow_seconds = stall_seconds, slow_seconds
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # clients that gave up are expected
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def serve(self, path: str, body: bytes, *script: str) -> str:
+        """Register `body` at `path` with a script of actions (default: always ok); return its url."""
+        self.bodies[path] = body
+        self.scripts[path] = list(script) or ["ok"]
+        return self.url + path
+
+    def count(self, path: str) -> int:
+        return self.requests.count(path)
+
+    def _next_action(self, path: str) -> str:
+        with self.lock:
+            n = self.requests.count(path)
+            self.requests.append(path)
+        script = self.scripts.get(path, ["404"])
+        return script[min(n, len(script) - 1)]
+
+    def _handler_class(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_GET(self):
+                action = server._next_action(self.path)
+                body = server.bodies.get(self.path, b"")
+                if action in ("500", "404"):
+                    self.send_error(int(action))
+                    return
+                if action == "slow":
+                    time.sleep(server.slow_seconds)
+                if action == "garbage":
+                    body = b"this is not the file you are looking for\n" * 50
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body) + (100 if action == "short" else 0)))
+                self.end_headers()
+                if action == "stall":
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    time.sleep(server.stall_seconds)
+                    return
+                self.wfile.write(body)  # for "short", the connection closes 100 bytes early
+
+        return Handler
+
+    def __enter__(self) -> "ScriptedServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    with ScriptedServer(stall_seconds=1.0) as s:
+        yield s
+
+
+FAST = dict(timeout=0.3, retries=3, backoff=0.01, progress=False)
+PAYLOAD = bytes(range(256)) * 400  # 100 KiB, binary-safe
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".tmp." in p.name)
+
+
+# -----------------------------------------------------------------------------
+# Paths, ranks, printing
+
+
+def test_get_base_dir_follows_env_var_and_creates_it(tmp_path, monkeypatch):
+    target = tmp_path / "nested" / "base"
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(target))
+    assert get_base_dir() == target
+    assert target.is_dir()
+
+
+def test_get_base_dir_defaults_to_home_cache(tmp_path, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert get_base_dir() == tmp_path / ".cache" / "nanochat"
+
+
+def test_get_dist_info_reads_torchrun_env(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert get_dist_info() == (False, 0, 0, 1)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert get_dist_info() == (True, 3, 1, 4)
+    monkeypatch.setenv("WORLD_SIZE", "four")
+    with pytest.raises(ValueError, match="WORLD_SIZE"):
+        get_dist_info()
+
+
+def test_print0_prints_only_on_rank_zero(monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "1")
+    print0("from rank 1")
+    monkeypatch.setenv("RANK", "0")
+    print0("from rank 0")
+    monkeypatch.delenv("RANK")
+    print0("no torchrun")
+    assert capsys.readouterr().out == "from rank 0\nno torchrun\n"
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes and locks
+
+
+def test_atomic_path_replaces_file_only_when_writer_succeeds(tmp_path):
+    target = tmp_path / "artifact.bin"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == target.parent and tmp.name.startswith("artifact.bin.tmp.")
+        tmp.write_bytes(b"version 1")
+        assert not target.exists()  # nothing under the final name until the block ends
+    assert target.read_bytes() == b"version 1"
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_path_keeps_old_file_when_writer_raises(tmp_path):
+    target = tmp_path / "artifact.bin"
+    target.write_bytes(b"good old content")
+    with pytest.raises(RuntimeError, match="writer crashed"):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half-writ")
+            raise RuntimeError("writer crashed")
+    assert target.read_bytes() == b"good old content"
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_path_temp_names_are_unique(tmp_path):
+    with atomic_path(tmp_path / "x") as a, atomic_path(tmp_path / "x") as b:
+        assert a != b
+        a.write_text("a")
+        b.write_text("b")
+    assert (tmp_path / "x").read_text() == "a"  # the last one to finish wins
+
+
+def test_file_lock_excludes_other_holders(tmp_path):
+    target = tmp_path / "resource"
+    events = []
+
+    def contender():
+        with file_lock(target):
+            events.append("contender")
+
+    with file_lock(target):
+        thread = threading.Thread(target=contender)
+        thread.start()
+        time.sleep(0.2)
+        events.append("holder done")
+    thread.join(timeout=5)
+    assert events == ["holder done", "contender"]
+    assert (tmp_path / "resource.lock").exists()
+
+
+# -----------------------------------------------------------------------------
+# Progress
+
+
+def test_format_progress_shows_percent_rate_and_eta():
+    line = format_progress("shards", 25, 100, elapsed=10.0, unit="shards")
+    assert "25.0%" in line and "25/100" in line and "2.5 shards/s" in line and "ETA 0:30" in line
+    line = format_progress("file", 3_000_000, 6_000_000, elapsed=2.0, unit="B")
+    assert "3.0 MB/6.0 MB" in line and "1.5 MB/s" in line and "ETA 0:02" in line
+    assert "?" not in format_progress("unknown total", 10, None, elapsed=1.0)
+
+
+def test_progress_bar_writes_readable_lines_when_not_a_tty():
+    stream = io.StringIO()
+    with ProgressBar(4, desc="work", stream=stream, interval=0.0) as bar:
+        for _ in range(4):
+            bar.update(1)
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue()
+    assert len(lines) == 5  # one per update (interval 0) + the final line
+    assert "100.0%" in lines[-1] and "4/4" in lines[-1]
+
+
+def test_progress_wraps_an_iterable_and_reports_completion(capsys):
+    assert list(progress(range(3), desc="items")) == [0, 1, 2]
+    assert "items  100.0%  3/3" in capsys.readouterr().err
+
+
+def test_progress_bar_redraws_in_place_on_a_tty():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    bar = ProgressBar(10, desc="tok", stream=stream)
+    bar.update(10)
+    bar.close()
+    assert stream.getvalue().startswith("\r") and stream.getvalue().endswith("\n")
+    assert stream.getvalue().count("\n") == 1
+
+
+# -----------------------------------------------------------------------------
+# Downloads
+
+
+def test_download_retries_after_server_errors(server, tmp_path):
+    url = server.serve("/f.bin", PAYLOAD, "500", "500", "ok")
+    path = download_file(url, tmp_path / "f.bin", **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert server.count("/f.bin") == 3
+    assert leftovers(tmp_path) == []
+
+
+def test_download_retries_after_stall_past_timeout(server, tmp_path):
+    url = server.serve("/f.bin", PAYLOAD, "stall", "ok")
+    t0 = time.monotonic()
+    path = download_file(url, tmp_path / "f.bin", **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert server.count("/f.bin") == 2
+    assert time.monotonic() - t0 < 0.9  # gave up on the stall after the read timeout, not the stall itself
+
+
+def test_download_retries_when_body_is_shorter_than_content_length(server, tmp_path):
+    url = server.serve("/f.bin", PAYLOAD, "short", "ok")
+    assert download_file(url, tmp_path / "f.bin", **FAST).read_bytes() == PAYLOAD
+    assert server.count("/f.bin") == 2
+
+
+def test_download_retries_when_validation_rejects_the_body(server, tmp_path):
+    url = server.serve("/f.bin", PAYLOAD, "garbage", "ok")
+    seen = []
+
+    def validate(p: Path):
+        seen.append(p)
+        assert p != tmp_path / "f.bin", "validate must see the temp file, not the final name"
+        if p.read_bytes() != PAYLOAD:
+            raise ValueError("bad magic")
+
+    assert download_file(url, tmp_path / "f.bin", validate=validate, **FAST).read_bytes() == PAYLOAD
+    assert server.count("/f.bin") == 2 and len(seen) == 2
+
+
+def test_download_that_always_fails_leaves_no_file(server, tmp_path):
+    for action in ("500", "short", "garbage"):
+        name = f"/{action}.bin"
+        url = server.serve(name, PAYLOAD, action)
+        with pytest.raises(RuntimeError, match=f"{url}.*after 4 attempts"):
+            download_file(url, tmp_path / name[1:], validate=lambda p: p.read_bytes() == PAYLOAD, **FAST)
+        assert server.count(name) == 4
+        assert not (tmp_path / name[1:]).exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_download_404_fails_fast_with_clear_error(server, tmp_path):
+    url = server.url + "/missing.bin"
+    with pytest.raises(RuntimeError, match="missing.bin.*HTTP 404.*not retrying"):
+        download_file(url, tmp_path / "missing.bin", timeout=0.3, retries=5, backoff=10.0, progress=False)
+    assert server.count("/missing.bin") == 1
+    assert not (tmp_path / "missing.bin").exists() and leftovers(tmp_path) == []
+
+
+def test_download_skips_existing_file_without_a_request(server, tmp_path):
+    url = server.serve("/f.bin", PAYLOAD)
+    (tmp_path / "f.bin").write_bytes(b"already here")
+    assert download_file(url, tmp_path / "f.bin", **FAST).read_bytes() == b"already here"
+    assert server.count("/f.bin") == 0
+
+
+def test_download_replaces_existing_file_that_fails_validation_and_stale_temps(server, tmp_path):
+    url = server.serve("/f.bin", PAYLOAD)
+    (tmp_path / "f.bin").write_bytes(b"corrupt")
+    (tmp_path / "f.bin.tmp.12345.deadbeef").write_bytes(b"left by a crashed run")
+    path = download_file(url, tmp_path / "f.bin", validate=lambda p: p.read_bytes() == PAYLOAD, **FAST)
+    assert path.read_bytes() == PAYLOAD
+    assert server.count("/f.bin") == 1
+    assert leftovers(tmp_path) == []
+
+
+def test_download_shows_byte_progress(server, tmp_path, capsys):
+    url = server.serve("/f.bin", PAYLOAD)
+    download_file(url, tmp_path / "f.bin", timeout=1.0, retries=0, progress=True)
+    assert "100.0%" in capsys.readouterr().err
+
+
+def _download_after_barrier(barrier, url: str, path: str) -> None:
+    barrier.wait(timeout=30)
+    download_file(url, path, timeout=10.0, retries=0, progress=False)
+
+
+def test_concurrent_downloads_in_two_processes_fetch_once(tmp_path):
+    with ScriptedServer(slow_seconds=1.0) as server:
+        url = server.serve("/shared.bin", PAYLOAD, "slow")
+        ctx = multiprocessing.get_context("spawn")
+        barrier = ctx.Barrier(2)
+        procs = [
+            ctx.Process(target=_download_after_barrier, args=(barrier, url, str(tmp_path / "shared.bin")))
+            for _ in range(2)
+        ]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=60)
+        assert [p.exitcode for p in procs] == [0, 0]
+        assert server.count("/shared.bin") == 1  # the second process waited on the lock, then found the file
+    assert (tmp_path / "shared.bin").read_bytes() == PAYLOAD
+    assert leftovers(tmp_path) == []
+
+
+def test_download_backoff_grows_exponentially_with_cap(server, tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(common.time, "sleep", waits.append)
+    monkeypatch.setattr(common, "MAX_BACKOFF", 5.0)
+    url = server.serve("/f.bin", PAYLOAD, "500")
+    with pytest.raises(RuntimeError):
+        download_file(url, tmp_path / "f.bin", timeout=0.3, retries=4, backoff=1.0, progress=False)
+    assert waits == [1.0, 2.0, 4.0, 5.0]

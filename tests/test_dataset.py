@@ -1,0 +1,332 @@
+"""Tests for nanochat.dataset: shard downloads, local imports, the offline corpus, and rank-strided reading.
+
+Downloads use the scripted local HTTP server from test_common.py; nothing touches the network
+or ~/.cache (NANOCHAT_BASE_DIR points into tmp_path).
+"""
+
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_common import ScriptedServer, leftovers
+
+from nanochat import dataset
+from nanochat.dataset import (
+    VAL_SHARD,
+    build_offline,
+    download_fineweb,
+    download_shards,
+    get_val_shard,
+    import_from_dir,
+    list_parquet_files,
+    parquets_iter_batched,
+    read_manifest,
+    shard_name,
+    split_text,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+PRETRAIN = SHARED / "pretrain"
+FAST = dict(timeout=0.5, retries=2, backoff=0.01)
+
+
+@pytest.fixture(autouse=True)
+def base_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    return tmp_path / "base"
+
+
+@pytest.fixture
+def server():
+    with ScriptedServer(stall_seconds=1.5) as s:
+        yield s
+
+
+def parquet_bytes(texts: list[str], row_group_size: int = 1024) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": texts}), sink, row_group_size=row_group_size)
+    return sink.getvalue().to_pybytes()
+
+
+def serve_shards(server: ScriptedServer, indices, *script: str) -> dict[int, list[str]]:
+    """Serve a small parquet at each shard path; return the texts of each shard."""
+    texts = {i: [f"shard {i} doc {j}" for j in range(5)] for i in indices}
+    for i, docs in texts.items():
+        server.serve(f"/{shard_name(i)}", parquet_bytes(docs), *script)
+    return texts
+
+
+def all_texts(split: str, **kwargs) -> list[str]:
+    return [t for batch in parquets_iter_batched(split, **kwargs) for t in batch]
+
+
+# -----------------------------------------------------------------------------
+# FineWeb-Edu downloads (against the local server)
+
+
+def test_download_fineweb_fetches_pinned_val_shard_first(server, base_dir):
+    texts = serve_shards(server, [0, 1, 2, VAL_SHARD])
+    manifest = download_fineweb(3, base_url=server.url, workers=2, **FAST)
+    assert server.requests[0] == f"/{shard_name(VAL_SHARD)}"
+    data_dir = base_dir / "base_data"
+    assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 2, VAL_SHARD)]
+    assert manifest == read_manifest()
+    assert manifest["source"] == "fineweb-edu" and manifest["val_shard"] == "shard_01822.parquet"
+    assert manifest["num_docs"] == 20 and manifest["num_shards"] == 4
+    assert get_val_shard() == data_dir / "shard_01822.parquet"
+    assert all_texts("val") == texts[VAL_SHARD]
+    assert all_texts("train") == texts[0] + texts[1] + texts[2]
+
+
+def test_download_shards_rejects_garbage_bodies_and_retries(server, base_dir):
+    texts = serve_shards(server, [0, 1], "garbage", "short", "ok")
+    download_shards([0, 1], base_url=server.url, workers=2, **FAST)
+    for i in (0, 1):
+        assert server.count(f"/{shard_name(i)}") == 3
+        assert pq.read_table(base_dir / "base_data" / shard_name(i))["text"].to_pylist() == texts[i]
+    assert leftovers(base_dir / "base_data") == []
+
+
+def test_download_shards_that_keep_failing_leave_no_partial_file(server, base_dir):
+    serve_shards(server, [0], "garbage")
+    serve_shards(server, [1], "stall")
+    serve_shards(server, [2])
+    with pytest.raises(RuntimeError, match=r"2 of 3 shards failed(.|\n)*shard_00000(.|\n)*shard_00001"):
+        download_shards([0, 1, 2], base_url=server.url, workers=3, **FAST)
+    data_dir = base_dir / "base_data"
+    assert [p.name for p in list_parquet_files()] == [shard_name(2)]  # the good one is kept
+    assert not (data_dir / shard_name(0)).exists() and not (data_dir / shard_name(1)).exists()
+    assert leftovers(data_dir) == []
+
+
+def test_rerun_skips_complete_shards_without_requests(server):
+    serve_shards(server, [0, 1, VAL_SHARD])
+    download_fineweb(2, base_url=server.url, **FAST)
+    before = len(server.requests)
+    download_fineweb(2, base_url=server.url, **FAST)
+    assert len(server.requests) == before
+
+
+def test_rerun_repairs_corrupted_and_partial_shards(server, base_dir):
+    texts = serve_shards(server, [0, 1, VAL_SHARD])
+    download_fineweb(2, base_url=server.url, **FAST)
+    data_dir = base_dir / "base_data"
+    (data_dir / shard_name(0)).write_bytes(b"PAR1 truncated garbage")  # final name, bad content
+    (data_dir / f"{shard_name(1)}.tmp.4242.cafe").write_bytes(b"half a download")  # crashed writer
+    before = {i: server.count(f"/{shard_name(i)}") for i in (0, 1, VAL_SHARD)}
+    download_fineweb(2, base_url=server.url, **FAST)
+    assert server.count(f"/{shard_name(0)}") == before[0] + 1  # repaired
+    assert server.count(f"/{shard_name(1)}") == before[1]  # complete: skipped
+    assert pq.read_table(data_dir / shard_name(0))["text"].to_pylist() == texts[0]
+    assert leftovers(data_dir) == []
+
+
+def test_download_shards_404_fails_fast(server):
+    with pytest.raises(RuntimeError, match="shard_00007.*HTTP 404"):
+        download_shards([7], base_url=server.url, timeout=0.5, retries=5, backoff=10.0)
+    assert server.count(f"/{shard_name(7)}") == 1
+
+
+def test_download_shards_rejects_out_of_range_indices():
+    with pytest.raises(ValueError, match="out of range"):
+        download_shards([1823])
+    with pytest.raises(ValueError, match="-n must be"):
+        download_fineweb(5000)
+
+
+# -----------------------------------------------------------------------------
+# --from-dir imports
+
+
+def real_sample_dir(tmp_path: Path) -> Path:
+    if not PRETRAIN.is_dir():
+        pytest.skip(f"real data samples not found at {PRETRAIN}")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("fineweb_sample10BT_subset.parquet", "tinyshakespeare.txt", "c4_demo.jsonl"):
+        (src / name).symlink_to(PRETRAIN / name)  # link, never copy, the shared samples
+    return src
+
+
+def test_from_dir_imports_real_samples_into_shards_with_val_shard(tmp_path, base_dir):
+    src = real_sample_dir(tmp_path)
+    fineweb = pq.read_table(src / "fineweb_sample10BT_subset.parquet")["text"].to_pylist()
+    fineweb = [t for t in fineweb if t.strip()]
+    shakespeare = (src / "tinyshakespeare.txt").read_bytes().decode("utf-8")
+    c4 = [json.loads(line)["text"] for line in (src / "c4_demo.jsonl").read_text().splitlines()]
+    expected = fineweb + split_text(shakespeare) + c4
+
+    manifest = import_from_dir(src, docs_per_shard=1024)
+
+    files = list_parquet_files()
+    assert manifest["source"] == "from-dir" and manifest["num_docs"] == len(expected)
+    assert manifest["num_chars"] == sum(map(len, expected))
+    assert manifest["val_shard"] == files[-1].name and len(files) == manifest["num_shards"] >= 3
+    for path in files:
+        meta = pq.ParquetFile(path).metadata
+        assert meta.schema.names == ["text"]
+        assert all(meta.row_group(g).num_rows <= 1024 for g in range(meta.num_row_groups))
+    train, val = all_texts("train"), all_texts("val")
+    assert 1 <= len(val) <= 0.06 * len(expected)
+    assert sorted(train + val) == sorted(expected)  # every doc once, nothing lost or duplicated
+    # rank striding: two ranks see disjoint row groups whose union is everything
+    for split in ("train", "val"):
+        batches = list(parquets_iter_batched(split))
+        rank0 = list(parquets_iter_batched(split, start=0, step=2))
+        rank1 = list(parquets_iter_batched(split, start=1, step=2))
+        assert rank0 == batches[0::2] and rank1 == batches[1::2]
+        assert len(rank1) >= 1  # small splits still get several row groups
+        assert sorted(t for b in rank0 + rank1 for t in b) == sorted(t for b in batches for t in b)
+
+
+def test_from_dir_reads_gz_skips_and_counts_unusable_lines(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.jsonl").write_text(
+        '{"text": "first doc"}\n{"title": "no text field"}\nnot json at all\n\n'
+        '{"text": ""}\n{"text": "second"}\n'
+    )
+    (src / "sub" / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "gzipped json doc"}\n'))
+    (src / "sub" / "c.txt.gz").write_bytes(gzip.compress(b"a gzipped text file"))
+    (src / "notes.md").write_text("ignored: unknown extension")
+    (src / ".hidden.txt").write_text("ignored: hidden")
+    manifest = import_from_dir(src)
+    assert manifest["num_docs"] == 4
+    assert manifest["detail"]["skipped_jsonl_lines"] == 3 and manifest["detail"]["ignored_files"] == 1
+    assert sorted(all_texts("train") + all_texts("val")) == sorted(
+        ["first doc", "second", "gzipped json doc", "a gzipped text file"]
+    )
+
+
+def test_from_dir_is_deterministic(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(30):
+        (src / f"{i:02d}.txt").write_text(f"document number {i}\n" * (i + 1))
+    import_from_dir(src, data_dir=tmp_path / "one")
+    import_from_dir(src, data_dir=tmp_path / "two")
+    one = [p.read_bytes() for p in list_parquet_files(tmp_path / "one")]
+    two = [p.read_bytes() for p in list_parquet_files(tmp_path / "two")]
+    assert one == two and len(one) == 2
+
+
+def test_split_text_cuts_long_text_at_blank_lines_and_conserves_it():
+    paragraphs = [f"paragraph {i}\n" + "word " * 50 + "\n" for i in range(100)]
+    text = "\n".join(paragraphs)
+    docs = split_text(text, max_chars=1000)
+    assert "".join(docs) == text
+    assert len(docs) > 5 and all(len(d) <= 1000 for d in docs)
+    assert all(d.startswith("paragraph") for d in docs)  # cut between paragraphs, not inside them
+    assert split_text("short", max_chars=1000) == ["short"]
+    assert split_text("  \n\n ", max_chars=1000) == []
+    lines = "".join(f"line {i}\n" for i in range(1000))  # no blank lines: falls back to line breaks
+    assert "".join(split_text(lines, max_chars=500)) == lines
+    assert all(len(d) <= 500 for d in split_text(lines, max_chars=500))
+
+
+def test_from_dir_without_usable_text_fails_clearly(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="found 0 usable documents"):
+        import_from_dir(empty)
+    (empty / "data.csv").write_text("a,b\n1,2\n")
+    (empty / "blank.txt").write_text("\n\n")
+    pq.write_table(pa.table({"body": ["no text column"]}), empty / "other.parquet")
+    with pytest.raises(ValueError, match="found 0 usable documents"):
+        import_from_dir(empty)
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        import_from_dir(tmp_path / "does-not-exist")
+
+
+def test_failed_import_keeps_existing_shards(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+    import_from_dir(src)
+    before = {p.name: p.read_bytes() for p in list_parquet_files()}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError):
+        import_from_dir(tmp_path / "empty", force=True)
+    assert {p.name: p.read_bytes() for p in list_parquet_files()} == before
+
+
+def test_sources_are_not_mixed_without_force(tmp_path, server):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
+    import_from_dir(src)
+    serve_shards(server, [0, VAL_SHARD])
+    with pytest.raises(RuntimeError, match="from source 'from-dir'.*--force"):
+        download_fineweb(1, base_url=server.url, **FAST)
+    assert server.requests == []  # refused before downloading anything
+    download_fineweb(1, base_url=server.url, force=True, **FAST)
+    assert [p.name for p in list_parquet_files()] == [shard_name(0), shard_name(VAL_SHARD)]
+    assert read_manifest()["source"] == "fineweb-edu"
+
+
+# -----------------------------------------------------------------------------
+# --offline corpus
+
+
+def test_offline_corpus_is_deterministic_and_big_enough(tmp_path):
+    first = build_offline(tmp_path / "one")
+    second = build_offline(tmp_path / "two")
+    assert first == second
+    assert first["source"] == "offline" and first["num_chars"] >= 10_000_000
+    one = [p.read_bytes() for p in list_parquet_files(tmp_path / "one")]
+    two = [p.read_bytes() for p in list_parquet_files(tmp_path / "two")]
+    assert one == two
+    val = all_texts("val", data_dir=tmp_path / "one")
+    assert len(val) >= 1 and any("def " in t for t in val)
+
+
+def test_offline_corpus_respects_max_chars(tmp_path):
+    manifest = build_offline(tmp_path / "small", max_chars=500_000)
+    assert 500_000 <= manifest["num_chars"] < 500_000 + dataset.MAX_DOC_CHARS + 1
+
+
+# -----------------------------------------------------------------------------
+# Reading errors and the command line
+
+
+def test_empty_base_data_error_names_the_command_to_run():
+    with pytest.raises(FileNotFoundError, match=r"python -m nanochat.dataset --offline"):
+        next(parquets_iter_batched("train"))
+    with pytest.raises(FileNotFoundError, match=r"-n 8"):
+        get_val_shard()
+    assert list_parquet_files() == []
+
+
+def test_parquets_iter_batched_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="split"):
+        next(parquets_iter_batched("test"))
+    with pytest.raises(ValueError, match="start < step"):
+        next(parquets_iter_batched("train", start=2, step=2))
+
+
+def test_get_val_shard_falls_back_to_last_file_without_manifest(base_dir):
+    data_dir = base_dir / "base_data"
+    data_dir.mkdir(parents=True)
+    for i in (0, 1, 5):
+        pq.write_table(pa.table({"text": [f"doc {i}"]}), data_dir / shard_name(i))
+    (data_dir / f"{shard_name(9)}.tmp.1.ab").write_bytes(b"partial")  # never listed
+    assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 5)]
+    assert get_val_shard() == data_dir / shard_name(5)
+    assert all_texts("train") == ["doc 0", "doc 1"]
+
+
+def test_cli_offline_writes_shards_and_help_lists_defaults(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        dataset.main(["--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    for flag in ("--num-files", "--num-workers", "--from-dir", "--offline", "--data-dir", "--force"):
+        assert flag in help_text
+    assert "(default: -1)" in help_text and "(default: 4)" in help_text
+    dataset.main(["--offline", "--max-chars", "200000", "--data-dir", str(tmp_path / "cli")])
+    assert read_manifest(tmp_path / "cli")["source"] == "offline"
+    with pytest.raises(SystemExit, match="refusing"):
+        dataset.main(["--from-dir", str(tmp_path), "--data-dir", str(tmp_path / "cli")])
