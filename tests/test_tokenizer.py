@@ -1,0 +1,460 @@
+"""nanochat.tokenizer: training wrapper, ordinary-only encoding, conversation rendering and masks,
+token_bytes, save/load, pretrained encodings and streaming decode."""
+
+import os
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from bpe_reference import SAMPLE_TEXTS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanochat import tokenizer as tokenizer_module
+from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, StreamDecoder, Tokenizer
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"  # ../shared/data from the repo root
+VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 300
+
+unicode_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=200)  # surrogates aren't UTF-8
+
+
+def data_file(relative: str) -> Path:
+    path = DATA_DIR / relative
+    if not path.exists():
+        pytest.skip(f"shared data sample {path} is absent")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.train_from_iterator(iter(SAMPLE_TEXTS * 4), VOCAB_SIZE)
+
+
+# ---------------------------------------------------------------------- vocabulary layout
+
+
+def test_split_pattern_and_special_tokens_are_the_spec_constants():
+    spec_pattern = (
+        r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
+        r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
+    )
+    assert SPLIT_PATTERN == spec_pattern
+    assert SPECIAL_TOKENS == [
+        "<|bos|>",
+        "<|user_start|>",
+        "<|user_end|>",
+        "<|assistant_start|>",
+        "<|assistant_end|>",
+        "<|python_start|>",
+        "<|python_end|>",
+        "<|output_start|>",
+        "<|output_end|>",
+    ]
+
+
+def test_vocab_size_counts_special_tokens_placed_right_after_the_ranks(tok):
+    assert tok.get_vocab_size() == VOCAB_SIZE
+    assert len(tok.mergeable_ranks) == VOCAB_SIZE - len(SPECIAL_TOKENS)
+    first_special = VOCAB_SIZE - len(SPECIAL_TOKENS)
+    assert tok.get_special_tokens() == {name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)}
+    assert tok.get_bos_token_id() == first_special
+    assert tok.pattern == SPLIT_PATTERN
+
+
+def test_small_corpus_gives_fewer_tokens_with_specials_still_right_after_the_ranks():
+    small = Tokenizer.train_from_iterator(["ab ab"], 1000)
+    assert sorted(small.mergeable_ranks, key=small.mergeable_ranks.get)[256:] == [b"ab", b" ab"]
+    assert small.encode_special("<|bos|>") == 258
+    assert small.get_vocab_size() == 258 + len(SPECIAL_TOKENS)
+
+
+def test_id_to_token_gives_the_token_text(tok):
+    assert tok.id_to_token(tok.encode_special("<|assistant_end|>")) == "<|assistant_end|>"
+    assert tok.id_to_token(ord("A")) == "A"
+    the = tok.encode(" the")
+    assert len(the) == 1 and tok.id_to_token(the[0]) == " the"
+
+
+# ---------------------------------------------------------------------- encode / decode
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=unicode_text)
+def test_decode_encode_round_trips_any_unicode(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_encode_list_equals_encoding_each_text(tok):
+    texts = SAMPLE_TEXTS + ["", "x"]
+    assert tok.encode(texts) == [tok.encode(t) for t in texts]
+    assert tok(texts, num_threads=2) == [tok.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("name", SPECIAL_TOKENS)
+def test_text_spelling_a_special_token_encodes_as_ordinary_tokens(tok, name):
+    control_ids = set(tok.get_special_tokens().values())
+    for text in (name, f"hello {name} world"):
+        ids = tok.encode(text)
+        assert not control_ids & set(ids), f"{text!r} produced a control token"
+        assert tok.decode(ids) == text
+    assert tok.encode([name]) == [tok.encode(name)]
+    assert tok.encode_special(name) == tok.get_special_tokens()[name]
+
+
+def test_prepend_and_append_take_ids_or_special_names(tok):
+    bos, end = tok.encode_special("<|bos|>"), tok.encode_special("<|assistant_end|>")
+    body = tok.encode("hi there")
+    assert tok.encode("hi there", prepend="<|bos|>", append=end) == [bos] + body + [end]
+    assert tok.encode("hi there", prepend=bos) == [bos] + body
+    assert tok.encode(["hi there", ""], prepend="<|bos|>") == [[bos] + body, [bos]]
+
+
+def test_encode_special_rejects_unknown_names(tok):
+    with pytest.raises(ValueError, match="not a special token"):
+        tok.encode_special("<|endoftext|>")
+    with pytest.raises(ValueError, match="not a special token"):
+        tok.encode("x", prepend="<|nope|>")
+
+
+def test_encode_rejects_non_text(tok):
+    with pytest.raises(TypeError, match="str"):
+        tok.encode(b"bytes")
+    with pytest.raises(TypeError, match="str"):
+        tok.encode(["ok", 3])
+
+
+# ---------------------------------------------------------------------- conversations
+
+CONVERSATION = {
+    "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+2?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me check. "},
+                {"type": "python", "text": "2+2"},
+                {"type": "python_output", "text": "4"},
+                {"type": "text", "text": "It is 4."},
+            ],
+        },
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome."},
+    ]
+}
+
+
+def test_render_conversation_ids_and_mask_token_by_token(tok):
+    s, e = tok.encode_special, tok.encode
+
+    def tokens(ids, m):
+        return [(i, m) for i in ids]
+
+    expected = [
+        (s("<|bos|>"), 0),
+        (s("<|user_start|>"), 0),
+        *tokens(e("Be brief.\n\nWhat is 2+2?"), 0),  # the system message merged into the user's
+        (s("<|user_end|>"), 0),
+        (s("<|assistant_start|>"), 0),
+        *tokens(e("Let me check. "), 1),
+        (s("<|python_start|>"), 1),
+        *tokens(e("2+2"), 1),
+        (s("<|python_end|>"), 1),
+        (s("<|output_start|>"), 0),
+        *tokens(e("4"), 0),
+        (s("<|output_end|>"), 0),
+        *tokens(e("It is 4."), 1),
+        (s("<|assistant_end|>"), 1),
+        (s("<|user_start|>"), 0),
+        *tokens(e("Thanks"), 0),
+        (s("<|user_end|>"), 0),
+        (s("<|assistant_start|>"), 0),
+        *tokens(e("You're welcome."), 1),
+        (s("<|assistant_end|>"), 1),
+    ]
+    ids, mask = tok.render_conversation(CONVERSATION)
+    assert list(zip(ids, mask, strict=True)) == expected
+
+
+def test_render_conversation_text_and_trained_text(tok):
+    ids, mask = tok.render_conversation(CONVERSATION)
+    assert tok.decode(ids) == (
+        "<|bos|><|user_start|>Be brief.\n\nWhat is 2+2?<|user_end|>"
+        "<|assistant_start|>Let me check. <|python_start|>2+2<|python_end|>"
+        "<|output_start|>4<|output_end|>It is 4.<|assistant_end|>"
+        "<|user_start|>Thanks<|user_end|><|assistant_start|>You're welcome.<|assistant_end|>"
+    )
+    trained = tok.decode([i for i, m in zip(ids, mask, strict=True) if m == 1])
+    assert trained == (
+        "Let me check. <|python_start|>2+2<|python_end|>It is 4.<|assistant_end|>"
+        "You're welcome.<|assistant_end|>"
+    )
+
+
+def test_render_conversation_accepts_a_bare_message_list_and_leaves_input_alone(tok):
+    messages = [dict(m) for m in CONVERSATION["messages"]]
+    assert tok.render_conversation(messages) == tok.render_conversation(CONVERSATION)
+    assert messages == CONVERSATION["messages"]
+
+
+def test_render_conversation_truncates_ids_and_mask_to_max_tokens(tok):
+    full_ids, full_mask = tok.render_conversation(CONVERSATION)
+    for max_tokens in (1, 5, len(full_ids) - 1, len(full_ids), len(full_ids) + 10):
+        ids, mask = tok.render_conversation(CONVERSATION, max_tokens=max_tokens)
+        assert ids == full_ids[:max_tokens] and mask == full_mask[:max_tokens]
+    with pytest.raises(ValueError, match="max_tokens"):
+        tok.render_conversation(CONVERSATION, max_tokens=0)
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+def system(content):
+    return {"role": "system", "content": content}
+
+
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        ([], "no messages"),
+        ([assistant("hi")], r"message 0 has role 'assistant' but 'user'"),
+        ([user("a"), user("b")], r"message 1 has role 'user' but 'assistant'"),
+        ([user("a"), assistant("b"), assistant("c")], r"message 2 has role 'assistant' but 'user'"),
+        ([user("a"), assistant("b"), system("c")], r"message 2 has role 'system'"),
+        ([system("s"), assistant("b")], r"message 1 must be a user one, got 'assistant'"),
+        ([system("s")], r"message 1 must be a user one, got nothing"),
+        ([system("s"), user("a"), user("b")], r"message 2 has role 'user'"),
+        ([user("a"), {"role": "tool", "content": "b"}], r"message 1 has role 'tool'"),
+        ([{"content": "a"}], r"message 0 must be a dict with 'role' and 'content'"),
+        ("not a list", r"list of messages"),
+    ],
+)
+def test_render_conversation_rejects_bad_role_order(tok, messages, problem):
+    with pytest.raises(ValueError, match=problem):
+        tok.render_conversation(messages)
+
+
+@pytest.mark.parametrize(
+    "messages, problem",
+    [
+        ([user(42)], r"message 0 \(user\): content must be a str, got int"),
+        ([user(["a"])], r"message 0 \(user\): content must be a str, got list"),
+        ([system(None), user("a")], r"message 0 \(system\): content must be a str"),
+        ([user("a"), assistant({"text": "b"})], r"message 1 \(assistant\): content must be a str or a list"),
+        ([user("a"), assistant([{"type": "image", "text": "b"}])], r"message 1 \(assistant\), part 0"),
+        ([user("a"), assistant(["b"])], r"message 1 \(assistant\), part 0"),
+        ([user("a"), assistant([{"type": "text", "text": "b"}, {"type": "python"}])], r"part 1: 'text'"),
+        ([user("a"), assistant([{"type": "text", "text": 3}])], r"part 0: 'text' must be a str"),
+    ],
+)
+def test_render_conversation_rejects_bad_content(tok, messages, problem):
+    with pytest.raises(ValueError, match=problem):
+        tok.render_conversation(messages)
+
+
+def test_render_for_completion_drops_the_last_answer_and_opens_a_reply(tok):
+    ids = tok.render_for_completion(CONVERSATION)
+    assert tok.decode(ids).endswith("<|user_start|>Thanks<|user_end|><|assistant_start|>")
+    without_answer = CONVERSATION["messages"][:-1]
+    assert ids == tok.render_conversation(without_answer)[0] + [tok.encode_special("<|assistant_start|>")]
+    assert tok.render_for_completion(without_answer) == ids  # a conversation ending with the user
+    assert len(CONVERSATION["messages"]) == 5  # the caller's conversation is left alone
+
+
+def test_visualize_tokenization_colours_each_token_by_its_mask(tok):
+    ids, mask = tok.render_conversation(CONVERSATION)
+    shown = tok.visualize_tokenization(ids, mask)
+    assert re.sub(r"\033\[[0-9;]*m", "", shown) == tok.decode(ids)
+    assert shown.count("\033[92m") == sum(mask)
+    assert shown.count("\033[91m") == len(mask) - sum(mask)
+
+
+# ---------------------------------------------------------------------- token_bytes, save / load
+
+
+def test_token_bytes_are_raw_byte_lengths_including_partial_utf8_tokens(tok):
+    token_bytes = tok.token_bytes()
+    assert token_bytes.dtype == torch.int32 and token_bytes.shape == (VOCAB_SIZE,)
+    partial = []
+    for token, rank in tok.mergeable_ranks.items():
+        assert token_bytes[rank] == len(token)
+        assert token == tok.enc.decode_single_token_bytes(rank)
+        try:
+            token.decode("utf-8")
+        except UnicodeDecodeError:
+            partial.append(rank)
+    partial_merged = [rank for rank in partial if rank >= 256]
+    assert partial_merged, "the CJK/emoji corpus should produce merged tokens that split a code point"
+    # decode->str would be wrong for them: the replacement character has a different length
+    assert any(len(tok.id_to_token(r).encode("utf-8")) != token_bytes[r] for r in partial_merged)
+    for token_id in tok.get_special_tokens().values():
+        assert token_bytes[token_id] == 0
+
+
+def test_save_then_from_directory_round_trips(tok, tmp_path):
+    tok.save(tmp_path / "tokenizer")
+    assert sorted(os.listdir(tmp_path / "tokenizer")) == ["token_bytes.pt", "tokenizer.pkl"]
+    with open(tmp_path / "tokenizer" / "tokenizer.pkl", "rb") as f:
+        state = pickle.load(f)
+    assert type(state) is dict and state["pattern"] == SPLIT_PATTERN  # plain data, not a tiktoken object
+    loaded = Tokenizer.from_directory(tmp_path / "tokenizer")
+    assert loaded.mergeable_ranks == tok.mergeable_ranks
+    assert loaded.get_special_tokens() == tok.get_special_tokens()
+    assert loaded.encode(SAMPLE_TEXTS) == tok.encode(SAMPLE_TEXTS)
+    assert torch.equal(torch.load(tmp_path / "tokenizer" / "token_bytes.pt"), tok.token_bytes())
+
+
+def test_failed_save_keeps_the_previous_files(tok, tmp_path, monkeypatch):
+    tok.save(tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("tokenizer.pkl", "token_bytes.pt")}
+
+    def broken_save(obj, path):
+        Path(path).write_bytes(b"half written")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        tok.save(tmp_path)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["token_bytes.pt", "tokenizer.pkl"]  # no temp file left
+
+
+def test_from_directory_names_the_training_script_when_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="scripts.tok_train"):
+        Tokenizer.from_directory(tmp_path)
+
+
+def test_from_directory_rejects_a_foreign_pickle(tmp_path):
+    with open(tmp_path / "tokenizer.pkl", "wb") as f:
+        pickle.dump({"vocab": {}}, f)
+    with pytest.raises(ValueError, match="missing"):
+        Tokenizer.from_directory(tmp_path)
+
+
+def test_get_tokenizer_and_token_bytes_read_the_base_dir(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="scripts.tok_train"):
+        tokenizer_module.get_tokenizer()
+    with pytest.raises(FileNotFoundError, match="scripts.tok_train"):
+        tokenizer_module.get_token_bytes()
+    tok.save(tmp_path / "tokenizer")
+    assert tokenizer_module.get_tokenizer().encode(SAMPLE_TEXTS) == tok.encode(SAMPLE_TEXTS)
+    assert torch.equal(tokenizer_module.get_token_bytes(device="cpu"), tok.token_bytes())
+
+
+# ---------------------------------------------------------------------- streaming decode
+
+STREAM_TEXT = "Hi 😀! 你好，世界。🎉🚀 👩‍👩‍👧‍👦 naïve 🦀 日本語"
+
+
+def test_stream_decoder_emits_emoji_and_cjk_intact(tok):
+    ids = tok.encode(STREAM_TEXT)
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(i) for i in ids]
+    assert "".join(pieces) == STREAM_TEXT
+    assert decoder.flush() == ""
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert "" in pieces, "some tokens should end mid code point and be held back"
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=unicode_text)
+def test_stream_decoder_concatenation_equals_text(tok, text):
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.push(i) for i in tok.encode(text)]
+    assert "".join(pieces) + decoder.flush() == text
+    assert not any("\ufffd" in piece for piece in pieces) or "\ufffd" in text
+
+
+def test_stream_decoder_flush_replaces_an_unfinished_code_point(tok):
+    decoder = StreamDecoder(tok)
+    first_byte_of_emoji = "😀".encode()[0]  # byte tokens have the byte's value as id
+    assert decoder.push(ord("a")) == "a"
+    assert decoder.push(first_byte_of_emoji) == ""
+    assert decoder.flush() == "\ufffd"
+    assert decoder.push(ord("b")) == "b"  # flush starts a fresh stream
+
+
+# ---------------------------------------------------------------------- training errors
+
+
+def test_vocab_size_too_small_is_a_value_error():
+    with pytest.raises(ValueError, match="at least 265"):
+        Tokenizer.train_from_iterator(SAMPLE_TEXTS, 264)
+    with pytest.raises(TypeError, match="vocab_size"):
+        Tokenizer.train_from_iterator(SAMPLE_TEXTS, 300.0)
+    assert Tokenizer.train_from_iterator(SAMPLE_TEXTS, 265).get_vocab_size() == 265  # bytes + specials only
+
+
+@pytest.mark.parametrize("corpus", [[], [""], ["", ""]])
+def test_empty_corpus_is_a_value_error(corpus):
+    with pytest.raises(ValueError, match="no text"):
+        Tokenizer.train_from_iterator(iter(corpus), 300)
+
+
+def test_corpus_without_any_pair_is_a_value_error():
+    with pytest.raises(ValueError, match="no merges"):
+        Tokenizer.train_from_iterator(["a", "b", "c"], 300)
+
+
+def test_non_string_item_is_a_type_error_naming_the_item():
+    with pytest.raises(TypeError, match="item 1 is bytes"):
+        Tokenizer.train_from_iterator(["ok", b"bytes"], 300)
+
+
+def test_iterator_exception_propagates():
+    class CorpusError(Exception):
+        pass
+
+    def texts():
+        yield "some text to start with"
+        raise CorpusError("shard 3 is corrupt")
+
+    with pytest.raises(CorpusError, match="shard 3 is corrupt"):
+        Tokenizer.train_from_iterator(texts(), 300)
+
+
+def test_invalid_regex_is_a_value_error(tok):
+    with pytest.raises(ValueError):
+        Tokenizer("(unclosed", tok.mergeable_ranks, tok.get_special_tokens())
+
+
+def test_bos_token_must_be_a_special_token(tok):
+    with pytest.raises(ValueError, match="bos token"):
+        Tokenizer(SPLIT_PATTERN, tok.mergeable_ranks, tok.get_special_tokens(), bos_token="<|start|>")
+
+
+# ---------------------------------------------------------------------- pretrained encodings
+
+
+def test_from_pretrained_gpt2_local_file_matches_known_ids():
+    gpt2 = Tokenizer.from_pretrained("gpt2", data_file("tokenizers/gpt2/r50k_base.tiktoken"))
+    assert gpt2.encode("hello world") == [31373, 995]
+    assert gpt2.get_vocab_size() == 50257 and gpt2.get_bos_token_id() == 50256
+    assert 50256 not in gpt2.encode("<|endoftext|>")
+    assert gpt2.token_bytes()[50256] == 0 and gpt2.token_bytes()[995] == len(b" world")
+    for text in SAMPLE_TEXTS:
+        assert gpt2.decode(gpt2.encode(text)) == text
+
+
+def test_from_pretrained_cl100k_local_file_matches_known_ids():
+    path = data_file("tokenizers/cl100k_base/cl100k_base.tiktoken")
+    cl100k = Tokenizer.from_pretrained("cl100k_base", path)
+    assert cl100k.encode("hello world") == [15339, 1917]
+    assert cl100k.get_vocab_size() == 100277 and cl100k.get_bos_token_id() == 100257
+    assert cl100k.token_bytes()[100256] == 0  # an id no token uses
+    for text in SAMPLE_TEXTS:
+        assert cl100k.decode(cl100k.encode(text)) == text
+
+
+def test_from_pretrained_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown pretrained tokenizer"):
+        Tokenizer.from_pretrained("llama", "/nonexistent")
