@@ -36,7 +36,7 @@ DEFAULT_CORPUS = [
     REPO.parent / "shared/data/pretrain/fineweb_sample10BT_subset.parquet",
     REPO.parent / "shared/data/pretrain/tinyshakespeare.txt",
 ]
-PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501 (nanochat.tokenizer.SPLIT_PATTERN)
 
 
 def load_corpus(paths: list[str]) -> list[str]:
@@ -104,8 +104,9 @@ def train_worker(trainer: str, vocab: int, corpus: list[str], out: str) -> None:
 
 
 def encode_worker(vocab: int, threads: int, corpus: list[str], repeat: int, out: str) -> None:
-    import rustbpe
     import tiktoken
+
+    import rustbpe
 
     docs = load_corpus(corpus)
     tok = rustbpe.Tokenizer()
@@ -124,7 +125,8 @@ def encode_worker(vocab: int, threads: int, corpus: list[str], repeat: int, out:
             t0 = time.perf_counter()
             ids = fn()
             walls.append(time.perf_counter() - t0)
-        results[name] = {"median_s": statistics.median(walls), "mb_per_s": megabytes / statistics.median(walls)}
+        wall = statistics.median(walls)
+        results[name] = {"median_s": wall, "mb_per_s": megabytes / wall}
         results[name + "_ids"] = ids
     identical = results.pop("ours_ids") == results.pop("tiktoken_ids")
     with open(out, "wb") as f:
@@ -158,7 +160,8 @@ def run_worker(args: list[str], threads: int) -> tuple[dict, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("corpus", nargs="*", default=[str(p) for p in DEFAULT_CORPUS])
     parser.add_argument("--vocab", type=int, nargs="+", default=[32768, 65536])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -172,7 +175,8 @@ def main() -> None:
     if args.worker == "train":
         return train_worker(args.trainer, args.vocab[0], args.corpus, args.out)
     if args.worker == "encode":
-        return encode_worker(args.vocab[0], int(os.environ["RAYON_NUM_THREADS"]), args.corpus, args.repeat, args.out)
+        threads = int(os.environ["RAYON_NUM_THREADS"])
+        return encode_worker(args.vocab[0], threads, args.corpus, args.repeat, args.out)
 
     missing = [c for c in args.corpus if not Path(c).exists()]
     if missing:
@@ -188,7 +192,7 @@ def main() -> None:
             for trainer in args.trainers:
                 walls, rss = [], []
                 for _ in range(args.repeat):
-                    worker_args = [*args.corpus, "--worker", "train", "--trainer", trainer, f"--vocab={vocab}"]
+                    worker_args = [*args.corpus, "--worker=train", f"--trainer={trainer}", f"--vocab={vocab}"]
                     result, peak = run_worker(worker_args, threads)
                     walls.append(result["wall_s"])
                     rss.append(peak)
