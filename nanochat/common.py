@@ -355,3 +355,110 @@ def download_file(
         raise RuntimeError(
             f"download of {url} failed after {retries + 1} attempts; last error: {last_error!r}"
         ) from last_error
+
+
+# -----------------------------------------------------------------------------
+# Compute: device, process group, dtype, peak FLOPs (torch is imported lazily)
+
+# Dense bf16 peak FLOP/s (no sparsity), from the vendors' data sheets; matched by
+# substring of torch.cuda.get_device_name(), most specific first.
+PEAK_BF16_FLOPS = [
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("H100 NVL", 835e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+]
+
+
+def autodetect_device_type() -> str:
+    """'cuda' if a GPU is usable, else 'mps' (Apple), else 'cpu'."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_init(device_type: str | None = None, seed: int = 42):
+    """Sets up one process of a (possibly torchrun) run.
+
+    Returns (is_ddp, rank, local_rank, world_size, device). Under torchrun the process
+    group is NCCL on CUDA and gloo otherwise; each CUDA rank takes GPU `local_rank`.
+    Seeds torch so that every rank builds the same initial model.
+    """
+    import torch
+    import torch.distributed as dist
+
+    device_type = device_type or autodetect_device_type()
+    if device_type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"device type must be cuda, mps or cpu, got {device_type!r}")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda was asked for, but torch sees no CUDA GPU")
+    if device_type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device-type mps was asked for, but this machine has no usable MPS device")
+    is_ddp, rank, local_rank, world_size = get_dist_info()
+    if is_ddp and device_type == "mps":
+        raise RuntimeError("multi-process training is not supported on MPS; run a single process")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) use TF32
+        torch.backends.cudnn.allow_tf32 = True
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if is_ddp and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device_type == "cuda" else {}
+        dist.init_process_group(backend=backend, **kwargs)
+        dist.barrier()
+    if rank == 0:
+        logger.info("compute: %s, world size %d", device, world_size)
+    return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup() -> None:
+    """Tears down the process group, if one was started."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def get_compute_dtype(device) -> Any:
+    """bf16 on CUDA GPUs that run it natively (SM80+), fp32 everywhere else."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+def get_peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device, or None when unknown (CPU, MPS, unlisted GPU)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    logger.warning("unknown GPU %r: MFU will not be reported", name)
+    return None

@@ -108,9 +108,16 @@ class Tokenizer:
 
     @classmethod
     def train_from_iterator(
-        cls, text_iterator: Iterable[str], vocab_size: int, num_threads: int | None = None
+        cls,
+        text_iterator: Iterable[str],
+        vocab_size: int,
+        num_threads: int | None = None,
+        verbose: bool = False,
     ) -> "Tokenizer":
-        """Train a tokenizer of `vocab_size` tokens (special tokens included) on the texts."""
+        """Train a tokenizer of `vocab_size` tokens (special tokens included) on the texts.
+
+        `verbose` prints rustbpe's progress (texts counted, merges done) to stderr.
+        """
         import rustbpe  # only training needs the Rust extension
 
         min_vocab = 256 + len(SPECIAL_TOKENS)
@@ -126,7 +133,11 @@ class Tokenizer:
         # rustbpe raises on non-str items, an empty corpus and errors of the iterator itself
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(
-            text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN, num_threads=num_threads
+            text_iterator,
+            vocab_size - len(SPECIAL_TOKENS),
+            pattern=SPLIT_PATTERN,
+            num_threads=num_threads,
+            verbose=verbose,
         )
         ranks_list = trainer.get_mergeable_ranks()
         produced = len(ranks_list) - 256

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny, hermetic artifact tree (offline corpus + small tokenizer)."""
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory) -> Path:
+    """A base dir holding ~4M chars of the offline corpus and a 1024-token tokenizer.
+
+    Built once per test session; tests that write artifacts should write into their own
+    subdirectories (or copy the tree), never change what is here.
+    """
+    from nanochat.dataset import build_offline, parquets_iter_batched
+    from nanochat.tokenizer import Tokenizer
+
+    base = tmp_path_factory.mktemp("nanochat_base")
+    data_dir = base / "base_data"
+    build_offline(data_dir=data_dir, max_chars=4_000_000)
+    docs = (doc for batch in parquets_iter_batched("train", data_dir=data_dir) for doc in batch)
+    Tokenizer.train_from_iterator(docs, 1024).save(base / "tokenizer")
+    return base
+
+
+@pytest.fixture
+def base_dir(tiny_base_dir, monkeypatch) -> Path:
+    """`tiny_base_dir`, set as NANOCHAT_BASE_DIR for the test."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base_dir))
+    return tiny_base_dir
