@@ -32,7 +32,12 @@ from nanochat.common import atomic_path, get_base_dir
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
 
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints", "rl": "chatrl_checkpoints"}
+PHASE_DIRS = {
+    "base": "base_checkpoints",
+    "mid": "mid_checkpoints",
+    "sft": "chatsft_checkpoints",
+    "rl": "chatrl_checkpoints",
+}
 
 
 def checkpoint_dir(source: str, model_tag: str) -> Path:
@@ -204,7 +209,9 @@ def load_model(
             raise FileNotFoundError(f"no {source} checkpoints in {root}: train that stage first")
         model_tag = tags[-1]
     elif model_tag not in tags:
-        raise FileNotFoundError(f"no {source} checkpoint tagged {model_tag!r} in {root}; tags: {tags or 'none'}")
+        raise FileNotFoundError(
+            f"no {source} checkpoint tagged {model_tag!r} in {root}; tags: {tags or 'none'}"
+        )
     directory = checkpoint_dir(source, model_tag)
     if step is None:
         step = find_last_step(directory)
