@@ -574,5 +574,33 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
 
 
+# -----------------------------------------------------------------------------
+# Row-group index (random access for the resumable dataloader)
+
+
+def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
+    """Every row group of `split` as (file, row group within that file), in global index order.
+
+    Entry i is the row group with global index i, the same numbering `parquets_iter_batched`
+    strides by; only parquet footers are read, so a reader can start anywhere without
+    reading the row groups before it.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    data_dir = get_data_dir(data_dir)
+    files = _require_files(data_dir)
+    val = get_val_shard(data_dir)
+    files = [val] if split == "val" else [f for f in files if f != val]
+    if not files:
+        raise FileNotFoundError(
+            f"{data_dir} holds only the validation shard, no training shards: {NO_DATA_HINT}"
+        )
+    groups = []
+    for path in files:
+        with pq.ParquetFile(path) as pf:
+            groups += [(path, group) for group in range(pf.num_row_groups)]
+    return groups
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,440 @@
+"""
+Optimizers: Muon for the 2-D block matrices, AdamW for the embedding and the lm_head.
+
+Design choices:
+- No DDP wrapper. The training script sums local gradients over its micro-steps with plain
+  `loss.backward()` and calls `step()` on every rank; the optimizers do all gradient
+  communication themselves, averaging over ranks. The same class runs one process (no
+  process group, or world size 1: no communication at all, same math) and N processes.
+- AdamW (ZeRO-2 style): each parameter's gradient is reduce-scattered (averaged) along dim 0,
+  so rank r owns the contiguous rows [r*k, (r+1)*k) with k = rows / world_size; it keeps Adam
+  state for those rows only, updates them, and an all-gather rebuilds the full parameter on
+  every rank. A parameter whose dim 0 does not divide by world_size, or with fewer than
+  `MIN_SHARD_NUMEL` elements (sharding it costs more latency than it saves), is all-reduced
+  instead and every rank updates it whole with its own full copy of the state.
+- AdamW math: m̂ = m/(1-β1^t), v̂ = v/(1-β2^t) (the second moment is bias-corrected before the
+  sqrt), p -= lr·m̂/(sqrt(v̂)+eps); weight decay is decoupled: p *= 1 - lr·wd.
+- Muon: momentum in the EMA ("lerp") form b ← μ·b + (1-μ)·g, Nesterov look-ahead
+  u = (1-μ)·g + μ·b; u is orthogonalized by `ns_steps` iterations of the quintic Newton–Schulz
+  iteration in bf16 (coefficients 3.4445, -4.7750, 2.0315, input first divided by its
+  Frobenius norm, which bounds the spectral norm by 1; tall matrices are transposed so the
+  iteration runs on the smaller Gram matrix). The update is scaled by sqrt(max(1, rows/cols))
+  and applied as p -= lr·scale·O after the decoupled decay p *= 1 - lr·wd.
+- Schedules are plain functions the training script applies to `group["lr"]` (each group keeps
+  its `initial_lr`) and to Muon's `group["momentum"]`: `lr_multiplier`, `muon_momentum`.
+- Muon sharding is per matrix (an orthogonalization needs the whole matrix). Within each
+  param group the matrices are bucketed by shape (buckets ordered by size, largest first,
+  then shape); each bucket is cut, in parameter order, into chunks of world_size. In a chunk,
+  slot r belongs to rank r; the last chunk of a bucket is padded with zero dummies. The
+  chunk's gradients are stacked into a (world_size, rows, cols) buffer and reduce-scattered,
+  so rank r receives the averaged gradient of its matrix, updates it with the momentum
+  buffer only it holds, and an all-gather (into the same buffer) hands every rank all
+  updated matrices.
+- Collectives are launched asynchronously: all gradient reductions first, then each result
+  is awaited and updated in turn while later ones are still in flight, and all-gathers are
+  awaited at the end. `.grad` tensors are never modified.
+- NCCL has native `reduce_scatter_tensor`, `all_gather_into_tensor` and an AVG reduction.
+  Other backends (gloo on CPU) may lack some of them in older torch releases, so there the
+  reduce-scatter is emulated by a SUM all-reduce of the full buffer, division by world_size
+  and taking the owned slice, and the all-gather uses the list form of `all_gather`; the
+  result is mathematically identical.
+- `state_dict()` holds this rank's own shard only (one optimizer file per rank); it records
+  world_size and rank, and loading a shard written under a different layout is an error.
+- A parameter with no gradient counts as a zero gradient, so every rank always runs the same
+  collectives. There is no gradient clipping.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# AdamW parameters smaller than this are all-reduced rather than sharded.
+MIN_SHARD_NUMEL = 1024
+
+# Published quintic Newton–Schulz coefficients (Keller Jordan's Muon).
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+# -----------------------------------------------------------------------------
+# Collectives
+
+
+def _world() -> tuple[int, int]:
+    """(world_size, rank) of the default process group; (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _native(t: Tensor) -> bool:
+    """True when the tensor-form collectives and ReduceOp.AVG can be used (NCCL on a CUDA tensor)."""
+    return t.is_cuda and "nccl" in str(dist.get_backend())
+
+
+class _Pending:
+    """An asynchronous collective plus the local work that completes it; `wait()` returns the result."""
+
+    def __init__(self, work: Any, finish: Callable[[], Tensor]) -> None:
+        self.work, self.finish = work, finish
+
+    def wait(self) -> Tensor:
+        if self.work is not None:
+            self.work.wait()
+        return self.finish()
+
+
+def _reduce_scatter_avg(full: Tensor, world_size: int, rank: int, scratch: bool = False) -> _Pending:
+    """Average `full` over ranks and keep this rank's slice of dim 0 (dim 0 must divide by world_size).
+
+    `scratch=True` lets the emulation reduce in `full` itself instead of a copy.
+    """
+    k = full.size(0) // world_size
+    if _native(full):
+        out = torch.empty_like(full[:k])
+        work = dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
+        return _Pending(work, lambda: out)
+    # emulation: SUM all-reduce of the whole buffer, then divide and take our slice
+    summed = full if scratch else full.clone()
+    work = dist.all_reduce(summed, op=dist.ReduceOp.SUM, async_op=True)
+    return _Pending(work, lambda: summed[rank * k : (rank + 1) * k].div_(world_size))
+
+
+def _all_reduce_avg(t: Tensor, world_size: int) -> _Pending:
+    """Average a copy of `t` over ranks."""
+    out = t.clone()
+    if _native(out):
+        return _Pending(dist.all_reduce(out, op=dist.ReduceOp.AVG, async_op=True), lambda: out)
+    work = dist.all_reduce(out, op=dist.ReduceOp.SUM, async_op=True)
+    return _Pending(work, lambda: out.div_(world_size))
+
+
+def _all_gather_into(full: Tensor, shard: Tensor, world_size: int) -> Any:
+    """Fill `full` (dim 0 = world_size x shard rows) with every rank's `shard`; returns the async handle.
+
+    `shard` may be this rank's own slice of `full` (in-place gather).
+    """
+    if _native(full):
+        return dist.all_gather_into_tensor(full, shard, async_op=True)
+    # list form, which every backend has; the clone keeps the input apart from the output
+    outputs = [part.view(shard.shape) for part in full.chunk(world_size)]
+    return dist.all_gather(outputs, shard.clone(), async_op=True)
+
+
+def _grad_of(p: Tensor) -> Tensor:
+    return p.grad if p.grad is not None else torch.zeros_like(p)
+
+
+# -----------------------------------------------------------------------------
+# Shared base: per-rank state dicts
+
+
+class _ShardedOptimizer(torch.optim.Optimizer):
+    """Keeps `initial_lr` in every group and tags state dicts with the layout they were sharded for."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        group.setdefault("initial_lr", group["lr"])  # what LR schedules multiply
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's own optimizer state (plus the world size and rank it belongs to)."""
+        sd = super().state_dict()
+        sd["world_size"], sd["rank"] = _world()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a shard written by `state_dict()` on the same rank of a run with the same world size."""
+        world_size, rank = _world()
+        saved = (state_dict.get("world_size", 1), state_dict.get("rank", 0))
+        if saved != (world_size, rank):
+            raise ValueError(
+                f"{type(self).__name__} state was saved by rank {saved[1]} of a world of {saved[0]}, "
+                f"but this is rank {rank} of {world_size}: optimizer shards must be loaded with the "
+                "same number of processes, each rank its own file"
+            )
+        super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+
+
+# -----------------------------------------------------------------------------
+# AdamW
+
+
+def _adamw_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One bias-corrected AdamW step on `p` (a parameter or this rank's rows of one), in place."""
+    if not state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p)
+        state["exp_avg_sq"] = torch.zeros_like(p)
+    grad = grad.to(p.dtype)
+    state["step"] += 1
+    t = state["step"]
+    beta1, beta2 = group["betas"]
+    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m_hat = m / (1 - beta1**t)
+    v_hat = v / (1 - beta2**t)
+    if wd != 0:
+        p.mul_(1 - lr * wd)
+    p.addcdiv_(m_hat, v_hat.sqrt_().add_(eps), value=-lr)
+
+
+class AdamW(_ShardedOptimizer):
+    """AdamW with ZeRO-2 style sharding of gradients and state along dim 0 across ranks."""
+
+    def __init__(
+        self,
+        param_groups: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float] = (0.8, 0.95),
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
+        super().__init__(param_groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+
+    @staticmethod
+    def is_sharded(p: Tensor, world_size: int) -> bool:
+        """Whether `p` is split along dim 0 across `world_size` ranks (else all-reduced and updated whole)."""
+        return (
+            world_size > 1
+            and p.ndim >= 1
+            and p.size(0) % world_size == 0
+            and p.numel() >= MIN_SHARD_NUMEL
+            and p.is_contiguous()
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Average gradients over ranks and update (on every rank; no-op communication for one process)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world_size, rank = _world()
+        # launch every gradient reduction first, then update each as its reduction lands
+        jobs = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                grad = _grad_of(p)
+                if world_size == 1:
+                    jobs.append((group, p, False, _Pending(None, lambda g=grad: g)))
+                elif self.is_sharded(p, world_size):
+                    jobs.append((group, p, True, _reduce_scatter_avg(grad, world_size, rank)))
+                else:
+                    jobs.append((group, p, False, _all_reduce_avg(grad, world_size)))
+        gathers = []
+        for group, p, sharded, pending in jobs:
+            grad = pending.wait()
+            if sharded:
+                k = p.size(0) // world_size
+                rows = p.data[rank * k : (rank + 1) * k]  # a view: updating it updates p
+                _adamw_update(rows, grad, self.state[p], group)
+                gathers.append(_all_gather_into(p.data, rows, world_size))
+            else:
+                _adamw_update(p.data, grad, self.state[p], group)
+        for work in gathers:
+            work.wait()
+        return loss
+
+
+# -----------------------------------------------------------------------------
+# Muon
+
+
+def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximate the orthogonal polar factor U·Vᵀ of g = U·S·Vᵀ with a quintic Newton–Schulz iteration.
+
+    Runs in bf16 and returns bf16; the singular values come out in a band around 1 rather than
+    exactly 1, which is all Muon needs.
+    """
+    if g.ndim != 2:
+        raise ValueError(f"orthogonalize expects a matrix, got shape {tuple(g.shape)}")
+    a, b, c = NS_COEFFS
+    x = g.bfloat16()
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.mT  # (cols, rows): the Gram matrix below is then the smaller one
+    x = x / (x.norm() + eps)  # Frobenius norm >= spectral norm, so every singular value is <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x  # applies a·s + b·s³ + c·s⁵ to every singular value s
+    return x.mT if tall else x
+
+
+def _muon_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+    """One Muon step on a whole matrix `p`, in place."""
+    if not state:
+        state["momentum_buffer"] = torch.zeros_like(p)
+    grad = grad.to(p.dtype)
+    mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
+    buf = state["momentum_buffer"]
+    buf.lerp_(grad, 1 - mu)  # b = mu*b + (1-mu)*g
+    update = grad.lerp(buf, mu) if group["nesterov"] else buf  # u = (1-mu)*g + mu*b
+    ortho = orthogonalize(update, group["ns_steps"])
+    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+    if wd != 0:
+        p.mul_(1 - lr * wd)
+    p.add_(ortho.to(p.dtype), alpha=-lr * scale)
+
+
+def muon_chunks(params: list[Tensor], world_size: int) -> list[list[Tensor | None]]:
+    """Split one group's matrices into chunks of `world_size` same-shape slots; slot r is rank r's.
+
+    Buckets by shape (largest matrices first, then by shape), keeps parameter order inside a
+    bucket, and pads each bucket's last chunk with None.
+    """
+    buckets: dict[tuple[int, ...], list[Tensor]] = {}
+    for p in params:
+        buckets.setdefault(tuple(p.shape), []).append(p)
+    chunks: list[list[Tensor | None]] = []
+    for shape in sorted(buckets, key=lambda s: (-math.prod(s), s)):
+        bucket = buckets[shape]
+        for i in range(0, len(bucket), world_size):
+            chunk: list[Tensor | None] = list(bucket[i : i + world_size])
+            chunks.append(chunk + [None] * (world_size - len(chunk)))
+    return chunks
+
+
+class Muon(_ShardedOptimizer):
+    """Momentum orthogonalized by Newton–Schulz, for 2-D matrices; one owner rank per matrix."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+    ) -> None:
+        if lr < 0 or not 0 <= momentum < 1 or ns_steps < 1 or weight_decay < 0:
+            raise ValueError(
+                f"invalid Muon settings: lr={lr}, momentum={momentum}, ns_steps={ns_steps}, wd={weight_decay}"
+            )
+        defaults = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if p.ndim != 2:
+                raise ValueError(f"Muon only takes 2-D matrices, got a parameter of shape {tuple(p.shape)}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Average gradients over ranks and update (on every rank; no-op communication for one process)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        world_size, rank = _world()
+        for group in self.param_groups:
+            if world_size == 1:
+                for p in group["params"]:
+                    _muon_update(p.data, _grad_of(p), self.state[p], group)
+                continue
+            # launch every chunk's gradient reduction, then update and gather chunk by chunk
+            reductions = []
+            for chunk in muon_chunks(group["params"], world_size):
+                real = next(p for p in chunk if p is not None)
+                grads = [_grad_of(p) if p is not None else torch.zeros_like(real) for p in chunk]
+                stacked = torch.stack(grads)  # (W, rows, cols); slot r is rank r's matrix
+                reductions.append(
+                    (chunk, stacked, _reduce_scatter_avg(stacked, world_size, rank, scratch=True))
+                )
+            gathers = []
+            for chunk, stacked, reduction in reductions:
+                grad = reduction.wait()[0]  # the averaged gradient of this rank's slot
+                mine = chunk[rank]
+                if mine is not None:
+                    _muon_update(mine.data, grad, self.state[mine], group)
+                send = mine.data if mine is not None else grad  # a padded slot sends a dummy
+                gathers.append((chunk, stacked, _all_gather_into(stacked, send, world_size)))
+            for chunk, stacked, work in gathers:
+                work.wait()
+                for r, p in enumerate(chunk):
+                    if p is not None and r != rank:
+                        p.data.copy_(stacked[r])
+        return loss
+
+
+def lr_multiplier(
+    step: int,
+    num_iterations: int,
+    warmup_ratio: float = 0.0,
+    warmdown_ratio: float = 0.2,
+    final_lr_frac: float = 0.0,
+) -> float:
+    """LR multiplier at `step` of `num_iterations`: linear warmup, 1, linear warmdown to `final_lr_frac`.
+
+    Warmup covers the first round(warmup_ratio·N) steps ((step+1)/warmup, reaching 1 at its last
+    step); warmdown covers the last round(warmdown_ratio·N) steps and reaches `final_lr_frac` at step N.
+    """
+    if not (0 <= warmup_ratio <= 1 and 0 <= warmdown_ratio <= 1 and warmup_ratio + warmdown_ratio <= 1):
+        raise ValueError(
+            f"need 0 <= warmup_ratio, warmdown_ratio and their sum <= 1, got {warmup_ratio}, {warmdown_ratio}"
+        )
+    warmup = round(warmup_ratio * num_iterations)
+    warmdown = round(warmdown_ratio * num_iterations)
+    if step < warmup:
+        return (step + 1) / warmup
+    if warmdown > 0 and step > num_iterations - warmdown:
+        frac = max(num_iterations - step, 0) / warmdown  # 1 where the warmdown starts, 0 at the end
+        return final_lr_frac + (1 - final_lr_frac) * frac
+    return 1.0
+
+
+def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
+    """Muon momentum at `step`: linear ramp from `start` (step 0) to `end` (step >= warmup_steps)."""
+    if warmup_steps <= 0:
+        return end
+    frac = min(max(step, 0) / warmup_steps, 1.0)
+    return start + (end - start) * frac
+
+
+# -----------------------------------------------------------------------------
+# The optimizers of a GPT
+
+
+def build_optimizers(
+    model_param_groups: dict[str, list[Tensor]],
+    n_embd: int,
+    embedding_lr: float = 0.2,
+    unembedding_lr: float = 0.004,
+    matrix_lr: float = 0.02,
+    weight_decay: float = 0.0,
+) -> list[torch.optim.Optimizer]:
+    """[AdamW(embedding, lm_head), Muon(matrices)] for a model's `param_groups()`.
+
+    The AdamW learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width 768).
+    `weight_decay` applies to the Muon matrices only; embedding and lm_head are not decayed.
+    """
+    expected = {"matrix", "embedding", "lm_head"}
+    if set(model_param_groups) != expected:
+        raise ValueError(
+            f"model_param_groups must have keys {sorted(expected)}, got {sorted(model_param_groups)}"
+        )
+    if not model_param_groups["matrix"]:
+        raise ValueError("model_param_groups['matrix'] is empty: Muon needs at least one matrix")
+    scale = (n_embd / 768) ** -0.5
+    adam_groups = [
+        dict(params=list(model_param_groups["embedding"]), lr=embedding_lr * scale),
+        dict(params=list(model_param_groups["lm_head"]), lr=unembedding_lr * scale),
+    ]
+    adam_groups = [g for g in adam_groups if g["params"]]
+    if not adam_groups:
+        raise ValueError("model_param_groups has no embedding or lm_head parameters for AdamW")
+    adamw = AdamW(adam_groups, lr=embedding_lr * scale, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    muon = Muon(list(model_param_groups["matrix"]), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+    return [adamw, muon]

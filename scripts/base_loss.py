@@ -1,0 +1,65 @@
+"""
+Evaluate a base model's bits per byte on the train and val splits, and print samples.
+
+    python -m scripts.base_loss [--model-tag d20] [--model-step N]
+    torchrun --nproc_per_node 8 -m scripts.base_loss
+
+Both splits are read from their start with the same packing as training, so the val
+number is comparable with the one base_train logged. Writes the report section
+"Base model loss".
+"""
+
+import argparse
+
+import torch
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, print0, setup_logging
+from nanochat.dataloader import DataLoader
+from nanochat.engine import greedy_completions
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the deepest d<N>)")
+parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per batch")
+parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
+parser.add_argument("--sample-tokens", type=int, default=16, help="tokens per greedy sample (0: no samples)")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+args = parser.parse_args()
+
+setup_logging()
+is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+compute_dtype = get_compute_dtype(device)
+autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+model, tokenizer, meta = load_model(
+    "base", device, phase="eval", model_tag=args.model_tag, step=args.model_step
+)
+token_bytes = get_token_bytes(device)
+B, T = args.device_batch_size, model.config.sequence_len
+steps = max(1, args.split_tokens // (B * T * world_size))
+
+results = {}
+for split in ("train", "val"):
+    loader = DataLoader(tokenizer, B, T, split, rank=rank, world_size=world_size, device=device)
+    results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes, autocast_dtype)
+    print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")
+
+samples = []
+if rank == 0 and args.sample_tokens > 0:
+    samples = greedy_completions(
+        model, tokenizer, max_tokens=args.sample_tokens, autocast_dtype=autocast_dtype
+    )
+    for text in samples:
+        print0(repr(text))
+
+get_report().log(
+    section="Base model loss",
+    data=[
+        {"model step": meta["step"], "tokens per split": steps * B * T * world_size, **results},
+        "Samples:\n\n" + "\n".join(f"- {text!r}" for text in samples),
+    ],
+)
+compute_cleanup()

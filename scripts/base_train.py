@@ -1,0 +1,445 @@
+"""
+Pretrain the base model on the shards in base_data/.
+
+    python -m scripts.base_train --depth 20                      # one process (GPU, MPS or CPU)
+    torchrun --nproc_per_node 8 -m scripts.base_train --depth 20  # one node, 8 GPUs
+
+The acts: flags → compute → tokenizer and model → optimizers → data → training loop
+(periodic val bpb, samples, checkpoints) → final checkpoint → final evals → report.
+
+Design choices:
+- One optimizer step sees --total-batch-size tokens: device batch × sequence length ×
+  world size × gradient-accumulation steps. No DDP wrapper: micro-step gradients
+  accumulate locally and the optimizers reduce them across ranks.
+- Training length: --num-iterations, else --target-flops, else
+  --target-param-data-ratio (tokens = ratio × parameters; 20 is Chinchilla's ratio).
+- LR multiplier: linear warmup → constant → linear warmdown to --final-lr-frac.
+- The last checkpoint is written BEFORE the final evals, so a crash while evaluating
+  never loses the trained model. --resume continues from the tag's last checkpoint bit
+  for bit: weights, every rank's optimizer shard and RNG, every rank's dataloader state
+  and the loop state are restored.
+- The logged loss is the mean over every rank and micro-step of the step, so a run
+  reads the same whether its batch is split across GPUs or across micro-steps. Metrics
+  go to <checkpoint dir>/log.jsonl (rank 0), the source of the report's curves.
+- bf16 autocast and torch.compile on CUDA; plain fp32 eager elsewhere.
+- --core-metric-every is off (-1) by default: the CORE evaluation arrives with the
+  evaluation stage; until then the flag only reports that it is unavailable.
+- --dry-run validates the configuration, prints the plan (sizes, steps, memory
+  estimate) and exits before allocating the model.
+"""
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+from nanochat.checkpoint_manager import (
+    checkpoint_dir,
+    find_last_step,
+    load_checkpoint,
+    model_config_dict,
+    save_checkpoint,
+    set_rng_state,
+)
+from nanochat.common import (
+    compute_cleanup,
+    compute_init,
+    get_compute_dtype,
+    get_peak_flops,
+    print0,
+    setup_logging,
+)
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_parquet_files, read_manifest
+from nanochat.engine import greedy_completions
+from nanochat.gpt import GPT, config_from_depth, estimate_memory, suggest_device_batch_size
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.optim import build_optimizers, lr_multiplier, muon_momentum
+from nanochat.report import get_report
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+# -----------------------------------------------------------------------------
+# Flags
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+g = parser.add_argument_group("model")
+g.add_argument("--depth", type=int, default=20, help="transformer layers; also sets the width")
+g.add_argument(
+    "--aspect-ratio", type=int, default=64, help="width = depth × aspect ratio, rounded up to --head-dim"
+)
+g.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
+g.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+g = parser.add_argument_group("batch")
+g.add_argument("--device-batch-size", default="32", help="sequences per device per micro-step, or 'auto'")
+g.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+g = parser.add_argument_group("length (the first one set wins)")
+g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
+g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
+g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
+g = parser.add_argument_group("optimization")
+g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
+g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
+g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the block matrices")
+g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps warming the LR up")
+g.add_argument(
+    "--warmdown-ratio", type=float, default=0.2, help="fraction of steps decaying the LR at the end"
+)
+g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+g = parser.add_argument_group("evaluation and checkpoints")
+g.add_argument(
+    "--eval-every", type=int, default=250, help="steps between val bpb evals (-1: only at the end)"
+)
+g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per eval")
+g.add_argument(
+    "--core-metric-every", type=int, default=-1, help="steps between CORE evals (not available yet: keep -1)"
+)
+g.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task")
+g.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: off)")
+g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
+g = parser.add_argument_group("run")
+g.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the model tag")
+g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
+g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
+g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+g.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
+g.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
+args = parser.parse_args()
+user_config = vars(args).copy()
+
+# -----------------------------------------------------------------------------
+# Compute
+
+setup_logging()
+if args.core_metric_every > 0:
+    sys.exit("base_train: --core-metric-every needs the CORE evaluation, which is not available yet; use -1")
+is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
+master = rank == 0
+compute_dtype = get_compute_dtype(device)
+autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+
+
+def autocast():
+    return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+
+def fail(message: str) -> None:
+    print0(f"base_train: {message}")
+    compute_cleanup()
+    sys.exit(1)
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer, model config, batch and length
+
+try:
+    tokenizer = get_tokenizer()
+except FileNotFoundError as e:
+    fail(str(e))
+if not list_parquet_files():
+    fail("no pretraining data in base_data/: run `python -m nanochat.dataset -n 8` (or --offline)")
+try:
+    config = config_from_depth(
+        args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.aspect_ratio, args.head_dim
+    )
+except ValueError as e:
+    fail(str(e))
+with torch.device("meta"):
+    model = GPT(config)
+num_params = model.num_params()
+flops_per_token = model.estimate_flops()
+T = args.max_seq_len
+
+if args.device_batch_size == "auto":
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[1]
+    elif device.type == "mps":
+        available = torch.mps.recommended_max_memory()
+    else:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    B = suggest_device_batch_size(config, T, available, world_size, compute_dtype)
+    while B > 1 and args.total_batch_size % (B * T * world_size):
+        B //= 2
+    print0(f"device batch size: auto -> {B}")
+else:
+    B = int(args.device_batch_size)
+    if B < 1:
+        fail(f"--device-batch-size must be a positive integer or 'auto', got {args.device_batch_size}")
+tokens_per_micro_step = B * T * world_size
+if args.total_batch_size % tokens_per_micro_step:
+    fail(
+        f"--total-batch-size {args.total_batch_size} must be a multiple of device batch × sequence length × "
+        f"world size = {B} × {T} × {world_size} = {tokens_per_micro_step}; change --total-batch-size, "
+        "--device-batch-size or --max-seq-len"
+    )
+grad_accum = args.total_batch_size // tokens_per_micro_step
+
+if args.num_iterations > 0:
+    num_iterations = args.num_iterations
+elif args.target_flops > 0:
+    num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
+elif args.target_param_data_ratio > 0:
+    num_iterations = int(args.target_param_data_ratio * num_params) // args.total_batch_size
+else:
+    fail("set one of --num-iterations, --target-flops or --target-param-data-ratio")
+if num_iterations < 1:
+    fail(f"that gives {num_iterations} steps; lower --total-batch-size or raise the length target")
+total_tokens = num_iterations * args.total_batch_size
+memory = estimate_memory(config, B, T, world_size, compute_dtype)
+print0(f"model: {config}")
+print0(f"parameters: {num_params:,}  FLOPs/token: {flops_per_token:.3e}")
+print0(f"batch: {B} × {T} × {world_size} ranks × {grad_accum} micro-steps = {args.total_batch_size:,} tokens")
+print0(f"steps: {num_iterations:,}  tokens: {total_tokens:,}  tokens/param: {total_tokens / num_params:.1f}")
+print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
+print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
+if args.dry_run:
+    compute_cleanup()
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# Weights, optimizers and data (fresh, or restored from the last checkpoint)
+
+model_tag = args.model_tag or f"d{args.depth}"
+ckpt_dir = checkpoint_dir("base", model_tag)
+model.to_empty(device=device)
+model.init_weights()
+optimizers = build_optimizers(
+    model.param_groups(),
+    config.n_embd,
+    embedding_lr=args.embedding_lr,
+    unembedding_lr=args.unembedding_lr,
+    matrix_lr=args.matrix_lr,
+    weight_decay=args.weight_decay,
+)
+muon = optimizers[-1]
+start_step, loop_state, loader_state = 0, {}, None
+if args.resume:
+    try:
+        start_step = find_last_step(ckpt_dir)
+    except FileNotFoundError:
+        fail(f"--resume: no checkpoint of tag {model_tag!r} in {ckpt_dir}")
+    model_state, shard, meta = load_checkpoint(ckpt_dir, start_step, device, load_optimizer=True, rank=rank)
+    if meta["model_config"] != model_config_dict(config):
+        fail(f"--resume: the checkpoint's model is {meta['model_config']}, not {model_config_dict(config)}")
+    for key in ("total_batch_size", "device_batch_size", "max_seq_len"):
+        if meta["user_config"][key] != user_config[key]:
+            fail(f"--resume: the checkpoint used --{key.replace('_', '-')} {meta['user_config'][key]}")
+    if meta["world_size"] != world_size:
+        fail(f"--resume: the checkpoint was written by {meta['world_size']} processes, not {world_size}")
+    model.load_state_dict(model_state)
+    for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    set_rng_state(shard["rng"], device)
+    loop_state, loader_state = meta["loop_state"], meta["dataloader_state"][rank]
+    print0(f"resumed from step {start_step}")
+del memory
+orig_model = model  # the uncompiled module: for checkpoints
+if device.type == "cuda":
+    from torch.utils._triton import has_triton
+
+    if has_triton():
+        model = torch.compile(model, dynamic=False)
+    else:
+        print0("triton is unavailable: running eager (slower)")
+
+train_loader = DataLoader(
+    tokenizer,
+    B,
+    T,
+    "train",
+    rank=rank,
+    world_size=world_size,
+    grad_accum=grad_accum,
+    device=device,
+    resume_state=loader_state,
+)
+train_batches = iter(train_loader)
+token_bytes = get_token_bytes(device)
+
+
+def val_bpb() -> float:
+    """Bits per byte on the first --eval-tokens of the validation split (the same every time)."""
+    model.eval()
+    val_loader = DataLoader(tokenizer, B, T, "val", rank=rank, world_size=world_size, device=device)
+    steps = max(1, args.eval_tokens // tokens_per_micro_step)
+    bpb = evaluate_bpb(model, val_loader, steps, token_bytes, autocast_dtype)
+    model.train()
+    return bpb
+
+
+# -----------------------------------------------------------------------------
+# Logging
+
+if master and args.run != "dummy":
+    import wandb
+
+    wandb.init(project="nanochat", name=args.run, config=user_config, resume="allow")
+else:
+    wandb = None
+log_path = ckpt_dir / "log.jsonl"
+
+
+def log_metrics(record: dict) -> None:
+    if not master:
+        return
+    with open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb is not None:
+        wandb.log(record, step=record["step"])
+
+
+if master:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    # keep only the history before the step we start from (a resume rewrites the rest)
+    kept = (
+        [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+        if (args.resume and log_path.exists())
+        else []
+    )
+    log_path.write_text("".join(line + "\n" for line in kept))
+
+peak_flops = get_peak_flops(device)
+smooth_loss = loop_state.get("smooth_loss", 0.0)
+min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
+training_time = loop_state.get("training_time", 0.0)
+last_val_bpb = loop_state.get("val_bpb")
+ema_beta = 0.9
+
+# -----------------------------------------------------------------------------
+# Training loop (step s trains with batch s; a checkpoint at step s holds the weights after s steps)
+
+mfu = float("nan")
+for step in range(start_step, num_iterations + 1):
+    last_step = step == num_iterations
+
+    if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+        loader_states = [None] * world_size
+        if is_ddp:
+            dist.all_gather_object(loader_states, train_loader.state_dict())
+        else:
+            loader_states = [train_loader.state_dict()]
+        meta = {
+            "model_config": model_config_dict(config),
+            "user_config": user_config,
+            "world_size": world_size,
+            "grad_accum": grad_accum,
+            "loop_state": {
+                "smooth_loss": smooth_loss,
+                "min_val_bpb": min_val_bpb,
+                "training_time": training_time,
+                "val_bpb": last_val_bpb,
+            },
+            "dataloader_state": loader_states,
+            "data_source": read_manifest(),
+        }
+        save_checkpoint(ckpt_dir, step, orig_model, optimizers, meta, rank=rank)
+
+    if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+        last_val_bpb = val_bpb()
+        min_val_bpb = min(min_val_bpb, last_val_bpb)
+        print0(f"step {step:05d} | val bpb {last_val_bpb:.4f}")
+        log_metrics({"step": step, "val_bpb": last_val_bpb})
+
+    if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+        for text in greedy_completions(orig_model, tokenizer, autocast_dtype=autocast_dtype):
+            print0(repr(text))
+
+    if last_step:
+        break
+
+    # one optimizer step over grad_accum micro-batches
+    t0 = time.time()
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        inputs, targets = next(train_batches)
+        with autocast():
+            loss = model(inputs, targets)
+        loss_sum += loss.detach()
+        (loss / grad_accum).backward()
+    lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+    for group in muon.param_groups:
+        group["momentum"] = muon_momentum(step)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    if is_ddp:
+        dist.all_reduce(loss_sum)
+    train_loss = loss_sum.item() / (grad_accum * world_size)  # .item() waits for the GPU
+    dt = time.time() - t0
+
+    if step - start_step >= 10 or num_iterations - start_step < 20:  # skip the compile warm-up steps
+        training_time += dt
+    smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * train_loss
+    debiased = smooth_loss / (1 - ema_beta ** (step + 1))
+    tok_per_sec = args.total_batch_size / dt
+    if peak_flops:
+        mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
+    eta = training_time / max(1, step + 1 - start_step) * (num_iterations - step - 1)
+    print0(
+        f"step {step:05d}/{num_iterations} ({100 * (step + 1) / num_iterations:.1f}%) | "
+        f"loss {debiased:.4f} | "
+        f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
+        f"mfu {'n/a' if math.isnan(mfu) else f'{mfu:.1f}%'} | "
+        f"eta {eta / 60:.1f}m | epoch {train_loader.epoch}"
+    )
+    log_metrics(
+        {
+            "step": step,
+            "loss": train_loss,
+            "smooth_loss": debiased,
+            "lrm": lrm,
+            "dt": dt,
+            "tok_per_sec": tok_per_sec,
+        }
+    )
+
+# -----------------------------------------------------------------------------
+# Report
+
+if device.type == "cuda":
+    peak_memory = torch.cuda.max_memory_allocated(device)
+else:
+    peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print0(f"peak memory: {peak_memory / 2**30:.2f} GiB  training time: {training_time / 60:.2f} min")
+print0(
+    f"min val bpb: {min_val_bpb:.4f}  cropped fraction of training tokens: "
+    f"{train_loader.cropped_fraction:.4f}"
+)
+get_report().log(
+    section="Base model training",
+    data=[
+        user_config,
+        {
+            "model": str(model_config_dict(config)),
+            "parameters": num_params,
+            "FLOPs per token": flops_per_token,
+            "iterations": num_iterations,
+            "training tokens": total_tokens,
+            "tokens per parameter": total_tokens / num_params,
+            "world size": world_size,
+            "device batch size": B,
+            "gradient accumulation": grad_accum,
+            "min val bpb": min_val_bpb,
+            "final val bpb": last_val_bpb,
+            "CORE": "not evaluated (CORE evaluation not available yet)",
+            "MFU %": mfu if not math.isnan(mfu) else "n/a (no known peak FLOPs for this device)",
+            "total training FLOPs": flops_per_token * total_tokens,
+            "training time (min)": training_time / 60,
+            "peak memory (GiB)": peak_memory / 2**30,
+            "cropped fraction": train_loader.cropped_fraction,
+        },
+    ],
+)
+if wandb is not None:
+    wandb.finish()
+compute_cleanup()

@@ -1,0 +1,234 @@
+"""End-to-end pretraining on CPU: learning, distributed = single process, resume, bad configs.
+
+Every run is the real `scripts.base_train` in a subprocess (torchrun for the distributed
+ones, gloo on loopback) on the tiny offline corpus of the `tiny_base_dir` fixture, with a
+2-layer, 64-wide model. Losses are read from the run's log.jsonl.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.optim import lr_multiplier
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=4"]
+QUIET = ["--eval-every=-1", "--eval-tokens=512", "--sample-every=-1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(base: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"NANOCHAT_BASE_DIR": str(base), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    return env
+
+
+def train(base: Path, *flags: str, nproc: int = 1, check: bool = True, timeout: int = 300):
+    """Runs base_train (under torchrun when nproc > 1); returns the CompletedProcess."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "scripts.base_train"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        cmd += ["-m", "scripts.base_train"]
+    proc = subprocess.run(
+        [*cmd, *flags], cwd=REPO, env=env_for(base), capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"base_train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def log_of(base: Path, tag: str) -> list[dict]:
+    path = base / "base_checkpoints" / tag / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def losses(base: Path, tag: str) -> list[float]:
+    return [r["loss"] for r in log_of(base, tag) if "loss" in r]
+
+
+def weights(base: Path, tag: str, step: int) -> dict[str, torch.Tensor]:
+    return torch.load(base / "base_checkpoints" / tag / f"model_{step:06d}.pt", weights_only=True)
+
+
+@pytest.fixture
+def base(tiny_base_dir, tmp_path) -> Path:
+    """A private copy of the tiny base dir (data + tokenizer), so runs never collide."""
+    dst = tmp_path / "base"
+    dst.mkdir()
+    for name in ("base_data", "tokenizer"):
+        shutil.copytree(tiny_base_dir / name, dst / name)
+    return dst
+
+
+# -----------------------------------------------------------------------------
+# The learning-rate schedule
+
+
+def test_lr_schedule_warms_up_then_decays_down_to_final_frac():
+    n = 100
+    lrm = [
+        lr_multiplier(s, n, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.05) for s in range(n + 1)
+    ]
+    assert lrm[0] == pytest.approx(0.1)  # warmup starts low
+    assert lrm[9] == pytest.approx(1.0) and lrm[50] == 1.0
+    assert all(a >= b for a, b in zip(lrm[80:], lrm[81:], strict=False))  # warmdown only goes down
+    assert lrm[n] == pytest.approx(0.05) and lrm[n - 1] > 0.05  # ends at final_lr_frac
+    assert lr_multiplier(n, n, 0.0, 0.2, 0.0) == 0.0
+    assert lr_multiplier(0, n, 0.0, 0.2, 0.0) == 1.0  # no warmup: full LR from the start
+
+
+# -----------------------------------------------------------------------------
+# Learning
+
+
+def test_tiny_model_lowers_val_bpb(base):
+    flags = [
+        *TINY,
+        "--total-batch-size=1024",
+        "--num-iterations=120",
+        "--eval-every=120",
+        "--eval-tokens=4096",
+    ]
+    train(base, *flags, "--sample-every=-1", "--model-tag=learn", "--matrix-lr=0.05")
+    bpbs = [r["val_bpb"] for r in log_of(base, "learn") if "val_bpb" in r]
+    assert len(bpbs) == 2
+    assert bpbs[1] < 0.75 * bpbs[0], bpbs
+    report = (base / "report" / "base-model-training.md").read_text()
+    assert "min val bpb" in report
+
+
+# -----------------------------------------------------------------------------
+# Distributed equals single process
+
+
+def test_distributed_equals_single_process_with_grad_accum(base):
+    flags = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=10"]
+    single = train(base, *flags, "--model-tag=single")
+    assert "× 2 micro-steps" in single.stdout  # 4 × 64 × 1 rank × 2 micro-steps
+    dist_run = train(base, *flags, "--model-tag=dist", nproc=2)
+    assert "× 2 ranks × 1 micro-steps" in dist_run.stdout
+    assert losses(base, "single") == pytest.approx(losses(base, "dist"), rel=1e-4)
+    a, b = weights(base, "single", 10), weights(base, "dist", 10)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_two_node_c10d_launch_trains_like_one_node(base):
+    flags = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=6"]
+    train(base, *flags, "--model-tag=onenode", nproc=2)
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
+    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nanochat-test"]
+    procs = [
+        subprocess.Popen(
+            [*cmd, f"--node-rank={node}", "-m", "scripts.base_train", *flags, "--model-tag=twonode"],
+            cwd=REPO,
+            env=env_for(base),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert losses(base, "twonode") == pytest.approx(losses(base, "onenode"), rel=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# Exact resume
+
+
+def test_resume_continues_bit_for_bit(base):
+    flags = [*TINY, "--total-batch-size=512", "--num-iterations=20", "--eval-every=5", "--eval-tokens=512"]
+    train(base, *flags, "--sample-every=-1", "--model-tag=straight")
+    train(base, *flags, "--sample-every=-1", "--model-tag=stopped", "--save-every=10")
+    stopped = base / "base_checkpoints" / "stopped"
+    for path in stopped.glob("*_000020*"):  # "stop" at step 10: drop what came after
+        path.unlink()
+    # a crash in the middle of saving step 15: the model file and a temp shard, no meta
+    (stopped / "model_000015.pt").write_bytes(b"half a checkpoint")
+    (stopped / "optim_000015_rank0.pt.tmp.123.abcd").write_bytes(b"partial")
+    resumed = train(base, *flags, "--sample-every=-1", "--model-tag=stopped", "--save-every=10", "--resume")
+    assert "resumed from step 10" in resumed.stdout
+    assert losses(base, "stopped") == losses(base, "straight")  # exactly, step by step
+    val = [r["val_bpb"] for r in log_of(base, "stopped") if "val_bpb" in r]
+    assert val == [r["val_bpb"] for r in log_of(base, "straight") if "val_bpb" in r]
+    a, b = weights(base, "straight", 20), weights(base, "stopped", 20)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_loss_evaluates_a_checkpoint(base):
+    train(base, *TINY, *QUIET, "--total-batch-size=256", "--num-iterations=3", "--model-tag=d2")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scripts.base_loss",
+            "--device-batch-size=4",
+            "--split-tokens=512",
+            "--sample-tokens=4",
+        ],
+        cwd=REPO,
+        env=env_for(base),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train bpb:" in proc.stdout and "val bpb:" in proc.stdout
+    assert "val bpb" in (base / "report" / "base-model-loss.md").read_text()
+
+
+# -----------------------------------------------------------------------------
+# Bad configs stop before training with a message saying what to change
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--head-dim=33"], "--head-dim"),
+        (["--depth=0"], "--depth"),
+        (["--total-batch-size=1000"], "--total-batch-size"),
+        (["--device-batch-size=0"], "--device-batch-size"),
+    ],
+)
+def test_bad_config_stops_with_a_clear_message(base, flags, message):
+    default = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=2"]
+    proc = train(base, *default, *flags, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stdout + proc.stderr
+    assert not (base / "base_checkpoints").exists()
+
+
+def test_missing_tokenizer_is_named(base):
+    shutil.rmtree(base / "tokenizer")
+    proc = train(base, *TINY, "--num-iterations=2", check=False)
+    assert proc.returncode != 0 and "tok_train" in proc.stdout + proc.stderr
+
+
+def test_missing_data_is_named(base):
+    shutil.rmtree(base / "base_data")
+    proc = train(base, *TINY, "--num-iterations=2", check=False)
+    assert proc.returncode != 0 and "nanochat.dataset" in proc.stdout + proc.stderr
+
+
+def test_dry_run_prints_the_plan_without_training(base):
+    proc = train(base, *TINY, "--total-batch-size=512", "--num-iterations=7", "--dry-run")
+    assert "steps: 7" in proc.stdout and "memory estimate" in proc.stdout
+    assert not (base / "base_checkpoints").exists()

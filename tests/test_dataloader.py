@@ -1,0 +1,344 @@
+"""Tests for nanochat.dataloader: best-fit packing (crop and pad), rank/slot layout, exact resume.
+
+Two corpora: the session's tiny offline corpus with its real tokenizer (`base_dir`), and a
+synthetic one read through `IdTokenizer`, whose every token names its document, so each
+token of a batch can be traced back to the document and row group it came from.
+"""
+
+import json
+import random
+import time
+
+import pytest
+import torch
+
+from nanochat.dataloader import DataLoader, batch_from_rows, merge_states, pack_rows
+from nanochat.dataset import list_row_groups, parquets_iter_batched, write_shards
+from nanochat.tokenizer import get_tokenizer
+
+B, T = 4, 64
+
+
+def take(loader, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [next(loader) for _ in range(n)]
+
+
+def assert_same_batches(got, expected) -> None:
+    assert len(got) == len(expected)
+    for k, ((x, y), (ex, ey)) in enumerate(zip(got, expected, strict=True)):
+        assert torch.equal(x, ex) and torch.equal(y, ey), f"batch {k} differs"
+
+
+def rows_of(batch) -> torch.Tensor:
+    """The (B, T+1) token rows a batch was cut from."""
+    x, y = batch
+    return torch.cat([x.long(), y[:, -1:]], dim=1)
+
+
+@pytest.fixture
+def tokenizer(base_dir):
+    return get_tokenizer()
+
+
+def loader(tokenizer, **kwargs) -> DataLoader:
+    kwargs = {"B": B, "T": T, "split": "train", "tokenizer_threads": 2, **kwargs}
+    return DataLoader(tokenizer, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# The packer, by hand
+
+
+def doc(token: int, n: int, bos: int = 0) -> list[int]:
+    return [bos] + [token] * (n - 1)
+
+
+def test_best_fit_takes_largest_fitting_doc_then_crops_shortest():
+    a, b, c, d, e = doc(1, 7), doc(2, 5), doc(3, 3), doc(4, 14), doc(5, 2)
+    packed = pack_rows([d, e, a, b, c], row_len=10)
+    # row 1: largest fitting is a (7), then c (3) fills the 3 left exactly
+    # row 2: b (5), then e (2); 3 left, only d (14) remains: crop it to 3, its 11 other tokens are lost
+    assert packed.rows == [a + c, b + e + d[:3]]
+    assert (packed.cropped, packed.dropped, packed.masks) == (11, 0, None)
+
+
+def test_best_fit_crops_the_shortest_and_drops_the_leftover():
+    p, q, r = doc(1, 8), doc(2, 8), doc(3, 3)
+    packed = pack_rows([p, q, r], row_len=10)
+    # p and q tie: the earlier (p) goes first; 2 left, nothing fits: crop the SHORTEST (r, not q)
+    # q alone (8 tokens) cannot make a row: dropped, never seen
+    assert packed.rows == [p + r[:2]]
+    assert (packed.cropped, packed.dropped) == (1, 8)
+    assert pack_rows([doc(1, 4), doc(2, 3)], row_len=10) == ([], None, 0, 7, 0)
+
+
+def test_best_fit_rows_start_with_a_document():
+    rng = random.Random(0)
+    docs = [doc(i + 1, rng.randint(1, 40)) for i in range(300)]
+    packed = pack_rows(docs, row_len=33)
+    assert packed.rows and all(len(row) == 33 and row[0] == 0 for row in packed.rows)
+    # every token read is in a row, cropped, or dropped
+    assert 33 * len(packed.rows) + packed.cropped + packed.dropped == sum(map(len, docs))
+    assert packed.dropped < 33
+
+
+def test_pad_mode_places_whole_items_and_masks_padding():
+    i1 = ([0, 1, 1, 1, 1], [0, 0, 1, 1, 1])
+    i2 = ([0, 2, 2], [0, 1, 0])
+    i3 = ([0, 3, 3, 3], [0, 0, 0, 1])
+    i4 = ([0, 4], [0, 1])
+    packed = pack_rows([i1, i2, i3, i4], row_len=8, mode="pad", pad_id=0)
+    # row 1: i1 (5) + i2 (3) exactly; row 2: i3 (4) + i4 (2) + 2 pads; nothing is ever cropped
+    assert packed.rows == [i1[0] + i2[0], i3[0] + i4[0] + [0, 0]]
+    assert packed.masks == [i1[1] + i2[1], i3[1] + i4[1] + [0, 0]]
+    assert (packed.cropped, packed.dropped, packed.padded) == (0, 0, 2)
+    inputs, targets = batch_from_rows(packed.rows, packed.masks)
+    assert inputs.dtype == torch.int32 and targets.dtype == torch.int64 and inputs.shape == (2, 7)
+    # target i is row[i+1], or -1 where mask[i+1] == 0 (masked tokens and padding)
+    assert targets.tolist() == [[-1, 1, 1, 1, -1, 2, -1], [-1, -1, 3, -1, 4, -1, -1]]
+    assert inputs.tolist() == [row[:-1] for row in packed.rows]
+
+
+def test_pad_mode_rejects_items_longer_than_a_row():
+    with pytest.raises(ValueError, match="more than a row"):
+        pack_rows([([0] * 9, [1] * 9)], row_len=8, mode="pad")
+    with pytest.raises(ValueError, match="mask"):
+        pack_rows([([0, 1, 2], [1, 1])], row_len=8, mode="pad")
+    with pytest.raises(ValueError, match="mode"):
+        pack_rows([], row_len=8, mode="shuffle")
+
+
+# -----------------------------------------------------------------------------
+# Batches from the real corpus
+
+
+def test_batches_are_bos_aligned_shifted_rows(tokenizer, base_dir):
+    bos = tokenizer.get_bos_token_id()
+    batches = take(loader(tokenizer), 40)
+    for x, y in batches:
+        assert x.shape == y.shape == (B, T)
+        assert x.dtype == torch.int32 and y.dtype == torch.int64 and x.device.type == "cpu"
+        assert (x[:, 0] == bos).all()  # every row starts at a document start
+        assert torch.equal(y[:, :-1], x[:, 1:].long())  # targets are the inputs shifted by one
+        assert (y >= 0).all()  # no padding in crop mode
+    # rows come from the documents: the first BOS-delimited segment of a row is a prefix of some doc
+    docs = [tokenizer.encode(t) for g in parquets_iter_batched("train") for t in g]
+    for row in rows_of(batches[0]).tolist():
+        head = (row[1 : row.index(bos, 1)] if bos in row[1:] else row[1:])[:8]
+        assert any(d[: len(head)] == head for d in docs)
+
+
+def test_cropped_fraction_is_reported(tokenizer, base_dir):
+    dl = loader(tokenizer)
+    assert dl.cropped_fraction == 0 and dl.epoch == 1
+    take(dl, 30)
+    assert 0 < dl.cropped_fraction < 1  # stdlib files are far longer than 65 tokens
+    assert 0 <= dl.dropped_fraction < 1
+
+
+def test_grad_accum_equals_ranks(tokenizer, base_dir):
+    """One process with grad_accum 2 yields micro batch r of each step = rank r's batch of 2 ranks."""
+    steps = 70
+    single_loader = loader(tokenizer, grad_accum=2)
+    single = take(single_loader, 2 * steps)
+    assert single_loader.epoch == 2  # the comparison runs across an epoch boundary
+    ranks = [take(loader(tokenizer, rank=r, world_size=2), steps) for r in range(2)]
+    for r in range(2):
+        assert_same_batches(single[r::2], ranks[r])
+    assert not torch.equal(ranks[0][0][0], ranks[1][0][0])
+
+
+def test_resume_yields_the_same_batches_across_blocks_and_epochs(tokenizer, base_dir):
+    m = 12
+    dl = loader(tokenizer)
+    states, batches = [], []
+
+    def step():
+        states.append(json.loads(json.dumps(dl.state_dict())))
+        batches.append(next(dl))
+
+    for _ in range(1000):  # bounded: a loader that never wraps fails instead of hanging
+        if dl.epoch > 1:
+            break
+        step()
+    assert dl.epoch == 2, "no epoch boundary within 1000 batches"
+    for _ in range(m):
+        step()
+    slot = [state["slots"]["0"] for state in states]
+    starts = range(len(states) - m)
+    crosses_block = [n for n in starts if slot[n]["block"] != slot[n + m]["block"]]
+    crosses_epoch = [n for n in starts if slot[n]["epoch"] != slot[n + m]["epoch"]]
+    assert crosses_block and crosses_epoch
+    for n in sorted({0, 5, crosses_block[0], crosses_block[-1], crosses_epoch[0], crosses_epoch[-1]}):
+        resumed = loader(tokenizer, resume_state=states[n])
+        assert_same_batches(take(resumed, m), batches[n : n + m])
+        assert resumed.state_dict() == states[n + m]  # counters included
+
+
+def test_resume_midstep_and_across_layouts(tokenizer, base_dir):
+    """grad_accum 2 resumed mid-step; two ranks' merged states resumed by one process (and back)."""
+    single = loader(tokenizer, grad_accum=2)
+    take(single, 61)  # odd: the next micro batch is micro-step 1
+    state = json.loads(json.dumps(single.state_dict()))
+    expected = take(single, 30)
+    assert_same_batches(take(loader(tokenizer, grad_accum=2, resume_state=state), 30), expected)
+
+    ranks = [loader(tokenizer, rank=r, world_size=2) for r in range(2)]
+    for dl in ranks:
+        take(dl, 25)
+    merged = merge_states([dl.state_dict() for dl in ranks])
+    expected = [b for pair in zip(*(take(dl, 20) for dl in ranks), strict=True) for b in pair]
+    assert_same_batches(take(loader(tokenizer, grad_accum=2, resume_state=merged), 40), expected)
+    # each rank resumes its own slot from the merged (rank 0's saved) state
+    for r in range(2):
+        assert_same_batches(
+            take(loader(tokenizer, rank=r, world_size=2, resume_state=merged), 20), expected[r::2]
+        )
+
+
+def test_resume_with_a_different_batch_size_keeps_the_row_stream(tokenizer, base_dir):
+    dl = loader(tokenizer)
+    take(dl, 20)
+    state = dl.state_dict()
+    rows = torch.cat([rows_of(b) for b in take(dl, 10)])
+    resumed = loader(tokenizer, B=2, resume_state=state)
+    assert torch.equal(torch.cat([rows_of(b) for b in take(resumed, 20)]), rows)
+
+
+def test_state_dict_is_small_json_and_checked_on_resume(tokenizer, base_dir):
+    dl = loader(tokenizer, grad_accum=2)
+    take(dl, 9)
+    state = dl.state_dict()
+    text = json.dumps(state)
+    assert json.loads(text) == state and len(text) < 600
+    assert set(state["slots"]) == {"0", "1"}
+    for key, value in (("T", 32), ("split", "val")):
+        with pytest.raises(ValueError, match="cannot resume"):
+            loader(tokenizer, grad_accum=2, resume_state={**state, key: value})
+    with pytest.raises(ValueError, match="cannot resume"):
+        loader(tokenizer, resume_state=state)  # 1 slot vs 2
+    with pytest.raises(ValueError, match="no slot 1"):
+        loader(tokenizer, rank=1, world_size=2, resume_state={**state, "slots": {"0": state["slots"]["0"]}})
+    with pytest.raises(ValueError, match="disagree on T"):
+        merge_states([state, {**state, "T": 32}])
+
+
+def test_more_slots_than_row_groups_is_a_clear_error(tokenizer, base_dir):
+    num_val = len(list_row_groups("val"))
+    for kwargs in ({"world_size": num_val + 1, "rank": 0}, {"grad_accum": num_val + 1}):
+        with pytest.raises(ValueError, match="fewer than ranks x grad_accum.*import more data"):
+            loader(tokenizer, split="val", **kwargs)
+    take(loader(tokenizer, split="val", grad_accum=num_val), num_val)  # exactly enough works
+
+
+def test_list_row_groups_matches_parquets_iter_batched(base_dir):
+    import pyarrow.parquet as pq
+
+    groups = list_row_groups("train")
+    for start in range(3):
+        direct = [
+            pq.ParquetFile(path).read_row_group(g, columns=["text"]).column("text").to_pylist()
+            for path, g in groups[start::3]
+        ]
+        assert direct == list(parquets_iter_batched("train", start, 3))
+
+
+def test_loader_throughput(tokenizer, base_dir):
+    dl = loader(tokenizer, B=8, T=256)
+    next(dl)  # first block
+    t0 = time.perf_counter()
+    n = sum(next(dl)[0].numel() for _ in range(200))
+    dt = time.perf_counter() - t0
+    read = dl.state_dict()["slots"]["0"]["read"]
+    print(f"\ndataloader B=8 T=256: {n / dt:,.0f} tokens/s yielded, {read / dt:,.0f} tokens/s tokenized")
+    assert n / dt > 20_000
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_land_on_cuda(tokenizer, base_dir):
+    x, y = next(loader(tokenizer, device="cuda"))
+    assert x.is_cuda and y.is_cuda and x.dtype == torch.int32 and y.dtype == torch.int64
+    torch.cuda.synchronize()
+    assert torch.equal(y[:, :-1].cpu(), x[:, 1:].long().cpu())
+
+
+# -----------------------------------------------------------------------------
+# Synthetic corpus: trace every token to its document
+
+
+class IdTokenizer:
+    """Text "id length" -> [BOS] + [id] * (length - 1): every token names its document."""
+
+    def get_bos_token_id(self) -> int:
+        return 0
+
+    def encode(self, texts, prepend=None, num_threads=1):
+        out = []
+        for text in texts:
+            doc_id, length = map(int, text.split())
+            out.append([prepend] + [doc_id] * (length - 1))
+        return out
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    """400 docs of even lengths 2..60 (rows of 64 then never hold a lone cropped BOS)."""
+    rng = random.Random(1)
+    lengths = {i: 2 * rng.randint(1, 30) for i in range(1, 401)}
+    data_dir = tmp_path / "base_data"
+    write_shards([f"{i} {n}" for i, n in lengths.items()], "synthetic", None, data_dir=data_dir)
+    return data_dir, lengths
+
+
+def test_ranks_read_disjoint_documents_and_every_one(synthetic):
+    data_dir, lengths = synthetic
+    seen_by_rank = []
+    for rank in range(2):
+        own = {int(t.split()[0]) for g in parquets_iter_batched("train", rank, 2, data_dir) for t in g}
+        dl = DataLoader(IdTokenizer(), 1, 63, "train", rank, 2, data_dir=data_dir)
+        seen, in_rows = [], 0
+        state = dl.state_dict()
+        for _ in range(5000):
+            (row,) = rows_of(next(dl)).tolist()
+            if dl.epoch == 2:
+                break  # that row opened the next epoch
+            state = dl.state_dict()
+            in_rows += len(row)
+            starts = [k for k, t in enumerate(row) if t == 0] + [len(row)]
+            for a, b in zip(starts, starts[1:], strict=False):
+                segment = row[a:b]
+                doc_id = segment[1]
+                assert segment == [0] + [doc_id] * (len(segment) - 1)
+                if b < len(row):  # only the last doc of a row may be cropped
+                    assert len(segment) == lengths[doc_id]
+                seen.append(doc_id)
+        assert dl.epoch == 2, "no epoch boundary within 5000 rows"
+        counters = state["slots"][str(rank)]
+        assert len(seen) == len(set(seen)) and set(seen) <= own  # each doc once, from own row groups
+        assert counters["read"] == sum(lengths[i] for i in own)
+        assert counters["read"] == in_rows + counters["cropped"] + counters["dropped"]
+        # the docs never seen are exactly the leftovers dropped at block ends
+        assert sum(lengths[i] for i in own - set(seen)) == counters["dropped"]
+        assert counters["dropped"] < 64 * len(list_row_groups("train", data_dir)[rank::2])
+        seen_by_rank.append(set(seen))
+    assert not seen_by_rank[0] & seen_by_rank[1]
+    train = {int(t.split()[0]) for g in parquets_iter_batched("train", data_dir=data_dir) for t in g}
+    assert len(seen_by_rank[0] | seen_by_rank[1]) > 0.9 * len(train)
+
+
+def test_split_too_short_for_a_row_is_an_error(synthetic):
+    data_dir, _ = synthetic
+    with pytest.raises(ValueError, match="too short"):
+        next(DataLoader(IdTokenizer(), 1, 100_000, "train", data_dir=data_dir))
+
+
+def test_loader_rows_are_a_fixed_shuffle_of_the_packed_block(synthetic):
+    data_dir, _ = synthetic
+    texts = next(parquets_iter_batched("train", data_dir=data_dir))
+    packed = pack_rows(IdTokenizer().encode(texts, prepend=0), 64)
+    n = len(packed.rows)
+    first = [
+        rows_of(next(DataLoader(IdTokenizer(), n, 63, "train", data_dir=data_dir))).tolist() for _ in "ab"
+    ]
+    assert first[0] == first[1]  # deterministic
+    assert sorted(first[0]) == sorted(packed.rows) and first[0] != packed.rows  # same rows, shuffled

@@ -1,0 +1,463 @@
+"""Tests of the GPT model: config, architecture invariants, KV-cache protocol, init, FLOPs, memory."""
+
+import math
+
+import pytest
+import torch
+
+from nanochat.gpt import (
+    GPT,
+    GPTConfig,
+    apply_rotary,
+    config_from_depth,
+    estimate_memory,
+    norm,
+    rotary_tables,
+    suggest_device_batch_size,
+)
+
+# vocab 250 pads to 256, head_dim 16, grouped-query (2 query heads per kv head)
+TINY = GPTConfig(sequence_len=32, vocab_size=250, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run fastest on one thread (and an oversubscribed machine makes OpenMP hand-offs slow)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(config: GPTConfig = TINY, seed: int = 0, mix: bool = True) -> GPT:
+    """A model per the init; with `mix`, the zero output projections get random weights too, so that
+    attention and MLP actually change the residual stream (what the causality/cache tests need)."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    if mix:
+        with torch.no_grad():
+            for block in model.transformer.h:
+                for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+                    w.uniform_(-0.5 / math.sqrt(w.size(1)), 0.5 / math.sqrt(w.size(1)))
+            model.lm_head.weight.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def random_tokens(config: GPTConfig, B: int, T: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, config.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+class ReferenceKVCache:
+    """The KV-cache protocol at its simplest: per-layer concatenation along time."""
+
+    def __init__(self, n_layer: int):
+        self.n_layer = n_layer
+        self.pos = 0
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+
+    def get_pos(self) -> int:
+        return self.pos
+
+    def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        assert k.shape[2] == v.shape[2]
+        if self.k[layer_idx] is None:
+            self.k[layer_idx], self.v[layer_idx] = k, v
+        else:
+            self.k[layer_idx] = torch.cat([self.k[layer_idx], k], dim=2)
+            self.v[layer_idx] = torch.cat([self.v[layer_idx], v], dim=2)
+        assert self.k[layer_idx].shape[2] == self.pos + k.shape[2]
+        if layer_idx == self.n_layer - 1:
+            self.pos += k.shape[2]
+        return self.k[layer_idx], self.v[layer_idx]
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+def test_config_from_depth_sets_width_heads_and_layers():
+    for depth, n_embd, n_head in [(20, 1280, 10), (12, 768, 6), (1, 128, 1), (26, 1664, 13), (3, 256, 2)]:
+        cfg = config_from_depth(depth, vocab_size=65536, sequence_len=2048)
+        assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head) == (depth, n_embd, n_head, n_head)
+        assert cfg.head_dim == 128
+    cfg = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=16, head_dim=16, n_kv_head=2)
+    assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.sequence_len, cfg.vocab_size) == (64, 4, 2, 64, 1000)
+    assert config_from_depth(20, 65536, 2048) == GPTConfig()  # the defaults are the d20 model
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"depth": 0}, "--depth"),
+        ({"head_dim": 7}, "--head-dim"),
+        ({"head_dim": 0}, "--head-dim"),
+        ({"aspect_ratio": 0}, "--aspect-ratio"),
+        ({"n_kv_head": 3}, "--n-kv-head"),  # depth 20 has 10 heads
+        ({"n_kv_head": 0}, "--n-kv-head"),
+        ({"sequence_len": 0}, "--max-seq-len"),
+    ],
+)
+def test_config_from_depth_rejects_invalid_layouts_naming_the_flag(kwargs, flag):
+    args = {"depth": 20, "vocab_size": 65536, "sequence_len": 2048, **kwargs}
+    with pytest.raises(ValueError, match=flag):
+        config_from_depth(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_embd": 100, "n_head": 3}, "divisible by n_head"),
+        ({"n_embd": 60, "n_head": 4}, "must be even"),  # head dim 15
+        ({"n_head": 4, "n_kv_head": 3}, "must divide n_head"),
+        ({"n_head": 4, "n_kv_head": 8}, "must divide n_head"),
+        ({"n_layer": 0}, "n_layer must be a positive integer"),
+        ({"vocab_size": -5}, "vocab_size must be a positive integer"),
+    ],
+)
+def test_gpt_config_rejects_invalid_shapes_with_clear_errors(kwargs, message):
+    base = {"sequence_len": 32, "vocab_size": 250, "n_layer": 2, "n_head": 4, "n_kv_head": 4, "n_embd": 64}
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{**base, **kwargs})
+
+
+def test_default_config_is_the_561m_parameter_d20_model():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    # 2 * 65536 * 1280 (embedding + head) + 20 layers * 12 * 1280^2
+    assert model.num_params() == 2 * 65536 * 1280 + 20 * 12 * 1280**2 == 560_988_160
+
+
+# -----------------------------------------------------------------------------
+# Architecture
+
+
+def test_logits_are_fp32_over_the_unpadded_vocab_and_softcapped():
+    model = make_model()
+    idx = random_tokens(TINY, 3, 32)
+    logits = model(idx)
+    assert logits.shape == (3, 32, 250) and logits.dtype == torch.float32
+    assert model.lm_head.weight.shape[0] == 256  # vocab padded to a multiple of 64
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e4)  # huge raw logits
+    logits = model(idx)
+    assert logits.abs().max() <= 15.0
+    assert logits.abs().max() > 14.9
+
+
+def test_loss_equals_manual_cross_entropy_ignoring_minus_one():
+    model = make_model()
+    idx, targets = random_tokens(TINY, 2, 32, seed=1), random_tokens(TINY, 2, 32, seed=2)
+    targets[0, :5] = -1
+    targets[1, 30:] = -1
+    logits = model(idx)
+    flat_logits, flat_targets = logits.view(-1, 250), targets.view(-1)
+    keep = flat_targets != -1
+    per_token = -flat_logits.log_softmax(-1)[keep].gather(1, flat_targets[keep, None]).squeeze(1)
+    torch.testing.assert_close(model(idx, targets), per_token.mean())
+    torch.testing.assert_close(model(idx, targets, loss_reduction="sum"), per_token.sum())
+    none = model(idx, targets, loss_reduction="none")
+    assert none.shape == (2, 32)
+    assert torch.all(none[targets == -1] == 0)
+    torch.testing.assert_close(none[targets != -1], per_token)
+
+
+def test_blocks_are_the_identity_at_init():
+    model = make_model(mix=False)
+    idx = random_tokens(TINY, 2, 32)
+    seen = []
+
+    def record(module, args, out):
+        seen.append((args[0], out))
+
+    hooks = [block.register_forward_hook(record) for block in model.transformer.h]
+    logits = model(idx)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == TINY.n_layer
+    x0 = norm(model.transformer.wte(idx))
+    for block_in, block_out in seen:
+        assert torch.equal(block_in, x0) and torch.equal(block_out, x0)
+    expected = model.lm_head(norm(x0))[..., :250]
+    torch.testing.assert_close(logits, 15 * torch.tanh(expected / 15))
+
+
+def test_changing_a_future_token_leaves_earlier_logits_unchanged():
+    model = make_model()
+    idx = random_tokens(TINY, 2, 32)
+    changed = idx.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % TINY.vocab_size
+    a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :20], b[:, :20], atol=1e-6, rtol=0)
+    assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3
+
+
+def test_gqa_equals_attention_with_explicitly_repeated_kv_heads():
+    gqa = make_model(TINY)
+    mha_config = GPTConfig(**{**TINY.__dict__, "n_kv_head": TINY.n_head})
+    mha = GPT(mha_config).eval()
+    state = gqa.state_dict()
+    group, D, C = TINY.n_head // TINY.n_kv_head, TINY.head_dim, TINY.n_embd
+    for key in list(state):
+        if key.endswith(("c_k.weight", "c_v.weight")):  # (Hkv*D, C) -> every kv head repeated for its group
+            state[key] = state[key].view(TINY.n_kv_head, D, C).repeat_interleave(group, dim=0).reshape(-1, C)
+    mha.load_state_dict(state)
+    idx = random_tokens(TINY, 2, 32)
+    torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_preserves_norms_and_makes_scores_depend_on_relative_position():
+    D = 16
+    cos, sin = rotary_tables(64, D)
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 1, 1, D, generator=gen), torch.randn(1, 1, 1, D, generator=gen)
+
+    def at(x, pos):
+        return apply_rotary(x, cos[:, pos : pos + 1], sin[:, pos : pos + 1])
+
+    torch.testing.assert_close(at(q, 0), q)  # position 0 is no rotation
+    torch.testing.assert_close(at(q, 37).norm(), q.norm())
+    score = (at(q, 10) * at(k, 3)).sum()
+    torch.testing.assert_close((at(q, 50) * at(k, 43)).sum(), score, atol=1e-5, rtol=1e-5)
+
+
+def test_autocast_bf16_forward_still_returns_fp32_logits_and_loss():
+    model = make_model()
+    idx, targets = random_tokens(TINY, 2, 32, seed=1), random_tokens(TINY, 2, 32, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx), model(idx, targets)
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    torch.testing.assert_close(logits, model(idx), atol=0.1, rtol=0.05)
+    assert model.lm_head.weight.dtype == model.transformer.wte.weight.dtype == torch.float32
+
+
+def test_model_overfits_a_tiny_fixed_batch():
+    config = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    torch.manual_seed(0)
+    model = GPT(config)
+    idx, targets = random_tokens(config, 4, 32, seed=3), random_tokens(config, 4, 32, seed=4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    losses = []
+    for _ in range(50):
+        loss = model(idx, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(256), abs=0.05)  # tiny lm_head: uniform at init
+    assert losses[-1] < 0.5, losses[::10]
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+def test_kv_cache_greedy_logits_match_full_forward():
+    model = make_model()
+    idx = random_tokens(TINY, 2, 24)
+    with torch.no_grad():
+        full = model(idx)
+
+        # prefill 10 tokens, then one token at a time
+        cache = ReferenceKVCache(TINY.n_layer)
+        torch.testing.assert_close(model(idx[:, :10], kv_cache=cache), full[:, :10], atol=1e-5, rtol=1e-5)
+        for t in range(10, 24):
+            step = model(idx[:, t : t + 1], kv_cache=cache)
+            torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+        assert cache.get_pos() == 24
+
+        # prefill in two chunks (the second needs the offset causal mask)
+        cache = ReferenceKVCache(TINY.n_layer)
+        first, second = model(idx[:, :7], kv_cache=cache), model(idx[:, 7:], kv_cache=cache)
+        torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_greedy_generation_equals_full_recompute():
+    model = make_model(seed=3)
+    prompt = random_tokens(TINY, 1, 6)
+    with torch.no_grad():
+        recomputed = prompt
+        for _ in range(20):
+            next_token = model(recomputed)[:, -1].argmax(-1, keepdim=True)
+            recomputed = torch.cat([recomputed, next_token], dim=1)
+
+        cache = ReferenceKVCache(TINY.n_layer)
+        cached, logits = prompt, model(prompt, kv_cache=cache)
+        for _ in range(20):
+            next_token = logits[:, -1].argmax(-1, keepdim=True)
+            cached = torch.cat([cached, next_token], dim=1)
+            logits = model(next_token, kv_cache=cache)
+    assert torch.equal(cached, recomputed)
+
+
+def test_inference_runs_past_the_training_length_up_to_the_rotary_table():
+    model = make_model()
+    assert model.cos.shape == (1, 10 * TINY.sequence_len, 1, TINY.head_dim // 2)
+    assert model(random_tokens(TINY, 1, 3 * TINY.sequence_len)).shape == (1, 96, 250)
+
+    class LateCache(ReferenceKVCache):
+        def get_pos(self) -> int:
+            return 10 * TINY.sequence_len - 2
+
+    with pytest.raises(ValueError, match="rotary table"):
+        model(random_tokens(TINY, 1, 3), kv_cache=LateCache(TINY.n_layer))
+
+
+# -----------------------------------------------------------------------------
+# Init, parameter groups, FLOPs
+
+
+def test_meta_init_initializes_every_parameter_and_buffer():
+    def build(seed: int) -> GPT:
+        with torch.device("meta"):
+            model = GPT(TINY)
+        assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                t.fill_(float("nan"))
+        torch.manual_seed(seed)
+        model.init_weights()
+        return model
+
+    a, b = build(0), build(0)
+    tensors_a = dict(a.named_parameters()) | dict(a.named_buffers())
+    tensors_b = dict(b.named_parameters()) | dict(b.named_buffers())
+    assert {"cos", "sin"} <= set(tensors_a)
+    for name, t in tensors_a.items():
+        assert not torch.isnan(t).any(), f"{name} left uninitialized"
+        assert torch.equal(t, tensors_b[name]), f"{name} differs between two inits with the same seed"
+    # building directly on a real device is the same as the meta route
+    torch.manual_seed(0)
+    direct = GPT(TINY)
+    for name, t in (dict(direct.named_parameters()) | dict(direct.named_buffers())).items():
+        assert torch.equal(t, tensors_a[name]), name
+    assert not torch.equal(build(1).lm_head.weight, a.lm_head.weight)
+
+
+def test_init_follows_the_recipe():
+    config = GPTConfig(sequence_len=32, vocab_size=1000, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    model = make_model(config, mix=False)
+    bound = math.sqrt(3) / math.sqrt(128)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert model.lm_head.weight.std().item() == pytest.approx(1e-3, rel=0.02)
+    for block in model.transformer.h:
+        for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.c_fc.weight):
+            assert w.abs().max().item() <= bound
+            assert w.std().item() == pytest.approx(1 / math.sqrt(128), rel=0.05)
+        assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
+
+
+def test_param_groups_partition_every_parameter_exactly_once():
+    model = make_model()
+    groups = model.param_groups()
+    assert set(groups) == {"matrix", "embedding", "lm_head"}
+    grouped = [p for ps in groups.values() for p in ps]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
+    assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
+    assert groups["embedding"] == [model.transformer.wte.weight]
+    assert groups["lm_head"] == [model.lm_head.weight]
+    assert len(groups["matrix"]) == 6 * TINY.n_layer and all(p.dim() == 2 for p in groups["matrix"])
+
+
+def test_num_params_and_estimate_flops_hand_checked():
+    model = make_model(mix=False)
+    # TINY: C=64, padded vocab 256, kv_dim=32, 2 layers, 4 heads of 16, T=32
+    embedding = 256 * 64
+    lm_head = 256 * 64
+    per_layer = 64 * 64 + 2 * 64 * 32 + 64 * 64 + 2 * 4 * 64 * 64  # q, k+v, proj, fc+proj = 45056
+    assert model.num_params() == embedding + lm_head + 2 * per_layer == 122_880
+    attention = 12 * 2 * 4 * 16 * 32  # 12 * n_layer * n_head * head_dim * T = 49152
+    assert model.estimate_flops() == 6 * (lm_head + 2 * per_layer) + attention == 638_976 + 49_152
+
+
+# -----------------------------------------------------------------------------
+# Memory estimate
+
+
+def test_memory_estimate_params_grads_and_optimizer_are_exact_on_cpu():
+    model = make_model()
+    est = estimate_memory(TINY, device_batch_size=2, sequence_len=32, compute_dtype=torch.float32)
+    assert est["params"] == sum(p.numel() * 4 for p in model.parameters()) == 4 * 122_880
+    model(random_tokens(TINY, 2, 32), random_tokens(TINY, 2, 32, seed=2)).backward()
+    assert est["grads"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+
+    # real optimizer state: AdamW moments for embedding + lm_head, one momentum per matrix (SGD stands
+    # in for Muon's momentum buffer)
+    groups = model.param_groups()
+    adamw = torch.optim.AdamW(groups["embedding"] + groups["lm_head"])
+    momentum = torch.optim.SGD(groups["matrix"], lr=0.1, momentum=0.9)
+    adamw.step()
+    momentum.step()
+    state_bytes = sum(s[k].numel() * 4 for s in adamw.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    state_bytes += sum(s["momentum_buffer"].numel() * 4 for s in momentum.state.values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in adamw.state.values())
+    assert est["optimizer"] == state_bytes == 2 * 4 * (2 * 256 * 64) + 4 * 2 * 45056
+    assert est["total"] == est["params"] + est["grads"] + est["optimizer"] + est["activations"]
+
+    # rank 0 of 4: AdamW keeps 64 of the 256 vocab rows; Muon owns one matrix of each shape bucket
+    # ((64,64): q, proj x 2 layers; (32,64): k, v x 2; (256,64): fc x 2; (64,256): proj x 2)
+    four = estimate_memory(TINY, 2, 32, world_size=4, compute_dtype=torch.float32)
+    assert four["optimizer"] == 2 * 4 * 2 * 64 * 64 + 4 * (64 * 64 + 32 * 64 + 256 * 64 + 64 * 256)
+    assert four["params"] == est["params"] and four["grads"] == est["grads"]
+    # rank 0 of 3: 256 rows do not split in 3, so AdamW state stays whole; Muon: ceil(4/3) = 2 of the
+    # (64,64) and (32,64) matrices, 1 of each MLP shape
+    three = estimate_memory(TINY, 2, 32, world_size=3, compute_dtype=torch.float32)
+    assert three["optimizer"] == 2 * 4 * 2 * 256 * 64 + 4 * (2 * 64 * 64 + 2 * 32 * 64 + 2 * 256 * 64)
+
+
+@pytest.mark.parametrize("config", [TINY, GPTConfig(**{**TINY.__dict__, "n_kv_head": 4})])
+def test_fp32_activation_estimate_equals_what_autograd_saves(config):
+    model = make_model(config)
+    B, T = 3, 32
+    idx, targets = random_tokens(config, B, T), random_tokens(config, B, T, seed=2)
+    inputs_and_weights = [*model.parameters(), *model.buffers(), idx, targets]
+    not_activations = {t.untyped_storage().data_ptr() for t in inputs_and_weights}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in not_activations:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, targets)
+    est = estimate_memory(config, B, T, compute_dtype=torch.float32)["activations"]
+    backward_peak = 2 * 4 * B * T * config.vocab_size  # log-softmax backward's gradient pair, not saved
+    # the only thing the formula leaves out is cross-entropy's saved scalar weight total
+    assert 0 <= sum(saved.values()) - (est - backward_peak) <= 8
+
+
+def test_memory_estimate_grows_with_batch_and_shrinks_with_bf16():
+    config = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=32, head_dim=32)
+    previous = None
+    for batch in (1, 2, 3, 4, 8, 16, 64):
+        est = estimate_memory(config, batch)
+        if previous is not None:
+            assert est["activations"] > previous["activations"] and est["total"] > previous["total"]
+            assert all(est[k] == previous[k] for k in ("params", "grads", "optimizer"))
+        previous = est
+    fp32, bf16 = estimate_memory(config, 16, compute_dtype=torch.float32), estimate_memory(config, 16)
+    assert bf16["activations"] < fp32["activations"]
+    assert estimate_memory(config, 16, sequence_len=32)["activations"] < bf16["activations"]
+    assert estimate_memory(config, 16, world_size=8)["optimizer"] < bf16["optimizer"]
+    with pytest.raises(ValueError, match="batch size"):
+        estimate_memory(config, 0)
+
+
+def test_suggest_device_batch_size_returns_the_largest_power_of_two_that_fits():
+    config = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=32, head_dim=32)
+
+    def need(batch: int) -> int:
+        return estimate_memory(config, batch, 64)["total"]
+
+    available = int(need(8) / 0.9) + 1
+    assert suggest_device_batch_size(config, 64, available) == 8
+    assert need(8) <= 0.9 * available < need(16)
+    assert suggest_device_batch_size(config, 64, 10**15, max_batch=64) == 64
+    for available in (need(1) * 2, need(5) * 1.2, need(100) * 1.5):
+        batch = suggest_device_batch_size(config, 64, int(available))
+        assert batch & (batch - 1) == 0 and need(batch) <= 0.9 * available < need(2 * batch)
+    with pytest.raises(ValueError, match=r"batch size 1 needs about .* GiB"):
+        suggest_device_batch_size(config, 64, need(1))
