@@ -136,14 +136,15 @@ def get_val_shard(data_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def parquets_iter_batched(
-    split: str, start: int = 0, step: int = 1, data_dir: str | os.PathLike | None = None
-) -> Iterator[list[str]]:
-    """Yield the texts of each row group of `split` ("train"|"val") whose global index i % step == start."""
+def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
+    """Every row group of `split` as (file, row group within that file), in global index order.
+
+    Entry i is the row group with global index i, the same numbering `parquets_iter_batched`
+    strides by; only parquet footers are read, so a reader can start anywhere without
+    reading the row groups before it.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if not 0 <= start < step:
-        raise ValueError(f"need 0 <= start < step, got start={start} step={step}")
     data_dir = get_data_dir(data_dir)
     files = _require_files(data_dir)
     val = get_val_shard(data_dir)
@@ -152,13 +153,30 @@ def parquets_iter_batched(
         raise FileNotFoundError(
             f"{data_dir} holds only the validation shard, no training shards: {NO_DATA_HINT}"
         )
-    index = 0
+    groups = []
     for path in files:
         with pq.ParquetFile(path) as pf:
-            for group in range(pf.num_row_groups):
-                if index % step == start:
-                    yield pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
-                index += 1
+            groups += [(path, group) for group in range(pf.num_row_groups)]
+    return groups
+
+
+def parquets_iter_batched(
+    split: str, start: int = 0, step: int = 1, data_dir: str | os.PathLike | None = None
+) -> Iterator[list[str]]:
+    """Yield the texts of each row group of `split` ("train"|"val") whose global index i % step == start."""
+    if not 0 <= start < step:
+        raise ValueError(f"need 0 <= start < step, got start={start} step={step}")
+    open_path, pf = None, None
+    try:
+        for path, group in list_row_groups(split, data_dir)[start::step]:
+            if path != open_path:
+                if pf is not None:
+                    pf.close()
+                open_path, pf = path, pq.ParquetFile(path)
+            yield pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
+    finally:
+        if pf is not None:
+            pf.close()
 
 
 def _claim(data_dir: Path, source: str, force: bool) -> None:
@@ -576,30 +594,6 @@ def main(argv: list[str] | None = None) -> None:
 
 # -----------------------------------------------------------------------------
 # Row-group index (random access for the resumable dataloader)
-
-
-def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
-    """Every row group of `split` as (file, row group within that file), in global index order.
-
-    Entry i is the row group with global index i, the same numbering `parquets_iter_batched`
-    strides by; only parquet footers are read, so a reader can start anywhere without
-    reading the row groups before it.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data_dir = get_data_dir(data_dir)
-    files = _require_files(data_dir)
-    val = get_val_shard(data_dir)
-    files = [val] if split == "val" else [f for f in files if f != val]
-    if not files:
-        raise FileNotFoundError(
-            f"{data_dir} holds only the validation shard, no training shards: {NO_DATA_HINT}"
-        )
-    groups = []
-    for path in files:
-        with pq.ParquetFile(path) as pf:
-            groups += [(path, group) for group in range(pf.num_row_groups)]
-    return groups
 
 
 if __name__ == "__main__":

@@ -12,6 +12,22 @@ pub mod encode;
 pub mod split;
 pub mod train;
 
+#[cfg(test)]
+mod test_data {
+    /// tinyshakespeare from the shared data folder beside the repo, if it is there.
+    pub fn tinyshakespeare() -> Option<String> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/data/pretrain/tinyshakespeare.txt"
+        );
+        let text = std::fs::read_to_string(path).ok();
+        if text.is_none() {
+            eprintln!("skipped: {path} not found");
+        }
+        text
+    }
+}
+
 use std::time::Instant;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};

@@ -330,12 +330,7 @@ mod tests {
 
     #[test]
     fn scanner_matches_regex_on_real_text() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/pretrain/tinyshakespeare.txt"
-        );
-        let Ok(text) = std::fs::read_to_string(path) else {
-            eprintln!("skipped: {path} not found");
+        let Some(text) = crate::test_data::tinyshakespeare() else {
             return;
         };
         assert_same_as_regex(&text);

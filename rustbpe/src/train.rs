@@ -467,12 +467,7 @@ mod tests {
 
     #[test]
     fn training_on_text_is_thread_count_independent() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/data/pretrain/tinyshakespeare.txt"
-        );
-        let Ok(text) = std::fs::read_to_string(path) else {
-            eprintln!("skipped: {path} not found");
+        let Some(text) = crate::test_data::tinyshakespeare() else {
             return;
         };
         let texts: Vec<String> = text.lines().map(|l| format!("{l}\n")).collect();
