@@ -1,16 +1,61 @@
 """
-Inference. For now: plain generation by full recompute (every new token re-runs the
-whole sequence) and greedy completions of fixed prompts for the training scripts.
+Inference: a KV-cached engine with batched sampling and a calculator tool, plus continuous
+batching for serving. The naive full-recompute generator stays as the reference the engine is
+tested against and the baseline bench/infer.py measures it against.
 
-The KV-cached engine with batched sampling and the calculator tool arrives with the
-inference stage; this naive generator stays as its reference and its benchmark baseline.
+Design choices:
+- KVCache: one preallocated zero-filled tensor pair (layers, rows, H_kv, T_max, D) in the
+  compute dtype (bf16 under CUDA autocast, else the model's dtype). Growing allocates a new
+  pair (at least double the length, rounded to 64) and copies; never `resize_`. Rows may sit
+  at different positions: `get_pos()` returns an int while all rows agree (SDPA's fast
+  unmasked paths) and a LongTensor (B,) once they differ (the model then masks per row).
+  Rows are removed by stable compaction (a copy of the live part), added by copying a
+  prefilled row into a free slot (the cache has a fixed row capacity).
+- Prefill once at batch 1, then copy that row into every sample's row; the last prefill
+  logits are shared, but every row draws its first token on its own (one multinomial over
+  the (B, V) logits), so samples differ from the first token.
+- Sampling: temperature 0 is greedy (argmax), top_k None/0 is off; one torch.Generator per
+  call (Engine) or per request (scheduler) seeded from `seed`, so the same seed reproduces.
+- Finished rows (<|assistant_end|> or <|bos|>) leave the batch at once and cost nothing more.
+  `generate` still yields one entry per row each step: a row's stop token is yielded once
+  (mask 1); after that the row's entry repeats the stop token with mask 0. max_tokens
+  counts every yielded step (forced tool tokens included). Generation also ends quietly at
+  the end of the model's rotary table (10 x sequence_len positions).
+- Tool use: a per-row state machine. Tokens between <|python_start|> and <|python_end|>
+  are decoded and given to `use_calculator`; a result is forced in as
+  <|output_start|> result <|output_end|> (mask 0), one token per step, then sampling goes on.
+  A refused expression forces nothing.
+- The calculator parses with `ast` and walks an allow-list (numbers, + - * / // % **, unary
+  +/-, parentheses, "literal".count("literal")); it never calls eval. Work is bounded by
+  checks before each operation (input length, integer bit size, exponent size), so no
+  signal or thread timer is needed. Commas are dropped from expressions without strings
+  ("1,234*2"). Ints print without ".0"; floats with 10 significant digits.
+- fit_to_context drops whole (user, assistant) pairs from the front, found by binary search
+  (rendering is monotone in the number dropped); a leading system message stays while any
+  older turn can go. If the last user turn alone is too long, the system message goes and
+  the end of the user's text is kept.
+- BatchScheduler: one background thread owns the model. Each step it admits pending
+  requests into free slots (batch-1 prefill, first token sampled from the prefill logits,
+  row copied into the shared batch cache), then runs ONE decode forward for every active
+  row (each at its own position, with its own temperature, top_k and generator), streams
+  the chosen tokens into each request's queue, and removes finished or cancelled rows.
+  Greedy output equals Engine.generate's for the same prompt (same code per row).
 """
 
 from __future__ import annotations
 
+import ast
+import math
+import queue
+import random
+import threading
+from collections import deque
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
+
+from nanochat.common import get_compute_dtype
 
 # Prompts whose greedy completions show what a base model knows (printed while training).
 SAMPLE_PROMPTS = [
@@ -21,6 +66,679 @@ SAMPLE_PROMPTS = [
     "The planets of the solar system are:",
     "def fibonacci(n):",
 ]
+
+CACHE_ROUND = 64  # cache lengths are multiples of this
+INITIAL_DECODE_ROOM = 256  # new-token room a generate() cache starts with; it grows when needed
+STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
+
+
+def _round_up(n: int, multiple: int = CACHE_ROUND) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+# -----------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys/values for `capacity` rows, following the protocol in nanochat/gpt.py."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        seq_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        batch_size: int | None = None,
+    ):
+        shape = (num_layers, capacity, num_kv_heads, _round_up(seq_len), head_dim)
+        self.num_layers = num_layers
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: masked slots must stay finite
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths: list[int] = [0] * (capacity if batch_size is None else batch_size)  # host copy
+        self._pos: torch.Tensor | None = None  # device copy of lengths, built when rows differ
+
+    @classmethod
+    def for_model(cls, model, capacity: int, seq_len: int, dtype: torch.dtype, batch_size=None) -> KVCache:
+        c = model.config
+        device = next(model.parameters()).device
+        return cls(c.n_layer, c.n_kv_head, c.head_dim, capacity, seq_len, dtype, device, batch_size)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+    def get_pos(self) -> int | torch.Tensor:
+        """The position of each row's next token: an int when all rows agree, else a LongTensor (B,)."""
+        first = self.lengths[0]
+        if all(n == first for n in self.lengths):
+            return first
+        if self._pos is None:
+            self._pos = torch.tensor(self.lengths, dtype=torch.long, device=self.k.device)
+        return self._pos
+
+    def reserve(self, length: int) -> None:
+        """Makes room for `length` positions: a new, longer pair of tensors with the old contents copied."""
+        if length <= self.max_len:
+            return
+        L, R, H, T, D = self.k.shape
+        new_len = _round_up(max(length, 2 * T))
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = torch.zeros((L, R, H, new_len, D), dtype=old.dtype, device=old.device)
+            new[:, :, :, :T] = old
+            setattr(self, name, new)
+
+    def insert_kv(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores k, v (B, H_kv, T, D) at each row's position; returns keys/values (B, H_kv, Tk, D)."""
+        B, _, T, _ = k.shape
+        if B != self.batch_size:
+            raise ValueError(f"the cache holds {self.batch_size} rows but the batch has {B}")
+        end = max(self.lengths) + T
+        if layer_idx == 0:
+            self.reserve(end)
+        pos = self.get_pos()
+        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]  # (R, H_kv, T_max, D)
+        if isinstance(pos, int):
+            k_layer[:B, :, pos : pos + T] = k
+            v_layer[:B, :, pos : pos + T] = v
+        else:  # per-row positions: scatter each row's block at its own offset
+            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
+            cols = pos[:, None] + torch.arange(T, device=k.device)  # (B, T)
+            k_layer[rows, :, cols] = k.transpose(1, 2).to(
+                k_layer.dtype
+            )  # the indexed view is (B, T, H_kv, D)
+            v_layer[rows, :, cols] = v.transpose(1, 2).to(v_layer.dtype)
+        if layer_idx == self.num_layers - 1:
+            self.lengths = [n + T for n in self.lengths]
+            self._pos = None
+        return k_layer[:B, :, :end], v_layer[:B, :, :end]
+
+    def copy_row_from(self, other: KVCache, src_row: int, dst_rows: list[int]) -> None:
+        """Copies row `src_row` of `other` (e.g. a batch-1 prefill) into `dst_rows` of this cache."""
+        n = other.lengths[src_row]
+        self.reserve(n)
+        dst = torch.tensor(dst_rows, dtype=torch.long, device=self.k.device)
+        self.k[:, dst, :, :n] = other.k[:, src_row : src_row + 1, :, :n].to(self.k.dtype)
+        self.v[:, dst, :, :n] = other.v[:, src_row : src_row + 1, :, :n].to(self.v.dtype)
+        for r in dst_rows:
+            self.lengths[r] = n
+        self._pos = None
+
+    def append_row(self, other: KVCache, src_row: int = 0) -> int:
+        """Adds a row holding `other`'s row `src_row`; returns its index."""
+        if self.batch_size >= self.capacity:
+            raise ValueError(f"the cache is full ({self.capacity} rows)")
+        self.lengths.append(0)
+        self.copy_row_from(other, src_row, [self.batch_size - 1])
+        return self.batch_size - 1
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keeps only `rows`, in that order, as rows 0 .. len(rows)-1 (finished rows leave the batch)."""
+        if rows == list(range(len(rows))):  # a prefix: nothing moves
+            self.lengths = self.lengths[: len(rows)]
+        else:
+            end = max((self.lengths[r] for r in rows), default=0)
+            index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
+            self.k[:, : len(rows), :, :end] = self.k[:, index, :, :end]  # the gather copies first
+            self.v[:, : len(rows), :, :end] = self.v[:, index, :, :end]
+            self.lengths = [self.lengths[r] for r in rows]
+        self._pos = None
+
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One token id per row of logits (B, V): greedy at temperature 0, else top-k filtered sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def _check_sampling(temperature: float, top_k: int | None) -> None:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k must be None or an int >= 0, got {top_k!r}")
+
+
+# -----------------------------------------------------------------------------
+# The engine
+
+
+class _Row:
+    """Decoding state of one row: the tool-output tokens still to force, the python block being written."""
+
+    def __init__(self) -> None:
+        self.forced: deque[int] = deque()
+        self.python: list[int] | None = None  # tokens since <|python_start|>; None outside a block
+        self.done = False
+
+
+class Engine:
+    """KV-cached generation for one model and its tokenizer (autocast bf16 on CUDA SM80+)."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        compute_dtype = get_compute_dtype(self.device)
+        self.autocast_dtype = (
+            compute_dtype if self.device.type == "cuda" and compute_dtype != torch.float32 else None
+        )
+        self.cache_dtype = self.autocast_dtype or next(model.parameters()).dtype
+        special = tokenizer.encode_special
+        self.stop_ids = {special(name) for name in STOP_TOKENS}
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the model can encode (its rotary table)."""
+        return self.model.cos.size(1)
+
+    def autocast(self):
+        return (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else nullcontext()
+        )
+
+    def new_cache(self, capacity: int, seq_len: int, batch_size: int | None = None) -> KVCache:
+        return KVCache.for_model(self.model, capacity, seq_len, self.cache_dtype, batch_size)
+
+    def prefill(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
+        """A batch-1 cache holding `tokens`, and the logits (1, V) after the last one."""
+        if not tokens:
+            raise ValueError("the prompt is empty: give at least one token (e.g. <|bos|>)")
+        if len(tokens) >= self.max_positions:
+            raise ValueError(
+                f"the prompt has {len(tokens)} tokens but the model encodes at most {self.max_positions} "
+                "positions; shorten it (see fit_to_context)"
+            )
+        cache = self.new_cache(1, len(tokens))
+        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        with self.autocast():
+            logits = self.model(idx, kv_cache=cache)[:, -1]  # (1, V)
+        return cache, logits
+
+    def decode_step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
+        """Feeds one token per row; returns the next logits (B, V)."""
+        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+        with self.autocast():
+            return self.model(idx, kv_cache=cache)[:, -1]
+
+    def choose(self, row: _Row, sampled: int) -> tuple[int, int]:
+        """The row's next token and mask: a forced tool-output token (mask 0) or the sampled one (mask 1)."""
+        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
+        if token in self.stop_ids:
+            row.done = True
+        elif token == self.python_start:
+            row.python = []
+        elif token == self.python_end and row.python is not None:
+            result = use_calculator(self.tokenizer.decode(row.python))
+            row.python = None
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.python is not None:
+            row.python.append(token)
+        return token, mask
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> Iterator[tuple[list[int], list[int]]]:
+        """Streams (token_column, mask_column), one entry per sample row, until every row has stopped.
+
+        mask 1 = sampled, 0 = forced tool output (or a row that already stopped: its stop token repeated).
+        """
+        _check_sampling(temperature, top_k)
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        if max_tokens is not None and max_tokens < 0:
+            raise ValueError(f"max_tokens must be None or >= 0, got {max_tokens}")
+        tokens = [int(t) for t in tokens]
+        budget = self.max_positions - len(tokens)  # positions left to feed generated tokens into
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+
+        prefill, logits = self.prefill(tokens)
+        cache = self.new_cache(num_samples, len(tokens) + min(max(budget, 1), INITIAL_DECODE_ROOM))
+        cache.copy_row_from(prefill, 0, list(range(num_samples)))
+        del prefill
+        logits = logits.expand(num_samples, -1)  # (B, V): every row samples its own first token
+
+        rows = [_Row() for _ in range(num_samples)]
+        active = list(range(num_samples))  # the sample index of each cache row
+        column = [0] * num_samples
+        for step in range(budget):
+            sampled = sample_next(logits, temperature, top_k, generator).tolist()
+            masks = [0] * num_samples  # rows that stopped earlier keep their stop token, mask 0
+            keep = []
+            for r, i in enumerate(active):
+                column[i], masks[i] = self.choose(rows[i], sampled[r])
+                if not rows[i].done:
+                    keep.append(r)
+            yield list(column), masks
+            if not keep or step == budget - 1:
+                return
+            if len(keep) < len(active):  # finished rows leave the batch
+                cache.keep_rows(keep)
+                active = [active[r] for r in keep]
+            logits = self.decode_step(cache, [column[i] for i in active])
+
+    def generate_batch(
+        self,
+        tokens: list[int],
+        num_samples: int = 1,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        seed: int = 42,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """(results, masks): per row, the prompt + generated tokens (stop tokens left out), and their masks
+        (0 for the prompt and forced tool output)."""
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        stopped = [False] * num_samples
+        for column, mask_column in self.generate(tokens, num_samples, max_tokens, temperature, top_k, seed):
+            for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
+                if stopped[i]:
+                    continue
+                if token in self.stop_ids:
+                    stopped[i] = True
+                    continue
+                results[i].append(token)
+                masks[i].append(mask)
+        return results, masks
+
+
+# -----------------------------------------------------------------------------
+# The calculator tool
+
+MAX_EXPR_CHARS = 256
+MAX_INT_BITS = 256  # integers (inputs, intermediate results) beyond ~77 digits are refused
+MAX_EXPONENT = 1024
+MAX_RESULT_CHARS = 80
+
+
+class _Refused(Exception):
+    pass
+
+
+def _bounded(x):
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise _Refused
+    if isinstance(x, int) and x.bit_length() > MAX_INT_BITS:
+        raise _Refused
+    if isinstance(x, float) and not math.isfinite(x):
+        raise _Refused
+    return x
+
+
+def _binop(op: ast.operator, a, b):
+    if isinstance(op, ast.Add):
+        return _bounded(a + b)
+    if isinstance(op, ast.Sub):
+        return _bounded(a - b)
+    if isinstance(op, ast.Mult):
+        if isinstance(a, int) and isinstance(b, int) and a.bit_length() + b.bit_length() > MAX_INT_BITS + 1:
+            raise _Refused
+        return _bounded(a * b)
+    if isinstance(op, (ast.Div, ast.FloorDiv, ast.Mod)):
+        if b == 0:
+            raise _Refused
+        if isinstance(op, ast.Div):
+            return _bounded(a / b)
+        return _bounded(a // b if isinstance(op, ast.FloorDiv) else a % b)
+    if isinstance(op, ast.Pow):
+        if abs(b) > MAX_EXPONENT:
+            raise _Refused
+        if isinstance(a, int) and isinstance(b, int) and b > 0 and (a.bit_length() - 1) * b > MAX_INT_BITS:
+            raise _Refused  # |a|**b has at least that many bits: refuse before computing it
+        return _bounded(a**b)  # a complex result (negative base, fractional power) is refused too
+    raise _Refused
+
+
+def _evaluate(node: ast.AST):
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant):
+        return _bounded(node.value)  # strings only appear inside .count(), handled below
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        value = _evaluate(node.operand)
+        return value if isinstance(node.op, ast.UAdd) else -value
+    if isinstance(node, ast.BinOp):
+        return _binop(node.op, _evaluate(node.left), _evaluate(node.right))
+    if (  # "literal".count("literal"), nothing else callable
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr == "count"
+        and isinstance(node.func.value, ast.Constant)
+        and type(node.func.value.value) is str
+        and len(node.args) == 1
+        and not node.keywords
+        and isinstance(node.args[0], ast.Constant)
+        and type(node.args[0].value) is str
+    ):
+        return node.func.value.value.count(node.args[0].value)
+    raise _Refused
+
+
+def _format_number(x) -> str | None:
+    if isinstance(x, float):
+        text = str(int(x)) if x == int(x) and abs(x) < 1e15 else f"{x:.10g}"
+    else:
+        text = str(x)
+    return text if len(text) <= MAX_RESULT_CHARS else None
+
+
+def use_calculator(expr: str) -> str | None:
+    """The value of a small arithmetic / "str".count("x") expression as a short string; None if refused."""
+    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
+        return None
+    expr = expr.strip()
+    if "'" not in expr and '"' not in expr:
+        expr = expr.replace(",", "")  # thousands separators: "1,234 * 2"
+    try:
+        return _format_number(_evaluate(ast.parse(expr, mode="eval")))
+    except Exception:  # syntax errors, refusals, overflow, deep nesting: the tool just answers nothing
+        return None
+
+
+# -----------------------------------------------------------------------------
+# Context limit
+
+
+def fit_to_context(tokenizer, conversation: dict, max_context: int, reserve: int) -> list[int]:
+    """render_for_completion of the conversation minus its oldest turns, so len + reserve <= max_context.
+
+    BOS and the last user turn always stay (the end of its text, if even that is too long). If
+    max_context - reserve is below the 4 framing tokens, those 4 come back anyway.
+    """
+    messages = conversation["messages"] if isinstance(conversation, dict) else list(conversation)
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+        messages = messages[:-1]  # the reply being asked for replaces it
+    budget = max_context - reserve
+    ids = tokenizer.render_for_completion(messages)
+    if len(ids) <= budget:
+        return ids
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    turns = messages[len(system) :]
+    pairs = (len(turns) - 1) // 2  # (user, assistant) pairs before the last user turn
+
+    # binary search for the fewest pairs to drop (fewer dropped = longer render)
+    lo, hi = 1, pairs + 1  # answer in [lo, hi]; hi means "every pair and it still may not fit"
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.render_for_completion(system + turns[2 * mid :])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    if lo <= pairs:
+        return tokenizer.render_for_completion(system + turns[2 * lo :])
+
+    last = turns[-1:]  # the last user turn alone, without the system message
+    ids = tokenizer.render_for_completion(last)
+    if len(ids) <= budget:
+        return ids
+    special = tokenizer.encode_special
+    content = tokenizer.encode(last[0]["content"])
+    keep = max(budget - 4, 0)
+    tail = content[len(content) - keep :] if keep else []
+    return [
+        tokenizer.get_bos_token_id(),
+        special("<|user_start|>"),
+        *tail,
+        special("<|user_end|>"),
+        special("<|assistant_start|>"),
+    ]
+
+
+# -----------------------------------------------------------------------------
+# Continuous batching
+
+_END = object()
+
+
+class Request:
+    """One submitted generation; iterate it for token ids as they come (thread-safe)."""
+
+    def __init__(self, tokens: list[int], max_tokens: int, temperature: float, top_k: int | None, seed: int):
+        self.tokens = tokens
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_k = top_k
+        self.seed = seed
+        self.num_prompt_tokens = len(tokens)
+        self.num_generated_tokens = 0
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled" (or "error")
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+        self._wake = None  # set by the scheduler: wakes its thread
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                if self.error is not None:
+                    raise RuntimeError(f"generation failed: {self.error!r}") from self.error
+                return
+            yield item
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the batch slot frees at the next step."""
+        self._cancelled.set()
+        if self._wake is not None:
+            self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _emit(self, token: int) -> None:
+        self.num_generated_tokens += 1
+        self._queue.put(token)
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self.finish_reason is None:
+            self.error = error
+            self.finish_reason = reason
+            self._queue.put(_END)
+
+
+class _Active:
+    """A request that holds a batch row."""
+
+    def __init__(self, request: Request, row: _Row, next_token: int, generator: torch.Generator):
+        self.request = request
+        self.row = row
+        self.next_token = next_token  # already streamed; fed to the model at the next step
+        self.generator = generator
+
+
+class BatchScheduler:
+    """Continuous batching over one Engine: up to `max_batch` requests decode together, one forward a step."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._pending: deque[Request] = deque()
+        self._active: list[_Active] = []
+        self._closed = False
+        self._cache = engine.new_cache(max_batch, INITIAL_DECODE_ROOM, batch_size=0)
+        self._thread = threading.Thread(target=self._run, name="nanochat-batch-scheduler", daemon=True)
+        self._thread.start()
+
+    def submit(
+        self,
+        tokens: list[int],
+        max_tokens: int,
+        temperature: float = 0.6,
+        top_k: int | None = 50,
+        seed: int | None = None,
+    ) -> Request:
+        """Queues a prompt; returns its Request at once (tokens stream as they are generated)."""
+        _check_sampling(temperature, top_k)
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+        tokens = [int(t) for t in tokens]
+        if not tokens:
+            raise ValueError("the prompt is empty: give at least one token (e.g. <|bos|>)")
+        if len(tokens) >= self.engine.max_positions:
+            raise ValueError(
+                f"the prompt has {len(tokens)} tokens but the model encodes at most "
+                f"{self.engine.max_positions} positions; shorten it (see fit_to_context)"
+            )
+        if seed is None:
+            seed = random.SystemRandom().randrange(2**63)
+        request = Request(tokens, max_tokens, temperature, top_k, seed)
+        request._wake = self._wake
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the scheduler is closed")
+            self._pending.append(request)
+            self._cond.notify()
+        return request
+
+    def close(self) -> None:
+        """Stops the thread; unfinished requests end as "cancelled"."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ---- the scheduler thread
+
+    def _run(self) -> None:
+        error = None
+        try:
+            if self.engine.device.type == "cuda":
+                torch.cuda.set_device(self.engine.device)  # the current device is per thread too
+            with torch.no_grad():  # grad mode and autocast are per thread
+                while True:
+                    with self._cond:
+                        while not self._closed and not self._pending and not self._active:
+                            self._cond.wait()
+                        if self._closed:
+                            break
+                        admit = []
+                        while self._pending and len(self._active) + len(admit) < self.max_batch:
+                            admit.append(self._pending.popleft())
+                    for request in admit:
+                        self._admit(request)
+                    if self._active:
+                        self._step()
+        except BaseException as e:  # a failing forward must not leave clients waiting forever
+            error = e
+        with self._cond:
+            leftovers = [a.request for a in self._active] + list(self._pending)
+            self._active, self._pending = [], deque()
+            self._closed = True
+        for request in leftovers:
+            request._finish("error" if error else "cancelled", error)
+
+    def _admit(self, request: Request) -> None:
+        if request.cancelled:
+            request._finish("cancelled")
+            return
+        engine = self.engine
+        generator = torch.Generator(device=engine.device).manual_seed(request.seed)
+        prefill, logits = engine.prefill(request.tokens)
+        sampled = int(sample_next(logits, request.temperature, request.top_k, generator)[0])
+        row = _Row()
+        token, _ = engine.choose(row, sampled)
+        if row.done:
+            request._finish("stop")
+            return
+        request._emit(token)
+        if request.num_generated_tokens >= request.max_tokens:
+            request._finish("length")
+            return
+        self._cache.append_row(prefill)
+        self._active.append(_Active(request, row, token, generator))
+
+    def _remove(self, reasons: dict[int, str]) -> None:
+        """Finishes the rows in `reasons` (row index -> finish reason) and drops them from the batch."""
+        if not reasons:
+            return
+        for r, reason in reasons.items():
+            self._active[r].request._finish(reason)
+        keep = [r for r in range(len(self._active)) if r not in reasons]
+        self._cache.keep_rows(keep)
+        self._active = [self._active[r] for r in keep]
+
+    def _step(self) -> None:
+        engine = self.engine
+        # cancelled rows go before the forward; so do rows whose next position is past the rotary table
+        self._remove({r: "cancelled" for r, a in enumerate(self._active) if a.request.cancelled})
+        self._remove({r: "length" for r, n in enumerate(self._cache.lengths) if n >= engine.max_positions})
+        if not self._active:
+            return
+        logits = engine.decode_step(self._cache, [a.next_token for a in self._active])  # (B, V)
+        choices = logits.argmax(dim=-1)  # (B,): greedy rows share one argmax
+        for r, a in enumerate(self._active):  # sampling rows draw from their own generators
+            if a.request.temperature > 0:
+                choices[r] = sample_next(
+                    logits[r : r + 1], a.request.temperature, a.request.top_k, a.generator
+                )[0]
+        sampled = choices.tolist()  # one host sync for the whole batch
+        finished: dict[int, str] = {}
+        for r, a in enumerate(self._active):
+            token, _ = engine.choose(a.row, sampled[r])
+            if a.row.done:
+                finished[r] = "stop"
+                continue
+            a.request._emit(token)
+            a.next_token = token
+            if a.request.num_generated_tokens >= a.request.max_tokens:
+                finished[r] = "length"
+        self._remove(finished)
+
+
+# -----------------------------------------------------------------------------
+# The reference: full recompute
 
 
 @torch.no_grad()

@@ -30,16 +30,20 @@ Design choices:
 
 KV-cache protocol (implemented by nanochat/engine.py; a reference lives in tests/test_gpt.py):
 `forward(idx, kv_cache=cache)` with idx (B, T) calls
-  - `cache.get_pos() -> int` once, before the first layer: the absolute position of the first
-    token of `idx` (the same for every row). Rotary uses positions pos .. pos+T-1.
+  - `cache.get_pos()` once, before the first layer: the absolute position of the first token
+    of `idx`. Either an int (the same for every row) or a LongTensor (B,) of per-row
+    positions, on idx's device (batched decoding of different prompts: rows sit at different
+    positions). Rotary uses positions pos .. pos+T-1 (per row: gathered per row).
   - `cache.insert_kv(layer_idx, k, v) -> (k_all, v_all)` once per layer, in layer order:
     k, v are (B, n_kv_head, T, head_dim) for the new tokens (k already rotated and
     QK-normed); the cache stores them at pos .. pos+T-1 and returns every key/value so far,
-    (B, n_kv_head, pos+T, head_dim). The cache advances its own position by T when it
-    receives layer_idx == n_layer - 1.
+    (B, n_kv_head, Tk, head_dim). With an int pos, Tk == pos+T exactly; with per-row
+    positions, Tk >= max(pos)+T and each row's keys past its own pos+T are ignored (masked).
+    The cache advances its own position(s) by T when it receives layer_idx == n_layer - 1.
   Attention of the T queries is causal with the query block offset by pos: pos == 0 (queries
   and keys coincide) uses SDPA's is_causal, T == 1 attends to everything cached, and anything
-  else (chunked prefill) uses an explicit boolean mask.
+  else (chunked prefill, per-row positions) uses an explicit boolean mask (query at position
+  p sees keys 0 .. p).
   Dtypes: under CUDA autocast the new k arrives in fp32 (autocast runs RMSNorm in fp32) and v in
   bf16; a cache may store both in its own dtype (bf16) since SDPA casts under autocast. Without
   autocast, the returned k_all/v_all must have q's dtype (the model's parameter dtype).
@@ -160,7 +164,7 @@ def rotary_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates each (x1[i], x2[i]) pair of the two head-dim halves; x (B, T, H, D), cos/sin (1, T, 1, D/2)."""
+    """Rotates each (x1[i], x2[i]) of the two head-dim halves; x (B, T, H, D), cos/sin (1|B, T, 1, D/2)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)  # (B, T, H, D/2) each
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)  # (B, T, H, D)
@@ -177,7 +181,9 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
+    ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -185,15 +191,19 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # rotate, then QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, Hkv, pos+T, D)
-        y = self._attend(q, k, v)  # (B, H, T, D)
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, Hkv, Tk, D)
+        y = self._attend(q, k, v, positions)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions=None) -> torch.Tensor:
         # only ask for GQA when it is used, so plain multi-head attention can take any kernel
         gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
         Tq, Tk = q.size(2), k.size(2)
+        if positions is not None:  # per-row positions (B, Tq): the query at position p sees keys 0 .. p
+            keys = torch.arange(Tk, device=q.device)
+            mask = keys[None, None, :] <= positions[:, :, None]  # (B, Tq, Tk)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], **gqa)
         if Tq == Tk:  # no cache, or a cache that was empty: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         if Tq == 1:  # one new token sees everything before it
@@ -219,8 +229,10 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
+    ) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, kv_cache, positions)
         return x + self.mlp(norm(x))
 
 
@@ -299,16 +311,27 @@ class GPT(nn.Module):
             raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
         B, T = idx.shape
         pos = 0 if kv_cache is None else kv_cache.get_pos()
-        if pos + T > self.cos.size(1):
+        positions = None  # (B, T) absolute positions, only when rows sit at different positions
+        if isinstance(pos, torch.Tensor):
+            if pos.shape != (B,):
+                raise ValueError(f"per-row cache positions must have shape ({B},), got {tuple(pos.shape)}")
+            positions = pos.to(idx.device, torch.long)[:, None] + torch.arange(T, device=idx.device)
+            last = int(positions[:, -1].max()) + 1  # one host sync per forward, to fail clearly
+        else:
+            last = pos + T
+        if last > self.cos.size(1):
             raise ValueError(
-                f"positions up to {pos + T} exceed the rotary table ({self.cos.size(1)} = "
+                f"positions up to {last} exceed the rotary table ({self.cos.size(1)} = "
                 f"{ROTARY_LENGTH_FACTOR} x sequence_len {self.config.sequence_len}); shorten the input"
             )
-        cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]  # (1, T, 1, D/2)
+        if positions is None:
+            cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]  # (1, T, 1, D/2)
+        else:
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2), gathered per row
 
         x = norm(self.transformer.wte(idx))  # (B, T, C)
         for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+            x = block(x, cos, sin, kv_cache, positions)
         x = norm(x)
 
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V), padding sliced off

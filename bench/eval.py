@@ -1,0 +1,108 @@
+"""
+CORE evaluation benchmark: examples/s, where the time goes, and batched vs one-by-one forwards.
+
+    NANOCHAT_EVAL_BUNDLE=../shared/data/eval_bundle uv run python bench/eval.py [--max-per-task 16]
+
+Needs a tokenizer under $NANOCHAT_BASE_DIR (e.g. `bash runs/runcpu.sh` makes one) and an
+eval bundle (`$NANOCHAT_EVAL_BUNDLE`, else the downloaded one). A randomly initialized
+model of --depth evaluates the same examples of a few tasks (one per task type by default)
+in two modes, alternately --repeats times (the best time of each counts): batched (up to
+--batch-size option rows per right-padded forward, rows sorted by length) and one example
+per forward (the peer it replaces). Batching pays where a forward's fixed cost matters
+(small models, short 0-shot prompts, GPUs); a CPU forward of a larger model is compute
+bound and costs the same per row either way, so expect a ratio near 1 there. Timings split the batched run
+into "prepare" (render + tokenize) and "forward" (model + scoring). Prints one JSON line.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make the repo importable
+from nanochat.common import autodetect_device_type
+from nanochat.core_eval import evaluate_core, get_eval_bundle
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.tokenizer import get_tokenizer
+
+DEFAULT_TASKS = "arc_easy,copa,winograd,lambada_openai,bigbench_qa_wikidata"
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--depth", type=int, default=2)
+parser.add_argument("--aspect-ratio", type=int, default=32)
+parser.add_argument("--head-dim", type=int, default=32)
+parser.add_argument("--max-seq-len", type=int, default=256, help="model context (longer prompts are cropped)")
+parser.add_argument("--tasks", default=DEFAULT_TASKS, help="comma-separated CORE task labels")
+parser.add_argument("--max-per-task", type=int, default=16)
+parser.add_argument("--batch-size", type=int, default=16, help="option rows per forward in the batched run")
+parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per mode; the best counts")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+args = parser.parse_args()
+
+device = torch.device(args.device_type or autodetect_device_type())
+tokenizer = get_tokenizer()
+bundle = get_eval_bundle()
+tasks = args.tasks.split(",")
+torch.manual_seed(0)
+config = config_from_depth(
+    args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.aspect_ratio, args.head_dim
+)
+with torch.device("meta"):
+    model = GPT(config)
+model.to_empty(device=device)
+model.init_weights()
+model.eval()
+
+
+def run(batch_size: int, max_per_task: int) -> tuple[float, dict, dict]:
+    timings: dict = {}
+    t0 = time.perf_counter()
+    out = evaluate_core(
+        model,
+        tokenizer,
+        device,
+        max_per_task=max_per_task,
+        bundle_dir=bundle,
+        batch_size=batch_size,
+        tasks=tasks,
+        timings=timings,
+    )
+    return time.perf_counter() - t0, timings, out
+
+
+run(args.batch_size, 2)  # warm up (allocator, kernels)
+batched, single = [], []
+for _ in range(args.repeats):  # alternate the modes so that a load change on the machine hits both
+    batched.append(run(args.batch_size, args.max_per_task))
+    single.append(run(1, args.max_per_task))
+batched_s, timings, out = min(batched, key=lambda r: r[0])
+single_s, single_timings, single_out = min(single, key=lambda r: r[0])
+num_examples = sum(out["num_examples"].values())
+measured = timings["prepare"] + timings["forward"]
+print(
+    json.dumps(
+        {
+            "benchmark": "core_eval",
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "model_params": model.num_params(),
+            "depth": args.depth,
+            "max_seq_len": args.max_seq_len,
+            "tasks": tasks,
+            "examples": num_examples,
+            "batch_size": args.batch_size,
+            "batched_examples_per_s": round(num_examples / batched_s, 2),
+            "one_by_one_examples_per_s": round(num_examples / single_s, 2),
+            "batched_speedup": round(single_s / batched_s, 3),
+            "prepare_fraction": round(timings["prepare"] / measured, 4),
+            "forward_fraction": round(timings["forward"] / measured, 4),
+            "one_by_one_prepare_fraction": round(
+                single_timings["prepare"] / (single_timings["prepare"] + single_timings["forward"]), 4
+            ),
+            "same_accuracies": out["results"] == single_out["results"],
+        }
+    )
+)

@@ -1,0 +1,265 @@
+"""
+Inference benchmark: prefill and decode speed of the KV-cached Engine against naive full
+recompute, and the aggregate throughput of the web server under concurrent streaming clients.
+
+    uv run python bench/infer.py [--depth 4] [--prompt-len 256] [--gen-tokens 256] [--skip-web]
+
+A random-init model (no training needed) with the vocabulary of the tokenizer in
+$NANOCHAT_BASE_DIR, or of a throwaway tokenizer trained on the offline corpus when there is
+none. The stop tokens' (and <|python_start|>'s) lm_head rows are zeroed, so their logit is
+exactly 0, below the maximum: greedy runs never stop early and every run generates exactly
+the requested number of tokens. bf16 autocast on CUDA SM80+ (inside the Engine).
+
+Measured: prefill tokens/s (one batch-1 forward over the prompt), time to first token,
+decode tokens/s at batch 1 and aggregate at batch 8, and KV-cached vs full-recompute
+(nanochat.engine.generate_naive) time for the same greedy generation (the tokens are compared
+too). Then `python -m scripts.chat_web` is started on 127.0.0.1 against the same model saved
+as an SFT checkpoint in a temp base dir, and 1, 4 and 8 clients stream replies from
+`POST /chat/completions` at once; tokens come from the server's `/stats` counter. Prints one
+JSON line.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a file: make the repo importable
+from nanochat.checkpoint_manager import save_checkpoint  # noqa: E402
+from nanochat.common import autodetect_device_type  # noqa: E402
+from nanochat.engine import Engine, generate_naive  # noqa: E402
+from nanochat.gpt import GPT, config_from_depth  # noqa: E402
+from nanochat.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--depth", type=int, default=4)
+parser.add_argument("--max-seq-len", type=int, default=1024, help="the model's sequence length")
+parser.add_argument("--prompt-len", type=int, default=256, help="prompt tokens for prefill/decode timing")
+parser.add_argument("--gen-tokens", type=int, default=256, help="generated tokens per timed run")
+parser.add_argument("--compare-prompt-len", type=int, default=32, help="prompt for the KV vs naive run")
+parser.add_argument("--repeats", type=int, default=3, help="timed repeats (the median is reported)")
+parser.add_argument("--web-clients", default="1,4,8", help="concurrent streaming clients, comma-separated")
+parser.add_argument("--web-max-tokens", type=int, default=64, help="tokens each web client asks for")
+parser.add_argument("--web-rounds", type=int, default=2, help="requests each client sends in a row")
+parser.add_argument("--skip-web", action="store_true", help="skip the web server part")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+args = parser.parse_args()
+if args.threads:
+    torch.set_num_threads(args.threads)  # a busy small machine runs tiny matmuls fastest on one thread
+
+device = torch.device(args.device_type or autodetect_device_type())
+result: dict = {"device": str(device), "depth": args.depth, "torch_threads": torch.get_num_threads()}
+if device.type == "cuda":
+    result["gpu"] = torch.cuda.get_device_name(device)
+
+
+def sync() -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, repeats: int = args.repeats) -> tuple[float, object]:
+    """Median wall time of fn() over `repeats` runs (after one warmup), and its last result."""
+    out = fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        out = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer and model
+
+workdir = Path(tempfile.mkdtemp(prefix="nanochat_bench_infer_"))
+try:
+    tokenizer = get_tokenizer()
+    result["tokenizer"] = "NANOCHAT_BASE_DIR"
+except Exception:  # no trained tokenizer: a throwaway one on the offline corpus
+    from nanochat.dataset import build_offline, parquets_iter_batched
+
+    build_offline(data_dir=workdir / "data", max_chars=1_000_000)
+    docs = (doc for batch in parquets_iter_batched("train", data_dir=workdir / "data") for doc in batch)
+    tokenizer = Tokenizer.train_from_iterator(docs, 2048)
+    result["tokenizer"] = "throwaway (offline corpus)"
+vocab_size = tokenizer.get_vocab_size()
+config = config_from_depth(args.depth, vocab_size, args.max_seq_len)
+torch.manual_seed(0)
+with torch.device(device):
+    model = GPT(config).eval()
+with torch.no_grad():
+    for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>"):
+        model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
+engine = Engine(model, tokenizer)
+result.update(vocab_size=vocab_size, num_params=model.num_params(), sequence_len=args.max_seq_len)
+
+generator = torch.Generator().manual_seed(1)
+plain = torch.randint(0, 256, (args.prompt_len,), generator=generator).tolist()  # byte tokens: never special
+prompt = [tokenizer.get_bos_token_id()] + plain[: args.prompt_len - 1]
+N = args.gen_tokens
+
+# -----------------------------------------------------------------------------
+# Engine: prefill, first token, decode
+
+
+with torch.no_grad():
+    t_prefill, _ = timed(lambda: engine.prefill(prompt))
+result["prefill_tokens_per_s"] = round(len(prompt) / t_prefill, 1)
+t_first, _ = timed(lambda: next(engine.generate(prompt, max_tokens=1, temperature=0.0)))
+result["time_to_first_token_ms"] = round(1000 * t_first, 2)
+t_gen, out = timed(lambda: engine.generate_batch(prompt, max_tokens=N, temperature=0.0))
+assert len(out[0][0]) == len(prompt) + N, "a greedy run stopped early"
+result["decode_tokens_per_s"] = round((N - 1) / (t_gen - t_first), 1)
+t_gen8, out8 = timed(
+    lambda: engine.generate_batch(prompt, num_samples=8, max_tokens=N, temperature=1.0, top_k=50)
+)
+result["decode_tokens_per_s_batch8"] = round(
+    sum(len(r) - len(prompt) for r in out8[0]) / (t_gen8 - t_first), 1
+)
+
+# the same greedy generation by full recompute (one run each: naive is the slow one)
+short = prompt[: args.compare_prompt_len]
+sync()
+t0 = time.perf_counter()
+kv_tokens = engine.generate_batch(short, max_tokens=N, temperature=0.0)[0][0][len(short) :]
+sync()
+t_kv = time.perf_counter() - t0
+autocast = engine.autocast()
+with autocast:
+    t0 = time.perf_counter()
+    naive_tokens = generate_naive(model, short, N)
+    sync()
+    t_naive = time.perf_counter() - t0
+result["kv_vs_naive"] = {
+    "prompt_tokens": len(short),
+    "generated_tokens": N,
+    "kv_cached_s": round(t_kv, 3),
+    "full_recompute_s": round(t_naive, 3),
+    "speedup": round(t_naive / t_kv, 2),
+    "same_tokens": kv_tokens == naive_tokens,
+}
+
+# -----------------------------------------------------------------------------
+# Web server: aggregate tokens/s with concurrent streaming clients
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_web() -> dict:
+    import httpx
+
+    if not (REPO / "scripts" / "chat_web.py").exists():
+        return {"skipped": "scripts/chat_web.py is not there yet"}
+    base = workdir / "base"
+    tokenizer.save(base / "tokenizer")
+    meta = {"model_config": asdict(config), "bench": "random init"}
+    save_checkpoint(base / "chatsft_checkpoints" / f"d{args.depth}", 0, model, None, meta)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+    command = [
+        sys.executable,
+        "-m",
+        "scripts.chat_web",
+        "-i",
+        "sft",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    command += ["--device-type", device.type, "--max-batch", "8"]
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    log = open(workdir / "chat_web.log", "w")
+    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 180
+        while True:
+            if server.poll() is not None:
+                tail = (workdir / "chat_web.log").read_text()[-1500:]
+                return {"skipped": f"chat_web exited with {server.returncode}: {tail}"}
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                return {"skipped": "chat_web did not answer /health within 180 s"}
+            time.sleep(0.5)
+
+        def stream(i: int, counts: list[int]) -> None:
+            body = {
+                "messages": [{"role": "user", "content": f"Tell me a story, number {i}."}],
+                "max_tokens": args.web_max_tokens,
+                "temperature": 0.0,
+                "top_k": 0,
+            }
+            for _ in range(args.web_rounds):
+                with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=300) as response:
+                    response.raise_for_status()
+                    for line in response.iter_lines():
+                        if line.startswith("data: ") and '"token"' in line:
+                            counts[i] += 1
+
+        def generated() -> int | None:
+            stats = httpx.get(f"{url}/stats", timeout=10).json()
+            return stats.get("tokens_generated") if isinstance(stats, dict) else None
+
+        stream(0, [0])  # warmup
+        web: dict = {"max_tokens_per_request": args.web_max_tokens, "requests_per_client": args.web_rounds}
+        for n in [int(c) for c in args.web_clients.split(",")]:
+            counts = [0] * n
+            before = generated()
+            threads = [threading.Thread(target=stream, args=(i, counts)) for i in range(n)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            after = generated()
+            tokens = after - before if before is not None and after is not None else sum(counts)
+            web[f"clients_{n}"] = {"tokens": tokens, "events": sum(counts), "seconds": round(wall, 3)}
+            web[f"clients_{n}"]["tokens_per_s"] = round(tokens / wall, 1)
+        if "clients_1" in web and "clients_8" in web:
+            web["speedup_8_vs_1"] = round(
+                web["clients_8"]["tokens_per_s"] / web["clients_1"]["tokens_per_s"], 2
+            )
+        return web
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+try:
+    result["web"] = {"skipped": "--skip-web"} if args.skip_web else bench_web()
+finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+print(json.dumps(result))

@@ -1,0 +1,539 @@
+"""
+The DCLM CORE metric: in-context-learning accuracy of a base model over the tasks of `core.yaml`.
+
+    from nanochat.core_eval import evaluate_core
+    out = evaluate_core(model, tokenizer, device, max_per_task=500)
+    out["core"], out["centered"]["arc_easy"], out["partial"], out["skipped"]
+
+Design choices:
+- The eval bundle is a folder with `core.yaml` (task list: label, dataset_uri, num_fewshot,
+  icl_task_type, continuation_delimiter), `eval_meta_data.csv` (random baselines in
+  percent) and `eval_data/<category>/<task>.jsonl`. `get_eval_bundle` takes
+  `$NANOCHAT_EVAL_BUNDLE` when set, else downloads the zip once into `<base>/eval_bundle`
+  (under a file lock, unzipped with path-traversal checks, moved into place atomically).
+- Three task types, each scored from the mean (or argmax) over the continuation tokens only:
+  multiple_choice (one context, several continuations: the lowest mean loss wins), schema
+  (several contexts, one continuation: the lowest mean loss wins) and language_modeling
+  (the greedy argmax at every continuation position must reproduce it exactly).
+- Prompts: few-shot examples drawn with `random.Random(1234 + idx)` among the other items
+  (so an item never sees itself, and a task with fewer items than shots uses all the
+  others), each rendered as `context + delimiter + answer` and joined with "\\n\\n"; the item
+  follows; BOS is prepended. The default delimiter is " ". Language-modeling contexts are
+  stripped of surrounding whitespace first (the data carries stray trailing spaces).
+- Continuation span: the prefix (everything before the answer) and the full text are
+  tokenized separately and the span starts where their tokens first differ. BPE usually
+  glues the delimiter's trailing space onto the answer's first word (" Paris"), so the span
+  then starts one token before the end of the prefix's tokens; the scored tokens are
+  therefore always exactly the tokens the model sees in the full text. (The reference
+  implementation scores multiple-choice options only from the first token where they
+  differ; here every option's whole continuation counts, as the metric is defined.)
+- Too-long sequences are cropped from the left to the model's sequence length (the
+  continuation is kept; the span start is clamped to position 1 so its first token is
+  always predicted from something).
+- Batching: several examples (all their option rows) share one right-padded forward, up
+  to `batch_size` rows; rows are sorted by length within chunks of examples to keep the
+  padding small. The scoring reads only the logits of the span positions, so padding never
+  matters. `batch_size=1` is the one-example-per-forward baseline (bench/eval.py).
+- `score_example` is the only place an answer is judged: it takes the logits of one
+  example's rows, so tests can drive it with a stub model through the same code path.
+- `--max-per-task` subsets are taken after a fixed shuffle (`random.Random(1337)`), so a
+  subset is spread over the whole file (e.g. every Jeopardy category); few-shot examples
+  are drawn from the same (shuffled, truncated) list.
+- Distributed: examples are strided across ranks (rank, rank + world, ...), correct counts
+  and example counts are all-reduced (sum) when a process group is up.
+- Centered accuracy `(acc - 0.01 rb) / (1 - 0.01 rb)`; CORE is the mean of the centered
+  accuracies. A missing task file is an error naming it, unless `skip_missing=True`: then the
+  skipped tasks are listed and CORE (the mean over the evaluated tasks) is marked partial.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import shutil
+import stat
+import time
+import zipfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import download_file, file_lock, get_base_dir, get_compute_dtype, get_dist_info
+
+logger = logging.getLogger("nanochat.core_eval")
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+FEWSHOT_SEED = 1234
+SUBSET_SEED = 1337
+EXAMPLES_PER_CHUNK = 256  # examples prepared (tokenized) at a time before their forwards
+
+# -----------------------------------------------------------------------------
+# The eval bundle
+
+
+def _safe_extract(zip_path: Path, dest: Path) -> None:
+    """Unzip into `dest`, refusing absolute paths, `..` components and symlinks."""
+    dest = dest.resolve()
+    with zipfile.ZipFile(zip_path) as zf:
+        for info in zf.infolist():
+            name = PurePosixPath(info.filename.replace("\\", "/"))
+            if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
+                raise ValueError(f"unsafe path {info.filename!r} in {zip_path}; refusing to unzip it")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise ValueError(f"symlink {info.filename!r} in {zip_path}; refusing to unzip it")
+            target = (dest / name).resolve()
+            if target != dest and dest not in target.parents:
+                raise ValueError(f"{info.filename!r} in {zip_path} would land outside {dest}")
+        zf.extractall(dest)
+
+
+def _bundle_root(folder: Path) -> Path | None:
+    """The folder holding core.yaml: `folder` itself or its single subfolder (as the zip has it)."""
+    if (folder / "core.yaml").is_file():
+        return folder
+    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__")]
+    if len(subdirs) == 1 and (subdirs[0] / "core.yaml").is_file():
+        return subdirs[0]
+    return None
+
+
+def get_eval_bundle() -> Path:
+    """The CORE eval bundle folder: `$NANOCHAT_EVAL_BUNDLE`, else `<base>/eval_bundle` (downloaded once)."""
+    env = os.environ.get("NANOCHAT_EVAL_BUNDLE")
+    if env:
+        folder = Path(env).expanduser()
+        if not (folder / "core.yaml").is_file():
+            raise FileNotFoundError(
+                f"NANOCHAT_EVAL_BUNDLE={env} is not an eval bundle: {folder / 'core.yaml'} is missing"
+            )
+        return folder
+    base = get_base_dir()
+    folder = base / "eval_bundle"
+    if (folder / "core.yaml").is_file():
+        return folder
+    with file_lock(folder):
+        if (folder / "core.yaml").is_file():  # another process finished it while we waited
+            return folder
+        zip_path = download_file(EVAL_BUNDLE_URL, base / "eval_bundle.zip", validate=zipfile.is_zipfile)
+        staging = base / f"eval_bundle.unzip.{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        try:
+            _safe_extract(zip_path, staging)
+            root = _bundle_root(staging)
+            if root is None:
+                raise ValueError(f"{zip_path} holds no core.yaml (at its top or in one top folder)")
+            if folder.exists():  # a leftover without core.yaml: unusable, replace it
+                shutil.rmtree(folder)
+            os.replace(root, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        zip_path.unlink(missing_ok=True)
+    logger.info("eval bundle ready in %s", folder)
+    return folder
+
+
+# -----------------------------------------------------------------------------
+# Tasks and their data
+
+
+@dataclass
+class CoreTask:
+    label: str
+    dataset_uri: str  # relative to <bundle>/eval_data
+    task_type: str
+    num_fewshot: int
+    delimiter: str
+    random_baseline: float  # percent
+
+
+def load_random_baselines(bundle_dir: str | Path) -> dict[str, float]:
+    """Task label -> random baseline in percent, from `eval_meta_data.csv`."""
+    path = Path(bundle_dir) / "eval_meta_data.csv"
+    with open(path, newline="", encoding="utf-8") as f:
+        return {row["Eval Task"].strip(): float(row["Random baseline"]) for row in csv.DictReader(f)}
+
+
+def load_core_tasks(bundle_dir: str | Path) -> list[CoreTask]:
+    """The tasks listed in `core.yaml`, with their random baselines."""
+    import yaml
+
+    bundle_dir = Path(bundle_dir)
+    config = yaml.safe_load((bundle_dir / "core.yaml").read_text(encoding="utf-8"))
+    baselines = load_random_baselines(bundle_dir)
+    tasks = []
+    for entry in config["icl_tasks"]:
+        label, task_type = entry["label"], entry["icl_task_type"]
+        if task_type not in TASK_TYPES:
+            raise ValueError(f"core.yaml task {label!r}: unknown icl_task_type {task_type!r}")
+        if label not in baselines:
+            raise ValueError(f"core.yaml task {label!r} has no random baseline in eval_meta_data.csv")
+        shots = entry["num_fewshot"]
+        if isinstance(shots, list):
+            if len(shots) != 1:
+                raise ValueError(f"core.yaml task {label!r}: expected one num_fewshot value, got {shots}")
+            shots = shots[0]
+        tasks.append(
+            CoreTask(
+                label=label,
+                dataset_uri=entry["dataset_uri"],
+                task_type=task_type,
+                num_fewshot=int(shots),
+                delimiter=entry.get("continuation_delimiter", " "),
+                random_baseline=baselines[label],
+            )
+        )
+    return tasks
+
+
+def load_task_data(path: str | Path) -> list[dict]:
+    """The items of one task file (JSON lines)."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_task_subset(bundle_dir: str | Path, task: CoreTask, max_per_task: int = -1) -> list[dict]:
+    """The items evaluated for `task`: the file's items after a fixed shuffle, the first `max_per_task`."""
+    data = load_task_data(Path(bundle_dir) / "eval_data" / task.dataset_uri)
+    random.Random(SUBSET_SEED).shuffle(data)
+    return data[:max_per_task] if max_per_task > 0 else data
+
+
+# -----------------------------------------------------------------------------
+# Prompts
+
+
+def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
+    """`num_fewshot` items other than `data[idx]`, drawn with `random.Random(1234 + idx)`.
+
+    Same draw as `rng.sample([i for i in range(n) if i != idx], k)`, without building the list.
+    """
+    k = min(num_fewshot, len(data) - 1)
+    if k <= 0:
+        return []
+    picks = random.Random(FEWSHOT_SEED + idx).sample(range(len(data) - 1), k)
+    return [data[j if j < idx else j + 1] for j in picks]
+
+
+def render_prompts(item: dict, task_type: str, delimiter: str, fewshot: list[dict]) -> list[tuple[str, str]]:
+    """(prefix, full text) per option row of one item; the continuation is `full[len(prefix):]`."""
+    if task_type == "multiple_choice":
+        shots = [f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}" for ex in fewshot]
+        prefix = "".join(s + "\n\n" for s in shots) + item["query"] + delimiter
+        return [(prefix, prefix + choice) for choice in item["choices"]]
+    if task_type == "schema":
+        shots = [f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}" for ex in fewshot]
+        head = "".join(s + "\n\n" for s in shots)
+        rows = []
+        for context in item["context_options"]:
+            prefix = head + context + delimiter
+            rows.append((prefix, prefix + item["continuation"]))
+        return rows
+    if task_type == "language_modeling":
+        shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
+        prefix = "".join(s + "\n\n" for s in shots) + item["context"].strip() + delimiter
+        return [(prefix, prefix + item["continuation"])]
+    raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+
+
+def gold_index(item: dict, task_type: str) -> int:
+    """Index of the correct option row (always 0 for language modeling: one row)."""
+    return 0 if task_type == "language_modeling" else int(item["gold"])
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def tokenize_prompts(
+    tokenizer, prompts: list[tuple[str, str]], max_len: int | None = None
+) -> list[tuple[list[int], int]]:
+    """(ids of BOS + full text, start of the continuation span) per row; the span runs to the end.
+
+    The span starts where the tokens of the prefix and of the full text first differ. Rows
+    longer than `max_len` are cropped from the left (start clamped to 1).
+    """
+    bos = tokenizer.get_bos_token_id()
+    unique_prefixes = list(dict.fromkeys(p for p, _ in prompts))  # MC rows share one prefix
+    prefix_ids = dict(zip(unique_prefixes, tokenizer.encode(unique_prefixes, prepend=bos), strict=True))
+    full_ids = tokenizer.encode([full for _, full in prompts], prepend=bos)
+    rows = []
+    for (prefix, _), ids in zip(prompts, full_ids, strict=True):
+        start = _common_prefix_len(prefix_ids[prefix], ids)
+        if max_len is not None and len(ids) > max_len:
+            cut = len(ids) - max_len
+            ids = ids[cut:]
+            start = max(start - cut, 1)
+        rows.append((ids, start))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def score_example(
+    task_type: str, logits: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]], gold: int
+) -> bool:
+    """Whether the model answers one example right, from the logits of its option rows.
+
+    logits (N, T, V) and ids (N, T) hold the example's N rows (right-padded); row r's
+    continuation occupies positions spans[r] = (start, end) of ids, predicted by the logits
+    at start-1 .. end-2. A row with an empty span can never win.
+    """
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
+    # results stay on the device until the one transfer at the end (a GPU syncs once per example)
+    mean_losses = torch.full((len(spans),), float("inf"), device=logits.device)
+    exact = torch.zeros(len(spans), dtype=torch.bool, device=logits.device)
+    for r, (start, end) in enumerate(spans):
+        if end <= start:
+            continue
+        span_logits = logits[r, start - 1 : end - 1].float()  # (S, V)
+        targets = ids[r, start:end]  # (S,)
+        mean_losses[r] = F.cross_entropy(span_logits, targets)
+        exact[r] = (span_logits.argmax(dim=-1) == targets).all()
+    if task_type == "language_modeling":
+        return bool(exact[gold].item())
+    return int(mean_losses.argmin().item()) == gold  # ties go to the first row
+
+
+@dataclass
+class PreparedExample:
+    rows: list[list[int]]  # token ids per option row
+    spans: list[tuple[int, int]]  # continuation (start, end) per row
+    gold: int
+
+
+def prepare_example(
+    tokenizer, data: list[dict], idx: int, task: CoreTask, max_len: int | None
+) -> PreparedExample:
+    """Render and tokenize item `idx` of `data` (with its few-shot examples) for scoring."""
+    item = data[idx]
+    fewshot = sample_fewshot(data, idx, task.num_fewshot)
+    rows = tokenize_prompts(tokenizer, render_prompts(item, task.task_type, task.delimiter, fewshot), max_len)
+    return PreparedExample(
+        rows=[ids for ids, _ in rows],
+        spans=[(start, len(ids)) for ids, start in rows],
+        gold=gold_index(item, task.task_type),
+    )
+
+
+def _autocast(device: torch.device):
+    dtype = get_compute_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def _group(examples: list[PreparedExample], batch_size: int) -> list[list[int]]:
+    """Indices of examples per forward: at most `batch_size` rows each (a larger example goes alone)."""
+    order = sorted(range(len(examples)), key=lambda i: max(len(r) for r in examples[i].rows))
+    groups, current, rows = [], [], 0
+    for i in order:
+        n = len(examples[i].rows)
+        if current and rows + n > batch_size:
+            groups.append(current)
+            current, rows = [], 0
+        current.append(i)
+        rows += n
+    if current:
+        groups.append(current)
+    return groups
+
+
+@torch.no_grad()
+def score_batch(model, examples: list[PreparedExample], task_type: str, device, pad_id: int) -> list[bool]:
+    """One right-padded forward over all rows of `examples`; the verdict of each example."""
+    rows = [r for ex in examples for r in ex.rows]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    ids = ids.to(device)
+    with _autocast(torch.device(device)):
+        logits = model(ids)  # (B, T, V)
+    verdicts, offset = [], 0
+    for ex in examples:
+        n = len(ex.rows)
+        sl = slice(offset, offset + n)
+        verdicts.append(score_example(task_type, logits[sl], ids[sl], ex.spans, ex.gold))
+        offset += n
+    return verdicts
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def evaluate_task(
+    model,
+    tokenizer,
+    data: list[dict],
+    task: CoreTask,
+    device,
+    batch_size: int = 8,
+    max_len: int | None = None,
+    timings: dict | None = None,
+) -> float:
+    """Accuracy of the model on the items of `data` (this rank's stride, all-reduced across ranks).
+
+    `timings`, when given, accumulates seconds spent in "prepare" (render + tokenize) and
+    "forward" (model + scoring).
+    """
+    _, rank, _, world_size = get_dist_info()
+    pad_id = tokenizer.get_bos_token_id()  # any valid id: padded positions are never scored
+    mine = list(range(rank, len(data), world_size))
+    correct = 0
+    for c in range(0, len(mine), EXAMPLES_PER_CHUNK):
+        t0 = time.perf_counter()
+        examples = [
+            prepare_example(tokenizer, data, i, task, max_len) for i in mine[c : c + EXAMPLES_PER_CHUNK]
+        ]
+        t1 = time.perf_counter()
+        for group in _group(examples, batch_size):
+            correct += sum(score_batch(model, [examples[i] for i in group], task.task_type, device, pad_id))
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize(device)
+        t2 = time.perf_counter()
+        if timings is not None:
+            timings["prepare"] = timings.get("prepare", 0.0) + t1 - t0
+            timings["forward"] = timings.get("forward", 0.0) + t2 - t1
+    correct_total, count_total = _all_reduce_sum([float(correct), float(len(mine))], device)
+    return correct_total / count_total if count_total else 0.0
+
+
+# -----------------------------------------------------------------------------
+# CORE
+
+
+def centered_accuracy(accuracy: float, random_baseline: float) -> float:
+    """`(acc - 0.01 rb) / (1 - 0.01 rb)`: 0 at chance, 1 when perfect (rb in percent)."""
+    rb = 0.01 * random_baseline
+    return (accuracy - rb) / (1.0 - rb)
+
+
+def core_score(centered: dict[str, float]) -> float:
+    """CORE: the mean of the centered accuracies."""
+    if not centered:
+        raise ValueError("CORE needs at least one evaluated task")
+    return sum(centered.values()) / len(centered)
+
+
+def evaluate_core(
+    model,
+    tokenizer,
+    device,
+    max_per_task: int = 500,
+    skip_missing: bool = False,
+    bundle_dir: str | Path | None = None,
+    batch_size: int = 8,
+    tasks: list[str] | None = None,
+    timings: dict | None = None,
+) -> dict:
+    """CORE of a base model over the bundle's tasks (all ranks must call it).
+
+    Returns {"results": task -> accuracy, "centered": task -> centered accuracy, "core",
+    "partial": bool, "skipped": [labels of missing tasks], "num_examples": task -> n}.
+    `max_per_task` <= 0 evaluates everything; `tasks` restricts to some labels.
+    """
+    bundle_dir = Path(bundle_dir) if bundle_dir is not None else get_eval_bundle()
+    all_tasks = load_core_tasks(bundle_dir)
+    if tasks is not None:
+        unknown = sorted(set(tasks) - {t.label for t in all_tasks})
+        if unknown:
+            raise ValueError(f"unknown CORE tasks {unknown}; core.yaml lists {[t.label for t in all_tasks]}")
+        all_tasks = [t for t in all_tasks if t.label in tasks]
+    data_dir = bundle_dir / "eval_data"
+    present, skipped = [], []
+    for task in all_tasks:  # check every file up front: fail before hours of evaluation, not after
+        if (data_dir / task.dataset_uri).is_file():
+            present.append(task)
+        elif skip_missing:
+            skipped.append(task.label)
+        else:
+            raise FileNotFoundError(
+                f"CORE task {task.label!r}: data file {data_dir / task.dataset_uri} is missing "
+                "(pass skip_missing / --skip-missing to evaluate the others and mark CORE partial)"
+            )
+    if skipped:
+        logger.warning("CORE: skipping tasks with missing data files: %s", ", ".join(skipped))
+    max_len = getattr(getattr(model, "config", None), "sequence_len", None)
+    results, centered, counts = {}, {}, {}
+    for task in present:
+        t0 = time.perf_counter()
+        data = load_task_subset(bundle_dir, task, max_per_task)
+        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_size, max_len, timings)
+        results[task.label] = accuracy
+        centered[task.label] = centered_accuracy(accuracy, task.random_baseline)
+        counts[task.label] = len(data)
+        logger.info(
+            "CORE %-34s acc %.4f  centered %+.4f  (%d examples, %.1fs)",
+            task.label,
+            accuracy,
+            centered[task.label],
+            len(data),
+            time.perf_counter() - t0,
+        )
+    return {
+        "results": results,
+        "centered": centered,
+        "core": core_score(centered),
+        "partial": bool(skipped),
+        "skipped": skipped,
+        "num_examples": counts,
+    }
+
+
+# -----------------------------------------------------------------------------
+# CSV (the format of the reference files: Task, Accuracy, Centered; last row CORE)
+
+
+def write_core_csv(path: str | Path, out: dict) -> None:
+    """Write the per-task table of an `evaluate_core` result, CORE last (atomically)."""
+    from nanochat.common import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
+    for label, accuracy in out["results"].items():
+        lines.append(f"{label:<35}, {accuracy:<10.6f}, {out['centered'][label]:<10.6f}")
+    lines.append(f"{'CORE':<35}, {'':<10}, {out['core']:<10.6f}")
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def read_core_csv(path: str | Path) -> tuple[dict[str, tuple[float, float]], float]:
+    """(task -> (accuracy, centered), CORE) from a CSV written by `write_core_csv` (or the reference)."""
+    rows, core = {}, None
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = [c.strip() for c in next(reader)]
+        if header != ["Task", "Accuracy", "Centered"]:
+            raise ValueError(f"{path}: expected header Task, Accuracy, Centered; got {header}")
+        for cells in reader:
+            if not cells:
+                continue
+            label, accuracy, value = (c.strip() for c in cells)
+            if label == "CORE":
+                core = float(value)
+            else:
+                rows[label] = (float(accuracy), float(value))
+    if core is None:
+        raise ValueError(f"{path}: no CORE row")
+    return rows, core

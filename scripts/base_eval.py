@@ -1,0 +1,93 @@
+"""
+Evaluate a base model's CORE metric (DCLM) over the tasks of the eval bundle.
+
+    python -m scripts.base_eval [--model-tag d20] [--model-step N] [--max-per-task 500]
+    torchrun --nproc_per_node 8 -m scripts.base_eval
+
+Prints a per-task table (accuracy, centered accuracy), writes it as a CSV to
+`<base>/base_eval/<tag>_step<step>.csv` (columns Task, Accuracy, Centered; last row CORE,
+the format of the reference GPT-2 files) and the report section "Base model evaluation".
+The bundle comes from `$NANOCHAT_EVAL_BUNDLE` or is downloaded once into the base dir.
+With --skip-missing, tasks whose data file is absent are skipped and CORE is marked
+partial (the mean over the evaluated tasks); without it a missing file is an error.
+"""
+
+import argparse
+import time
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, setup_logging
+from nanochat.core_eval import evaluate_core, get_eval_bundle, write_core_csv
+from nanochat.report import get_report
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the deepest d<N>)")
+parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1: all)")
+parser.add_argument("--skip-missing", action="store_true", help="skip tasks whose data file is missing")
+parser.add_argument("--device-batch-size", type=int, default=8, help="sequences (option rows) per forward")
+parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+args = parser.parse_args()
+
+setup_logging()
+is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+if rank == 0:
+    get_eval_bundle()  # rank 0 downloads it (if needed); the other ranks find it ready after the barrier
+if is_ddp:
+    import torch.distributed as dist
+
+    dist.barrier()
+bundle_dir = get_eval_bundle()
+model, tokenizer, meta = load_model(
+    "base", device, phase="eval", model_tag=args.model_tag, step=args.model_step
+)
+model_tag = args.model_tag or f"d{model.config.n_layer}"
+
+# -----------------------------------------------------------------------------
+# Evaluate
+
+t0 = time.time()
+out = evaluate_core(
+    model,
+    tokenizer,
+    device,
+    max_per_task=args.max_per_task,
+    skip_missing=args.skip_missing,
+    bundle_dir=bundle_dir,
+    batch_size=args.device_batch_size,
+)
+eval_time = time.time() - t0
+
+# -----------------------------------------------------------------------------
+# Table, CSV, report
+
+rows = [["Task", "Accuracy", "Centered"]]
+rows += [[label, acc, out["centered"][label]] for label, acc in out["results"].items()]
+print0(f"{'Task':<35} {'Accuracy':>10} {'Centered':>10}")
+for label, acc, centered in rows[1:]:
+    print0(f"{label:<35} {acc:>10.4f} {centered:>10.4f}")
+core_label = "CORE (partial)" if out["partial"] else "CORE"
+print0(f"{core_label:<35} {'':>10} {out['core']:>10.4f}")
+if out["skipped"]:
+    print0(f"skipped (missing data files): {', '.join(out['skipped'])}")
+
+if rank == 0:
+    csv_path = get_base_dir() / "base_eval" / f"{model_tag}_step{meta['step']}.csv"
+    write_core_csv(csv_path, out)
+    print0(f"wrote {csv_path}")
+
+get_report().log(
+    section="Base model evaluation",
+    data=[
+        {
+            "model": f"{model_tag} step {meta['step']}",
+            "CORE": out["core"],
+            "partial": out["partial"],
+            "skipped tasks": ", ".join(out["skipped"]) or "none",
+            "examples per task": "all" if args.max_per_task <= 0 else args.max_per_task,
+            "evaluation time (s)": eval_time,
+        },
+        rows,
+    ],
+)
+compute_cleanup()

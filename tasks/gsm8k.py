@@ -1,0 +1,68 @@
+"""
+GSM8K: grade-school math word problems, solved step by step with a calculator.
+
+Design choices:
+- The answer's calculator annotations `<<48/2=24>>` become assistant parts: the text
+  before, a python part holding the expression, a python_output part holding the result,
+  then the text after (which repeats the result, as the dataset writes it). The model so
+  learns to call the tool and to read its output; the output tokens are not trained on.
+- The final answer follows `#### `. `evaluate` reads the number after the first `#### ` of
+  the completion (commas and `$` dropped) and compares it with the gold number as numbers
+  (so "72.0" matches "72"); no `#### ` means wrong. `reward` is 1.0 / 0.0 of that.
+- Local files: `$NANOCHAT_TASK_DATA/gsm8k/{train,test}.jsonl` (subset "main";
+  "socratic" reads `gsm8k/socratic_{split}.jsonl`); otherwise openai/gsm8k on the hub.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tasks.common import Task, check_choice, extract_hash_answer, load_task_rows, numbers_equal
+
+_CALC = re.compile(r"<<([^<>]*)>>")
+
+
+def answer_to_parts(answer: str) -> list[dict]:
+    """Assistant parts of a GSM8K answer: text, then python / python_output for each `<<expr=result>>`."""
+    parts: list[dict] = []
+    pos = 0
+    for match in _CALC.finditer(answer):
+        if match.start() > pos:
+            parts.append({"type": "text", "text": answer[pos : match.start()]})
+        expr, sep, result = match.group(1).rpartition("=")
+        if not sep:  # an annotation without "=": keep it as plain text
+            parts.append({"type": "text", "text": match.group(0)})
+        else:
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": result})
+        pos = match.end()
+    if pos < len(answer):
+        parts.append({"type": "text", "text": answer[pos:]})
+    return parts
+
+
+class GSM8K(Task):
+    """GSM8K word problems with calculator tool use; graded on the number after `#### `."""
+
+    eval_type = "generative"
+
+    def __init__(self, subset: str = "main", split: str = "train", **view):
+        super().__init__(**view)
+        self.subset = check_choice(subset, ("main", "socratic"), "subset")
+        self.split = check_choice(split, ("train", "test"), "split")
+        local = f"gsm8k/{split}.jsonl" if subset == "main" else f"gsm8k/socratic_{split}.jsonl"
+        self.rows = load_task_rows(f"GSM8K {subset} {split}", local, ("openai/gsm8k", subset, split))
+
+    def num_examples(self) -> int:
+        return len(self.rows)
+
+    def get_example(self, index: int) -> dict:
+        row = self.rows[index]
+        messages = [
+            {"role": "user", "content": row["question"]},
+            {"role": "assistant", "content": answer_to_parts(row["answer"])},
+        ]
+        return {"messages": messages, "answer": extract_hash_answer(row["answer"])}
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return numbers_equal(extract_hash_answer(completion), conversation["answer"])

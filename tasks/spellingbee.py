@@ -1,0 +1,198 @@
+"""
+Spelling tasks over a word list: counting a letter in a word (SpellingBee) and spelling a
+word out letter by letter (SimpleSpelling). Small models see tokens, not letters; these
+tasks teach them to look inside words, and to check a count with the Python tool.
+
+Design choices:
+- Examples are generated on demand: example i of a split is drawn from
+  `random.Random(f"<task>/<split>/<seed>/<i>")`, so a task of any size costs nothing to
+  build, is the same in every process, and train/test use different draws.
+- The word list: `$NANOCHAT_TASK_DATA/spellingbee/words_alpha.txt` when present, else
+  `/usr/share/dict/words`, else words harvested from the offline pretraining corpus
+  (`base_data/` shards, or the embedded corpus when none exist); only lowercase a-z words
+  are kept, and the list is sorted, so the same source always gives the same examples.
+- SpellingBee answer: spell the word with a running count of the letter, check the count
+  with `<|python_start|>'word'.count('l')<|python_end|>`, then `#### N`. Graded on N.
+- SimpleSpelling answer: `word: w,o,r,d`. Graded on what follows the last colon being the
+  word's letters one by one (separated by commas, spaces or dashes; the bare word is wrong).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+from tasks.common import Task, check_choice, extract_hash_answer, numbers_equal, task_data_dir
+
+SYSTEM_WORDS = Path("/usr/share/dict/words")
+_WORD = re.compile(r"^[a-z]+$")
+
+
+def _harvest_words(max_chars: int = 4_000_000) -> list[str]:
+    """Lowercase words (3-15 letters, seen at least twice) from the offline pretraining corpus."""
+    from nanochat import dataset
+
+    def texts():
+        try:
+            for batch in dataset.parquets_iter_batched("train"):
+                yield from batch
+        except (FileNotFoundError, ValueError):  # no shards yet: the embedded corpus itself
+            yield from dataset.offline_documents(max_chars)
+
+    counts: Counter = Counter()
+    total = 0
+    for text in texts():
+        counts.update(re.findall(r"(?<![A-Za-z])[a-z]{3,15}(?![A-Za-z])", text))
+        total += len(text)
+        if total >= max_chars:
+            break
+    return sorted(word for word, n in counts.items() if n >= 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_words(task_dir: str | None, base_dir: str | None) -> tuple[tuple[str, ...], str]:
+    candidates = []
+    if task_dir:
+        candidates.append(Path(task_dir) / "spellingbee" / "words_alpha.txt")
+    candidates.append(SYSTEM_WORDS)
+    for path in candidates:
+        if path.is_file():
+            with open(path, encoding="utf-8", errors="replace") as f:
+                words = sorted({w for w in (line.strip() for line in f) if _WORD.match(w)})
+            if words:
+                return tuple(words), str(path)
+    words = _harvest_words()
+    if not words:
+        raise RuntimeError(
+            "no word list for the spelling tasks: set NANOCHAT_TASK_DATA to a folder with "
+            "spellingbee/words_alpha.txt, install /usr/share/dict/words, or build the offline corpus "
+            "with `python -m nanochat.dataset --offline`"
+        )
+    return tuple(words), "offline corpus"
+
+
+def load_words() -> tuple[tuple[str, ...], str]:
+    """(sorted word list, where it came from), from the first available source (see module docstring)."""
+    task_dir = task_data_dir()
+    return _load_words(str(task_dir) if task_dir else None, os.environ.get("NANOCHAT_BASE_DIR"))
+
+
+# ------------------------------------------------------------------------------ letter counting
+
+_COUNT_QUESTIONS = [
+    "How many {L} are in {W}?",
+    "How many times does the letter {L} appear in {W}?",
+    "Count the letter {L} in the word {W}.",
+    "In the word {W}, how many {L}'s are there?",
+    "how many {L}s in {W}",
+    "What is the number of {L}'s in {W}?",
+    "Can you count how many {L} there are in {W}?",
+    "{W}: how many times does {L} occur?",
+    "Tell me how often the letter {L} shows up in {W}.",
+    "How many {L} does {W} have?",
+]
+_QUOTES = ["'{}'", '"{}"', "{}"]
+
+
+class SpellingBee(Task):
+    """Count a letter in a word, by hand and then with the Python tool; answer after `#### `."""
+
+    eval_type = "generative"
+
+    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
+        super().__init__(**view)
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.seed = size, seed
+        self.split = check_choice(split, ("train", "test"), "split")
+        self.words, self.word_source = load_words()
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def get_example(self, index: int) -> dict:
+        rng = random.Random(f"spellingbee/{self.split}/{self.seed}/{index}")
+        word = rng.choice(self.words)
+        letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
+        count = word.count(letter)
+        quote = rng.choice(_QUOTES)
+        question = rng.choice(_COUNT_QUESTIONS).format(L=quote.format(letter), W=quote.format(word))
+        if rng.random() < 0.3:
+            question = question.lower()
+
+        seen = 0
+        spelled = []
+        for ch in word:  # a running tally, so every step is visible to the model
+            if ch == letter:
+                seen += 1
+                spelled.append(f"{ch}({seen})")
+            else:
+                spelled.append(ch)
+        times = "time" if count == 1 else "times"
+        parts = [
+            {
+                "type": "text",
+                "text": f"We count the letter '{letter}' in '{word}'. Spelled out with a running count: "
+                f"{','.join(spelled)}\nBy hand that makes {count}. Let me check with Python.\n\n",
+            },
+            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "python_output", "text": str(count)},
+            {
+                "type": "text",
+                "text": f"\n\nThe letter '{letter}' appears {count} {times} in '{word}'.\n\n#### {count}",
+            },
+        ]
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
+        return {"messages": messages, "answer": str(count), "word": word, "letter": letter}
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return numbers_equal(extract_hash_answer(completion), conversation["answer"])
+
+
+# ------------------------------------------------------------------------------ spelling out
+
+_SPELL_QUESTIONS = [
+    "Spell the word: {W}",
+    "How do you spell {W}?",
+    "Spell {W} letter by letter.",
+    "spell {W}",
+    "Can you spell out {W} for me?",
+    "What are the letters of {W}?",
+]
+
+
+class SimpleSpelling(Task):
+    """Spell a word out: the reply is `word: w,o,r,d`."""
+
+    eval_type = "generative"
+
+    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
+        super().__init__(**view)
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.seed = size, seed
+        self.split = check_choice(split, ("train", "test"), "split")
+        self.words, self.word_source = load_words()
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def get_example(self, index: int) -> dict:
+        rng = random.Random(f"simplespelling/{self.split}/{self.seed}/{index}")
+        word = rng.choice(self.words)
+        question = rng.choice(_SPELL_QUESTIONS).format(W=rng.choice(_QUOTES).format(word))
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": f"{word}: {','.join(word)}"},
+        ]
+        return {"messages": messages, "word": word}
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        spelled = completion.rpartition(":")[2]
+        letters = [piece for piece in re.split(r"[\s,\-]+", spelled) if piece]
+        return letters == list(conversation["word"])

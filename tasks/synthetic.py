@@ -1,0 +1,421 @@
+"""
+Offline chat tasks this project generates itself, so the CPU demo can mid-train, finetune
+and evaluate a model without downloading anything.
+
+- `Arithmetic`: word problems (shopping, change, sharing, distances, savings, areas,
+  discounts, ...) solved with the calculator tool: text, a python part with the
+  expression, a python_output part with the value as the engine's calculator writes it
+  (`24/4` -> `6`: whole numbers without a decimal point), then `#### answer`. Graded like
+  GSM8K.
+- `Identity`: templated conversations about this model and project (what it is, who
+  trains it, how, on what hardware, its limits), in the CustomJSON format.
+- `SpellingBee` and `SimpleSpelling` are re-exported from tasks.spellingbee; offline they
+  use /usr/share/dict/words or words harvested from the offline corpus.
+
+Design choices:
+- Example i of a split is generated from `random.Random(f"<task>/<split>/<seed>/<i>")`:
+  deterministic per (size, split, seed), random access, no state; train and test draw
+  from different streams.
+- Numbers are chosen so every answer is a whole number: a tiny model should learn to use
+  the tool, not to round.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tasks.common import Task, check_choice, extract_hash_answer, last_assistant_text, numbers_equal
+from tasks.spellingbee import SimpleSpelling, SpellingBee
+
+__all__ = ["Arithmetic", "Identity", "SimpleSpelling", "SpellingBee"]
+
+NAMES = [
+    "Ana",
+    "Ben",
+    "Chloe",
+    "Dev",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hiro",
+    "Ines",
+    "Jonas",
+    "Kemi",
+    "Liam",
+    "Mei",
+    "Noah",
+]
+ITEMS = [
+    "apples",
+    "notebooks",
+    "pencils",
+    "tickets",
+    "muffins",
+    "stickers",
+    "oranges",
+    "bottles of juice",
+    "comic books",
+]
+THINGS = ["marbles", "cookies", "cards", "candies", "stamps", "beads", "seashells", "coins"]
+VEHICLES = [
+    ("car", "kilometers"),
+    ("train", "kilometers"),
+    ("cyclist", "miles"),
+    ("bus", "miles"),
+    ("boat", "kilometers"),
+]
+PLACES = ["garden", "room", "field", "parking lot", "playground", "kitchen floor"]
+
+
+def calculate(expr: str) -> int | float:
+    """Python's value of one of our own generated expressions (numbers and + - * / only)."""
+    if set(expr) - set("0123456789+-*/(). "):
+        raise ValueError(f"not a plain arithmetic expression: {expr!r}")
+    return eval(expr, {"__builtins__": {}}, {})  # safe: checked above, and the text is ours
+
+
+def format_number(value: int | float) -> str:
+    """A number as the calculator tool writes it: integral values without a decimal point."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+
+
+# Each problem maker returns (question, steps, closing): steps are (text before, expression)
+# pairs, and an expression may refer to the previous result as {prev}.
+
+
+def _shopping(rng):
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    n, price = rng.randint(2, 12), rng.randint(1, 25)
+    question = rng.choice(
+        [
+            f"{name} buys {n} {item} at ${price} each. How much does {name} spend?",
+            f"One of the {item} costs ${price}. What do {n} of them cost?",
+            f"{name} needs {n} {item}. Each costs ${price}. How many dollars is that in total?",
+        ]
+    )
+    return question, [(f"The total cost is {n} times ${price}:", f"{n}*{price}")], "dollars in total"
+
+
+def _change(rng):
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    n, price = rng.randint(2, 6), rng.randint(1, 8)
+    bill = next(b for b in (10, 20, 50, 100) if b > n * price)
+    question = (
+        f"{name} buys {n} {item} for ${price} each and pays with a ${bill} bill. How much change does "
+        f"{name} get?"
+    )
+    steps = [
+        (f"First the cost of the {item}:", f"{n}*{price}"),
+        (f"\nThen the change from ${bill}:", f"{bill}-{{prev}}"),
+    ]
+    return question, steps, "dollars of change"
+
+
+def _sharing(rng):
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    friends, each = rng.randint(2, 9), rng.randint(2, 15)
+    total = friends * each
+    question = rng.choice(
+        [
+            f"{name} has {total} {thing} and shares them equally among {friends} friends. How many does "
+            "each friend get?",
+            f"{total} {thing} are split evenly into {friends} bags. How many {thing} go in each bag?",
+        ]
+    )
+    return (
+        question,
+        [(f"Divide the {total} {thing} into {friends} equal shares:", f"{total}/{friends}")],
+        "each",
+    )
+
+
+def _distance(rng):
+    vehicle, unit = rng.choice(VEHICLES)
+    speed, hours = rng.randint(10, 90), rng.randint(2, 8)
+    question = f"A {vehicle} travels at {speed} {unit} per hour for {hours} hours. How far does it go?"
+    return question, [("Distance is speed times time:", f"{speed}*{hours}")], unit
+
+
+def _savings(rng):
+    name = rng.choice(NAMES)
+    start, weekly, weeks = rng.randint(0, 60), rng.randint(3, 30), rng.randint(2, 12)
+    question = (
+        f"{name} has ${start} and saves ${weekly} every week. How much money does {name} have after "
+        f"{weeks} weeks?"
+    )
+    return (
+        question,
+        [(f"Start with ${start} and add {weeks} weeks of ${weekly}:", f"{start}+{weekly}*{weeks}")],
+        "dollars",
+    )
+
+
+def _remaining(rng):
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    have, gave = rng.randint(20, 90), rng.randint(1, 19)
+    bought = rng.randint(1, 30)
+    question = (
+        f"{name} had {have} {thing}, gave away {gave}, then got {bought} more. How many {thing} does "
+        f"{name} have now?"
+    )
+    return question, [("Take away what was given, add what was received:", f"{have}-{gave}+{bought}")], thing
+
+
+def _area(rng):
+    place = rng.choice(PLACES)
+    length, width = rng.randint(3, 40), rng.randint(2, 25)
+    question = (
+        f"A rectangular {place} is {length} meters long and {width} meters wide. What is its area in "
+        "square meters?"
+    )
+    return (
+        question,
+        [("The area of a rectangle is length times width:", f"{length}*{width}")],
+        "square meters",
+    )
+
+
+def _discount(rng):
+    item = rng.choice(["jacket", "bike", "lamp", "backpack", "pair of shoes", "board game"])
+    percent = rng.choice([10, 20, 25, 50])
+    price = rng.randint(2, 30) * 20  # a multiple of 20: every discount is whole dollars
+    question = (
+        f"A {item} costs ${price} and is on sale for {percent}% off. What is the sale price in dollars?"
+    )
+    steps = [(f"The sale price is the price minus {percent}% of it:", f"{price}-{price}*{percent}/100")]
+    return question, steps, "dollars"
+
+
+def _packs(rng):
+    name, thing = rng.choice(NAMES), rng.choice(THINGS)
+    packs, per_pack = rng.randint(2, 9), rng.randint(3, 12)
+    used = rng.randint(1, packs * per_pack - 1)
+    question = (
+        f"{name} buys {packs} packs of {thing} with {per_pack} in each pack and gives {used} of them to a "
+        "friend. "
+        f"How many {thing} are left?"
+    )
+    steps = [
+        ("First the number bought:", f"{packs}*{per_pack}"),
+        (f"\nThen subtract the {used} given away:", f"{{prev}}-{used}"),
+    ]
+    return question, steps, f"{thing} left"
+
+
+def _bare(rng):
+    a, b = rng.randint(11, 999), rng.randint(2, 99)
+    op = rng.choice(["+", "-", "*"])
+    question = rng.choice([f"What is {a} {op} {b}?", f"Calculate {a}{op}{b}.", f"{a} {op} {b} = ?"])
+    return question, [("Let me compute it:", f"{a}{op}{b}")], ""
+
+
+PROBLEMS = [_shopping, _change, _sharing, _distance, _savings, _remaining, _area, _discount, _packs, _bare]
+
+
+class Arithmetic(Task):
+    """Arithmetic word problems answered with the calculator tool; graded on the number after `#### `."""
+
+    eval_type = "generative"
+
+    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
+        super().__init__(**view)
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.seed = size, seed
+        self.split = check_choice(split, ("train", "test"), "split")
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def get_example(self, index: int) -> dict:
+        rng = random.Random(f"arithmetic/{self.split}/{self.seed}/{index}")
+        question, steps, closing = rng.choice(PROBLEMS)(rng)
+        parts = []
+        prev = None
+        for lead, template in steps:
+            expr = template.format(prev=format_number(prev)) if prev is not None else template
+            prev = calculate(expr)
+            parts.append({"type": "text", "text": lead + " "})
+            parts.append({"type": "python", "text": expr})
+            parts.append({"type": "python_output", "text": format_number(prev)})
+        answer = format_number(prev)
+        parts.append(
+            {
+                "type": "text",
+                "text": f"\n\nSo the answer is {answer}{' ' + closing if closing else ''}.\n\n#### {answer}",
+            }
+        )
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
+        return {"messages": messages, "answer": answer}
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return numbers_equal(extract_hash_answer(completion), conversation["answer"])
+
+
+# ------------------------------------------------------------------------------ identity
+
+GREETINGS = [
+    "hi",
+    "Hello!",
+    "hey there",
+    "Hi, who am I talking to?",
+    "good morning",
+    "yo",
+    "Hello, what are you?",
+]
+GREETING_REPLIES = [
+    "Hi! I'm nanochat, a small chat model trained from scratch. What can I do for you?",
+    "Hello! I'm nanochat. Ask me anything, and keep in mind that I'm a small model.",
+    "Hey! You're talking to nanochat, a compact language model. How can I help?",
+]
+
+# topic: (user phrasings, assistant phrasings); every answer is true of this project.
+IDENTITY_TOPICS = {
+    "what": (
+        [
+            "What are you?",
+            "what is nanochat?",
+            "Tell me about yourself.",
+            "Are you ChatGPT?",
+            "What's your name?",
+        ],
+        [
+            "I'm nanochat, a small ChatGPT-style language model. Everything about me, from the tokenizer "
+            "to the "
+            "chat interface, was trained and built with one compact open codebase.",
+            "My name is nanochat. I'm not ChatGPT: I'm a much smaller model, trained from scratch by a "
+            "full-stack pipeline that fits in a few thousand lines of readable code.",
+        ],
+    ),
+    "who": (
+        ["Who made you?", "who trained you?", "Who created nanochat?", "Which company built you?"],
+        [
+            "No company trained me. Whoever ran the nanochat training scripts did: the code follows the "
+            "design of "
+            "Andrej Karpathy's open-source nanochat project, and this version of it was written from "
+            "scratch.",
+            "I was trained by the person who ran the nanochat pipeline on their own machine. The "
+            "project's idea "
+            "comes from Andrej Karpathy's nanochat; the code you are running was written independently.",
+        ],
+    ),
+    "how": (
+        ["How were you trained?", "how did you learn to chat?", "What steps went into training you?"],
+        [
+            "In stages. First a byte-level BPE tokenizer was trained, then I was pretrained to predict "
+            "the next "
+            "token on web text, then midtrained on conversations, multiple-choice questions and tool "
+            "use, then "
+            "finetuned on chats (SFT), and optionally improved with reinforcement learning on math problems.",
+            "Pretraining on lots of web text taught me language. After that, midtraining and supervised "
+            "finetuning on conversations taught me the chat format and how to use a calculator tool, and "
+            "a short "
+            "reinforcement learning stage can sharpen math answers.",
+        ],
+    ),
+    "cost": (
+        [
+            "How much did it cost to train you?",
+            "what hardware were you trained on?",
+            "How long does training take?",
+        ],
+        [
+            "The full run is designed for one node with 8 H100 GPUs: about four hours, roughly $100 of "
+            "rented "
+            "compute. A tiny version can also be trained on a laptop CPU in minutes, but it is much weaker.",
+            "About $100: around four hours on a single 8-GPU H100 node. There is also a tiny CPU demo "
+            "that runs "
+            "in minutes, meant for learning how the pipeline works.",
+        ],
+    ),
+    "architecture": (
+        ["What architecture do you use?", "Are you a transformer?", "How big are you?"],
+        [
+            "I'm a decoder-only Transformer, like GPT-2, with some modern touches: rotary position "
+            "embeddings, "
+            "normalized queries and keys, a ReLU-squared MLP and an untied output layer. My size depends "
+            "on the "
+            "depth chosen for training; the standard run has around half a billion parameters.",
+            "Yes, a GPT-style Transformer. My depth is a training setting, and the rest of my shape "
+            "follows from "
+            "it; the $100 run makes a model with about 20 layers.",
+        ],
+    ),
+    "limits": (
+        ["Can I trust your answers?", "What are your limitations?", "Do you make mistakes?"],
+        [
+            "Please double-check anything important. I'm a small model, so I often make mistakes and can "
+            "state "
+            "wrong things confidently. I'm best at short, simple conversations.",
+            "I'm far smaller than commercial assistants, so my knowledge is patchy and my reasoning is "
+            "limited. "
+            "I can get facts wrong, and I mostly know English.",
+        ],
+    ),
+    "tools": (
+        ["Can you do math?", "Do you use any tools?", "how do you count letters in a word?"],
+        [
+            "I can use a small Python calculator: I write an expression, the chat engine runs it, and I "
+            "read the "
+            "result. That helps with arithmetic and with counting letters, which are hard for a model "
+            "that reads "
+            "tokens instead of characters.",
+            "I have one tool, a calculator that evaluates simple Python expressions such as 12*7 or "
+            "'banana'.count('a'). I use it so I don't have to do arithmetic in my head.",
+        ],
+    ),
+    "internet": (
+        ["Can you browse the internet?", "Do you remember our previous chats?", "Do you know today's news?"],
+        [
+            "No. I can't access the internet, and I don't remember anything between conversations. All I "
+            "know "
+            "comes from my training data and what you write here.",
+            "I have no internet access and no memory of earlier conversations, so I don't know recent "
+            "events.",
+        ],
+    ),
+}
+THANKS = ["thanks!", "Thank you, that helps.", "cool, thanks", "ok got it"]
+THANKS_REPLIES = ["You're welcome!", "Glad I could help. Anything else?", "Happy to help!"]
+
+
+class Identity(Task):
+    """Templated conversations about nanochat itself (who it is, how it was made, its limits)."""
+
+    eval_type = "generative"
+
+    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
+        super().__init__(**view)
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.seed = size, seed
+        self.split = check_choice(split, ("train", "test"), "split")
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def get_example(self, index: int) -> dict:
+        rng = random.Random(f"identity/{self.split}/{self.seed}/{index}")
+        messages = []
+        if rng.random() < 0.4:
+            messages += [
+                {"role": "user", "content": rng.choice(GREETINGS)},
+                {"role": "assistant", "content": rng.choice(GREETING_REPLIES)},
+            ]
+        for topic in rng.sample(sorted(IDENTITY_TOPICS), rng.randint(1, 3)):
+            questions, answers = IDENTITY_TOPICS[topic]
+            messages += [
+                {"role": "user", "content": rng.choice(questions)},
+                {"role": "assistant", "content": rng.choice(answers)},
+            ]
+        if rng.random() < 0.3:
+            messages += [
+                {"role": "user", "content": rng.choice(THANKS)},
+                {"role": "assistant", "content": rng.choice(THANKS_REPLIES)},
+            ]
+        return {"messages": messages}
+
+    def evaluate(self, conversation: dict, completion: str) -> bool:
+        return completion.strip() == last_assistant_text(conversation).strip()

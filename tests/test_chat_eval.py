@@ -1,0 +1,334 @@
+"""chat_eval: the ChatCORE formula, the categorical and generative paths, and the script end to end."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.chat_eval import (
+    chatcore,
+    evaluate_categorical,
+    evaluate_generative,
+    parse_task_names,
+    problem_indices,
+)
+from scripts.chat_eval import main as chat_eval_main
+from tasks.common import Task
+
+REPO = Path(__file__).resolve().parents[1]
+TASK_DATA = REPO.parent / "shared" / "data" / "tasks"
+needs_task_data = pytest.mark.skipif(
+    not TASK_DATA.is_dir(), reason=f"shared task data not found at {TASK_DATA}"
+)
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def tokenizer(base_dir):
+    from nanochat.tokenizer import get_tokenizer
+
+    return get_tokenizer()
+
+
+# -----------------------------------------------------------------------------
+# ChatCORE and task selection
+
+
+def test_chatcore_centers_each_task_on_its_baseline_and_averages_all_six():
+    accuracies = {
+        "ARC-Easy": 0.25,  # chance -> 0
+        "ARC-Challenge": 1.0,  # perfect -> 1
+        "MMLU": 0.625,  # halfway from chance -> 0.5
+        "GSM8K": 0.5,
+        "HumanEval": 0.25,
+        "SpellingBee": 0.0,
+    }
+    score, partial, missing = chatcore(accuracies)
+    assert score == pytest.approx((0 + 1 + 0.5 + 0.5 + 0.25 + 0) / 6)
+    assert partial == score and missing == []
+
+
+def test_chatcore_is_partial_when_a_standard_task_is_missing():
+    score, partial, missing = chatcore({"ARC-Easy": 0.4, "GSM8K": 0.1, "Arithmetic": 0.9})
+    assert score is None
+    assert partial == pytest.approx(((0.4 - 0.25) / 0.75 + 0.1) / 2)  # the offline task is not part of it
+    assert missing == ["ARC-Challenge", "MMLU", "HumanEval", "SpellingBee"]
+    assert chatcore({}) == (None, None, list(chatcore({})[2]))
+
+
+def test_task_names_parse_pipes_default_to_the_six_and_reject_unknown_names():
+    assert parse_task_names("ARC-Easy|GSM8K|ARC-Easy") == ["ARC-Easy", "GSM8K"]
+    six = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
+    assert parse_task_names(None) == six
+    with pytest.raises(ValueError, match="arc-easy"):
+        parse_task_names("arc-easy")
+
+
+def test_problem_indices_are_capped_then_strided_across_ranks():
+    shards = [list(problem_indices(100, 10, rank, 3)) for rank in range(3)]
+    assert sorted(i for shard in shards for i in shard) == list(range(10))
+    assert shards[1] == [1, 4, 7]
+    assert list(problem_indices(5, None, 0, 1)) == [0, 1, 2, 3, 4]
+
+
+# -----------------------------------------------------------------------------
+# Categorical path on a stub model
+
+
+class LetterStub(torch.nn.Module):
+    """Favours `letter` right after `<|assistant_start|>` and another letter everywhere else, so the
+    evaluation must read the logits at the answer position."""
+
+    def __init__(self, tokenizer, letter: str, decoy: str = "C"):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"sequence_len": 4096})()
+        self.vocab = tokenizer.get_vocab_size()
+        self.answer_start = tokenizer.encode_special("<|assistant_start|>")
+        self.letter_id, self.decoy_id = tokenizer.encode(letter)[0], tokenizer.encode(decoy)[0]
+
+    def forward(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab)
+        at_answer = idx == self.answer_start
+        logits[..., self.letter_id] = at_answer.float() * 5
+        logits[..., self.decoy_id] = (~at_answer).float() * 5
+        return logits
+
+
+class TinyMC(Task):
+    """Categorical questions with the given gold letters."""
+
+    eval_type = "categorical"
+
+    def __init__(self, golds: list[str], **view):
+        super().__init__(**view)
+        self.golds = golds
+
+    def num_examples(self):
+        return len(self.golds)
+
+    def get_example(self, index):
+        question = "Question number " + "very " * (index * 7) + f"long {index}? - x=A - y=B - z=C - w=D"
+        messages = [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": self.golds[index]},
+        ]
+        return {"messages": messages, "letters": ["A", "B", "C", "D"]}
+
+    def evaluate(self, conversation, completion):
+        return completion == conversation["messages"][-1]["content"]
+
+
+def test_categorical_accuracy_on_a_model_that_always_picks_one_letter(tokenizer):
+    golds = ["B", "A", "B", "D", "C", "B", "A", "D", "B", "C", "B"]
+    task = TinyMC(golds)
+    for batch_size in (1, 4, 16):  # right padding in a batch must not change the answer position
+        correct, total = evaluate_categorical(
+            LetterStub(tokenizer, "B"), tokenizer, task, range(len(task)), batch_size
+        )
+        assert (correct, total) == (5, 11)
+    stub = LetterStub(tokenizer, "C", decoy="A")
+    correct, total = evaluate_categorical(stub, tokenizer, task, range(0, 11, 2), 3)
+    assert (correct, total) == (1, 6)  # indices 0,2,4,6,8,10 -> golds B,B,C,A,B,B
+
+
+@needs_task_data
+def test_categorical_accuracy_on_arc_matches_the_share_of_gold_letters(tokenizer, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
+    from tasks.arc import ARC
+
+    task = ARC("ARC-Easy", "test", stop=40)
+    expected = sum(task[i]["messages"][-1]["content"] == "A" for i in range(len(task)))
+    assert 0 < expected < 40
+    assert evaluate_categorical(LetterStub(tokenizer, "A"), tokenizer, task, range(40), 8) == (expected, 40)
+
+
+# -----------------------------------------------------------------------------
+# Generative path on a stub engine
+
+
+class EchoTask(Task):
+    """Generative problems whose correct answer is the text `answer <i>`."""
+
+    def num_examples(self):
+        return 4
+
+    def get_example(self, index):
+        messages = [{"role": "user", "content": f"say answer {index}"}, {"role": "assistant", "content": ""}]
+        return {"messages": messages, "index": index}
+
+    def evaluate(self, conversation, completion):
+        return completion == f"answer {conversation['index']}"
+
+
+class ScriptedEngine:
+    """Returns, for the problem sampled with seed i, the scripted completions of problem i."""
+
+    def __init__(self, tokenizer, scripts):
+        self.tokenizer, self.scripts, self.calls = tokenizer, scripts, []
+
+    def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        self.calls.append((len(tokens), num_samples, max_tokens, temperature, top_k))
+        texts = self.scripts[seed][:num_samples]
+        rows = [list(tokens) + self.tokenizer.encode(text) for text in texts]
+        return rows, [[1] * len(row) for row in rows]
+
+
+def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer):
+    scripts = {
+        0: ["answer 0", "nope"],  # first sample right
+        1: ["nope", "answer 1"],  # second sample right: pass@2 only
+        2: ["answer 3", "answer 3"],  # another problem's answer
+        3: ["answer 3", "x"],
+    }
+    engine = ScriptedEngine(tokenizer, scripts)
+    task = EchoTask()
+    assert evaluate_generative(engine, tokenizer, task, range(4), num_samples=1) == (2, 4)
+    assert evaluate_generative(engine, tokenizer, task, range(4), num_samples=2, temperature=0.7) == (3, 4)
+    assert engine.calls[-1][1:] == (2, 512, 0.7, 50)
+    engine.calls.clear()
+    evaluate_generative(engine, tokenizer, task, [0], max_new_tokens=100, max_positions=40)
+    prompt_len, _, budget, _, _ = engine.calls[0]
+    assert prompt_len + budget <= 40  # the budget shrinks to fit the model's positions
+
+
+# -----------------------------------------------------------------------------
+# The script end to end
+
+
+def _tiny_sft_base(src: Path, dst: Path) -> Path:
+    """A base dir with the tiny tokenizer and a freshly initialised d2 model saved as an SFT checkpoint."""
+    from nanochat.checkpoint_manager import checkpoint_dir, model_config_dict, save_checkpoint
+    from nanochat.gpt import GPT, config_from_depth
+    from nanochat.tokenizer import get_tokenizer
+
+    shutil.copytree(src / "tokenizer", dst / "tokenizer")
+    os.environ["NANOCHAT_BASE_DIR"] = str(dst)
+    vocab = get_tokenizer().get_vocab_size()
+    with torch.device("meta"):
+        model = GPT(config_from_depth(2, vocab, 128, aspect_ratio=32, head_dim=32))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    save_checkpoint(
+        checkpoint_dir("sft", "d2"), 5, model, None, {"model_config": model_config_dict(model.config)}
+    )
+    return dst
+
+
+def _run_chat_eval(base: Path, task_data: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base),
+        "NANOCHAT_TASK_DATA": str(task_data),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "scripts.chat_eval", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+@needs_task_data
+def test_chat_eval_script_on_a_tiny_sft_checkpoint_prints_accuracy_and_writes_the_report(
+    tiny_base_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # restored after the test
+    base = _tiny_sft_base(tiny_base_dir, tmp_path / "base")
+    proc = _run_chat_eval(base, TASK_DATA, "-i", "sft", "-a", "ARC-Easy", "-x", "8", "--device-type", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ARC-Easy: " in proc.stdout and "/8 = " in proc.stdout
+    assert "ChatCORE (partial, missing ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee)" in proc.stdout
+    report = (base / "report" / "chat-evaluation-sft.md").read_text()
+    assert report.startswith("## Chat evaluation sft")
+    assert "- ARC-Easy: " in report and "- ChatCORE (partial): " in report
+    assert "- model step: 5" in report
+
+
+@needs_task_data
+def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts(
+    tiny_base_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
+    base = _tiny_sft_base(tiny_base_dir, tmp_path / "base")
+    from nanochat.checkpoint_manager import load_model
+    from tasks.arc import ARC
+
+    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
+    expected, _ = evaluate_categorical(model, tokenizer, ARC("ARC-Easy", "test"), range(8), batch_size=8)
+
+    # the environment torchrun would give each rank, without starting its agent process
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "scripts.chat_eval",
+        "-i",
+        "sft",
+        "-a",
+        "ARC-Easy",
+        "-x",
+        "8",
+        "--device-type",
+        "cpu",
+    ]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
+        env.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_TASK_DATA=str(TASK_DATA))
+        procs.append(
+            subprocess.Popen(
+                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    outputs = [proc.communicate(timeout=180) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert f"ARC-Easy: {expected}/8 = " in outputs[0][0]  # 4 problems per rank, summed over both
+    assert "ARC-Easy: " not in outputs[1][0]  # only rank 0 prints
+
+
+def test_chat_eval_names_the_data_variable_when_task_data_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path / "no_such_folder"))
+    with pytest.raises(SystemExit) as exc:
+        chat_eval_main(["-i", "sft", "-a", "MMLU", "--device-type", "cpu"])
+    assert "MMLU" in str(exc.value) and "NANOCHAT_TASK_DATA" in str(exc.value)
+    assert not (tmp_path / "report").exists()
+
+
+def test_chat_eval_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        chat_eval_main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    flags = [
+        "-i",
+        "-a",
+        "-x",
+        "-t",
+        "-k",
+        "-n",
+        "--max-new-tokens",
+        "-g",
+        "-s",
+        "--batch-size",
+        "--device-type",
+    ]
+    for flag in flags:
+        assert f" {flag}" in out, flag

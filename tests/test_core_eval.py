@@ -1,0 +1,534 @@
+"""CORE evaluation: prompt rendering, continuation spans, scoring, aggregation, bundle, base_eval.
+
+Tests that read the real bundle use ../shared/data/eval_bundle (18 of 22 task files) and
+skip with a reason when it is absent; the rest use a tiny hand-made bundle in tmp_path.
+"""
+
+import csv
+import http.server
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from nanochat import core_eval
+from nanochat.core_eval import (
+    CoreTask,
+    centered_accuracy,
+    core_score,
+    evaluate_core,
+    evaluate_task,
+    load_core_tasks,
+    load_task_subset,
+    prepare_example,
+    read_core_csv,
+    render_prompts,
+    sample_fewshot,
+    score_example,
+    tokenize_prompts,
+)
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BUNDLE = REPO.parent / "shared" / "data" / "eval_bundle"
+MISSING_IN_SHARED = ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
+
+needs_shared_bundle = pytest.mark.skipif(
+    not (SHARED_BUNDLE / "core.yaml").is_file(), reason=f"shared eval bundle not found at {SHARED_BUNDLE}"
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tokenizer(tiny_base_dir) -> Tokenizer:
+    return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+
+
+def tiny_model(vocab_size: int, seq_len: int = 128, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config_from_depth(2, vocab_size, seq_len, aspect_ratio=32, head_dim=32))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model.eval()
+
+
+def baselines_from_csv(bundle: Path) -> dict[str, float]:
+    """Random baselines read independently of core_eval (the test's own hand computation)."""
+    with open(bundle / "eval_meta_data.csv", newline="") as f:
+        return {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+
+
+def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
+    """A bundle with one task per type; the LM task has 3 items but asks for 10 shots."""
+    tasks = [
+        ("tiny_mc", "mc/tiny_mc.jsonl", "multiple_choice", 2, "\\nAnswer: ", 25),
+        ("tiny_schema", "lu/tiny_schema.jsonl", "schema", 0, None, 50),
+        ("tiny_lm", "lu/tiny_lm.jsonl", "language_modeling", 10, None, 0),
+    ]
+    if with_missing:
+        tasks.append(("tiny_missing", "lu/not_there.jsonl", "multiple_choice", 0, None, 25))
+    yaml_lines = ["icl_tasks:"]
+    for label, uri, kind, shots, delim, _ in tasks:
+        yaml_lines += ["-", f"  label: {label}", f"  dataset_uri: {uri}", f"  num_fewshot: [{shots}]"]
+        yaml_lines.append(f"  icl_task_type: {kind}")
+        if delim is not None:
+            yaml_lines.append(f'  continuation_delimiter: "{delim}"')
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "core.yaml").write_text("\n".join(yaml_lines) + "\n")
+    with open(root / "eval_meta_data.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["Eval Task", "Task Category", "Random baseline", "Description"])
+        for label, *_, rb in tasks:
+            w.writerow([label, "x", rb, "a task, with a comma"])
+    mc = [
+        {
+            "query": f"Question: what is {a} plus {b}?",
+            "choices": [str(a + b), str(a + b + 1), "7", "cat"],
+            "gold": 0,
+        }
+        for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (5, 2), (6, 1)]
+    ]
+    schema = [
+        {
+            "context_options": ["The cup fell because the cup", "The cup fell because the table"],
+            "continuation": "was slippery.",
+            "gold": 1,
+        },
+        {
+            "context_options": ["Ann thanked Bo because Ann", "Ann thanked Bo because Bo"],
+            "continuation": "had helped.",
+            "gold": 1,
+        },
+        {
+            "context_options": ["The dog chased the cat so the dog", "The dog chased the cat so the cat"],
+            "continuation": "ran away.",
+            "gold": 1,
+        },
+    ]
+    lm = [
+        {"context": "The capital of France is ", "continuation": "Paris"},
+        {"context": "One, two, three, four,", "continuation": "five"},
+        {"context": "Roses are red, violets are", "continuation": "blue"},
+    ]
+    for uri, items in [("mc/tiny_mc.jsonl", mc), ("lu/tiny_schema.jsonl", schema), ("lu/tiny_lm.jsonl", lm)]:
+        path = root / "eval_data" / uri
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return root
+
+
+class GoldStub(torch.nn.Module):
+    """A "model" handed the gold rows: it predicts every next token of a gold row with certainty
+    and is uniform on any other row, so a correct scorer must pick gold every time."""
+
+    def __init__(self, gold_rows: set[tuple[int, ...]], vocab_size: int, sequence_len: int):
+        super().__init__()
+        self.gold_rows, self.vocab_size = gold_rows, vocab_size
+        self.lengths = sorted({len(r) for r in gold_rows})
+        self.config = SimpleNamespace(sequence_len=sequence_len)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.vocab_size)
+        for b in range(B):
+            row = idx[b].tolist()
+            for n in self.lengths:
+                if n <= T and tuple(row[:n]) in self.gold_rows:
+                    logits[b, torch.arange(n - 1), idx[b, 1:n]] = 20.0
+                    break
+        return logits
+
+
+def gold_rows_of(tokenizer, bundle: Path, tasks: list[CoreTask], max_per_task: int, max_len: int) -> set:
+    gold = set()
+    for task in tasks:
+        data = load_task_subset(bundle, task, max_per_task)
+        for i in range(len(data)):
+            ex = prepare_example(tokenizer, data, i, task, max_len)
+            gold.add(tuple(ex.rows[ex.gold]))
+    return gold
+
+
+# -----------------------------------------------------------------------------
+# Prompt rendering and few-shot sampling (hand-built examples)
+
+
+def test_multiple_choice_prompt_joins_shots_with_blank_lines_and_shares_the_context():
+    item = {"query": "Q: 2+2?", "choices": ["3", "4"], "gold": 1}
+    shots = [
+        {"query": "Q: 1+1?", "choices": ["2", "5"], "gold": 0},
+        {"query": "Q: 0+1?", "choices": ["9", "1"], "gold": 1},
+    ]
+    rows = render_prompts(item, "multiple_choice", "\nAnswer: ", shots)
+    prefix = "Q: 1+1?\nAnswer: 2\n\nQ: 0+1?\nAnswer: 1\n\nQ: 2+2?\nAnswer: "
+    assert rows == [(prefix, prefix + "3"), (prefix, prefix + "4")]
+
+
+def test_schema_prompt_varies_the_context_and_keeps_the_continuation():
+    item = {"context_options": ["A so A", "A so B"], "continuation": "left.", "gold": 0}
+    shots = [{"context_options": ["X so X", "X so Y"], "continuation": "won.", "gold": 1}]
+    rows = render_prompts(item, "schema", " ", shots)
+    assert rows == [
+        ("X so Y won.\n\nA so A ", "X so Y won.\n\nA so A left."),
+        ("X so Y won.\n\nA so B ", "X so Y won.\n\nA so B left."),
+    ]
+
+
+def test_language_modeling_prompt_strips_contexts_before_the_delimiter():
+    item = {"context": "  The capital of France is ", "continuation": "Paris"}
+    shots = [{"context": "One two ", "continuation": "three"}]
+    rows = render_prompts(item, "language_modeling", " ", shots)
+    assert rows == [
+        ("One two three\n\nThe capital of France is ", "One two three\n\nThe capital of France is Paris")
+    ]
+
+
+def test_fewshot_excludes_the_item_and_matches_the_reference_draw():
+    data = [{"i": i} for i in range(30)]
+    for idx in (0, 7, 29):
+        shots = sample_fewshot(data, idx, 10)
+        reference = random.Random(1234 + idx).sample([i for i in range(30) if i != idx], 10)
+        assert [s["i"] for s in shots] == reference
+        assert data[idx] not in shots
+
+
+def test_fewshot_with_fewer_items_than_shots_uses_all_the_others():
+    data = [{"i": i} for i in range(4)]
+    shots = sample_fewshot(data, 2, 10)
+    assert sorted(s["i"] for s in shots) == [0, 1, 3]
+    assert sample_fewshot([{"i": 0}], 0, 5) == []
+    assert sample_fewshot(data, 1, 0) == []
+
+
+# -----------------------------------------------------------------------------
+# Continuation spans (tokenization boundary, cropping)
+
+
+def test_span_covers_the_continuation_when_bpe_glues_the_space_onto_it(tokenizer):
+    prefix = "The capital of France is "
+    [(ids, start)] = tokenize_prompts(tokenizer, [(prefix, prefix + "Paris")])
+    bos = tokenizer.get_bos_token_id()
+    assert ids == tokenizer.encode(prefix + "Paris", prepend=bos)
+    prefix_ids = tokenizer.encode(prefix, prepend=bos)
+    assert prefix_ids != ids[: len(prefix_ids)], "expected a boundary merge: ' ' + 'Paris' -> ' Paris'"
+    assert start < len(prefix_ids)
+    assert ids[:start] == prefix_ids[:start] and ids[0] == bos
+    assert tokenizer.decode(ids[start:]) == " Paris"
+
+
+def test_span_starts_right_after_the_prefix_without_a_boundary_merge(tokenizer):
+    prefix = "Question: 1+1?\nAnswer:"
+    rows = tokenize_prompts(tokenizer, [(prefix, prefix + " yes"), (prefix, prefix + " no way")])
+    prefix_ids = tokenizer.encode(prefix, prepend="<|bos|>")
+    for (ids, start), answer in zip(rows, [" yes", " no way"], strict=True):
+        assert ids[: len(prefix_ids)] == prefix_ids and start == len(prefix_ids)
+        assert tokenizer.decode(ids[start:]) == answer
+
+
+def test_long_rows_are_cropped_from_the_left_and_keep_the_continuation(tokenizer):
+    prefix = "word " * 200 + "and then"
+    full = prefix + " the end of the story"
+    [(ids, start)] = tokenize_prompts(tokenizer, [(prefix, full)])
+    [(cropped, cstart)] = tokenize_prompts(tokenizer, [(prefix, full)], max_len=32)
+    assert len(cropped) == 32 and cropped == ids[-32:]
+    assert cropped[cstart:] == ids[start:]
+    [(tiny, tstart)] = tokenize_prompts(tokenizer, [(prefix, full)], max_len=3)
+    assert tiny == ids[-3:] and tstart == 1  # continuation longer than the window: all but the first
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def test_multiple_choice_picks_the_lowest_mean_not_total_loss():
+    V = 5
+    ids = torch.tensor([[0, 1, 2, 3, 4], [0, 1, 2, 0, 0]])  # row 1 is right-padded
+    logits = torch.zeros(2, 5, V)
+    logits[0, [1, 2, 3], [2, 3, 4]] = 3.0  # row 0: 3 continuation tokens, each likely
+    logits[1, 1, 2] = 2.0  # row 1: 1 continuation token, less likely than each of row 0's
+    spans = [(2, 5), (2, 3)]
+    ce = torch.nn.functional.cross_entropy
+    mean0, mean1 = ce(logits[0, 1:4], ids[0, 2:5]).item(), ce(logits[1, 1:2], ids[1, 2:3]).item()
+    assert mean0 < mean1 < 3 * mean0  # lower mean for row 0, lower total for row 1
+    assert score_example("multiple_choice", logits, ids, spans, gold=0)
+    assert not score_example("multiple_choice", logits, ids, spans, gold=1)
+    assert score_example("schema", logits, ids, spans, gold=0)
+
+
+def test_language_modeling_needs_every_continuation_token_to_be_the_argmax():
+    ids = torch.tensor([[0, 1, 2, 3]])
+    logits = torch.zeros(1, 4, 4)
+    logits[0, 1, 2] = 1.0
+    logits[0, 2, 3] = 1.0
+    assert score_example("language_modeling", logits, ids, [(2, 4)], gold=0)
+    logits[0, 2, 1] = 5.0  # the second continuation token is no longer the argmax
+    assert not score_example("language_modeling", logits, ids, [(2, 4)], gold=0)
+    assert not score_example("language_modeling", logits, ids, [(4, 4)], gold=0)  # empty span never wins
+
+
+# -----------------------------------------------------------------------------
+# Aggregation
+
+
+def test_centered_accuracy_and_core_match_a_hand_computation_from_the_meta_csv(tmp_path):
+    bundle = write_tiny_bundle(tmp_path / "b")
+    rb = baselines_from_csv(bundle)
+    tasks = {t.label: t for t in load_core_tasks(bundle)}
+    assert {k: t.random_baseline for k, t in tasks.items()} == {
+        "tiny_mc": 25,
+        "tiny_schema": 50,
+        "tiny_lm": 0,
+    }
+    accuracies = {"tiny_mc": 0.4, "tiny_schema": 0.75, "tiny_lm": 0.1}
+    centered = {k: centered_accuracy(a, tasks[k].random_baseline) for k, a in accuracies.items()}
+    assert centered["tiny_mc"] == pytest.approx((0.4 - 0.25) / 0.75)
+    assert centered["tiny_schema"] == pytest.approx(0.5)
+    assert centered["tiny_lm"] == pytest.approx(0.1)
+    hand = sum((accuracies[k] - rb[k] / 100) / (1 - rb[k] / 100) for k in accuracies) / 3
+    assert core_score(centered) == pytest.approx(hand)
+    assert centered_accuracy(0.25, 25) == 0 and centered_accuracy(1.0, 62) == pytest.approx(1.0)
+
+
+@needs_shared_bundle
+def test_gpt2_reference_csvs_parse_and_their_core_is_the_mean_of_their_centered_column():
+    baselines = baselines_from_csv(SHARED_BUNDLE)
+    labels = [t.label for t in load_core_tasks(SHARED_BUNDLE)]
+    files = sorted((SHARED_BUNDLE / "reference").glob("openai-community-gpt2*.csv"))
+    assert len(files) == 4
+    cores = {}
+    for path in files:
+        rows, core = read_core_csv(path)
+        assert list(rows) == labels
+        for label, (accuracy, centered) in rows.items():
+            assert centered_accuracy(accuracy, baselines[label]) == pytest.approx(centered, abs=5e-6), label
+        assert core_score({k: c for k, (_, c) in rows.items()}) == pytest.approx(core, abs=2e-6)
+        cores[path.stem] = core
+    assert cores["openai-community-gpt2"] == pytest.approx(0.113891)
+
+
+# -----------------------------------------------------------------------------
+# End to end on the real bundle
+
+
+@needs_shared_bundle
+def test_missing_task_file_is_an_error_naming_it(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    with pytest.raises(FileNotFoundError, match=r"hellaswag\.jsonl"):
+        evaluate_core(model, tokenizer, "cpu", max_per_task=2, bundle_dir=SHARED_BUNDLE)
+
+
+@needs_shared_bundle
+def test_random_model_core_runs_end_to_end_skipping_missing_tasks_and_stays_near_chance(tokenizer):
+    model = tiny_model(tokenizer.get_vocab_size())
+    out = evaluate_core(model, tokenizer, "cpu", max_per_task=16, skip_missing=True, bundle_dir=SHARED_BUNDLE)
+    labels = [t.label for t in load_core_tasks(SHARED_BUNDLE)]
+    assert out["skipped"] == MISSING_IN_SHARED and out["partial"] is True
+    assert list(out["results"]) == [label for label in labels if label not in MISSING_IN_SHARED]
+    rb = baselines_from_csv(SHARED_BUNDLE)
+    for label, acc in out["results"].items():
+        assert out["centered"][label] == pytest.approx((acc - rb[label] / 100) / (1 - rb[label] / 100))
+    assert out["core"] == pytest.approx(sum(out["centered"].values()) / 18)
+    # Honest bound: with 16 examples per task, one MC task's centered score has a standard
+    # deviation of ~0.15-0.25; the mean over 18 tasks (8 of them exact-match LM tasks a random
+    # model essentially never solves) has one of ~0.04, so |CORE| < 0.12 is a 3-sigma band.
+    assert abs(out["core"]) < 0.12, out
+    lm_tasks = [t.label for t in load_core_tasks(SHARED_BUNDLE) if t.task_type == "language_modeling"]
+    assert all(out["results"][t] <= 0.125 for t in lm_tasks if t in out["results"]), out["results"]
+
+
+@needs_shared_bundle
+def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type(tokenizer):
+    tasks = [t for t in load_core_tasks(SHARED_BUNDLE) if t.label not in MISSING_IN_SHARED]
+    assert {t.task_type for t in tasks} == {"multiple_choice", "schema", "language_modeling"}
+    max_len = 256  # small enough that the 10-shot prompts get cropped: that path is covered too
+    gold = gold_rows_of(tokenizer, SHARED_BUNDLE, tasks, 6, max_len)
+    stub = GoldStub(gold, tokenizer.get_vocab_size(), max_len)
+    out = evaluate_core(stub, tokenizer, "cpu", max_per_task=6, skip_missing=True, bundle_dir=SHARED_BUNDLE)
+    assert out["centered"] == {t.label: pytest.approx(1.0) for t in tasks}
+    assert out["core"] == pytest.approx(1.0)
+
+
+# -----------------------------------------------------------------------------
+# Hermetic bundle: stub, batching, distributed
+
+
+def test_batched_and_one_by_one_scoring_agree_and_stub_is_perfect_on_the_tiny_bundle(tokenizer, tmp_path):
+    bundle = write_tiny_bundle(tmp_path / "b")
+    tasks = load_core_tasks(bundle)
+    model = tiny_model(tokenizer.get_vocab_size(), seed=3)
+    for task in tasks:
+        data = load_task_subset(bundle, task)
+        accs = {b: evaluate_task(model, tokenizer, data, task, "cpu", b, 128) for b in (1, 3, 64)}
+        assert len(set(accs.values())) == 1, (task.label, accs)
+    gold = gold_rows_of(tokenizer, bundle, tasks, -1, 128)
+    out = evaluate_core(GoldStub(gold, tokenizer.get_vocab_size(), 128), tokenizer, "cpu", bundle_dir=bundle)
+    assert out["results"] == {"tiny_mc": 1.0, "tiny_schema": 1.0, "tiny_lm": 1.0}
+    assert out["partial"] is False and out["skipped"] == []
+
+
+def test_missing_file_in_a_hand_made_bundle_is_named_and_skipping_marks_core_partial(tokenizer, tmp_path):
+    bundle = write_tiny_bundle(tmp_path / "b", with_missing=True)
+    model = tiny_model(tokenizer.get_vocab_size())
+    with pytest.raises(FileNotFoundError, match=r"tiny_missing.*not_there\.jsonl"):
+        evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle)
+    out = evaluate_core(
+        model, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True, tasks=["tiny_lm", "tiny_missing"]
+    )
+    assert (
+        out["skipped"] == ["tiny_missing"] and out["partial"] is True and list(out["results"]) == ["tiny_lm"]
+    )
+
+
+def _dist_worker(rank: int, world_size: int, port: int, bundle: str, tok_dir: str, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    tokenizer = Tokenizer.from_directory(tok_dir)
+    model = tiny_model(tokenizer.get_vocab_size(), seed=3)
+    out = evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, batch_size=4)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out["results"]))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_stride_the_examples_and_match_a_single_process(tokenizer, tiny_base_dir, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    bundle = write_tiny_bundle(tmp_path / "b")
+    single = evaluate_core(
+        tiny_model(tokenizer.get_vocab_size(), seed=3), tokenizer, "cpu", bundle_dir=bundle
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = (2, port, str(bundle), str(tiny_base_dir / "tokenizer"), str(tmp_path))
+    mp.spawn(_dist_worker, args=args, nprocs=2, join=True)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single["results"]
+
+
+# -----------------------------------------------------------------------------
+# The eval bundle: env folder, download, safe unzip
+
+
+def test_eval_bundle_env_folder_is_used_and_a_bad_one_is_named(tmp_path, monkeypatch):
+    bundle = write_tiny_bundle(tmp_path / "b")
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(bundle))
+    assert core_eval.get_eval_bundle() == bundle
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="core.yaml"):
+        core_eval.get_eval_bundle()
+
+
+def _serve(directory: Path):
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(directory), **k)
+
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, hits
+
+
+def test_eval_bundle_downloads_once_from_the_url_and_unzips_under_the_base_dir(tmp_path, monkeypatch):
+    bundle = write_tiny_bundle(tmp_path / "src" / "eval_bundle")
+    served = tmp_path / "www"
+    served.mkdir()
+    with zipfile.ZipFile(served / "eval_bundle.zip", "w") as zf:
+        for path in bundle.rglob("*"):
+            zf.write(path, Path("eval_bundle") / path.relative_to(bundle))
+    server, hits = _serve(served)
+    try:
+        monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+        monkeypatch.setattr(
+            core_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{server.server_port}/eval_bundle.zip"
+        )
+        got = core_eval.get_eval_bundle()
+        assert got == tmp_path / "base" / "eval_bundle"
+        assert (got / "core.yaml").read_text() == (bundle / "core.yaml").read_text()
+        assert [t.label for t in load_core_tasks(got)] == ["tiny_mc", "tiny_schema", "tiny_lm"]
+        assert core_eval.get_eval_bundle() == got and len(hits) == 1  # cached: no second download
+        assert not (tmp_path / "base" / "eval_bundle.zip").exists()
+    finally:
+        server.shutdown()
+
+
+def test_zip_with_path_traversal_is_refused_and_writes_nothing_outside(tmp_path):
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("eval_bundle/core.yaml", "icl_tasks: []\n")
+        zf.writestr("../escaped.txt", "gotcha")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ValueError, match="unsafe path"):
+        core_eval._safe_extract(evil, dest)
+    assert not (tmp_path / "escaped.txt").exists() and not any(dest.iterdir())
+
+
+# -----------------------------------------------------------------------------
+# scripts/base_eval.py
+
+
+def test_base_eval_script_writes_csv_and_report_for_a_saved_checkpoint(tiny_base_dir, tmp_path):
+    from nanochat.checkpoint_manager import model_config_dict, save_checkpoint
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
+    model = tiny_model(1024)
+    save_checkpoint(
+        base / "base_checkpoints" / "d2", 5, model, None, {"model_config": model_config_dict(model.config)}
+    )
+    bundle = write_tiny_bundle(tmp_path / "bundle", with_missing=True)
+    env = {
+        **os.environ,
+        "NANOCHAT_BASE_DIR": str(base),
+        "NANOCHAT_EVAL_BUNDLE": str(bundle),
+        "OMP_NUM_THREADS": "1",
+    }
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "scripts.base_eval", "--max-per-task", "4", "--device-type", "cpu"]
+    proc = subprocess.run(
+        cmd + ["--skip-missing"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows, core = read_core_csv(base / "base_eval" / "d2_step5.csv")
+    assert list(rows) == ["tiny_mc", "tiny_schema", "tiny_lm"]
+    assert core == pytest.approx(sum(c for _, c in rows.values()) / 3, abs=2e-6)
+    assert "CORE (partial)" in proc.stdout and "tiny_missing" in proc.stdout
+    report = (base / "report" / "base-model-evaluation.md").read_text()
+    assert "## Base model evaluation" in report and "tiny_missing" in report and "partial: True" in report
+    assert "tiny_schema" in report and "CORE" in report

@@ -1,0 +1,485 @@
+"""Tests of the inference engine: KV cache, per-row positions, sampling, calculator tool, context fitting,
+continuous batching."""
+
+import math
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn as nn
+
+import nanochat.engine as engine_module
+from nanochat.engine import (
+    BatchScheduler,
+    Engine,
+    KVCache,
+    fit_to_context,
+    generate_naive,
+    use_calculator,
+)
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors run fastest on one thread (and an oversubscribed machine makes OpenMP hand-offs slow)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    """A byte-level tokenizer (no merges): 256 byte tokens + the special tokens, built instantly."""
+    ranks = {bytes([i]): i for i in range(256)}
+    return Tokenizer(SPLIT_PATTERN, ranks, {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)})
+
+
+def make_model(tokenizer, sequence_len: int = 128, seed: int = 0, block_stops: bool = True) -> GPT:
+    """A random model whose blocks all do something and whose logits are well separated. With
+    `block_stops`, the stop tokens' logits are exactly 0 (below the max), so greedy runs go on."""
+    config = GPTConfig(
+        sequence_len=sequence_len,
+        vocab_size=tokenizer.get_vocab_size(),
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+    )
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+                w.uniform_(-0.5 / math.sqrt(w.size(1)), 0.5 / math.sqrt(w.size(1)))
+        model.lm_head.weight.normal_(0.0, 0.3)
+        if block_stops:
+            for name in ("<|assistant_end|>", "<|bos|>"):
+                model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
+    return model.eval()
+
+
+class RuleModel(nn.Module):
+    """A stand-in model that follows the KV-cache protocol and picks each next token by a rule:
+    rule(absolute position of the last input token, row's input ids) -> logits (V,)."""
+
+    def __init__(self, vocab_size: int, rule):
+        super().__init__()
+        self.config = GPTConfig(
+            sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=2
+        )
+        self.rule = rule
+        self.weight = nn.Parameter(torch.zeros(1))
+        self.register_buffer("cos", torch.zeros(1, 640, 1, 1))
+        self.batch_sizes: list[int] = []
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        self.batch_sizes.append(B)
+        pos = kv_cache.get_pos()
+        pos = torch.full((B,), pos) if isinstance(pos, int) else pos
+        kv_cache.insert_kv(0, torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for b in range(B):
+            logits[b, -1] = self.rule(int(pos[b]) + T - 1, idx[b].tolist())
+        return logits
+
+
+def one_hot_logits(vocab_size: int, token: int) -> torch.Tensor:
+    logits = torch.full((vocab_size,), -20.0)
+    logits[token] = 20.0
+    return logits
+
+
+def collect(request, timeout: float = 30.0) -> list[int]:
+    """The request's tokens, failing (not hanging) if it does not finish in time."""
+    out: list[int] = []
+    thread = threading.Thread(target=lambda: out.extend(request), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "request did not finish in time"
+    return out
+
+
+# -----------------------------------------------------------------------------
+# KV cache and per-row positions
+
+
+def test_kv_cache_growth_copies_into_new_memory_and_keeps_contents():
+    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=4, capacity=2, seq_len=3, batch_size=2)
+    assert cache.max_len == 64
+    k = torch.randn(2, 1, 60, 4)
+    for layer in range(2):
+        cache.insert_kv(layer, k, k)
+    storage = cache.k.data_ptr()
+    k_more = torch.randn(2, 1, 10, 4)
+    k_all, v_all = cache.insert_kv(0, k_more, k_more)
+    assert cache.max_len >= 128 and cache.k.data_ptr() != storage
+    assert torch.equal(k_all, torch.cat([k, k_more], dim=2)) and torch.equal(v_all, k_all)
+
+
+def test_kv_cache_keep_rows_compacts_rows_in_order():
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, capacity=3, seq_len=8, batch_size=3)
+    cache.lengths = [1, 3, 2]
+    for r in range(3):
+        cache.k[0, r, 0, 0, :] = r
+    cache.keep_rows([2, 0])
+    assert cache.lengths == [2, 1]
+    assert cache.k[0, 0, 0, 0, 0] == 2 and cache.k[0, 1, 0, 0, 0] == 0
+    assert torch.equal(cache.get_pos(), torch.tensor([2, 1]))
+
+
+def test_rows_at_different_positions_decode_like_each_row_alone(tokenizer):
+    model = make_model(tokenizer)
+    engine = Engine(model, tokenizer)
+    prompts = [[5, 6, 7], list(range(40, 60)), [9], list(range(100, 109))]
+    with torch.no_grad():
+        batch = engine.new_cache(len(prompts), 32, batch_size=0)
+        alone = []
+        for prompt in prompts:
+            prefill, _ = engine.prefill(prompt)
+            batch.append_row(prefill)
+            alone.append(prefill)
+        assert isinstance(batch.get_pos(), torch.Tensor)
+        next_tokens = [1, 2, 3, 4]
+        for _ in range(3):  # a few steps: positions keep differing
+            batched = engine.decode_step(batch, next_tokens)
+            for r, cache in enumerate(alone):
+                single = engine.decode_step(cache, [next_tokens[r]])
+                torch.testing.assert_close(batched[r], single[0], atol=1e-5, rtol=1e-5)
+            next_tokens = batched.argmax(-1).tolist()
+
+
+# -----------------------------------------------------------------------------
+# Engine.generate
+
+
+def test_kv_cached_greedy_equals_full_recompute_across_a_cache_growth(tokenizer, monkeypatch):
+    monkeypatch.setattr(engine_module, "INITIAL_DECODE_ROOM", 8)  # the cache starts at 64 positions
+    grown = []
+    reserve = KVCache.reserve
+
+    def spy(self, length):
+        before = self.max_len
+        reserve(self, length)
+        if self.max_len != before:
+            grown.append((before, self.max_len))
+
+    monkeypatch.setattr(KVCache, "reserve", spy)
+    model = make_model(tokenizer, sequence_len=128)
+    engine = Engine(model, tokenizer)
+    for prompt_len in (1, 7, 23, 41):
+        prompt = [(31 * i + 7) % 256 for i in range(prompt_len)]
+        grown.clear()
+        results, masks = engine.generate_batch(prompt, max_tokens=80, temperature=0.0)
+        expected = generate_naive(model, prompt, 80)
+        assert results[0] == prompt + expected
+        assert masks[0] == [0] * prompt_len + [1] * 80
+        assert grown, f"prompt of {prompt_len}: the cache never grew"
+
+
+def test_samples_differ_from_the_first_token_and_the_seed_reproduces(tokenizer):
+    engine = Engine(make_model(tokenizer), tokenizer)
+    prompt = [1, 2, 3, 4, 5]
+    first = next(engine.generate(prompt, num_samples=8, temperature=1.0, seed=1))[0]
+    assert len(first) == 8 and len(set(first)) > 1
+    a, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, top_k=50, seed=7)
+    b, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, top_k=50, seed=7)
+    c, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=12, temperature=1.0, top_k=50, seed=8)
+    assert a == b and a != c
+    assert len({tuple(row) for row in a}) == 4
+
+
+def test_max_tokens_bounds_every_row_and_the_number_of_steps(tokenizer):
+    engine = Engine(make_model(tokenizer), tokenizer)
+    columns = list(engine.generate([3, 4], num_samples=3, max_tokens=9, temperature=0.8, seed=0))
+    assert len(columns) == 9 and all(len(tokens) == 3 and len(masks) == 3 for tokens, masks in columns)
+    results, _ = engine.generate_batch([3, 4], num_samples=3, max_tokens=9, temperature=0.8)
+    assert [len(r) for r in results] == [11, 11, 11]
+    assert list(engine.generate([3, 4], max_tokens=0)) == []
+
+
+def test_top_k_one_is_greedy(tokenizer):
+    engine = Engine(make_model(tokenizer), tokenizer)
+    greedy, _ = engine.generate_batch([8, 9, 10], max_tokens=15, temperature=0.0)
+    top1, _ = engine.generate_batch([8, 9, 10], num_samples=2, max_tokens=15, temperature=1.5, top_k=1)
+    assert top1 == [greedy[0], greedy[0]]
+
+
+def test_rows_stop_at_assistant_end_or_bos_and_leave_the_batch(tokenizer):
+    vocab = tokenizer.get_vocab_size()
+    end, bos = tokenizer.encode_special("<|assistant_end|>"), tokenizer.encode_special("<|bos|>")
+    logits = torch.full((vocab,), -30.0)
+    logits[[65, end, bos]] = 0.0  # 'A', assistant_end, bos equally likely
+    model = RuleModel(vocab, lambda pos, ids: logits)
+    engine = Engine(model, tokenizer)
+    results, _ = engine.generate_batch([65], num_samples=16, max_tokens=40, temperature=1.0, seed=3)
+    assert all(set(row[1:]) <= {65} for row in results)  # stop tokens are never included
+    model.batch_sizes.clear()
+    columns = list(engine.generate([65], num_samples=16, max_tokens=40, temperature=1.0, seed=3))
+    # rows still running after each step: a row stops with the first stop token it yields
+    alive = [
+        sum(all(col[0][i] == 65 for col in columns[: s + 1]) for i in range(16)) for s in range(len(columns))
+    ]
+    assert alive[-1] == 0 and len(columns) < 40  # everyone stopped early
+    # forward 0 is the prefill (batch 1); each decode forward holds only the rows still running
+    assert model.batch_sizes == [1] + alive[:-1]
+    stopped = [False] * 16
+    for tokens, masks in columns:  # a row's stop token comes once with mask 1, then repeats with mask 0
+        for i in range(16):
+            assert tokens[i] in (65, end, bos) and masks[i] == (0 if stopped[i] else 1)
+            stopped[i] = tokens[i] != 65
+    assert all(stopped)
+
+
+# -----------------------------------------------------------------------------
+# Tool use
+
+
+def scripted_tool_model(tokenizer, prompt_len: int, text_parts):
+    """A model that writes the given script position by position (placeholders where tool output goes)."""
+    script = []
+    for part in text_parts:
+        script += [tokenizer.encode_special(part)] if part.startswith("<|") else tokenizer.encode(part)
+    vocab = tokenizer.get_vocab_size()
+    rule = lambda pos, ids: one_hot_logits(vocab, script[min(pos - prompt_len + 1, len(script) - 1)])  # noqa: E731
+    return RuleModel(vocab, rule)
+
+
+def test_calculator_result_is_forced_with_mask_zero_and_generation_continues(tokenizer):
+    prompt = tokenizer.encode("Q", prepend="<|bos|>")
+    # 'XXXX' are where the model would write while the tool output (4 tokens: start, '3', '6', end) is forced
+    parts = ["<|python_start|>", "12*3", "<|python_end|>", "XXXX", "done", "<|assistant_end|>"]
+    engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
+    results, masks = engine.generate_batch(prompt, max_tokens=50, temperature=0.0)
+    generated, gen_masks = results[0][len(prompt) :], masks[0][len(prompt) :]
+    expected = "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>done"
+    assert tokenizer.decode(generated) == expected
+    forced = [tokenizer.encode_special("<|output_start|>"), *tokenizer.encode("36")]
+    forced.append(tokenizer.encode_special("<|output_end|>"))
+    start = generated.index(forced[0])
+    assert generated[start : start + 4] == forced
+    assert gen_masks == [1] * start + [0] * 4 + [1] * (len(generated) - start - 4)
+
+
+def test_refused_calculator_expression_forces_nothing(tokenizer):
+    prompt = tokenizer.encode("Q", prepend="<|bos|>")
+    parts = ["<|python_start|>", "__import__('os')", "<|python_end|>", "ok", "<|assistant_end|>"]
+    engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
+    results, masks = engine.generate_batch(prompt, max_tokens=50, temperature=0.0)
+    assert tokenizer.decode(results[0][len(prompt) :]) == "<|python_start|>__import__('os')<|python_end|>ok"
+    assert set(masks[0][len(prompt) :]) == {1}
+
+
+@pytest.mark.parametrize(
+    "expr, expected",
+    [
+        ("12*3", "36"),
+        ("1 + 2 * (3 - 5)", "-3"),
+        ("7 / 2", "3.5"),
+        ("6 / 3", "2"),
+        ("7 // 2 + 7 % 3", "4"),
+        ("2 ** 10", "1024"),
+        ("-(4) + +2", "-2"),
+        ("1,234 * 2", "2468"),
+        ("1 / 3", "0.3333333333"),
+        ("0.1 + 0.2", "0.3"),
+        ("2 ** -1", "0.5"),
+        ("'strawberry'.count('r')", "3"),
+        ('"banana".count("an") + 1', "3"),
+    ],
+)
+def test_calculator_evaluates_arithmetic_and_count(expr, expected):
+    assert use_calculator(expr) == expected
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "__import__('os')",
+        "__import__('os').system('echo hi')",
+        "().__class__",
+        "().__class__.__bases__[0].__subclasses__()",
+        "import os",
+        "9**9**9",
+        "10**10**10",
+        "2**100000",
+        "99999999999999999999**9999",
+        "'a'*10**9",
+        "'a' * 10",
+        "'abc'.upper()",
+        "'abc'.count('a', 1)",
+        "len('abc')",
+        "x + 1",
+        "[i for i in range(10**9)]",
+        "lambda: 1",
+        "1 if 1 else 0",
+        "1 / 0",
+        "5 % 0",
+        "(-8) ** 0.5",
+        "10.0 ** 400",
+        "True + 1",
+        "1j * 2",
+        "1" * 100 + " * " + "1" * 100,
+        "1+" * 300 + "1",
+        "(" * 200 + "1" + ")" * 200,
+        "",
+        "1 +",
+    ],
+)
+def test_calculator_refuses_unsafe_or_unbounded_input_quickly(expr):
+    start = time.perf_counter()
+    assert use_calculator(expr) is None
+    assert time.perf_counter() - start < 0.5
+
+
+# -----------------------------------------------------------------------------
+# Context limit
+
+
+def conversation(num_pairs: int, last: str = "last question") -> dict:
+    messages = []
+    for i in range(num_pairs):
+        messages += [
+            {"role": "user", "content": f"question {i} " * 5},
+            {"role": "assistant", "content": f"answer {i} " * 5},
+        ]
+    return {"messages": messages + [{"role": "user", "content": last}]}
+
+
+def test_fit_to_context_keeps_a_conversation_that_fits(tokenizer):
+    conv = conversation(3)
+    assert fit_to_context(tokenizer, conv, 4096, 100) == tokenizer.render_for_completion(conv)
+
+
+def test_fit_to_context_trims_the_oldest_turns_first(tokenizer):
+    conv = conversation(10)
+    full = tokenizer.render_for_completion(conv)
+    ids = fit_to_context(tokenizer, conv, len(full) - 50, 20)
+    assert len(ids) + 20 <= len(full) - 50
+    messages = conv["messages"]
+    # the result is exactly the render of the newest turns: as many as fit
+    suffixes = [tokenizer.render_for_completion(messages[2 * d :]) for d in range(11)]
+    assert ids == next(s for s in suffixes if len(s) + 20 <= len(full) - 50)
+    assert ids[0] == tokenizer.get_bos_token_id() and tokenizer.decode(ids).endswith(
+        "last question<|user_end|><|assistant_start|>"
+    )
+
+
+def test_fit_to_context_keeps_a_system_message_while_older_turns_can_go(tokenizer):
+    conv = conversation(10)
+    conv["messages"].insert(0, {"role": "system", "content": "be brief"})
+    full = tokenizer.render_for_completion(conv)
+    ids = fit_to_context(tokenizer, conv, len(full) - 60, 0)
+    assert len(ids) <= len(full) - 60 and tokenizer.decode(ids).startswith("<|bos|><|user_start|>be brief")
+
+
+def test_fit_to_context_keeps_the_end_of_a_too_long_last_turn_and_never_fails(tokenizer):
+    conv = conversation(2, last="start " + "x" * 500 + " the end")
+    ids = fit_to_context(tokenizer, conv, 100, 30)
+    assert len(ids) == 70 and ids[0] == tokenizer.get_bos_token_id()
+    assert tokenizer.decode(ids).endswith("the end<|user_end|><|assistant_start|>")
+    for max_context, reserve in [(5, 1), (4, 4), (1, 10), (0, 0)]:
+        ids = fit_to_context(tokenizer, conv, max_context, reserve)
+        assert ids[0] == tokenizer.get_bos_token_id() and ids[-1] == tokenizer.encode_special(
+            "<|assistant_start|>"
+        )
+
+
+# -----------------------------------------------------------------------------
+# Continuous batching
+
+
+def test_scheduler_greedy_equals_engine_greedy_for_concurrent_prompts(tokenizer):
+    engine = Engine(make_model(tokenizer), tokenizer)
+    prompts = [[7], list(range(30, 52)), [1, 2, 3], list(range(200, 209)), list(range(60, 100))]
+    max_tokens = [30, 12, 25, 40, 18]
+    expected = [
+        engine.generate_batch(p, max_tokens=n, temperature=0.0)[0][0][len(p) :]
+        for p, n in zip(prompts, max_tokens, strict=True)
+    ]
+    scheduler = BatchScheduler(engine, max_batch=3)  # fewer slots than requests: admission as rows free up
+    try:
+        requests = [scheduler.submit(p, n, temperature=0.0) for p, n in zip(prompts, max_tokens, strict=True)]
+        got = [collect(r) for r in requests]
+    finally:
+        scheduler.close()
+    assert got == expected
+    assert all(
+        r.finish_reason == "length" and r.num_generated_tokens == len(g)
+        for r, g in zip(requests, got, strict=True)
+    )
+    assert [r.num_prompt_tokens for r in requests] == [len(p) for p in prompts]
+
+
+def test_scheduler_streams_tool_output_and_stops_at_assistant_end(tokenizer):
+    prompt = tokenizer.encode("Q", prepend="<|bos|>")
+    parts = ["<|python_start|>", "12*3", "<|python_end|>", "XXXX", "done", "<|assistant_end|>"]
+    engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
+    scheduler = BatchScheduler(engine)
+    try:
+        request = scheduler.submit(prompt, 100, temperature=0.0)
+        tokens = collect(request)
+    finally:
+        scheduler.close()
+    assert (
+        tokenizer.decode(tokens) == "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>done"
+    )
+    assert request.finish_reason == "stop"
+
+
+def test_scheduler_cancel_frees_the_slot_for_a_later_request(tokenizer):
+    engine = Engine(make_model(tokenizer), tokenizer)
+    scheduler = BatchScheduler(engine, max_batch=1)
+    try:
+        hog = scheduler.submit([5, 6], 1000, temperature=0.0)
+        first = next(iter(hog))  # it is running and holds the only slot
+        waiting = scheduler.submit([7, 8], 5, temperature=0.0)
+        hog.cancel()
+        assert len(collect(waiting)) == 5 and waiting.finish_reason == "length"
+        rest = collect(hog)
+    finally:
+        scheduler.close()
+    assert hog.finish_reason == "cancelled" and 1 + len(rest) < 1000 and isinstance(first, int)
+
+
+def test_scheduler_completes_twenty_concurrent_requests(tokenizer):
+    engine = Engine(make_model(tokenizer, block_stops=False), tokenizer)
+    scheduler = BatchScheduler(engine, max_batch=8)
+    results: dict[int, list[int]] = {}
+
+    def client(i: int) -> None:
+        request = scheduler.submit([i, i + 1, i + 2][: 1 + i % 3], 5 + i, temperature=0.9, top_k=40, seed=i)
+        results[i] = (list(request), request)
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        scheduler.close()
+    assert sorted(results) == list(range(20))
+    for i, (tokens, request) in results.items():
+        assert request.finish_reason in ("stop", "length")
+        assert len(tokens) == request.num_generated_tokens <= 5 + i
+        assert (request.finish_reason == "length") == (len(tokens) == 5 + i)
+
+
+def test_scheduler_rejects_bad_submissions_and_closes_cleanly(tokenizer):
+    scheduler = BatchScheduler(Engine(make_model(tokenizer), tokenizer))
+    with pytest.raises(ValueError, match="empty"):
+        scheduler.submit([], 5)
+    with pytest.raises(ValueError, match="max_tokens"):
+        scheduler.submit([1], 0)
+    with pytest.raises(ValueError, match="temperature"):
+        scheduler.submit([1], 5, temperature=-1)
+    with pytest.raises(ValueError, match="positions"):
+        scheduler.submit([1] * 2000, 5)
+    scheduler.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit([1], 5)

@@ -1,0 +1,549 @@
+"""Tasks: data loading (local files and the hub), rendering, grading, mixtures and views."""
+
+import gzip
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from tasks import spellingbee
+from tasks.common import (
+    Task,
+    TaskMixture,
+    TaskSequence,
+    extract_hash_answer,
+    last_assistant_text,
+    load_task_rows,
+    render_mc,
+)
+from tasks.synthetic import Arithmetic, Identity, SimpleSpelling, SpellingBee, calculate, format_number
+
+SHARED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
+needs_shared = pytest.mark.skipif(
+    not SHARED_TASKS.is_dir(), reason=f"shared task data not found at {SHARED_TASKS}"
+)
+
+
+@pytest.fixture
+def shared_tasks(monkeypatch):
+    """NANOCHAT_TASK_DATA pointing at ../shared/data/tasks."""
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(SHARED_TASKS))
+    return SHARED_TASKS
+
+
+@pytest.fixture
+def local_tasks(tmp_path, monkeypatch):
+    """An empty local task folder set as NANOCHAT_TASK_DATA; tests write the files they need."""
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path))
+    return tmp_path
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+class Numbers(Task):
+    """A task whose example i is {"messages": [], "i": i}: makes views and mixtures easy to check."""
+
+    def __init__(self, n, tag="n", **view):
+        super().__init__(**view)
+        self.n, self.tag = n, tag
+
+    def num_examples(self):
+        return self.n
+
+    def get_example(self, index):
+        return {"tag": self.tag, "i": index}
+
+
+# ------------------------------------------------------------------------------ shared data
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda: __import__("tasks.gsm8k").gsm8k.GSM8K(split="train"), 7473),
+        (lambda: __import__("tasks.gsm8k").gsm8k.GSM8K(split="test"), 1319),
+        (lambda: __import__("tasks.arc").arc.ARC("ARC-Easy", "train"), 2251),
+        (lambda: __import__("tasks.arc").arc.ARC("ARC-Easy", "validation"), 570),
+        (lambda: __import__("tasks.arc").arc.ARC("ARC-Easy", "test"), 2376),
+        (lambda: __import__("tasks.arc").arc.ARC("ARC-Challenge", "train"), 1119),
+        (lambda: __import__("tasks.arc").arc.ARC("ARC-Challenge", "validation"), 299),
+        (lambda: __import__("tasks.arc").arc.ARC("ARC-Challenge", "test"), 1172),
+        (lambda: __import__("tasks.mmlu").mmlu.MMLU("all", "test"), 14042),
+        (lambda: __import__("tasks.mmlu").mmlu.MMLU("auxiliary_train", "train"), 1218),
+        (lambda: __import__("tasks.humaneval").humaneval.HumanEval(), 164),
+        (
+            lambda: __import__("tasks.customjson").customjson.CustomJSON("chat/identity_conversations.jsonl"),
+            1000,
+        ),
+    ],
+)
+def test_shared_data_row_counts(shared_tasks, make, expected):
+    task = make()
+    assert len(task) == task.num_examples() == expected
+    assert task[expected - 1]["messages"]  # the last row loads too
+
+
+@needs_shared
+def test_gsm8k_calculator_annotations_become_tool_parts(shared_tasks):
+    from tasks.gsm8k import GSM8K
+
+    conversation = GSM8K(split="train")[0]  # Natalia's clips: <<48/2=24>>, <<48+24=72>>, #### 72
+    user, assistant = conversation["messages"]
+    assert user["role"] == "user" and user["content"].startswith("Natalia sold clips")
+    parts = assistant["content"]
+    assert [p["type"] for p in parts] == ["text", "python", "python_output"] * 2 + ["text"]
+    assert parts[1]["text"] == "48/2" and parts[2]["text"] == "24"
+    assert parts[4]["text"] == "48+24" and parts[5]["text"] == "72"
+    assert parts[-1]["text"].endswith("#### 72")
+    assert not any("<<" in p["text"] for p in parts)
+    assert conversation["answer"] == "72"
+
+
+@needs_shared
+def test_gsm8k_grades_the_number_after_hashes(shared_tasks):
+    from tasks.gsm8k import GSM8K
+
+    task = GSM8K(split="test")
+    conversation = task[0]
+    gold = conversation["answer"]
+    assert task.evaluate(conversation, last_assistant_text(conversation))
+    assert (
+        task.evaluate(conversation, f"some work...\n#### {gold}")
+        and task.reward(conversation, f"#### {gold}") == 1.0
+    )
+    assert task.evaluate(conversation, f"#### {gold}.0")
+    assert not task.evaluate(conversation, f"#### {int(gold) + 1}")
+    assert task.reward(conversation, f"#### {int(gold) + 1}") == 0.0
+    assert not task.evaluate(conversation, f"the answer is {gold}")  # no #### means no answer
+
+
+def test_hash_answer_strips_commas_and_dollars():
+    assert extract_hash_answer("so\n#### 1,234") == "1234"
+    assert extract_hash_answer("#### $18.50.") == "18.50"
+    assert extract_hash_answer("#### -3") == "-3"
+    assert extract_hash_answer("no answer here") is None
+
+
+@needs_shared
+def test_arc_and_mmlu_are_categorical_with_letters_after_choices(shared_tasks):
+    from tasks.arc import ARC
+    from tasks.mmlu import MMLU
+
+    arc = ARC("ARC-Easy", "train")
+    conversation = arc[0]  # gold B: "a bacterial population in the bloodstream"
+    assert arc.eval_type == "categorical" and conversation["letters"] == ["A", "B", "C", "D"]
+    assert "- a bacterial population in the bloodstream=B" in conversation["messages"][0]["content"]
+    assert conversation["messages"][-1] == {"role": "assistant", "content": "B"}
+    assert arc.evaluate(conversation, "B") and arc.reward(conversation, " B\n") == 1.0
+    assert not arc.evaluate(conversation, "A") and arc.reward(conversation, "C") == 0.0
+
+    mmlu = MMLU("all", "test")
+    conversation = mmlu[0]  # abstract algebra, answer index 1
+    assert mmlu.eval_type == "categorical" and conversation["subject"] == "abstract_algebra"
+    assert conversation["messages"][-1]["content"] == "B"
+    assert "- 4=B" in conversation["messages"][0]["content"]
+    assert mmlu.evaluate(conversation, "B") and not mmlu.evaluate(conversation, "D")
+
+
+def test_render_mc_puts_each_letter_right_after_its_choice():
+    text = render_mc("Which is a fruit?", ["A", "B", "C"], ["rock", "apple", "chair"])
+    lines = text.splitlines()
+    assert lines[0] == "Multiple choice question: Which is a fruit?"
+    assert ["- rock=A", "- apple=B", "- chair=C"] == [line for line in lines if line.startswith("- ")]
+    assert "letter" in lines[-1]
+    with pytest.raises(ValueError, match="3 letters for 2 choices"):
+        render_mc("q", ["A", "B", "C"], ["x", "y"])
+
+
+def test_arc_reletters_numeric_labels_by_position(local_tasks):
+    from tasks.arc import ARC
+
+    row = {
+        "id": "x1",
+        "question": "Pick three.",
+        "choices": {"text": ["one", "two", "three"], "label": ["1", "2", "3"]},
+        "answerKey": "3",
+    }
+    write_jsonl(local_tasks / "arc" / "ARC-Challenge-validation.jsonl", [row])
+    conversation = ARC("ARC-Challenge", "validation")[0]
+    assert conversation["letters"] == ["A", "B", "C"]
+    assert conversation["messages"][-1]["content"] == "C"
+    assert "- three=C" in conversation["messages"][0]["content"]
+
+
+# ------------------------------------------------------------------------------ HumanEval
+
+
+def _subprocess_execute_code(code, timeout, max_memory_bytes):
+    """Stand-in for nanochat.execution.execute_code: a fresh interpreter, success = exit code 0."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
+    return types.SimpleNamespace(success=proc.returncode == 0, stderr=proc.stderr.decode())
+
+
+@pytest.fixture
+def humaneval_task(local_tasks, monkeypatch):
+    """A one-problem HumanEval file, graded through a subprocess stand-in for the sandbox."""
+    from tasks.humaneval import HumanEval
+
+    problem = {
+        "task_id": "Toy/0",
+        "prompt": 'def add(a, b):\n    """Return a + b."""\n',
+        "canonical_solution": "    return a + b\n",
+        "test": "def check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n",
+        "entry_point": "add",
+    }
+    path = local_tasks / "humaneval" / "HumanEval.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(problem) + "\n")
+    fake = types.ModuleType("nanochat.execution")
+    fake.execute_code = _subprocess_execute_code
+    monkeypatch.setitem(sys.modules, "nanochat.execution", fake)
+    return HumanEval()
+
+
+def test_humaneval_runs_the_tests_on_the_completion(humaneval_task):
+    task = humaneval_task
+    conversation = task[0]
+    assert task.eval_type == "generative"
+    assert conversation["messages"][0]["content"].startswith("def add(a, b):")
+    assert task.evaluate(conversation, last_assistant_text(conversation))  # the full gold function
+    assert task.evaluate(conversation, "    return a + b\n")  # a bare body continues the stub
+    fenced = "Here you go:\n```python\ndef add(a, b):\n    return b + a\n```\nDone."
+    assert task.evaluate(conversation, fenced) and task.reward(conversation, fenced) == 1.0
+    assert not task.evaluate(conversation, "    return a - b\n")
+    assert task.reward(conversation, "```python\ndef add(a, b):\n    return 5\n```") == 0.0
+
+
+def test_humaneval_with_the_real_sandbox(local_tasks):
+    execution = pytest.importorskip("nanochat.execution", reason="nanochat.execution not written yet")
+    assert hasattr(execution, "execute_code")
+    from tasks.humaneval import HumanEval
+
+    problem = {
+        "task_id": "Toy/1",
+        "prompt": "def double(x):\n",
+        "canonical_solution": "    return 2 * x\n",
+        "test": "def check(f):\n    assert f(4) == 8\n",
+        "entry_point": "double",
+    }
+    path = local_tasks / "humaneval" / "HumanEval.jsonl.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(problem) + "\n")
+    task = HumanEval()
+    assert task.evaluate(task[0], "    return 2 * x\n")
+    assert not task.evaluate(task[0], "    return x\n")
+
+
+# ------------------------------------------------------------------------------ chat data
+
+
+def test_smoltalk_reads_local_messages_and_grades_by_reference_match(local_tasks):
+    from tasks.smoltalk import SmolTalk
+
+    rows = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "4"},
+            ]
+        },
+    ]
+    write_jsonl(local_tasks / "smoltalk" / "test.jsonl", rows)
+    task = SmolTalk(split="test")
+    assert len(task) == 2 and task[1]["messages"][0]["role"] == "system"
+    assert task.evaluate(task[0], " Hello!\n") and task.reward(task[1], "4") == 1.0
+    assert not task.evaluate(task[0], "Goodbye") and task.reward(task[1], "5") == 0.0
+
+
+def test_smoltalk_rejects_a_malformed_conversation(local_tasks):
+    from tasks.smoltalk import SmolTalk
+
+    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]
+    write_jsonl(local_tasks / "smoltalk" / "train.jsonl", rows)
+    with pytest.raises(
+        ValueError, match="SmolTalk train row 0: message 1 has role 'user', expected 'assistant'"
+    ):
+        SmolTalk(split="train")[0]
+
+
+def test_customjson_reads_lists_and_names_the_bad_line(tmp_path):
+    from tasks.customjson import CustomJSON
+
+    good = [{"role": "user", "content": "who are you?"}, {"role": "assistant", "content": "nanochat"}]
+    path = write_jsonl(tmp_path / "conv.jsonl", [good, good])
+    task = CustomJSON(path)
+    assert len(task) == 2 and task[1]["messages"] == good
+    assert task.evaluate(task[0], "nanochat") and not task.evaluate(task[0], "ChatGPT")
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(good) + "\n" + json.dumps([good[1], good[0]]) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: message 0 has role 'assistant'"):
+        CustomJSON(bad)
+    bad.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
+        CustomJSON(bad)
+    bad.write_text(json.dumps(good[:1]) + "\n")
+    with pytest.raises(ValueError, match="at least one user message and one assistant reply"):
+        CustomJSON(bad)
+
+
+def test_customjson_finds_relative_paths_under_task_data(local_tasks, tmp_path, monkeypatch):
+    from tasks.customjson import CustomJSON
+
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    write_jsonl(local_tasks / "chat" / "mine.jsonl", [conv])
+    monkeypatch.chdir(tmp_path / "..")  # so the relative path does not exist as given
+    assert len(CustomJSON("chat/mine.jsonl")) == 1
+    with pytest.raises(FileNotFoundError, match="chat/nope.jsonl.*NANOCHAT_TASK_DATA"):
+        CustomJSON("chat/nope.jsonl")
+
+
+# ------------------------------------------------------------------------------ missing data and the hub
+
+
+@pytest.mark.parametrize(
+    "module, make, filename",
+    [
+        ("tasks.arc", lambda m: m.ARC("ARC-Easy", "test"), "arc/ARC-Easy-test.jsonl"),
+        ("tasks.mmlu", lambda m: m.MMLU("all", "validation"), "mmlu/mmlu_validation.jsonl"),
+        ("tasks.gsm8k", lambda m: m.GSM8K(split="test"), "gsm8k/test.jsonl"),
+        ("tasks.humaneval", lambda m: m.HumanEval(), "humaneval/HumanEval.jsonl.gz"),
+        ("tasks.smoltalk", lambda m: m.SmolTalk(split="train"), "smoltalk/train.jsonl"),
+    ],
+)
+def test_missing_local_data_names_the_file_and_the_variable(local_tasks, module, make, filename):
+    mod = __import__(module, fromlist=["_"])
+    with pytest.raises(FileNotFoundError) as info:
+        make(mod)
+    message = str(info.value)
+    assert filename in message and "NANOCHAT_TASK_DATA" in message and str(local_tasks) in message
+
+
+def test_hub_is_used_when_no_local_folder_is_set(monkeypatch):
+    calls = []
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        return [{"question": "q?", "answer": "<<1+1=2>>2\n#### 2"}]
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
+    from tasks.gsm8k import GSM8K
+
+    task = GSM8K(split="test")
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert task[0]["answer"] == "2"
+
+
+def test_hub_failure_says_which_variable_to_set(monkeypatch):
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
+    with pytest.raises(
+        RuntimeError, match=r"allenai/ai2_arc.*offline.*NANOCHAT_TASK_DATA.*arc/ARC-Easy-train.jsonl"
+    ):
+        load_task_rows("ARC", "arc/ARC-Easy-train.jsonl", ("allenai/ai2_arc", "ARC-Easy", "train"))
+
+
+def test_mmlu_unwraps_hub_auxiliary_train_rows(monkeypatch):
+    fake = types.ModuleType("datasets")
+    row = {"question": "q", "subject": "", "choices": ["w", "x", "y", "z"], "answer": 2}
+    fake.load_dataset = lambda path, name=None, split=None: [{"train": row}]
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
+    from tasks.mmlu import MMLU
+
+    assert MMLU("auxiliary_train", "train")[0]["messages"][-1]["content"] == "C"
+    with pytest.raises(ValueError, match="split"):
+        MMLU("auxiliary_train", "test")
+
+
+# ------------------------------------------------------------------------------ views and mixtures
+
+
+def test_views_slice_start_stop_step():
+    assert [x["i"] for x in Numbers(10)] == list(range(10))
+    view = Numbers(10, start=2, stop=9, step=3)
+    assert len(view) == 3 and [x["i"] for x in view] == [2, 5, 8]
+    assert view[-1]["i"] == 8
+    assert len(Numbers(10, start=1, stop=100, step=4)) == 3  # stop is clipped to the data: 1, 5, 9
+    assert len(Numbers(3, start=5)) == 0
+    with pytest.raises(IndexError):
+        view[3]
+    with pytest.raises(ValueError, match="step"):
+        Numbers(3, step=0)
+
+
+def test_mixture_is_a_deterministic_shuffle_and_oversamples_repeats():
+    a, b = Numbers(30, "a"), Numbers(5, "b")
+    mix = TaskMixture([a, b, b])
+    seen = [(x["tag"], x["i"]) for x in mix]
+    assert len(mix) == 40
+    assert sorted(seen) == sorted([("a", i) for i in range(30)] + [("b", i) for i in range(5)] * 2)
+    assert seen == [(x["tag"], x["i"]) for x in TaskMixture([a, b, b])]  # same seed, same order
+    assert seen != [(x["tag"], x["i"]) for x in TaskMixture([a, b, b], seed=7)]
+    assert seen[:10] != [(x["tag"], x["i"]) for x in TaskSequence([a, b, b])][:10]  # really shuffled
+    # a mixture of views mixes only the viewed examples
+    assert sorted(x["i"] for x in TaskMixture([Numbers(10, stop=4)])) == [0, 1, 2, 3]
+
+
+def test_sequence_concatenates_in_order():
+    seq = TaskSequence([Numbers(2, "a"), Numbers(3, "b", start=1)])
+    assert [(x["tag"], x["i"]) for x in seq] == [("a", 0), ("a", 1), ("b", 1), ("b", 2)]
+    assert [x["i"] for x in TaskSequence([Numbers(4)], step=2)] == [0, 2]
+
+
+# ------------------------------------------------------------------------------ spelling and synthetic tasks
+
+
+def test_spellingbee_counts_with_the_tool_and_grades_the_count():
+    from nanochat.engine import use_calculator
+
+    task = SpellingBee(size=50, split="train")
+    for conversation in task:
+        word, letter = conversation["word"], conversation["letter"]
+        parts = conversation["messages"][-1]["content"]
+        python = [p["text"] for p in parts if p["type"] == "python"]
+        output = [p["text"] for p in parts if p["type"] == "python_output"]
+        assert python == [f"'{word}'.count('{letter}')"] and output == [str(word.count(letter))]
+        assert use_calculator(python[0]) == output[0]  # the engine's tool gives the same answer
+        assert conversation["answer"] == str(word.count(letter))
+        assert task.evaluate(conversation, last_assistant_text(conversation))
+        assert task.reward(conversation, f"#### {word.count(letter) + 1}") == 0.0
+    assert [c["word"] for c in SpellingBee(50, "train")] == [c["word"] for c in task]  # deterministic
+    assert [c["word"] for c in SpellingBee(50, "test")] != [c["word"] for c in task]
+
+
+def test_simplespelling_spells_and_grades_letter_by_letter():
+    task = SimpleSpelling(size=20, split="test")
+    conversation = task[0]
+    word = conversation["word"]
+    assert conversation["messages"][-1]["content"] == f"{word}: {','.join(word)}"
+    assert task.evaluate(conversation, last_assistant_text(conversation))
+    assert task.evaluate(conversation, f"Sure: {' - '.join(word)}")
+    assert not task.evaluate(conversation, word)  # the bare word is not spelled out
+    assert not task.evaluate(conversation, f"{word}: {','.join(word[::-1] + 'x')}")
+
+
+def test_word_list_falls_back_to_the_offline_corpus(base_dir, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
+    monkeypatch.setattr(spellingbee, "SYSTEM_WORDS", Path("/nonexistent/words"))
+    spellingbee._load_words.cache_clear()
+    try:
+        words, source = spellingbee.load_words()
+        assert source == "offline corpus"
+        assert len(words) > 1000 and list(words) == sorted(words)
+        assert all(word.isalpha() and word.islower() for word in words)
+        conversation = SpellingBee(5, "train")[0]
+        assert conversation["word"] in words
+    finally:
+        spellingbee._load_words.cache_clear()
+
+
+def test_arithmetic_is_deterministic_and_its_tool_outputs_match_the_engine_calculator():
+    from nanochat.engine import use_calculator
+
+    task = Arithmetic(size=200, split="train")
+    examples = list(task)
+    assert examples == list(Arithmetic(size=200, split="train"))
+    assert examples != list(Arithmetic(size=200, split="test"))
+    assert examples != list(Arithmetic(size=200, split="train", seed=1))
+    assert len({c["messages"][0]["content"] for c in examples}) > 150  # varied questions
+    for conversation in examples:
+        parts = conversation["messages"][-1]["content"]
+        for call, output in zip(parts, parts[1:], strict=False):
+            if call["type"] == "python":
+                assert output["type"] == "python_output" and output["text"] == use_calculator(call["text"])
+        assert float(conversation["answer"]) == float(parts[-2]["text"])
+        assert task.evaluate(conversation, last_assistant_text(conversation))
+        assert task.reward(conversation, f"#### {int(conversation['answer']) + 1}") == 0.0
+        assert not task.evaluate(conversation, conversation["answer"])  # no ####
+
+
+def test_calculate_refuses_anything_but_arithmetic():
+    assert calculate("24/4") == 6.0 and calculate("3+4*2") == 11
+    assert format_number(6.0) == "6" and format_number(7 / 2) == "3.5" and format_number(12) == "12"
+    with pytest.raises(ValueError, match="not a plain arithmetic"):
+        calculate("__import__('os')")
+
+
+def test_identity_conversations_are_deterministic_and_valid():
+    from tasks.common import validate_messages
+
+    task = Identity(size=100, split="train")
+    examples = list(task)
+    assert examples == list(Identity(size=100, split="train"))
+    assert len({json.dumps(c) for c in examples}) > 50
+    for conversation in examples:
+        validate_messages(conversation["messages"], "identity")
+        assert task.evaluate(conversation, last_assistant_text(conversation))
+        assert not task.evaluate(conversation, "I am ChatGPT, made by OpenAI.")
+    assert any("nanochat" in m["content"] for c in examples for m in c["messages"])
+
+
+# ------------------------------------------------------------------------------ rendering every task
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base_dir):
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+
+
+def _all_tasks(shared: bool) -> list[Task]:
+    tasks = [Arithmetic(3), Identity(3), SpellingBee(3), SimpleSpelling(3)]
+    if shared:
+        from tasks.arc import ARC
+        from tasks.customjson import CustomJSON
+        from tasks.gsm8k import GSM8K
+        from tasks.humaneval import HumanEval
+        from tasks.mmlu import MMLU
+
+        tasks += [
+            ARC("ARC-Challenge", "validation"),
+            MMLU("all", "dev"),
+            GSM8K(split="test"),
+            HumanEval(),
+            CustomJSON("chat/identity_conversations.jsonl"),
+            CustomJSON("chat/kto_en_demo_accepted.messages.jsonl"),  # SmolTalk-like
+        ]
+    return tasks
+
+
+def test_every_task_renders_with_the_tokenizer(tokenizer, monkeypatch):
+    shared = SHARED_TASKS.is_dir()
+    if shared:
+        monkeypatch.setenv("NANOCHAT_TASK_DATA", str(SHARED_TASKS))
+    assistant_start = tokenizer.encode_special("<|assistant_start|>")
+    output_start = tokenizer.encode_special("<|output_start|>")
+    for task in _all_tasks(shared):
+        conversation = task[0]
+        ids, mask = tokenizer.render_conversation(conversation, max_tokens=4096)
+        assert len(ids) == len(mask) and ids[0] == tokenizer.get_bos_token_id()
+        assert sum(mask) > 0, type(task).__name__  # the assistant's reply is trained on
+        if output_start in ids:  # tool output is read, not trained on
+            assert mask[ids.index(output_start)] == 0
+        prompt = tokenizer.render_for_completion(conversation)
+        assert prompt[-1] == assistant_start
+        if task.eval_type == "categorical":  # each answer letter is a single token
+            assert all(len(tokenizer.encode(letter)) == 1 for letter in conversation["letters"])
