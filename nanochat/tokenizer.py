@@ -453,3 +453,63 @@ class StreamDecoder:
         text = self._decoder.decode(b"", final=True)
         self._decoder.reset()
         return text
+
+
+# -----------------------------------------------------------------------------
+# Chat front ends: showing a reply as it streams, and storing it back as a message
+
+TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+# How the tool's special tokens are shown to a human: "<<12*7=84>>".
+TOOL_DISPLAY = {
+    "<|python_start|>": "<<",
+    "<|python_end|>": "=",
+    "<|output_start|>": "",
+    "<|output_end|>": ">>",
+}
+
+
+class ReplyDecoder:
+    """Turns generated token ids into displayable text pieces, one id at a time.
+
+    Text is decoded incrementally (never splitting a UTF-8 character); tool tokens become
+    `TOOL_DISPLAY` markers; any other special token is shown by its name.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.decoder = StreamDecoder(tokenizer)
+        special = tokenizer.get_special_tokens()
+        self.markers = {special[name]: TOOL_DISPLAY.get(name, name) for name in special}
+
+    def push(self, token_id: int) -> str:
+        """The text completed by this token (possibly "")."""
+        if token_id in self.markers:
+            return self.decoder.flush() + self.markers[token_id]
+        return self.decoder.push(token_id)
+
+    def flush(self) -> str:
+        """Whatever text is still held back (an incomplete character becomes U+FFFD)."""
+        return self.decoder.flush()
+
+
+def assistant_content(tokenizer: Tokenizer, ids: list[int]) -> str | list[dict]:
+    """The assistant message content for generated ids: a str, or parts when the tool was used."""
+    special = {tokenizer.encode_special(name): name for name in TOOL_TOKENS}
+    parts: list[dict] = []
+    kind, chunk = "text", []
+
+    def close() -> None:
+        if chunk:
+            parts.append({"type": kind, "text": tokenizer.decode(chunk)})
+
+    for token_id in ids:
+        name = special.get(token_id)
+        if name is None:
+            chunk.append(token_id)
+            continue
+        close()
+        chunk = []
+        kind = {"<|python_start|>": "python", "<|output_start|>": "python_output"}.get(name, "text")
+    close()
+    if all(p["type"] == "text" for p in parts):
+        return "".join(p["text"] for p in parts)
+    return parts

@@ -1,0 +1,81 @@
+"""The terminal chat as a user runs it (a subprocess), on the scripted model of test_chat_web.py,
+whose reply (text, a calculator call, an emoji and CJK) is known exactly."""
+
+import subprocess
+import sys
+
+import pytest
+from test_chat_web import REPO, build_base_dir, child_env, script_text, scripted_model
+
+from nanochat.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def cli_base(tiny_base_dir, tmp_path_factory):
+    # a 64-token context (rotary table: 640 positions) that a long chat overflows quickly
+    return build_base_dir(tiny_base_dir, tmp_path_factory.mktemp("cli"), lambda tok: scripted_model(tok, 64))
+
+
+def run_cli(base, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**child_env(base), "PYTHONIOENCODING": "utf-8"}
+    cmd = [sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", *args]
+    return subprocess.run(
+        cmd, cwd=REPO, env=env, input=stdin.encode(), capture_output=True, timeout=120, check=False
+    )
+
+
+def test_one_shot_prompt_prints_the_reply_and_exits_0(cli_base):
+    result = run_cli(cli_base, "-p", "What is 1+2?", "-t", "0")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode("utf-8")  # strict: a split emoji would not decode
+    expected = script_text(Tokenizer.from_directory(cli_base / "tokenizer"))
+    assert out.strip() == expected  # nothing but the reply; the tool call shown as <<1+2=3>>
+
+
+@pytest.fixture
+def in_process(cli_base, monkeypatch):
+    """Runs `scripts.chat_cli.main` in this process with the given argv and stdin (faster than a
+    subprocess; the one-shot test above covers the real command line)."""
+    import io
+
+    import torch
+
+    from scripts import chat_cli
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(cli_base))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+
+    def run(*args: str, stdin: str = "") -> None:
+        monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", *args])
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        chat_cli.main()
+
+    yield run
+    torch.set_num_threads(threads)
+
+
+def test_interactive_chat_keeps_context_clears_and_quits(cli_base, in_process, capsys):
+    expected = script_text(Tokenizer.from_directory(cli_base / "tokenizer"))
+    # 20 turns of ~35 tokens each: far past the 64-token context, and past the 640 positions the
+    # model can encode at all, so the chat only survives if old turns are dropped every time
+    turns = [f"remember the number {i} please" for i in range(20)] + [
+        "clear",
+        "",
+        "short one",
+        "exit",
+        "never",
+    ]
+    in_process("--max-tokens", "64", stdin="\n".join(turns) + "\n")
+    out = capsys.readouterr().out
+    assert out.count("Assistant: " + expected) == 21
+    assert "(conversation cleared)" in out
+    assert out.rstrip().endswith("User:")  # left at "exit", before the last line
+
+
+def test_cli_rejects_bad_flags_with_a_clear_message(in_process, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        in_process("-p", "hi", "-t", "-1")
+    assert exit_info.value.code == 2 and "--temperature must be >= 0" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no rl checkpoints"):
+        in_process("-p", "hi", "-i", "rl")

@@ -1,0 +1,515 @@
+"""The web server end to end: a real uvicorn process on 127.0.0.1 serving tiny sft checkpoints.
+
+Two hand-built 2-layer models make the replies predictable without training:
+- the "scripted" model always answers the same text (with a calculator call, an emoji and CJK);
+  its blocks are the identity (zero output projections), so the next token depends only on
+  the current one, and the embedding / head weights encode a chain of successors;
+- the "babbler" model samples uniformly and can never emit a special token, so every reply runs
+  exactly to its token budget (long, cancellable streams; exact usage numbers).
+
+Helpers here (`build_base_dir`, `scripted_model`, `ChatServer`) are reused by test_ui.py and
+test_chat_cli.py.
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+# The scripted model's reply: text, a calculator call (its output is forced by the engine), then
+# multi-byte characters whose UTF-8 bytes are split across byte-level tokens.
+SCRIPT_BEFORE_TOOL = "Sum:"
+SCRIPT_EXPR = "1+2"
+SCRIPT_AFTER_TOOL = "😀中文"
+
+
+# ---------------------------------------------------------------------------- tiny models
+
+
+def _tiny(tokenizer: Tokenizer, sequence_len: int) -> GPT:
+    config = config_from_depth(2, tokenizer.get_vocab_size(), sequence_len, aspect_ratio=32, head_dim=32)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.init_weights()
+    return model
+
+
+def script_chain(tokenizer: Tokenizer) -> list[list[int]]:
+    """Token runs the scripted model produces; the engine forces the tool output between them."""
+    special = tokenizer.encode_special
+    return [
+        [special("<|assistant_start|>")]
+        + tokenizer.encode(SCRIPT_BEFORE_TOOL)
+        + [special("<|python_start|>")]
+        + tokenizer.encode(SCRIPT_EXPR)
+        + [special("<|python_end|>")],
+        [special("<|output_end|>")] + tokenizer.encode(SCRIPT_AFTER_TOOL) + [special("<|assistant_end|>")],
+    ]
+
+
+@torch.no_grad()
+def scripted_model(tokenizer: Tokenizer, sequence_len: int = 256) -> GPT:
+    """A model whose greedy (and low-temperature) reply to any prompt is the script above."""
+    model = _tiny(tokenizer, sequence_len)
+    wte, head = model.transformer.wte.weight, model.lm_head.weight
+    runs = script_chain(tokenizer)
+    chain = [t for run in runs for t in run]
+    assert len(set(chain)) == len(chain) <= model.config.n_embd, "script tokens must be distinct"
+    wte[:, : len(chain)] = 0.0  # reserve one direction per chain token
+    for i, token in enumerate(chain):
+        wte[token] = 0.0
+        wte[token, i] = 1.0  # after RMSNorm: 8 * e_i
+    for run in runs:
+        for current, following in zip(run[:-1], run[1:], strict=True):
+            head[following, chain.index(current)] = 10.0  # logit 80 -> 15 after the softcap; others ~0
+    return model
+
+
+@torch.no_grad()
+def babbler_model(tokenizer: Tokenizer, sequence_len: int = 2048) -> GPT:
+    """A model that samples ~uniformly among ordinary tokens and never emits a special token."""
+    model = _tiny(tokenizer, sequence_len)
+    model.transformer.wte.weight[:, 0] = 10.0  # a constant feature in every hidden state
+    for token_id in tokenizer.get_special_tokens().values():
+        model.lm_head.weight[token_id, 0] = -10.0  # logit ~ -60 -> -15: never sampled
+    return model
+
+
+def build_base_dir(tiny_base_dir: Path, dest: Path, model_fn) -> Path:
+    """A base dir with the tiny tokenizer and `model_fn(tokenizer)` saved as sft checkpoint d2, step 1."""
+    shutil.copytree(tiny_base_dir / "tokenizer", dest / "tokenizer")
+    tokenizer = Tokenizer.from_directory(dest / "tokenizer")
+    model = model_fn(tokenizer)
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(dest)
+    try:
+        meta = {"model_config": asdict(model.config)}
+        save_checkpoint(checkpoint_dir("sft", "d2"), 1, model, None, meta)
+    finally:
+        if old is None:
+            del os.environ["NANOCHAT_BASE_DIR"]
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = old
+    return dest
+
+
+def script_text(tokenizer: Tokenizer) -> str:
+    """What the scripted model's reply looks like on screen (tool call as <<expr=result>>)."""
+    from nanochat.engine import use_calculator
+
+    return f"{SCRIPT_BEFORE_TOOL}<<{SCRIPT_EXPR}={use_calculator(SCRIPT_EXPR)}>>{SCRIPT_AFTER_TOOL}"
+
+
+def child_env(base: Path) -> dict:
+    return {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+# ---------------------------------------------------------------------------- the server process
+
+
+class ChatServer:
+    """`python -m scripts.chat_web` on a free port of 127.0.0.1, stopped by `stop()`."""
+
+    def __init__(self, base: Path, *args: str):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / f"server_{self.port}.log"
+        self.log = open(self.log_path, "w")
+        cmd = [
+            sys.executable,
+            "-m",
+            "scripts.chat_web",
+            "--port",
+            str(self.port),
+            "--device-type",
+            "cpu",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=child_env(base), stdout=self.log, stderr=subprocess.STDOUT
+        )
+        deadline = time.time() + 90
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chat_web exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"chat_web did not come up in 90 s:\n{self.log_text()}")
+            time.sleep(0.2)
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def stats(self) -> dict:
+        return httpx.get(self.url + "/stats", timeout=10).json()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+_SHARED: dict = {}
+
+
+@pytest.fixture(scope="session")
+def scripted_server(tiny_base_dir, tmp_path_factory):
+    """The scripted model's server, one process for the session (test_ui.py imports this fixture)."""
+    if "scripted" not in _SHARED:
+        base = build_base_dir(tiny_base_dir, tmp_path_factory.mktemp("web_scripted"), scripted_model)
+        server = ChatServer(base, "--max-batch", "4", "--log-content")
+        server.tokenizer = Tokenizer.from_directory(base / "tokenizer")
+        server.reply = script_text(server.tokenizer)
+        _SHARED["scripted"] = server
+    yield _SHARED["scripted"]
+    server = _SHARED.pop("scripted", None)
+    if server is not None:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def babbler_server(tiny_base_dir, tmp_path_factory):
+    base = build_base_dir(tiny_base_dir, tmp_path_factory.mktemp("web_babbler"), babbler_model)
+    server = ChatServer(base, "--max-batch", "3", "--max-tokens", "8")
+    yield server
+    server.stop()
+
+
+def openai_client(server: ChatServer):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", timeout=60, max_retries=0)
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The JSON payloads of a server-sent event stream, in order."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+# ---------------------------------------------------------------------------- OpenAI compatibility
+
+
+def test_openai_client_gets_scripted_reply_with_usage_and_stop(scripted_server):
+    reply = openai_client(scripted_server).chat.completions.create(model="nanochat", messages=HELLO)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == script_text(scripted_server.tokenizer)
+    assert choice.finish_reason == "stop"
+    prompt = scripted_server.tokenizer.render_for_completion({"messages": HELLO})
+    assert reply.usage.prompt_tokens == len(prompt)
+    # every generated token is counted, the forced tool output included, the end token not
+    from nanochat.engine import use_calculator
+
+    run1, run2 = script_chain(scripted_server.tokenizer)
+    forced = 2 + len(scripted_server.tokenizer.encode(use_calculator(SCRIPT_EXPR)))  # output_start ... end
+    generated = (len(run1) - 1) + forced + (len(run2) - 2)  # run1 without the prompt token, run2 without
+    # output_end (already in `forced`) and the stop token
+    assert reply.usage.completion_tokens == generated
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_openai_client_streams_the_same_reply_in_chunks(scripted_server):
+    stream = openai_client(scripted_server).chat.completions.create(
+        model="nanochat", messages=HELLO, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert "".join(pieces) == script_text(scripted_server.tokenizer)
+    assert sum(1 for p in pieces if p) > 3  # really streamed, not one blob
+    assert finish == ["stop"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+
+
+def test_openai_length_finish_and_exact_usage_when_budget_runs_out(babbler_server):
+    client = openai_client(babbler_server)
+    reply = client.chat.completions.create(model="m", messages=HELLO, max_tokens=5, extra_body={"top_k": 20})
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+    default = client.chat.completions.create(model="m", messages=HELLO)
+    assert default.usage.completion_tokens == 8  # the server's --max-tokens
+
+
+def test_models_endpoint_lists_the_served_model(scripted_server):
+    models = openai_client(scripted_server).models.list()
+    ids = [m.id for m in models.data]
+    assert ids == ["nanochat-sft-d2-step1"]
+    reply = httpx.post(
+        scripted_server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=30
+    ).json()
+    assert reply["model"] == ids[0] and reply["object"] == "chat.completion"
+
+
+def test_raw_openai_stream_ends_with_done_marker(scripted_server):
+    body = {"messages": HELLO, "stream": True}
+    with httpx.stream("POST", scripted_server.url + "/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+
+
+# ---------------------------------------------------------------------------- native endpoint, UTF-8
+
+
+def test_native_endpoint_streams_complete_utf8_pieces_then_done(scripted_server):
+    with httpx.stream(
+        "POST", scripted_server.url + "/chat/completions", json={"messages": HELLO}, timeout=30
+    ) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert events[-1]["done"] is True
+    tokens = [e["token"] for e in events[:-1]]
+    assert all(e["gpu"] == 0 for e in events[:-1])
+    assert "".join(tokens) == script_text(scripted_server.tokenizer)
+    # the emoji and the CJK characters span several byte-level tokens, yet no piece is broken
+    assert not any("\ufffd" in t for t in tokens)
+    emoji_ids = scripted_server.tokenizer.encode("😀")
+    assert len(emoji_ids) > 1, "the test needs an emoji split across tokens"
+    assert any("😀" in t for t in tokens)
+
+
+def test_reply_decoder_never_splits_multibyte_characters(tiny_base_dir):
+    from nanochat.tokenizer import ReplyDecoder
+
+    tokenizer = Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+    text = "naïve café 😀👍🏽 中文字符 日本語 ✓"
+    ids = tokenizer.encode(text)
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids), "no token splits a character: test is vacuous"
+    decoder = ReplyDecoder(tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_reply_decoder_shows_tool_calls_and_flushes_partial_bytes(tiny_base_dir):
+    from nanochat.tokenizer import ReplyDecoder, assistant_content
+
+    tokenizer = Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+    special = tokenizer.encode_special
+    ids = (
+        tokenizer.encode("x")
+        + [special("<|python_start|>")]
+        + tokenizer.encode("2*3")
+        + [special("<|python_end|>"), special("<|output_start|>")]
+        + tokenizer.encode("6")
+        + [special("<|output_end|>")]
+        + tokenizer.encode(" y")
+    )
+    decoder = ReplyDecoder(tokenizer)
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == "x<<2*3=6>> y"
+    assert assistant_content(tokenizer, ids) == [
+        {"type": "text", "text": "x"},
+        {"type": "python", "text": "2*3"},
+        {"type": "python_output", "text": "6"},
+        {"type": "text", "text": " y"},
+    ]
+    assert assistant_content(tokenizer, tokenizer.encode("plain")) == "plain"
+    # an incomplete character left at the end comes out as one replacement character
+    first_byte = tokenizer.encode("😀")[0]
+    decoder = ReplyDecoder(tokenizer)
+    assert decoder.push(first_byte) == "" and decoder.flush() == "\ufffd"
+
+
+# ---------------------------------------------------------------------------- limits and bad input
+
+
+LONG = "a" * 8001
+BAD_BODIES = {
+    "no messages": {"messages": []},
+    "messages not a list": {"messages": "hi"},
+    "too many messages": {
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 250
+        + [{"role": "user", "content": "z"}]
+    },
+    "message too long": {"messages": [{"role": "user", "content": LONG}]},
+    "total too long": {
+        "messages": [{"role": r, "content": "b" * 7000} for r in ["user", "assistant"] * 2 + ["user"]]
+    },
+    "bad role": {"messages": [{"role": "tool", "content": "x"}]},
+    "system not first": {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]},
+    "content not a string": {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
+    "missing content": {"messages": [{"role": "user"}]},
+    "message not an object": {"messages": ["hello"]},
+    "last is assistant": {
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    },
+    "two user turns": {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]},
+    "temperature high": {"messages": HELLO, "temperature": 2.5},
+    "temperature negative": {"messages": HELLO, "temperature": -0.1},
+    "temperature string": {"messages": HELLO, "temperature": "hot"},
+    "top_k high": {"messages": HELLO, "top_k": 201},
+    "top_k float": {"messages": HELLO, "top_k": 3.5},
+    "max_tokens zero": {"messages": HELLO, "max_tokens": 0},
+    "max_tokens high": {"messages": HELLO, "max_tokens": 4097},
+    "max_tokens bool": {"messages": HELLO, "max_tokens": True},
+    "stream not bool": {"messages": HELLO, "stream": "yes"},
+    "n=2": {"messages": HELLO, "n": 2},
+}
+
+
+@pytest.mark.parametrize("endpoint", ["/chat/completions", "/v1/chat/completions"])
+def test_every_limit_violation_gets_400_with_json_error(scripted_server, endpoint):
+    for name, body in BAD_BODIES.items():
+        r = httpx.post(scripted_server.url + endpoint, json=body, timeout=30)
+        assert r.status_code == 400, (name, r.status_code, r.text)
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"], name
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"{not json",
+        b"",
+        b"[1, 2]",
+        b'"just a string"',
+        b"null",
+        b'{"messages": NaN}',
+        b"\xff\xfe\x00",
+        b"{" * 5000,
+    ],
+)
+def test_malformed_bodies_get_4xx_json_and_server_survives(scripted_server, raw):
+    for endpoint in ("/chat/completions", "/v1/chat/completions"):
+        r = httpx.post(scripted_server.url + endpoint, content=raw, timeout=30)
+        assert 400 <= r.status_code < 500, (raw[:20], r.status_code, r.text)
+        assert r.json()["error"]["message"]
+    assert httpx.get(scripted_server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_oversized_body_is_rejected_with_413(scripted_server):
+    r = httpx.post(scripted_server.url + "/v1/chat/completions", content=b" " * 1_000_001, timeout=30)
+    assert r.status_code == 413 and "larger" in r.json()["error"]["message"]
+
+
+def test_limits_at_the_boundary_are_accepted(scripted_server):
+    body = {
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "c" * 8000}],
+        "temperature": 0,
+        "top_k": 200,
+        "max_tokens": 1,
+    }
+    r = httpx.post(scripted_server.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 1
+    assert r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_unknown_route_is_a_json_404(scripted_server):
+    r = httpx.get(scripted_server.url + "/nope", timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
+
+
+# ---------------------------------------------------------------------------- pool, disconnects, load
+
+
+def test_health_and_stats_answer(babbler_server):
+    health = httpx.get(babbler_server.url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["num_workers"] == 1
+    stats = babbler_server.stats()
+    assert stats["workers"] == [{"gpu": 0, "device": "cpu", "busy": 0, "capacity": 3}]
+    for key in ("busy", "queued", "requests_served", "requests_cancelled", "tokens_generated", "uptime_s"):
+        assert key in stats
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(babbler_server):
+    before = babbler_server.stats()
+    long_body = {"messages": HELLO, "max_tokens": 4000}  # ~2000 tokens of budget: seconds of work
+    for _ in range(3):  # fill every slot, then hang up after the first piece
+        with httpx.stream("POST", babbler_server.url + "/chat/completions", json=long_body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break
+    deadline = time.time() + 10
+    while (stats := babbler_server.stats())["busy"] > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert stats["busy"] == 0
+    assert stats["requests_cancelled"] == before["requests_cancelled"] + 3
+    assert stats["tokens_generated"] - before["tokens_generated"] < 3 * 1000  # stopped early
+    reply = httpx.post(babbler_server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=30)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+
+
+def test_twenty_concurrent_requests_all_complete(babbler_server):
+    before = babbler_server.stats()
+
+    async def one(client: httpx.AsyncClient, i: int) -> dict:
+        body = {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 6}
+        r = await client.post(babbler_server.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    async def all_of_them():
+        async with httpx.AsyncClient() as client:
+            return await asyncio.gather(*(one(client, i) for i in range(20)))
+
+    replies = asyncio.run(all_of_them())
+    assert all(r["usage"]["completion_tokens"] == 6 for r in replies)
+    assert all(r["choices"][0]["finish_reason"] == "length" for r in replies)
+    after = babbler_server.stats()
+    assert after["requests_served"] - before["requests_served"] == 20
+    assert after["tokens_generated"] - before["tokens_generated"] == 120
+    assert after["busy"] == 0 and after["queued"] == 0
+
+
+def test_request_log_has_metadata_and_content_only_when_asked(scripted_server, babbler_server):
+    httpx.post(
+        babbler_server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "SECRET"}]},
+    )
+    time.sleep(0.2)
+    log = babbler_server.log_text()
+    assert "/v1/chat/completions messages=1" in log and "finish_reason=length" in log
+    assert "SECRET" not in log
+    httpx.post(
+        scripted_server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "TOLD"}]}
+    )
+    time.sleep(0.2)
+    assert "TOLD" in scripted_server.log_text()  # this server runs with --log-content
+
+
+def test_index_serves_the_self_contained_ui(scripted_server):
+    r = httpx.get(scripted_server.url + "/", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "<title>nanochat</title>" in r.text
+    assert "http://" not in r.text and "https://" not in r.text  # no CDN or external asset
