@@ -22,8 +22,10 @@ Design choices:
   reads the same whether its batch is split across GPUs or across micro-steps. Metrics
   go to <checkpoint dir>/log.jsonl (rank 0), the source of the report's curves.
 - bf16 autocast and torch.compile on CUDA; plain fp32 eager elsewhere.
-- --core-metric-every is off (-1) by default: the CORE evaluation arrives with the
-  evaluation stage; until then the flag only reports that it is unavailable.
+- CORE (every --core-metric-every steps and at the end, on at most
+  --core-metric-max-per-task examples per task) runs on the uncompiled model; the eval
+  bundle is fetched before training starts, never in the middle of a run. Tasks whose
+  files are missing from the bundle are skipped and the score is marked partial.
 - --dry-run validates the configuration, prints the plan (sizes, steps, memory
   estimate) and exits before allocating the model.
 """
@@ -56,6 +58,7 @@ from nanochat.common import (
     print0,
     setup_logging,
 )
+from nanochat.core_eval import evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_parquet_files, read_manifest
 from nanochat.engine import greedy_completions
@@ -98,9 +101,7 @@ g.add_argument(
     "--eval-every", type=int, default=250, help="steps between val bpb evals (-1: only at the end)"
 )
 g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per eval")
-g.add_argument(
-    "--core-metric-every", type=int, default=-1, help="steps between CORE evals (not available yet: keep -1)"
-)
+g.add_argument("--core-metric-every", type=int, default=2000, help="steps between CORE evals (-1: off)")
 g.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task")
 g.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: off)")
 g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
@@ -118,8 +119,6 @@ user_config = vars(args).copy()
 # Compute
 
 setup_logging()
-if args.core_metric_every > 0:
-    sys.exit("base_train: --core-metric-every needs the CORE evaluation, which is not available yet; use -1")
 is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
 master = rank == 0
 compute_dtype = get_compute_dtype(device)
@@ -202,6 +201,15 @@ print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for
 if args.dry_run:
     compute_cleanup()
     sys.exit(0)
+if args.core_metric_every > 0:  # the CORE bundle now, not mid-run (rank 0 downloads, the rest wait)
+    try:
+        if master:
+            get_eval_bundle()
+        if is_ddp:
+            dist.barrier()
+        get_eval_bundle()
+    except (OSError, RuntimeError, ValueError) as e:
+        fail(f"the CORE eval bundle is unavailable ({e}); set NANOCHAT_EVAL_BUNDLE or --core-metric-every -1")
 
 # -----------------------------------------------------------------------------
 # Weights, optimizers and data (fresh, or restored from the last checkpoint)
@@ -310,6 +318,7 @@ smooth_loss = loop_state.get("smooth_loss", 0.0)
 min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
 training_time = loop_state.get("training_time", 0.0)
 last_val_bpb = loop_state.get("val_bpb")
+last_core = loop_state.get("core")
 ema_beta = 0.9
 
 # -----------------------------------------------------------------------------
@@ -335,6 +344,7 @@ for step in range(start_step, num_iterations + 1):
                 "min_val_bpb": min_val_bpb,
                 "training_time": training_time,
                 "val_bpb": last_val_bpb,
+                "core": last_core,
             },
             "dataloader_state": loader_states,
             "data_source": read_manifest(),
@@ -346,6 +356,15 @@ for step in range(start_step, num_iterations + 1):
         min_val_bpb = min(min_val_bpb, last_val_bpb)
         print0(f"step {step:05d} | val bpb {last_val_bpb:.4f}")
         log_metrics({"step": step, "val_bpb": last_val_bpb})
+
+    if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
+        core = evaluate_core(
+            orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task, skip_missing=True
+        )
+        last_core = core["core"]
+        partial = " (partial: skipped " + ", ".join(core["skipped"]) + ")" if core["partial"] else ""
+        print0(f"step {step:05d} | CORE {last_core:.4f}{partial}")
+        log_metrics({"step": step, "core": last_core, "core_partial": core["partial"]})
 
     if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
         for text in greedy_completions(orig_model, tokenizer, autocast_dtype=autocast_dtype):
@@ -431,7 +450,7 @@ get_report().log(
             "gradient accumulation": grad_accum,
             "min val bpb": min_val_bpb,
             "final val bpb": last_val_bpb,
-            "CORE": "not evaluated (CORE evaluation not available yet)",
+            "CORE": last_core if last_core is not None else "not evaluated (--core-metric-every -1)",
             "MFU %": mfu if not math.isnan(mfu) else "n/a (no known peak FLOPs for this device)",
             "total training FLOPs": flops_per_token * total_tokens,
             "training time (min)": training_time / 60,

@@ -20,6 +20,8 @@ from nanochat.optim import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=4"]
+TINY += ["--core-metric-every=-1"]  # CORE has its own test below
+EVAL_BUNDLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval_bundle"
 QUIET = ["--eval-every=-1", "--eval-tokens=512", "--sample-every=-1"]
 
 
@@ -171,6 +173,17 @@ def test_resume_continues_bit_for_bit(base):
     assert val == [r["val_bpb"] for r in log_of(base, "straight") if "val_bpb" in r]
     a, b = weights(base, "straight", 20), weights(base, "stopped", 20)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.skipif(not EVAL_BUNDLE.exists(), reason=f"no CORE bundle at {EVAL_BUNDLE}")
+def test_core_metric_is_evaluated_during_training(base, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(EVAL_BUNDLE))
+    flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=2", "--model-tag=core"]
+    proc = train(base, *flags, "--core-metric-every=2", "--core-metric-max-per-task=2")
+    assert "CORE" in proc.stdout and "partial" in proc.stdout  # the shared bundle lacks 4 task files
+    core = [r for r in log_of(base, "core") if "core" in r]
+    assert len(core) == 1 and core[0]["step"] == 2 and core[0]["core_partial"]
+    assert "- CORE:" in (base / "report" / "base-model-training.md").read_text()
 
 
 def test_base_loss_evaluates_a_checkpoint(base):
