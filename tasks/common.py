@@ -82,6 +82,28 @@ class Task:
         return self.get_example(self.start + i * self.step)
 
 
+class GeneratedTask(Task):
+    """A task whose examples we generate: `size` examples per split, example i drawn from its own
+    RNG seeded by (task name, split, seed, i), so any example can be built alone, in any order."""
+
+    eval_type = "generative"
+    name = "generated"  # the RNG namespace; each subclass sets its own
+
+    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
+        super().__init__(**view)
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}")
+        self.size, self.seed = size, seed
+        self.split = check_choice(split, ("train", "test"), "split")
+
+    def num_examples(self) -> int:
+        return self.size
+
+    def rng(self, index: int) -> random.Random:
+        """The RNG of example `index`."""
+        return random.Random(f"{self.name}/{self.split}/{self.seed}/{index}")
+
+
 class TaskMixture(Task):
     """All examples of several tasks, shuffled together once (deterministic for a given seed)."""
 

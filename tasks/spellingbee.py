@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import functools
 import os
-import random
 import re
 import string
 from collections import Counter
 from pathlib import Path
 
-from tasks.common import Task, check_choice, extract_hash_answer, numbers_equal, task_data_dir
+from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal, task_data_dir
 
 SYSTEM_WORDS = Path("/usr/share/dict/words")
 _WORD = re.compile(r"^[a-z]+$")
@@ -99,24 +98,17 @@ _COUNT_QUESTIONS = [
 _QUOTES = ["'{}'", '"{}"', "{}"]
 
 
-class SpellingBee(Task):
+class SpellingBee(GeneratedTask):
     """Count a letter in a word, by hand and then with the Python tool; answer after `#### `."""
 
-    eval_type = "generative"
+    name = "spellingbee"
 
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
-        super().__init__(**view)
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.size, self.seed = size, seed
-        self.split = check_choice(split, ("train", "test"), "split")
+        super().__init__(size, split, seed, **view)
         self.words, self.word_source = load_words()
 
-    def num_examples(self) -> int:
-        return self.size
-
     def get_example(self, index: int) -> dict:
-        rng = random.Random(f"spellingbee/{self.split}/{self.seed}/{index}")
+        rng = self.rng(index)
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
         count = word.count(letter)
@@ -166,24 +158,17 @@ _SPELL_QUESTIONS = [
 ]
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(GeneratedTask):
     """Spell a word out: the reply is `word: w,o,r,d`."""
 
-    eval_type = "generative"
+    name = "simplespelling"
 
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
-        super().__init__(**view)
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.size, self.seed = size, seed
-        self.split = check_choice(split, ("train", "test"), "split")
+        super().__init__(size, split, seed, **view)
         self.words, self.word_source = load_words()
 
-    def num_examples(self) -> int:
-        return self.size
-
     def get_example(self, index: int) -> dict:
-        rng = random.Random(f"simplespelling/{self.split}/{self.seed}/{index}")
+        rng = self.rng(index)
         word = rng.choice(self.words)
         question = rng.choice(_SPELL_QUESTIONS).format(W=rng.choice(_QUOTES).format(word))
         messages = [

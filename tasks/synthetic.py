@@ -22,9 +22,12 @@ Design choices:
 
 from __future__ import annotations
 
-import random
-
-from tasks.common import Task, check_choice, extract_hash_answer, last_assistant_text, numbers_equal
+from tasks.common import (
+    GeneratedTask,
+    extract_hash_answer,
+    last_assistant_text,
+    numbers_equal,
+)
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 __all__ = ["Arithmetic", "Identity", "SimpleSpelling", "SpellingBee"]
@@ -214,23 +217,13 @@ def _bare(rng):
 PROBLEMS = [_shopping, _change, _sharing, _distance, _savings, _remaining, _area, _discount, _packs, _bare]
 
 
-class Arithmetic(Task):
+class Arithmetic(GeneratedTask):
     """Arithmetic word problems answered with the calculator tool; graded on the number after `#### `."""
 
-    eval_type = "generative"
-
-    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
-        super().__init__(**view)
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.size, self.seed = size, seed
-        self.split = check_choice(split, ("train", "test"), "split")
-
-    def num_examples(self) -> int:
-        return self.size
+    name = "arithmetic"
 
     def get_example(self, index: int) -> dict:
-        rng = random.Random(f"arithmetic/{self.split}/{self.seed}/{index}")
+        rng = self.rng(index)
         question, steps, closing = rng.choice(PROBLEMS)(rng)
         parts = []
         prev = None
@@ -381,23 +374,13 @@ THANKS = ["thanks!", "Thank you, that helps.", "cool, thanks", "ok got it"]
 THANKS_REPLIES = ["You're welcome!", "Glad I could help. Anything else?", "Happy to help!"]
 
 
-class Identity(Task):
+class Identity(GeneratedTask):
     """Templated conversations about nanochat itself (who it is, how it was made, its limits)."""
 
-    eval_type = "generative"
-
-    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
-        super().__init__(**view)
-        if size < 1:
-            raise ValueError(f"size must be >= 1, got {size}")
-        self.size, self.seed = size, seed
-        self.split = check_choice(split, ("train", "test"), "split")
-
-    def num_examples(self) -> int:
-        return self.size
+    name = "identity"
 
     def get_example(self, index: int) -> dict:
-        rng = random.Random(f"identity/{self.split}/{self.seed}/{index}")
+        rng = self.rng(index)
         messages = []
         if rng.random() < 0.4:
             messages += [
