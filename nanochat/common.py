@@ -432,10 +432,15 @@ def compute_init(device_type: str | None = None, seed: int = 42):
 
 
 def compute_cleanup() -> None:
-    """Tears down the process group, if one was started."""
+    """Tears down the process group, if one was started.
+
+    Every rank first waits at a barrier, so that no rank closes its connections while a
+    peer still uses them (gloo can abort the process in that race).
+    """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -1,8 +1,14 @@
 """Shared fixtures: a tiny, hermetic artifact tree (offline corpus + small tokenizer)."""
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Multi-process tests run gloo on this machine only: bind it to loopback, so that it never
+# depends on the host name resolving to a reachable interface (spawned workers and
+# subprocesses inherit the variable).
+os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from nanochat import core_eval
+from nanochat.common import compute_cleanup
 from nanochat.core_eval import (
     CoreTask,
     centered_accuracy,
@@ -409,7 +410,7 @@ def _dist_worker(rank: int, world_size: int, port: int, bundle: str, tok_dir: st
     model = tiny_model(tokenizer.get_vocab_size(), seed=3)
     out = evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, batch_size=4)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out["results"]))
-    dist.destroy_process_group()
+    compute_cleanup()
 
 
 def test_two_gloo_ranks_stride_the_examples_and_match_a_single_process(tokenizer, tiny_base_dir, tmp_path):

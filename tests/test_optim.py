@@ -286,6 +286,7 @@ def _worker(rank, world_size, port, out_dir):
             "resumed": _snapshot(params3),
         }
         torch.save(result, out_dir / f"result_rank{rank}.pt")
+        dist.barrier()  # no rank tears down while its peer still communicates
     finally:
         dist.destroy_process_group()
 
