@@ -445,3 +445,93 @@ def _done(value) -> Future:
     future: Future = Future()
     future.set_result(value)
     return future
+
+
+# -----------------------------------------------------------------------------
+# Conversation batches (midtraining and SFT)
+#
+# One function serves mid_train and chat_sft. Conversations are rendered with
+# `render_conversation(conv, max_tokens=T+1)` (truncated, never dropped) and best-fit into rows of
+# T+1 tokens in pad mode (`pack_rows`), so no conversation is ever cropped across rows and padding
+# and non-assistant tokens have target -1. Rank r reads the conversations r, r+W, r+2W, ... of
+# the task (W = world size) in blocks of `block_size`; each block is packed on its own and its
+# rows are shuffled with the block's global index as the seed (best fit puts long conversations
+# first). Micro batches take B rows in order, crossing block and epoch boundaries, so the
+# position is three numbers: epoch, block, row. The generator is infinite over epochs; the
+# state yielded with each batch says where the stream stands after it, including `progress`
+# (epochs consumed, fractional), which callers use to stop after one epoch and to schedule
+# the LR. Resuming from a yielded state re-renders that block and yields exactly the batches
+# that would have followed.
+
+CONVERSATION_STATE_VERSION = 1
+
+
+def conversation_batches(
+    task,
+    tokenizer,
+    B: int,
+    T: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    resume_state: dict | None = None,
+    block_size: int = 256,
+):
+    """Infinite (inputs, targets, state) micro batches of packed conversations for one rank.
+
+    inputs (B, T) int32 and targets (B, T) int64 (-1 where not supervised) are on `device`;
+    `state` is a JSON-able dict: pass it as `resume_state` to continue right after that batch.
+    """
+    _check_positive(B=B, T=T, world_size=world_size, block_size=block_size)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank!r}")
+    n = len(task)
+    if n < world_size:
+        raise ValueError(f"the task has {n} conversations, fewer than the {world_size} ranks reading it")
+    own = range(rank, n, world_size)  # this rank's conversations (indices into the task view)
+    num_blocks = -(-len(own) // block_size)
+    state = {"epoch": 1, "block": 0, "row": 0}
+    if resume_state is not None:
+        for key, ours in (("version", CONVERSATION_STATE_VERSION), ("T", T), ("examples", n)):
+            if resume_state.get(key) != ours:
+                raise ValueError(
+                    "cannot resume conversation batches: the saved state has "
+                    f"{key}={resume_state.get(key)!r}, this run has {ours!r}"
+                )
+        state.update({k: int(resume_state[k]) for k in ("epoch", "block", "row")})
+    pad_id = tokenizer.get_bos_token_id()
+
+    def pack_block(k: int) -> list[list[int]]:
+        items = [
+            tokenizer.render_conversation(task[i], max_tokens=T + 1)
+            for i in own[k * block_size :][:block_size]
+        ]
+        packed = pack_rows(items, T + 1, mode="pad", pad_id=pad_id)
+        order = np.random.default_rng(k * world_size + rank).permutation(len(packed.rows))
+        return [(packed.rows[j], packed.masks[j]) for j in order]
+
+    block_rows = pack_block(state["block"])
+    while True:
+        rows, masks = [], []
+        while len(rows) < B:
+            if state["row"] >= len(block_rows):  # next block (and epoch); every block has >= 1 row
+                state["block"] += 1
+                state["row"] = 0
+                if state["block"] == num_blocks:
+                    state["block"] = 0
+                    state["epoch"] += 1
+                block_rows = pack_block(state["block"])
+            take = block_rows[state["row"] : state["row"] + B - len(rows)]
+            rows += [r for r, _ in take]
+            masks += [m for _, m in take]
+            state["row"] += len(take)
+        progress = state["epoch"] - 1 + (state["block"] + state["row"] / len(block_rows)) / num_blocks
+        snapshot = {
+            "version": CONVERSATION_STATE_VERSION,
+            "T": T,
+            "examples": n,
+            **state,
+            "progress": progress,
+        }
+        inputs, targets = batch_from_rows(rows, masks, device)
+        yield inputs, targets, snapshot

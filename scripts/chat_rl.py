@@ -1,0 +1,554 @@
+"""
+Reinforcement learning on math word problems: on-policy, group-relative REINFORCE.
+
+    python -m scripts.chat_rl                                  # GSM8K, from the SFT model
+    python -m scripts.chat_rl --offline                        # synthetic Arithmetic, no download
+    torchrun --nproc_per_node 8 -m scripts.chat_rl
+
+The acts: flags → compute → model (SFT checkpoint, or the RL checkpoint on --resume) →
+optimizers → tasks → loop (pass@k eval, checkpoint, sample → reward → one policy-gradient
+step) → report.
+
+Design choices:
+- Each step takes --examples-per-step training questions (strided across ranks) and samples
+  --num-samples completions of each with the KV-cached engine (temperature 1.0, top-k 50,
+  calculator tool on). The reward is `task.reward(conversation, completion text)` (1/0 for
+  an exact final answer on GSM8K and Arithmetic).
+- Advantage = reward - the mean reward of its group (the samples of the same question); no
+  division by the group's std, no KL penalty, no reference model. A group whose samples all
+  score the same teaches nothing and contributes exactly zero gradient.
+- Objective: -Σ advantage·log p(token) over the sampled tokens of the step, divided by the
+  number of sampled tokens of the WHOLE step (every question, every rank: the count is
+  all-reduced before any backward), so long and short answers weigh per token and the
+  gradient does not depend on how the rows are split into micro-batches or ranks. The
+  prompt and the tool output forced in by the engine (mask 0) are not trained. Each
+  completion's stop token (<|assistant_end|>) is trained too: ending the answer is a choice
+  the policy makes.
+- The optimizers average gradients over ranks, so each rank backpropagates its local sum
+  times the world size (see `policy_gradient_loss`).
+- LR: the SFT learning rates times --init-lr-frac, decaying linearly to 0 at the last step
+  (`lr_multiplier` with a warmdown over the whole run). Fresh optimizers: the SFT
+  optimizer state is not carried over.
+- Reproducible and resumable: example j of step s is training question
+  (s·examples_per_step + j) mod N, sampled with seed (--seed, s, j), independent of the
+  number of ranks. A checkpoint holds the weights and every rank's optimizer shard, so
+  --resume replays exactly the steps an uninterrupted run would have taken.
+- Eval every --eval-every steps (and at step 0 and the end): --eval-samples samples of the
+  first --eval-examples test questions (seed = question index, so every eval sees the same
+  draws), reporting the mean reward and the unbiased pass@k for k = 1, 2, 4, … ≤ samples.
+- Metrics go to <checkpoint dir>/log.jsonl (rank 0); the report section "Chat RL" holds the
+  config, the reward curve in tenths of the run and the last pass@k.
+- The checkpoint tag is the tag of the model read (e.g. d20), so it carries through the
+  pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+OFFLINE_TRAIN_SIZE = 5000  # synthetic Arithmetic training questions with --offline
+OFFLINE_TEST_SIZE = 256  # the same test questions chat_eval grades offline
+
+# -----------------------------------------------------------------------------
+# The algorithm, as plain functions (tested on their own)
+
+
+def rl_lr_multiplier(step: int, num_steps: int) -> float:
+    """LR multiplier of RL step `step`: 1 at step 0, linear down to 0 at step `num_steps`."""
+    from nanochat.optim import lr_multiplier
+
+    return lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+
+
+def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Advantage of each sample of one question's group: its reward minus the group mean (no std scaling)."""
+    return rewards - rewards.mean()
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of a question with c correct among n samples: 1 - C(n-c, k) / C(n, k)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def sample_group(
+    engine,
+    prompt: list[int],
+    num_samples: int,
+    max_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    seed: int,
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """Samples `num_samples` completions of `prompt`.
+
+    Returns (sequences, masks, completions): per row the prompt + generated tokens INCLUDING the
+    stop token when the row stopped, their masks (0 on the prompt and on forced tool output,
+    1 on sampled tokens), and the generated tokens without the stop token (the text to grade).
+    """
+    sequences = [list(prompt) for _ in range(num_samples)]
+    masks = [[0] * len(prompt) for _ in range(num_samples)]
+    completions: list[list[int]] = [[] for _ in range(num_samples)]
+    stopped = [False] * num_samples
+    for column, mask_column in engine.generate(prompt, num_samples, max_tokens, temperature, top_k, seed):
+        for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
+            if stopped[i]:
+                continue
+            sequences[i].append(token)
+            masks[i].append(mask)
+            if token in engine.stop_ids:
+                stopped[i] = True
+            else:
+                completions[i].append(token)
+    return sequences, masks, completions
+
+
+def rollout_batch(
+    sequences: list[list[int]], masks: list[list[int]], pad_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), both (B, L-1) for the longest row length L: targets are the next tokens,
+    -1 where the token was not sampled (prompt, forced tool output) and on padding."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    trained = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for row, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
+        if len(seq) != len(mask):
+            raise ValueError(f"row {row}: {len(seq)} tokens but {len(mask)} mask entries")
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        trained[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
+    inputs = ids[:, :-1]
+    targets = ids[:, 1:].masked_fill(~trained[:, 1:], -1)
+    return inputs.to(device), targets.to(device)
+
+
+def policy_gradient_loss(
+    logprobs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """-Σ advantage · log p over the trained tokens (targets != -1) of a micro-batch, / num_tokens.
+
+    logprobs (B, T): log-probabilities of the targets; advantages (B,): one per row;
+    num_tokens: trained tokens of the whole optimizer step (all micro-batches, all ranks).
+    Summing this over the micro-batches of every rank gives the step's objective.
+    """
+    trained = (targets != -1).to(logprobs.dtype)
+    weighted = logprobs * trained * advantages.to(logprobs.dtype)[:, None]  # (B, T)
+    return -weighted.sum() / max(num_tokens, 1)
+
+
+def resolve_model_tag(source: str, model_tag: str | None) -> str:
+    """The tag to read from `source`: the given one, else the deepest `d<N>` tag that has a checkpoint."""
+    from nanochat.checkpoint_manager import PHASE_DIRS, saved_steps
+    from nanochat.common import get_base_dir
+
+    if model_tag is not None:
+        return model_tag
+    root = get_base_dir() / PHASE_DIRS[source]
+    tags = [p.name for p in root.iterdir() if p.is_dir() and saved_steps(p)] if root.is_dir() else []
+    if not tags:
+        raise FileNotFoundError(
+            f"no {source} checkpoint in {root}: run that stage first, or pick another with --source"
+        )
+
+    def depth(tag: str) -> int:
+        match = re.fullmatch(r"d(\d+)", tag)
+        return int(match.group(1)) if match else -1
+
+    return max(tags, key=lambda t: (depth(t), t))
+
+
+# -----------------------------------------------------------------------------
+# The script
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    g = parser.add_argument_group("model and data")
+    g.add_argument(
+        "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage to read"
+    )
+    g.add_argument("--model-tag", default=None, help="checkpoint tag (default: the deepest d<N> of --source)")
+    g.add_argument("--step", type=int, default=None, help="checkpoint step of --source (default: the last)")
+    g.add_argument("--offline", action="store_true", help="train on synthetic Arithmetic instead of GSM8K")
+    g.add_argument(
+        "--max-seq-len", type=int, default=None, help="prompt + answer token limit (default: the model's)"
+    )
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--examples-per-step", type=int, default=16, help="questions per step, all ranks")
+    g.add_argument("--num-samples", type=int, default=16, help="samples per question (the group)")
+    g.add_argument("--max-new-tokens", type=int, default=256, help="token budget of one answer")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
+    g.add_argument("--seed", type=int, default=42, help="base seed of the sampling")
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the training set)")
+    g.add_argument("--device-batch-size", type=int, default=8, help="sampled rows per forward/backward")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the matrices")
+    g.add_argument("--init-lr-frac", type=float, default=0.05, help="the LRs above are scaled by this")
+    g = parser.add_argument_group("evaluation and checkpoints")
+    g.add_argument(
+        "--eval-every", type=int, default=60, help="steps between pass@k evals (-1: start and end)"
+    )
+    g.add_argument("--eval-examples", type=int, default=400, help="test questions per eval")
+    g.add_argument("--eval-samples", type=int, default=8, help="samples per test question (k <= this)")
+    g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--resume", action="store_true", help="continue from the last RL checkpoint of the tag")
+    g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
+    g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
+    return parser
+
+
+def load_tasks(offline: bool):
+    """(train task, test task): GSM8K main, or synthetic Arithmetic with --offline."""
+    if offline:
+        from tasks.synthetic import Arithmetic
+
+        return Arithmetic(size=OFFLINE_TRAIN_SIZE, split="train"), Arithmetic(
+            size=OFFLINE_TEST_SIZE, split="test"
+        )
+    from tasks.gsm8k import GSM8K
+
+    return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run RL training (see the module docstring)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_samples"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.eval_samples > args.num_samples:
+        parser.error(f"--eval-samples {args.eval_samples} must not exceed --num-samples {args.num_samples}")
+    if args.temperature <= 0:
+        parser.error("--temperature must be > 0: greedy samples of a group are identical and teach nothing")
+    user_config = vars(args).copy()
+
+    from nanochat.checkpoint_manager import (
+        build_model,
+        checkpoint_dir,
+        find_last_step,
+        load_checkpoint,
+        load_model,
+        model_config_dict,
+        save_checkpoint,
+        set_rng_state,
+    )
+    from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, print0, setup_logging
+    from nanochat.engine import Engine, fit_to_context
+    from nanochat.optim import build_optimizers
+    from nanochat.report import get_report
+
+    # -------------------------------------------------------------------------
+    # Compute
+
+    setup_logging()
+    is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    master = rank == 0
+    compute_dtype = get_compute_dtype(device)
+    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+
+    def autocast():
+        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+
+    def fail(message: str) -> None:
+        print0(f"chat_rl: {message}")
+        compute_cleanup()
+        sys.exit(1)
+
+    if args.examples_per_step % world_size:
+        fail(
+            f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {world_size}"
+        )
+
+    # -------------------------------------------------------------------------
+    # Tasks (first: missing data fails before a model is loaded)
+
+    try:
+        train_task, test_task = load_tasks(args.offline)
+    except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
+        fail(f"task data unavailable ({e}); set NANOCHAT_TASK_DATA, allow hub downloads, or pass --offline")
+    num_steps = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step
+    if num_steps < 1:
+        fail(f"{len(train_task)} training questions make no step of {args.examples_per_step}")
+    eval_examples = min(args.eval_examples, len(test_task))
+
+    # -------------------------------------------------------------------------
+    # Model (the source stage's checkpoint, or our own last one on --resume) and optimizers
+
+    try:
+        model_tag = resolve_model_tag(args.source if not args.resume else "rl", args.model_tag)
+    except FileNotFoundError as e:
+        fail(str(e))
+    ckpt_dir = checkpoint_dir("rl", model_tag)
+    start_step, shard = 0, None
+    try:
+        if args.resume:
+            start_step = find_last_step(ckpt_dir)
+            model, tokenizer, meta = build_model(ckpt_dir, start_step, device, "train")
+            _, shard, _ = load_checkpoint(ckpt_dir, start_step, device, load_optimizer=True, rank=rank)
+            for key in (
+                "examples_per_step",
+                "num_samples",
+                "max_new_tokens",
+                "seed",
+                "offline",
+                "init_lr_frac",
+            ):
+                if meta["user_config"][key] != user_config[key]:
+                    fail(
+                        f"--resume: the checkpoint used --{key.replace('_', '-')} {meta['user_config'][key]}"
+                    )
+            if meta["world_size"] != world_size:
+                fail(f"--resume: the checkpoint was written by {meta['world_size']} ranks, not {world_size}")
+            num_steps = meta["num_steps"]
+        else:
+            model, tokenizer, _ = load_model(
+                args.source, device, phase="train", model_tag=model_tag, step=args.step
+            )
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    config = model.config
+    max_seq_len = args.max_seq_len or config.sequence_len
+    print0(f"model: {args.source if not args.resume else 'rl'}/{model_tag} {config}")
+    print0(
+        f"RL: {num_steps} steps × {args.examples_per_step} questions × {args.num_samples} samples "
+        f"on {type(train_task).__name__} ({len(train_task)} questions), {world_size} rank(s)"
+    )
+    if args.dry_run:
+        compute_cleanup()
+        return
+
+    optimizers = build_optimizers(
+        model.param_groups(),
+        config.n_embd,
+        embedding_lr=args.embedding_lr * args.init_lr_frac,
+        unembedding_lr=args.unembedding_lr * args.init_lr_frac,
+        matrix_lr=args.matrix_lr * args.init_lr_frac,
+        weight_decay=args.weight_decay,
+    )
+    if shard is not None:
+        for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
+            opt.load_state_dict(opt_state)
+        set_rng_state(shard["rng"], device)
+        print0(f"resumed from step {start_step}")
+    engine = Engine(model, tokenizer)
+    pad_id = tokenizer.get_bos_token_id()
+
+    def all_reduce_sum(values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        if is_ddp:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def prompt_and_budget(conversation: dict) -> tuple[list[int], int]:
+        prompt = fit_to_context(
+            tokenizer, conversation, max_seq_len, reserve=min(args.max_new_tokens, max_seq_len // 2)
+        )
+        return prompt, max(1, min(args.max_new_tokens, max_seq_len - len(prompt)))
+
+    # -------------------------------------------------------------------------
+    # Evaluation: mean reward and pass@k on the first test questions
+
+    ks = [k for k in (2**i for i in range(12)) if k <= args.eval_samples]
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        model.eval()
+        sums = [0.0] * (2 + len(ks))  # questions, reward, pass@k for each k
+        for index in range(rank, eval_examples, world_size):
+            conversation = test_task[index]
+            prompt, budget = prompt_and_budget(conversation)
+            _, _, completions = sample_group(
+                engine, prompt, args.eval_samples, budget, args.temperature, args.top_k or None, seed=index
+            )
+            rewards = [test_task.reward(conversation, tokenizer.decode(c)) for c in completions]
+            correct = sum(r > 0 for r in rewards)
+            sums[0] += 1
+            sums[1] += sum(rewards) / len(rewards)
+            for i, k in enumerate(ks):
+                sums[2 + i] += pass_at_k(args.eval_samples, correct, k)
+        model.train()
+        sums = all_reduce_sum(sums)
+        n = max(sums[0], 1)
+        return {"eval_reward": sums[1] / n, **{f"pass@{k}": sums[2 + i] / n for i, k in enumerate(ks)}}
+
+    # -------------------------------------------------------------------------
+    # Logging
+
+    if master and args.run != "dummy":
+        import wandb
+
+        wandb.init(project="nanochat-rl", name=args.run, config=user_config, resume="allow")
+    else:
+        wandb = None
+    log_path = ckpt_dir / "log.jsonl"
+
+    def log_metrics(record: dict) -> None:
+        if not master:
+            return
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb is not None:
+            wandb.log(record, step=record["step"])
+
+    if master:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # keep only the history before the step we start from (a resume rewrites the rest)
+        kept = (
+            [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+            if (args.resume and log_path.exists())
+            else []
+        )
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+    # -------------------------------------------------------------------------
+    # Training loop (a checkpoint at step s holds the weights after s steps)
+
+    last_eval: dict = {}
+    training_time = 0.0
+    per_rank = args.examples_per_step // world_size
+    for step in range(start_step, num_steps + 1):
+        last_step = step == num_steps
+
+        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+            meta = {
+                "model_config": model_config_dict(config),
+                "user_config": user_config,
+                "world_size": world_size,
+                "num_steps": num_steps,
+                "source": args.source,
+                "loop_state": {"step": step},
+            }
+            save_checkpoint(ckpt_dir, step, model, optimizers, meta, rank=rank)
+
+        if last_step or step == start_step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
+            last_eval = evaluate()
+            print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
+            log_metrics({"step": step, **last_eval})
+
+        if last_step:
+            break
+
+        # --- sample: this rank's questions, a group of samples each, graded
+        t0 = time.time()
+        model.eval()
+        rollouts = []  # (sequences, masks, advantages (num_samples,)) per question
+        reward_sum = 0.0
+        for local in range(per_rank):
+            j = rank + local * world_size  # position of the question within the step, across ranks
+            index = (step * args.examples_per_step + j) % len(train_task)
+            conversation = train_task[index]
+            prompt, budget = prompt_and_budget(conversation)
+            seed = (args.seed * 1_000_003 + step * args.examples_per_step + j) % 2**62
+            sequences, masks, completions = sample_group(
+                engine, prompt, args.num_samples, budget, args.temperature, args.top_k or None, seed
+            )
+            rewards = torch.tensor(
+                [train_task.reward(conversation, tokenizer.decode(c)) for c in completions],
+                dtype=torch.float32,
+            )
+            reward_sum += rewards.sum().item()
+            rollouts.append((sequences, masks, group_advantages(rewards)))
+        model.train()
+        local_tokens = sum(sum(m[1:]) for sequences, masks, _ in rollouts for m in masks)
+        num_tokens, reward_total, samples = all_reduce_sum(
+            [local_tokens, reward_sum, per_rank * args.num_samples]
+        )
+        num_tokens = int(num_tokens)
+        mean_reward = reward_total / samples
+
+        # --- one policy-gradient step over every rollout, device_batch_size rows at a time
+        objective = torch.zeros((), device=device, dtype=torch.float64)
+        for sequences, masks, advantages in rollouts:
+            for start in range(0, len(sequences), args.device_batch_size):
+                rows = slice(start, start + args.device_batch_size)
+                inputs, targets = rollout_batch(sequences[rows], masks[rows], pad_id, device)
+                with autocast():
+                    logprobs = -model(inputs, targets, loss_reduction="none")  # (B, T), 0 where target -1
+                loss = policy_gradient_loss(logprobs, targets, advantages[rows].to(device), num_tokens)
+                objective += loss.detach().double()
+                # the optimizers average gradients over ranks; the objective is their sum
+                (loss * world_size).backward()
+        lrm = rl_lr_multiplier(step, num_steps)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        if is_ddp:
+            dist.all_reduce(objective)
+        loss_value = objective.item()
+        dt = time.time() - t0
+        training_time += dt
+        print0(
+            f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | loss {loss_value:+.6f} | "
+            f"tokens {num_tokens} | lrm {lrm:.3f} | dt {dt:.1f}s"
+        )
+        log_metrics(
+            {
+                "step": step,
+                "reward": mean_reward,
+                "loss": loss_value,
+                "tokens": num_tokens,
+                "lrm": lrm,
+                "dt": dt,
+            }
+        )
+
+    # -------------------------------------------------------------------------
+    # Report
+
+    if master:
+        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        rewards = [r["reward"] for r in records if "reward" in r]
+        curve = []
+        for tenth in range(10):
+            part = rewards[len(rewards) * tenth // 10 : len(rewards) * (tenth + 1) // 10]
+            if part:
+                curve.append(f"{sum(part) / len(part):.3f}")
+        first_eval = next((r for r in records if "eval_reward" in r), {})
+        get_report().log(
+            section="Chat RL",
+            data=[
+                user_config,
+                {
+                    "source": f"{args.source}/{model_tag}",
+                    "task": type(train_task).__name__,
+                    "steps": num_steps,
+                    "world size": world_size,
+                    "mean reward, first step": rewards[0] if rewards else "n/a",
+                    "mean reward, last step": rewards[-1] if rewards else "n/a",
+                    "mean reward by tenth of the run": " ".join(curve) or "n/a",
+                    "eval reward at the start": first_eval.get("eval_reward", "n/a"),
+                    **{f"final {k}": v for k, v in last_eval.items()},
+                    "training time (min)": training_time / 60,
+                },
+            ],
+        )
+    if wandb is not None:
+        wandb.finish()
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""RL: the policy-gradient math on hand-made rewards and masks, the LR schedule, resume, the script.
+
+The script runs on a tiny random 2-layer model saved as an SFT checkpoint in a private base
+dir (with the session's 1024-token tokenizer), --offline on synthetic Arithmetic. A random
+model never answers correctly, so the in-process runs swap in a reward that varies within
+a group (the answer's length), which makes the updates non-trivial.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, config_from_depth
+from scripts import chat_rl
+from scripts.chat_rl import (
+    group_advantages,
+    pass_at_k,
+    policy_gradient_loss,
+    rl_lr_multiplier,
+    rollout_batch,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RUN = [
+    "--offline",
+    "--examples-per-step=2",
+    "--num-samples=4",
+    "--max-new-tokens=12",
+    "--device-batch-size=3",  # 4 samples -> micro-batches of 3 and 1
+    "--eval-examples=2",
+    "--eval-samples=2",
+    "--init-lr-frac=1.0",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0, vocab: int = 1024) -> GPT:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config_from_depth(2, vocab, 64, aspect_ratio=32, head_dim=32))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+@pytest.fixture
+def rl_base(tiny_base_dir, tmp_path, monkeypatch) -> Path:
+    """A private base dir: the tiny tokenizer and a random d2 model saved as the SFT checkpoint."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
+    model = tiny_model()
+    save_checkpoint(
+        base / "chatsft_checkpoints" / "d2", 0, model, None, {"model_config": asdict(model.config)}
+    )
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
+    return base
+
+
+def length_reward(self, conversation: dict, completion: str) -> float:
+    """A reward a random model earns about half the time, different across samples."""
+    return float(len(completion) % 2)
+
+
+def log_of(base: Path) -> list[dict]:
+    path = base / "chatrl_checkpoints" / "d2" / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -----------------------------------------------------------------------------
+# The math
+
+
+def test_advantage_is_reward_minus_group_mean_without_std_scaling():
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]))
+    assert torch.allclose(adv, torch.tensor([0.4, -0.6, -0.6, 0.4, 0.4]))
+    assert torch.equal(group_advantages(torch.tensor([1.0, 1.0, 1.0])), torch.zeros(3))
+
+
+def test_rollout_batch_trains_only_sampled_tokens():
+    # prompt (mask 0), sampled, forced tool output (mask 0), sampled stop; second row shorter
+    seqs = [[1, 2, 3, 4, 5, 6], [1, 2, 7]]
+    masks = [[0, 0, 1, 0, 0, 1], [0, 0, 1]]
+    inputs, targets = rollout_batch(seqs, masks, pad_id=9, device="cpu")
+    assert inputs.tolist() == [[1, 2, 3, 4, 5], [1, 2, 7, 9, 9]]
+    assert targets.tolist() == [[-1, 3, -1, -1, 6], [-1, 7, -1, -1, -1]]
+
+
+def test_policy_gradient_loss_value_and_masked_tokens_get_no_gradient():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    targets = torch.tensor([[-1, 3, -1, -1, 6], [-1, 7, -1, -1, -1]])
+    logprobs = -torch.nn.functional.cross_entropy(
+        logits.view(10, 11), targets.view(10), ignore_index=-1, reduction="none"
+    ).view(2, 5)
+    advantages = torch.tensor([0.5, -0.25])
+    loss = policy_gradient_loss(logprobs, targets, advantages, num_tokens=3)
+    lp = torch.log_softmax(logits.detach(), -1)
+    expected = -(0.5 * (lp[0, 1, 3] + lp[0, 4, 6]) - 0.25 * lp[1, 1, 7]) / 3
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    trained = targets != -1
+    assert logits.grad[~trained].abs().max() == 0  # prompt, tool output, padding: no gradient
+    assert (logits.grad[trained].abs().sum(-1) > 0).all()
+
+
+def test_group_with_equal_rewards_gives_zero_gradient():
+    model = tiny_model()
+    inputs, targets = rollout_batch(
+        [[1, 2, 3, 4], [1, 2, 5, 6, 7]], [[0, 0, 1, 1], [0, 0, 1, 0, 1]], 0, "cpu"
+    )
+    logprobs = -model(inputs, targets, loss_reduction="none")
+    policy_gradient_loss(logprobs, targets, group_advantages(torch.tensor([1.0, 1.0])), 4).backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in model.parameters())
+    # while unequal rewards do move the weights
+    logprobs = -model(inputs, targets, loss_reduction="none")
+    policy_gradient_loss(logprobs, targets, group_advantages(torch.tensor([1.0, 0.0])), 4).backward()
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for p in model.parameters())
+
+
+def test_split_micro_batches_give_the_gradient_of_one_batch():
+    """Token-level normalisation by the step's token count: splitting the rows changes nothing."""
+    seqs = [[1, 2, 3, 4, 8], [1, 2, 5], [1, 2, 6, 7], [1, 9, 9, 9, 9, 9]]
+    masks = [[0, 0, 1, 1, 1], [0, 0, 1], [0, 0, 1, 1], [0, 1, 0, 0, 1, 1]]
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]))
+    num_tokens = sum(sum(m[1:]) for m in masks)
+
+    def grads(splits):
+        model = tiny_model()
+        for rows in splits:
+            inputs, targets = rollout_batch([seqs[i] for i in rows], [masks[i] for i in rows], 0, "cpu")
+            logprobs = -model(inputs, targets, loss_reduction="none")
+            policy_gradient_loss(logprobs, targets, adv[rows], num_tokens).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    whole, split = grads([[0, 1, 2, 3]]), grads([[0, 1, 2], [3]])
+    for a, b in zip(whole, split, strict=True):
+        assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
+
+
+def test_lr_schedule_decays_linearly_to_zero():
+    n = 10
+    values = [rl_lr_multiplier(s, n) for s in range(n + 1)]
+    assert values[0] == 1.0
+    assert values[-1] == 0.0
+    assert all(a > b for a, b in zip(values[:-1], values[1:], strict=True))
+    assert values[5] == pytest.approx(0.5)
+
+
+def test_pass_at_k_unbiased_estimator():
+    assert pass_at_k(4, 0, 1) == 0.0
+    assert pass_at_k(4, 4, 4) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2)
+    assert pass_at_k(4, 3, 2) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)
+
+
+def test_sample_group_keeps_stop_token_trained_and_tool_output_masked(base_dir):
+    """The stop token is part of the trained sequence but not of the graded text; forced output is mask 0."""
+    from nanochat.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    special = tokenizer.encode_special
+    end, py_start, py_end = (
+        special("<|assistant_end|>"),
+        special("<|python_start|>"),
+        special("<|python_end|>"),
+    )
+    script = [py_start, *tokenizer.encode("2+3"), py_end]
+
+    class StubEngine:  # the real engine is exercised end to end below
+        stop_ids = {end}
+
+        def generate(self, prompt, num_samples, max_tokens, temperature, top_k, seed):
+            forced = [special("<|output_start|>"), *tokenizer.encode("5"), special("<|output_end|>")]
+            steps = [(t, 1) for t in script] + [(t, 0) for t in forced] + [(end, 1), (end, 0)]
+            for token, mask in steps:
+                yield [token] * num_samples, [mask] * num_samples
+
+    seqs, masks, completions = chat_rl.sample_group(StubEngine(), [1, 2], 2, 64, 1.0, 50, 0)
+    n_forced = 2 + len(tokenizer.encode("5"))
+    assert seqs[0][-1] == end and masks[0][-1] == 1
+    assert masks[0] == [0, 0] + [1] * len(script) + [0] * n_forced + [1]
+    assert end not in completions[0] and len(completions[0]) == len(seqs[0]) - 3
+
+
+def test_sample_group_agrees_with_engine_generate_batch(base_dir):
+    """Same draws as generate_batch; the only difference is the stop token kept at the end (mask 1)."""
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    engine = Engine(tiny_model(), tokenizer)
+    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "What is 2+3?"}]})
+    seqs, masks, completions = chat_rl.sample_group(engine, prompt, 6, 40, 1.0, 50, seed=7)
+    results, result_masks = engine.generate_batch(prompt, 6, 40, 1.0, 50, seed=7)
+    for seq, mask, completion, result, result_mask in zip(
+        seqs, masks, completions, results, result_masks, strict=True
+    ):
+        stopped = seq[-1] in engine.stop_ids
+        assert seq[: len(seq) - stopped] == result and mask[: len(mask) - stopped] == result_mask
+        assert completion == result[len(prompt) :]
+        if stopped:
+            assert mask[-1] == 1
+
+
+# -----------------------------------------------------------------------------
+# The script
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(rl_base, monkeypatch):
+    from tasks.synthetic import Arithmetic
+
+    monkeypatch.setattr(Arithmetic, "reward", length_reward)
+    ckpt = rl_base / "chatrl_checkpoints" / "d2"
+    chat_rl.main([*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=-1"])
+    full = [r for r in log_of(rl_base) if "loss" in r]
+    assert [r["step"] for r in full] == [0, 1, 2, 3]
+    assert any(abs(r["loss"]) > 1e-6 for r in full), "the swapped-in reward should give non-zero updates"
+    assert [r["lrm"] for r in full] == [1.0, 0.75, 0.5, 0.25]
+    final_weights = torch.load(ckpt / "model_000004.pt", weights_only=True)
+
+    # forget the end of the run: the last complete checkpoint becomes step 2
+    for name in ("meta_000004.json", "model_000004.pt", "optim_000004_rank0.pt"):
+        (ckpt / name).unlink()
+    chat_rl.main([*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=-1", "--resume"])
+    resumed = [r for r in log_of(rl_base) if "loss" in r]
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["reward"] for r in resumed] == [r["reward"] for r in full]
+    again = torch.load(ckpt / "model_000004.pt", weights_only=True)
+    assert all(torch.equal(final_weights[k], again[k]) for k in final_weights)
+
+
+def test_script_runs_end_to_end_and_writes_report_and_rewards(rl_base):
+    """The real CLI in a subprocess, with the real Arithmetic reward."""
+    env = {"NANOCHAT_BASE_DIR": str(rl_base), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.chat_rl", *TINY_RUN, "--num-iterations=2", "--eval-every=1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = log_of(rl_base)
+    steps = [r for r in records if "reward" in r]
+    evals = [r for r in records if "eval_reward" in r]
+    assert [r["step"] for r in steps] == [0, 1]
+    assert all(0.0 <= r["reward"] <= 1.0 and r["tokens"] > 0 for r in steps)
+    assert [r["step"] for r in evals] == [0, 1, 2]
+    assert all({"pass@1", "pass@2"} <= set(r) for r in evals)
+    ckpt = rl_base / "chatrl_checkpoints" / "d2"
+    assert (ckpt / "model_000002.pt").exists() and (ckpt / "optim_000002_rank0.pt").exists()
+    report = (rl_base / "report" / "chat-rl.md").read_text()
+    assert report.startswith("## Chat RL")
+    assert "mean reward by tenth of the run" in report and "final pass@2" in report
+
+
+def test_missing_sft_checkpoint_is_a_clear_error(tiny_base_dir, tmp_path, monkeypatch, capsys):
+    base = tmp_path / "empty"
+    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    with pytest.raises(SystemExit) as e:
+        chat_rl.main(["--offline"])
+    assert e.value.code == 1
+    assert "no sft checkpoint" in capsys.readouterr().out
+
+
+def test_two_gloo_ranks_match_one_process(rl_base, tmp_path):
+    """Questions strided across 2 ranks, rank-independent seeds, global token count: same losses."""
+    wrapper = tmp_path / "rl_length_reward.py"
+    wrapper.write_text(
+        "import sys\n"
+        "from tasks.synthetic import Arithmetic\n"
+        "from scripts import chat_rl\n"
+        "Arithmetic.reward = lambda self, conversation, completion: float(len(completion) % 2)\n"
+        "chat_rl.main(sys.argv[1:])\n"
+    )
+    env = {
+        "NANOCHAT_BASE_DIR": str(rl_base),
+        "OMP_NUM_THREADS": "1",
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    flags = [*TINY_RUN, "--num-iterations=3", "--eval-every=-1", "--save-every=-1"]
+    runs = {}
+    for nproc in (1, 2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        proc = subprocess.run(
+            [*cmd, str(wrapper), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        runs[nproc] = [r for r in log_of(rl_base) if "loss" in r]
+    assert [r["reward"] for r in runs[1]] == [r["reward"] for r in runs[2]]
+    assert [r["tokens"] for r in runs[1]] == [r["tokens"] for r in runs[2]]
+    assert any(abs(r["loss"]) > 1e-6 for r in runs[1])
+    assert runs[2][0]["loss"] == pytest.approx(runs[1][0]["loss"], rel=1e-5)  # same weights at step 0
+    for a, b in zip(runs[1], runs[2], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-7)  # bf16 Newton-Schulz in Muon
+
+
+def test_policy_learns_a_simple_reward(rl_base, monkeypatch):
+    """The sign is right: rewarding answers without an 'e' (about 1 in 8 at first) raises the reward."""
+    from tasks.synthetic import Arithmetic
+
+    monkeypatch.setattr(
+        Arithmetic, "reward", lambda self, conversation, completion: float("e" not in completion)
+    )
+    flags = ["--offline", "--examples-per-step=4", "--num-samples=8", "--max-new-tokens=8", "--eval-every=-1"]
+    chat_rl.main(
+        [*flags, "--num-iterations=24", "--eval-examples=4", "--init-lr-frac=0.5", "--save-every=-1"]
+    )
+    rewards = [r["reward"] for r in log_of(rl_base) if "reward" in r]
+    first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert first < 0.35 and last > first + 0.25, rewards

@@ -1,0 +1,340 @@
+"""Midtraining and SFT: conversation batches, loss normalisation, LR schedules, exact resume, reports.
+
+The training-step tests call `accumulate_gradients` on a tiny in-process model; the script
+tests run the real `scripts.mid_train` / `scripts.chat_sft` in subprocesses on a tmp base dir
+holding the fixture's tokenizer and a tiny random base model saved as a checkpoint, with
+--offline (synthetic tasks only, no network).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import model_config_dict, save_checkpoint
+from nanochat.dataloader import conversation_batches
+from nanochat.gpt import GPT, config_from_depth
+from scripts.mid_train import accumulate_gradients, chat_lr_multiplier
+from tasks.common import Task
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
+SEQ = 128
+FAST = ["--offline", "--device-type=cpu", "--device-batch-size=2", "--max-seq-len=64", "--eval-steps=2"]
+FAST += ["--synthetic-size=200", "--metrics-max-problems=2", "--total-batch-size=-1"]
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(vocab: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = GPT(config_from_depth(2, vocab, SEQ, aspect_ratio=32, head_dim=32))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    return model
+
+
+class Chats(Task):
+    """Conversations of a chosen number of words each, for exact control of lengths."""
+
+    def __init__(self, sizes: list[int], **view):
+        super().__init__(**view)
+        self.sizes = sizes
+
+    def num_examples(self) -> int:
+        return len(self.sizes)
+
+    def get_example(self, index: int) -> dict:
+        words = " ".join(f"w{index}x{j}" for j in range(self.sizes[index]))
+        return {
+            "messages": [{"role": "user", "content": f"say {index}"}, {"role": "assistant", "content": words}]
+        }
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_base_dir):
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+
+
+# -----------------------------------------------------------------------------
+# Conversation batches
+
+
+def test_conversation_batches_resume_from_any_yielded_state(tokenizer):
+    task = Chats([3 + (7 * i) % 40 for i in range(50)])
+    straight = conversation_batches(task, tokenizer, B=3, T=48, block_size=8)
+    batches = [next(straight) for _ in range(30)]  # several blocks and more than one epoch
+    assert batches[-1][2]["epoch"] >= 2
+    for j in (0, 4, 11, 20):
+        resumed = conversation_batches(task, tokenizer, B=3, T=48, block_size=8, resume_state=batches[j][2])
+        for k in range(j + 1, 30):
+            inputs, targets, state = next(resumed)
+            assert torch.equal(inputs, batches[k][0]) and torch.equal(targets, batches[k][1])
+            assert state == batches[k][2]
+
+
+def test_conversation_batches_cover_an_epoch_once_without_cropping(tokenizer):
+    task = Chats([2 + (5 * i) % 11 for i in range(40)])
+    rows, progress = [], []
+    for inputs, _, state in conversation_batches(task, tokenizer, B=1, T=64, block_size=16):
+        rows.append(inputs[0].tolist())
+        progress.append(state["progress"])
+        if state["progress"] >= 1.0:
+            break
+    assert progress == sorted(progress) and progress[-1] == 1.0 and len(rows) < 40  # packed
+    for i in range(40):  # each conversation is whole in exactly one row of the epoch
+        ids = tokenizer.render_conversation(task[i], 65)[0][:-1]  # a row's inputs drop its last token
+        holding = [r for r in rows if any(r[j : j + len(ids)] == ids for j in range(len(r) - len(ids) + 1))]
+        assert len(holding) == 1, i
+
+
+def test_conversation_batches_split_ranks_disjointly(tokenizer):
+    task = Chats([5] * 10)
+    firsts = []
+    for rank in (0, 1):
+        inputs, _, state = next(
+            conversation_batches(task, tokenizer, 5, 64, rank=rank, world_size=2, block_size=8)
+        )
+        firsts.append(tokenizer.decode(inputs.flatten().tolist()))
+    assert "say 0" in firsts[0] and "say 1" not in firsts[0]
+    assert "say 1" in firsts[1] and "say 0" not in firsts[1]
+
+
+def test_conversation_batches_refuse_a_state_from_another_setup(tokenizer):
+    task = Chats([5] * 10)
+    _, _, state = next(conversation_batches(task, tokenizer, 2, 64))
+    with pytest.raises(ValueError, match="T=64"):
+        next(conversation_batches(task, tokenizer, 2, 32, resume_state=state))
+
+
+# -----------------------------------------------------------------------------
+# Loss normalisation
+
+
+def test_sft_loss_never_nan_with_short_context_and_unsupervised_micro_batches(tokenizer, one_thread):
+    model = tiny_model(tokenizer.get_vocab_size())
+    task = Chats([60] * 6)  # every conversation is longer than the context
+    T = 24
+    assert all(len(tokenizer.render_conversation(task[i], 10_000)[0]) > T + 1 for i in range(6))
+    batches = conversation_batches(task, tokenizer, B=2, T=T)
+    micro = [next(batches)[:2] for _ in range(3)]
+    micro.append((micro[0][0], torch.full_like(micro[0][1], -1)))  # no supervised token at all
+    loss, count = accumulate_gradients(model, micro)
+    assert count > 0 and torch.isfinite(torch.tensor(loss)) and loss > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    loss, count = accumulate_gradients(model, [micro[-1]])  # a whole step without supervision
+    assert count == 0 and loss == 0.0
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters() if p.grad is not None)
+
+
+def test_accumulated_gradient_equals_one_big_batch(tokenizer, one_thread):
+    model = tiny_model(tokenizer.get_vocab_size())
+    task = Chats([3, 30, 8, 1, 17, 12, 25, 5])
+    inputs, targets, _ = next(conversation_batches(task, tokenizer, B=4, T=40))
+    targets[2] = -1  # one row (a micro-batch below) with no supervised token
+    accumulate_gradients(model, [(inputs, targets)])
+    big = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    loss, count = accumulate_gradients(model, [(inputs[i : i + 1], targets[i : i + 1]) for i in range(4)])
+    assert count == int((targets >= 0).sum())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, big[name], rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        mean = model(inputs, targets)  # the plain per-token mean of the big batch
+    assert loss == pytest.approx(mean.item(), rel=1e-5)
+
+
+def _two_rank_worker(rank: int, port: int, vocab: int, rows: list, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = tiny_model(vocab)
+    inputs, targets = rows
+    mine = [(inputs[i : i + 1], targets[i : i + 1]) for i in range(rank, len(inputs), 2)]
+    loss, count = accumulate_gradients(model, mine)
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        grads[name] = g / 2  # what the optimizers see: the average over ranks
+    if rank == 0:
+        torch.save({"loss": loss, "count": count, "grads": grads}, out)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_give_the_gradient_of_one_process(tokenizer, tmp_path, one_thread):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    task = Chats([3, 30, 8, 1, 17, 12, 25, 5])
+    inputs, targets, _ = next(conversation_batches(task, tokenizer, B=4, T=40))
+    targets[1] = -1  # rank 1's first micro-batch has no supervised token
+    model = tiny_model(tokenizer.get_vocab_size())
+    loss, count = accumulate_gradients(model, [(inputs, targets)])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_two_rank_worker, args=(port, tokenizer.get_vocab_size(), (inputs, targets), str(out)), nprocs=2)
+    result = torch.load(out, weights_only=True)
+    assert result["count"] == count and result["loss"] == pytest.approx(loss, rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(result["grads"][name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# -----------------------------------------------------------------------------
+# LR schedules
+
+
+def test_lr_schedules_decrease_to_their_final_value():
+    mid = [chat_lr_multiplier(s, 100, 0.0, 0.2) for s in range(101)]
+    assert mid[0] == 1.0 and mid[80] == 1.0 and mid[100] == 0.0
+    assert all(a >= b for a, b in zip(mid, mid[1:], strict=False)) and mid[90] < 1.0
+    sft = [chat_lr_multiplier(s, 50, 0.0, 1.0) for s in range(51)]
+    assert sft[0] == 1.0 and sft[25] == pytest.approx(0.5) and sft[50] == 0.0
+    assert all(a > b for a, b in zip(sft, sft[1:], strict=False))
+    by_progress = [chat_lr_multiplier(0, -1, p / 10, 0.2, 0.1) for p in range(11)]
+    assert (
+        by_progress[:8] == [1.0] * 8
+        and by_progress[8] == pytest.approx(1.0)
+        and by_progress[10] == pytest.approx(0.1)
+        and by_progress[9] < 1.0
+    )
+
+
+# -----------------------------------------------------------------------------
+# The scripts, end to end
+
+
+@pytest.fixture
+def chat_base(tiny_base_dir, tmp_path) -> Path:
+    """A tmp base dir: the fixture's tokenizer and one tiny random base model under tags a and b."""
+    from nanochat.tokenizer import Tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
+    vocab = Tokenizer.from_directory(base / "tokenizer").get_vocab_size()
+    model = tiny_model(vocab, seed=1)
+    for tag in ("a", "b"):
+        meta = {"model_config": model_config_dict(model.config), "user_config": {}}
+        save_checkpoint(base / "base_checkpoints" / tag, 0, model, None, meta)
+    return base
+
+
+def run(base: Path, script: str, *flags: str, check: bool = True, task_data: bool = False):
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_TASK_DATA")
+    }
+    env |= {"NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if task_data:
+        env["NANOCHAT_TASK_DATA"] = str(SHARED_TASKS)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"scripts.{script}", *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc
+
+
+def log_of(base: Path, phase_dir: str, tag: str) -> list[dict]:
+    return [json.loads(line) for line in (base / phase_dir / tag / "log.jsonl").read_text().splitlines()]
+
+
+def losses(base: Path, phase_dir: str, tag: str) -> list[float]:
+    return [r["loss"] for r in log_of(base, phase_dir, tag) if "loss" in r]
+
+
+@pytest.mark.parametrize(
+    ("script", "phase_dir", "extra"),
+    [
+        ("mid_train", "mid_checkpoints", ["--total-batch-size=256"]),  # 2 micro-steps per step
+        ("chat_sft", "chatsft_checkpoints", ["--source=base", "--metrics-every=-1"]),
+    ],
+)
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(chat_base, script, phase_dir, extra):
+    flags = [*FAST, *extra, "--num-iterations=6", "--eval-every=3"]
+    run(chat_base, script, *flags, "--model-tag=a")
+    run(chat_base, script, *flags, "--model-tag=b", "--save-every=3")
+    for path in (chat_base / phase_dir / "b").glob("*_000006*"):  # "stop" at step 3
+        path.unlink()
+    resumed = run(chat_base, script, *flags, "--model-tag=b", "--save-every=3", "--resume")
+    assert "resumed from step 3" in resumed.stdout
+    straight = losses(chat_base, phase_dir, "a")
+    assert len(straight) == 6 and all(x == x for x in straight)
+    assert losses(chat_base, phase_dir, "b") == straight  # exactly, step by step
+    val = [r["val_loss"] for r in log_of(chat_base, phase_dir, "a") if "val_loss" in r]
+    assert val == [r["val_loss"] for r in log_of(chat_base, phase_dir, "b") if "val_loss" in r]
+    a = torch.load(chat_base / phase_dir / "a" / "model_000006.pt", weights_only=True)
+    b = torch.load(chat_base / phase_dir / "b" / "model_000006.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_mid_then_sft_run_end_to_end_and_write_their_report_sections(chat_base):
+    mid = run(chat_base, "mid_train", *FAST, "--model-tag=a", "--synthetic-size=40", "--eval-every=-1")
+    log = log_of(chat_base, "mid_checkpoints", "a")
+    steps = [r for r in log if "loss" in r]
+    assert steps[-1]["progress"] >= 1.0 > steps[-2]["progress"]  # one epoch, then stop
+    assert steps[-1]["lrm"] < steps[0]["lrm"] == 1.0
+    assert "val loss" in mid.stdout
+    report = (chat_base / "report" / "midtraining.md").read_text()
+    assert "## Midtraining" in report and "min val loss" in report
+    run(chat_base, "chat_sft", *FAST, "--model-tag=a", "--num-iterations=3", "--metrics-every=2")
+    report = (chat_base / "report" / "chat-sft.md").read_text()
+    assert "## Chat SFT" in report and "Arithmetic acc" in report
+    sft_log = log_of(chat_base, "chatsft_checkpoints", "a")
+    assert [r["step"] for r in sft_log if "Arithmetic acc" in r] == [2, 3]
+    assert (chat_base / "chatsft_checkpoints" / "a" / "model_000003.pt").exists()
+
+
+def test_sft_without_a_mid_checkpoint_names_the_missing_stage(chat_base):
+    proc = run(chat_base, "chat_sft", *FAST, "--num-iterations=1", check=False)
+    assert proc.returncode == 1
+    assert "no mid checkpoint" in proc.stdout and "--source" in proc.stdout
+
+
+@pytest.mark.skipif(not SHARED_TASKS.exists(), reason=f"no task data at {SHARED_TASKS}")
+def test_offline_mixture_includes_the_local_chat_file(chat_base):
+    proc = run(chat_base, "mid_train", *FAST, "--model-tag=a", "--dry-run", task_data=True)
+    # Arithmetic 200 + Identity 50 twice + SpellingBee 100 + SimpleSpelling 100, and the chat file's 150
+    assert "train conversations: 650 " in proc.stdout
+    assert "batch: 2 × 64 × 1 ranks × 1 micro-steps" in proc.stdout
+
+
+@pytest.mark.skipif(not SHARED_TASKS.exists(), reason=f"no task data at {SHARED_TASKS}")
+def test_sft_metrics_score_mmlu_and_arc_on_a_subset(tokenizer, monkeypatch, one_thread):
+    import argparse
+
+    from scripts.chat_sft import sft_metrics
+
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(SHARED_TASKS))
+    model = tiny_model(tokenizer.get_vocab_size()).eval()
+    args = argparse.Namespace(offline=False, metrics_max_problems=8)
+    scores = sft_metrics(model, tokenizer, args, None, SEQ)
+    assert set(scores) == {"MMLU acc", "ARC-Easy acc"}
+    assert all(score in {k / 8 for k in range(9)} for score in scores.values())  # 8 problems each
