@@ -182,7 +182,8 @@ def build_model(directory: str | Path, step: int, device: torch.device | str, ph
     return model, tokenizer, meta
 
 
-def _tags_by_depth(root: Path) -> list[str]:
+def tags_by_depth(root: Path) -> list[str]:
+    """Tags under `root` that hold a complete checkpoint, shallowest `d<N>` first (others before)."""
     tags = [p.name for p in root.iterdir() if p.is_dir() and saved_steps(p)] if root.is_dir() else []
 
     def depth(tag: str) -> int:
@@ -203,7 +204,7 @@ def load_model(
     if source not in PHASE_DIRS:
         raise ValueError(f"unknown model source {source!r}; choose one of {sorted(PHASE_DIRS)}")
     root = get_base_dir() / PHASE_DIRS[source]
-    tags = _tags_by_depth(root)
+    tags = tags_by_depth(root)
     if model_tag is None:
         if not tags:
             raise FileNotFoundError(f"no {source} checkpoints in {root}: train that stage first")

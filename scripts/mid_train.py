@@ -51,7 +51,6 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
     PHASE_DIRS,
-    _tags_by_depth,
     checkpoint_dir,
     find_last_step,
     load_checkpoint,
@@ -59,6 +58,7 @@ from nanochat.checkpoint_manager import (
     model_config_dict,
     save_checkpoint,
     set_rng_state,
+    tags_by_depth,
 )
 from nanochat.common import (
     compute_cleanup,
@@ -285,7 +285,7 @@ def train_chat(
 
     # -------------------------------------------------------------------------- source model
     source_root = get_base_dir() / PHASE_DIRS[args.source]
-    tags = _tags_by_depth(source_root)
+    tags = tags_by_depth(source_root)
     tag = args.model_tag or (tags[-1] if tags else None)
     if tag is None or tag not in tags:
         what = f"tagged {tag!r} " if tag else ""
