@@ -1,33 +1,138 @@
 #!/usr/bin/env bash
 # The tiny end-to-end run on CPU, with no network: the main job a newcomer runs first.
 #
-# Today it builds the embedded offline corpus (this Python's own standard library),
-# trains a 4096-token tokenizer on it and evaluates it against GPT-2 / GPT-4. Later
-# stages (pretraining, midtraining, SFT, RL, evaluation, report, chat) join as they land.
+# The whole pipeline of speedrun.sh at toy scale: the embedded offline corpus (this
+# Python's own standard library) -> a 4096-token tokenizer -> a depth-4 base model ->
+# midtraining, SFT and RL on the project's synthetic chat tasks (arithmetic with the
+# calculator tool, spelling, identity) -> evaluations -> report.md -> one chat reply.
+# About 20-30 minutes on 2 cores; the model is tiny, but its arithmetic-with-the-tool
+# accuracy visibly rises from the base model to SFT.
+#
+#   bash runs/runcpu.sh                 # the demo
+#   SHORT=1 bash runs/runcpu.sh         # a few steps per stage (a few minutes; the CI test)
+#   DRY_RUN=1 bash runs/runcpu.sh       # print the commands ("+ ..."), run nothing
 #
 # Artifacts go to $NANOCHAT_BASE_DIR, by default ~/.cache/nanochat-cpu so that this demo
-# never overwrites the artifacts of a real GPU run in ~/.cache/nanochat.
+# never overwrites the artifacts of a real GPU run in ~/.cache/nanochat. Every run starts
+# a fresh report; training stages start over (no --resume: they take minutes).
+#
+# Environment: SHORT, DRY_RUN, DEVICE_TYPE (cpu; mps on a Mac is faster), NANOCHAT_PYTHON
+# (a Python with the project installed, e.g. .venv/bin/python: used as it is, without uv),
+# NANOCHAT_TASK_DATA (local task data: the ChatCORE tasks are then evaluated too), and
+# NANOCHAT_EVAL_BUNDLE (a local CORE bundle; without one, CORE is skipped, as it needs a download).
 set -euo pipefail
+CALLER_DIR="$PWD"  # report.md is copied here
 cd "$(dirname "$0")/.."
 
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat-cpu}"
 export UV_PYTHON_DOWNLOADS=never
-if command -v uv >/dev/null 2>&1; then
+export HF_HUB_OFFLINE=1  # nothing below may reach the hub
+SHORT="${SHORT:-0}"
+DRY_RUN="${DRY_RUN:-0}"
+DEVICE_TYPE="${DEVICE_TYPE:-cpu}"
+
+UV=()
+if [[ -n "${NANOCHAT_PYTHON:-}" ]]; then
+    PY=("$NANOCHAT_PYTHON")
+elif command -v uv >/dev/null 2>&1; then
     UV=(uv)
+    PY=(uv run python)
 elif python3 -m uv --version >/dev/null 2>&1; then
     UV=(python3 -m uv)
+    PY=(python3 -m uv run python)
 else
-    echo "runcpu.sh needs uv: pip install uv" >&2
+    echo "runcpu.sh needs uv (pip install uv), or NANOCHAT_PYTHON set to a Python with nanochat installed" >&2
     exit 1
 fi
-run() { echo "+ $*"; "${UV[@]}" run "$@"; }
 
-echo "artifacts: $NANOCHAT_BASE_DIR"
-"${UV[@]}" sync  # builds the Rust tokenizer trainer on the first run
+# Print a command (quoted so that it can be pasted back); run it with the project's Python
+# unless this is a dry run.
+run() {
+    local line="+ python" arg plain='^[A-Za-z0-9_./=:,@%+-]+$'
+    for arg in "$@"; do
+        if [[ "$arg" =~ $plain ]]; then
+            line+=" $arg"
+        else
+            line+=" '${arg//\'/\'\\\'\'}'"
+        fi
+    done
+    echo "$line"
+    if [[ "$DRY_RUN" != 1 ]]; then
+        "${PY[@]}" "$@"
+    fi
+}
+
+# -- sizes: the demo, or SHORT=1 (every stage runs, a few steps each)
+if [[ "$SHORT" == 1 ]]; then
+    DEPTH=2 SEQ=256 TOK_CHARS=20000000
+    BASE_STEPS=20 BASE_BATCH=4096 EVAL_TOKENS=8192 CORE_PER_TASK=8
+    MID_STEPS=20 SFT_STEPS=30 RL_STEPS=2 SYNTH=2000
+    EVAL_X=16 RL_QUESTIONS=4 RL_SAMPLES=4 RL_EVAL=8
+else
+    DEPTH=4 SEQ=512 TOK_CHARS=100000000
+    BASE_STEPS=300 BASE_BATCH=8192 EVAL_TOKENS=65536 CORE_PER_TASK=64
+    MID_STEPS=200 SFT_STEPS=300 RL_STEPS=30 SYNTH=5000
+    EVAL_X=64 RL_QUESTIONS=8 RL_SAMPLES=8 RL_EVAL=32
+fi
+TAG="d${DEPTH}"
+DEV=(--device-type "$DEVICE_TYPE")
+EVAL_TASKS="Arithmetic|SimpleSpelling|SpellingBee"
+if [[ -n "${NANOCHAT_TASK_DATA:-}" ]]; then  # local copies of the ChatCORE tasks: evaluate those too
+    EVAL_TASKS="$EVAL_TASKS|ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
+fi
+CHAT_EVAL=(-m scripts.chat_eval -g "$TAG" -a "$EVAL_TASKS" -x "$EVAL_X" --max-new-tokens 128 "${DEV[@]}")
+
+echo "artifacts: $NANOCHAT_BASE_DIR (model $TAG, context $SEQ, SHORT=$SHORT)"
+if [[ ${#UV[@]} -gt 0 && "$DRY_RUN" != 1 ]]; then
+    echo "+ ${UV[*]} sync"
+    "${UV[@]}" sync  # builds the Rust tokenizer trainer on the first run
+fi
+
+# -- report header (this run's start time, machine, code size)
+run -m nanochat.report reset
 
 # -- data: the offline corpus (about 31 MB of text, deterministic on a given machine)
-run python -m nanochat.dataset --offline
+run -m nanochat.dataset --offline
 
 # -- tokenizer
-run python -m scripts.tok_train --vocab-size 4096 --max-chars 100000000
-run python -m scripts.tok_eval
+run -m scripts.tok_train --vocab-size 4096 --max-chars "$TOK_CHARS"
+run -m scripts.tok_eval
+
+# -- base model: pretraining, train/val bpb + samples, CORE (only with a local eval bundle)
+run -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ" --device-batch-size 8 \
+    --total-batch-size "$BASE_BATCH" --num-iterations "$BASE_STEPS" --eval-every 50 \
+    --eval-tokens "$EVAL_TOKENS" --core-metric-every -1 --sample-every -1 "${DEV[@]}"
+run -m scripts.base_loss --device-batch-size 8 --split-tokens "$EVAL_TOKENS" "${DEV[@]}"
+if [[ -n "${NANOCHAT_EVAL_BUNDLE:-}" || -f "$NANOCHAT_BASE_DIR/eval_bundle/core.yaml" ]]; then
+    run -m scripts.base_eval --max-per-task "$CORE_PER_TASK" --skip-missing "${DEV[@]}"
+else
+    echo "= skipping base_eval (CORE): no eval bundle here. Set NANOCHAT_EVAL_BUNDLE to one, or download it"
+    echo "  with: python -c 'from nanochat.core_eval import get_eval_bundle; get_eval_bundle()'"
+fi
+# the base model on the chat tasks: the starting point the later stages are measured against
+run "${CHAT_EVAL[@]}" -i base
+
+# -- midtraining: chat format, tool use, spelling (synthetic tasks only)
+run -m scripts.mid_train --offline --max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size -1 \
+    --num-iterations "$MID_STEPS" --eval-every -1 --eval-steps 4 --metrics-every 0 \
+    --synthetic-size "$SYNTH" "${DEV[@]}"
+run "${CHAT_EVAL[@]}" -i mid
+
+# -- supervised finetuning
+run -m scripts.chat_sft --offline --max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size -1 \
+    --num-iterations "$SFT_STEPS" --eval-every -1 --eval-steps 4 --metrics-every 0 \
+    --synthetic-size "$SYNTH" "${DEV[@]}"
+run "${CHAT_EVAL[@]}" -i sft
+
+# -- reinforcement learning on the synthetic arithmetic problems
+run -m scripts.chat_rl --offline --num-iterations "$RL_STEPS" --examples-per-step "$RL_QUESTIONS" \
+    --num-samples "$RL_SAMPLES" --max-new-tokens 96 --device-batch-size 8 --eval-every -1 \
+    --eval-examples "$RL_EVAL" --eval-samples 4 --save-every -1 "${DEV[@]}"
+run "${CHAT_EVAL[@]}" -i rl
+
+# -- the report card and one reply
+run -m nanochat.report generate --output-dir "$CALLER_DIR"
+run -m scripts.chat_cli -i rl -g "$TAG" -p "Tom has 12 apples and buys 7 more. How many apples does he have?" \
+    -t 0 --max-tokens 96 "${DEV[@]}"
+echo
+echo "report: $CALLER_DIR/report.md   chat: python -m scripts.chat_cli -i rl   web: python -m scripts.chat_web -i rl"

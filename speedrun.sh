@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# The $100 run: a rented 8xGPU node from nothing to a d20 model you can chat with (~4 hours
+# on 8xH100). Stages, in order (SPEC section 2): environment + report header, data (eval
+# bundle and task data fetched now, never mid-training), tokenizer, base model, midtraining,
+# SFT, optional RL, the report card.
+#
+#   bash speedrun.sh                       # the whole run
+#   NPROC=1 bash speedrun.sh               # one GPU (gradient accumulation keeps the batch)
+#   WANDB_RUN=d20 RUN_RL=1 bash speedrun.sh
+#   DRY_RUN=1 bash speedrun.sh             # print every command ("+ ..."), run nothing
+#   bash speedrun.sh --dry-run             # the same
+#
+# Safe to re-run: a stage is skipped when its report section exists (it finished), and a
+# training stage that left checkpoints behind continues from them with --resume. The
+# report header (start time) is written only when there is none: delete
+# $NANOCHAT_BASE_DIR/report to start a new report.
+#
+# Environment: NANOCHAT_BASE_DIR (artifacts, default ~/.cache/nanochat), NPROC (GPUs, 8),
+# WANDB_RUN (wandb run name; default dummy = off), RUN_RL (1 = run the RL stage), DRY_RUN.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+DRY_RUN="${DRY_RUN:-0}"
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        *) echo "speedrun.sh: unknown argument '$arg' (only --dry-run)" >&2; exit 2 ;;
+    esac
+done
+NPROC="${NPROC:-8}"
+WANDB_RUN="${WANDB_RUN:-dummy}"
+RUN_RL="${RUN_RL:-0}"
+DEPTH=20
+TAG="d${DEPTH}"
+export OMP_NUM_THREADS=1
+export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+REPORT_DIR="$NANOCHAT_BASE_DIR/report"
+TORCHRUN=(torchrun --standalone "--nproc_per_node=$NPROC")
+
+# Print a command (quoted so that it can be pasted back); run it unless this is a dry run.
+show() {
+    local line="+" arg plain='^[A-Za-z0-9_./=:,@%+&-]+$'
+    for arg in "$@"; do
+        if [[ "$arg" =~ $plain ]]; then
+            line+=" $arg"
+        else
+            line+=" '${arg//\'/\'\\\'\'}'"
+        fi
+    done
+    echo "$line"
+}
+run() {
+    show "$@"
+    if [[ "$DRY_RUN" != 1 ]]; then
+        "$@"
+    fi
+}
+# A stage is finished when it logged its report section.
+finished() { [[ -f "$REPORT_DIR/$1.md" ]]; }
+# --resume when a training stage left checkpoints of this tag behind.
+resume_flag() {
+    if compgen -G "$NANOCHAT_BASE_DIR/$1/$TAG/model_*.pt" >/dev/null; then
+        echo "--resume"
+    fi
+}
+skip() { echo "= skipping $1 (finished; its report section exists)"; }
+
+# -----------------------------------------------------------------------------
+# 1. Environment: uv, the virtual environment (builds the Rust tokenizer), report header
+
+echo "artifacts: $NANOCHAT_BASE_DIR (GPUs: $NPROC)"
+if ! command -v uv >/dev/null 2>&1; then
+    run sh -c "curl -LsSf https://astral.sh/uv/install.sh | sh"
+    export PATH="$HOME/.local/bin:$PATH"
+fi
+if ! command -v cargo >/dev/null 2>&1; then  # uv sync compiles the Rust tokenizer trainer
+    run sh -c "curl --proto =https --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y"
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+run uv sync
+if [[ "$DRY_RUN" != 1 ]]; then
+    # shellcheck disable=SC1091  # created by uv sync
+    source .venv/bin/activate
+fi
+if [[ -f "$REPORT_DIR/header.md" ]]; then
+    echo "= report header exists: continuing that run's report"
+else
+    run python -m nanochat.report reset
+fi
+
+# -----------------------------------------------------------------------------
+# 2. Data: the first shards now, the rest in the background; eval bundle and task data now
+
+run python -m nanochat.dataset -n 8
+show python -m nanochat.dataset -n 240 "&"
+DATASET_PID=""
+if [[ "$DRY_RUN" != 1 ]]; then
+    python -m nanochat.dataset -n 240 &
+    DATASET_PID=$!
+fi
+run python -c "from nanochat.core_eval import get_eval_bundle; get_eval_bundle()"
+PREFETCH_TASKS="from tasks.arc import ARC; from tasks.mmlu import MMLU; from tasks.gsm8k import GSM8K;"
+PREFETCH_TASKS+=" from tasks.humaneval import HumanEval; from tasks.smoltalk import SmolTalk;"
+PREFETCH_TASKS+=" [ARC(s, p) for s in (\"ARC-Easy\", \"ARC-Challenge\") for p in (\"train\", \"validation\", \"test\")];"
+PREFETCH_TASKS+=" [MMLU(\"all\", p) for p in (\"test\", \"validation\", \"dev\")]; MMLU(\"auxiliary_train\", \"train\");"
+PREFETCH_TASKS+=" [GSM8K(\"main\", p) for p in (\"train\", \"test\")]; HumanEval(); [SmolTalk(p) for p in (\"train\", \"test\")]"
+run python -c "$PREFETCH_TASKS"
+
+# -----------------------------------------------------------------------------
+# 3. Tokenizer (65,536 tokens, trained on ~2B characters)
+
+if [[ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ]] && finished tokenizer-training; then
+    skip tok_train
+else
+    run python -m scripts.tok_train --vocab-size 65536 --max-chars 2000000000
+fi
+if finished tokenizer-evaluation; then skip tok_eval; else run python -m scripts.tok_eval; fi
+
+# -----------------------------------------------------------------------------
+# 4. Base model: pretraining needs every shard, so wait for the background download
+
+if [[ -n "$DATASET_PID" ]]; then
+    echo "waiting for the data download (pid $DATASET_PID)"
+    wait "$DATASET_PID"
+fi
+if finished base-model-training; then
+    skip base_train
+else
+    # shellcheck disable=SC2046  # resume_flag prints one word or nothing
+    run "${TORCHRUN[@]}" -m scripts.base_train "--depth=$DEPTH" "--run=$WANDB_RUN" $(resume_flag base_checkpoints)
+fi
+if finished base-model-loss; then skip base_loss; else run "${TORCHRUN[@]}" -m scripts.base_loss; fi
+if finished base-model-evaluation; then skip base_eval; else run "${TORCHRUN[@]}" -m scripts.base_eval; fi
+
+# -----------------------------------------------------------------------------
+# 5. Midtraining: chat format, tool use, multiple choice
+
+if finished midtraining; then
+    skip mid_train
+else
+    # shellcheck disable=SC2046
+    run "${TORCHRUN[@]}" -m scripts.mid_train "--run=$WANDB_RUN" $(resume_flag mid_checkpoints)
+fi
+if finished chat-evaluation-mid; then skip "chat_eval -i mid"; else run "${TORCHRUN[@]}" -m scripts.chat_eval -i mid; fi
+
+# -----------------------------------------------------------------------------
+# 6. Supervised finetuning
+
+if finished chat-sft; then
+    skip chat_sft
+else
+    # shellcheck disable=SC2046
+    run "${TORCHRUN[@]}" -m scripts.chat_sft "--run=$WANDB_RUN" $(resume_flag chatsft_checkpoints)
+fi
+if finished chat-evaluation-sft; then skip "chat_eval -i sft"; else run "${TORCHRUN[@]}" -m scripts.chat_eval -i sft; fi
+
+# -----------------------------------------------------------------------------
+# 7. Reinforcement learning on GSM8K (optional: RUN_RL=1)
+
+if [[ "$RUN_RL" == 1 ]]; then
+    if finished chat-rl; then
+        skip chat_rl
+    else
+        # shellcheck disable=SC2046
+        run "${TORCHRUN[@]}" -m scripts.chat_rl "--run=$WANDB_RUN" $(resume_flag chatrl_checkpoints)
+    fi
+    if finished chat-evaluation-rl; then
+        skip "chat_eval -i rl"
+    else
+        run "${TORCHRUN[@]}" -m scripts.chat_eval -i rl -a GSM8K
+    fi
+fi
+
+# -----------------------------------------------------------------------------
+# 8. The report card, 9. chat
+
+run python -m nanochat.report generate
+SOURCE=sft
+if [[ "$RUN_RL" == 1 ]]; then SOURCE=rl; fi
+cat <<EOF
+
+Done: report.md holds the report card. Talk to the model:
+    source .venv/bin/activate
+    python -m scripts.chat_cli -i $SOURCE            # in the terminal
+    python -m scripts.chat_web -i $SOURCE            # in the browser (port 8000)
+EOF

