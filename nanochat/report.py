@@ -443,6 +443,54 @@ PLOTS = (
 )
 
 
+class MetricsLog:
+    """A training run's per-step metrics: JSON lines in `path` (`<checkpoint dir>/log.jsonl`),
+    and wandb when a run name other than "dummy" is given. Only the master rank writes.
+
+    A resumed run keeps the records of the steps before `start_step` and rewrites the rest,
+    so the file always reads as one uninterrupted run (the report plots it).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        start_step: int = 0,
+        resume: bool = False,
+        run: str = "dummy",
+        project: str = "nanochat",
+        config: dict | None = None,
+        master: bool = True,
+    ):
+        self.path, self.master, self.wandb = Path(path), master, None
+        if not master:
+            return
+        if run != "dummy":
+            import wandb
+
+            wandb.init(project=project, name=run, config=config, resume="allow")
+            self.wandb = wandb
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume and self.path.exists():
+            kept = [
+                line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < start_step
+            ]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, record: dict) -> None:
+        """Appends one record (it must have a "step")."""
+        if not self.master:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["step"])
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
 def read_log(path: str | Path) -> list[dict]:
     """The records of a log.jsonl (lines that do not parse are skipped: a crash can cut the last one)."""
     records = []

@@ -31,7 +31,6 @@ Design choices:
 """
 
 import argparse
-import json
 import math
 import os
 import resource
@@ -65,7 +64,7 @@ from nanochat.engine import greedy_completions
 from nanochat.gpt import GPT, config_from_depth, estimate_memory, suggest_device_batch_size
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import build_optimizers, lr_multiplier, muon_momentum
-from nanochat.report import get_report
+from nanochat.report import MetricsLog, get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -285,33 +284,10 @@ def val_bpb() -> float:
 # -----------------------------------------------------------------------------
 # Logging
 
-if master and args.run != "dummy":
-    import wandb
+run_log = MetricsLog(
+    ckpt_dir / "log.jsonl", start_step, args.resume, args.run, "nanochat", user_config, master
+)
 
-    wandb.init(project="nanochat", name=args.run, config=user_config, resume="allow")
-else:
-    wandb = None
-log_path = ckpt_dir / "log.jsonl"
-
-
-def log_metrics(record: dict) -> None:
-    if not master:
-        return
-    with open(log_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-    if wandb is not None:
-        wandb.log(record, step=record["step"])
-
-
-if master:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    # keep only the history before the step we start from (a resume rewrites the rest)
-    kept = (
-        [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-        if (args.resume and log_path.exists())
-        else []
-    )
-    log_path.write_text("".join(line + "\n" for line in kept))
 
 peak_flops = get_peak_flops(device)
 smooth_loss = loop_state.get("smooth_loss", 0.0)
@@ -355,7 +331,7 @@ for step in range(start_step, num_iterations + 1):
         last_val_bpb = val_bpb()
         min_val_bpb = min(min_val_bpb, last_val_bpb)
         print0(f"step {step:05d} | val bpb {last_val_bpb:.4f}")
-        log_metrics({"step": step, "val_bpb": last_val_bpb})
+        run_log.log({"step": step, "val_bpb": last_val_bpb})
 
     if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
         core = evaluate_core(
@@ -364,7 +340,7 @@ for step in range(start_step, num_iterations + 1):
         last_core = core["core"]
         partial = " (partial: skipped " + ", ".join(core["skipped"]) + ")" if core["partial"] else ""
         print0(f"step {step:05d} | CORE {last_core:.4f}{partial}")
-        log_metrics({"step": step, "core": last_core, "core_partial": core["partial"]})
+        run_log.log({"step": step, "core": last_core, "core_partial": core["partial"]})
 
     if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
         for text in greedy_completions(orig_model, tokenizer, autocast_dtype=autocast_dtype):
@@ -411,7 +387,7 @@ for step in range(start_step, num_iterations + 1):
         f"mfu {'n/a' if math.isnan(mfu) else f'{mfu:.1f}%'} | "
         f"eta {eta / 60:.1f}m | epoch {train_loader.epoch}"
     )
-    log_metrics(
+    run_log.log(
         {
             "step": step,
             "loss": train_loss,
@@ -459,6 +435,5 @@ get_report().log(
         },
     ],
 )
-if wandb is not None:
-    wandb.finish()
+run_log.finish()
 compute_cleanup()

@@ -45,7 +45,6 @@ Design choices:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import sys
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, print0, setup_logging
     from nanochat.engine import Engine, fit_to_context
     from nanochat.optim import build_optimizers
-    from nanochat.report import get_report
+    from nanochat.report import MetricsLog, get_report, read_log
 
     # -------------------------------------------------------------------------
     # Compute
@@ -394,31 +393,9 @@ def main(argv: list[str] | None = None) -> None:
     # -------------------------------------------------------------------------
     # Logging
 
-    if master and args.run != "dummy":
-        import wandb
-
-        wandb.init(project="nanochat-rl", name=args.run, config=user_config, resume="allow")
-    else:
-        wandb = None
-    log_path = ckpt_dir / "log.jsonl"
-
-    def log_metrics(record: dict) -> None:
-        if not master:
-            return
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if wandb is not None:
-            wandb.log(record, step=record["step"])
-
-    if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        # keep only the history before the step we start from (a resume rewrites the rest)
-        kept = (
-            [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-            if (args.resume and log_path.exists())
-            else []
-        )
-        log_path.write_text("".join(line + "\n" for line in kept))
+    run_log = MetricsLog(
+        ckpt_dir / "log.jsonl", start_step, args.resume, args.run, "nanochat-rl", user_config, master
+    )
 
     # -------------------------------------------------------------------------
     # Training loop (a checkpoint at step s holds the weights after s steps)
@@ -443,7 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         if last_step or step == start_step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
             last_eval = evaluate()
             print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            log_metrics({"step": step, **last_eval})
+            run_log.log({"step": step, **last_eval})
 
         if last_step:
             break
@@ -504,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | loss {loss_value:+.6f} | "
             f"tokens {num_tokens} | lrm {lrm:.3f} | dt {dt:.1f}s"
         )
-        log_metrics(
+        run_log.log(
             {
                 "step": step,
                 "reward": mean_reward,
@@ -519,7 +496,7 @@ def main(argv: list[str] | None = None) -> None:
     # Report
 
     if master:
-        records = [json.loads(line) for line in log_path.read_text().splitlines()]
+        records = read_log(run_log.path)
         rewards = [r["reward"] for r in records if "reward" in r]
         curve = []
         for tenth in range(10):
@@ -545,8 +522,7 @@ def main(argv: list[str] | None = None) -> None:
                 },
             ],
         )
-    if wandb is not None:
-        wandb.finish()
+    run_log.finish()
     compute_cleanup()
 
 

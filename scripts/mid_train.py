@@ -39,7 +39,6 @@ Design choices:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -70,7 +69,7 @@ from nanochat.common import (
 )
 from nanochat.dataloader import conversation_batches
 from nanochat.optim import build_optimizers, lr_multiplier, muon_momentum
-from nanochat.report import get_report
+from nanochat.report import MetricsLog, get_report
 
 IDENTITY_FILE = "chat/identity_conversations.jsonl"
 CHAT_FILE = "chat/kto_en_demo_accepted.messages.jsonl"
@@ -372,31 +371,9 @@ def train_chat(
         return loss
 
     # -------------------------------------------------------------------------- logging
-    if master and args.run != "dummy":
-        import wandb
-
-        wandb.init(project="nanochat", name=args.run, config=user_config, resume="allow")
-    else:
-        wandb = None
-    log_path = ckpt_dir / "log.jsonl"
-
-    def log_metrics(record: dict) -> None:
-        if not master:
-            return
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if wandb is not None:
-            wandb.log(record, step=record["step"])
-
-    if master:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        kept = (
-            [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-            if (args.resume and log_path.exists())
-            else []
-        )
-        log_path.write_text("".join(line + "\n" for line in kept))
-
+    run_log = MetricsLog(
+        ckpt_dir / "log.jsonl", start_step, args.resume, args.run, "nanochat", user_config, master
+    )
     progress = loop_state.get("progress", 0.0)
     training_time = loop_state.get("training_time", 0.0)
     min_val_loss = loop_state.get("min_val_loss", float("inf"))
@@ -440,7 +417,7 @@ def train_chat(
             last_val_loss = val_loss()
             min_val_loss = min(min_val_loss, last_val_loss)
             print0(f"step {step:05d} | val loss {last_val_loss:.4f}")
-            log_metrics({"step": step, "val_loss": last_val_loss})
+            run_log.log({"step": step, "val_loss": last_val_loss})
 
         if metrics is not None and args.metrics_every != 0:
             periodic = args.metrics_every > 0 and step > start_step and step % args.metrics_every == 0
@@ -449,7 +426,7 @@ def train_chat(
                 last_metrics = metrics(orig_model, tokenizer, args, autocast_dtype, T)
                 orig_model.train()
                 print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in last_metrics.items()))
-                log_metrics({"step": step, **last_metrics})
+                run_log.log({"step": step, **last_metrics})
 
         if last_step:
             break
@@ -481,7 +458,7 @@ def train_chat(
             f"lrm {lrm:.3f} | epoch progress {progress:.3f} | supervised tokens {supervised:,} | "
             f"dt {dt * 1000:.0f}ms"
         )
-        log_metrics(
+        run_log.log(
             {
                 "step": step,
                 "loss": train_loss,
@@ -514,8 +491,7 @@ def train_chat(
             },
         ],
     )
-    if wandb is not None:
-        wandb.finish()
+    run_log.finish()
     compute_cleanup()
 
 
