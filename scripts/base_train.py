@@ -292,7 +292,8 @@ run_log = MetricsLog(
 peak_flops = get_peak_flops(device)
 smooth_loss = loop_state.get("smooth_loss", 0.0)
 min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
-training_time = loop_state.get("training_time", 0.0)
+training_time = loop_state.get("training_time", 0.0)  # excludes the compile warm-up steps
+session_time = 0.0  # every step of this process, for the ETA
 last_val_bpb = loop_state.get("val_bpb")
 last_core = loop_state.get("core")
 ema_beta = 0.9
@@ -374,12 +375,13 @@ for step in range(start_step, num_iterations + 1):
 
     if step - start_step >= 10 or num_iterations - start_step < 20:  # skip the compile warm-up steps
         training_time += dt
+    session_time += dt
     smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * train_loss
     debiased = smooth_loss / (1 - ema_beta ** (step + 1))
     tok_per_sec = args.total_batch_size / dt
     if peak_flops:
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
-    eta = training_time / max(1, step + 1 - start_step) * (num_iterations - step - 1)
+    eta = session_time / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(
         f"step {step:05d}/{num_iterations} ({100 * (step + 1) / num_iterations:.1f}%) | "
         f"loss {debiased:.4f} | "
