@@ -31,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -452,6 +452,21 @@ def get_compute_dtype(device) -> Any:
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.bfloat16
     return torch.float32
+
+
+def autocast_dtype_for(device) -> Any:
+    """The dtype the forward runs in under `torch.autocast` on this device; None: no autocast (fp32)."""
+    import torch
+
+    dtype = get_compute_dtype(device)
+    return None if dtype == torch.float32 else dtype
+
+
+def autocast_context(device, dtype) -> Any:
+    """`torch.autocast` in `dtype` on this device, or a context that does nothing when dtype is None."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def get_peak_flops(device) -> float | None:

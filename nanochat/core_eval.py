@@ -57,14 +57,20 @@ import shutil
 import stat
 import time
 import zipfile
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import download_file, file_lock, get_base_dir, get_compute_dtype, get_dist_info
+from nanochat.common import (
+    autocast_context,
+    autocast_dtype_for,
+    download_file,
+    file_lock,
+    get_base_dir,
+    get_dist_info,
+)
 
 logger = logging.getLogger("nanochat.core_eval")
 
@@ -330,11 +336,6 @@ def prepare_example(
     )
 
 
-def _autocast(device: torch.device):
-    dtype = get_compute_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
 def _group(examples: list[PreparedExample], batch_size: int) -> list[list[int]]:
     """Indices of examples per forward: at most `batch_size` rows each (a larger example goes alone)."""
     order = sorted(range(len(examples)), key=lambda i: max(len(r) for r in examples[i].rows))
@@ -360,7 +361,7 @@ def score_batch(model, examples: list[PreparedExample], task_type: str, device, 
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     ids = ids.to(device)
-    with _autocast(torch.device(device)):
+    with autocast_context(device, autocast_dtype_for(device)):
         logits = model(ids)  # (B, T, V)
     verdicts, offset = [], 0
     for ex in examples:

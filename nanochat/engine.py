@@ -51,11 +51,10 @@ import random
 import threading
 from collections import deque
 from collections.abc import Iterator
-from contextlib import nullcontext
 
 import torch
 
-from nanochat.common import get_compute_dtype
+from nanochat.common import autocast_context, autocast_dtype_for
 
 # Prompts whose greedy completions show what a base model knows (printed while training).
 SAMPLE_PROMPTS = [
@@ -244,10 +243,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        compute_dtype = get_compute_dtype(self.device)
-        self.autocast_dtype = (
-            compute_dtype if self.device.type == "cuda" and compute_dtype != torch.float32 else None
-        )
+        self.autocast_dtype = autocast_dtype_for(self.device)
         self.cache_dtype = self.autocast_dtype or next(model.parameters()).dtype
         special = tokenizer.encode_special
         self.stop_ids = {special(name) for name in STOP_TOKENS}
@@ -260,11 +256,7 @@ class Engine:
         return self.model.cos.size(1)
 
     def autocast(self):
-        return (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
-            else nullcontext()
-        )
+        return autocast_context(self.device, self.autocast_dtype)
 
     def new_cache(self, capacity: int, seq_len: int, batch_size: int | None = None) -> KVCache:
         return KVCache.for_model(self.model, capacity, seq_len, self.cache_dtype, batch_size)
@@ -784,8 +776,7 @@ def greedy_completions(
     texts = []
     for prompt in prompts:
         tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with ctx:
+        with autocast_context(device, autocast_dtype):
             new = generate_naive(model, tokens, max_tokens)
         texts.append(tokenizer.decode(tokens[1:] + new))
     model.train(was_training)

@@ -16,6 +16,8 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
+from nanochat.common import autocast_context
+
 
 @torch.no_grad()
 def evaluate_bpb(
@@ -36,10 +38,7 @@ def evaluate_bpb(
     batch_iter = iter(batches)
     for _ in range(steps):
         inputs, targets = next(batch_iter)
-        if autocast_dtype is not None:
-            with torch.autocast(device.type, dtype=autocast_dtype):
-                losses = model(inputs, targets, loss_reduction="none")
-        else:
+        with autocast_context(device, autocast_dtype):
             losses = model(inputs, targets, loss_reduction="none")
         losses, targets = losses.reshape(-1).double(), targets.reshape(-1)
         num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)

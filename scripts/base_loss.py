@@ -11,10 +11,8 @@ number is comparable with the one base_train logged. Writes the report section
 
 import argparse
 
-import torch
-
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, print0, setup_logging
+from nanochat.common import autocast_dtype_for, compute_cleanup, compute_init, print0, setup_logging
 from nanochat.dataloader import DataLoader
 from nanochat.engine import greedy_completions
 from nanochat.loss_eval import evaluate_bpb
@@ -32,8 +30,7 @@ args = parser.parse_args()
 
 setup_logging()
 is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-compute_dtype = get_compute_dtype(device)
-autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+autocast_dtype = autocast_dtype_for(device)
 model, tokenizer, meta = load_model(
     "base", device, phase="eval", model_tag=args.model_tag, step=args.model_step
 )

@@ -36,7 +36,6 @@ import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -50,6 +49,8 @@ from nanochat.checkpoint_manager import (
     set_rng_state,
 )
 from nanochat.common import (
+    autocast_context,
+    autocast_dtype_for,
     compute_cleanup,
     compute_init,
     get_compute_dtype,
@@ -121,11 +122,11 @@ setup_logging()
 is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
 master = rank == 0
 compute_dtype = get_compute_dtype(device)
-autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+autocast_dtype = autocast_dtype_for(device)
 
 
 def autocast():
-    return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+    return autocast_context(device, autocast_dtype)
 
 
 def fail(message: str) -> None:

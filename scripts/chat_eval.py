@@ -33,12 +33,11 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import ProgressBar, print0
+from nanochat.common import ProgressBar, autocast_context, print0
 
 # The six tasks of ChatCORE and their chance-level accuracies.
 BASELINES = {
@@ -179,7 +178,7 @@ def evaluate_categorical(
     max_len = model.config.sequence_len
     pad_id = tokenizer.get_bos_token_id()
     letter_ids: dict[str, int] = {}
-    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    amp = autocast_context(device, autocast_dtype)
     correct = total = 0
     for start in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[start : start + batch_size]]
@@ -297,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(str(e))
 
     from nanochat.checkpoint_manager import load_model
-    from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, setup_logging
+    from nanochat.common import autocast_dtype_for, compute_cleanup, compute_init, setup_logging
     from nanochat.gpt import ROTARY_LENGTH_FACTOR
     from nanochat.report import get_report
 
@@ -310,8 +309,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # --- model
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
-    compute_dtype = get_compute_dtype(device)
-    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    autocast_dtype = autocast_dtype_for(device)
     model, tokenizer, meta = load_model(
         args.source, device, phase="eval", model_tag=args.model_tag, step=args.step
     )

@@ -49,7 +49,6 @@ import math
 import re
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -251,7 +250,14 @@ def main(argv: list[str] | None = None) -> None:
         save_checkpoint,
         set_rng_state,
     )
-    from nanochat.common import compute_cleanup, compute_init, get_compute_dtype, print0, setup_logging
+    from nanochat.common import (
+        autocast_context,
+        autocast_dtype_for,
+        compute_cleanup,
+        compute_init,
+        print0,
+        setup_logging,
+    )
     from nanochat.engine import Engine, fit_to_context
     from nanochat.optim import build_optimizers
     from nanochat.report import MetricsLog, get_report, read_log
@@ -262,11 +268,10 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
     master = rank == 0
-    compute_dtype = get_compute_dtype(device)
-    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    autocast_dtype = autocast_dtype_for(device)
 
     def autocast():
-        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        return autocast_context(device, autocast_dtype)
 
     def fail(message: str) -> None:
         print0(f"chat_rl: {message}")

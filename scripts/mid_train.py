@@ -60,10 +60,11 @@ from nanochat.checkpoint_manager import (
     tags_by_depth,
 )
 from nanochat.common import (
+    autocast_context,
+    autocast_dtype_for,
     compute_cleanup,
     compute_init,
     get_base_dir,
-    get_compute_dtype,
     print0,
     setup_logging,
 )
@@ -261,11 +262,10 @@ def train_chat(
     setup_logging()
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
     master = rank == 0
-    compute_dtype = get_compute_dtype(device)
-    autocast_dtype = compute_dtype if compute_dtype != torch.float32 else None
+    autocast_dtype = autocast_dtype_for(device)
 
     def autocast():
-        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
+        return autocast_context(device, autocast_dtype)
 
     def fail(message: str) -> None:
         print0(f"{phase}: {message}")

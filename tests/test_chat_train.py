@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import model_config_dict, save_checkpoint
+from nanochat.common import compute_cleanup
 from nanochat.dataloader import conversation_batches
 from nanochat.gpt import GPT, config_from_depth
 from scripts.mid_train import accumulate_gradients, chat_lr_multiplier
@@ -175,7 +176,11 @@ def _two_rank_worker(rank: int, port: int, vocab: int, rows: list, out: str) -> 
         grads[name] = g / 2  # what the optimizers see: the average over ranks
     if rank == 0:
         torch.save({"loss": loss, "count": count, "grads": grads}, out)
-    dist.destroy_process_group()
+    compute_cleanup()  # a barrier first: no rank tears down while its peer still communicates
+    # Measured: about 1 file run in 10 on 2 cores, rank 1 aborted ("terminate called without an
+    # active exception") during interpreter shutdown, after this cleanup had returned and every
+    # result was written. Leave without the shutdown; the checks are on the saved results.
+    os._exit(0)
 
 
 def test_two_ranks_give_the_gradient_of_one_process(tokenizer, tmp_path, one_thread):

@@ -366,3 +366,15 @@ def test_download_backoff_grows_exponentially_with_cap(server, tmp_path, monkeyp
     with pytest.raises(RuntimeError):
         download_file(url, tmp_path / "f.bin", timeout=0.3, retries=4, backoff=1.0, progress=False)
     assert waits == [1.0, 2.0, 4.0, 5.0]
+
+
+def test_autocast_is_off_on_cpu_and_runs_matmuls_in_the_given_dtype():
+    import torch
+
+    assert common.get_compute_dtype("cpu") == torch.float32
+    assert common.autocast_dtype_for("cpu") is None
+    a = torch.randn(4, 4)
+    with common.autocast_context("cpu", None):
+        assert (a @ a).dtype == torch.float32
+    with common.autocast_context(torch.device("cpu"), torch.bfloat16):
+        assert (a @ a).dtype == torch.bfloat16
