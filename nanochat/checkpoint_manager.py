@@ -80,6 +80,24 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def resume_conflict(meta: dict[str, Any], user_config: dict[str, Any], keys, world_size: int) -> str | None:
+    """Why this run cannot continue the checkpoint described by `meta`, or None when it can: one of
+    the flags `keys` differs from the checkpoint's, or it was written by another number of ranks."""
+    for key in keys:
+        if meta["user_config"].get(key) != user_config[key]:
+            return f"the checkpoint used --{key.replace('_', '-')} {meta['user_config'].get(key)}"
+    if meta["world_size"] != world_size:
+        return f"the checkpoint was written by {meta['world_size']} processes, not {world_size}"
+    return None
+
+
+def restore_optimizers(optimizers: list[torch.optim.Optimizer], shard: dict[str, Any], device) -> None:
+    """Load this rank's optimizer states and RNG states from its checkpoint shard."""
+    for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    set_rng_state(shard["rng"], device)
+
+
 def save_checkpoint(
     directory: str | Path,
     step: int,

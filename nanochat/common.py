@@ -33,7 +33,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, NoReturn, TypeVar
 
 logger = logging.getLogger("nanochat.common")
 
@@ -442,6 +442,14 @@ def compute_cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_with_error(script: str, message: str) -> NoReturn:
+    """A user error: print `script: message` (rank 0), leave the process group, exit with status 1.
+    Every rank must call it (the cleanup waits for all of them)."""
+    print0(f"{script}: {message}")
+    compute_cleanup()
+    sys.exit(1)
 
 
 def get_compute_dtype(device) -> Any:

@@ -36,6 +36,7 @@ import os
 import resource
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -45,14 +46,16 @@ from nanochat.checkpoint_manager import (
     find_last_step,
     load_checkpoint,
     model_config_dict,
+    restore_optimizers,
+    resume_conflict,
     save_checkpoint,
-    set_rng_state,
 )
 from nanochat.common import (
     autocast_context,
     autocast_dtype_for,
     compute_cleanup,
     compute_init,
+    exit_with_error,
     get_compute_dtype,
     get_peak_flops,
     print0,
@@ -129,10 +132,7 @@ def autocast():
     return autocast_context(device, autocast_dtype)
 
 
-def fail(message: str) -> None:
-    print0(f"base_train: {message}")
-    compute_cleanup()
-    sys.exit(1)
+fail = partial(exit_with_error, "base_train")
 
 
 # -----------------------------------------------------------------------------
@@ -236,15 +236,13 @@ if args.resume:
     model_state, shard, meta = load_checkpoint(ckpt_dir, start_step, device, load_optimizer=True, rank=rank)
     if meta["model_config"] != model_config_dict(config):
         fail(f"--resume: the checkpoint's model is {meta['model_config']}, not {model_config_dict(config)}")
-    for key in ("total_batch_size", "device_batch_size", "max_seq_len"):
-        if meta["user_config"][key] != user_config[key]:
-            fail(f"--resume: the checkpoint used --{key.replace('_', '-')} {meta['user_config'][key]}")
-    if meta["world_size"] != world_size:
-        fail(f"--resume: the checkpoint was written by {meta['world_size']} processes, not {world_size}")
+    conflict = resume_conflict(
+        meta, user_config, ("total_batch_size", "device_batch_size", "max_seq_len"), world_size
+    )
+    if conflict:
+        fail(f"--resume: {conflict}")
     model.load_state_dict(model_state)
-    for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
-    set_rng_state(shard["rng"], device)
+    restore_optimizers(optimizers, shard, device)
     loop_state, loader_state = meta["loop_state"], meta["dataloader_state"][rank]
     print0(f"resumed from step {start_step}")
 del memory

@@ -47,8 +47,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -247,14 +247,16 @@ def main(argv: list[str] | None = None) -> None:
         load_checkpoint,
         load_model,
         model_config_dict,
+        restore_optimizers,
+        resume_conflict,
         save_checkpoint,
-        set_rng_state,
     )
     from nanochat.common import (
         autocast_context,
         autocast_dtype_for,
         compute_cleanup,
         compute_init,
+        exit_with_error,
         print0,
         setup_logging,
     )
@@ -273,10 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     def autocast():
         return autocast_context(device, autocast_dtype)
 
-    def fail(message: str) -> None:
-        print0(f"chat_rl: {message}")
-        compute_cleanup()
-        sys.exit(1)
+    fail = partial(exit_with_error, "chat_rl")
 
     if args.examples_per_step % world_size:
         fail(
@@ -309,20 +308,10 @@ def main(argv: list[str] | None = None) -> None:
             start_step = find_last_step(ckpt_dir)
             model, tokenizer, meta = build_model(ckpt_dir, start_step, device, "train")
             _, shard, _ = load_checkpoint(ckpt_dir, start_step, device, load_optimizer=True, rank=rank)
-            for key in (
-                "examples_per_step",
-                "num_samples",
-                "max_new_tokens",
-                "seed",
-                "offline",
-                "init_lr_frac",
-            ):
-                if meta["user_config"][key] != user_config[key]:
-                    fail(
-                        f"--resume: the checkpoint used --{key.replace('_', '-')} {meta['user_config'][key]}"
-                    )
-            if meta["world_size"] != world_size:
-                fail(f"--resume: the checkpoint was written by {meta['world_size']} ranks, not {world_size}")
+            keys = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
+            conflict = resume_conflict(meta, user_config, keys, world_size)
+            if conflict:
+                fail(f"--resume: {conflict}")
             num_steps = meta["num_steps"]
         else:
             model, tokenizer, _ = load_model(
@@ -350,9 +339,7 @@ def main(argv: list[str] | None = None) -> None:
         weight_decay=args.weight_decay,
     )
     if shard is not None:
-        for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        set_rng_state(shard["rng"], device)
+        restore_optimizers(optimizers, shard, device)
         print0(f"resumed from step {start_step}")
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.get_bos_token_id()

@@ -31,7 +31,7 @@ import argparse
 import torch
 import torch.distributed as dist
 
-from scripts.mid_train import build_parser, identity_task, offline_chat_tasks, train_chat
+from scripts.mid_train import build_parser, identity_task, offline_chat_tasks, offline_val_tasks, train_chat
 
 SFT_DEFAULTS = {
     "source": "mid",
@@ -59,12 +59,7 @@ def sft_tasks(args: argparse.Namespace):
         train = [Arithmetic(size=n, split="train"), Identity(size=k, split="train")]
         train += [SpellingBee(size=k, split="train"), SimpleSpelling(size=k, split="train")]
         train += offline_chat_tasks("train")
-        m = max(1, n // 20)
-        val = [
-            Arithmetic(size=m, split="test"),
-            Identity(size=m, split="test"),
-            SpellingBee(size=m, split="test"),
-        ]
+        val = offline_val_tasks(max(1, n // 20))
         return TaskMixture(train), TaskMixture(val)
     from tasks.arc import ARC
     from tasks.gsm8k import GSM8K

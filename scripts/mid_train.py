@@ -44,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -55,8 +56,9 @@ from nanochat.checkpoint_manager import (
     load_checkpoint,
     load_model,
     model_config_dict,
+    restore_optimizers,
+    resume_conflict,
     save_checkpoint,
-    set_rng_state,
     tags_by_depth,
 )
 from nanochat.common import (
@@ -64,6 +66,7 @@ from nanochat.common import (
     autocast_dtype_for,
     compute_cleanup,
     compute_init,
+    exit_with_error,
     get_base_dir,
     print0,
     setup_logging,
@@ -159,6 +162,14 @@ def offline_chat_tasks(split: str) -> list:
         return [CustomJSON(CHAT_FILE)]
     except FileNotFoundError:
         return []
+
+
+def offline_val_tasks(size: int) -> list:
+    """The held-out synthetic conversations of the offline val loss (`size` of each task)."""
+    from tasks.spellingbee import SpellingBee
+    from tasks.synthetic import Arithmetic, Identity
+
+    return [task(size=size, split="test") for task in (Arithmetic, Identity, SpellingBee)]
 
 
 def identity_task(size: int):
@@ -267,10 +278,7 @@ def train_chat(
     def autocast():
         return autocast_context(device, autocast_dtype)
 
-    def fail(message: str) -> None:
-        print0(f"{phase}: {message}")
-        compute_cleanup()
-        sys.exit(1)
+    fail = partial(exit_with_error, phase)
 
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: no task may reach the hub
@@ -339,17 +347,12 @@ def train_chat(
         model_state, shard, meta = load_checkpoint(
             ckpt_dir, start_step, device, load_optimizer=True, rank=rank
         )
-        for key in ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline"):
-            if meta["user_config"].get(key) != user_config[key]:
-                fail(
-                    f"--resume: the checkpoint used --{key.replace('_', '-')} {meta['user_config'].get(key)}"
-                )
-        if meta["world_size"] != world_size:
-            fail(f"--resume: the checkpoint was written by {meta['world_size']} processes, not {world_size}")
+        keys = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
+        conflict = resume_conflict(meta, user_config, keys, world_size)
+        if conflict:
+            fail(f"--resume: {conflict}")
         model.load_state_dict(model_state)
-        for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
-            opt.load_state_dict(opt_state)
-        set_rng_state(shard["rng"], device)
+        restore_optimizers(optimizers, shard, device)
         loop_state, loader_state = meta["loop_state"], meta["dataloader_state"][rank]
         print0(f"resumed from step {start_step}")
     orig_model = model  # uncompiled: checkpoints and generation
@@ -515,12 +518,7 @@ def mid_tasks(args: argparse.Namespace):
         ]
         train += offline_chat_tasks("train")
         m = max(1, n // 20)
-        val = [
-            Arithmetic(size=m, split="test"),
-            Identity(size=m, split="test"),
-            SpellingBee(size=m, split="test"),
-        ]
-        val += [SimpleSpelling(size=m, split="test")]
+        val = offline_val_tasks(m) + [SimpleSpelling(size=m, split="test")]
         return TaskMixture(train), TaskMixture(val)
     from tasks.gsm8k import GSM8K
     from tasks.mmlu import MMLU

@@ -65,3 +65,30 @@ def test_load_model_round_trips_and_names_what_exists(tiny):
         cm.load_model("base", "cpu", phase="eval", model_tag="d1", step=7)
     with pytest.raises(ValueError, match="unknown model source"):
         cm.load_model("nope", "cpu", phase="eval")
+
+
+def test_resume_conflict_names_the_differing_flag_or_the_rank_count():
+    meta = {"user_config": {"max_seq_len": 512, "offline": True}, "world_size": 2}
+    same = {"max_seq_len": 512, "offline": True, "seed": 1}
+    assert cm.resume_conflict(meta, same, ("max_seq_len", "offline"), 2) is None
+    shorter = {**same, "max_seq_len": 256}
+    assert cm.resume_conflict(meta, shorter, ("max_seq_len",), 2) == "the checkpoint used --max-seq-len 512"
+    assert "written by 2 processes, not 4" in cm.resume_conflict(meta, same, ("max_seq_len",), 4)
+    # a flag the checkpoint predates counts as different
+    assert cm.resume_conflict(meta, same, ("seed",), 2) == "the checkpoint used --seed None"
+
+
+def test_restore_optimizers_gives_back_the_saved_optimizer_and_rng_states(tiny, tmp_path):
+    model, optimizers, meta = tiny
+    cm.save_checkpoint(tmp_path, 1, model, optimizers, meta)
+    expected_noise = torch.rand(3)  # the first draw after the save
+    _, shard, _ = cm.load_checkpoint(tmp_path, 1, "cpu", load_optimizer=True)
+    fresh = build_optimizers(model.param_groups(), model.config.n_embd)
+    cm.restore_optimizers(fresh, shard, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected_noise)
+    for old, new in zip(optimizers, fresh, strict=True):
+        old_state, new_state = old.state_dict()["state"], new.state_dict()["state"]
+        assert old_state.keys() == new_state.keys() and old_state
+        for key, values in old_state.items():
+            for name, value in values.items():
+                assert torch.equal(torch.as_tensor(new_state[key][name]), torch.as_tensor(value)), name

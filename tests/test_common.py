@@ -378,3 +378,10 @@ def test_autocast_is_off_on_cpu_and_runs_matmuls_in_the_given_dtype():
         assert (a @ a).dtype == torch.float32
     with common.autocast_context(torch.device("cpu"), torch.bfloat16):
         assert (a @ a).dtype == torch.bfloat16
+
+
+def test_exit_with_error_prints_the_script_and_message_and_exits_1(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.exit_with_error("chat_rl", "--resume: no checkpoint")
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().out == "chat_rl: --resume: no checkpoint\n"
