@@ -452,8 +452,8 @@ def exit_with_error(script: str, message: str) -> NoReturn:
     sys.exit(1)
 
 
-def get_compute_dtype(device) -> Any:
-    """bf16 on CUDA GPUs that run it natively (SM80+), fp32 everywhere else."""
+def compute_dtype(device) -> Any:
+    """The dtype matmuls run in: bf16 on CUDA GPUs that run it natively (SM80+), fp32 elsewhere."""
     import torch
 
     device = torch.device(device)
@@ -462,19 +462,14 @@ def get_compute_dtype(device) -> Any:
     return torch.float32
 
 
-def autocast_dtype_for(device) -> Any:
-    """The dtype the forward runs in under `torch.autocast` on this device; None: no autocast (fp32)."""
+def autocast(device) -> Any:
+    """The one precision policy of every forward pass: bf16 autocast where `compute_dtype` says so,
+    plain fp32 otherwise. Weights and optimizer state stay fp32 either way."""
     import torch
 
-    dtype = get_compute_dtype(device)
-    return None if dtype == torch.float32 else dtype
-
-
-def autocast_context(device, dtype) -> Any:
-    """`torch.autocast` in `dtype` on this device, or a context that does nothing when dtype is None."""
-    import torch
-
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
+    device = torch.device(device)
+    dtype = compute_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def get_peak_flops(device) -> float | None:
@@ -490,3 +485,21 @@ def get_peak_flops(device) -> float | None:
             return flops
     logger.warning("unknown GPU %r: MFU will not be reported", name)
     return None
+
+
+# TEMPORARY shims while callers move to `autocast(device)` (removed before the commit that lands)
+def get_compute_dtype(device) -> Any:
+    return compute_dtype(device)
+
+
+def autocast_dtype_for(device) -> Any:
+    import torch
+
+    dtype = compute_dtype(device)
+    return None if dtype == torch.float32 else dtype
+
+
+def autocast_context(device, dtype) -> Any:
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()
