@@ -444,6 +444,31 @@ def compute_cleanup() -> None:
         dist.destroy_process_group()
 
 
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Elementwise sum of `values` over every rank (the values themselves without a process group)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def compiled(model, device) -> Any:
+    """`torch.compile(model)` on CUDA when triton is there; the model itself elsewhere (eager)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return model
+    from torch.utils._triton import has_triton
+
+    if not has_triton():
+        logger.warning("triton is unavailable: running eager (slower)")
+        return model
+    return torch.compile(model, dynamic=False)
+
+
 def exit_with_error(script: str, message: str) -> NoReturn:
     """A user error: print `script: message` (rank 0), leave the process group, exit with status 1.
     Every rank must call it (the cleanup waits for all of them)."""
