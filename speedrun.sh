@@ -10,10 +10,10 @@
 #   DRY_RUN=1 bash speedrun.sh             # print every command ("+ ..."), run nothing
 #   bash speedrun.sh --dry-run             # the same
 #
-# Safe to re-run: a stage is skipped when its report section exists (it finished), and a
-# training stage that left checkpoints behind continues from them with --resume. The
-# report header (start time) is written only when there is none: delete
-# $NANOCHAT_BASE_DIR/report to start a new report.
+# Safe to re-run: a stage is skipped when it finished (`python -m nanochat.report done
+# TITLE`: it recorded its report section), and a training stage that left checkpoints
+# behind continues from them with --resume. The report is reset (start time) only when it
+# has no Environment section: delete $NANOCHAT_BASE_DIR/report to start a new report.
 #
 # Environment: NANOCHAT_BASE_DIR (artifacts, default ~/.cache/nanochat), NPROC (GPUs, 8),
 # WANDB_RUN (wandb run name; default dummy = off), RUN_RL (1 = run the RL stage), DRY_RUN.
@@ -34,7 +34,6 @@ DEPTH=20
 TAG="d${DEPTH}"
 export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
-REPORT_DIR="$NANOCHAT_BASE_DIR/report"
 TORCHRUN=(torchrun --standalone "--nproc_per_node=$NPROC")
 
 # Print a command (quoted so that it can be pasted back); run it unless this is a dry run.
@@ -55,15 +54,15 @@ run() {
         "$@"
     fi
 }
-# A stage is finished when it logged its report section.
-finished() { [[ -f "$REPORT_DIR/$1.md" ]]; }
+# A stage is finished when it recorded its report section (by the section's title).
+finished() { python -m nanochat.report "done" "$1"; }
 # --resume when a training stage left checkpoints of this tag behind.
 resume_flag() {
     if compgen -G "$NANOCHAT_BASE_DIR/$1/$TAG/model_*.pt" >/dev/null; then
         echo "--resume"
     fi
 }
-skip() { echo "= skipping $1 (finished; its report section exists)"; }
+skip() { echo "= skipping $1 (finished: its report section is recorded)"; }
 
 # -----------------------------------------------------------------------------
 # 1. Environment: uv, the virtual environment (builds the Rust tokenizer), report header
@@ -78,12 +77,12 @@ if ! command -v cargo >/dev/null 2>&1; then  # uv sync compiles the Rust tokeniz
     export PATH="$HOME/.cargo/bin:$PATH"
 fi
 run uv sync
-if [[ "$DRY_RUN" != 1 ]]; then
+if [[ -f .venv/bin/activate ]]; then  # a dry run uses it too, to ask which stages are finished
     # shellcheck disable=SC1091  # created by uv sync
     source .venv/bin/activate
 fi
-if [[ -f "$REPORT_DIR/header.md" ]]; then
-    echo "= report header exists: continuing that run's report"
+if finished Environment; then
+    echo "= the report has its Environment section: continuing that run's report"
 else
     run python -m nanochat.report reset
 fi
@@ -109,12 +108,12 @@ run python -c "$PREFETCH_TASKS"
 # -----------------------------------------------------------------------------
 # 3. Tokenizer (65,536 tokens, trained on ~2B characters)
 
-if [[ -f "$NANOCHAT_BASE_DIR/tokenizer/tokenizer.pkl" ]] && finished tokenizer-training; then
+if finished "Tokenizer training"; then
     skip tok_train
 else
     run python -m scripts.tok_train --vocab-size 65536 --max-chars 2000000000
 fi
-if finished tokenizer-evaluation; then skip tok_eval; else run python -m scripts.tok_eval; fi
+if finished "Tokenizer evaluation"; then skip tok_eval; else run python -m scripts.tok_eval; fi
 
 # -----------------------------------------------------------------------------
 # 4. Base model: pretraining needs every shard, so wait for the background download
@@ -123,48 +122,48 @@ if [[ -n "$DATASET_PID" ]]; then
     echo "waiting for the data download (pid $DATASET_PID)"
     wait "$DATASET_PID"
 fi
-if finished base-model-training; then
+if finished "Base model training"; then
     skip base_train
 else
     # shellcheck disable=SC2046  # resume_flag prints one word or nothing
     run "${TORCHRUN[@]}" -m scripts.base_train "--depth=$DEPTH" "--run=$WANDB_RUN" $(resume_flag base_checkpoints)
 fi
-if finished base-model-loss; then skip base_loss; else run "${TORCHRUN[@]}" -m scripts.base_loss; fi
-if finished base-model-evaluation; then skip base_eval; else run "${TORCHRUN[@]}" -m scripts.base_eval; fi
+if finished "Base model loss"; then skip base_loss; else run "${TORCHRUN[@]}" -m scripts.base_loss; fi
+if finished "Base model evaluation"; then skip base_eval; else run "${TORCHRUN[@]}" -m scripts.base_eval; fi
 
 # -----------------------------------------------------------------------------
 # 5. Midtraining: chat format, tool use, multiple choice
 
-if finished midtraining; then
+if finished Midtraining; then
     skip mid_train
 else
     # shellcheck disable=SC2046
     run "${TORCHRUN[@]}" -m scripts.mid_train "--run=$WANDB_RUN" $(resume_flag mid_checkpoints)
 fi
-if finished chat-evaluation-mid; then skip "chat_eval -i mid"; else run "${TORCHRUN[@]}" -m scripts.chat_eval -i mid; fi
+if finished "Chat evaluation mid"; then skip "chat_eval -i mid"; else run "${TORCHRUN[@]}" -m scripts.chat_eval -i mid; fi
 
 # -----------------------------------------------------------------------------
 # 6. Supervised finetuning
 
-if finished chat-sft; then
+if finished "Chat SFT"; then
     skip chat_sft
 else
     # shellcheck disable=SC2046
     run "${TORCHRUN[@]}" -m scripts.chat_sft "--run=$WANDB_RUN" $(resume_flag chatsft_checkpoints)
 fi
-if finished chat-evaluation-sft; then skip "chat_eval -i sft"; else run "${TORCHRUN[@]}" -m scripts.chat_eval -i sft; fi
+if finished "Chat evaluation sft"; then skip "chat_eval -i sft"; else run "${TORCHRUN[@]}" -m scripts.chat_eval -i sft; fi
 
 # -----------------------------------------------------------------------------
 # 7. Reinforcement learning on GSM8K (optional: RUN_RL=1)
 
 if [[ "$RUN_RL" == 1 ]]; then
-    if finished chat-rl; then
+    if finished "Chat RL"; then
         skip chat_rl
     else
         # shellcheck disable=SC2046
         run "${TORCHRUN[@]}" -m scripts.chat_rl "--run=$WANDB_RUN" $(resume_flag chatrl_checkpoints)
     fi
-    if finished chat-evaluation-rl; then
+    if finished "Chat evaluation rl"; then
         skip "chat_eval -i rl"
     else
         run "${TORCHRUN[@]}" -m scripts.chat_eval -i rl -a GSM8K

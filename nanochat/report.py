@@ -1,50 +1,17 @@
 """
-The report card, logging half: every stage writes its own section file under
-`<base dir>/report/`, and a later step stitches them into `report.md`.
+The report card: every stage logs a section, `python -m nanochat.report generate` stitches them.
 
-    from nanochat.report import get_report
-    get_report().log(section="Tokenizer training", data=[
-        "A paragraph of free text.",
-        {"vocab_size": 65536, "train_time_s": 812.25},     # -> "- key: value" bullets
-        [["Text", "Tokens"], ["news", 310], ["code", 512]],  # -> a markdown table
-    ])
-
-Design choices:
-- One file per section, named after a slug of the section title
-  ("Tokenizer training" -> `report/tokenizer-training.md`), written through
-  `common.atomic_path`: logging a section again (a re-run stage) replaces it whole, and a
-  crash mid-write leaves the previous version intact.
-- A section file is `## <section>`, a `timestamp: YYYY-MM-DD HH:MM:SS` line, then one
-  block per data item, separated by blank lines. Items: a str is written as it is (a
-  paragraph, or markdown such as a ready-made table); a dict becomes `- key: value` lines;
-  a list/tuple of rows becomes a markdown table whose first row is the header. Anything
-  else is a TypeError, so a typo fails loudly in the script that made it, not in the report.
-- Values print compactly: floats with at most 4 decimals and no trailing zeros (tiny ones
-  like a learning rate in 3 significant digits), ints plain (no thousands separators, so
-  the summary step can parse them back), everything else through `str`.
-- Only rank 0 writes; `get_report()` hands other ranks a report whose `log` does nothing,
-  so scripts call it unconditionally under torchrun.
-
-The report card, stitching half (`python -m nanochat.report reset|generate`):
-- `reset` empties `report/` and writes its `header.md`: git commit/branch/dirty, hardware
-  (CPUs, RAM, GPUs and their memory), software (Python, torch), the hourly cost rate
-  (`--cost-per-hour` or `$NANOCHAT_COST_PER_HOUR`, else a guess from the GPUs: about $3 per
-  H100-hour, $2 per other GPU-hour, 0 on CPU), the code size (characters, lines, files,
-  approximate tokens = chars / 4, packages in uv.lock) and the start time of the run.
-- `generate` writes `report/report.md`: the header, a summary table, the total wall-clock
-  time since the reset (and its cost), the training-curve plots, then every section file
-  in pipeline order (SECTION_ORDER; sections of other names follow, oldest first).
-- The summary table is read back from the section files' `- key: value` bullets, so no
-  stage has to know about it: CORE from "Base model evaluation", task accuracies and
-  ChatCORE from "Chat evaluation <source>" (columns BASE, MID, SFT, RL; `-` when missing).
-  Rows: CORE, ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval, ChatCORE, then the offline
-  tasks (Arithmetic, SpellingBee, SimpleSpelling) only when some stage evaluated them. A
-  partial metric (CORE without every task file, ChatCORE without all six tasks) is shown
-  with a `*` and a footnote, never as the real number.
-- Plots (matplotlib, Agg backend, PNG next to report.md): base train loss and val bpb,
-  mid and SFT losses, RL reward, each read from `<phase>_checkpoints/<tag>/log.jsonl` (the
-  newest tag of the phase) and drawn only when that log has the data.
-- report.md is written atomically and copied to the working directory.
+- A section is two files under `<base dir>/report/`, named after a slug of its title: `<slug>.md`
+  for people, and `<slug>.json` ({"section", "timestamp", "data": the stage's dicts merged}) for
+  the summary table. The JSON is written last, so it is the stage's record of completion:
+  `python -m nanochat.report done TITLE` exits 0 once it exists (speedrun.sh skips on it).
+- Items of a section: a str as it is, a dict as `- key: value` lines, a list of rows as a table.
+- `reset` empties the folder and logs the "Environment" section (git, hardware, software, cost
+  rate, code size); its timestamp is the start of the run.
+- `generate` writes report.md: environment, the summary table built from the sections' data
+  (`-` missing, `*` partial), wall-clock time and cost, training curves, then every section.
+- Only rank 0 writes; other ranks get a report whose `log` does nothing.
+- MetricsLog is the per-step log.jsonl of a training run; the curves are drawn from it.
 """
 
 from __future__ import annotations
@@ -66,9 +33,9 @@ from nanochat.common import atomic_path, get_base_dir, get_dist_info
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
-HEADER_FILE = "header.md"
 REPORT_FILE = "report.md"
-# The sections in the order the pipeline writes them (titles as the scripts log them).
+ENVIRONMENT = "Environment"  # the section `reset` logs: the report's header
+# The sections in pipeline order (titles as the scripts log them); others follow, oldest first.
 SECTION_ORDER = (
     "Tokenizer training",
     "Tokenizer evaluation",
@@ -85,53 +52,29 @@ SECTION_ORDER = (
 )
 STAGES = ("base", "mid", "sft", "rl")
 CHAT_ROWS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
-OFFLINE_ROWS = ("Arithmetic", "SpellingBee", "SimpleSpelling")  # shown only when evaluated
+OFFLINE_ROWS = ("Arithmetic", "SpellingBee", "SimpleSpelling")  # rows only when some stage evaluated them
 CODE_SUFFIXES = (".py", ".rs", ".sh", ".html", ".md", ".toml")
+# The training curves: title -> (checkpoint folder, {y label: log.jsonl key}); one panel per key with data.
+PLOTS = {
+    "Base training": ("base_checkpoints", {"train loss": "loss", "val bpb": "val_bpb"}),
+    "Midtraining": ("mid_checkpoints", {"train loss": "loss", "val loss": "val_loss"}),
+    "Chat SFT": ("chatsft_checkpoints", {"train loss": "loss", "val loss": "val_loss"}),
+    "Chat RL": ("chatrl_checkpoints", {"mean reward": "reward", "pass@1": "pass@1"}),
+}
 
 # -----------------------------------------------------------------------------
-# Formatting
+# Sections
 
 
 def format_value(value: Any) -> str:
     """A compact text form of one value: 3.14159 -> "3.1416", 2.0 -> "2", 0.00031 -> "0.00031"."""
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        if value == 0:
-            return "0"
-        if abs(value) >= 1e-3:
-            return f"{value:.4f}".rstrip("0").rstrip(".")
-        return f"{value:.3g}"
-    return str(value)
-
-
-def markdown_table(rows: list | tuple) -> str:
-    """A markdown table of `rows` (the first row is the header), columns padded to line up as plain text."""
-    if not rows:
-        raise ValueError("a table needs at least a header row")
-    cells = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, (list, tuple)):
-            raise TypeError(f"table row {i} must be a list or tuple, got {type(row).__name__}")
-        cells.append([format_value(v).replace("|", "\\|").replace("\n", " ") for v in row])
-    width = len(cells[0])
-    for i, row in enumerate(cells):
-        if len(row) != width:
-            raise ValueError(f"table row {i} has {len(row)} cells, the header has {width}")
-    widths = [max(3, *(len(row[c]) for row in cells)) for c in range(width)]
-    numeric = [len(cells) > 1 and all(_is_number(row[c]) for row in cells[1:]) for c in range(width)]
-
-    def line(row: list[str]) -> str:
-        padded = [
-            cell.rjust(w) if right else cell.ljust(w)
-            for cell, w, right in zip(row, widths, numeric, strict=True)
-        ]
-        return "| " + " | ".join(padded) + " |"
-
-    # numeric columns are right-aligned, in the rendered markdown (`---:`) and in the plain text
-    rules = ["-" * (w + 1) + (":" if right else "-") for w, right in zip(widths, numeric, strict=True)]
-    separator = "|" + "|".join(rules) + "|"
-    return "\n".join([line(cells[0]), separator, *(line(row) for row in cells[1:])])
+    if not isinstance(value, float) or not math.isfinite(value):
+        return str(value)  # ints stay plain (no thousands separators)
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e-3:
+        return f"{value:.4f}".rstrip("0").rstrip(".")
+    return f"{value:.3g}"  # tiny values such as a learning rate: 3 significant digits
 
 
 def _is_number(text: str) -> bool:
@@ -140,6 +83,24 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def markdown_table(rows: list | tuple) -> str:
+    """A markdown table of `rows` (the first is the header), columns padded to line up as plain text."""
+    cells = [[format_value(v).replace("|", "\\|").replace("\n", " ") for v in row] for row in rows]
+    for i, row in enumerate(cells):  # a ragged table is a bug in the stage that logs it: fail there
+        if len(row) != len(cells[0]):
+            raise ValueError(f"table row {i} has {len(row)} cells, the header has {len(cells[0])}")
+    widths = [max(3, *(len(row[c]) for row in cells)) for c in range(len(cells[0]))]
+    numeric = [len(cells) > 1 and all(_is_number(row[c]) for row in cells[1:]) for c in range(len(widths))]
+
+    def line(row: list[str]) -> str:
+        padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric, strict=True)]
+        return "| " + " | ".join(padded) + " |"
+
+    # numeric columns are right-aligned, in the rendered markdown (`---:`) and in the plain text
+    rules = ["-" * (w + 1) + (":" if num else "-") for w, num in zip(widths, numeric, strict=True)]
+    return "\n".join([line(cells[0]), "|" + "|".join(rules) + "|", *(line(row) for row in cells[1:])])
 
 
 def format_item(item: str | dict | list | tuple) -> str:
@@ -155,50 +116,55 @@ def format_item(item: str | dict | list | tuple) -> str:
 
 def slugify(section: str) -> str:
     """File-name stem of a section title: "Chat SFT (mid)" -> "chat-sft-mid"."""
-    slug = re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
-    if not slug:
-        raise ValueError(f"section title {section!r} has no letters or digits to name its file by")
-    return slug
-
-
-# -----------------------------------------------------------------------------
-# The report
+    return re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
 
 
 class Report:
-    """Writes section files into `report_dir` (see the module docstring for the format)."""
+    """Logs sections into `report_dir`; with no folder (ranks other than 0) logging does nothing."""
 
-    def __init__(self, report_dir: str | Path):
-        self.report_dir = Path(report_dir)
+    def __init__(self, report_dir: str | Path | None):
+        self.report_dir = Path(report_dir) if report_dir is not None else None
 
-    def log(self, section: str, data: list) -> Path:
-        """Write (or replace) the section `section` with the items of `data`; return its file."""
-        blocks = [f"## {section}", f"timestamp: {datetime.now().strftime(TIME_FORMAT)}"]
-        blocks += [format_item(item) for item in data]
+    def log(self, section: str, data: list) -> Path | None:
+        """Write (or replace whole) the section `section` from the items of `data`; returns its .md file."""
+        if self.report_dir is None:
+            return None
+        timestamp = datetime.now().strftime(TIME_FORMAT)
+        blocks = [f"## {section}", f"timestamp: {timestamp}", *(format_item(item) for item in data)]
+        record = {"section": section, "timestamp": timestamp, "data": {}}
+        for item in data:
+            if isinstance(item, dict):
+                record["data"].update(item)
         self.report_dir.mkdir(parents=True, exist_ok=True)
         path = self.report_dir / f"{slugify(section)}.md"
         with atomic_path(path) as tmp:
             tmp.write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+        # the data last: it exists only once the whole section does (values that JSON lacks become str)
+        with atomic_path(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
         return path
 
 
-class DummyReport:
-    """The report of ranks other than 0: logging does nothing."""
-
-    def log(self, section: str, data: list) -> None:
-        return None
-
-
-def get_report() -> Report | DummyReport:
+def get_report() -> Report:
     """The report of this process: writes under `<base dir>/report/` on rank 0, a no-op elsewhere."""
     _, rank, _, _ = get_dist_info()
-    if rank != 0:
-        return DummyReport()
-    return Report(get_base_dir() / "report")
+    return Report(get_base_dir() / "report" if rank == 0 else None)
+
+
+def read_sections(report_dir: str | Path) -> dict[str, dict]:
+    """Section title -> its record ({"section", "timestamp", "data"}) for every section in `report_dir`."""
+    records = [json.loads(p.read_text(encoding="utf-8")) for p in Path(report_dir).glob("*.json")]
+    return {r["section"]: r for r in records}
+
+
+def done(section: str, report_dir: str | Path | None = None) -> bool:
+    """Whether a stage logged the section `section` (its data file is written last)."""
+    report_dir = Path(report_dir) if report_dir is not None else get_base_dir() / "report"
+    return (report_dir / f"{slugify(section)}.json").is_file()
 
 
 # -----------------------------------------------------------------------------
-# reset: the header
+# reset: the Environment section
 
 
 def _git(*args: str) -> str | None:
@@ -213,37 +179,12 @@ def _git(*args: str) -> str | None:
 
 def git_info() -> dict[str, str]:
     """Branch, commit and whether the working tree has uncommitted changes ("unknown" outside git)."""
-    commit = _git("rev-parse", "--short", "HEAD")
-    if commit is None:
-        return {"branch": "unknown", "commit": "unknown", "dirty": "unknown"}
     status = _git("status", "--porcelain")
     return {
         "branch": _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown",
-        "commit": commit,
+        "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
         "dirty": "unknown" if status is None else ("yes" if status else "no"),
     }
-
-
-def _ram_gib() -> float | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def gpu_info() -> list[tuple[str, float]]:
-    """(name, memory in GiB) of each visible CUDA GPU; empty without torch or CUDA."""
-    try:
-        import torch
-    except ImportError:
-        return []
-    if not torch.cuda.is_available():
-        return []
-    gpus = []
-    for i in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(i)
-        gpus.append((props.name, props.total_memory / 2**30))
-    return gpus
 
 
 def default_cost_per_hour(gpu_names: list[str]) -> float:
@@ -251,231 +192,134 @@ def default_cost_per_hour(gpu_names: list[str]) -> float:
     return sum(3.0 if ("H100" in name or "H200" in name) else 2.0 for name in gpu_names)
 
 
-def code_size(repo_dir: str | Path = REPO_DIR) -> dict[str, int]:
+def code_size() -> dict[str, int]:
     """Characters, lines, files and approximate tokens (chars / 4) of the project's own source files."""
-    repo_dir = Path(repo_dir)
-    listed = None
-    try:
-        out = subprocess.run(
-            ["git", "ls-files"], cwd=repo_dir, capture_output=True, text=True, timeout=30, check=True
-        )
-        listed = [repo_dir / line for line in out.stdout.splitlines() if line]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if not listed:  # not a git checkout: walk the tree, skipping environments and build outputs
+    listed = _git("ls-files")
+    if listed:
+        paths = [REPO_DIR / line for line in listed.splitlines()]
+    else:  # not a git checkout: walk the tree, skipping environments and build outputs
         skip = {".git", ".venv", "target", "node_modules", "__pycache__"}
-        listed = [p for p in repo_dir.rglob("*") if not skip.intersection(p.relative_to(repo_dir).parts)]
-    chars = lines = files = 0
-    for path in listed:
-        if path.suffix not in CODE_SUFFIXES or not path.is_file():
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        chars += len(text)
-        lines += text.count("\n")
-        files += 1
-    dependencies = 0
-    lock = repo_dir / "uv.lock"
-    if lock.is_file():
-        dependencies = sum(1 for line in lock.read_text().splitlines() if line.strip() == "[[package]]")
+        paths = [p for p in REPO_DIR.rglob("*") if not skip.intersection(p.relative_to(REPO_DIR).parts)]
+    paths = [p for p in paths if p.suffix in CODE_SUFFIXES and p.is_file()]
+    texts = [p.read_text(encoding="utf-8", errors="replace") for p in paths]
+    lock = REPO_DIR / "uv.lock"
+    lock_lines = lock.read_text().splitlines() if lock.is_file() else []
+    chars = sum(len(t) for t in texts)
     return {
         "characters": chars,
-        "lines": lines,
-        "files": files,
+        "lines": sum(t.count("\n") for t in texts),
+        "files": len(texts),
         "approximate tokens": chars // 4,
-        "dependencies (uv.lock packages)": dependencies,
+        "dependencies (uv.lock packages)": sum(line == "[[package]]" for line in lock_lines),
     }
 
 
-def header_markdown(cost_per_hour: float | None = None, start: datetime | None = None) -> str:
-    """The header of the report: environment, cost rate, code size and the start time of the run."""
-    start = start or datetime.now()
-    gpus = gpu_info()
+def environment(cost_per_hour: float | None = None) -> list:
+    """The items of the Environment section: git, hardware (and the hourly cost rate), software, code size."""
+    import torch  # here, not at the top: `python -m nanochat.report done` must start fast
+
+    gpus = [torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count())]
     if cost_per_hour is None:
         env = os.environ.get("NANOCHAT_COST_PER_HOUR")
         try:
-            cost_per_hour = float(env) if env else default_cost_per_hour([name for name, _ in gpus])
+            cost_per_hour = float(env) if env else default_cost_per_hour([g.name for g in gpus])
         except ValueError:
             raise ValueError(f"NANOCHAT_COST_PER_HOUR={env!r} is not a number of dollars per hour") from None
-    ram = _ram_gib()
     hardware: dict[str, Any] = {
         "platform": f"{platform.system()} {platform.machine()}",
         "CPUs": os.cpu_count() or "unknown",
-        "RAM (GiB)": round(ram, 1) if ram is not None else "unknown",
+        "RAM (GiB)": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "GPUs": f"{len(gpus)} x {', '.join(sorted({g.name for g in gpus}))}" if gpus else "none",
     }
     if gpus:
-        names = sorted({name for name, _ in gpus})
-        hardware["GPUs"] = f"{len(gpus)} x {', '.join(names)}"
-        hardware["GPU memory (GiB)"] = round(sum(mem for _, mem in gpus), 1)
-    else:
-        hardware["GPUs"] = "none"
+        hardware["GPU memory (GiB)"] = round(sum(g.total_memory for g in gpus) / 2**30, 1)
     hardware["hourly cost estimate ($/h)"] = cost_per_hour
-    try:
-        import torch
-
-        torch_version = torch.__version__
-        cuda_version = torch.version.cuda or "none"
-    except ImportError:
-        torch_version = cuda_version = "not installed"
     software = {
         "Python": platform.python_version(),
-        "torch": torch_version,
-        "CUDA (torch build)": cuda_version,
+        "torch": torch.__version__,
+        "CUDA (torch build)": torch.version.cuda or "none",
     }
-    blocks = [
-        "# nanochat training report",
-        f"- run started: {start.strftime(TIME_FORMAT)}",
-        "## Environment",
-        "### Git\n\n" + format_item(git_info()),
-        "### Hardware\n\n" + format_item(hardware),
-        "### Software\n\n" + format_item(software),
-        "### Code size\n\n" + format_item(code_size()),
-    ]
-    return "\n\n".join(blocks) + "\n\n"
+    parts = {"Git": git_info(), "Hardware": hardware, "Software": software, "Code size": code_size()}
+    return [item for name, values in parts.items() for item in (f"### {name}", values)]
 
 
 def reset(report_dir: str | Path | None = None, cost_per_hour: float | None = None) -> Path:
-    """Empty the report folder and write its header (the run's start time); returns the header file."""
+    """Empty the report folder and log its Environment section (the start of the run)."""
     report_dir = Path(report_dir) if report_dir is not None else get_base_dir() / "report"
-    text = header_markdown(cost_per_hour)  # gathered first: a failure leaves the old report alone
+    items = environment(cost_per_hour)  # gathered first: a failure leaves the old report alone
     if report_dir.exists():
         shutil.rmtree(report_dir)
-    report_dir.mkdir(parents=True)
-    path = report_dir / HEADER_FILE
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return path
+    return Report(report_dir).log(ENVIRONMENT, items)
 
 
 # -----------------------------------------------------------------------------
-# generate: the summary table
+# generate
 
 
-def parse_bullets(text: str) -> dict[str, str]:
-    """The `- key: value` lines of a section as {key: value text}; a later key replaces an earlier one."""
-    bullets = {}
-    for line in text.splitlines():
-        m = re.match(r"^- (.+?): (.*)$", line)
-        if m:
-            bullets[m.group(1).strip()] = m.group(2).strip()
-    return bullets
-
-
-def read_section(report_dir: str | Path, section: str) -> str | None:
-    """The text of the section file of `section`, or None when no stage wrote it."""
-    path = Path(report_dir) / f"{slugify(section)}.md"
-    return path.read_text(encoding="utf-8") if path.is_file() else None
-
-
-def summary_rows(report_dir: str | Path) -> tuple[list[list[str]], list[str]]:
-    """The summary table (header row first) and its footnotes, from the section files in `report_dir`."""
+def summary_rows(sections: dict[str, dict]) -> tuple[list[list[str]], bool]:
+    """The summary table (header row first) from the sections' data, and whether a cell is partial."""
     columns: dict[str, dict[str, str]] = {stage: {} for stage in STAGES}
-    partial = False
-    base_eval = read_section(report_dir, "Base model evaluation")
-    if base_eval is not None:
-        bullets = parse_bullets(base_eval)
-        if "CORE" in bullets:
-            is_partial = bullets.get("partial", "False") == "True"
-            columns["base"]["CORE"] = bullets["CORE"] + ("*" if is_partial else "")
-            partial |= is_partial
+    base = sections.get("Base model evaluation", {}).get("data", {})
+    if "CORE" in base:  # partial: some CORE task files were missing
+        columns["base"]["CORE"] = format_value(base["CORE"]) + ("*" if base.get("partial") else "")
     for stage in STAGES:
-        text = read_section(report_dir, f"Chat evaluation {stage}")
-        if text is None:
-            continue
-        bullets = parse_bullets(text)
+        data = sections.get(f"Chat evaluation {stage}", {}).get("data", {})
         for name in CHAT_ROWS + OFFLINE_ROWS:
-            if name in bullets:
-                columns[stage][name] = bullets[name]
-        if "ChatCORE" in bullets:
-            columns[stage]["ChatCORE"] = bullets["ChatCORE"]
-        elif "ChatCORE (partial)" in bullets:
-            columns[stage]["ChatCORE"] = bullets["ChatCORE (partial)"] + "*"
-            partial = True
+            if name in data:
+                columns[stage][name] = format_value(data[name])
+        if "ChatCORE" in data:
+            columns[stage]["ChatCORE"] = format_value(data["ChatCORE"])
+        elif "ChatCORE (partial)" in data:  # not all six ChatCORE tasks were evaluated
+            columns[stage]["ChatCORE"] = format_value(data["ChatCORE (partial)"]) + "*"
     offline = [name for name in OFFLINE_ROWS if any(name in column for column in columns.values())]
     rows = [["Metric", *(stage.upper() for stage in STAGES)]]
-    for name in ("CORE", *CHAT_ROWS, "ChatCORE", *offline):
-        rows.append([name, *(columns[stage].get(name, "-") for stage in STAGES)])
-    notes = []
-    if partial:
-        notes.append(
-            "\\* partial: CORE over the CORE tasks whose data was present, ChatCORE over the "
-            "ChatCORE tasks that were evaluated (see the sections below)."
-        )
-    return rows, notes
+    rows += [
+        [name, *(columns[s].get(name, "-") for s in STAGES)]
+        for name in ("CORE", *CHAT_ROWS, "ChatCORE", *offline)
+    ]
+    partial = any(cell.endswith("*") for row in rows for cell in row)
+    return rows, partial
 
 
 def format_duration(seconds: float) -> str:
     """3725 -> "1h 2m 5s"."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
+    hours, rest = divmod(int(round(seconds)), 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h {minutes}m {secs}s" if hours else f"{minutes}m {secs}s"
 
 
-# -----------------------------------------------------------------------------
-# generate: the training curves
-
-# (checkpoint folder, image file, title, [(y label, keys to read, in order of preference)])
-PLOTS = (
-    (
-        "base_checkpoints",
-        "base_training.png",
-        "Base training",
-        [("train loss", ("loss",)), ("val bpb", ("val_bpb",))],
-    ),
-    (
-        "mid_checkpoints",
-        "mid_training.png",
-        "Midtraining",
-        [("train loss", ("loss", "train_loss")), ("val loss", ("val_loss",))],
-    ),
-    (
-        "chatsft_checkpoints",
-        "sft_training.png",
-        "Chat SFT",
-        [("train loss", ("loss", "train_loss")), ("val loss", ("val_loss",))],
-    ),
-    (
-        "chatrl_checkpoints",
-        "rl_training.png",
-        "Chat RL",
-        [("mean reward", ("reward", "mean_reward")), ("pass@1", ("pass@1",))],
-    ),
-)
-
-
 class MetricsLog:
     """A training run's per-step metrics: JSON lines in `path` (`<checkpoint dir>/log.jsonl`),
-    and wandb when a run name other than "dummy" is given. Only the master rank writes.
-
-    A resumed run keeps the records of the steps before `start_step` and rewrites the rest,
-    so the file always reads as one uninterrupted run (the report plots it).
-    """
+    and wandb when a run name other than "dummy" is given. Only the master rank writes."""
 
     def __init__(
         self,
         path: str | Path,
         start_step: int = 0,
         resume: bool = False,
-        run: str = "dummy",
+        run_name: str = "dummy",
         project: str = "nanochat",
-        config: dict | None = None,
+        user_config: dict | None = None,
         master: bool = True,
     ):
         self.path, self.master, self.wandb = Path(path), master, None
         if not master:
             return
-        if run != "dummy":
-            import wandb
+        if run_name != "dummy":
+            import wandb  # optional and slow to import: only for a named run
 
-            wandb.init(project=project, name=run, config=config, resume="allow")
+            wandb.init(project=project, name=run_name, config=user_config, resume="allow")
             self.wandb = wandb
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if resume and self.path.exists():
-            kept = [
-                line for line in self.path.read_text().splitlines() if json.loads(line)["step"] < start_step
-            ]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        # A resumed run keeps the steps before start_step and drops the rest, and with them a line
+        # cut short by a crash: the file reads as one run, and appends start on a fresh line.
+        kept = (
+            [r for r in read_log(self.path) if r["step"] < start_step]
+            if resume and self.path.exists()
+            else []
+        )
+        with atomic_path(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: dict) -> None:
         """Appends one record (it must have a "step")."""
@@ -492,64 +336,45 @@ class MetricsLog:
 
 
 def read_log(path: str | Path) -> list[dict]:
-    """The records of a log.jsonl (lines that do not parse are skipped: a crash can cut the last one)."""
+    """The records of a log.jsonl, skipping any line that does not parse (a crash can cut the last one)."""
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and "step" in record:
-            records.append(record)
     return records
 
 
-def _series(records: list[dict], keys: tuple[str, ...]) -> tuple[list[float], list[float]]:
-    for key in keys:
-        points = [
-            (r["step"], float(r[key]))
-            for r in records
-            if isinstance(r.get(key), (int, float))
-            and not isinstance(r.get(key), bool)
-            and math.isfinite(r[key])
-        ]
-        if points:
-            return [p[0] for p in points], [p[1] for p in points]
-    return [], []
-
-
-def newest_log(phase_dir: Path) -> Path | None:
-    """The most recently written `<tag>/log.jsonl` under a phase's checkpoint folder."""
-    logs = [p for p in phase_dir.glob("*/log.jsonl") if p.is_file()] if phase_dir.is_dir() else []
-    return max(logs, key=lambda p: p.stat().st_mtime) if logs else None
-
-
-def make_plots(base_dir: str | Path, report_dir: str | Path) -> list[tuple[str, Path]]:
-    """Draw the training curves that have data; returns [(title, png path)] in pipeline order."""
+def make_plots(base_dir: Path, report_dir: Path) -> list[tuple[str, Path]]:
+    """Draw the training curves that have data, from each phase's newest log; returns [(title, png path)]."""
     made = []
-    for folder, filename, title, panels in PLOTS:
-        log = newest_log(Path(base_dir) / folder)
-        if log is None:
+    for title, (folder, panels) in PLOTS.items():
+        logs = list((base_dir / folder).glob("*/log.jsonl"))
+        if not logs:
             continue
+        log = max(logs, key=lambda p: p.stat().st_mtime)  # the tag trained last
         records = read_log(log)
-        series = [(label, *_series(records, keys)) for label, keys in panels]
-        series = [s for s in series if s[1]]
+        series = [
+            (label, [(r["step"], r[key]) for r in records if key in r]) for label, key in panels.items()
+        ]
+        series = [(label, points) for label, points in series if points]
         if not series:
             continue
-        import matplotlib
+        import matplotlib  # here, not at the top: only `generate` draws, and matplotlib is slow to import
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
-        for ax, (label, steps, values) in zip(axes[0], series, strict=True):
-            ax.plot(steps, values, marker="." if len(steps) < 50 else None)
+        for ax, (label, points) in zip(axes[0], series, strict=True):
+            ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
             ax.set_xlabel("step")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
         fig.suptitle(f"{title} ({log.parent.name})")
         fig.tight_layout()
-        path = Path(report_dir) / filename
+        path = report_dir / f"{folder.removesuffix('_checkpoints')}_training.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
@@ -557,67 +382,56 @@ def make_plots(base_dir: str | Path, report_dir: str | Path) -> list[tuple[str, 
     return made
 
 
-# -----------------------------------------------------------------------------
-# generate: the whole report
-
-
 def generate(report_dir: str | Path | None = None, copy_to: str | Path | None = ".") -> Path:
-    """Write `report.md` (header, summary, curves, sections) into `report_dir`; copy it to `copy_to`."""
+    """Write `report.md` (environment, summary, curves, sections) into `report_dir`; copy it to `copy_to`."""
     base_dir = get_base_dir()
     report_dir = Path(report_dir) if report_dir is not None else base_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.now()
-    header_path = report_dir / HEADER_FILE
-    if header_path.is_file():
-        header = header_path.read_text(encoding="utf-8").strip("\n")
-    else:
-        header = "# nanochat training report\n\n(no header: `python -m nanochat.report reset` was not run)"
-    started = parse_bullets(header).get("run started")
-    rate = parse_bullets(header).get("hourly cost estimate ($/h)")
+    sections = read_sections(report_dir)
 
-    rows, notes = summary_rows(report_dir)
-    summary = {"generated": now.strftime(TIME_FORMAT)}
-    if started:
-        elapsed = (now - datetime.strptime(started, TIME_FORMAT)).total_seconds()
+    rows, partial = summary_rows(sections)
+    summary: dict[str, Any] = {"generated": now.strftime(TIME_FORMAT)}
+    env = sections.get(ENVIRONMENT)
+    if env is not None:
+        elapsed = (now - datetime.strptime(env["timestamp"], TIME_FORMAT)).total_seconds()
+        summary["run started"] = env["timestamp"]
         summary["total wall-clock time"] = format_duration(elapsed)
-        if rate and _is_number(rate) and float(rate) > 0:
-            summary["estimated cost ($)"] = round(float(rate) * elapsed / 3600, 2)
+        rate = env["data"]["hourly cost estimate ($/h)"]
+        if rate > 0:
+            summary["estimated cost ($)"] = round(rate * elapsed / 3600, 2)
     else:
         summary["total wall-clock time"] = (
             "unknown (no start time: run `python -m nanochat.report reset` first)"
         )
-    summary_block = "## Summary\n\n" + markdown_table(rows)
-    if notes:
-        summary_block += "\n\n" + "\n".join(notes)
-    summary_block += "\n\n" + format_item(summary)
-
+    summary_block = "## Summary\n\n" + markdown_table(rows) + "\n\n"
+    if partial:
+        summary_block += (
+            "\\* partial: CORE over the CORE tasks whose data was present, ChatCORE over the "
+            "ChatCORE tasks that were evaluated (see the sections below).\n\n"
+        )
+    summary_block += format_item(summary)
     plots = make_plots(base_dir, report_dir)
 
-    known = [slugify(title) for title in SECTION_ORDER]
-    sections = [report_dir / f"{slug}.md" for slug in known if (report_dir / f"{slug}.md").is_file()]
-    skip = {HEADER_FILE, REPORT_FILE, *(p.name for p in sections)}
-    extra = [p for p in report_dir.glob("*.md") if p.name not in skip and ".tmp." not in p.name]
-    sections += sorted(extra, key=lambda p: p.stat().st_mtime)
-    section_texts = [p.read_text(encoding="utf-8").strip("\n") for p in sections]
+    if env is not None:
+        head = (report_dir / f"{slugify(ENVIRONMENT)}.md").read_text(encoding="utf-8").strip("\n")
+    else:
+        head = "(no environment: `python -m nanochat.report reset` was not run)"
+    extra = sorted(set(sections) - {ENVIRONMENT, *SECTION_ORDER}, key=lambda t: (sections[t]["timestamp"], t))
+    titles = [t for t in SECTION_ORDER if t in sections] + extra
+    body = [(report_dir / f"{slugify(t)}.md").read_text(encoding="utf-8").strip("\n") for t in titles]
 
     def render(image_dir: str) -> str:
-        blocks = [header, summary_block]
-        if plots:
-            blocks.append(
-                "## Training curves\n\n"
-                + "\n\n".join(f"![{title}]({image_dir}{path.name})" for title, path in plots)
-            )
-        return "\n\n".join(blocks + section_texts) + "\n"
+        images = [f"![{title}]({image_dir}{path.name})" for title, path in plots]
+        curves = ["## Training curves\n\n" + "\n\n".join(images)] if plots else []
+        return "\n\n".join(["# nanochat training report", head, summary_block, *curves, *body]) + "\n"
 
     path = report_dir / REPORT_FILE
     with atomic_path(path) as tmp:
         tmp.write_text(render(""), encoding="utf-8")
-    if copy_to is not None:
-        target = Path(copy_to).resolve() / REPORT_FILE
-        if target != path.resolve():
-            # the copy lives elsewhere: its images point into the report folder
-            with atomic_path(target) as tmp:
-                tmp.write_text(render(f"{report_dir.resolve().as_posix()}/"), encoding="utf-8")
+    if copy_to is not None and (target := Path(copy_to).resolve() / REPORT_FILE) != path.resolve():
+        with atomic_path(target) as tmp:  # the copy lives elsewhere: its images point into the report folder
+            tmp.write_text(render(f"{report_dir.resolve().as_posix()}/"), encoding="utf-8")
     return path
 
 
@@ -628,16 +442,18 @@ def generate(report_dir: str | Path | None = None, copy_to: str | Path | None = 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m nanochat.report",
-        description="The report card: `reset` starts a run's report (header), `generate` writes report.md.",
+        description="The report card: `reset` starts a run's report, `generate` writes report.md, "
+        "`done SECTION` exits 0 when a stage has logged that section.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("command", choices=["reset", "generate"], help="what to do")
+    parser.add_argument("command", choices=["reset", "generate", "done"], help="what to do")
+    parser.add_argument("section", nargs="?", help='done: a section title, e.g. "Base model training"')
     parser.add_argument(
         "--cost-per-hour",
         type=float,
         default=None,
-        help="node price in $/h for the cost estimate (reset; default: $NANOCHAT_COST_PER_HOUR, else a guess "
-        "from the GPUs)",
+        help="reset: node price in $/h for the cost estimate (default: $NANOCHAT_COST_PER_HOUR, else a "
+        "guess from the GPUs)",
     )
     parser.add_argument(
         "--output-dir", default=".", help="generate: the folder that gets a copy of report.md"
@@ -645,10 +461,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.cost_per_hour is not None and args.cost_per_hour < 0:
         parser.error(f"--cost-per-hour must be >= 0, got {args.cost_per_hour}")
+    if (args.command == "done") != (args.section is not None):
+        parser.error("a section title goes with `done` and only with it")
     try:
-        if args.command == "reset":
-            path = reset(cost_per_hour=args.cost_per_hour)
-            print(f"report reset: wrote {path}")
+        if args.command == "done":
+            sys.exit(0 if done(args.section) else 1)
+        elif args.command == "reset":
+            print(f"report reset: wrote {reset(cost_per_hour=args.cost_per_hour)}")
         else:
             path = generate(copy_to=args.output_dir)
             print(f"wrote {path} (and a copy in {Path(args.output_dir).resolve() / REPORT_FILE})")

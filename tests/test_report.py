@@ -1,13 +1,16 @@
-"""The report card: section logging, the header of `reset`, and what `generate` stitches."""
+"""The report card: sections as markdown and data, `done`, the Environment of `reset`, what `generate`
+stitches, and the per-step MetricsLog (resume, torn lines)."""
 
 import json
 import re
+import subprocess
+import sys
 from datetime import datetime, timedelta
 
 import pytest
 
 from nanochat import report
-from nanochat.report import Report, generate, parse_bullets, reset, summary_rows
+from nanochat.report import MetricsLog, Report, done, generate, read_log, read_sections, reset, summary_rows
 
 
 @pytest.fixture
@@ -24,9 +27,9 @@ def base(tmp_path, monkeypatch):
 
 
 def write_pipeline_sections(report_dir):
-    """Sections as the stage scripts log them (same titles and bullet keys)."""
+    """Sections as the stage scripts log them (same titles and keys)."""
     r = Report(report_dir)
-    r.log("Base model evaluation", [{"model": "d4 step 20", "CORE": 0.1234, "partial": False}])
+    r.log("Base model evaluation", [{"model": "d4 step 20", "CORE": 0.123449, "partial": False}])
     r.log("Chat evaluation mid", [{"source": "mid"}, {"ARC-Easy": 0.31, "MMLU": 0.28}])
     r.log(
         "Chat evaluation sft",
@@ -61,13 +64,19 @@ def table_cells(markdown: str) -> dict[str, list[str]]:
     return rows
 
 
+def summary_bullets(markdown: str) -> dict[str, str]:
+    """The `- key: value` lines of the Summary section of a report."""
+    block = markdown.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    return dict(re.findall(r"^- (.+?): (.*)$", block, flags=re.M))
+
+
 # -----------------------------------------------------------------------------
-# Logging (the existing half)
+# Sections: markdown for people, data for the summary and for `done`
 
 
-def test_log_writes_bullets_tables_and_text_into_the_section_file(tmp_path):
+def test_log_writes_markdown_and_records_the_dicts_as_data_with_real_values(tmp_path):
     path = Report(tmp_path).log(
-        "Chat SFT", ["Some text.", {"lr": 0.00031, "steps": 30}, [["a", "b"], [1, 2.5]]]
+        "Chat SFT", ["Some text.", {"lr": 0.00031, "steps": 30}, [["a", "b"], [1, 2.5]], {"loss": 1.23456789}]
     )
     assert path.name == "chat-sft.md"
     text = path.read_text()
@@ -75,23 +84,74 @@ def test_log_writes_bullets_tables_and_text_into_the_section_file(tmp_path):
     assert "Some text." in text
     assert "- lr: 0.00031\n- steps: 30" in text
     assert "|   a |   b |\n|----:|----:|\n|   1 | 2.5 |" in text
-    assert parse_bullets(text) == {"lr": "0.00031", "steps": "30"}
+    assert "- loss: 1.2346" in text
+    record = json.loads((tmp_path / "chat-sft.json").read_text())
+    # every dict item merged, numbers unformatted (no round trip through the markdown)
+    assert record["section"] == "Chat SFT"
+    assert record["data"] == {"lr": 0.00031, "steps": 30, "loss": 1.23456789}
+    assert datetime.strptime(record["timestamp"], report.TIME_FORMAT) <= datetime.now()
+    assert text.split("timestamp: ", 1)[1].startswith(record["timestamp"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat-sft.json", "chat-sft.md"]  # no temp files
+
+
+def test_logging_a_section_again_replaces_its_data(tmp_path):
+    Report(tmp_path).log("Chat SFT", [{"loss": 2.0, "old key": 1}])
+    Report(tmp_path).log("Chat SFT", [{"loss": 1.0}])
+    assert read_sections(tmp_path)["Chat SFT"]["data"] == {"loss": 1.0}
+
+
+def test_a_section_with_an_unloggable_item_writes_neither_file(tmp_path):
+    with pytest.raises(TypeError, match="report items are str, dict or a list of rows"):
+        Report(tmp_path).log("Bad", [{"x": 1}, 42])
+    assert not list(tmp_path.iterdir())
+    assert not done("Bad", tmp_path)
+
+
+def test_done_is_true_exactly_when_a_stage_recorded_its_section_data(base):
+    report_dir = base / "report"
+    assert not done("Base model training")
+    Report(report_dir).log("Base model training", [{"iterations": 10}])
+    assert done("Base model training") and done("Base model training", report_dir)
+    assert not done("Base model loss")
+    # the markdown alone (say, a stage killed between its two writes) is not a finished stage
+    (report_dir / "base-model-loss.md").write_text("## Base model loss\n")
+    assert not done("Base model loss")
+
+
+def test_done_command_exits_0_for_a_finished_stage_and_1_otherwise(base):
+    Report(base / "report").log("Chat evaluation mid", [{"ARC-Easy": 0.3}])
+
+    def done_rc(*args):
+        cmd = [sys.executable, "-m", "nanochat.report", "done", *args]
+        return subprocess.run(cmd, cwd=report.REPO_DIR, capture_output=True, text=True).returncode
+
+    assert done_rc("Chat evaluation mid") == 0
+    assert done_rc("Chat evaluation sft") == 1
+    assert done_rc() == 2  # `done` needs a section title: a usage error
+
+
+def test_nonzero_rank_logs_nothing(base, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert report.get_report().log("Chat SFT", [{"loss": 1.0}]) is None
+    assert not (base / "report").exists()
 
 
 # -----------------------------------------------------------------------------
-# reset
+# reset: the Environment section
 
 
-def test_reset_clears_the_report_folder_and_writes_every_header_field(base):
+def test_reset_clears_the_report_folder_and_records_every_environment_field(base):
     report_dir = base / "report"
-    report_dir.mkdir()
-    (report_dir / "old-section.md").write_text("## Old\n")
-    header = reset()
-    assert sorted(p.name for p in report_dir.iterdir()) == ["header.md"]
-    text = header.read_text()
-    bullets = parse_bullets(text)
+    Report(report_dir).log("Old section", [{"x": 1}])
+    (report_dir / "report.md").write_text("old\n")
+    path = reset()
+    assert path == report_dir / "environment.md"
+    assert sorted(p.name for p in report_dir.iterdir()) == ["environment.json", "environment.md"]
+    record = read_sections(report_dir)["Environment"]
+    data = record["data"]
     for key in [
-        "run started",
         "branch",
         "commit",
         "dirty",
@@ -107,33 +167,42 @@ def test_reset_clears_the_report_folder_and_writes_every_header_field(base):
         "approximate tokens",
         "dependencies (uv.lock packages)",
     ]:
-        assert key in bullets, key
-    assert int(bullets["files"]) > 10 and int(bullets["lines"]) > 1000
-    assert int(bullets["approximate tokens"]) == int(bullets["characters"]) // 4
-    assert int(bullets["dependencies (uv.lock packages)"]) > 5
-    started = datetime.strptime(bullets["run started"], report.TIME_FORMAT)
+        assert key in data, key
+        assert f"- {key}: " in path.read_text(), key
+    assert data["files"] > 10 and data["lines"] > 1000
+    assert data["approximate tokens"] == data["characters"] // 4
+    assert data["dependencies (uv.lock packages)"] > 5
+    for heading in ["### Git", "### Hardware", "### Software", "### Code size"]:
+        assert heading in path.read_text()
+    started = datetime.strptime(record["timestamp"], report.TIME_FORMAT)
     assert abs((datetime.now() - started).total_seconds()) < 60
 
 
 def test_cost_rate_comes_from_the_flag_then_the_environment_then_the_gpus(base, monkeypatch):
-    assert parse_bullets(reset(cost_per_hour=24.0).read_text())["hourly cost estimate ($/h)"] == "24"
+    def rate():
+        return read_sections(base / "report")["Environment"]["data"]["hourly cost estimate ($/h)"]
+
+    reset(cost_per_hour=24.0)
+    assert rate() == 24.0
     monkeypatch.setenv("NANOCHAT_COST_PER_HOUR", "7.5")
-    assert parse_bullets(reset().read_text())["hourly cost estimate ($/h)"] == "7.5"
+    reset()
+    assert rate() == 7.5
     monkeypatch.setenv("NANOCHAT_COST_PER_HOUR", "cheap")
     with pytest.raises(ValueError, match="NANOCHAT_COST_PER_HOUR"):
         reset()
+    assert rate() == 7.5  # a failed reset leaves the report as it was
     assert report.default_cost_per_hour(["NVIDIA H100 80GB HBM3"] * 8) == 24.0
     assert report.default_cost_per_hour(["NVIDIA A10G"]) == 2.0
     assert report.default_cost_per_hour([]) == 0.0
 
 
 # -----------------------------------------------------------------------------
-# generate: the summary table
+# generate: the summary table, from the sections' data
 
 
 def test_summary_table_reads_each_stage_column_and_marks_missing_values(tmp_path):
     write_pipeline_sections(tmp_path)
-    rows, notes = summary_rows(tmp_path)
+    rows, partial = summary_rows(read_sections(tmp_path))
     assert rows[0] == ["Metric", "BASE", "MID", "SFT", "RL"]
     table = {row[0]: row[1:] for row in rows[1:]}
     assert table["CORE"] == ["0.1234", "-", "-", "-"]
@@ -155,11 +224,21 @@ def test_summary_table_reads_each_stage_column_and_marks_missing_values(tmp_path
         "Arithmetic",
         "SpellingBee",
     ]
-    assert notes == []
+    assert not partial
 
 
-def test_partial_core_and_chatcore_are_starred_with_a_footnote(tmp_path):
-    r = Report(tmp_path)
+def test_summary_table_comes_from_the_data_not_the_markdown(tmp_path):
+    write_pipeline_sections(tmp_path)
+    for md in tmp_path.glob("*.md"):  # no bullets left to parse
+        md.write_text(md.read_text().split("\n\n", 1)[0] + "\n")
+    rows, _ = summary_rows(read_sections(tmp_path))
+    table = {row[0]: row[1:] for row in rows[1:]}
+    assert table["CORE"] == ["0.1234", "-", "-", "-"]
+    assert table["ARC-Easy"] == ["-", "0.31", "0.35", "-"]
+
+
+def test_partial_core_and_chatcore_are_starred_with_a_footnote(base):
+    r = Report(base / "report")
     r.log("Base model evaluation", [{"CORE": 0.05, "partial": True, "skipped tasks": "squad"}])
     r.log(
         "Chat evaluation rl",
@@ -172,26 +251,31 @@ def test_partial_core_and_chatcore_are_starred_with_a_footnote(tmp_path):
             }
         ],
     )
-    rows, notes = summary_rows(tmp_path)
+    rows, partial = summary_rows(read_sections(base / "report"))
     table = {row[0]: row[1:] for row in rows[1:]}
     assert table["CORE"] == ["0.05*", "-", "-", "-"]
     assert table["ChatCORE"] == ["-", "-", "-", "0.25*"]
-    assert len(notes) == 1 and "partial" in notes[0]
+    assert partial
+    text = generate().read_text()
+    assert table_cells(text)["ChatCORE"] == ["-", "-", "-", "0.25*"]
+    assert "\\* partial: CORE over the CORE tasks" in text
 
 
-def test_generate_stitches_header_summary_and_sections_in_pipeline_order(base):
+def test_generate_stitches_environment_summary_and_sections_in_pipeline_order(base):
     reset(cost_per_hour=36.0)
     report_dir = base / "report"
     write_pipeline_sections(report_dir)
     Report(report_dir).log("Some custom stage", [{"x": 1}])
     # pretend the run started 2 hours ago
-    header = report_dir / "header.md"
-    started = (datetime.now() - timedelta(hours=2)).strftime(report.TIME_FORMAT)
-    header.write_text(re.sub(r"- run started: .*", f"- run started: {started}", header.read_text()))
+    env_json = report_dir / "environment.json"
+    record = json.loads(env_json.read_text())
+    record["timestamp"] = (datetime.now() - timedelta(hours=2)).strftime(report.TIME_FORMAT)
+    env_json.write_text(json.dumps(record))
 
     path = generate()
     text = path.read_text()
     assert path == report_dir / "report.md"
+    assert text.startswith("# nanochat training report\n\n## Environment\n")
     titles = re.findall(r"^## (.+)$", text, flags=re.M)
     assert titles == [
         "Environment",
@@ -205,9 +289,11 @@ def test_generate_stitches_header_summary_and_sections_in_pipeline_order(base):
         "Some custom stage",
     ]
     assert table_cells(text)["ARC-Easy"] == ["-", "0.31", "0.35", "-"]
-    summary = parse_bullets(text.split("## Summary", 1)[1].split("## ", 1)[0])
+    summary = summary_bullets(text)
+    assert summary["run started"] == record["timestamp"]
     assert summary["total wall-clock time"].startswith("2h 0m")
     assert 71.9 <= float(summary["estimated cost ($)"]) <= 72.1
+    assert "\\* partial" not in text
     # regenerating does not stitch the previous report.md into the new one
     assert generate().read_text().count("## Summary") == 1
 
@@ -227,7 +313,7 @@ def test_generate_copies_report_md_to_the_working_directory(base, tmp_path):
 def test_generate_without_a_reset_still_writes_a_report(base):
     text = generate().read_text()
     assert "## Summary" in text
-    assert "unknown" in parse_bullets(text)["total wall-clock time"]
+    assert "unknown" in summary_bullets(text)["total wall-clock time"]
     assert table_cells(text)["CORE"] == ["-", "-", "-", "-"]
 
 
@@ -255,7 +341,7 @@ def test_plots_are_drawn_for_the_logs_that_exist_and_linked_from_the_report(base
     text = generate().read_text()
     report_dir = base / "report"
     pngs = sorted(p.name for p in report_dir.glob("*.png"))
-    assert pngs == ["base_training.png", "sft_training.png"]
+    assert pngs == ["base_training.png", "chatsft_training.png"]
     for name in pngs:
         assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({name})" in text
@@ -272,7 +358,42 @@ def test_no_logs_means_no_plots_section(base):
     assert not list((base / "report").glob("*.png"))
 
 
+# -----------------------------------------------------------------------------
+# MetricsLog and read_log
+
+
 def test_read_log_skips_a_truncated_last_line(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text('{"step": 0, "loss": 3.0}\n{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
-    assert [r["step"] for r in report.read_log(path)] == [0, 1]
+    assert [r["step"] for r in read_log(path)] == [0, 1]
+
+
+def test_resume_with_a_torn_last_line_keeps_the_complete_earlier_steps_and_appends_valid_lines(tmp_path):
+    path = tmp_path / "log.jsonl"
+    complete = [{"step": s, "loss": 3.0 - 0.25 * s} for s in range(4)] + [{"step": 3, "val_loss": 2.1}]
+    # a crash mid-append cut the last record in the middle of its JSON object
+    path.write_text("".join(json.dumps(r) + "\n" for r in complete) + '{"step": 4, "loss": 1.9, "lr')
+    run_log = MetricsLog(path, 3, True)
+    run_log.log({"step": 3, "loss": 2.2})
+    run_log.log({"step": 4, "loss": 2.0})
+    run_log.finish()
+    lines = path.read_text().splitlines()
+    assert path.read_text().endswith("\n")
+    assert [json.loads(line) for line in lines] == [
+        *(r for r in complete if r["step"] < 3),
+        {"step": 3, "loss": 2.2},
+        {"step": 4, "loss": 2.0},
+    ]
+    assert not [p for p in tmp_path.iterdir() if p != path]  # the rewrite left no temp file
+
+
+def test_a_fresh_run_starts_an_empty_log_and_other_ranks_write_nothing(tmp_path):
+    path = tmp_path / "run" / "log.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"step": 0, "loss": 9.0}\n')
+    MetricsLog(path, 0, False).log({"step": 0, "loss": 3.0})
+    assert read_log(path) == [{"step": 0, "loss": 3.0}]
+    other = MetricsLog(tmp_path / "other" / "log.jsonl", 5, True, master=False)
+    other.log({"step": 5, "loss": 1.0})
+    other.finish()
+    assert not (tmp_path / "other").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nanochat.report import parse_bullets
+from nanochat.report import Report, read_sections, slugify
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -96,7 +96,8 @@ def test_speedrun_dry_run_prints_every_stage_in_spec_order_and_runs_nothing(tmp_
     commands, _ = dry_run("speedrun.sh", tmp_path, RUN_RL="1", WANDB_RUN="myrun")
     commands = [c for c in commands if not c.startswith("sh -c")]  # installers of missing uv / cargo
     assert [stage_name(c) for c in commands] == SPEEDRUN_ORDER
-    assert not (tmp_path / "base").exists()  # nothing was run, not even a mkdir
+    # nothing was run: the finished-stage queries at most made the (empty) base dir
+    assert not list((tmp_path / "base").rglob("*"))
     by_stage = {stage_name(c): c for c in commands}
     assert "--depth=20" in by_stage["scripts.base_train"].split()
     assert "--run=myrun" in by_stage["scripts.base_train"].split()
@@ -115,11 +116,10 @@ def test_speedrun_flag_form_nproc_and_rl_off(tmp_path):
 
 def test_speedrun_rerun_skips_finished_stages_and_resumes_training(tmp_path):
     base = tmp_path / "base"
-    (base / "report").mkdir(parents=True)
-    for section in ["header", "tokenizer-training", "tokenizer-evaluation", "base-model-training"]:
-        (base / "report" / f"{section}.md").write_text(f"## {section}\n")
-    (base / "tokenizer").mkdir()
-    (base / "tokenizer" / "tokenizer.pkl").write_bytes(b"")
+    for section in ["Environment", "Tokenizer training", "Tokenizer evaluation", "Base model training"]:
+        Report(base / "report").log(section, [{"x": 1}])
+    # a stage killed between its section's markdown and its data did not finish
+    (base / "report" / "base-model-loss.md").write_text("## Base model loss\n")
     (base / "mid_checkpoints" / "d20").mkdir(parents=True)
     (base / "mid_checkpoints" / "d20" / "model_000150.pt").write_bytes(b"")
     commands, stdout = dry_run("speedrun.sh", tmp_path)
@@ -131,7 +131,8 @@ def test_speedrun_rerun_skips_finished_stages_and_resumes_training(tmp_path):
     assert mid.endswith("--resume")
     sft = next(c for c in commands if stage_name(c) == "scripts.chat_sft")
     assert "--resume" not in sft
-    assert "skipping base_train" in stdout
+    assert "skipping base_train" in stdout and "skipping tok_eval" in stdout
+    assert "continuing that run's report" in stdout
 
 
 def test_speedrun_rejects_unknown_arguments(tmp_path):
@@ -220,21 +221,22 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
     assert stages == expected
 
     report_dir = tmp_path / "base" / "report"
-    sections = {p.stem for p in report_dir.glob("*.md")}
+    sections = read_sections(report_dir)  # each stage's recorded section data
     for name in [
-        "tokenizer-training",
-        "tokenizer-evaluation",
-        "base-model-training",
-        "base-model-loss",
-        "midtraining",
-        "chat-sft",
-        "chat-rl",
-        "chat-evaluation-base",
-        "chat-evaluation-mid",
-        "chat-evaluation-sft",
-        "chat-evaluation-rl",
+        "Environment",
+        "Tokenizer training",
+        "Tokenizer evaluation",
+        "Base model training",
+        "Base model loss",
+        "Midtraining",
+        "Chat SFT",
+        "Chat RL",
+        "Chat evaluation base",
+        "Chat evaluation mid",
+        "Chat evaluation sft",
+        "Chat evaluation rl",
     ]:
-        assert name in sections, f"stage section {name} missing"
+        assert name in sections and (report_dir / f"{slugify(name)}.md").is_file(), name
 
     text = (cwd / "report.md").read_text()
     rows = {}
@@ -252,7 +254,8 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
     base, mid, sft, rl = (float(v) for v in rows["Arithmetic"])
     assert base == 0.0 and mid >= 0.4 and sft >= 0.4, rows["Arithmetic"]
     assert rl >= sft - 0.1, rows["Arithmetic"]  # 2 RL steps; 0.1 is 3 of 32 questions of noise
-    assert "total wall-clock time" in parse_bullets(text)
+    assert sections["Chat evaluation rl"]["data"]["Arithmetic"] == pytest.approx(rl, abs=5e-5)
+    assert re.search(r"^- total wall-clock time: (\d+h )?\d+m \d+s$", text, flags=re.M)
     assert list(report_dir.glob("*.png")), "no training curves were drawn"
 
     # chat_cli -p printed a reply between its command line and the closing message
