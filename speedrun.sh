@@ -56,10 +56,13 @@ run() {
 }
 # A stage is finished when it recorded its report section (by the section's title).
 finished() { python -m nanochat.report "done" "$1"; }
-# --resume when a training stage left checkpoints of this tag behind.
+# --resume when a training stage left checkpoints of this tag behind; --overwrite when it left
+# only a log (it stopped before its first checkpoint: nothing to continue from).
 resume_flag() {
-    if compgen -G "$NANOCHAT_BASE_DIR/$1/$TAG/model_*.pt" >/dev/null; then
+    if compgen -G "$NANOCHAT_BASE_DIR/$1/$TAG/meta_*.json" >/dev/null; then
         echo "--resume"
+    elif [[ -d "$NANOCHAT_BASE_DIR/$1/$TAG" ]]; then
+        echo "--overwrite"
     fi
 }
 skip() { echo "= skipping $1 (finished: its report section is recorded)"; }

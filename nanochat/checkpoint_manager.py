@@ -1,20 +1,16 @@
 """
-Checkpoints: save and load models, optimizer shards and everything needed to resume.
+Checkpoints: save, load and resume.
 
-Design choices:
-- A checkpoint directory (`<base>/<phase>_checkpoints/<tag>/`) holds, per saved step,
-  `model_{step:06d}.pt` (rank 0), `optim_{step:06d}_rank{r}.pt` (every rank: its own
-  optimizer shards and RNG states) and `meta_{step:06d}.json` (rank 0): model config,
-  user config, step, loop state, dataloader state, data source.
-- Every file is written through `common.atomic_path` (temp file + rename), and the meta
-  file is written LAST, after a barrier that waits for every rank's shard. A step counts
-  as saved only when its meta file exists, so a crash in the middle of a save leaves the
-  previous checkpoint as the latest complete one, intact and loadable.
-- State dicts are stored without torch.compile's `_orig_mod.` prefix, so compiled and
-  eager models load each other's checkpoints.
-- `load_model(source, ...)` picks the tag with the deepest model when none is given and
-  the last step when no step is given; unknown tags and steps are errors that list what
-  exists.
+- `<base>/<phase>_checkpoints/<tag>/` holds per step `model_{step:06d}.pt` (rank 0),
+  `optim_{step:06d}_rank{r}.pt` (every rank: optimizer shards + RNG) and `meta_{step:06d}.json`.
+- The meta file is written last, after every rank's shard: a step exists only once its meta does,
+  so a crash mid-save leaves the previous step as the newest one. Leftover temp files of such a
+  crash are removed by the next save.
+- Nothing is unpickled: every `.pt` loads with `weights_only=True` (tensors and plain containers).
+- A fresh run never mixes with an old one: a tag that holds checkpoints needs `--resume` (go on)
+  or `--overwrite` (delete them and the old log first).
+- A damaged file is one error line naming it and the newest intact step.
+- State dicts are stored without torch.compile's `_orig_mod.` prefix.
 """
 
 from __future__ import annotations
@@ -22,13 +18,15 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from nanochat.common import atomic_path, get_base_dir
+from nanochat.common import atomic_path, get_base_dir, get_dist_info
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
 
@@ -40,13 +38,17 @@ PHASE_DIRS = {
 }
 
 
-def checkpoint_dir(source: str, model_tag: str) -> Path:
-    """`<base>/<phase>_checkpoints/<tag>` for source base | mid | sft | rl."""
-    if source not in PHASE_DIRS:
-        raise ValueError(f"unknown checkpoint source {source!r}; choose one of {sorted(PHASE_DIRS)}")
-    if not model_tag or "/" in model_tag or model_tag.startswith("."):
-        raise ValueError(f"invalid model tag {model_tag!r}")
-    return get_base_dir() / PHASE_DIRS[source] / model_tag
+class CheckpointError(Exception):
+    """A checkpoint problem the user can fix; the message says how."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
 
 
 def _paths(directory: Path, step: int, rank: int = 0) -> tuple[Path, Path, Path]:
@@ -57,13 +59,39 @@ def _paths(directory: Path, step: int, rank: int = 0) -> tuple[Path, Path, Path]
     )
 
 
-def _clean_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+def checkpoint_dir(source: str, model_tag: str) -> Path:
+    """`<base>/<phase>_checkpoints/<tag>` for source base | mid | sft | rl."""
+    return get_base_dir() / PHASE_DIRS[source] / model_tag
 
 
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def saved_steps(directory: str | Path) -> list[int]:
+    """Steps with a complete checkpoint (meta and model file present), ascending."""
+    directory = Path(directory)
+    steps = []
+    for path in directory.glob("meta_*.json"):
+        match = re.fullmatch(r"meta_(\d{6,})\.json", path.name)
+        if match and _paths(directory, int(match.group(1)))[0].exists():
+            steps.append(int(match.group(1)))
+    return sorted(steps)
+
+
+def resolve_tag(source: str, model_tag: str | None) -> str:
+    """The tag to read from a stage: `model_tag` if it holds a checkpoint, else the deepest `d<N>` tag."""
+    root = get_base_dir() / PHASE_DIRS[source]
+    tags = [p.name for p in root.iterdir() if p.is_dir() and saved_steps(p)] if root.is_dir() else []
+    if model_tag is None and tags:
+        return max(tags, key=lambda t: (int(t[1:]) if re.fullmatch(r"d\d+", t) else -1, t))
+    if model_tag not in tags:
+        what = f"tagged {model_tag!r} " if model_tag else ""
+        raise CheckpointError(
+            f"no {source} checkpoint {what}in {root} (tags: {', '.join(sorted(tags)) or 'none'}): "
+            "train that stage first, or pick another with --source / --model-tag"
+        )
+    return model_tag
+
+
+# -----------------------------------------------------------------------------
+# Save
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
@@ -74,47 +102,32 @@ def rng_state(device: torch.device) -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def resume_conflict(meta: dict[str, Any], user_config: dict[str, Any], keys, world_size: int) -> str | None:
-    """Why this run cannot continue the checkpoint described by `meta`, or None when it can: one of
-    the flags `keys` differs from the checkpoint's, or it was written by another number of ranks."""
-    for key in keys:
-        if meta["user_config"].get(key) != user_config[key]:
-            return f"the checkpoint used --{key.replace('_', '-')} {meta['user_config'].get(key)}"
-    if meta["world_size"] != world_size:
-        return f"the checkpoint was written by {meta['world_size']} processes, not {world_size}"
-    return None
-
-
-def restore_optimizers(optimizers: list[torch.optim.Optimizer], shard: dict[str, Any], device) -> None:
-    """Load this rank's optimizer states and RNG states from its checkpoint shard."""
-    for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
-    set_rng_state(shard["rng"], device)
-
-
 def save_checkpoint(
     directory: str | Path,
     step: int,
     model: torch.nn.Module,
     optimizers: list[torch.optim.Optimizer] | None,
     meta: dict[str, Any],
-    rank: int = 0,
+    loader_state: dict | None = None,
 ) -> None:
-    """Saves one step. Every rank must call it (each writes its optimizer shard)."""
+    """Save one step: every rank calls it. The meta file gets the model config, the world size and,
+    with `loader_state`, every rank's data position (gathered here)."""
     directory = Path(directory)
+    _, rank, _, world_size = get_dist_info()
     model_path, meta_path, optim_path = _paths(directory, step, rank)
+    loader_states = [loader_state]
+    if _distributed():
+        loader_states = [None] * world_size
+        dist.all_gather_object(loader_states, loader_state)
     if rank == 0:
         directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob("*.tmp.*"):  # a save that was killed half-way
+            stale.unlink()
     _barrier()
     if rank == 0:
+        state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
         with atomic_path(model_path) as tmp:
-            torch.save(_clean_state_dict(model.state_dict()), tmp)
+            torch.save(state, tmp)
     if optimizers is not None:
         device = next(model.parameters()).device
         shard = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state(device)}
@@ -122,66 +135,71 @@ def save_checkpoint(
             torch.save(shard, tmp)
     _barrier()  # every shard is on disk before the meta file marks the step complete
     if rank == 0:
-        meta = {**meta, "step": step}
+        meta = {**meta, "step": step, "model_config": asdict(model.config), "world_size": world_size}
+        if loader_state is not None:
+            meta["dataloader_state"] = loader_states
         with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta, indent=2, default=str))
         logger.info("saved checkpoint step %d to %s", step, directory)
     _barrier()
 
 
-def saved_steps(directory: str | Path) -> list[int]:
-    """Steps with a complete checkpoint (meta file present), ascending."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    steps = []
-    for path in directory.glob("meta_*.json"):
-        match = re.fullmatch(r"meta_(\d{6,})\.json", path.name)
-        if match and _paths(directory, int(match.group(1)))[0].exists():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+# -----------------------------------------------------------------------------
+# Load
 
 
-def find_last_step(directory: str | Path) -> int:
-    """The last complete step in `directory`; FileNotFoundError when there is none."""
-    steps = saved_steps(directory)
-    if not steps:
-        raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    return steps[-1]
+def _read(path: Path, device) -> Any:
+    if path.suffix == ".json":
+        return json.loads(path.read_text())
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _intact(directory: Path, step: int, rank: int, with_optimizer: bool) -> bool:
+    model_path, meta_path, optim_path = _paths(directory, step, rank)
+    try:
+        json.loads(meta_path.read_text())
+        torch.load(model_path, mmap=True, weights_only=True)
+        if with_optimizer:
+            torch.load(optim_path, mmap=True, weights_only=True)
+        return True
+    except Exception:
+        return False
 
 
 def load_checkpoint(
-    directory: str | Path, step: int, device: torch.device | str, load_optimizer: bool = False, rank: int = 0
+    directory: str | Path, step: int, device, load_optimizer: bool = False, step_flag: str = "--model-step"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     """(model state dict, this rank's optimizer shard or None, meta) of one saved step."""
     directory = Path(directory)
+    _, rank, _, _ = get_dist_info()
     steps = saved_steps(directory)
     if step not in steps:
-        raise FileNotFoundError(f"step {step} is not saved in {directory}; saved steps: {steps or 'none'}")
+        raise CheckpointError(f"step {step} is not saved in {directory}; saved steps: {steps or 'none'}")
     model_path, meta_path, optim_path = _paths(directory, step, rank)
-    model_state = torch.load(model_path, map_location=device, weights_only=True)
-    meta = json.loads(meta_path.read_text())
-    shard = None
-    if load_optimizer:
-        if not optim_path.exists():
-            raise FileNotFoundError(
-                f"{optim_path.name} is missing: was step {step} saved by a run with fewer ranks? "
-                "Resume with the same number of processes."
+    if load_optimizer and not optim_path.exists():
+        raise CheckpointError(f"{optim_path} is missing: resume with the number of processes that saved it")
+    paths = [meta_path, model_path] + ([optim_path] if load_optimizer else [])
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append(_read(path, device))
+        except Exception as e:
+            older = [s for s in steps if s < step and _intact(directory, s, rank, load_optimizer)]
+            hint = (
+                f"the newest intact step is {older[-1]}: select it with {step_flag}={older[-1]}"
+                if older
+                else "no earlier step is intact"
             )
-        shard = torch.load(optim_path, map_location=device, weights_only=False)
-    return model_state, shard, meta
+            raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); {hint}") from None
+    meta, model_state = loaded[0], loaded[1]
+    return model_state, (loaded[2] if load_optimizer else None), meta
 
 
-def build_model(directory: str | Path, step: int, device: torch.device | str, phase: str):
-    """Rebuilds the model of a saved step: returns (model, tokenizer, meta).
-
-    `phase` is "train" or "eval" (sets the module mode).
-    """
+def build_model(directory: str | Path, step: int, device, phase: str):
+    """The model of a saved step, in train or eval mode: (model, tokenizer, meta)."""
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import get_tokenizer
 
-    if phase not in ("train", "eval"):
-        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)
     model_state, _, meta = load_checkpoint(directory, step, device)
     config = GPTConfig(**meta["model_config"])
@@ -193,51 +211,78 @@ def build_model(directory: str | Path, step: int, device: torch.device | str, ph
     model.train(phase == "train")
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
-        raise ValueError(
+        raise CheckpointError(
             f"the checkpoint in {directory} was trained with vocab size {config.vocab_size}, but the "
             f"tokenizer in {get_base_dir() / 'tokenizer'} has {tokenizer.get_vocab_size()}"
         )
     return model, tokenizer, meta
 
 
-def tags_by_depth(root: Path) -> list[str]:
-    """Tags under `root` that hold a complete checkpoint, shallowest `d<N>` first (others before)."""
-    tags = [p.name for p in root.iterdir() if p.is_dir() and saved_steps(p)] if root.is_dir() else []
-
-    def depth(tag: str) -> int:
-        match = re.fullmatch(r"d(\d+)", tag)
-        return int(match.group(1)) if match else -1
-
-    return sorted(tags, key=lambda t: (depth(t), t))
-
-
-def load_model(
-    source: str, device: torch.device | str, phase: str, model_tag: str | None = None, step: int | None = None
-):
-    """Loads a model of a pipeline stage: (model, tokenizer, meta).
-
-    source: base | mid | sft | rl. Without a tag, the deepest `d<N>` tag; without a step,
-    the last saved step.
-    """
-    if source not in PHASE_DIRS:
-        raise ValueError(f"unknown model source {source!r}; choose one of {sorted(PHASE_DIRS)}")
-    root = get_base_dir() / PHASE_DIRS[source]
-    tags = tags_by_depth(root)
-    if model_tag is None:
-        if not tags:
-            raise FileNotFoundError(f"no {source} checkpoints in {root}: train that stage first")
-        model_tag = tags[-1]
-    elif model_tag not in tags:
-        raise FileNotFoundError(
-            f"no {source} checkpoint tagged {model_tag!r} in {root}; tags: {tags or 'none'}"
-        )
+def load_model(source: str, device, phase: str, model_tag: str | None = None, step: int | None = None):
+    """A model of a pipeline stage (base | mid | sft | rl): (model, tokenizer, meta).
+    Without a tag, the deepest `d<N>` tag; without a step, the last saved step."""
+    model_tag = resolve_tag(source, model_tag)
     directory = checkpoint_dir(source, model_tag)
-    if step is None:
-        step = find_last_step(directory)
+    step = saved_steps(directory)[-1] if step is None else step
     logger.info("loading %s model %s step %d", source, model_tag, step)
     return build_model(directory, step, device, phase)
 
 
-def model_config_dict(config) -> dict[str, Any]:
-    """The model config as plain data for the meta file."""
-    return asdict(config)
+# -----------------------------------------------------------------------------
+# Start or resume a training run
+
+
+def start_run(
+    directory: Path,
+    resume: bool | int,
+    overwrite: bool,
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    user_config: dict[str, Any],
+    same_flags: tuple[str, ...],
+) -> tuple[int, dict[str, Any]]:
+    """(start step, meta of the resumed step or {}). Every rank calls it.
+
+    Fresh (`resume` False): a tag that holds a run is refused unless `overwrite`, which deletes it.
+    `resume` True (the last step) or a step number: restores weights, optimizer shards and RNG, after
+    checking that the model, the `same_flags` and the number of processes match the checkpoint's."""
+    _, rank, _, world_size = get_dist_info()
+    steps = saved_steps(directory)
+    if resume is False:
+        if (steps or (directory / "log.jsonl").exists()) and not overwrite:
+            raise CheckpointError(
+                f"{directory} already holds a run (steps: {steps or 'none, only a log'}): continue it with "
+                "--resume, or delete it and start over with --overwrite"
+            )
+        _barrier()  # every rank has looked before rank 0 deletes
+        if rank == 0 and directory.exists():
+            shutil.rmtree(directory)
+        _barrier()
+        return 0, {}
+    if not steps:
+        raise CheckpointError(f"--resume: there is no checkpoint in {directory}")
+    step = steps[-1] if resume is True else resume
+    model_state, shard, meta = load_checkpoint(
+        directory, step, next(model.parameters()).device, True, "--resume"
+    )
+    if meta["model_config"] != asdict(model.config):
+        raise CheckpointError(
+            f"--resume: the checkpoint's model is {meta['model_config']}, not {asdict(model.config)}"
+        )
+    for key in same_flags:
+        if meta["user_config"].get(key) != user_config[key]:
+            raise CheckpointError(
+                f"--resume: the checkpoint used --{key.replace('_', '-')} {meta['user_config'].get(key)}"
+            )
+    if meta["world_size"] != world_size:
+        raise CheckpointError(
+            f"--resume: the checkpoint was written by {meta['world_size']} processes, not {world_size}"
+        )
+    model.load_state_dict(model_state)
+    for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    torch.set_rng_state(shard["rng"]["cpu"])
+    if "cuda" in shard["rng"]:
+        torch.cuda.set_rng_state(shard["rng"]["cuda"], next(model.parameters()).device)
+    logger.info("resumed from step %d", step)
+    return step, meta

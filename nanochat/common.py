@@ -1,23 +1,13 @@
 """
-Thin helpers shared by every stage: paths, logging, rank info, safe file writes, downloads.
+Thin helpers shared by every stage: paths, logging, ranks, safe writes, downloads, compute.
 
-Design choices:
-- Nothing here imports torch at module import time, so data tools stay light; distributed
-  info comes from the environment variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE).
-- Every artifact is written through `atomic_path`: the writer fills a uniquely named temp
-  file in the same directory, which is fsynced and `os.replace`d onto the final name only
-  when the writer finished without error. A crash never leaves a half-written file under a
-  final name, and an old file survives a failed rewrite.
-- `file_lock` is an exclusive `fcntl.flock` on `<path>.lock`, so several processes (e.g. all
-  torchrun ranks) can ask for the same download and only one does the work. Lock files are
-  left in place on purpose: deleting them would let two processes lock different inodes.
-- `download_file` uses the standard library only. A failed attempt (HTTP error, stall past
-  the per-read timeout, body shorter than Content-Length, or a file rejected by `validate`)
-  is retried with exponential backoff; a 4xx answer (other than 408/429), e.g. 404, is
-  final and fails at once. The temp file is discarded on failure, so the final path only
-  ever holds a complete, validated file.
-- `ProgressBar` has no dependencies: `\\r` updates on a terminal, and a plain line every
-  few seconds otherwise, so logs of long runs stay readable.
+- No torch import at module load (data tools stay light); ranks come from torchrun's variables.
+- Every artifact is written through `atomic_path` (temp file in the same folder, fsync, rename):
+  a crash never leaves a half-written file under a final name.
+- `file_lock` (flock on `<path>.lock`, left in place on purpose) lets ranks share one download.
+- `download_file` retries with exponential backoff, fails at once on a 4xx, and only ever
+  renames a complete, validated file into place.
+- One precision policy: `autocast(device)` (bf16 on CUDA SM80+, fp32 elsewhere).
 """
 
 from __future__ import annotations

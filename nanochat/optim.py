@@ -1,47 +1,17 @@
 """
 Optimizers: Muon for the 2-D block matrices, AdamW for the embedding and the lm_head.
 
-Design choices:
-- No DDP wrapper. The training script sums local gradients over its micro-steps with plain
-  `loss.backward()` and calls `step()` on every rank; the optimizers do all gradient
-  communication themselves, averaging over ranks. The same class runs one process (no
-  process group, or world size 1: no communication at all, same math) and N processes.
-- AdamW (ZeRO-2 style): each parameter's gradient is reduce-scattered (averaged) along dim 0,
-  so rank r owns the contiguous rows [r*k, (r+1)*k) with k = rows / world_size; it keeps Adam
-  state for those rows only, updates them, and an all-gather rebuilds the full parameter on
-  every rank. A parameter whose dim 0 does not divide by world_size, or with fewer than
-  `MIN_SHARD_NUMEL` elements (sharding it costs more latency than it saves), is all-reduced
-  instead and every rank updates it whole with its own full copy of the state.
-- AdamW math: m̂ = m/(1-β1^t), v̂ = v/(1-β2^t) (the second moment is bias-corrected before the
-  sqrt), p -= lr·m̂/(sqrt(v̂)+eps); weight decay is decoupled: p *= 1 - lr·wd.
-- Muon: momentum in the EMA ("lerp") form b ← μ·b + (1-μ)·g, Nesterov look-ahead
-  u = (1-μ)·g + μ·b; u is orthogonalized by `ns_steps` iterations of the quintic Newton–Schulz
-  iteration in bf16 (coefficients 3.4445, -4.7750, 2.0315, input first divided by its
-  Frobenius norm, which bounds the spectral norm by 1; tall matrices are transposed so the
-  iteration runs on the smaller Gram matrix). The update is scaled by sqrt(max(1, rows/cols))
-  and applied as p -= lr·scale·O after the decoupled decay p *= 1 - lr·wd.
-- Schedules are plain functions the training script applies to `group["lr"]` (each group keeps
-  its `initial_lr`) and to Muon's `group["momentum"]`: `lr_multiplier`, `muon_momentum`.
-- Muon sharding is per matrix (an orthogonalization needs the whole matrix). Within each
-  param group the matrices are bucketed by shape (buckets ordered by size, largest first,
-  then shape); each bucket is cut, in parameter order, into chunks of world_size. In a chunk,
-  slot r belongs to rank r; the last chunk of a bucket is padded with zero dummies. The
-  chunk's gradients are stacked into a (world_size, rows, cols) buffer and reduce-scattered,
-  so rank r receives the averaged gradient of its matrix, updates it with the momentum
-  buffer only it holds, and an all-gather (into the same buffer) hands every rank all
-  updated matrices.
-- Collectives are launched asynchronously: all gradient reductions first, then each result
-  is awaited and updated in turn while later ones are still in flight, and all-gathers are
-  awaited at the end. `.grad` tensors are never modified.
-- NCCL has native `reduce_scatter_tensor`, `all_gather_into_tensor` and an AVG reduction.
-  Other backends (gloo on CPU) may lack some of them in older torch releases, so there the
-  reduce-scatter is emulated by a SUM all-reduce of the full buffer, division by world_size
-  and taking the owned slice, and the all-gather uses the list form of `all_gather`; the
-  result is mathematically identical.
-- `state_dict()` holds this rank's own shard only (one optimizer file per rank); it records
-  world_size and rank, and loading a shard written under a different layout is an error.
-- A parameter with no gradient counts as a zero gradient, so every rank always runs the same
-  collectives. There is no gradient clipping.
+- No DDP wrapper: the optimizers average gradients over ranks themselves; one process (no
+  process group) runs the same math with no communication.
+- AdamW is ZeRO-2 style: gradients reduce-scattered along dim 0, each rank keeps state for its
+  rows and an all-gather rebuilds the parameter; small or indivisible ones are all-reduced.
+- Muon: EMA momentum with Nesterov look-ahead, orthogonalized by quintic Newton–Schulz in bf16,
+  scaled by sqrt(max(1, rows/cols)); decoupled weight decay. Sharded per matrix: matrices of a
+  shape are cut into chunks of world_size, slot r of a chunk belongs to rank r.
+- Collectives are asynchronous: every reduction is launched first, then awaited and applied in
+  turn. Backends without reduce-scatter (older gloo) emulate it with an all-reduce.
+- `state_dict()` is this rank's shard only and records the layout; another layout is refused.
+- Schedules are plain functions (`lr_multiplier`, `muon_momentum`) applied by `apply_schedule`.
 """
 
 from __future__ import annotations
@@ -403,6 +373,15 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
     return start + (end - start) * frac
 
 
+def apply_schedule(optimizers: list, lrm: float, momentum: float | None = None) -> None:
+    """Set every group's LR to `initial_lr × lrm` and, when given, Muon's momentum."""
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if momentum is not None and isinstance(opt, Muon):
+                group["momentum"] = momentum
+
+
 # -----------------------------------------------------------------------------
 # The optimizers of a GPT
 
@@ -420,21 +399,11 @@ def build_optimizers(
     The AdamW learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width 768).
     `weight_decay` applies to the Muon matrices only; embedding and lm_head are not decayed.
     """
-    expected = {"matrix", "embedding", "lm_head"}
-    if set(model_param_groups) != expected:
-        raise ValueError(
-            f"model_param_groups must have keys {sorted(expected)}, got {sorted(model_param_groups)}"
-        )
-    if not model_param_groups["matrix"]:
-        raise ValueError("model_param_groups['matrix'] is empty: Muon needs at least one matrix")
     scale = (n_embd / 768) ** -0.5
     adam_groups = [
         dict(params=list(model_param_groups["embedding"]), lr=embedding_lr * scale),
         dict(params=list(model_param_groups["lm_head"]), lr=unembedding_lr * scale),
     ]
-    adam_groups = [g for g in adam_groups if g["params"]]
-    if not adam_groups:
-        raise ValueError("model_param_groups has no embedding or lm_head parameters for AdamW")
     adamw = AdamW(adam_groups, lr=embedding_lr * scale, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     muon = Muon(list(model_param_groups["matrix"]), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
     return [adamw, muon]

@@ -99,10 +99,11 @@ run -m nanochat.dataset --offline
 run -m scripts.tok_train --vocab-size 4096 --max-chars "$TOK_CHARS"
 run -m scripts.tok_eval
 
-# -- base model: pretraining, train/val bpb + samples, CORE (only with a local eval bundle)
+# -- base model (every run of the demo starts over: --overwrite replaces an earlier demo's checkpoints)
+# pretraining, train/val bpb + samples, CORE (only with a local eval bundle)
 run -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ" --device-batch-size 8 \
     --total-batch-size "$BASE_BATCH" --num-iterations "$BASE_STEPS" --eval-every 50 \
-    --eval-tokens "$EVAL_TOKENS" --core-metric-every -1 --sample-every -1 "${DEV[@]}"
+    --eval-tokens "$EVAL_TOKENS" --core-metric-every -1 --sample-every -1 --overwrite "${DEV[@]}"
 run -m scripts.base_loss --device-batch-size 8 --split-tokens "$EVAL_TOKENS" "${DEV[@]}"
 if [[ -n "${NANOCHAT_EVAL_BUNDLE:-}" || -f "$NANOCHAT_BASE_DIR/eval_bundle/core.yaml" ]]; then
     run -m scripts.base_eval --max-per-task "$CORE_PER_TASK" --skip-missing "${DEV[@]}"
@@ -116,19 +117,19 @@ run "${CHAT_EVAL[@]}" -i base
 # -- midtraining: chat format, tool use, spelling (synthetic tasks only)
 run -m scripts.mid_train --offline --max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size -1 \
     --num-iterations "$MID_STEPS" --eval-every -1 --eval-steps 4 --metrics-every 0 \
-    --synthetic-size "$SYNTH" "${DEV[@]}"
+    --synthetic-size "$SYNTH" --overwrite "${DEV[@]}"
 run "${CHAT_EVAL[@]}" -i mid
 
 # -- supervised finetuning
 run -m scripts.chat_sft --offline --max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size -1 \
     --num-iterations "$SFT_STEPS" --eval-every -1 --eval-steps 4 --metrics-every 0 \
-    --synthetic-size "$SYNTH" "${DEV[@]}"
+    --synthetic-size "$SYNTH" --overwrite "${DEV[@]}"
 run "${CHAT_EVAL[@]}" -i sft
 
 # -- reinforcement learning on the synthetic arithmetic problems
 run -m scripts.chat_rl --offline --num-iterations "$RL_STEPS" --examples-per-step "$RL_QUESTIONS" \
     --num-samples "$RL_SAMPLES" --max-new-tokens 96 --device-batch-size 8 --eval-every -1 \
-    --eval-examples "$RL_EVAL" --eval-samples 4 --save-every -1 "${DEV[@]}"
+    --eval-examples "$RL_EVAL" --eval-samples 4 --save-every -1 --overwrite "${DEV[@]}"
 run "${CHAT_EVAL[@]}" -i rl
 
 # -- the report card and one reply

@@ -4,30 +4,13 @@ Pretrain the base model on the shards in base_data/.
     python -m scripts.base_train --depth 20                      # one process (GPU, MPS or CPU)
     torchrun --nproc_per_node 8 -m scripts.base_train --depth 20  # one node, 8 GPUs
 
-The acts: flags → compute → tokenizer and model → optimizers → data → training loop
-(periodic val bpb, samples, checkpoints) → final checkpoint → final evals → report.
-
-Design choices:
-- One optimizer step sees --total-batch-size tokens: device batch × sequence length ×
-  world size × gradient-accumulation steps. No DDP wrapper: micro-step gradients
-  accumulate locally and the optimizers reduce them across ranks.
-- Training length: --num-iterations, else --target-flops, else
-  --target-param-data-ratio (tokens = ratio × parameters; 20 is Chinchilla's ratio).
-- LR multiplier: linear warmup → constant → linear warmdown to --final-lr-frac.
-- The last checkpoint is written BEFORE the final evals, so a crash while evaluating
-  never loses the trained model. --resume continues from the tag's last checkpoint bit
-  for bit: weights, every rank's optimizer shard and RNG, every rank's dataloader state
-  and the loop state are restored.
-- The logged loss is the mean over every rank and micro-step of the step, so a run
-  reads the same whether its batch is split across GPUs or across micro-steps. Metrics
-  go to <checkpoint dir>/log.jsonl (rank 0), the source of the report's curves.
-- bf16 autocast and torch.compile on CUDA; plain fp32 eager elsewhere.
-- CORE (every --core-metric-every steps and at the end, on at most
-  --core-metric-max-per-task examples per task) runs on the uncompiled model; the eval
-  bundle is fetched before training starts, never in the middle of a run. Tasks whose
-  files are missing from the bundle are skipped and the score is marked partial.
-- --dry-run validates the configuration, prints the plan (sizes, steps, memory
-  estimate) and exits before allocating the model.
+- One step sees --total-batch-size tokens: device batch × length × ranks × gradient accumulation.
+  No DDP wrapper: micro-steps accumulate locally and the optimizers reduce across ranks.
+- Length: --num-iterations, else --target-flops, else --target-param-data-ratio × parameters.
+- LR: linear warmup → constant → linear warmdown to --final-lr-frac.
+- The last checkpoint is saved before the final evals; --resume continues bit for bit.
+- CORE runs on the uncompiled model with the bundle fetched before training.
+- --dry-run prints the plan (sizes, steps, memory) and exits before allocating the model.
 """
 
 import argparse
@@ -36,27 +19,20 @@ import os
 import resource
 import sys
 import time
+from dataclasses import asdict
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (
-    checkpoint_dir,
-    find_last_step,
-    load_checkpoint,
-    model_config_dict,
-    restore_optimizers,
-    resume_conflict,
-    save_checkpoint,
-)
+from nanochat.checkpoint_manager import CheckpointError, checkpoint_dir, save_checkpoint, start_run
 from nanochat.common import (
-    autocast_context,
-    autocast_dtype_for,
+    autocast,
+    compiled,
     compute_cleanup,
+    compute_dtype,
     compute_init,
     exit_with_error,
-    get_compute_dtype,
     get_peak_flops,
     print0,
     setup_logging,
@@ -67,7 +43,7 @@ from nanochat.dataset import list_parquet_files, read_manifest
 from nanochat.engine import greedy_completions
 from nanochat.gpt import GPT, config_from_depth, estimate_memory, suggest_device_batch_size
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import build_optimizers, lr_multiplier, muon_momentum
+from nanochat.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
 from nanochat.report import MetricsLog, get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -109,7 +85,10 @@ g.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE e
 g.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: off)")
 g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
 g = parser.add_argument_group("run")
-g.add_argument("--resume", action="store_true", help="continue from the last checkpoint of the model tag")
+g.add_argument(
+    "--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help="continue the tag's run"
+)
+g.add_argument("--overwrite", action="store_true", help="delete the tag's old run and start over")
 g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
 g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
 g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
@@ -124,14 +103,6 @@ user_config = vars(args).copy()
 setup_logging()
 is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
 master = rank == 0
-compute_dtype = get_compute_dtype(device)
-autocast_dtype = autocast_dtype_for(device)
-
-
-def autocast():
-    return autocast_context(device, autocast_dtype)
-
-
 fail = partial(exit_with_error, "base_train")
 
 
@@ -163,7 +134,7 @@ if args.device_batch_size == "auto":
         available = torch.mps.recommended_max_memory()
     else:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    B = suggest_device_batch_size(config, T, available, world_size, compute_dtype)
+    B = suggest_device_batch_size(config, T, available, world_size, compute_dtype(device))
     while B > 1 and args.total_batch_size % (B * T * world_size):
         B //= 2
     print0(f"device batch size: auto -> {B}")
@@ -191,7 +162,7 @@ else:
 if num_iterations < 1:
     fail(f"that gives {num_iterations} steps; lower --total-batch-size or raise the length target")
 total_tokens = num_iterations * args.total_batch_size
-memory = estimate_memory(config, B, T, world_size, compute_dtype)
+memory = estimate_memory(config, B, T, world_size, compute_dtype(device))
 print0(f"model: {config}")
 print0(f"parameters: {num_params:,}  FLOPs/token: {flops_per_token:.3e}")
 print0(f"batch: {B} × {T} × {world_size} ranks × {grad_accum} micro-steps = {args.total_batch_size:,} tokens")
@@ -226,34 +197,24 @@ optimizers = build_optimizers(
     matrix_lr=args.matrix_lr,
     weight_decay=args.weight_decay,
 )
-muon = optimizers[-1]
-start_step, loop_state, loader_state = 0, {}, None
-if args.resume:
-    try:
-        start_step = find_last_step(ckpt_dir)
-    except FileNotFoundError:
-        fail(f"--resume: no checkpoint of tag {model_tag!r} in {ckpt_dir}")
-    model_state, shard, meta = load_checkpoint(ckpt_dir, start_step, device, load_optimizer=True, rank=rank)
-    if meta["model_config"] != model_config_dict(config):
-        fail(f"--resume: the checkpoint's model is {meta['model_config']}, not {model_config_dict(config)}")
-    conflict = resume_conflict(
-        meta, user_config, ("total_batch_size", "device_batch_size", "max_seq_len"), world_size
+try:
+    start_step, resumed = start_run(
+        ckpt_dir,
+        args.resume,
+        args.overwrite,
+        model,
+        optimizers,
+        user_config,
+        ("total_batch_size", "device_batch_size", "max_seq_len"),
     )
-    if conflict:
-        fail(f"--resume: {conflict}")
-    model.load_state_dict(model_state)
-    restore_optimizers(optimizers, shard, device)
-    loop_state, loader_state = meta["loop_state"], meta["dataloader_state"][rank]
+except CheckpointError as e:
+    fail(str(e))
+loop_state = resumed.get("loop_state", {})
+loader_state = resumed["dataloader_state"][rank] if resumed else None
+if args.resume:
     print0(f"resumed from step {start_step}")
-del memory
-orig_model = model  # the uncompiled module: for checkpoints
-if device.type == "cuda":
-    from torch.utils._triton import has_triton
-
-    if has_triton():
-        model = torch.compile(model, dynamic=False)
-    else:
-        print0("triton is unavailable: running eager (slower)")
+orig_model = model  # the uncompiled module: for checkpoints and CORE
+model = compiled(model, device)
 
 train_loader = DataLoader(
     tokenizer,
@@ -275,7 +236,7 @@ def val_bpb() -> float:
     model.eval()
     val_loader = DataLoader(tokenizer, B, T, "val", rank=rank, world_size=world_size, device=device)
     steps = max(1, args.eval_tokens // tokens_per_micro_step)
-    bpb = evaluate_bpb(model, val_loader, steps, token_bytes, autocast_dtype)
+    bpb = evaluate_bpb(model, val_loader, steps, token_bytes)
     model.train()
     return bpb
 
@@ -305,15 +266,8 @@ for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
 
     if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-        loader_states = [None] * world_size
-        if is_ddp:
-            dist.all_gather_object(loader_states, train_loader.state_dict())
-        else:
-            loader_states = [train_loader.state_dict()]
         meta = {
-            "model_config": model_config_dict(config),
             "user_config": user_config,
-            "world_size": world_size,
             "grad_accum": grad_accum,
             "loop_state": {
                 "smooth_loss": smooth_loss,
@@ -322,10 +276,9 @@ for step in range(start_step, num_iterations + 1):
                 "val_bpb": last_val_bpb,
                 "core": last_core,
             },
-            "dataloader_state": loader_states,
             "data_source": read_manifest(),
         }
-        save_checkpoint(ckpt_dir, step, orig_model, optimizers, meta, rank=rank)
+        save_checkpoint(ckpt_dir, step, orig_model, optimizers, meta, train_loader.state_dict())
 
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
         last_val_bpb = val_bpb()
@@ -343,7 +296,7 @@ for step in range(start_step, num_iterations + 1):
         run_log.log({"step": step, "core": last_core, "core_partial": core["partial"]})
 
     if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
-        for text in greedy_completions(orig_model, tokenizer, autocast_dtype=autocast_dtype):
+        for text in greedy_completions(orig_model, tokenizer):
             print0(repr(text))
 
     if last_step:
@@ -354,16 +307,12 @@ for step in range(start_step, num_iterations + 1):
     loss_sum = torch.zeros((), device=device)
     for _ in range(grad_accum):
         inputs, targets = next(train_batches)
-        with autocast():
+        with autocast(device):
             loss = model(inputs, targets)
         loss_sum += loss.detach()
         (loss / grad_accum).backward()
     lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in muon.param_groups:
-        group["momentum"] = muon_momentum(step)
+    apply_schedule(optimizers, lrm, muon_momentum(step))
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
@@ -416,7 +365,7 @@ get_report().log(
     data=[
         user_config,
         {
-            "model": str(model_config_dict(config)),
+            "model": str(asdict(config)),
             "parameters": num_params,
             "FLOPs per token": flops_per_token,
             "iterations": num_iterations,

@@ -5,66 +5,56 @@ Reinforcement learning on math word problems: on-policy, group-relative REINFORC
     python -m scripts.chat_rl --offline                        # synthetic Arithmetic, no download
     torchrun --nproc_per_node 8 -m scripts.chat_rl
 
-The acts: flags → compute → model (SFT checkpoint, or the RL checkpoint on --resume) →
-optimizers → tasks → loop (pass@k eval, checkpoint, sample → reward → one policy-gradient
-step) → report.
-
-Design choices:
-- Each step takes --examples-per-step training questions (strided across ranks) and samples
-  --num-samples completions of each with the KV-cached engine (temperature 1.0, top-k 50,
-  calculator tool on). The reward is `task.reward(conversation, completion text)` (1/0 for
-  an exact final answer on GSM8K and Arithmetic).
-- Advantage = reward - the mean reward of its group (the samples of the same question); no
-  division by the group's std, no KL penalty, no reference model. A group whose samples all
-  score the same teaches nothing and contributes exactly zero gradient.
-- Objective: -Σ advantage·log p(token) over the sampled tokens of the step, divided by the
-  number of sampled tokens of the WHOLE step (every question, every rank: the count is
-  all-reduced before any backward), so long and short answers weigh per token and the
-  gradient does not depend on how the rows are split into micro-batches or ranks. The
-  prompt and the tool output forced in by the engine (mask 0) are not trained. Each
-  completion's stop token (<|assistant_end|>) is trained too: ending the answer is a choice
-  the policy makes.
-- The optimizers average gradients over ranks, so each rank backpropagates its local sum
-  times the world size (see `policy_gradient_loss`).
-- LR: the SFT learning rates times --init-lr-frac, decaying linearly to 0 at the last step
-  (`lr_multiplier` with a warmdown over the whole run). Fresh optimizers: the SFT
-  optimizer state is not carried over.
-- Reproducible and resumable: example j of step s is training question
-  (s·examples_per_step + j) mod N, sampled with seed (--seed, s, j), independent of the
-  number of ranks. A checkpoint holds the weights and every rank's optimizer shard, so
-  --resume replays exactly the steps an uninterrupted run would have taken.
-- Eval every --eval-every steps (and at step 0 and the end): --eval-samples samples of the
-  first --eval-examples test questions (seed = question index, so every eval sees the same
-  draws), reporting the mean reward and the unbiased pass@k for k = 1, 2, 4, … ≤ samples.
-- Metrics go to <checkpoint dir>/log.jsonl (rank 0); the report section "Chat RL" holds the
-  config, the reward curve in tenths of the run and the last pass@k.
-- The checkpoint tag is the tag of the model read (e.g. d20), so it carries through the
-  pipeline.
+- Each step samples --num-samples completions of --examples-per-step questions (strided across
+  ranks) with the KV-cached engine and the calculator tool; reward = `task.reward` (1/0 for an
+  exact final answer).
+- Advantage = reward − the mean of its group; no std scaling, no KL, no reference model. A group
+  whose samples all score the same contributes exactly zero gradient.
+- Objective: −Σ advantage·log p over the sampled tokens (the stop token included; prompt and
+  forced tool output excluded) / the sampled tokens of the whole step on every rank.
+- LR: the SFT LRs × --init-lr-frac, linear to 0 at the last step; fresh optimizers.
+- Reproducible and resumable: question j of step s is (s·examples_per_step + j) mod N, sampled
+  with seed (--seed, s, j), whatever the number of ranks; --resume replays exactly.
+- Eval: mean reward and unbiased pass@k on the first --eval-examples test questions.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import re
 import time
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-OFFLINE_TRAIN_SIZE = 5000  # synthetic Arithmetic training questions with --offline
-OFFLINE_TEST_SIZE = 256  # the same test questions chat_eval grades offline
+from nanochat.checkpoint_manager import (
+    CheckpointError,
+    checkpoint_dir,
+    load_model,
+    resolve_tag,
+    save_checkpoint,
+    start_run,
+)
+from nanochat.common import (
+    all_reduce_sum,
+    autocast,
+    compute_cleanup,
+    compute_init,
+    exit_with_error,
+    print0,
+    setup_logging,
+)
+from nanochat.engine import Engine, fit_to_context
+from nanochat.optim import apply_schedule, build_optimizers, lr_multiplier
+from nanochat.report import MetricsLog, get_report, read_log
 
 # -----------------------------------------------------------------------------
 # The algorithm, as plain functions (tested on their own)
 
 
-def rl_lr_multiplier(step: int, num_steps: int) -> float:
-    """LR multiplier of RL step `step`: 1 at step 0, linear down to 0 at step `num_steps`."""
-    from nanochat.optim import lr_multiplier
-
-    return lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+OFFLINE_TRAIN_SIZE = 5000  # synthetic Arithmetic training questions with --offline
+OFFLINE_TEST_SIZE = 256  # the same test questions chat_eval grades offline
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -145,32 +135,11 @@ def policy_gradient_loss(
     return -weighted.sum() / max(num_tokens, 1)
 
 
-def resolve_model_tag(source: str, model_tag: str | None) -> str:
-    """The tag to read from `source`: the given one, else the deepest `d<N>` tag that has a checkpoint."""
-    from nanochat.checkpoint_manager import PHASE_DIRS, saved_steps
-    from nanochat.common import get_base_dir
-
-    if model_tag is not None:
-        return model_tag
-    root = get_base_dir() / PHASE_DIRS[source]
-    tags = [p.name for p in root.iterdir() if p.is_dir() and saved_steps(p)] if root.is_dir() else []
-    if not tags:
-        raise FileNotFoundError(
-            f"no {source} checkpoint in {root}: run that stage first, or pick another with --source"
-        )
-
-    def depth(tag: str) -> int:
-        match = re.fullmatch(r"d(\d+)", tag)
-        return int(match.group(1)) if match else -1
-
-    return max(tags, key=lambda t: (depth(t), t))
-
-
 # -----------------------------------------------------------------------------
 # The script
 
-
-def build_parser() -> argparse.ArgumentParser:
+if __name__ == "__main__":
+    # ---------------------------------------------------------------------- flags
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -179,10 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage to read"
     )
     g.add_argument("--model-tag", default=None, help="checkpoint tag (default: the deepest d<N> of --source)")
-    g.add_argument("--step", type=int, default=None, help="checkpoint step of --source (default: the last)")
+    g.add_argument("--model-step", type=int, default=None, help="checkpoint step of --source (default: last)")
     g.add_argument("--offline", action="store_true", help="train on synthetic Arithmetic instead of GSM8K")
     g.add_argument(
-        "--max-seq-len", type=int, default=None, help="prompt + answer token limit (default: the model's)"
+        "--max-seq-len", type=int, default=None, help="prompt + answer limit (default: the model's)"
     )
     g = parser.add_argument_group("sampling")
     g.add_argument("--examples-per-step", type=int, default=16, help="questions per step, all ranks")
@@ -207,30 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-samples", type=int, default=8, help="samples per test question (k <= this)")
     g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
     g = parser.add_argument_group("run")
-    g.add_argument("--resume", action="store_true", help="continue from the last RL checkpoint of the tag")
+    g.add_argument(
+        "--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help="continue"
+    )
+    g.add_argument("--overwrite", action="store_true", help="delete the tag's old RL run and start over")
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
-    return parser
-
-
-def load_tasks(offline: bool):
-    """(train task, test task): GSM8K main, or synthetic Arithmetic with --offline."""
-    if offline:
-        from tasks.synthetic import Arithmetic
-
-        return Arithmetic(size=OFFLINE_TRAIN_SIZE, split="train"), Arithmetic(
-            size=OFFLINE_TEST_SIZE, split="test"
-        )
-    from tasks.gsm8k import GSM8K
-
-    return GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run RL training (see the module docstring)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args()
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -240,53 +193,26 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--temperature must be > 0: greedy samples of a group are identical and teach nothing")
     user_config = vars(args).copy()
 
-    from nanochat.checkpoint_manager import (
-        build_model,
-        checkpoint_dir,
-        find_last_step,
-        load_checkpoint,
-        load_model,
-        model_config_dict,
-        restore_optimizers,
-        resume_conflict,
-        save_checkpoint,
-    )
-    from nanochat.common import (
-        autocast_context,
-        autocast_dtype_for,
-        compute_cleanup,
-        compute_init,
-        exit_with_error,
-        print0,
-        setup_logging,
-    )
-    from nanochat.engine import Engine, fit_to_context
-    from nanochat.optim import build_optimizers
-    from nanochat.report import MetricsLog, get_report, read_log
-
-    # -------------------------------------------------------------------------
-    # Compute
-
+    # ---------------------------------------------------------------------- compute
     setup_logging()
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
-    master = rank == 0
-    autocast_dtype = autocast_dtype_for(device)
-
-    def autocast():
-        return autocast_context(device, autocast_dtype)
-
     fail = partial(exit_with_error, "chat_rl")
-
     if args.examples_per_step % world_size:
         fail(
             f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {world_size}"
         )
 
-    # -------------------------------------------------------------------------
-    # Tasks (first: missing data fails before a model is loaded)
-
+    # ---------------------------------------------------------------------- tasks (before the model)
     try:
-        train_task, test_task = load_tasks(args.offline)
+        if args.offline:
+            from tasks.synthetic import Arithmetic
+
+            train_task = Arithmetic(size=OFFLINE_TRAIN_SIZE, split="train")
+            test_task = Arithmetic(size=OFFLINE_TEST_SIZE, split="test")
+        else:
+            from tasks.gsm8k import GSM8K
+
+            train_task, test_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
     except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
         fail(f"task data unavailable ({e}); set NANOCHAT_TASK_DATA, allow hub downloads, or pass --offline")
     num_steps = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step
@@ -294,71 +220,49 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"{len(train_task)} training questions make no step of {args.examples_per_step}")
     eval_examples = min(args.eval_examples, len(test_task))
 
-    # -------------------------------------------------------------------------
-    # Model (the source stage's checkpoint, or our own last one on --resume) and optimizers
-
+    # ---------------------------------------------------------------------- model and optimizers (or resume)
     try:
-        model_tag = resolve_model_tag(args.source if not args.resume else "rl", args.model_tag)
-    except FileNotFoundError as e:
+        model_tag = resolve_tag(args.source, args.model_tag)
+        model, tokenizer, _ = load_model(args.source, device, "train", model_tag, args.model_step)
+        lrs = {
+            k: getattr(args, k) * args.init_lr_frac for k in ("embedding_lr", "unembedding_lr", "matrix_lr")
+        }
+        optimizers = build_optimizers(
+            model.param_groups(), model.config.n_embd, weight_decay=args.weight_decay, **lrs
+        )
+        ckpt_dir = checkpoint_dir("rl", model_tag)
+        same = (
+            "examples_per_step",
+            "num_samples",
+            "max_new_tokens",
+            "seed",
+            "offline",
+            "init_lr_frac",
+            "num_iterations",
+        )
+        start_step, _ = start_run(ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same)
+    except CheckpointError as e:
         fail(str(e))
-    ckpt_dir = checkpoint_dir("rl", model_tag)
-    start_step, shard = 0, None
-    try:
-        if args.resume:
-            start_step = find_last_step(ckpt_dir)
-            model, tokenizer, meta = build_model(ckpt_dir, start_step, device, "train")
-            _, shard, _ = load_checkpoint(ckpt_dir, start_step, device, load_optimizer=True, rank=rank)
-            keys = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
-            conflict = resume_conflict(meta, user_config, keys, world_size)
-            if conflict:
-                fail(f"--resume: {conflict}")
-            num_steps = meta["num_steps"]
-        else:
-            model, tokenizer, _ = load_model(
-                args.source, device, phase="train", model_tag=model_tag, step=args.step
-            )
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    config = model.config
-    max_seq_len = args.max_seq_len or config.sequence_len
-    print0(f"model: {args.source if not args.resume else 'rl'}/{model_tag} {config}")
+    if args.resume:
+        print0(f"resumed from step {start_step}")
+    max_seq_len = args.max_seq_len or model.config.sequence_len
+    print0(f"model: {args.source}/{model_tag} {model.config}")
     print0(
         f"RL: {num_steps} steps × {args.examples_per_step} questions × {args.num_samples} samples "
         f"on {type(train_task).__name__} ({len(train_task)} questions), {world_size} rank(s)"
     )
     if args.dry_run:
         compute_cleanup()
-        return
-
-    optimizers = build_optimizers(
-        model.param_groups(),
-        config.n_embd,
-        embedding_lr=args.embedding_lr * args.init_lr_frac,
-        unembedding_lr=args.unembedding_lr * args.init_lr_frac,
-        matrix_lr=args.matrix_lr * args.init_lr_frac,
-        weight_decay=args.weight_decay,
-    )
-    if shard is not None:
-        restore_optimizers(optimizers, shard, device)
-        print0(f"resumed from step {start_step}")
+        raise SystemExit(0)
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.get_bos_token_id()
 
-    def all_reduce_sum(values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if is_ddp:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
-
     def prompt_and_budget(conversation: dict) -> tuple[list[int], int]:
-        prompt = fit_to_context(
-            tokenizer, conversation, max_seq_len, reserve=min(args.max_new_tokens, max_seq_len // 2)
-        )
+        reserve = min(args.max_new_tokens, max_seq_len // 2)
+        prompt = fit_to_context(tokenizer, conversation, max_seq_len, reserve=reserve)
         return prompt, max(1, min(args.max_new_tokens, max_seq_len - len(prompt)))
 
-    # -------------------------------------------------------------------------
-    # Evaluation: mean reward and pass@k on the first test questions
-
+    # ---------------------------------------------------------------------- eval: mean reward and pass@k
     ks = [k for k in (2**i for i in range(12)) if k <= args.eval_samples]
 
     @torch.no_grad()
@@ -378,36 +282,24 @@ def main(argv: list[str] | None = None) -> None:
             for i, k in enumerate(ks):
                 sums[2 + i] += pass_at_k(args.eval_samples, correct, k)
         model.train()
-        sums = all_reduce_sum(sums)
+        sums = all_reduce_sum(sums, device)
         n = max(sums[0], 1)
         return {"eval_reward": sums[1] / n, **{f"pass@{k}": sums[2 + i] / n for i, k in enumerate(ks)}}
 
-    # -------------------------------------------------------------------------
-    # Logging
-
+    # ---------------------------------------------------------------------- loop
+    # a checkpoint at step s holds the weights after s steps
     run_log = MetricsLog(
-        ckpt_dir / "log.jsonl", start_step, args.resume, args.run, "nanochat-rl", user_config, master
+        ckpt_dir / "log.jsonl", start_step, bool(args.resume), args.run, "nanochat-rl", user_config, rank == 0
     )
-
-    # -------------------------------------------------------------------------
-    # Training loop (a checkpoint at step s holds the weights after s steps)
-
     last_eval: dict = {}
     training_time = 0.0
     per_rank = args.examples_per_step // world_size
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
-
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            meta = {
-                "model_config": model_config_dict(config),
-                "user_config": user_config,
-                "world_size": world_size,
-                "num_steps": num_steps,
-                "source": args.source,
-                "loop_state": {"step": step},
-            }
-            save_checkpoint(ckpt_dir, step, model, optimizers, meta, rank=rank)
+            save_checkpoint(
+                ckpt_dir, step, model, optimizers, {"user_config": user_config, "source": args.source}
+            )
 
         if last_step or step == start_step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
             last_eval = evaluate()
@@ -417,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         if last_step:
             break
 
-        # --- sample: this rank's questions, a group of samples each, graded
+        # sample: this rank's questions, a group of samples each, graded
         t0 = time.time()
         model.eval()
         rollouts = []  # (sequences, masks, advantages (num_samples,)) per question
@@ -431,36 +323,31 @@ def main(argv: list[str] | None = None) -> None:
             sequences, masks, completions = sample_group(
                 engine, prompt, args.num_samples, budget, args.temperature, args.top_k or None, seed
             )
-            rewards = torch.tensor(
-                [train_task.reward(conversation, tokenizer.decode(c)) for c in completions],
-                dtype=torch.float32,
-            )
+            rewards = [train_task.reward(conversation, tokenizer.decode(c)) for c in completions]
+            rewards = torch.tensor(rewards, dtype=torch.float32)
             reward_sum += rewards.sum().item()
             rollouts.append((sequences, masks, group_advantages(rewards)))
         model.train()
-        local_tokens = sum(sum(m[1:]) for sequences, masks, _ in rollouts for m in masks)
+        local_tokens = sum(sum(m[1:]) for _, masks, _ in rollouts for m in masks)
         num_tokens, reward_total, samples = all_reduce_sum(
-            [local_tokens, reward_sum, per_rank * args.num_samples]
+            [local_tokens, reward_sum, per_rank * args.num_samples], device
         )
         num_tokens = int(num_tokens)
         mean_reward = reward_total / samples
 
-        # --- one policy-gradient step over every rollout, device_batch_size rows at a time
+        # one policy-gradient step over every rollout, device_batch_size rows at a time
         objective = torch.zeros((), device=device, dtype=torch.float64)
         for sequences, masks, advantages in rollouts:
             for start in range(0, len(sequences), args.device_batch_size):
                 rows = slice(start, start + args.device_batch_size)
                 inputs, targets = rollout_batch(sequences[rows], masks[rows], pad_id, device)
-                with autocast():
+                with autocast(device):
                     logprobs = -model(inputs, targets, loss_reduction="none")  # (B, T), 0 where target -1
                 loss = policy_gradient_loss(logprobs, targets, advantages[rows].to(device), num_tokens)
                 objective += loss.detach().double()
-                # the optimizers average gradients over ranks; the objective is their sum
-                (loss * world_size).backward()
-        lrm = rl_lr_multiplier(step, num_steps)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
+                (loss * world_size).backward()  # the optimizers average over ranks; the objective is the sum
+        lrm = lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+        apply_schedule(optimizers, lrm)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
@@ -473,50 +360,28 @@ def main(argv: list[str] | None = None) -> None:
             f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | loss {loss_value:+.6f} | "
             f"tokens {num_tokens} | lrm {lrm:.3f} | dt {dt:.1f}s"
         )
-        run_log.log(
-            {
-                "step": step,
-                "reward": mean_reward,
-                "loss": loss_value,
-                "tokens": num_tokens,
-                "lrm": lrm,
-                "dt": dt,
-            }
-        )
+        record = {"reward": mean_reward, "loss": loss_value, "tokens": num_tokens, "lrm": lrm, "dt": dt}
+        run_log.log({"step": step, **record})
 
-    # -------------------------------------------------------------------------
-    # Report
-
-    if master:
+    # ---------------------------------------------------------------------- report
+    if rank == 0:
         records = read_log(run_log.path)
         rewards = [r["reward"] for r in records if "reward" in r]
-        curve = []
-        for tenth in range(10):
-            part = rewards[len(rewards) * tenth // 10 : len(rewards) * (tenth + 1) // 10]
-            if part:
-                curve.append(f"{sum(part) / len(part):.3f}")
+        tenths = [rewards[len(rewards) * t // 10 : len(rewards) * (t + 1) // 10] for t in range(10)]
+        curve = " ".join(f"{sum(part) / len(part):.3f}" for part in tenths if part)
         first_eval = next((r for r in records if "eval_reward" in r), {})
-        get_report().log(
-            section="Chat RL",
-            data=[
-                user_config,
-                {
-                    "source": f"{args.source}/{model_tag}",
-                    "task": type(train_task).__name__,
-                    "steps": num_steps,
-                    "world size": world_size,
-                    "mean reward, first step": rewards[0] if rewards else "n/a",
-                    "mean reward, last step": rewards[-1] if rewards else "n/a",
-                    "mean reward by tenth of the run": " ".join(curve) or "n/a",
-                    "eval reward at the start": first_eval.get("eval_reward", "n/a"),
-                    **{f"final {k}": v for k, v in last_eval.items()},
-                    "training time (min)": training_time / 60,
-                },
-            ],
-        )
+        results = {
+            "source": f"{args.source}/{model_tag}",
+            "task": type(train_task).__name__,
+            "steps": num_steps,
+            "world size": world_size,
+            "mean reward, first step": rewards[0] if rewards else "n/a",
+            "mean reward, last step": rewards[-1] if rewards else "n/a",
+            "mean reward by tenth of the run": curve or "n/a",
+            "eval reward at the start": first_eval.get("eval_reward", "n/a"),
+            **{f"final {k}": v for k, v in last_eval.items()},
+            "training time (min)": training_time / 60,
+        }
+        get_report().log(section="Chat RL", data=[user_config, results])
     run_log.finish()
     compute_cleanup()
-
-
-if __name__ == "__main__":
-    main()

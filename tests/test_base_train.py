@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanochat.checkpoint_manager import load_model
 from nanochat.optim import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,13 +167,30 @@ def test_resume_continues_bit_for_bit(base):
     # a crash in the middle of saving step 15: the model file and a temp shard, no meta
     (stopped / "model_000015.pt").write_bytes(b"half a checkpoint")
     (stopped / "optim_000015_rank0.pt.tmp.123.abcd").write_bytes(b"partial")
+    with open(stopped / "log.jsonl", "a") as f:
+        f.write('{"step": 15, "loss": 3.')  # the crash cut the log mid-line too
     resumed = train(base, *flags, "--sample-every=-1", "--model-tag=stopped", "--save-every=10", "--resume")
     assert "resumed from step 10" in resumed.stdout
     assert losses(base, "stopped") == losses(base, "straight")  # exactly, step by step
+    assert not list(stopped.glob("*.tmp.*"))  # the next save removed the crashed save's leftovers
     val = [r["val_bpb"] for r in log_of(base, "stopped") if "val_bpb" in r]
     assert val == [r["val_bpb"] for r in log_of(base, "straight") if "val_bpb" in r]
     a, b = weights(base, "straight", 20), weights(base, "stopped", 20)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_fresh_run_into_a_used_tag_refuses_and_overwrite_replaces_it(base, monkeypatch):
+    flags = [*TINY, *QUIET, "--total-batch-size=256", "--model-tag=used"]
+    train(base, *flags, "--num-iterations=4")
+    refused = train(base, *flags, "--num-iterations=2", check=False)
+    assert refused.returncode == 1
+    assert "already holds a run" in refused.stdout and "--resume" in refused.stdout
+    assert "--overwrite" in refused.stdout
+    train(base, *flags, "--num-iterations=2", "--overwrite")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    _, _, meta = load_model("base", "cpu", "eval", "used")
+    assert meta["step"] == 2  # the new run's last step, not the old run's step 4
+    assert [r["step"] for r in log_of(base, "used") if "loss" in r] == [0, 1]
 
 
 @pytest.mark.skipif(not EVAL_BUNDLE.exists(), reason=f"no CORE bundle at {EVAL_BUNDLE}")

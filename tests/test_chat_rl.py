@@ -7,6 +7,7 @@ a group (the answer's length), which makes the updates non-trivial.
 """
 
 import json
+import runpy
 import shutil
 import subprocess
 import sys
@@ -18,14 +19,8 @@ import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, config_from_depth
-from scripts import chat_rl
-from scripts.chat_rl import (
-    group_advantages,
-    pass_at_k,
-    policy_gradient_loss,
-    rl_lr_multiplier,
-    rollout_batch,
-)
+from nanochat.optim import lr_multiplier
+from scripts.chat_rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch, sample_group
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [
@@ -74,6 +69,13 @@ def rl_base(tiny_base_dir, tmp_path, monkeypatch) -> Path:
 def length_reward(self, conversation: dict, completion: str) -> float:
     """A reward a random model earns about half the time, different across samples."""
     return float(len(completion) % 2)
+
+
+def run_rl(argv: list[str], monkeypatch) -> None:
+    """The real script, in this process (so a test can swap the task's reward)."""
+    monkeypatch.setattr(sys, "argv", ["chat_rl", *argv])
+    monkeypatch.delitem(sys.modules, "scripts.chat_rl", raising=False)  # runpy wants a fresh module
+    runpy.run_module("scripts.chat_rl", run_name="__main__")
 
 
 def log_of(base: Path) -> list[dict]:
@@ -154,7 +156,7 @@ def test_split_micro_batches_give_the_gradient_of_one_batch():
 
 def test_lr_schedule_decays_linearly_to_zero():
     n = 10
-    values = [rl_lr_multiplier(s, n) for s in range(n + 1)]
+    values = [lr_multiplier(s, n, warmup_ratio=0.0, warmdown_ratio=1.0) for s in range(n + 1)]
     assert values[0] == 1.0
     assert values[-1] == 0.0
     assert all(a > b for a, b in zip(values[:-1], values[1:], strict=True))
@@ -193,7 +195,7 @@ def test_sample_group_keeps_stop_token_trained_and_tool_output_masked(base_dir):
             for token, mask in steps:
                 yield [token] * num_samples, [mask] * num_samples
 
-    seqs, masks, completions = chat_rl.sample_group(StubEngine(), [1, 2], 2, 64, 1.0, 50, 0)
+    seqs, masks, completions = sample_group(StubEngine(), [1, 2], 2, 64, 1.0, 50, 0)
     n_forced = 2 + len(tokenizer.encode("5"))
     assert seqs[0][-1] == end and masks[0][-1] == 1
     assert masks[0] == [0, 0] + [1] * len(script) + [0] * n_forced + [1]
@@ -208,7 +210,7 @@ def test_sample_group_agrees_with_engine_generate_batch(base_dir):
     tokenizer = get_tokenizer()
     engine = Engine(tiny_model(), tokenizer)
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "What is 2+3?"}]})
-    seqs, masks, completions = chat_rl.sample_group(engine, prompt, 6, 40, 1.0, 50, seed=7)
+    seqs, masks, completions = sample_group(engine, prompt, 6, 40, 1.0, 50, seed=7)
     results, result_masks = engine.generate_batch(prompt, 6, 40, 1.0, 50, seed=7)
     for seq, mask, completion, result, result_mask in zip(
         seqs, masks, completions, results, result_masks, strict=True
@@ -229,7 +231,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(rl_base, monkeypat
 
     monkeypatch.setattr(Arithmetic, "reward", length_reward)
     ckpt = rl_base / "chatrl_checkpoints" / "d2"
-    chat_rl.main([*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=-1"])
+    run_rl([*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=-1"], monkeypatch)
     full = [r for r in log_of(rl_base) if "loss" in r]
     assert [r["step"] for r in full] == [0, 1, 2, 3]
     assert any(abs(r["loss"]) > 1e-6 for r in full), "the swapped-in reward should give non-zero updates"
@@ -239,7 +241,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(rl_base, monkeypat
     # forget the end of the run: the last complete checkpoint becomes step 2
     for name in ("meta_000004.json", "model_000004.pt", "optim_000004_rank0.pt"):
         (ckpt / name).unlink()
-    chat_rl.main([*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=-1", "--resume"])
+    run_rl([*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=-1", "--resume"], monkeypatch)
     resumed = [r for r in log_of(rl_base) if "loss" in r]
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
@@ -279,7 +281,7 @@ def test_missing_sft_checkpoint_is_a_clear_error(tiny_base_dir, tmp_path, monkey
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     with pytest.raises(SystemExit) as e:
-        chat_rl.main(["--offline"])
+        run_rl(["--offline"], monkeypatch)
     assert e.value.code == 1
     assert "no sft checkpoint" in capsys.readouterr().out
 
@@ -290,9 +292,10 @@ def test_two_gloo_ranks_match_one_process(rl_base, tmp_path):
     wrapper.write_text(
         "import sys\n"
         "from tasks.synthetic import Arithmetic\n"
-        "from scripts import chat_rl\n"
+        "import runpy\n"
         "Arithmetic.reward = lambda self, conversation, completion: float(len(completion) % 2)\n"
-        "chat_rl.main(sys.argv[1:])\n"
+        "sys.argv[0] = 'chat_rl'\n"
+        "runpy.run_module('scripts.chat_rl', run_name='__main__')\n"
     )
     env = {
         "NANOCHAT_BASE_DIR": str(rl_base),
@@ -301,7 +304,7 @@ def test_two_gloo_ranks_match_one_process(rl_base, tmp_path):
         "PYTHONPATH": str(REPO),
         "GLOO_SOCKET_IFNAME": "lo",
     }
-    flags = [*TINY_RUN, "--num-iterations=3", "--eval-every=-1", "--save-every=-1"]
+    flags = [*TINY_RUN, "--num-iterations=3", "--eval-every=-1", "--save-every=-1", "--overwrite"]
     runs = {}
     for nproc in (1, 2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -326,8 +329,9 @@ def test_policy_learns_a_simple_reward(rl_base, monkeypatch):
         Arithmetic, "reward", lambda self, conversation, completion: float("e" not in completion)
     )
     flags = ["--offline", "--examples-per-step=4", "--num-samples=8", "--max-new-tokens=8", "--eval-every=-1"]
-    chat_rl.main(
-        [*flags, "--num-iterations=24", "--eval-examples=4", "--init-lr-frac=0.5", "--save-every=-1"]
+    run_rl(
+        [*flags, "--num-iterations=24", "--eval-examples=4", "--init-lr-frac=0.5", "--save-every=-1"],
+        monkeypatch,
     )
     rewards = [r["reward"] for r in log_of(rl_base) if "reward" in r]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4

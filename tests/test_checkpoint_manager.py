@@ -1,4 +1,5 @@
 import shutil
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ def tiny(private_base):
     model(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long)).backward()
     for opt in optimizers:
         opt.step()
-    return model, optimizers, {"model_config": cm.model_config_dict(config)}
+    return model, optimizers, {"user_config": {"max_seq_len": 32, "offline": True}}
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
@@ -45,7 +46,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         cm.save_checkpoint(tmp_path, 2, model, optimizers, meta)
     monkeypatch.setattr(torch, "save", real_save)
-    assert cm.find_last_step(tmp_path) == 1
+    assert cm.saved_steps(tmp_path) == [1]
     assert not list(tmp_path.glob("*.tmp*")), "temp files of the failed save are cleaned up"
     state, shard, loaded_meta = cm.load_checkpoint(tmp_path, 1, "cpu", load_optimizer=True)
     assert loaded_meta["step"] == 1 and shard["optimizers"]
@@ -59,33 +60,113 @@ def test_load_model_round_trips_and_names_what_exists(tiny):
     loaded, tokenizer, loaded_meta = cm.load_model("base", "cpu", phase="eval", model_tag="d1")
     assert not loaded.training and loaded_meta["step"] == 5
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(FileNotFoundError, match="tags: \\['d1'\\]"):
+    with pytest.raises(cm.CheckpointError, match="tags: d1"):
         cm.load_model("base", "cpu", phase="eval", model_tag="d9")
-    with pytest.raises(FileNotFoundError, match="saved steps: \\[5\\]"):
+    with pytest.raises(cm.CheckpointError, match="saved steps: \\[5\\]"):
         cm.load_model("base", "cpu", phase="eval", model_tag="d1", step=7)
-    with pytest.raises(ValueError, match="unknown model source"):
-        cm.load_model("nope", "cpu", phase="eval")
 
 
-def test_resume_conflict_names_the_differing_flag_or_the_rank_count():
-    meta = {"user_config": {"max_seq_len": 512, "offline": True}, "world_size": 2}
-    same = {"max_seq_len": 512, "offline": True, "seed": 1}
-    assert cm.resume_conflict(meta, same, ("max_seq_len", "offline"), 2) is None
-    shorter = {**same, "max_seq_len": 256}
-    assert cm.resume_conflict(meta, shorter, ("max_seq_len",), 2) == "the checkpoint used --max-seq-len 512"
-    assert "written by 2 processes, not 4" in cm.resume_conflict(meta, same, ("max_seq_len",), 4)
-    # a flag the checkpoint predates counts as different
-    assert cm.resume_conflict(meta, same, ("seed",), 2) == "the checkpoint used --seed None"
+def test_resolve_tag_picks_the_deepest_tag_with_a_checkpoint(tiny):
+    model, optimizers, meta = tiny
+    for tag in ("d2", "d10", "custom"):
+        cm.save_checkpoint(cm.checkpoint_dir("mid", tag), 1, model, None, meta)
+    cm.checkpoint_dir("mid", "d30").mkdir()  # no checkpoint in it
+    assert cm.resolve_tag("mid", None) == "d10"
+    assert cm.resolve_tag("mid", "custom") == "custom"
+    with pytest.raises(cm.CheckpointError, match="no sft checkpoint in .*--source"):
+        cm.resolve_tag("sft", None)
 
 
-def test_restore_optimizers_gives_back_the_saved_optimizer_and_rng_states(tiny, tmp_path):
+def test_leftover_temp_files_of_a_killed_save_are_gone_after_the_next_save(tiny, tmp_path):
+    model, optimizers, meta = tiny
+    cm.save_checkpoint(tmp_path, 1, model, optimizers, meta)
+    (tmp_path / "model_000002.pt.tmp.4242.deadbeef").write_bytes(b"half a model")  # kill -9 mid-save
+    (tmp_path / "optim_000002_rank0.pt.tmp.4242.cafe").write_bytes(b"half a shard")
+    cm.save_checkpoint(tmp_path, 2, model, optimizers, meta)
+    assert not list(tmp_path.glob("*.tmp.*"))
+    assert cm.saved_steps(tmp_path) == [1, 2]
+
+
+def test_damaged_file_is_named_with_the_newest_intact_step(tiny, tmp_path):
+    model, optimizers, meta = tiny
+    for step in (1, 2, 3):
+        cm.save_checkpoint(tmp_path, step, model, optimizers, meta)
+    model_3 = tmp_path / "model_000003.pt"
+    model_3.write_bytes(model_3.read_bytes()[:1000])  # cut short
+    with pytest.raises(cm.CheckpointError) as e:
+        cm.load_checkpoint(tmp_path, 3, "cpu")
+    message = str(e.value)
+    assert "\n" not in message and str(model_3) in message
+    assert "newest intact step is 2: select it with --model-step=2" in message
+    (tmp_path / "optim_000002_rank0.pt").write_bytes(b"garbage")  # step 2 cannot resume
+    fresh = build_optimizers(model.param_groups(), model.config.n_embd)
+    with pytest.raises(cm.CheckpointError, match="newest intact step is 1: select it with --resume=1"):
+        cm.start_run(tmp_path, True, False, model, fresh, meta["user_config"], ())
+
+
+class _Exploit:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_an_optimizer_shard_crafted_to_run_code_does_not_run_it(tiny, tmp_path):
+    model, optimizers, meta = tiny
+    directory = tmp_path / "ckpt"
+    cm.save_checkpoint(directory, 1, model, optimizers, meta)
+    marker = tmp_path / "pwned"
+    torch.save({"optimizers": [_Exploit(marker)], "rng": {}}, directory / "optim_000001_rank0.pt")
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt is damaged"):
+        cm.start_run(directory, True, False, model, optimizers, meta["user_config"], ())
+    assert not marker.exists()
+
+
+def test_fresh_run_into_a_used_tag_is_refused_unless_overwritten(tiny):
+    model, optimizers, meta = tiny
+    directory = cm.checkpoint_dir("base", "d1")
+    for step in (5, 10):
+        cm.save_checkpoint(directory, step, model, optimizers, meta)
+    (directory / "log.jsonl").write_text('{"step": 9}\n')
+    with pytest.raises(cm.CheckpointError, match="--resume.*--overwrite"):
+        cm.start_run(directory, False, False, model, optimizers, meta["user_config"], ())
+    assert cm.saved_steps(directory) == [5, 10]  # nothing touched
+    assert cm.start_run(directory, False, True, model, optimizers, meta["user_config"], ()) == (0, {})
+    assert not directory.exists()  # the old run and its log are gone
+    cm.save_checkpoint(directory, 3, model, optimizers, meta)  # the new, shorter run
+    assert cm.load_model("base", "cpu", phase="eval", model_tag="d1")[2]["step"] == 3
+
+
+def test_resume_refuses_another_flag_or_rank_count(tiny, tmp_path):
+    model, optimizers, meta = tiny
+    cm.save_checkpoint(tmp_path, 1, model, optimizers, meta)
+    same = {"max_seq_len": 32, "offline": True, "seed": 1}
+    assert cm.start_run(tmp_path, True, False, model, optimizers, same, ("max_seq_len", "offline"))[0] == 1
+    shorter = {**same, "max_seq_len": 16}
+    with pytest.raises(cm.CheckpointError, match="the checkpoint used --max-seq-len 32"):
+        cm.start_run(tmp_path, True, False, model, optimizers, shorter, ("max_seq_len",))
+    with pytest.raises(cm.CheckpointError, match="the checkpoint used --seed None"):  # a flag it predates
+        cm.start_run(tmp_path, True, False, model, optimizers, same, ("seed",))
+    meta_file = tmp_path / "meta_000001.json"
+    meta_file.write_text(meta_file.read_text().replace('"world_size": 1', '"world_size": 2'))
+    with pytest.raises(cm.CheckpointError, match="written by 2 processes, not 1"):
+        cm.start_run(tmp_path, True, False, model, optimizers, same, ())
+
+
+def test_resume_gives_back_the_saved_weights_optimizer_and_rng_states(tiny, tmp_path):
     model, optimizers, meta = tiny
     cm.save_checkpoint(tmp_path, 1, model, optimizers, meta)
     expected_noise = torch.rand(3)  # the first draw after the save
-    _, shard, _ = cm.load_checkpoint(tmp_path, 1, "cpu", load_optimizer=True)
-    fresh = build_optimizers(model.param_groups(), model.config.n_embd)
-    cm.restore_optimizers(fresh, shard, torch.device("cpu"))
+    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh_model = GPT(model.config)
+    fresh = build_optimizers(fresh_model.param_groups(), model.config.n_embd)
+    step, resumed = cm.start_run(tmp_path, True, False, fresh_model, fresh, meta["user_config"], ())
+    assert step == 1 and resumed["model_config"] == asdict(model.config)
     assert torch.equal(torch.rand(3), expected_noise)
+    assert all(torch.equal(fresh_model.state_dict()[k], v) for k, v in saved_weights.items())
     for old, new in zip(optimizers, fresh, strict=True):
         old_state, new_state = old.state_dict()["state"], new.state_dict()["state"]
         assert old_state.keys() == new_state.keys() and old_state

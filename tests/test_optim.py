@@ -416,10 +416,3 @@ def test_build_optimizers_covers_every_param_once_with_scaled_lrs():
         assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
     (muon_group,) = muon.param_groups
     assert muon_group["lr"] == 0.02 and muon_group["weight_decay"] == 0.1 and muon_group["momentum"] == 0.95
-
-
-def test_build_optimizers_rejects_unknown_groups():
-    groups = _gpt_like_groups()
-    groups["bias"] = []
-    with pytest.raises(ValueError, match="keys"):
-        build_optimizers(groups, n_embd=32)

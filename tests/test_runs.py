@@ -121,7 +121,9 @@ def test_speedrun_rerun_skips_finished_stages_and_resumes_training(tmp_path):
     # a stage killed between its section's markdown and its data did not finish
     (base / "report" / "base-model-loss.md").write_text("## Base model loss\n")
     (base / "mid_checkpoints" / "d20").mkdir(parents=True)
-    (base / "mid_checkpoints" / "d20" / "model_000150.pt").write_bytes(b"")
+    (base / "mid_checkpoints" / "d20" / "meta_000150.json").write_text("{}")
+    (base / "chatsft_checkpoints" / "d20").mkdir(parents=True)  # stopped before its first checkpoint
+    (base / "chatsft_checkpoints" / "d20" / "log.jsonl").write_text('{"step": 0}\n')
     commands, stdout = dry_run("speedrun.sh", tmp_path)
     stages = [stage_name(c) for c in commands if not c.startswith("sh -c")]
     for done in ["nanochat.report reset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train"]:
@@ -130,7 +132,8 @@ def test_speedrun_rerun_skips_finished_stages_and_resumes_training(tmp_path):
     mid = next(c for c in commands if stage_name(c) == "scripts.mid_train")
     assert mid.endswith("--resume")
     sft = next(c for c in commands if stage_name(c) == "scripts.chat_sft")
-    assert "--resume" not in sft
+    assert sft.endswith("--overwrite")  # nothing to resume: start over rather than refuse
+    assert "--overwrite" not in next(c for c in commands if stage_name(c) == "scripts.base_loss")
     assert "skipping base_train" in stdout and "skipping tok_eval" in stdout
     assert "continuing that run's report" in stdout
 
