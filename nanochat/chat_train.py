@@ -299,7 +299,7 @@ def train(
             orig_model.eval()
             n = args.metrics_max_problems
             state["metrics"] = {
-                k: task_accuracy(orig_model, tokenizer, t, n, max_new_tokens=128, max_positions=T)
+                k: task_accuracy(orig_model, tokenizer, t, n, max_new_tokens=128, max_context=T)
                 for k, t in metric_tasks.items()
             }
             orig_model.train()

@@ -45,7 +45,7 @@ from nanochat.common import (
     print0,
     setup_logging,
 )
-from nanochat.engine import Engine, fit_to_context
+from nanochat.engine import Engine, prompt_and_budget
 from nanochat.optim import apply_schedule, build_optimizers, lr_multiplier
 from nanochat.report import MetricsLog, get_report, read_log
 
@@ -257,11 +257,6 @@ if __name__ == "__main__":
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.get_bos_token_id()
 
-    def prompt_and_budget(conversation: dict) -> tuple[list[int], int]:
-        reserve = min(args.max_new_tokens, max_seq_len // 2)
-        prompt = fit_to_context(tokenizer, conversation, max_seq_len, reserve=reserve)
-        return prompt, max(1, min(args.max_new_tokens, max_seq_len - len(prompt)))
-
     # ---------------------------------------------------------------------- eval: mean reward and pass@k
     ks = [k for k in (2**i for i in range(12)) if k <= args.eval_samples]
 
@@ -271,7 +266,7 @@ if __name__ == "__main__":
         sums = [0.0] * (2 + len(ks))  # questions, reward, pass@k for each k
         for index in range(rank, eval_examples, world_size):
             conversation = test_task[index]
-            prompt, budget = prompt_and_budget(conversation)
+            prompt, budget = prompt_and_budget(tokenizer, conversation, max_seq_len, args.max_new_tokens)
             _, _, completions = sample_group(
                 engine, prompt, args.eval_samples, budget, args.temperature, args.top_k or None, seed=index
             )
@@ -318,7 +313,7 @@ if __name__ == "__main__":
             j = rank + local * world_size  # position of the question within the step, across ranks
             index = (step * args.examples_per_step + j) % len(train_task)
             conversation = train_task[index]
-            prompt, budget = prompt_and_budget(conversation)
+            prompt, budget = prompt_and_budget(tokenizer, conversation, max_seq_len, args.max_new_tokens)
             seed = (args.seed * 1_000_003 + step * args.examples_per_step + j) % 2**62
             sequences, masks, completions = sample_group(
                 engine, prompt, args.num_samples, budget, args.temperature, args.top_k or None, seed

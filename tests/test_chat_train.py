@@ -334,14 +334,12 @@ def test_offline_mixture_includes_the_local_chat_file(chat_base):
 
 
 @pytest.mark.skipif(not SHARED_TASKS.exists(), reason=f"no task data at {SHARED_TASKS}")
-def test_sft_metrics_score_mmlu_and_arc_on_a_subset(tokenizer, monkeypatch, one_thread):
-    import argparse
-
-    from scripts.chat_sft import sft_metrics
+def test_sft_metric_tasks_score_mmlu_and_arc_on_a_subset(tokenizer, monkeypatch, one_thread):
+    from nanochat.task_eval import task_accuracy
+    from tasks.arc import ARC
+    from tasks.mmlu import MMLU
 
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(SHARED_TASKS))
     model = tiny_model(tokenizer.get_vocab_size()).eval()
-    args = argparse.Namespace(offline=False, metrics_max_problems=8)
-    scores = sft_metrics(model, tokenizer, args, None, SEQ)
-    assert set(scores) == {"MMLU acc", "ARC-Easy acc"}
-    assert all(score in {k / 8 for k in range(9)} for score in scores.values())  # 8 problems each
+    for task in (MMLU(subset="all", split="test", step=7), ARC(subset="ARC-Easy", split="test")):
+        assert task_accuracy(model, tokenizer, task, 8, max_context=SEQ) in {k / 8 for k in range(9)}
