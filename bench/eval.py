@@ -3,15 +3,12 @@ CORE evaluation benchmark: examples/s, where the time goes, and batched vs one-b
 
     NANOCHAT_EVAL_BUNDLE=../shared/data/eval_bundle uv run python bench/eval.py [--max-per-task 16]
 
-Needs a tokenizer under $NANOCHAT_BASE_DIR (e.g. `bash runs/runcpu.sh` makes one) and an
-eval bundle (`$NANOCHAT_EVAL_BUNDLE`, else the downloaded one). A randomly initialized
-model of --depth evaluates the same examples of a few tasks (one per task type by default)
-in two modes, alternately --repeats times (the best time of each counts): batched (up to
---batch-size option rows per right-padded forward, rows sorted by length) and one example
-per forward (the peer it replaces). Batching pays where a forward's fixed cost matters
-(small models, short 0-shot prompts, GPUs); a CPU forward of a larger model is compute
-bound and costs the same per row either way, so expect a ratio near 1 there. Timings split the batched run
-into "prepare" (render + tokenize) and "forward" (model + scoring). Prints one JSON line.
+Needs a tokenizer under $NANOCHAT_BASE_DIR (e.g. `bash runs/runcpu.sh` makes one) and an eval
+bundle. A random model of --depth evaluates a few tasks (one per task type by default) in two modes,
+alternately --repeats times (the best time counts): batched (up to --batch-size option rows per
+forward) and one example per forward. Batching pays where a forward's fixed cost matters (small
+models, short prompts, GPUs); a compute-bound CPU forward costs the same per row either way, so
+expect a ratio near 1 there. Prints one JSON line.
 """
 
 import argparse

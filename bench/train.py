@@ -4,10 +4,8 @@ Training-step benchmark: tokens/s, MFU and where the time goes, on the current d
     uv run python bench/train.py [--depth 4] [--device-batch-size 8] [--max-seq-len 256] [--steps 20]
 
 Needs a tokenizer and data under $NANOCHAT_BASE_DIR (e.g. `bash runs/runcpu.sh` makes them).
-Each step is timed in three parts, with the device synchronized between them: data
-(next batch from the loader), forward+backward, optimizer step. Then the loader alone
-is timed, to show it produces tokens far faster than training consumes them.
-bf16 autocast on CUDA SM80+, and torch.compile with --compile. Prints one JSON line.
+Each step is timed in three parts (data, forward+backward, optimizer step), the device synchronized
+between them; then the loader alone, to show it outpaces training. Prints one JSON line.
 """
 
 import argparse
@@ -15,13 +13,12 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file: make the repo importable
-from nanochat.common import autodetect_device_type, get_compute_dtype, get_peak_flops
+from nanochat.common import autocast, autodetect_device_type, compute_dtype, get_peak_flops
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import build_optimizers
@@ -41,7 +38,6 @@ parser.add_argument("--compile", action="store_true", help="torch.compile the mo
 args = parser.parse_args()
 
 device = torch.device(args.device_type or autodetect_device_type())
-dtype = get_compute_dtype(device)
 
 
 def sync():
@@ -49,10 +45,6 @@ def sync():
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def autocast():
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 tokenizer = get_tokenizer()
@@ -73,7 +65,7 @@ for step in range(args.warmup + args.steps):
     inputs, targets = next(loader)
     sync()
     t1 = time.perf_counter()
-    with autocast():
+    with autocast(device):
         loss = step_model(inputs, targets)
     loss.backward()
     sync()
@@ -105,7 +97,7 @@ print(
         {
             "bench": "train",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
-            "dtype": str(dtype).removeprefix("torch."),
+            "dtype": str(compute_dtype(device)).removeprefix("torch."),
             "compile": args.compile,
             "depth": args.depth,
             "n_embd": config.n_embd,

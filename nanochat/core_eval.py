@@ -1,49 +1,18 @@
 """
 The DCLM CORE metric: in-context-learning accuracy of a base model over the tasks of `core.yaml`.
 
-    from nanochat.core_eval import evaluate_core
-    out = evaluate_core(model, tokenizer, device, max_per_task=500)
-    out["core"], out["centered"]["arc_easy"], out["partial"], out["skipped"]
-
-Design choices:
-- The eval bundle is a folder with `core.yaml` (task list: label, dataset_uri, num_fewshot,
-  icl_task_type, continuation_delimiter), `eval_meta_data.csv` (random baselines in
-  percent) and `eval_data/<category>/<task>.jsonl`. `get_eval_bundle` takes
-  `$NANOCHAT_EVAL_BUNDLE` when set, else downloads the zip once into `<base>/eval_bundle`
-  (under a file lock, unzipped with path-traversal checks, moved into place atomically).
-- Three task types, each scored from the mean (or argmax) over the continuation tokens only:
-  multiple_choice (one context, several continuations: the lowest mean loss wins), schema
-  (several contexts, one continuation: the lowest mean loss wins) and language_modeling
-  (the greedy argmax at every continuation position must reproduce it exactly).
-- Prompts: few-shot examples drawn with `random.Random(1234 + idx)` among the other items
-  (so an item never sees itself, and a task with fewer items than shots uses all the
-  others), each rendered as `context + delimiter + answer` and joined with "\\n\\n"; the item
-  follows; BOS is prepended. The default delimiter is " ". Language-modeling contexts are
-  stripped of surrounding whitespace first (the data carries stray trailing spaces).
-- Continuation span: the prefix (everything before the answer) and the full text are
-  tokenized separately and the span starts where their tokens first differ. BPE usually
-  glues the delimiter's trailing space onto the answer's first word (" Paris"), so the span
-  then starts one token before the end of the prefix's tokens; the scored tokens are
-  therefore always exactly the tokens the model sees in the full text. (The reference
-  implementation scores multiple-choice options only from the first token where they
-  differ; here every option's whole continuation counts, as the metric is defined.)
-- Too-long sequences are cropped from the left to the model's sequence length (the
-  continuation is kept; the span start is clamped to position 1 so its first token is
-  always predicted from something).
-- Batching: several examples (all their option rows) share one right-padded forward, up
-  to `batch_size` rows; rows are sorted by length within chunks of examples to keep the
-  padding small. The scoring reads only the logits of the span positions, so padding never
-  matters. `batch_size=1` is the one-example-per-forward baseline (bench/eval.py).
-- `score_example` is the only place an answer is judged: it takes the logits of one
-  example's rows, so tests can drive it with a stub model through the same code path.
-- `--max-per-task` subsets are taken after a fixed shuffle (`random.Random(1337)`), so a
-  subset is spread over the whole file (e.g. every Jeopardy category); few-shot examples
-  are drawn from the same (shuffled, truncated) list.
-- Distributed: examples are strided across ranks (rank, rank + world, ...), correct counts
-  and example counts are all-reduced (sum) when a process group is up.
-- Centered accuracy `(acc - 0.01 rb) / (1 - 0.01 rb)`; CORE is the mean of the centered
-  accuracies. A missing task file is an error naming it, unless `skip_missing=True`: then the
-  skipped tasks are listed and CORE (the mean over the evaluated tasks) is marked partial.
+- The eval bundle (core.yaml, eval_meta_data.csv, eval_data/) is `$NANOCHAT_EVAL_BUNDLE`, else
+  downloaded once into `<base>/eval_bundle` (file lock, safe unzip, atomic move into place).
+- Three task types, each judged on the continuation tokens only: multiple_choice and schema pick
+  the lowest mean loss over the options; language_modeling needs the greedy argmax everywhere.
+- Few-shot examples: `random.Random(1234 + idx)` draws them among the other items.
+- The continuation span starts where the tokens of prefix and full text first differ, so the
+  scored tokens are exactly those the model sees (every option's whole continuation counts).
+- Several examples share one right-padded forward of up to `batch_size` rows.
+- `--max-per-task` subsets follow a fixed shuffle, so they spread over the whole file.
+- Examples are strided across ranks and the counts summed.
+- CORE is the mean centered accuracy; with `skip_missing`, missing task files are skipped and
+  CORE is marked partial.
 """
 
 from __future__ import annotations
@@ -62,10 +31,12 @@ from pathlib import Path, PurePosixPath
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from nanochat.common import (
-    autocast_context,
-    autocast_dtype_for,
+    all_reduce_sum,
+    atomic_path,
+    autocast,
     download_file,
     file_lock,
     get_base_dir,
@@ -100,16 +71,6 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
         zf.extractall(dest)
 
 
-def _bundle_root(folder: Path) -> Path | None:
-    """The folder holding core.yaml: `folder` itself or its single subfolder (as the zip has it)."""
-    if (folder / "core.yaml").is_file():
-        return folder
-    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("__")]
-    if len(subdirs) == 1 and (subdirs[0] / "core.yaml").is_file():
-        return subdirs[0]
-    return None
-
-
 def get_eval_bundle() -> Path:
     """The CORE eval bundle folder: `$NANOCHAT_EVAL_BUNDLE`, else `<base>/eval_bundle` (downloaded once)."""
     env = os.environ.get("NANOCHAT_EVAL_BUNDLE")
@@ -124,7 +85,7 @@ def get_eval_bundle() -> Path:
     folder = base / "eval_bundle"
     if (folder / "core.yaml").is_file():
         return folder
-    with file_lock(folder):
+    with file_lock(folder):  # every rank may ask; one downloads
         if (folder / "core.yaml").is_file():  # another process finished it while we waited
             return folder
         zip_path = download_file(EVAL_BUNDLE_URL, base / "eval_bundle.zip", validate=zipfile.is_zipfile)
@@ -133,7 +94,9 @@ def get_eval_bundle() -> Path:
         staging.mkdir()
         try:
             _safe_extract(zip_path, staging)
-            root = _bundle_root(staging)
+            # core.yaml sits at the top of the zip or in its one top folder (as the official zip has it)
+            roots = [staging, *(p for p in staging.iterdir() if p.is_dir())]
+            root = next((r for r in roots if (r / "core.yaml").is_file()), None)
             if root is None:
                 raise ValueError(f"{zip_path} holds no core.yaml (at its top or in one top folder)")
             if folder.exists():  # a leftover without core.yaml: unusable, replace it
@@ -160,20 +123,12 @@ class CoreTask:
     random_baseline: float  # percent
 
 
-def load_random_baselines(bundle_dir: str | Path) -> dict[str, float]:
-    """Task label -> random baseline in percent, from `eval_meta_data.csv`."""
-    path = Path(bundle_dir) / "eval_meta_data.csv"
-    with open(path, newline="", encoding="utf-8") as f:
-        return {row["Eval Task"].strip(): float(row["Random baseline"]) for row in csv.DictReader(f)}
-
-
 def load_core_tasks(bundle_dir: str | Path) -> list[CoreTask]:
-    """The tasks listed in `core.yaml`, with their random baselines."""
-    import yaml
-
+    """The tasks listed in `core.yaml`, with their random baselines from `eval_meta_data.csv`."""
     bundle_dir = Path(bundle_dir)
     config = yaml.safe_load((bundle_dir / "core.yaml").read_text(encoding="utf-8"))
-    baselines = load_random_baselines(bundle_dir)
+    with open(bundle_dir / "eval_meta_data.csv", newline="", encoding="utf-8") as f:
+        baselines = {row["Eval Task"].strip(): float(row["Random baseline"]) for row in csv.DictReader(f)}
     tasks = []
     for entry in config["icl_tasks"]:
         label, task_type = entry["label"], entry["icl_task_type"]
@@ -182,32 +137,22 @@ def load_core_tasks(bundle_dir: str | Path) -> list[CoreTask]:
         if label not in baselines:
             raise ValueError(f"core.yaml task {label!r} has no random baseline in eval_meta_data.csv")
         shots = entry["num_fewshot"]
-        if isinstance(shots, list):
+        if isinstance(shots, list):  # the bundle writes [n]
             if len(shots) != 1:
                 raise ValueError(f"core.yaml task {label!r}: expected one num_fewshot value, got {shots}")
             shots = shots[0]
+        delimiter = entry.get("continuation_delimiter", " ")
         tasks.append(
-            CoreTask(
-                label=label,
-                dataset_uri=entry["dataset_uri"],
-                task_type=task_type,
-                num_fewshot=int(shots),
-                delimiter=entry.get("continuation_delimiter", " "),
-                random_baseline=baselines[label],
-            )
+            CoreTask(label, entry["dataset_uri"], task_type, int(shots), delimiter, baselines[label])
         )
     return tasks
 
 
-def load_task_data(path: str | Path) -> list[dict]:
-    """The items of one task file (JSON lines)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def load_task_subset(bundle_dir: str | Path, task: CoreTask, max_per_task: int = -1) -> list[dict]:
     """The items evaluated for `task`: the file's items after a fixed shuffle, the first `max_per_task`."""
-    data = load_task_data(Path(bundle_dir) / "eval_data" / task.dataset_uri)
+    with open(Path(bundle_dir) / "eval_data" / task.dataset_uri, encoding="utf-8") as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    # shuffled first, so that a subset spreads over the whole file (e.g. every Jeopardy category)
     random.Random(SUBSET_SEED).shuffle(data)
     return data[:max_per_task] if max_per_task > 0 else data
 
@@ -217,10 +162,9 @@ def load_task_subset(bundle_dir: str | Path, task: CoreTask, max_per_task: int =
 
 
 def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
-    """`num_fewshot` items other than `data[idx]`, drawn with `random.Random(1234 + idx)`.
-
-    Same draw as `rng.sample([i for i in range(n) if i != idx], k)`, without building the list.
-    """
+    """`num_fewshot` items other than `data[idx]` (all the others if fewer), drawn with
+    `random.Random(1234 + idx)`: the draw of `rng.sample([i for i in range(n) if i != idx], k)`,
+    without building that list."""
     k = min(num_fewshot, len(data) - 1)
     if k <= 0:
         return []
@@ -229,37 +173,23 @@ def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
 
 
 def render_prompts(item: dict, task_type: str, delimiter: str, fewshot: list[dict]) -> list[tuple[str, str]]:
-    """(prefix, full text) per option row of one item; the continuation is `full[len(prefix):]`."""
-    if task_type == "multiple_choice":
+    """(prefix, full text) per option row of one item; the continuation is `full[len(prefix):]`.
+
+    Each shot is `context + delimiter + answer`; shots and the item are joined by blank lines.
+    """
+    if task_type == "multiple_choice":  # one context, several continuations
         shots = [f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}" for ex in fewshot]
         prefix = "".join(s + "\n\n" for s in shots) + item["query"] + delimiter
         return [(prefix, prefix + choice) for choice in item["choices"]]
-    if task_type == "schema":
+    if task_type == "schema":  # several contexts, one continuation
         shots = [f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}" for ex in fewshot]
         head = "".join(s + "\n\n" for s in shots)
-        rows = []
-        for context in item["context_options"]:
-            prefix = head + context + delimiter
-            rows.append((prefix, prefix + item["continuation"]))
-        return rows
-    if task_type == "language_modeling":
-        shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
-        prefix = "".join(s + "\n\n" for s in shots) + item["context"].strip() + delimiter
-        return [(prefix, prefix + item["continuation"])]
-    raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
-
-
-def gold_index(item: dict, task_type: str) -> int:
-    """Index of the correct option row (always 0 for language modeling: one row)."""
-    return 0 if task_type == "language_modeling" else int(item["gold"])
-
-
-def _common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+        prefixes = [head + context + delimiter for context in item["context_options"]]
+        return [(prefix, prefix + item["continuation"]) for prefix in prefixes]
+    # language modeling: contexts are stripped (the data carries stray trailing spaces)
+    shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
+    prefix = "".join(s + "\n\n" for s in shots) + item["context"].strip() + delimiter
+    return [(prefix, prefix + item["continuation"])]
 
 
 def tokenize_prompts(
@@ -267,8 +197,10 @@ def tokenize_prompts(
 ) -> list[tuple[list[int], int]]:
     """(ids of BOS + full text, start of the continuation span) per row; the span runs to the end.
 
-    The span starts where the tokens of the prefix and of the full text first differ. Rows
-    longer than `max_len` are cropped from the left (start clamped to 1).
+    The span starts where the tokens of prefix and full text first differ: BPE usually glues the
+    delimiter's space onto the answer (" Paris"), so that is often a token before the prefix ends.
+    Rows longer than `max_len` are cropped from the left, the start clamped to 1 so that the first
+    scored token is always predicted from something.
     """
     bos = tokenizer.get_bos_token_id()
     unique_prefixes = list(dict.fromkeys(p for p, _ in prompts))  # MC rows share one prefix
@@ -276,7 +208,9 @@ def tokenize_prompts(
     full_ids = tokenizer.encode([full for _, full in prompts], prepend=bos)
     rows = []
     for (prefix, _), ids in zip(prompts, full_ids, strict=True):
-        start = _common_prefix_len(prefix_ids[prefix], ids)
+        pids = prefix_ids[prefix]
+        start = min(len(pids), len(ids))
+        start = next((i for i in range(start) if pids[i] != ids[i]), start)
         if max_len is not None and len(ids) > max_len:
             cut = len(ids) - max_len
             ids = ids[cut:]
@@ -294,12 +228,10 @@ def score_example(
 ) -> bool:
     """Whether the model answers one example right, from the logits of its option rows.
 
-    logits (N, T, V) and ids (N, T) hold the example's N rows (right-padded); row r's
-    continuation occupies positions spans[r] = (start, end) of ids, predicted by the logits
+    logits (N, T, V) and ids (N, T) hold the example's N rows (right-padded; padding is never read);
+    row r's continuation is ids[r, start:end] for spans[r] = (start, end), predicted by the logits
     at start-1 .. end-2. A row with an empty span can never win.
     """
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"unknown task type {task_type!r}; expected one of {TASK_TYPES}")
     # results stay on the device until the one transfer at the end (a GPU syncs once per example)
     mean_losses = torch.full((len(spans),), float("inf"), device=logits.device)
     exact = torch.zeros(len(spans), dtype=torch.bool, device=logits.device)
@@ -332,12 +264,13 @@ def prepare_example(
     return PreparedExample(
         rows=[ids for ids, _ in rows],
         spans=[(start, len(ids)) for ids, start in rows],
-        gold=gold_index(item, task.task_type),
+        gold=0 if task.task_type == "language_modeling" else int(item["gold"]),  # LM: one row
     )
 
 
 def _group(examples: list[PreparedExample], batch_size: int) -> list[list[int]]:
-    """Indices of examples per forward: at most `batch_size` rows each (a larger example goes alone)."""
+    """Indices of examples per forward: at most `batch_size` rows each (a larger example goes alone).
+    Sorted by length, so that rows of similar length share a forward and padding stays small."""
     order = sorted(range(len(examples)), key=lambda i: max(len(r) for r in examples[i].rows))
     groups, current, rows = [], [], 0
     for i in order:
@@ -353,33 +286,21 @@ def _group(examples: list[PreparedExample], batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def score_batch(model, examples: list[PreparedExample], task_type: str, device, pad_id: int) -> list[bool]:
+def _score_batch(model, examples: list[PreparedExample], task_type: str, device, pad_id: int) -> list[bool]:
     """One right-padded forward over all rows of `examples`; the verdict of each example."""
     rows = [r for ex in examples for r in ex.rows]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     ids = ids.to(device)
-    with autocast_context(device, autocast_dtype_for(device)):
+    with autocast(device):
         logits = model(ids)  # (B, T, V)
     verdicts, offset = [], 0
     for ex in examples:
-        n = len(ex.rows)
-        sl = slice(offset, offset + n)
+        sl = slice(offset, offset + len(ex.rows))
         verdicts.append(score_example(task_type, logits[sl], ids[sl], ex.spans, ex.gold))
-        offset += n
+        offset += len(ex.rows)
     return verdicts
-
-
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
 
 
 def evaluate_task(
@@ -392,7 +313,7 @@ def evaluate_task(
     max_len: int | None = None,
     timings: dict | None = None,
 ) -> float:
-    """Accuracy of the model on the items of `data` (this rank's stride, all-reduced across ranks).
+    """Accuracy of the model on the items of `data` (this rank's stride, summed across ranks).
 
     `timings`, when given, accumulates seconds spent in "prepare" (render + tokenize) and
     "forward" (model + scoring).
@@ -408,14 +329,14 @@ def evaluate_task(
         ]
         t1 = time.perf_counter()
         for group in _group(examples, batch_size):
-            correct += sum(score_batch(model, [examples[i] for i in group], task.task_type, device, pad_id))
+            correct += sum(_score_batch(model, [examples[i] for i in group], task.task_type, device, pad_id))
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
         if timings is not None:
             timings["prepare"] = timings.get("prepare", 0.0) + t1 - t0
             timings["forward"] = timings.get("forward", 0.0) + t2 - t1
-    correct_total, count_total = _all_reduce_sum([float(correct), float(len(mine))], device)
+    correct_total, count_total = all_reduce_sum([correct, len(mine)], device)
     return correct_total / count_total if count_total else 0.0
 
 
@@ -474,7 +395,7 @@ def evaluate_core(
             )
     if skipped:
         logger.warning("CORE: skipping tasks with missing data files: %s", ", ".join(skipped))
-    max_len = getattr(getattr(model, "config", None), "sequence_len", None)
+    max_len = model.config.sequence_len
     results, centered, counts = {}, {}, {}
     for task in present:
         t0 = time.perf_counter()
@@ -501,14 +422,9 @@ def evaluate_core(
     }
 
 
-# -----------------------------------------------------------------------------
-# CSV (the format of the reference files: Task, Accuracy, Centered; last row CORE)
-
-
 def write_core_csv(path: str | Path, out: dict) -> None:
-    """Write the per-task table of an `evaluate_core` result, CORE last (atomically)."""
-    from nanochat.common import atomic_path
-
+    """The per-task table of an `evaluate_core` result as CSV (Task, Accuracy, Centered; CORE last),
+    the format of the reference GPT-2 files; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
@@ -517,24 +433,3 @@ def write_core_csv(path: str | Path, out: dict) -> None:
     lines.append(f"{'CORE':<35}, {'':<10}, {out['core']:<10.6f}")
     with atomic_path(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def read_core_csv(path: str | Path) -> tuple[dict[str, tuple[float, float]], float]:
-    """(task -> (accuracy, centered), CORE) from a CSV written by `write_core_csv` (or the reference)."""
-    rows, core = {}, None
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = [c.strip() for c in next(reader)]
-        if header != ["Task", "Accuracy", "Centered"]:
-            raise ValueError(f"{path}: expected header Task, Accuracy, Centered; got {header}")
-        for cells in reader:
-            if not cells:
-                continue
-            label, accuracy, value = (c.strip() for c in cells)
-            if label == "CORE":
-                core = float(value)
-            else:
-                rows[label] = (float(accuracy), float(value))
-    if core is None:
-        raise ValueError(f"{path}: no CORE row")
-    return rows, core

@@ -1,45 +1,17 @@
 """
-Inference: a KV-cached engine with batched sampling and a calculator tool, plus continuous
-batching for serving. The naive full-recompute generator stays as the reference the engine is
-tested against and the baseline bench/infer.py measures it against.
+Inference: a KV-cached engine with batched sampling, a calculator tool and continuous batching.
 
-Design choices:
-- KVCache: one preallocated zero-filled tensor pair (layers, rows, H_kv, T_max, D) in the
-  compute dtype (bf16 under CUDA autocast, else the model's dtype). Growing allocates a new
-  pair (at least double the length, rounded to 64) and copies; never `resize_`. Rows may sit
-  at different positions: `get_pos()` returns an int while all rows agree (SDPA's fast
-  unmasked paths) and a LongTensor (B,) once they differ (the model then masks per row).
-  Rows are removed by stable compaction (a copy of the live part), added by copying a
-  prefilled row into a free slot (the cache has a fixed row capacity).
-- Prefill once at batch 1, then copy that row into every sample's row; the last prefill
-  logits are shared, but every row draws its first token on its own (one multinomial over
-  the (B, V) logits), so samples differ from the first token.
-- Sampling: temperature 0 is greedy (argmax), top_k None/0 is off; one torch.Generator per
-  call (Engine) or per request (scheduler) seeded from `seed`, so the same seed reproduces.
-- Finished rows (<|assistant_end|> or <|bos|>) leave the batch at once and cost nothing more.
-  `generate` still yields one entry per row each step: a row's stop token is yielded once
-  (mask 1); after that the row's entry repeats the stop token with mask 0. max_tokens
-  counts every yielded step (forced tool tokens included). Generation also ends quietly at
-  the end of the model's rotary table (10 x sequence_len positions).
-- Tool use: a per-row state machine. Tokens between <|python_start|> and <|python_end|>
-  are decoded and given to `use_calculator`; a result is forced in as
-  <|output_start|> result <|output_end|> (mask 0), one token per step, then sampling goes on.
-  A refused expression forces nothing.
-- The calculator parses with `ast` and walks an allow-list (numbers, + - * / // % **, unary
-  +/-, parentheses, "literal".count("literal")); it never calls eval. Work is bounded by
-  checks before each operation (input length, integer bit size, exponent size), so no
-  signal or thread timer is needed. Commas are dropped from expressions without strings
-  ("1,234*2"). Ints print without ".0"; floats with 10 significant digits.
-- fit_to_context drops whole (user, assistant) pairs from the front, found by binary search
-  (rendering is monotone in the number dropped); a leading system message stays while any
-  older turn can go. If the last user turn alone is too long, the system message goes and
-  the end of the user's text is kept.
-- BatchScheduler: one background thread owns the model. Each step it admits pending
-  requests into free slots (batch-1 prefill, first token sampled from the prefill logits,
-  row copied into the shared batch cache), then runs ONE decode forward for every active
-  row (each at its own position, with its own temperature, top_k and generator), streams
-  the chosen tokens into each request's queue, and removes finished or cancelled rows.
-  Greedy output equals Engine.generate's for the same prompt (same code per row).
+- KVCache: one preallocated (layers, rows, H_kv, T_max, D) pair in the compute dtype; it grows
+  by reallocation, and its rows may sit at different positions (the model then masks per row).
+- One batch-1 prefill per prompt, copied into every sample's row; each row samples on its own.
+- Sampling: temperature 0 is greedy, top_k None/0 is off; one seeded generator per call.
+- A finished row (<|assistant_end|> or <|bos|>) leaves the batch at once.
+- Tool use: a per-row state machine hands <|python_start|>...<|python_end|> to a calculator
+  (an `ast` allow-list with bounded work, never eval) and forces its result in, with mask 0.
+- fit_to_context drops the oldest turns so that a conversation and its reply fit the context.
+- BatchScheduler: one thread owns the model; every step is one decode forward for all requests.
+- Inputs are trusted: flags and HTTP requests are validated where they enter.
+- generate_naive (full recompute, greedy) is the reference the engine is tested against.
 """
 
 from __future__ import annotations
@@ -54,7 +26,7 @@ from collections.abc import Iterator
 
 import torch
 
-from nanochat.common import autocast_context, autocast_dtype_for
+from nanochat.common import autocast, compute_dtype
 
 # Prompts whose greedy completions show what a base model knows (printed while training).
 SAMPLE_PROMPTS = [
@@ -80,7 +52,13 @@ def _round_up(n: int, multiple: int = CACHE_ROUND) -> int:
 
 
 class KVCache:
-    """Preallocated keys/values for `capacity` rows, following the protocol in nanochat/gpt.py."""
+    """Preallocated keys/values for up to `capacity` rows. The model's forward over idx (B, T) calls
+
+    - `get_pos()` once: the position of idx's first token, an int or a LongTensor (B,) per row;
+    - `insert_kv(layer, k, v)` once per layer, in order: stores k, v (B, H_kv, T, D) there and
+      returns every key/value so far (B, H_kv, Tk, D); the model masks each row's keys past its end.
+    The positions advance by T with the last layer.
+    """
 
     def __init__(
         self,
@@ -95,24 +73,16 @@ class KVCache:
     ):
         shape = (num_layers, capacity, num_kv_heads, _round_up(seq_len), head_dim)
         self.num_layers = num_layers
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # zeros: masked slots must stay finite
+        # zeros, not empty: masked slots still enter the attention matmul and must stay finite
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.lengths: list[int] = [0] * (capacity if batch_size is None else batch_size)  # host copy
+        # each row's length, kept on the host so that get_pos never syncs with the device
+        self.lengths: list[int] = [0] * (capacity if batch_size is None else batch_size)
         self._pos: torch.Tensor | None = None  # device copy of lengths, built when rows differ
-
-    @classmethod
-    def for_model(cls, model, capacity: int, seq_len: int, dtype: torch.dtype, batch_size=None) -> KVCache:
-        c = model.config
-        device = next(model.parameters()).device
-        return cls(c.n_layer, c.n_kv_head, c.head_dim, capacity, seq_len, dtype, device, batch_size)
 
     @property
     def batch_size(self) -> int:
         return len(self.lengths)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.size(1)
 
     @property
     def max_len(self) -> int:
@@ -122,7 +92,7 @@ class KVCache:
         """The position of each row's next token: an int when all rows agree, else a LongTensor (B,)."""
         first = self.lengths[0]
         if all(n == first for n in self.lengths):
-            return first
+            return first  # an int keeps the model on SDPA's fast unmasked paths
         if self._pos is None:
             self._pos = torch.tensor(self.lengths, dtype=torch.long, device=self.k.device)
         return self._pos
@@ -132,7 +102,7 @@ class KVCache:
         if length <= self.max_len:
             return
         L, R, H, T, D = self.k.shape
-        new_len = _round_up(max(length, 2 * T))
+        new_len = _round_up(max(length, 2 * T))  # at least double: a long generation reallocates rarely
         for name in ("k", "v"):
             old = getattr(self, name)
             new = torch.zeros((L, R, H, new_len, D), dtype=old.dtype, device=old.device)
@@ -144,8 +114,7 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores k, v (B, H_kv, T, D) at each row's position; returns keys/values (B, H_kv, Tk, D)."""
         B, _, T, _ = k.shape
-        if B != self.batch_size:
-            raise ValueError(f"the cache holds {self.batch_size} rows but the batch has {B}")
+        assert B == self.batch_size, f"the cache holds {self.batch_size} rows, the batch {B}"
         end = max(self.lengths) + T
         if layer_idx == 0:
             self.reserve(end)
@@ -157,9 +126,8 @@ class KVCache:
         else:  # per-row positions: scatter each row's block at its own offset
             rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
             cols = pos[:, None] + torch.arange(T, device=k.device)  # (B, T)
-            k_layer[rows, :, cols] = k.transpose(1, 2).to(
-                k_layer.dtype
-            )  # the indexed view is (B, T, H_kv, D)
+            # the indexed view is (B, T, H_kv, D)
+            k_layer[rows, :, cols] = k.transpose(1, 2).to(k_layer.dtype)
             v_layer[rows, :, cols] = v.transpose(1, 2).to(v_layer.dtype)
         if layer_idx == self.num_layers - 1:
             self.lengths = [n + T for n in self.lengths]
@@ -179,8 +147,7 @@ class KVCache:
 
     def append_row(self, other: KVCache, src_row: int = 0) -> int:
         """Adds a row holding `other`'s row `src_row`; returns its index."""
-        if self.batch_size >= self.capacity:
-            raise ValueError(f"the cache is full ({self.capacity} rows)")
+        assert self.batch_size < self.k.size(1), "the cache is full"
         self.lengths.append(0)
         self.copy_row_from(other, src_row, [self.batch_size - 1])
         return self.batch_size - 1
@@ -189,7 +156,7 @@ class KVCache:
         """Keeps only `rows`, in that order, as rows 0 .. len(rows)-1 (finished rows leave the batch)."""
         if rows == list(range(len(rows))):  # a prefix: nothing moves
             self.lengths = self.lengths[: len(rows)]
-        else:
+        else:  # a stable compaction: copy the live part of the kept rows to the front
             end = max((self.lengths[r] for r in rows), default=0)
             index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
             self.k[:, : len(rows), :, :end] = self.k[:, index, :, :end]  # the gather copies first
@@ -199,7 +166,7 @@ class KVCache:
 
 
 # -----------------------------------------------------------------------------
-# Sampling
+# The engine
 
 
 def sample_next(
@@ -216,17 +183,6 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _check_sampling(temperature: float, top_k: int | None) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k must be None or an int >= 0, got {top_k!r}")
-
-
-# -----------------------------------------------------------------------------
-# The engine
-
-
 class _Row:
     """Decoding state of one row: the tool-output tokens still to force, the python block being written."""
 
@@ -237,50 +193,41 @@ class _Row:
 
 
 class Engine:
-    """KV-cached generation for one model and its tokenizer (autocast bf16 on CUDA SM80+)."""
+    """KV-cached generation for one model and its tokenizer."""
 
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.autocast_dtype = autocast_dtype_for(self.device)
-        self.cache_dtype = self.autocast_dtype or next(model.parameters()).dtype
+        # the cache holds what the forward computes: bf16 under autocast, else the parameters' dtype
+        dtype = compute_dtype(self.device)
+        self.cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
+        self.max_positions = model.cos.size(1)  # positions the model can encode (its rotary table)
         special = tokenizer.encode_special
         self.stop_ids = {special(name) for name in STOP_TOKENS}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
 
-    @property
-    def max_positions(self) -> int:
-        """Positions the model can encode (its rotary table)."""
-        return self.model.cos.size(1)
-
-    def autocast(self):
-        return autocast_context(self.device, self.autocast_dtype)
-
     def new_cache(self, capacity: int, seq_len: int, batch_size: int | None = None) -> KVCache:
-        return KVCache.for_model(self.model, capacity, seq_len, self.cache_dtype, batch_size)
+        c = self.model.config
+        return KVCache(
+            c.n_layer, c.n_kv_head, c.head_dim, capacity, seq_len, self.cache_dtype, self.device, batch_size
+        )
+
+    def forward(self, cache: KVCache, ids: list[list[int]]) -> torch.Tensor:
+        """Feeds ids (B, T) into the cache; returns the logits (B, V) after each row's last token."""
+        idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+        with autocast(self.device):
+            return self.model(idx, kv_cache=cache)[:, -1]
 
     def prefill(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
         """A batch-1 cache holding `tokens`, and the logits (1, V) after the last one."""
-        if not tokens:
-            raise ValueError("the prompt is empty: give at least one token (e.g. <|bos|>)")
-        if len(tokens) >= self.max_positions:
-            raise ValueError(
-                f"the prompt has {len(tokens)} tokens but the model encodes at most {self.max_positions} "
-                "positions; shorten it (see fit_to_context)"
-            )
         cache = self.new_cache(1, len(tokens))
-        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        with self.autocast():
-            logits = self.model(idx, kv_cache=cache)[:, -1]  # (1, V)
-        return cache, logits
+        return cache, self.forward(cache, [tokens])
 
     def decode_step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
         """Feeds one token per row; returns the next logits (B, V)."""
-        idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        with self.autocast():
-            return self.model(idx, kv_cache=cache)[:, -1]
+        return self.forward(cache, [[t] for t in tokens])
 
     def choose(self, row: _Row, sampled: int) -> tuple[int, int]:
         """The row's next token and mask: a forced tool-output token (mask 0) or the sampled one (mask 1)."""
@@ -292,7 +239,7 @@ class Engine:
         elif token == self.python_end and row.python is not None:
             result = use_calculator(self.tokenizer.decode(row.python))
             row.python = None
-            if result is not None:
+            if result is not None:  # a refused expression forces nothing
                 row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
         elif row.python is not None:
             row.python.append(token)
@@ -310,15 +257,11 @@ class Engine:
     ) -> Iterator[tuple[list[int], list[int]]]:
         """Streams (token_column, mask_column), one entry per sample row, until every row has stopped.
 
-        mask 1 = sampled, 0 = forced tool output (or a row that already stopped: its stop token repeated).
+        mask 1 = sampled, 0 = forced tool output. A row's stop token comes once (mask 1); after that
+        the row repeats it with mask 0. `max_tokens` counts every step, forced tokens included.
         """
-        _check_sampling(temperature, top_k)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-        if max_tokens is not None and max_tokens < 0:
-            raise ValueError(f"max_tokens must be None or >= 0, got {max_tokens}")
-        tokens = [int(t) for t in tokens]
-        budget = self.max_positions - len(tokens)  # positions left to feed generated tokens into
+        # generation also ends quietly at the end of the rotary table
+        budget = self.max_positions - len(tokens)
         if max_tokens is not None:
             budget = min(budget, max_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -327,14 +270,15 @@ class Engine:
         cache = self.new_cache(num_samples, len(tokens) + min(max(budget, 1), INITIAL_DECODE_ROOM))
         cache.copy_row_from(prefill, 0, list(range(num_samples)))
         del prefill
-        logits = logits.expand(num_samples, -1)  # (B, V): every row samples its own first token
+        # every row draws its own first token from the shared logits, so samples differ from the start
+        logits = logits.expand(num_samples, -1)  # (B, V)
 
         rows = [_Row() for _ in range(num_samples)]
         active = list(range(num_samples))  # the sample index of each cache row
         column = [0] * num_samples
         for step in range(budget):
             sampled = sample_next(logits, temperature, top_k, generator).tolist()
-            masks = [0] * num_samples  # rows that stopped earlier keep their stop token, mask 0
+            masks = [0] * num_samples
             keep = []
             for r, i in enumerate(active):
                 column[i], masks[i] = self.choose(rows[i], sampled[r])
@@ -343,7 +287,7 @@ class Engine:
             yield list(column), masks
             if not keep or step == budget - 1:
                 return
-            if len(keep) < len(active):  # finished rows leave the batch
+            if len(keep) < len(active):  # finished rows leave the batch and cost nothing more
                 cache.keep_rows(keep)
                 active = [active[r] for r in keep]
             logits = self.decode_step(cache, [column[i] for i in active])
@@ -364,18 +308,15 @@ class Engine:
         stopped = [False] * num_samples
         for column, mask_column in self.generate(tokens, num_samples, max_tokens, temperature, top_k, seed):
             for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
-                if stopped[i]:
-                    continue
-                if token in self.stop_ids:
-                    stopped[i] = True
-                    continue
-                results[i].append(token)
-                masks[i].append(mask)
+                stopped[i] = stopped[i] or token in self.stop_ids
+                if not stopped[i]:
+                    results[i].append(token)
+                    masks[i].append(mask)
         return results, masks
 
 
 # -----------------------------------------------------------------------------
-# The calculator tool
+# The calculator tool: work is bounded by checks before each operation, so no timer is needed
 
 MAX_EXPR_CHARS = 256
 MAX_INT_BITS = 256  # integers (inputs, intermediate results) beyond ~77 digits are refused
@@ -446,25 +387,22 @@ def _evaluate(node: ast.AST):
     raise _Refused
 
 
-def _format_number(x) -> str | None:
-    if isinstance(x, float):
-        text = str(int(x)) if x == int(x) and abs(x) < 1e15 else f"{x:.10g}"
-    else:
-        text = str(x)
-    return text if len(text) <= MAX_RESULT_CHARS else None
-
-
 def use_calculator(expr: str) -> str | None:
     """The value of a small arithmetic / "str".count("x") expression as a short string; None if refused."""
-    if not isinstance(expr, str) or len(expr) > MAX_EXPR_CHARS:
+    if len(expr) > MAX_EXPR_CHARS:
         return None
     expr = expr.strip()
     if "'" not in expr and '"' not in expr:
         expr = expr.replace(",", "")  # thousands separators: "1,234 * 2"
     try:
-        return _format_number(_evaluate(ast.parse(expr, mode="eval")))
+        x = _evaluate(ast.parse(expr, mode="eval"))
     except Exception:  # syntax errors, refusals, overflow, deep nesting: the tool just answers nothing
         return None
+    if isinstance(x, float):  # ints print without ".0", other floats with 10 significant digits
+        text = str(int(x)) if x == int(x) and abs(x) < 1e15 else f"{x:.10g}"
+    else:
+        text = str(x)
+    return text if len(text) <= MAX_RESULT_CHARS else None
 
 
 # -----------------------------------------------------------------------------
@@ -477,18 +415,19 @@ def fit_to_context(tokenizer, conversation: dict, max_context: int, reserve: int
     BOS and the last user turn always stay (the end of its text, if even that is too long). If
     max_context - reserve is below the 4 framing tokens, those 4 come back anyway.
     """
-    messages = conversation["messages"] if isinstance(conversation, dict) else list(conversation)
-    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
+    messages = conversation["messages"]
+    if messages[-1]["role"] == "assistant":
         messages = messages[:-1]  # the reply being asked for replaces it
     budget = max_context - reserve
     ids = tokenizer.render_for_completion(messages)
     if len(ids) <= budget:
         return ids
-    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    # a leading system message stays while there is an older turn to drop instead
+    system = messages[:1] if messages[0]["role"] == "system" else []
     turns = messages[len(system) :]
     pairs = (len(turns) - 1) // 2  # (user, assistant) pairs before the last user turn
 
-    # binary search for the fewest pairs to drop (fewer dropped = longer render)
+    # binary search for the fewest pairs to drop (the render shrinks with each pair dropped)
     lo, hi = 1, pairs + 1  # answer in [lo, hi]; hi means "every pair and it still may not fit"
     while lo < hi:
         mid = (lo + hi) // 2
@@ -516,6 +455,15 @@ def fit_to_context(tokenizer, conversation: dict, max_context: int, reserve: int
     ]
 
 
+def prompt_and_budget(
+    tokenizer, conversation: dict, max_context: int, max_tokens: int
+) -> tuple[list[int], int]:
+    """The prompt for the conversation's next reply and that reply's token budget, together within
+    `max_context` positions; the reply keeps room for up to half the context."""
+    prompt = fit_to_context(tokenizer, conversation, max_context, min(max_tokens, max_context // 2))
+    return prompt, max(1, min(max_tokens, max_context - len(prompt)))
+
+
 # -----------------------------------------------------------------------------
 # Continuous batching
 
@@ -531,7 +479,6 @@ class Request:
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
-        self.num_prompt_tokens = len(tokens)
         self.num_generated_tokens = 0
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" (or "error")
         self.error: BaseException | None = None
@@ -580,11 +527,12 @@ class _Active:
 
 
 class BatchScheduler:
-    """Continuous batching over one Engine: up to `max_batch` requests decode together, one forward a step."""
+    """Continuous batching over one Engine: up to `max_batch` requests decode together, one forward a step.
+
+    Greedy output equals Engine.generate's for the same prompt (the same code runs per row).
+    """
 
     def __init__(self, engine: Engine, max_batch: int = 8):
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine = engine
         self.max_batch = max_batch
         self._cond = threading.Condition()
@@ -604,17 +552,8 @@ class BatchScheduler:
         seed: int | None = None,
     ) -> Request:
         """Queues a prompt; returns its Request at once (tokens stream as they are generated)."""
-        _check_sampling(temperature, top_k)
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-        tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise ValueError("the prompt is empty: give at least one token (e.g. <|bos|>)")
-        if len(tokens) >= self.engine.max_positions:
-            raise ValueError(
-                f"the prompt has {len(tokens)} tokens but the model encodes at most "
-                f"{self.engine.max_positions} positions; shorten it (see fit_to_context)"
-            )
+        # checked here, in the caller's thread: inside the scheduler a failing forward ends every request
+        assert 0 < len(tokens) < self.engine.max_positions and max_tokens >= 1, (len(tokens), max_tokens)
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
         request = Request(tokens, max_tokens, temperature, top_k, seed)
@@ -632,10 +571,6 @@ class BatchScheduler:
             self._closed = True
             self._cond.notify()
         self._thread.join()
-
-    @property
-    def num_active(self) -> int:
-        return len(self._active)
 
     def _wake(self) -> None:
         with self._cond:
@@ -672,6 +607,7 @@ class BatchScheduler:
             request._finish("error" if error else "cancelled", error)
 
     def _admit(self, request: Request) -> None:
+        """Batch-1 prefill, the first token sampled from its logits, the row copied into the batch cache."""
         if request.cancelled:
             request._finish("cancelled")
             return
@@ -734,41 +670,18 @@ class BatchScheduler:
 
 
 @torch.no_grad()
-def generate_naive(
-    model: torch.nn.Module,
-    tokens: list[int],
-    max_tokens: int,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int = 42,
-) -> list[int]:
-    """Up to `max_tokens` new token ids after `tokens`, recomputing the full forward each step.
-
-    temperature 0 is greedy; top_k None/0 keeps every token. The context is cropped to the
-    model's sequence length from the left.
-    """
+def generate_naive(model: torch.nn.Module, tokens: list[int], max_tokens: int) -> list[int]:
+    """The `max_tokens` greedy token ids after `tokens`, recomputing the full forward each step
+    (the context cropped from the left to the model's sequence length)."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    out = []
     for _ in range(max_tokens):
         logits = model(ids[:, -model.config.sequence_len :])[:, -1, :]  # (1, V)
-        if temperature == 0:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-        ids = torch.cat([ids, next_id], dim=1)
-        out.append(int(next_id))
-    return out
+        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return ids[0, len(tokens) :].tolist()
 
 
-def greedy_completions(
-    model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens=16, autocast_dtype=None
-) -> list[str]:
+def greedy_completions(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
     """Each prompt followed by its greedy continuation, as text."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -776,7 +689,7 @@ def greedy_completions(
     texts = []
     for prompt in prompts:
         tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        with autocast_context(device, autocast_dtype):
+        with autocast(device):
             new = generate_naive(model, tokens, max_tokens)
         texts.append(tokenizer.decode(tokens[1:] + new))
     model.train(was_training)

@@ -4,19 +4,22 @@ Evaluate a base model's CORE metric (DCLM) over the tasks of the eval bundle.
     python -m scripts.base_eval [--model-tag d20] [--model-step N] [--max-per-task 500]
     torchrun --nproc_per_node 8 -m scripts.base_eval
 
-Prints a per-task table (accuracy, centered accuracy), writes it as a CSV to
-`<base>/base_eval/<tag>_step<step>.csv` (columns Task, Accuracy, Centered; last row CORE,
-the format of the reference GPT-2 files) and the report section "Base model evaluation".
-The bundle comes from `$NANOCHAT_EVAL_BUNDLE` or is downloaded once into the base dir.
-With --skip-missing, tasks whose data file is absent are skipped and CORE is marked
-partial (the mean over the evaluated tasks); without it a missing file is an error.
+Prints the per-task table, writes it to `<base>/base_eval/<tag>_step<step>.csv` (the format of
+the reference GPT-2 files) and the report section "Base model evaluation".
 """
 
 import argparse
 import time
 
-from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, setup_logging
+from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.common import (
+    compute_cleanup,
+    compute_init,
+    exit_with_error,
+    get_base_dir,
+    print0,
+    setup_logging,
+)
 from nanochat.core_eval import evaluate_core, get_eval_bundle, write_core_csv
 from nanochat.report import get_report
 
@@ -24,23 +27,20 @@ parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.A
 parser.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the deepest d<N>)")
 parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1: all)")
-parser.add_argument("--skip-missing", action="store_true", help="skip tasks whose data file is missing")
+parser.add_argument(
+    "--skip-missing", action="store_true", help="skip tasks without a data file (CORE: partial)"
+)
 parser.add_argument("--device-batch-size", type=int, default=8, help="sequences (option rows) per forward")
 parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
 args = parser.parse_args()
 
 setup_logging()
-is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-if rank == 0:
-    get_eval_bundle()  # rank 0 downloads it (if needed); the other ranks find it ready after the barrier
-if is_ddp:
-    import torch.distributed as dist
-
-    dist.barrier()
-bundle_dir = get_eval_bundle()
-model, tokenizer, meta = load_model(
-    "base", device, phase="eval", model_tag=args.model_tag, step=args.model_step
-)
+_, rank, _, _, device = compute_init(args.device_type)
+bundle_dir = get_eval_bundle()  # every rank asks; a file lock lets one of them download it
+try:
+    model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step)
+except CheckpointError as e:
+    exit_with_error("base_eval", str(e))
 model_tag = args.model_tag or f"d{model.config.n_layer}"
 
 # -----------------------------------------------------------------------------

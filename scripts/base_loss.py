@@ -4,15 +4,14 @@ Evaluate a base model's bits per byte on the train and val splits, and print sam
     python -m scripts.base_loss [--model-tag d20] [--model-step N]
     torchrun --nproc_per_node 8 -m scripts.base_loss
 
-Both splits are read from their start with the same packing as training, so the val
-number is comparable with the one base_train logged. Writes the report section
-"Base model loss".
+Both splits are read from their start with the packing of training, so the val number
+compares with the one base_train logged. Writes the report section "Base model loss".
 """
 
 import argparse
 
-from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_dtype_for, compute_cleanup, compute_init, print0, setup_logging
+from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.common import compute_cleanup, compute_init, exit_with_error, print0, setup_logging
 from nanochat.dataloader import DataLoader
 from nanochat.engine import greedy_completions
 from nanochat.loss_eval import evaluate_bpb
@@ -29,11 +28,11 @@ parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"
 args = parser.parse_args()
 
 setup_logging()
-is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
-autocast_dtype = autocast_dtype_for(device)
-model, tokenizer, meta = load_model(
-    "base", device, phase="eval", model_tag=args.model_tag, step=args.model_step
-)
+_, rank, _, world_size, device = compute_init(args.device_type)
+try:
+    model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step)
+except CheckpointError as e:
+    exit_with_error("base_loss", str(e))
 token_bytes = get_token_bytes(device)
 B, T = args.device_batch_size, model.config.sequence_len
 steps = max(1, args.split_tokens // (B * T * world_size))
@@ -41,14 +40,12 @@ steps = max(1, args.split_tokens // (B * T * world_size))
 results = {}
 for split in ("train", "val"):
     loader = DataLoader(tokenizer, B, T, split, rank=rank, world_size=world_size, device=device)
-    results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes, autocast_dtype)
+    results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
     print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")
 
 samples = []
 if rank == 0 and args.sample_tokens > 0:
-    samples = greedy_completions(
-        model, tokenizer, max_tokens=args.sample_tokens, autocast_dtype=autocast_dtype
-    )
+    samples = greedy_completions(model, tokenizer, max_tokens=args.sample_tokens)
     for text in samples:
         print0(repr(text))
 

@@ -7,28 +7,15 @@ OpenAI-compatible API.
 
 Endpoints: `GET /` (nanochat/ui.html), `GET /health`, `GET /stats`, `POST /chat/completions`
 (server-sent events `data: {"token": "...", "gpu": n}` ... `data: {"done": true}`),
-`POST /v1/chat/completions` (OpenAI chat completions, `stream` true/false; `top_k` and `seed`
-as extra fields), `GET /v1/models`.
+`POST /v1/chat/completions` (OpenAI, `stream` true/false; `top_k` and `seed` as extra fields),
+`GET /v1/models`.
 
-Design choices:
-- Worker pool: one model replica per GPU (`--num-gpus`, cuda:0..n-1; one worker on CPU/MPS),
-  each behind a `BatchScheduler`, so up to `--max-batch` requests share every forward pass of
-  their replica (continuous batching). The pool hands a request to the least busy worker with
-  a free slot, or queues it first-come first-served until a slot frees up.
-- Tokens come out of the scheduler on a blocking iterator; one small thread per request pumps
-  them into an asyncio queue, so the event loop never blocks on the model.
-- A client that disconnects mid-stream cancels the request's generator; its `finally`
-  cancels the scheduler request and frees the slot at once (`/stats` counts these).
-- Text is decoded incrementally (`nanochat.tokenizer.ReplyDecoder`): an emoji or CJK character
-  split across tokens is sent only once complete; calculator calls appear as `<<expr=result>>`.
-- The conversation is rendered with `fit_to_context`: the oldest turns are dropped so that the
-  prompt plus room for the reply fits the model's context; the reply is then capped by the
-  room actually left (finish_reason "length" when it runs out).
-- Requests are validated by hand (not by pydantic) so that every bad input gets HTTP 400 with
-  an OpenAI-style body `{"error": {"message": ..., "type": "invalid_request_error"}}` naming
-  the problem; malformed JSON, wrong types and oversized bodies never cause a 500.
-- Every request is logged as one metadata line (endpoint, messages, chars, tokens, latency,
-  finish_reason); the text of the conversation only with `--log-content`.
+- One model replica per GPU, each behind a BatchScheduler (continuous batching); a request goes
+  to the least busy worker with a free slot, or waits first-come first-served.
+- This is the boundary: every request is validated here, by hand, so that any bad input gets a
+  400 with an OpenAI-style error body naming the problem, never a 500.
+- A client that disconnects cancels its request and frees its slot at once.
+- One log line per request (metadata); the conversation text only with `--log-content`.
 """
 
 from __future__ import annotations
@@ -38,7 +25,6 @@ import asyncio
 import collections
 import json
 import logging
-import math
 import threading
 import time
 import uuid
@@ -48,10 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.common import autodetect_device_type, exit_with_error, setup_logging
+from nanochat.engine import BatchScheduler, Engine, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder
 
 logger = logging.getLogger("nanochat.chat_web")
@@ -63,9 +54,7 @@ MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1_000_000
-TEMPERATURE_RANGE = (0.0, 2.0)
-TOP_K_RANGE = (0, 200)
-MAX_TOKENS_RANGE = (1, 4096)
+SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}
 
 
 class RequestError(Exception):
@@ -98,10 +87,13 @@ class ChatParams:
     include_usage: bool = False
 
 
-def _number(body: dict, key: str, lo: float, hi: float, integer: bool, default):
+def _number(body: dict, key: str, limit: str, default):
+    """body[key] (`default` when absent) within SAMPLING_LIMITS[limit]; an int where the limits are ints."""
     value = body.get(key)
     if value is None:
         return default
+    lo, hi = SAMPLING_LIMITS[limit]
+    integer = isinstance(lo, int)
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         kind = "an integer" if integer else "a number"
@@ -182,9 +174,9 @@ def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatParams:
     max_key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
     return ChatParams(
         messages=clean,
-        temperature=float(_number(body, "temperature", *TEMPERATURE_RANGE, False, defaults["temperature"])),
-        top_k=_number(body, "top_k", *TOP_K_RANGE, True, defaults["top_k"]),
-        max_tokens=_number(body, max_key, *MAX_TOKENS_RANGE, True, defaults["max_tokens"]),
+        temperature=float(_number(body, "temperature", "temperature", defaults["temperature"])),
+        top_k=_number(body, "top_k", "top_k", defaults["top_k"]),
+        max_tokens=_number(body, max_key, "max_tokens", defaults["max_tokens"]),
         stream=stream,
         seed=seed,
         include_usage=bool(stream_options.get("include_usage", False)),
@@ -277,11 +269,11 @@ class Generation:
         request = None
         self.worker = await server.pool.acquire()
         try:
-            tokens = server.fit_to_context(
-                server.tokenizer, {"messages": params.messages}, server.context_len, server.reserve(params)
+            conversation = {"messages": params.messages}
+            tokens, budget = prompt_and_budget(
+                server.tokenizer, conversation, server.context_len, params.max_tokens
             )
             self.prompt_tokens = len(tokens)
-            budget = max(1, min(params.max_tokens, server.context_len - len(tokens)))
             request = self.worker.scheduler.submit(
                 tokens, budget, temperature=params.temperature, top_k=params.top_k or None, seed=params.seed
             )
@@ -335,9 +327,6 @@ class ChatServer:
     def __init__(
         self, workers, tokenizer, context_len: int, model_name: str, defaults: dict, log_content: bool
     ):
-        from nanochat.engine import fit_to_context
-
-        self.fit_to_context = fit_to_context
         self.pool = WorkerPool(workers)
         self.tokenizer = tokenizer
         self.context_len = context_len
@@ -348,10 +337,6 @@ class ChatServer:
         self.requests_served = 0
         self.requests_cancelled = 0
         self.tokens_generated = 0
-
-    def reserve(self, params: ChatParams) -> int:
-        """Tokens kept free for the reply when trimming the conversation (at most half the context)."""
-        return min(params.max_tokens, self.context_len // 2)
 
     def record(self, gen: Generation, latency: float) -> None:
         self.tokens_generated += gen.completion_tokens
@@ -476,10 +461,21 @@ def create_app(server: ChatServer) -> FastAPI:
         created = int(time.time())
 
         def usage() -> dict:
+            total = gen.prompt_tokens + gen.completion_tokens
             return {
                 "prompt_tokens": gen.prompt_tokens,
                 "completion_tokens": gen.completion_tokens,
-                "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+                "total_tokens": total,
+            }
+
+        def envelope(kind: str, choices: list, **extra) -> dict:
+            return {
+                "id": completion_id,
+                "object": kind,
+                "created": created,
+                "model": server.model_name,
+                "choices": choices,
+                **extra,
             }
 
         if not params.stream:
@@ -488,32 +484,13 @@ def create_app(server: ChatServer) -> FastAPI:
             except Exception as e:  # noqa: BLE001
                 logger.exception("generation failed")
                 return error_response(f"generation failed: {e}", 500)
-            return {
-                "id": completion_id,
-                "object": "chat.completion",
-                "created": created,
-                "model": server.model_name,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "finish_reason": gen.finish_reason,
-                    }
-                ],
-                "usage": usage(),
-            }
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
+            return envelope("chat.completion", [choice], usage=usage())
 
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            return sse(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion.chunk",
-                    "created": created,
-                    "model": server.model_name,
-                    "choices": [choice],
-                }
-            )
+            return sse(envelope("chat.completion.chunk", [choice]))
 
         async def events():
             yield chunk({"role": "assistant", "content": ""})
@@ -527,16 +504,7 @@ def create_app(server: ChatServer) -> FastAPI:
                 return
             yield chunk({}, gen.finish_reason)
             if params.include_usage:
-                yield sse(
-                    {
-                        "id": completion_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": server.model_name,
-                        "choices": [],
-                        "usage": usage(),
-                    }
-                )
+                yield sse(envelope("chat.completion.chunk", [], usage=usage()))
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -549,12 +517,6 @@ def create_app(server: ChatServer) -> FastAPI:
 
 def load_workers(args) -> tuple[list[Worker], Any, Any]:
     """Loads one replica per GPU (one on CPU/MPS): returns (workers, tokenizer, meta)."""
-    import torch
-
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.common import autodetect_device_type
-    from nanochat.engine import BatchScheduler, Engine
-
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda":
         available = torch.cuda.device_count()
@@ -567,9 +529,10 @@ def load_workers(args) -> tuple[list[Worker], Any, Any]:
         devices = [torch.device(device_type)]
     workers, tokenizer, meta = [], None, None
     for i, device in enumerate(devices):
-        model, tokenizer, meta = load_model(
-            args.source, device, phase="eval", model_tag=args.model_tag, step=args.step
-        )
+        try:
+            model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
+        except CheckpointError as e:
+            exit_with_error("chat_web", str(e))
         scheduler = BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)
         workers.append(Worker(index=i, device=str(device), scheduler=scheduler, capacity=args.max_batch))
         logger.info("worker %d ready on %s", i, device)
@@ -581,36 +544,25 @@ def main() -> None:
         description="Serve a nanochat model: web UI + OpenAI-compatible API.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage"
-    )
-    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the deepest d<N>)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    parser.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
-    parser.add_argument("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
-    parser.add_argument("-k", "--top-k", type=int, default=50, help="default top-k (0: no filtering)")
-    parser.add_argument("--max-tokens", type=int, default=512, help="default longest reply, in tokens")
-    parser.add_argument("--max-batch", type=int, default=8, help="concurrent requests per worker")
-    parser.add_argument("--log-content", action="store_true", help="also log the messages and replies")
-    parser.add_argument(
-        "--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect"
-    )
+    add = parser.add_argument
+    add("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage")
+    add("-g", "--model-tag", default=None, help="checkpoint tag (default: the deepest d<N>)")
+    add("-s", "--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+    add("--port", type=int, default=8000, help="port to listen on")
+    add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    add("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
+    add("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
+    add("-k", "--top-k", type=int, default=50, help="default top-k (0: no filtering)")
+    add("--max-tokens", type=int, default=512, help="default longest reply, in tokens")
+    add("--max-batch", type=int, default=8, help="concurrent requests per worker")
+    add("--log-content", action="store_true", help="also log the messages and replies")
+    add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     args = parser.parse_args()
-    lo, hi = TEMPERATURE_RANGE
-    if not lo <= args.temperature <= hi or math.isnan(args.temperature):
-        parser.error(f"--temperature must be in [{lo:g}, {hi:g}], got {args.temperature}")
-    if not TOP_K_RANGE[0] <= args.top_k <= TOP_K_RANGE[1]:
-        parser.error(f"--top-k must be in {list(TOP_K_RANGE)}, got {args.top_k}")
-    if not MAX_TOKENS_RANGE[0] <= args.max_tokens <= MAX_TOKENS_RANGE[1]:
-        parser.error(f"--max-tokens must be in {list(MAX_TOKENS_RANGE)}, got {args.max_tokens}")
+    for key, (lo, hi) in SAMPLING_LIMITS.items():  # the same limits as a request's fields
+        if not lo <= getattr(args, key) <= hi:  # also rejects NaN
+            parser.error(f"--{key.replace('_', '-')} must be in [{lo:g}, {hi:g}], got {getattr(args, key)}")
     if args.max_batch < 1:
         parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
-
-    import uvicorn
-
-    from nanochat.common import setup_logging
 
     setup_logging()
     workers, tokenizer, meta = load_workers(args)

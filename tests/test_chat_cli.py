@@ -77,5 +77,6 @@ def test_cli_rejects_bad_flags_with_a_clear_message(in_process, capsys):
     with pytest.raises(SystemExit) as exit_info:
         in_process("-p", "hi", "-t", "-1")
     assert exit_info.value.code == 2 and "--temperature must be >= 0" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="no rl checkpoints"):
+    with pytest.raises(SystemExit) as exit_info:  # one line naming the stage, no traceback
         in_process("-p", "hi", "-i", "rl")
+    assert exit_info.value.code == 1 and "chat_cli: no rl checkpoint" in capsys.readouterr().out

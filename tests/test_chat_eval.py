@@ -1,5 +1,7 @@
-"""chat_eval: the ChatCORE formula, the categorical and generative paths, and the script end to end."""
+"""task_accuracy (nanochat/task_eval.py) on its categorical and generative paths and across ranks;
+chat_eval: the ChatCORE formula, task selection and the script end to end."""
 
+import json
 import os
 import shutil
 import socket
@@ -10,13 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts.chat_eval import (
-    chatcore,
-    evaluate_categorical,
-    evaluate_generative,
-    parse_task_names,
-    problem_indices,
-)
+import nanochat.task_eval as task_eval
+from nanochat.task_eval import task_accuracy
+from scripts.chat_eval import chatcore, parse_task_names
 from scripts.chat_eval import main as chat_eval_main
 from tasks.common import Task
 
@@ -76,13 +74,6 @@ def test_task_names_parse_pipes_default_to_the_six_and_reject_unknown_names():
         parse_task_names("arc-easy")
 
 
-def test_problem_indices_are_capped_then_strided_across_ranks():
-    shards = [list(problem_indices(100, 10, rank, 3)) for rank in range(3)]
-    assert sorted(i for shard in shards for i in shard) == list(range(10))
-    assert shards[1] == [1, 4, 7]
-    assert list(problem_indices(5, None, 0, 1)) == [0, 1, 2, 3, 4]
-
-
 # -----------------------------------------------------------------------------
 # Categorical path on a stub model
 
@@ -115,11 +106,13 @@ class TinyMC(Task):
     def __init__(self, golds: list[str], **view):
         super().__init__(**view)
         self.golds = golds
+        self.seen: list[int] = []  # the examples this process asked for
 
     def num_examples(self):
         return len(self.golds)
 
     def get_example(self, index):
+        self.seen.append(index)
         question = "Question number " + "very " * (index * 7) + f"long {index}? - x=A - y=B - z=C - w=D"
         messages = [
             {"role": "user", "content": question},
@@ -131,17 +124,47 @@ class TinyMC(Task):
         return completion == conversation["messages"][-1]["content"]
 
 
-def test_categorical_accuracy_on_a_model_that_always_picks_one_letter(tokenizer):
-    golds = ["B", "A", "B", "D", "C", "B", "A", "D", "B", "C", "B"]
-    task = TinyMC(golds)
+GOLDS = ["B", "A", "B", "D", "C", "B", "A", "D", "B", "C", "B"]
+
+
+def test_categorical_accuracy_reads_the_answer_letter_at_the_answer_position(tokenizer):
+    task = TinyMC(GOLDS)
     for batch_size in (1, 4, 16):  # right padding in a batch must not change the answer position
-        correct, total = evaluate_categorical(
-            LetterStub(tokenizer, "B"), tokenizer, task, range(len(task)), batch_size
-        )
-        assert (correct, total) == (5, 11)
+        assert task_accuracy(LetterStub(tokenizer, "B"), tokenizer, task, batch_size=batch_size) == 5 / 11
     stub = LetterStub(tokenizer, "C", decoy="A")
-    correct, total = evaluate_categorical(stub, tokenizer, task, range(0, 11, 2), 3)
-    assert (correct, total) == (1, 6)  # indices 0,2,4,6,8,10 -> golds B,B,C,A,B,B
+    every_other = TinyMC(GOLDS, step=2)  # golds B,B,C,A,B,B
+    assert task_accuracy(stub, tokenizer, every_other, batch_size=3) == 1 / 6
+    assert task_accuracy(stub, tokenizer, task, max_problems=5) == 1 / 5  # the first five: B,A,B,D,C
+
+
+def _two_rank_worker(rank: int, port: int, tokenizer_dir: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+
+    from nanochat.common import compute_cleanup
+    from nanochat.tokenizer import Tokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    tokenizer = Tokenizer.from_directory(tokenizer_dir)
+    task = TinyMC(GOLDS)
+    accuracy = task_accuracy(LetterStub(tokenizer, "B"), tokenizer, task, max_problems=9, batch_size=2)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"accuracy": accuracy, "seen": task.seen}))
+    compute_cleanup()
+
+
+def test_two_gloo_ranks_stride_the_first_problems_and_both_return_the_summed_accuracy(
+    tiny_base_dir, tmp_path
+):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(tiny_base_dir / "tokenizer"), str(tmp_path)), nprocs=2)
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    assert results[0]["seen"] == [0, 2, 4, 6, 8] and results[1]["seen"] == [1, 3, 5, 7]
+    assert results[0]["accuracy"] == results[1]["accuracy"] == 4 / 9  # golds B,A,B,D,C,B,A,D,B
 
 
 @needs_task_data
@@ -152,7 +175,7 @@ def test_categorical_accuracy_on_arc_matches_the_share_of_gold_letters(tokenizer
     task = ARC("ARC-Easy", "test", stop=40)
     expected = sum(task[i]["messages"][-1]["content"] == "A" for i in range(len(task)))
     assert 0 < expected < 40
-    assert evaluate_categorical(LetterStub(tokenizer, "A"), tokenizer, task, range(40), 8) == (expected, 40)
+    assert task_accuracy(LetterStub(tokenizer, "A"), tokenizer, task, batch_size=8) == expected / 40
 
 
 # -----------------------------------------------------------------------------
@@ -176,6 +199,8 @@ class EchoTask(Task):
 class ScriptedEngine:
     """Returns, for the problem sampled with seed i, the scripted completions of problem i."""
 
+    max_positions = 4096
+
     def __init__(self, tokenizer, scripts):
         self.tokenizer, self.scripts, self.calls = tokenizer, scripts, []
 
@@ -186,7 +211,7 @@ class ScriptedEngine:
         return rows, [[1] * len(row) for row in rows]
 
 
-def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer):
+def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer, monkeypatch):
     scripts = {
         0: ["answer 0", "nope"],  # first sample right
         1: ["nope", "answer 1"],  # second sample right: pass@2 only
@@ -194,14 +219,15 @@ def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer):
         3: ["answer 3", "x"],
     }
     engine = ScriptedEngine(tokenizer, scripts)
-    task = EchoTask()
-    assert evaluate_generative(engine, tokenizer, task, range(4), num_samples=1) == (2, 4)
-    assert evaluate_generative(engine, tokenizer, task, range(4), num_samples=2, temperature=0.7) == (3, 4)
+    monkeypatch.setattr(task_eval, "Engine", lambda model, tokenizer: engine)
+    model, task = torch.nn.Linear(1, 1), EchoTask()
+    assert task_accuracy(model, tokenizer, task, num_samples=1) == 2 / 4
+    assert task_accuracy(model, tokenizer, task, num_samples=2, temperature=0.7) == 3 / 4
     assert engine.calls[-1][1:] == (2, 512, 0.7, 50)
     engine.calls.clear()
-    evaluate_generative(engine, tokenizer, task, [0], max_new_tokens=100, max_positions=40)
-    prompt_len, _, budget, _, _ = engine.calls[0]
-    assert prompt_len + budget <= 40  # the budget shrinks to fit the model's positions
+    task_accuracy(model, tokenizer, task, max_problems=1, max_new_tokens=100, max_context=40)
+    [(prompt_len, _, budget, _, _)] = engine.calls
+    assert prompt_len + budget <= 40  # prompt and answer fit the given context
 
 
 # -----------------------------------------------------------------------------
@@ -210,7 +236,7 @@ def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer):
 
 def _tiny_sft_base(src: Path, dst: Path) -> Path:
     """A base dir with the tiny tokenizer and a freshly initialised d2 model saved as an SFT checkpoint."""
-    from nanochat.checkpoint_manager import checkpoint_dir, model_config_dict, save_checkpoint
+    from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
     from nanochat.gpt import GPT, config_from_depth
     from nanochat.tokenizer import get_tokenizer
 
@@ -221,9 +247,7 @@ def _tiny_sft_base(src: Path, dst: Path) -> Path:
         model = GPT(config_from_depth(2, vocab, 128, aspect_ratio=32, head_dim=32))
     model.to_empty(device="cpu")
     model.init_weights()
-    save_checkpoint(
-        checkpoint_dir("sft", "d2"), 5, model, None, {"model_config": model_config_dict(model.config)}
-    )
+    save_checkpoint(checkpoint_dir("sft", "d2"), 5, model, None, {})
     return dst
 
 
@@ -267,7 +291,7 @@ def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts
     from tasks.arc import ARC
 
     model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
-    expected, _ = evaluate_categorical(model, tokenizer, ARC("ARC-Easy", "test"), range(8), batch_size=8)
+    expected = round(8 * task_accuracy(model, tokenizer, ARC("ARC-Easy", "test"), 8))
 
     # the environment torchrun would give each rank, without starting its agent process
     with socket.socket() as s:

@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import httpx
@@ -100,8 +99,7 @@ def build_base_dir(tiny_base_dir: Path, dest: Path, model_fn) -> Path:
     old = os.environ.get("NANOCHAT_BASE_DIR")
     os.environ["NANOCHAT_BASE_DIR"] = str(dest)
     try:
-        meta = {"model_config": asdict(model.config)}
-        save_checkpoint(checkpoint_dir("sft", "d2"), 1, model, None, meta)
+        save_checkpoint(checkpoint_dir("sft", "d2"), 1, model, None, {})
     finally:
         if old is None:
             del os.environ["NANOCHAT_BASE_DIR"]

@@ -31,7 +31,6 @@ from nanochat.core_eval import (
     load_core_tasks,
     load_task_subset,
     prepare_example,
-    read_core_csv,
     render_prompts,
     sample_fewshot,
     score_example,
@@ -75,6 +74,14 @@ def baselines_from_csv(bundle: Path) -> dict[str, float]:
     """Random baselines read independently of core_eval (the test's own hand computation)."""
     with open(bundle / "eval_meta_data.csv", newline="") as f:
         return {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+
+
+def read_core_csv(path: Path) -> tuple[dict[str, tuple[float, float]], float]:
+    """(task -> (accuracy, centered), CORE) of a CORE CSV (ours or a reference file), read here."""
+    with open(path, newline="") as f:
+        rows = [[cell.strip() for cell in row] for row in csv.reader(f) if row]
+    assert rows[0] == ["Task", "Accuracy", "Centered"] and rows[-1][0] == "CORE", rows
+    return {label: (float(acc), float(centered)) for label, acc, centered in rows[1:-1]}, float(rows[-1][2])
 
 
 def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
@@ -504,14 +511,12 @@ def test_zip_with_path_traversal_is_refused_and_writes_nothing_outside(tmp_path)
 
 
 def test_base_eval_script_writes_csv_and_report_for_a_saved_checkpoint(tiny_base_dir, tmp_path):
-    from nanochat.checkpoint_manager import model_config_dict, save_checkpoint
+    from nanochat.checkpoint_manager import save_checkpoint
 
     base = tmp_path / "base"
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
     model = tiny_model(1024)
-    save_checkpoint(
-        base / "base_checkpoints" / "d2", 5, model, None, {"model_config": model_config_dict(model.config)}
-    )
+    save_checkpoint(base / "base_checkpoints" / "d2", 5, model, None, {})
     bundle = write_tiny_bundle(tmp_path / "bundle", with_missing=True)
     env = {
         **os.environ,

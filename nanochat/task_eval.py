@@ -1,0 +1,99 @@
+"""
+Accuracy of a chat model on a task: the one evaluation that chat_eval and chat_sft both run.
+
+- One entry point, `task_accuracy`; the task's `eval_type` picks how an answer is read.
+- Categorical (multiple choice): no sampling. One forward per batch of questions; the answer
+  is the argmax, at the answer position, over the logits of that question's letters only.
+- Generative: `num_samples` completions per problem from the Engine (calculator included),
+  graded as text by `task.evaluate`; a problem counts as solved if any sample is (pass@n).
+- Problems are strided across ranks and the counts summed, so every rank returns the same
+  accuracy; sampling seeds are problem indices, so it does not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import ProgressBar, all_reduce_sum, autocast
+from nanochat.engine import Engine, prompt_and_budget
+
+
+@torch.no_grad()
+def task_accuracy(
+    model,
+    tokenizer,
+    task,
+    max_problems: int | None = None,
+    *,
+    batch_size: int = 8,
+    num_samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_k: int | None = 50,
+    max_context: int | None = None,
+    progress: str | None = None,
+) -> float:
+    """The fraction of the first `max_problems` problems of `task` (all if None) the model solves.
+
+    Every rank must call it. `batch_size` is questions per forward (categorical); the others are
+    for generative tasks: prompt and answer share `max_context` positions (default: all the model
+    can encode). With `progress`, rank 0 shows a progress bar with that label.
+    """
+    device = next(model.parameters()).device
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    n = len(task) if max_problems is None else min(len(task), max_problems)
+    indices = range(rank, n, world_size)
+    bar = ProgressBar(len(indices), desc=f"{progress} (rank 0)", unit="q") if progress and rank == 0 else None
+    if task.eval_type == "categorical":
+        correct = _categorical(model, tokenizer, task, indices, batch_size, bar)
+    else:
+        engine = Engine(model, tokenizer)
+        sampling = (num_samples, max_new_tokens, temperature, top_k, max_context or engine.max_positions)
+        correct = _generative(engine, tokenizer, task, indices, *sampling, bar)
+    if bar is not None:
+        bar.close()
+    correct, total = all_reduce_sum([correct, len(indices)], device)
+    return correct / total if total else 0.0
+
+
+def _categorical(model, tokenizer, task, indices: Sequence[int], batch_size: int, bar) -> int:
+    device = next(model.parameters()).device
+    max_len = model.config.sequence_len
+    pad_id = tokenizer.get_bos_token_id()
+    correct = 0
+    for start in range(0, len(indices), batch_size):
+        conversations = [task[i] for i in indices[start : start + batch_size]]
+        # an overlong prompt keeps its end: the choices and the answer position
+        prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
+        # right padding: the model is causal, so what follows a row's last token cannot change its logits
+        batch = torch.full((len(prompts), max(len(p) for p in prompts)), pad_id, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            batch[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        with autocast(device):
+            logits = model(batch.to(device))  # (B, T, V)
+        for row, (conversation, prompt) in enumerate(zip(conversations, prompts, strict=True)):
+            letters = conversation["letters"]
+            letter_ids = [tokenizer.encode(letter)[0] for letter in letters]  # one byte: one token
+            answer = letters[int(logits[row, len(prompt) - 1, letter_ids].argmax())]
+            correct += bool(task.evaluate(conversation, answer))
+        if bar is not None:
+            bar.update(len(prompts))
+    return correct
+
+
+def _generative(
+    engine, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k, max_context, bar
+) -> int:
+    solved = 0
+    for i in indices:
+        conversation = task[i]
+        prompt, budget = prompt_and_budget(tokenizer, conversation, max_context, max_new_tokens)
+        results, _ = engine.generate_batch(prompt, num_samples, budget, temperature, top_k, seed=i)
+        solved += any(task.evaluate(conversation, tokenizer.decode(r[len(prompt) :])) for r in results)
+        if bar is not None:
+            bar.update(1)
+    return solved
