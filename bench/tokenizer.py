@@ -20,7 +20,6 @@ Prints one JSON line. Default corpus: the FineWeb sample and tinyshakespeare in
 import argparse
 import json
 import os
-import pickle
 import resource
 import statistics
 import subprocess
@@ -77,7 +76,7 @@ def train_worker(trainer: str, vocab: int, corpus: list[str], out: str) -> None:
         tok = rustbpe.Tokenizer()
         tok.train_from_iterator(iter(docs), vocab, pattern=PATTERN)
         wall = time.perf_counter() - t0
-        ranks = tok.get_mergeable_ranks()
+        ranks = [[token.hex(), rank] for token, rank in tok.get_mergeable_ranks()]  # JSON has no bytes
     else:
         from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
@@ -99,8 +98,8 @@ def train_worker(trainer: str, vocab: int, corpus: list[str], out: str) -> None:
         tok.train_from_iterator(docs, bpe)
         wall = time.perf_counter() - t0
         ranks = None
-    with open(out, "wb") as f:
-        pickle.dump({"wall_s": wall, "rss_before_mb": rss_before, "ranks": ranks}, f)
+    with open(out, "w") as f:
+        json.dump({"wall_s": wall, "rss_before_mb": rss_before, "ranks": ranks}, f)
 
 
 def encode_worker(vocab: int, threads: int, corpus: list[str], repeat: int, out: str) -> None:
@@ -129,8 +128,8 @@ def encode_worker(vocab: int, threads: int, corpus: list[str], repeat: int, out:
         results[name] = {"median_s": wall, "mb_per_s": megabytes / wall}
         results[name + "_ids"] = ids
     identical = results.pop("ours_ids") == results.pop("tiktoken_ids")
-    with open(out, "wb") as f:
-        pickle.dump({"results": results, "ids_identical": identical}, f)
+    with open(out, "w") as f:
+        json.dump({"results": results, "ids_identical": identical}, f)
 
 
 # -----------------------------------------------------------------------------
@@ -149,14 +148,14 @@ def ensure_peer() -> None:
 def run_worker(args: list[str], threads: int) -> tuple[dict, float]:
     """Runs this file as a worker; returns its result and its own peak RSS in MB."""
     env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "RAYON_RS_NUM_THREADS": str(threads)}
-    with tempfile.NamedTemporaryFile(suffix=".pkl") as out:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
         proc = subprocess.Popen([sys.executable, __file__, *args, "--out", out.name], env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             raise RuntimeError(f"worker {args[:3]} failed with exit code {proc.returncode}")
-        with open(out.name, "rb") as f:
-            return pickle.load(f), usage.ru_maxrss / 1024
+        with open(out.name) as f:
+            return json.load(f), usage.ru_maxrss / 1024
 
 
 def main() -> None:

@@ -1,24 +1,14 @@
 """
-Evaluate the trained tokenizer's compression against GPT-2's and GPT-4's (cl100k_base) tokenizers.
+Compare the compression (bytes per token) of our tokenizer with GPT-2's and GPT-4's (cl100k_base).
 
     python -m scripts.tok_eval                # references from ../shared/data/tokenizers if present
     python -m scripts.tok_eval --ref-dir DIR  # DIR/{gpt2/r50k_base,cl100k_base/cl100k_base}.tiktoken
 
-Design choices:
-- Compression is bytes per token (UTF-8 bytes of the text / tokens): higher is better. The
-  relative difference is (ref tokens - our tokens) / ref tokens in percent, so a positive
-  number means our tokenizer needs fewer tokens than the reference on that text.
-- The texts: five short samples written for this script (news-like English, Korean, Python
-  code, math in LaTeX, science prose), so every run compares on the same fixed strings, plus
-  the start of the train and val splits of base_data/ (the first documents joined by
-  newlines, cut to --sample-chars), which show how well the tokenizer fits its own data
-  versus held-out text from the same source. A missing split is skipped with a note.
-- Reference tokenizers come only from local `.tiktoken` files, never from the network:
-  --ref-dir, else $NANOCHAT_TOKENIZER_REFS, else ../shared/data/tokenizers next to the
-  repo. A missing file skips that comparison with a printed note; nothing crashes.
-- Every text must survive our encode/decode round trip; a failure is a bug and exits non-zero.
-- The tables are printed as padded markdown and logged verbatim as the report section
-  "Tokenizer evaluation".
+- Diff % = (ref tokens - our tokens) / ref tokens: positive means we need fewer tokens.
+- Texts: five fixed samples written for this script (news, Korean, Python, LaTeX math, science),
+  and the start of the train and val splits (how well we fit our own data vs held-out text).
+- References come only from local `.tiktoken` files, never the network; a missing file or split
+  is skipped with a note. A text that does not round-trip through our tokenizer is a bug: exit 1.
 """
 
 import argparse
@@ -39,7 +29,9 @@ REFERENCES = {
     "GPT-4": ("cl100k_base", "cl100k_base/cl100k_base.tiktoken"),
 }
 
-NEWS_TEXT = """\
+# Fixed samples written for this script, so every run compares on the same strings.
+BUILTIN_TEXTS = {
+    "news": """\
 RIVERTON, Ore. (Staff report) -- City council members voted 6-3 on Tuesday night to approve a \
 $48.5 million plan to rebuild the Elm Street bridge, ending nearly two years of debate over how \
 to replace the 1962 span that engineers rated "structurally deficient" last spring.
@@ -51,18 +43,16 @@ to some commutes. "Nobody likes a detour," Mayor Linda Okafor told reporters aft
 
 Roughly 60% of the money will come from a federal infrastructure grant; the rest will be \
 covered by a bond measure voters passed in November 2023.
-"""
-
-KOREAN_TEXT = """\
+""",
+    "korean": """\
 오늘 아침 서울의 기온은 영하 5도까지 내려가 올겨울 들어 가장 추운 날씨를 기록했습니다. \
 기상청은 이번 추위가 주말까지 이어질 것으로 내다보고, 노약자와 어린이는 외출을 자제하고 \
 수도관 동파에 대비해 달라고 당부했습니다.
 
 한편 지하철과 버스 등 대중교통은 평소와 같이 운행되고 있지만, 일부 도로에서는 빙판길로 인한 \
 교통 체증이 발생하고 있습니다. 운전자들은 속도를 줄이고 안전거리를 충분히 확보해야 합니다.
-"""
-
-CODE_TEXT = '''\
+""",
+    "code": '''\
 from collections import Counter
 
 
@@ -79,9 +69,8 @@ def top_words(path: str, k: int = 10) -> list[tuple[str, int]]:
 if __name__ == "__main__":
     for word, n in top_words("book.txt", k=5):
         print(f"{word:>12} {n:6d}")
-'''
-
-MATH_TEXT = r"""\
+''',
+    "math": r"""\
 \begin{theorem}[Cauchy--Schwarz]
 For all vectors $u, v$ in an inner product space $V$,
 \[
@@ -94,9 +83,8 @@ $0 \le \|u - \lambda v\|^2 = \|u\|^2 - \frac{|\langle u, v \rangle|^2}{\|v\|^2}$
 and multiplying by $\|v\|^2 > 0$ gives the claim. Equality holds iff $u = \lambda v$.
 \end{proof}
 We also have $\sum_{k=1}^{n} k^2 = \frac{n(n+1)(2n+1)}{6}$ and $e^{i\pi} + 1 = 0$.
-"""
-
-SCIENCE_TEXT = """\
+""",
+    "science": """\
 Photosynthesis converts light energy into chemical energy stored in sugars. In the light-dependent \
 reactions, which take place in the thylakoid membranes of the chloroplast, chlorophyll absorbs \
 photons and uses their energy to split water molecules, releasing oxygen as a by-product. The \
@@ -104,60 +92,37 @@ electrons freed in this process travel along an electron transport chain, pumpin
 the membrane; the resulting gradient drives ATP synthase. In the Calvin cycle, the enzyme RuBisCO \
 fixes carbon dioxide onto a five-carbon sugar, and ATP and NADPH from the light reactions power the \
 steps that turn the product into glyceraldehyde-3-phosphate. Overall: 6 CO2 + 6 H2O -> C6H12O6 + 6 O2.
-"""
-
-BUILTIN_TEXTS = {
-    "news": NEWS_TEXT,
-    "korean": KOREAN_TEXT,
-    "code": CODE_TEXT,
-    "math": MATH_TEXT,
-    "science": SCIENCE_TEXT,
+""",
 }
-
-
-def default_ref_dir() -> Path | None:
-    """$NANOCHAT_TOKENIZER_REFS if set, else ../shared/data/tokenizers beside the repo if it exists."""
-    env = os.environ.get("NANOCHAT_TOKENIZER_REFS")
-    if env:
-        return Path(env).expanduser()
-    shared = REPO_ROOT.parent / "shared" / "data" / "tokenizers"
-    return shared if shared.is_dir() else None
 
 
 def split_sample(split: str, num_chars: int) -> str:
     """The first documents of a base_data split joined by newlines, cut to `num_chars` chars."""
     pieces, total = [], 0
-    for batch in parquets_iter_batched(split):
-        for doc in batch:
-            pieces.append(doc)
-            total += len(doc) + 1
-            if total >= num_chars:
-                return "\n".join(pieces)[:num_chars]
+    for doc in (doc for batch in parquets_iter_batched(split) for doc in batch):
+        pieces.append(doc)
+        total += len(doc) + 1
+        if total >= num_chars:
+            break
     return "\n".join(pieces)[:num_chars]
 
 
 def comparison_rows(texts: dict[str, str], ours: Tokenizer, ref: Tokenizer | None, label: str) -> list[list]:
     """Table rows (header first, an "all texts" total last) comparing our token counts with `ref`'s."""
-    header = ["Text", "Bytes", "Ours tokens", "Ours ratio"]
-    if ref is not None:
-        header = ["Text", "Bytes", "Ours tokens", f"{label} tokens", "Ours ratio", f"{label} ratio", "Diff %"]
-
-    def row(name: str, num_bytes: int, ours_tokens: int, ref_tokens: int) -> list:
-        if ref is None:
-            return [name, num_bytes, ours_tokens, f"{num_bytes / ours_tokens:.2f}"]
-        ratios = f"{num_bytes / ours_tokens:.2f}", f"{num_bytes / ref_tokens:.2f}"
-        diff = 100 * (ref_tokens - ours_tokens) / ref_tokens
-        return [name, num_bytes, ours_tokens, ref_tokens, *ratios, f"{diff:+.1f}"]
-
-    rows, totals = [header], [0, 0, 0]
+    counts = {}  # name -> (bytes, our tokens, ref tokens)
     for name, text in texts.items():
-        num_bytes = len(text.encode("utf-8"))
-        ours_tokens = len(ours.encode(text))
-        ref_tokens = len(ref.encode(text)) if ref is not None else 0
-        rows.append(row(name, num_bytes, ours_tokens, ref_tokens))
-        totals = [totals[0] + num_bytes, totals[1] + ours_tokens, totals[2] + ref_tokens]
-    rows.append(row("all texts", *totals))
-    return rows
+        ref_tokens = len(ref.encode(text)) if ref else 0
+        counts[name] = (len(text.encode("utf-8")), len(ours.encode(text)), ref_tokens)
+    counts["all texts"] = tuple(map(sum, zip(*counts.values(), strict=True)))
+    if ref is None:
+        rows = [[name, b, o, f"{b / o:.2f}"] for name, (b, o, _) in counts.items()]
+        return [["Text", "Bytes", "Ours tokens", "Ours ratio"], *rows]
+    header = ["Text", "Bytes", "Ours tokens", f"{label} tokens", "Ours ratio", f"{label} ratio", "Diff %"]
+    rows = [
+        [name, b, o, r, f"{b / o:.2f}", f"{b / r:.2f}", f"{100 * (r - o) / r:+.1f}"]
+        for name, (b, o, r) in counts.items()
+    ]
+    return [header, *rows]
 
 
 # -----------------------------------------------------------------------------
@@ -171,9 +136,9 @@ parser = argparse.ArgumentParser(
 parser.add_argument(
     "--ref-dir",
     type=Path,
-    default=default_ref_dir(),
-    help="folder with gpt2/r50k_base.tiktoken and cl100k_base/cl100k_base.tiktoken; when not given: "
-    "$NANOCHAT_TOKENIZER_REFS, else ../shared/data/tokenizers beside the repo if it exists",
+    default=os.environ.get("NANOCHAT_TOKENIZER_REFS") or str(REPO_ROOT.parent / "shared/data/tokenizers"),
+    help="folder with gpt2/r50k_base.tiktoken and cl100k_base/cl100k_base.tiktoken; "
+    "$NANOCHAT_TOKENIZER_REFS sets the default, else ../shared/data/tokenizers beside the repo",
 )
 parser.add_argument(
     "--sample-chars", type=int, default=10_000, help="chars taken from the start of each base_data split"
@@ -194,12 +159,11 @@ print0(f"our tokenizer: vocab size {ours.get_vocab_size():,}")
 notes = []
 references: dict[str, Tokenizer] = {}
 for label, (name, relative) in REFERENCES.items():
-    path = args.ref_dir / relative if args.ref_dir is not None else None
-    if path is None or not path.is_file():
-        where = path if path is not None else "no --ref-dir given and no ../shared/data/tokenizers"
-        notes.append(f"{label} ({name}) skipped: reference file not found ({where})")
-        continue
-    references[label] = Tokenizer.from_pretrained(name, path)
+    path = args.ref_dir.expanduser() / relative
+    if path.is_file():
+        references[label] = Tokenizer.from_pretrained(name, path)
+    else:
+        notes.append(f"{label} ({name}) skipped: reference file not found ({path})")
 
 # -----------------------------------------------------------------------------
 # Texts: the built-in samples, then the start of each base_data split

@@ -1,36 +1,26 @@
 """
-Train the BPE tokenizer on the pretraining text in base_data/ and save it to <base dir>/tokenizer/.
+Train the BPE tokenizer on the train split of base_data/ and save it to <base dir>/tokenizer/.
 
-    python -m scripts.tok_train                                   # 65,536 tokens on ~2B chars
+    python -m scripts.tok_train                                          # 65,536 tokens on ~2B chars
     python -m scripts.tok_train --vocab-size 4096 --max-chars 20000000   # tiny CPU run
 
-Design choices:
-- The text is the "train" split of base_data/ in file order, each document cropped to
-  --doc-cap chars (a few huge documents, e.g. a long table dump, should not dominate the
-  pair counts), the last one cropped so that exactly at most --max-chars chars are read.
-- Progress: a bar over the characters read; rustbpe pulls text in buffers while it counts
-  chunks, so the bar tracks the counting phase, and a line marks the start of the merges.
-- The tokenizer is sanity-checked (lossless round trip of a fixed mixed sample; no special
-  token produced by ordinary text) *before* it is saved, so a broken one never replaces a
-  good tokenizer on disk; the saved files are then reloaded and checked to encode the same.
-- Bad input fails early with exit code != 0 and a message saying what to do: an empty
-  base_data/ (points to `python -m nanochat.dataset`), or a vocab size below 256 byte
-  tokens + the special tokens.
+- Each document is cropped to --doc-cap chars, so a few huge ones (a long table dump) do not
+  dominate the pair counts; reading stops at exactly --max-chars chars.
+- The progress bar follows the text rustbpe pulls while it counts chunks; a line marks the merges.
+- The tokenizer is checked (a fixed mixed text round-trips, no special token comes out of ordinary
+  text) before it is saved, so a broken one never replaces a good one on disk.
 """
 
 import argparse
 import sys
 import time
 
-import torch
-
 from nanochat.common import ProgressBar, get_base_dir, print0
 from nanochat.dataset import parquets_iter_batched, read_manifest
 from nanochat.report import get_report
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
-# A fixed text mixing what the tokenizer must handle losslessly: prose, numbers, code,
-# non-Latin scripts, emoji, odd whitespace, and text that merely spells a special token.
+# Prose, numbers, code, non-Latin scripts, emoji, odd whitespace, and text spelling special tokens.
 SANITY_TEXT = (
     "Hello world! The year 2025 had 365 days; 3.14159 is close to pi.\n"
     "def add(a, b):\n    return a + b  # tabs\tand   spaces\r\n"
@@ -52,19 +42,18 @@ parser.add_argument("--doc-cap", type=int, default=10_000, help="each document i
 parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size, special tokens included")
 parser.add_argument("--num-threads", type=int, default=None, help="threads for rustbpe; None = all CPU cores")
 args = parser.parse_args()
-
-min_vocab = 256 + len(SPECIAL_TOKENS)
-if args.vocab_size < min_vocab:
+if args.vocab_size < MIN_VOCAB_SIZE:
     parser.error(
-        f"--vocab-size must be at least {min_vocab} (256 byte tokens + {len(SPECIAL_TOKENS)} special "
+        f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special "
         f"tokens), got {args.vocab_size}"
     )
-if args.max_chars < 1:
-    parser.error(f"--max-chars must be positive, got {args.max_chars}")
-if args.doc_cap < 1:
-    parser.error(f"--doc-cap must be positive, got {args.doc_cap}")
-if args.num_threads is not None and args.num_threads < 1:
-    parser.error(f"--num-threads must be positive, got {args.num_threads}")
+for flag, value in [
+    ("--max-chars", args.max_chars),
+    ("--doc-cap", args.doc_cap),
+    ("--num-threads", args.num_threads),
+]:
+    if value is not None and value < 1:
+        parser.error(f"{flag} must be positive, got {value}")
 print0(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
 
 # -----------------------------------------------------------------------------
@@ -74,11 +63,9 @@ try:
     next(parquets_iter_batched("train"), None)  # fail here, with the dataset's hint, if there is no text
 except FileNotFoundError as e:
     sys.exit(f"tok_train: {e}")
-
 manifest = read_manifest() or {}
 corpus_chars = manifest.get("num_chars")  # known for imported corpora, null for FineWeb-Edu downloads
-# the bar's total: max_chars, unless the corpus is known to run out first (then the total is unknown,
-# since cropping to doc_cap makes the train split's size unknowable without reading it)
+# the bar's total is unknown when the corpus runs out first: cropping makes its size unknowable unread
 expected_chars = None if corpus_chars and corpus_chars < args.max_chars else args.max_chars
 chars_seen = 0
 
@@ -86,9 +73,8 @@ chars_seen = 0
 def text_iterator():
     """Documents of the train split, each cropped to doc_cap chars, until max_chars chars are out."""
     global chars_seen
-    docs = (doc for batch in parquets_iter_batched("train") for doc in batch)
     with ProgressBar(expected_chars, desc="reading text", unit="chars") as bar:
-        for doc in docs:
+        for doc in (doc for batch in parquets_iter_batched("train") for doc in batch):
             doc = doc[: min(args.doc_cap, args.max_chars - chars_seen)]
             chars_seen += len(doc)
             bar.update(len(doc))
@@ -99,44 +85,35 @@ def text_iterator():
 
 
 # -----------------------------------------------------------------------------
-# Train
+# Train, check, save
 
 t0 = time.time()
 try:
     tokenizer = Tokenizer.train_from_iterator(
-        text_iterator(), args.vocab_size, num_threads=args.num_threads, verbose=True
+        text_iterator(), args.vocab_size, args.num_threads, verbose=True
     )
 except ValueError as e:  # e.g. a corpus of empty documents, or one too small to merge anything
     sys.exit(f"tok_train: training failed: {e}")
 train_time = time.time() - t0
 print0(f"trained on {chars_seen:,} chars in {train_time:.1f}s; vocab size {tokenizer.get_vocab_size():,}")
 
-# -----------------------------------------------------------------------------
-# Sanity check, then save (a tokenizer that fails the check never overwrites a good one)
-
 ids = tokenizer.encode(SANITY_TEXT)
-special_ids = set(tokenizer.get_special_tokens().values())
 if tokenizer.decode(ids) != SANITY_TEXT:
     sys.exit("tok_train: sanity check failed: decode(encode(text)) != text; the tokenizer was not saved")
-if special_ids & set(ids):
+if set(tokenizer.get_special_tokens().values()) & set(ids):
     sys.exit("tok_train: sanity check failed: ordinary text produced a special token; not saved")
 num_bytes = len(SANITY_TEXT.encode("utf-8"))
 print0(f"sanity check passed: {num_bytes} bytes -> {len(ids)} tokens ({num_bytes / len(ids):.2f} bytes/tok)")
 
 tokenizer_dir = get_base_dir() / "tokenizer"
 tokenizer.save(tokenizer_dir)
-reloaded = Tokenizer.from_directory(tokenizer_dir)
-if reloaded.encode(SANITY_TEXT) != ids:
-    sys.exit(f"tok_train: the tokenizer reloaded from {tokenizer_dir} encodes differently than before saving")
-print0(f"saved tokenizer.pkl and token_bytes.pt to {tokenizer_dir}")
+print0(f"saved the tokenizer to {tokenizer_dir}")
 
 # -----------------------------------------------------------------------------
 # Token byte lengths (what bits-per-byte divides by) and the report
 
-token_bytes = torch.load(tokenizer_dir / "token_bytes.pt")
-is_special = torch.zeros(len(token_bytes), dtype=torch.bool)
-is_special[list(special_ids)] = True
-ordinary_bytes = token_bytes[~is_special].float()
+token_bytes = tokenizer.token_bytes()
+ordinary_bytes = token_bytes[: -len(SPECIAL_TOKENS)].float()  # the special tokens come last
 stats = {
     "token_bytes_min": int(ordinary_bytes.min()),
     "token_bytes_max": int(ordinary_bytes.max()),
@@ -156,7 +133,7 @@ get_report().log(
             "vocab_size_requested": args.vocab_size,
             "chars_seen": chars_seen,
             "train_time_s": train_time,
-            "num_special_tokens": len(special_ids),
+            "num_special_tokens": len(SPECIAL_TOKENS),
             **stats,
         }
     ],
