@@ -500,21 +500,3 @@ def get_peak_flops(device) -> float | None:
             return flops
     logger.warning("unknown GPU %r: MFU will not be reported", name)
     return None
-
-
-# TEMPORARY shims while callers move to `autocast(device)` (removed before the commit that lands)
-def get_compute_dtype(device) -> Any:
-    return compute_dtype(device)
-
-
-def autocast_dtype_for(device) -> Any:
-    import torch
-
-    dtype = compute_dtype(device)
-    return None if dtype == torch.float32 else dtype
-
-
-def autocast_context(device, dtype) -> Any:
-    import torch
-
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None else nullcontext()

@@ -368,16 +368,24 @@ def test_download_backoff_grows_exponentially_with_cap(server, tmp_path, monkeyp
     assert waits == [1.0, 2.0, 4.0, 5.0]
 
 
-def test_autocast_is_off_on_cpu_and_runs_matmuls_in_the_given_dtype():
+def test_autocast_is_off_on_cpu_and_follows_compute_dtype(monkeypatch):
     import torch
 
-    assert common.get_compute_dtype("cpu") == torch.float32
-    assert common.autocast_dtype_for("cpu") is None
     a = torch.randn(4, 4)
-    with common.autocast_context("cpu", None):
+    assert common.compute_dtype("cpu") == torch.float32
+    with common.autocast("cpu"):
         assert (a @ a).dtype == torch.float32
-    with common.autocast_context(torch.device("cpu"), torch.bfloat16):
+    monkeypatch.setattr(common, "compute_dtype", lambda device: torch.bfloat16)  # as on an SM80+ GPU
+    with common.autocast(torch.device("cpu")):
         assert (a @ a).dtype == torch.bfloat16
+
+
+def test_all_reduce_sum_and_compiled_are_identities_on_one_cpu_process():
+    import torch
+
+    assert common.all_reduce_sum([1.5, 2.0], "cpu") == [1.5, 2.0]
+    model = torch.nn.Linear(2, 2)
+    assert common.compiled(model, "cpu") is model  # eager off CUDA
 
 
 def test_exit_with_error_prints_the_script_and_message_and_exits_1(capsys):
