@@ -1,41 +1,16 @@
-"""
-Pretraining text: fill `base_data/` with parquet shards, and read them back per rank.
+"""Pretraining text: fill `base_data/` with parquet shards, and read them back per rank.
 
     python -m nanochat.dataset -n 8            # FineWeb-Edu: val shard 1822, then train shards 0..7
     python -m nanochat.dataset --from-dir DIR  # import local .parquet / .txt / .jsonl (also .gz)
     python -m nanochat.dataset --offline       # the embedded corpus: this Python's own stdlib
 
 Design choices:
-- Every source produces the same layout: `shard_{i:05d}.parquet` files with one string
-  column `text`, row groups of at most 1024 docs, and one held-out validation shard, named
-  in `base_data/manifest.json` ({"source", "detail", "val_shard", "num_docs",
-  "num_chars", "num_shards"}). Downstream code reads `base_data/` only and never knows
-  where the text came from. FineWeb-Edu's validation shard is pinned to 1822 and is
-  downloaded first; its manifest leaves `num_chars` null (counting would read every shard).
-- Downloads go through `common.download_file`: per-shard lock, temp file + atomic rename,
-  retries with backoff, and a `validate` that opens the parquet footer, so a truncated or
-  garbage body is rejected and retried. Re-running skips valid shards and repairs broken
-  ones (stray temp files, a final-named file that fails to open).
-- Imports (`--from-dir`, `--offline`) collect all docs in memory (meant for corpora up to a
-  few GB), shuffle them with a fixed seed (pretraining wants mixed topics, and the held-out
-  docs should look like the training ones), hold out the last 5% (at least 1 doc, at most one
-  shard) as the validation shard, which gets the LAST shard index. Row groups shrink below
-  1024 docs when a split is small, so that each split has at least 8 row groups (8 ranks).
-- Text without document boundaries (.txt files, stdlib sources) becomes one doc per file,
-  except that a file over 20,000 chars is cut at blank lines (then at line breaks) into
-  docs of at most 20,000 chars; no characters are lost. Parquet rows and JSONL lines are
-  already documents and are kept whole; empty ones and JSONL lines without a string
-  `text` field are skipped, counted and reported. Hidden files/dirs are ignored.
-- An import replaces every shard in the directory. To protect expensive downloads from an
-  accidental import (and imported shards from being mixed with downloads), a source never
-  writes into a directory holding another source's shards unless `--force` is given, which
-  deletes them first. A directory with shards but no manifest counts as FineWeb-Edu (the
-  layout the reference project writes).
-- The offline corpus: the Python documentation topics bundled for `pydoc`, then the
-  standard library's `.py` files (library first, then its tests), walked in sorted order,
-  up to `--max-chars`. Same machine and Python -> same shards, byte for byte.
-- `parquets_iter_batched` strides row groups across ranks: the global row-group index i
-  over the split's files (in name order) goes to the rank with `i % step == start`.
+- One layout for every source: `shard_{i:05d}.parquet` files with one `text` column, row groups
+  of at most 1024 docs (the unit ranks split work by), and a held-out val shard named in
+  `manifest.json`. Downstream code never knows where the text came from.
+- Imports shuffle all docs with a fixed seed and hold out the last 5% as the last shard;
+  same input, same bytes.
+- A directory holds one source: another source's shards are replaced only with --force.
 """
 
 from __future__ import annotations
@@ -84,7 +59,6 @@ NO_DATA_HINT = (
 
 
 def shard_name(index: int) -> str:
-    """File name of shard `index`: shard_00042.parquet."""
     return f"shard_{index:05d}.parquet"
 
 
@@ -98,9 +72,7 @@ def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 def read_manifest(data_dir: str | os.PathLike | None = None) -> dict | None:
     """The manifest of `base_data` (source, val shard, counts), or None when there is none."""
     path = get_data_dir(data_dir) / MANIFEST
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _write_manifest(data_dir: Path, manifest: dict) -> None:
@@ -113,20 +85,15 @@ def list_parquet_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
     return sorted(p for p in get_data_dir(data_dir).glob("*.parquet") if p.is_file())
 
 
-def _require_files(data_dir: Path) -> list[Path]:
-    files = list_parquet_files(data_dir)
-    if not files:
-        raise FileNotFoundError(f"no parquet shards in {data_dir}: {NO_DATA_HINT}")
-    return files
-
-
 def get_val_shard(data_dir: str | os.PathLike | None = None) -> Path:
     """The validation shard: the one named in the manifest, else the last file by name."""
     data_dir = get_data_dir(data_dir)
-    files = _require_files(data_dir)
+    files = list_parquet_files(data_dir)
+    if not files:
+        raise FileNotFoundError(f"no parquet shards in {data_dir}: {NO_DATA_HINT}")
     manifest = read_manifest(data_dir)
     if manifest is None or not manifest.get("val_shard"):
-        return files[-1]
+        return files[-1]  # the layout the reference project writes
     path = data_dir / manifest["val_shard"]
     if not path.exists():
         raise FileNotFoundError(
@@ -137,21 +104,13 @@ def get_val_shard(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
-    """Every row group of `split` as (file, row group within that file), in global index order.
-
-    Entry i is the row group with global index i, the same numbering `parquets_iter_batched`
-    strides by; only parquet footers are read, so a reader can start anywhere without
-    reading the row groups before it.
-    """
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    data_dir = get_data_dir(data_dir)
-    files = _require_files(data_dir)
-    val = get_val_shard(data_dir)
-    files = [val] if split == "val" else [f for f in files if f != val]
+    """Every row group of `split` ("train"|"val") as (file, group in file); entry i has global index i."""
+    assert split in ("train", "val"), split
+    val = get_val_shard(data_dir)  # reads footers only, so a reader can start at any row group
+    files = [val] if split == "val" else [f for f in list_parquet_files(data_dir) if f != val]
     if not files:
         raise FileNotFoundError(
-            f"{data_dir} holds only the validation shard, no training shards: {NO_DATA_HINT}"
+            f"{val.parent} holds only the validation shard, no training shards: {NO_DATA_HINT}"
         )
     groups = []
     for path in files:
@@ -163,30 +122,18 @@ def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> li
 def parquets_iter_batched(
     split: str, start: int = 0, step: int = 1, data_dir: str | os.PathLike | None = None
 ) -> Iterator[list[str]]:
-    """Yield the texts of each row group of `split` ("train"|"val") whose global index i % step == start."""
-    if not 0 <= start < step:
-        raise ValueError(f"need 0 <= start < step, got start={start} step={step}")
-    open_path, pf = None, None
-    try:
-        for path, group in list_row_groups(split, data_dir)[start::step]:
-            if path != open_path:
-                if pf is not None:
-                    pf.close()
-                open_path, pf = path, pq.ParquetFile(path)
+    """Yield the texts of each row group of `split` whose global index i has i % step == start."""
+    for path, group in list_row_groups(split, data_dir)[start::step]:
+        with pq.ParquetFile(path) as pf:  # a footer read per row group: cheap next to the rows
             yield pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
-    finally:
-        if pf is not None:
-            pf.close()
 
 
 def _claim(data_dir: Path, source: str, force: bool) -> None:
     """Refuse to mix sources in one directory; with `force`, delete the other source's shards."""
     existing = list_parquet_files(data_dir)
-    if not existing:
-        return
     manifest = read_manifest(data_dir)
-    old = manifest.get("source") if manifest else "fineweb-edu"
-    if old == source:
+    old = manifest.get("source") if manifest else "fineweb-edu"  # shards without manifest: downloaded
+    if not existing or old == source:
         return
     if not force:
         raise RuntimeError(
@@ -207,8 +154,7 @@ def _clear(data_dir: Path) -> None:
 
 def validate_shard(path: str | os.PathLike) -> None:
     """Raise unless `path` is a readable parquet file with a `text` column."""
-    with pq.ParquetFile(path) as pf:
-        names = pf.metadata.schema.names
+    names = pq.read_schema(path).names  # reads the footer: a truncated or garbage body fails here
     if "text" not in names:
         raise ValueError(f"{path} has no 'text' column (columns: {names})")
 
@@ -218,31 +164,23 @@ def download_shards(
     data_dir: str | os.PathLike | None = None,
     base_url: str = BASE_URL,
     workers: int = 4,
-    timeout: float = 30.0,
-    retries: int = 5,
-    backoff: float = 1.0,
+    **download,
 ) -> list[Path]:
-    """Download shards in parallel (skipping valid ones); raise RuntimeError listing any that failed."""
+    """Download shards in parallel (skipping valid ones); raise RuntimeError listing any that failed.
+
+    `download` (timeout, retries, backoff) goes to `common.download_file`.
+    """
     data_dir = get_data_dir(data_dir)
     indices = list(indices)
-    for i in indices:
-        if not 0 <= i <= MAX_SHARD:
-            raise ValueError(f"shard index {i} out of range 0..{MAX_SHARD}")
 
     def fetch(i: int) -> Path:
         url = f"{base_url.rstrip('/')}/{shard_name(i)}"
         return download_file(
-            url,
-            data_dir / shard_name(i),
-            timeout=timeout,
-            retries=retries,
-            backoff=backoff,
-            validate=validate_shard,
-            progress=False,
+            url, data_dir / shard_name(i), validate=validate_shard, progress=False, **download
         )
 
     paths, failures = [], []
-    with ThreadPoolExecutor(max(1, workers)) as pool, ProgressBar(len(indices), "shards", "shards") as bar:
+    with ThreadPoolExecutor(workers) as pool, ProgressBar(len(indices), "shards", "shards") as bar:
         futures = {pool.submit(fetch, i): i for i in indices}
         for future in as_completed(futures):
             try:
@@ -263,37 +201,23 @@ def download_fineweb(
     data_dir: str | os.PathLike | None = None,
     workers: int = 4,
     base_url: str = BASE_URL,
-    timeout: float = 30.0,
-    retries: int = 5,
-    backoff: float = 1.0,
     force: bool = False,
+    **download,
 ) -> dict:
     """Download the pinned val shard, then train shards 0..num_files-1 (-1 = all); return the manifest."""
-    if num_files == -1:
-        num_files = MAX_SHARD
+    num_files = MAX_SHARD if num_files == -1 else num_files
     if not 0 <= num_files <= MAX_SHARD:
         raise ValueError(f"-n must be -1 (all) or 0..{MAX_SHARD}, got {num_files}")
     data_dir = get_data_dir(data_dir)
     _claim(data_dir, "fineweb-edu", force)
-    manifest = {
-        "source": "fineweb-edu",
-        "detail": base_url,
-        "val_shard": shard_name(VAL_SHARD),
-        "num_docs": None,
-        "num_chars": None,
-        "num_shards": None,
-    }
+    manifest = {"source": "fineweb-edu", "detail": base_url, "val_shard": shard_name(VAL_SHARD)}
+    manifest.update(num_docs=None, num_chars=None, num_shards=None)  # num_chars would read every shard
     _write_manifest(data_dir, manifest)  # first, so an interrupted download is still claimed
     logger.info("downloading val shard %d, then %d train shards into %s", VAL_SHARD, num_files, data_dir)
-    kwargs = dict(data_dir=data_dir, base_url=base_url, timeout=timeout, retries=retries, backoff=backoff)
-    download_shards([VAL_SHARD], workers=1, **kwargs)
-    download_shards(range(num_files), workers=workers, **kwargs)
+    download_shards([VAL_SHARD], data_dir, base_url, workers=1, **download)
+    download_shards(range(num_files), data_dir, base_url, workers, **download)
     files = list_parquet_files(data_dir)
-    num_docs = 0
-    for path in files:
-        with pq.ParquetFile(path) as pf:
-            num_docs += pf.metadata.num_rows
-    manifest.update(num_docs=num_docs, num_shards=len(files))
+    manifest.update(num_docs=sum(pq.read_metadata(p).num_rows for p in files), num_shards=len(files))
     _write_manifest(data_dir, manifest)
     return manifest
 
@@ -327,19 +251,15 @@ def split_text(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
 
 def _sorted_files(root: Path, skip_dirs: Iterable[str] = ()) -> list[Path]:
     """Files under `root`, recursively, ordered by relative path; hidden entries and `skip_dirs` ignored."""
-    skip = set(skip_dirs)
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
         found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _read_bytes(path: Path) -> bytes:
-    return gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
-
-
-def _decode(data: bytes, path: Path, stats: Counter) -> str:
+def _read_text(path: Path, stats: Counter) -> str:
+    data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -355,7 +275,10 @@ def _is_doc(value: object) -> bool:
 def read_documents(
     root: str | os.PathLike, exclude: str | os.PathLike | None = None
 ) -> tuple[list[str], Counter]:
-    """Docs from the files under `root` (sorted), and counts of what was read, skipped and ignored."""
+    """Docs from the files under `root` (sorted), and counts of what was read, skipped and ignored.
+
+    Parquet rows and JSONL lines are docs as they are; a .txt file is cut with `split_text`.
+    """
     root = Path(root)
     if not root.is_dir():
         raise NotADirectoryError(f"--from-dir {root}: not a directory")
@@ -367,23 +290,20 @@ def read_documents(
             continue  # never re-import our own output directory
         name = path.name.lower()
         if name.endswith(".parquet"):
-            with pq.ParquetFile(path) as pf:
-                if "text" not in pf.schema_arrow.names:
-                    stats["parquet_without_text_column"] += 1
-                    logger.warning(
-                        "%s has no 'text' column (columns: %s); skipped", path, pf.schema_arrow.names
-                    )
-                    continue
-                for group in range(pf.num_row_groups):
-                    for text in pf.read_row_group(group, columns=["text"]).column("text").to_pylist():
-                        if _is_doc(text):
-                            docs.append(text)
-                        else:
-                            stats["skipped_empty_rows"] += 1
+            columns = pq.read_schema(path).names
+            if "text" not in columns:
+                stats["parquet_without_text_column"] += 1
+                logger.warning("%s has no 'text' column (columns: %s); skipped", path, columns)
+                continue
+            for text in pq.read_table(path, columns=["text"]).column("text").to_pylist():
+                if _is_doc(text):
+                    docs.append(text)
+                else:
+                    stats["skipped_empty_rows"] += 1
         elif name.endswith((".txt", ".txt.gz")):
-            docs += split_text(_decode(_read_bytes(path), path, stats))
+            docs += split_text(_read_text(path, stats))
         elif name.endswith((".jsonl", ".jsonl.gz")):
-            for line in _decode(_read_bytes(path), path, stats).splitlines():
+            for line in _read_text(path, stats).splitlines():
                 if not line.strip():
                     continue
                 try:
@@ -410,9 +330,10 @@ def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
     except ImportError:
         topics = {}
     root = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("site-packages", "dist-packages", "__pycache__")
     sources = [
         p
-        for p in _sorted_files(root, skip_dirs=("site-packages", "dist-packages", "__pycache__"))
+        for p in _sorted_files(root, skip_dirs=skip)
         if p.suffix == ".py" and p.relative_to(root).as_posix() != "pydoc_data/topics.py"
     ]
     test_dirs = {"test", "tests", "idle_test"}
@@ -439,14 +360,12 @@ def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
     return docs
 
 
-def _write_parquet(path: Path, docs: list[str], rows_per_group: int) -> None:
+def _write_parquet(path: Path, docs: list[str]) -> None:
+    # small splits get smaller row groups, so that 8 ranks still find one each
+    rows_per_group = max(1, min(ROWS_PER_GROUP, math.ceil(len(docs) / MIN_ROW_GROUPS)))
     table = pa.table({"text": pa.array(docs, type=pa.string())})
     with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp), row_group_size=rows_per_group, compression="zstd")
-
-
-def _rows_per_group(num_docs: int) -> int:
-    return max(1, min(ROWS_PER_GROUP, math.ceil(num_docs / MIN_ROW_GROUPS)))
 
 
 def write_shards(
@@ -457,16 +376,13 @@ def write_shards(
     force: bool = False,
     docs_per_shard: int = DOCS_PER_SHARD,
 ) -> dict:
-    """Shuffle `docs` and replace the dir's shards with train shards + a last, held-out val shard.
-
-    Returns the manifest.
-    """
+    """Shuffle `docs` and replace the dir's shards with train shards + a last, held-out val shard."""
     if len(docs) < 2:
         raise ValueError(f"need at least 2 documents (1 train + 1 validation), got {len(docs)}")
     data_dir = get_data_dir(data_dir)
     _claim(data_dir, source, force)
     docs = list(docs)
-    random.Random(SHUFFLE_SEED).shuffle(docs)
+    random.Random(SHUFFLE_SEED).shuffle(docs)  # mixed topics; held-out docs look like training ones
     num_val = min(max(1, round(VAL_FRACTION * len(docs))), docs_per_shard, len(docs) - 1)
     train, val = docs[:-num_val], docs[-num_val:]
     num_train_shards = math.ceil(len(train) / docs_per_shard)
@@ -480,18 +396,12 @@ def write_shards(
     }
     _clear(data_dir)
     _write_manifest(data_dir, manifest)  # first: an interrupted import is recognized and redone by a rerun
-    rows = _rows_per_group(len(train))
     for i in range(num_train_shards):
-        _write_parquet(data_dir / shard_name(i), train[i * docs_per_shard : (i + 1) * docs_per_shard], rows)
-    _write_parquet(data_dir / shard_name(num_train_shards), val, _rows_per_group(len(val)))
+        _write_parquet(data_dir / shard_name(i), train[i * docs_per_shard : (i + 1) * docs_per_shard])
+    _write_parquet(data_dir / shard_name(num_train_shards), val)
     logger.info(
-        "wrote %d train shards + val shard %s: %d docs (%d val), %.1f M chars, into %s",
-        num_train_shards,
-        manifest["val_shard"],
-        len(docs),
-        num_val,
-        manifest["num_chars"] / 1e6,
-        data_dir,
+        f"wrote {num_train_shards} train shards + val shard {manifest['val_shard']}: {len(docs)} docs "
+        f"({num_val} val), {manifest['num_chars'] / 1e6:.1f} M chars, into {data_dir}"
     )
     return manifest
 
@@ -569,6 +479,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if (args.offline or args.from_dir) and args.num_files != -1:
         parser.error("-n/--num-files applies to the FineWeb-Edu download only")
+    if args.num_workers < 1:
+        parser.error("-w/--num-workers must be at least 1")
     setup_logging()
     try:
         if args.offline:
@@ -590,10 +502,6 @@ def main(argv: list[str] | None = None) -> None:
                 ) from e
     except (OSError, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-
-
-# -----------------------------------------------------------------------------
-# Row-group index (random access for the resumable dataloader)
 
 
 if __name__ == "__main__":

@@ -1,53 +1,15 @@
-"""
-The GPT model: plain single-device PyTorch (distribution lives in the optimizer).
+"""The GPT model: plain single-device PyTorch (distribution lives in the optimizer).
 
 Design choices:
-- Rotary position embeddings (half-split rotation, base 10000), no learned positions. The
-  cos/sin tables are non-persistent fp32 buffers covering `10 * sequence_len` positions, so
-  inference may run past the training length; they are cast to the activation dtype at use.
-- RMSNorm without a learnable gain (`F.rms_norm`): after the token embedding, before each
-  attention and MLP (pre-norm), before the head, and on queries and keys after the rotation
-  (QK-norm), which keeps attention logits bounded.
-- Grouped-query attention (`n_kv_head` divides `n_head`) through PyTorch SDPA; SDPA picks the
-  fastest kernel it has (FlashAttention/cuDNN on CUDA) and is the only attention path.
-- MLP with 4x width and ReLU² (`relu(x).square()`); every Linear is bias-free.
-- Untied `lm_head`; the vocabulary is padded up to a multiple of 64 (friendlier matmul shapes)
-  and the logits are sliced back to `vocab_size`, cast to fp32 and softcapped with
-  `15 * tanh(z / 15)`. Loss is cross-entropy with `ignore_index=-1`.
-- Init: embedding N(0, 1); lm_head N(0, 0.001); q, k, v and the MLP input layer uniform in
-  ±sqrt(3 / n_embd) (std 1/sqrt(n_embd)); both output projections zero, so every block starts
-  as the identity and the initial model is "embedding -> norm -> head".
-- Built on the meta device and materialized with `to_empty` + `init_weights`, which sets every
-  parameter AND buffer. `GPT(config)` on a real device does exactly that internally, so it
-  equals the meta route under the same seed and never pays for PyTorch's default inits.
-- Dtypes: the model is dtype-agnostic. Training runs it under `torch.autocast` (bf16) on CUDA
-  and in plain fp32 on CPU. All parameters stay fp32 on every device (including the
-  embedding table: one code path for the optimizer, checkpoints and the memory estimator);
-  the residual stream therefore stays fp32 while the matmuls run in the autocast dtype.
-  Logits are always fp32.
-- The model never meets a rank; `estimate_memory` only takes `world_size` to size the
-  optimizer-state shards.
-
-KV-cache protocol (implemented by nanochat/engine.py; a reference lives in tests/test_gpt.py):
-`forward(idx, kv_cache=cache)` with idx (B, T) calls
-  - `cache.get_pos()` once, before the first layer: the absolute position of the first token
-    of `idx`. Either an int (the same for every row) or a LongTensor (B,) of per-row
-    positions, on idx's device (batched decoding of different prompts: rows sit at different
-    positions). Rotary uses positions pos .. pos+T-1 (per row: gathered per row).
-  - `cache.insert_kv(layer_idx, k, v) -> (k_all, v_all)` once per layer, in layer order:
-    k, v are (B, n_kv_head, T, head_dim) for the new tokens (k already rotated and
-    QK-normed); the cache stores them at pos .. pos+T-1 and returns every key/value so far,
-    (B, n_kv_head, Tk, head_dim). With an int pos, Tk == pos+T exactly; with per-row
-    positions, Tk >= max(pos)+T and each row's keys past its own pos+T are ignored (masked).
-    The cache advances its own position(s) by T when it receives layer_idx == n_layer - 1.
-  Attention of the T queries is causal with the query block offset by pos: pos == 0 (queries
-  and keys coincide) uses SDPA's is_causal, T == 1 attends to everything cached, and anything
-  else (chunked prefill, per-row positions) uses an explicit boolean mask (query at position
-  p sees keys 0 .. p).
-  Dtypes: under CUDA autocast the new k arrives in fp32 (autocast runs RMSNorm in fp32) and v in
-  bf16; a cache may store both in its own dtype (bf16) since SDPA casts under autocast. Without
-  autocast, the returned k_all/v_all must have q's dtype (the model's parameter dtype).
-  The memory estimate and its formula are in `estimate_memory`.
+- Rotary positions (base 10000), no learned positions; the tables cover 10x the training length.
+- RMSNorm without gain: after the embedding, pre-norm in each block, QK-norm, and before the head.
+- Grouped-query attention through PyTorch SDPA; MLP 4x wide with ReLU²; no biases.
+- Untied head; vocab padded to a multiple of 64; fp32 logits softcapped at 15.
+- Zero-init output projections: every block starts as the identity.
+- Built on the meta device, then `init_weights` fills every parameter and buffer.
+- Parameters stay fp32 (precision policy: `common.autocast`); logits are always fp32.
+- KV cache: `cache.get_pos()` (an int, or a (B,) tensor of per-row positions) and
+  `cache.insert_kv(layer, k, v) -> (k_all, v_all)`; see nanochat/engine.py.
 """
 
 from __future__ import annotations
@@ -58,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.optim import AdamW, muon_chunks
 
 LOGIT_SOFTCAP = 15.0
 ROTARY_BASE = 10000.0
@@ -77,24 +41,15 @@ class GPTConfig:
     n_embd: int = 1280
 
     def __post_init__(self) -> None:
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            value = getattr(self, name)
+        for name, value in self.__dict__.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); change n_embd or n_head"
-            )
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.head_dim % 2:
-            raise ValueError(
-                f"head dim n_embd/n_head = {self.head_dim} must be even for rotary embeddings; "
-                "change n_embd or n_head"
-            )
+            raise ValueError(f"head dim n_embd/n_head = {self.head_dim} must be even (rotary rotates pairs)")
         if self.n_head % self.n_kv_head:
-            raise ValueError(
-                f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head}) for grouped-query "
-                f"attention; choose one of {_divisors(self.n_head)}"
-            )
+            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
 
     @property
     def head_dim(self) -> int:
@@ -105,46 +60,21 @@ class GPTConfig:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def config_from_depth(
-    depth: int,
-    vocab_size: int,
-    sequence_len: int,
-    aspect_ratio: int = 64,
-    head_dim: int = 128,
-    n_kv_head: int | None = None,
+    depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64, head_dim: int = 128
 ) -> GPTConfig:
     """The one-dial model shape: depth layers, width depth*aspect_ratio rounded up to whole heads."""
-    if depth < 1:
-        raise ValueError(f"--depth must be at least 1, got {depth}")
-    if aspect_ratio < 1:
-        raise ValueError(f"--aspect-ratio must be at least 1, got {aspect_ratio}")
-    if head_dim < 2 or head_dim % 2:
-        raise ValueError(f"--head-dim must be an even number >= 2 (rotary rotates pairs), got {head_dim}")
-    if vocab_size < 1:
-        raise ValueError(f"vocab size must be positive, got {vocab_size} (check the tokenizer)")
-    if sequence_len < 1:
-        raise ValueError(f"--max-seq-len must be positive, got {sequence_len}")
+    for flag, value, ok, need in (
+        ("--depth", depth, depth >= 1, "at least 1"),
+        ("--aspect-ratio", aspect_ratio, aspect_ratio >= 1, "at least 1"),
+        ("--head-dim", head_dim, head_dim >= 2 and head_dim % 2 == 0, "even (rotary rotates pairs)"),
+        ("--max-seq-len", sequence_len, sequence_len >= 1, "at least 1"),
+    ):
+        if not ok:
+            raise ValueError(f"{flag} must be {need}, got {value}")
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim  # round up to a multiple of head_dim
     n_head = n_embd // head_dim
-    if n_kv_head is None:
-        n_kv_head = n_head
-    elif n_kv_head < 1 or n_head % n_kv_head:
-        raise ValueError(
-            f"--n-kv-head {n_kv_head} must divide the number of heads ({n_head} at --depth {depth}, "
-            f"--head-dim {head_dim}); choose one of {_divisors(n_head)}"
-        )
-    return GPTConfig(
-        sequence_len=sequence_len,
-        vocab_size=vocab_size,
-        n_layer=depth,
-        n_head=n_head,
-        n_kv_head=n_kv_head,
-        n_embd=n_embd,
-    )
+    return GPTConfig(sequence_len, vocab_size, depth, n_head, n_head, n_embd)
 
 
 # -----------------------------------------------------------------------------
@@ -191,6 +121,8 @@ class CausalSelfAttention(nn.Module):
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # rotate, then QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         if kv_cache is not None:
+            # the cache stores the new keys at pos.. and returns every key so far; it advances its
+            # position after the last layer. Per-row positions: keys past a row's own end are masked.
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, Hkv, Tk, D)
         y = self._attend(q, k, v, positions)  # (B, H, T, D)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -257,7 +189,7 @@ class GPT(nn.Module):
             cos, sin = rotary_tables(rotary_len, config.head_dim)
         self.register_buffer("cos", cos, persistent=False)  # (1, L, 1, D/2), fp32
         self.register_buffer("sin", sin, persistent=False)
-        if target.type != "meta":
+        if target.type != "meta":  # the same as the meta route: to_empty, then init_weights
             self.to_empty(device=target)
             self.init_weights()
 
@@ -302,32 +234,16 @@ class GPT(nn.Module):
         kv_cache=None,
         loss_reduction: str = "mean",
     ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) in fp32, or the loss when `targets` (B, T) are given.
-
-        Targets of -1 are ignored. `loss_reduction` is passed to cross-entropy; with "none" the
-        loss comes back as (B, T). `kv_cache` follows the protocol in the module docstring.
-        """
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be (batch, time) token ids, got shape {tuple(idx.shape)}")
+        """Logits (B, T, vocab_size) in fp32, or the loss when `targets` (B, T) are given (-1: ignored)."""
         B, T = idx.shape
-        pos = 0 if kv_cache is None else kv_cache.get_pos()
+        pos = 0 if kv_cache is None else kv_cache.get_pos()  # position of idx's first token
         positions = None  # (B, T) absolute positions, only when rows sit at different positions
-        if isinstance(pos, torch.Tensor):
-            if pos.shape != (B,):
-                raise ValueError(f"per-row cache positions must have shape ({B},), got {tuple(pos.shape)}")
+        if isinstance(pos, torch.Tensor):  # batched decoding of different prompts
             positions = pos.to(idx.device, torch.long)[:, None] + torch.arange(T, device=idx.device)
-            last = int(positions[:, -1].max()) + 1  # one host sync per forward, to fail clearly
-        else:
-            last = pos + T
-        if last > self.cos.size(1):
-            raise ValueError(
-                f"positions up to {last} exceed the rotary table ({self.cos.size(1)} = "
-                f"{ROTARY_LENGTH_FACTOR} x sequence_len {self.config.sequence_len}); shorten the input"
-            )
-        if positions is None:
-            cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]  # (1, T, 1, D/2)
-        else:
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2), gathered per row
+        else:
+            assert pos + T <= self.cos.size(1), f"positions up to {pos + T} exceed the rotary table"
+            cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]  # (1, T, 1, D/2)
 
         x = norm(self.transformer.wte(idx))  # (B, T, C)
         for block in self.transformer.h:
@@ -338,8 +254,6 @@ class GPT(nn.Module):
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
             return logits
-        if targets.shape != idx.shape:
-            raise ValueError(f"targets shape {tuple(targets.shape)} must equal idx shape {tuple(idx.shape)}")
         loss = F.cross_entropy(
             logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1, reduction=loss_reduction
         )
@@ -347,28 +261,25 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Memory estimate: what one training micro-step holds on one device
+# Memory estimate: what one training micro-step holds on one device (eager autograd)
 
 
 def _param_counts(config: GPTConfig) -> tuple[int, int, int]:
     """(embedding, lm_head, block matrices) parameter counts."""
-    C, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
-    per_layer = C * C + 2 * C * kv_dim + C * C + 2 * 4 * C * C  # q, k+v, proj, fc+proj
-    vocab_weights = config.padded_vocab_size * C
-    return vocab_weights, vocab_weights, config.n_layer * per_layer
+    vocab_weights = config.padded_vocab_size * config.n_embd
+    return vocab_weights, vocab_weights, config.n_layer * sum(r * c for r, c in _layer_shapes(config))
 
 
-def _matrix_shapes(config: GPTConfig) -> list[tuple[int, int]]:
+def _layer_shapes(config: GPTConfig) -> list[tuple[int, int]]:
     C, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
-    per_layer = [(C, C), (kv_dim, C), (kv_dim, C), (C, C), (4 * C, C), (C, 4 * C)]
-    return per_layer * config.n_layer
+    return [(C, C), (kv_dim, C), (kv_dim, C), (C, C), (4 * C, C), (C, 4 * C)]  # q, k, v, proj, fc, proj
 
 
 def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: torch.dtype) -> int:
-    """Bytes autograd saves in an eager forward, plus the head's backward peak (see estimate_memory)."""
+    """Bytes autograd saves in a forward, plus the head's backward peak; exact in fp32 (see the tests)."""
     N = batch * seq
     C, H, Hkv = config.n_embd, config.n_head, config.n_kv_head
-    kv_dim, V = Hkv * config.head_dim, config.vocab_size
+    kv_dim, V = Hkv * config.head_dim, config.vocab_size  # V unpadded: logits are sliced before the fp32 cast
     f32 = 4
     c = torch.finfo(compute_dtype).bits // 8  # bytes per element of the compute dtype
     autocast = compute_dtype != torch.float32
@@ -394,6 +305,7 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
     if autocast:  # autocast keeps one compute-dtype copy of every weight it cast, for the backward
         _, head, matrices = _param_counts(config)
         weight_copies = c * (head + matrices)
+    # rotary slices (O(T * head_dim)) are left out; torch.compile usually saves less than this
     return config.n_layer * (attention + mlp) + ends + logits + logits_backward + weight_copies
 
 
@@ -404,49 +316,21 @@ def estimate_memory(
     world_size: int = 1,
     compute_dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, int]:
-    """Bytes one device needs for a training micro-step: params, grads, optimizer, activations, total.
-
-    - params, grads: fp32, every parameter (grads are full on each rank until reduce-scattered).
-    - optimizer: AdamW (exp_avg + exp_avg_sq, fp32) for embedding and lm_head, Muon (one fp32
-      momentum) per block matrix, as the busiest rank (rank 0) holds them under nanochat.optim's
-      ZeRO-2 sharding: an AdamW parameter keeps 1/world_size of its rows where
-      `AdamW.is_sharded` says so (else all of them); Muon gives each matrix one owner rank
-      (`muon_chunks`), so rank 0 holds ceil(count/world_size) matrices of each shape.
-    - activations (eager autograd; compute_dtype != fp32 means CUDA autocast in that dtype). With
-      N = B*T tokens, C = n_embd, Ckv = n_kv_head*head_dim, V = vocab_size (unpadded: the logits
-      are sliced before the fp32 cast), c = bytes of compute_dtype and
-      k = 3 under autocast (1 in fp32), each layer saves
-        attention: 4N(C+1) + k*cNC + 4N(C+Ckv) + 4N(H+Hkv) + cN(C+2Ckv) + cNC + 4NH
-        mlp:       4N(C+1) + cNC + 2*cN*4C
-      (residual + rstd, matmul inputs, pre-QK-norm q/k in fp32, SDPA q/k/v/out/lse, where the
-      output, laid out (B, T, H, D) by flash-style kernels, is also c_proj's input; ReLU output,
-      squared activations); the ends add 2*4N(C+1) + cNC; the head adds 2*4NV saved (tanh and
-      log-softmax outputs) + 2*4NV alive together at the start of the backward, and autocast
-      keeps a c-byte copy of every matmul weight. O(T*head_dim) rotary slices are ignored.
-      In fp32 the saved part is exact (tests compare it with saved-tensor hooks);
-      torch.compile usually saves less (it recomputes pointwise ops and fuses the softcap).
-    """
-    if device_batch_size < 1:
-        raise ValueError(f"device batch size must be at least 1, got {device_batch_size}")
-    if world_size < 1:
-        raise ValueError(f"world size must be at least 1, got {world_size}")
+    """Bytes the busiest device (rank 0) needs for a training micro-step: params, grads, optimizer,
+    activations, total. compute_dtype != fp32 means autocast in that dtype."""
     seq = config.sequence_len if sequence_len is None else sequence_len
-
-    from nanochat.optim import AdamW, muon_chunks  # the optimizer's own sharding rules
-
     wte, head, matrices = _param_counts(config)
     total_params = wte + head + matrices
-    vocab_weight = torch.empty(config.padded_vocab_size, config.n_embd, device="meta")  # wte and lm_head
+    # the optimizer's own ZeRO-2 rules: AdamW shards a vocab matrix by rows when it can (fp32 exp_avg
+    # + exp_avg_sq for wte and lm_head); Muon gives each block matrix one owner rank (one fp32 momentum)
+    vocab_weight = torch.empty(config.padded_vocab_size, config.n_embd, device="meta")
     vocab_state = vocab_weight.numel() // (world_size if AdamW.is_sharded(vocab_weight, world_size) else 1)
-    adam_state = 4 * 2 * 2 * vocab_state  # fp32 x (exp_avg, exp_avg_sq) x (wte, lm_head)
-    matrices_meta = [torch.empty(shape, device="meta") for shape in _matrix_shapes(config)]
-    muon_state = 4 * sum(
-        chunk[0].numel() for chunk in muon_chunks(matrices_meta, world_size)
-    )  # slot 0: rank 0
+    matrices_meta = [torch.empty(shape, device="meta") for shape in _layer_shapes(config) * config.n_layer]
+    muon_state = sum(chunk[0].numel() for chunk in muon_chunks(matrices_meta, world_size))  # slot 0: rank 0
     memory = {
         "params": 4 * total_params,
-        "grads": 4 * total_params,
-        "optimizer": adam_state + muon_state,
+        "grads": 4 * total_params,  # full on each rank until reduce-scattered
+        "optimizer": 4 * (2 * 2 * vocab_state + muon_state),
         "activations": _activation_bytes(config, device_batch_size, seq, compute_dtype),
     }
     memory["total"] = sum(memory.values())

@@ -1,17 +1,14 @@
-"""
-ARC (AI2 Reasoning Challenge): grade-school science questions with 3-5 choices.
+"""ARC (AI2 Reasoning Challenge): grade-school science questions with 3-5 choices.
 
 Design choices:
 - Categorical: the user message is `render_mc(...)`, the assistant message the gold letter.
-- Choices are relettered A, B, C, ... by position, because a few ARC rows label them
-  "1".."4"; the gold letter follows the same position.
-- Local files: `$NANOCHAT_TASK_DATA/arc/ARC-{Easy,Challenge}-{train,validation,test}.jsonl`
-  (the HF allenai/ai2_arc schema); otherwise the hub.
+- Choices are relettered A, B, C, ... by position, because a few ARC rows label them "1".."4".
+- Local files: `$NANOCHAT_TASK_DATA/arc/ARC-{Easy,Challenge}-{train,validation,test}.jsonl`.
 """
 
 from __future__ import annotations
 
-from tasks.common import LETTERS, Task, check_choice, load_task_rows, render_mc
+from tasks.common import LETTERS, Task, load_task_rows, render_mc
 
 
 class ARC(Task):
@@ -21,8 +18,7 @@ class ARC(Task):
 
     def __init__(self, subset: str = "ARC-Easy", split: str = "train", **view):
         super().__init__(**view)
-        self.subset = check_choice(subset, ("ARC-Easy", "ARC-Challenge"), "subset")
-        self.split = check_choice(split, ("train", "validation", "test"), "split")
+        assert subset in ("ARC-Easy", "ARC-Challenge") and split in ("train", "validation", "test")
         self.rows = load_task_rows(
             f"{subset} {split}", f"arc/{subset}-{split}.jsonl", ("allenai/ai2_arc", subset, split)
         )
@@ -32,17 +28,15 @@ class ARC(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        labels = list(row["choices"]["label"])
-        choices = list(row["choices"]["text"])
+        labels, choices = list(row["choices"]["label"]), list(row["choices"]["text"])
         if row["answerKey"] not in labels:
             raise ValueError(
                 f"ARC row {row.get('id', index)}: answerKey {row['answerKey']!r} not in labels {labels}"
             )
         letters = list(LETTERS[: len(choices)])
-        answer = letters[labels.index(row["answerKey"])]
         messages = [
             {"role": "user", "content": render_mc(row["question"], letters, choices)},
-            {"role": "assistant", "content": answer},
+            {"role": "assistant", "content": letters[labels.index(row["answerKey"])]},
         ]
         return {"messages": messages, "letters": letters}
 

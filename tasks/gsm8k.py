@@ -1,23 +1,17 @@
-"""
-GSM8K: grade-school math word problems, solved step by step with a calculator.
+"""GSM8K: grade-school math word problems, solved step by step with a calculator.
 
 Design choices:
-- The answer's calculator annotations `<<48/2=24>>` become assistant parts: the text
-  before, a python part holding the expression, a python_output part holding the result,
-  then the text after (which repeats the result, as the dataset writes it). The model so
-  learns to call the tool and to read its output; the output tokens are not trained on.
-- The final answer follows `#### `. `evaluate` reads the number after the first `#### ` of
-  the completion (commas and `$` dropped) and compares it with the gold number as numbers
-  (so "72.0" matches "72"); no `#### ` means wrong. `reward` is 1.0 / 0.0 of that.
-- Local files: `$NANOCHAT_TASK_DATA/gsm8k/{train,test}.jsonl` (subset "main";
-  "socratic" reads `gsm8k/socratic_{split}.jsonl`); otherwise openai/gsm8k on the hub.
+- The answer's calculator annotations `<<48/2=24>>` become assistant parts (python, then
+  python_output), so the model learns to call the tool and to read its output.
+- Graded on the number after the first `#### ` of the completion, compared as numbers.
+- Local files: `$NANOCHAT_TASK_DATA/gsm8k/{train,test}.jsonl` ("socratic": `socratic_{split}.jsonl`).
 """
 
 from __future__ import annotations
 
 import re
 
-from tasks.common import Task, check_choice, extract_hash_answer, load_task_rows, numbers_equal
+from tasks.common import Task, extract_hash_answer, load_task_rows, numbers_equal
 
 _CALC = re.compile(r"<<([^<>]*)>>")
 
@@ -44,12 +38,9 @@ def answer_to_parts(answer: str) -> list[dict]:
 class GSM8K(Task):
     """GSM8K word problems with calculator tool use; graded on the number after `#### `."""
 
-    eval_type = "generative"
-
     def __init__(self, subset: str = "main", split: str = "train", **view):
         super().__init__(**view)
-        self.subset = check_choice(subset, ("main", "socratic"), "subset")
-        self.split = check_choice(split, ("train", "test"), "split")
+        assert subset in ("main", "socratic") and split in ("train", "test"), (subset, split)
         local = f"gsm8k/{split}.jsonl" if subset == "main" else f"gsm8k/socratic_{split}.jsonl"
         self.rows = load_task_rows(f"GSM8K {subset} {split}", local, ("openai/gsm8k", subset, split))
 

@@ -1,29 +1,24 @@
-"""
-SmolTalk: general chat conversations (HuggingFaceTB/smol-smoltalk) for mid-training and SFT.
+"""SmolTalk: general chat conversations (HuggingFaceTB/smol-smoltalk) for mid-training and SFT.
 
 Design choices:
-- Rows are `{"messages": [...]}`: an optional system message, then user/assistant turns
-  alternating and ending with the assistant; each is validated when read.
-- Local files: `$NANOCHAT_TASK_DATA/smoltalk/{train,test}.jsonl` in that messages format
-  (not part of shared/data: the error then names the file and the variable).
-- Chat has no single right answer. `evaluate` is a strict reference match: the completion,
-  stripped, equals the final assistant reply, stripped. Good for sanity checks
-  (memorisation), not as a quality measure.
+- Rows are `{"messages": [...]}`, validated when read (`validate_messages`).
+- Local files: `$NANOCHAT_TASK_DATA/smoltalk/{train,test}.jsonl` (not part of shared/data).
+- Chat has no single right answer: `evaluate` is a strict reference match, a sanity check
+  (memorisation), not a quality measure.
 """
 
 from __future__ import annotations
 
-from tasks.common import Task, check_choice, last_assistant_text, load_task_rows, validate_messages
+from tasks.common import Task, last_assistant_text, load_task_rows, validate_messages
 
 
 class SmolTalk(Task):
     """SmolTalk chat conversations (train or test split)."""
 
-    eval_type = "generative"
-
     def __init__(self, split: str = "train", **view):
         super().__init__(**view)
-        self.split = check_choice(split, ("train", "test"), "split")
+        assert split in ("train", "test"), split
+        self.split = split
         self.rows = load_task_rows(
             f"SmolTalk {split}", f"smoltalk/{split}.jsonl", ("HuggingFaceTB/smol-smoltalk", None, split)
         )

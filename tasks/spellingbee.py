@@ -1,20 +1,12 @@
-"""
-Spelling tasks over a word list: counting a letter in a word (SpellingBee) and spelling a
-word out letter by letter (SimpleSpelling). Small models see tokens, not letters; these
-tasks teach them to look inside words, and to check a count with the Python tool.
+"""Spelling tasks over a word list: count a letter in a word (SpellingBee, checked with the
+Python tool) and spell a word out letter by letter (SimpleSpelling). Small models see tokens,
+not letters; these tasks teach them to look inside words.
 
 Design choices:
-- Examples are generated on demand: example i of a split is drawn from
-  `random.Random(f"<task>/<split>/<seed>/<i>")`, so a task of any size costs nothing to
-  build, is the same in every process, and train/test use different draws.
-- The word list: `$NANOCHAT_TASK_DATA/spellingbee/words_alpha.txt` when present, else
-  `/usr/share/dict/words`, else words harvested from the offline pretraining corpus
-  (`base_data/` shards, or the embedded corpus when none exist); only lowercase a-z words
-  are kept, and the list is sorted, so the same source always gives the same examples.
-- SpellingBee answer: spell the word with a running count of the letter, check the count
-  with `<|python_start|>'word'.count('l')<|python_end|>`, then `#### N`. Graded on N.
-- SimpleSpelling answer: `word: w,o,r,d`. Graded on what follows the last colon being the
-  word's letters one by one (separated by commas, spaces or dashes; the bare word is wrong).
+- Examples are generated on demand from a seeded RNG per example (`GeneratedTask`).
+- Word list: `$NANOCHAT_TASK_DATA/spellingbee/words_alpha.txt`, else /usr/share/dict/words,
+  else words harvested from the offline pretraining corpus; lowercase a-z only, sorted.
+- SimpleSpelling grades what follows the last colon: the letters one by one (the bare word is wrong).
 """
 
 from __future__ import annotations
@@ -26,6 +18,7 @@ import string
 from collections import Counter
 from pathlib import Path
 
+from nanochat import dataset
 from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal, task_data_dir
 
 SYSTEM_WORDS = Path("/usr/share/dict/words")
@@ -34,13 +27,12 @@ _WORD = re.compile(r"^[a-z]+$")
 
 def _harvest_words(max_chars: int = 4_000_000) -> list[str]:
     """Lowercase words (3-15 letters, seen at least twice) from the offline pretraining corpus."""
-    from nanochat import dataset
 
     def texts():
         try:
             for batch in dataset.parquets_iter_batched("train"):
                 yield from batch
-        except (FileNotFoundError, ValueError):  # no shards yet: the embedded corpus itself
+        except FileNotFoundError:  # no shards yet: the embedded corpus itself
             yield from dataset.offline_documents(max_chars)
 
     counts: Counter = Counter()
@@ -54,17 +46,14 @@ def _harvest_words(max_chars: int = 4_000_000) -> list[str]:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_words(task_dir: str | None, base_dir: str | None) -> tuple[tuple[str, ...], str]:
-    candidates = []
-    if task_dir:
-        candidates.append(Path(task_dir) / "spellingbee" / "words_alpha.txt")
-    candidates.append(SYSTEM_WORDS)
-    for path in candidates:
+def _load_words(task_dir: str | None, base_dir: str | None) -> tuple[str, ...]:
+    candidates = [Path(task_dir) / "spellingbee" / "words_alpha.txt"] if task_dir else []
+    for path in [*candidates, SYSTEM_WORDS]:
         if path.is_file():
             with open(path, encoding="utf-8", errors="replace") as f:
                 words = sorted({w for w in (line.strip() for line in f) if _WORD.match(w)})
             if words:
-                return tuple(words), str(path)
+                return tuple(words)
     words = _harvest_words()
     if not words:
         raise RuntimeError(
@@ -72,12 +61,12 @@ def _load_words(task_dir: str | None, base_dir: str | None) -> tuple[tuple[str, 
             "spellingbee/words_alpha.txt, install /usr/share/dict/words, or build the offline corpus "
             "with `python -m nanochat.dataset --offline`"
         )
-    return tuple(words), "offline corpus"
+    return tuple(words)
 
 
-def load_words() -> tuple[tuple[str, ...], str]:
-    """(sorted word list, where it came from), from the first available source (see module docstring)."""
-    task_dir = task_data_dir()
+def load_words() -> tuple[str, ...]:
+    """The sorted word list, from the first available source (see the module docstring)."""
+    task_dir = task_data_dir()  # the sources are the cache key: a test may point them elsewhere
     return _load_words(str(task_dir) if task_dir else None, os.environ.get("NANOCHAT_BASE_DIR"))
 
 
@@ -105,7 +94,7 @@ class SpellingBee(GeneratedTask):
 
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
         super().__init__(size, split, seed, **view)
-        self.words, self.word_source = load_words()
+        self.words = load_words()
 
     def get_example(self, index: int) -> dict:
         rng = self.rng(index)
@@ -165,7 +154,7 @@ class SimpleSpelling(GeneratedTask):
 
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
         super().__init__(size, split, seed, **view)
-        self.words, self.word_source = load_words()
+        self.words = load_words()
 
     def get_example(self, index: int) -> dict:
         rng = self.rng(index)

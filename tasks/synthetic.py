@@ -1,87 +1,29 @@
-"""
-Offline chat tasks this project generates itself, so the CPU demo can mid-train, finetune
-and evaluate a model without downloading anything.
-
-- `Arithmetic`: word problems (shopping, change, sharing, distances, savings, areas,
-  discounts, ...) solved with the calculator tool: text, a python part with the
-  expression, a python_output part with the value as the engine's calculator writes it
-  (`24/4` -> `6`: whole numbers without a decimal point), then `#### answer`. Graded like
-  GSM8K.
-- `Identity`: templated conversations about this model and project (what it is, who
-  trains it, how, on what hardware, its limits), in the CustomJSON format.
-- `SpellingBee` and `SimpleSpelling` are re-exported from tasks.spellingbee; offline they
-  use /usr/share/dict/words or words harvested from the offline corpus.
+"""Offline chat tasks this project generates itself, so the CPU demo needs no download.
 
 Design choices:
-- Example i of a split is generated from `random.Random(f"<task>/<split>/<seed>/<i>")`:
-  deterministic per (size, split, seed), random access, no state; train and test draw
-  from different streams.
-- Numbers are chosen so every answer is a whole number: a tiny model should learn to use
-  the tool, not to round.
+- `Arithmetic`: word problems answered with the calculator tool (text, python, python_output,
+  then `#### answer`), graded like GSM8K. Numbers are chosen so every answer is whole: a tiny
+  model should learn to use the tool, not to round.
+- `Identity`: templated conversations about this model and project; every answer is true.
+- Example i of a split comes from its own seeded RNG (`GeneratedTask`): deterministic, random access.
 """
 
 from __future__ import annotations
 
-from tasks.common import (
-    GeneratedTask,
-    extract_hash_answer,
-    last_assistant_text,
-    numbers_equal,
-)
-from tasks.spellingbee import SimpleSpelling, SpellingBee
+from nanochat.engine import use_calculator
+from tasks.common import GeneratedTask, extract_hash_answer, last_assistant_text, numbers_equal
 
-__all__ = ["Arithmetic", "Identity", "SimpleSpelling", "SpellingBee"]
-
-NAMES = [
-    "Ana",
-    "Ben",
-    "Chloe",
-    "Dev",
-    "Emma",
-    "Farid",
-    "Grace",
-    "Hiro",
-    "Ines",
-    "Jonas",
-    "Kemi",
-    "Liam",
-    "Mei",
-    "Noah",
-]
-ITEMS = [
-    "apples",
-    "notebooks",
-    "pencils",
-    "tickets",
-    "muffins",
-    "stickers",
-    "oranges",
-    "bottles of juice",
-    "comic books",
-]
-THINGS = ["marbles", "cookies", "cards", "candies", "stamps", "beads", "seashells", "coins"]
-VEHICLES = [
-    ("car", "kilometers"),
-    ("train", "kilometers"),
-    ("cyclist", "miles"),
-    ("bus", "miles"),
-    ("boat", "kilometers"),
-]
+NAMES = "Ana Ben Chloe Dev Emma Farid Grace Hiro Ines Jonas Kemi Liam Mei Noah".split()
+ITEMS = "apples,notebooks,pencils,tickets,muffins,stickers,oranges,bottles of juice,comic books".split(",")
+THINGS = "marbles cookies cards candies stamps beads seashells coins".split()
+VEHICLES = {
+    "car": "kilometers",
+    "train": "kilometers",
+    "cyclist": "miles",
+    "bus": "miles",
+    "boat": "kilometers",
+}
 PLACES = ["garden", "room", "field", "parking lot", "playground", "kitchen floor"]
-
-
-def calculate(expr: str) -> int | float:
-    """Python's value of one of our own generated expressions (numbers and + - * / only)."""
-    if set(expr) - set("0123456789+-*/(). "):
-        raise ValueError(f"not a plain arithmetic expression: {expr!r}")
-    return eval(expr, {"__builtins__": {}}, {})  # safe: checked above, and the text is ours
-
-
-def format_number(value: int | float) -> str:
-    """A number as the calculator tool writes it: integral values without a decimal point."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return f"{value:.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
 
 # Each problem maker returns (question, steps, closing): steps are (text before, expression)
@@ -105,10 +47,8 @@ def _change(rng):
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     n, price = rng.randint(2, 6), rng.randint(1, 8)
     bill = next(b for b in (10, 20, 50, 100) if b > n * price)
-    question = (
-        f"{name} buys {n} {item} for ${price} each and pays with a ${bill} bill. How much change does "
-        f"{name} get?"
-    )
+    question = f"{name} buys {n} {item} for ${price} each and pays with a ${bill} bill. "
+    question += f"How much change does {name} get?"
     steps = [
         (f"First the cost of the {item}:", f"{n}*{price}"),
         (f"\nThen the change from ${bill}:", f"{bill}-{{prev}}"),
@@ -127,15 +67,12 @@ def _sharing(rng):
             f"{total} {thing} are split evenly into {friends} bags. How many {thing} go in each bag?",
         ]
     )
-    return (
-        question,
-        [(f"Divide the {total} {thing} into {friends} equal shares:", f"{total}/{friends}")],
-        "each",
-    )
+    steps = [(f"Divide the {total} {thing} into {friends} equal shares:", f"{total}/{friends}")]
+    return question, steps, "each"
 
 
 def _distance(rng):
-    vehicle, unit = rng.choice(VEHICLES)
+    vehicle, unit = rng.choice(list(VEHICLES.items()))
     speed, hours = rng.randint(10, 90), rng.randint(2, 8)
     question = f"A {vehicle} travels at {speed} {unit} per hour for {hours} hours. How far does it go?"
     return question, [("Distance is speed times time:", f"{speed}*{hours}")], unit
@@ -148,11 +85,8 @@ def _savings(rng):
         f"{name} has ${start} and saves ${weekly} every week. How much money does {name} have after "
         f"{weeks} weeks?"
     )
-    return (
-        question,
-        [(f"Start with ${start} and add {weeks} weeks of ${weekly}:", f"{start}+{weekly}*{weeks}")],
-        "dollars",
-    )
+    steps = [(f"Start with ${start} and add {weeks} weeks of ${weekly}:", f"{start}+{weekly}*{weeks}")]
+    return question, steps, "dollars"
 
 
 def _remaining(rng):
@@ -197,8 +131,7 @@ def _packs(rng):
     used = rng.randint(1, packs * per_pack - 1)
     question = (
         f"{name} buys {packs} packs of {thing} with {per_pack} in each pack and gives {used} of them to a "
-        "friend. "
-        f"How many {thing} are left?"
+        f"friend. How many {thing} are left?"
     )
     steps = [
         ("First the number bought:", f"{packs}*{per_pack}"),
@@ -225,23 +158,17 @@ class Arithmetic(GeneratedTask):
     def get_example(self, index: int) -> dict:
         rng = self.rng(index)
         question, steps, closing = rng.choice(PROBLEMS)(rng)
-        parts = []
-        prev = None
+        parts, value = [], None
         for lead, template in steps:
-            expr = template.format(prev=format_number(prev)) if prev is not None else template
-            prev = calculate(expr)
+            expr = template.format(prev=value)
+            value = use_calculator(expr)  # the engine's own tool writes the output the model will read
             parts.append({"type": "text", "text": lead + " "})
             parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": format_number(prev)})
-        answer = format_number(prev)
-        parts.append(
-            {
-                "type": "text",
-                "text": f"\n\nSo the answer is {answer}{' ' + closing if closing else ''}.\n\n#### {answer}",
-            }
-        )
+            parts.append({"type": "python_output", "text": value})
+        closing = f" {closing}" if closing else ""
+        parts.append({"type": "text", "text": f"\n\nSo the answer is {value}{closing}.\n\n#### {value}"})
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
-        return {"messages": messages, "answer": answer}
+        return {"messages": messages, "answer": value}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return numbers_equal(extract_hash_answer(completion), conversation["answer"])
@@ -264,7 +191,7 @@ GREETING_REPLIES = [
     "Hey! You're talking to nanochat, a compact language model. How can I help?",
 ]
 
-# topic: (user phrasings, assistant phrasings); every answer is true of this project.
+# topic: (user phrasings, assistant phrasings)
 IDENTITY_TOPICS = {
     "what": (
         [
@@ -275,9 +202,8 @@ IDENTITY_TOPICS = {
             "What's your name?",
         ],
         [
-            "I'm nanochat, a small ChatGPT-style language model. Everything about me, from the tokenizer "
-            "to the "
-            "chat interface, was trained and built with one compact open codebase.",
+            "I'm nanochat, a small ChatGPT-style language model. Everything about me, from the "
+            "tokenizer to the chat interface, was trained and built with one compact open codebase.",
             "My name is nanochat. I'm not ChatGPT: I'm a much smaller model, trained from scratch by a "
             "full-stack pipeline that fits in a few thousand lines of readable code.",
         ],
@@ -285,27 +211,24 @@ IDENTITY_TOPICS = {
     "who": (
         ["Who made you?", "who trained you?", "Who created nanochat?", "Which company built you?"],
         [
-            "No company trained me. Whoever ran the nanochat training scripts did: the code follows the "
-            "design of "
-            "Andrej Karpathy's open-source nanochat project, and this version of it was written from "
-            "scratch.",
+            "No company trained me. Whoever ran the nanochat training scripts did: the code follows "
+            "the design of Andrej Karpathy's open-source nanochat project, and this version of it was "
+            "written from scratch.",
             "I was trained by the person who ran the nanochat pipeline on their own machine. The "
-            "project's idea "
-            "comes from Andrej Karpathy's nanochat; the code you are running was written independently.",
+            "project's idea comes from Andrej Karpathy's nanochat; the code you are running was "
+            "written independently.",
         ],
     ),
     "how": (
         ["How were you trained?", "how did you learn to chat?", "What steps went into training you?"],
         [
             "In stages. First a byte-level BPE tokenizer was trained, then I was pretrained to predict "
-            "the next "
-            "token on web text, then midtrained on conversations, multiple-choice questions and tool "
-            "use, then "
-            "finetuned on chats (SFT), and optionally improved with reinforcement learning on math problems.",
-            "Pretraining on lots of web text taught me language. After that, midtraining and supervised "
-            "finetuning on conversations taught me the chat format and how to use a calculator tool, and "
-            "a short "
-            "reinforcement learning stage can sharpen math answers.",
+            "the next token on web text, then midtrained on conversations, multiple-choice questions "
+            "and tool use, then finetuned on chats (SFT), and optionally improved with reinforcement "
+            "learning on math problems.",
+            "Pretraining on lots of web text taught me language. After that, midtraining and "
+            "supervised finetuning on conversations taught me the chat format and how to use a "
+            "calculator tool, and a short reinforcement learning stage can sharpen math answers.",
         ],
     ),
     "cost": (
@@ -316,45 +239,38 @@ IDENTITY_TOPICS = {
         ],
         [
             "The full run is designed for one node with 8 H100 GPUs: about four hours, roughly $100 of "
-            "rented "
-            "compute. A tiny version can also be trained on a laptop CPU in minutes, but it is much weaker.",
+            "rented compute. A tiny version can also be trained on a laptop CPU in minutes, but it is "
+            "much weaker.",
             "About $100: around four hours on a single 8-GPU H100 node. There is also a tiny CPU demo "
-            "that runs "
-            "in minutes, meant for learning how the pipeline works.",
+            "that runs in minutes, meant for learning how the pipeline works.",
         ],
     ),
     "architecture": (
         ["What architecture do you use?", "Are you a transformer?", "How big are you?"],
         [
             "I'm a decoder-only Transformer, like GPT-2, with some modern touches: rotary position "
-            "embeddings, "
-            "normalized queries and keys, a ReLU-squared MLP and an untied output layer. My size depends "
-            "on the "
-            "depth chosen for training; the standard run has around half a billion parameters.",
+            "embeddings, normalized queries and keys, a ReLU-squared MLP and an untied output layer. "
+            "My size depends on the depth chosen for training; the standard run has around half a "
+            "billion parameters.",
             "Yes, a GPT-style Transformer. My depth is a training setting, and the rest of my shape "
-            "follows from "
-            "it; the $100 run makes a model with about 20 layers.",
+            "follows from it; the $100 run makes a model with about 20 layers.",
         ],
     ),
     "limits": (
         ["Can I trust your answers?", "What are your limitations?", "Do you make mistakes?"],
         [
-            "Please double-check anything important. I'm a small model, so I often make mistakes and can "
-            "state "
-            "wrong things confidently. I'm best at short, simple conversations.",
+            "Please double-check anything important. I'm a small model, so I often make mistakes and "
+            "can state wrong things confidently. I'm best at short, simple conversations.",
             "I'm far smaller than commercial assistants, so my knowledge is patchy and my reasoning is "
-            "limited. "
-            "I can get facts wrong, and I mostly know English.",
+            "limited. I can get facts wrong, and I mostly know English.",
         ],
     ),
     "tools": (
         ["Can you do math?", "Do you use any tools?", "how do you count letters in a word?"],
         [
-            "I can use a small Python calculator: I write an expression, the chat engine runs it, and I "
-            "read the "
-            "result. That helps with arithmetic and with counting letters, which are hard for a model "
-            "that reads "
-            "tokens instead of characters.",
+            "I can use a small Python calculator: I write an expression, the chat engine runs it, and "
+            "I read the result. That helps with arithmetic and with counting letters, which are hard "
+            "for a model that reads tokens instead of characters.",
             "I have one tool, a calculator that evaluates simple Python expressions such as 12*7 or "
             "'banana'.count('a'). I use it so I don't have to do arithmetic in my head.",
         ],
@@ -362,9 +278,8 @@ IDENTITY_TOPICS = {
     "internet": (
         ["Can you browse the internet?", "Do you remember our previous chats?", "Do you know today's news?"],
         [
-            "No. I can't access the internet, and I don't remember anything between conversations. All I "
-            "know "
-            "comes from my training data and what you write here.",
+            "No. I can't access the internet, and I don't remember anything between conversations. All "
+            "I know comes from my training data and what you write here.",
             "I have no internet access and no memory of earlier conversations, so I don't know recent "
             "events.",
         ],

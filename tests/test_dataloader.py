@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from nanochat.dataloader import DataLoader, batch_from_rows, merge_states, pack_rows
+from nanochat.dataloader import DataLoader, batch_from_rows, pack_crop, pack_pad
 from nanochat.dataset import list_row_groups, parquets_iter_batched, write_shards
 from nanochat.tokenizer import get_tokenizer
 
@@ -41,7 +41,7 @@ def tokenizer(base_dir):
 
 
 def loader(tokenizer, **kwargs) -> DataLoader:
-    kwargs = {"B": B, "T": T, "split": "train", "tokenizer_threads": 2, **kwargs}
+    kwargs = {"B": B, "T": T, "split": "train", **kwargs}
     return DataLoader(tokenizer, **kwargs)
 
 
@@ -55,31 +55,29 @@ def doc(token: int, n: int, bos: int = 0) -> list[int]:
 
 def test_best_fit_takes_largest_fitting_doc_then_crops_shortest():
     a, b, c, d, e = doc(1, 7), doc(2, 5), doc(3, 3), doc(4, 14), doc(5, 2)
-    packed = pack_rows([d, e, a, b, c], row_len=10)
+    rows, cropped, dropped = pack_crop([d, e, a, b, c], row_len=10)
     # row 1: largest fitting is a (7), then c (3) fills the 3 left exactly
     # row 2: b (5), then e (2); 3 left, only d (14) remains: crop it to 3, its 11 other tokens are lost
-    assert packed.rows == [a + c, b + e + d[:3]]
-    assert (packed.cropped, packed.dropped, packed.masks) == (11, 0, None)
+    assert rows == [a + c, b + e + d[:3]]
+    assert (cropped, dropped) == (11, 0)
 
 
 def test_best_fit_crops_the_shortest_and_drops_the_leftover():
     p, q, r = doc(1, 8), doc(2, 8), doc(3, 3)
-    packed = pack_rows([p, q, r], row_len=10)
     # p and q tie: the earlier (p) goes first; 2 left, nothing fits: crop the SHORTEST (r, not q)
     # q alone (8 tokens) cannot make a row: dropped, never seen
-    assert packed.rows == [p + r[:2]]
-    assert (packed.cropped, packed.dropped) == (1, 8)
-    assert pack_rows([doc(1, 4), doc(2, 3)], row_len=10) == ([], None, 0, 7, 0)
+    assert pack_crop([p, q, r], row_len=10) == ([p + r[:2]], 1, 8)
+    assert pack_crop([doc(1, 4), doc(2, 3)], row_len=10) == ([], 0, 7)
 
 
 def test_best_fit_rows_start_with_a_document():
     rng = random.Random(0)
     docs = [doc(i + 1, rng.randint(1, 40)) for i in range(300)]
-    packed = pack_rows(docs, row_len=33)
-    assert packed.rows and all(len(row) == 33 and row[0] == 0 for row in packed.rows)
+    rows, cropped, dropped = pack_crop(docs, row_len=33)
+    assert rows and all(len(row) == 33 and row[0] == 0 for row in rows)
     # every token read is in a row, cropped, or dropped
-    assert 33 * len(packed.rows) + packed.cropped + packed.dropped == sum(map(len, docs))
-    assert packed.dropped < 33
+    assert 33 * len(rows) + cropped + dropped == sum(map(len, docs))
+    assert dropped < 33
 
 
 def test_pad_mode_places_whole_items_and_masks_padding():
@@ -87,25 +85,20 @@ def test_pad_mode_places_whole_items_and_masks_padding():
     i2 = ([0, 2, 2], [0, 1, 0])
     i3 = ([0, 3, 3, 3], [0, 0, 0, 1])
     i4 = ([0, 4], [0, 1])
-    packed = pack_rows([i1, i2, i3, i4], row_len=8, mode="pad", pad_id=0)
+    rows, masks = pack_pad([i1, i2, i3, i4], row_len=8, pad_id=0)
     # row 1: i1 (5) + i2 (3) exactly; row 2: i3 (4) + i4 (2) + 2 pads; nothing is ever cropped
-    assert packed.rows == [i1[0] + i2[0], i3[0] + i4[0] + [0, 0]]
-    assert packed.masks == [i1[1] + i2[1], i3[1] + i4[1] + [0, 0]]
-    assert (packed.cropped, packed.dropped, packed.padded) == (0, 0, 2)
-    inputs, targets = batch_from_rows(packed.rows, packed.masks)
+    assert rows == [i1[0] + i2[0], i3[0] + i4[0] + [0, 0]]
+    assert masks == [i1[1] + i2[1], i3[1] + i4[1] + [0, 0]]
+    inputs, targets = batch_from_rows(rows, masks)
     assert inputs.dtype == torch.int32 and targets.dtype == torch.int64 and inputs.shape == (2, 7)
     # target i is row[i+1], or -1 where mask[i+1] == 0 (masked tokens and padding)
     assert targets.tolist() == [[-1, 1, 1, 1, -1, 2, -1], [-1, -1, 3, -1, 4, -1, -1]]
-    assert inputs.tolist() == [row[:-1] for row in packed.rows]
+    assert inputs.tolist() == [row[:-1] for row in rows]
 
 
-def test_pad_mode_rejects_items_longer_than_a_row():
-    with pytest.raises(ValueError, match="more than a row"):
-        pack_rows([([0] * 9, [1] * 9)], row_len=8, mode="pad")
-    with pytest.raises(ValueError, match="mask"):
-        pack_rows([([0, 1, 2], [1, 1])], row_len=8, mode="pad")
-    with pytest.raises(ValueError, match="mode"):
-        pack_rows([], row_len=8, mode="shuffle")
+def test_pad_mode_never_crops_an_item_longer_than_a_row():
+    with pytest.raises(AssertionError, match="truncate"):
+        pack_pad([([0] * 9, [1] * 9)], row_len=8, pad_id=0)
 
 
 # -----------------------------------------------------------------------------
@@ -175,8 +168,8 @@ def test_resume_yields_the_same_batches_across_blocks_and_epochs(tokenizer, base
         assert resumed.state_dict() == states[n + m]  # counters included
 
 
-def test_resume_midstep_and_across_layouts(tokenizer, base_dir):
-    """grad_accum 2 resumed mid-step; two ranks' merged states resumed by one process (and back)."""
+def test_resume_midstep_and_per_rank(tokenizer, base_dir):
+    """grad_accum 2 resumed mid-step; each of two ranks resumed from its own saved state."""
     single = loader(tokenizer, grad_accum=2)
     take(single, 61)  # odd: the next micro batch is micro-step 1
     state = json.loads(json.dumps(single.state_dict()))
@@ -186,14 +179,10 @@ def test_resume_midstep_and_across_layouts(tokenizer, base_dir):
     ranks = [loader(tokenizer, rank=r, world_size=2) for r in range(2)]
     for dl in ranks:
         take(dl, 25)
-    merged = merge_states([dl.state_dict() for dl in ranks])
-    expected = [b for pair in zip(*(take(dl, 20) for dl in ranks), strict=True) for b in pair]
-    assert_same_batches(take(loader(tokenizer, grad_accum=2, resume_state=merged), 40), expected)
-    # each rank resumes its own slot from the merged (rank 0's saved) state
-    for r in range(2):
-        assert_same_batches(
-            take(loader(tokenizer, rank=r, world_size=2, resume_state=merged), 20), expected[r::2]
-        )
+    states = [json.loads(json.dumps(dl.state_dict())) for dl in ranks]  # what base_train saves
+    for r, dl in enumerate(ranks):
+        resumed = loader(tokenizer, rank=r, world_size=2, resume_state=states[r])
+        assert_same_batches(take(resumed, 20), take(dl, 20))
 
 
 def test_resume_with_a_different_batch_size_keeps_the_row_stream(tokenizer, base_dir):
@@ -217,10 +206,6 @@ def test_state_dict_is_small_json_and_checked_on_resume(tokenizer, base_dir):
             loader(tokenizer, grad_accum=2, resume_state={**state, key: value})
     with pytest.raises(ValueError, match="cannot resume"):
         loader(tokenizer, resume_state=state)  # 1 slot vs 2
-    with pytest.raises(ValueError, match="no slot 1"):
-        loader(tokenizer, rank=1, world_size=2, resume_state={**state, "slots": {"0": state["slots"]["0"]}})
-    with pytest.raises(ValueError, match="disagree on T"):
-        merge_states([state, {**state, "T": 32}])
 
 
 def test_more_slots_than_row_groups_is_a_clear_error(tokenizer, base_dir):
@@ -335,10 +320,10 @@ def test_split_too_short_for_a_row_is_an_error(synthetic):
 def test_loader_rows_are_a_fixed_shuffle_of_the_packed_block(synthetic):
     data_dir, _ = synthetic
     texts = next(parquets_iter_batched("train", data_dir=data_dir))
-    packed = pack_rows(IdTokenizer().encode(texts, prepend=0), 64)
-    n = len(packed.rows)
+    rows, _, _ = pack_crop(IdTokenizer().encode(texts, prepend=0), 64)
+    n = len(rows)
     first = [
         rows_of(next(DataLoader(IdTokenizer(), n, 63, "train", data_dir=data_dir))).tolist() for _ in "ab"
     ]
     assert first[0] == first[1]  # deterministic
-    assert sorted(first[0]) == sorted(packed.rows) and first[0] != packed.rows  # same rows, shuffled
+    assert sorted(first[0]) == sorted(rows) and first[0] != rows  # same rows, shuffled

@@ -81,8 +81,8 @@ def test_config_from_depth_sets_width_heads_and_layers():
         cfg = config_from_depth(depth, vocab_size=65536, sequence_len=2048)
         assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_kv_head) == (depth, n_embd, n_head, n_head)
         assert cfg.head_dim == 128
-    cfg = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=16, head_dim=16, n_kv_head=2)
-    assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.sequence_len, cfg.vocab_size) == (64, 4, 2, 64, 1000)
+    cfg = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=16, head_dim=16)
+    assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.sequence_len, cfg.vocab_size) == (64, 4, 4, 64, 1000)
     assert config_from_depth(20, 65536, 2048) == GPTConfig()  # the defaults are the d20 model
 
 
@@ -93,8 +93,6 @@ def test_config_from_depth_sets_width_heads_and_layers():
         ({"head_dim": 7}, "--head-dim"),
         ({"head_dim": 0}, "--head-dim"),
         ({"aspect_ratio": 0}, "--aspect-ratio"),
-        ({"n_kv_head": 3}, "--n-kv-head"),  # depth 20 has 10 heads
-        ({"n_kv_head": 0}, "--n-kv-head"),
         ({"sequence_len": 0}, "--max-seq-len"),
     ],
 )
@@ -299,7 +297,7 @@ def test_inference_runs_past_the_training_length_up_to_the_rotary_table():
         def get_pos(self) -> int:
             return 10 * TINY.sequence_len - 2
 
-    with pytest.raises(ValueError, match="rotary table"):
+    with pytest.raises(AssertionError, match="rotary table"):
         model(random_tokens(TINY, 1, 3), kv_cache=LateCache(TINY.n_layer))
 
 
@@ -442,8 +440,6 @@ def test_memory_estimate_grows_with_batch_and_shrinks_with_bf16():
     assert bf16["activations"] < fp32["activations"]
     assert estimate_memory(config, 16, sequence_len=32)["activations"] < bf16["activations"]
     assert estimate_memory(config, 16, world_size=8)["optimizer"] < bf16["optimizer"]
-    with pytest.raises(ValueError, match="batch size"):
-        estimate_memory(config, 0)
 
 
 def test_suggest_device_batch_size_returns_the_largest_power_of_two_that_fits():
