@@ -47,11 +47,8 @@ torch.manual_seed(0)
 config = config_from_depth(
     args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.aspect_ratio, args.head_dim
 )
-with torch.device("meta"):
-    model = GPT(config)
-model.to_empty(device=device)
-model.init_weights()
-model.eval()
+with torch.device(device):
+    model = GPT(config).eval()
 
 
 def run(batch_size: int, max_per_task: int) -> tuple[float, dict, dict]:

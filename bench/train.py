@@ -50,10 +50,8 @@ def sync():
 tokenizer = get_tokenizer()
 B, T = args.device_batch_size, args.max_seq_len
 config = config_from_depth(args.depth, tokenizer.get_vocab_size(), T, args.aspect_ratio, args.head_dim)
-with torch.device("meta"):
+with torch.device(device):
     model = GPT(config)
-model.to_empty(device=device)
-model.init_weights()
 optimizers = build_optimizers(model.param_groups(), config.n_embd)
 step_model = torch.compile(model, dynamic=False) if args.compile else model
 loader = iter(DataLoader(tokenizer, B, T, "train", device=device))

@@ -350,13 +350,6 @@ def centered_accuracy(accuracy: float, random_baseline: float) -> float:
     return (accuracy - rb) / (1.0 - rb)
 
 
-def core_score(centered: dict[str, float]) -> float:
-    """CORE: the mean of the centered accuracies."""
-    if not centered:
-        raise ValueError("CORE needs at least one evaluated task")
-    return sum(centered.values()) / len(centered)
-
-
 def evaluate_core(
     model,
     tokenizer,
@@ -393,6 +386,8 @@ def evaluate_core(
                 f"CORE task {task.label!r}: data file {data_dir / task.dataset_uri} is missing "
                 "(pass skip_missing / --skip-missing to evaluate the others and mark CORE partial)"
             )
+    if not present:
+        raise FileNotFoundError(f"CORE: none of the tasks has its data file under {data_dir}")
     if skipped:
         logger.warning("CORE: skipping tasks with missing data files: %s", ", ".join(skipped))
     max_len = model.config.sequence_len
@@ -415,7 +410,7 @@ def evaluate_core(
     return {
         "results": results,
         "centered": centered,
-        "core": core_score(centered),
+        "core": sum(centered.values()) / len(centered),  # CORE: the mean centered accuracy
         "partial": bool(skipped),
         "skipped": skipped,
         "num_examples": counts,

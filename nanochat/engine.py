@@ -293,26 +293,21 @@ class Engine:
             logits = self.decode_step(cache, [column[i] for i in active])
 
     def generate_batch(
-        self,
-        tokens: list[int],
-        num_samples: int = 1,
-        max_tokens: int | None = None,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int = 42,
+        self, tokens: list[int], num_samples: int = 1, **sampling
     ) -> tuple[list[list[int]], list[list[int]]]:
-        """(results, masks): per row, the prompt + generated tokens (stop tokens left out), and their masks
-        (0 for the prompt and forced tool output)."""
-        results = [list(tokens) for _ in range(num_samples)]
+        """`generate` run to the end (`sampling`: its max_tokens, temperature, top_k, seed): per row the
+        prompt + generated tokens up to its stop token, kept with mask 1 (RL trains the model to stop),
+        and the masks (0 on the prompt and forced tool output)."""
+        sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         stopped = [False] * num_samples
-        for column, mask_column in self.generate(tokens, num_samples, max_tokens, temperature, top_k, seed):
+        for column, mask_column in self.generate(tokens, num_samples, **sampling):
             for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
-                stopped[i] = stopped[i] or token in self.stop_ids
                 if not stopped[i]:
-                    results[i].append(token)
+                    sequences[i].append(token)
                     masks[i].append(mask)
-        return results, masks
+                    stopped[i] = token in self.stop_ids
+        return sequences, masks
 
 
 # -----------------------------------------------------------------------------
@@ -345,7 +340,7 @@ def _binop(op: ast.operator, a, b):
         return _bounded(a - b)
     if isinstance(op, ast.Mult):
         if isinstance(a, int) and isinstance(b, int) and a.bit_length() + b.bit_length() > MAX_INT_BITS + 1:
-            raise _Refused
+            raise _Refused  # refuse before computing: big-int work is unbounded
         return _bounded(a * b)
     if isinstance(op, (ast.Div, ast.FloorDiv, ast.Mod)):
         if b == 0:
@@ -438,21 +433,10 @@ def fit_to_context(tokenizer, conversation: dict, max_context: int, reserve: int
     if lo <= pairs:
         return tokenizer.render_for_completion(system + turns[2 * lo :])
 
-    last = turns[-1:]  # the last user turn alone, without the system message
-    ids = tokenizer.render_for_completion(last)
-    if len(ids) <= budget:
-        return ids
-    special = tokenizer.encode_special
-    content = tokenizer.encode(last[0]["content"])
-    keep = max(budget - 4, 0)
-    tail = content[len(content) - keep :] if keep else []
-    return [
-        tokenizer.get_bos_token_id(),
-        special("<|user_start|>"),
-        *tail,
-        special("<|user_end|>"),
-        special("<|assistant_start|>"),
-    ]
+    # the last user turn alone, without the system message: bos, user_start, *text, user_end, assistant_start
+    ids = tokenizer.render_for_completion(turns[-1:])
+    keep = max(budget - 4, 0)  # the end of its text, if even that is too long
+    return ids if len(ids) <= budget else ids[:2] + (ids[2:-2][-keep:] if keep else []) + ids[-2:]
 
 
 def prompt_and_budget(
@@ -485,6 +469,11 @@ class Request:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._wake = None  # set by the scheduler: wakes its thread
+        # while it holds a batch row: its decoding state, its generator, and the token the model
+        # reads next (already streamed)
+        self._row = _Row()
+        self._generator: torch.Generator | None = None
+        self._next_token = 0
 
     def __iter__(self) -> Iterator[int]:
         while True:
@@ -501,10 +490,6 @@ class Request:
         if self._wake is not None:
             self._wake()
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
     def _emit(self, token: int) -> None:
         self.num_generated_tokens += 1
         self._queue.put(token)
@@ -514,16 +499,6 @@ class Request:
             self.error = error
             self.finish_reason = reason
             self._queue.put(_END)
-
-
-class _Active:
-    """A request that holds a batch row."""
-
-    def __init__(self, request: Request, row: _Row, next_token: int, generator: torch.Generator):
-        self.request = request
-        self.row = row
-        self.next_token = next_token  # already streamed; fed to the model at the next step
-        self.generator = generator
 
 
 class BatchScheduler:
@@ -537,7 +512,7 @@ class BatchScheduler:
         self.max_batch = max_batch
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
-        self._active: list[_Active] = []
+        self._active: list[Request] = []  # one per batch row
         self._closed = False
         self._cache = engine.new_cache(max_batch, INITIAL_DECODE_ROOM, batch_size=0)
         self._thread = threading.Thread(target=self._run, name="nanochat-batch-scheduler", daemon=True)
@@ -600,7 +575,7 @@ class BatchScheduler:
         except BaseException as e:  # a failing forward must not leave clients waiting forever
             error = e
         with self._cond:
-            leftovers = [a.request for a in self._active] + list(self._pending)
+            leftovers = self._active + list(self._pending)
             self._active, self._pending = [], deque()
             self._closed = True
         for request in leftovers:
@@ -608,31 +583,31 @@ class BatchScheduler:
 
     def _admit(self, request: Request) -> None:
         """Batch-1 prefill, the first token sampled from its logits, the row copied into the batch cache."""
-        if request.cancelled:
+        if request._cancelled.is_set():
             request._finish("cancelled")
             return
         engine = self.engine
-        generator = torch.Generator(device=engine.device).manual_seed(request.seed)
+        request._generator = torch.Generator(device=engine.device).manual_seed(request.seed)
         prefill, logits = engine.prefill(request.tokens)
-        sampled = int(sample_next(logits, request.temperature, request.top_k, generator)[0])
-        row = _Row()
-        token, _ = engine.choose(row, sampled)
-        if row.done:
+        sampled = int(sample_next(logits, request.temperature, request.top_k, request._generator)[0])
+        token, _ = engine.choose(request._row, sampled)
+        if request._row.done:
             request._finish("stop")
             return
         request._emit(token)
         if request.num_generated_tokens >= request.max_tokens:
             request._finish("length")
             return
+        request._next_token = token
         self._cache.append_row(prefill)
-        self._active.append(_Active(request, row, token, generator))
+        self._active.append(request)
 
     def _remove(self, reasons: dict[int, str]) -> None:
         """Finishes the rows in `reasons` (row index -> finish reason) and drops them from the batch."""
         if not reasons:
             return
         for r, reason in reasons.items():
-            self._active[r].request._finish(reason)
+            self._active[r]._finish(reason)
         keep = [r for r in range(len(self._active)) if r not in reasons]
         self._cache.keep_rows(keep)
         self._active = [self._active[r] for r in keep]
@@ -640,27 +615,29 @@ class BatchScheduler:
     def _step(self) -> None:
         engine = self.engine
         # cancelled rows go before the forward; so do rows whose next position is past the rotary table
-        self._remove({r: "cancelled" for r, a in enumerate(self._active) if a.request.cancelled})
+        self._remove(
+            {r: "cancelled" for r, request in enumerate(self._active) if request._cancelled.is_set()}
+        )
         self._remove({r: "length" for r, n in enumerate(self._cache.lengths) if n >= engine.max_positions})
         if not self._active:
             return
-        logits = engine.decode_step(self._cache, [a.next_token for a in self._active])  # (B, V)
+        logits = engine.decode_step(self._cache, [request._next_token for request in self._active])  # (B, V)
         choices = logits.argmax(dim=-1)  # (B,): greedy rows share one argmax
-        for r, a in enumerate(self._active):  # sampling rows draw from their own generators
-            if a.request.temperature > 0:
+        for r, request in enumerate(self._active):  # sampling rows draw from their own generators
+            if request.temperature > 0:
                 choices[r] = sample_next(
-                    logits[r : r + 1], a.request.temperature, a.request.top_k, a.generator
+                    logits[r : r + 1], request.temperature, request.top_k, request._generator
                 )[0]
         sampled = choices.tolist()  # one host sync for the whole batch
         finished: dict[int, str] = {}
-        for r, a in enumerate(self._active):
-            token, _ = engine.choose(a.row, sampled[r])
-            if a.row.done:
+        for r, request in enumerate(self._active):
+            token, _ = engine.choose(request._row, sampled[r])
+            if request._row.done:
                 finished[r] = "stop"
                 continue
-            a.request._emit(token)
-            a.next_token = token
-            if a.request.num_generated_tokens >= a.request.max_tokens:
+            request._emit(token)
+            request._next_token = token
+            if request.num_generated_tokens >= request.max_tokens:
                 finished[r] = "length"
         self._remove(finished)
 

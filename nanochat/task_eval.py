@@ -92,8 +92,11 @@ def _generative(
     for i in indices:
         conversation = task[i]
         prompt, budget = prompt_and_budget(tokenizer, conversation, max_context, max_new_tokens)
-        results, _ = engine.generate_batch(prompt, num_samples, budget, temperature, top_k, seed=i)
-        solved += any(task.evaluate(conversation, tokenizer.decode(r[len(prompt) :])) for r in results)
+        rows, _ = engine.generate_batch(
+            prompt, num_samples, max_tokens=budget, temperature=temperature, top_k=top_k, seed=i
+        )
+        replies = [[t for t in row[len(prompt) :] if t not in engine.stop_ids] for row in rows]
+        solved += any(task.evaluate(conversation, tokenizer.decode(reply)) for reply in replies)
         if bar is not None:
             bar.update(1)
     return solved

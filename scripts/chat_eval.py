@@ -8,7 +8,7 @@ Evaluate a chat model on the chat benchmarks and compute ChatCORE.
 - Each task's accuracy comes from nanochat.task_eval.task_accuracy (problems strided across ranks).
 - ChatCORE = mean over the six standard tasks of (acc - baseline) / (1 - baseline); with any of
   them missing, the mean over those that ran is reported as partial, naming the missing ones.
-- All task data is opened before the model is loaded, so missing data fails in seconds.
+- All task data is opened before the model is loaded, so that missing data fails in seconds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ BASELINES = {
     "HumanEval": 0.0,
     "SpellingBee": 0.0,
 }
-STANDARD_TASKS = tuple(BASELINES)
 OFFLINE_TASK_SIZE = 256  # test examples per synthetic task
 TASKS = {  # name -> the evaluation split (the last two are generated here: no download)
     "ARC-Easy": lambda: ARC(subset="ARC-Easy", split="test"),
@@ -53,23 +52,12 @@ TASKS = {  # name -> the evaluation split (the last two are generated here: no d
 def parse_task_names(spec: str | None) -> list[str]:
     """`"ARC-Easy|GSM8K"` -> ["ARC-Easy", "GSM8K"]; None or "" -> the six ChatCORE tasks."""
     if not spec:
-        return list(STANDARD_TASKS)
+        return list(BASELINES)
     names = [name.strip() for name in spec.split("|") if name.strip()]
     unknown = [name for name in names if name not in TASKS]
     if unknown or not names:
         raise ValueError(f"unknown task(s) {unknown or spec!r}; choose from {'|'.join(TASKS)}")
     return list(dict.fromkeys(names))  # drop repeats, keep order
-
-
-def load_task(name: str):
-    """The evaluation split of task `name`; a RuntimeError naming NANOCHAT_TASK_DATA if its data is absent."""
-    try:
-        return TASKS[name]()
-    except (FileNotFoundError, RuntimeError, OSError) as e:
-        raise RuntimeError(
-            f"task {name}: its data is not available ({e}). Set NANOCHAT_TASK_DATA to a folder laid out "
-            "like shared/data/tasks/, or allow downloads from the Hugging Face hub."
-        ) from e
 
 
 def chatcore(accuracies: dict[str, float]) -> tuple[float | None, float | None, list[str]]:
@@ -118,9 +106,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(str(e))
 
     setup_logging()
-    try:
-        tasks = {name: load_task(name) for name in names}
-    except RuntimeError as e:
+    try:  # data first: a missing dataset fails in seconds, its message naming NANOCHAT_TASK_DATA
+        tasks = {name: TASKS[name]() for name in names}
+    except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"chat_eval: {e}") from None
     _, _, _, _, device = compute_init(args.device_type)
     try:

@@ -136,8 +136,6 @@ def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatParams:
             raise RequestError(
                 f"messages[{i}].role must be 'user' or 'assistant' (or 'system' first), got {role!r}"
             )
-        if role == "system" and i != 0:
-            raise RequestError(f"messages[{i}]: a system message is only allowed first")
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}")
         if len(content) > MAX_MESSAGE_CHARS:
@@ -192,7 +190,7 @@ class Worker:
 
     index: int
     device: str
-    scheduler: Any  # nanochat.engine.BatchScheduler
+    scheduler: BatchScheduler
     capacity: int
     busy: int = 0
 
@@ -398,6 +396,10 @@ def create_app(server: ChatServer) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(str(exc.detail), exc.status_code)
 
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError):
+        return error_response(exc.message, exc.status)
+
     async def parse(request: Request) -> ChatParams:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refuse before reading it
@@ -410,12 +412,8 @@ def create_app(server: ChatServer) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
-            "ready": True,
-            "num_workers": len(server.pool.workers),
-            "model": server.model_name,
-        }
+        workers = len(server.pool.workers)
+        return {"status": "ok", "ready": True, "num_workers": workers, "model": server.model_name}
 
     @app.get("/stats")
     async def stats():
@@ -433,10 +431,7 @@ def create_app(server: ChatServer) -> FastAPI:
 
     @app.post("/chat/completions")
     async def chat_native(request: Request):
-        try:
-            params = await parse(request)
-        except RequestError as e:
-            return error_response(e.message, e.status)
+        params = await parse(request)
         gen = Generation(server, params, "/chat/completions")
 
         async def events():
@@ -452,10 +447,7 @@ def create_app(server: ChatServer) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_openai(request: Request):
-        try:
-            params = await parse(request)
-        except RequestError as e:
-            return error_response(e.message, e.status)
+        params = await parse(request)
         gen = Generation(server, params, "/v1/chat/completions")
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())

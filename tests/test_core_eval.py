@@ -25,7 +25,6 @@ from nanochat.common import compute_cleanup
 from nanochat.core_eval import (
     CoreTask,
     centered_accuracy,
-    core_score,
     evaluate_core,
     evaluate_task,
     load_core_tasks,
@@ -310,8 +309,8 @@ def test_centered_accuracy_and_core_match_a_hand_computation_from_the_meta_csv(t
     assert centered["tiny_mc"] == pytest.approx((0.4 - 0.25) / 0.75)
     assert centered["tiny_schema"] == pytest.approx(0.5)
     assert centered["tiny_lm"] == pytest.approx(0.1)
-    hand = sum((accuracies[k] - rb[k] / 100) / (1 - rb[k] / 100) for k in accuracies) / 3
-    assert core_score(centered) == pytest.approx(hand)
+    hand = {k: (accuracies[k] - rb[k] / 100) / (1 - rb[k] / 100) for k in accuracies}
+    assert centered == pytest.approx(hand)
     assert centered_accuracy(0.25, 25) == 0 and centered_accuracy(1.0, 62) == pytest.approx(1.0)
 
 
@@ -327,7 +326,7 @@ def test_gpt2_reference_csvs_parse_and_their_core_is_the_mean_of_their_centered_
         assert list(rows) == labels
         for label, (accuracy, centered) in rows.items():
             assert centered_accuracy(accuracy, baselines[label]) == pytest.approx(centered, abs=5e-6), label
-        assert core_score({k: c for k, (_, c) in rows.items()}) == pytest.approx(core, abs=2e-6)
+        assert sum(c for _, c in rows.values()) / len(rows) == pytest.approx(core, abs=2e-6)
         cores[path.stem] = core
     assert cores["openai-community-gpt2"] == pytest.approx(0.113891)
 
@@ -403,6 +402,8 @@ def test_missing_file_in_a_hand_made_bundle_is_named_and_skipping_marks_core_par
     assert (
         out["skipped"] == ["tiny_missing"] and out["partial"] is True and list(out["results"]) == ["tiny_lm"]
     )
+    with pytest.raises(FileNotFoundError, match="none of the tasks"):  # no CORE from zero tasks
+        evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True, tasks=["tiny_missing"])
 
 
 def _dist_worker(rank: int, world_size: int, port: int, bundle: str, tok_dir: str, out_dir: str) -> None:

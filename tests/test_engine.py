@@ -228,8 +228,9 @@ def test_rows_stop_at_assistant_end_or_bos_and_leave_the_batch(tokenizer):
     logits[[65, end, bos]] = 0.0  # 'A', assistant_end, bos equally likely
     model = RuleModel(vocab, lambda pos, ids: logits)
     engine = Engine(model, tokenizer)
-    results, _ = engine.generate_batch([65], num_samples=16, max_tokens=40, temperature=1.0, seed=3)
-    assert all(set(row[1:]) <= {65} for row in results)  # stop tokens are never included
+    results, masks = engine.generate_batch([65], num_samples=16, max_tokens=40, temperature=1.0, seed=3)
+    for row, mask in zip(results, masks, strict=True):  # each row ends with its stop token, kept with mask 1
+        assert set(row[1:-1]) <= {65} and row[-1] in (end, bos) and mask == [0] + [1] * (len(row) - 1)
     model.batch_sizes.clear()
     columns = list(engine.generate([65], num_samples=16, max_tokens=40, temperature=1.0, seed=3))
     # rows still running after each step: a row stops with the first stop token it yields
@@ -268,7 +269,7 @@ def test_calculator_result_is_forced_with_mask_zero_and_generation_continues(tok
     engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
     results, masks = engine.generate_batch(prompt, max_tokens=50, temperature=0.0)
     generated, gen_masks = results[0][len(prompt) :], masks[0][len(prompt) :]
-    expected = "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>done"
+    expected = "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>done<|assistant_end|>"
     assert tokenizer.decode(generated) == expected
     forced = [tokenizer.encode_special("<|output_start|>"), *tokenizer.encode("36")]
     forced.append(tokenizer.encode_special("<|output_end|>"))
@@ -282,7 +283,8 @@ def test_refused_calculator_expression_forces_nothing(tokenizer):
     parts = ["<|python_start|>", "__import__('os')", "<|python_end|>", "ok", "<|assistant_end|>"]
     engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
     results, masks = engine.generate_batch(prompt, max_tokens=50, temperature=0.0)
-    assert tokenizer.decode(results[0][len(prompt) :]) == "<|python_start|>__import__('os')<|python_end|>ok"
+    reply = tokenizer.decode(results[0][len(prompt) :])
+    assert reply == "<|python_start|>__import__('os')<|python_end|>ok<|assistant_end|>"
     assert set(masks[0][len(prompt) :]) == {1}
 
 
