@@ -9,7 +9,7 @@ The DCLM CORE metric: in-context-learning accuracy of a base model over the task
 - The continuation span starts where the tokens of prefix and full text first differ, so the
   scored tokens are exactly those the model sees (every option's whole continuation counts).
 - Several examples share one right-padded forward of up to `batch_size` rows.
-- `--max-per-task` subsets follow a fixed shuffle, so they spread over the whole file.
+- `max_per_task` subsets follow a fixed shuffle, so they spread over the whole file.
 - Examples are strided across ranks and the counts summed.
 - CORE is the mean centered accuracy; with `skip_missing`, missing task files are skipped and
   CORE is marked partial.
