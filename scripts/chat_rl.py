@@ -71,38 +71,6 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def sample_group(
-    engine,
-    prompt: list[int],
-    num_samples: int,
-    max_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    seed: int,
-) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
-    """Samples `num_samples` completions of `prompt`.
-
-    Returns (sequences, masks, completions): per row the prompt + generated tokens INCLUDING the
-    stop token when the row stopped, their masks (0 on the prompt and on forced tool output,
-    1 on sampled tokens), and the generated tokens without the stop token (the text to grade).
-    """
-    sequences = [list(prompt) for _ in range(num_samples)]
-    masks = [[0] * len(prompt) for _ in range(num_samples)]
-    completions: list[list[int]] = [[] for _ in range(num_samples)]
-    stopped = [False] * num_samples
-    for column, mask_column in engine.generate(prompt, num_samples, max_tokens, temperature, top_k, seed):
-        for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
-            if stopped[i]:
-                continue
-            sequences[i].append(token)
-            masks[i].append(mask)
-            if token in engine.stop_ids:
-                stopped[i] = True
-            else:
-                completions[i].append(token)
-    return sequences, masks, completions
-
-
 def rollout_batch(
     sequences: list[list[int]], masks: list[list[int]], pad_id: int, device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +225,16 @@ if __name__ == "__main__":
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.get_bos_token_id()
 
+    def sample(prompt: list[int], num_samples: int, budget: int, seed: int):
+        """((sequences, masks), completions): rows keep their stop token (mask 1: stopping is a choice
+        the policy makes); the completions, without it, are what gets graded."""
+        top_k = args.top_k or None
+        rows = engine.generate_batch(
+            prompt, num_samples, max_tokens=budget, temperature=args.temperature, top_k=top_k, seed=seed
+        )
+        completions = [[t for t in seq[len(prompt) :] if t not in engine.stop_ids] for seq in rows[0]]
+        return rows, completions
+
     # ---------------------------------------------------------------------- eval: mean reward and pass@k
     ks = [k for k in (2**i for i in range(12)) if k <= args.eval_samples]
 
@@ -267,9 +245,7 @@ if __name__ == "__main__":
         for index in range(rank, eval_examples, world_size):
             conversation = test_task[index]
             prompt, budget = prompt_and_budget(tokenizer, conversation, max_seq_len, args.max_new_tokens)
-            _, _, completions = sample_group(
-                engine, prompt, args.eval_samples, budget, args.temperature, args.top_k or None, seed=index
-            )
+            _, completions = sample(prompt, args.eval_samples, budget, seed=index)
             rewards = [test_task.reward(conversation, tokenizer.decode(c)) for c in completions]
             correct = sum(r > 0 for r in rewards)
             sums[0] += 1
@@ -315,9 +291,7 @@ if __name__ == "__main__":
             conversation = train_task[index]
             prompt, budget = prompt_and_budget(tokenizer, conversation, max_seq_len, args.max_new_tokens)
             seed = (args.seed * 1_000_003 + step * args.examples_per_step + j) % 2**62
-            sequences, masks, completions = sample_group(
-                engine, prompt, args.num_samples, budget, args.temperature, args.top_k or None, seed
-            )
+            (sequences, masks), completions = sample(prompt, args.num_samples, budget, seed)
             rewards = [train_task.reward(conversation, tokenizer.decode(c)) for c in completions]
             rewards = torch.tensor(rewards, dtype=torch.float32)
             reward_sum += rewards.sum().item()

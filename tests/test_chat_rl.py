@@ -20,7 +20,7 @@ import torch
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import lr_multiplier
-from scripts.chat_rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch, sample_group
+from scripts.chat_rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = [
@@ -171,55 +171,6 @@ def test_pass_at_k_unbiased_estimator():
     assert pass_at_k(4, 3, 2) == 1.0
     with pytest.raises(ValueError):
         pass_at_k(2, 1, 3)
-
-
-def test_sample_group_keeps_stop_token_trained_and_tool_output_masked(base_dir):
-    """The stop token is part of the trained sequence but not of the graded text; forced output is mask 0."""
-    from nanochat.tokenizer import get_tokenizer
-
-    tokenizer = get_tokenizer()
-    special = tokenizer.encode_special
-    end, py_start, py_end = (
-        special("<|assistant_end|>"),
-        special("<|python_start|>"),
-        special("<|python_end|>"),
-    )
-    script = [py_start, *tokenizer.encode("2+3"), py_end]
-
-    class StubEngine:  # the real engine is exercised end to end below
-        stop_ids = {end}
-
-        def generate(self, prompt, num_samples, max_tokens, temperature, top_k, seed):
-            forced = [special("<|output_start|>"), *tokenizer.encode("5"), special("<|output_end|>")]
-            steps = [(t, 1) for t in script] + [(t, 0) for t in forced] + [(end, 1), (end, 0)]
-            for token, mask in steps:
-                yield [token] * num_samples, [mask] * num_samples
-
-    seqs, masks, completions = sample_group(StubEngine(), [1, 2], 2, 64, 1.0, 50, 0)
-    n_forced = 2 + len(tokenizer.encode("5"))
-    assert seqs[0][-1] == end and masks[0][-1] == 1
-    assert masks[0] == [0, 0] + [1] * len(script) + [0] * n_forced + [1]
-    assert end not in completions[0] and len(completions[0]) == len(seqs[0]) - 3
-
-
-def test_sample_group_agrees_with_engine_generate_batch(base_dir):
-    """Same draws as generate_batch; the only difference is the stop token kept at the end (mask 1)."""
-    from nanochat.engine import Engine
-    from nanochat.tokenizer import get_tokenizer
-
-    tokenizer = get_tokenizer()
-    engine = Engine(tiny_model(), tokenizer)
-    prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "What is 2+3?"}]})
-    seqs, masks, completions = sample_group(engine, prompt, 6, 40, 1.0, 50, seed=7)
-    results, result_masks = engine.generate_batch(prompt, 6, 40, 1.0, 50, seed=7)
-    for seq, mask, completion, result, result_mask in zip(
-        seqs, masks, completions, results, result_masks, strict=True
-    ):
-        stopped = seq[-1] in engine.stop_ids
-        assert seq[: len(seq) - stopped] == result and mask[: len(mask) - stopped] == result_mask
-        assert completion == result[len(prompt) :]
-        if stopped:
-            assert mask[-1] == 1
 
 
 # -----------------------------------------------------------------------------
