@@ -45,7 +45,7 @@ from nanochat.common import (
     setup_logging,
 )
 from nanochat.dataloader import conversation_batches
-from nanochat.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
+from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, muon_momentum, optimizers_for
 from nanochat.report import MetricsLog, get_report
 from nanochat.task_eval import task_accuracy
 from tasks.customjson import CustomJSON
@@ -58,12 +58,16 @@ CHAT_FILE = "chat/kto_en_demo_accepted.messages.jsonl"
 
 def chat_flags(description: str, **defaults) -> argparse.Namespace:
     """The flags of mid_train and chat_sft; `defaults` holds each stage's own defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add = partial(_add_flag, p, defaults)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+
+    def add(name: str, **kw) -> None:
+        kw.setdefault("default", defaults.get(name[2:].replace("-", "_")))
+        p.add_argument(name, **kw)
+
     add("--source", choices=["base", "mid", "sft"], help="stage of the model to start from")
-    add("--model-tag", default=None, help="tag of the source model, kept for the output (default: deepest)")
-    add("--model-step", type=int, default=None, help="step of the source model (default: last)")
-    add("--max-seq-len", type=int, default=None, help="context of the training rows (default: the model's)")
+    add("--model-tag", default=None, help="tag of the source model, kept for the output (None: the deepest)")
+    add("--model-step", type=int, default=None, help="step of the source model (None: the last)")
+    add("--max-seq-len", type=int, default=None, help="context of the training rows (None: the model's)")
     add("--device-batch-size", type=int, help="rows per device per micro-step")
     add(
         "--total-batch-size",
@@ -71,11 +75,6 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
         help="tokens per optimizer step, all ranks (-1: one micro-step per rank)",
     )
     add("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the data)")
-    add("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
-    add("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
-    add("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
-    add("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the block matrices")
-    add("--init-lr-frac", type=float, help="all LRs are scaled by this")
     add("--warmdown-ratio", type=float, help="final fraction of training decaying the LR")
     add("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of training")
     add("--eval-every", type=int, help="steps between val loss evals (-1: at the end)")
@@ -100,17 +99,15 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add(
         "--dry-run", action="store_true", default=False, help="open data and model, print the plan, then exit"
     )
+    add_optimizer_flags(p, defaults["init_lr_frac"])
     args = p.parse_args()
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # no task may reach the hub
     return args
 
 
-def _add_flag(parser: argparse.ArgumentParser, defaults: dict, name: str, **kw) -> None:
-    kw.setdefault("default", defaults.get(name[2:].replace("-", "_")))
-    if kw.get("action") is None and kw.get("nargs") is None:
-        kw["help"] += f" (default: {kw['default']})"
-    parser.add_argument(name, **kw)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every flag's default."""
 
 
 # -----------------------------------------------------------------------------
@@ -239,8 +236,7 @@ def train(
         return
 
     # -------------------------------------------------------------------------- optimizers (or resume)
-    lrs = {k: getattr(args, k) * args.init_lr_frac for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
-    optimizers = build_optimizers(model.param_groups(), config.n_embd, weight_decay=args.weight_decay, **lrs)
+    optimizers = optimizers_for(model, args)
     ckpt_dir = checkpoint_dir(stage, tag)
     same = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
     try:

@@ -218,6 +218,20 @@ def build_model(directory: str | Path, step: int, device, phase: str):
     return model, tokenizer, meta
 
 
+def add_model_flags(parser, default_source: str | None = "sft") -> None:
+    """-i/--source, -g/--model-tag, -s/--model-step: the checkpoint to load (no default: -i required)."""
+    parser.add_argument(
+        "-i",
+        "--source",
+        default=default_source,
+        required=default_source is None,
+        choices=list(PHASE_DIRS),
+        help="model stage",
+    )
+    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (None: the deepest d<N>)")
+    parser.add_argument("-s", "--model-step", type=int, default=None, help="checkpoint step (None: the last)")
+
+
 def load_model(source: str, device, phase: str, model_tag: str | None = None, step: int | None = None):
     """A model of a pipeline stage (base | mid | sft | rl): (model, tokenizer, meta).
     Without a tag, the deepest `d<N>` tag; without a step, the last saved step."""

@@ -182,12 +182,8 @@ class AdamW(_ShardedOptimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self) -> None:
         """Average gradients over ranks and update (on every rank; no-op communication for one process)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         world_size, rank = _world()
         # launch every gradient reduction first, then update each as its reduction lands
         jobs = []
@@ -212,7 +208,6 @@ class AdamW(_ShardedOptimizer):
                 _adamw_update(p.data, grad, self.state[p], group)
         for work in gathers:
             work.wait()
-        return loss
 
 
 # -----------------------------------------------------------------------------
@@ -302,12 +297,8 @@ class Muon(_ShardedOptimizer):
                 raise ValueError(f"Muon only takes 2-D matrices, got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(self) -> None:
         """Average gradients over ranks and update (on every rank; no-op communication for one process)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
         world_size, rank = _world()
         for group in self.param_groups:
             if world_size == 1:
@@ -336,7 +327,6 @@ class Muon(_ShardedOptimizer):
                 for r, p in enumerate(chunk):
                     if p is not None and r != rank:
                         p.data.copy_(stacked[r])
-        return loss
 
 
 def lr_multiplier(
@@ -373,6 +363,17 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
     return start + (end - start) * frac
 
 
+def add_optimizer_flags(parser, init_lr_frac: float | None = None) -> None:
+    """The LR and weight-decay flags of every training script (and --init-lr-frac when it has a default)."""
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the matrices")
+    if init_lr_frac is not None:
+        g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="all LRs are scaled by this")
+
+
 def apply_schedule(optimizers: list, lrm: float, momentum: float | None = None) -> None:
     """Set every group's LR to `initial_lr × lrm` and, when given, Muon's momentum."""
     for opt in optimizers:
@@ -407,3 +408,10 @@ def build_optimizers(
     adamw = AdamW(adam_groups, lr=embedding_lr * scale, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     muon = Muon(list(model_param_groups["matrix"]), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
     return [adamw, muon]
+
+
+def optimizers_for(model, args) -> list[torch.optim.Optimizer]:
+    """`build_optimizers` for a GPT, from the flags of `add_optimizer_flags` (LRs × --init-lr-frac)."""
+    scale = getattr(args, "init_lr_frac", 1.0)
+    lrs = {k: getattr(args, k) * scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+    return build_optimizers(model.param_groups(), model.config.n_embd, weight_decay=args.weight_decay, **lrs)

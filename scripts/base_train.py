@@ -43,7 +43,7 @@ from nanochat.dataset import list_parquet_files, read_manifest
 from nanochat.engine import greedy_completions
 from nanochat.gpt import GPT, config_from_depth, estimate_memory, suggest_device_batch_size
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import apply_schedule, build_optimizers, lr_multiplier, muon_momentum
+from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, muon_momentum, optimizers_for
 from nanochat.report import MetricsLog, get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -65,11 +65,8 @@ g = parser.add_argument_group("length (the first one set wins)")
 g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
 g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
 g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
-g = parser.add_argument_group("optimization")
-g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
-g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
-g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
-g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the block matrices")
+add_optimizer_flags(parser)
+g = parser.add_argument_group("schedule")
 g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps warming the LR up")
 g.add_argument(
     "--warmdown-ratio", type=float, default=0.2, help="fraction of steps decaying the LR at the end"
@@ -189,14 +186,7 @@ model_tag = args.model_tag or f"d{args.depth}"
 ckpt_dir = checkpoint_dir("base", model_tag)
 model.to_empty(device=device)
 model.init_weights()
-optimizers = build_optimizers(
-    model.param_groups(),
-    config.n_embd,
-    embedding_lr=args.embedding_lr,
-    unembedding_lr=args.unembedding_lr,
-    matrix_lr=args.matrix_lr,
-    weight_decay=args.weight_decay,
-)
+optimizers = optimizers_for(model, args)
 try:
     start_step, resumed = start_run(
         ckpt_dir,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.checkpoint_manager import CheckpointError, add_model_flags, load_model
 from nanochat.common import compute_init, exit_with_error, setup_logging
 from nanochat.engine import Engine, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, assistant_content
@@ -29,9 +29,7 @@ def main() -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage")
-    add("-g", "--model-tag", default=None, help="checkpoint tag (default: the deepest d<N>)")
-    add("-s", "--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_flags(parser, "sft")
     add("-p", "--prompt", default="", help="answer this one prompt and exit")
     add("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     add("-k", "--top-k", type=int, default=50, help="top-k filtering (0: none)")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.checkpoint_manager import CheckpointError, add_model_flags, load_model
 from nanochat.common import compute_cleanup, compute_init, exit_with_error, print0, setup_logging
 from nanochat.report import get_report
 from nanochat.task_eval import task_accuracy
@@ -77,9 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add = parser.add_argument
-    add("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="model stage")
-    add("-g", "--model-tag", default=None, help="checkpoint tag (default: the deepest d<N>)")
-    add("-s", "--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_flags(parser, None)
     choices = "|".join(TASKS)
     add(
         "-a", "--task-name", default=None, help=f"tasks from {choices}, |-separated (default: ChatCORE's six)"

@@ -46,7 +46,7 @@ from nanochat.common import (
     setup_logging,
 )
 from nanochat.engine import Engine, prompt_and_budget
-from nanochat.optim import apply_schedule, build_optimizers, lr_multiplier
+from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
 from nanochat.report import MetricsLog, get_report, read_log
 
 # -----------------------------------------------------------------------------
@@ -128,14 +128,10 @@ if __name__ == "__main__":
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
     g.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
     g.add_argument("--seed", type=int, default=42, help="base seed of the sampling")
-    g = parser.add_argument_group("optimization")
+    add_optimizer_flags(parser, init_lr_frac=0.05)
+    g = parser.add_argument_group("steps")
     g.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the training set)")
     g.add_argument("--device-batch-size", type=int, default=8, help="sampled rows per forward/backward")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the matrices")
-    g.add_argument("--init-lr-frac", type=float, default=0.05, help="the LRs above are scaled by this")
     g = parser.add_argument_group("evaluation and checkpoints")
     g.add_argument(
         "--eval-every", type=int, default=60, help="steps between pass@k evals (-1: start and end)"
@@ -195,9 +191,7 @@ if __name__ == "__main__":
         lrs = {
             k: getattr(args, k) * args.init_lr_frac for k in ("embedding_lr", "unembedding_lr", "matrix_lr")
         }
-        optimizers = build_optimizers(
-            model.param_groups(), model.config.n_embd, weight_decay=args.weight_decay, **lrs
-        )
+        optimizers = optimizers_for(model, args)
         ckpt_dir = checkpoint_dir("rl", model_tag)
         same = (
             "examples_per_step",

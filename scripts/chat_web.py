@@ -40,7 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.checkpoint_manager import CheckpointError, add_model_flags, load_model
 from nanochat.common import autodetect_device_type, exit_with_error, setup_logging
 from nanochat.engine import BatchScheduler, Engine, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder
@@ -260,6 +260,15 @@ class Generation:
         self.finish_reason: str | None = None
         self.text: list[str] = []
 
+    def usage(self) -> dict:
+        """The OpenAI `usage` object of this generation so far."""
+        total = self.prompt_tokens + self.completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": total,
+        }
+
     async def pieces(self) -> AsyncIterator[str]:
         """The reply's text, piece by piece; afterwards finish_reason and token counts are set."""
         server, params = self.server, self.params
@@ -452,23 +461,9 @@ def create_app(server: ChatServer) -> FastAPI:
         completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
 
-        def usage() -> dict:
-            total = gen.prompt_tokens + gen.completion_tokens
-            return {
-                "prompt_tokens": gen.prompt_tokens,
-                "completion_tokens": gen.completion_tokens,
-                "total_tokens": total,
-            }
-
         def envelope(kind: str, choices: list, **extra) -> dict:
-            return {
-                "id": completion_id,
-                "object": kind,
-                "created": created,
-                "model": server.model_name,
-                "choices": choices,
-                **extra,
-            }
+            head = {"id": completion_id, "object": kind, "created": created, "model": server.model_name}
+            return {**head, "choices": choices, **extra}
 
         if not params.stream:
             try:
@@ -478,7 +473,7 @@ def create_app(server: ChatServer) -> FastAPI:
                 return error_response(f"generation failed: {e}", 500)
             message = {"role": "assistant", "content": text}
             choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
-            return envelope("chat.completion", [choice], usage=usage())
+            return envelope("chat.completion", [choice], usage=gen.usage())
 
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
@@ -496,7 +491,7 @@ def create_app(server: ChatServer) -> FastAPI:
                 return
             yield chunk({}, gen.finish_reason)
             if params.include_usage:
-                yield sse(envelope("chat.completion.chunk", [], usage=usage()))
+                yield sse(envelope("chat.completion.chunk", [], usage=gen.usage()))
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -537,9 +532,7 @@ def main() -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage")
-    add("-g", "--model-tag", default=None, help="checkpoint tag (default: the deepest d<N>)")
-    add("-s", "--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_model_flags(parser, "sft")
     add("--port", type=int, default=8000, help="port to listen on")
     add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     add("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
