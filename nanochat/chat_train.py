@@ -31,7 +31,6 @@ from nanochat.checkpoint_manager import (
     CheckpointError,
     checkpoint_dir,
     load_model,
-    resolve_tag,
     save_checkpoint,
     start_run,
 )
@@ -210,11 +209,12 @@ def train(
 
     # -------------------------------------------------------------------------- source model
     try:
-        tag = resolve_tag(args.source, args.model_tag)
-        model, tokenizer, source_meta = load_model(args.source, device, "train", tag, args.model_step)
+        model, tokenizer, source_meta = load_model(
+            args.source, device, "train", args.model_tag, args.model_step
+        )
     except CheckpointError as e:
         fail(str(e))
-    config = model.config
+    config, tag = model.config, source_meta["model_tag"]
     T = args.max_seq_len or config.sequence_len
     if not 2 <= T <= config.sequence_len:
         fail(f"--max-seq-len must be in 2..{config.sequence_len} (the model's context), got {T}")

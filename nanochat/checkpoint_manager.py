@@ -233,13 +233,14 @@ def add_model_flags(parser, default_source: str | None = "sft") -> None:
 
 
 def load_model(source: str, device, phase: str, model_tag: str | None = None, step: int | None = None):
-    """A model of a pipeline stage (base | mid | sft | rl): (model, tokenizer, meta).
+    """A model of a pipeline stage (base | mid | sft | rl): (model, tokenizer, meta with its "model_tag").
     Without a tag, the deepest `d<N>` tag; without a step, the last saved step."""
     model_tag = resolve_tag(source, model_tag)
     directory = checkpoint_dir(source, model_tag)
     step = saved_steps(directory)[-1] if step is None else step
     logger.info("loading %s model %s step %d", source, model_tag, step)
-    return build_model(directory, step, device, phase)
+    model, tokenizer, meta = build_model(directory, step, device, phase)
+    return model, tokenizer, {**meta, "model_tag": model_tag}
 
 
 # -----------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from nanochat.checkpoint_manager import (
     CheckpointError,
     checkpoint_dir,
     load_model,
-    resolve_tag,
     save_checkpoint,
     start_run,
 )
@@ -186,22 +185,14 @@ if __name__ == "__main__":
 
     # ---------------------------------------------------------------------- model and optimizers (or resume)
     try:
-        model_tag = resolve_tag(args.source, args.model_tag)
-        model, tokenizer, _ = load_model(args.source, device, "train", model_tag, args.model_step)
-        lrs = {
-            k: getattr(args, k) * args.init_lr_frac for k in ("embedding_lr", "unembedding_lr", "matrix_lr")
-        }
+        model, tokenizer, source_meta = load_model(
+            args.source, device, "train", args.model_tag, args.model_step
+        )
+        model_tag = source_meta["model_tag"]
         optimizers = optimizers_for(model, args)
         ckpt_dir = checkpoint_dir("rl", model_tag)
-        same = (
-            "examples_per_step",
-            "num_samples",
-            "max_new_tokens",
-            "seed",
-            "offline",
-            "init_lr_frac",
-            "num_iterations",
-        )
+        same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
+        same += ("num_iterations",)
         start_step, _ = start_run(ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same)
     except CheckpointError as e:
         fail(str(e))
