@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_path, get_base_dir, get_dist_info
+from nanochat.common import atomic_path, get_base_dir, get_dist_info, save_tensors
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
 
@@ -126,13 +126,11 @@ def save_checkpoint(
     _barrier()
     if rank == 0:
         state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
-        with atomic_path(model_path) as tmp:
-            torch.save(state, tmp)
+        save_tensors(state, model_path)
     if optimizers is not None:
         device = next(model.parameters()).device
         shard = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state(device)}
-        with atomic_path(optim_path) as tmp:
-            torch.save(shard, tmp)
+        save_tensors(shard, optim_path)
     _barrier()  # every shard is on disk before the meta file marks the step complete
     if rank == 0:
         meta = {**meta, "step": step, "model_config": asdict(model.config), "world_size": world_size}

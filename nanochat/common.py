@@ -117,6 +117,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def save_tensors(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` through `atomic_path`; the same `obj` always gives the same bytes."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # a file object: saving to a path records the temp file's random name inside
+
+
 @contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive `fcntl.flock` on `<path>.lock` (created if missing) for the duration of the block."""

@@ -15,7 +15,6 @@
 import argparse
 import base64
 import codecs
-import io
 import json
 import os
 import pickle
@@ -25,7 +24,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from nanochat.common import atomic_path, get_base_dir, print0
+from nanochat.common import atomic_path, get_base_dir, print0, save_tensors
 
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
 
@@ -152,14 +151,11 @@ class Tokenizer:
         """Write token_bytes.pt, the meta JSON and the ranks into `directory` (created if needed)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        token_bytes = io.BytesIO()
-        # into a buffer: saving to a path would record the (random) temp file name in the archive
-        torch.save(self.token_bytes(), token_bytes)
+        save_tensors(self.token_bytes(), directory / "token_bytes.pt")
         meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens}
         meta["bos_token"] = self.bos_token
         ranks = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
         files = {
-            "token_bytes.pt": token_bytes.getvalue(),
             META_FILE: json.dumps(meta, indent=2).encode() + b"\n",
             RANKS_FILE: b"".join(base64.b64encode(token) + f" {rank}\n".encode() for token, rank in ranks),
         }

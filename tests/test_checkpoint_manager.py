@@ -173,3 +173,13 @@ def test_resume_gives_back_the_saved_weights_optimizer_and_rng_states(tiny, tmp_
         for key, values in old_state.items():
             for name, value in values.items():
                 assert torch.equal(torch.as_tensor(new_state[key][name]), torch.as_tensor(value)), name
+
+
+def test_the_same_step_saved_twice_is_byte_identical(tiny, tmp_path):
+    model, optimizers, meta = tiny
+    for run in ("a", "b"):
+        cm.save_checkpoint(tmp_path / run, 1, model, optimizers, meta)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
