@@ -29,12 +29,14 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
     CheckpointError,
+    add_run_flags,
     checkpoint_dir,
     load_model,
     save_checkpoint,
     start_run,
 )
 from nanochat.common import (
+    HelpFormatter,
     autocast,
     compiled,
     compute_cleanup,
@@ -57,7 +59,7 @@ CHAT_FILE = "chat/kto_en_demo_accepted.messages.jsonl"
 
 def chat_flags(description: str, **defaults) -> argparse.Namespace:
     """The flags of mid_train and chat_sft; `defaults` holds each stage's own defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
     def add(name: str, **kw) -> None:
         kw.setdefault("default", defaults.get(name[2:].replace("-", "_")))
@@ -81,16 +83,7 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add("--metrics-every", type=int, help="steps between accuracy evals (-1: only at the end, 0: never)")
     add("--metrics-max-problems", type=int, help="problems per accuracy eval")
     add("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
-    add(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        type=int,
-        metavar="STEP",
-        help="continue the tag's run",
-    )
-    add("--overwrite", action="store_true", default=False, help="delete the tag's old run and start over")
+    add_run_flags(p)
     add("--offline", action="store_true", default=False, help="synthetic tasks + NANOCHAT_TASK_DATA only")
     add("--synthetic-size", type=int, help="examples per synthetic task")
     add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
@@ -103,10 +96,6 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # no task may reach the hub
     return args
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The docstring as written, and every flag's default."""
 
 
 # -----------------------------------------------------------------------------

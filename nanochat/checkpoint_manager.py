@@ -245,6 +245,15 @@ def load_model(source: str, device, phase: str, model_tag: str | None = None, st
 # Start or resume a training run
 
 
+def add_run_flags(parser) -> None:
+    """--resume [STEP] and --overwrite: what `start_run` does with a tag that already holds a run."""
+    resume = "continue the tag's run (from its last step, or STEP)"
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help=resume
+    )
+    parser.add_argument("--overwrite", action="store_true", help="delete the tag's old run and start over")
+
+
 def start_run(
     directory: Path,
     resume: bool | int,

@@ -12,6 +12,7 @@ Thin helpers shared by every stage: paths, logging, ranks, safe writes, download
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import logging
 import os
@@ -63,6 +64,10 @@ def print0(*args: Any, **kwargs: Any) -> None:
     """`print` on rank 0 only (rank from the RANK environment variable, default 0)."""
     if _env_int("RANK", 0) == 0:
         print(*args, **kwargs)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help of the scripts: the docstring as written, and every flag's default."""
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:

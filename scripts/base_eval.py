@@ -13,6 +13,7 @@ import time
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import (
+    HelpFormatter,
     compute_cleanup,
     compute_init,
     exit_with_error,
@@ -23,7 +24,7 @@ from nanochat.common import (
 from nanochat.core_eval import evaluate_core, get_eval_bundle, write_core_csv
 from nanochat.report import get_report
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the deepest d<N>)")
 parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1: all)")

@@ -11,14 +11,21 @@ compares with the one base_train logged. Writes the report section "Base model l
 import argparse
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
-from nanochat.common import compute_cleanup, compute_init, exit_with_error, print0, setup_logging
+from nanochat.common import (
+    HelpFormatter,
+    compute_cleanup,
+    compute_init,
+    exit_with_error,
+    print0,
+    setup_logging,
+)
 from nanochat.dataloader import DataLoader
 from nanochat.engine import greedy_completions
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 parser.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the deepest d<N>)")
 parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last)")
 parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per batch")

@@ -25,8 +25,15 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import CheckpointError, checkpoint_dir, save_checkpoint, start_run
+from nanochat.checkpoint_manager import (
+    CheckpointError,
+    add_run_flags,
+    checkpoint_dir,
+    save_checkpoint,
+    start_run,
+)
 from nanochat.common import (
+    HelpFormatter,
     autocast,
     compiled,
     compute_cleanup,
@@ -50,7 +57,7 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 # -----------------------------------------------------------------------------
 # Flags
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 g = parser.add_argument_group("model")
 g.add_argument("--depth", type=int, default=20, help="transformer layers; also sets the width")
 g.add_argument(
@@ -82,10 +89,7 @@ g.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE e
 g.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: off)")
 g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
 g = parser.add_argument_group("run")
-g.add_argument(
-    "--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help="continue the tag's run"
-)
-g.add_argument("--overwrite", action="store_true", help="delete the tag's old run and start over")
+add_run_flags(g)
 g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
 g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
 g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
     CheckpointError,
+    add_run_flags,
     checkpoint_dir,
     load_model,
     save_checkpoint,
@@ -139,10 +140,7 @@ if __name__ == "__main__":
     g.add_argument("--eval-samples", type=int, default=8, help="samples per test question (k <= this)")
     g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
     g = parser.add_argument_group("run")
-    g.add_argument(
-        "--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help="continue"
-    )
-    g.add_argument("--overwrite", action="store_true", help="delete the tag's old RL run and start over")
+    add_run_flags(g)
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
