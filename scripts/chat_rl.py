@@ -181,22 +181,14 @@ if __name__ == "__main__":
         fail(f"{len(train_task)} training questions make no step of {args.examples_per_step}")
     eval_examples = min(args.eval_examples, len(test_task))
 
-    # ---------------------------------------------------------------------- model and optimizers (or resume)
+    # ---------------------------------------------------------------------- model
     try:
         model, tokenizer, source_meta = load_model(
             args.source, device, "train", args.model_tag, args.model_step
         )
-        model_tag = source_meta["model_tag"]
-        optimizers = optimizers_for(model, args)
-        ckpt_dir = checkpoint_dir("rl", model_tag)
-        same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
-        same += ("num_iterations",)
-        start_step, _ = start_run(ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same)
     except CheckpointError as e:
         fail(str(e))
-    if args.resume:
-        print0(f"resumed from step {start_step}")
-    max_seq_len = args.max_seq_len or model.config.sequence_len
+    model_tag, max_seq_len = source_meta["model_tag"], args.max_seq_len or model.config.sequence_len
     print0(f"model: {args.source}/{model_tag} {model.config}")
     print0(
         f"RL: {num_steps} steps × {args.examples_per_step} questions × {args.num_samples} samples "
@@ -205,6 +197,19 @@ if __name__ == "__main__":
     if args.dry_run:
         compute_cleanup()
         raise SystemExit(0)
+
+    # ---------------------------------------------------------------------- optimizers (or resume)
+    optimizers = optimizers_for(model, args)
+    ckpt_dir = checkpoint_dir("rl", model_tag)
+    same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
+    try:
+        start_step, _ = start_run(
+            ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, (*same, "num_iterations")
+        )
+    except CheckpointError as e:
+        fail(str(e))
+    if args.resume:
+        print0(f"resumed from step {start_step}")
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.get_bos_token_id()
 

@@ -199,6 +199,9 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(rl_base, monkeypat
     assert [r["reward"] for r in resumed] == [r["reward"] for r in full]
     again = torch.load(ckpt / "model_000004.pt", weights_only=True)
     assert all(torch.equal(final_weights[k], again[k]) for k in final_weights)
+    with pytest.raises(SystemExit) as e:
+        run_rl([*TINY_RUN, "--num-iterations=4", "--dry-run", "--overwrite"], monkeypatch)
+    assert e.value.code == 0 and (ckpt / "model_000004.pt").exists()  # a dry run deletes nothing
 
 
 def test_script_runs_end_to_end_and_writes_report_and_rewards(rl_base):
