@@ -182,13 +182,13 @@ def load_checkpoint(
         try:
             loaded.append(_read(path, device))
         except Exception as e:
-            older = [s for s in steps if s < step and _intact(directory, s, rank, load_optimizer)]
-            hint = (
-                f"the newest intact step is {older[-1]}: select it with {step_flag}={older[-1]}"
-                if older
-                else "no earlier step is intact"
-            )
-            raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {e}); {hint}") from None
+            older = (s for s in reversed(steps) if s < step and _intact(directory, s, rank, load_optimizer))
+            intact = next(older, None)
+            hint = f"the newest intact step is {intact}: select it with {step_flag}={intact}"
+            if intact is None:
+                hint = "no earlier step is intact"
+            why = (str(e).strip().splitlines() or [""])[0][:200]  # one line: torch's messages run long
+            raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {why}); {hint}") from None
     meta, model_state = loaded[0], loaded[1]
     return model_state, (loaded[2] if load_optimizer else None), meta
 

@@ -120,9 +120,10 @@ def test_an_optimizer_shard_crafted_to_run_code_does_not_run_it(tiny, tmp_path):
     cm.save_checkpoint(directory, 1, model, optimizers, meta)
     marker = tmp_path / "pwned"
     torch.save({"optimizers": [_Exploit(marker)], "rng": {}}, directory / "optim_000001_rank0.pt")
-    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt is damaged"):
+    with pytest.raises(cm.CheckpointError, match="optim_000001_rank0.pt is damaged") as e:
         cm.start_run(directory, True, False, model, optimizers, meta["user_config"], ())
     assert not marker.exists()
+    assert "\n" not in str(e.value) and "no earlier step is intact" in str(e.value)
 
 
 def test_fresh_run_into_a_used_tag_is_refused_unless_overwritten(tiny):
