@@ -61,6 +61,11 @@ def _paths(directory: Path, step: int, rank: int = 0) -> tuple[Path, Path, Path]
 
 def checkpoint_dir(source: str, model_tag: str) -> Path:
     """`<base>/<phase>_checkpoints/<tag>` for source base | mid | sft | rl."""
+    # a plain folder name: `--overwrite` deletes this directory, so "..", "/" or "a/b" must never get here
+    if not re.fullmatch(r"[\w.-]+", model_tag) or set(model_tag) == {"."}:
+        raise CheckpointError(
+            f"--model-tag {model_tag!r} is not a folder name: use letters, digits, '_', '-', '.'"
+        )
     return get_base_dir() / PHASE_DIRS[source] / model_tag
 
 

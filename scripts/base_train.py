@@ -186,20 +186,14 @@ if args.core_metric_every > 0:  # the CORE bundle now, not mid-run (rank 0 downl
 # -----------------------------------------------------------------------------
 # Weights, optimizers and data (fresh, or restored from the last checkpoint)
 
-model_tag = args.model_tag or f"d{args.depth}"
-ckpt_dir = checkpoint_dir("base", model_tag)
 model.to_empty(device=device)
 model.init_weights()
 optimizers = optimizers_for(model, args)
+same = ("total_batch_size", "device_batch_size", "max_seq_len")
 try:
+    ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
     start_step, resumed = start_run(
-        ckpt_dir,
-        args.resume,
-        args.overwrite,
-        model,
-        optimizers,
-        user_config,
-        ("total_batch_size", "device_batch_size", "max_seq_len"),
+        ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same
     )
 except CheckpointError as e:
     fail(str(e))

@@ -237,6 +237,10 @@ def test_base_loss_evaluates_a_checkpoint(base):
         (["--depth=0"], "--depth"),
         (["--total-batch-size=1000"], "--total-batch-size"),
         (["--device-batch-size=0"], "--device-batch-size"),
+        (
+            ["--model-tag=..", "--overwrite"],
+            "--model-tag '..' is not a folder name",
+        ),  # never rmtree the base dir
     ],
 )
 def test_bad_config_stops_with_a_clear_message(base, flags, message):

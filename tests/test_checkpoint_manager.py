@@ -184,3 +184,10 @@ def test_the_same_step_saved_twice_is_byte_identical(tiny, tmp_path):
     assert files == ["meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("tag", ["..", ".", "/", "/etc", "a/b", ""])
+def test_a_tag_must_be_a_plain_folder_name(private_base, tag):
+    with pytest.raises(cm.CheckpointError, match="is not a folder name"):
+        cm.checkpoint_dir("base", tag)
+    assert cm.checkpoint_dir("base", "d20.v2-x").name == "d20.v2-x"
