@@ -229,6 +229,30 @@ def test_autocast_bf16_forward_still_returns_fp32_logits_and_loss():
     assert model.lm_head.weight.dtype == model.transformer.wte.weight.dtype == torch.float32
 
 
+def test_training_step_compiles_in_one_graph_and_matches_eager():
+    """torch.compile (inductor, here on CPU) over the training forward and backward: no graph break
+    (fullgraph), no recompile on the next step, and the loss and gradients of eager mode. Catches
+    code that would slow or break the compiled GPU path before a GPU ever runs it."""
+    import torch._dynamo
+
+    model = make_model()
+    idx, targets = random_tokens(TINY, 2, 32, seed=1), random_tokens(TINY, 2, 32, seed=2)
+    eager_loss = model(idx, targets)
+    eager_loss.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    loss = compiled(idx, targets)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for p, g in zip(model.parameters(), eager_grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(random_tokens(TINY, 2, 32, seed=3), targets).backward()  # the next step reuses the graph
+    torch._dynamo.reset()
+
+
 def test_model_overfits_a_tiny_fixed_batch():
     config = GPTConfig(sequence_len=32, vocab_size=256, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
     torch.manual_seed(0)
