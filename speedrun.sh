@@ -8,6 +8,7 @@
 #   NPROC=1 bash speedrun.sh               # one GPU (gradient accumulation keeps the batch)
 #   WANDB_RUN=d20 RUN_RL=1 bash speedrun.sh
 #   DRY_RUN=1 bash speedrun.sh             # print every command ("+ ..."), run nothing
+#   SMOKE=1 bash speedrun.sh               # every stage, a few steps at depth 4: check a box in minutes
 #   bash speedrun.sh --dry-run             # the same
 #
 # Safe to re-run: a stage is skipped when it finished (`python -m nanochat.report done
@@ -16,7 +17,8 @@
 # has no Environment section: delete $NANOCHAT_BASE_DIR/report to start a new report.
 #
 # Environment: NANOCHAT_BASE_DIR (artifacts, default ~/.cache/nanochat), NPROC (GPUs, 8),
-# WANDB_RUN (wandb run name; default dummy = off), RUN_RL (1 = run the RL stage), DRY_RUN.
+# WANDB_RUN (wandb run name; default dummy = off), RUN_RL (1 = run the RL stage), DRY_RUN,
+# SMOKE (1 = the smoke run: RL included, artifacts in <base dir>-smoke, wiped first).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,10 +32,26 @@ done
 NPROC="${NPROC:-8}"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 RUN_RL="${RUN_RL:-0}"
+SMOKE="${SMOKE:-0}"
 DEPTH=20
-TAG="d${DEPTH}"
 export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
+# Extra flags per stage: none for the real run; for the smoke run, a few steps of each stage on
+# real data and real downloads, so a rented box shows every code path working before the real run.
+SHARDS=8 SHARDS_ALL=240 TOK_CHARS=2000000000
+SMOKE_BASE=() SMOKE_LOSS=() SMOKE_CORE=() SMOKE_MID=() SMOKE_SFT=() SMOKE_RL=() SMOKE_EVAL=()
+if [[ "$SMOKE" == 1 ]]; then
+    export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR%/}-smoke"
+    DEPTH=4 RUN_RL=1 SHARDS=2 SHARDS_ALL=2 TOK_CHARS=100000000
+    SMOKE_BASE=(--num-iterations=20 --eval-every=10 --eval-tokens=1048576 --core-metric-max-per-task=16)
+    SMOKE_LOSS=(--split-tokens=1048576)
+    SMOKE_CORE=(--max-per-task=16)
+    SMOKE_MID=(--num-iterations=20 --eval-every=10 --eval-steps=4)
+    SMOKE_SFT=(--num-iterations=20 --eval-every=10 --eval-steps=4 --metrics-every=10 --metrics-max-problems=32)
+    SMOKE_RL=(--num-iterations=4 --eval-every=2 --eval-examples=16 --save-every=2)
+    SMOKE_EVAL=(-x 16)
+fi
+TAG="d${DEPTH}"
 TORCHRUN=(torchrun --standalone "--nproc_per_node=$NPROC")
 
 # Print a command (quoted so that it can be pasted back); run it unless this is a dry run.
@@ -71,6 +89,9 @@ skip() { echo "= skipping $1 (finished: its report section is recorded)"; }
 # 1. Environment: uv, the virtual environment (builds the Rust tokenizer), report header
 
 echo "artifacts: $NANOCHAT_BASE_DIR (GPUs: $NPROC)"
+if [[ "$SMOKE" == 1 ]]; then
+    run rm -rf "$NANOCHAT_BASE_DIR"  # a smoke run always starts from nothing
+fi
 if ! command -v uv >/dev/null 2>&1; then
     run sh -c "curl -LsSf https://astral.sh/uv/install.sh | sh"
     export PATH="$HOME/.local/bin:$PATH"
@@ -93,12 +114,14 @@ fi
 # -----------------------------------------------------------------------------
 # 2. Data: the first shards now, the rest in the background; eval bundle and task data now
 
-run python -m nanochat.dataset -n 8
-show python -m nanochat.dataset -n 240 "&"
+run python -m nanochat.dataset -n "$SHARDS"
 DATASET_PID=""
-if [[ "$DRY_RUN" != 1 ]]; then
-    python -m nanochat.dataset -n 240 &
-    DATASET_PID=$!
+if [[ "$SHARDS_ALL" -gt "$SHARDS" ]]; then
+    show python -m nanochat.dataset -n "$SHARDS_ALL" "&"
+    if [[ "$DRY_RUN" != 1 ]]; then
+        python -m nanochat.dataset -n "$SHARDS_ALL" &
+        DATASET_PID=$!
+    fi
 fi
 run python -c "from nanochat.core_eval import get_eval_bundle; get_eval_bundle()"
 PREFETCH_TASKS="from tasks.arc import ARC; from tasks.mmlu import MMLU; from tasks.gsm8k import GSM8K;"
@@ -114,7 +137,7 @@ run python -c "$PREFETCH_TASKS"
 if finished "Tokenizer training"; then
     skip tok_train
 else
-    run python -m scripts.tok_train --vocab-size 65536 --max-chars 2000000000
+    run python -m scripts.tok_train --vocab-size 65536 --max-chars "$TOK_CHARS"
 fi
 if finished "Tokenizer evaluation"; then skip tok_eval; else run python -m scripts.tok_eval; fi
 
@@ -129,10 +152,19 @@ if finished "Base model training"; then
     skip base_train
 else
     # shellcheck disable=SC2046  # resume_flag prints one word or nothing
-    run "${TORCHRUN[@]}" -m scripts.base_train "--depth=$DEPTH" "--run=$WANDB_RUN" $(resume_flag base_checkpoints)
+    run "${TORCHRUN[@]}" -m scripts.base_train "--depth=$DEPTH" "--run=$WANDB_RUN" "${SMOKE_BASE[@]}" \
+        $(resume_flag base_checkpoints)
 fi
-if finished "Base model loss"; then skip base_loss; else run "${TORCHRUN[@]}" -m scripts.base_loss; fi
-if finished "Base model evaluation"; then skip base_eval; else run "${TORCHRUN[@]}" -m scripts.base_eval; fi
+if finished "Base model loss"; then
+    skip base_loss
+else
+    run "${TORCHRUN[@]}" -m scripts.base_loss "${SMOKE_LOSS[@]}"
+fi
+if finished "Base model evaluation"; then
+    skip base_eval
+else
+    run "${TORCHRUN[@]}" -m scripts.base_eval "${SMOKE_CORE[@]}"
+fi
 
 # -----------------------------------------------------------------------------
 # 5. Midtraining: chat format, tool use, multiple choice
@@ -141,9 +173,13 @@ if finished Midtraining; then
     skip mid_train
 else
     # shellcheck disable=SC2046
-    run "${TORCHRUN[@]}" -m scripts.mid_train "--run=$WANDB_RUN" $(resume_flag mid_checkpoints)
+    run "${TORCHRUN[@]}" -m scripts.mid_train "--run=$WANDB_RUN" "${SMOKE_MID[@]}" $(resume_flag mid_checkpoints)
 fi
-if finished "Chat evaluation mid"; then skip "chat_eval -i mid"; else run "${TORCHRUN[@]}" -m scripts.chat_eval -i mid; fi
+if finished "Chat evaluation mid"; then
+    skip "chat_eval -i mid"
+else
+    run "${TORCHRUN[@]}" -m scripts.chat_eval -i mid "${SMOKE_EVAL[@]}"
+fi
 
 # -----------------------------------------------------------------------------
 # 6. Supervised finetuning
@@ -152,9 +188,13 @@ if finished "Chat SFT"; then
     skip chat_sft
 else
     # shellcheck disable=SC2046
-    run "${TORCHRUN[@]}" -m scripts.chat_sft "--run=$WANDB_RUN" $(resume_flag chatsft_checkpoints)
+    run "${TORCHRUN[@]}" -m scripts.chat_sft "--run=$WANDB_RUN" "${SMOKE_SFT[@]}" $(resume_flag chatsft_checkpoints)
 fi
-if finished "Chat evaluation sft"; then skip "chat_eval -i sft"; else run "${TORCHRUN[@]}" -m scripts.chat_eval -i sft; fi
+if finished "Chat evaluation sft"; then
+    skip "chat_eval -i sft"
+else
+    run "${TORCHRUN[@]}" -m scripts.chat_eval -i sft "${SMOKE_EVAL[@]}"
+fi
 
 # -----------------------------------------------------------------------------
 # 7. Reinforcement learning on GSM8K (optional: RUN_RL=1)
@@ -164,12 +204,12 @@ if [[ "$RUN_RL" == 1 ]]; then
         skip chat_rl
     else
         # shellcheck disable=SC2046
-        run "${TORCHRUN[@]}" -m scripts.chat_rl "--run=$WANDB_RUN" $(resume_flag chatrl_checkpoints)
+        run "${TORCHRUN[@]}" -m scripts.chat_rl "--run=$WANDB_RUN" "${SMOKE_RL[@]}" $(resume_flag chatrl_checkpoints)
     fi
     if finished "Chat evaluation rl"; then
         skip "chat_eval -i rl"
     else
-        run "${TORCHRUN[@]}" -m scripts.chat_eval -i rl -a GSM8K
+        run "${TORCHRUN[@]}" -m scripts.chat_eval -i rl "${SMOKE_EVAL[@]}" -a GSM8K
     fi
 fi
 

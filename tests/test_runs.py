@@ -107,6 +107,22 @@ def test_speedrun_dry_run_prints_every_stage_in_spec_order_and_runs_nothing(tmp_
         assert by_stage[stage].startswith("torchrun --standalone --nproc_per_node=8 -m ")
 
 
+def test_speedrun_smoke_runs_every_stage_briefly_in_its_own_base_dir(tmp_path):
+    commands, stdout = dry_run("speedrun.sh", tmp_path, SMOKE="1")
+    commands = [c for c in commands if not c.startswith("sh -c")]
+    assert f"artifacts: {tmp_path / 'base'}-smoke" in stdout  # never the real run's artifacts
+    assert commands[0] == f"rm -rf {tmp_path / 'base'}-smoke"  # a smoke run starts from nothing
+    stages = [stage_name(c) for c in commands[1:]]
+    expected = [s for s in SPEEDRUN_ORDER if s != "nanochat.dataset -n 240 &"]  # RL included
+    assert stages == [s.replace("dataset -n 8", "dataset -n 2") for s in expected]
+    by_stage = {stage_name(c): c.split() for c in commands[1:]}
+    assert "--depth=4" in by_stage["scripts.base_train"]
+    for stage in ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft", "scripts.chat_rl"]:
+        assert any(w.startswith("--num-iterations=") for w in by_stage[stage]), stage
+    for source in ["mid", "sft", "rl"]:
+        assert "-x" in by_stage[f"scripts.chat_eval -i {source}"]
+
+
 def test_speedrun_flag_form_nproc_and_rl_off(tmp_path):
     commands, _ = dry_run("speedrun.sh", tmp_path, "--dry-run", DRY_RUN="0", NPROC="2")
     stages = [stage_name(c) for c in commands if not c.startswith("sh -c")]
