@@ -88,6 +88,7 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add("--synthetic-size", type=int, help="examples per synthetic task")
     add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
     add(
         "--dry-run", action="store_true", default=False, help="open data and model, print the plan, then exit"
     )
@@ -239,7 +240,7 @@ def train(
     loop_state = resumed.get("loop_state", {})
     loader_state = resumed["dataloader_state"][rank] if resumed else None
     orig_model = model  # uncompiled: checkpoints and generation
-    model = compiled(model, device)
+    model = compiled(model, device) if args.compile else model
 
     # -------------------------------------------------------------------------- data
     train_batches = conversation_batches(

@@ -17,6 +17,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import sys
 import time
 import urllib.error
@@ -459,15 +460,21 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def compiled(model, device) -> Any:
-    """`torch.compile(model)` on CUDA when triton is there; the model itself elsewhere (eager)."""
+    """`torch.compile(model)` where inductor can build kernels: CUDA with triton, CPU with a C++
+    compiler. Elsewhere (MPS, or the tool missing) the model itself, eager, with a warning."""
     import torch
 
-    if torch.device(device).type != "cuda":
-        return model
-    from torch.utils._triton import has_triton
+    kind = torch.device(device).type
+    if kind == "cuda":
+        from torch.utils._triton import has_triton
 
-    if not has_triton():
-        logger.warning("triton is unavailable: running eager (slower)")
+        missing = None if has_triton() else "triton"
+    elif kind == "cpu":
+        missing = None if shutil.which(os.environ.get("CXX", "g++")) else "a C++ compiler (g++)"
+    else:
+        missing = "a CUDA or CPU device"
+    if missing:
+        logger.warning("torch.compile needs %s: running eager (slower)", missing)
         return model
     return torch.compile(model, dynamic=False)
 

@@ -69,11 +69,13 @@ if [[ "$SHORT" == 1 ]]; then
     BASE_STEPS=20 BASE_BATCH=4096 EVAL_TOKENS=8192 CORE_PER_TASK=8
     MID_STEPS=250 SFT_STEPS=30 RL_STEPS=2 SYNTH=2000  # enough midtraining to learn the tool (~80%)
     EVAL_X=32 RL_QUESTIONS=4 RL_SAMPLES=4 RL_EVAL=8
+    COMPILE=--no-compile  # a few steps do not pay back torch.compile's ~20 s warm-up
 else
     DEPTH=4 SEQ=512 TOK_CHARS=100000000
     BASE_STEPS=300 BASE_BATCH=8192 EVAL_TOKENS=65536 CORE_PER_TASK=64
     MID_STEPS=200 SFT_STEPS=300 RL_STEPS=30 SYNTH=5000
     EVAL_X=64 RL_QUESTIONS=8 RL_SAMPLES=8 RL_EVAL=32
+    COMPILE=--compile  # d4 steps run ~18% faster compiled (bench/compile.py): worth the warm-up here
 fi
 TAG="d${DEPTH}"
 DEV=(--device-type "$DEVICE_TYPE")
@@ -103,7 +105,7 @@ run -m scripts.tok_eval
 # pretraining, train/val bpb + samples, CORE (only with a local eval bundle)
 run -m scripts.base_train --depth "$DEPTH" --max-seq-len "$SEQ" --device-batch-size 8 \
     --total-batch-size "$BASE_BATCH" --num-iterations "$BASE_STEPS" --eval-every 50 \
-    --eval-tokens "$EVAL_TOKENS" --core-metric-every -1 --sample-every -1 --overwrite "${DEV[@]}"
+    --eval-tokens "$EVAL_TOKENS" --core-metric-every -1 --sample-every -1 --overwrite "$COMPILE" "${DEV[@]}"
 run -m scripts.base_loss --device-batch-size 8 --split-tokens "$EVAL_TOKENS" "${DEV[@]}"
 if [[ -n "${NANOCHAT_EVAL_BUNDLE:-}" || -f "$NANOCHAT_BASE_DIR/eval_bundle/core.yaml" ]]; then
     run -m scripts.base_eval --max-per-task "$CORE_PER_TASK" --skip-missing "${DEV[@]}"
@@ -117,13 +119,13 @@ run "${CHAT_EVAL[@]}" -i base
 # -- midtraining: chat format, tool use, spelling (synthetic tasks only)
 run -m scripts.mid_train --offline --max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size -1 \
     --num-iterations "$MID_STEPS" --eval-every -1 --eval-steps 4 --metrics-every 0 \
-    --synthetic-size "$SYNTH" --overwrite "${DEV[@]}"
+    --synthetic-size "$SYNTH" --overwrite "$COMPILE" "${DEV[@]}"
 run "${CHAT_EVAL[@]}" -i mid
 
 # -- supervised finetuning
 run -m scripts.chat_sft --offline --max-seq-len "$SEQ" --device-batch-size 8 --total-batch-size -1 \
     --num-iterations "$SFT_STEPS" --eval-every -1 --eval-steps 4 --metrics-every 0 \
-    --synthetic-size "$SYNTH" --overwrite "${DEV[@]}"
+    --synthetic-size "$SYNTH" --overwrite "$COMPILE" "${DEV[@]}"
 run "${CHAT_EVAL[@]}" -i sft
 
 # -- reinforcement learning on the synthetic arithmetic problems

@@ -94,6 +94,9 @@ g.add_argument("--model-tag", default=None, help="checkpoint folder name (defaul
 g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
 g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
 g.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
+g.add_argument(
+    "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model"
+)
 g.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
 args = parser.parse_args()
 user_config = vars(args).copy()
@@ -202,7 +205,7 @@ loader_state = resumed["dataloader_state"][rank] if resumed else None
 if args.resume:
     print0(f"resumed from step {start_step}")
 orig_model = model  # the uncompiled module: for checkpoints and CORE
-model = compiled(model, device)
+model = compiled(model, device) if args.compile else model
 
 train_loader = DataLoader(
     tokenizer,

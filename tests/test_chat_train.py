@@ -28,6 +28,7 @@ SHARED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
 SEQ = 128
 FAST = ["--offline", "--device-type=cpu", "--device-batch-size=2", "--max-seq-len=64", "--eval-steps=2"]
 FAST += ["--synthetic-size=200", "--metrics-max-problems=2", "--total-batch-size=-1"]
+FAST += ["--no-compile"]
 
 
 @pytest.fixture

@@ -385,7 +385,7 @@ def test_all_reduce_sum_and_compiled_are_identities_on_one_cpu_process():
 
     assert common.all_reduce_sum([1.5, 2.0], "cpu") == [1.5, 2.0]
     model = torch.nn.Linear(2, 2)
-    assert common.compiled(model, "cpu") is model  # eager off CUDA
+    assert common.compiled(model, "meta") is model  # neither CUDA nor CPU: eager
 
 
 def test_exit_with_error_prints_the_script_and_message_and_exits_1(capsys):
@@ -393,3 +393,13 @@ def test_exit_with_error_prints_the_script_and_message_and_exits_1(capsys):
         common.exit_with_error("chat_rl", "--resume: no checkpoint")
     assert exit_info.value.code == 1
     assert capsys.readouterr().out == "chat_rl: --resume: no checkpoint\n"
+
+
+def test_compiled_on_cpu_needs_a_cxx_compiler(monkeypatch):
+    import torch
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert common.compiled(model, "cpu") is model
+    monkeypatch.setenv("CXX", "sh")  # any program on PATH stands in for a compiler here
+    assert common.compiled(model, "cpu") is not model  # wrapped; nothing compiles until it is called

@@ -209,6 +209,11 @@ def test_runcpu_dry_run_lists_the_whole_offline_pipeline(tmp_path):
     stages = [stage_name(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
     assert stages == [s for s in RUNCPU_ORDER if s != "scripts.base_eval"]
     assert "skipping base_eval" in out.stdout
+    # the full demo compiles its three training stages (faster over hundreds of steps), SHORT does not
+    demo = [line.split() for line in out.stdout.splitlines() if line.startswith("+ ")]
+    for stage in ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft"]:
+        assert "--compile" in next(c for c in demo if stage_name(" ".join(c[1:])) == stage)
+        assert "--no-compile" in next(c for c in commands if stage_name(c) == stage).split()
 
 
 @pytest.mark.slow
