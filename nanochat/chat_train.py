@@ -42,6 +42,7 @@ from nanochat.common import (
     compute_cleanup,
     compute_init,
     exit_with_error,
+    is_distributed,
     print0,
     setup_logging,
 )
@@ -128,16 +129,12 @@ def offline_val_tasks(size: int) -> list:
 # One step, the val loss and the schedule
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list) -> tuple[float, int]:
     """Backward over one step's (inputs, targets) micro-batches: (mean token loss, supervised tokens)."""
     device = micro_batches[0][1].device
     count = sum((targets >= 0).sum() for _, targets in micro_batches)
     world_size = 1
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(count)
         world_size = dist.get_world_size()
     denom = count.clamp(min=1).float()
@@ -147,7 +144,7 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list) -> tuple[f
             loss = model(inputs, targets, loss_reduction="sum")
         (loss * (world_size / denom)).backward()  # the optimizers average over ranks: undo it
         loss_sum += loss.detach().float()
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(loss_sum)
     return (loss_sum / denom).item(), int(count.item())
 
@@ -163,7 +160,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator, steps: int) -> floa
         with autocast(device):
             total += model(inputs, targets, loss_reduction="sum").double()
         count += (targets >= 0).sum()
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(total)
         dist.all_reduce(count)
     return (total / count.clamp(min=1)).item()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_path, get_base_dir, get_dist_info, save_tensors
+from nanochat.common import atomic_path, get_base_dir, get_dist_info, is_distributed, save_tensors
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
 
@@ -42,12 +42,8 @@ class CheckpointError(Exception):
     """A checkpoint problem the user can fix; the message says how."""
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 def _barrier() -> None:
-    if _distributed():
+    if is_distributed():
         dist.barrier()
 
 
@@ -121,7 +117,7 @@ def save_checkpoint(
     _, rank, _, world_size = get_dist_info()
     model_path, meta_path, optim_path = _paths(directory, step, rank)
     loader_states = [loader_state]
-    if _distributed():
+    if is_distributed():
         loader_states = [None] * world_size
         dist.all_gather_object(loader_states, loader_state)
     if rank == 0:

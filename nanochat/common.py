@@ -443,9 +443,16 @@ def compute_cleanup() -> None:
     """
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group is running (torchrun), as opposed to one process."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -454,7 +461,7 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.all_reduce(t)
     return t.tolist()
 

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nanochat.common import is_distributed
+
 # AdamW parameters smaller than this are all-reduced rather than sharded.
 MIN_SHARD_NUMEL = 1024
 
@@ -36,7 +38,7 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 def _world() -> tuple[int, int]:
     """(world_size, rank) of the default process group; (1, 0) without one."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
 

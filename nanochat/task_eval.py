@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from nanochat.common import ProgressBar, all_reduce_sum, autocast
+from nanochat.common import ProgressBar, all_reduce_sum, autocast, is_distributed
 from nanochat.engine import Engine, prompt_and_budget
 
 
@@ -43,8 +43,7 @@ def task_accuracy(
     can encode). With `progress`, rank 0 shows a progress bar with that label.
     """
     device = next(model.parameters()).device
-    distributed = dist.is_available() and dist.is_initialized()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     n = len(task) if max_problems is None else min(len(task), max_problems)
     indices = range(rank, n, world_size)
     bar = ProgressBar(len(indices), desc=f"{progress} (rank 0)", unit="q") if progress and rank == 0 else None
