@@ -1,6 +1,7 @@
 """Pretraining text: fill `base_data/` with parquet shards, and read them back per rank.
 
-    python -m nanochat.dataset -n 8            # FineWeb-Edu: val shard 1822, then train shards 0..7
+    python -m nanochat.dataset -n 8            # ClimbMix: val shard 6542, then train shards 0..7
+    python -m nanochat.dataset -n 8 --source fineweb-edu  # the same from FineWeb-Edu (val shard 1822)
     python -m nanochat.dataset --from-dir DIR  # import local .parquet / .txt / .jsonl (also .gz)
     python -m nanochat.dataset --offline       # the embedded corpus: this Python's own stdlib
 
@@ -8,6 +9,8 @@ Design choices:
 - One layout for every source: `shard_{i:05d}.parquet` files with one `text` column, row groups
   of at most 1024 docs (the unit ranks split work by), and a held-out val shard named in
   `manifest.json`. Downstream code never knows where the text came from.
+- Downloads come in that layout already (pre-shuffled shards on the HF hub): NVIDIA ClimbMix by
+  default, FineWeb-Edu selectable; `SOURCES` holds each one's URL, last shard and pinned val shard.
 - Imports shuffle all docs with a fixed seed and hold out the last 5% as the last shard;
   same input, same bytes.
 - A directory holds one source: another source's shards are replaced only with --force.
@@ -30,6 +33,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -38,9 +42,6 @@ from nanochat.common import ProgressBar, atomic_path, download_file, get_base_di
 
 logger = logging.getLogger("nanochat.dataset")  # not __name__: it is "__main__" under `python -m`
 
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822  # highest shard index on the server
-VAL_SHARD = 1822  # pinned validation shard of FineWeb-Edu
 ROWS_PER_GROUP = 1024  # docs per parquet row group (the unit ranks split work by)
 MIN_ROW_GROUPS = 8  # imported splits get at least this many row groups when they have enough docs
 DOCS_PER_SHARD = 8192  # imported sources: docs per train shard
@@ -51,8 +52,23 @@ SHUFFLE_SEED = 42
 MANIFEST = "manifest.json"
 NO_DATA_HINT = (
     "run `python -m nanochat.dataset --offline` (no network needed) "
-    "or `python -m nanochat.dataset -n 8` (FineWeb-Edu) first"
+    "or `python -m nanochat.dataset -n 8` (ClimbMix) first"
 )
+
+
+class DownloadSource(NamedTuple):
+    base_url: str
+    max_shard: int  # highest shard index on the server
+    val_shard: int  # pinned validation shard, downloaded first; the last one, so train shards are 0..N-1
+
+
+HF_DATASETS = "https://huggingface.co/datasets/karpathy"
+# name as in --source and the manifest; both keep the text in a `text` column, as our layout does
+SOURCES = {
+    "climbmix": DownloadSource(f"{HF_DATASETS}/climbmix-400b-shuffle/resolve/main", 6542, 6542),
+    "fineweb-edu": DownloadSource(f"{HF_DATASETS}/fineweb-edu-100b-shuffle/resolve/main", 1822, 1822),
+}
+DEFAULT_SOURCE = "climbmix"
 
 # -----------------------------------------------------------------------------
 # The base_data directory
@@ -138,7 +154,8 @@ def _claim(data_dir: Path, source: str, force: bool) -> None:
     if not force:
         raise RuntimeError(
             f"{data_dir} holds {len(existing)} shards from source {old!r}; refusing to add {source!r} "
-            f"shards to them. Pass --force to delete them first, or --data-dir to use another directory."
+            f"shards to them. Pass --force to delete them first, or --data-dir to use another directory"
+            + (f", or --source {old} to keep downloading that source." if old in SOURCES else ".")
         )
     _clear(data_dir)
 
@@ -149,7 +166,7 @@ def _clear(data_dir: Path) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Source 1: FineWeb-Edu download
+# Source 1: download (ClimbMix or FineWeb-Edu)
 
 
 def validate_shard(path: str | os.PathLike) -> None:
@@ -161,8 +178,8 @@ def validate_shard(path: str | os.PathLike) -> None:
 
 def download_shards(
     indices: Iterable[int],
+    base_url: str,
     data_dir: str | os.PathLike | None = None,
-    base_url: str = BASE_URL,
     workers: int = 4,
     **download,
 ) -> list[Path]:
@@ -196,26 +213,34 @@ def download_shards(
     return sorted(paths)
 
 
-def download_fineweb(
+def download_source(
+    source: str = DEFAULT_SOURCE,
     num_files: int = -1,
     data_dir: str | os.PathLike | None = None,
     workers: int = 4,
-    base_url: str = BASE_URL,
+    base_url: str | None = None,
     force: bool = False,
     **download,
 ) -> dict:
-    """Download the pinned val shard, then train shards 0..num_files-1 (-1 = all); return the manifest."""
-    num_files = MAX_SHARD if num_files == -1 else num_files
-    if not 0 <= num_files <= MAX_SHARD:
-        raise ValueError(f"-n must be -1 (all) or 0..{MAX_SHARD}, got {num_files}")
+    """Download `source`'s pinned val shard, then train shards 0..num_files-1 (-1 = all); return the manifest.
+
+    `base_url` overrides the source's URL (tests serve the shards locally).
+    """
+    spec = SOURCES[source]
+    base_url = base_url or spec.base_url
+    num_files = spec.max_shard if num_files == -1 else num_files
+    if not 0 <= num_files <= spec.max_shard:
+        raise ValueError(f"-n must be -1 (all) or 0..{spec.max_shard} for {source}, got {num_files}")
     data_dir = get_data_dir(data_dir)
-    _claim(data_dir, "fineweb-edu", force)
-    manifest = {"source": "fineweb-edu", "detail": base_url, "val_shard": shard_name(VAL_SHARD)}
+    _claim(data_dir, source, force)
+    manifest = {"source": source, "detail": base_url, "val_shard": shard_name(spec.val_shard)}
     manifest.update(num_docs=None, num_chars=None, num_shards=None)  # num_chars would read every shard
     _write_manifest(data_dir, manifest)  # first, so an interrupted download is still claimed
-    logger.info("downloading val shard %d, then %d train shards into %s", VAL_SHARD, num_files, data_dir)
-    download_shards([VAL_SHARD], data_dir, base_url, workers=1, **download)
-    download_shards(range(num_files), data_dir, base_url, workers, **download)
+    logger.info(
+        f"downloading {source}: val shard {spec.val_shard}, then {num_files} train shards into {data_dir}"
+    )
+    download_shards([spec.val_shard], base_url, data_dir, workers=1, **download)
+    download_shards(range(num_files), base_url, data_dir, workers, **download)
     files = list_parquet_files(data_dir)
     manifest.update(num_docs=sum(pq.read_metadata(p).num_rows for p in files), num_shards=len(files))
     _write_manifest(data_dir, manifest)
@@ -457,18 +482,19 @@ def build_offline(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m nanochat.dataset",
-        description="Fill base_data/ with pretraining text shards: FineWeb-Edu download (default), "
-        "a local directory (--from-dir), or the embedded offline corpus (--offline).",
+        description="Fill base_data/ with pretraining text shards: a download (ClimbMix by default, or "
+        "FineWeb-Edu), a local directory (--from-dir), or the embedded offline corpus (--offline).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("-n", "--num-files", type=int, default=-1, help="FineWeb-Edu train shards to download (-1 = all)")
+    add("-n", "--num-files", type=int, default=-1, help="train shards to download (-1 = all)")
+    add("--source", choices=SOURCES, default=DEFAULT_SOURCE, help="the dataset to download")
     add("-w", "--num-workers", type=int, default=4, help="parallel downloads")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
+    local = parser.add_mutually_exclusive_group()
+    local.add_argument(
         "--from-dir", default=None, help="import .parquet/.txt/.jsonl(.gz) files from this dir"
     )
-    source.add_argument(
+    local.add_argument(
         "--offline", action="store_true", help="build the embedded offline corpus (the stdlib)"
     )
     add("--data-dir", default=None, help="output dir; None = $NANOCHAT_BASE_DIR/base_data")
@@ -477,8 +503,8 @@ def main(argv: list[str] | None = None) -> None:
     add("--timeout", type=float, default=30.0, help="seconds a download may stall before a retry")
     add("--retries", type=int, default=5, help="retries per shard after the first attempt")
     args = parser.parse_args(argv)
-    if (args.offline or args.from_dir) and args.num_files != -1:
-        parser.error("-n/--num-files applies to the FineWeb-Edu download only")
+    if (args.offline or args.from_dir) and (args.num_files != -1 or args.source != DEFAULT_SOURCE):
+        parser.error("-n/--num-files and --source apply to downloads only")
     if args.num_workers < 1:
         parser.error("-w/--num-workers must be at least 1")
     setup_logging()
@@ -489,10 +515,12 @@ def main(argv: list[str] | None = None) -> None:
             import_from_dir(args.from_dir, args.data_dir, args.force)
         else:
             try:
-                download_fineweb(
+                download_source(
+                    args.source,
                     args.num_files,
                     args.data_dir,
                     args.num_workers,
+                    force=args.force,
                     timeout=args.timeout,
                     retries=args.retries,
                 )

@@ -15,10 +15,10 @@ from test_common import ScriptedServer, leftovers
 
 from nanochat import dataset
 from nanochat.dataset import (
-    VAL_SHARD,
+    SOURCES,
     build_offline,
-    download_fineweb,
     download_shards,
+    download_source,
     get_val_shard,
     import_from_dir,
     list_parquet_files,
@@ -31,6 +31,8 @@ from nanochat.dataset import (
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PRETRAIN = SHARED / "pretrain"
 FAST = dict(timeout=0.5, retries=2, backoff=0.01)
+VAL_SHARD = 6542  # ClimbMix's pinned validation shard: the default source's
+FINEWEB_VAL_SHARD = 1822
 
 
 @pytest.fixture(autouse=True)
@@ -64,26 +66,48 @@ def all_texts(split: str, **kwargs) -> list[str]:
 
 
 # -----------------------------------------------------------------------------
-# FineWeb-Edu downloads (against the local server)
+# Downloads: ClimbMix (the default) and FineWeb-Edu, against the local server
 
 
-def test_download_fineweb_fetches_pinned_val_shard_first(server, base_dir):
+def test_download_defaults_to_climbmix_and_fetches_its_pinned_val_shard_first(server, base_dir):
+    assert SOURCES["climbmix"] == (
+        "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
+        6542,
+        VAL_SHARD,
+    )
     texts = serve_shards(server, [0, 1, 2, VAL_SHARD])
-    manifest = download_fineweb(3, base_url=server.url, workers=2, **FAST)
+    manifest = download_source(num_files=3, base_url=server.url, workers=2, **FAST)
     assert server.requests[0] == f"/{shard_name(VAL_SHARD)}"
+    assert sorted(server.requests) == [f"/{shard_name(i)}" for i in (0, 1, 2, VAL_SHARD)]
     data_dir = base_dir / "base_data"
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 2, VAL_SHARD)]
     assert manifest == read_manifest()
-    assert manifest["source"] == "fineweb-edu" and manifest["val_shard"] == "shard_01822.parquet"
+    assert manifest["source"] == "climbmix" and manifest["val_shard"] == "shard_06542.parquet"
+    assert manifest["detail"] == server.url
     assert manifest["num_docs"] == 20 and manifest["num_shards"] == 4
-    assert get_val_shard() == data_dir / "shard_01822.parquet"
+    assert get_val_shard() == data_dir / "shard_06542.parquet"
     assert all_texts("val") == texts[VAL_SHARD]
     assert all_texts("train") == texts[0] + texts[1] + texts[2]
 
 
+def test_download_fineweb_edu_is_selectable_with_its_own_val_shard(server, base_dir):
+    assert SOURCES["fineweb-edu"] == (
+        "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+        1822,
+        FINEWEB_VAL_SHARD,
+    )
+    texts = serve_shards(server, [0, 1, FINEWEB_VAL_SHARD])
+    manifest = download_source("fineweb-edu", 2, base_url=server.url, **FAST)
+    assert server.requests[0] == f"/{shard_name(FINEWEB_VAL_SHARD)}"
+    assert manifest["source"] == "fineweb-edu" and manifest["val_shard"] == "shard_01822.parquet"
+    assert get_val_shard() == base_dir / "base_data" / "shard_01822.parquet"
+    assert all_texts("val") == texts[FINEWEB_VAL_SHARD]
+    assert all_texts("train") == texts[0] + texts[1]
+
+
 def test_download_shards_rejects_garbage_bodies_and_retries(server, base_dir):
     texts = serve_shards(server, [0, 1], "garbage", "short", "ok")
-    download_shards([0, 1], base_url=server.url, workers=2, **FAST)
+    download_shards([0, 1], server.url, workers=2, **FAST)
     for i in (0, 1):
         assert server.count(f"/{shard_name(i)}") == 3
         assert pq.read_table(base_dir / "base_data" / shard_name(i))["text"].to_pylist() == texts[i]
@@ -95,7 +119,7 @@ def test_download_shards_that_keep_failing_leave_no_partial_file(server, base_di
     serve_shards(server, [1], "stall")
     serve_shards(server, [2])
     with pytest.raises(RuntimeError, match=r"2 of 3 shards failed(.|\n)*shard_00000(.|\n)*shard_00001"):
-        download_shards([0, 1, 2], base_url=server.url, workers=3, **FAST)
+        download_shards([0, 1, 2], server.url, workers=3, **FAST)
     data_dir = base_dir / "base_data"
     assert [p.name for p in list_parquet_files()] == [shard_name(2)]  # the good one is kept
     assert not (data_dir / shard_name(0)).exists() and not (data_dir / shard_name(1)).exists()
@@ -104,20 +128,20 @@ def test_download_shards_that_keep_failing_leave_no_partial_file(server, base_di
 
 def test_rerun_skips_complete_shards_without_requests(server):
     serve_shards(server, [0, 1, VAL_SHARD])
-    download_fineweb(2, base_url=server.url, **FAST)
+    download_source(num_files=2, base_url=server.url, **FAST)
     before = len(server.requests)
-    download_fineweb(2, base_url=server.url, **FAST)
+    download_source(num_files=2, base_url=server.url, **FAST)
     assert len(server.requests) == before
 
 
 def test_rerun_repairs_corrupted_and_partial_shards(server, base_dir):
     texts = serve_shards(server, [0, 1, VAL_SHARD])
-    download_fineweb(2, base_url=server.url, **FAST)
+    download_source(num_files=2, base_url=server.url, **FAST)
     data_dir = base_dir / "base_data"
     (data_dir / shard_name(0)).write_bytes(b"PAR1 truncated garbage")  # final name, bad content
     (data_dir / f"{shard_name(1)}.tmp.4242.cafe").write_bytes(b"half a download")  # crashed writer
     before = {i: server.count(f"/{shard_name(i)}") for i in (0, 1, VAL_SHARD)}
-    download_fineweb(2, base_url=server.url, **FAST)
+    download_source(num_files=2, base_url=server.url, **FAST)
     assert server.count(f"/{shard_name(0)}") == before[0] + 1  # repaired
     assert server.count(f"/{shard_name(1)}") == before[1]  # complete: skipped
     assert pq.read_table(data_dir / shard_name(0))["text"].to_pylist() == texts[0]
@@ -126,13 +150,16 @@ def test_rerun_repairs_corrupted_and_partial_shards(server, base_dir):
 
 def test_download_shards_404_fails_fast(server):
     with pytest.raises(RuntimeError, match="shard_00007.*HTTP 404"):
-        download_shards([7], base_url=server.url, timeout=0.5, retries=5, backoff=10.0)
+        download_shards([7], server.url, timeout=0.5, retries=5, backoff=10.0)
     assert server.count(f"/{shard_name(7)}") == 1
 
 
-def test_download_fineweb_rejects_a_num_files_out_of_range():
-    with pytest.raises(ValueError, match="-n must be"):
-        download_fineweb(5000)
+def test_download_rejects_a_num_files_out_of_range_for_the_source():
+    with pytest.raises(ValueError, match=r"-n must be -1 \(all\) or 0..1822 for fineweb-edu"):
+        download_source("fineweb-edu", 5000)
+    with pytest.raises(ValueError, match=r"0..6542 for climbmix"):
+        download_source(num_files=6543)
+    assert list_parquet_files() == []
 
 
 # -----------------------------------------------------------------------------
@@ -256,12 +283,31 @@ def test_sources_are_not_mixed_without_force(tmp_path, server):
     src.mkdir()
     (src / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
     import_from_dir(src)
-    serve_shards(server, [0, VAL_SHARD])
+    serve_shards(server, [0, VAL_SHARD, FINEWEB_VAL_SHARD])
     with pytest.raises(RuntimeError, match="from source 'from-dir'.*--force"):
-        download_fineweb(1, base_url=server.url, **FAST)
+        download_source(num_files=1, base_url=server.url, **FAST)
     assert server.requests == []  # refused before downloading anything
-    download_fineweb(1, base_url=server.url, force=True, **FAST)
+    download_source(num_files=1, base_url=server.url, force=True, **FAST)
     assert [p.name for p in list_parquet_files()] == [shard_name(0), shard_name(VAL_SHARD)]
+    assert read_manifest()["source"] == "climbmix"
+    # two download sources do not mix either; the error names the source already there
+    with pytest.raises(RuntimeError, match="from source 'climbmix'.*--source climbmix"):
+        download_source("fineweb-edu", 1, base_url=server.url, **FAST)
+    assert read_manifest()["source"] == "climbmix"
+
+
+def test_shards_without_manifest_count_as_fineweb_edu(server, base_dir):
+    data_dir = base_dir / "base_data"
+    data_dir.mkdir(parents=True)
+    pq.write_table(
+        pa.table({"text": ["an old download"]}), data_dir / shard_name(0)
+    )  # what old versions left
+    serve_shards(server, [1, FINEWEB_VAL_SHARD])
+    with pytest.raises(RuntimeError, match="from source 'fineweb-edu'.*--source fineweb-edu"):
+        download_source(num_files=1, base_url=server.url, **FAST)
+    download_source("fineweb-edu", 2, base_url=server.url, **FAST)  # shard 0 is kept, not fetched
+    assert server.count(f"/{shard_name(0)}") == 0
+    assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, FINEWEB_VAL_SHARD)]
     assert read_manifest()["source"] == "fineweb-edu"
 
 
@@ -314,10 +360,36 @@ def test_cli_offline_writes_shards_and_help_lists_defaults(tmp_path, capsys):
         dataset.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for flag in ("--num-files", "--num-workers", "--from-dir", "--offline", "--data-dir", "--force"):
+    for flag in (
+        "--num-files",
+        "--source",
+        "--num-workers",
+        "--from-dir",
+        "--offline",
+        "--data-dir",
+        "--force",
+    ):
         assert flag in help_text
-    assert "(default: -1)" in help_text and "(default: 4)" in help_text
+    assert "(default: -1)" in help_text and "(default: 4)" in help_text and "(default: climbmix)" in help_text
     dataset.main(["--offline", "--max-chars", "200000", "--data-dir", str(tmp_path / "cli")])
     assert read_manifest(tmp_path / "cli")["source"] == "offline"
     with pytest.raises(SystemExit, match="refusing"):
         dataset.main(["--from-dir", str(tmp_path), "--data-dir", str(tmp_path / "cli")])
+
+
+def test_cli_downloads_climbmix_by_default_and_force_replaces_another_source(
+    tmp_path, server, monkeypatch, capsys
+):
+    monkeypatch.setitem(SOURCES, "climbmix", SOURCES["climbmix"]._replace(base_url=server.url))
+    serve_shards(server, [0, 1, VAL_SHARD])
+    data_dir = tmp_path / "cli"
+    dataset.main(["--offline", "--max-chars", "100000", "--data-dir", str(data_dir)])
+    flags = ["-n", "2", "--data-dir", str(data_dir), "--timeout", "0.5", "--retries", "1"]
+    with pytest.raises(SystemExit, match="from source 'offline'.*--force"):
+        dataset.main(flags)
+    dataset.main([*flags, "--force"])
+    assert read_manifest(data_dir)["source"] == "climbmix"
+    assert [p.name for p in list_parquet_files(data_dir)] == [shard_name(i) for i in (0, 1, VAL_SHARD)]
+    with pytest.raises(SystemExit) as exit_info:  # --source picks a download; --offline is none
+        dataset.main(["--offline", "--source", "fineweb-edu", "--data-dir", str(data_dir)])
+    assert exit_info.value.code == 2 and "--source apply to downloads only" in capsys.readouterr().err
