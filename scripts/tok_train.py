@@ -1,7 +1,7 @@
 """
 Train the BPE tokenizer on the train split of base_data/ and save it to <base dir>/tokenizer/.
 
-    python -m scripts.tok_train                                          # 65,536 tokens on ~2B chars
+    python -m scripts.tok_train                                          # 32,768 tokens on ~2B chars
     python -m scripts.tok_train --vocab-size 4096 --max-chars 20000000   # tiny CPU run
 
 - Each document is cropped to --doc-cap chars, so a few huge ones (a long table dump) do not
@@ -39,7 +39,7 @@ parser = argparse.ArgumentParser(
 )
 parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="total characters to train on")
 parser.add_argument("--doc-cap", type=int, default=10_000, help="each document is cropped to this many chars")
-parser.add_argument("--vocab-size", type=int, default=65536, help="vocabulary size, special tokens included")
+parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size, special tokens included")
 parser.add_argument("--num-threads", type=int, default=None, help="threads for rustbpe; None = all CPU cores")
 args = parser.parse_args()
 if args.vocab_size < MIN_VOCAB_SIZE:
@@ -64,7 +64,7 @@ try:
 except FileNotFoundError as e:
     sys.exit(f"tok_train: {e}")
 manifest = read_manifest() or {}
-corpus_chars = manifest.get("num_chars")  # known for imported corpora, null for FineWeb-Edu downloads
+corpus_chars = manifest.get("num_chars")  # known for imported corpora, null for downloads
 # the bar's total is unknown when the corpus runs out first: cropping makes its size unknowable unread
 expected_chars = None if corpus_chars and corpus_chars < args.max_chars else args.max_chars
 chars_seen = 0

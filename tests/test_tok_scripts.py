@@ -135,7 +135,7 @@ def test_tok_train_help_lists_every_flag_with_its_default():
     for flag, default in [
         ("--max-chars", "2000000000"),
         ("--doc-cap", "10000"),
-        ("--vocab-size", "65536"),
+        ("--vocab-size", "32768"),
         ("--num-threads", "None"),
     ]:
         assert re.search(rf"{flag} [A-Z_]+ [^(]*\(default: {default}\)", out), f"{flag}={default}: {out}"
