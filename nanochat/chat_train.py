@@ -172,7 +172,7 @@ def chat_lr_multiplier(
     """1, then linear to `final_lr_frac` over the last `warmdown_ratio` of training: in steps when
     `num_iterations` > 0, else in epoch progress (0 → 1)."""
     if num_iterations > 0:
-        return lr_multiplier(step, num_iterations, 0.0, warmdown_ratio, final_lr_frac)
+        return lr_multiplier(step, num_iterations, 0, warmdown_ratio, final_lr_frac)
     left = min(max(1.0 - progress, 0.0), 1.0)  # fraction of the epoch still to train on
     if left >= warmdown_ratio:
         return 1.0

@@ -1,11 +1,18 @@
 """The GPT model: plain single-device PyTorch (distribution lives in the optimizer).
 
 Design choices:
-- Rotary positions (base 10000), no learned positions; the tables cover 10x the training length.
+- Rotary positions, no learned positions; the tables cover 10x the training length.
 - RMSNorm without gain: after the embedding, pre-norm in each block, QK-norm, and before the head.
 - Grouped-query attention through PyTorch SDPA; MLP 4x wide with ReLU²; no biases.
 - Untied head; vocab padded to a multiple of 64; fp32 logits softcapped at 15.
 - Zero-init output projections: every block starts as the identity.
+- Recipe features (bench/recipe.py measures each one), all off in the GPTConfig defaults so
+  that checkpoints of the first architecture load unchanged, all on in `config_from_depth`:
+  rotary base 100,000; q and k scaled by 1.2 after QK-norm; value embeddings (a second token
+  table added to the attention values of every other layer, ending with the last, through a
+  per-head gate 2·sigmoid(W·x[:32]) that is 1 at init; the tables start at zero); and per-layer
+  scalars mixing the embedding x0 back into the residual stream, x = λ_r·x + λ_0·x0 before
+  each block (λ_r = 1, λ_0 = 0 at init). Every one of them is the identity at init.
 - Built on the meta device, then `init_weights` fills every parameter and buffer.
 - Parameters stay fp32 (precision policy: `common.autocast`); logits are always fp32.
 - KV cache: `cache.get_pos()` (an int, or a (B,) tensor of per-row positions) and
@@ -21,13 +28,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.optim import AdamW, muon_chunks
+from nanochat.optim import AdamW, Muon, muon_chunks
 
 LOGIT_SOFTCAP = 15.0
-ROTARY_BASE = 10000.0
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover this many times the training sequence length
 VOCAB_MULTIPLE = 64
 NORM_EPS = 1e-6
+EMBEDDING_INIT_STD = 0.8
+MLP_INIT_SCALE = 0.4  # c_fc starts at this fraction of the other input matrices' scale
+VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many leading channels of the block input
 
 
 @dataclass
@@ -39,9 +48,14 @@ class GPTConfig:
     n_head: int = 10
     n_kv_head: int = 10
     n_embd: int = 1280
+    rope_base: float = 10000.0
+    qk_scale: float = 1.0
+    value_embeds: bool = False
+    layer_scalars: bool = False
 
     def __post_init__(self) -> None:
-        for name, value in self.__dict__.items():
+        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.n_embd % self.n_head:
@@ -59,6 +73,12 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
+    @property
+    def value_embed_layers(self) -> list[int]:
+        """Layers with a value embedding: every other one, ending with the last."""
+        last = self.n_layer - 1
+        return [i for i in range(self.n_layer) if self.value_embeds and i % 2 == last % 2]
+
 
 def config_from_depth(
     depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64, head_dim: int = 128
@@ -74,7 +94,10 @@ def config_from_depth(
             raise ValueError(f"{flag} must be {need}, got {value}")
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim  # round up to a multiple of head_dim
     n_head = n_embd // head_dim
-    return GPTConfig(sequence_len, vocab_size, depth, n_head, n_head, n_embd)
+    return GPTConfig(
+        sequence_len, vocab_size, depth, n_head, n_head, n_embd,
+        rope_base=100000.0, qk_scale=1.2, value_embeds=True, layer_scalars=True,
+    )  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -86,9 +109,9 @@ def norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
 
 
-def rotary_tables(length: int, head_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_tables(length: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos and sin for positions 0..length-1, each (1, length, 1, head_dim/2)."""
-    inv_freq = ROTARY_BASE ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
     angles = torch.outer(torch.arange(length, dtype=torch.float32, device=device), inv_freq)  # (L, D/2)
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
@@ -110,14 +133,22 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # scaling q and k by s after QK-norm is scaling the softmax by s², which SDPA does for free
+        self.softmax_scale = config.qk_scale**2 / math.sqrt(config.head_dim)
+        self.ve_gate = None
+        if layer_idx in config.value_embed_layers:
+            self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), config.n_kv_head, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
+        self, x: torch.Tensor, ve, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
     ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if ve is not None:  # value embedding (B, T, Hkv·D), let in per head by a gate that starts at 1
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            v = v + gate[..., None] * ve.view_as(v).to(v.dtype)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # rotate, then QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         if kv_cache is not None:
@@ -130,19 +161,21 @@ class CausalSelfAttention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions=None) -> torch.Tensor:
         # only ask for GQA when it is used, so plain multi-head attention can take any kernel
-        gqa = {"enable_gqa": True} if self.n_kv_head != self.n_head else {}
+        kw = {"scale": self.softmax_scale}
+        if self.n_kv_head != self.n_head:
+            kw["enable_gqa"] = True
         Tq, Tk = q.size(2), k.size(2)
         if positions is not None:  # per-row positions (B, Tq): the query at position p sees keys 0 .. p
             keys = torch.arange(Tk, device=q.device)
             mask = keys[None, None, :] <= positions[:, :, None]  # (B, Tq, Tk)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], **gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], **kw)
         if Tq == Tk:  # no cache, or a cache that was empty: plain causal attention
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         if Tq == 1:  # one new token sees everything before it
-            return F.scaled_dot_product_attention(q, k, v, **gqa)
+            return F.scaled_dot_product_attention(q, k, v, **kw)
         # a block of Tq queries at positions Tk-Tq .. Tk-1: query i sees keys 0 .. Tk-Tq+i
         mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
 
 
 class MLP(nn.Module):
@@ -162,9 +195,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
+        self, x: torch.Tensor, ve, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
     ) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, kv_cache, positions)
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache, positions)
         return x + self.mlp(norm(x))
 
 
@@ -177,6 +210,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         target = torch.get_default_device()
+        kv_dim = config.n_kv_head * config.head_dim
         with torch.device("meta"):  # build shapes only; init_weights fills them on the real device
             self.transformer = nn.ModuleDict(
                 {
@@ -184,9 +218,15 @@ class GPT(nn.Module):
                     "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 }
             )
+            self.value_embeds = nn.ModuleDict(
+                {str(i): nn.Embedding(config.padded_vocab_size, kv_dim) for i in config.value_embed_layers}
+            )
+            if config.layer_scalars:
+                self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+                self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
             rotary_len = ROTARY_LENGTH_FACTOR * config.sequence_len
-            cos, sin = rotary_tables(rotary_len, config.head_dim)
+            cos, sin = rotary_tables(rotary_len, config.head_dim, config.rope_base)
         self.register_buffer("cos", cos, persistent=False)  # (1, L, 1, D/2), fp32
         self.register_buffer("sin", sin, persistent=False)
         if target.type != "meta":  # the same as the meta route: to_empty, then init_weights
@@ -198,34 +238,60 @@ class GPT(nn.Module):
         """(Re)initializes every parameter and buffer in place, drawing from torch's RNG."""
         n_embd = self.config.n_embd
         bound = math.sqrt(3.0) / math.sqrt(n_embd)  # uniform(-b, b) has std 1/sqrt(n_embd)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=EMBEDDING_INIT_STD)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -MLP_INIT_SCALE * bound, MLP_INIT_SCALE * bound)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        cos, sin = rotary_tables(self.cos.size(1), self.config.head_dim, device=self.cos.device)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)  # gate 2·sigmoid(0) = 1
+        for table in self.value_embeds.values():
+            nn.init.zeros_(table.weight)
+        if self.config.layer_scalars:
+            nn.init.ones_(self.resid_lambdas)
+            nn.init.zeros_(self.x0_lambdas)
+        cos, sin = rotary_tables(
+            self.cos.size(1), self.config.head_dim, self.config.rope_base, self.cos.device
+        )
         self.cos.copy_(cos)
         self.sin.copy_(sin)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer role: "matrix" (block weights), "embedding", "lm_head"."""
+        """Parameters by optimizer role: "matrix" (block weights, for Muon), "embedding" (the token and
+        value-embedding tables), "lm_head", "resid_scalars", "x0_scalars"."""
         names = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
         matrix = [block.get_submodule(name).weight for block in self.transformer.h for name in names]
-        embedding, lm_head = [self.transformer.wte.weight], [self.lm_head.weight]
-        return {"matrix": matrix, "embedding": embedding, "lm_head": lm_head}
+        matrix += [
+            block.attn.ve_gate.weight for block in self.transformer.h if block.attn.ve_gate is not None
+        ]
+        embedding = [self.transformer.wte.weight, *(t.weight for t in self.value_embeds.values())]
+        scalars = self.config.layer_scalars
+        return {
+            "matrix": matrix,
+            "embedding": embedding,
+            "lm_head": [self.lm_head.weight],
+            "resid_scalars": [self.resid_lambdas] if scalars else [],
+            "x0_scalars": [self.x0_lambdas] if scalars else [],
+        }
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def num_matmul_params(self) -> int:
+        """Weights every token is multiplied by (block matrices and lm_head): what FLOPs and the
+        training horizon count. Embedding lookups and per-layer scalars cost no matmuls."""
+        groups = self.param_groups()
+        return sum(p.numel() for p in groups["matrix"] + groups["lm_head"])
+
     def estimate_flops(self) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus the attention matmuls."""
         c = self.config
-        matmul_params = self.num_params() - self.transformer.wte.weight.numel()
         attention = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-        return float(6 * matmul_params + attention)
+        return float(6 * self.num_matmul_params() + attention)
 
     def forward(
         self,
@@ -245,9 +311,12 @@ class GPT(nn.Module):
             assert pos + T <= self.cos.size(1), f"positions up to {pos + T} exceed the rotary table"
             cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]  # (1, T, 1, D/2)
 
-        x = norm(self.transformer.wte(idx))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache, positions)
+        x = x0 = norm(self.transformer.wte(idx))  # (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            if self.config.layer_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, Hkv·D)
+            x = block(x, ve, cos, sin, kv_cache, positions)
         x = norm(x)
 
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V), padding sliced off
@@ -262,17 +331,6 @@ class GPT(nn.Module):
 
 # -----------------------------------------------------------------------------
 # Memory estimate: what one training micro-step holds on one device (eager autograd)
-
-
-def _param_counts(config: GPTConfig) -> tuple[int, int, int]:
-    """(embedding, lm_head, block matrices) parameter counts."""
-    vocab_weights = config.padded_vocab_size * config.n_embd
-    return vocab_weights, vocab_weights, config.n_layer * sum(r * c for r, c in _layer_shapes(config))
-
-
-def _layer_shapes(config: GPTConfig) -> list[tuple[int, int]]:
-    C, kv_dim = config.n_embd, config.n_kv_head * config.head_dim
-    return [(C, C), (kv_dim, C), (kv_dim, C), (C, C), (4 * C, C), (C, 4 * C)]  # q, k, v, proj, fc, proj
 
 
 def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: torch.dtype) -> int:
@@ -298,15 +356,21 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
         + c * N * 4 * C  # relu output (shared by relu and square backward)
         + c * N * 4 * C  # c_proj input
     )
+    # value embeddings: the table rows and the gate (sigmoid output and 2·sigmoid), as the gating
+    # multiply saves them; under autocast also the gate's cast input channels
+    gate_in = min(VE_GATE_CHANNELS, C) if autocast else 0
+    value_embed = c * N * (kv_dim + 2 * Hkv + gate_in) * len(config.value_embed_layers)
+    scalars = f32 * N * C * config.n_layer if config.layer_scalars else 0  # λ_r·x saves each block's input
     ends = f32 * N * (C + 1) * 2 + c * N * C  # embedding and final-norm inputs + rstd; lm_head input
     logits = 2 * f32 * N * V  # tanh output and log-softmax output (fp32)
     logits_backward = 2 * f32 * N * V  # log-softmax backward: incoming grad + its result, both alive
     weight_copies = 0
     if autocast:  # autocast keeps one compute-dtype copy of every weight it cast, for the backward
-        _, head, matrices = _param_counts(config)
-        weight_copies = c * (head + matrices)
+        with torch.device("meta"):
+            weight_copies = c * GPT(config).num_matmul_params()
     # rotary slices (O(T * head_dim)) are left out; torch.compile usually saves less than this
-    return config.n_layer * (attention + mlp) + ends + logits + logits_backward + weight_copies
+    layers = config.n_layer * (attention + mlp) + value_embed + scalars
+    return layers + ends + logits + logits_backward + weight_copies
 
 
 def estimate_memory(
@@ -319,18 +383,19 @@ def estimate_memory(
     """Bytes the busiest device (rank 0) needs for a training micro-step: params, grads, optimizer,
     activations, total. compute_dtype != fp32 means autocast in that dtype."""
     seq = config.sequence_len if sequence_len is None else sequence_len
-    wte, head, matrices = _param_counts(config)
-    total_params = wte + head + matrices
-    # the optimizer's own ZeRO-2 rules: AdamW shards a vocab matrix by rows when it can (fp32 exp_avg
-    # + exp_avg_sq for wte and lm_head); Muon gives each block matrix one owner rank (one fp32 momentum)
-    vocab_weight = torch.empty(config.padded_vocab_size, config.n_embd, device="meta")
-    vocab_state = vocab_weight.numel() // (world_size if AdamW.is_sharded(vocab_weight, world_size) else 1)
-    matrices_meta = [torch.empty(shape, device="meta") for shape in _layer_shapes(config) * config.n_layer]
-    muon_state = sum(chunk[0].numel() for chunk in muon_chunks(matrices_meta, world_size))  # slot 0: rank 0
+    with torch.device("meta"):  # shapes only
+        groups = GPT(config).param_groups()
+    total_params = sum(p.numel() for group in groups.values() for p in group)
+    # the optimizers' own ZeRO-2 rules: AdamW shards a parameter by rows when it can; Muon gives each
+    # block matrix one owner rank (slot 0 of each chunk is rank 0's)
+    adamw = [p for name, group in groups.items() if name != "matrix" for p in group]
+    adamw_state = sum(AdamW.state_numel(p, world_size) for p in adamw)
+    chunks = muon_chunks(groups["matrix"], world_size)
+    muon_state = sum(Muon.state_numel(chunk[0]) for chunk in chunks)
     memory = {
         "params": 4 * total_params,
         "grads": 4 * total_params,  # full on each rank until reduce-scattered
-        "optimizer": 4 * (2 * 2 * vocab_state + muon_state),
+        "optimizer": 4 * (adamw_state + muon_state),
         "activations": _activation_bytes(config, device_batch_size, seq, compute_dtype),
     }
     memory["total"] = sum(memory.values())

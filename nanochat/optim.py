@@ -5,9 +5,14 @@ Optimizers: Muon for the 2-D block matrices, AdamW for the embedding and the lm_
   process group) runs the same math with no communication.
 - AdamW is ZeRO-2 style: gradients reduce-scattered along dim 0, each rank keeps state for its
   rows and an all-gather rebuilds the parameter; small or indivisible ones are all-reduced.
-- Muon: EMA momentum with Nesterov look-ahead, orthogonalized by quintic Newton–Schulz in bf16,
-  scaled by sqrt(max(1, rows/cols)); decoupled weight decay. Sharded per matrix: matrices of a
-  shape are cut into chunks of world_size, slot r of a chunk belongs to rank r.
+- Muon: EMA momentum with Nesterov look-ahead, orthogonalized in bf16 by five Polar Express
+  steps (a quintic iteration with its own coefficients per step), then NorMuon: each row (each
+  column of a wide matrix) is divided by the root of an EMA of its mean square, and the whole
+  update rescaled back to its norm before; scaled by sqrt(max(1, rows/cols)). Cautious decoupled
+  weight decay: only coordinates whose update already pulls them toward zero are decayed, by
+  lr·wd (so the decay follows the LR schedule). Sharded per matrix: matrices of a shape are cut
+  into chunks of world_size, slot r of a chunk belongs to rank r.
+- AdamW takes per-group betas and weight decay (`build_optimizers` sets them per role).
 - Collectives are asynchronous: every reduction is launched first, then awaited and applied in
   turn. Backends without reduce-scatter (older gloo) emulate it with an all-reduce.
 - `state_dict()` is this rank's shard only and records the layout; another layout is refused.
@@ -29,8 +34,22 @@ from nanochat.common import is_distributed
 # AdamW parameters smaller than this are all-reduced rather than sharded.
 MIN_SHARD_NUMEL = 1024
 
-# Published quintic Newton–Schulz coefficients (Keller Jordan's Muon).
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al., 2025): per-step (a, b, c) of a·s + b·s³ + c·s⁵, each the best odd
+# quintic for the singular values the previous steps leave; the last is the classic fixed point.
+# Each step is shrunk by a safety factor of 1.01 (a/1.01, b/1.01³, c/1.01⁵) so that bf16 rounding
+# cannot push a singular value past the interval the next step was fitted on.
+POLAR_EXPRESS = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+]
+POLAR_SAFETY = 1.01
+NORMUON_BETA2 = 0.95  # EMA of each row's mean square update
 
 # -----------------------------------------------------------------------------
 # Collectives
@@ -183,6 +202,11 @@ class AdamW(_ShardedOptimizer):
             and p.is_contiguous()
         )
 
+    @classmethod
+    def state_numel(cls, p: Tensor, world_size: int) -> int:
+        """Elements of AdamW state one rank keeps for `p`: two moments of its rows, or of all of it."""
+        return 2 * p.numel() // (world_size if cls.is_sharded(p, world_size) else 1)
+
     @torch.no_grad()
     def step(self) -> None:
         """Average gradients over ranks and update (on every rank; no-op communication for one process)."""
@@ -217,40 +241,62 @@ class AdamW(_ShardedOptimizer):
 
 
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximate the orthogonal polar factor U·Vᵀ of g = U·S·Vᵀ with a quintic Newton–Schulz iteration.
+    """Approximate the orthogonal polar factor U·Vᵀ of g = U·S·Vᵀ with `steps` Polar Express steps.
 
     Runs in bf16 and returns bf16; the singular values come out in a band around 1 rather than
     exactly 1, which is all Muon needs.
     """
     if g.ndim != 2:
         raise ValueError(f"orthogonalize expects a matrix, got shape {tuple(g.shape)}")
-    a, b, c = NS_COEFFS
     x = g.bfloat16()
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.mT  # (cols, rows): the Gram matrix below is then the smaller one
-    x = x / (x.norm() + eps)  # Frobenius norm >= spectral norm, so every singular value is <= 1
-    for _ in range(steps):
+    # Frobenius norm >= spectral norm, so every singular value starts <= 1 (1/1.01 with the safety)
+    x = x / (x.norm() * POLAR_SAFETY + eps)
+    for i in range(steps):
+        a, b, c = POLAR_EXPRESS[min(i, len(POLAR_EXPRESS) - 1)]
+        if i < len(POLAR_EXPRESS) - 1:
+            a, b, c = a / POLAR_SAFETY, b / POLAR_SAFETY**3, c / POLAR_SAFETY**5
         gram = x @ x.mT
         poly = b * gram + c * (gram @ gram)
         x = a * x + poly @ x  # applies a·s + b·s³ + c·s⁵ to every singular value s
     return x.mT if tall else x
 
 
+def _normuon_dim(p: Tensor) -> int:
+    """The dim NorMuon averages over: columns of a tall or square matrix (one statistic per row), rows
+    of a wide one. The polar factor's vectors along the other dim are already orthonormal."""
+    return -1 if p.size(0) >= p.size(1) else -2
+
+
+def _normuon(ortho: Tensor, second_moment: Tensor) -> Tensor:
+    """NorMuon: divide each row (column, when wide) by the root of its running mean square, then
+    rescale the whole update back to its norm before, so only the rows' relative sizes change."""
+    second_moment.lerp_(ortho.square().mean(dim=_normuon_dim(ortho), keepdim=True), 1 - NORMUON_BETA2)
+    normed = ortho / (second_moment.sqrt() + 1e-10)
+    return normed * (ortho.norm() / (normed.norm() + 1e-10))
+
+
+def _cautious_decay(p: Tensor, update: Tensor, amount: float) -> None:
+    """p -= amount·p only where the update already moves p toward zero (same sign as p)."""
+    p.sub_(p * (update * p > 0), alpha=amount)
+
+
 def _muon_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
     """One Muon step on a whole matrix `p`, in place."""
     if not state:
         state["momentum_buffer"] = torch.zeros_like(p)
+        state["second_moment"] = torch.zeros_like(p.mean(dim=_normuon_dim(p), keepdim=True))
     grad = grad.to(p.dtype)
     mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
     buf = state["momentum_buffer"]
     buf.lerp_(grad, 1 - mu)  # b = mu*b + (1-mu)*g
     update = grad.lerp(buf, mu) if group["nesterov"] else buf  # u = (1-mu)*g + mu*b
-    ortho = orthogonalize(update, group["ns_steps"])
-    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
+    update = _normuon(orthogonalize(update, group["ns_steps"]).to(p.dtype), state["second_moment"])
     if wd != 0:
-        p.mul_(1 - lr * wd)
-    p.add_(ortho.to(p.dtype), alpha=-lr * scale)
+        _cautious_decay(p, update, lr * wd)
+    p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
 
 
 def muon_chunks(params: list[Tensor], world_size: int) -> list[list[Tensor | None]]:
@@ -291,6 +337,12 @@ class Muon(_ShardedOptimizer):
             lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay
         )
         super().__init__(params, defaults)
+
+    @staticmethod
+    def state_numel(p: Tensor) -> int:
+        """Elements of optimizer state Muon keeps for matrix `p`: momentum, plus one NorMuon second
+        moment per row (per column when wide)."""
+        return p.numel() + max(p.shape)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -334,21 +386,22 @@ class Muon(_ShardedOptimizer):
 def lr_multiplier(
     step: int,
     num_iterations: int,
-    warmup_ratio: float = 0.0,
+    warmup_steps: int = 0,
     warmdown_ratio: float = 0.2,
     final_lr_frac: float = 0.0,
 ) -> float:
     """LR multiplier at `step` of `num_iterations`: linear warmup, 1, linear warmdown to `final_lr_frac`.
 
-    Warmup covers the first round(warmup_ratio·N) steps ((step+1)/warmup, reaching 1 at its last
-    step); warmdown covers the last round(warmdown_ratio·N) steps and reaches `final_lr_frac` at step N.
+    Warmup covers the first `warmup_steps` steps ((step+1)/warmup, reaching 1 at its last step),
+    cut short in a run too short to hold it before the warmdown; warmdown covers the last
+    round(warmdown_ratio·N) steps and reaches `final_lr_frac` at step N.
     """
-    if not (0 <= warmup_ratio <= 1 and 0 <= warmdown_ratio <= 1 and warmup_ratio + warmdown_ratio <= 1):
+    if not (0 <= warmdown_ratio <= 1 and warmup_steps >= 0):
         raise ValueError(
-            f"need 0 <= warmup_ratio, warmdown_ratio and their sum <= 1, got {warmup_ratio}, {warmdown_ratio}"
+            f"need 0 <= warmdown_ratio <= 1 and warmup_steps >= 0, got {warmdown_ratio}, {warmup_steps}"
         )
-    warmup = round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
+    warmup = min(warmup_steps, num_iterations - warmdown)
     if step < warmup:
         return (step + 1) / warmup
     if warmdown > 0 and step > num_iterations - warmdown:
@@ -365,13 +418,21 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
     return start + (end - start) * frac
 
 
-def add_optimizer_flags(parser, init_lr_frac: float | None = None) -> None:
+def add_optimizer_flags(parser, init_lr_frac: float | None = None, weight_decay: float = 0.0) -> None:
     """The LR and weight-decay flags of every training script (and --init-lr-frac when it has a default)."""
     g = parser.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
+    g.add_argument(
+        "--embedding-lr", type=float, default=0.3, help="AdamW LR of the token and value embeddings"
+    )
+    g.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR of the lm_head")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay of the matrices")
+    g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the x0 scalars (residual: 1%%)")
+    g.add_argument(
+        "--weight-decay",
+        type=float,
+        default=weight_decay,
+        help="cautious decoupled decay of the matrices",
+    )
     if init_lr_frac is not None:
         g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="all LRs are scaled by this")
 
@@ -392,28 +453,61 @@ def apply_schedule(optimizers: list, lrm: float, momentum: float | None = None) 
 def build_optimizers(
     model_param_groups: dict[str, list[Tensor]],
     n_embd: int,
-    embedding_lr: float = 0.2,
-    unembedding_lr: float = 0.004,
+    embedding_lr: float = 0.3,
+    unembedding_lr: float = 0.008,
     matrix_lr: float = 0.02,
+    scalar_lr: float = 0.5,
     weight_decay: float = 0.0,
 ) -> list[torch.optim.Optimizer]:
-    """[AdamW(embedding, lm_head), Muon(matrices)] for a model's `param_groups()`.
+    """[AdamW(embeddings, lm_head, scalars), Muon(matrices)] for a model's `param_groups()`.
 
-    The AdamW learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width 768).
-    `weight_decay` applies to the Muon matrices only; embedding and lm_head are not decayed.
+    The embedding and lm_head learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width
+    768). The residual scalars move at 1% of `scalar_lr`: each one scales a whole layer's input.
+    `weight_decay` applies to the Muon matrices only.
     """
     scale = (n_embd / 768) ** -0.5
     adam_groups = [
-        dict(params=list(model_param_groups["embedding"]), lr=embedding_lr * scale),
-        dict(params=list(model_param_groups["lm_head"]), lr=unembedding_lr * scale),
+        dict(params=model_param_groups["embedding"], lr=embedding_lr * scale),
+        dict(params=model_param_groups["lm_head"], lr=unembedding_lr * scale),
+        dict(params=model_param_groups.get("resid_scalars", []), lr=scalar_lr * 0.01),
+        dict(params=model_param_groups.get("x0_scalars", []), lr=scalar_lr, betas=(0.96, 0.95)),
     ]
+    adam_groups = [dict(g, params=list(g["params"])) for g in adam_groups if g["params"]]
     adamw = AdamW(adam_groups, lr=embedding_lr * scale, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     muon = Muon(list(model_param_groups["matrix"]), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
     return [adamw, muon]
 
 
-def optimizers_for(model, args) -> list[torch.optim.Optimizer]:
-    """`build_optimizers` for a GPT, from the flags of `add_optimizer_flags` (LRs × --init-lr-frac)."""
-    scale = getattr(args, "init_lr_frac", 1.0)
-    lrs = {k: getattr(args, k) * scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
-    return build_optimizers(model.param_groups(), model.config.n_embd, weight_decay=args.weight_decay, **lrs)
+def optimizers_for(
+    model, args, lr_scale: float = 1.0, weight_decay: float | None = None
+) -> list[torch.optim.Optimizer]:
+    """`build_optimizers` for a GPT from the flags of `add_optimizer_flags`: every LR × --init-lr-frac
+    × `lr_scale`; `weight_decay` overrides --weight-decay (base_train passes the depth-scaled one)."""
+    scale = getattr(args, "init_lr_frac", 1.0) * lr_scale
+    lrs = {k: getattr(args, k) * scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
+    wd = args.weight_decay if weight_decay is None else weight_decay
+    return build_optimizers(model.param_groups(), model.config.n_embd, weight_decay=wd, **lrs)
+
+
+# -----------------------------------------------------------------------------
+# Scaling rules of the recipe: how long to train and with what batch, given the model
+
+REF_DEPTH = 12  # the depth the rules are anchored at
+REF_BATCH = 2**19  # tokens per step at the reference depth
+BATCH_EXPONENT = 0.383  # best batch ∝ training tokens^0.383 (the public nanochat's fit)
+
+
+def batch_size_for(tokens: int, ref_tokens: int) -> int:
+    """Tokens per optimizer step for a run of `tokens` training tokens, where the reference model
+    (depth 12) trains `ref_tokens`: REF_BATCH · (tokens/ref_tokens)^0.383, to the nearest power of 2."""
+    return 2 ** round(math.log2(REF_BATCH * (tokens / ref_tokens) ** BATCH_EXPONENT))
+
+
+def batch_lr_scale(total_batch_size: int) -> float:
+    """LRs grow with the square root of the batch, from 1 at the reference batch."""
+    return math.sqrt(total_batch_size / REF_BATCH)
+
+
+def weight_decay_for(weight_decay: float, depth: int) -> float:
+    """`weight_decay` is tuned at depth 12; smaller models decay more, larger ones less (∝ 1/depth²)."""
+    return weight_decay * (REF_DEPTH / depth) ** 2

@@ -6,8 +6,12 @@ Pretrain the base model on the shards in base_data/.
 
 - One step sees --total-batch-size tokens: device batch × length × ranks × gradient accumulation.
   No DDP wrapper: micro-steps accumulate locally and the optimizers reduce across ranks.
-- Length: --num-iterations, else --target-flops, else --target-param-data-ratio × parameters.
-- LR: linear warmup → constant → linear warmdown to --final-lr-frac.
+- Length: --num-iterations, else --target-flops, else --target-param-data-ratio × the matmul
+  parameters (block matrices + lm_head; embedding tables cost no FLOPs and are not counted).
+- Batch (--total-batch-size -1): 2^19 tokens at depth 12, × (params / params at depth 12)^0.383,
+  a power of two; the LRs then grow by √(batch / 2^19). An explicit batch takes the LRs as given.
+- LR: linear warmup (--warmup-steps) → constant → linear warmdown to --final-lr-frac. Weight
+  decay is given at depth 12 and scaled by (12/depth)².
 - The last checkpoint is saved before the final evals; --resume continues bit for bit.
 - CORE runs on the uncompiled model with the bundle fetched before training.
 - --dry-run prints the plan (sizes, steps, memory) and exits before allocating the model.
@@ -50,7 +54,17 @@ from nanochat.dataset import list_parquet_files, read_manifest
 from nanochat.engine import greedy_completions
 from nanochat.gpt import GPT, config_from_depth, estimate_memory, suggest_device_batch_size
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, muon_momentum, optimizers_for
+from nanochat.optim import (
+    REF_DEPTH,
+    add_optimizer_flags,
+    apply_schedule,
+    batch_lr_scale,
+    batch_size_for,
+    lr_multiplier,
+    muon_momentum,
+    optimizers_for,
+    weight_decay_for,
+)
 from nanochat.report import MetricsLog, get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -67,18 +81,25 @@ g.add_argument("--head-dim", type=int, default=128, help="attention head dimensi
 g.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
 g = parser.add_argument_group("batch")
 g.add_argument("--device-batch-size", default="32", help="sequences per device per micro-step, or 'auto'")
-g.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step, all ranks")
+g.add_argument(
+    "--total-batch-size",
+    type=int,
+    default=-1,
+    help="tokens per optimizer step, all ranks (-1: by model size)",
+)
 g = parser.add_argument_group("length (the first one set wins)")
 g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
 g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
-g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
-add_optimizer_flags(parser)
-g = parser.add_argument_group("schedule")
-g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps warming the LR up")
 g.add_argument(
-    "--warmdown-ratio", type=float, default=0.2, help="fraction of steps decaying the LR at the end"
+    "--target-param-data-ratio", type=float, default=10.5, help="training tokens per matmul parameter"
 )
-g.add_argument("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of the warmdown")
+add_optimizer_flags(parser, weight_decay=0.2)  # at depth 12, × (12/depth)²
+g = parser.add_argument_group("schedule")
+g.add_argument("--warmup-steps", type=int, default=40, help="steps warming the LR up from 0")
+g.add_argument(
+    "--warmdown-ratio", type=float, default=0.5, help="fraction of steps decaying the LR at the end"
+)
+g.add_argument("--final-lr-frac", type=float, default=0.05, help="LR multiplier at the end of the warmdown")
 g = parser.add_argument_group("evaluation and checkpoints")
 g.add_argument(
     "--eval-every", type=int, default=250, help="steps between val bpb evals (-1: only at the end)"
@@ -127,9 +148,21 @@ except ValueError as e:
     fail(str(e))
 with torch.device("meta"):
     model = GPT(config)
+    reference = GPT(
+        config_from_depth(REF_DEPTH, config.vocab_size, args.max_seq_len, args.aspect_ratio, args.head_dim)
+    )
 num_params = model.num_params()
+matmul_params = model.num_matmul_params()
 flops_per_token = model.estimate_flops()
 T = args.max_seq_len
+lr_scale = 1.0
+if args.total_batch_size == -1:
+    args.total_batch_size = batch_size_for(matmul_params, reference.num_matmul_params())
+    lr_scale = batch_lr_scale(args.total_batch_size)
+    print0(f"total batch size: auto -> {args.total_batch_size:,} tokens (LRs × {lr_scale:.3f})")
+elif args.total_batch_size < 1:
+    fail(f"--total-batch-size must be a number of tokens or -1 (by model size), got {args.total_batch_size}")
+weight_decay = weight_decay_for(args.weight_decay, args.depth)
 
 if args.device_batch_size == "auto":
     if device.type == "cuda":
@@ -160,7 +193,7 @@ if args.num_iterations > 0:
 elif args.target_flops > 0:
     num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
 elif args.target_param_data_ratio > 0:
-    num_iterations = int(args.target_param_data_ratio * num_params) // args.total_batch_size
+    num_iterations = int(args.target_param_data_ratio * matmul_params) // args.total_batch_size
 else:
     fail("set one of --num-iterations, --target-flops or --target-param-data-ratio")
 if num_iterations < 1:
@@ -168,9 +201,17 @@ if num_iterations < 1:
 total_tokens = num_iterations * args.total_batch_size
 memory = estimate_memory(config, B, T, world_size, compute_dtype(device))
 print0(f"model: {config}")
-print0(f"parameters: {num_params:,}  FLOPs/token: {flops_per_token:.3e}")
+print0(f"parameters: {num_params:,} ({matmul_params:,} in matmuls)  FLOPs/token: {flops_per_token:.3e}")
 print0(f"batch: {B} × {T} × {world_size} ranks × {grad_accum} micro-steps = {args.total_batch_size:,} tokens")
-print0(f"steps: {num_iterations:,}  tokens: {total_tokens:,}  tokens/param: {total_tokens / num_params:.1f}")
+print0(
+    f"steps: {num_iterations:,}  tokens: {total_tokens:,}  "
+    f"tokens/matmul param: {total_tokens / matmul_params:.1f}"
+)
+warmdown_steps = round(args.warmdown_ratio * num_iterations)
+print0(
+    f"schedule: warmup {min(args.warmup_steps, num_iterations - warmdown_steps)} steps, warmdown "
+    f"{warmdown_steps} steps to {args.final_lr_frac}; weight decay {weight_decay:.3g}"
+)
 print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
 print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
 if args.dry_run:
@@ -191,7 +232,7 @@ if args.core_metric_every > 0:  # the CORE bundle now, not mid-run (rank 0 downl
 
 model.to_empty(device=device)
 model.init_weights()
-optimizers = optimizers_for(model, args)
+optimizers = optimizers_for(model, args, lr_scale, weight_decay)
 same = ("total_batch_size", "device_batch_size", "max_seq_len")
 try:
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
@@ -302,7 +343,7 @@ for step in range(start_step, num_iterations + 1):
             loss = model(inputs, targets)
         loss_sum += loss.detach()
         (loss / grad_accum).backward()
-    lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
     apply_schedule(optimizers, lrm, muon_momentum(step))
     for opt in optimizers:
         opt.step()
@@ -361,7 +402,9 @@ get_report().log(
             "FLOPs per token": flops_per_token,
             "iterations": num_iterations,
             "training tokens": total_tokens,
-            "tokens per parameter": total_tokens / num_params,
+            "matmul parameters": matmul_params,
+            "tokens per matmul parameter": total_tokens / matmul_params,
+            "total batch size": args.total_batch_size,
             "world size": world_size,
             "device batch size": B,
             "gradient accumulation": grad_accum,

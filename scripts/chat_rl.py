@@ -303,7 +303,7 @@ if __name__ == "__main__":
                 loss = policy_gradient_loss(logprobs, targets, advantages[rows].to(device), num_tokens)
                 objective += loss.detach().double()
                 (loss * world_size).backward()  # the optimizers average over ranks; the objective is the sum
-        lrm = lr_multiplier(step, num_steps, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)
+        lrm = lr_multiplier(step, num_steps, warmdown_ratio=1.0)
         apply_schedule(optimizers, lrm)
         for opt in optimizers:
             opt.step()

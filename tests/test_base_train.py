@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.optim import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=4"]
@@ -81,19 +80,6 @@ def base(tiny_base_dir, tmp_path) -> Path:
 
 # -----------------------------------------------------------------------------
 # The learning-rate schedule
-
-
-def test_lr_schedule_warms_up_then_decays_down_to_final_frac():
-    n = 100
-    lrm = [
-        lr_multiplier(s, n, warmup_ratio=0.1, warmdown_ratio=0.2, final_lr_frac=0.05) for s in range(n + 1)
-    ]
-    assert lrm[0] == pytest.approx(0.1)  # warmup starts low
-    assert lrm[9] == pytest.approx(1.0) and lrm[50] == 1.0
-    assert all(a >= b for a, b in zip(lrm[80:], lrm[81:], strict=False))  # warmdown only goes down
-    assert lrm[n] == pytest.approx(0.05) and lrm[n - 1] > 0.05  # ends at final_lr_frac
-    assert lr_multiplier(n, n, 0.0, 0.2, 0.0) == 0.0
-    assert lr_multiplier(0, n, 0.0, 0.2, 0.0) == 1.0  # no warmup: full LR from the start
 
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,14 @@
 """Tests of the GPT model: config, architecture invariants, KV-cache protocol, init, FLOPs, memory."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from nanochat.gpt import (
     GPT,
+    CausalSelfAttention,
     GPTConfig,
     apply_rotary,
     config_from_depth,
@@ -15,9 +17,13 @@ from nanochat.gpt import (
     rotary_tables,
     suggest_device_batch_size,
 )
+from nanochat.optim import build_optimizers
 
 # vocab 250 pads to 256, head_dim 16, grouped-query (2 query heads per kv head)
 TINY = GPTConfig(sequence_len=32, vocab_size=250, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+# the same shape with every recipe feature on, as config_from_depth sets them
+RECIPE = dict(rope_base=100000.0, qk_scale=1.2, value_embeds=True, layer_scalars=True)
+FULL = replace(TINY, **RECIPE)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -83,7 +89,8 @@ def test_config_from_depth_sets_width_heads_and_layers():
         assert cfg.head_dim == 128
     cfg = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=16, head_dim=16)
     assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.sequence_len, cfg.vocab_size) == (64, 4, 4, 64, 1000)
-    assert config_from_depth(20, 65536, 2048) == GPTConfig()  # the defaults are the d20 model
+    # the GPTConfig defaults are the first d20 model (old checkpoints load); depth turns the recipe on
+    assert config_from_depth(20, 65536, 2048) == replace(GPTConfig(), **RECIPE)
 
 
 @pytest.mark.parametrize(
@@ -180,11 +187,12 @@ def test_blocks_are_the_identity_at_init():
     torch.testing.assert_close(logits, 15 * torch.tanh(expected / 15))
 
 
-def test_changing_a_future_token_leaves_earlier_logits_unchanged():
-    model = make_model()
-    idx = random_tokens(TINY, 2, 32)
+@pytest.mark.parametrize("config", [TINY, FULL])
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(config):
+    model = make_model(config)
+    idx = random_tokens(config, 2, 32)
     changed = idx.clone()
-    changed[:, 20] = (changed[:, 20] + 1) % TINY.vocab_size
+    changed[:, 20] = (changed[:, 20] + 1) % config.vocab_size
     a, b = model(idx), model(changed)
     torch.testing.assert_close(a[:, :20], b[:, :20], atol=1e-6, rtol=0)
     assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3
@@ -206,7 +214,7 @@ def test_gqa_equals_attention_with_explicitly_repeated_kv_heads():
 
 def test_rotary_preserves_norms_and_makes_scores_depend_on_relative_position():
     D = 16
-    cos, sin = rotary_tables(64, D)
+    cos, sin = rotary_tables(64, D, 10000.0)
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 1, 1, D, generator=gen), torch.randn(1, 1, 1, D, generator=gen)
 
@@ -229,14 +237,15 @@ def test_autocast_bf16_forward_still_returns_fp32_logits_and_loss():
     assert model.lm_head.weight.dtype == model.transformer.wte.weight.dtype == torch.float32
 
 
-def test_training_step_compiles_in_one_graph_and_matches_eager():
+@pytest.mark.parametrize("config", [TINY, FULL])
+def test_training_step_compiles_in_one_graph_and_matches_eager(config):
     """torch.compile (inductor, here on CPU) over the training forward and backward: no graph break
     (fullgraph), no recompile on the next step, and the loss and gradients of eager mode. Catches
     code that would slow or break the compiled GPU path before a GPU ever runs it."""
     import torch._dynamo
 
-    model = make_model()
-    idx, targets = random_tokens(TINY, 2, 32, seed=1), random_tokens(TINY, 2, 32, seed=2)
+    model = make_model(config)
+    idx, targets = random_tokens(config, 2, 32, seed=1), random_tokens(config, 2, 32, seed=2)
     eager_loss = model(idx, targets)
     eager_loss.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]
@@ -249,7 +258,7 @@ def test_training_step_compiles_in_one_graph_and_matches_eager():
     for p, g in zip(model.parameters(), eager_grads, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-6)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        compiled(random_tokens(TINY, 2, 32, seed=3), targets).backward()  # the next step reuses the graph
+        compiled(random_tokens(config, 2, 32, seed=3), targets).backward()  # the next step reuses the graph
     torch._dynamo.reset()
 
 
@@ -274,14 +283,15 @@ def test_model_overfits_a_tiny_fixed_batch():
 # KV cache
 
 
-def test_kv_cache_greedy_logits_match_full_forward():
-    model = make_model()
-    idx = random_tokens(TINY, 2, 24)
+@pytest.mark.parametrize("config", [TINY, FULL])
+def test_kv_cache_greedy_logits_match_full_forward(config):
+    model = make_model(config)
+    idx = random_tokens(config, 2, 24)
     with torch.no_grad():
         full = model(idx)
 
         # prefill 10 tokens, then one token at a time
-        cache = ReferenceKVCache(TINY.n_layer)
+        cache = ReferenceKVCache(config.n_layer)
         torch.testing.assert_close(model(idx[:, :10], kv_cache=cache), full[:, :10], atol=1e-5, rtol=1e-5)
         for t in range(10, 24):
             step = model(idx[:, t : t + 1], kv_cache=cache)
@@ -289,21 +299,22 @@ def test_kv_cache_greedy_logits_match_full_forward():
         assert cache.get_pos() == 24
 
         # prefill in two chunks (the second needs the offset causal mask)
-        cache = ReferenceKVCache(TINY.n_layer)
+        cache = ReferenceKVCache(config.n_layer)
         first, second = model(idx[:, :7], kv_cache=cache), model(idx[:, 7:], kv_cache=cache)
         torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def test_kv_cache_greedy_generation_equals_full_recompute():
+@pytest.mark.parametrize("config", [TINY, FULL])
+def test_kv_cache_greedy_generation_equals_full_recompute(config):
     model = make_model(seed=3)
-    prompt = random_tokens(TINY, 1, 6)
+    prompt = random_tokens(config, 1, 6)
     with torch.no_grad():
         recomputed = prompt
         for _ in range(20):
             next_token = model(recomputed)[:, -1].argmax(-1, keepdim=True)
             recomputed = torch.cat([recomputed, next_token], dim=1)
 
-        cache = ReferenceKVCache(TINY.n_layer)
+        cache = ReferenceKVCache(config.n_layer)
         cached, logits = prompt, model(prompt, kv_cache=cache)
         for _ in range(20):
             next_token = logits[:, -1].argmax(-1, keepdim=True)
@@ -312,27 +323,29 @@ def test_kv_cache_greedy_generation_equals_full_recompute():
     assert torch.equal(cached, recomputed)
 
 
-def test_inference_runs_past_the_training_length_up_to_the_rotary_table():
-    model = make_model()
-    assert model.cos.shape == (1, 10 * TINY.sequence_len, 1, TINY.head_dim // 2)
-    assert model(random_tokens(TINY, 1, 3 * TINY.sequence_len)).shape == (1, 96, 250)
+@pytest.mark.parametrize("config", [TINY, FULL])
+def test_inference_runs_past_the_training_length_up_to_the_rotary_table(config):
+    model = make_model(config)
+    assert model.cos.shape == (1, 10 * config.sequence_len, 1, config.head_dim // 2)
+    assert model(random_tokens(config, 1, 3 * config.sequence_len)).shape == (1, 96, 250)
 
     class LateCache(ReferenceKVCache):
         def get_pos(self) -> int:
-            return 10 * TINY.sequence_len - 2
+            return 10 * config.sequence_len - 2
 
     with pytest.raises(AssertionError, match="rotary table"):
-        model(random_tokens(TINY, 1, 3), kv_cache=LateCache(TINY.n_layer))
+        model(random_tokens(config, 1, 3), kv_cache=LateCache(config.n_layer))
 
 
 # -----------------------------------------------------------------------------
 # Init, parameter groups, FLOPs
 
 
-def test_meta_init_initializes_every_parameter_and_buffer():
+@pytest.mark.parametrize("config", [TINY, FULL])
+def test_meta_init_initializes_every_parameter_and_buffer(config):
     def build(seed: int) -> GPT:
         with torch.device("meta"):
-            model = GPT(TINY)
+            model = GPT(config)
         assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
         model.to_empty(device="cpu")
         with torch.no_grad():
@@ -351,35 +364,84 @@ def test_meta_init_initializes_every_parameter_and_buffer():
         assert torch.equal(t, tensors_b[name]), f"{name} differs between two inits with the same seed"
     # building directly on a real device is the same as the meta route
     torch.manual_seed(0)
-    direct = GPT(TINY)
+    direct = GPT(config)
     for name, t in (dict(direct.named_parameters()) | dict(direct.named_buffers())).items():
         assert torch.equal(t, tensors_a[name]), name
     assert not torch.equal(build(1).lm_head.weight, a.lm_head.weight)
 
 
 def test_init_follows_the_recipe():
-    config = GPTConfig(sequence_len=32, vocab_size=1000, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
+    config = GPTConfig(
+        sequence_len=32, vocab_size=1000, n_layer=2, n_head=2, n_kv_head=2, n_embd=128, **RECIPE
+    )
     model = make_model(config, mix=False)
     bound = math.sqrt(3) / math.sqrt(128)
-    assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.02)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.8, rel=0.02)
     assert model.lm_head.weight.std().item() == pytest.approx(1e-3, rel=0.02)
     for block in model.transformer.h:
-        for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.c_fc.weight):
+        for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight):
             assert w.abs().max().item() <= bound
             assert w.std().item() == pytest.approx(1 / math.sqrt(128), rel=0.05)
+        assert block.mlp.c_fc.weight.abs().max().item() <= 0.4 * bound
+        assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.4 / math.sqrt(128), rel=0.05)
         assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
+    # value embeddings on layer 1 only (every other layer, ending with the last), zero table and gate
+    assert list(model.value_embeds) == ["1"] and model.transformer.h[0].attn.ve_gate is None
+    assert torch.all(model.value_embeds["1"].weight == 0) and torch.all(
+        model.transformer.h[1].attn.ve_gate.weight == 0
+    )
+    assert torch.all(model.resid_lambdas == 1) and torch.all(model.x0_lambdas == 0)
 
 
-def test_param_groups_partition_every_parameter_exactly_once():
-    model = make_model()
+def test_value_embeddings_and_layer_scalars_change_nothing_at_init():
+    """A recipe model at init computes exactly what the same weights compute without them."""
+    full = make_model(FULL)
+    plain = GPT(replace(FULL, value_embeds=False, layer_scalars=False)).eval()
+    missing, unexpected = plain.load_state_dict(full.state_dict(), strict=False)
+    assert not missing and set(unexpected) == {"value_embeds.1.weight", "resid_lambdas", "x0_lambdas",
+                                                "transformer.h.1.attn.ve_gate.weight"}  # fmt: skip
+    idx = random_tokens(FULL, 2, 32)
+    torch.testing.assert_close(full(idx), plain(idx), atol=0, rtol=0)
+    with torch.no_grad():  # ...and each of them does something once trained away from its init
+        full.x0_lambdas.fill_(0.5)
+        assert (full(idx) - plain(idx)).abs().max() > 1e-3
+        full.x0_lambdas.zero_()
+        full.value_embeds["1"].weight.normal_()
+        assert (full(idx) - plain(idx)).abs().max() > 1e-3
+
+
+def test_value_embedding_is_added_to_the_values_through_a_gate_of_one_at_init():
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(FULL, layer_idx=1).to_empty(device="cpu")
+    for linear in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj):
+        torch.nn.init.normal_(linear.weight, std=0.2)
+    torch.nn.init.zeros_(attn.ve_gate.weight)
+    x, ve = torch.randn(2, 8, FULL.n_embd), torch.randn(2, 8, FULL.n_kv_head * FULL.head_dim)
+    cos, sin = rotary_tables(8, FULL.head_dim, FULL.rope_base)
+    with_ve, without = attn(x, ve, cos, sin), attn(x, None, cos, sin)
+    torch.nn.init.zeros_(attn.c_v.weight)  # attention is linear in v: what the value embedding alone adds
+    ve_alone = attn(x, ve, cos, sin)
+    torch.testing.assert_close(with_ve, without + ve_alone, atol=1e-5, rtol=1e-5)
+    torch.nn.init.normal_(attn.ve_gate.weight)  # a trained gate scales each head's share
+    assert (attn(x, ve, cos, sin) - ve_alone).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("config", [TINY, FULL])
+def test_param_groups_partition_every_parameter_exactly_once(config):
+    model = make_model(config)
     groups = model.param_groups()
-    assert set(groups) == {"matrix", "embedding", "lm_head"}
+    assert set(groups) == {"matrix", "embedding", "lm_head", "resid_scalars", "x0_scalars"}
     grouped = [p for ps in groups.values() for p in ps]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
-    assert groups["embedding"] == [model.transformer.wte.weight]
+    assert groups["embedding"] == [
+        model.transformer.wte.weight,
+        *(t.weight for t in model.value_embeds.values()),
+    ]
     assert groups["lm_head"] == [model.lm_head.weight]
-    assert len(groups["matrix"]) == 6 * TINY.n_layer and all(p.dim() == 2 for p in groups["matrix"])
+    gates = len(config.value_embed_layers)
+    assert len(groups["matrix"]) == 6 * config.n_layer + gates and all(p.dim() == 2 for p in groups["matrix"])
+    assert all(p.dim() == 1 for p in groups["resid_scalars"] + groups["x0_scalars"])
 
 
 def test_num_params_and_estimate_flops_hand_checked():
@@ -391,44 +453,51 @@ def test_num_params_and_estimate_flops_hand_checked():
     assert model.num_params() == embedding + lm_head + 2 * per_layer == 122_880
     attention = 12 * 2 * 4 * 16 * 32  # 12 * n_layer * n_head * head_dim * T = 49152
     assert model.estimate_flops() == 6 * (lm_head + 2 * per_layer) + attention == 638_976 + 49_152
+    # the recipe adds a value-embedding table (256 x 32) and a gate (2 x 32) on layer 1, and 2 x 2
+    # scalars; only the gate is a matmul
+    full = make_model(FULL, mix=False)
+    assert full.num_params() == 122_880 + 256 * 32 + 2 * 32 + 4
+    assert full.num_matmul_params() == lm_head + 2 * per_layer + 2 * 32
+    assert full.estimate_flops() == 6 * full.num_matmul_params() + attention
 
 
 # -----------------------------------------------------------------------------
 # Memory estimate
 
 
-def test_memory_estimate_params_grads_and_optimizer_are_exact_on_cpu():
-    model = make_model()
-    est = estimate_memory(TINY, device_batch_size=2, sequence_len=32, compute_dtype=torch.float32)
-    assert est["params"] == sum(p.numel() * 4 for p in model.parameters()) == 4 * 122_880
-    model(random_tokens(TINY, 2, 32), random_tokens(TINY, 2, 32, seed=2)).backward()
+@pytest.mark.parametrize("config", [TINY, FULL])
+def test_memory_estimate_params_grads_and_optimizer_are_exact_on_cpu(config):
+    model = make_model(config)
+    est = estimate_memory(config, device_batch_size=2, sequence_len=32, compute_dtype=torch.float32)
+    assert est["params"] == sum(p.numel() * 4 for p in model.parameters())
+    model(random_tokens(config, 2, 32), random_tokens(config, 2, 32, seed=2)).backward()
     assert est["grads"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
-
-    # real optimizer state: AdamW moments for embedding + lm_head, one momentum per matrix (SGD stands
-    # in for Muon's momentum buffer)
-    groups = model.param_groups()
-    adamw = torch.optim.AdamW(groups["embedding"] + groups["lm_head"])
-    momentum = torch.optim.SGD(groups["matrix"], lr=0.1, momentum=0.9)
-    adamw.step()
-    momentum.step()
-    state_bytes = sum(s[k].numel() * 4 for s in adamw.state.values() for k in ("exp_avg", "exp_avg_sq"))
-    state_bytes += sum(s["momentum_buffer"].numel() * 4 for s in momentum.state.values())
-    assert all(s["exp_avg"].dtype == torch.float32 for s in adamw.state.values())
-    assert est["optimizer"] == state_bytes == 2 * 4 * (2 * 256 * 64) + 4 * 2 * 45056
+    optimizers = build_optimizers(model.param_groups(), config.n_embd)
+    for opt in optimizers:
+        opt.step()
+    state = [t for opt in optimizers for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert est["optimizer"] == sum(t.numel() * t.element_size() for t in state if t.ndim > 0)
     assert est["total"] == est["params"] + est["grads"] + est["optimizer"] + est["activations"]
 
+
+def test_memory_estimate_of_rank_zero_follows_the_sharding_rules():
+    single = estimate_memory(TINY, 2, 32, compute_dtype=torch.float32)
+    # AdamW moments of embedding + lm_head; Muon momentum + a NorMuon row statistic per matrix (the
+    # larger side): per layer q (64,64), k, v (32,64), proj (64,64), fc (256,64), proj (64,256)
+    assert single["optimizer"] == 2 * 4 * (2 * 256 * 64) + 4 * 2 * (45056 + 4 * 64 + 2 * 256)
     # rank 0 of 4: AdamW keeps 64 of the 256 vocab rows; Muon owns one matrix of each shape bucket
-    # ((64,64): q, proj x 2 layers; (32,64): k, v x 2; (256,64): fc x 2; (64,256): proj x 2)
     four = estimate_memory(TINY, 2, 32, world_size=4, compute_dtype=torch.float32)
-    assert four["optimizer"] == 2 * 4 * 2 * 64 * 64 + 4 * (64 * 64 + 32 * 64 + 256 * 64 + 64 * 256)
-    assert four["params"] == est["params"] and four["grads"] == est["grads"]
+    muon = 64 * 64 + 32 * 64 + 256 * 64 + 64 * 256 + (64 + 64 + 256 + 256)
+    assert four["optimizer"] == 2 * 4 * 2 * 64 * 64 + 4 * muon
+    assert four["params"] == single["params"] and four["grads"] == single["grads"]
     # rank 0 of 3: 256 rows do not split in 3, so AdamW state stays whole; Muon: ceil(4/3) = 2 of the
     # (64,64) and (32,64) matrices, 1 of each MLP shape
     three = estimate_memory(TINY, 2, 32, world_size=3, compute_dtype=torch.float32)
-    assert three["optimizer"] == 2 * 4 * 2 * 256 * 64 + 4 * (2 * 64 * 64 + 2 * 32 * 64 + 2 * 256 * 64)
+    muon = 2 * 64 * 64 + 2 * 32 * 64 + 2 * 256 * 64 + (4 * 64 + 2 * 256)
+    assert three["optimizer"] == 2 * 4 * 2 * 256 * 64 + 4 * muon
 
 
-@pytest.mark.parametrize("config", [TINY, GPTConfig(**{**TINY.__dict__, "n_kv_head": 4})])
+@pytest.mark.parametrize("config", [TINY, replace(TINY, n_kv_head=4), FULL])
 def test_fp32_activation_estimate_equals_what_autograd_saves(config):
     model = make_model(config)
     B, T = 3, 32

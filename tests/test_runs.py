@@ -19,7 +19,7 @@ SPEEDRUN_ORDER = [
     "uv sync",
     "nanochat.report reset",
     "nanochat.dataset -n 8",
-    "nanochat.dataset -n 240 &",
+    "nanochat.dataset -n 180 &",
     "python -c get_eval_bundle",
     "python -c tasks",
     "scripts.tok_train",
@@ -99,9 +99,9 @@ def test_speedrun_dry_run_prints_every_stage_in_spec_order_and_runs_nothing(tmp_
     # nothing was run: the finished-stage queries at most made the (empty) base dir
     assert not list((tmp_path / "base").rglob("*"))
     by_stage = {stage_name(c): c for c in commands}
-    assert "--depth=20" in by_stage["scripts.base_train"].split()
+    assert {"--depth=24", "--device-batch-size=auto"} <= set(by_stage["scripts.base_train"].split())
     assert "--run=myrun" in by_stage["scripts.base_train"].split()
-    assert "--vocab-size 65536" in by_stage["scripts.tok_train"]
+    assert "--vocab-size" not in by_stage["scripts.tok_train"]  # the default, 32,768
     assert by_stage["scripts.chat_eval -i rl"].endswith("-a GSM8K")
     for stage in ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft", "scripts.chat_rl"]:
         assert by_stage[stage].startswith("torchrun --standalone --nproc_per_node=8 -m ")
@@ -113,7 +113,7 @@ def test_speedrun_smoke_runs_every_stage_briefly_in_its_own_base_dir(tmp_path):
     assert f"artifacts: {tmp_path / 'base'}-smoke" in stdout  # never the real run's artifacts
     assert commands[0] == f"rm -rf {tmp_path / 'base'}-smoke"  # a smoke run starts from nothing
     stages = [stage_name(c) for c in commands[1:]]
-    expected = [s for s in SPEEDRUN_ORDER if s != "nanochat.dataset -n 240 &"]  # RL included
+    expected = [s for s in SPEEDRUN_ORDER if s != "nanochat.dataset -n 180 &"]  # RL included
     assert stages == [s.replace("dataset -n 8", "dataset -n 2") for s in expected]
     by_stage = {stage_name(c): c.split() for c in commands[1:]}
     assert "--depth=4" in by_stage["scripts.base_train"]
@@ -136,10 +136,10 @@ def test_speedrun_rerun_skips_finished_stages_and_resumes_training(tmp_path):
         Report(base / "report").log(section, [{"x": 1}])
     # a stage killed between its section's markdown and its data did not finish
     (base / "report" / "base-model-loss.md").write_text("## Base model loss\n")
-    (base / "mid_checkpoints" / "d20").mkdir(parents=True)
-    (base / "mid_checkpoints" / "d20" / "meta_000150.json").write_text("{}")
-    (base / "chatsft_checkpoints" / "d20").mkdir(parents=True)  # stopped before its first checkpoint
-    (base / "chatsft_checkpoints" / "d20" / "log.jsonl").write_text('{"step": 0}\n')
+    (base / "mid_checkpoints" / "d24").mkdir(parents=True)
+    (base / "mid_checkpoints" / "d24" / "meta_000150.json").write_text("{}")
+    (base / "chatsft_checkpoints" / "d24").mkdir(parents=True)  # stopped before its first checkpoint
+    (base / "chatsft_checkpoints" / "d24" / "log.jsonl").write_text('{"step": 0}\n')
     commands, stdout = dry_run("speedrun.sh", tmp_path)
     stages = [stage_name(c) for c in commands if not c.startswith("sh -c")]
     for done in ["nanochat.report reset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train"]:
