@@ -44,8 +44,6 @@ NS = [(3.4445, -4.7750, 2.0315)]  # v1's fixed Newton–Schulz coefficients
 RECIPES = {
     "v1": "the October 2025 recipe, from git revision --v1-rev",
     "new": "every change of the current defaults",
-    "no-value-embeds": "new, without value embeddings",
-    "no-layer-scalars": "new, without the residual / x0 scalars",
     "rope-10k": "new, rotary base 10,000 instead of 100,000",
     "qk-scale-1": "new, no ×1.2 on q and k after QK-norm",
     "newton-schulz": "new, Muon with v1's fixed quintic coefficients instead of Polar Express",
@@ -55,8 +53,8 @@ RECIPES = {
     "decay-unscaled": "new, weight decay 0.2 without the (12/depth)² scaling",
     "v1-schedule": "new, v1's schedule: no warmup, warmdown 0.2 to 0",
     "warmdown-0.65": "new, warmdown 0.65 of training",
-    "v1-lrs": "new, v1's AdamW LRs (embedding 0.2, head 0.004)",
-    "v1-init": "new, v1's init (embedding std 1, MLP input ×1)",
+    "decay-x2": "new, twice the weight decay",
+    "final-lr-0": "new, the warmdown ends at LR 0",
 }
 
 
@@ -101,7 +99,6 @@ def worker(name: str, seed: int, steps: int) -> dict:
 
     tokenizer = get_tokenizer()
     config = gpt.config_from_depth(DEPTH, tokenizer.get_vocab_size(), SEQ, WIDTH // DEPTH, HEAD_DIM)
-    lrs = {}
     gpu_steps = steps / 5000  # GPU step counts (the warmups) are scaled by this
     schedule = dict(warmup=round(40 * gpu_steps), warmdown=0.5, final=0.05)
     weight_decay = 0.0
@@ -111,10 +108,6 @@ def worker(name: str, seed: int, steps: int) -> dict:
         weight_decay = optim.weight_decay_for(0.2, DEPTH)
         for change in name.split("+"):  # "a+b": both changes, in order
             match change:
-                case "no-value-embeds":
-                    config = replace(config, value_embeds=False)
-                case "no-layer-scalars":
-                    config = replace(config, layer_scalars=False)
                 case "rope-10k":
                     config = replace(config, rope_base=10000.0)
                 case "qk-scale-1":
@@ -133,10 +126,10 @@ def worker(name: str, seed: int, steps: int) -> dict:
                     schedule = dict(warmup=0, warmdown=0.2, final=0.0)
                 case "warmdown-0.65":
                     schedule["warmdown"] = 0.65
-                case "v1-lrs":
-                    lrs = dict(embedding_lr=0.2, unembedding_lr=0.004)
-                case "v1-init":
-                    gpt.EMBEDDING_INIT_STD, gpt.MLP_INIT_SCALE = 1.0, 1.0
+                case "decay-x2":
+                    weight_decay *= 2
+                case "final-lr-0":
+                    schedule["final"] = 0.0
                 case "new":
                     pass
                 case _:
@@ -144,7 +137,7 @@ def worker(name: str, seed: int, steps: int) -> dict:
 
     torch.manual_seed(seed)
     model = gpt.GPT(config)
-    optimizers = optim.build_optimizers(model.param_groups(), config.n_embd, weight_decay=weight_decay, **lrs)
+    optimizers = optim.build_optimizers(model.param_groups(), config.n_embd, weight_decay=weight_decay)
     loader = iter(DataLoader(tokenizer, DEVICE_BATCH, SEQ, "train"))
     momentum_warmup = max(1, round(300 * gpu_steps))
     t0 = time.perf_counter()

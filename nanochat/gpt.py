@@ -6,13 +6,10 @@ Design choices:
 - Grouped-query attention through PyTorch SDPA; MLP 4x wide with ReLU²; no biases.
 - Untied head; vocab padded to a multiple of 64; fp32 logits softcapped at 15.
 - Zero-init output projections: every block starts as the identity.
-- Recipe features (bench/recipe.py measures each one), all off in the GPTConfig defaults so
-  that checkpoints of the first architecture load unchanged, all on in `config_from_depth`:
-  rotary base 100,000; q and k scaled by 1.2 after QK-norm; value embeddings (a second token
-  table added to the attention values of every other layer, ending with the last, through a
-  per-head gate 2·sigmoid(W·x[:32]) that is 1 at init; the tables start at zero); and per-layer
-  scalars mixing the embedding x0 back into the residual stream, x = λ_r·x + λ_0·x0 before
-  each block (λ_r = 1, λ_0 = 0 at init). Every one of them is the identity at init.
+- Rotary base 100,000 and q, k scaled by 1.2 after QK-norm (bench/recipe.py: each helps) are
+  set by `config_from_depth`; the GPTConfig defaults (10,000 and 1) are the first architecture,
+  so its checkpoints load unchanged. Value embeddings, per-layer residual scalars and a smaller
+  init were measured too and rejected (see bench/recipe.py).
 - Built on the meta device, then `init_weights` fills every parameter and buffer.
 - Parameters stay fp32 (precision policy: `common.autocast`); logits are always fp32.
 - KV cache: `cache.get_pos()` (an int, or a (B,) tensor of per-row positions) and
@@ -34,9 +31,6 @@ LOGIT_SOFTCAP = 15.0
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover this many times the training sequence length
 VOCAB_MULTIPLE = 64
 NORM_EPS = 1e-6
-EMBEDDING_INIT_STD = 0.8
-MLP_INIT_SCALE = 0.4  # c_fc starts at this fraction of the other input matrices' scale
-VE_GATE_CHANNELS = 32  # the value-embedding gate reads this many leading channels of the block input
 
 
 @dataclass
@@ -49,9 +43,7 @@ class GPTConfig:
     n_kv_head: int = 10
     n_embd: int = 1280
     rope_base: float = 10000.0
-    qk_scale: float = 1.0
-    value_embeds: bool = False
-    layer_scalars: bool = False
+    qk_scale: float = 1.0  # q and k are multiplied by this after QK-norm
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -73,12 +65,6 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
-    @property
-    def value_embed_layers(self) -> list[int]:
-        """Layers with a value embedding: every other one, ending with the last."""
-        last = self.n_layer - 1
-        return [i for i in range(self.n_layer) if self.value_embeds and i % 2 == last % 2]
-
 
 def config_from_depth(
     depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64, head_dim: int = 128
@@ -95,9 +81,8 @@ def config_from_depth(
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim  # round up to a multiple of head_dim
     n_head = n_embd // head_dim
     return GPTConfig(
-        sequence_len, vocab_size, depth, n_head, n_head, n_embd,
-        rope_base=100000.0, qk_scale=1.2, value_embeds=True, layer_scalars=True,
-    )  # fmt: skip
+        sequence_len, vocab_size, depth, n_head, n_head, n_embd, rope_base=100000.0, qk_scale=1.2
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -135,20 +120,14 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # scaling q and k by s after QK-norm is scaling the softmax by s², which SDPA does for free
         self.softmax_scale = config.qk_scale**2 / math.sqrt(config.head_dim)
-        self.ve_gate = None
-        if layer_idx in config.value_embed_layers:
-            self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), config.n_kv_head, bias=False)
 
     def forward(
-        self, x: torch.Tensor, ve, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
     ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
-        if ve is not None:  # value embedding (B, T, Hkv·D), let in per head by a gate that starts at 1
-            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
-            v = v + gate[..., None] * ve.view_as(v).to(v.dtype)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # rotate, then QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         if kv_cache is not None:
@@ -195,9 +174,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, ve, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
     ) -> torch.Tensor:
-        x = x + self.attn(norm(x), ve, cos, sin, kv_cache, positions)
+        x = x + self.attn(norm(x), cos, sin, kv_cache, positions)
         return x + self.mlp(norm(x))
 
 
@@ -210,7 +189,6 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         target = torch.get_default_device()
-        kv_dim = config.n_kv_head * config.head_dim
         with torch.device("meta"):  # build shapes only; init_weights fills them on the real device
             self.transformer = nn.ModuleDict(
                 {
@@ -218,12 +196,6 @@ class GPT(nn.Module):
                     "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 }
             )
-            self.value_embeds = nn.ModuleDict(
-                {str(i): nn.Embedding(config.padded_vocab_size, kv_dim) for i in config.value_embed_layers}
-            )
-            if config.layer_scalars:
-                self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
-                self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
             rotary_len = ROTARY_LENGTH_FACTOR * config.sequence_len
             cos, sin = rotary_tables(rotary_len, config.head_dim, config.rope_base)
@@ -238,22 +210,14 @@ class GPT(nn.Module):
         """(Re)initializes every parameter and buffer in place, drawing from torch's RNG."""
         n_embd = self.config.n_embd
         bound = math.sqrt(3.0) / math.sqrt(n_embd)  # uniform(-b, b) has std 1/sqrt(n_embd)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=EMBEDDING_INIT_STD)
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(linear.weight, -bound, bound)
-            nn.init.uniform_(block.mlp.c_fc.weight, -MLP_INIT_SCALE * bound, MLP_INIT_SCALE * bound)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            if block.attn.ve_gate is not None:
-                nn.init.zeros_(block.attn.ve_gate.weight)  # gate 2·sigmoid(0) = 1
-        for table in self.value_embeds.values():
-            nn.init.zeros_(table.weight)
-        if self.config.layer_scalars:
-            nn.init.ones_(self.resid_lambdas)
-            nn.init.zeros_(self.x0_lambdas)
         cos, sin = rotary_tables(
             self.cos.size(1), self.config.head_dim, self.config.rope_base, self.cos.device
         )
@@ -261,21 +225,13 @@ class GPT(nn.Module):
         self.sin.copy_(sin)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer role: "matrix" (block weights, for Muon), "embedding" (the token and
-        value-embedding tables), "lm_head", "resid_scalars", "x0_scalars"."""
+        """Parameters by optimizer role: "matrix" (block weights), "embedding", "lm_head"."""
         names = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
         matrix = [block.get_submodule(name).weight for block in self.transformer.h for name in names]
-        matrix += [
-            block.attn.ve_gate.weight for block in self.transformer.h if block.attn.ve_gate is not None
-        ]
-        embedding = [self.transformer.wte.weight, *(t.weight for t in self.value_embeds.values())]
-        scalars = self.config.layer_scalars
         return {
             "matrix": matrix,
-            "embedding": embedding,
+            "embedding": [self.transformer.wte.weight],
             "lm_head": [self.lm_head.weight],
-            "resid_scalars": [self.resid_lambdas] if scalars else [],
-            "x0_scalars": [self.x0_lambdas] if scalars else [],
         }
 
     def num_params(self) -> int:
@@ -283,9 +239,8 @@ class GPT(nn.Module):
 
     def num_matmul_params(self) -> int:
         """Weights every token is multiplied by (block matrices and lm_head): what FLOPs and the
-        training horizon count. Embedding lookups and per-layer scalars cost no matmuls."""
-        groups = self.param_groups()
-        return sum(p.numel() for p in groups["matrix"] + groups["lm_head"])
+        training horizon count. The embedding lookup costs no matmul."""
+        return self.num_params() - self.transformer.wte.weight.numel()
 
     def estimate_flops(self) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus the attention matmuls."""
@@ -311,12 +266,9 @@ class GPT(nn.Module):
             assert pos + T <= self.cos.size(1), f"positions up to {pos + T} exceed the rotary table"
             cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]  # (1, T, 1, D/2)
 
-        x = x0 = norm(self.transformer.wte(idx))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            if self.config.layer_scalars:
-                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, Hkv·D)
-            x = block(x, ve, cos, sin, kv_cache, positions)
+        x = norm(self.transformer.wte(idx))  # (B, T, C)
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache, positions)
         x = norm(x)
 
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V), padding sliced off
@@ -356,11 +308,6 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
         + c * N * 4 * C  # relu output (shared by relu and square backward)
         + c * N * 4 * C  # c_proj input
     )
-    # value embeddings: the table rows and the gate (sigmoid output and 2·sigmoid), as the gating
-    # multiply saves them; under autocast also the gate's cast input channels
-    gate_in = min(VE_GATE_CHANNELS, C) if autocast else 0
-    value_embed = c * N * (kv_dim + 2 * Hkv + gate_in) * len(config.value_embed_layers)
-    scalars = f32 * N * C * config.n_layer if config.layer_scalars else 0  # λ_r·x saves each block's input
     ends = f32 * N * (C + 1) * 2 + c * N * C  # embedding and final-norm inputs + rstd; lm_head input
     logits = 2 * f32 * N * V  # tanh output and log-softmax output (fp32)
     logits_backward = 2 * f32 * N * V  # log-softmax backward: incoming grad + its result, both alive
@@ -369,8 +316,7 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
         with torch.device("meta"):
             weight_copies = c * GPT(config).num_matmul_params()
     # rotary slices (O(T * head_dim)) are left out; torch.compile usually saves less than this
-    layers = config.n_layer * (attention + mlp) + value_embed + scalars
-    return layers + ends + logits + logits_backward + weight_copies
+    return config.n_layer * (attention + mlp) + ends + logits + logits_backward + weight_copies
 
 
 def estimate_memory(

@@ -12,7 +12,6 @@ Optimizers: Muon for the 2-D block matrices, AdamW for the embedding and the lm_
   weight decay: only coordinates whose update already pulls them toward zero are decayed, by
   lr·wd (so the decay follows the LR schedule). Sharded per matrix: matrices of a shape are cut
   into chunks of world_size, slot r of a chunk belongs to rank r.
-- AdamW takes per-group betas and weight decay (`build_optimizers` sets them per role).
 - Collectives are asynchronous: every reduction is launched first, then awaited and applied in
   turn. Backends without reduce-scatter (older gloo) emulate it with an all-reduce.
 - `state_dict()` is this rank's shard only and records the layout; another layout is refused.
@@ -421,17 +420,11 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
 def add_optimizer_flags(parser, init_lr_frac: float | None = None, weight_decay: float = 0.0) -> None:
     """The LR and weight-decay flags of every training script (and --init-lr-frac when it has a default)."""
     g = parser.add_argument_group("optimization")
-    g.add_argument(
-        "--embedding-lr", type=float, default=0.3, help="AdamW LR of the token and value embeddings"
-    )
-    g.add_argument("--unembedding-lr", type=float, default=0.008, help="AdamW LR of the lm_head")
+    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
+    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
     g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
-    g.add_argument("--scalar-lr", type=float, default=0.5, help="AdamW LR of the x0 scalars (residual: 1%%)")
     g.add_argument(
-        "--weight-decay",
-        type=float,
-        default=weight_decay,
-        help="cautious decoupled decay of the matrices",
+        "--weight-decay", type=float, default=weight_decay, help="cautious decoupled decay of the matrices"
     )
     if init_lr_frac is not None:
         g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="all LRs are scaled by this")
@@ -453,26 +446,21 @@ def apply_schedule(optimizers: list, lrm: float, momentum: float | None = None) 
 def build_optimizers(
     model_param_groups: dict[str, list[Tensor]],
     n_embd: int,
-    embedding_lr: float = 0.3,
-    unembedding_lr: float = 0.008,
+    embedding_lr: float = 0.2,
+    unembedding_lr: float = 0.004,
     matrix_lr: float = 0.02,
-    scalar_lr: float = 0.5,
     weight_decay: float = 0.0,
 ) -> list[torch.optim.Optimizer]:
-    """[AdamW(embeddings, lm_head, scalars), Muon(matrices)] for a model's `param_groups()`.
+    """[AdamW(embedding, lm_head), Muon(matrices)] for a model's `param_groups()`.
 
-    The embedding and lm_head learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width
-    768). The residual scalars move at 1% of `scalar_lr`: each one scales a whole layer's input.
-    `weight_decay` applies to the Muon matrices only.
+    The AdamW learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width 768).
+    `weight_decay` applies to the Muon matrices only; embedding and lm_head are not decayed.
     """
     scale = (n_embd / 768) ** -0.5
     adam_groups = [
-        dict(params=model_param_groups["embedding"], lr=embedding_lr * scale),
-        dict(params=model_param_groups["lm_head"], lr=unembedding_lr * scale),
-        dict(params=model_param_groups.get("resid_scalars", []), lr=scalar_lr * 0.01),
-        dict(params=model_param_groups.get("x0_scalars", []), lr=scalar_lr, betas=(0.96, 0.95)),
+        dict(params=list(model_param_groups["embedding"]), lr=embedding_lr * scale),
+        dict(params=list(model_param_groups["lm_head"]), lr=unembedding_lr * scale),
     ]
-    adam_groups = [dict(g, params=list(g["params"])) for g in adam_groups if g["params"]]
     adamw = AdamW(adam_groups, lr=embedding_lr * scale, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
     muon = Muon(list(model_param_groups["matrix"]), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
     return [adamw, muon]
@@ -484,7 +472,7 @@ def optimizers_for(
     """`build_optimizers` for a GPT from the flags of `add_optimizer_flags`: every LR × --init-lr-frac
     × `lr_scale`; `weight_decay` overrides --weight-decay (base_train passes the depth-scaled one)."""
     scale = getattr(args, "init_lr_frac", 1.0) * lr_scale
-    lrs = {k: getattr(args, k) * scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr")}
+    lrs = {k: getattr(args, k) * scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
     wd = args.weight_decay if weight_decay is None else weight_decay
     return build_optimizers(model.param_groups(), model.config.n_embd, weight_decay=wd, **lrs)
 

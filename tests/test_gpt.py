@@ -8,7 +8,6 @@ import torch
 
 from nanochat.gpt import (
     GPT,
-    CausalSelfAttention,
     GPTConfig,
     apply_rotary,
     config_from_depth,
@@ -21,8 +20,8 @@ from nanochat.optim import build_optimizers
 
 # vocab 250 pads to 256, head_dim 16, grouped-query (2 query heads per kv head)
 TINY = GPTConfig(sequence_len=32, vocab_size=250, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
-# the same shape with every recipe feature on, as config_from_depth sets them
-RECIPE = dict(rope_base=100000.0, qk_scale=1.2, value_embeds=True, layer_scalars=True)
+# the same shape with the recipe's attention settings, as config_from_depth sets them
+RECIPE = dict(rope_base=100000.0, qk_scale=1.2)
 FULL = replace(TINY, **RECIPE)
 
 
@@ -371,77 +370,44 @@ def test_meta_init_initializes_every_parameter_and_buffer(config):
 
 
 def test_init_follows_the_recipe():
-    config = GPTConfig(
-        sequence_len=32, vocab_size=1000, n_layer=2, n_head=2, n_kv_head=2, n_embd=128, **RECIPE
-    )
+    config = GPTConfig(sequence_len=32, vocab_size=1000, n_layer=2, n_head=2, n_kv_head=2, n_embd=128)
     model = make_model(config, mix=False)
     bound = math.sqrt(3) / math.sqrt(128)
-    assert model.transformer.wte.weight.std().item() == pytest.approx(0.8, rel=0.02)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(1.0, rel=0.02)
     assert model.lm_head.weight.std().item() == pytest.approx(1e-3, rel=0.02)
     for block in model.transformer.h:
-        for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight):
+        for w in (block.attn.c_q.weight, block.attn.c_k.weight, block.attn.c_v.weight, block.mlp.c_fc.weight):
             assert w.abs().max().item() <= bound
             assert w.std().item() == pytest.approx(1 / math.sqrt(128), rel=0.05)
-        assert block.mlp.c_fc.weight.abs().max().item() <= 0.4 * bound
-        assert block.mlp.c_fc.weight.std().item() == pytest.approx(0.4 / math.sqrt(128), rel=0.05)
         assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
-    # value embeddings on layer 1 only (every other layer, ending with the last), zero table and gate
-    assert list(model.value_embeds) == ["1"] and model.transformer.h[0].attn.ve_gate is None
-    assert torch.all(model.value_embeds["1"].weight == 0) and torch.all(
-        model.transformer.h[1].attn.ve_gate.weight == 0
+
+
+def test_qk_scale_multiplies_q_and_k_after_qk_norm(monkeypatch):
+    plain = make_model(TINY)
+    scaled = GPT(replace(TINY, qk_scale=1.2)).eval()
+    scaled.load_state_dict(plain.state_dict())
+    idx = random_tokens(TINY, 2, 32)
+    expected = scaled(idx)
+    assert (plain(idx) - expected).abs().max() > 1e-3
+    sdpa = torch.nn.functional.scaled_dot_product_attention  # scale q and k by hand, default softmax scale
+    monkeypatch.setattr(
+        torch.nn.functional,
+        "scaled_dot_product_attention",
+        lambda q, k, v, scale, **kw: sdpa(q * 1.2, k * 1.2, v, **kw),
     )
-    assert torch.all(model.resid_lambdas == 1) and torch.all(model.x0_lambdas == 0)
+    torch.testing.assert_close(plain(idx), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_value_embeddings_and_layer_scalars_change_nothing_at_init():
-    """A recipe model at init computes exactly what the same weights compute without them."""
-    full = make_model(FULL)
-    plain = GPT(replace(FULL, value_embeds=False, layer_scalars=False)).eval()
-    missing, unexpected = plain.load_state_dict(full.state_dict(), strict=False)
-    assert not missing and set(unexpected) == {"value_embeds.1.weight", "resid_lambdas", "x0_lambdas",
-                                                "transformer.h.1.attn.ve_gate.weight"}  # fmt: skip
-    idx = random_tokens(FULL, 2, 32)
-    torch.testing.assert_close(full(idx), plain(idx), atol=0, rtol=0)
-    with torch.no_grad():  # ...and each of them does something once trained away from its init
-        full.x0_lambdas.fill_(0.5)
-        assert (full(idx) - plain(idx)).abs().max() > 1e-3
-        full.x0_lambdas.zero_()
-        full.value_embeds["1"].weight.normal_()
-        assert (full(idx) - plain(idx)).abs().max() > 1e-3
-
-
-def test_value_embedding_is_added_to_the_values_through_a_gate_of_one_at_init():
-    torch.manual_seed(0)
-    attn = CausalSelfAttention(FULL, layer_idx=1).to_empty(device="cpu")
-    for linear in (attn.c_q, attn.c_k, attn.c_v, attn.c_proj):
-        torch.nn.init.normal_(linear.weight, std=0.2)
-    torch.nn.init.zeros_(attn.ve_gate.weight)
-    x, ve = torch.randn(2, 8, FULL.n_embd), torch.randn(2, 8, FULL.n_kv_head * FULL.head_dim)
-    cos, sin = rotary_tables(8, FULL.head_dim, FULL.rope_base)
-    with_ve, without = attn(x, ve, cos, sin), attn(x, None, cos, sin)
-    torch.nn.init.zeros_(attn.c_v.weight)  # attention is linear in v: what the value embedding alone adds
-    ve_alone = attn(x, ve, cos, sin)
-    torch.testing.assert_close(with_ve, without + ve_alone, atol=1e-5, rtol=1e-5)
-    torch.nn.init.normal_(attn.ve_gate.weight)  # a trained gate scales each head's share
-    assert (attn(x, ve, cos, sin) - ve_alone).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("config", [TINY, FULL])
-def test_param_groups_partition_every_parameter_exactly_once(config):
-    model = make_model(config)
+def test_param_groups_partition_every_parameter_exactly_once():
+    model = make_model()
     groups = model.param_groups()
-    assert set(groups) == {"matrix", "embedding", "lm_head", "resid_scalars", "x0_scalars"}
+    assert set(groups) == {"matrix", "embedding", "lm_head"}
     grouped = [p for ps in groups.values() for p in ps]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
-    assert groups["embedding"] == [
-        model.transformer.wte.weight,
-        *(t.weight for t in model.value_embeds.values()),
-    ]
+    assert groups["embedding"] == [model.transformer.wte.weight]
     assert groups["lm_head"] == [model.lm_head.weight]
-    gates = len(config.value_embed_layers)
-    assert len(groups["matrix"]) == 6 * config.n_layer + gates and all(p.dim() == 2 for p in groups["matrix"])
-    assert all(p.dim() == 1 for p in groups["resid_scalars"] + groups["x0_scalars"])
+    assert len(groups["matrix"]) == 6 * TINY.n_layer and all(p.dim() == 2 for p in groups["matrix"])
 
 
 def test_num_params_and_estimate_flops_hand_checked():
@@ -453,12 +419,7 @@ def test_num_params_and_estimate_flops_hand_checked():
     assert model.num_params() == embedding + lm_head + 2 * per_layer == 122_880
     attention = 12 * 2 * 4 * 16 * 32  # 12 * n_layer * n_head * head_dim * T = 49152
     assert model.estimate_flops() == 6 * (lm_head + 2 * per_layer) + attention == 638_976 + 49_152
-    # the recipe adds a value-embedding table (256 x 32) and a gate (2 x 32) on layer 1, and 2 x 2
-    # scalars; only the gate is a matmul
-    full = make_model(FULL, mix=False)
-    assert full.num_params() == 122_880 + 256 * 32 + 2 * 32 + 4
-    assert full.num_matmul_params() == lm_head + 2 * per_layer + 2 * 32
-    assert full.estimate_flops() == 6 * full.num_matmul_params() + attention
+    assert model.num_matmul_params() == lm_head + 2 * per_layer  # what the training horizon counts
 
 
 # -----------------------------------------------------------------------------

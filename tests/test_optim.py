@@ -207,7 +207,7 @@ def test_horizon_and_batch_rules_on_a_table_of_depths():
             return GPT(config_from_depth(depth, 32768, 2048)).num_matmul_params()
 
     reference = matmul_params(12)
-    assert reference == 12 * 12 * 768**2 + 32768 * 768 + 6 * 6 * 32  # blocks + head + value-embedding gates
+    assert reference == 12 * 12 * 768**2 + 32768 * 768  # block matrices + head
     table = {  # depth: (tokens at ratio 10.5 in billions, batch)
         4: (0.121, 2**18),
         12: (1.156, 2**19),
@@ -466,10 +466,8 @@ def _gpt_like_groups():
     make = lambda *s: torch.nn.Parameter(torch.randn(*s, generator=gen))  # noqa: E731
     return {
         "matrix": [make(32, 32), make(32, 32), make(128, 32), make(32, 128)],
-        "embedding": [make(64, 32), make(64, 16)],
+        "embedding": [make(64, 32)],
         "lm_head": [make(64, 32)],
-        "resid_scalars": [make(3)],
-        "x0_scalars": [make(3)],
     }
 
 
@@ -481,15 +479,11 @@ def test_build_optimizers_covers_every_param_once_with_scaled_lrs():
     everything = [id(p) for ps in groups.values() for p in ps]
     assert sorted(seen) == sorted(everything)
     scale = (192 / 768) ** -0.5  # = 2
-    emb, head, resid, x0 = adamw.param_groups
-    assert [emb["params"], head["params"], resid["params"], x0["params"]] == [
-        groups["embedding"], groups["lm_head"], groups["resid_scalars"], groups["x0_scalars"]
-    ]  # fmt: skip
-    assert emb["lr"] == pytest.approx(0.3 * scale) and head["lr"] == pytest.approx(0.008 * scale)
-    assert resid["lr"] == pytest.approx(0.005) and x0["lr"] == 0.5  # scalars: not width-scaled
-    assert emb["initial_lr"] == emb["lr"]
-    assert [g["betas"] for g in adamw.param_groups] == [(0.8, 0.95)] * 3 + [(0.96, 0.95)]
+    emb_group, head_group = adamw.param_groups
+    assert emb_group["params"] == groups["embedding"] and head_group["params"] == groups["lm_head"]
+    assert emb_group["lr"] == pytest.approx(0.2 * scale) and head_group["lr"] == pytest.approx(0.004 * scale)
+    assert emb_group["initial_lr"] == emb_group["lr"]
     for g in adamw.param_groups:
-        assert g["eps"] == 1e-10 and g["weight_decay"] == 0.0
+        assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
     (muon_group,) = muon.param_groups
     assert muon_group["lr"] == 0.02 and muon_group["weight_decay"] == 0.1 and muon_group["momentum"] == 0.95
