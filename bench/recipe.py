@@ -50,7 +50,7 @@ RECIPES = {
     "no-normuon": "new, without NorMuon's per-row normalization",
     "plain-decay": "new, weight decay on every coordinate instead of cautious",
     "no-decay": "new, no weight decay",
-    "decay-unscaled": "new, weight decay 0.2 without the (12/depth)² scaling",
+    "decay-scaled": "new, weight decay × (12/depth)² (stronger for small models)",
     "v1-schedule": "new, v1's schedule: no warmup, warmdown 0.2 to 0",
     "warmdown-0.65": "new, warmdown 0.65 of training",
     "decay-x2": "new, twice the weight decay",
@@ -105,7 +105,7 @@ def worker(name: str, seed: int, steps: int) -> dict:
     if name == "v1":
         schedule = dict(warmup=0, warmdown=0.2, final=0.0)
     else:
-        weight_decay = optim.weight_decay_for(0.2, DEPTH)
+        weight_decay = 0.2
         for change in name.split("+"):  # "a+b": both changes, in order
             match change:
                 case "rope-10k":
@@ -120,8 +120,8 @@ def worker(name: str, seed: int, steps: int) -> dict:
                     optim._cautious_decay = lambda p, update, amount: p.mul_(1 - amount)
                 case "no-decay":
                     weight_decay = 0.0
-                case "decay-unscaled":
-                    weight_decay = 0.2
+                case "decay-scaled":
+                    weight_decay = 0.2 * (12 / DEPTH) ** 2
                 case "v1-schedule":
                     schedule = dict(warmup=0, warmdown=0.2, final=0.0)
                 case "warmdown-0.65":

@@ -466,15 +466,12 @@ def build_optimizers(
     return [adamw, muon]
 
 
-def optimizers_for(
-    model, args, lr_scale: float = 1.0, weight_decay: float | None = None
-) -> list[torch.optim.Optimizer]:
+def optimizers_for(model, args, lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
     """`build_optimizers` for a GPT from the flags of `add_optimizer_flags`: every LR × --init-lr-frac
-    × `lr_scale`; `weight_decay` overrides --weight-decay (base_train passes the depth-scaled one)."""
+    × `lr_scale` (base_train's batch rule)."""
     scale = getattr(args, "init_lr_frac", 1.0) * lr_scale
     lrs = {k: getattr(args, k) * scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
-    wd = args.weight_decay if weight_decay is None else weight_decay
-    return build_optimizers(model.param_groups(), model.config.n_embd, weight_decay=wd, **lrs)
+    return build_optimizers(model.param_groups(), model.config.n_embd, weight_decay=args.weight_decay, **lrs)
 
 
 # -----------------------------------------------------------------------------
@@ -494,8 +491,3 @@ def batch_size_for(tokens: int, ref_tokens: int) -> int:
 def batch_lr_scale(total_batch_size: int) -> float:
     """LRs grow with the square root of the batch, from 1 at the reference batch."""
     return math.sqrt(total_batch_size / REF_BATCH)
-
-
-def weight_decay_for(weight_decay: float, depth: int) -> float:
-    """`weight_decay` is tuned at depth 12; smaller models decay more, larger ones less (∝ 1/depth²)."""
-    return weight_decay * (REF_DEPTH / depth) ** 2

@@ -10,8 +10,7 @@ Pretrain the base model on the shards in base_data/.
   parameters (block matrices + lm_head; embedding tables cost no FLOPs and are not counted).
 - Batch (--total-batch-size -1): 2^19 tokens at depth 12, × (params / params at depth 12)^0.383,
   a power of two; the LRs then grow by √(batch / 2^19). An explicit batch takes the LRs as given.
-- LR: linear warmup (--warmup-steps) → constant → linear warmdown to --final-lr-frac. Weight
-  decay is given at depth 12 and scaled by (12/depth)².
+- LR: linear warmup (--warmup-steps) → constant → linear warmdown to --final-lr-frac.
 - The last checkpoint is saved before the final evals; --resume continues bit for bit.
 - CORE runs on the uncompiled model with the bundle fetched before training.
 - --dry-run prints the plan (sizes, steps, memory) and exits before allocating the model.
@@ -63,7 +62,6 @@ from nanochat.optim import (
     lr_multiplier,
     muon_momentum,
     optimizers_for,
-    weight_decay_for,
 )
 from nanochat.report import MetricsLog, get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -93,7 +91,7 @@ g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs 
 g.add_argument(
     "--target-param-data-ratio", type=float, default=10.5, help="training tokens per matmul parameter"
 )
-add_optimizer_flags(parser, weight_decay=0.2)  # at depth 12, × (12/depth)²
+add_optimizer_flags(parser, weight_decay=0.2)
 g = parser.add_argument_group("schedule")
 g.add_argument("--warmup-steps", type=int, default=40, help="steps warming the LR up from 0")
 g.add_argument(
@@ -162,7 +160,6 @@ if args.total_batch_size == -1:
     print0(f"total batch size: auto -> {args.total_batch_size:,} tokens (LRs × {lr_scale:.3f})")
 elif args.total_batch_size < 1:
     fail(f"--total-batch-size must be a number of tokens or -1 (by model size), got {args.total_batch_size}")
-weight_decay = weight_decay_for(args.weight_decay, args.depth)
 
 if args.device_batch_size == "auto":
     if device.type == "cuda":
@@ -210,7 +207,7 @@ print0(
 warmdown_steps = round(args.warmdown_ratio * num_iterations)
 print0(
     f"schedule: warmup {min(args.warmup_steps, num_iterations - warmdown_steps)} steps, warmdown "
-    f"{warmdown_steps} steps to {args.final_lr_frac}; weight decay {weight_decay:.3g}"
+    f"{warmdown_steps} steps to {args.final_lr_frac}"
 )
 print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
 print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
@@ -232,7 +229,7 @@ if args.core_metric_every > 0:  # the CORE bundle now, not mid-run (rank 0 downl
 
 model.to_empty(device=device)
 model.init_weights()
-optimizers = optimizers_for(model, args, lr_scale, weight_decay)
+optimizers = optimizers_for(model, args, lr_scale)
 same = ("total_batch_size", "device_batch_size", "max_seq_len")
 try:
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")

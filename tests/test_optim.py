@@ -22,7 +22,6 @@ from nanochat.optim import (
     muon_chunks,
     muon_momentum,
     orthogonalize,
-    weight_decay_for,
 )
 
 # -----------------------------------------------------------------------------
@@ -200,7 +199,7 @@ def test_lr_multiplier_warms_up_holds_then_decays_to_final_frac():
 
 def test_horizon_and_batch_rules_on_a_table_of_depths():
     """Tokens = 10.5 × matmul params; batch 2^19 at depth 12, ∝ tokens^0.383 as a power of two; LRs
-    × √(batch / 2^19); weight decay ∝ 1/depth²."""
+    × √(batch / 2^19)."""
 
     def matmul_params(depth: int) -> int:
         with torch.device("meta"):
@@ -221,7 +220,6 @@ def test_horizon_and_batch_rules_on_a_table_of_depths():
         assert 10.5 * params / 1e9 == pytest.approx(billions, abs=0.0005), depth
         assert batch_size_for(params, reference) == batch, depth
     assert batch_lr_scale(2**19) == 1 and batch_lr_scale(2**21) == 2
-    assert weight_decay_for(0.2, 12) == 0.2 and weight_decay_for(0.2, 24) == pytest.approx(0.05)
 
 
 def test_muon_rejects_non_matrices():
