@@ -482,10 +482,11 @@ REF_BATCH = 2**19  # tokens per step at the reference depth
 BATCH_EXPONENT = 0.383  # best batch ∝ training tokens^0.383 (the public nanochat's fit)
 
 
-def batch_size_for(tokens: int, ref_tokens: int) -> int:
-    """Tokens per optimizer step for a run of `tokens` training tokens, where the reference model
-    (depth 12) trains `ref_tokens`: REF_BATCH · (tokens/ref_tokens)^0.383, to the nearest power of 2."""
-    return 2 ** round(math.log2(REF_BATCH * (tokens / ref_tokens) ** BATCH_EXPONENT))
+def batch_size_for(params: int, ref_params: int) -> int:
+    """Tokens per optimizer step for a model of `params` matmul parameters, where the depth-12 model
+    has `ref_params`: REF_BATCH · (params/ref_params)^0.383 to the nearest power of 2 (the public fit
+    is on training tokens, which the horizon rule makes proportional to params)."""
+    return 2 ** round(math.log2(REF_BATCH * (params / ref_params) ** BATCH_EXPONENT))
 
 
 def batch_lr_scale(total_batch_size: int) -> float:
