@@ -18,7 +18,8 @@
 #
 # Environment: NANOCHAT_BASE_DIR (artifacts, default ~/.cache/nanochat), NPROC (GPUs, 8),
 # WANDB_RUN (wandb run name; default dummy = off), RUN_RL (1 = run the RL stage), DRY_RUN,
-# SMOKE (1 = the smoke run: RL included, artifacts in <base dir>-smoke, wiped first).
+# SMOKE (1 = the smoke run: RL included, artifacts in <base dir>-smoke, wiped first),
+# ALLOW_UNISOLATED_CODE (1 = let HumanEval run model code where bubblewrap cannot sandbox it).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -108,6 +109,19 @@ if [[ -f .venv/bin/activate ]]; then  # a dry run uses it too, to ask which stag
     # shellcheck disable=SC1091  # created by uv sync
     source .venv/bin/activate
 fi
+# The code sandbox of HumanEval (chat_eval), checked now rather than after hours of training
+if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+    run sh -c "$SUDO apt-get update -qq && $SUDO apt-get install -y -qq bubblewrap"
+fi
+SANDBOX=()
+if [[ "${ALLOW_UNISOLATED_CODE:-0}" == 1 ]]; then
+    SANDBOX=(--allow-unisolated-code)
+elif [[ "$DRY_RUN" != 1 ]] && ! python -m nanochat.execution; then
+    echo "speedrun.sh: HumanEval needs bubblewrap to run model-written code in isolation (sudo apt-get" \
+        "install bubblewrap); or set ALLOW_UNISOLATED_CODE=1 to accept running it without" >&2
+    exit 1
+fi
 if finished Environment; then
     echo "= the report has its Environment section: continuing that run's report"
 else
@@ -182,7 +196,7 @@ fi
 if finished "Chat evaluation mid"; then
     skip "chat_eval -i mid"
 else
-    run "${TORCHRUN[@]}" -m scripts.chat_eval -i mid "${SMOKE_EVAL[@]}"
+    run "${TORCHRUN[@]}" -m scripts.chat_eval -i mid "${SMOKE_EVAL[@]}" "${SANDBOX[@]}"
 fi
 
 # -----------------------------------------------------------------------------
@@ -197,7 +211,7 @@ fi
 if finished "Chat evaluation sft"; then
     skip "chat_eval -i sft"
 else
-    run "${TORCHRUN[@]}" -m scripts.chat_eval -i sft "${SMOKE_EVAL[@]}"
+    run "${TORCHRUN[@]}" -m scripts.chat_eval -i sft "${SMOKE_EVAL[@]}" "${SANDBOX[@]}"
 fi
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,12 @@ alternately --repeats times (the best time counts): batched (up to --batch-size 
 forward) and one example per forward. Batching pays where a forward's fixed cost matters (small
 models, short prompts, GPUs); a compute-bound CPU forward costs the same per row either way, so
 expect a ratio near 1 there. Prints one JSON line.
+
+    NANOCHAT_TASK_DATA=../shared/data/tasks uv run python bench/eval.py --sandbox
+
+instead times the code sandbox: HumanEval's 164 canonical solutions graded one after another
+through `HumanEval.evaluate` (nanochat/execution.py), isolated (bubblewrap) vs best-effort,
+alternately --repeats times; prints programs per second for each.
 """
 
 import argparse
@@ -37,7 +43,31 @@ parser.add_argument("--max-per-task", type=int, default=16)
 parser.add_argument("--batch-size", type=int, default=16, help="option rows per forward in the batched run")
 parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per mode; the best counts")
 parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
+parser.add_argument("--sandbox", action="store_true", help="time the code sandbox instead (see above)")
 args = parser.parse_args()
+
+
+def sandbox_benchmark() -> dict:
+    import warnings
+
+    from tasks.humaneval import HumanEval
+
+    warnings.simplefilter("ignore")  # the best-effort mode warns on every program
+    seconds: dict[str, list[float]] = {"isolated": [], "best_effort": []}
+    for _ in range(args.repeats):
+        for mode in seconds:
+            task = HumanEval(timeout=15, isolated=mode == "isolated")
+            t0 = time.perf_counter()
+            passed = sum(task.evaluate(task[i], task[i]["messages"][-1]["content"]) for i in range(len(task)))
+            seconds[mode].append(time.perf_counter() - t0)
+            assert passed == len(task), f"{mode}: {passed}/{len(task)} canonical solutions passed"
+    rates = {f"{mode}_programs_per_s": round(len(task) / min(s), 2) for mode, s in seconds.items()}
+    return {"benchmark": "code_sandbox", "programs": len(task), **rates}
+
+
+if args.sandbox:
+    print(json.dumps(sandbox_benchmark()))
+    sys.exit()
 
 device = torch.device(args.device_type or autodetect_device_type())
 tokenizer = get_tokenizer()

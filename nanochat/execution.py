@@ -1,66 +1,68 @@
 """
-Run untrusted Python (model-written HumanEval solutions) in a separate, fresh interpreter.
+Run untrusted Python (model-written code: HumanEval, code rewards) and report whether it ran to its end.
 
     result = execute_code("print(1 + 1)")
     result.success, result.stdout   # True, "2\\n"
 
-Design choices:
-- A fresh interpreter per program (`sys.executable -I -X utf8 -c PRELUDE`, started by
-  `subprocess` with no `preexec_fn`), never a fork of the calling process: the program
-  sees none of the caller's globals, model weights or open state, and a web server
-  with threads can call this safely from any thread (all state is local to the call).
-- The child runs in a new session (its own process group) inside a fresh temp working
-  directory that is deleted afterwards; stdin is /dev/null (so `input()` raises
-  EOFError at once); the environment is rebuilt from scratch (PATH, LANG/LC_ALL, HOME
-  and TMPDIR pointing at the temp dir), so no secret of the caller leaks through it.
-- Limits are set by the prelude inside the child before the program starts, as hard
-  limits the program cannot raise again: RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE
-  (files it writes), RLIMIT_NOFILE, RLIMIT_NPROC = 0 (no new processes or threads;
-  note the kernel ignores this one for root, which is why fork is also disabled below).
-- The wall clock is enforced by the parent: it waits on the pipes with `selectors`
-  until the deadline and then SIGKILLs the whole process group. No signal handler is
-  ever installed in the parent. Output is read concurrently from both pipes, at most
-  `max_output_bytes` per stream are kept, and a child that writes more is killed.
-- The prelude then disables destructive or escaping calls before the program runs:
-  process creation and signalling (os.system/fork/exec*/spawn*/kill/popen, subprocess),
-  file deletion and renaming (os.remove/unlink/rmdir/rename/replace, shutil.rmtree/move),
-  permission and identity changes, chdir, os._exit; blocks importing network and
-  low-level modules (socket, ssl, urllib, http, ctypes, multiprocessing, ...); and makes
-  `open` refuse writing outside the temp dir and reading `/proc` (the parent's
-  `/proc/<pid>/environ`). The program then runs with a clean globals dict.
-- The program must run to its end: an exception, or any `SystemExit`/`exit()`, counts
-  as failure (so a solution cannot skip the tests appended after it by exiting early).
-  The prelude reports the outcome as one JSON line on a private pipe; a `MemoryError`
-  (the allocation failing under RLIMIT_AS) is reported as `memory_exceeded`.
-- This is a guard against accidents of model-written code, not a security boundary
-  against a determined attacker (who could, e.g., reach the blocked functions through
-  `gc`); run the whole evaluation in a container for that.
+Two modes:
+
+- **Isolated** (the default; Linux with bubblewrap, `apt-get install bubblewrap`). The program
+  runs in a fresh interpreter inside a `bwrap` sandbox: new user, PID, network, IPC, UTS and
+  cgroup namespaces; no network at all (not even loopback to the host); a filesystem that
+  shows only the Python installation and the system libraries, read-only, a minimal `/dev`,
+  and a private 32 MiB tmpfs at `/tmp` (its working directory, the only writable place,
+  gone with the sandbox); no `/proc`, no home directory, no `/etc` beyond the loader cache;
+  an environment of five fixed variables; uid 65534 with no capabilities; a seccomp filter
+  that refuses fork/vfork/clone/clone3, so no process or thread can be created (this holds
+  for root, where RLIMIT_NPROC does not), and the kernel keyring; hard rlimits on address
+  space, CPU time, file size and open files; a wall clock enforced by the parent, which kills the sandbox; and
+  `--die-with-parent`, so a dying caller takes the sandbox with it and leaves nothing.
+  The program can do anything inside that box, so no in-interpreter guard is installed.
+- **Best-effort** (`isolated=False`, for macOS or containers without user namespaces; it
+  warns each time). The same fresh interpreter, rlimits, environment, wall clock and
+  output caps, in a temp dir, plus in-interpreter guards that disable process creation,
+  signals, deletion, writing outside the temp dir, `/proc` of other processes and network
+  modules. Those guards stop accidents, not an attacker: a program can undo them from
+  inside (e.g. by re-importing `posix`) and then reach everything the calling user can;
+  as root it can also fork without limit. A caller killed mid-run takes the program with
+  it (Linux: PR_SET_PDEATHSIG) but leaves the temp dir behind.
+  Callers that run model code (`chat_eval`) refuse this mode unless the user opts in.
+
+The verdict cannot be written by the program: there is no status channel. The program's
+source arrives on stdin after a random nonce, and the prelude writes `\\0` + nonce to
+stdout only after the program's last statement has run (and not after `exit()`/`sys.exit`,
+which count as failures). Success = exit status 0 and that suffix, which the parent strips.
+What no sandbox can stop: the tests run in the program's own interpreter, so a program
+that digs the nonce out of the prelude's frame, or that defeats the checks themselves
+(e.g. returns an object equal to everything), can still pass. Output is capped while read.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import functools
 import os
+import platform
+import secrets
 import selectors
+import shutil
 import signal
+import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
-# The prelude runs in the child: argv = [status_fd, program_path, timeout, max_memory, max_file].
-_PRELUDE = r"""
-import builtins, io, json, os, resource, shutil, sys, traceback
+MAX_FILE_BYTES = 16 * 2**20  # RLIMIT_FSIZE: the largest file the program may write
+TMPFS_BYTES = 32 * 2**20  # the isolated sandbox's whole writable space
 
-status_fd = int(sys.argv[1])
-program_path = sys.argv[2]
-cpu_seconds = max(1, int(float(sys.argv[3])) + 1)
-max_memory = int(sys.argv[4])
-max_file = int(sys.argv[5])
-with open(program_path, encoding="utf-8") as f:
-    source = f.read()
-workdir = os.path.realpath(os.getcwd())
+# Runs in the child: argv = [cpu_seconds, max_memory, max_file, "isolated" | "guarded", parent pid];
+# stdin = nonce + "\n" + program source.
+_PRELUDE = r"""# nanochat sandbox prelude
+import os, resource, sys, traceback
 
 def limit(kind, value):
     try:
@@ -68,78 +70,80 @@ def limit(kind, value):
     except (ValueError, OSError):
         pass  # some platforms refuse a limit (e.g. RLIMIT_AS on macOS); the others still apply
 
-limit(resource.RLIMIT_AS, max_memory)
-limit(resource.RLIMIT_CPU, cpu_seconds)
-limit(resource.RLIMIT_FSIZE, max_file)
-limit(resource.RLIMIT_NOFILE, 64)
-limit(resource.RLIMIT_NPROC, 0)
-limit(resource.RLIMIT_CORE, 0)
-
-def disabled(name):
-    def refuse(*args, **kwargs):
-        raise PermissionError(f"{name} is disabled in the sandbox")
-    return refuse
-
-import posix
-for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "abort", "_exit",
-             "remove", "unlink", "rmdir", "removedirs", "rename", "renames", "replace",
-             "truncate", "chmod", "fchmod", "lchmod", "chown", "fchown", "lchown", "chroot",
-             "chdir", "fchdir", "setuid", "seteuid", "setgid", "setegid", "setreuid", "setregid",
-             "setsid", "setpgid", "putenv", "unsetenv", "link", "symlink", "mkfifo", "mknod",
-             "posix_spawn", "posix_spawnp", "execv", "execve", "execl", "execle", "execlp",
-             "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe",
-             "spawnv", "spawnve", "spawnvp", "spawnvpe"):
-    for module in (os, posix):
-        if hasattr(module, name):
-            setattr(module, name, disabled("os." + name))
-for name in ("rmtree", "move", "chown"):
-    setattr(shutil, name, disabled("shutil." + name))
-
-real_open = io.open
-
-def guarded_open(file, mode="r", *args, **kwargs):
-    if isinstance(file, (str, bytes, os.PathLike)):
-        path = os.path.realpath(os.fsdecode(file))
-        if any(c in mode for c in "wax+") and not path.startswith(workdir + os.sep):
-            raise PermissionError(f"writing outside the sandbox directory is disabled: {path}")
-        if path.startswith("/proc/") and not path.startswith("/proc/self/"):
-            raise PermissionError(f"reading other processes' /proc files is disabled: {path}")
-    return real_open(file, mode, *args, **kwargs)
-
-builtins.open = io.open = guarded_open
-os.open = posix.open = disabled("os.open")
-
-for name in ("socket", "_socket", "ssl", "_ssl", "asyncio", "urllib.request", "http.client",
-             "http.server", "ftplib", "smtplib", "poplib", "imaplib", "telnetlib", "xmlrpc",
-             "socketserver", "webbrowser", "subprocess", "_posixsubprocess", "multiprocessing",
-             "_multiprocessing", "ctypes", "_ctypes", "pty"):
-    sys.modules[name] = None  # `import name` now raises ImportError
-
-def report(status, error=""):
-    os.write(status_fd, (json.dumps({"status": status, "error": error}) + "\n").encode())
-
-program_globals = {"__name__": "__main__", "__builtins__": builtins}
-try:
-    exec(compile(source, program_path, "exec"), program_globals)
-except MemoryError:
-    program_globals.clear()
-    report("memory", "MemoryError: the program exceeded its memory limit")
-except SystemExit as e:
-    program_globals.clear()
-    report("error", f"SystemExit: the program exited early (code {e.code!r})")
-except BaseException as e:
-    program_globals.clear()
-    traceback.print_exc()
-    report("error", f"{type(e).__name__}: {e}"[:2000])
-else:
-    program_globals.clear()
+def die_with_parent(parent_pid):
     try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG = SIGKILL: the caller's death kills us
+    except (OSError, AttributeError):
+        return  # not Linux
+    if os.getppid() != parent_pid:
+        os._exit(1)  # the caller died before the line above
+
+def install_guards():
+    import builtins, io, posix, shutil
+    def disabled(name):
+        def refuse(*args, **kwargs):
+            raise PermissionError(f"{name} is disabled in the sandbox")
+        return refuse
+    for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "remove", "unlink",
+                 "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod",
+                 "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir", "setuid", "seteuid",
+                 "setgid", "setegid", "setreuid", "setregid", "setsid", "setpgid", "putenv", "unsetenv",
+                 "link", "symlink", "mkfifo", "mknod", "posix_spawn", "posix_spawnp", "execv", "execve",
+                 "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
+                 "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "open"):
+        for module in (os, posix):
+            if hasattr(module, name):
+                setattr(module, name, disabled("os." + name))
+    for name in ("rmtree", "move", "chown"):
+        setattr(shutil, name, disabled("shutil." + name))
+    workdir, real_open = os.path.realpath(os.getcwd()), io.open
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)):
+            path = os.path.realpath(os.fsdecode(file))
+            if any(c in mode for c in "wax+") and not path.startswith(workdir + os.sep):
+                raise PermissionError(f"writing outside the sandbox directory is disabled: {path}")
+            if path.startswith("/proc/") and not path.startswith("/proc/self/"):
+                raise PermissionError(f"reading other processes' /proc files is disabled: {path}")
+        return real_open(file, mode, *args, **kwargs)
+    builtins.open = io.open = guarded_open
+    for name in ("socket", "_socket", "ssl", "_ssl", "asyncio", "urllib.request", "http.client",
+                 "http.server", "ftplib", "smtplib", "poplib", "imaplib", "xmlrpc", "socketserver",
+                 "webbrowser", "subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing",
+                 "ctypes", "_ctypes", "pty"):
+        sys.modules[name] = None  # `import name` now raises ImportError
+
+def main():
+    nonce, source = sys.stdin.buffer.read().split(b"\n", 1)
+    cpu_seconds, max_memory, max_file = (int(a) for a in sys.argv[1:4])
+    for kind, value in ((resource.RLIMIT_AS, max_memory), (resource.RLIMIT_CPU, cpu_seconds),
+                        (resource.RLIMIT_FSIZE, max_file), (resource.RLIMIT_NOFILE, 64),
+                        (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
+        limit(kind, value)
+    if sys.argv[4] == "guarded":
+        die_with_parent(int(sys.argv[5]))
+        install_guards()
+    program_globals = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(compile(source, "program.py", "exec"), program_globals)
+        program_globals.clear()
         sys.stdout.flush()
-        sys.stderr.flush()
     except MemoryError:
-        report("memory", "MemoryError: the program exceeded its memory limit")
-    else:
-        report("ok")
+        program_globals.clear()
+        print("MemoryError: the program exceeded its memory limit", file=sys.stderr)
+        return 1
+    except SystemExit as e:
+        program_globals.clear()
+        print(f"SystemExit: the program exited early (code {e.code!r})", file=sys.stderr)
+        return 1
+    except BaseException:
+        program_globals.clear()
+        traceback.print_exc()
+        return 1
+    os.write(1, b"\0" + nonce)
+    return 0
+
+sys.exit(main())
 """
 
 
@@ -155,15 +159,152 @@ class ExecutionResult:
     memory_exceeded: bool = False  # an allocation failed at the memory limit
 
 
-def _minimal_env(workdir: str) -> dict[str, str]:
+class SandboxUnavailable(RuntimeError):
+    """OS isolation cannot run here; the message says why and what to do."""
+
+
+# -----------------------------------------------------------------------------
+# The isolated sandbox
+
+# A seccomp filter (classic BPF) that answers EPERM to every process- or thread-creating call, and
+# to the kernel keyring (not namespaced: as root the sandbox's uid maps to root's keys).
+# Per architecture: (AUDIT_ARCH value, numbers of clone, clone3, fork, vfork, add_key, request_key, keyctl).
+_SYSCALLS = {
+    "x86_64": (0xC000003E, (56, 435, 57, 58, 248, 249, 250)),
+    "aarch64": (0xC00000B7, (220, 435, 217, 218, 219)),
+}
+
+
+def _no_fork_filter() -> bytes:
+    arch, numbers = _SYSCALLS[platform.machine()]
+    load, jump_eq, jump_ge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, |JGE|K, BPF_RET|K
+    # refused: x32-ABI numbers (bit 30 set: another door to the same calls), then each listed call
+    checks = [(jump_ge, 0x40000000)] + [(jump_eq, number) for number in numbers]
+
+    def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+        return struct.pack("HBBI", code, jt, jf, k)
+
+    program = op(load, 4) + op(jump_eq, arch, jt=1) + op(ret, 0x80000000)  # wrong arch: kill
+    program += op(load, 0)  # the syscall number
+    for i, (code, k) in enumerate(checks):
+        program += op(code, k, jt=len(checks) - i)
+    return program + op(ret, 0x7FFF0000) + op(ret, 0x00050000 | 1)  # allow; errno EPERM
+
+
+def _bwrap_args(seccomp_fd: int) -> list[str]:
+    """The bubblewrap command line up to the interpreter: what the sandbox shows and forbids."""
+    args = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns"]
+    args += ["--uid", "65534", "--gid", "65534"]  # nobody, without capabilities
+    args += ["--die-with-parent", "--new-session", "--seccomp", str(seccomp_fd)]
+    args += ["--dev", "/dev", "--remount-ro", "/dev"]  # read-only: /dev/shm would be unbounded space
+    stdlib = sysconfig.get_path("stdlib")
+    libdir = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
+    for path in ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", stdlib, libdir):
+        if path and os.path.islink(path) and path.count("/") == 1:  # merged /usr: /lib -> usr/lib
+            args += ["--symlink", os.readlink(path), path]
+        elif path and os.path.exists(path):
+            args += ["--ro-bind", path, path]
+    exe = os.path.realpath(sys.executable)
+    args += ["--ro-bind", exe, exe, "--size", str(TMPFS_BYTES), "--tmpfs", "/tmp", "--chdir", "/tmp", "--"]
+    return args
+
+
+@functools.cache
+def isolation_problem() -> str | None:
+    """None when the isolated sandbox works on this machine, else why not (checked once)."""
+    if sys.platform != "linux":
+        return f"OS isolation needs Linux (this is {sys.platform})"
+    if platform.machine() not in _SYSCALLS:
+        return f"no seccomp filter for the {platform.machine()} architecture"
+    if shutil.which("bwrap") is None:
+        return "bubblewrap is not installed (on Debian/Ubuntu: sudo apt-get install bubblewrap)"
+    result = execute_code("pass", timeout=10, isolated=None)
+    if not result.success:
+        reason = (result.stderr.strip().splitlines() or [result.error])[-1]
+        return f"bubblewrap cannot create a sandbox here ({reason}); are user namespaces disabled?"
+    return None
+
+
+def require_isolation() -> None:
+    """Raise SandboxUnavailable, naming the problem and the fix, unless the isolated mode works."""
+    if problem := isolation_problem():
+        raise SandboxUnavailable(
+            f"cannot run model-written code in isolation: {problem}. Install bubblewrap, or accept "
+            "the best-effort mode (which a determined program can escape) with --allow-unisolated-code"
+        )
+
+
+BEST_EFFORT_WARNING = (
+    "running untrusted code WITHOUT OS isolation: its in-interpreter guards can be undone from "
+    "inside, after which the program can use the network, run commands, read and write your "
+    "files and signal your processes (see nanochat/execution.py)"
+)
+
+# -----------------------------------------------------------------------------
+# Running a program
+
+
+def execute_code(
+    code: str,
+    timeout: float = 5.0,
+    max_memory_bytes: int = 256 * 2**20,
+    max_output_bytes: int = 64 * 2**10,
+    isolated: bool | None = True,
+) -> ExecutionResult:
+    """Run `code` as a Python program in a fresh, limited interpreter; never raises for what the code does.
+
+    isolated=True needs the bubblewrap sandbox (SandboxUnavailable otherwise); False is the
+    best-effort mode and warns. (None: the sandbox without checking it works, for that check.)
+    """
+    if timeout <= 0 or max_memory_bytes <= 0 or max_output_bytes <= 0:
+        raise ValueError("timeout, max_memory_bytes and max_output_bytes must be positive")
+    if isolated:
+        require_isolation()
+    limits = [str(int(timeout) + 1), str(max_memory_bytes), str(MAX_FILE_BYTES)]
+    interpreter = [os.path.realpath(sys.executable), "-I", "-X", "utf8", "-c", _PRELUDE, *limits]
+    nonce = secrets.token_hex(16).encode()
+    stdin = nonce + b"\n" + code.encode("utf-8", errors="surrogateescape")
+    if isolated is False:
+        warnings.warn(BEST_EFFORT_WARNING, stacklevel=2)
+        with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir:
+            workdir = os.path.realpath(workdir)
+            proc = _start(interpreter + ["guarded", str(os.getpid())], workdir, _minimal_env(workdir), ())
+            return _supervise(proc, stdin, nonce, timeout, max_output_bytes)
+    seccomp_r, seccomp_w = os.pipe()
+    os.write(seccomp_w, _no_fork_filter())  # a few hundred bytes: fits the pipe buffer
+    os.close(seccomp_w)
+    try:
+        proc = _start(
+            _bwrap_args(seccomp_r) + interpreter + ["isolated"], "/", _minimal_env("/tmp"), (seccomp_r,)
+        )
+    finally:
+        os.close(seccomp_r)
+    return _supervise(proc, stdin, nonce, timeout, max_output_bytes)
+
+
+def _minimal_env(home: str) -> dict[str, str]:
     """A fresh environment for the child: nothing inherited from the caller."""
     return {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
-        "HOME": workdir,
-        "TMPDIR": workdir,
+        "HOME": home,
+        "TMPDIR": home,
     }
+
+
+def _start(cmd: list[str], cwd: str, env: dict[str, str], pass_fds: tuple) -> subprocess.Popen:
+    # a new session, so the parent can kill the child's whole process group and nothing else
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=cwd,
+        env=env,
+        pass_fds=pass_fds,
+        start_new_session=True,
+    )
 
 
 def _kill_group(pid: int) -> None:
@@ -184,64 +325,27 @@ def _has_exited(proc: subprocess.Popen) -> bool:
     return info is not None
 
 
-def execute_code(
-    code: str,
-    timeout: float = 5.0,
-    max_memory_bytes: int = 256 * 2**20,
-    max_output_bytes: int = 64 * 2**10,
-) -> ExecutionResult:
-    """Run `code` as a Python program in a fresh, limited interpreter; never raises for what the code does."""
-    if timeout <= 0 or max_memory_bytes <= 0 or max_output_bytes <= 0:
-        raise ValueError("timeout, max_memory_bytes and max_output_bytes must be positive")
-    with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir:
-        workdir = os.path.realpath(workdir)
-        program_path = os.path.join(workdir, "program.py")
-        with open(program_path, "w", encoding="utf-8") as f:
-            f.write(code)
-        status_r, status_w = os.pipe()
-        try:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-I",
-                    "-X",
-                    "utf8",
-                    "-c",
-                    _PRELUDE,
-                    str(status_w),
-                    program_path,
-                    str(timeout),
-                    str(max_memory_bytes),
-                    str(16 * 2**20),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=workdir,
-                env=_minimal_env(workdir),
-                pass_fds=(status_w,),
-                start_new_session=True,
-            )
-        finally:
-            os.close(status_w)
-        return _supervise(proc, status_r, timeout, max_output_bytes)
-
-
 def _supervise(
-    proc: subprocess.Popen, status_r: int, timeout: float, max_output_bytes: int
+    proc: subprocess.Popen, stdin: bytes, nonce: bytes, timeout: float, max_output_bytes: int
 ) -> ExecutionResult:
-    """Collect the child's output until it ends, floods or runs out of time; then kill its group."""
+    """Feed the program, collect its output until it ends, floods or runs out of time; then kill its group."""
     deadline = time.monotonic() + timeout
-    buffers = {"stdout": bytearray(), "stderr": bytearray(), "status": bytearray()}
+    # the prelude reads all of stdin before anything else, so this cannot block for long; an
+    # OSError means the child died at once, and its exit status tells why
+    with contextlib.suppress(OSError):
+        proc.stdin.write(stdin)
+    with contextlib.suppress(OSError):
+        proc.stdin.close()
+    marker = b"\0" + nonce
+    caps = {"stdout": max_output_bytes + len(marker), "stderr": max_output_bytes}
+    buffers = {"stdout": bytearray(), "stderr": bytearray()}
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
     sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
-    status_file = os.fdopen(status_r, "rb", buffering=0)
-    sel.register(status_file, selectors.EVENT_READ, "status")
     timed_out = flooded = False
     exited_at = None
     try:
-        while sel.get_map():
+        while sel.get_map() and not flooded:
             now = time.monotonic()
             if now >= deadline:
                 timed_out = True
@@ -255,12 +359,9 @@ def _supervise(
                 if not chunk:
                     sel.unregister(key.fileobj)
                     continue
-                buf = buffers[key.data]
-                buf += chunk[: max_output_bytes + 1 - len(buf)] if key.data != "status" else chunk[:4096]
-                if key.data != "status" and len(buf) > max_output_bytes:
-                    flooded = True
-            if flooded:
-                break
+                buf, cap = buffers[key.data], caps[key.data]
+                buf += chunk[: cap + 1 - len(buf)]
+                flooded = flooded or len(buf) > cap
         if not timed_out and not flooded:
             # pipes closed: give the child until the deadline to actually exit
             while not _has_exited(proc) and time.monotonic() < deadline:
@@ -270,16 +371,18 @@ def _supervise(
         _kill_group(proc.pid)  # also takes down any descendant; the unreaped leader keeps the group id
         returncode = proc.wait()
         sel.close()
-        status_file.close()
         proc.stdout.close()
         proc.stderr.close()
 
-    stdout = bytes(buffers["stdout"][:max_output_bytes]).decode("utf-8", errors="replace")
-    stderr = bytes(buffers["stderr"][:max_output_bytes]).decode("utf-8", errors="replace")
-    try:
-        status = json.loads(bytes(buffers["status"]).decode("utf-8", errors="replace").splitlines()[0])
-    except (IndexError, ValueError):
-        status = None
+    out, err = bytes(buffers["stdout"]), bytes(buffers["stderr"])
+    finished = returncode == 0 and out.endswith(marker)
+    out = out[: -len(marker)] if finished else out
+    flooded = flooded or len(out) > max_output_bytes
+    stdout = out[:max_output_bytes].decode("utf-8", errors="replace")
+    stderr = err[:max_output_bytes].decode("utf-8", errors="replace")
+    last_line = (stderr.strip().splitlines() or [""])[-1][:2000]
+    # the signal that ended the program: bwrap reports it as exit status 128 + N
+    signum = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
 
     def failed(error: str, **flags: bool) -> ExecutionResult:
         return ExecutionResult(False, stdout, stderr, error, **flags)
@@ -288,17 +391,20 @@ def _supervise(
         return failed(f"timed out after {timeout:g} s", timeout=True)
     if flooded:
         return failed(f"output exceeded {max_output_bytes} bytes; the program was stopped")
-    if returncode == -signal.SIGXCPU:
+    if signum == signal.SIGXCPU:
         return failed("exceeded the CPU time limit", timeout=True)
-    if isinstance(status, dict) and status.get("status") == "memory":
-        return failed(status.get("error") or "MemoryError", memory_exceeded=True)
-    if isinstance(status, dict) and status.get("status") == "error":
-        return failed(status.get("error") or "the program raised an exception")
-    if isinstance(status, dict) and status.get("status") == "ok" and returncode == 0:
+    if finished:
         return ExecutionResult(True, stdout, stderr)
-    # no (valid) status: the interpreter itself died
-    if "MemoryError" in stderr:
+    if "MemoryError" in last_line:
         return failed("MemoryError: the program exceeded its memory limit", memory_exceeded=True)
-    if returncode < 0:
-        return failed(f"the program was killed by signal {signal.Signals(-returncode).name}")
-    return failed(f"the interpreter exited with code {returncode} without finishing the program")
+    if signum in signal.valid_signals():
+        return failed(f"the program was killed by signal {signal.Signals(signum).name}")
+    if returncode == 0:
+        return failed("the program stopped before its end (exit status 0 without finishing)")
+    return failed(last_line or f"the interpreter exited with code {returncode}")
+
+
+if __name__ == "__main__":  # `python -m nanochat.execution`: can model code run isolated here? (exit 1: no)
+    problem = isolation_problem()
+    print(f"code sandbox: NO isolation: {problem}" if problem else "code sandbox: OS isolation works")
+    sys.exit(problem is not None)

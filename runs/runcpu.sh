@@ -81,7 +81,11 @@ TAG="d${DEPTH}"
 DEV=(--device-type "$DEVICE_TYPE")
 EVAL_TASKS="Arithmetic|SimpleSpelling|SpellingBee"
 if [[ -n "${NANOCHAT_TASK_DATA:-}" ]]; then  # local copies of the ChatCORE tasks: evaluate those too
-    EVAL_TASKS="$EVAL_TASKS|ARC-Easy|ARC-Challenge|MMLU|GSM8K|HumanEval"
+    EVAL_TASKS="$EVAL_TASKS|ARC-Easy|ARC-Challenge|MMLU|GSM8K"
+    # HumanEval runs model-written code: only in the OS sandbox (bubblewrap); it says why when not
+    if [[ "$DRY_RUN" == 1 ]] || "${PY[@]}" -m nanochat.execution; then
+        EVAL_TASKS="$EVAL_TASKS|HumanEval"
+    fi
 fi
 CHAT_EVAL=(-m scripts.chat_eval -g "$TAG" -a "$EVAL_TASKS" -x "$EVAL_X" --max-new-tokens 128 "${DEV[@]}")
 

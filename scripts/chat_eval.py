@@ -9,6 +9,8 @@ Evaluate a chat model on the chat benchmarks and compute ChatCORE.
 - ChatCORE = mean over the six standard tasks of (acc - baseline) / (1 - baseline); with any of
   them missing, the mean over those that ran is reported as partial, naming the missing ones.
 - All task data is opened before the model is loaded, so that missing data fails in seconds.
+- HumanEval runs model-written code: only in the OS-isolated sandbox (bubblewrap), unless
+  --allow-unisolated-code accepts the best-effort mode (see nanochat/execution.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 from nanochat.checkpoint_manager import CheckpointError, add_model_flags, load_model
 from nanochat.common import compute_cleanup, compute_init, exit_with_error, print0, setup_logging
+from nanochat.execution import require_isolation
 from nanochat.report import get_report
 from nanochat.task_eval import task_accuracy
 from tasks.arc import ARC
@@ -89,6 +92,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add("--max-new-tokens", type=int, default=512, help="token budget per generated answer")
     add("--batch-size", type=int, default=8, help="questions per forward pass (categorical tasks)")
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    add(
+        "--allow-unisolated-code",
+        action="store_true",
+        help="run HumanEval's model-written code without OS isolation where bubblewrap is unavailable",
+    )
     args = parser.parse_args(argv)
     if args.max_problems is not None and args.max_problems < 1:
         parser.error(f"-x/--max-problems must be >= 1, got {args.max_problems}")
@@ -104,10 +112,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(str(e))
 
     setup_logging()
-    try:  # data first: a missing dataset fails in seconds, its message naming NANOCHAT_TASK_DATA
+    try:  # the sandbox, then the data: each fails in seconds, naming the fix
+        if "HumanEval" in names and not args.allow_unisolated_code:
+            require_isolation()  # SandboxUnavailable is a RuntimeError
         tasks = {name: TASKS[name]() for name in names}
     except (FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"chat_eval: {e}") from None
+    if "HumanEval" in tasks:
+        tasks["HumanEval"].isolated = not args.allow_unisolated_code
     _, _, _, _, device = compute_init(args.device_type)
     try:
         model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)

@@ -2,7 +2,8 @@
 
 Design choices:
 - The user message is the function stub (signature + docstring); the gold reply the whole function.
-- `evaluate` runs `stub + code + tests + check(entry_point)` in the sandbox, where code is the
+- `evaluate` runs `stub + code + tests + check(entry_point)` in the sandbox (OS-isolated unless
+  `isolated=False`; see nanochat/execution.py), where code is the
   completion's first fenced block (else all of it). With the stub first, a bare body continues
   it and a full function redefines it: both kinds of answer work.
 - Local file: `$NANOCHAT_TASK_DATA/humaneval/HumanEval.jsonl.gz`.
@@ -29,9 +30,11 @@ def build_program(prompt: str, completion: str, test: str, entry_point: str) -> 
 class HumanEval(Task):
     """HumanEval function-completion problems, graded by running their tests."""
 
-    def __init__(self, timeout: float = 5.0, max_memory_bytes: int = 512 * 1024**2, **view):
+    def __init__(
+        self, timeout: float = 5.0, max_memory_bytes: int = 512 * 1024**2, isolated: bool = True, **view
+    ):
         super().__init__(**view)
-        self.timeout, self.max_memory_bytes = timeout, max_memory_bytes
+        self.timeout, self.max_memory_bytes, self.isolated = timeout, max_memory_bytes, isolated
         self.rows = load_task_rows(
             "HumanEval", "humaneval/HumanEval.jsonl.gz", ("openai/openai_humaneval", None, "test")
         )
@@ -50,4 +53,5 @@ class HumanEval(Task):
     def evaluate(self, conversation: dict, completion: str) -> bool:
         prompt = conversation["messages"][0]["content"]
         program = build_program(prompt, completion, conversation["test"], conversation["entry_point"])
-        return execute_code(program, timeout=self.timeout, max_memory_bytes=self.max_memory_bytes).success
+        limits = dict(timeout=self.timeout, max_memory_bytes=self.max_memory_bytes, isolated=self.isolated)
+        return execute_code(program, **limits).success

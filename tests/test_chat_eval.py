@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import nanochat.task_eval as task_eval
+from nanochat import execution
 from nanochat.task_eval import task_accuracy
 from scripts.chat_eval import chatcore, parse_task_names
 from scripts.chat_eval import main as chat_eval_main
@@ -338,6 +339,18 @@ def test_chat_eval_names_the_data_variable_when_task_data_is_missing(tmp_path, m
     assert not (tmp_path / "report").exists()
 
 
+def test_chat_eval_refuses_humaneval_without_os_isolation_unless_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path / "no_such_folder"))
+    monkeypatch.setattr(execution, "isolation_problem", lambda: "bubblewrap is not installed")
+    with pytest.raises(SystemExit) as exc:
+        chat_eval_main(["-i", "sft", "-a", "HumanEval", "--device-type", "cpu"])
+    assert "bubblewrap is not installed" in str(exc.value) and "--allow-unisolated-code" in str(exc.value)
+    with pytest.raises(SystemExit) as exc:  # accepted: past the sandbox check, to the missing data
+        chat_eval_main(["-i", "sft", "-a", "HumanEval", "--device-type", "cpu", "--allow-unisolated-code"])
+    assert "bubblewrap" not in str(exc.value) and "NANOCHAT_TASK_DATA" in str(exc.value)
+
+
 def test_chat_eval_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as exc:
         chat_eval_main(["--help"])
@@ -355,6 +368,7 @@ def test_chat_eval_help_lists_every_flag(capsys):
         "-s",
         "--batch-size",
         "--device-type",
+        "--allow-unisolated-code",
     ]
     for flag in flags:
         assert f" {flag}" in out, flag

@@ -1,95 +1,167 @@
-"""The sandbox for untrusted Python: every attack is contained and reported, and the caller keeps working."""
+"""The sandbox for untrusted Python, attacked as a model (or an RL run hunting for reward) would.
+
+Every attack test checks the side effect did not happen, not just the reported status. Attacks
+run in both modes where the mode claims to stop them; the isolated mode (bubblewrap) must stop
+all of them, including those that first undo the in-interpreter guards.
+"""
 
 import gzip
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from textwrap import dedent
 
 import pytest
 
-from nanochat.execution import ExecutionResult, execute_code
-
-HUMANEVAL = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks" / "humaneval" / "HumanEval.jsonl.gz"
+from nanochat import execution
+from nanochat.execution import (
+    TMPFS_BYTES,
+    ExecutionResult,
+    SandboxUnavailable,
+    execute_code,
+    isolation_problem,
 )
 
+REPO = Path(__file__).resolve().parents[1]
+HUMANEVAL = REPO.parent / "shared" / "data" / "tasks" / "humaneval" / "HumanEval.jsonl.gz"
+ISOLATION = isolation_problem()
+needs_isolation = pytest.mark.skipif(ISOLATION is not None, reason=f"no OS isolation here: {ISOLATION}")
+BOTH = [pytest.param(True, marks=needs_isolation, id="isolated"), pytest.param(False, id="best-effort")]
+pytestmark = pytest.mark.filterwarnings("ignore:running untrusted code WITHOUT OS isolation")
 
-def test_normal_program_succeeds_and_captures_output():
-    result = execute_code("import sys\nprint('hello', 6 * 7)\nprint('warn', file=sys.stderr)")
+# Undo the best-effort guards from inside: `_io` was never blocked, and re-importing a built-in
+# module restores its original functions.
+UNDO_GUARDS = """
+import sys, builtins, _io
+builtins.open = _io.open
+for name in ("posix", "os", "shutil", "signal", "socket", "_socket", "select", "selectors", "subprocess",
+             "_posixsubprocess", "ctypes", "_ctypes"):
+    sys.modules.pop(name, None)
+import os
+"""
+
+
+def run(code: str, isolated: bool = True, **limits) -> ExecutionResult:
+    return execute_code(code, isolated=isolated, **{"timeout": 5.0, **limits})
+
+
+def sandbox_processes() -> list[int]:
+    """Host pids of every process still running the sandbox (its prelude is on their command line)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and b"nanochat sandbox prelude" in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+# -----------------------------------------------------------------------------
+# Behaviour in both modes
+
+
+@pytest.mark.parametrize("isolated", BOTH)
+def test_normal_program_succeeds_with_its_output_and_exceptions_fail_with_their_message(isolated):
+    result = run("import sys\nprint('hello', 6 * 7)\nprint('warn', file=sys.stderr)", isolated)
     assert result == ExecutionResult(True, "hello 42\n", "warn\n", None, False, False)
-
-
-def test_exception_is_reported_with_its_type_and_traceback():
-    result = execute_code("def f():\n    raise ValueError('bad value')\nf()")
+    result = run("print('no newline', end='')", isolated)
+    assert result.success and result.stdout == "no newline"
+    result = run("def f():\n    raise ValueError('bad value')\nf()", isolated)
     assert not result.success and not result.timeout and not result.memory_exceeded
-    assert result.error == "ValueError: bad value"
-    assert "Traceback" in result.stderr and "program.py" in result.stderr
+    assert result.error == "ValueError: bad value" and "program.py" in result.stderr
+    result = run("def f(n):\n    return f(n + 1)\nf(0)", isolated)
+    assert result.error.startswith("RecursionError")
+    result = run("name = input('name? ')", isolated)
+    assert result.error.startswith("EOFError")
 
 
-def test_infinite_loop_times_out():
+@pytest.mark.parametrize("isolated", BOTH)
+def test_time_memory_and_output_limits_hold(isolated):
     start = time.monotonic()
-    result = execute_code("while True:\n    pass", timeout=1.0)
-    assert result.timeout and not result.success
-    assert time.monotonic() - start < 4
+    result = run("while True:\n    pass", isolated, timeout=1.0)
+    assert result.timeout and not result.success and time.monotonic() - start < 4
+    result = run("import time\ntime.sleep(60)", isolated, timeout=1.0)
+    assert result.timeout and time.monotonic() - start < 8
+    deadline = time.monotonic() + 2  # the sandbox dies with the killed bwrap, a moment later
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sandbox_processes() == []
+    for code in ("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))", "x = 'a' * (10**10)"):
+        result = run(code, isolated)
+        assert result.memory_exceeded and not result.success, code
+    # the memory limit is a hard limit: raising it again is refused
+    code = "import resource\ninf = resource.RLIM_INFINITY\nresource.setrlimit(resource.RLIMIT_AS, (inf, inf))"
+    assert "ValueError" in run(code, isolated).error
+    start = time.monotonic()
+    result = run("import sys\nsys.stdout.write('x' * 100_000_000)", isolated, max_output_bytes=1000)
+    assert time.monotonic() - start < 4 and "output exceeded" in result.error and result.stdout == "x" * 1000
+    result = run("while True:\n    print('y' * 1000)", isolated, max_output_bytes=5000)
+    assert not result.success and not result.timeout and len(result.stdout) == 5000
+    result = run("import sys\nwhile True:\n    sys.stderr.write('e' * 1000)", isolated, max_output_bytes=5000)
+    assert not result.success and len(result.stderr) == 5000
 
 
-def test_memory_bomb_reports_memory_exceeded():
-    result = execute_code("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))")
-    assert result.memory_exceeded and not result.success and not result.timeout
-    result = execute_code("x = 'a' * (10**10)")
-    assert result.memory_exceeded
+FORGERIES = {
+    "status line on every fd": dedent("""
+        import os
+        for fd in range(3, 64):
+            try:
+                os.write(fd, b'{"status": "ok"}\\n')
+            except OSError:
+                pass"""),
+    "fake end marker then os._exit(0)": "import os\nos.write(1, b'\\0' + b'f' * 32)\nos._exit(0)",
+    "os._exit(0)": "import os\nos._exit(0)",
+    "sys.exit(0)": "import sys\nsys.exit(0)",
+    "raise SystemExit": "raise SystemExit",
+    "exit()": "exit()",
+    "print at exit": "import atexit\natexit.register(print, 'ok')",
+    "kill itself": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
+    "stdout closed": "import os\nos.close(1)",
+}
 
 
-def test_fork_bomb_and_subprocess_are_contained():
-    result = execute_code("import os\nwhile True:\n    os.fork()")
-    assert not result.success and "os.fork is disabled" in result.error
-    result = execute_code("import subprocess\nsubprocess.run(['ls'])")
-    assert not result.success and "subprocess" in result.error
-    result = execute_code("import multiprocessing")
-    assert not result.success
+@pytest.mark.parametrize("isolated", BOTH)
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_failing_program_cannot_report_success(isolated, forgery):
+    result = run(FORGERIES[forgery] + "\nassert False, 'the tests fail'\n", isolated)
+    assert not result.success and result.error
 
 
-def test_os_system_fails_without_running_the_command(tmp_path):
-    marker = tmp_path / "pwned"
-    result = execute_code(f"import os\nos.system('touch {marker}')")
-    assert not result.success and "os.system is disabled" in result.error
-    assert not marker.exists()
-
-
+@pytest.mark.parametrize("isolated", BOTH)
 @pytest.mark.parametrize(
     "attack",
     [
         "import os\nos.remove(TARGET)",
-        "import os\nos.unlink(TARGET)",
         "import pathlib\npathlib.Path(TARGET).unlink()",
         "import shutil, os\nshutil.rmtree(os.path.dirname(TARGET))",
         "import os\nos.rename(TARGET, TARGET + '.moved')",
         "open(TARGET, 'w').write('overwritten')",
-        "import pathlib\npathlib.Path(TARGET).write_text('overwritten')",
         "import os\nos.open(TARGET, os.O_WRONLY | os.O_TRUNC)",
+        "import os\nos.system('rm ' + TARGET)",
+        "import subprocess\nsubprocess.run(['rm', TARGET])",
     ],
 )
-def test_deleting_or_overwriting_a_file_outside_the_temp_dir_fails(tmp_path, attack):
+def test_files_outside_the_temp_dir_survive(tmp_path, isolated, attack):
     target = tmp_path / "precious.txt"
     target.write_text("keep me")
-    result = execute_code(f"TARGET = {str(target)!r}\n" + attack)
-    assert not result.success and "disabled" in result.error
-    assert target.read_text() == "keep me"
+    run(f"TARGET = {str(target)!r}\n" + attack, isolated)
+    assert target.read_text() == "keep me" and sorted(tmp_path.iterdir()) == [target]
 
 
-def test_program_can_write_files_in_its_own_temp_dir_which_is_deleted_afterwards():
-    code = "import os\nopen('scratch.txt', 'w').write('data')\nprint(open('scratch.txt').read(), os.getcwd())"
-    result = execute_code(code)
-    assert result.success
-    content, workdir = result.stdout.split()
-    assert content == "data" and not Path(workdir).exists()
-
-
-def test_parent_environment_secrets_are_not_visible(monkeypatch):
+@pytest.mark.parametrize("isolated", BOTH)
+def test_the_environment_is_scrubbed_and_the_scratch_dir_is_private(monkeypatch, isolated):
     monkeypatch.setenv("NANOCHAT_TEST_SECRET", "hunter2")
-    result = execute_code(
-        "import os\nprint(sorted(os.environ))\nprint(os.environ.get('NANOCHAT_TEST_SECRET'))"
+    result = run(
+        "import os\nprint(sorted(os.environ))\nprint(os.environ.get('NANOCHAT_TEST_SECRET'))", isolated
     )
     assert result.success and "hunter2" not in result.stdout
     assert set(eval(result.stdout.splitlines()[0])) <= {
@@ -99,71 +171,37 @@ def test_parent_environment_secrets_are_not_visible(monkeypatch):
         "HOME",
         "TMPDIR",
         "LC_CTYPE",
+        "PWD",
     }
-    result = execute_code("import os\nprint(open(f'/proc/{os.getppid()}/environ').read())")
-    assert not result.success and "hunter2" not in result.stdout
-
-
-def test_parent_globals_are_not_visible():
-    result = execute_code("print(sorted(k for k in globals() if not k.startswith('__')))")
+    for path in ("/proc/{os.getppid()}/environ", "/proc/1/environ"):
+        result = run(f"import os\nprint(open(f'{path}').read())", isolated)
+        assert "hunter2" not in result.stdout + result.stderr
+    result = run("print(sorted(k for k in globals() if not k.startswith('__')))", isolated)
     assert result.success and result.stdout == "[]\n"
+    code = "import os\nopen('scratch.txt', 'w').write('data')\nprint(open('scratch.txt').read(), os.getcwd())"
+    result = run(code, isolated)
+    content, workdir = result.stdout.split()
+    assert result.success and content == "data"
+    assert not Path(workdir).is_dir() or not (Path(workdir) / "scratch.txt").exists()
 
 
-def test_opening_a_socket_fails():
-    result = execute_code("import socket\ns = socket.socket()\ns.connect(('127.0.0.1', 80))")
-    assert not result.success and "socket" in result.error
-    result = execute_code("import urllib.request\nurllib.request.urlopen('http://127.0.0.1')")
-    assert not result.success
+def test_best_effort_mode_warns_what_it_does_not_protect():
+    with pytest.warns(UserWarning, match="WITHOUT OS isolation.*network.*commands.*files"):
+        execute_code("pass", isolated=False)
 
 
-def test_printing_100_mb_is_bounded_and_stops_quickly():
-    start = time.monotonic()
-    result = execute_code("import sys\nsys.stdout.write('x' * 100_000_000)", max_output_bytes=1000)
-    assert time.monotonic() - start < 4
-    assert not result.success and "output exceeded" in result.error
-    assert result.stdout == "x" * 1000
-    result = execute_code("while True:\n    print('y' * 1000)", max_output_bytes=5000)
-    assert not result.success and not result.timeout and len(result.stdout) == 5000
+def test_best_effort_guards_stop_plain_calls_but_can_be_undone_as_documented(tmp_path):
+    marker = tmp_path / "escaped"
+    result = run(f"import os\nos.system('touch {marker}')", isolated=False)
+    assert "os.system is disabled" in result.error and not marker.exists()
+    result = run(UNDO_GUARDS + f"os.system('touch {marker}')", isolated=False)
+    assert marker.exists()  # the module docstring and the warning say so: not a boundary
 
 
-def test_deep_recursion_reports_recursion_error():
-    result = execute_code("def f(n):\n    return f(n + 1)\nf(0)")
-    assert not result.success and result.error.startswith("RecursionError")
-
-
-def test_input_fails_cleanly():
-    start = time.monotonic()
-    result = execute_code("name = input('name? ')")
-    assert not result.success and not result.timeout and result.error.startswith("EOFError")
-    assert time.monotonic() - start < 3
-
-
-def test_exiting_early_counts_as_failure():
-    for code in ("exit(0)", "import sys\nsys.exit()", "import os\nos._exit(0)"):
-        result = execute_code(code + "\nassert False, 'tests were skipped'")
-        assert not result.success, code
-
-
-def test_parent_keeps_working_after_every_attack():
-    attacks = [
-        "while True: pass",
-        "x = [bytearray(10**7) for _ in range(1000)]",
-        "import os\nos.fork()",
-        "import os\nos.kill(os.getppid(), 9)",
-        "import os\nos.killpg(0, 9)",
-        "import signal, os\nsignal.pthread_kill(0, 9)",
-        "print('z' * 10**6)",
-        "def f(): f()\nf()",
-    ]
-    for code in attacks:
-        assert not execute_code(code, timeout=1.0, max_output_bytes=1000).success, code
-    assert execute_code("print(sum(range(10)))") == ExecutionResult(True, "45\n", "", None, False, False)
-
-
-def test_works_without_os_waitid_as_on_older_macos(monkeypatch):
+def test_best_effort_mode_works_without_os_waitid_as_on_older_macos(monkeypatch):
     monkeypatch.delattr("os.waitid")
-    assert execute_code("print('mac')") == ExecutionResult(True, "mac\n", "", None, False, False)
-    assert execute_code("while True:\n    pass", timeout=0.5).timeout
+    assert run("print('mac')", isolated=False) == ExecutionResult(True, "mac\n", "", None, False, False)
+    assert run("while True:\n    pass", isolated=False, timeout=0.5).timeout
 
 
 def test_rejects_nonpositive_limits():
@@ -171,8 +209,203 @@ def test_rejects_nonpositive_limits():
         execute_code("pass", timeout=0)
 
 
+def test_without_bubblewrap_isolated_runs_are_refused_with_the_fix(monkeypatch):
+    monkeypatch.setattr(execution.shutil, "which", lambda name: None)
+    monkeypatch.setattr(execution.sys, "platform", "linux")
+    execution.isolation_problem.cache_clear()
+    try:
+        assert "apt-get install bubblewrap" in isolation_problem()
+        with pytest.raises(SandboxUnavailable, match="bubblewrap.*--allow-unisolated-code"):
+            execute_code("print(1)")
+    finally:
+        monkeypatch.undo()
+        execution.isolation_problem.cache_clear()
+
+
+# -----------------------------------------------------------------------------
+# The isolated mode contains every attack, also with the guards undone first
+
+ESCAPES = ["", UNDO_GUARDS]  # each attack as written, and after undoing the best-effort guards
+
+
+@needs_isolation
+@pytest.mark.parametrize("prefix", ESCAPES, ids=["plain", "guards-undone"])
+def test_isolated_no_shell_command_runs(tmp_path, prefix):
+    marker = tmp_path / "pwned"
+    attacks = [
+        f"import os\nos.system('touch {marker}')",
+        f"import subprocess\nsubprocess.run(['/bin/sh', '-c', 'touch {marker}'])",
+        f"import os\nos.execv('/usr/bin/touch', ['touch', '{marker}'])",
+        f"import os\nos.posix_spawn('/usr/bin/touch', ['touch', '{marker}'], {{}})",
+    ]
+    for attack in attacks:
+        run(prefix + attack)
+        assert not marker.exists(), attack
+
+
+@needs_isolation
+@pytest.mark.parametrize("prefix", ESCAPES, ids=["plain", "guards-undone"])
+def test_isolated_no_network_connection_reaches_the_host(prefix):
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    abstract = socket.socket(socket.AF_UNIX)
+    abstract.bind(b"\0nanochat-test-" + uuid.uuid4().hex.encode())
+    abstract.listen()
+    accepted = []
+    for s in (server, abstract):
+        s.settimeout(0.2)
+
+    def accept():
+        for s in (server, abstract):
+            try:
+                accepted.append(s.accept())
+            except OSError:
+                pass
+
+    attack = dedent(f"""
+        import socket
+        try:
+            socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'stolen')
+        except OSError as e:
+            print(e)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({abstract.getsockname()!r})
+        """)
+    result = run(prefix + attack)
+    accept()
+    server.close()
+    abstract.close()
+    assert not result.success and accepted == []
+
+
+@needs_isolation
+def test_isolated_sees_no_host_files_and_writes_nowhere_but_its_tmpfs(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("hunter2")
+    # the home dir is visible only as far as the path to the Python installation, if that lies in it
+    home = [str(p) for p in Path.home().iterdir() if not Path(sys.base_prefix).is_relative_to(p)]
+    readable = ["/etc/passwd", str(secret), str(REPO / "README.md"), "/proc/self/status", *home[:5]]
+    code = dedent(f"""
+        import os
+        for p in {readable!r}:
+            try:
+                print(open(p).read() if os.path.isfile(p) else os.listdir(p))
+            except OSError:
+                print('-')""")
+    result = run(code)
+    assert result.success and result.stdout == "-\n" * len(readable)
+    stdlib = sysconfig.get_path("stdlib")
+    result = run(UNDO_GUARDS + f"open({stdlib + '/nanochat_pwned.py'!r}, 'w').write('pwned')")
+    assert "Read-only file system" in result.error and not Path(stdlib, "nanochat_pwned.py").exists()
+    for target in ("/tmp/filler", "/dev/shm/filler"):  # disk exhaustion
+        code = dedent(f"""
+            n = 0
+            try:
+                while True:
+                    open({target!r} + str(n), 'wb').write(b'x' * 2**20)
+                    n += 1
+            except OSError as e:
+                print(n, e.errno)""")
+        result = run(code)
+        written, errno = map(int, result.stdout.split())
+        assert written * 2**20 <= TMPFS_BYTES and errno in (28, 30), target  # ENOSPC, EROFS
+
+
+@needs_isolation
+@pytest.mark.parametrize("prefix", ESCAPES, ids=["plain", "guards-undone"])
+def test_isolated_cannot_signal_anything_outside(prefix):
+    sentinel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        # pid -1 (everything) only inside a fresh PID namespace, so that a broken sandbox fails this
+        # test through the sentinel instead of killing every process of the machine
+        code = (
+            "import os, signal\n"
+            f"for pid in ([-1] if os.getpid() < 10 else []) + [1, os.getppid(), {sentinel.pid}]:\n"
+            "    try:\n        os.kill(pid, signal.SIGKILL)\n    except OSError:\n        pass\n"
+            "try:\n    os.killpg(0, signal.SIGKILL)\nexcept OSError:\n    pass\n"
+        )
+        run(prefix + code)
+        time.sleep(0.2)
+        assert sentinel.poll() is None  # and this test's own process is obviously still here
+    finally:
+        sentinel.kill()
+        sentinel.wait()
+
+
+@needs_isolation
+@pytest.mark.parametrize("prefix", ESCAPES, ids=["plain", "guards-undone"])
+def test_isolated_no_process_burst_and_no_daemon_outlives_the_run(prefix):
+    token = uuid.uuid4().hex
+    daemon = f"[{sys.executable!r}, '-c', 'import time; time.sleep(30)  # {token}']"
+    attacks = [
+        # a burst of 100 sleepers (bounded, so that a broken sandbox fails this test without
+        # fork-bombing the machine)
+        "import os, time\nfor _ in range(100):\n    if os.fork() == 0:\n"
+        + "        time.sleep(30)\n        os._exit(0)",
+        "import threading, time\nfor _ in range(64):\n"
+        + "    threading.Thread(target=time.sleep, args=(30,)).start()",
+        f"import subprocess\nsubprocess.Popen({daemon}, start_new_session=True)",
+        f"import os\nif os.fork() == 0:\n    os.setsid()\n    os.execv({sys.executable!r}, {daemon})",
+    ]
+    for attack in attacks:
+        start = time.monotonic()
+        result = run(prefix + attack)
+        assert not result.success and time.monotonic() - start < 3, attack
+        assert "PermissionError" in result.error or "RuntimeError" in result.error, result.error
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and token.encode() in _cmdline(p)]
+    assert leftovers == [] and sandbox_processes() == []
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+SLEEPER = "import time\ntime.sleep(60)"
+
+
+@pytest.mark.parametrize("isolated", BOTH)
+def test_a_dying_caller_leaves_no_process_behind_and_isolated_no_temp_dir(tmp_path, isolated):
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import warnings\nwarnings.simplefilter('ignore')\nfrom nanochat.execution import execute_code\n"
+            f"execute_code({SLEEPER!r}, timeout=120, isolated={isolated})",
+        ],
+        cwd=REPO,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not sandbox_processes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sandbox_processes(), "the sandbox never started"
+    finally:
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+    deadline = time.monotonic() + 5
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_processes() == []
+    if isolated:  # the best-effort temp dir stays (documented)
+        assert list(tmp_path.iterdir()) == []
+
+
+@needs_isolation
+def test_isolated_runs_are_independent_when_called_from_many_threads():
+    codes = [f"print({i} * 2)" for i in range(16)] + ["while True: pass", "x = 'a' * 10**10"]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: run(c, timeout=2.0), codes))
+    assert [r.stdout for r in results[:16]] == [f"{i * 2}\n" for i in range(16)]
+    assert results[16].timeout and results[17].memory_exceeded
+
+
+@needs_isolation
 @pytest.mark.skipif(not HUMANEVAL.exists(), reason=f"shared data not found at {HUMANEVAL}")
-def test_humaneval_canonical_solutions_all_pass_and_wrong_ones_fail():
+def test_humaneval_canonical_solutions_all_pass_isolated_and_wrong_ones_fail():
     with gzip.open(HUMANEVAL, "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f]
     assert len(problems) == 164
@@ -181,10 +414,8 @@ def test_humaneval_canonical_solutions_all_pass_and_wrong_ones_fail():
         return f"{problem['prompt']}{solution}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
 
     with ThreadPoolExecutor(4) as pool:
-        results = list(
-            pool.map(lambda p: execute_code(program(p, p["canonical_solution"]), timeout=15), problems)
-        )
-        wrong = list(pool.map(lambda p: execute_code(program(p, "    return None\n")), problems[:8]))
+        results = list(pool.map(lambda p: run(program(p, p["canonical_solution"]), timeout=15), problems))
+        wrong = list(pool.map(lambda p: run(program(p, "    return None\n")), problems[:8]))
     failures = [(p["task_id"], r.error) for p, r in zip(problems, results, strict=True) if not r.success]
     assert failures == []
     assert not any(r.success for r in wrong)

@@ -180,7 +180,7 @@ def test_arc_reletters_numeric_labels_by_position(local_tasks):
 # ------------------------------------------------------------------------------ HumanEval
 
 
-def _subprocess_execute_code(code, timeout, max_memory_bytes):
+def _subprocess_execute_code(code, timeout, max_memory_bytes, isolated):
     """Stand-in for nanochat.execution.execute_code: a fresh interpreter, success = exit code 0."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
     return types.SimpleNamespace(success=proc.returncode == 0, stderr=proc.stderr.decode())
