@@ -422,7 +422,13 @@ def create_app(server: ChatServer) -> FastAPI:
     @app.get("/health")
     async def health():
         workers = len(server.pool.workers)
-        return {"status": "ok", "ready": True, "num_workers": workers, "model": server.model_name}
+        return {
+            "status": "ok",
+            "ready": True,
+            "num_workers": workers,
+            "model": server.model_name,
+            "defaults": server.defaults,  # the sampling settings of requests that leave them out
+        }
 
     @app.get("/stats")
     async def stats():
