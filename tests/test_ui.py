@@ -1,22 +1,39 @@
 """The web UI in a real headless browser (Debian's chromium driven by playwright) against the real
-chat_web server of test_chat_web.py serving its scripted model, whose reply is known exactly.
+chat_web server of test_chat_web.py: its scripted model, whose reply is known exactly, and its
+babbler, which talks until its token budget runs out (for the Stop button).
 
+Replies the scripted model cannot give (Markdown, injected HTML) are either fed to the page's
+renderer directly (`window.nanochatRender`) or streamed to the page by a routed /chat/completions.
 Skipped, with the reason, when no chromium binary is installed (CI: `apt-get install -y chromium`).
 The screenshot goes to the test's tmp_path (ui.png).
 """
 
 import json
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import pytest
-from test_chat_web import scripted_server  # noqa: F401 - the shared server fixture
+from test_chat_web import (
+    SCRIPT_AFTER_TOOL,
+    SCRIPT_BEFORE_TOOL,
+    SCRIPT_EXPR,
+    babbler_server,  # noqa: F401 - the shared server fixtures
+    scripted_server,  # noqa: F401
+)
+
+from nanochat.engine import use_calculator
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
     reason=f"no chromium binary ({CHROMIUM}); install it with apt-get install chromium",
 )
+
+# The scripted reply as the page shows it: the calculator call <<1+2=3>> is a chip.
+SCRIPT_CHIP = f"\U0001f9ee {SCRIPT_EXPR} = {use_calculator(SCRIPT_EXPR)}"
+SCRIPT_SHOWN = SCRIPT_BEFORE_TOOL + SCRIPT_CHIP + SCRIPT_AFTER_TOOL
 
 # Counts text changes inside assistant messages, to see that a reply arrives in several pieces.
 COUNT_UPDATES = """() => {
@@ -29,28 +46,61 @@ COUNT_UPDATES = """() => {
   }).observe(document.getElementById("messages"), { subtree: true, childList: true, characterData: true });
 }"""
 
+# Renders Markdown with the page's own renderer into #probe (created on first use).
+RENDER_PROBE = """(markdown) => {
+  let probe = document.getElementById("probe");
+  if (!probe) {
+    probe = document.createElement("div");
+    probe.id = "probe";
+    probe.className = "message assistant";
+    document.body.appendChild(probe);
+  }
+  window.nanochatRender(markdown, probe);
+}"""
 
-@pytest.fixture
-def page(request):
+# HTML that runs code if it is ever parsed as HTML rather than shown as text.
+INJECTED = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</script><b>bold?</b>'
+
+
+@pytest.fixture(scope="module")
+def browser():
     from playwright.sync_api import sync_playwright
-
-    server = request.getfixturevalue("scripted_server")
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page(viewport={"width": 1000, "height": 700})
-        page.set_default_timeout(30_000)
-        page.sent = []  # request bodies the page POSTed to /chat/completions
-        page.on(
-            "request",
-            lambda r: (
-                page.sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None
-            ),
-        )
-        page.server = server  # its .url, and .reply: what the scripted model answers
-        page.goto(server.url + "/")
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser, server):
+    """A fresh page on `server`'s UI; page.sent collects the bodies it POSTs to /chat/completions."""
+    context = browser.new_context(viewport={"width": 1000, "height": 700})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.sent = []
+    page.on(
+        "request",
+        lambda r: page.sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None,
+    )
+    page.server = server
+    page.goto(server.url + "/")
+    return page
+
+
+# The server fixtures are taken by name: as parameters they would shadow the imports (ruff F811).
+@pytest.fixture
+def page(browser, request):
+    page = open_page(browser, request.getfixturevalue("scripted_server"))
+    yield page
+    page.context.close()
+
+
+@pytest.fixture
+def babbler_page(browser, request):
+    page = open_page(browser, request.getfixturevalue("babbler_server"))
+    yield page
+    page.context.close()
 
 
 def wait_idle(page, n_assistant: int) -> None:
@@ -64,10 +114,27 @@ def texts(page, selector: str) -> list[str]:
     return page.locator(selector).all_inner_texts()
 
 
+def say(page, text: str) -> None:
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+
+
+def route_reply(page, pieces: list[str]) -> None:
+    """Answers the page's next chats with `pieces` as a server-sent event stream, like the server."""
+    events = [{"token": p, "gpu": 0} for p in pieces] + [{"done": True, "finish_reason": "stop"}]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
+    page.route(
+        "**/chat/completions",
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body),
+    )
+
+
+# ---------------------------------------------------------------------------- conversation
+
+
 def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
     from playwright.sync_api import expect
 
-    page.evaluate(COUNT_UPDATES)
     # Shift+Enter is a newline, Enter sends
     page.click("#input")
     page.keyboard.type("first line")
@@ -77,17 +144,15 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
     page.keyboard.press("Enter")
     wait_idle(page, 1)
     assert texts(page, ".message.user") == ["first line\nsecond line"]
-    expect(page.locator(".message.assistant")).to_have_text(page.server.reply)
-    assert page.evaluate("window.__updates") > 3  # the reply streamed in pieces
+    expect(page.locator(".message.assistant")).to_have_text(SCRIPT_SHOWN)
     assert page.sent[-1]["messages"] == [{"role": "user", "content": "first line\nsecond line"}]
     assert page.input_value("#input") == ""
 
-    # a second turn carries the whole conversation
-    page.fill("#input", "and again")
-    page.press("#input", "Enter")
+    # a second turn carries the whole conversation, the reply as the server wrote it
+    say(page, "and again")
     wait_idle(page, 2)
     assert [m["role"] for m in page.sent[-1]["messages"]] == ["user", "assistant", "user"]
-    assert page.sent[-1]["messages"][1]["content"] == page.server.reply
+    assert page.sent[-1]["messages"][1] == {"role": "assistant", "content": page.server.reply}
     page.screenshot(path=str(tmp_path / "ui.png"))
     assert (tmp_path / "ui.png").stat().st_size > 1000
 
@@ -97,7 +162,7 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
     assert len(page.sent) == 3
     assert page.sent[-1]["messages"] == [{"role": "user", "content": "first line\nsecond line"}]
     assert texts(page, ".message.user") == ["first line\nsecond line"]
-    expect(page.locator(".message.assistant")).to_have_text(page.server.reply)
+    expect(page.locator(".message.assistant")).to_have_text(SCRIPT_SHOWN)
 
     # clicking a user message edits it; Enter resends from there
     page.locator(".message.user").first.click()
@@ -115,26 +180,60 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
     expect(page.locator("#empty")).to_be_visible()
 
 
+def test_ui_calculator_call_is_a_tool_chip(page):
+    from playwright.sync_api import expect
+
+    say(page, "add them")
+    wait_idle(page, 1)
+    reply = page.locator(".message.assistant")
+    expect(reply.locator(".tool-chip")).to_have_count(1)
+    expect(reply.locator(".tool-chip")).to_have_text(SCRIPT_CHIP)
+    expect(reply.locator(".tool-chip.refused")).to_have_count(0)
+    assert "<<" not in reply.inner_text() and ">>" not in reply.inner_text()
+
+    # a refused call (no result) is a chip too, marked refused; inside code it stays literal text
+    page.evaluate(RENDER_PROBE, "a <<2**999>> b\n\n`<<1+1=2>>`\n\n```\n<<3*3=9>>\n```")
+    expect(page.locator("#probe .tool-chip.refused")).to_have_text("\U0001f9ee 2**999")
+    expect(page.locator("#probe .tool-chip")).to_have_count(1)
+    expect(page.locator("#probe p code")).to_have_text("<<1+1=2>>")
+    expect(page.locator("#probe pre code")).to_have_text("<<3*3=9>>")
+
+
+def test_ui_header_shows_model_and_the_sampling_settings_in_effect(page):
+    from playwright.sync_api import expect
+
+    health = httpx.get(page.server.url + "/health", timeout=10).json()
+    defaults = health["defaults"]
+    expect(page.locator("#model")).to_have_text(health["model"])
+    expect(page.locator("#settings")).to_have_text(
+        f"temperature {defaults['temperature']:g} \u00b7 top-k {defaults['top_k']} "
+        f"\u00b7 max tokens {defaults['max_tokens']}"
+    )
+    say(page, "/topk 7")  # one override; the others stay the server's
+    expect(page.locator("#settings")).to_have_text(
+        f"temperature {defaults['temperature']:g} \u00b7 top-k 7 \u00b7 max tokens {defaults['max_tokens']}"
+    )
+
+
 def test_ui_slash_commands_set_sampling_and_help(page):
     from playwright.sync_api import expect
 
-    for command in ("/temperature 0.25", "/topk 7", "/help", "/temperature 9", "/bogus"):
-        page.fill("#input", command)
-        page.press("#input", "Enter")
+    for command in ("/temperature 0.25", "/topk 7", "/maxtokens 300", "/help", "/temperature 9", "/bogus"):
+        say(page, command)
     notices = texts(page, ".notice")
     assert "temperature set to 0.25" in notices[0] and "top-k set to 7" in notices[1]
-    assert "/temperature" in notices[2] and "/topk" in notices[2] and "/clear" in notices[2]
+    assert "max tokens set to 300" in notices[2]
+    assert all(c in notices[3] for c in ("/temperature", "/topk", "/maxtokens", "/clear"))
     assert len(texts(page, ".notice.error")) == 2  # out of range, unknown command
-    expect(page.locator("#settings")).to_have_text("temperature 0.25 \u00b7 top-k 7")
+    expect(page.locator("#settings")).to_have_text("temperature 0.25 \u00b7 top-k 7 \u00b7 max tokens 300")
     assert page.sent == []  # commands are not chat messages
 
-    page.fill("#input", "hi")
-    page.press("#input", "Enter")
+    say(page, "hi")
     wait_idle(page, 1)
-    assert page.sent[-1]["temperature"] == 0.25 and page.sent[-1]["top_k"] == 7
+    sent = page.sent[-1]
+    assert sent["temperature"] == 0.25 and sent["top_k"] == 7 and sent["max_tokens"] == 300
 
-    page.fill("#input", "/clear")
-    page.press("#input", "Enter")
+    say(page, "/clear")
     assert page.locator(".message").count() == 0
 
 
@@ -142,9 +241,136 @@ def test_ui_shows_server_errors_and_gives_the_text_back(page):
     from playwright.sync_api import expect
 
     too_long = "x" * 8001
-    page.fill("#input", too_long)
-    page.press("#input", "Enter")
+    say(page, too_long)
     expect(page.locator(".notice.error")).to_contain_text("8000")
     wait_idle(page, 0)
     assert page.locator(".message").count() == 0  # the rejected turn is taken out again
     assert page.input_value("#input") == too_long  # ... and its text is back in the box to fix
+
+
+# ---------------------------------------------------------------------------- markdown
+
+
+def test_ui_renders_markdown_blocks_and_inline(page):
+    from playwright.sync_api import expect
+
+    markdown = "\n".join(
+        [
+            "## Title",
+            "Some **bold *and it*** and *it* and `x < y`, 2*3*4 stays.",
+            "a second line",
+            "",
+            "- one",
+            "- two with `code`",
+            "  continued",
+            "",
+            "3. three",
+            "",
+            "4. four",
+            "",
+            "Links: [ok](https://example.com/a?b=1), [js](javascript:alert(1)), [rel](/x).",
+        ]
+    )
+    page.evaluate(RENDER_PROBE, markdown)
+    probe = page.locator("#probe")
+    expect(probe.locator("h2")).to_have_text("Title")
+    expect(probe.locator("strong")).to_have_text("bold and it")
+    expect(probe.locator("strong em")).to_have_text("and it")
+    expect(probe.locator("p > em")).to_have_text("it")
+    expect(probe.locator("p code")).to_have_text("x < y")
+    assert probe.locator("p").first.inner_text().endswith("2*3*4 stays.\na second line")
+    assert texts(page, "#probe ul > li") == ["one", "two with code\ncontinued"]
+    assert texts(page, "#probe ol > li") == ["three", "four"]  # one list across the blank line
+    assert probe.locator("ol").get_attribute("start") == "3"
+    link = probe.locator("a")
+    expect(link).to_have_count(1)  # only the http(s) link is a link; the others stay text
+    assert link.get_attribute("href") == "https://example.com/a?b=1"
+    assert link.get_attribute("rel") == "noopener noreferrer" and link.get_attribute("target") == "_blank"
+    expect(probe.locator("p").last).to_contain_text("[js](javascript:alert(1)), [rel](/x).")
+
+    # a code block still streaming (no closing fence yet) is already a code block
+    page.evaluate(RENDER_PROBE, "Here:\n```js\nlet a = 1 * 2 * 3;\n**not bold**")
+    expect(probe.locator("pre code")).to_have_count(1)
+    expect(probe.locator("pre code")).to_have_text("let a = 1 * 2 * 3;\n**not bold**")
+    assert probe.locator("pre code").get_attribute("class") == "language-js"
+    expect(probe.locator("strong")).to_have_count(0)
+
+
+def test_ui_streamed_code_block_has_a_working_copy_button(page):
+    from playwright.sync_api import expect
+
+    # the fence and the code arrive split across pieces, as a model streams them
+    pieces = ["Try this:\n\n``", "`py", "thon\nprint('<b>hi</b>')\nx = 2", "\n```\n", "Done **now**."]
+    route_reply(page, pieces)
+    say(page, "code please")
+    wait_idle(page, 1)
+    reply = page.locator(".message.assistant")
+    expect(reply.locator("pre code")).to_have_count(1)
+    expect(reply.locator("pre code")).to_have_text("print('<b>hi</b>')\nx = 2")
+    expect(reply.locator("strong")).to_have_text("now")
+    expect(reply.locator("b")).to_have_count(0)
+
+    copy = reply.locator(".code-block button.copy")
+    expect(copy).to_have_text("Copy")
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "print('<b>hi</b>')\nx = 2"
+    expect(copy).to_have_text("Copy", timeout=5000)  # only briefly
+    assert len(page.sent) == 1  # clicking Copy did not regenerate the reply
+
+
+def test_ui_shows_injected_html_as_text(page):
+    from playwright.sync_api import expect
+
+    # in a streamed reply, in the renderer's every inline form, and in the user's own message
+    route_reply(page, [INJECTED[:9], INJECTED[9:40], INJECTED[40:], "\n\n# " + INJECTED])
+    say(page, INJECTED)
+    wait_idle(page, 1)
+    expect(page.locator(".message.user")).to_have_text(INJECTED)
+    expect(page.locator(".message.assistant p")).to_have_text(INJECTED)
+    expect(page.locator(".message.assistant h1")).to_have_text(INJECTED)
+    link = f'[{INJECTED}](https://e.com/"><img/src=x/onerror=window.__pwned=3>)'
+    inline_forms = f"**{INJECTED}** *{INJECTED}* `{INJECTED}` <<{INJECTED}>> {link}"
+    page.evaluate(RENDER_PROBE, f"{inline_forms}\n\n```html\n{INJECTED}\n```")
+    expect(page.locator("#probe a")).to_have_text(INJECTED)
+    expect(page.locator("#probe pre code")).to_have_text(INJECTED)
+    for where in ("#messages", "#probe"):
+        assert page.locator(f"{where} :is(img, script, b)").count() == 0
+    assert page.evaluate("window.__pwned") is None
+
+
+# ---------------------------------------------------------------------------- stop
+
+
+def test_ui_stop_button_and_esc_cancel_the_generation(babbler_page):
+    from playwright.sync_api import expect
+
+    page, server = babbler_page, babbler_page.server
+    say(page, "/maxtokens 4000")  # ~2000 tokens of budget (the context's size): seconds of work
+    for turn, stop in enumerate([lambda: page.click("#send"), lambda: page.keyboard.press("Escape")]):
+        before = server.stats()
+        page.evaluate(COUNT_UPDATES)
+        say(page, f"talk {turn}")
+        reply = page.locator(".message.assistant").nth(turn)
+        # the reply shows up piece by piece while it streams
+        page.wait_for_function('() => window.__updates > 3 && document.body.dataset.busy === "true"')
+        expect(page.locator("#send")).to_have_text("Stop")
+        started = time.time()
+        stop()
+        wait_idle(page, turn + 1)
+        assert time.time() - started < 5
+        expect(page.locator("#send")).to_have_text("Send")
+        expect(reply.locator(".reply-note")).to_have_text("stopped")
+        assert "stopped" in reply.get_attribute("class")
+        assert len(reply.inner_text()) > len("stopped")  # the partial reply stays
+
+        deadline = time.time() + 10
+        while (stats := server.stats())["busy"] > 0 and time.time() < deadline:
+            time.sleep(0.05)
+        assert stats["busy"] == 0
+        assert stats["requests_cancelled"] == before["requests_cancelled"] + 1
+        assert stats["tokens_generated"] - before["tokens_generated"] < 1500  # stopped early
+
+    # the partial first reply went back to the server as the conversation's context
+    assert [m["role"] for m in page.sent[-1]["messages"]] == ["user", "assistant", "user"]
+    assert page.sent[-1]["messages"][1]["content"]
