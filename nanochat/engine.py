@@ -8,19 +8,25 @@ Inference: a KV-cached engine with batched sampling, a calculator tool and conti
 - A finished row (<|assistant_end|> or <|bos|>) leaves the batch at once.
 - Tool use: a per-row state machine hands <|python_start|>...<|python_end|> to a calculator
   (an `ast` allow-list with bounded work, never eval) and forces its result in, with mask 0.
-- fit_to_context drops the oldest turns so that a conversation and its reply fit the context.
+- The context is the model's sequence_len, everywhere: prompt_and_budget (the one way a prompt is
+  fitted: oldest turns dropped) keeps a prompt and its reply within it, and generation stops there.
 - BatchScheduler: one thread owns the model; every step is one decode forward for all requests.
-- Inputs are trusted: flags and HTTP requests are validated where they enter.
+  A failure fails the requests it touches (one row's sampling: that row; the batched forward:
+  the rows in it), never the thread; anything else restarts the loop, logged.
+- Sampling is numerically safe for every temperature >= 0 and top_k >= 0; flags and HTTP
+  requests are range-checked where they enter.
 - generate_naive (full recompute, greedy) is the reference the engine is tested against.
 """
 
 from __future__ import annotations
 
 import ast
+import logging
 import math
 import queue
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -37,6 +43,8 @@ SAMPLE_PROMPTS = [
     "The planets of the solar system are:",
     "def fibonacci(n):",
 ]
+
+logger = logging.getLogger(__name__)
 
 CACHE_ROUND = 64  # cache lengths are multiples of this
 INITIAL_DECODE_ROOM = 256  # new-token room a generate() cache starts with; it grows when needed
@@ -172,10 +180,15 @@ class KVCache:
 def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """One token id per row of logits (B, V): greedy at temperature 0, else top-k filtered sampling."""
+    """One token id per row of logits (B, V): greedy at temperature 0, else top-k filtered sampling.
+
+    Safe for any temperature > 0, however small, and any logits: shifted so the largest is 0
+    before dividing, they stay in [-inf, 0] with a 0 in every row, so softmax never sees NaN."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = torch.nan_to_num(logits.float())  # inf/NaN from a diverged model become finite
+    # max(): a temperature that float32 rounds to 0 (e.g. 5e-324) would divide 0 by 0
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, 1e-30)
     if top_k and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -202,7 +215,7 @@ class Engine:
         # the cache holds what the forward computes: bf16 under autocast, else the parameters' dtype
         dtype = compute_dtype(self.device)
         self.cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
-        self.max_positions = model.cos.size(1)  # positions the model can encode (its rotary table)
+        self.context = model.config.sequence_len  # a prompt and its reply fit in this many positions
         special = tokenizer.encode_special
         self.stop_ids = {special(name) for name in STOP_TOKENS}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -260,8 +273,8 @@ class Engine:
         mask 1 = sampled, 0 = forced tool output. A row's stop token comes once (mask 1); after that
         the row repeats it with mask 0. `max_tokens` counts every step, forced tokens included.
         """
-        # generation also ends quietly at the end of the rotary table
-        budget = self.max_positions - len(tokens)
+        # generation also ends quietly at the end of the context
+        budget = self.context - len(tokens)
         if max_tokens is not None:
             budget = min(budget, max_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -293,21 +306,22 @@ class Engine:
             logits = self.decode_step(cache, [column[i] for i in active])
 
     def generate_batch(
-        self, tokens: list[int], num_samples: int = 1, **sampling
+        self, tokens: list[int], num_samples: int = 1, keep_stop: bool = False, **sampling
     ) -> tuple[list[list[int]], list[list[int]]]:
-        """`generate` run to the end (`sampling`: its max_tokens, temperature, top_k, seed): per row the
-        prompt + generated tokens up to its stop token, kept with mask 1 (RL trains the model to stop),
-        and the masks (0 on the prompt and forced tool output)."""
-        sequences = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        """`generate` run to the end (`sampling`: its max_tokens, temperature, top_k, seed): each row's
+        reply tokens and their masks (0 on forced tool output). A row's stop token ends it and is
+        kept only with `keep_stop` (RL trains the model to stop: it is a sampled choice, mask 1)."""
+        replies: list[list[int]] = [[] for _ in range(num_samples)]
+        masks: list[list[int]] = [[] for _ in range(num_samples)]
         stopped = [False] * num_samples
         for column, mask_column in self.generate(tokens, num_samples, **sampling):
             for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
                 if not stopped[i]:
-                    sequences[i].append(token)
-                    masks[i].append(mask)
                     stopped[i] = token in self.stop_ids
-        return sequences, masks
+                    if keep_stop or not stopped[i]:
+                        replies[i].append(token)
+                        masks[i].append(mask)
+        return replies, masks
 
 
 # -----------------------------------------------------------------------------
@@ -451,22 +465,23 @@ def prompt_and_budget(
 # -----------------------------------------------------------------------------
 # Continuous batching
 
-_END = object()
-
 
 class Request:
-    """One submitted generation; iterate it for token ids as they come (thread-safe)."""
+    """One submitted generation. The scheduler hands each token id to `sink` as it comes, then None
+    at the end (finish_reason, and error if any, are set by then). Without a sink, iterate the
+    request instead (thread-safe)."""
 
-    def __init__(self, tokens: list[int], max_tokens: int, temperature: float, top_k: int | None, seed: int):
+    def __init__(self, tokens, max_tokens: int, temperature: float, top_k: int | None, seed: int, sink=None):
         self.tokens = tokens
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_k = top_k
         self.seed = seed
         self.num_generated_tokens = 0
-        self.finish_reason: str | None = None  # "stop", "length", "cancelled" (or "error")
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.error: BaseException | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._sink = sink or self._queue.put
         self._cancelled = threading.Event()
         self._wake = None  # set by the scheduler: wakes its thread
         # while it holds a batch row: its decoding state, its generator, and the token the model
@@ -476,13 +491,10 @@ class Request:
         self._next_token = 0
 
     def __iter__(self) -> Iterator[int]:
-        while True:
-            item = self._queue.get()
-            if item is _END:
-                if self.error is not None:
-                    raise RuntimeError(f"generation failed: {self.error!r}") from self.error
-                return
+        while (item := self._queue.get()) is not None:
             yield item
+        if self.error is not None:
+            raise RuntimeError(f"generation failed: {self.error!r}") from self.error
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client went away); the batch slot frees at the next step."""
@@ -490,26 +502,38 @@ class Request:
         if self._wake is not None:
             self._wake()
 
+    def _put(self, item) -> None:
+        try:
+            self._sink(item)
+        except RuntimeError:  # the consumer is gone (e.g. its event loop closed): stop generating
+            self._cancelled.set()
+
     def _emit(self, token: int) -> None:
         self.num_generated_tokens += 1
-        self._queue.put(token)
+        self._put(token)
 
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         if self.finish_reason is None:
             self.error = error
             self.finish_reason = reason
-            self._queue.put(_END)
+            self._put(None)
 
 
 class BatchScheduler:
     """Continuous batching over one Engine: up to `max_batch` requests decode together, one forward a step.
 
-    Greedy output equals Engine.generate's for the same prompt (the same code runs per row).
+    Its queue is the only one a request waits in. Greedy output equals Engine.generate's for the
+    same prompt (the same code runs per row). `state` is "ready", "restarting" (after an error
+    outside any request: logged, the requests in the batch fail, the loop starts again after
+    `restart_delay` seconds) or "closed".
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8):
+    def __init__(self, engine: Engine, max_batch: int = 8, restart_delay: float = 1.0):
         self.engine = engine
         self.max_batch = max_batch
+        self.restart_delay = restart_delay
+        self.state = "ready"
+        self.restarts = 0
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
         self._active: list[Request] = []  # one per batch row
@@ -518,6 +542,14 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._run, name="nanochat-batch-scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def busy(self) -> int:
+        return len(self._active)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
     def submit(
         self,
         tokens: list[int],
@@ -525,13 +557,14 @@ class BatchScheduler:
         temperature: float = 0.6,
         top_k: int | None = 50,
         seed: int | None = None,
+        sink=None,
     ) -> Request:
         """Queues a prompt; returns its Request at once (tokens stream as they are generated)."""
-        # checked here, in the caller's thread: inside the scheduler a failing forward ends every request
-        assert 0 < len(tokens) < self.engine.max_positions and max_tokens >= 1, (len(tokens), max_tokens)
+        if not (0 < len(tokens) < self.engine.context and max_tokens >= 1 and temperature >= 0):
+            raise ValueError(f"bad request: {len(tokens)} prompt tokens, max_tokens {max_tokens}")
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
-        request = Request(tokens, max_tokens, temperature, top_k, seed)
+        request = Request(tokens, max_tokens, temperature, top_k, seed, sink)
         request._wake = self._wake
         with self._cond:
             if self._closed:
@@ -554,32 +587,50 @@ class BatchScheduler:
     # ---- the scheduler thread
 
     def _run(self) -> None:
-        error = None
-        try:
-            if self.engine.device.type == "cuda":
-                torch.cuda.set_device(self.engine.device)  # the current device is per thread too
-            with torch.no_grad():  # grad mode and autocast are per thread
-                while True:
-                    with self._cond:
-                        while not self._closed and not self._pending and not self._active:
-                            self._cond.wait()
-                        if self._closed:
-                            break
-                        admit = []
-                        while self._pending and len(self._active) + len(admit) < self.max_batch:
-                            admit.append(self._pending.popleft())
-                    for request in admit:
-                        self._admit(request)
-                    if self._active:
-                        self._step()
-        except BaseException as e:  # a failing forward must not leave clients waiting forever
-            error = e
+        if self.engine.device.type == "cuda":
+            torch.cuda.set_device(self.engine.device)  # the current device is per thread too
+        while not self._closed:
+            try:
+                with torch.no_grad():  # grad mode and autocast are per thread
+                    self._serve()
+            except Exception as e:  # not one request's fault: fail the batch, restart the loop
+                logger.exception("batch scheduler failed; restarting in %.1f s", self.restart_delay)
+                self.state, self.restarts = "restarting", self.restarts + 1
+                self._fail_batch(e)
+                time.sleep(self.restart_delay)
+                self.state = "ready"
         with self._cond:
             leftovers = self._active + list(self._pending)
             self._active, self._pending = [], deque()
-            self._closed = True
         for request in leftovers:
-            request._finish("error" if error else "cancelled", error)
+            request._finish("cancelled")
+        self.state = "closed"
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._pending and not self._active:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                admit = []
+                while self._pending and len(self._active) + len(admit) < self.max_batch:
+                    admit.append(self._pending.popleft())
+            for request in admit:
+                try:
+                    self._admit(request)
+                except Exception as e:  # this request alone fails (its row never joined the batch)
+                    logger.exception("request failed at admission")
+                    request._finish("error", e)
+            if self._active:
+                self._step()
+
+    def _fail_batch(self, error: BaseException) -> None:
+        """Every request in the batch ends with `error`; the cache starts empty (it may be half-written)."""
+        for request in self._active:
+            request._finish("error", error)
+        self._active = []
+        self._cache = self.engine.new_cache(self.max_batch, INITIAL_DECODE_ROOM, batch_size=0)
 
     def _admit(self, request: Request) -> None:
         """Batch-1 prefill, the first token sampled from its logits, the row copied into the batch cache."""
@@ -602,43 +653,57 @@ class BatchScheduler:
         self._cache.append_row(prefill)
         self._active.append(request)
 
-    def _remove(self, reasons: dict[int, str]) -> None:
-        """Finishes the rows in `reasons` (row index -> finish reason) and drops them from the batch."""
+    def _remove(self, reasons: dict[int, tuple]) -> None:
+        """Finishes the rows in `reasons` (row index -> (finish reason, error)); drops them from the batch."""
         if not reasons:
             return
-        for r, reason in reasons.items():
-            self._active[r]._finish(reason)
+        for r, (reason, error) in reasons.items():
+            self._active[r]._finish(reason, error)
         keep = [r for r in range(len(self._active)) if r not in reasons]
         self._cache.keep_rows(keep)
         self._active = [self._active[r] for r in keep]
 
     def _step(self) -> None:
         engine = self.engine
-        # cancelled rows go before the forward; so do rows whose next position is past the rotary table
-        self._remove(
-            {r: "cancelled" for r, request in enumerate(self._active) if request._cancelled.is_set()}
-        )
-        self._remove({r: "length" for r, n in enumerate(self._cache.lengths) if n >= engine.max_positions})
+        # cancelled rows go before the forward; so do rows whose next position is past the context
+        self._remove({r: ("cancelled", None) for r, q in enumerate(self._active) if q._cancelled.is_set()})
+        self._remove({r: ("length", None) for r, n in enumerate(self._cache.lengths) if n >= engine.context})
         if not self._active:
             return
-        logits = engine.decode_step(self._cache, [request._next_token for request in self._active])  # (B, V)
+        try:
+            logits = engine.decode_step(self._cache, [request._next_token for request in self._active])
+        except Exception as e:  # the batched forward failed: the rows in it cannot go on
+            logger.exception("decode step failed")
+            self._fail_batch(e)
+            return
         choices = logits.argmax(dim=-1)  # (B,): greedy rows share one argmax
+        finished: dict[int, tuple] = {}
         for r, request in enumerate(self._active):  # sampling rows draw from their own generators
             if request.temperature > 0:
-                choices[r] = sample_next(
-                    logits[r : r + 1], request.temperature, request.top_k, request._generator
-                )[0]
+                try:
+                    choices[r] = sample_next(
+                        logits[r : r + 1], request.temperature, request.top_k, request._generator
+                    )[0]
+                except Exception as e:  # this row alone fails
+                    logger.exception("sampling failed")
+                    finished[r] = ("error", e)
         sampled = choices.tolist()  # one host sync for the whole batch
-        finished: dict[int, str] = {}
         for r, request in enumerate(self._active):
-            token, _ = engine.choose(request._row, sampled[r])
+            if r in finished:
+                continue
+            try:
+                token, _ = engine.choose(request._row, sampled[r])
+            except Exception as e:  # e.g. the tool: this row alone fails
+                logger.exception("tool call failed")
+                finished[r] = ("error", e)
+                continue
             if request._row.done:
-                finished[r] = "stop"
+                finished[r] = ("stop", None)
                 continue
             request._emit(token)
             request._next_token = token
             if request.num_generated_tokens >= request.max_tokens:
-                finished[r] = "length"
+                finished[r] = ("length", None)
         self._remove(finished)
 
 

@@ -51,7 +51,7 @@ def task_accuracy(
         correct = _categorical(model, tokenizer, task, indices, batch_size, bar)
     else:
         engine = Engine(model, tokenizer)
-        sampling = (num_samples, max_new_tokens, temperature, top_k, max_context or engine.max_positions)
+        sampling = (num_samples, max_new_tokens, temperature, top_k, max_context or engine.context)
         correct = _generative(engine, tokenizer, task, indices, *sampling, bar)
     if bar is not None:
         bar.close()
@@ -91,10 +91,9 @@ def _generative(
     for i in indices:
         conversation = task[i]
         prompt, budget = prompt_and_budget(tokenizer, conversation, max_context, max_new_tokens)
-        rows, _ = engine.generate_batch(
+        replies, _ = engine.generate_batch(
             prompt, num_samples, max_tokens=budget, temperature=temperature, top_k=top_k, seed=i
         )
-        replies = [[t for t in row[len(prompt) :] if t not in engine.stop_ids] for row in rows]
         solved += any(task.evaluate(conversation, tokenizer.decode(reply)) for reply in replies)
         if bar is not None:
             bar.update(1)

@@ -263,21 +263,38 @@ def _messages(conversation) -> list[dict]:
     return list(conversation["messages"] if isinstance(conversation, dict) else conversation)
 
 
-def _chat_turns(conversation) -> list[dict]:
-    """The messages, a leading system message merged into the first user one; ValueError unless
-    they alternate user/assistant starting with user. Contents are trusted: the loaders checked them."""
-    messages = _messages(conversation)
-    start = 1 if messages and messages[0]["role"] == "system" else 0
+def validate_conversation(messages, last_role: str | None = None) -> list:
+    """`messages` if it is an optional system message, then user/assistant turns alternating from
+    user (the last one from `last_role`, when given), each {"role", "content"} with string content
+    (an assistant's may be a list of parts); else ValueError naming the first problem. The one check
+    of a conversation's shape, wherever one comes from (HTTP, data files, code)."""
+    if not isinstance(messages, list):
+        raise ValueError(f"expected a list of messages, got {type(messages).__name__}")
+    start = 1 if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
     if len(messages) == start:
-        raise ValueError("conversation has no user message")
-    for i in range(start, len(messages)):
-        expected = "user" if (i - start) % 2 == 0 else "assistant"
-        if messages[i]["role"] != expected:
+        raise ValueError("the conversation has no user message")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
+        expected = "system" if i < start else ("user", "assistant")[(i - start) % 2]
+        if message["role"] != expected:
             raise ValueError(
-                f"message {i} has role {messages[i]['role']!r} but {expected!r} was expected: "
-                "messages must alternate user/assistant, starting with user (an optional system first)"
+                f"message {i} has role {message['role']!r} but {expected!r} was expected: messages "
+                "alternate user/assistant, starting with user (after an optional system message)"
             )
-    if start:
+        if not isinstance(message["content"], str) and not (
+            expected == "assistant" and isinstance(message["content"], list)
+        ):
+            raise ValueError(f"message {i} ({expected}): content must be a string")
+    if last_role is not None and messages[-1]["role"] != last_role:
+        raise ValueError(f"the last message must be from the {last_role}")
+    return messages
+
+
+def _chat_turns(conversation) -> list[dict]:
+    """The messages (validated), a leading system message merged into the first user one."""
+    messages = validate_conversation(_messages(conversation))
+    if messages[0]["role"] == "system":
         messages[:2] = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
     return messages
 

@@ -3,18 +3,27 @@ Serve a trained model over HTTP: a ChatGPT-like web UI, a native streaming endpo
 OpenAI-compatible API.
 
     python -m scripts.chat_web                       # http://127.0.0.1:8000, last SFT checkpoint
-    python -m scripts.chat_web -i rl --num-gpus 8 --host 0.0.0.0
+    python -m scripts.chat_web -i rl --num-gpus 8 --host 0.0.0.0 --allow-host chat.example.org --api-key KEY
 
-Endpoints: `GET /` (nanochat/ui.html), `GET /health`, `GET /stats`, `POST /chat/completions`
-(server-sent events `data: {"token": "...", "gpu": n}` ... `data: {"done": true}`),
-`POST /v1/chat/completions` (OpenAI, `stream` true/false; `top_k` and `seed` as extra fields),
+Endpoints: `GET /` (nanochat/ui.html), `GET /health` (503 when no worker can serve), `GET /stats`,
+`POST /chat/completions` (server-sent events `data: {"token": "...", "gpu": n}` ... `data: {"done":
+true}`), `POST /v1/chat/completions` (OpenAI, `stream` true/false; `top_k` as an extra field),
 `GET /v1/models`.
 
-- One model replica per GPU, each behind a BatchScheduler (continuous batching); a request goes
-  to the least busy worker with a free slot, or waits first-come first-served.
-- This is the boundary: every request is validated here, by hand, so that any bad input gets a
-  400 with an OpenAI-style error body naming the problem, never a 500.
-- A client that disconnects cancels its request and frees its slot at once.
+- One model replica per GPU, each a BatchScheduler (continuous batching) whose queue is the only
+  one: a request goes to the least loaded ready worker. A failure fails the requests it touches
+  (an error event or a 500 naming it), never the others; a crashed worker restarts, logged.
+- This is the boundary: every field is checked here against the range the engine supports (400
+  naming the field); bodies are read with a size cap and a deadline; unsupported OpenAI fields
+  (`tools`, `n > 1`, `logprobs`, ...) are refused by name, never ignored.
+- Safe defaults: bound to 127.0.0.1; a request whose Host (or browser Origin) is not this server
+  is refused (DNS rebinding, other web pages) unless `--allow-host`; POST bodies must be JSON; no
+  interactive API docs unless `--docs`; `--api-key` requires `Authorization: Bearer KEY` on the
+  APIs (binding beyond loopback without one prints a warning).
+- Slow clients: a request's headers, and then its body, must each arrive within
+  `--client-timeout` seconds (uvicorn only times out idle connections after a first response);
+  at most MAX_CONNECTIONS connections.
+- A client that disconnects (streaming or not) cancels its request and frees its slot at once.
 - One log line per request (metadata); the conversation text only with `--log-content`.
 """
 
@@ -22,39 +31,47 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
+import hmac
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.checkpoint_manager import CheckpointError, add_model_flags, load_model
 from nanochat.common import autodetect_device_type, exit_with_error, setup_logging
 from nanochat.engine import BatchScheduler, Engine, prompt_and_budget
-from nanochat.tokenizer import ReplyDecoder
+from nanochat.tokenizer import ReplyDecoder, validate_conversation
 
 logger = logging.getLogger("nanochat.chat_web")
 
 UI_PATH = Path(__file__).resolve().parents[1] / "nanochat" / "ui.html"
 
-# Request limits (abuse protection; a violation is HTTP 400).
+# Request limits (a violation is a 4xx naming it)
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1_000_000
-SAMPLING_LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096)}
+MAX_STOPS, MAX_STOP_CHARS = 4, 100
+# field -> (lowest, highest): what the engine supports (the seed: what a torch.Generator takes)
+LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096), "seed": (0, 2**63 - 1)}
+# OpenAI fields accepted only at their no-op value (anything else would be silently wrong)
+NO_OP = {"n": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
+IGNORED = {"model", "user", "store", "metadata", "service_tier"}  # accepted, no effect on the reply
+MAX_CONNECTIONS = 64
 
 
 class RequestError(Exception):
@@ -62,8 +79,7 @@ class RequestError(Exception):
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
-        self.message = message
-        self.status = status
+        self.message, self.status = message, status
 
 
 def error_response(message: str, status: int = 400) -> JSONResponse:
@@ -84,23 +100,40 @@ class ChatParams:
     max_tokens: int
     stream: bool
     seed: int | None
-    include_usage: bool = False
+    stop: list[str]
+    include_usage: bool
 
 
 def _number(body: dict, key: str, limit: str, default):
-    """body[key] (`default` when absent) within SAMPLING_LIMITS[limit]; an int where the limits are ints."""
+    """body[key] (`default` when absent) within LIMITS[limit]; an int where the limits are ints."""
     value = body.get(key)
     if value is None:
         return default
-    lo, hi = SAMPLING_LIMITS[limit]
+    lo, hi = LIMITS[limit]
     integer = isinstance(lo, int)
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type:
-        kind = "an integer" if integer else "a number"
-        raise RequestError(f"'{key}' must be {kind}, got {json.dumps(value)[:40]}")
-    if not (lo <= value <= hi):  # also rejects NaN
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise RequestError(
+            f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}"
+        )
+    if not lo <= value <= hi:  # also rejects NaN
         raise RequestError(f"'{key}' must be between {lo:g} and {hi:g}, got {value}")
     return value
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's text: a string, or OpenAI's list of text parts (joined)."""
+    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        kinds = {p.get("type") for p in content} - {"text"}
+        if kinds:
+            raise RequestError(f"{where}: only text parts are supported, got {sorted(map(str, kinds))}")
+        content = "".join(p.get("text") if isinstance(p.get("text"), str) else "\0" for p in content)
+        if "\0" in content:
+            raise RequestError(f"{where}: every text part needs a string 'text'")
+    if not isinstance(content, str):
+        raise RequestError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
+    if len(content) > MAX_MESSAGE_CHARS:
+        raise RequestError(f"{where} is {len(content)} chars; the limit is {MAX_MESSAGE_CHARS}")
+    return content
 
 
 def _reject_constant(name: str):
@@ -112,60 +145,51 @@ def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatParams:
 
     `defaults` holds temperature, top_k and max_tokens for fields the client leaves out.
     """
-    if len(raw) > MAX_BODY_BYTES:
-        raise RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", status=413)
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(f"request body is not valid JSON: {e}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise RequestError(f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
+    known = set(LIMITS) | set(NO_OP) | IGNORED | {"messages", "stream", "stream_options", "stop"}
+    refused = [k for k in body if k not in known and k != "max_completion_tokens" and body[k] is not None]
+    refused += [k for k, ok in NO_OP.items() if body.get(k) not in (None, ok)]
+    if refused:
+        raise RequestError(
+            f"unsupported parameter(s): {', '.join(sorted(refused))} (nanochat does not implement them)"
+        )
 
     messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise RequestError("'messages' must be a list of {role, content} objects")
-    if not 1 <= len(messages) <= MAX_MESSAGES:
-        raise RequestError(f"'messages' must hold 1 to {MAX_MESSAGES} messages, got {len(messages)}")
-    total = 0
+    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
+        raise RequestError(f"'messages' must be a list of 1 to {MAX_MESSAGES} {{role, content}} objects")
     clean = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RequestError(f"messages[{i}] must be an object with 'role' and 'content'")
-        role, content = message.get("role"), message.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise RequestError(
-                f"messages[{i}].role must be 'user' or 'assistant' (or 'system' first), got {role!r}"
-            )
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        if len(content) > MAX_MESSAGE_CHARS:
-            raise RequestError(
-                f"messages[{i}].content is {len(content)} chars; the limit is {MAX_MESSAGE_CHARS}"
-            )
-        total += len(content)
-        clean.append({"role": role, "content": content})
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
+            raise RequestError(f"messages[{i}] must be an object with 'role' user, assistant or system")
+        clean.append(
+            {"role": message["role"], "content": _text(message.get("content"), f"messages[{i}].content")}
+        )
+    total = sum(len(m["content"]) for m in clean)
     if total > MAX_TOTAL_CHARS:
         raise RequestError(f"the messages hold {total} chars in all; the limit is {MAX_TOTAL_CHARS}")
-    turns = clean[1:] if clean[0]["role"] == "system" else clean
-    for j, message in enumerate(turns):
-        expected = "user" if j % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise RequestError(
-                "messages must alternate user/assistant, starting with user (an optional system message "
-                f"first); found {message['role']!r} where {expected!r} was expected"
-            )
-    if not turns or turns[-1]["role"] != "user":
-        raise RequestError("the last message must be from the user")
+    try:
+        validate_conversation(clean, last_role="user")
+    except ValueError as e:
+        raise RequestError(f"messages: {e}") from None
 
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be true or false")
-    n = body.get("n", 1)
-    if n != 1 or isinstance(n, bool):
-        raise RequestError("only n=1 is supported")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError("'seed' must be an integer")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (
+        isinstance(stop, list)
+        and len(stop) <= MAX_STOPS
+        and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
+    ):
+        raise RequestError(
+            f"'stop' must be a string or a list of up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} chars"
+        )
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise RequestError("'stream_options' must be an object")
@@ -176,87 +200,34 @@ def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatParams:
         top_k=_number(body, "top_k", "top_k", defaults["top_k"]),
         max_tokens=_number(body, max_key, "max_tokens", defaults["max_tokens"]),
         stream=stream,
-        seed=seed,
+        seed=_number(body, "seed", "seed", None),
+        stop=stop,
         include_usage=bool(stream_options.get("include_usage", False)),
     )
 
 
-# ---------------------------------------------------------------------------- worker pool
-
-
-@dataclass
-class Worker:
-    """One model replica and its continuous-batching scheduler."""
-
-    index: int
-    device: str
-    scheduler: BatchScheduler
-    capacity: int
-    busy: int = 0
-
-
-class WorkerPool:
-    """Hands out batch slots of the workers; first come, first served when all are full.
-
-    Used only from the event loop thread, so it needs no lock; `release` is synchronous so it
-    can run in the `finally` of a cancelled request.
-    """
-
-    def __init__(self, workers: list[Worker]):
-        self.workers = workers
-        self.waiters: collections.deque[asyncio.Future] = collections.deque()
-
-    def _free_worker(self) -> Worker | None:
-        free = [w for w in self.workers if w.busy < w.capacity]
-        return min(free, key=lambda w: w.busy) if free else None
-
-    async def acquire(self) -> Worker:
-        """A worker with one slot reserved for the caller (waits while all are full)."""
-        if not self.waiters:
-            worker = self._free_worker()
-            if worker is not None:
-                worker.busy += 1
-                return worker
-        future = asyncio.get_running_loop().create_future()
-        self.waiters.append(future)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():  # a slot was handed over as we left
-                self.release(future.result())
-            raise
-        finally:
-            if future in self.waiters:
-                self.waiters.remove(future)
-
-    def release(self, worker: Worker) -> None:
-        """Frees a slot, handing it straight to the longest-waiting request if any."""
-        worker.busy -= 1
-        while self.waiters:
-            future = self.waiters.popleft()
-            if not future.done():
-                worker.busy += 1
-                future.set_result(worker)
-                return
-
-    @property
-    def queued(self) -> int:
-        return sum(not f.done() for f in self.waiters)
+def split_at_stop(text: str, stops: list[str], final: bool) -> tuple[str, str, bool]:
+    """(text to send now, text to hold back, whether a stop string was found). Held back: the end of
+    the text that could still become a stop string once more text comes."""
+    cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    keep = (
+        0 if final else max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    )
+    return text[: len(text) - keep], text[len(text) - keep :], False
 
 
 # ---------------------------------------------------------------------------- generation
 
 
 class Generation:
-    """One chat request being served: waits for a slot, streams text pieces, frees the slot."""
+    """One chat request being served: streams its text pieces; afterwards, its usage and finish reason."""
 
     def __init__(self, server: ChatServer, params: ChatParams, endpoint: str):
-        self.server = server
-        self.params = params
-        self.endpoint = endpoint
-        self.worker: Worker | None = None
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self.server, self.params, self.endpoint = server, params, endpoint
+        self.worker = -1
+        self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.text: list[str] = []
 
@@ -270,115 +241,143 @@ class Generation:
         }
 
     async def pieces(self) -> AsyncIterator[str]:
-        """The reply's text, piece by piece; afterwards finish_reason and token counts are set."""
+        """The reply's text, piece by piece; raises RuntimeError naming the problem if generation fails."""
         server, params = self.server, self.params
         started = time.time()
-        request = None
-        self.worker = await server.pool.acquire()
+        tokens, budget = prompt_and_budget(
+            server.tokenizer, {"messages": params.messages}, server.context, params.max_tokens
+        )
+        self.prompt_tokens = len(tokens)
+        self.worker, scheduler = server.pick_worker()
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        request = scheduler.submit(
+            tokens,
+            budget,
+            temperature=params.temperature,
+            top_k=params.top_k or None,
+            seed=params.seed,
+            sink=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+        )
+        decoder, held, stopped = ReplyDecoder(server.tokenizer), "", False
         try:
-            conversation = {"messages": params.messages}
-            tokens, budget = prompt_and_budget(
-                server.tokenizer, conversation, server.context_len, params.max_tokens
-            )
-            self.prompt_tokens = len(tokens)
-            request = self.worker.scheduler.submit(
-                tokens, budget, temperature=params.temperature, top_k=params.top_k or None, seed=params.seed
-            )
-            queue: asyncio.Queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            threading.Thread(target=_pump, args=(request, queue, loop), daemon=True).start()
-            decoder = ReplyDecoder(server.tokenizer)
-            while (item := await queue.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
+            while not stopped and (token := await queue.get()) is not None:
                 self.completion_tokens += 1
-                piece = decoder.push(item)
+                piece, held, stopped = split_at_stop(held + decoder.push(token), params.stop, final=False)
                 if piece:
                     self.text.append(piece)
                     yield piece
-            tail = decoder.flush()
-            if tail:
-                self.text.append(tail)
-                yield tail
-            self.finish_reason = "length" if request.finish_reason == "length" else "stop"
+            if request.error is not None or request.finish_reason == "cancelled":
+                raise RuntimeError(f"generation failed: {request.error or 'the server is shutting down'}")
+            piece = "" if stopped else split_at_stop(held + decoder.flush(), params.stop, final=True)[0]
+            if piece:
+                self.text.append(piece)
+                yield piece
+            self.finish_reason = "length" if request.finish_reason == "length" and not stopped else "stop"
         finally:
-            if self.finish_reason is None:  # the client left (or an error): stop generating now
-                self.finish_reason = "cancelled"
-                if request is not None:
-                    request.cancel()
-            server.pool.release(self.worker)
+            request.cancel()  # a no-op once it finished; else the client left, an error, or a stop string
+            if self.finish_reason is None:
+                self.finish_reason = "error" if request.error is not None else "cancelled"
             server.record(self, time.time() - started)
 
 
-def _pump(request, queue: asyncio.Queue, loop: asyncio.AbstractEventLoop) -> None:
-    """Thread body: moves token ids from the blocking Request iterator into the asyncio queue."""
-
-    def put(item) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            request.cancel()
-
-    try:
-        for token_id in request:
-            put(token_id)
-    except Exception as e:  # surfaced to the client as an error event
-        put(e)
-    finally:
-        put(None)
-
-
 class ChatServer:
-    """Shared state of the app: the pool, the tokenizer, defaults and counters."""
+    """Shared state of the app: the workers, the tokenizer, defaults and counters."""
 
     def __init__(
-        self, workers, tokenizer, context_len: int, model_name: str, defaults: dict, log_content: bool
+        self,
+        workers: list[tuple[str, BatchScheduler]],
+        tokenizer,
+        context: int,
+        model_name: str,
+        defaults: dict,
+        log_content: bool,
     ):
-        self.pool = WorkerPool(workers)
+        self.workers = workers  # (device, scheduler), one per GPU
         self.tokenizer = tokenizer
-        self.context_len = context_len
+        self.context = context
         self.model_name = model_name
         self.defaults = defaults
         self.log_content = log_content
         self.started = time.time()
-        self.requests_served = 0
-        self.requests_cancelled = 0
-        self.tokens_generated = 0
+        self.client_timeout = 10.0  # seconds for a request's body to arrive
+        self.counts = {
+            "requests_served": 0,
+            "requests_cancelled": 0,
+            "requests_failed": 0,
+            "tokens_generated": 0,
+        }
+
+    def pick_worker(self) -> tuple[int, BatchScheduler]:
+        """The least loaded worker that can serve (RequestError 503 if none can)."""
+        ready = [(s.busy + s.queued, i) for i, (_, s) in enumerate(self.workers) if s.state == "ready"]
+        if not ready:
+            raise RequestError(
+                "no model worker can serve right now (restarting); retry in a few seconds", 503
+            )
+        index = min(ready)[1]
+        return index, self.workers[index][1]
 
     def record(self, gen: Generation, latency: float) -> None:
-        self.tokens_generated += gen.completion_tokens
-        if gen.finish_reason == "cancelled":
-            self.requests_cancelled += 1
-        else:
-            self.requests_served += 1
+        self.counts["tokens_generated"] += gen.completion_tokens
+        outcome = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(
+            gen.finish_reason, "requests_served"
+        )
+        self.counts[outcome] += 1
         chars = sum(len(m["content"]) for m in gen.params.messages)
         line = (
             f"{gen.endpoint} messages={len(gen.params.messages)} chars={chars} "
             f"prompt_tokens={gen.prompt_tokens} completion_tokens={gen.completion_tokens} "
-            f"latency={latency:.2f}s finish_reason={gen.finish_reason} gpu={gen.worker.index}"
+            f"latency={latency:.2f}s finish_reason={gen.finish_reason} gpu={gen.worker}"
         )
         if self.log_content:
             line += f" messages={json.dumps(gen.params.messages)} reply={json.dumps(''.join(gen.text))}"
         logger.info(line)
 
-    def stats(self) -> dict:
-        workers = [
-            {"gpu": w.index, "device": w.device, "busy": w.busy, "capacity": w.capacity}
-            for w in self.pool.workers
+    def workers_state(self) -> list[dict]:
+        return [
+            {
+                "gpu": i,
+                "device": device,
+                "state": s.state,
+                "busy": s.busy,
+                "queued": s.queued,
+                "capacity": s.max_batch,
+                "restarts": s.restarts,
+            }
+            for i, (device, s) in enumerate(self.workers)
         ]
-        return {
-            "workers": workers,
-            "num_workers": len(workers),
-            "busy": sum(w.busy for w in self.pool.workers),
-            "queued": self.pool.queued,
-            "requests_served": self.requests_served,
-            "requests_cancelled": self.requests_cancelled,
-            "tokens_generated": self.tokens_generated,
-            "uptime_s": round(time.time() - self.started, 3),
-        }
 
 
 # ---------------------------------------------------------------------------- the app
+
+
+class Guard:
+    """ASGI middleware run before any route: the Host / Origin allow-list and the optional API key."""
+
+    def __init__(self, app, hosts: set[str] | None, api_key: str | None):
+        self.app, self.hosts, self.api_key = app, hosts, api_key
+
+    def problem(self, scope) -> tuple[str, int] | None:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        for header in ("host", "origin") if self.hosts is not None else ():
+            value = headers.get(header)  # none at all: an HTTP/1.0 client, or not a browser
+            name = None if value is None else urlsplit(value if header == "origin" else "//" + value).hostname
+            if value is not None and name not in self.hosts:
+                return (
+                    f"{header} {value!r} is not this server; start it with --allow-host {name} to serve it",
+                    403,
+                )
+        if self.api_key and scope["path"] not in ("/", "/health"):
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                return "missing or wrong API key: send the header 'Authorization: Bearer <key>'", 401
+        return None
+
+    async def __call__(self, scope, receive, send):
+        problem = self.problem(scope) if scope["type"] == "http" else None
+        if problem:
+            return await error_response(*problem)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def sse(payload: Any) -> str:
@@ -390,16 +389,45 @@ def sse(payload: Any) -> str:
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(server: ChatServer) -> FastAPI:
-    """The FastAPI app serving `server`; the schedulers are closed when the app shuts down."""
+async def read_json_body(request: Request, timeout: float) -> bytes:
+    """The body, refused (4xx) unless it is JSON, under MAX_BODY_BYTES (counted while reading, so a
+    chunked body cannot grow memory) and complete within `timeout` seconds."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise RequestError("the body must be JSON: send 'Content-Type: application/json'", 415)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
+
+    async def read() -> bytes:
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
+        return bytes(body)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout:g} s", 408) from None
+
+
+def create_app(
+    server: ChatServer, hosts: set[str] | None = None, api_key: str | None = None, docs: bool = False
+):
+    """The ASGI app serving `server` (FastAPI inside Guard); the workers stop when it shuts down."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        for worker in server.pool.workers:
-            worker.scheduler.close()
+        for _, scheduler in server.workers:
+            scheduler.close()
 
-    app = FastAPI(title="nanochat", lifespan=lifespan)
+    app = FastAPI(
+        title="nanochat",
+        lifespan=lifespan,
+        **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
+    )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -410,10 +438,7 @@ def create_app(server: ChatServer) -> FastAPI:
         return error_response(exc.message, exc.status)
 
     async def parse(request: Request) -> ChatParams:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:  # refuse before reading it
-            raise RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", status=413)
-        return parse_chat_request(await request.body(), server.defaults)
+        return parse_chat_request(await read_json_body(request, server.client_timeout), server.defaults)
 
     @app.get("/")
     async def index():
@@ -421,41 +446,46 @@ def create_app(server: ChatServer) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        workers = len(server.pool.workers)
-        return {
-            "status": "ok",
-            "ready": True,
-            "num_workers": workers,
-            "model": server.model_name,
-            "defaults": server.defaults,  # the sampling settings of requests that leave them out
-        }
+        workers = server.workers_state()
+        ready = any(w["state"] == "ready" for w in workers)
+        body = {"status": "ok" if ready else "unavailable", "ready": ready, "num_workers": len(workers)}
+        body |= {"model": server.model_name, "defaults": server.defaults, "workers": workers}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/stats")
     async def stats():
-        return server.stats()
+        workers = server.workers_state()
+        busy, queued = sum(w["busy"] for w in workers), sum(w["queued"] for w in workers)
+        uptime = round(time.time() - server.started, 3)
+        return {
+            "workers": workers,
+            "num_workers": len(workers),
+            "busy": busy,
+            "queued": queued,
+            **server.counts,
+            "uptime_s": uptime,
+        }
 
     @app.get("/v1/models")
     async def models():
-        created = int(server.started)
-        return {
-            "object": "list",
-            "data": [
-                {"id": server.model_name, "object": "model", "created": created, "owned_by": "nanochat"}
-            ],
+        model = {
+            "id": server.model_name,
+            "object": "model",
+            "created": int(server.started),
+            "owned_by": "nanochat",
         }
+        return {"object": "list", "data": [model]}
 
     @app.post("/chat/completions")
     async def chat_native(request: Request):
-        params = await parse(request)
-        gen = Generation(server, params, "/chat/completions")
+        gen = Generation(server, await parse(request), "/chat/completions")
 
         async def events():
             try:
                 async for piece in gen.pieces():
-                    yield sse({"token": piece, "gpu": gen.worker.index})
-            except Exception as e:  # noqa: BLE001 - reported to the client, logged here
-                logger.exception("generation failed")
-                yield sse({"error": f"generation failed: {e}"})
+                    yield sse({"token": piece, "gpu": gen.worker})
+            except (RuntimeError, RequestError) as e:  # this request alone failed: say so, end the stream
+                yield sse({"error": str(e)})
             yield sse({"done": True, "finish_reason": gen.finish_reason})
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -464,35 +494,45 @@ def create_app(server: ChatServer) -> FastAPI:
     async def chat_openai(request: Request):
         params = await parse(request)
         gen = Generation(server, params, "/v1/chat/completions")
-        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
+        completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
         def envelope(kind: str, choices: list, **extra) -> dict:
             head = {"id": completion_id, "object": kind, "created": created, "model": server.model_name}
             return {**head, "choices": choices, **extra}
 
         if not params.stream:
+            collect = asyncio.ensure_future(_join(gen.pieces()))
+            while not collect.done():  # a client that hangs up cancels the generation, as a stream's does
+                await asyncio.wait({collect}, timeout=0.25)
+                if not collect.done() and await request.is_disconnected():
+                    collect.cancel()
             try:
-                text = "".join([piece async for piece in gen.pieces()])
-            except Exception as e:  # noqa: BLE001
-                logger.exception("generation failed")
-                return error_response(f"generation failed: {e}", 500)
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
+                text = await collect
+            except asyncio.CancelledError:
+                return error_response("the client went away", 499)
+            except RuntimeError as e:
+                return error_response(str(e), 500)
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": gen.finish_reason,
+            }
             return envelope("chat.completion", [choice], usage=gen.usage())
 
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            return sse(envelope("chat.completion.chunk", [choice]))
+            return sse(
+                envelope(
+                    "chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+                )
+            )
 
         async def events():
             yield chunk({"role": "assistant", "content": ""})
             try:
                 async for piece in gen.pieces():
                     yield chunk({"content": piece})
-            except Exception as e:  # noqa: BLE001
-                logger.exception("generation failed")
-                yield sse({"error": {"message": f"generation failed: {e}", "type": "server_error"}})
+            except (RuntimeError, RequestError) as e:
+                yield sse({"error": {"message": str(e), "type": "server_error"}})
                 yield sse("[DONE]")
                 return
             yield chunk({}, gen.finish_reason)
@@ -502,14 +542,43 @@ def create_app(server: ChatServer) -> FastAPI:
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    return app
+    return Guard(app, hosts, api_key)
+
+
+async def _join(pieces: AsyncIterator[str]) -> str:
+    return "".join([piece async for piece in pieces])
+
+
+class DeadlineH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline of `timeout` seconds for each request's headers:
+    uvicorn starts its idle timer only after a first response, so a client that connects and then
+    sends nothing (or one byte a minute) would hold its connection for ever."""
+
+    timeout = 10.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.timeout, self._headers_late)
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._deadline.cancel()  # the next request's headers get a fresh deadline
+        self._deadline = self.loop.call_later(self.timeout, self._headers_late)
+
+    def connection_lost(self, exc):
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _headers_late(self):
+        if self.cycle is None or self.cycle.response_complete:  # still waiting for a request's headers
+            self.transport.close()
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def load_workers(args) -> tuple[list[Worker], Any, Any]:
-    """Loads one replica per GPU (one on CPU/MPS): returns (workers, tokenizer, meta)."""
+def load_workers(args) -> tuple[list[tuple[str, BatchScheduler]], Any, Any]:
+    """Loads one replica per GPU (one on CPU/MPS): returns ([(device, scheduler)], tokenizer, meta)."""
     device_type = args.device_type or autodetect_device_type()
     if device_type == "cuda":
         available = torch.cuda.device_count()
@@ -521,15 +590,29 @@ def load_workers(args) -> tuple[list[Worker], Any, Any]:
             logger.warning("--num-gpus %d ignored on %s: one worker", args.num_gpus, device_type)
         devices = [torch.device(device_type)]
     workers, tokenizer, meta = [], None, None
-    for i, device in enumerate(devices):
+    for device in devices:
         try:
             model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
         except CheckpointError as e:
             exit_with_error("chat_web", str(e))
-        scheduler = BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)
-        workers.append(Worker(index=i, device=str(device), scheduler=scheduler, capacity=args.max_batch))
-        logger.info("worker %d ready on %s", i, device)
+        workers.append((str(device), BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)))
+        logger.info("worker %d ready on %s", len(workers) - 1, device)
     return workers, tokenizer, meta
+
+
+def served_hosts(bind: str, allow: list[str]) -> set[str] | None:
+    """The host names requests may address (None: any, with --allow-host '*')."""
+    local = {"localhost", "127.0.0.1", "::1"}
+    return (
+        None if "*" in allow else {bind, *allow} | (local if bind in local or _is_loopback(bind) else set())
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def main() -> None:
@@ -541,6 +624,15 @@ def main() -> None:
     add_model_flags(parser, "sft")
     add("--port", type=int, default=8000, help="port to listen on")
     add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    add(
+        "--allow-host",
+        action="append",
+        default=[],
+        help="also serve requests addressed to this host name ('*': any); repeatable",
+    )
+    add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the APIs")
+    add("--docs", action="store_true", help="serve FastAPI's interactive API docs at /docs")
+    add("--client-timeout", type=float, default=10.0, help="seconds for a request's headers, then its body")
     add("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
     add("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     add("-k", "--top-k", type=int, default=50, help="default top-k (0: no filtering)")
@@ -549,26 +641,46 @@ def main() -> None:
     add("--log-content", action="store_true", help="also log the messages and replies")
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     args = parser.parse_args()
-    for key, (lo, hi) in SAMPLING_LIMITS.items():  # the same limits as a request's fields
+    for key in ("temperature", "top_k", "max_tokens"):  # the same limits as a request's fields
+        lo, hi = LIMITS[key]
         if not lo <= getattr(args, key) <= hi:  # also rejects NaN
             parser.error(f"--{key.replace('_', '-')} must be in [{lo:g}, {hi:g}], got {getattr(args, key)}")
-    if args.max_batch < 1:
-        parser.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.max_batch < 1 or not args.client_timeout > 0:
+        parser.error(
+            f"--max-batch must be >= 1 and --client-timeout > 0, got {args.max_batch}, {args.client_timeout}"
+        )
 
     setup_logging()
+    hosts = served_hosts(args.host, args.allow_host)
+    if not _is_loopback(args.host) and not args.api_key:
+        logger.warning(
+            "binding %s beyond loopback without --api-key: anyone who can reach it can use the model",
+            args.host,
+        )
     workers, tokenizer, meta = load_workers(args)
     config = meta["model_config"]
-    tag = args.model_tag or f"d{config['n_layer']}"
     server = ChatServer(
         workers,
         tokenizer,
-        context_len=config["sequence_len"],
-        model_name=f"nanochat-{args.source}-{tag}-step{meta.get('step', 0)}",
+        context=config["sequence_len"],
+        model_name=f"nanochat-{args.source}-{meta['model_tag']}-step{meta.get('step', 0)}",
         defaults={"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens},
         log_content=args.log_content,
     )
+    server.client_timeout = args.client_timeout
     logger.info("serving %s on http://%s:%d", server.model_name, args.host, args.port)
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning")
+    config = uvicorn.Config(
+        create_app(server, hosts, args.api_key, args.docs),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        http=type("DeadlineH11", (DeadlineH11,), {"timeout": args.client_timeout}),
+        timeout_keep_alive=5,
+        limit_concurrency=MAX_CONNECTIONS,
+        timeout_graceful_shutdown=3,  # SIGTERM ends open streams after this, rather than waiting on them
+        h11_max_incomplete_event_size=16 * 1024,  # the largest request head
+    )
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":

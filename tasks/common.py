@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
+from nanochat.tokenizer import validate_conversation
+
 TASK_DATA_ENV = "NANOCHAT_TASK_DATA"
 LETTERS = "ABCDEFGHIJ"
 
@@ -146,28 +148,12 @@ def last_assistant_text(conversation: dict) -> str:
 
 
 def validate_messages(messages: object, where: str) -> list[dict]:
-    """`messages` if it is an optional system message, then user/assistant alternating, ending with
-    the assistant; else a ValueError naming `where` (e.g. "file.jsonl line 3")."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"{where}: message {i} must be an object with 'role' and 'content'")
-    body = messages[1:] if messages[0]["role"] == "system" else messages
-    if len(body) < 2:
-        raise ValueError(f"{where}: needs at least one user message and one assistant reply")
-    for j, message in enumerate(body):
-        expected = "user" if j % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            raise ValueError(
-                f"{where}: message {j + len(messages) - len(body)} has role {message['role']!r}, expected "
-                f"{expected!r} (user/assistant alternate, from user, after an optional system message)"
-            )
-        if expected == "user" and not isinstance(message["content"], str):
-            raise ValueError(f"{where}: user message content must be a string")
-    if body[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the conversation must end with an assistant message")
-    return messages
+    """`messages` if it is a conversation ending with the assistant's reply (tokenizer's
+    validate_conversation), else a ValueError naming `where` (e.g. "file.jsonl line 3")."""
+    try:
+        return validate_conversation(messages, last_role="assistant")
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 # ------------------------------------------------------------------------------ data loading

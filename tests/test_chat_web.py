@@ -365,7 +365,11 @@ BAD_BODIES = {
     },
     "bad role": {"messages": [{"role": "tool", "content": "x"}]},
     "system not first": {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]},
-    "content not a string": {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}]}]},
+    "content a number": {"messages": [{"role": "user", "content": 5}]},
+    "content an image part": {
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
+    },
+    "text part without text": {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
     "missing content": {"messages": [{"role": "user"}]},
     "message not an object": {"messages": ["hello"]},
     "last is assistant": {
@@ -382,6 +386,15 @@ BAD_BODIES = {
     "max_tokens bool": {"messages": HELLO, "max_tokens": True},
     "stream not bool": {"messages": HELLO, "stream": "yes"},
     "n=2": {"messages": HELLO, "n": 2},
+    "tools": {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f"}}]},
+    "logprobs": {"messages": HELLO, "logprobs": True},
+    "top_p": {"messages": HELLO, "top_p": 0.5},
+    "unknown field": {"messages": HELLO, "frobnicate": 1},
+    "seed too big": {"messages": HELLO, "seed": 2**64},
+    "seed negative": {"messages": HELLO, "seed": -1},
+    "stop empty": {"messages": HELLO, "stop": [""]},
+    "stop too many": {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]},
+    "stop not text": {"messages": HELLO, "stop": 5},
 }
 
 
@@ -416,7 +429,12 @@ def test_malformed_bodies_get_4xx_json_and_server_survives(scripted_server, raw)
 
 
 def test_oversized_body_is_rejected_with_413(scripted_server):
-    r = httpx.post(scripted_server.url + "/v1/chat/completions", content=b" " * 1_000_001, timeout=30)
+    r = httpx.post(
+        scripted_server.url + "/v1/chat/completions",
+        content=b" " * 1_000_001,
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
     assert r.status_code == 413 and "larger" in r.json()["error"]["message"]
 
 
@@ -443,10 +461,26 @@ def test_unknown_route_is_a_json_404(scripted_server):
 
 def test_health_and_stats_answer(babbler_server):
     health = httpx.get(babbler_server.url + "/health", timeout=10).json()
-    assert health["status"] == "ok" and health["num_workers"] == 1
+    assert health["status"] == "ok" and health["num_workers"] == 1 and health["defaults"]["max_tokens"] == 8
     stats = babbler_server.stats()
-    assert stats["workers"] == [{"gpu": 0, "device": "cpu", "busy": 0, "capacity": 3}]
-    for key in ("busy", "queued", "requests_served", "requests_cancelled", "tokens_generated", "uptime_s"):
+    worker = {
+        "gpu": 0,
+        "device": "cpu",
+        "state": "ready",
+        "busy": 0,
+        "queued": 0,
+        "capacity": 3,
+        "restarts": 0,
+    }
+    assert stats["workers"] == [worker] == health["workers"]
+    for key in (
+        "busy",
+        "queued",
+        "requests_served",
+        "requests_cancelled",
+        "requests_failed",
+        "tokens_generated",
+    ):
         assert key in stats
 
 

@@ -17,6 +17,7 @@ from nanochat.engine import (
     fit_to_context,
     generate_naive,
     greedy_completions,
+    sample_next,
     use_calculator,
 )
 from nanochat.gpt import GPT, GPTConfig
@@ -175,10 +176,9 @@ def test_kv_cached_greedy_equals_full_recompute_across_a_cache_growth(tokenizer,
     for prompt_len in (1, 7, 23, 41):
         prompt = [(31 * i + 7) % 256 for i in range(prompt_len)]
         grown.clear()
-        results, masks = engine.generate_batch(prompt, max_tokens=80, temperature=0.0)
-        expected = generate_naive(model, prompt, 80)
-        assert results[0] == prompt + expected
-        assert masks[0] == [0] * prompt_len + [1] * 80
+        results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=80, temperature=0.0)
+        assert results[0] == generate_naive(model, prompt, 80)
+        assert masks[0] == [1] * 80
         assert grown, f"prompt of {prompt_len}: the cache never grew"
 
 
@@ -196,11 +196,11 @@ def test_bf16_policy_keeps_a_bf16_kv_cache_and_generates_on_cpu(tokenizer, monke
     assert engine.cache_dtype == torch.bfloat16
     cache, _ = engine.prefill(prompt)
     assert cache.k.dtype == torch.bfloat16
-    results, masks = engine.generate_batch(prompt, max_tokens=16, temperature=0.0)
-    assert masks[0] == [0] * len(prompt) + [1] * 16
+    results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=16, temperature=0.0)
+    assert masks[0] == [1] * 16
     # the first token comes straight from the prefill's logits: bf16 agrees with fp32 there; later
     # tokens of a random model are near-ties that bf16 rounding may flip
-    assert results[0][len(prompt)] == fp32[0][len(prompt)]
+    assert results[0][0] == fp32[0][0]
 
 
 def test_greedy_completions_continue_each_prompt_and_keep_the_training_mode(tokenizer):
@@ -230,8 +230,8 @@ def test_max_tokens_bounds_every_row_and_the_number_of_steps(tokenizer):
     engine = Engine(make_model(tokenizer), tokenizer)
     columns = list(engine.generate([3, 4], num_samples=3, max_tokens=9, temperature=0.8, seed=0))
     assert len(columns) == 9 and all(len(tokens) == 3 and len(masks) == 3 for tokens, masks in columns)
-    results, _ = engine.generate_batch([3, 4], num_samples=3, max_tokens=9, temperature=0.8)
-    assert [len(r) for r in results] == [11, 11, 11]
+    results, _ = engine.generate_batch([3, 4], num_samples=3, keep_stop=True, max_tokens=9, temperature=0.8)
+    assert [len(r) for r in results] == [9, 9, 9]
     assert list(engine.generate([3, 4], max_tokens=0)) == []
 
 
@@ -249,9 +249,11 @@ def test_rows_stop_at_assistant_end_or_bos_and_leave_the_batch(tokenizer):
     logits[[65, end, bos]] = 0.0  # 'A', assistant_end, bos equally likely
     model = RuleModel(vocab, lambda pos, ids: logits)
     engine = Engine(model, tokenizer)
-    results, masks = engine.generate_batch([65], num_samples=16, max_tokens=40, temperature=1.0, seed=3)
+    results, masks = engine.generate_batch([65], 16, True, max_tokens=40, temperature=1.0, seed=3)
     for row, mask in zip(results, masks, strict=True):  # each row ends with its stop token, kept with mask 1
-        assert set(row[1:-1]) <= {65} and row[-1] in (end, bos) and mask == [0] + [1] * (len(row) - 1)
+        assert set(row[:-1]) <= {65} and row[-1] in (end, bos) and mask == [1] * len(row)
+    without, _ = engine.generate_batch([65], 16, max_tokens=40, temperature=1.0, seed=3)
+    assert without == [row[:-1] for row in results]  # keep_stop=False: the same rows, stop token dropped
     model.batch_sizes.clear()
     columns = list(engine.generate([65], num_samples=16, max_tokens=40, temperature=1.0, seed=3))
     # rows still running after each step: a row stops with the first stop token it yields
@@ -288,8 +290,8 @@ def test_calculator_result_is_forced_with_mask_zero_and_generation_continues(tok
     # 'XXXX' are where the model would write while the tool output (4 tokens: start, '3', '6', end) is forced
     parts = ["<|python_start|>", "12*3", "<|python_end|>", "XXXX", "done", "<|assistant_end|>"]
     engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
-    results, masks = engine.generate_batch(prompt, max_tokens=50, temperature=0.0)
-    generated, gen_masks = results[0][len(prompt) :], masks[0][len(prompt) :]
+    results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=50, temperature=0.0)
+    generated, gen_masks = results[0], masks[0]
     expected = "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>done<|assistant_end|>"
     assert tokenizer.decode(generated) == expected
     forced = [tokenizer.encode_special("<|output_start|>"), *tokenizer.encode("36")]
@@ -303,10 +305,10 @@ def test_refused_calculator_expression_forces_nothing(tokenizer):
     prompt = tokenizer.encode("Q", prepend="<|bos|>")
     parts = ["<|python_start|>", "__import__('os')", "<|python_end|>", "ok", "<|assistant_end|>"]
     engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
-    results, masks = engine.generate_batch(prompt, max_tokens=50, temperature=0.0)
-    reply = tokenizer.decode(results[0][len(prompt) :])
+    results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=50, temperature=0.0)
+    reply = tokenizer.decode(results[0])
     assert reply == "<|python_start|>__import__('os')<|python_end|>ok<|assistant_end|>"
-    assert set(masks[0][len(prompt) :]) == {1}
+    assert set(masks[0]) == {1}
 
 
 @pytest.mark.parametrize(
@@ -433,7 +435,7 @@ def test_scheduler_greedy_equals_engine_greedy_for_concurrent_prompts(tokenizer)
     prompts = [[7], list(range(30, 52)), [1, 2, 3], list(range(200, 209)), list(range(60, 100))]
     max_tokens = [30, 12, 25, 40, 18]
     expected = [
-        engine.generate_batch(p, max_tokens=n, temperature=0.0)[0][0][len(p) :]
+        engine.generate_batch(p, max_tokens=n, temperature=0.0)[0][0]
         for p, n in zip(prompts, max_tokens, strict=True)
     ]
     scheduler = BatchScheduler(engine, max_batch=3)  # fewer slots than requests: admission as rows free up
@@ -504,13 +506,111 @@ def test_scheduler_completes_twenty_concurrent_requests(tokenizer):
         assert (request.finish_reason == "length") == (len(tokens) == 5 + i)
 
 
-def test_scheduler_asserts_its_invariants_in_the_callers_thread_and_refuses_work_once_closed(tokenizer):
+def test_scheduler_checks_its_invariants_in_the_callers_thread_and_refuses_work_once_closed(tokenizer):
     # requests are validated at the HTTP boundary; a caller's bug fails the caller, not the scheduler
     scheduler = BatchScheduler(Engine(make_model(tokenizer), tokenizer))
-    for tokens, max_tokens in [([], 5), ([1], 0), ([1] * 2000, 5)]:  # 2000: past the rotary table
-        with pytest.raises(AssertionError):
+    for tokens, max_tokens in [([], 5), ([1], 0), ([1] * 128, 5)]:  # 128: the whole context
+        with pytest.raises(ValueError):
             scheduler.submit(tokens, max_tokens)
     assert collect(scheduler.submit([1, 2], 3, temperature=0.0)) != []  # still serving
     scheduler.close()
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit([1], 5)
+
+
+# -----------------------------------------------------------------------------
+# Isolation: what one request does cannot hurt another, nor the scheduler
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30, 1e-6, 2.0])
+@pytest.mark.parametrize("top_k", [None, 1, 200])
+def test_sampling_is_numerically_safe_at_every_accepted_setting(temperature, top_k):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 300) * 50
+    logits[1, 7] = float("inf")  # a diverged model, too
+    logits[2, :5] = float("nan")
+    token = sample_next(logits, temperature, top_k, generator)
+    assert token.shape == (3,) and bool(((token >= 0) & (token < 300)).all())
+    if temperature < 1e-6:  # vanishing temperature is greedy, never NaN
+        assert token[0] == logits[0].argmax() and token[1] == 7
+
+
+def test_a_request_whose_sampling_fails_fails_alone_and_its_batch_carries_on(tokenizer, monkeypatch):
+    engine = Engine(make_model(tokenizer, block_stops=False), tokenizer)
+    real = engine_module.sample_next
+
+    def sample_next(logits, temperature, top_k, generator):
+        if top_k == 13:  # the poisoned request
+            raise RuntimeError("probability tensor contains inf or nan")
+        return real(logits, temperature, top_k, generator)
+
+    scheduler = BatchScheduler(engine, max_batch=4)
+    try:
+        healthy = [scheduler.submit([i, i + 1], 20, temperature=0.8, top_k=40, seed=i) for i in range(3)]
+        for r in healthy:
+            next(iter(r))  # all three are in the batch
+        monkeypatch.setattr(engine_module, "sample_next", sample_next)
+        poisoned = scheduler.submit([9, 9], 20, temperature=0.8, top_k=13)
+        with pytest.raises(RuntimeError, match="generation failed"):
+            list(poisoned)
+        assert poisoned.finish_reason == "error"
+        for r in healthy:
+            collect(r)
+            assert r.finish_reason in ("length", "stop") and r.error is None
+        after = scheduler.submit([1, 2], 5, temperature=0.0)
+        assert len(collect(after)) == 5 and scheduler.state == "ready" and scheduler.restarts == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_failed_forward_fails_its_batch_and_the_scheduler_keeps_serving(tokenizer, monkeypatch):
+    engine = Engine(make_model(tokenizer), tokenizer)
+    scheduler = BatchScheduler(engine, max_batch=4)
+    try:
+        running = scheduler.submit([1, 2], 50, temperature=0.0)
+        next(iter(running))
+        real, calls = engine.decode_step, []
+
+        def decode_step(cache, tokens):
+            calls.append(1)
+            if len(calls) == 1:
+                raise RuntimeError("CUDA out of memory")
+            return real(cache, tokens)
+
+        monkeypatch.setattr(engine, "decode_step", decode_step)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            list(running)
+        assert running.finish_reason == "error"
+        assert len(collect(scheduler.submit([3, 4], 6, temperature=0.0))) == 6
+        assert scheduler.restarts == 0
+    finally:
+        scheduler.close()
+
+
+def test_a_crashed_scheduler_loop_is_logged_restarted_and_reports_its_state(tokenizer, monkeypatch, caplog):
+    engine = Engine(make_model(tokenizer), tokenizer)
+    scheduler = BatchScheduler(engine, max_batch=2, restart_delay=0.5)
+    try:
+        real = scheduler._step
+        crashed = threading.Event()
+
+        def step():
+            if not crashed.is_set():
+                crashed.set()
+                raise RuntimeError("injected bug in the loop")
+            real()
+
+        monkeypatch.setattr(scheduler, "_step", step)
+        victim = scheduler.submit([1, 2], 10, temperature=0.0)
+        with pytest.raises(RuntimeError, match="injected"):
+            list(victim)
+        assert scheduler.state == "restarting" and scheduler.restarts == 1
+        deadline = time.time() + 5
+        while scheduler.state != "ready" and time.time() < deadline:
+            time.sleep(0.02)
+        assert scheduler.state == "ready"
+        assert len(collect(scheduler.submit([3, 4], 6, temperature=0.0))) == 6
+        assert "restarting" in caplog.text
+    finally:
+        scheduler.close()
+    assert scheduler.state == "closed"

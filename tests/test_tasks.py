@@ -263,7 +263,7 @@ def test_smoltalk_rejects_a_malformed_conversation(local_tasks):
     rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]
     write_jsonl(local_tasks / "smoltalk" / "train.jsonl", rows)
     with pytest.raises(
-        ValueError, match="SmolTalk train row 0: message 1 has role 'user', expected 'assistant'"
+        ValueError, match="SmolTalk train row 0: message 1 has role 'user' but 'assistant' was expected"
     ):
         SmolTalk(split="train")[0]
 
@@ -285,7 +285,7 @@ def test_customjson_reads_lists_and_names_the_bad_line(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
         CustomJSON(bad)
     bad.write_text(json.dumps(good[:1]) + "\n")
-    with pytest.raises(ValueError, match="at least one user message and one assistant reply"):
+    with pytest.raises(ValueError, match="the last message must be from the assistant"):
         CustomJSON(bad)
 
 
