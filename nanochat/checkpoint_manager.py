@@ -11,6 +11,8 @@ Checkpoints: save, load and resume.
   or `--overwrite` (delete them and the old log first).
 - A damaged file is one error line naming it and the newest intact step.
 - State dicts are stored without torch.compile's `_orig_mod.` prefix.
+- `load_model` costs about the reading of its files (bench/load.py): the saved tensors are assigned
+  to a meta-device model, nothing is randomly initialized, no optimizer shard is read.
 """
 
 from __future__ import annotations
@@ -204,9 +206,11 @@ def build_model(directory: str | Path, step: int, device, phase: str):
     config = GPTConfig(**meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (rotary tables) are not in the state dict
+    # no to_empty + init_weights: random init of weights that are then replaced cost more than
+    # reading them, and to_empty's first meta-device op imports sympy (~0.6 s). The loaded tensors
+    # replace the meta parameters as they are; the rotary buffers are not saved: computed here.
     model.load_state_dict(model_state, strict=True, assign=True)
+    model.cos, model.sin = model.compute_rotary(device)
     model.train(phase == "train")
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:

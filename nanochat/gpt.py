@@ -10,7 +10,8 @@ Design choices:
   set by `config_from_depth`; the GPTConfig defaults (10,000 and 1) are the first architecture,
   so its checkpoints load unchanged. Value embeddings, per-layer residual scalars and a smaller
   init were measured too and rejected (see bench/recipe.py).
-- Built on the meta device, then `init_weights` fills every parameter and buffer.
+- Built on the meta device, then `init_weights` fills every parameter and buffer; a checkpoint
+  load assigns the saved weights and `compute_rotary`'s buffers instead.
 - Parameters stay fp32 (precision policy: `common.autocast`); logits are always fp32.
 - KV cache: `cache.get_pos()` (an int, or a (B,) tensor of per-row positions) and
   `cache.insert_kv(layer, k, v) -> (k_all, v_all)`; see nanochat/engine.py.
@@ -189,16 +190,22 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         target = torch.get_default_device()
-        with torch.device("meta"):  # build shapes only; init_weights fills them on the real device
+        # build shapes only; init_weights fills them on the real device. Only empty tensors and the
+        # Linears' own uniform_ here: normal_ or arithmetic on the meta device runs torch's Python
+        # references, whose first call imports torch._dynamo (~1 s of every process that loads a model)
+        with torch.device("meta"):
             self.transformer = nn.ModuleDict(
                 {
-                    "wte": nn.Embedding(config.padded_vocab_size, config.n_embd),
+                    # given a weight, Embedding skips its normal_ init
+                    "wte": nn.Embedding.from_pretrained(
+                        torch.empty(config.padded_vocab_size, config.n_embd), freeze=False
+                    ),
                     "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
                 }
             )
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-            rotary_len = ROTARY_LENGTH_FACTOR * config.sequence_len
-            cos, sin = rotary_tables(rotary_len, config.head_dim, config.rope_base)
+            rotary_shape = (1, ROTARY_LENGTH_FACTOR * config.sequence_len, 1, config.head_dim // 2)
+            cos, sin = (torch.empty(rotary_shape, dtype=torch.float32) for _ in range(2))
         self.register_buffer("cos", cos, persistent=False)  # (1, L, 1, D/2), fp32
         self.register_buffer("sin", sin, persistent=False)
         if target.type != "meta":  # the same as the meta route: to_empty, then init_weights
@@ -218,11 +225,13 @@ class GPT(nn.Module):
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        cos, sin = rotary_tables(
-            self.cos.size(1), self.config.head_dim, self.config.rope_base, self.cos.device
-        )
+        cos, sin = self.compute_rotary(self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    def compute_rotary(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values of the rotary buffers cos and sin: never saved, a checkpoint load computes them."""
+        return rotary_tables(self.cos.size(1), self.config.head_dim, self.config.rope_base, device)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by optimizer role: "matrix" (block weights), "embedding", "lm_head"."""

@@ -1,5 +1,9 @@
 import shutil
+import subprocess
+import sys
+import textwrap
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +68,58 @@ def test_load_model_round_trips_and_names_what_exists(tiny):
         cm.load_model("base", "cpu", phase="eval", model_tag="d9")
     with pytest.raises(cm.CheckpointError, match="saved steps: \\[5\\]"):
         cm.load_model("base", "cpu", phase="eval", model_tag="d1", step=7)
+
+
+def test_load_model_draws_no_random_init_and_skips_the_optimizer_shard(tiny, monkeypatch):
+    model, optimizers, meta = tiny
+    directory = cm.checkpoint_dir("sft", "d1")
+    cm.save_checkpoint(directory, 1, model, optimizers, meta)
+    (directory / "optim_000001_rank0.pt").write_bytes(b"garbage")  # inference never reads it
+
+    def no_init(self):
+        raise AssertionError("init_weights: random weights the checkpoint then replaces")
+
+    monkeypatch.setattr(GPT, "init_weights", no_init)
+    rng = torch.get_rng_state()
+    loaded, _, _ = cm.load_model("sft", "cpu", phase="train", model_tag="d1")
+    assert torch.equal(torch.get_rng_state(), rng), "loading drew random numbers: a random init is back"
+    assert loaded.training and all(p.requires_grad for p in loaded.parameters())
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert torch.equal(loaded.cos, model.cos) and torch.equal(loaded.sin, model.sin)  # computed, not saved
+    x = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert torch.equal(loaded(x), model(x))
+
+
+_FRESH_LOAD = """
+import sys
+from nanochat.checkpoint_manager import load_model
+heavy = ("torch._dynamo", "sympy")  # torch.compile's machinery: ~1.5 s to import
+if any(name in sys.modules for name in heavy):
+    print("imported already")  # this torch imports them with itself: nothing to test
+else:
+    load_model("sft", "cpu", "eval", "d1")
+    print("imported by the load:", [name for name in heavy if name in sys.modules])
+"""
+
+
+def test_a_load_in_a_fresh_process_imports_no_compile_machinery(tiny):
+    # meta-device ops other than empty and the native inits (normal_, arithmetic, empty_like) run
+    # torch's Python references, whose first call imports torch._dynamo or sympy: a second or more
+    # of every chat start-up
+    model, optimizers, meta = tiny
+    cm.save_checkpoint(cm.checkpoint_dir("sft", "d1"), 1, model, None, meta)
+    repo = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_FRESH_LOAD)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    if run.stdout.strip() == "imported already":
+        pytest.skip("this torch imports torch._dynamo or sympy with itself")
+    assert run.stdout.strip() == "imported by the load: []"
 
 
 def test_resolve_tag_picks_the_deepest_tag_with_a_checkpoint(tiny):
