@@ -545,3 +545,236 @@ def test_index_serves_the_self_contained_ui(scripted_server):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "<title>nanochat</title>" in r.text
     assert "http://" not in r.text and "https://" not in r.text  # no CDN or external asset
+
+
+# ---------------------------------------------------------------------------- hostile clients
+
+
+def _rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tiny_base_dir, tmp_path_factory):
+    """A babbler server with an API key and a 1 s client timeout, for the tests that stop it."""
+    base = build_base_dir(tiny_base_dir, tmp_path_factory.mktemp("web_guarded"), babbler_model)
+    server = ChatServer(
+        base, "--max-batch", "4", "--max-tokens", "8", "--api-key", "sekrit", "--client-timeout", "1"
+    )
+    server.auth = {"Authorization": "Bearer sekrit"}
+    server.stats = lambda: httpx.get(server.url + "/stats", headers=server.auth, timeout=10).json()
+    yield server
+    server.stop()
+
+
+def test_api_key_is_required_on_the_apis_and_docs_are_off(guarded_server):
+    url = guarded_server.url
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO}, timeout=30)
+    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    r = httpx.post(
+        url + "/v1/chat/completions", json={"messages": HELLO}, headers={"Authorization": "Bearer nope"}
+    )
+    assert r.status_code == 401
+    assert httpx.get(url + "/v1/models", timeout=10).status_code == 401
+    assert httpx.get(url + "/health", timeout=10).status_code == 200  # open: load balancers probe it
+    r = httpx.post(
+        url + "/v1/chat/completions", json={"messages": HELLO}, headers=guarded_server.auth, timeout=30
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    for path in ("/docs", "/openapi.json", "/redoc"):
+        assert httpx.get(url + path, headers=guarded_server.auth, timeout=10).status_code == 404
+
+
+def test_a_foreign_host_or_origin_is_refused(scripted_server):
+    url = scripted_server.url + "/v1/chat/completions"
+    for headers in ({"Host": "evil.example"}, {"Origin": "http://evil.example"}, {"Origin": "null"}):
+        r = httpx.post(url, json={"messages": HELLO}, headers=headers, timeout=30)
+        assert r.status_code == 403 and "--allow-host" in r.json()["error"]["message"], headers
+    for headers in ({"Host": f"localhost:{scripted_server.port}"}, {"Origin": scripted_server.url}):
+        assert httpx.post(url, json={"messages": HELLO}, headers=headers, timeout=30).status_code == 200
+    # a web page's "simple" cross-site POST (text/plain, no preflight) is not JSON: refused
+    r = httpx.post(url, content=json.dumps({"messages": HELLO}), headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+FUZZ = [  # accepted values at their limits and just inside them
+    {"temperature": 5e-324},
+    {"temperature": 1e-300, "top_k": 1},
+    {"temperature": 1e-30, "top_k": 200},
+    {"temperature": 2.0, "top_k": 0},
+    {"temperature": 1.9999999, "top_k": 199, "seed": 2**63 - 1},
+    {"temperature": 0, "max_tokens": 4096, "seed": 0},
+    {"temperature": 0.5, "max_tokens": 1},
+    {"temperature": 1e-6, "stop": ["a", "b", "c", "d"]},
+]
+
+
+def test_hostile_but_accepted_values_fail_nothing(guarded_server):
+    url, auth = guarded_server.url, guarded_server.auth
+    before = guarded_server.stats()
+
+    async def one(client, extra: dict, stream: bool):
+        body = {"messages": [{"role": "user", "content": "<|assistant_end|> hi"}], "stream": stream, **extra}
+        r = await client.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=120)
+        assert r.status_code == 200, (extra, r.text)
+        assert "error" not in r.text, (extra, r.text)
+
+    async def all_at_once():  # batched together: a failure in one row would show in the others
+        async with httpx.AsyncClient() as client:
+            await asyncio.gather(*(one(client, extra, i % 2 == 0) for i, extra in enumerate(FUZZ)))
+
+    asyncio.run(all_at_once())
+    after = guarded_server.stats()
+    assert after["requests_failed"] == before["requests_failed"] and after["busy"] == 0 == after["queued"]
+    assert all(w["state"] == "ready" and w["restarts"] == 0 for w in after["workers"])
+    r = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO}, headers=auth, timeout=30)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+
+def test_a_huge_chunked_body_is_refused_without_growing_the_server(guarded_server):
+    pid = guarded_server.proc.pid
+    before = _rss_kb(pid)
+
+    def chunks():  # 50 MB, no Content-Length
+        for _ in range(50):
+            yield b"[" + b" " * (2**20 - 1)
+
+    headers = {**guarded_server.auth, "Content-Type": "application/json"}
+    try:
+        r = httpx.post(
+            guarded_server.url + "/v1/chat/completions", content=chunks(), headers=headers, timeout=60
+        )
+        assert r.status_code == 413 and "larger" in r.json()["error"]["message"]
+    except httpx.RemoteProtocolError:
+        pass  # the server answered 413 and closed before the client finished sending: also fine
+    assert _rss_kb(pid) - before < 8 * 1024
+    nested = b"[" * 100_000 + b"]" * 100_000
+    r = httpx.post(guarded_server.url + "/v1/chat/completions", content=nested, headers=headers, timeout=30)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def test_slow_and_idle_clients_are_dropped_after_the_client_timeout(guarded_server):
+    def closed_within(payload: bytes, seconds: float) -> bool:
+        with socket.create_connection(("127.0.0.1", guarded_server.port)) as s:
+            s.sendall(payload)
+            s.settimeout(seconds)
+            try:
+                while s.recv(1024):  # a 4xx answer, then the close
+                    pass
+                return True
+            except TimeoutError:
+                return False
+
+    start = time.time()
+    assert closed_within(b"", 5)  # connected, never said anything
+    assert closed_within(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow:", 5)  # headers never end
+    body_head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    assert closed_within(body_head + b"Authorization: Bearer sekrit\r\nContent-Length: 100\r\n\r\n{", 5)
+    assert time.time() - start < 12
+    assert httpx.get(guarded_server.url + "/health", timeout=10).status_code == 200
+
+
+def test_an_abandoned_non_streaming_request_is_cancelled(babbler_server):
+    before = babbler_server.stats()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 2000 tokens are done
+        httpx.post(
+            babbler_server.url + "/v1/chat/completions",
+            json={"messages": HELLO, "max_tokens": 4000},
+            timeout=0.5,
+        )
+    deadline = time.time() + 10
+    while (stats := babbler_server.stats())["busy"] > 0 and time.time() < deadline:
+        time.sleep(0.05)
+    assert stats["busy"] == 0 and stats["requests_cancelled"] == before["requests_cancelled"] + 1
+    assert stats["tokens_generated"] - before["tokens_generated"] < 1500
+
+
+def test_sigterm_stops_the_server_promptly_even_while_it_streams(tiny_base_dir, tmp_path):
+    base = build_base_dir(tiny_base_dir, tmp_path, babbler_model)
+    server = ChatServer(base, "--max-batch", "2")
+    with httpx.stream(
+        "POST", server.url + "/chat/completions", json={"messages": HELLO, "max_tokens": 4000}
+    ) as r:
+        next(r.iter_lines())
+        start = time.time()
+        server.proc.terminate()
+        server.proc.wait(timeout=15)
+    assert time.time() - start < 10 and server.proc.returncode is not None
+    server.log.close()
+
+
+# ---------------------------------------------------------------------------- OpenAI features
+
+
+def test_stop_strings_cut_the_reply_streaming_and_not(scripted_server):
+    client = openai_client(scripted_server)
+    full = script_text(scripted_server.tokenizer)  # "Sum:<<1+2=3>>😀中文"
+    for stop, expected in (("<<", "Sum:"), (["中", "zz"], full[: full.index("中")]), ("=3>", "Sum:<<1+2")):
+        reply = client.chat.completions.create(model="m", messages=HELLO, stop=stop)
+        assert reply.choices[0].message.content == expected and reply.choices[0].finish_reason == "stop"
+        chunks = list(client.chat.completions.create(model="m", messages=HELLO, stop=stop, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    reply = client.chat.completions.create(model="m", messages=HELLO, stop=["never there"])
+    assert reply.choices[0].message.content == full
+
+
+def test_text_part_lists_are_accepted_and_tools_are_refused_by_name(scripted_server):
+    import openai
+
+    client = openai_client(scripted_server)
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}])
+    plain = client.chat.completions.create(model="m", messages=HELLO)
+    assert reply.choices[0].message.content == plain.choices[0].message.content
+    assert reply.usage.prompt_tokens == plain.usage.prompt_tokens
+    tool = {
+        "type": "function",
+        "function": {"name": "add", "parameters": {"type": "object", "properties": {}}},
+    }
+    with pytest.raises(openai.BadRequestError, match="tools"):
+        client.chat.completions.create(model="m", messages=HELLO, tools=[tool])
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.chat.completions.create(model="m", messages=HELLO, logprobs=True)
+
+
+# ---------------------------------------------------------------------------- a crashing worker
+
+
+def test_a_crashed_worker_restarts_and_health_reports_it_while_down(tiny_base_dir, monkeypatch):
+    from nanochat.engine import BatchScheduler, Engine
+    from scripts import chat_web
+
+    tokenizer = Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+    scheduler = BatchScheduler(Engine(babbler_model(tokenizer), tokenizer), max_batch=2, restart_delay=1.0)
+    defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 8}
+    server = chat_web.ChatServer([("cpu", scheduler)], tokenizer, 2048, "m", defaults, False)
+    real_step, crashes = scheduler._step, []
+
+    def step():
+        if not crashes:
+            crashes.append(1)
+            raise RuntimeError("injected crash")
+        real_step()
+
+    monkeypatch.setattr(scheduler, "_step", step)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=chat_web.create_app(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            r = await client.post("/v1/chat/completions", json={"messages": HELLO})
+            assert r.status_code == 500 and "injected crash" in r.json()["error"]["message"]
+            health = await client.get("/health")
+            assert health.status_code == 503 and health.json()["workers"][0]["state"] == "restarting"
+            r = await client.post("/v1/chat/completions", json={"messages": HELLO})
+            assert r.status_code == 503 and "retry" in r.json()["error"]["message"]
+            await asyncio.sleep(1.5)
+            health = await client.get("/health")
+            assert health.status_code == 200 and health.json()["workers"][0]["restarts"] == 1
+            r = await client.post("/v1/chat/completions", json={"messages": HELLO})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
