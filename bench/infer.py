@@ -30,9 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: make the repo importable
 from nanochat.checkpoint_manager import save_checkpoint  # noqa: E402
 from nanochat.common import autocast, autodetect_device_type  # noqa: E402
-from nanochat.engine import Engine, generate_naive  # noqa: E402
+from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, config_from_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+from test_engine import generate_naive  # noqa: E402  the tests' full-recompute reference
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--depth", type=int, default=4)

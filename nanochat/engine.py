@@ -15,14 +15,11 @@ Inference: a KV-cached engine with batched sampling, a calculator tool and conti
   the rows in it), never the thread; anything else restarts the loop, logged.
 - Sampling is numerically safe for every temperature >= 0 and top_k >= 0; flags and HTTP
   requests are range-checked where they enter.
-- generate_naive (full recompute, greedy) is the reference the engine is tested against.
 """
 
 from __future__ import annotations
 
-import ast
 import logging
-import math
 import queue
 import random
 import threading
@@ -32,6 +29,7 @@ from collections.abc import Iterator
 
 import torch
 
+from nanochat.calculator import use_calculator
 from nanochat.common import autocast, compute_dtype
 
 # Prompts whose greedy completions show what a base model knows (printed while training).
@@ -309,109 +307,19 @@ class Engine:
         self, tokens: list[int], num_samples: int = 1, keep_stop: bool = False, **sampling
     ) -> tuple[list[list[int]], list[list[int]]]:
         """`generate` run to the end (`sampling`: its max_tokens, temperature, top_k, seed): each row's
-        reply tokens and their masks (0 on forced tool output). A row's stop token ends it and is
-        kept only with `keep_stop` (RL trains the model to stop: it is a sampled choice, mask 1)."""
-        replies: list[list[int]] = [[] for _ in range(num_samples)]
-        masks: list[list[int]] = [[] for _ in range(num_samples)]
+        whole sequence, prompt + reply, and its mask (0 on the prompt and forced tool output). A row's
+        stop token ends it and is kept only with `keep_stop` (RL trains the model to stop: mask 1)."""
+        sequences = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
         stopped = [False] * num_samples
         for column, mask_column in self.generate(tokens, num_samples, **sampling):
             for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
                 if not stopped[i]:
                     stopped[i] = token in self.stop_ids
                     if keep_stop or not stopped[i]:
-                        replies[i].append(token)
+                        sequences[i].append(token)
                         masks[i].append(mask)
-        return replies, masks
-
-
-# -----------------------------------------------------------------------------
-# The calculator tool: work is bounded by checks before each operation, so no timer is needed
-
-MAX_EXPR_CHARS = 256
-MAX_INT_BITS = 256  # integers (inputs, intermediate results) beyond ~77 digits are refused
-MAX_EXPONENT = 1024
-MAX_RESULT_CHARS = 80
-
-
-class _Refused(Exception):
-    pass
-
-
-def _bounded(x):
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise _Refused
-    if isinstance(x, int) and x.bit_length() > MAX_INT_BITS:
-        raise _Refused
-    if isinstance(x, float) and not math.isfinite(x):
-        raise _Refused
-    return x
-
-
-def _binop(op: ast.operator, a, b):
-    if isinstance(op, ast.Add):
-        return _bounded(a + b)
-    if isinstance(op, ast.Sub):
-        return _bounded(a - b)
-    if isinstance(op, ast.Mult):
-        if isinstance(a, int) and isinstance(b, int) and a.bit_length() + b.bit_length() > MAX_INT_BITS + 1:
-            raise _Refused  # refuse before computing: big-int work is unbounded
-        return _bounded(a * b)
-    if isinstance(op, (ast.Div, ast.FloorDiv, ast.Mod)):
-        if b == 0:
-            raise _Refused
-        if isinstance(op, ast.Div):
-            return _bounded(a / b)
-        return _bounded(a // b if isinstance(op, ast.FloorDiv) else a % b)
-    if isinstance(op, ast.Pow):
-        if abs(b) > MAX_EXPONENT:
-            raise _Refused
-        if isinstance(a, int) and isinstance(b, int) and b > 0 and (a.bit_length() - 1) * b > MAX_INT_BITS:
-            raise _Refused  # |a|**b has at least that many bits: refuse before computing it
-        return _bounded(a**b)  # a complex result (negative base, fractional power) is refused too
-    raise _Refused
-
-
-def _evaluate(node: ast.AST):
-    if isinstance(node, ast.Expression):
-        return _evaluate(node.body)
-    if isinstance(node, ast.Constant):
-        return _bounded(node.value)  # strings only appear inside .count(), handled below
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        value = _evaluate(node.operand)
-        return value if isinstance(node.op, ast.UAdd) else -value
-    if isinstance(node, ast.BinOp):
-        return _binop(node.op, _evaluate(node.left), _evaluate(node.right))
-    if (  # "literal".count("literal"), nothing else callable
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "count"
-        and isinstance(node.func.value, ast.Constant)
-        and type(node.func.value.value) is str
-        and len(node.args) == 1
-        and not node.keywords
-        and isinstance(node.args[0], ast.Constant)
-        and type(node.args[0].value) is str
-    ):
-        return node.func.value.value.count(node.args[0].value)
-    raise _Refused
-
-
-def use_calculator(expr: str) -> str | None:
-    """The value of a small arithmetic / "str".count("x") expression as a short string; None if refused."""
-    if len(expr) > MAX_EXPR_CHARS:
-        return None
-    expr = expr.strip()
-    if "'" not in expr and '"' not in expr:
-        expr = expr.replace(",", "")  # thousands separators: "1,234 * 2"
-    try:
-        x = _evaluate(ast.parse(expr, mode="eval"))
-    except Exception:  # syntax errors, refusals, overflow, deep nesting: the tool just answers nothing
-        return None
-    if isinstance(x, float):  # ints print without ".0", other floats with 10 significant digits
-        text = str(int(x)) if x == int(x) and abs(x) < 1e15 else f"{x:.10g}"
-    else:
-        text = str(x)
-    return text if len(text) <= MAX_RESULT_CHARS else None
+        return sequences, masks
 
 
 # -----------------------------------------------------------------------------
@@ -708,31 +616,15 @@ class BatchScheduler:
 
 
 # -----------------------------------------------------------------------------
-# The reference: full recompute
-
-
-@torch.no_grad()
-def generate_naive(model: torch.nn.Module, tokens: list[int], max_tokens: int) -> list[int]:
-    """The `max_tokens` greedy token ids after `tokens`, recomputing the full forward each step
-    (the context cropped from the left to the model's sequence length)."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    for _ in range(max_tokens):
-        logits = model(ids[:, -model.config.sequence_len :])[:, -1, :]  # (1, V)
-        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
-    return ids[0, len(tokens) :].tolist()
+# Base-model samples (printed while training)
 
 
 def greedy_completions(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
-    """Each prompt followed by its greedy continuation, as text."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    texts = []
-    for prompt in prompts:
-        tokens = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-        with autocast(device):
-            new = generate_naive(model, tokens, max_tokens)
-        texts.append(tokenizer.decode(tokens[1:] + new))
+    """Each prompt followed by its greedy continuation (up to a stop token), as text."""
+    was_training, engine, bos = model.training, Engine(model.eval(), tokenizer), tokenizer.get_bos_token_id()
+    rows = [
+        engine.generate_batch(tokenizer.encode(p, prepend=bos), max_tokens=max_tokens, temperature=0.0)[0][0]
+        for p in prompts
+    ]
     model.train(was_training)
-    return texts
+    return [tokenizer.decode(row[1:]) for row in rows]

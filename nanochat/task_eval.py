@@ -91,9 +91,10 @@ def _generative(
     for i in indices:
         conversation = task[i]
         prompt, budget = prompt_and_budget(tokenizer, conversation, max_context, max_new_tokens)
-        replies, _ = engine.generate_batch(
+        rows, _ = engine.generate_batch(
             prompt, num_samples, max_tokens=budget, temperature=temperature, top_k=top_k, seed=i
         )
+        replies = [row[len(prompt) :] for row in rows]
         solved += any(task.evaluate(conversation, tokenizer.decode(reply)) for reply in replies)
         if bar is not None:
             bar.update(1)

@@ -10,7 +10,9 @@ Chat with a trained model in the terminal.
   across tokens is printed once complete, a calculator call as `<<expr=result>>`.
 - A reply is stored back as structured parts (text, python, python_output), so the next turn
   renders the tool call exactly as the model produced it.
-- `quit`/`exit` (or Ctrl-D) leave, `clear` starts over; Ctrl-C stops the current reply.
+- `quit`/`exit` (or Ctrl-D) leave, `clear` starts over; Ctrl-C stops the current reply (what
+  was said so far stays in the chat) or clears the line being typed; it never quits.
+- Line editing and history (Up/Down) come from `readline` where Python has it.
 """
 
 from __future__ import annotations
@@ -53,7 +55,11 @@ def main() -> None:
     engine = Engine(model, tokenizer)
 
     if not args.prompt:
-        print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' leaves.")
+        try:
+            import readline  # noqa: F401  importing it gives input() line editing and history
+        except ImportError:  # Windows
+            pass
+        print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' (or Ctrl-D) leaves.")
     messages: list[dict] = []
     turn = 0
     while True:
@@ -63,7 +69,10 @@ def main() -> None:
         else:
             try:
                 user_text = input("\nUser: ").strip()
-            except (EOFError, KeyboardInterrupt):
+            except KeyboardInterrupt:  # drop the line being typed, ask again
+                print()
+                continue
+            except EOFError:
                 print()
                 break
             if user_text.lower() in ("quit", "exit"):

@@ -216,18 +216,10 @@ if __name__ == "__main__":
     def sample(prompt: list[int], num_samples: int, budget: int, seed: int):
         """((sequences, masks), completions): rows keep their stop token (mask 1: stopping is a choice
         the policy makes); the completions, without it, are what gets graded."""
-        replies, masks = engine.generate_batch(
-            prompt,
-            num_samples,
-            True,
-            max_tokens=budget,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            seed=seed,
-        )
-        sequences = [prompt + reply for reply in replies]
-        masks = [[0] * len(prompt) + mask for mask in masks]
-        completions = [reply[:-1] if reply and reply[-1] in engine.stop_ids else reply for reply in replies]
+        top_k = args.top_k or None
+        sampling = dict(max_tokens=budget, temperature=args.temperature, top_k=top_k, seed=seed)
+        sequences, masks = engine.generate_batch(prompt, num_samples, keep_stop=True, **sampling)
+        completions = [[t for t in seq[len(prompt) :] if t not in engine.stop_ids] for seq in sequences]
         return (sequences, masks), completions
 
     # ---------------------------------------------------------------------- eval: mean reward and pass@k

@@ -38,7 +38,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -72,6 +72,7 @@ LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096),
 NO_OP = {"n": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
 IGNORED = {"model", "user", "store", "metadata", "service_tier"}  # accepted, no effect on the reply
 MAX_CONNECTIONS = 64
+COUNTS = ("requests_served", "requests_cancelled", "requests_failed", "tokens_generated")
 
 
 class RequestError(Exception):
@@ -136,17 +137,13 @@ def _text(content: Any, where: str) -> str:
     return content
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatParams:
     """Parses and validates a chat request body; raises RequestError naming the problem.
 
     `defaults` holds temperature, top_k and max_tokens for fields the client leaves out.
     """
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw)  # a NaN or Infinity fails the range checks below
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RequestError(f"request body is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(body, dict):
@@ -233,12 +230,8 @@ class Generation:
 
     def usage(self) -> dict:
         """The OpenAI `usage` object of this generation so far."""
-        total = self.prompt_tokens + self.completion_tokens
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": total,
-        }
+        p, c = self.prompt_tokens, self.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     async def pieces(self) -> AsyncIterator[str]:
         """The reply's text, piece by piece; raises RuntimeError naming the problem if generation fails."""
@@ -250,13 +243,9 @@ class Generation:
         self.prompt_tokens = len(tokens)
         self.worker, scheduler = server.pick_worker()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        sink = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731  from its thread
         request = scheduler.submit(
-            tokens,
-            budget,
-            temperature=params.temperature,
-            top_k=params.top_k or None,
-            seed=params.seed,
-            sink=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item),
+            tokens, budget, params.temperature, params.top_k or None, params.seed, sink
         )
         decoder, held, stopped = ReplyDecoder(server.tokenizer), "", False
         try:
@@ -280,32 +269,19 @@ class Generation:
             server.record(self, time.time() - started)
 
 
+@dataclass
 class ChatServer:
     """Shared state of the app: the workers, the tokenizer, defaults and counters."""
 
-    def __init__(
-        self,
-        workers: list[tuple[str, BatchScheduler]],
-        tokenizer,
-        context: int,
-        model_name: str,
-        defaults: dict,
-        log_content: bool,
-    ):
-        self.workers = workers  # (device, scheduler), one per GPU
-        self.tokenizer = tokenizer
-        self.context = context
-        self.model_name = model_name
-        self.defaults = defaults
-        self.log_content = log_content
-        self.started = time.time()
-        self.client_timeout = 10.0  # seconds for a request's body to arrive
-        self.counts = {
-            "requests_served": 0,
-            "requests_cancelled": 0,
-            "requests_failed": 0,
-            "tokens_generated": 0,
-        }
+    workers: list[tuple[str, BatchScheduler]]  # (device, scheduler), one per GPU
+    tokenizer: Any
+    context: int  # a prompt and its reply fit in this many tokens
+    model_name: str
+    defaults: dict  # temperature, top_k and max_tokens of requests that leave them out
+    log_content: bool = False
+    client_timeout: float = 10.0  # seconds for a request's body to arrive
+    started: float = field(default_factory=time.time)
+    counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
 
     def pick_worker(self) -> tuple[int, BatchScheduler]:
         """The least loaded worker that can serve (RequestError 503 if none can)."""
@@ -654,21 +630,14 @@ def main() -> None:
     hosts = served_hosts(args.host, args.allow_host)
     if not _is_loopback(args.host) and not args.api_key:
         logger.warning(
-            "binding %s beyond loopback without --api-key: anyone who can reach it can use the model",
-            args.host,
+            "binding %s beyond loopback without --api-key: anyone reaching it can use it", args.host
         )
     workers, tokenizer, meta = load_workers(args)
-    config = meta["model_config"]
-    server = ChatServer(
-        workers,
-        tokenizer,
-        context=config["sequence_len"],
-        model_name=f"nanochat-{args.source}-{meta['model_tag']}-step{meta.get('step', 0)}",
-        defaults={"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens},
-        log_content=args.log_content,
-    )
-    server.client_timeout = args.client_timeout
-    logger.info("serving %s on http://%s:%d", server.model_name, args.host, args.port)
+    name = f"nanochat-{args.source}-{meta['model_tag']}-step{meta.get('step', 0)}"
+    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
+    context = meta["model_config"]["sequence_len"]
+    server = ChatServer(workers, tokenizer, context, name, defaults, args.log_content, args.client_timeout)
+    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     config = uvicorn.Config(
         create_app(server, hosts, args.api_key, args.docs),
         host=args.host,

@@ -10,7 +10,7 @@ Design choices:
 
 from __future__ import annotations
 
-from nanochat.engine import use_calculator
+from nanochat.calculator import use_calculator
 from tasks.common import GeneratedTask, extract_hash_answer, last_assistant_text, numbers_equal
 
 NAMES = "Ana Ben Chloe Dev Emma Farid Grace Hiro Ines Jonas Kemi Liam Mei Noah".split()

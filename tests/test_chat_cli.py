@@ -80,3 +80,35 @@ def test_cli_rejects_bad_flags_with_a_clear_message(in_process, capsys):
     with pytest.raises(SystemExit) as exit_info:  # one line naming the stage, no traceback
         in_process("-p", "hi", "-i", "rl")
     assert exit_info.value.code == 1 and "chat_cli: no rl checkpoint" in capsys.readouterr().out
+
+
+def test_ctrl_c_stops_the_reply_or_the_line_and_never_quits(cli_base, in_process, capsys, monkeypatch):
+    import builtins
+
+    from nanochat.engine import Engine
+
+    typed = iter([KeyboardInterrupt, "first question", "second question", "quit"])
+
+    def fake_input(prompt=""):
+        print(prompt, end="")
+        item = next(typed)
+        if item is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return item
+
+    real_generate, calls = Engine.generate, []
+
+    def generate(self, *args, **kwargs):  # the first reply is interrupted after its first token
+        calls.append(1)
+        for i, column in enumerate(real_generate(self, *args, **kwargs)):
+            if len(calls) == 1 and i == 1:
+                raise KeyboardInterrupt
+            yield column
+
+    monkeypatch.setattr(builtins, "input", fake_input)
+    monkeypatch.setattr(Engine, "generate", generate)
+    in_process("-t", "0")
+    out = capsys.readouterr().out
+    expected = script_text(Tokenizer.from_directory(cli_base / "tokenizer"))
+    assert " [interrupted]" in out and out.count("Assistant: " + expected) == 1  # the second, whole
+    assert len(calls) == 2 and out.rstrip().endswith("User:")

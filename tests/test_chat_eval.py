@@ -207,8 +207,8 @@ class ScriptedEngine:
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         self.calls.append((len(tokens), num_samples, max_tokens, temperature, top_k))
-        replies = [self.tokenizer.encode(text) for text in self.scripts[seed][:num_samples]]
-        return replies, [[1] * len(reply) for reply in replies]
+        rows = [list(tokens) + self.tokenizer.encode(text) for text in self.scripts[seed][:num_samples]]
+        return rows, [[1] * len(row) for row in rows]
 
 
 def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer, monkeypatch):

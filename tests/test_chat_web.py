@@ -110,7 +110,7 @@ def build_base_dir(tiny_base_dir: Path, dest: Path, model_fn) -> Path:
 
 def script_text(tokenizer: Tokenizer) -> str:
     """What the scripted model's reply looks like on screen (tool call as <<expr=result>>)."""
-    from nanochat.engine import use_calculator
+    from nanochat.calculator import use_calculator
 
     return f"{SCRIPT_BEFORE_TOOL}<<{SCRIPT_EXPR}={use_calculator(SCRIPT_EXPR)}>>{SCRIPT_AFTER_TOOL}"
 
@@ -233,7 +233,7 @@ def test_openai_client_gets_scripted_reply_with_usage_and_stop(scripted_server):
     prompt = scripted_server.tokenizer.render_for_completion({"messages": HELLO})
     assert reply.usage.prompt_tokens == len(prompt)
     # every generated token is counted, the forced tool output included, the end token not
-    from nanochat.engine import use_calculator
+    from nanochat.calculator import use_calculator
 
     run1, run2 = script_chain(scripted_server.tokenizer)
     forced = 2 + len(scripted_server.tokenizer.encode(use_calculator(SCRIPT_EXPR)))  # output_start ... end

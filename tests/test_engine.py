@@ -15,7 +15,6 @@ from nanochat.engine import (
     Engine,
     KVCache,
     fit_to_context,
-    generate_naive,
     greedy_completions,
     sample_next,
     use_calculator,
@@ -94,6 +93,17 @@ def one_hot_logits(vocab_size: int, token: int) -> torch.Tensor:
     logits = torch.full((vocab_size,), -20.0)
     logits[token] = 20.0
     return logits
+
+
+@torch.no_grad()
+def generate_naive(model: torch.nn.Module, tokens: list[int], max_tokens: int) -> list[int]:
+    """The reference the engine is tested against: the `max_tokens` greedy token ids after `tokens`,
+    recomputing the full forward each step (the context cropped from the left to the sequence length)."""
+    ids = torch.tensor([tokens], dtype=torch.long, device=next(model.parameters()).device)
+    for _ in range(max_tokens):
+        logits = model(ids[:, -model.config.sequence_len :])[:, -1, :]  # (1, V)
+        ids = torch.cat([ids, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return ids[0, len(tokens) :].tolist()
 
 
 def collect(request, timeout: float = 30.0) -> list[int]:
@@ -177,8 +187,9 @@ def test_kv_cached_greedy_equals_full_recompute_across_a_cache_growth(tokenizer,
         prompt = [(31 * i + 7) % 256 for i in range(prompt_len)]
         grown.clear()
         results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=80, temperature=0.0)
-        assert results[0] == generate_naive(model, prompt, 80)
-        assert masks[0] == [1] * 80
+        expected = generate_naive(model, prompt, 80)
+        assert results[0] == prompt + expected
+        assert masks[0] == [0] * prompt_len + [1] * 80
         assert grown, f"prompt of {prompt_len}: the cache never grew"
 
 
@@ -197,10 +208,10 @@ def test_bf16_policy_keeps_a_bf16_kv_cache_and_generates_on_cpu(tokenizer, monke
     cache, _ = engine.prefill(prompt)
     assert cache.k.dtype == torch.bfloat16
     results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=16, temperature=0.0)
-    assert masks[0] == [1] * 16
+    assert masks[0] == [0] * len(prompt) + [1] * 16
     # the first token comes straight from the prefill's logits: bf16 agrees with fp32 there; later
     # tokens of a random model are near-ties that bf16 rounding may flip
-    assert results[0][0] == fp32[0][0]
+    assert results[0][len(prompt)] == fp32[0][len(prompt)]
 
 
 def test_greedy_completions_continue_each_prompt_and_keep_the_training_mode(tokenizer):
@@ -231,7 +242,7 @@ def test_max_tokens_bounds_every_row_and_the_number_of_steps(tokenizer):
     columns = list(engine.generate([3, 4], num_samples=3, max_tokens=9, temperature=0.8, seed=0))
     assert len(columns) == 9 and all(len(tokens) == 3 and len(masks) == 3 for tokens, masks in columns)
     results, _ = engine.generate_batch([3, 4], num_samples=3, keep_stop=True, max_tokens=9, temperature=0.8)
-    assert [len(r) for r in results] == [9, 9, 9]
+    assert [len(r) for r in results] == [11, 11, 11]
     assert list(engine.generate([3, 4], max_tokens=0)) == []
 
 
@@ -251,7 +262,7 @@ def test_rows_stop_at_assistant_end_or_bos_and_leave_the_batch(tokenizer):
     engine = Engine(model, tokenizer)
     results, masks = engine.generate_batch([65], 16, True, max_tokens=40, temperature=1.0, seed=3)
     for row, mask in zip(results, masks, strict=True):  # each row ends with its stop token, kept with mask 1
-        assert set(row[:-1]) <= {65} and row[-1] in (end, bos) and mask == [1] * len(row)
+        assert set(row[1:-1]) <= {65} and row[-1] in (end, bos) and mask == [0] + [1] * (len(row) - 1)
     without, _ = engine.generate_batch([65], 16, max_tokens=40, temperature=1.0, seed=3)
     assert without == [row[:-1] for row in results]  # keep_stop=False: the same rows, stop token dropped
     model.batch_sizes.clear()
@@ -291,7 +302,7 @@ def test_calculator_result_is_forced_with_mask_zero_and_generation_continues(tok
     parts = ["<|python_start|>", "12*3", "<|python_end|>", "XXXX", "done", "<|assistant_end|>"]
     engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
     results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=50, temperature=0.0)
-    generated, gen_masks = results[0], masks[0]
+    generated, gen_masks = results[0][len(prompt) :], masks[0][len(prompt) :]
     expected = "<|python_start|>12*3<|python_end|><|output_start|>36<|output_end|>done<|assistant_end|>"
     assert tokenizer.decode(generated) == expected
     forced = [tokenizer.encode_special("<|output_start|>"), *tokenizer.encode("36")]
@@ -306,9 +317,9 @@ def test_refused_calculator_expression_forces_nothing(tokenizer):
     parts = ["<|python_start|>", "__import__('os')", "<|python_end|>", "ok", "<|assistant_end|>"]
     engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
     results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=50, temperature=0.0)
-    reply = tokenizer.decode(results[0])
+    reply = tokenizer.decode(results[0][len(prompt) :])
     assert reply == "<|python_start|>__import__('os')<|python_end|>ok<|assistant_end|>"
-    assert set(masks[0]) == {1}
+    assert set(masks[0][len(prompt) :]) == {1}
 
 
 @pytest.mark.parametrize(
@@ -435,7 +446,7 @@ def test_scheduler_greedy_equals_engine_greedy_for_concurrent_prompts(tokenizer)
     prompts = [[7], list(range(30, 52)), [1, 2, 3], list(range(200, 209)), list(range(60, 100))]
     max_tokens = [30, 12, 25, 40, 18]
     expected = [
-        engine.generate_batch(p, max_tokens=n, temperature=0.0)[0][0]
+        engine.generate_batch(p, max_tokens=n, temperature=0.0)[0][0][len(p) :]
         for p, n in zip(prompts, max_tokens, strict=True)
     ]
     scheduler = BatchScheduler(engine, max_batch=3)  # fewer slots than requests: admission as rows free up

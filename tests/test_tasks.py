@@ -400,7 +400,7 @@ def test_mixture_is_a_deterministic_shuffle_and_oversamples_repeats():
 
 
 def test_spellingbee_counts_with_the_tool_and_grades_the_count():
-    from nanochat.engine import use_calculator
+    from nanochat.calculator import use_calculator
 
     task = SpellingBee(size=50, split="train")
     for conversation in task:
@@ -444,7 +444,7 @@ def test_word_list_falls_back_to_the_offline_corpus(base_dir, monkeypatch):
 
 
 def test_arithmetic_is_deterministic_and_its_tool_outputs_match_the_engine_calculator():
-    from nanochat.engine import use_calculator
+    from nanochat.calculator import use_calculator
 
     task = Arithmetic(size=200, split="train")
     examples = list(task)

@@ -20,10 +20,11 @@ from test_chat_web import (
     SCRIPT_BEFORE_TOOL,
     SCRIPT_EXPR,
     babbler_server,  # noqa: F401 - the shared server fixtures
+    guarded_server,  # noqa: F401
     scripted_server,  # noqa: F401
 )
 
-from nanochat.engine import use_calculator
+from nanochat.calculator import use_calculator
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(
@@ -374,3 +375,20 @@ def test_ui_stop_button_and_esc_cancel_the_generation(babbler_page):
     # the partial first reply went back to the server as the conversation's context
     assert [m["role"] for m in page.sent[-1]["messages"]] == ["user", "assistant", "user"]
     assert page.sent[-1]["messages"][1]["content"]
+
+
+def test_ui_asks_once_for_the_api_key_of_a_guarded_server(browser, request):
+    server = request.getfixturevalue("guarded_server")  # started with --api-key sekrit
+    page = open_page(browser, server)
+    asked = []
+    page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("sekrit")))
+    try:
+        say(page, "hello")
+        wait_idle(page, 1)
+        say(page, "again")
+        wait_idle(page, 2)
+        assert len(asked) == 1 and "API key" in asked[0]  # asked once, then kept for the tab
+        replies = texts(page, ".message.assistant")
+        assert all(reply.strip() and "API key" not in reply for reply in replies)
+    finally:
+        page.context.close()
