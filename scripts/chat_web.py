@@ -39,7 +39,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -431,13 +430,12 @@ def create_app(
     @app.get("/stats")
     async def stats():
         workers = server.workers_state()
-        busy, queued = sum(w["busy"] for w in workers), sum(w["queued"] for w in workers)
+        totals = {key: sum(w[key] for w in workers) for key in ("busy", "queued")}
         uptime = round(time.time() - server.started, 3)
         return {
             "workers": workers,
             "num_workers": len(workers),
-            "busy": busy,
-            "queued": queued,
+            **totals,
             **server.counts,
             "uptime_s": uptime,
         }
@@ -532,18 +530,15 @@ class DeadlineH11(H11Protocol):
 
     timeout = 10.0
 
+    # a timer per request, never cancelled: a stale one finds a request under way, or an idle
+    # connection that uvicorn's keep-alive timeout would close anyway
     def connection_made(self, transport):
         super().connection_made(transport)
-        self._deadline = self.loop.call_later(self.timeout, self._headers_late)
+        self.loop.call_later(self.timeout, self._headers_late)
 
     def on_response_complete(self):
         super().on_response_complete()
-        self._deadline.cancel()  # the next request's headers get a fresh deadline
-        self._deadline = self.loop.call_later(self.timeout, self._headers_late)
-
-    def connection_lost(self, exc):
-        self._deadline.cancel()
-        super().connection_lost(exc)
+        self.loop.call_later(self.timeout, self._headers_late)  # for the next request's headers
 
     def _headers_late(self):
         if self.cycle is None or self.cycle.response_complete:  # still waiting for a request's headers
@@ -556,39 +551,29 @@ class DeadlineH11(H11Protocol):
 def load_workers(args) -> tuple[list[tuple[str, BatchScheduler]], Any, Any]:
     """Loads one replica per GPU (one on CPU/MPS): returns ([(device, scheduler)], tokenizer, meta)."""
     device_type = args.device_type or autodetect_device_type()
-    if device_type == "cuda":
-        available = torch.cuda.device_count()
-        if not 1 <= args.num_gpus <= available:
-            raise SystemExit(f"--num-gpus {args.num_gpus} asked for, but torch sees {available} CUDA GPU(s)")
-        devices = [torch.device("cuda", i) for i in range(args.num_gpus)]
-    else:
-        if args.num_gpus != 1:
-            logger.warning("--num-gpus %d ignored on %s: one worker", args.num_gpus, device_type)
-        devices = [torch.device(device_type)]
-    workers, tokenizer, meta = [], None, None
-    for device in devices:
+    count = torch.cuda.device_count() if device_type == "cuda" else 1
+    if not 1 <= args.num_gpus <= count:
+        raise SystemExit(
+            f"--num-gpus {args.num_gpus} asked for, but there are {count} {device_type} device(s)"
+        )
+    workers = []
+    for i in range(args.num_gpus):
+        device = torch.device(device_type, i) if device_type == "cuda" else torch.device(device_type)
         try:
             model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
         except CheckpointError as e:
             exit_with_error("chat_web", str(e))
         workers.append((str(device), BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)))
-        logger.info("worker %d ready on %s", len(workers) - 1, device)
+        logger.info("worker %d ready on %s", i, device)
     return workers, tokenizer, meta
+
+
+LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
 def served_hosts(bind: str, allow: list[str]) -> set[str] | None:
     """The host names requests may address (None: any, with --allow-host '*')."""
-    local = {"localhost", "127.0.0.1", "::1"}
-    return (
-        None if "*" in allow else {bind, *allow} | (local if bind in local or _is_loopback(bind) else set())
-    )
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    return None if "*" in allow else {bind, *allow} | (LOOPBACK if bind in LOOPBACK else set())
 
 
 def main() -> None:
@@ -628,7 +613,7 @@ def main() -> None:
 
     setup_logging()
     hosts = served_hosts(args.host, args.allow_host)
-    if not _is_loopback(args.host) and not args.api_key:
+    if args.host not in LOOPBACK and not args.api_key:
         logger.warning(
             "binding %s beyond loopback without --api-key: anyone reaching it can use it", args.host
         )
