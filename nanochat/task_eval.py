@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import ProgressBar, all_reduce_sum, autocast, is_distributed
-from nanochat.engine import Engine, prompt_and_budget
+from nanochat.engine import Engine, fit_to_context, prompt_and_budget
 
 
 @torch.no_grad()
@@ -66,8 +66,8 @@ def _categorical(model, tokenizer, task, indices: Sequence[int], batch_size: int
     correct = 0
     for start in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[start : start + batch_size]]
-        # an overlong prompt keeps its end: the choices and the answer position
-        prompts = [tokenizer.render_for_completion(c)[-max_len:] for c in conversations]
+        # an overlong prompt keeps its end (the choices and the answer position), as every prompt does
+        prompts = [fit_to_context(tokenizer, c, max_len, 0) for c in conversations]
         # right padding: the model is causal, so what follows a row's last token cannot change its logits
         batch = torch.full((len(prompts), max(len(p) for p in prompts)), pad_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):
