@@ -494,6 +494,22 @@ def exit_with_error(script: str, message: str) -> NoReturn:
     sys.exit(1)
 
 
+def wandb_login_problem(run_name: str) -> str | None:
+    """Why `--run run_name` could not log to wandb (no API key in WANDB_API_KEY or ~/.netrc), or None.
+    "dummy" means no wandb; WANDB_MODE=offline/disabled needs no key. Reads no network."""
+    if run_name == "dummy" or os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
+        return None
+    import wandb  # slow to import: only for a named run
+
+    try:
+        if wandb.login(prompt=False, verify=False):
+            return None
+        problem = "wandb has no API key"
+    except wandb.errors.Error as e:  # a malformed WANDB_API_KEY
+        problem = str(e)
+    return f"--run {run_name}: {problem}; run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline"
+
+
 def compute_dtype(device) -> Any:
     """The dtype matmuls run in: bf16 on CUDA GPUs that run it natively (SM80+), fp32 elsewhere."""
     import torch

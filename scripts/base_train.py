@@ -46,6 +46,7 @@ from nanochat.common import (
     get_peak_flops,
     print0,
     setup_logging,
+    wandb_login_problem,
 )
 from nanochat.core_eval import evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
@@ -211,6 +212,8 @@ print0(
 )
 print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
 print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
+if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
+    fail(problem)
 if args.dry_run:
     compute_cleanup()
     sys.exit(0)

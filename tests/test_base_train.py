@@ -255,3 +255,26 @@ def test_dry_run_prints_the_plan_without_training(base):
     proc = train(base, *TINY, "--total-batch-size=512", "--num-iterations=7", "--dry-run")
     assert "steps: 7" in proc.stdout and "memory estimate" in proc.stdout
     assert not (base / "base_checkpoints").exists()
+
+
+def wandb_env(base: Path, home: Path, **extra: str) -> dict:
+    """env_for(base) with wandb cut off from the user's credentials and settings (home is empty)."""
+    env = {k: v for k, v in env_for(base).items() if not k.startswith("WANDB_") and k != "NETRC"}
+    return env | {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / "wandb-config")} | extra
+
+
+def test_named_run_logs_to_wandb_offline(base, tmp_path):
+    flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=2", "--run=testrun"]
+    env = wandb_env(base, tmp_path, WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "scripts.base_train", *flags]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_dry_run_of_named_run_without_wandb_key_says_wandb_login(base, tmp_path):
+    flags = [*TINY, "--total-batch-size=256", "--num-iterations=2", "--run=testrun", "--dry-run"]
+    cmd = [sys.executable, "-m", "scripts.base_train", *flags]
+    proc = subprocess.run(cmd, cwd=REPO, env=wandb_env(base, tmp_path), capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert "wandb login" in proc.stdout and "WANDB_MODE=offline" in proc.stdout
