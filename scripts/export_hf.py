@@ -1,0 +1,372 @@
+"""Export a checkpoint as a Hugging Face `transformers` model folder.
+
+python -m scripts.export_hf -i sft [-g TAG] [-s STEP] --out DIR
+
+- The model is transformers' built-in NanoChat (model_type "nanochat"): rotary, functional RMSNorm
+  after the embedding / before attention and MLP / at the end, QK-norm after rotary, ReLU², GQA,
+  untied head, softcap 15 all match ours exactly. Its softmax scale is fixed at 1/√D, so a model
+  with qk_scale != 1 ships nanochat/hf_model.py (`auto_map`, loaded with trust_remote_code=True).
+- Weights in safetensors; the padded vocab rows are cut off (we slice those logits off anyway).
+- tokenizer.json is byte-level BPE built from our mergeable ranks, with our split regex and
+  `ignore_merges` (tiktoken also takes a whole chunk that is a token as is); the chat template
+  renders exactly as Tokenizer.render_conversation / render_for_completion.
+- The folder is written next to DIR and renamed into place: a failed export leaves nothing behind.
+"""
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from nanochat.checkpoint_manager import add_model_flags, load_model
+from nanochat.gpt import LOGIT_SOFTCAP, NORM_EPS, GPTConfig
+from nanochat.tokenizer import Tokenizer
+
+HF_MODEL_FILE = Path(__file__).resolve().parents[1] / "nanochat" / "hf_model.py"
+STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # as the Engine: either one ends a reply
+
+# The chat template: Tokenizer.render_conversation (render_for_completion with add_generation_prompt,
+# which drops a final assistant message). A leading system message joins the first user one.
+CHAT_TEMPLATE = """\
+{%- set msgs = messages -%}
+{%- if add_generation_prompt and msgs and msgs[-1]['role'] == 'assistant' -%}
+{%- set msgs = msgs[:-1] -%}
+{%- endif -%}
+{%- set system = '' -%}
+{%- if msgs and msgs[0]['role'] == 'system' -%}
+{%- set system = msgs[0]['content'] + '\\n\\n' -%}
+{%- set msgs = msgs[1:] -%}
+{%- endif -%}
+{%- if not msgs -%}
+{{- raise_exception('the conversation has no user message') -}}
+{%- endif -%}
+{{- bos_token -}}
+{%- for message in msgs -%}
+{%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}
+{{- raise_exception('messages alternate user/assistant from user (after an optional system one)') -}}
+{%- endif -%}
+{%- if message['role'] == 'user' -%}
+{{- '<|user_start|>' + (system if loop.first else '') + message['content'] + '<|user_end|>' -}}
+{%- else -%}
+{{- '<|assistant_start|>' -}}
+{%- if message['content'] is string -%}
+{{- message['content'] -}}
+{%- else -%}
+{%- for part in message['content'] -%}
+{%- if part['type'] == 'python' -%}
+{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}
+{%- elif part['type'] == 'python_output' -%}
+{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
+{%- else -%}
+{{- part['text'] -}}
+{%- endif -%}
+{%- endfor -%}
+{%- endif -%}
+{{- '<|assistant_end|>' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+{{- '<|assistant_start|>' -}}
+{%- endif -%}"""
+
+
+# -----------------------------------------------------------------------------
+# Tokenizer
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """The byte-level BPE alphabet: each byte as a printable character (printable ASCII and Latin-1
+    stand for themselves, the other bytes take the code points from 256 on, in byte order)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    mapping = {b: chr(b) for b in printable}
+    extra = 256
+    for b in range(256):
+        if b not in mapping:
+            mapping[b] = chr(extra)
+            extra += 1
+    return mapping
+
+
+def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """Every split of every multi-byte token into two tokens, by the rank of the token they make.
+    tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first; listing
+    every such pair in that order makes the HF BPE choose the same merges."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()  # by the merged token's rank, then by its pieces' ranks
+    return [(left, right) for *_, left, right in merges]
+
+
+def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
+    """A `tokenizers` byte-level BPE giving our ids for every text, special tokens included."""
+    alphabet = byte_to_unicode()
+
+    def text(token: bytes) -> str:
+        return "".join(alphabet[b] for b in token)
+
+    vocab = {text(token): rank for token, rank in tokenizer.mergeable_ranks.items()}
+    merges = [(text(left), text(right)) for left, right in bpe_merges(tokenizer.mergeable_ranks)]
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    hf.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    hf.decoder = decoders.ByteLevel()
+    # special tokens take the next ids in order: the same as ours (checked below)
+    hf.add_special_tokens(
+        [AddedToken(name, special=True, normalized=False) for name in tokenizer.special_tokens]
+    )
+    for name, token_id in tokenizer.special_tokens.items():
+        assert hf.token_to_id(name) == token_id, (
+            f"special token {name}: HF id {hf.token_to_id(name)}, ours {token_id}"
+        )
+    return hf
+
+
+def tokenizer_config(tokenizer: Tokenizer, config: GPTConfig) -> dict:
+    bos = tokenizer.bos_token
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": bos,
+        "eos_token": "<|assistant_end|>",
+        "pad_token": bos,  # no pad token of its own; generate's mask inference is off as bos is a stop token
+        "add_bos_token": False,  # as our encode(): the chat template writes bos itself
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.sequence_len,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+# -----------------------------------------------------------------------------
+# Model
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our weights under the names of transformers' NanoChatForCausalLM, vocab padding cut off."""
+    V = model.config.vocab_size
+    names = {
+        "attn.c_q": "self_attn.q_proj",
+        "attn.c_k": "self_attn.k_proj",
+        "attn.c_v": "self_attn.v_proj",
+        "attn.c_proj": "self_attn.o_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
+    state = {
+        "model.embed_tokens.weight": model.transformer.wte.weight[:V],
+        "lm_head.weight": model.lm_head.weight[:V],
+    }
+    for i, block in enumerate(model.transformer.h):
+        for ours, theirs in names.items():
+            state[f"model.layers.{i}.{theirs}.weight"] = block.get_submodule(ours).weight
+    return {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+
+
+def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
+    """config.json: the built-in NanoChat, or our NanoChatQKScale subclass when qk_scale != 1."""
+    special = tokenizer.special_tokens
+    bos = tokenizer.get_bos_token_id()
+    fields = {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": 4 * config.n_embd,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.n_kv_head,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.sequence_len,
+        "hidden_act": "relu2",
+        "rms_norm_eps": NORM_EPS,
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(config.rope_base)},
+        "rope_theta": float(config.rope_base),  # where transformers 4.x reads it
+        "final_logit_softcapping": LOGIT_SOFTCAP,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "bos_token_id": bos,
+        "eos_token_id": [special[name] for name in STOP_TOKENS],
+        "pad_token_id": bos,
+        "torch_dtype": "float32",
+    }
+    if config.qk_scale == 1.0:
+        return {"architectures": ["NanoChatForCausalLM"], "model_type": "nanochat", **fields}
+    return {
+        "architectures": ["NanoChatQKScaleForCausalLM"],
+        "model_type": "nanochat_qk_scale",
+        "auto_map": {
+            "AutoConfig": "hf_model.NanoChatQKScaleConfig",
+            "AutoModelForCausalLM": "hf_model.NanoChatQKScaleForCausalLM",
+        },
+        "qk_scale": float(config.qk_scale),
+        **fields,
+    }
+
+
+def generation_config(tokenizer: Tokenizer) -> dict:
+    special = tokenizer.special_tokens
+    bos = tokenizer.get_bos_token_id()
+    return {"bos_token_id": bos, "eos_token_id": [special[name] for name in STOP_TOKENS], "pad_token_id": bos}
+
+
+def model_card(config: GPTConfig, meta: dict, source: str, num_params: int) -> str:
+    """README.md: what the model is, its shape and training record, how to run it."""
+    remote = config.qk_scale != 1.0
+    trust = ", trust_remote_code=True" if remote else ""
+    if remote:
+        path = (
+            f"This model scales q and k by qk_scale = {config.qk_scale} after QK-norm, which transformers' "
+            "built-in NanoChat class cannot express (its softmax scale is fixed at 1/√head_dim). The folder "
+            "ships `hf_model.py`, a subclass of it whose only change is that scale, registered through "
+            "`auto_map` in config.json: load it with `trust_remote_code=True`."
+        )
+        vllm = (
+            "vLLM: not supported exactly. vLLM's Transformers backend (`--model-impl transformers "
+            "--trust-remote-code`) runs the modelling code but computes attention itself with the "
+            "1/√head_dim scale, which would ignore qk_scale; this export was not tested under vLLM."
+        )
+    else:
+        path = (
+            "It loads as transformers' built-in NanoChat model (`model_type: nanochat`, "
+            "`NanoChatForCausalLM`), whose architecture matches the checkpoint exactly; no remote code."
+        )
+        vllm = (
+            "vLLM: serve it through vLLM's Transformers modeling backend, "
+            "`vllm serve DIR --model-impl transformers` (vLLM has no dedicated NanoChat implementation "
+            "here); this export was not tested under vLLM."
+        )
+    record = {k: v for k, v in meta.items() if k not in ("model_config", "dataloader_state")}
+    shape = json.dumps(
+        {
+            "source": source,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_kv_head": config.n_kv_head,
+            "n_embd": config.n_embd,
+            "vocab_size": config.vocab_size,
+            "sequence_len": config.sequence_len,
+            "rope_base": config.rope_base,
+            "qk_scale": config.qk_scale,
+            "parameters": num_params,
+        },
+        indent=2,
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [nanochat]
+---
+
+# nanochat {meta.get("model_tag", "")} ({source}, step {meta.get("step")})
+
+A small ChatGPT-like model trained from scratch with nanochat: tokenizer, pretraining (base), \
+mid-training, supervised fine-tuning (sft) and optionally RL. This is the `{source}` stage.
+
+Architecture: a decoder-only transformer with rotary positions (base {config.rope_base:g}), RMSNorm \
+without weights after the embedding, before attention and MLP and at the end, QK-norm (after rotary) \
+then q, k scaled by {config.qk_scale:g}, ReLU² MLP, grouped-query attention, no biases, untied head, \
+logits softcapped at {LOGIT_SOFTCAP:g}.
+
+{path}
+
+## Config
+
+```json
+{shape}
+```
+
+## Training record (checkpoint meta)
+
+```json
+{json.dumps(record, indent=2, default=str)}
+```
+
+## Chat with transformers
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("DIR"{trust})
+tokenizer = AutoTokenizer.from_pretrained("DIR"{trust})
+messages = [{{"role": "user", "content": "Why is the sky blue?"}}]
+ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+out = model.generate(ids, max_new_tokens=128, do_sample=False)
+print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+```
+
+The chat format: `<|bos|><|user_start|>…<|user_end|><|assistant_start|>…<|assistant_end|>`; a system \
+message is joined to the first user message with a blank line. A reply ends at `<|assistant_end|>` \
+(or `<|bos|>`), both listed as eos in generation_config.json. The calculator tool \
+(`<|python_start|>…<|python_end|>`, output in `<|output_start|>…<|output_end|>`) is not run by \
+`generate`: nanochat's own engine does that.
+
+## Serving
+
+{vllm}
+"""
+
+
+# -----------------------------------------------------------------------------
+# Export
+
+
+def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, overwrite: bool = False) -> None:
+    """Write the model folder `out` (atomically: built next to it, then renamed)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"--out {out} exists and is not empty: choose another folder or pass --overwrite"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
+        if config.qk_scale != 1.0:
+            shutil.copyfile(HF_MODEL_FILE, tmp / "hf_model.py")
+        files = {
+            "config.json": hf_config(config, tokenizer),
+            "generation_config.json": generation_config(tokenizer),
+            "tokenizer_config.json": tokenizer_config(tokenizer, config),
+        }
+        for name, data in files.items():
+            (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        build_hf_tokenizer(tokenizer).save(str(tmp / "tokenizer.json"))
+        card = model_card(config, meta, source, model.num_params())
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face transformers folder")
+    add_model_flags(parser, default_source=None)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
+    args = parser.parse_args()
+    model, tokenizer, meta = load_model(args.source, "cpu", "eval", args.model_tag, args.model_step)
+    export(model, tokenizer, meta, args.source, Path(args.out), args.overwrite)
+    print(f"exported {args.source} {meta['model_tag']} step {meta['step']} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

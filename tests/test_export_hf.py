@@ -1,0 +1,175 @@
+"""scripts/export_hf.py: the exported folder loads in transformers, offline, and behaves like ours."""
+
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers (dev dependency) is not installed")
+pytest.importorskip("safetensors", reason="safetensors is not installed")
+pytest.importorskip(
+    "transformers.models.nanochat", reason="this transformers has no built-in NanoChat model (needs >= 4.57)"
+)
+
+from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint  # noqa: E402
+from nanochat.engine import Engine  # noqa: E402
+from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat.tokenizer import Tokenizer  # noqa: E402
+from scripts import export_hf  # noqa: E402
+
+# the first architecture (rotary base 10,000, no q/k scale) and the current one, both with GQA
+ARCHITECTURES = {
+    "old": {"rope_base": 10000.0, "qk_scale": 1.0},
+    "new": {"rope_base": 100000.0, "qk_scale": 1.2},
+}
+
+TEXTS = [
+    "Hello world! It's a test, isn't it? We'll see.",
+    "numbers 1234567 and 3.14159, dates 2024-01-31",
+    "emoji 🙂👍🏽 and 🇫🇷 flags",
+    "中文测试：你好，世界。日本語のテキスト",
+    "tabs\tand   many    spaces\n\n\nnewlines \r\n  indented\n    code()",
+    "   leading and trailing   ",
+    "",
+]
+
+
+def random_model(tokenizer: Tokenizer, architecture: str) -> GPT:
+    """A tiny GPT whose every weight is random (no zero-init identity blocks), so it tests something."""
+    torch.manual_seed(0)
+    config = GPTConfig(
+        sequence_len=128,
+        vocab_size=tokenizer.get_vocab_size(),
+        n_layer=2,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=64,
+        **ARCHITECTURES[architecture],
+    )
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 1.0 if p is model.transformer.wte.weight else p.size(-1) ** -0.5)
+        model.lm_head.weight.mul_(3.0)  # logits of a few units: greedy choices are not near-ties
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def exported(request, tiny_base_dir, tmp_path_factory):
+    """(our model, our tokenizer, the export folder) of a tiny random sft checkpoint."""
+    base = tmp_path_factory.mktemp(f"export_{request.param}")
+    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
+    tokenizer = Tokenizer.from_directory(base / "tokenizer")
+    model = random_model(tokenizer, request.param)
+    out = base / "hf"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", str(base))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        save_checkpoint(checkpoint_dir("sft", "d2"), 7, model, None, {"user_config": {"note": "tiny"}})
+        mp.setattr(sys, "argv", ["export_hf", "-i", "sft", "--out", str(out)])
+        export_hf.main()
+    return model, tokenizer, out
+
+
+def load_hf(out):
+    """(model, tokenizer) through the Auto classes; remote code trusted only where the export ships it,
+    so the built-in path is shown to need none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = {"trust_remote_code": True} if (out / "hf_model.py").exists() else {}
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, **trust).eval()
+    return model, AutoTokenizer.from_pretrained(out, **trust)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def test_export_writes_the_hf_folder(exported):
+    model, _, out = exported
+    names = {p.name for p in out.iterdir()}
+    expected = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"}
+    assert expected | {"tokenizer_config.json", "README.md"} <= names
+    config = json.loads((out / "config.json").read_text())
+    builtin = model.config.qk_scale == 1.0
+    assert config["model_type"] == ("nanochat" if builtin else "nanochat_qk_scale")
+    assert ("hf_model.py" in names) != builtin and ("auto_map" in config) != builtin
+    assert config["rope_parameters"]["rope_theta"] == model.config.rope_base
+    card = (out / "README.md").read_text()
+    assert "step 7" in card and ("trust_remote_code=True" in card) != builtin and "vLLM" in card
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".hf.")]  # no temp folder left
+
+
+def test_export_refuses_a_non_empty_out_folder(exported):
+    model, tokenizer, out = exported
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_hf.export(model, tokenizer, {}, "sft", out)
+
+
+def test_hf_logits_equal_ours(exported):
+    model, _, out = exported
+    hf_model, _ = load_hf(out)
+    idx = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(idx)
+        theirs = hf_model(idx).logits
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_greedy_generate_equals_engine(exported):
+    model, tokenizer, out = exported
+    hf_model, _ = load_hf(out)
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": "What is 2+2? Tell me a story."}])
+    n = 24
+    ours = Engine(model, tokenizer).generate_batch(prompt, max_tokens=n, temperature=0.0)[0][0]
+    assert tokenizer.encode_special("<|python_start|>") not in ours[len(prompt) :]  # no tool use to replay
+    with torch.no_grad():
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0].tolist()
+    stops = {tokenizer.encode_special(name) for name in export_hf.STOP_TOKENS}
+    if theirs[-1] in stops and len(theirs) > len(ours):  # the Engine drops the stop token
+        theirs = theirs[:-1]
+    assert theirs == ours
+
+
+def test_hf_tokenizer_encodes_and_decodes_like_ours(exported):
+    _, tokenizer, out = exported
+    _, hf_tokenizer = load_hf(out)
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert hf_tokenizer.encode(text, add_special_tokens=False) == ids, text
+        assert hf_tokenizer.decode(ids) == text
+    for name, token_id in tokenizer.special_tokens.items():
+        assert hf_tokenizer.convert_tokens_to_ids(name) == token_id
+
+
+def chat_ids(hf_tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_chat_template_renders_like_ours(exported):
+    _, tokenizer, out = exported
+    _, hf_tokenizer = load_hf(out)
+    user = {"role": "user", "content": "How much is 12*7?  Answer in 中文 🙂"}
+    tool_reply = [
+        {"type": "text", "text": "Let me compute: "},
+        {"type": "python", "text": "12*7"},
+        {"type": "python_output", "text": "84"},
+        {"type": "text", "text": " so 84."},
+    ]
+    assistant = {"role": "assistant", "content": tool_reply}
+    conversations = [
+        [user],
+        [{"role": "system", "content": "You are terse."}, user],
+        [{"role": "system", "content": "Be kind."}, user, assistant, {"role": "user", "content": "Thanks!"}],
+        [user, {"role": "assistant", "content": "84\n"}],
+    ]
+    for messages in conversations:
+        assert chat_ids(hf_tokenizer, messages, True) == tokenizer.render_for_completion(messages), messages
+    for messages in conversations[2:]:
+        full = messages + [assistant] if messages[-1]["role"] == "user" else messages
+        assert chat_ids(hf_tokenizer, full, False) == tokenizer.render_conversation(full, max_tokens=None)[0]
