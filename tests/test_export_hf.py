@@ -3,6 +3,7 @@
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ pytest.importorskip(
 from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-from nanochat.tokenizer import Tokenizer  # noqa: E402
+from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer, load_tiktoken_ranks  # noqa: E402
 from scripts import export_hf  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # the first architecture (rotary base 10,000, no q/k scale) and the current one, both with GQA
 ARCHITECTURES = {
@@ -173,3 +176,19 @@ def test_chat_template_renders_like_ours(exported):
     for messages in conversations[2:]:
         full = messages + [assistant] if messages[-1]["role"] == "user" else messages
         assert chat_ids(hf_tokenizer, full, False) == tokenizer.render_conversation(full, max_tokens=None)[0]
+
+
+@pytest.mark.parametrize("ranks_file", ["gpt2/r50k_base.tiktoken", "cl100k_base/cl100k_base.tiktoken"])
+def test_bpe_merges_from_large_real_vocabs_encode_like_tiktoken(ranks_file):
+    """The merges derived from ranks give tiktoken's ids on real text with 50k and 100k vocabs
+    (our split pattern), where the tiny tokenizer's 1024 tokens would hide rare merge orders."""
+    ranks_path = SHARED_DATA / "tokenizers" / ranks_file
+    docs_path = SHARED_DATA / "pretrain" / "fineweb_edu_sample10BT_150docs.jsonl"
+    if not ranks_path.exists() or not docs_path.exists():
+        pytest.skip(f"shared data absent: {ranks_path} or {docs_path}")
+    ranks = load_tiktoken_ranks(ranks_path)
+    tokenizer = Tokenizer(SPLIT_PATTERN, ranks, {"<|bos|>": len(ranks)})
+    hf = export_hf.build_hf_tokenizer(tokenizer)
+    docs = [json.loads(line)["text"] for line in docs_path.read_text(encoding="utf-8").splitlines()]
+    for doc in docs + TEXTS:
+        assert hf.encode(doc, add_special_tokens=False).ids == tokenizer.encode(doc), doc[:80]
