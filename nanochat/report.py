@@ -10,6 +10,8 @@ The report card: every stage logs a section, `python -m nanochat.report generate
   rate, code size); its timestamp is the start of the run.
 - `generate` writes report.md: environment, the summary table built from the sections' data
   (`-` missing, `*` partial), wall-clock time and cost, training curves, then every section.
+  The curves are PNGs in a `report_figures/` folder beside each report.md (the one in the report
+  folder and the copy), linked by relative path: the pair can be moved or shared as it is.
 - Only rank 0 writes; other ranks get a report whose `log` does nothing.
 - MetricsLog is the per-step log.jsonl of a training run; the curves are drawn from it.
 """
@@ -34,6 +36,7 @@ from nanochat.common import atomic_path, get_base_dir, get_dist_info
 REPO_DIR = Path(__file__).resolve().parents[1]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 REPORT_FILE = "report.md"
+FIGURES_DIR = "report_figures"  # beside each report.md; its links are relative to it
 ENVIRONMENT = "Environment"  # the section `reset` logs: the report's header
 # The sections in pipeline order (titles as the scripts log them); others follow, oldest first.
 SECTION_ORDER = (
@@ -346,19 +349,23 @@ def read_log(path: str | Path) -> list[dict]:
     return records
 
 
-def make_plots(base_dir: Path, report_dir: Path) -> list[tuple[str, Path]]:
-    """Draw the training curves that have data, from each phase's newest log; returns [(title, png path)]."""
+def curves(records: list[dict], panels: dict[str, str]) -> list[tuple[str, list[tuple[int, float]]]]:
+    """[(y label, [(step, value)])] for the panels of a figure worth drawing: those with at least two
+    points (a one-point "curve", say a final val loss, is an empty panel; its value is in the section)."""
+    series = [(label, [(r["step"], r[key]) for r in records if key in r]) for label, key in panels.items()]
+    return [(label, points) for label, points in series if len(points) >= 2]
+
+
+def make_plots(base_dir: Path, figures_dir: Path) -> list[tuple[str, Path]]:
+    """Draw the training curves that have data, from each phase's newest log, into `figures_dir`;
+    returns [(title, png path)]."""
     made = []
     for title, (folder, panels) in PLOTS.items():
         logs = list((base_dir / folder).glob("*/log.jsonl"))
         if not logs:
             continue
         log = max(logs, key=lambda p: p.stat().st_mtime)  # the tag trained last
-        records = read_log(log)
-        series = [
-            (label, [(r["step"], r[key]) for r in records if key in r]) for label, key in panels.items()
-        ]
-        series = [(label, points) for label, points in series if points]
+        series = curves(read_log(log), panels)
         if not series:
             continue
         import matplotlib  # here, not at the top: only `generate` draws, and matplotlib is slow to import
@@ -374,7 +381,8 @@ def make_plots(base_dir: Path, report_dir: Path) -> list[tuple[str, Path]]:
             ax.grid(alpha=0.3)
         fig.suptitle(f"{title} ({log.parent.name})")
         fig.tight_layout()
-        path = report_dir / f"{folder.removesuffix('_checkpoints')}_training.png"
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        path = figures_dir / f"{folder.removesuffix('_checkpoints')}_training.png"
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
@@ -383,7 +391,8 @@ def make_plots(base_dir: Path, report_dir: Path) -> list[tuple[str, Path]]:
 
 
 def generate(report_dir: str | Path | None = None, copy_to: str | Path | None = ".") -> Path:
-    """Write `report.md` (environment, summary, curves, sections) into `report_dir`; copy it to `copy_to`."""
+    """Write `report.md` (environment, summary, curves, sections) into `report_dir`; copy it, with its
+    report_figures/, to `copy_to`."""
     base_dir = get_base_dir()
     report_dir = Path(report_dir) if report_dir is not None else base_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -411,7 +420,7 @@ def generate(report_dir: str | Path | None = None, copy_to: str | Path | None = 
             "ChatCORE tasks that were evaluated (see the sections below).\n\n"
         )
     summary_block += format_item(summary)
-    plots = make_plots(base_dir, report_dir)
+    plots = make_plots(base_dir, report_dir / FIGURES_DIR)
 
     if env is not None:
         head = (report_dir / f"{slugify(ENVIRONMENT)}.md").read_text(encoding="utf-8").strip("\n")
@@ -421,17 +430,20 @@ def generate(report_dir: str | Path | None = None, copy_to: str | Path | None = 
     titles = [t for t in SECTION_ORDER if t in sections] + extra
     body = [(report_dir / f"{slugify(t)}.md").read_text(encoding="utf-8").strip("\n") for t in titles]
 
-    def render(image_dir: str) -> str:
-        images = [f"![{title}]({image_dir}{path.name})" for title, path in plots]
-        curves = ["## Training curves\n\n" + "\n\n".join(images)] if plots else []
-        return "\n\n".join(["# nanochat training report", head, summary_block, *curves, *body]) + "\n"
+    images = [f"![{title}]({FIGURES_DIR}/{png.name})" for title, png in plots]
+    curves_block = ["## Training curves\n\n" + "\n\n".join(images)] if plots else []
+    text = "\n\n".join(["# nanochat training report", head, summary_block, *curves_block, *body]) + "\n"
 
     path = report_dir / REPORT_FILE
     with atomic_path(path) as tmp:
-        tmp.write_text(render(""), encoding="utf-8")
-    if copy_to is not None and (target := Path(copy_to).resolve() / REPORT_FILE) != path.resolve():
-        with atomic_path(target) as tmp:  # the copy lives elsewhere: its images point into the report folder
-            tmp.write_text(render(f"{report_dir.resolve().as_posix()}/"), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
+    if copy_to is not None and (target := Path(copy_to).resolve()) != report_dir.resolve():
+        if plots:  # the copy's links resolve beside it too: its own report_figures/
+            (target / FIGURES_DIR).mkdir(exist_ok=True)
+        for _, png in plots:
+            shutil.copyfile(png, target / FIGURES_DIR / png.name)
+        with atomic_path(target / REPORT_FILE) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return path
 
 

@@ -326,7 +326,7 @@ def write_log(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_plots_are_drawn_for_the_logs_that_exist_and_linked_from_the_report(base, tmp_path):
+def test_plots_are_drawn_for_the_logs_that_exist_and_linked_by_relative_path(base, tmp_path):
     reset()
     write_log(
         base / "base_checkpoints" / "d4" / "log.jsonl",
@@ -339,23 +339,39 @@ def test_plots_are_drawn_for_the_logs_that_exist_and_linked_from_the_report(base
     # an RL log without any reward yet: no plot
     write_log(base / "chatrl_checkpoints" / "d4" / "log.jsonl", [{"step": 0, "lrm": 1.0}])
     text = generate().read_text()
-    report_dir = base / "report"
-    pngs = sorted(p.name for p in report_dir.glob("*.png"))
-    assert pngs == ["base_training.png", "chatsft_training.png"]
-    for name in pngs:
-        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert f"]({name})" in text
+    cwd = tmp_path / "cwd"
+    copy = (cwd / "report.md").read_text()
+    assert copy == text  # the same links work from both places
+    for folder in [base / "report", cwd]:
+        figures = folder / report.FIGURES_DIR
+        pngs = sorted(p.name for p in figures.glob("*.png"))
+        assert pngs == ["base_training.png", "chatsft_training.png"]
+        for name in pngs:
+            assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert links == ["report_figures/base_training.png", "report_figures/chatsft_training.png"]
     assert "## Training curves" in text
-    # the copy in the working directory points at the images in the report folder
-    copy = (tmp_path / "cwd" / "report.md").read_text()
-    assert f"]({report_dir.resolve().as_posix()}/base_training.png)" in copy
+    # moved elsewhere with its figures folder, the copy's links still resolve
+    moved = tmp_path / "moved"
+    cwd.rename(moved)
+    assert all((moved / link).is_file() for link in links)
 
 
-def test_no_logs_means_no_plots_section(base):
+def test_a_panel_is_drawn_only_for_a_curve_of_two_points_or_more():
+    records = [{"step": s, "loss": 3.0 - s} for s in range(3)] + [{"step": 2, "val_loss": 1.5}]
+    panels = {"train loss": "loss", "val loss": "val_loss"}
+    assert report.curves(records, panels) == [("train loss", [(0, 3.0), (1, 2.0), (2, 1.0)])]
+    records.append({"step": 3, "val_loss": 1.2})
+    assert [label for label, _ in report.curves(records, panels)] == ["train loss", "val loss"]
+    assert report.curves([{"step": 0, "loss": 2.0}], panels) == []  # one point of each: no figure
+
+
+def test_no_logs_means_no_plots_section(base, tmp_path):
     reset()
     text = generate().read_text()
     assert "## Training curves" not in text
-    assert not list((base / "report").glob("*.png"))
+    assert not list((base / "report").rglob("*.png"))
+    assert not (tmp_path / "cwd" / report.FIGURES_DIR).exists()
 
 
 # -----------------------------------------------------------------------------
