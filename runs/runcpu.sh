@@ -143,4 +143,9 @@ run -m nanochat.report generate --output-dir "$CALLER_DIR"
 QUESTION="Mia had 45 marbles, gave away 7, then got 12 more. How many marbles does Mia have now?"
 run -m scripts.chat_cli -i rl -g "$TAG" -p "$QUESTION" -t 0 --max-tokens 96 "${DEV[@]}"
 echo
-echo "report: $CALLER_DIR/report.md   chat: python -m scripts.chat_cli -i rl   web: python -m scripts.chat_web -i rl"
+# the commands to talk to this model, as they can be pasted: this demo's base dir (the chat scripts
+# default to ~/.cache/nanochat) and the Python that ran it
+CHAT_PREFIX="NANOCHAT_BASE_DIR=$(printf %q "$NANOCHAT_BASE_DIR")$(printf ' %q' "${PY[@]}")"
+echo "report: $CALLER_DIR/report.md"
+echo "chat:   $CHAT_PREFIX -m scripts.chat_cli -i rl -g $TAG ${DEV[*]}"
+echo "web:    $CHAT_PREFIX -m scripts.chat_web -i rl -g $TAG ${DEV[*]}"

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -216,6 +217,52 @@ def test_runcpu_dry_run_lists_the_whole_offline_pipeline(tmp_path):
         assert "--no-compile" in next(c for c in commands if stage_name(c) == stage).split()
 
 
+def runcpu_hints(stdout: str) -> dict[str, list[str]]:
+    """The closing "chat:" and "web:" lines of runcpu.sh, split as the shell would."""
+    return {
+        line.split(":", 1)[0]: shlex.split(line.split(":", 1)[1])
+        for line in stdout.splitlines()
+        if line.startswith(("chat:", "web:"))
+    }
+
+
+def test_runcpu_closing_hint_runs_the_demo_model_from_the_demo_base_dir(tmp_path):
+    base = tmp_path / "my base"  # a space: the hint must quote it
+    _, stdout = dry_run(
+        "runs/runcpu.sh", tmp_path, NANOCHAT_BASE_DIR=str(base), NANOCHAT_PYTHON=sys.executable
+    )
+    hints = runcpu_hints(stdout)
+    assert set(hints) == {"chat", "web"}
+    for script, words in hints.items():
+        assert words[0] == f"NANOCHAT_BASE_DIR={base}"  # where the demo wrote, not ~/.cache/nanochat
+        assert words[1:4] == [sys.executable, "-m", f"scripts.chat_{'cli' if script == 'chat' else 'web'}"]
+        assert words[4:] == ["-i", "rl", "-g", "d4", "--device-type", "cpu"]
+    # the hint runs as printed (here with --help: the dry run trained no model)
+    chat_line = next(line for line in stdout.splitlines() if line.startswith("chat:"))
+    out = subprocess.run(
+        ["bash", "-c", chat_line.split(":", 1)[1] + " --help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "--source" in out.stdout, out.stderr
+
+
+def test_runcpu_closing_hint_names_the_default_base_dir_and_uv(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_BASE_DIR", "NANOCHAT_PYTHON")}
+    if shutil.which("uv") is None:
+        pytest.skip("uv is not on PATH")
+    out = subprocess.run(
+        ["bash", str(REPO / "runs/runcpu.sh")],
+        env={**env, "HOME": str(tmp_path), "DRY_RUN": "1", "SHORT": "1"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    words = runcpu_hints(out.stdout)["chat"]
+    assert words[0] == f"NANOCHAT_BASE_DIR={tmp_path / '.cache' / 'nanochat-cpu'}"
+    assert words[1:5] == ["uv", "run", "python", "-m"] and "d2" in words
+
+
 @pytest.mark.slow
 def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
     """SHORT=1 runs/runcpu.sh in an empty base dir with no task data and the hub off."""
@@ -280,7 +327,8 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
     assert rl >= sft - 0.1, rows["Arithmetic"]  # 2 RL steps; 0.1 is 3 of 32 questions of noise
     assert sections["Chat evaluation rl"]["data"]["Arithmetic"] == pytest.approx(rl, abs=5e-5)
     assert re.search(r"^- total wall-clock time: (\d+h )?\d+m \d+s$", text, flags=re.M)
-    assert list(report_dir.glob("*.png")), "no training curves were drawn"
+    assert list(report_dir.glob("report_figures/*.png")), "no training curves were drawn"
+    assert list(cwd.glob("report_figures/*.png")), "the copy of report.md came without its figures"
 
     # chat_cli -p printed a reply between its command line and the closing message
     reply = out.stdout.split("+ python -m scripts.chat_cli", 1)[1].split("\n", 1)[1]
