@@ -1,8 +1,10 @@
 """Pretraining text: fill `base_data/` with parquet shards, and read them back per rank.
 
-    python -m nanochat.dataset -n 8            # ClimbMix: val shard 6542, then train shards 0..7
+    python -m nanochat.dataset                 # ClimbMix: val shard 6542, then train shards 0..7 (-n 8)
+    python -m nanochat.dataset -n 180          # enough for the d24 speedrun (-n -1: all 6542, over 100 GB)
     python -m nanochat.dataset -n 8 --source fineweb-edu  # the same from FineWeb-Edu (val shard 1822)
     python -m nanochat.dataset --from-dir DIR  # import local .parquet / .txt / .jsonl (also .gz)
+    python -m nanochat.dataset --from-dir DIR --val FILE_OR_DIR  # ... with an explicit validation set
     python -m nanochat.dataset --offline       # the embedded corpus: this Python's own stdlib
 
 Design choices:
@@ -12,7 +14,8 @@ Design choices:
 - Downloads come in that layout already (pre-shuffled shards on the HF hub): NVIDIA ClimbMix by
   default, FineWeb-Edu selectable; `SOURCES` holds each one's URL, last shard and pinned val shard.
 - Imports shuffle all docs with a fixed seed and hold out the last 5% as the last shard;
-  same input, same bytes.
+  same input, same bytes. With --val, the docs of the given file(s) are the val shard instead,
+  in file order, and every doc of --from-dir is a train doc.
 - A directory holds one source: another source's shards are replaced only with --force.
 """
 
@@ -50,6 +53,9 @@ MAX_DOC_CHARS = 20_000  # .txt files and stdlib sources are cut into docs of at 
 OFFLINE_MAX_CHARS = 64_000_000  # default cap of the offline corpus
 SHUFFLE_SEED = 42
 MANIFEST = "manifest.json"
+# Downloads without -n: the speedrun's first batch, enough to train the tokenizer (2B chars) and a
+# small model; a d24 run wants ~170 (speedrun.sh fetches 180), and all of ClimbMix is over 100 GB.
+DEFAULT_NUM_FILES = 8
 NO_DATA_HINT = (
     "run `python -m nanochat.dataset --offline` (no network needed) "
     "or `python -m nanochat.dataset -n 8` (ClimbMix) first"
@@ -215,7 +221,7 @@ def download_shards(
 
 def download_source(
     source: str = DEFAULT_SOURCE,
-    num_files: int = -1,
+    num_files: int = DEFAULT_NUM_FILES,
     data_dir: str | os.PathLike | None = None,
     workers: int = 4,
     base_url: str | None = None,
@@ -298,21 +304,20 @@ def _is_doc(value: object) -> bool:
 
 
 def read_documents(
-    root: str | os.PathLike, exclude: str | os.PathLike | None = None
+    root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()
 ) -> tuple[list[str], Counter]:
-    """Docs from the files under `root` (sorted), and counts of what was read, skipped and ignored.
+    """Docs from the file `root`, or the files under the folder `root` (sorted), and counts of what
+    was read, skipped and ignored; files under `exclude` are left out.
 
     Parquet rows and JSONL lines are docs as they are; a .txt file is cut with `split_text`.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise NotADirectoryError(f"--from-dir {root}: not a directory")
-    exclude = Path(exclude).resolve() if exclude is not None else None
+    excluded = [Path(e).resolve() for e in exclude]
     docs: list[str] = []
     stats: Counter = Counter()
-    for path in _sorted_files(root):
-        if exclude is not None and path.resolve().is_relative_to(exclude):
-            continue  # never re-import our own output directory
+    for path in [root] if root.is_file() else _sorted_files(root):
+        if any(path.resolve().is_relative_to(e) for e in excluded):
+            continue  # our own output directory, or the validation files of an import
         name = path.name.lower()
         if name.endswith(".parquet"):
             columns = pq.read_schema(path).names
@@ -400,16 +405,24 @@ def write_shards(
     data_dir: str | os.PathLike | None = None,
     force: bool = False,
     docs_per_shard: int = DOCS_PER_SHARD,
+    val_docs: list[str] | None = None,
 ) -> dict:
-    """Shuffle `docs` and replace the dir's shards with train shards + a last, held-out val shard."""
-    if len(docs) < 2:
+    """Shuffle `docs` and replace the dir's shards with train shards + a last val shard: `val_docs`
+    as they are when given, else docs held out of the shuffle."""
+    if val_docs is not None:
+        assert docs and val_docs, "the caller checks for at least one train and one val doc"
+    elif len(docs) < 2:
         raise ValueError(f"need at least 2 documents (1 train + 1 validation), got {len(docs)}")
     data_dir = get_data_dir(data_dir)
     _claim(data_dir, source, force)
     docs = list(docs)
     random.Random(SHUFFLE_SEED).shuffle(docs)  # mixed topics; held-out docs look like training ones
-    num_val = min(max(1, round(VAL_FRACTION * len(docs))), docs_per_shard, len(docs) - 1)
-    train, val = docs[:-num_val], docs[-num_val:]
+    if val_docs is None:
+        num_val = min(max(1, round(VAL_FRACTION * len(docs))), docs_per_shard, len(docs) - 1)
+        train, val = docs[:-num_val], docs[-num_val:]
+    else:
+        train, val, num_val = docs, list(val_docs), len(val_docs)
+        docs = train + val  # for the counts below
     num_train_shards = math.ceil(len(train) / docs_per_shard)
     manifest = {
         "source": source,
@@ -431,27 +444,50 @@ def write_shards(
     return manifest
 
 
+USABLE_FILES = "expected .parquet files with a 'text' column, .txt files, or .jsonl lines with a 'text' field"
+
+
 def import_from_dir(
     src: str | os.PathLike,
     data_dir: str | os.PathLike | None = None,
     force: bool = False,
     docs_per_shard: int = DOCS_PER_SHARD,
+    val: str | os.PathLike | None = None,
 ) -> dict:
-    """Import the .parquet/.txt/.jsonl(.gz) files under `src` into shards; return the manifest."""
+    """Import the .parquet/.txt/.jsonl(.gz) files under `src` into shards; return the manifest.
+
+    Without `val`, 5% of the shuffled docs are held out for validation; with it (a file or a
+    folder, inside `src` or not), its docs are the validation shard, in order, and all of `src`'s
+    other docs are train docs.
+    """
     data_dir = get_data_dir(data_dir)
+    src = Path(src).expanduser().resolve()
+    if not src.is_dir():
+        raise NotADirectoryError(f"--from-dir {src}: not a directory")
+    val = Path(val).expanduser().resolve() if val is not None else None
+    if val is not None and not val.exists():
+        raise FileNotFoundError(f"--val {val}: no such file or directory")
     if not force:
         _claim(data_dir, "from-dir", force=False)  # fail before reading a large dir
-    src = Path(src).expanduser().resolve()
-    docs, stats = read_documents(src, exclude=data_dir)
+    docs, stats = read_documents(src, exclude=[data_dir] + ([val] if val else []))
     logger.info("read %s", ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-    if len(docs) < 2:
+    need = 2 if val is None else 1
+    if len(docs) < need:
         raise ValueError(
-            f"--from-dir {src}: found {len(docs)} usable documents (need at least 2); expected .parquet "
-            "files with a 'text' column, .txt files, or .jsonl lines with a 'text' field "
-            f"(counts: {dict(stats)})"
+            f"--from-dir {src}: found {len(docs)} usable documents (need at least {need}); "
+            f"{USABLE_FILES} (counts: {dict(stats)})"
         )
     detail = {"path": str(src), **{k: v for k, v in stats.items() if k != "docs"}}
-    return write_shards(docs, "from-dir", detail, data_dir, force, docs_per_shard)
+    val_docs = None
+    if val is not None:
+        val_docs, val_stats = read_documents(val, exclude=[data_dir])
+        if not val_docs:
+            raise ValueError(
+                f"--val {val}: found no usable documents; {USABLE_FILES} (counts: {dict(val_stats)})"
+            )
+        detail["val_path"] = str(val)
+        logger.info("validation from %s: %d docs", val, len(val_docs))
+    return write_shards(docs, "from-dir", detail, data_dir, force, docs_per_shard, val_docs)
 
 
 def build_offline(
@@ -487,7 +523,15 @@ def main(argv: list[str] | None = None) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("-n", "--num-files", type=int, default=-1, help="train shards to download (-1 = all)")
+    add(
+        "-n",
+        "--num-files",
+        type=int,
+        default=argparse.SUPPRESS,  # unset is told apart from given, for the check below
+        help=f"train shards to download (default: {DEFAULT_NUM_FILES}: the speedrun's first batch, enough "
+        f"for the tokenizer and a small model; d24 wants 180; -1 = all {SOURCES[DEFAULT_SOURCE].max_shard}, "
+        "over 100 GB)",
+    )
     add("--source", choices=SOURCES, default=DEFAULT_SOURCE, help="the dataset to download")
     add("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     local = parser.add_mutually_exclusive_group()
@@ -497,14 +541,23 @@ def main(argv: list[str] | None = None) -> None:
     local.add_argument(
         "--offline", action="store_true", help="build the embedded offline corpus (the stdlib)"
     )
+    add(
+        "--val",
+        default=None,
+        help="with --from-dir: a file or folder whose docs are the validation shard, as they are "
+        "(by default 5%% of the shuffled --from-dir docs are held out)",
+    )
     add("--data-dir", default=None, help="output dir; None = $NANOCHAT_BASE_DIR/base_data")
     add("--force", action="store_true", help="replace shards that came from a different source")
     add("--max-chars", type=int, default=OFFLINE_MAX_CHARS, help="cap on the offline corpus size")
     add("--timeout", type=float, default=30.0, help="seconds a download may stall before a retry")
     add("--retries", type=int, default=5, help="retries per shard after the first attempt")
     args = parser.parse_args(argv)
-    if (args.offline or args.from_dir) and (args.num_files != -1 or args.source != DEFAULT_SOURCE):
+    num_files = getattr(args, "num_files", None)
+    if (args.offline or args.from_dir) and (num_files is not None or args.source != DEFAULT_SOURCE):
         parser.error("-n/--num-files and --source apply to downloads only")
+    if args.val is not None and not args.from_dir:
+        parser.error("--val goes with --from-dir (downloads and --offline have their own val shard)")
     if args.num_workers < 1:
         parser.error("-w/--num-workers must be at least 1")
     setup_logging()
@@ -512,12 +565,12 @@ def main(argv: list[str] | None = None) -> None:
         if args.offline:
             build_offline(args.data_dir, args.max_chars, args.force)
         elif args.from_dir:
-            import_from_dir(args.from_dir, args.data_dir, args.force)
+            import_from_dir(args.from_dir, args.data_dir, args.force, val=args.val)
         else:
             try:
                 download_source(
                     args.source,
-                    args.num_files,
+                    DEFAULT_NUM_FILES if num_files is None else num_files,
                     args.data_dir,
                     args.num_workers,
                     force=args.force,

@@ -5,6 +5,7 @@ or ~/.cache (NANOCHAT_BASE_DIR points into tmp_path).
 """
 
 import gzip
+import inspect
 import json
 from pathlib import Path
 
@@ -264,6 +265,45 @@ def test_from_dir_without_usable_text_fails_clearly(tmp_path):
         import_from_dir(empty)
     with pytest.raises(NotADirectoryError, match="not a directory"):
         import_from_dir(tmp_path / "does-not-exist")
+    with pytest.raises(FileNotFoundError, match="--val .*no such file"):
+        import_from_dir(empty, val=tmp_path / "missing.jsonl")
+
+
+def jsonl(path, texts):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+
+
+def test_from_dir_with_val_file_makes_exactly_those_docs_the_val_shard(tmp_path):
+    src = tmp_path / "src"
+    jsonl(src / "train.jsonl", [f"train doc {i}" for i in range(40)])
+    jsonl(src / "val.jsonl", ["val doc b", "val doc a", "val doc c"])  # inside src: not trained on
+    manifest = import_from_dir(src, val=src / "val.jsonl")
+    assert all_texts("val") == ["val doc b", "val doc a", "val doc c"]  # as given: no shuffle
+    assert sorted(all_texts("train")) == sorted(f"train doc {i}" for i in range(40))  # nothing held out
+    assert manifest["num_docs"] == 43 and manifest["detail"]["val_path"] == str(src / "val.jsonl")
+    assert manifest["val_shard"] == list_parquet_files()[-1].name
+
+
+def test_from_dir_with_val_folder_outside_src_reads_its_files_in_order(tmp_path):
+    src, val = tmp_path / "src", tmp_path / "heldout"
+    jsonl(src / "a.jsonl", ["only train doc"])  # one train doc is enough with an explicit val set
+    jsonl(val / "2.jsonl", ["second"])
+    (val / "1.txt").write_text("first")
+    import_from_dir(src, val=val)
+    assert all_texts("val") == ["first", "second"] and all_texts("train") == ["only train doc"]
+    (val / "1.txt").write_text("\n")
+    (val / "2.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="--val .*no usable documents"):
+        import_from_dir(src, val=val, force=True)
+
+
+def test_from_dir_without_val_still_holds_out_five_percent(tmp_path):
+    src = tmp_path / "src"
+    jsonl(src / "docs.jsonl", [f"doc {i}" for i in range(100)])
+    import_from_dir(src)
+    assert len(all_texts("val")) == 5 and len(all_texts("train")) == 95
+    assert all_texts("val") != [f"doc {i}" for i in range(95, 100)]  # shuffled before the hold-out
 
 
 def test_failed_import_keeps_existing_shards(tmp_path):
@@ -370,11 +410,26 @@ def test_cli_offline_writes_shards_and_help_lists_defaults(tmp_path, capsys):
         "--force",
     ):
         assert flag in help_text
-    assert "(default: -1)" in help_text and "(default: 4)" in help_text and "(default: climbmix)" in help_text
+    assert "(default: 4)" in help_text and "(default: climbmix)" in help_text
+    assert "(default: 8:" in " ".join(help_text.split())  # the speedrun's first batch, not 100+ GB
+    assert "--val" in help_text
     dataset.main(["--offline", "--max-chars", "200000", "--data-dir", str(tmp_path / "cli")])
     assert read_manifest(tmp_path / "cli")["source"] == "offline"
     with pytest.raises(SystemExit, match="refusing"):
         dataset.main(["--from-dir", str(tmp_path), "--data-dir", str(tmp_path / "cli")])
+
+
+def test_cli_without_n_downloads_the_default_number_of_shards_not_the_whole_corpus(
+    tmp_path, server, monkeypatch
+):
+    monkeypatch.setattr(dataset, "DEFAULT_NUM_FILES", 3)  # the real one, 8, is pinned above and in --help
+    monkeypatch.setitem(SOURCES, "climbmix", SOURCES["climbmix"]._replace(base_url=server.url))
+    serve_shards(server, [0, 1, 2, VAL_SHARD])
+    data_dir = tmp_path / "cli"
+    dataset.main(["--data-dir", str(data_dir), "--timeout", "0.5", "--retries", "1"])
+    assert [p.name for p in list_parquet_files(data_dir)] == [shard_name(i) for i in (0, 1, 2, VAL_SHARD)]
+    # the library call defaults to the same 8 shards, not to the whole corpus
+    assert inspect.signature(download_source).parameters["num_files"].default == 8
 
 
 def test_cli_downloads_climbmix_by_default_and_force_replaces_another_source(
@@ -390,6 +445,9 @@ def test_cli_downloads_climbmix_by_default_and_force_replaces_another_source(
     dataset.main([*flags, "--force"])
     assert read_manifest(data_dir)["source"] == "climbmix"
     assert [p.name for p in list_parquet_files(data_dir)] == [shard_name(i) for i in (0, 1, VAL_SHARD)]
+    with pytest.raises(SystemExit) as exit_info:
+        dataset.main(["--val", str(tmp_path), "--data-dir", str(data_dir)])
+    assert exit_info.value.code == 2 and "--val goes with --from-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # --source picks a download; --offline is none
         dataset.main(["--offline", "--source", "fineweb-edu", "--data-dir", str(data_dir)])
     assert exit_info.value.code == 2 and "--source apply to downloads only" in capsys.readouterr().err
