@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_path, get_base_dir, get_dist_info, is_distributed, save_tensors
+from nanochat.common import UserError, atomic_path, get_base_dir, get_dist_info, is_distributed, save_tensors
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
 
@@ -40,7 +40,7 @@ PHASE_DIRS = {
 }
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint problem the user can fix; the message says how."""
 
 
@@ -168,14 +168,17 @@ def _intact(directory: Path, step: int, rank: int, with_optimizer: bool) -> bool
 
 
 def load_checkpoint(
-    directory: str | Path, step: int, device, load_optimizer: bool = False, step_flag: str = "--model-step"
+    directory: str | Path, step: int, device, load_optimizer: bool = False, step_flag: str = "--step"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     """(model state dict, this rank's optimizer shard or None, meta) of one saved step."""
     directory = Path(directory)
     _, rank, _, _ = get_dist_info()
     steps = saved_steps(directory)
     if step not in steps:
-        raise CheckpointError(f"step {step} is not saved in {directory}; saved steps: {steps or 'none'}")
+        raise CheckpointError(
+            f"step {step} is not saved in {directory}; saved steps: {steps or 'none'} "
+            f"(pick one with {step_flag})"
+        )
     model_path, meta_path, optim_path = _paths(directory, step, rank)
     if load_optimizer and not optim_path.exists():
         raise CheckpointError(f"{optim_path} is missing: resume with the number of processes that saved it")
@@ -221,18 +224,33 @@ def build_model(directory: str | Path, step: int, device, phase: str):
     return model, tokenizer, meta
 
 
-def add_model_flags(parser, default_source: str | None = "sft") -> None:
-    """-i/--source, -g/--model-tag, -s/--model-step: the checkpoint to load (no default: -i required)."""
+def add_model_flags(parser, default_source: str | None = "sft", choose_source: bool = True) -> None:
+    """-i/--source, -g/--model-tag, -s/--step: the checkpoint to load (no default source: -i required).
+    `choose_source=False` leaves out -i: `args.source` is then always `default_source`.
+    `--model-step` is an old spelling of `--step`, still accepted."""
+    if choose_source:
+        parser.add_argument(
+            "-i",
+            "--source",
+            default=default_source,
+            required=default_source is None,
+            choices=list(PHASE_DIRS),
+            help="model stage",
+        )
+    else:
+        parser.set_defaults(source=default_source)
+    tag_help = "checkpoint tag (default: the deepest d<N>)"
+    parser.add_argument("-g", "--model-tag", default=None, metavar="TAG", help=tag_help)
     parser.add_argument(
-        "-i",
-        "--source",
-        default=default_source,
-        required=default_source is None,
-        choices=list(PHASE_DIRS),
-        help="model stage",
+        "-s",
+        "--step",
+        "--model-step",
+        dest="model_step",
+        metavar="STEP",
+        type=int,
+        default=None,
+        help="checkpoint step (default: the last)",
     )
-    parser.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (None: the deepest d<N>)")
-    parser.add_argument("-s", "--model-step", type=int, default=None, help="checkpoint step (None: the last)")
 
 
 def load_model(source: str, device, phase: str, model_tag: str | None = None, step: int | None = None):

@@ -68,7 +68,13 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of the scripts: the docstring as written, and every flag's default."""
+    """--help of the scripts: the docstring as written, and every flag's default (once: a help text
+    that already says "default: ..." is left as it is)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
@@ -484,6 +490,20 @@ def compiled(model, device) -> Any:
         logger.warning("torch.compile needs %s: running eager (slower)", missing)
         return model
     return torch.compile(model, dynamic=False)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (missing or damaged file, wrong flag value); the message names the
+    file or flag and the fix. Entry points turn it into one line with `exit_on_user_error`."""
+
+
+@contextmanager
+def exit_on_user_error(script: str) -> Iterator[None]:
+    """Inside it, a UserError ends the process as `exit_with_error(script, message)`: no traceback."""
+    try:
+        yield
+    except UserError as e:
+        exit_with_error(script, str(e))
 
 
 def exit_with_error(script: str, message: str) -> NoReturn:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 import yaml
 
 from nanochat.common import (
+    UserError,
     all_reduce_sum,
     atomic_path,
     autocast,
@@ -71,13 +72,18 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
         zf.extractall(dest)
 
 
+class EvalBundleError(UserError, FileNotFoundError):
+    """The eval bundle is not there and cannot be fetched; the message says where to put it."""
+
+
 def get_eval_bundle() -> Path:
-    """The CORE eval bundle folder: `$NANOCHAT_EVAL_BUNDLE`, else `<base>/eval_bundle` (downloaded once)."""
+    """The CORE eval bundle folder: `$NANOCHAT_EVAL_BUNDLE`, else `<base>/eval_bundle` (downloaded once).
+    Offline (HF_HUB_OFFLINE=1) without one, fails at once rather than retrying the download."""
     env = os.environ.get("NANOCHAT_EVAL_BUNDLE")
     if env:
         folder = Path(env).expanduser()
         if not (folder / "core.yaml").is_file():
-            raise FileNotFoundError(
+            raise EvalBundleError(
                 f"NANOCHAT_EVAL_BUNDLE={env} is not an eval bundle: {folder / 'core.yaml'} is missing"
             )
         return folder
@@ -85,10 +91,16 @@ def get_eval_bundle() -> Path:
     folder = base / "eval_bundle"
     if (folder / "core.yaml").is_file():
         return folder
+    fix = f"download {EVAL_BUNDLE_URL} and unzip it into {folder}, or set NANOCHAT_EVAL_BUNDLE to a copy"
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise EvalBundleError(f"offline (HF_HUB_OFFLINE=1) and there is no eval bundle in {folder}: {fix}")
     with file_lock(folder):  # every rank may ask; one downloads
         if (folder / "core.yaml").is_file():  # another process finished it while we waited
             return folder
-        zip_path = download_file(EVAL_BUNDLE_URL, base / "eval_bundle.zip", validate=zipfile.is_zipfile)
+        try:
+            zip_path = download_file(EVAL_BUNDLE_URL, base / "eval_bundle.zip", validate=zipfile.is_zipfile)
+        except RuntimeError as e:  # download_file's message names the url and the last error
+            raise EvalBundleError(f"{e}; {fix}") from None
         staging = base / f"eval_bundle.unzip.{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()

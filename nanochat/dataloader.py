@@ -12,6 +12,8 @@ Design choices:
   non-assistant tokens get target -1.
 - Rows of a block are shuffled with a seed from the block's index (best fit orders them by kind).
 - A background thread prefetches each slot's next block; tensors are pinned on CUDA.
+- A missing, unreadable or `text`-less shard is a DataError naming the file, found before the first
+  batch (footers and schemas only).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from nanochat.dataset import list_row_groups
+from nanochat.common import UserError
+from nanochat.dataset import get_data_dir, list_parquet_files, list_row_groups
 
 logger = logging.getLogger("nanochat.dataloader")
 
@@ -123,10 +127,51 @@ class _Block(NamedTuple):
     dropped: int
 
 
+class DataError(UserError, ValueError):
+    """A pretraining shard is missing, unreadable or has no `text` column; the message names it."""
+
+
+READ_ERRORS = (pa.ArrowException, OSError, KeyError)  # what pyarrow raises on a damaged file
+
+
+def _damaged(path: os.PathLike, e: Exception) -> DataError:
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return DataError(
+        f"{path} is not a readable parquet shard ({why}): delete it and re-run the command that filled "
+        "that folder (python -m nanochat.dataset ...)"
+    )
+
+
+def text_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[os.PathLike, int]]:
+    """`list_row_groups`, after checking that every shard of the split opens and has a `text` column."""
+    try:
+        groups = list_row_groups(split, data_dir)
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
+    except READ_ERRORS as e:  # pyarrow's message does not name the file: find it
+        for path in list_parquet_files(data_dir):
+            try:
+                pq.read_schema(path)
+            except READ_ERRORS as e_path:
+                raise _damaged(path, e_path) from None
+        raise _damaged(get_data_dir(data_dir), e) from None
+    for path in dict.fromkeys(path for path, _ in groups):
+        columns = pq.read_schema(path).names
+        if "text" not in columns:
+            raise DataError(
+                f"{path} has no 'text' column (columns: {', '.join(columns) or 'none'}): "
+                "a pretraining shard holds one document per row in 'text'"
+            )
+    return groups
+
+
 def _load_block(path: os.PathLike, group: int, seed: int, tokenizer, row_len: int) -> _Block:
     """Read one row group, tokenize it with BOS, best-fit it into rows, shuffle the rows."""
-    with pq.ParquetFile(path) as pf:
-        texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
+    try:
+        with pq.ParquetFile(path) as pf:
+            texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
+    except READ_ERRORS as e:
+        raise _damaged(path, e) from None
     docs = tokenizer.encode(texts, prepend=tokenizer.get_bos_token_id(), num_threads=TOKENIZER_THREADS)
     rows, cropped, dropped = pack_crop(docs, row_len)
     rows = np.array(rows, dtype=np.int32).reshape(-1, row_len)
@@ -154,7 +199,7 @@ class DataLoader:
         self.device = torch.device(device)
         self.num_slots = world_size * grad_accum
         self._tokenizer = tokenizer
-        groups = list_row_groups(split, data_dir)
+        groups = text_row_groups(split, data_dir)
         if len(groups) < self.num_slots:
             raise ValueError(
                 f"the {split} split has {len(groups)} parquet row groups, fewer than ranks x grad_accum = "

@@ -1,7 +1,7 @@
 """
 Evaluate a base model's CORE metric (DCLM) over the tasks of the eval bundle.
 
-    python -m scripts.base_eval [--model-tag d20] [--model-step N] [--max-per-task 500]
+    python -m scripts.base_eval [-g d20] [-s STEP] [--max-per-task 500]
     torchrun --nproc_per_node 8 -m scripts.base_eval
 
 Prints the per-task table, writes it to `<base>/base_eval/<tag>_step<step>.csv` (the format of
@@ -11,12 +11,12 @@ the reference GPT-2 files) and the report section "Base model evaluation".
 import argparse
 import time
 
-from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import (
     HelpFormatter,
     compute_cleanup,
     compute_init,
-    exit_with_error,
+    exit_on_user_error,
     get_base_dir,
     print0,
     setup_logging,
@@ -24,9 +24,10 @@ from nanochat.common import (
 from nanochat.core_eval import evaluate_core, get_eval_bundle, write_core_csv
 from nanochat.report import get_report
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-parser.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the deepest d<N>)")
-parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+parser = argparse.ArgumentParser(
+    prog="python -m scripts.base_eval", description=__doc__, formatter_class=HelpFormatter
+)
+add_model_flags(parser, "base", choose_source=False)
 parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1: all)")
 parser.add_argument(
     "--skip-missing", action="store_true", help="skip tasks without a data file (CORE: partial)"
@@ -37,11 +38,9 @@ args = parser.parse_args()
 
 setup_logging()
 _, rank, _, _, device = compute_init(args.device_type)
-bundle_dir = get_eval_bundle()  # every rank asks; a file lock lets one of them download it
-try:
+with exit_on_user_error("base_eval"):  # the model, then the bundle: no download before a model is found
     model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step)
-except CheckpointError as e:
-    exit_with_error("base_eval", str(e))
+    bundle_dir = get_eval_bundle()  # every rank asks; a file lock lets one of them download it
 model_tag = args.model_tag or f"d{model.config.n_layer}"
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
 Evaluate a base model's bits per byte on the train and val splits, and print samples.
 
-    python -m scripts.base_loss [--model-tag d20] [--model-step N]
+    python -m scripts.base_loss [-g d20] [-s STEP]
     torchrun --nproc_per_node 8 -m scripts.base_loss
 
 Both splits are read from their start with the packing of training, so the val number
@@ -10,12 +10,12 @@ compares with the one base_train logged. Writes the report section "Base model l
 
 import argparse
 
-from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import (
     HelpFormatter,
     compute_cleanup,
     compute_init,
-    exit_with_error,
+    exit_on_user_error,
     print0,
     setup_logging,
 )
@@ -25,9 +25,10 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-parser.add_argument("--model-tag", default=None, help="base checkpoint tag (default: the deepest d<N>)")
-parser.add_argument("--model-step", type=int, default=None, help="checkpoint step (default: the last)")
+parser = argparse.ArgumentParser(
+    prog="python -m scripts.base_loss", description=__doc__, formatter_class=HelpFormatter
+)
+add_model_flags(parser, "base", choose_source=False)
 parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per batch")
 parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
 parser.add_argument("--sample-tokens", type=int, default=16, help="tokens per greedy sample (0: no samples)")
@@ -36,18 +37,17 @@ args = parser.parse_args()
 
 setup_logging()
 _, rank, _, world_size, device = compute_init(args.device_type)
-try:
+with exit_on_user_error("base_loss"):
     model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step)
-except CheckpointError as e:
-    exit_with_error("base_loss", str(e))
 token_bytes = get_token_bytes(device)
 B, T = args.device_batch_size, model.config.sequence_len
 steps = max(1, args.split_tokens // (B * T * world_size))
 
 results = {}
 for split in ("train", "val"):
-    loader = DataLoader(tokenizer, B, T, split, rank=rank, world_size=world_size, device=device)
-    results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
+    with exit_on_user_error("base_loss"):  # a missing or damaged shard is named
+        loader = DataLoader(tokenizer, B, T, split, rank=rank, world_size=world_size, device=device)
+        results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
     print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")
 
 samples = []

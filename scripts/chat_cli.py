@@ -19,23 +19,25 @@ from __future__ import annotations
 
 import argparse
 
-from nanochat.checkpoint_manager import CheckpointError, add_model_flags, load_model
-from nanochat.common import compute_init, exit_with_error, setup_logging
+from nanochat.checkpoint_manager import add_model_flags, load_model
+from nanochat.common import HelpFormatter, compute_init, exit_on_user_error, setup_logging
 from nanochat.engine import Engine, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, assistant_content
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m scripts.chat_cli",
         description="Chat with a trained nanochat model in the terminal.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add_model_flags(parser, "sft")
     add("-p", "--prompt", default="", help="answer this one prompt and exit")
     add("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
     add("-k", "--top-k", type=int, default=50, help="top-k filtering (0: none)")
-    add("--max-tokens", type=int, default=512, help="longest reply, in tokens")
+    reply = "longest reply, in tokens"
+    add("--max-new-tokens", "--max-tokens", metavar="N", type=int, default=512, help=reply)
     add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     args = parser.parse_args()
@@ -43,15 +45,13 @@ def main() -> None:
         parser.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.top_k < 0:
         parser.error(f"--top-k must be >= 0, got {args.top_k}")
-    if args.max_tokens < 1:
-        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     setup_logging()
     _, _, _, _, device = compute_init(args.device_type)
-    try:
+    with exit_on_user_error("chat_cli"):
         model, tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.model_step)
-    except CheckpointError as e:
-        exit_with_error("chat_cli", str(e))
     engine = Engine(model, tokenizer)
 
     if not args.prompt:
@@ -88,7 +88,7 @@ def main() -> None:
         # ---- generate and stream the reply
         conversation = {"messages": messages}
         tokens, budget = prompt_and_budget(
-            tokenizer, conversation, model.config.sequence_len, args.max_tokens
+            tokenizer, conversation, model.config.sequence_len, args.max_new_tokens
         )
         if not args.prompt:
             print("\nAssistant: ", end="", flush=True)

@@ -18,8 +18,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from nanochat.checkpoint_manager import CheckpointError, add_model_flags, load_model
-from nanochat.common import compute_cleanup, compute_init, exit_with_error, print0, setup_logging
+from nanochat.checkpoint_manager import add_model_flags, load_model
+from nanochat.common import (
+    HelpFormatter,
+    compute_cleanup,
+    compute_init,
+    exit_on_user_error,
+    print0,
+    setup_logging,
+)
 from nanochat.execution import require_isolation
 from nanochat.report import get_report
 from nanochat.task_eval import task_accuracy
@@ -77,7 +84,9 @@ def chatcore(accuracies: dict[str, float]) -> tuple[float | None, float | None, 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the evaluation; returns {task: accuracy} (plus "ChatCORE" when complete)."""
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="python -m scripts.chat_eval",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add_model_flags(parser, None)
@@ -90,7 +99,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add("-k", "--top-k", type=int, default=50, help="top-k sampling (0: no filtering)")
     add("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
     add("--max-new-tokens", type=int, default=512, help="token budget per generated answer")
-    add("--batch-size", type=int, default=8, help="questions per forward pass (categorical tasks)")
+    add(
+        "--device-batch-size",
+        "--batch-size",
+        metavar="B",
+        type=int,
+        default=8,
+        help="questions per forward pass (categorical tasks)",
+    )
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     add(
         "--allow-unisolated-code",
@@ -100,8 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.max_problems is not None and args.max_problems < 1:
         parser.error(f"-x/--max-problems must be >= 1, got {args.max_problems}")
-    if args.num_samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        parser.error("-n, --batch-size and --max-new-tokens must be >= 1")
+    if args.num_samples < 1 or args.device_batch_size < 1 or args.max_new_tokens < 1:
+        parser.error("-n, --device-batch-size and --max-new-tokens must be >= 1")
     if args.temperature < 0 or args.top_k < 0:
         parser.error("-t/--temperature and -k/--top-k must be >= 0")
     if args.num_samples > 1 and args.temperature == 0:
@@ -117,14 +133,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             require_isolation()  # SandboxUnavailable is a RuntimeError
         tasks = {name: TASKS[name]() for name in names}
     except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"chat_eval: {e}") from None
+        raise SystemExit(f"chat_eval: {e}") from None  # before compute_init: nothing to clean up
     if "HumanEval" in tasks:
         tasks["HumanEval"].isolated = not args.allow_unisolated_code
     _, _, _, _, device = compute_init(args.device_type)
-    try:
+    with exit_on_user_error("chat_eval"):
         model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
-    except CheckpointError as e:
-        exit_with_error("chat_eval", str(e))
 
     # --- evaluate
     accuracies: dict[str, float] = {}
@@ -136,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             tokenizer,
             task,
             args.max_problems,
-            batch_size=args.batch_size,
+            batch_size=args.device_batch_size,
             num_samples=args.num_samples,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,

@@ -34,6 +34,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -50,8 +51,14 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanochat.checkpoint_manager import CheckpointError, add_model_flags, load_model
-from nanochat.common import autodetect_device_type, exit_with_error, setup_logging
+from nanochat.checkpoint_manager import add_model_flags, load_model
+from nanochat.common import (
+    HelpFormatter,
+    autodetect_device_type,
+    exit_on_user_error,
+    exit_with_error,
+    setup_logging,
+)
 from nanochat.engine import BatchScheduler, Engine, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, validate_conversation
 
@@ -559,10 +566,8 @@ def load_workers(args) -> tuple[list[tuple[str, BatchScheduler]], Any, Any]:
     workers = []
     for i in range(args.num_gpus):
         device = torch.device(device_type, i) if device_type == "cuda" else torch.device(device_type)
-        try:
+        with exit_on_user_error("chat_web"):
             model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
-        except CheckpointError as e:
-            exit_with_error("chat_web", str(e))
         workers.append((str(device), BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)))
         logger.info("worker %d ready on %s", i, device)
     return workers, tokenizer, meta
@@ -576,10 +581,34 @@ def served_hosts(bind: str, allow: list[str]) -> set[str] | None:
     return None if "*" in allow else {bind, *allow} | (LOOPBACK if bind in LOOPBACK else set())
 
 
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (port out of range or taken, host not here), or None.
+    Checked by binding a socket and closing it, before the model is loaded."""
+    if not 1 <= port <= 65535:
+        return f"--port {port} is out of range: pick a port in 1..65535"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as e:
+        return f"--host {host} is not an address of this machine ({e.strerror})"
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
+        try:
+            probe.bind(address)
+        except OSError as e:
+            return (
+                f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); another server is "
+                "probably using it: stop it, or pick another --port"
+            )
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
+        prog="python -m scripts.chat_web",
         description="Serve a nanochat model: web UI + OpenAI-compatible API.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add_model_flags(parser, "sft")
@@ -597,19 +626,25 @@ def main() -> None:
     add("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
     add("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
     add("-k", "--top-k", type=int, default=50, help="default top-k (0: no filtering)")
-    add("--max-tokens", type=int, default=512, help="default longest reply, in tokens")
+    reply = "default longest reply, in tokens (the requests' max_tokens)"
+    add("--max-new-tokens", "--max-tokens", dest="max_tokens", metavar="N", type=int, default=512, help=reply)
     add("--max-batch", type=int, default=8, help="concurrent requests per worker")
     add("--log-content", action="store_true", help="also log the messages and replies")
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     args = parser.parse_args()
-    for key in ("temperature", "top_k", "max_tokens"):  # the same limits as a request's fields
+    flags = {"temperature": "--temperature", "top_k": "--top-k", "max_tokens": "--max-new-tokens"}
+    for key, flag in flags.items():  # the same limits as a request's fields
         lo, hi = LIMITS[key]
         if not lo <= getattr(args, key) <= hi:  # also rejects NaN
-            parser.error(f"--{key.replace('_', '-')} must be in [{lo:g}, {hi:g}], got {getattr(args, key)}")
+            parser.error(f"{flag} must be in [{lo:g}, {hi:g}], got {getattr(args, key)}")
     if args.max_batch < 1 or not args.client_timeout > 0:
         parser.error(
             f"--max-batch must be >= 1 and --client-timeout > 0, got {args.max_batch}, {args.client_timeout}"
         )
+
+    problem = listen_problem(args.host, args.port)
+    if problem:
+        exit_with_error("chat_web", problem)
 
     setup_logging()
     hosts = served_hosts(args.host, args.allow_host)

@@ -25,6 +25,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
+from nanochat.common import HelpFormatter, exit_on_user_error, exit_with_error
 from nanochat.gpt import LOGIT_SOFTCAP, NORM_EPS, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
@@ -358,13 +359,21 @@ def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, over
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face transformers folder")
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.export_hf",
+        description="Export a checkpoint as a Hugging Face transformers folder",
+        formatter_class=HelpFormatter,
+    )
     add_model_flags(parser, default_source=None)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     args = parser.parse_args()
-    model, tokenizer, meta = load_model(args.source, "cpu", "eval", args.model_tag, args.model_step)
-    export(model, tokenizer, meta, args.source, Path(args.out), args.overwrite)
+    with exit_on_user_error("export_hf"):
+        model, tokenizer, meta = load_model(args.source, "cpu", "eval", args.model_tag, args.model_step)
+    try:
+        export(model, tokenizer, meta, args.source, Path(args.out), args.overwrite)
+    except FileExistsError as e:  # --out holds files and no --overwrite
+        exit_with_error("export_hf", str(e))
     print(f"exported {args.source} {meta['model_tag']} step {meta['step']} to {args.out}")
 
 

@@ -153,7 +153,7 @@ def test_damaged_file_is_named_with_the_newest_intact_step(tiny, tmp_path):
         cm.load_checkpoint(tmp_path, 3, "cpu")
     message = str(e.value)
     assert "\n" not in message and str(model_3) in message
-    assert "newest intact step is 2: select it with --model-step=2" in message
+    assert "newest intact step is 2: select it with --step=2" in message
     (tmp_path / "optim_000002_rank0.pt").write_bytes(b"garbage")  # step 2 cannot resume
     fresh = build_optimizers(model.param_groups(), model.config.n_embd)
     with pytest.raises(cm.CheckpointError, match="newest intact step is 1: select it with --resume=1"):
