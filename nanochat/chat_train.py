@@ -45,10 +45,11 @@ from nanochat.common import (
     is_distributed,
     print0,
     setup_logging,
+    wandb_login_problem,
 )
 from nanochat.dataloader import conversation_batches
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, muon_momentum, optimizers_for
-from nanochat.report import MetricsLog, get_report
+from nanochat.report import MetricsLog, eta, get_report
 from nanochat.task_eval import task_accuracy
 from tasks.customjson import CustomJSON
 from tasks.spellingbee import SpellingBee
@@ -218,6 +219,8 @@ def train(
     print0(f"source: {args.source} {tag} step {source_meta['step']}  model: {config}")
     print0(f"batch: {B} × {T} × {world_size} ranks × {grad_accum} micro-steps = {total_batch:,} tokens")
     print0(f"steps: {num_iterations if num_iterations > 0 else 'one epoch'}")
+    if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
+        fail(problem)
     if args.dry_run:
         compute_cleanup()
         return
@@ -259,6 +262,8 @@ def train(
     state = {"progress": 0.0, "training_time": 0.0, "min_val_loss": float("inf"), "val_loss": None}
     state |= {"metrics": {}, "train_loss": None, "supervised_tokens": 0, **loop_state}
     step = start_step
+    start_progress = state["progress"]  # the ETA of an epoch-long run (-1 steps) goes by progress
+    session_time = 0.0  # every step of this process, for the ETA
     while True:
         last_step = step == num_iterations if num_iterations > 0 else state["progress"] >= 1.0
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
@@ -310,12 +315,17 @@ def train(
         model.zero_grad(set_to_none=True)
         dt = time.time() - t0
         state["training_time"] += dt
+        session_time += dt
+        if num_iterations > 0:
+            time_left = eta(session_time, step + 1 - start_step, num_iterations - step - 1)
+        else:
+            time_left = eta(session_time, state["progress"] - start_progress, 1.0 - state["progress"])
         state["train_loss"] = train_loss
         state["supervised_tokens"] += supervised
         print0(
             f"step {step:05d}{f'/{num_iterations}' if num_iterations > 0 else ''} | loss {train_loss:.4f} | "
             f"lrm {lrm:.3f} | epoch progress {state['progress']:.3f} | supervised tokens {supervised:,} | "
-            f"dt {dt * 1000:.0f}ms"
+            f"dt {dt * 1000:.0f}ms | {time_left}"
         )
         record = {
             "loss": train_loss,

@@ -284,6 +284,12 @@ def summary_rows(sections: dict[str, dict]) -> tuple[list[list[str]], bool]:
     return rows, partial
 
 
+def eta(elapsed: float, done: float, remaining: float) -> str:
+    """The time left on a training stage's step line, "eta 12.3m": `remaining` units of work (steps,
+    or a fraction of an epoch) at the mean pace of the `done` ones that took `elapsed` seconds."""
+    return f"eta {elapsed / done * remaining / 60:.1f}m" if done > 0 else "eta n/a"
+
+
 def format_duration(seconds: float) -> str:
     """3725 -> "1h 2m 5s"."""
     hours, rest = divmod(int(round(seconds)), 3600)

@@ -64,7 +64,7 @@ from nanochat.optim import (
     muon_momentum,
     optimizers_for,
 )
-from nanochat.report import MetricsLog, get_report
+from nanochat.report import MetricsLog, eta, get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -361,13 +361,12 @@ for step in range(start_step, num_iterations + 1):
     tok_per_sec = args.total_batch_size / dt
     if peak_flops:
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
-    eta = session_time / (step + 1 - start_step) * (num_iterations - step - 1)
     print0(
         f"step {step:05d}/{num_iterations} ({100 * (step + 1) / num_iterations:.1f}%) | "
         f"loss {debiased:.4f} | "
         f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
         f"mfu {'n/a' if math.isnan(mfu) else f'{mfu:.1f}%'} | "
-        f"eta {eta / 60:.1f}m | epoch {train_loader.epoch}"
+        f"{eta(session_time, step + 1 - start_step, num_iterations - step - 1)} | epoch {train_loader.epoch}"
     )
     run_log.log(
         {

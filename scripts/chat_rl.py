@@ -44,10 +44,11 @@ from nanochat.common import (
     exit_with_error,
     print0,
     setup_logging,
+    wandb_login_problem,
 )
 from nanochat.engine import Engine, prompt_and_budget
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
-from nanochat.report import MetricsLog, get_report, read_log
+from nanochat.report import MetricsLog, eta, get_report, read_log
 
 # -----------------------------------------------------------------------------
 # The algorithm, as plain functions (tested on their own)
@@ -194,6 +195,8 @@ if __name__ == "__main__":
         f"RL: {num_steps} steps × {args.examples_per_step} questions × {args.num_samples} samples "
         f"on {type(train_task).__name__} ({len(train_task)} questions), {world_size} rank(s)"
     )
+    if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
+        fail(problem)
     if args.dry_run:
         compute_cleanup()
         raise SystemExit(0)
@@ -250,7 +253,7 @@ if __name__ == "__main__":
         ckpt_dir / "log.jsonl", start_step, bool(args.resume), args.run, "nanochat-rl", user_config, rank == 0
     )
     last_eval: dict = {}
-    training_time = 0.0
+    training_time = 0.0  # this process's steps (a resumed run starts it again): the ETA's pace
     per_rank = args.examples_per_step // world_size
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
@@ -314,7 +317,8 @@ if __name__ == "__main__":
         training_time += dt
         print0(
             f"step {step:05d}/{num_steps} | reward {mean_reward:.4f} | loss {loss_value:+.6f} | "
-            f"tokens {num_tokens} | lrm {lrm:.3f} | dt {dt:.1f}s"
+            f"tokens {num_tokens} | lrm {lrm:.3f} | dt {dt:.1f}s | "
+            f"{eta(training_time, step + 1 - start_step, num_steps - step - 1)}"
         )
         record = {"reward": mean_reward, "loss": loss_value, "tokens": num_tokens, "lrm": lrm, "dt": dt}
         run_log.log({"step": step, **record})

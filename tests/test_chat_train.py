@@ -8,6 +8,7 @@ holding the fixture's tokenizer and a tiny random base model saved as a checkpoi
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,13 +245,13 @@ def chat_base(tiny_base_dir, tmp_path) -> Path:
     return base
 
 
-def run(base: Path, script: str, *flags: str, check: bool = True, task_data: bool = False):
+def run(base: Path, script: str, *flags: str, check: bool = True, task_data: bool = False, **extra_env: str):
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_TASK_DATA")
     }
-    env |= {"NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env |= {"NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra_env}
     if task_data:
         env["NANOCHAT_TASK_DATA"] = str(SHARED_TASKS)
     proc = subprocess.run(
@@ -266,6 +267,11 @@ def run(base: Path, script: str, *flags: str, check: bool = True, task_data: boo
             f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
     return proc
+
+
+def step_lines(stdout: str) -> list[str]:
+    """The training step lines ("step 00002/00003 | loss ..."), not the eval ones."""
+    return [line for line in stdout.splitlines() if re.match(r"step \d+(/\d+)? \| loss ", line)]
 
 
 def log_of(base: Path, phase_dir: str, tag: str) -> list[dict]:
@@ -310,14 +316,38 @@ def test_mid_then_sft_run_end_to_end_and_write_their_report_sections(chat_base):
     assert steps[-1]["progress"] >= 1.0 > steps[-2]["progress"]  # one epoch, then stop
     assert steps[-1]["lrm"] < steps[0]["lrm"] == 1.0
     assert "val loss" in mid.stdout
+    # an epoch-long run (no --num-iterations) estimates its time left from the epoch progress
+    lines = step_lines(mid.stdout)
+    assert len(lines) == len(steps) and all(re.search(r"\| eta \d+\.\dm$", line) for line in lines)
+    assert lines[-1].endswith("| eta 0.0m")
     report = (chat_base / "report" / "midtraining.md").read_text()
     assert "## Midtraining" in report and "min val loss" in report
-    run(chat_base, "chat_sft", *FAST, "--model-tag=a", "--num-iterations=3", "--metrics-every=2")
+    sft = run(chat_base, "chat_sft", *FAST, "--model-tag=a", "--num-iterations=3", "--metrics-every=2")
+    lines = step_lines(sft.stdout)  # ETA as base_train prints it: steps left at this run's mean step time
+    assert len(lines) == 3 and all(re.search(r"\| eta \d+\.\dm$", line) for line in lines)
+    assert lines[-1].endswith("| eta 0.0m")
     report = (chat_base / "report" / "chat-sft.md").read_text()
     assert "## Chat SFT" in report and "Arithmetic acc" in report
     sft_log = log_of(chat_base, "chatsft_checkpoints", "a")
     assert [r["step"] for r in sft_log if "Arithmetic acc" in r] == [2, 3]
     assert (chat_base / "chatsft_checkpoints" / "a" / "model_000003.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [
+        ("mid_train", FAST),
+        ("chat_sft", [*FAST, "--source=base"]),
+        ("chat_rl", ["--offline", "--source=base", "--device-type=cpu"]),
+    ],
+)
+def test_dry_run_of_named_run_without_wandb_key_says_wandb_login(chat_base, tmp_path, script, flags):
+    home = tmp_path / "home"  # no ~/.netrc, no wandb settings of the user's
+    env = {k: "" for k in os.environ if k.startswith("WANDB_") or k == "NETRC"}
+    env |= {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / "wandb-config")}
+    proc = run(chat_base, script, *flags, "--model-tag=a", "--run=testrun", "--dry-run", check=False, **env)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "wandb login" in proc.stdout and "WANDB_MODE=offline" in proc.stdout
 
 
 def test_sft_without_a_mid_checkpoint_names_the_missing_stage(chat_base):
