@@ -1,0 +1,195 @@
+"""The commonest first-run mistakes end in one line, not a traceback.
+
+Each case runs the real entry point (`python -m scripts.X`) in a base dir prepared for one
+mistake, and checks: exit status non-zero, no traceback, and a message naming the file or flag.
+Nothing is trained: checkpoints are a tiny random model, damaged files are cut or crafted.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, config_from_depth
+from nanochat.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(base: Path, module: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m module args` with NANOCHAT_BASE_DIR=base; asserts the one-line failure contract."""
+    child_env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", **env}
+    device = [] if module == "scripts.export_hf" else ["--device-type", "cpu"]  # export_hf: CPU always
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *args, *device],
+        cwd=ROOT,
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def message(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def save_tiny(base: Path, source: str, tag: str = "d2", step: int = 1) -> Path:
+    """A random depth-2 model saved as `source` checkpoint `tag`/`step`; returns its folder."""
+    tokenizer = Tokenizer.from_directory(base / "tokenizer")
+    config = config_from_depth(2, tokenizer.get_vocab_size(), 64, aspect_ratio=32, head_dim=32)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    old = os.environ.get("NANOCHAT_BASE_DIR")
+    os.environ["NANOCHAT_BASE_DIR"] = str(base)
+    try:
+        from nanochat.checkpoint_manager import checkpoint_dir
+
+        directory = checkpoint_dir(source, tag)
+        save_checkpoint(directory, step, model, None, {})
+    finally:
+        if old is None:
+            del os.environ["NANOCHAT_BASE_DIR"]
+        else:
+            os.environ["NANOCHAT_BASE_DIR"] = old
+    return directory
+
+
+@pytest.fixture
+def with_tokenizer(tiny_base_dir, tmp_path) -> Path:
+    """An empty base dir but for the tiny tokenizer: no model yet."""
+    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def with_models(tiny_base_dir, tmp_path_factory) -> Path:
+    """Tokenizer, tiny base and sft checkpoints (d2, step 1) and the offline corpus."""
+    base = tmp_path_factory.mktemp("errors_models")
+    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
+    save_tiny(base, "base")
+    save_tiny(base, "sft")
+    return base
+
+
+# ---------------------------------------------------------------------------- no model, wrong tag or step
+
+
+@pytest.mark.parametrize(
+    "module, args, folder",
+    [
+        ("scripts.chat_cli", ["-p", "hi"], "chatsft_checkpoints"),
+        ("scripts.chat_web", [], "chatsft_checkpoints"),
+        ("scripts.base_loss", [], "base_checkpoints"),
+        ("scripts.base_eval", [], "base_checkpoints"),
+        ("scripts.export_hf", ["-i", "sft", "--out", "x"], "chatsft_checkpoints"),
+    ],
+)
+def test_no_model_yet_names_the_checkpoint_folder(with_tokenizer, module, args, folder):
+    start = time.time()
+    proc = run(with_tokenizer, module, *args, HF_HUB_OFFLINE="1")
+    assert folder in message(proc) and "train that stage first" in message(proc)
+    assert time.time() - start < 60  # base_eval: no bundle download before the model is found
+
+
+def test_wrong_tag_names_the_tag_flag_and_the_saved_tags(with_models):
+    proc = run(with_models, "scripts.chat_cli", "-g", "d99", "-p", "hi")
+    assert "--model-tag" in message(proc) and "'d99'" in message(proc) and "d2" in message(proc)
+
+
+@pytest.mark.parametrize("flag", ["-s", "--step", "--model-step"])
+def test_wrong_step_names_the_step_flag_and_the_saved_steps(with_models, flag):
+    proc = run(with_models, "scripts.chat_cli", flag, "7", "-p", "hi")
+    assert "step 7 is not saved" in message(proc) and "[1]" in message(proc) and "--step" in message(proc)
+
+
+def test_truncated_checkpoint_is_named(tiny_base_dir, tmp_path):
+    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
+    model_path = save_tiny(tmp_path, "sft") / "model_000001.pt"
+    model_path.write_bytes(model_path.read_bytes()[: model_path.stat().st_size // 2])
+    proc = run(tmp_path, "scripts.chat_cli", "-p", "hi")
+    assert str(model_path) in message(proc) and "damaged" in message(proc)
+
+
+# ---------------------------------------------------------------------------- base_eval offline
+
+
+def test_base_eval_offline_without_bundle_fails_at_once_naming_the_bundle(with_models):
+    start = time.time()
+    proc = run(with_models, "scripts.base_eval", HF_HUB_OFFLINE="1")
+    assert "eval_bundle" in message(proc) and "NANOCHAT_EVAL_BUNDLE" in message(proc)
+    assert time.time() - start < 25  # the download's retries take ~30 s
+
+
+# ---------------------------------------------------------------------------- damaged pretraining shards
+
+
+def write_good_shards(base: Path) -> None:
+    """Two good shards (train, then val: the last by name) in base/base_data."""
+    (base / "base_data").mkdir()
+    texts = [f"document number {i} " * 20 for i in range(64)]
+    for name in ("shard_00000.parquet", "shard_00002.parquet"):
+        pq.write_table(pa.table({"text": texts}), base / "base_data" / name, row_group_size=32)
+
+
+@pytest.fixture
+def base_loss_dir(with_models, tmp_path) -> Path:
+    base = tmp_path / "base"
+    shutil.copytree(with_models, base)
+    write_good_shards(base)
+    return base
+
+
+def test_garbage_shard_is_named(base_loss_dir):
+    bad = base_loss_dir / "base_data" / "shard_00001.parquet"
+    bad.write_bytes(b"this is not a parquet file" * 100)
+    proc = run(base_loss_dir, "scripts.base_loss", "--device-batch-size", "1", "--split-tokens", "64")
+    assert str(bad) in message(proc) and "not a readable parquet shard" in message(proc)
+
+
+def test_truncated_shard_is_named(base_loss_dir):
+    bad = base_loss_dir / "base_data" / "shard_00001.parquet"
+    good = (base_loss_dir / "base_data" / "shard_00000.parquet").read_bytes()
+    bad.write_bytes(good[: len(good) // 2])
+    proc = run(base_loss_dir, "scripts.base_loss", "--device-batch-size", "1", "--split-tokens", "64")
+    assert str(bad) in message(proc)
+
+
+def test_shard_without_text_column_is_named(base_loss_dir):
+    bad = base_loss_dir / "base_data" / "shard_00001.parquet"
+    pq.write_table(pa.table({"content": ["a document"] * 4}), bad)
+    proc = run(base_loss_dir, "scripts.base_loss", "--device-batch-size", "1", "--split-tokens", "64")
+    assert str(bad) in message(proc) and "no 'text' column" in message(proc)
+
+
+# ---------------------------------------------------------------------------- chat_web --port
+
+
+def test_chat_web_port_in_use_is_refused_before_loading(with_tokenizer):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run(with_tokenizer, "scripts.chat_web", "--port", str(port))
+    assert f"--port {port}" in message(proc) and "another --port" in message(proc)
+    assert "loading" not in message(proc) and "serving" not in message(proc)
+
+
+@pytest.mark.parametrize("port", ["0", "65536"])
+def test_chat_web_port_out_of_range_is_refused(with_tokenizer, port):
+    proc = run(with_tokenizer, "scripts.chat_web", "--port", port)
+    assert f"--port {port} is out of range" in message(proc)
