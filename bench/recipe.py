@@ -55,11 +55,18 @@ RECIPES = {
     "no-normuon": "new, without NorMuon's per-row normalization",
     "plain-decay": "new, weight decay on every coordinate instead of cautious",
     "no-decay": "new, no weight decay",
-    "decay-scaled": "new, weight decay × (12/depth)² (stronger for small models)",
+    "decay-scaled": "new, weight decay 0.2 × (12/depth)² (stronger for small models)",
     "v1-schedule": "new, v1's schedule: no warmup, warmdown 0.2 to 0",
     "warmdown-0.65": "new, warmdown 0.65 of training",
+    "decay-0.2": "new, weight decay 0.2 (the previous default) instead of 0.4",
     "decay-x2": "new, twice the weight decay",
     "final-lr-0": "new, the warmdown ends at LR 0",
+    "matrix-lr-0.02": "new, Muon LR 0.02 (the previous default) instead of 0.03",
+    "matrix-lr-x1.5": "new, Muon LR × 1.5",
+    "matrix-lr-x0.7": "new, Muon LR × 0.7",
+    "matrix-lr-x2": "new, Muon LR × 2",
+    "head-lr-x2": "new, lm_head LR 0.008 instead of 0.004",
+    "embedding-lr-x1.5": "new, embedding LR 0.3 instead of 0.2",
 }
 
 
@@ -106,11 +113,11 @@ def worker(name: str, seed: int, steps: int) -> dict:
     config = gpt.config_from_depth(DEPTH, tokenizer.get_vocab_size(), SEQ, WIDTH // DEPTH, HEAD_DIM)
     gpu_steps = steps / 5000  # GPU step counts (the warmups) are scaled by this
     schedule = dict(warmup=round(40 * gpu_steps), warmdown=0.5, final=0.05)
-    weight_decay = 0.0
+    weight_decay, lrs = 0.0, dict(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02)
     if name == "v1":
         schedule = dict(warmup=0, warmdown=0.2, final=0.0)
     else:
-        weight_decay = 0.2
+        weight_decay, lrs["matrix_lr"] = 0.4, 0.03
         for change in name.split("+"):  # "a+b": both changes, in order
             match change:
                 case "rope-10k":
@@ -131,10 +138,24 @@ def worker(name: str, seed: int, steps: int) -> dict:
                     schedule = dict(warmup=0, warmdown=0.2, final=0.0)
                 case "warmdown-0.65":
                     schedule["warmdown"] = 0.65
+                case "decay-0.2":
+                    weight_decay = 0.2
+                case "matrix-lr-0.02":
+                    lrs["matrix_lr"] = 0.02
                 case "decay-x2":
                     weight_decay *= 2
                 case "final-lr-0":
                     schedule["final"] = 0.0
+                case "matrix-lr-x1.5":
+                    lrs["matrix_lr"] *= 1.5
+                case "matrix-lr-x0.7":
+                    lrs["matrix_lr"] *= 0.7
+                case "matrix-lr-x2":
+                    lrs["matrix_lr"] *= 2
+                case "head-lr-x2":
+                    lrs["unembedding_lr"] *= 2
+                case "embedding-lr-x1.5":
+                    lrs["embedding_lr"] *= 1.5
                 case "new":
                     pass
                 case _:
@@ -142,7 +163,7 @@ def worker(name: str, seed: int, steps: int) -> dict:
 
     torch.manual_seed(seed)
     model = gpt.GPT(config)
-    optimizers = optim.build_optimizers(model.param_groups(), config.n_embd, weight_decay=weight_decay)
+    optimizers = optim.build_optimizers(model.param_groups(), config.n_embd, weight_decay=weight_decay, **lrs)
     loader = iter(DataLoader(tokenizer, DEVICE_BATCH, SEQ, "train"))
     momentum_warmup = max(1, round(300 * gpu_steps))
     t0 = time.perf_counter()

@@ -417,12 +417,14 @@ def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: 
     return start + (end - start) * frac
 
 
-def add_optimizer_flags(parser, init_lr_frac: float | None = None, weight_decay: float = 0.0) -> None:
+def add_optimizer_flags(
+    parser, init_lr_frac: float | None = None, weight_decay: float = 0.0, matrix_lr: float = 0.02
+) -> None:
     """The LR and weight-decay flags of every training script (and --init-lr-frac when it has a default)."""
     g = parser.add_argument_group("optimization")
     g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
     g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR of the block matrices")
+    g.add_argument("--matrix-lr", type=float, default=matrix_lr, help="Muon LR of the block matrices")
     g.add_argument(
         "--weight-decay", type=float, default=weight_decay, help="cautious decoupled decay of the matrices"
     )

@@ -92,7 +92,8 @@ g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs 
 g.add_argument(
     "--target-param-data-ratio", type=float, default=10.5, help="training tokens per matmul parameter"
 )
-add_optimizer_flags(parser, weight_decay=0.2)
+# Muon LR 0.03 and decay 0.4 (lr x decay, cautious) beat 0.02 / 0.2 on bench/recipe.py's proxy: see README
+add_optimizer_flags(parser, weight_decay=0.4, matrix_lr=0.03)
 g = parser.add_argument_group("schedule")
 g.add_argument("--warmup-steps", type=int, default=40, help="steps warming the LR up from 0")
 g.add_argument(
