@@ -5,12 +5,12 @@
 # Python's own standard library) -> a 4096-token tokenizer -> a depth-4 base model ->
 # midtraining, SFT and RL on the project's synthetic chat tasks (arithmetic with the
 # calculator tool, spelling, identity) -> evaluations -> report.md -> one chat reply.
-# About 18 minutes on 2 cores (base training is half of it). The model is tiny, but its
+# About 20 minutes on 2 idle cores (base training is under half of it). The model is tiny, but its
 # accuracy on arithmetic problems solved with the calculator tool goes from 0% (base) to
 # 100% (mid, SFT, RL).
 #
 #   bash runs/runcpu.sh                 # the demo
-#   SHORT=1 bash runs/runcpu.sh         # a smaller model, fewer steps (about 2 minutes; the CI test)
+#   SHORT=1 bash runs/runcpu.sh         # a smaller model, fewer steps (about 2 minutes alone; the CI test)
 #   DRY_RUN=1 bash runs/runcpu.sh       # print the commands ("+ ..."), run nothing
 #
 # Artifacts go to $NANOCHAT_BASE_DIR, by default ~/.cache/nanochat-cpu so that this demo
@@ -141,7 +141,7 @@ run "${CHAT_EVAL[@]}" -i rl
 # -- the report card and one reply
 run -m nanochat.report generate --output-dir "$CALLER_DIR"
 QUESTION="Mia had 45 marbles, gave away 7, then got 12 more. How many marbles does Mia have now?"
-run -m scripts.chat_cli -i rl -g "$TAG" -p "$QUESTION" -t 0 --max-tokens 96 "${DEV[@]}"
+run -m scripts.chat_cli -i rl -g "$TAG" -p "$QUESTION" -t 0 --max-new-tokens 96 "${DEV[@]}"
 echo
 # the commands to talk to this model, as they can be pasted: this demo's base dir (the chat scripts
 # default to ~/.cache/nanochat) and the Python that ran it
