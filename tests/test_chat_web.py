@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import httpx
 import pytest
@@ -96,15 +97,8 @@ def build_base_dir(tiny_base_dir: Path, dest: Path, model_fn) -> Path:
     shutil.copytree(tiny_base_dir / "tokenizer", dest / "tokenizer")
     tokenizer = Tokenizer.from_directory(dest / "tokenizer")
     model = model_fn(tokenizer)
-    old = os.environ.get("NANOCHAT_BASE_DIR")
-    os.environ["NANOCHAT_BASE_DIR"] = str(dest)
-    try:
+    with patch.dict(os.environ, {"NANOCHAT_BASE_DIR": str(dest)}):  # checkpoint_dir reads it
         save_checkpoint(checkpoint_dir("sft", "d2"), 1, model, None, {})
-    finally:
-        if old is None:
-            del os.environ["NANOCHAT_BASE_DIR"]
-        else:
-            os.environ["NANOCHAT_BASE_DIR"] = old
     return dest
 
 

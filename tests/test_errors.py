@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,18 +55,11 @@ def save_tiny(base: Path, source: str, tag: str = "d2", step: int = 1) -> Path:
         model = GPT(config)
     model.to_empty(device="cpu")
     model.init_weights()
-    old = os.environ.get("NANOCHAT_BASE_DIR")
-    os.environ["NANOCHAT_BASE_DIR"] = str(base)
-    try:
+    with patch.dict(os.environ, {"NANOCHAT_BASE_DIR": str(base)}):
         from nanochat.checkpoint_manager import checkpoint_dir
 
         directory = checkpoint_dir(source, tag)
         save_checkpoint(directory, step, model, None, {})
-    finally:
-        if old is None:
-            del os.environ["NANOCHAT_BASE_DIR"]
-        else:
-            os.environ["NANOCHAT_BASE_DIR"] = old
     return directory
 
 
