@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The $100 run: a rented 8xGPU node from nothing to a d24 model you can chat with (about 4
-# hours on 8xH100: an estimate from FLOPs at 40% MFU, not yet measured on a GPU). Stages, in order (SPEC section 2): environment + report header, data (eval
+# The $100 run: a rented 8xGPU node from nothing to a d24 model you can chat with (pretraining
+# about 2.6 hours on 8xH100: the FLOPs at the 55% MFU that d24 reached on one H200; the 8-GPU run
+# is not measured yet). Stages, in order (SPEC section 2): environment + report header, data (eval
 # bundle and task data fetched now, never mid-training), tokenizer, base model, midtraining,
 # SFT, optional RL, the report card.
 #

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.common import UserError
 from nanochat.optim import AdamW, Muon, muon_chunks
 
 LOGIT_SOFTCAP = 15.0
@@ -372,7 +373,7 @@ def suggest_device_batch_size(
         return estimate_memory(config, batch, sequence_len, world_size, compute_dtype)["total"]
 
     if need(1) > budget:
-        raise ValueError(
+        raise UserError(
             f"even device batch size 1 needs about {need(1) / 2**30:.2f} GiB at sequence length "
             f"{sequence_len}, but only {budget / 2**30:.2f} GiB (90% of {available_bytes / 2**30:.2f} GiB) "
             "is available; use a smaller --depth or --max-seq-len, or more GPUs"

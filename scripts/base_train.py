@@ -42,6 +42,7 @@ from nanochat.common import (
     compute_cleanup,
     compute_dtype,
     compute_init,
+    exit_on_user_error,
     exit_with_error,
     get_peak_flops,
     print0,
@@ -170,7 +171,8 @@ if args.device_batch_size == "auto":
         available = torch.mps.recommended_max_memory()
     else:
         available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    B = suggest_device_batch_size(config, T, available, world_size, compute_dtype(device))
+    with exit_on_user_error("base_train"):  # not even one sequence fits: one line, no traceback
+        B = suggest_device_batch_size(config, T, available, world_size, compute_dtype(device))
     while B > 1 and args.total_batch_size % (B * T * world_size):
         B //= 2
     print0(f"device batch size: auto -> {B}")

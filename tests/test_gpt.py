@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from nanochat.common import UserError
 from nanochat.gpt import (
     GPT,
     GPTConfig,
@@ -509,5 +510,5 @@ def test_suggest_device_batch_size_returns_the_largest_power_of_two_that_fits():
     for available in (need(1) * 2, need(5) * 1.2, need(100) * 1.5):
         batch = suggest_device_batch_size(config, 64, int(available))
         assert batch & (batch - 1) == 0 and need(batch) <= 0.9 * available < need(2 * batch)
-    with pytest.raises(ValueError, match=r"batch size 1 needs about .* GiB"):
+    with pytest.raises(UserError, match=r"batch size 1 needs about .* GiB"):
         suggest_device_batch_size(config, 64, need(1))
