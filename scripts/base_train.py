@@ -13,7 +13,8 @@ Pretrain the base model on the shards in base_data/.
 - LR: linear warmup (--warmup-steps) → constant → linear warmdown to --final-lr-frac.
 - The last checkpoint is saved before the final evals; --resume continues bit for bit.
 - CORE runs on the uncompiled model with the bundle fetched before training.
-- --dry-run prints the plan (sizes, steps, memory) and exits before allocating the model.
+- --dry-run prints the plan (sizes, steps, memory), checks the wandb login and the CORE bundle,
+  and exits before allocating the model.
 """
 
 import argparse
@@ -215,20 +216,20 @@ print0(
 )
 print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
 print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
-if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
-    fail(problem)
-if args.dry_run:
-    compute_cleanup()
-    sys.exit(0)
 if args.core_metric_every > 0:  # the CORE bundle now, not mid-run (rank 0 downloads, the rest wait)
     try:
         if master:
             get_eval_bundle()
         if is_ddp:
             dist.barrier()
-        get_eval_bundle()
+        print0(f"CORE eval bundle: {get_eval_bundle()}")
     except (OSError, RuntimeError, ValueError) as e:
         fail(f"the CORE eval bundle is unavailable ({e}); set NANOCHAT_EVAL_BUNDLE or --core-metric-every -1")
+if problem := wandb_login_problem(args.run):  # the bundle and wandb before the dry run's exit: it checks them
+    fail(problem)
+if args.dry_run:
+    compute_cleanup()
+    sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # Weights, optimizers and data (fresh, or restored from the last checkpoint)

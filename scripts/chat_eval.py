@@ -24,13 +24,15 @@ from nanochat.common import (
     compute_cleanup,
     compute_init,
     exit_on_user_error,
+    exit_with_error,
     print0,
     setup_logging,
 )
-from nanochat.execution import require_isolation
+from nanochat.execution import SandboxUnavailable, require_isolation
 from nanochat.report import get_report
 from nanochat.task_eval import task_accuracy
 from tasks.arc import ARC
+from tasks.common import exit_on_task_data_error
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -128,12 +130,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         parser.error(str(e))
 
     setup_logging()
-    try:  # the sandbox, then the data: each fails in seconds, naming the fix
-        if "HumanEval" in names and not args.allow_unisolated_code:
-            require_isolation()  # SandboxUnavailable is a RuntimeError
+    if "HumanEval" in names and not args.allow_unisolated_code:  # the sandbox, then the data: in seconds
+        try:
+            require_isolation()
+        except SandboxUnavailable as e:
+            exit_with_error("chat_eval", str(e))
+    with exit_on_task_data_error("chat_eval"):
         tasks = {name: TASKS[name]() for name in names}
-    except (FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"chat_eval: {e}") from None  # before compute_init: nothing to clean up
     if "HumanEval" in tasks:
         tasks["HumanEval"].isolated = not args.allow_unisolated_code
     _, _, _, _, device = compute_init(args.device_type)

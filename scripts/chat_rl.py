@@ -49,6 +49,7 @@ from nanochat.common import (
 from nanochat.engine import Engine, prompt_and_budget
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
 from nanochat.report import MetricsLog, eta, get_report, read_log
+from tasks.common import exit_on_task_data_error
 
 # -----------------------------------------------------------------------------
 # The algorithm, as plain functions (tested on their own)
@@ -165,18 +166,16 @@ if __name__ == "__main__":
         )
 
     # ---------------------------------------------------------------------- tasks (before the model)
-    try:
-        if args.offline:
-            from tasks.synthetic import Arithmetic
+    if args.offline:
+        from tasks.synthetic import Arithmetic
 
-            train_task = Arithmetic(size=OFFLINE_TRAIN_SIZE, split="train")
-            test_task = Arithmetic(size=OFFLINE_TEST_SIZE, split="test")
-        else:
-            from tasks.gsm8k import GSM8K
+        train_task = Arithmetic(size=OFFLINE_TRAIN_SIZE, split="train")
+        test_task = Arithmetic(size=OFFLINE_TEST_SIZE, split="test")
+    else:
+        from tasks.gsm8k import GSM8K
 
+        with exit_on_task_data_error("chat_rl", "; or pass --offline (synthetic Arithmetic, no download)"):
             train_task, test_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
-    except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
-        fail(f"task data unavailable ({e}); set NANOCHAT_TASK_DATA, allow hub downloads, or pass --offline")
     num_steps = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step
     if num_steps < 1:
         fail(f"{len(train_task)} training questions make no step of {args.examples_per_step}")
@@ -193,7 +192,8 @@ if __name__ == "__main__":
     print0(f"model: {args.source}/{model_tag} {model.config}")
     print0(
         f"RL: {num_steps} steps × {args.examples_per_step} questions × {args.num_samples} samples "
-        f"on {type(train_task).__name__} ({len(train_task)} questions), {world_size} rank(s)"
+        f"on {type(train_task).__name__} ({len(train_task)} questions, {len(test_task)} for eval), "
+        f"{world_size} rank(s)"
     )
     if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
         fail(problem)

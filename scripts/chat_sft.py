@@ -16,8 +16,7 @@ Supervised finetuning (SFT): train the midtrained model on curated chat conversa
 """
 
 from nanochat.chat_train import chat_flags, identity_task, local_chat_tasks, offline_val_tasks, train
-from nanochat.common import exit_with_error
-from tasks.common import TaskMixture
+from tasks.common import TaskMixture, exit_on_task_data_error
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic, Identity
 
@@ -42,7 +41,8 @@ args = chat_flags(
 # Data and evals (before the model, so missing data fails fast)
 
 n, k = args.synthetic_size, max(1, args.synthetic_size // 4)
-try:
+hint = "" if args.offline else "; or pass --offline (synthetic tasks, no download)"
+with exit_on_task_data_error("chat_sft", hint):
     if args.offline:
         train_tasks = [Arithmetic(size=n, split="train"), Identity(size=k, split="train")]
         train_tasks += [SpellingBee(size=k, split="train"), SimpleSpelling(size=k, split="train")]
@@ -64,8 +64,6 @@ try:
             "MMLU acc": MMLU(subset="all", split="test", step=7),
             "ARC-Easy acc": ARC(subset="ARC-Easy", split="test"),
         }
-except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
-    exit_with_error("chat_sft", f"task data is unavailable ({e}); use --offline, or set NANOCHAT_TASK_DATA")
 
 # -----------------------------------------------------------------------------
 # Compute, model, optimizer, loop, save, report

@@ -14,8 +14,7 @@ Midtraining: teach the base model the chat format, tool use and multiple choice.
 """
 
 from nanochat.chat_train import chat_flags, identity_task, local_chat_tasks, offline_val_tasks, train
-from nanochat.common import exit_with_error
-from tasks.common import TaskMixture
+from tasks.common import TaskMixture, exit_on_task_data_error
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic, Identity
 
@@ -40,7 +39,8 @@ args = chat_flags(
 # Data (before the model, so missing data fails fast)
 
 n = args.synthetic_size
-try:
+hint = "" if args.offline else "; or pass --offline (synthetic tasks, no download)"
+with exit_on_task_data_error("mid_train", hint):
     if args.offline:
         identity = Identity(size=max(1, n // 4), split="train")
         half = max(1, n // 2)
@@ -60,8 +60,6 @@ try:
         train_tasks += [SimpleSpelling(size=200_000, split="train"), SpellingBee(size=80_000, split="train")]
         val_tasks = [SmolTalk(split="test"), MMLU(subset="all", split="test", step=3)]
         val_tasks += [GSM8K(subset="main", split="test", stop=420)]
-except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
-    exit_with_error("mid_train", f"task data is unavailable ({e}); use --offline, or set NANOCHAT_TASK_DATA")
 
 # -----------------------------------------------------------------------------
 # Compute, model, optimizer, loop, save, report

@@ -257,6 +257,27 @@ def test_dry_run_prints_the_plan_without_training(base):
     assert not (base / "base_checkpoints").exists()
 
 
+CORE_DRY_RUN = [*TINY, "--total-batch-size=512", "--num-iterations=7", "--core-metric-every=5", "--dry-run"]
+
+
+def test_dry_run_with_core_offline_and_no_bundle_names_the_bundle(base, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = train(base, *CORE_DRY_RUN, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("base_train: ") and "NANOCHAT_EVAL_BUNDLE" in last
+    assert str(base / "eval_bundle") in last and "--core-metric-every -1" in last
+
+
+@pytest.mark.skipif(not EVAL_BUNDLE.exists(), reason=f"no CORE bundle at {EVAL_BUNDLE}")
+def test_dry_run_with_core_names_the_bundle_it_will_use(base, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(EVAL_BUNDLE))
+    proc = train(base, *CORE_DRY_RUN)
+    assert f"CORE eval bundle: {EVAL_BUNDLE}" in proc.stdout
+    assert not (base / "base_checkpoints").exists()
+
+
 def wandb_env(base: Path, home: Path, **extra: str) -> dict:
     """env_for(base) with wandb cut off from the user's credentials and settings (home is empty)."""
     env = {k: v for k, v in env_for(base).items() if not k.startswith("WANDB_") and k != "NETRC"}

@@ -327,25 +327,31 @@ def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts
     assert "ARC-Easy: " not in outputs[1][0]  # only rank 0 prints
 
 
-def test_chat_eval_names_the_data_variable_when_task_data_is_missing(tmp_path, monkeypatch):
+def exit_message(argv: list[str], capsys) -> str:
+    """What chat_eval prints when it stops with a user error (exit status 1)."""
+    with pytest.raises(SystemExit) as exc:
+        chat_eval_main(argv)
+    assert exc.value.code == 1
+    return capsys.readouterr().out
+
+
+def test_chat_eval_names_the_data_variable_when_task_data_is_missing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path / "no_such_folder"))
-    with pytest.raises(SystemExit) as exc:
-        chat_eval_main(["-i", "sft", "-a", "MMLU", "--device-type", "cpu"])
-    assert "MMLU" in str(exc.value) and "NANOCHAT_TASK_DATA" in str(exc.value)
+    out = exit_message(["-i", "sft", "-a", "MMLU", "--device-type", "cpu"], capsys)
+    assert out.startswith("chat_eval: MMLU") and "NANOCHAT_TASK_DATA" in out
     assert not (tmp_path / "report").exists()
 
 
-def test_chat_eval_refuses_humaneval_without_os_isolation_unless_accepted(tmp_path, monkeypatch):
+def test_chat_eval_refuses_humaneval_without_os_isolation_unless_accepted(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path / "no_such_folder"))
     monkeypatch.setattr(execution, "isolation_problem", lambda: "bubblewrap is not installed")
-    with pytest.raises(SystemExit) as exc:
-        chat_eval_main(["-i", "sft", "-a", "HumanEval", "--device-type", "cpu"])
-    assert "bubblewrap is not installed" in str(exc.value) and "--allow-unisolated-code" in str(exc.value)
-    with pytest.raises(SystemExit) as exc:  # accepted: past the sandbox check, to the missing data
-        chat_eval_main(["-i", "sft", "-a", "HumanEval", "--device-type", "cpu", "--allow-unisolated-code"])
-    assert "bubblewrap" not in str(exc.value) and "NANOCHAT_TASK_DATA" in str(exc.value)
+    out = exit_message(["-i", "sft", "-a", "HumanEval", "--device-type", "cpu"], capsys)
+    assert "bubblewrap is not installed" in out and "--allow-unisolated-code" in out
+    accepted = ["-i", "sft", "-a", "HumanEval", "--device-type", "cpu", "--allow-unisolated-code"]
+    out = exit_message(accepted, capsys)  # accepted: past the sandbox check, to the missing data
+    assert "bubblewrap" not in out and "NANOCHAT_TASK_DATA" in out
 
 
 def test_chat_eval_help_lists_every_flag(capsys):

@@ -5,6 +5,7 @@ mistake, and checks: exit status non-zero, no traceback, and a message naming th
 Nothing is trained: checkpoints are a tiny random model, damaged files are cut or crafted.
 """
 
+import gzip
 import os
 import shutil
 import socket
@@ -187,3 +188,31 @@ def test_chat_web_port_in_use_is_refused_before_loading(with_tokenizer):
 def test_chat_web_port_out_of_range_is_refused(with_tokenizer, port):
     proc = run(with_tokenizer, "scripts.chat_web", "--port", port)
     assert f"--port {port} is out of range" in message(proc)
+
+
+# ---------------------------------------------------------------------------- missing or damaged task data
+
+
+@pytest.mark.parametrize(
+    "module, args, missing",
+    [
+        ("scripts.mid_train", ["--dry-run"], "smoltalk/train.jsonl"),
+        ("scripts.chat_rl", ["--dry-run"], "gsm8k/train.jsonl"),
+        ("scripts.chat_eval", ["-i", "sft", "-a", "MMLU"], "mmlu/mmlu_test.jsonl"),
+    ],
+)
+def test_missing_task_data_is_one_line_naming_the_file(with_tokenizer, module, args, missing):
+    empty = with_tokenizer / "task_data"
+    empty.mkdir()
+    proc = run(with_tokenizer, module, *args, NANOCHAT_TASK_DATA=str(empty), HF_HUB_OFFLINE="1")
+    assert proc.stdout.startswith(f"{module.split('.')[1]}: ") and proc.stdout.count("\n") == 1
+    assert missing in proc.stdout and f"NANOCHAT_TASK_DATA={empty}" in proc.stdout
+
+
+def test_damaged_task_file_is_named(with_tokenizer):
+    bad = with_tokenizer / "task_data" / "humaneval" / "HumanEval.jsonl.gz"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(gzip.compress(b'{"prompt": "def f():"}\n' * 100)[:30])  # cut short
+    args = ["-i", "sft", "-a", "HumanEval", "--allow-unisolated-code"]
+    proc = run(with_tokenizer, "scripts.chat_eval", *args, NANOCHAT_TASK_DATA=str(bad.parents[1]))
+    assert str(bad) in message(proc) and "damaged" in message(proc)
