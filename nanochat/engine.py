@@ -1,20 +1,14 @@
 """
 Inference: a KV-cached engine with batched sampling, a calculator tool and continuous batching.
 
-- KVCache: one preallocated (layers, rows, H_kv, T_max, D) pair in the compute dtype; it grows
-  by reallocation, and its rows may sit at different positions (the model then masks per row).
-- One batch-1 prefill per prompt, copied into every sample's row; each row samples on its own.
-- Sampling: temperature 0 is greedy, top_k None/0 is off; one seeded generator per call.
-- A finished row (<|assistant_end|> or <|bos|>) leaves the batch at once.
-- Tool use: a per-row state machine hands <|python_start|>...<|python_end|> to a calculator
-  (an `ast` allow-list with bounded work, never eval) and forces its result in, with mask 0.
-- The context is the model's sequence_len, everywhere: prompt_and_budget (the one way a prompt is
-  fitted: oldest turns dropped) keeps a prompt and its reply within it, and generation stops there.
-- BatchScheduler: one thread owns the model; every step is one decode forward for all requests.
-  A failure fails the requests it touches (one row's sampling: that row; the batched forward:
-  the rows in it), never the thread; anything else restarts the loop, logged.
-- Sampling is numerically safe for every temperature >= 0 and top_k >= 0; flags and HTTP
-  requests are range-checked where they enter.
+- One batch-1 prefill per prompt, copied into every sample's row; a finished row (<|assistant_end|>
+  or <|bos|>) leaves the batch at once. Temperature 0 is greedy, top_k None/0 is off.
+- Tool use: a per-row state machine hands <|python_start|>...<|python_end|> to the calculator
+  (nanochat.calculator, never eval) and forces its result in, with mask 0.
+- The context is the model's sequence_len everywhere: prompt_and_budget (the one way a prompt is
+  fitted: oldest turns dropped) keeps a prompt and its reply within it.
+- BatchScheduler: one thread owns the model, one decode forward a step for every request; a failure
+  fails only the requests it touches, and the loop restarts (logged) after anything else.
 """
 
 from __future__ import annotations
@@ -87,10 +81,6 @@ class KVCache:
         self._pos: torch.Tensor | None = None  # device copy of lengths, built when rows differ
 
     @property
-    def batch_size(self) -> int:
-        return len(self.lengths)
-
-    @property
     def max_len(self) -> int:
         return self.k.size(3)
 
@@ -120,7 +110,7 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores k, v (B, H_kv, T, D) at each row's position; returns keys/values (B, H_kv, Tk, D)."""
         B, _, T, _ = k.shape
-        assert B == self.batch_size, f"the cache holds {self.batch_size} rows, the batch {B}"
+        assert B == len(self.lengths), f"the cache holds {len(self.lengths)} rows, the batch {B}"
         end = max(self.lengths) + T
         if layer_idx == 0:
             self.reserve(end)
@@ -153,10 +143,10 @@ class KVCache:
 
     def append_row(self, other: KVCache, src_row: int = 0) -> int:
         """Adds a row holding `other`'s row `src_row`; returns its index."""
-        assert self.batch_size < self.k.size(1), "the cache is full"
+        assert len(self.lengths) < self.k.size(1), "the cache is full"
         self.lengths.append(0)
-        self.copy_row_from(other, src_row, [self.batch_size - 1])
-        return self.batch_size - 1
+        self.copy_row_from(other, src_row, [len(self.lengths) - 1])
+        return len(self.lengths) - 1
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keeps only `rows`, in that order, as rows 0 .. len(rows)-1 (finished rows leave the batch)."""
@@ -272,9 +262,7 @@ class Engine:
         the row repeats it with mask 0. `max_tokens` counts every step, forced tokens included.
         """
         # generation also ends quietly at the end of the context
-        budget = self.context - len(tokens)
-        if max_tokens is not None:
-            budget = min(budget, max_tokens)
+        budget = min(self.context - len(tokens), self.context if max_tokens is None else max_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed)
 
         prefill, logits = self.prefill(tokens)
@@ -380,18 +368,14 @@ class Request:
     request instead (thread-safe)."""
 
     def __init__(self, tokens, max_tokens: int, temperature: float, top_k: int | None, seed: int, sink=None):
-        self.tokens = tokens
-        self.max_tokens = max_tokens
-        self.temperature = temperature
-        self.top_k = top_k
-        self.seed = seed
+        self.tokens, self.max_tokens, self.seed = tokens, max_tokens, seed
+        self.temperature, self.top_k = temperature, top_k
         self.num_generated_tokens = 0
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.error: BaseException | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._sink = sink or self._queue.put
         self._cancelled = threading.Event()
-        self._wake = None  # set by the scheduler: wakes its thread
         # while it holds a batch row: its decoding state, its generator, and the token the model
         # reads next (already streamed)
         self._row = _Row()
@@ -405,26 +389,22 @@ class Request:
             raise RuntimeError(f"generation failed: {self.error!r}") from self.error
 
     def cancel(self) -> None:
-        """Stop generating (e.g. the client went away); the batch slot frees at the next step."""
+        """Stop generating (e.g. the client went away); the batch slot frees at the next step (the
+        scheduler thread never sleeps while a request is pending or running)."""
         self._cancelled.set()
-        if self._wake is not None:
-            self._wake()
 
-    def _put(self, item) -> None:
+    def _emit(self, token: int | None) -> None:
+        """Hands a token id to the consumer (None: the end)."""
+        self.num_generated_tokens += token is not None
         try:
-            self._sink(item)
+            self._sink(token)
         except RuntimeError:  # the consumer is gone (e.g. its event loop closed): stop generating
             self._cancelled.set()
 
-    def _emit(self, token: int) -> None:
-        self.num_generated_tokens += 1
-        self._put(token)
-
     def _finish(self, reason: str, error: BaseException | None = None) -> None:
         if self.finish_reason is None:
-            self.error = error
-            self.finish_reason = reason
-            self._put(None)
+            self.error, self.finish_reason = error, reason
+            self._emit(None)
 
 
 class BatchScheduler:
@@ -437,11 +417,8 @@ class BatchScheduler:
     """
 
     def __init__(self, engine: Engine, max_batch: int = 8, restart_delay: float = 1.0):
-        self.engine = engine
-        self.max_batch = max_batch
-        self.restart_delay = restart_delay
-        self.state = "ready"
-        self.restarts = 0
+        self.engine, self.max_batch, self.restart_delay = engine, max_batch, restart_delay
+        self.state, self.restarts = "ready", 0
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
         self._active: list[Request] = []  # one per batch row
@@ -473,7 +450,6 @@ class BatchScheduler:
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
         request = Request(tokens, max_tokens, temperature, top_k, seed, sink)
-        request._wake = self._wake
         with self._cond:
             if self._closed:
                 raise RuntimeError("the scheduler is closed")
@@ -487,10 +463,6 @@ class BatchScheduler:
             self._closed = True
             self._cond.notify()
         self._thread.join()
-
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify()
 
     # ---- the scheduler thread
 
@@ -549,17 +521,22 @@ class BatchScheduler:
         request._generator = torch.Generator(device=engine.device).manual_seed(request.seed)
         prefill, logits = engine.prefill(request.tokens)
         sampled = int(sample_next(logits, request.temperature, request.top_k, request._generator)[0])
-        token, _ = engine.choose(request._row, sampled)
-        if request._row.done:
-            request._finish("stop")
+        reason = self._advance(request, sampled)
+        if reason:
+            request._finish(reason)
             return
-        request._emit(token)
-        if request.num_generated_tokens >= request.max_tokens:
-            request._finish("length")
-            return
-        request._next_token = token
         self._cache.append_row(prefill)
         self._active.append(request)
+
+    def _advance(self, request: Request, sampled: int) -> str | None:
+        """Streams the row's next token (the sampled one, or forced tool output); returns why the
+        request ends here ("stop", "length"), or None to go on."""
+        token, _ = self.engine.choose(request._row, sampled)
+        if request._row.done:
+            return "stop"
+        request._emit(token)
+        request._next_token = token
+        return "length" if request.num_generated_tokens >= request.max_tokens else None
 
     def _remove(self, reasons: dict[int, tuple]) -> None:
         """Finishes the rows in `reasons` (row index -> (finish reason, error)); drops them from the batch."""
@@ -600,18 +577,13 @@ class BatchScheduler:
             if r in finished:
                 continue
             try:
-                token, _ = engine.choose(request._row, sampled[r])
+                reason = self._advance(request, sampled[r])
             except Exception as e:  # e.g. the tool: this row alone fails
                 logger.exception("tool call failed")
                 finished[r] = ("error", e)
                 continue
-            if request._row.done:
-                finished[r] = ("stop", None)
-                continue
-            request._emit(token)
-            request._next_token = token
-            if request.num_generated_tokens >= request.max_tokens:
-                finished[r] = ("length", None)
+            if reason:
+                finished[r] = (reason, None)
         self._remove(finished)
 
 

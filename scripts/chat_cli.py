@@ -4,15 +4,13 @@ Chat with a trained model in the terminal.
     python -m scripts.chat_cli                      # interactive, the last SFT checkpoint
     python -m scripts.chat_cli -i rl -p "What is 12*7?"   # one reply, then exit
 
-- The whole conversation is re-rendered every turn, minus the oldest turns that would not fit
-  the context with room for the reply (fit_to_context): a long chat never crashes.
-- Replies stream through the tokenizer's ReplyDecoder, as the web server's do: a character split
-  across tokens is printed once complete, a calculator call as `<<expr=result>>`.
-- A reply is stored back as structured parts (text, python, python_output), so the next turn
-  renders the tool call exactly as the model produced it.
-- `quit`/`exit` (or Ctrl-D) leave, `clear` starts over; Ctrl-C stops the current reply (what
-  was said so far stays in the chat) or clears the line being typed; it never quits.
-- Line editing and history (Up/Down) come from `readline` where Python has it.
+- Every turn re-renders the whole conversation, minus the oldest turns that leave no room for
+  the reply (prompt_and_budget): a long chat never crashes.
+- Replies stream through the tokenizer's ReplyDecoder, as the web server's do, and are stored
+  back as structured parts, so the next turn renders a calculator call exactly as produced.
+- `quit`/`exit` (or Ctrl-D) leave, `clear` starts over; Ctrl-C stops the current reply (what was
+  said so far stays) or clears the line being typed, and never quits. Line editing and history
+  (Up/Down) come from `readline` where Python has it.
 """
 
 from __future__ import annotations
@@ -41,12 +39,9 @@ def main() -> None:
     add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     args = parser.parse_args()
-    if args.temperature < 0:
-        parser.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        parser.error(f"--top-k must be >= 0, got {args.top_k}")
-    if args.max_new_tokens < 1:
-        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    for key, lowest in {"temperature": 0, "top_k": 0, "max_new_tokens": 1}.items():
+        if not getattr(args, key) >= lowest:  # also NaN
+            parser.error(f"--{key.replace('_', '-')} must be >= {lowest}, got {getattr(args, key)}")
 
     setup_logging()
     _, _, _, _, device = compute_init(args.device_type)

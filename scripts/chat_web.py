@@ -10,20 +10,13 @@ Endpoints: `GET /` (nanochat/ui.html), `GET /health` (503 when no worker can ser
 true}`), `POST /v1/chat/completions` (OpenAI, `stream` true/false; `top_k` as an extra field),
 `GET /v1/models`.
 
-- One model replica per GPU, each a BatchScheduler (continuous batching) whose queue is the only
-  one: a request goes to the least loaded ready worker. A failure fails the requests it touches
-  (an error event or a 500 naming it), never the others; a crashed worker restarts, logged.
-- This is the boundary: every field is checked here against the range the engine supports (400
-  naming the field); bodies are read with a size cap and a deadline; unsupported OpenAI fields
-  (`tools`, `n > 1`, `logprobs`, ...) are refused by name, never ignored.
-- Safe defaults: bound to 127.0.0.1; a request whose Host (or browser Origin) is not this server
-  is refused (DNS rebinding, other web pages) unless `--allow-host`; POST bodies must be JSON; no
-  interactive API docs unless `--docs`; `--api-key` requires `Authorization: Bearer KEY` on the
-  APIs (binding beyond loopback without one prints a warning).
-- Slow clients: a request's headers, and then its body, must each arrive within
-  `--client-timeout` seconds (uvicorn only times out idle connections after a first response);
-  at most MAX_CONNECTIONS connections.
-- A client that disconnects (streaming or not) cancels its request and frees its slot at once.
+- One model replica per GPU, each a BatchScheduler whose queue is the only one: a request goes to
+  the least loaded ready worker. A failure fails the requests it touches (an error event or a 500
+  naming it), never the others; a client that disconnects cancels its request at once.
+- This is the boundary: every field is checked against the range the engine supports (400 naming
+  it); unsupported OpenAI fields (`tools`, `n > 1`, `logprobs`, ...) are refused by name.
+- Safe defaults: 127.0.0.1; foreign Host/Origin refused (Guard); JSON bodies only, size-capped and
+  timed (read_json_body, DeadlineH11); no API docs unless `--docs`; optional `--api-key`.
 - One log line per request (metadata); the conversation text only with `--log-content`.
 """
 
@@ -79,6 +72,7 @@ NO_OP = {"n": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "log
 IGNORED = {"model", "user", "store", "metadata", "service_tier"}  # accepted, no effect on the reply
 MAX_CONNECTIONS = 64
 COUNTS = ("requests_served", "requests_cancelled", "requests_failed", "tokens_generated")
+OUTCOMES = {"cancelled": "requests_cancelled", "error": "requests_failed"}  # else requests_served
 
 
 class RequestError(Exception):
@@ -293,18 +287,13 @@ class ChatServer:
         """The least loaded worker that can serve (RequestError 503 if none can)."""
         ready = [(s.busy + s.queued, i) for i, (_, s) in enumerate(self.workers) if s.state == "ready"]
         if not ready:
-            raise RequestError(
-                "no model worker can serve right now (restarting); retry in a few seconds", 503
-            )
+            raise RequestError("no model worker can serve now (restarting): retry in a few seconds", 503)
         index = min(ready)[1]
         return index, self.workers[index][1]
 
     def record(self, gen: Generation, latency: float) -> None:
         self.counts["tokens_generated"] += gen.completion_tokens
-        outcome = {"cancelled": "requests_cancelled", "error": "requests_failed"}.get(
-            gen.finish_reason, "requests_served"
-        )
-        self.counts[outcome] += 1
+        self.counts[OUTCOMES.get(gen.finish_reason, "requests_served")] += 1
         chars = sum(len(m["content"]) for m in gen.params.messages)
         line = (
             f"{gen.endpoint} messages={len(gen.params.messages)} chars={chars} "
@@ -316,16 +305,9 @@ class ChatServer:
         logger.info(line)
 
     def workers_state(self) -> list[dict]:
+        keys = ("state", "busy", "queued", "restarts")
         return [
-            {
-                "gpu": i,
-                "device": device,
-                "state": s.state,
-                "busy": s.busy,
-                "queued": s.queued,
-                "capacity": s.max_batch,
-                "restarts": s.restarts,
-            }
+            {"gpu": i, "device": device, "capacity": s.max_batch, **{k: getattr(s, k) for k in keys}}
             for i, (device, s) in enumerate(self.workers)
         ]
 
@@ -343,12 +325,9 @@ class Guard:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         for header in ("host", "origin") if self.hosts is not None else ():
             value = headers.get(header)  # none at all: an HTTP/1.0 client, or not a browser
-            name = None if value is None else urlsplit(value if header == "origin" else "//" + value).hostname
+            name = value and urlsplit(value if header == "origin" else "//" + value).hostname
             if value is not None and name not in self.hosts:
-                return (
-                    f"{header} {value!r} is not this server; start it with --allow-host {name} to serve it",
-                    403,
-                )
+                return f"{header} {value!r} is not this server; serve it with --allow-host {name}", 403
         if self.api_key and scope["path"] not in ("/", "/health"):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
@@ -376,9 +355,6 @@ async def read_json_body(request: Request, timeout: float) -> bytes:
     chunked body cannot grow memory) and complete within `timeout` seconds."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise RequestError("the body must be JSON: send 'Content-Type: application/json'", 415)
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
 
     async def read() -> bytes:
         body = bytearray()
@@ -493,19 +469,13 @@ def create_app(
                 return error_response("the client went away", 499)
             except RuntimeError as e:
                 return error_response(str(e), 500)
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": gen.finish_reason,
-            }
+            message = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
             return envelope("chat.completion", [choice], usage=gen.usage())
 
         def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            return sse(
-                envelope(
-                    "chat.completion.chunk", [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
-                )
-            )
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            return sse(envelope("chat.completion.chunk", [choice]))
 
         async def events():
             yield chunk({"role": "assistant", "content": ""})
@@ -555,24 +525,6 @@ class DeadlineH11(H11Protocol):
 # ---------------------------------------------------------------------------- main
 
 
-def load_workers(args) -> tuple[list[tuple[str, BatchScheduler]], Any, Any]:
-    """Loads one replica per GPU (one on CPU/MPS): returns ([(device, scheduler)], tokenizer, meta)."""
-    device_type = args.device_type or autodetect_device_type()
-    count = torch.cuda.device_count() if device_type == "cuda" else 1
-    if not 1 <= args.num_gpus <= count:
-        raise SystemExit(
-            f"--num-gpus {args.num_gpus} asked for, but there are {count} {device_type} device(s)"
-        )
-    workers = []
-    for i in range(args.num_gpus):
-        device = torch.device(device_type, i) if device_type == "cuda" else torch.device(device_type)
-        with exit_on_user_error("chat_web"):
-            model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
-        workers.append((str(device), BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)))
-        logger.info("worker %d ready on %s", i, device)
-    return workers, tokenizer, meta
-
-
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -586,21 +538,15 @@ def listen_problem(host: str, port: int) -> str | None:
     Checked by binding a socket and closing it, before the model is loaded."""
     if not 1 <= port <= 65535:
         return f"--port {port} is out of range: pick a port in 1..65535"
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
+    try:  # SO_REUSEADDR, as uvicorn binds: a port in TIME_WAIT is free
+        socket.create_server((host, port)).close()
     except socket.gaierror as e:
         return f"--host {host} is not an address of this machine ({e.strerror})"
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is free
-        try:
-            probe.bind(address)
-        except OSError as e:
-            return (
-                f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); another server is "
-                "probably using it: stop it, or pick another --port"
-            )
+    except OSError as e:
+        return (
+            f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); another server is "
+            "probably using it: stop it, or pick another --port"
+        )
     return None
 
 
@@ -614,12 +560,7 @@ def main() -> None:
     add_model_flags(parser, "sft")
     add("--port", type=int, default=8000, help="port to listen on")
     add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    add(
-        "--allow-host",
-        action="append",
-        default=[],
-        help="also serve requests addressed to this host name ('*': any); repeatable",
-    )
+    add("--allow-host", action="append", default=[], help="also serve this host name ('*': any); repeatable")
     add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the APIs")
     add("--docs", action="store_true", help="serve FastAPI's interactive API docs at /docs")
     add("--client-timeout", type=float, default=10.0, help="seconds for a request's headers, then its body")
@@ -642,9 +583,12 @@ def main() -> None:
             f"--max-batch must be >= 1 and --client-timeout > 0, got {args.max_batch}, {args.client_timeout}"
         )
 
-    problem = listen_problem(args.host, args.port)
-    if problem:
+    if problem := listen_problem(args.host, args.port):
         exit_with_error("chat_web", problem)
+    device_type = args.device_type or autodetect_device_type()
+    count = torch.cuda.device_count() if device_type == "cuda" else 1
+    if not 1 <= args.num_gpus <= count:
+        parser.error(f"--num-gpus {args.num_gpus} asked for, but there are {count} {device_type} device(s)")
 
     setup_logging()
     hosts = served_hosts(args.host, args.allow_host)
@@ -652,7 +596,13 @@ def main() -> None:
         logger.warning(
             "binding %s beyond loopback without --api-key: anyone reaching it can use it", args.host
         )
-    workers, tokenizer, meta = load_workers(args)
+    workers = []  # one replica per GPU (one on CPU/MPS)
+    for i in range(args.num_gpus):
+        device = torch.device(device_type, i) if device_type == "cuda" else torch.device(device_type)
+        with exit_on_user_error("chat_web"):
+            model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
+        workers.append((str(device), BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)))
+        logger.info("worker %d ready on %s", i, device)
     name = f"nanochat-{args.source}-{meta['model_tag']}-step{meta.get('step', 0)}"
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     context = meta["model_config"]["sequence_len"]
