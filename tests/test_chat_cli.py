@@ -74,9 +74,13 @@ def test_interactive_chat_keeps_context_clears_and_quits(cli_base, in_process, c
 
 
 def test_cli_rejects_bad_flags_with_a_clear_message(in_process, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        in_process("-p", "hi", "-t", "-1")
-    assert exit_info.value.code == 2 and "--temperature must be >= 0" in capsys.readouterr().err
+    for flag, value in [("-t", "-1"), ("-t", "nan"), ("-k", "-3"), ("--max-new-tokens", "0")]:
+        with pytest.raises(SystemExit) as exit_info:
+            in_process("-p", "hi", flag, value)
+        assert (
+            exit_info.value.code == 2
+            and f"must be >= {0 + (flag == '--max-new-tokens')}, got" in capsys.readouterr().err
+        )
     with pytest.raises(SystemExit) as exit_info:  # one line naming the stage, no traceback
         in_process("-p", "hi", "-i", "rl")
     assert exit_info.value.code == 1 and "chat_cli: no rl checkpoint" in capsys.readouterr().out
