@@ -15,6 +15,12 @@ expect a ratio near 1 there. Prints one JSON line.
 instead times the code sandbox: HumanEval's 164 canonical solutions graded one after another
 through `HumanEval.evaluate` (nanochat/execution.py), isolated (bubblewrap) vs best-effort,
 alternately --repeats times; prints programs per second for each.
+
+    uv run python bench/eval.py --generative [--problems 32 --gen-tokens 64 --batch-size 8]
+
+instead times generative evaluation (`task_accuracy` on the synthetic Arithmetic task, the path of
+GSM8K and HumanEval) with --batch-size completions decoding together vs one at a time, alternately;
+prints problems per second for each. Run it in an older checkout too for the previous version.
 """
 
 import argparse
@@ -44,6 +50,11 @@ parser.add_argument("--batch-size", type=int, default=16, help="option rows per 
 parser.add_argument("--repeats", type=int, default=2, help="alternating timed runs per mode; the best counts")
 parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
 parser.add_argument("--sandbox", action="store_true", help="time the code sandbox instead (see above)")
+parser.add_argument(
+    "--generative", action="store_true", help="time generative evaluation instead (see above)"
+)
+parser.add_argument("--problems", type=int, default=32, help="problems in the --generative run")
+parser.add_argument("--gen-tokens", type=int, default=64, help="longest completion in the --generative run")
 args = parser.parse_args()
 
 
@@ -71,14 +82,46 @@ if args.sandbox:
 
 device = torch.device(args.device_type or autodetect_device_type())
 tokenizer = get_tokenizer()
-bundle = get_eval_bundle()
-tasks = args.tasks.split(",")
 torch.manual_seed(0)
 config = config_from_depth(
     args.depth, tokenizer.get_vocab_size(), args.max_seq_len, args.aspect_ratio, args.head_dim
 )
 with torch.device(device):
     model = GPT(config).eval()
+
+
+def generative_benchmark() -> dict:
+    from nanochat.task_eval import task_accuracy
+    from tasks.synthetic import Arithmetic
+
+    task = Arithmetic(size=args.problems, split="test")
+    seconds: dict[str, list[float]] = {"batched": [], "one_at_a_time": []}
+    accuracy: dict[str, float] = {}
+    for _ in range(args.repeats):
+        for mode, batch_size in (("batched", args.batch_size), ("one_at_a_time", 1)):
+            t0 = time.perf_counter()
+            accuracy[mode] = task_accuracy(
+                model, tokenizer, task, batch_size=batch_size, max_new_tokens=args.gen_tokens
+            )
+            seconds[mode].append(time.perf_counter() - t0)
+    rates = {f"{mode}_problems_per_s": round(args.problems / min(s), 2) for mode, s in seconds.items()}
+    same = accuracy["batched"] == accuracy["one_at_a_time"]
+    return {
+        "benchmark": "generative_eval",
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "depth": args.depth,
+        "batch_size": args.batch_size,
+        **rates,
+        "same_accuracy": same,
+    }
+
+
+if args.generative:
+    print(json.dumps(generative_benchmark()))
+    sys.exit()
+bundle = get_eval_bundle()
+tasks = args.tasks.split(",")
 
 
 def run(batch_size: int, max_per_task: int) -> tuple[float, dict, dict]:

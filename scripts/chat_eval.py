@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metavar="B",
         type=int,
         default=8,
-        help="questions per forward pass (categorical tasks)",
+        help="questions per forward (categorical), completions decoding together (generative)",
     )
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     add(

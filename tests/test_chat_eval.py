@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -197,18 +198,20 @@ class EchoTask(Task):
         return completion == f"answer {conversation['index']}"
 
 
-class ScriptedEngine:
-    """Returns, for the problem sampled with seed i, the scripted completions of problem i."""
+class ScriptedScheduler:
+    """Stands in for the BatchScheduler: the request with seed i * num_samples + s streams the token
+    ids of sample s of problem i's scripted completions."""
 
-    context = 4096
+    def __init__(self, tokenizer, scripts, num_samples):
+        self.tokenizer, self.scripts, self.num_samples, self.calls = tokenizer, scripts, num_samples, []
 
-    def __init__(self, tokenizer, scripts):
-        self.tokenizer, self.scripts, self.calls = tokenizer, scripts, []
+    def submit(self, tokens, max_tokens, temperature, top_k, seed):
+        self.calls.append((len(tokens), max_tokens, temperature, top_k))
+        problem, sample = divmod(seed, self.num_samples)
+        return iter(self.tokenizer.encode(self.scripts[problem][sample]))
 
-    def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        self.calls.append((len(tokens), num_samples, max_tokens, temperature, top_k))
-        rows = [list(tokens) + self.tokenizer.encode(text) for text in self.scripts[seed][:num_samples]]
-        return rows, [[1] * len(row) for row in rows]
+    def close(self):
+        pass
 
 
 def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer, monkeypatch):
@@ -218,16 +221,46 @@ def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer, 
         2: ["answer 3", "answer 3"],  # another problem's answer
         3: ["answer 3", "x"],
     }
-    engine = ScriptedEngine(tokenizer, scripts)
-    monkeypatch.setattr(task_eval, "Engine", lambda model, tokenizer: engine)
+    schedulers = []
+
+    def scheduler(engine, max_batch):
+        assert max_batch == 8  # task_accuracy's batch_size: completions decoding together
+        schedulers.append(ScriptedScheduler(tokenizer, scripts, num_samples))
+        return schedulers[-1]
+
+    monkeypatch.setattr(task_eval, "Engine", lambda model, tokenizer: SimpleNamespace(context=4096))
+    monkeypatch.setattr(task_eval, "BatchScheduler", scheduler)
     model, task = torch.nn.Linear(1, 1), EchoTask()
+    num_samples = 1
     assert task_accuracy(model, tokenizer, task, num_samples=1) == 2 / 4
+    num_samples = 2
     assert task_accuracy(model, tokenizer, task, num_samples=2, temperature=0.7) == 3 / 4
-    assert engine.calls[-1][1:] == (2, 512, 0.7, 50)
-    engine.calls.clear()
+    assert len(schedulers[-1].calls) == 8 and schedulers[-1].calls[-1][1:] == (512, 0.7, 50)
+    num_samples = 1
     task_accuracy(model, tokenizer, task, max_problems=1, max_new_tokens=100, max_context=40)
-    [(prompt_len, _, budget, _, _)] = engine.calls
+    [(prompt_len, budget, _, _)] = schedulers[-1].calls
     assert prompt_len + budget <= 40  # prompt and answer fit the given context
+
+
+def test_generative_problems_decode_together_with_the_same_greedy_answers(tokenizer):
+    """The real scheduler: greedy answers do not depend on how many completions decode together."""
+    from nanochat.gpt import GPT, config_from_depth
+
+    torch.manual_seed(0)
+    model = GPT(config_from_depth(2, tokenizer.get_vocab_size(), 64, aspect_ratio=32, head_dim=32)).eval()
+    task = EchoTask()
+    seen = {}
+
+    def evaluate(conversation, completion):
+        seen.setdefault(conversation["index"], []).append(completion)
+        return False
+
+    task.evaluate = evaluate
+    for batch_size in (1, 3):
+        task_accuracy(model, tokenizer, task, batch_size=batch_size, max_new_tokens=12)
+    assert sorted(seen) == [0, 1, 2, 3]
+    assert all(len(replies) == 2 and replies[0] == replies[1] for replies in seen.values())
+    assert any(replies[0] for replies in seen.values())  # something was generated
 
 
 # -----------------------------------------------------------------------------
