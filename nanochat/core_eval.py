@@ -57,8 +57,7 @@ EXAMPLES_PER_CHUNK = 256  # examples prepared (tokenized) at a time before their
 
 
 def _safe_extract(zip_path: Path, dest: Path) -> None:
-    """Unzip into `dest`, refusing absolute paths, `..` components and symlinks."""
-    dest = dest.resolve()
+    """Unzip into `dest`, refusing absolute paths, `..` components, drive letters and symlinks."""
     with zipfile.ZipFile(zip_path) as zf:
         for info in zf.infolist():
             name = PurePosixPath(info.filename.replace("\\", "/"))
@@ -66,9 +65,6 @@ def _safe_extract(zip_path: Path, dest: Path) -> None:
                 raise ValueError(f"unsafe path {info.filename!r} in {zip_path}; refusing to unzip it")
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise ValueError(f"symlink {info.filename!r} in {zip_path}; refusing to unzip it")
-            target = (dest / name).resolve()
-            if target != dest and dest not in target.parents:
-                raise ValueError(f"{info.filename!r} in {zip_path} would land outside {dest}")
         zf.extractall(dest)
 
 
@@ -107,13 +103,12 @@ def get_eval_bundle() -> Path:
         try:
             _safe_extract(zip_path, staging)
             # core.yaml sits at the top of the zip or in its one top folder (as the official zip has it)
-            roots = [staging, *(p for p in staging.iterdir() if p.is_dir())]
-            root = next((r for r in roots if (r / "core.yaml").is_file()), None)
-            if root is None:
+            roots = [r for r in (staging, *staging.iterdir()) if (r / "core.yaml").is_file()]
+            if not roots:
                 raise ValueError(f"{zip_path} holds no core.yaml (at its top or in one top folder)")
             if folder.exists():  # a leftover without core.yaml: unusable, replace it
                 shutil.rmtree(folder)
-            os.replace(root, folder)
+            os.replace(roots[0], folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         zip_path.unlink(missing_ok=True)
@@ -191,17 +186,15 @@ def render_prompts(item: dict, task_type: str, delimiter: str, fewshot: list[dic
     """
     if task_type == "multiple_choice":  # one context, several continuations
         shots = [f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}" for ex in fewshot]
-        prefix = "".join(s + "\n\n" for s in shots) + item["query"] + delimiter
-        return [(prefix, prefix + choice) for choice in item["choices"]]
-    if task_type == "schema":  # several contexts, one continuation
+        contexts, continuations = [item["query"]], item["choices"]
+    elif task_type == "schema":  # several contexts, one continuation
         shots = [f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}" for ex in fewshot]
-        head = "".join(s + "\n\n" for s in shots)
-        prefixes = [head + context + delimiter for context in item["context_options"]]
-        return [(prefix, prefix + item["continuation"]) for prefix in prefixes]
-    # language modeling: contexts are stripped (the data carries stray trailing spaces)
-    shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
-    prefix = "".join(s + "\n\n" for s in shots) + item["context"].strip() + delimiter
-    return [(prefix, prefix + item["continuation"])]
+        contexts, continuations = item["context_options"], [item["continuation"]]
+    else:  # language modeling: contexts are stripped (the data carries stray trailing spaces)
+        shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
+        contexts, continuations = [item["context"].strip()], [item["continuation"]]
+    head = "".join(s + "\n\n" for s in shots)
+    return [(head + c + delimiter, head + c + delimiter + cont) for c in contexts for cont in continuations]
 
 
 def tokenize_prompts(
@@ -300,11 +293,8 @@ def _group(examples: list[PreparedExample], batch_size: int) -> list[list[int]]:
 @torch.no_grad()
 def _score_batch(model, examples: list[PreparedExample], task_type: str, device, pad_id: int) -> list[bool]:
     """One right-padded forward over all rows of `examples`; the verdict of each example."""
-    rows = [r for ex in examples for r in ex.rows]
-    ids = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    ids = ids.to(device)
+    rows = [torch.tensor(r, dtype=torch.long) for ex in examples for r in ex.rows]
+    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id).to(device)  # (B, T)
     with autocast(device):
         logits = model(ids)  # (B, T, V)
     verdicts, offset = [], 0
@@ -429,10 +419,9 @@ def evaluate_core(
     }
 
 
-def write_core_csv(path: str | Path, out: dict) -> None:
+def write_core_csv(path: Path, out: dict) -> None:
     """The per-task table of an `evaluate_core` result as CSV (Task, Accuracy, Centered; CORE last),
     the format of the reference GPT-2 files; written atomically."""
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
     for label, accuracy in out["results"].items():

@@ -117,6 +117,11 @@ def format_item(item: str | dict | list | tuple) -> str:
     raise TypeError(f"report items are str, dict or a list of rows, got {type(item).__name__}")
 
 
+def write_atomically(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
 def slugify(section: str) -> str:
     """File-name stem of a section title: "Chat SFT (mid)" -> "chat-sft-mid"."""
     return re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
@@ -125,8 +130,8 @@ def slugify(section: str) -> str:
 class Report:
     """Logs sections into `report_dir`; with no folder (ranks other than 0) logging does nothing."""
 
-    def __init__(self, report_dir: str | Path | None):
-        self.report_dir = Path(report_dir) if report_dir is not None else None
+    def __init__(self, report_dir: Path | None):
+        self.report_dir = report_dir
 
     def log(self, section: str, data: list) -> Path | None:
         """Write (or replace whole) the section `section` from the items of `data`; returns its .md file."""
@@ -134,17 +139,13 @@ class Report:
             return None
         timestamp = datetime.now().strftime(TIME_FORMAT)
         blocks = [f"## {section}", f"timestamp: {timestamp}", *(format_item(item) for item in data)]
-        record = {"section": section, "timestamp": timestamp, "data": {}}
-        for item in data:
-            if isinstance(item, dict):
-                record["data"].update(item)
+        merged = {key: value for item in data if isinstance(item, dict) for key, value in item.items()}
+        record = {"section": section, "timestamp": timestamp, "data": merged}
         self.report_dir.mkdir(parents=True, exist_ok=True)
         path = self.report_dir / f"{slugify(section)}.md"
-        with atomic_path(path) as tmp:
-            tmp.write_text("\n\n".join(blocks) + "\n\n", encoding="utf-8")
+        write_atomically(path, "\n\n".join(blocks) + "\n\n")
         # the data last: it exists only once the whole section does (values that JSON lacks become str)
-        with atomic_path(path.with_suffix(".json")) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, default=str) + "\n", encoding="utf-8")
+        write_atomically(path.with_suffix(".json"), json.dumps(record, indent=1, default=str) + "\n")
         return path
 
 
@@ -228,15 +229,14 @@ def environment(cost_per_hour: float | None = None) -> list:
             cost_per_hour = float(env) if env else default_cost_per_hour([g.name for g in gpus])
         except ValueError:
             raise ValueError(f"NANOCHAT_COST_PER_HOUR={env!r} is not a number of dollars per hour") from None
-    hardware: dict[str, Any] = {
+    hardware = {
         "platform": f"{platform.system()} {platform.machine()}",
         "CPUs": os.cpu_count() or "unknown",
         "RAM (GiB)": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "GPUs": f"{len(gpus)} x {', '.join(sorted({g.name for g in gpus}))}" if gpus else "none",
+        **({"GPU memory (GiB)": round(sum(g.total_memory for g in gpus) / 2**30, 1)} if gpus else {}),
+        "hourly cost estimate ($/h)": cost_per_hour,
     }
-    if gpus:
-        hardware["GPU memory (GiB)"] = round(sum(g.total_memory for g in gpus) / 2**30, 1)
-    hardware["hourly cost estimate ($/h)"] = cost_per_hour
     software = {
         "Python": platform.python_version(),
         "torch": torch.__version__,
@@ -246,9 +246,9 @@ def environment(cost_per_hour: float | None = None) -> list:
     return [item for name, values in parts.items() for item in (f"### {name}", values)]
 
 
-def reset(report_dir: str | Path | None = None, cost_per_hour: float | None = None) -> Path:
+def reset(cost_per_hour: float | None = None) -> Path:
     """Empty the report folder and log its Environment section (the start of the run)."""
-    report_dir = Path(report_dir) if report_dir is not None else get_base_dir() / "report"
+    report_dir = get_base_dir() / "report"
     items = environment(cost_per_hour)  # gathered first: a failure leaves the old report alone
     if report_dir.exists():
         shutil.rmtree(report_dir)
@@ -267,21 +267,18 @@ def summary_rows(sections: dict[str, dict]) -> tuple[list[list[str]], bool]:
         columns["base"]["CORE"] = format_value(base["CORE"]) + ("*" if base.get("partial") else "")
     for stage in STAGES:
         data = sections.get(f"Chat evaluation {stage}", {}).get("data", {})
-        for name in CHAT_ROWS + OFFLINE_ROWS:
+        if "ChatCORE (partial)" in data:  # not all six ChatCORE tasks were evaluated (a full one wins)
+            columns[stage]["ChatCORE"] = format_value(data["ChatCORE (partial)"]) + "*"
+        for name in (*CHAT_ROWS, *OFFLINE_ROWS, "ChatCORE"):
             if name in data:
                 columns[stage][name] = format_value(data[name])
-        if "ChatCORE" in data:
-            columns[stage]["ChatCORE"] = format_value(data["ChatCORE"])
-        elif "ChatCORE (partial)" in data:  # not all six ChatCORE tasks were evaluated
-            columns[stage]["ChatCORE"] = format_value(data["ChatCORE (partial)"]) + "*"
     offline = [name for name in OFFLINE_ROWS if any(name in column for column in columns.values())]
     rows = [["Metric", *(stage.upper() for stage in STAGES)]]
     rows += [
         [name, *(columns[s].get(name, "-") for s in STAGES)]
         for name in ("CORE", *CHAT_ROWS, "ChatCORE", *offline)
     ]
-    partial = any(cell.endswith("*") for row in rows for cell in row)
-    return rows, partial
+    return rows, any(cell.endswith("*") for row in rows for cell in row)
 
 
 def eta(elapsed: float, done: float, remaining: float) -> str:
@@ -322,13 +319,8 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run keeps the steps before start_step and drops the rest, and with them a line
         # cut short by a crash: the file reads as one run, and appends start on a fresh line.
-        kept = (
-            [r for r in read_log(self.path) if r["step"] < start_step]
-            if resume and self.path.exists()
-            else []
-        )
-        with atomic_path(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = read_log(self.path) if resume and self.path.exists() else []
+        write_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept if r["step"] < start_step))
 
     def log(self, record: dict) -> None:
         """Appends one record (it must have a "step")."""
@@ -396,19 +388,22 @@ def make_plots(base_dir: Path, figures_dir: Path) -> list[tuple[str, Path]]:
     return made
 
 
-def generate(report_dir: str | Path | None = None, copy_to: str | Path | None = ".") -> Path:
-    """Write `report.md` (environment, summary, curves, sections) into `report_dir`; copy it, with its
-    report_figures/, to `copy_to`."""
+def generate(copy_to: str | Path = ".") -> Path:
+    """Write `report.md` (environment, summary, curves, sections) into the report folder; copy it, with
+    its report_figures/, to `copy_to`."""
     base_dir = get_base_dir()
-    report_dir = Path(report_dir) if report_dir is not None else base_dir / "report"
+    report_dir = base_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.now()
     sections = read_sections(report_dir)
 
-    rows, partial = summary_rows(sections)
+    def markdown(title: str) -> str:
+        return (report_dir / f"{slugify(title)}.md").read_text(encoding="utf-8").strip("\n")
+
     summary: dict[str, Any] = {"generated": now.strftime(TIME_FORMAT)}
     env = sections.get(ENVIRONMENT)
     if env is not None:
+        head = markdown(ENVIRONMENT)
         elapsed = (now - datetime.strptime(env["timestamp"], TIME_FORMAT)).total_seconds()
         summary["run started"] = env["timestamp"]
         summary["total wall-clock time"] = format_duration(elapsed)
@@ -416,9 +411,11 @@ def generate(report_dir: str | Path | None = None, copy_to: str | Path | None = 
         if rate > 0:
             summary["estimated cost ($)"] = round(rate * elapsed / 3600, 2)
     else:
+        head = "(no environment: `python -m nanochat.report reset` was not run)"
         summary["total wall-clock time"] = (
             "unknown (no start time: run `python -m nanochat.report reset` first)"
         )
+    rows, partial = summary_rows(sections)
     summary_block = "## Summary\n\n" + markdown_table(rows) + "\n\n"
     if partial:
         summary_block += (
@@ -426,30 +423,21 @@ def generate(report_dir: str | Path | None = None, copy_to: str | Path | None = 
             "ChatCORE tasks that were evaluated (see the sections below).\n\n"
         )
     summary_block += format_item(summary)
+
     plots = make_plots(base_dir, report_dir / FIGURES_DIR)
-
-    if env is not None:
-        head = (report_dir / f"{slugify(ENVIRONMENT)}.md").read_text(encoding="utf-8").strip("\n")
-    else:
-        head = "(no environment: `python -m nanochat.report reset` was not run)"
-    extra = sorted(set(sections) - {ENVIRONMENT, *SECTION_ORDER}, key=lambda t: (sections[t]["timestamp"], t))
-    titles = [t for t in SECTION_ORDER if t in sections] + extra
-    body = [(report_dir / f"{slugify(t)}.md").read_text(encoding="utf-8").strip("\n") for t in titles]
-
     images = [f"![{title}]({FIGURES_DIR}/{png.name})" for title, png in plots]
     curves_block = ["## Training curves\n\n" + "\n\n".join(images)] if plots else []
+    extra = sorted(set(sections) - {ENVIRONMENT, *SECTION_ORDER}, key=lambda t: (sections[t]["timestamp"], t))
+    body = [markdown(t) for t in [t for t in SECTION_ORDER if t in sections] + extra]
     text = "\n\n".join(["# nanochat training report", head, summary_block, *curves_block, *body]) + "\n"
 
     path = report_dir / REPORT_FILE
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    if copy_to is not None and (target := Path(copy_to).resolve()) != report_dir.resolve():
-        if plots:  # the copy's links resolve beside it too: its own report_figures/
+    write_atomically(path, text)
+    if (target := Path(copy_to).resolve()) != report_dir.resolve():
+        for _, png in plots:  # the copy's links resolve beside it too: its own report_figures/
             (target / FIGURES_DIR).mkdir(exist_ok=True)
-        for _, png in plots:
             shutil.copyfile(png, target / FIGURES_DIR / png.name)
-        with atomic_path(target / REPORT_FILE) as tmp:
-            tmp.write_text(text, encoding="utf-8")
+        write_atomically(target / REPORT_FILE, text)
     return path
 
 
@@ -469,7 +457,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--cost-per-hour",
         type=float,
-        default=None,
         help="reset: node price in $/h for the cost estimate (default: $NANOCHAT_COST_PER_HOUR, else a "
         "guess from the GPUs)",
     )
