@@ -22,7 +22,6 @@ import bisect
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,7 +35,6 @@ logger = logging.getLogger("nanochat.dataloader")
 
 TOKENIZER_THREADS = 4  # tiktoken releases the GIL, so a block tokenizes in parallel
 LOG_EVERY_BLOCKS = 100  # rank 0 logs the crop statistics every this many blocks it opens
-COUNTERS = ("read", "cropped", "dropped")
 
 # -----------------------------------------------------------------------------
 # Best-fit packing (no parquet, no torch)
@@ -116,15 +114,16 @@ def batch_from_rows(
     return inputs.to(device, non_blocking=cuda), targets.to(device, non_blocking=cuda)
 
 
+def _next_block(state: dict, num_blocks: int) -> bool:
+    """Move `state` to the first row of its next block; True when that wraps into a new epoch."""
+    state["block"], state["row"] = (state["block"] + 1) % num_blocks, 0
+    if state["block"] == 0:
+        state["epoch"] += 1
+    return state["block"] == 0
+
+
 # -----------------------------------------------------------------------------
 # The pretraining loader
-
-
-class _Block(NamedTuple):
-    rows: np.ndarray  # (n, T+1) int32, shuffled
-    read: int
-    cropped: int
-    dropped: int
 
 
 class DataError(UserError, ValueError):
@@ -165,8 +164,9 @@ def text_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> li
     return groups
 
 
-def _load_block(path: os.PathLike, group: int, seed: int, tokenizer, row_len: int) -> _Block:
-    """Read one row group, tokenize it with BOS, best-fit it into rows, shuffle the rows."""
+def _load_block(path: os.PathLike, group: int, seed: int, tokenizer, row_len: int) -> tuple[np.ndarray, dict]:
+    """Read one row group, tokenize it with BOS, best-fit it into rows, shuffle the rows:
+    (rows (n, row_len) int32, the tokens read, cropped and dropped)."""
     try:
         with pq.ParquetFile(path) as pf:
             texts = pf.read_row_group(group, columns=["text"]).column("text").to_pylist()
@@ -176,7 +176,7 @@ def _load_block(path: os.PathLike, group: int, seed: int, tokenizer, row_len: in
     rows, cropped, dropped = pack_crop(docs, row_len)
     rows = np.array(rows, dtype=np.int32).reshape(-1, row_len)
     rows = rows[np.random.default_rng(seed).permutation(len(rows))]
-    return _Block(rows, sum(map(len, docs)), cropped, dropped)
+    return rows, {"read": sum(map(len, docs)), "cropped": cropped, "dropped": dropped}
 
 
 class DataLoader:
@@ -217,7 +217,7 @@ class DataLoader:
         self._state = {s: dict(fresh) for s in self._own}
         if resume_state is not None:
             self._resume(resume_state)
-        self._block: dict[int, _Block | None] = dict.fromkeys(self._own)
+        self._rows: dict[int, np.ndarray | None] = dict.fromkeys(self._own)  # open blocks, (n, T+1)
         # a resumed slot that already yielded has its current block in the saved counters
         self._counted = {s: self._state[s]["batches"] > 0 for s in self._own}
         self._empty_run = dict.fromkeys(self._own, 0)  # consecutive blocks that packed into no row
@@ -254,7 +254,7 @@ class DataLoader:
         s = min(self._own, key=lambda slot: (self._state[slot]["batches"], slot))
         state, parts, n = self._state[s], [], self.B
         while n > 0:  # rows are the unit: a batch may span blocks (and epochs)
-            rows = self._current_block(s).rows
+            rows = self._current_rows(s)
             k = min(n, len(rows) - state["row"])
             if k <= 0:
                 self._advance(s)
@@ -265,19 +265,20 @@ class DataLoader:
         state["batches"] += 1
         return batch_from_rows(np.concatenate(parts), device=self.device)
 
-    def _current_block(self, s: int) -> _Block:
-        if self._block[s] is not None:
-            return self._block[s]
+    def _current_rows(self, s: int) -> np.ndarray:
+        if self._rows[s] is not None:
+            return self._rows[s]
         state = self._state[s]
         k, future = self._pending.pop(s)
         assert k == state["block"]
-        block = self._block[s] = future.result()
+        rows, counts = future.result()
+        self._rows[s] = rows
         self._prefetch(s, (k + 1) % len(self._groups[s]))
         if not self._counted[s]:
-            for name in COUNTERS:
-                state[name] += getattr(block, name)
+            for name, n in counts.items():
+                state[name] += n
             self._counted[s] = True
-        self._empty_run[s] = 0 if len(block.rows) else self._empty_run[s] + 1
+        self._empty_run[s] = 0 if len(rows) else self._empty_run[s] + 1
         if self._empty_run[s] > len(self._groups[s]):
             raise ValueError(
                 f"slot {s} of the {self.split} split packs into no row of T+1={self.T + 1} tokens: "
@@ -289,18 +290,13 @@ class DataLoader:
                 f"dataloader {self.split}: {self._blocks_opened} blocks opened, {self.cropped_fraction:.1%} "
                 f"of tokens cropped, {self.dropped_fraction:.2%} dropped at block ends"
             )
-        return block
+        return rows
 
     def _advance(self, s: int) -> None:
         state = self._state[s]
-        state["block"] += 1
-        state["row"] = 0
-        if state["block"] == len(self._groups[s]):
-            state["block"] = 0
-            state["epoch"] += 1
-            if self.rank == 0:
-                logger.info("dataloader %s: slot %d starts epoch %d", self.split, s, state["epoch"])
-        self._block[s] = None
+        if _next_block(state, len(self._groups[s])) and self.rank == 0:
+            logger.info("dataloader %s: slot %d starts epoch %d", self.split, s, state["epoch"])
+        self._rows[s] = None
         self._counted[s] = False
 
     def _prefetch(self, s: int, k: int) -> None:
@@ -389,11 +385,7 @@ def conversation_batches(
         rows, masks = [], []
         while len(rows) < B:  # B rows in order, crossing block and epoch boundaries
             if state["row"] >= len(block_rows):  # every block has at least one row
-                state["block"] += 1
-                state["row"] = 0
-                if state["block"] == num_blocks:
-                    state["block"] = 0
-                    state["epoch"] += 1
+                _next_block(state, num_blocks)
                 block_rows = pack_block(state["block"])
             take = block_rows[state["row"] : state["row"] + B - len(rows)]
             rows += [r for r, _ in take]

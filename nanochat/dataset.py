@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -134,11 +135,7 @@ def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> li
         raise FileNotFoundError(
             f"{val.parent} holds only the validation shard, no training shards: {NO_DATA_HINT}"
         )
-    groups = []
-    for path in files:
-        with pq.ParquetFile(path) as pf:
-            groups += [(path, group) for group in range(pf.num_row_groups)]
-    return groups
+    return [(path, group) for path in files for group in range(pq.read_metadata(path).num_row_groups)]
 
 
 def parquets_iter_batched(
@@ -195,16 +192,11 @@ def download_shards(
     """
     data_dir = get_data_dir(data_dir)
     indices = list(indices)
-
-    def fetch(i: int) -> Path:
-        url = f"{base_url.rstrip('/')}/{shard_name(i)}"
-        return download_file(
-            url, data_dir / shard_name(i), validate=validate_shard, progress=False, **download
-        )
-
+    fetch = partial(download_file, validate=validate_shard, progress=False, **download)
+    url = base_url.rstrip("/")
     paths, failures = [], []
     with ThreadPoolExecutor(workers) as pool, ProgressBar(len(indices), "shards", "shards") as bar:
-        futures = {pool.submit(fetch, i): i for i in indices}
+        futures = {pool.submit(fetch, f"{url}/{shard_name(i)}", data_dir / shard_name(i)): i for i in indices}
         for future in as_completed(futures):
             try:
                 paths.append(future.result())
@@ -366,10 +358,8 @@ def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
         for p in _sorted_files(root, skip_dirs=skip)
         if p.suffix == ".py" and p.relative_to(root).as_posix() != "pydoc_data/topics.py"
     ]
-    test_dirs = {"test", "tests", "idle_test"}
-    sources.sort(
-        key=lambda p: bool(test_dirs & set(p.relative_to(root).parts))
-    )  # stable: library, then tests
+    test_dirs = {"test", "tests", "idle_test"}  # a stable sort: the library first, then its tests
+    sources.sort(key=lambda p: bool(test_dirs & set(p.relative_to(root).parts)))
 
     def texts() -> Iterator[str]:
         yield from (topics[key] for key in sorted(topics))
@@ -403,43 +393,36 @@ def write_shards(
     source: str,
     detail: object,
     data_dir: str | os.PathLike | None = None,
-    force: bool = False,
     docs_per_shard: int = DOCS_PER_SHARD,
     val_docs: list[str] | None = None,
 ) -> dict:
     """Shuffle `docs` and replace the dir's shards with train shards + a last val shard: `val_docs`
-    as they are when given, else docs held out of the shuffle."""
-    if val_docs is not None:
-        assert docs and val_docs, "the caller checks for at least one train and one val doc"
-    elif len(docs) < 2:
+    as they are when given, else docs held out of the shuffle. The caller has claimed the dir."""
+    if val_docs is None and len(docs) < 2:
         raise ValueError(f"need at least 2 documents (1 train + 1 validation), got {len(docs)}")
     data_dir = get_data_dir(data_dir)
-    _claim(data_dir, source, force)
     docs = list(docs)
     random.Random(SHUFFLE_SEED).shuffle(docs)  # mixed topics; held-out docs look like training ones
     if val_docs is None:
         num_val = min(max(1, round(VAL_FRACTION * len(docs))), docs_per_shard, len(docs) - 1)
-        train, val = docs[:-num_val], docs[-num_val:]
-    else:
-        train, val, num_val = docs, list(val_docs), len(val_docs)
-        docs = train + val  # for the counts below
-    num_train_shards = math.ceil(len(train) / docs_per_shard)
+        docs, val_docs = docs[:-num_val], docs[-num_val:]
+    num_train_shards = math.ceil(len(docs) / docs_per_shard)
     manifest = {
         "source": source,
         "detail": detail,
         "val_shard": shard_name(num_train_shards),
-        "num_docs": len(docs),
-        "num_chars": sum(map(len, docs)),
+        "num_docs": len(docs) + len(val_docs),
+        "num_chars": sum(map(len, docs + val_docs)),
         "num_shards": num_train_shards + 1,
     }
     _clear(data_dir)
     _write_manifest(data_dir, manifest)  # first: an interrupted import is recognized and redone by a rerun
     for i in range(num_train_shards):
-        _write_parquet(data_dir / shard_name(i), train[i * docs_per_shard : (i + 1) * docs_per_shard])
-    _write_parquet(data_dir / shard_name(num_train_shards), val)
+        _write_parquet(data_dir / shard_name(i), docs[i * docs_per_shard : (i + 1) * docs_per_shard])
+    _write_parquet(data_dir / shard_name(num_train_shards), val_docs)
     logger.info(
-        f"wrote {num_train_shards} train shards + val shard {manifest['val_shard']}: {len(docs)} docs "
-        f"({num_val} val), {manifest['num_chars'] / 1e6:.1f} M chars, into {data_dir}"
+        f"wrote {num_train_shards} train shards + val shard {manifest['val_shard']}: {manifest['num_docs']} "
+        f"docs ({len(val_docs)} val), {manifest['num_chars'] / 1e6:.1f} M chars, into {data_dir}"
     )
     return manifest
 
@@ -487,7 +470,7 @@ def import_from_dir(
             )
         detail["val_path"] = str(val)
         logger.info("validation from %s: %d docs", val, len(val_docs))
-    return write_shards(docs, "from-dir", detail, data_dir, force, docs_per_shard, val_docs)
+    return write_shards(docs, "from-dir", detail, data_dir, docs_per_shard, val_docs)
 
 
 def build_offline(
@@ -506,7 +489,7 @@ def build_offline(
         "python": sys.version.split()[0],
         "max_chars": max_chars,
     }
-    manifest = write_shards(docs, "offline", detail, data_dir, force, docs_per_shard)
+    manifest = write_shards(docs, "offline", detail, data_dir, docs_per_shard)
     logger.info("offline corpus built in %.1fs", time.time() - t0)
     return manifest
 
@@ -535,19 +518,16 @@ def main(argv: list[str] | None = None) -> None:
     add("--source", choices=SOURCES, default=DEFAULT_SOURCE, help="the dataset to download")
     add("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     local = parser.add_mutually_exclusive_group()
-    local.add_argument(
-        "--from-dir", default=None, help="import .parquet/.txt/.jsonl(.gz) files from this dir"
-    )
+    local.add_argument("--from-dir", help="import .parquet/.txt/.jsonl(.gz) files from this dir")
     local.add_argument(
         "--offline", action="store_true", help="build the embedded offline corpus (the stdlib)"
     )
     add(
         "--val",
-        default=None,
         help="with --from-dir: a file or folder whose docs are the validation shard, as they are "
         "(by default 5%% of the shuffled --from-dir docs are held out)",
     )
-    add("--data-dir", default=None, help="output dir; None = $NANOCHAT_BASE_DIR/base_data")
+    add("--data-dir", help="output dir; None = $NANOCHAT_BASE_DIR/base_data")
     add("--force", action="store_true", help="replace shards that came from a different source")
     add("--max-chars", type=int, default=OFFLINE_MAX_CHARS, help="cap on the offline corpus size")
     add("--timeout", type=float, default=30.0, help="seconds a download may stall before a retry")
@@ -567,22 +547,19 @@ def main(argv: list[str] | None = None) -> None:
         elif args.from_dir:
             import_from_dir(args.from_dir, args.data_dir, args.force, val=args.val)
         else:
-            try:
-                download_source(
-                    args.source,
-                    DEFAULT_NUM_FILES if num_files is None else num_files,
-                    args.data_dir,
-                    args.num_workers,
-                    force=args.force,
-                    timeout=args.timeout,
-                    retries=args.retries,
-                )
-            except RuntimeError as e:
-                raise RuntimeError(
-                    f"{e}\n(no network? `python -m nanochat.dataset --offline` needs none)"
-                ) from e
+            download_source(
+                args.source,
+                DEFAULT_NUM_FILES if num_files is None else num_files,
+                args.data_dir,
+                args.num_workers,
+                force=args.force,
+                timeout=args.timeout,
+                retries=args.retries,
+            )
     except (OSError, RuntimeError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        download = isinstance(e, RuntimeError) and not (args.offline or args.from_dir)
+        hint = "\n(no network? `python -m nanochat.dataset --offline` needs none)" if download else ""
+        raise SystemExit(f"error: {e}{hint}") from None
 
 
 if __name__ == "__main__":
