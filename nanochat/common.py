@@ -69,10 +69,10 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help of the scripts: the docstring as written, and every flag's default (once: a help text
-    that already says "default: ..." is left as it is)."""
+    that already says "default: ..." is left as it is; None, "not given", is not shown)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if "default:" in (action.help or ""):
+        if "default:" in (action.help or "") or action.default is None:
             return action.help
         return super()._get_help_string(action)
 

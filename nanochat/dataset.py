@@ -42,7 +42,14 @@ from typing import NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import ProgressBar, atomic_path, download_file, get_base_dir, setup_logging
+from nanochat.common import (
+    HelpFormatter,
+    ProgressBar,
+    atomic_path,
+    download_file,
+    get_base_dir,
+    setup_logging,
+)
 
 logger = logging.getLogger("nanochat.dataset")  # not __name__: it is "__main__" under `python -m`
 
@@ -503,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m nanochat.dataset",
         description="Fill base_data/ with pretraining text shards: a download (ClimbMix by default, or "
         "FineWeb-Edu), a local directory (--from-dir), or the embedded offline corpus (--offline).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add = parser.add_argument
     add(
@@ -527,7 +534,7 @@ def main(argv: list[str] | None = None) -> None:
         help="with --from-dir: a file or folder whose docs are the validation shard, as they are "
         "(by default 5%% of the shuffled --from-dir docs are held out)",
     )
-    add("--data-dir", help="output dir; None = $NANOCHAT_BASE_DIR/base_data")
+    add("--data-dir", help="output dir (default: $NANOCHAT_BASE_DIR/base_data)")
     add("--force", action="store_true", help="replace shards that came from a different source")
     add("--max-chars", type=int, default=OFFLINE_MAX_CHARS, help="cap on the offline corpus size")
     add("--timeout", type=float, default=30.0, help="seconds a download may stall before a retry")

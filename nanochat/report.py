@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nanochat.common import atomic_path, get_base_dir, get_dist_info
+from nanochat.common import HelpFormatter, atomic_path, get_base_dir, get_dist_info
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m nanochat.report",
         description="The report card: `reset` starts a run's report, `generate` writes report.md, "
         "`done SECTION` exits 0 when a stage has logged that section.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("command", choices=["reset", "generate", "done"], help="what to do")
     parser.add_argument("section", nargs="?", help='done: a section title, e.g. "Base model training"')

@@ -37,6 +37,7 @@ from nanochat.checkpoint_manager import (
     start_run,
 )
 from nanochat.common import (
+    HelpFormatter,
     all_reduce_sum,
     autocast,
     compute_cleanup,
@@ -110,9 +111,7 @@ def policy_gradient_loss(
 
 if __name__ == "__main__":
     # ---------------------------------------------------------------------- flags
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = parser.add_argument_group("model and data")
     g.add_argument(
         "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage to read"

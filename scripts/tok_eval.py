@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from nanochat.common import print0
+from nanochat.common import HelpFormatter, print0
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report, markdown_table
 from nanochat.tokenizer import Tokenizer, get_tokenizer
@@ -131,7 +131,7 @@ def comparison_rows(texts: dict[str, str], ours: Tokenizer, ref: Tokenizer | Non
 parser = argparse.ArgumentParser(
     prog="python -m scripts.tok_eval",
     description="Compare the compression (bytes per token) of our tokenizer with GPT-2's and GPT-4's.",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=HelpFormatter,
 )
 parser.add_argument(
     "--ref-dir",

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 
-from nanochat.common import ProgressBar, get_base_dir, print0
+from nanochat.common import HelpFormatter, ProgressBar, get_base_dir, print0
 from nanochat.dataset import parquets_iter_batched, read_manifest
 from nanochat.report import get_report
 from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
@@ -35,12 +35,12 @@ SANITY_TEXT = (
 parser = argparse.ArgumentParser(
     prog="python -m scripts.tok_train",
     description="Train the BPE tokenizer on base_data/ and save it to <base dir>/tokenizer/.",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    formatter_class=HelpFormatter,
 )
 parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="total characters to train on")
 parser.add_argument("--doc-cap", type=int, default=10_000, help="each document is cropped to this many chars")
 parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size, special tokens included")
-parser.add_argument("--num-threads", type=int, default=None, help="threads for rustbpe; None = all CPU cores")
+parser.add_argument("--num-threads", type=int, help="threads for rustbpe (default: all CPU cores)")
 args = parser.parse_args()
 if args.vocab_size < MIN_VOCAB_SIZE:
     parser.error(

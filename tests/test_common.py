@@ -5,6 +5,7 @@ script (`ScriptedServer`, also used by test_dataset.py), so retries, stalls, sho
 concurrent downloaders are exercised over real sockets, without the network.
 """
 
+import argparse
 import io
 import multiprocessing
 import threading
@@ -16,6 +17,7 @@ import pytest
 
 from nanochat import common
 from nanochat.common import (
+    HelpFormatter,
     ProgressBar,
     atomic_path,
     download_file,
@@ -403,3 +405,12 @@ def test_compiled_on_cpu_needs_a_cxx_compiler(monkeypatch):
     assert common.compiled(model, "cpu") is model
     monkeypatch.setenv("CXX", "sh")  # any program on PATH stands in for a compiler here
     assert common.compiled(model, "cpu") is not model  # wrapped; nothing compiles until it is called
+
+
+def test_help_shows_each_default_once_and_not_an_unset_one():
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser.add_argument("--depth", type=int, default=20, help="layers")
+    parser.add_argument("--tag", default=None, help="folder name (default: d<depth>)")
+    parser.add_argument("--val", default=None, help="a validation file")
+    out = " ".join(parser.format_help().split())
+    assert "layers (default: 20)" in out and out.count("default:") == 2 and "None" not in out

@@ -136,7 +136,7 @@ def test_tok_train_help_lists_every_flag_with_its_default():
         ("--max-chars", "2000000000"),
         ("--doc-cap", "10000"),
         ("--vocab-size", "32768"),
-        ("--num-threads", "None"),
+        ("--num-threads", "all CPU cores"),
     ]:
         assert re.search(rf"{flag} [A-Z_]+ [^(]*\(default: {default}\)", out), f"{flag}={default}: {out}"
 
