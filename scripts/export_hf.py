@@ -26,11 +26,11 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import HelpFormatter, exit_on_user_error, exit_with_error
+from nanochat.engine import STOP_TOKENS
 from nanochat.gpt import LOGIT_SOFTCAP, NORM_EPS, GPTConfig
 from nanochat.tokenizer import Tokenizer
 
 HF_MODEL_FILE = Path(__file__).resolve().parents[1] / "nanochat" / "hf_model.py"
-STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")  # as the Engine: either one ends a reply
 
 # The chat template: Tokenizer.render_conversation (render_for_completion with add_generation_prompt,
 # which drops a final assistant message). A leading system message joins the first user one.
@@ -84,32 +84,22 @@ CHAT_TEMPLATE = """\
 def byte_to_unicode() -> dict[int, str]:
     """The byte-level BPE alphabet: each byte as a printable character (printable ASCII and Latin-1
     stand for themselves, the other bytes take the code points from 256 on, in byte order)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    mapping = {b: chr(b) for b in printable}
-    extra = 256
-    for b in range(256):
-        if b not in mapping:
-            mapping[b] = chr(extra)
-            extra += 1
-    return mapping
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
 
 def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """Every split of every multi-byte token into two tokens, by the rank of the token they make.
     tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first; listing
     every such pair in that order makes the HF BPE choose the same merges."""
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        for i in range(1, len(token)):
-            left, right = token[:i], token[i:]
-            if left in ranks and right in ranks:
-                merges.append((rank, ranks[left], ranks[right], left, right))
-    merges.sort()  # by the merged token's rank, then by its pieces' ranks
-    return [(left, right) for *_, left, right in merges]
+    splits = sorted(  # by the merged token's rank, then by its left piece's
+        (rank, ranks[token[:i]], token[:i], token[i:])
+        for token, rank in ranks.items()
+        for i in range(1, len(token))
+        if token[:i] in ranks and token[i:] in ranks
+    )
+    return [(left, right) for _, _, left, right in splits]
 
 
 def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
@@ -129,14 +119,10 @@ def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
         ]
     )
     hf.decoder = decoders.ByteLevel()
-    # special tokens take the next ids in order: the same as ours (checked below)
-    hf.add_special_tokens(
-        [AddedToken(name, special=True, normalized=False) for name in tokenizer.special_tokens]
-    )
-    for name, token_id in tokenizer.special_tokens.items():
-        assert hf.token_to_id(name) == token_id, (
-            f"special token {name}: HF id {hf.token_to_id(name)}, ours {token_id}"
-        )
+    # special tokens take the next ids in order, which are ours unless our ids have gaps
+    specials = tokenizer.special_tokens
+    hf.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
+    assert all(hf.token_to_id(name) == i for name, i in specials.items()), "special token ids differ"
     return hf
 
 
@@ -179,10 +165,14 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
 
 
+def generation_config(tokenizer: Tokenizer) -> dict:
+    """The stop tokens and pad (bos, itself a stop token): generation_config.json, also in config.json."""
+    bos, stops = tokenizer.get_bos_token_id(), [tokenizer.special_tokens[name] for name in STOP_TOKENS]
+    return {"bos_token_id": bos, "eos_token_id": stops, "pad_token_id": bos}
+
+
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
     """config.json: the built-in NanoChat, or our NanoChatQKScale subclass when qk_scale != 1."""
-    special = tokenizer.special_tokens
-    bos = tokenizer.get_bos_token_id()
     fields = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
@@ -199,9 +189,7 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "final_logit_softcapping": LOGIT_SOFTCAP,
         "attention_bias": False,
         "tie_word_embeddings": False,
-        "bos_token_id": bos,
-        "eos_token_id": [special[name] for name in STOP_TOKENS],
-        "pad_token_id": bos,
+        **generation_config(tokenizer),
         "torch_dtype": "float32",
     }
     if config.qk_scale == 1.0:
@@ -216,12 +204,6 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         "qk_scale": float(config.qk_scale),
         **fields,
     }
-
-
-def generation_config(tokenizer: Tokenizer) -> dict:
-    special = tokenizer.special_tokens
-    bos = tokenizer.get_bos_token_id()
-    return {"bos_token_id": bos, "eos_token_id": [special[name] for name in STOP_TOKENS], "pad_token_id": bos}
 
 
 def model_card(config: GPTConfig, meta: dict, source: str, num_params: int) -> str:
@@ -251,28 +233,15 @@ def model_card(config: GPTConfig, meta: dict, source: str, num_params: int) -> s
             "here); this export was not tested under vLLM."
         )
     record = {k: v for k, v in meta.items() if k not in ("model_config", "dataloader_state")}
-    shape = json.dumps(
-        {
-            "source": source,
-            "n_layer": config.n_layer,
-            "n_head": config.n_head,
-            "n_kv_head": config.n_kv_head,
-            "n_embd": config.n_embd,
-            "vocab_size": config.vocab_size,
-            "sequence_len": config.sequence_len,
-            "rope_base": config.rope_base,
-            "qk_scale": config.qk_scale,
-            "parameters": num_params,
-        },
-        indent=2,
-    )
+    fields = "n_layer n_head n_kv_head n_embd vocab_size sequence_len rope_base qk_scale".split()
+    shape = {"source": source, **{name: getattr(config, name) for name in fields}, "parameters": num_params}
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
 tags: [nanochat]
 ---
 
-# nanochat {meta.get("model_tag", "")} ({source}, step {meta.get("step")})
+# nanochat {meta["model_tag"]} ({source}, step {meta["step"]})
 
 A small ChatGPT-like model trained from scratch with nanochat: tokenizer, pretraining (base), \
 mid-training, supervised fine-tuning (sft) and optionally RL. This is the `{source}` stage.
@@ -287,7 +256,7 @@ logits softcapped at {LOGIT_SOFTCAP:g}.
 ## Config
 
 ```json
-{shape}
+{json.dumps(shape, indent=2)}
 ```
 
 ## Training record (checkpoint meta)
@@ -328,7 +297,6 @@ message is joined to the first user message with a blank line. A reply ends at `
 
 def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, overwrite: bool = False) -> None:
     """Write the model folder `out` (atomically: built next to it, then renamed)."""
-    out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
             f"--out {out} exists and is not empty: choose another folder or pass --overwrite"
