@@ -2,9 +2,7 @@
 The training loop of midtraining and SFT, written once.
 
 - The two stages differ only in data, defaults and accuracy evals: each script states those and
-  calls `train`. A shared module function, not a stage table in a script, because a script never
-  imports another script and each stage keeps its own entry point (`scripts.mid_train`,
-  `scripts.chat_sft`).
+  calls `train` (here, not in a script: no script imports another).
 - Batches come from `dataloader.conversation_batches`: conversations truncated to the context and
   packed whole (pad mode); padding and non-assistant tokens have target -1.
 - Loss of a step = Σ supervised-token losses of every micro-batch on every rank / the step's
@@ -22,6 +20,7 @@ import argparse
 import os
 import time
 from collections.abc import Iterator
+from contextlib import suppress
 from functools import partial
 
 import torch
@@ -52,25 +51,22 @@ from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, m
 from nanochat.report import MetricsLog, eta, get_report
 from nanochat.task_eval import task_accuracy
 from tasks.customjson import CustomJSON
-from tasks.spellingbee import SpellingBee
+from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic, Identity
 
 IDENTITY_FILE = "chat/identity_conversations.jsonl"
 CHAT_FILE = "chat/kto_en_demo_accepted.messages.jsonl"
+OFFLINE_HINT = "; or pass --offline (synthetic tasks, no download)"  # appended to task data errors
 
 
 def chat_flags(description: str, **defaults) -> argparse.Namespace:
     """The flags of mid_train and chat_sft; `defaults` holds each stage's own defaults."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
-
-    def add(name: str, **kw) -> None:
-        kw.setdefault("default", defaults.get(name[2:].replace("-", "_")))
-        p.add_argument(name, **kw)
-
+    add = p.add_argument
     add("--source", choices=["base", "mid", "sft"], help="stage of the model to start from")
-    add("--model-tag", default=None, help="tag of the source model, kept for the output (None: the deepest)")
-    add("--model-step", type=int, default=None, help="step of the source model (None: the last)")
-    add("--max-seq-len", type=int, default=None, help="context of the training rows (None: the model's)")
+    add("--model-tag", help="tag of the source model, kept for the output (None: the deepest)")
+    add("--model-step", type=int, help="step of the source model (None: the last)")
+    add("--max-seq-len", type=int, help="context of the training rows (None: the model's)")
     add("--device-batch-size", type=int, help="rows per device per micro-step")
     add(
         "--total-batch-size",
@@ -86,15 +82,14 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add("--metrics-max-problems", type=int, help="problems per accuracy eval")
     add("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
     add_run_flags(p)
-    add("--offline", action="store_true", default=False, help="synthetic tasks + NANOCHAT_TASK_DATA only")
+    add("--offline", action="store_true", help="synthetic tasks + NANOCHAT_TASK_DATA only")
     add("--synthetic-size", type=int, help="examples per synthetic task")
     add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
-    add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    add("--device-type", choices=["cuda", "mps", "cpu"], help="default: autodetect")
     add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
-    add(
-        "--dry-run", action="store_true", default=False, help="open data and model, print the plan, then exit"
-    )
+    add("--dry-run", action="store_true", help="open data and model, print the plan, then exit")
     add_optimizer_flags(p, defaults["init_lr_frac"])
+    p.set_defaults(**defaults)  # each stage's own defaults, shown by --help like the others
     args = p.parse_args()
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # no task may reach the hub
@@ -113,17 +108,15 @@ def identity_task(size: int):
         return Identity(size=size, split="train")
 
 
-def local_chat_tasks() -> list:
-    """The local chat file as a one-element list when NANOCHAT_TASK_DATA has it, else []."""
-    try:
-        return [CustomJSON(CHAT_FILE)]
-    except FileNotFoundError:
-        return []
-
-
-def offline_val_tasks(size: int) -> list:
-    """The held-out synthetic conversations of the offline val loss (`size` of each task)."""
-    return [task(size=size, split="test") for task in (Arithmetic, Identity, SpellingBee)]
+def offline_tasks(n: int, identity_copies: int, spelling_size: int) -> tuple[list, list]:
+    """The --offline (train, val) tasks: synthetic Arithmetic (`n`), Identity (n/4), SpellingBee and
+    SimpleSpelling, plus the local chat file; val holds n/20 held-out of the first three."""
+    identity = Identity(size=max(1, n // 4), split="train")
+    tasks = [Arithmetic(size=n, split="train"), *[identity] * identity_copies]
+    tasks += [task(size=spelling_size, split="train") for task in (SpellingBee, SimpleSpelling)]
+    with suppress(FileNotFoundError):  # the chat file is there only when NANOCHAT_TASK_DATA has it
+        tasks.append(CustomJSON(CHAT_FILE))
+    return tasks, [task(size=max(1, n // 20), split="test") for task in (Arithmetic, Identity, SpellingBee)]
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +230,6 @@ def train(
         fail(str(e))
     if args.resume:
         print0(f"resumed from step {start_step}")
-    loop_state = resumed.get("loop_state", {})
     loader_state = resumed["dataloader_state"][rank] if resumed else None
     orig_model = model  # uncompiled: checkpoints and generation
     model = compiled(model, device) if args.compile else model
@@ -247,37 +239,28 @@ def train(
         train_task, tokenizer, B, T, rank, world_size, device, resume_state=loader_state
     )
 
-    def val_loss() -> float:
-        model.eval()
-        batches = conversation_batches(val_task, tokenizer, B, T, rank, world_size, device)
-        loss = evaluate_loss(model, batches, max(1, args.eval_steps))
-        model.train()
-        return loss
-
     # -------------------------------------------------------------------------- loop
     # step s trains on batch s; a checkpoint at step s holds the weights after s steps
     run_log = MetricsLog(
         ckpt_dir / "log.jsonl", start_step, bool(args.resume), args.run, "nanochat", user_config, rank == 0
     )
     state = {"progress": 0.0, "training_time": 0.0, "min_val_loss": float("inf"), "val_loss": None}
-    state |= {"metrics": {}, "train_loss": None, "supervised_tokens": 0, **loop_state}
+    state |= {"metrics": {}, "train_loss": None, "supervised_tokens": 0, **resumed.get("loop_state", {})}
+    source = {"phase": args.source, "tag": tag, "step": source_meta["step"]}
+    meta = {"user_config": user_config, "grad_accum": grad_accum, "source": source, "loop_state": state}
     step = start_step
     start_progress = state["progress"]  # the ETA of an epoch-long run (-1 steps) goes by progress
     session_time = 0.0  # every step of this process, for the ETA
     while True:
         last_step = step == num_iterations if num_iterations > 0 else state["progress"] >= 1.0
         if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            source = {"phase": args.source, "tag": tag, "step": source_meta["step"]}
-            meta = {
-                "user_config": user_config,
-                "grad_accum": grad_accum,
-                "source": source,
-                "loop_state": state,
-            }
             save_checkpoint(ckpt_dir, step, orig_model, optimizers, meta, loader_state)
 
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            state["val_loss"] = val_loss()
+            model.eval()
+            val_batches = conversation_batches(val_task, tokenizer, B, T, rank, world_size, device)
+            state["val_loss"] = evaluate_loss(model, val_batches, max(1, args.eval_steps))
+            model.train()
             state["min_val_loss"] = min(state["min_val_loss"], state["val_loss"])
             print0(f"step {step:05d} | val loss {state['val_loss']:.4f}")
             run_log.log({"step": step, "val_loss": state["val_loss"]})
@@ -327,14 +310,8 @@ def train(
             f"lrm {lrm:.3f} | epoch progress {state['progress']:.3f} | supervised tokens {supervised:,} | "
             f"dt {dt * 1000:.0f}ms | {time_left}"
         )
-        record = {
-            "loss": train_loss,
-            "lrm": lrm,
-            "progress": state["progress"],
-            "supervised": supervised,
-            "dt": dt,
-        }
-        run_log.log({"step": step, **record})
+        record = {"loss": train_loss, "lrm": lrm, "progress": state["progress"], "supervised": supervised}
+        run_log.log({"step": step, **record, "dt": dt})
         step += 1
 
     # -------------------------------------------------------------------------- report

@@ -15,10 +15,10 @@ Supervised finetuning (SFT): train the midtrained model on curated chat conversa
 - The loop is `nanochat.chat_train.train`, shared with mid_train.
 """
 
-from nanochat.chat_train import chat_flags, identity_task, local_chat_tasks, offline_val_tasks, train
+from nanochat.chat_train import OFFLINE_HINT, chat_flags, identity_task, offline_tasks, train
 from tasks.common import TaskMixture, exit_on_task_data_error
 from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.synthetic import Arithmetic, Identity
+from tasks.synthetic import Arithmetic
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -40,14 +40,11 @@ args = chat_flags(
 # -----------------------------------------------------------------------------
 # Data and evals (before the model, so missing data fails fast)
 
-n, k = args.synthetic_size, max(1, args.synthetic_size // 4)
-hint = "" if args.offline else "; or pass --offline (synthetic tasks, no download)"
-with exit_on_task_data_error("chat_sft", hint):
+n = args.synthetic_size
+with exit_on_task_data_error("chat_sft", "" if args.offline else OFFLINE_HINT):
     if args.offline:
-        train_tasks = [Arithmetic(size=n, split="train"), Identity(size=k, split="train")]
-        train_tasks += [SpellingBee(size=k, split="train"), SimpleSpelling(size=k, split="train")]
-        train_tasks += local_chat_tasks()
-        val_task = TaskMixture(offline_val_tasks(max(1, n // 20)))
+        train_tasks, val_tasks = offline_tasks(n, identity_copies=1, spelling_size=max(1, n // 4))
+        val_task = TaskMixture(val_tasks)
         metric_tasks = {"Arithmetic acc": Arithmetic(size=max(1, args.metrics_max_problems), split="test")}
     else:
         from tasks.arc import ARC

@@ -13,10 +13,9 @@ Midtraining: teach the base model the chat format, tool use and multiple choice.
   with chat_sft.
 """
 
-from nanochat.chat_train import chat_flags, identity_task, local_chat_tasks, offline_val_tasks, train
+from nanochat.chat_train import OFFLINE_HINT, chat_flags, identity_task, offline_tasks, train
 from tasks.common import TaskMixture, exit_on_task_data_error
 from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.synthetic import Arithmetic, Identity
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -39,16 +38,10 @@ args = chat_flags(
 # Data (before the model, so missing data fails fast)
 
 n = args.synthetic_size
-hint = "" if args.offline else "; or pass --offline (synthetic tasks, no download)"
-with exit_on_task_data_error("mid_train", hint):
+with exit_on_task_data_error("mid_train", "" if args.offline else OFFLINE_HINT):
     if args.offline:
-        identity = Identity(size=max(1, n // 4), split="train")
-        half = max(1, n // 2)
-        train_tasks = [Arithmetic(size=n, split="train"), identity, identity]
-        train_tasks += [SpellingBee(size=half, split="train"), SimpleSpelling(size=half, split="train")]
-        train_tasks += local_chat_tasks()
-        m = max(1, n // 20)
-        val_tasks = offline_val_tasks(m) + [SimpleSpelling(size=m, split="test")]
+        train_tasks, val_tasks = offline_tasks(n, identity_copies=2, spelling_size=max(1, n // 2))
+        val_tasks += [SimpleSpelling(size=max(1, n // 20), split="test")]
     else:
         from tasks.gsm8k import GSM8K
         from tasks.mmlu import MMLU
