@@ -498,12 +498,13 @@ class UserError(Exception):
 
 
 @contextmanager
-def exit_on_user_error(script: str) -> Iterator[None]:
-    """Inside it, a UserError ends the process as `exit_with_error(script, message)`: no traceback."""
+def exit_on_user_error(script: str, hint: str = "", errors: tuple = (UserError,)) -> Iterator[None]:
+    """Inside it, one of `errors` (a UserError unless told) ends the process as
+    `exit_with_error(script, message + hint)`: no traceback."""
     try:
         yield
-    except UserError as e:
-        exit_with_error(script, str(e))
+    except errors as e:
+        exit_with_error(script, str(e).rstrip(".") + hint if hint else str(e))
 
 
 def exit_with_error(script: str, message: str) -> NoReturn:

@@ -24,7 +24,6 @@ from nanochat.common import (
     compute_cleanup,
     compute_init,
     exit_on_user_error,
-    exit_with_error,
     print0,
     setup_logging,
 )
@@ -32,7 +31,7 @@ from nanochat.execution import SandboxUnavailable, require_isolation
 from nanochat.report import get_report
 from nanochat.task_eval import task_accuracy
 from tasks.arc import ARC
-from tasks.common import exit_on_task_data_error
+from tasks.common import TASK_DATA_ERRORS
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -131,11 +130,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     setup_logging()
     if "HumanEval" in names and not args.allow_unisolated_code:  # the sandbox, then the data: in seconds
-        try:
+        with exit_on_user_error("chat_eval", errors=(SandboxUnavailable,)):
             require_isolation()
-        except SandboxUnavailable as e:
-            exit_with_error("chat_eval", str(e))
-    with exit_on_task_data_error("chat_eval"):
+    with exit_on_user_error("chat_eval", errors=TASK_DATA_ERRORS):
         tasks = {name: TASKS[name]() for name in names}
     if "HumanEval" in tasks:
         tasks["HumanEval"].isolated = not args.allow_unisolated_code

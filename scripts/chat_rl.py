@@ -42,6 +42,7 @@ from nanochat.common import (
     autocast,
     compute_cleanup,
     compute_init,
+    exit_on_user_error,
     exit_with_error,
     print0,
     setup_logging,
@@ -50,7 +51,7 @@ from nanochat.common import (
 from nanochat.engine import Engine, prompt_and_budget
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
 from nanochat.report import MetricsLog, eta, get_report, read_log
-from tasks.common import exit_on_task_data_error
+from tasks.common import TASK_DATA_ERRORS
 
 # -----------------------------------------------------------------------------
 # The algorithm, as plain functions (tested on their own)
@@ -173,7 +174,8 @@ if __name__ == "__main__":
     else:
         from tasks.gsm8k import GSM8K
 
-        with exit_on_task_data_error("chat_rl", "; or pass --offline (synthetic Arithmetic, no download)"):
+        hint = "; or pass --offline (synthetic Arithmetic, no download)"
+        with exit_on_user_error("chat_rl", hint, TASK_DATA_ERRORS):
             train_task, test_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
     num_steps = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step
     if num_steps < 1:

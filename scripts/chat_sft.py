@@ -16,7 +16,8 @@ Supervised finetuning (SFT): train the midtrained model on curated chat conversa
 """
 
 from nanochat.chat_train import OFFLINE_HINT, chat_flags, identity_task, offline_tasks, train
-from tasks.common import TaskMixture, exit_on_task_data_error
+from nanochat.common import exit_on_user_error
+from tasks.common import TASK_DATA_ERRORS, TaskMixture
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic
 
@@ -41,7 +42,7 @@ args = chat_flags(
 # Data and evals (before the model, so missing data fails fast)
 
 n = args.synthetic_size
-with exit_on_task_data_error("chat_sft", "" if args.offline else OFFLINE_HINT):
+with exit_on_user_error("chat_sft", "" if args.offline else OFFLINE_HINT, TASK_DATA_ERRORS):
     if args.offline:
         train_tasks, val_tasks = offline_tasks(n, identity_copies=1, spelling_size=max(1, n // 4))
         val_task = TaskMixture(val_tasks)

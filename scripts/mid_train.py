@@ -14,7 +14,8 @@ Midtraining: teach the base model the chat format, tool use and multiple choice.
 """
 
 from nanochat.chat_train import OFFLINE_HINT, chat_flags, identity_task, offline_tasks, train
-from tasks.common import TaskMixture, exit_on_task_data_error
+from nanochat.common import exit_on_user_error
+from tasks.common import TASK_DATA_ERRORS, TaskMixture
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 # -----------------------------------------------------------------------------
@@ -38,7 +39,7 @@ args = chat_flags(
 # Data (before the model, so missing data fails fast)
 
 n = args.synthetic_size
-with exit_on_task_data_error("mid_train", "" if args.offline else OFFLINE_HINT):
+with exit_on_user_error("mid_train", "" if args.offline else OFFLINE_HINT, TASK_DATA_ERRORS):
     if args.offline:
         train_tasks, val_tasks = offline_tasks(n, identity_copies=2, spelling_size=max(1, n // 2))
         val_tasks += [SimpleSpelling(size=max(1, n // 20), split="test")]

@@ -5,8 +5,8 @@ Design choices:
   start/stop/step view, so several ranks can stride one task without copying it.
 - `evaluate` grades the text of one assistant reply; `reward` is what RL maximises (1.0 / 0.0).
 - Task data comes from `$NANOCHAT_TASK_DATA` (laid out like shared/data/tasks/) when set, else
-  the Hugging Face hub; never one silently instead of the other. Missing or damaged data ends an
-  entry point in one line naming the file and the fix (`exit_on_task_data_error`).
+  the Hugging Face hub; never one silently instead of the other. Missing or damaged data is one of
+  TASK_DATA_ERRORS, each naming the file and the fix: entry points end in that one line.
 - Rows stay in file order (MMLU's is by subject: take subsets with `step`, not `stop`).
 - `TaskMixture` shuffles once with a fixed seed; listing a task twice oversamples it.
 """
@@ -21,14 +21,13 @@ import random
 import re
 import zlib
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from nanochat.common import exit_with_error
 from nanochat.tokenizer import validate_conversation
 
 TASK_DATA_ENV = "NANOCHAT_TASK_DATA"
+TASK_DATA_ERRORS = (OSError, RuntimeError, ValueError)  # what load_task_rows, read_jsonl, CustomJSON raise
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -214,13 +213,3 @@ def load_task_rows(what: str, local: str, hub: tuple[str, str | None, str]) -> S
             f"({type(e).__name__}: {e}). Check the network / HF_HUB_OFFLINE, or set {TASK_DATA_ENV} to a "
             f"folder holding {local} (layout like shared/data/tasks/)."
         ) from e
-
-
-@contextmanager
-def exit_on_task_data_error(script: str, hint: str = "") -> Iterator[None]:
-    """Build tasks inside it: missing or damaged task data (a local file, a hub download) ends the
-    process as one line, `script: <what and the fix><hint>` (`exit_with_error`), not a traceback."""
-    try:
-        yield
-    except (OSError, RuntimeError, ValueError) as e:  # what load_task_rows, read_jsonl, CustomJSON raise
-        exit_with_error(script, str(e).rstrip(".") + hint)
