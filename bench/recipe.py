@@ -1,195 +1,89 @@
 """
-Pretraining recipes side by side on CPU: val bpb at equal tokens, tokens/s and FLOPs/token.
+Pretraining recipes side by side: base_train's defaults (the public record's recipe) against the
+previous recipe, at equal steps on the CPU proxy. Prints one JSON line per recipe.
 
-    uv run python bench/recipe.py                               # v1 vs new, 2 seeds each
-    uv run python bench/recipe.py --recipes new,no-value-embeds --seeds 1   # ablations
-    uv run python bench/recipe.py --list                        # every recipe and what it changes
+    uv run python bench/recipe.py                      # record vs previous, 2 seeds each
+    uv run python bench/recipe.py --recipes record --seeds 1 --steps 100
 
-"v1" is the recipe before this benchmark existed, run from that git revision's own code
-(`--v1-rev`, extracted with `git archive`), so it is the real previous version rather than
-an imitation. Every other recipe is today's code with one change undone (monkeypatching a
-module constant or function where the change is not a flag).
+Each run is `python -m scripts.base_train` with the recipe's flags, so the bench measures the code
+users run, not an imitation of it; bench/gpucheck.py runs the same arms on a GPU at equal minutes.
 
-The proxy, and why: a depth-4 model (width 128, 4 heads of 32), context 256, a 4,096-token
-tokenizer, trained on the shared FineWeb sample (`../shared/data/pretrain`, split 95/5 by
-`nanochat.dataset --from-dir`) for 300 steps of 32 × 256 = 8K tokens (2.46M tokens), then
-val bpb on 64K held-out tokens. 2 cores train about 8K tokens/s at this size, so a run
-affords ~2.5M tokens; spending them on many small steps rather than a few large ones keeps
-the proxy closest to the GPU runs, which take thousands of steps (a 64K batch would leave
-38 steps, where warmup and warmdown are most of training). The batch is the CPU demo's, not
-the GPU's: recipes that need large batches (the batch-size rule, its LR scaling) cannot be
-judged here. Schedules are scaled to the proxy's length: the GPU warmup of 40 steps out of
-~5,000 becomes 2 of 300, Muon's momentum warmup 300 → 18. Runs are eager, one process each,
-2 threads. Prints one JSON line per recipe (mean over seeds, and each seed).
-
-Changes measured at commit cb3e2b4 and rejected there (value embeddings, layer scalars,
-AdamW LRs 0.3/0.008, init 0.8/0.4) are no longer in the code; README.md lists their numbers.
+The proxy: a depth-4 model 128 wide (4 heads of 32), context 256, a 4,096-token tokenizer, the
+shared FineWeb sample (`../shared/data/pretrain`, 5% held out by `nanochat.dataset --from-dir`),
+300 steps of 32 × 256 = 8K tokens (2.46M tokens), val bpb on 64K held-out tokens, eager, 2 threads.
+What it cannot judge: anything that pays off over thousands of steps at real width (value
+embeddings, the layer scalars), the batch-size rules, and throughput on a GPU (windows are a GPU
+kernel's saving, a CPU mask's cost). It is information for the CPU demo's flags, never a reason to
+overrule GPU-scale evidence (README: the pretraining recipe).
 """
 
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
-import tarfile
-import time
-from dataclasses import replace
-from io import BytesIO
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "pretrain" / "fineweb_sample10BT_subset.parquet"
-V1_REV = "9846dc2"  # the last commit with the v1 recipe
 
-# Proxy shape and budget
-DEPTH, WIDTH, HEAD_DIM, SEQ, VOCAB = 4, 128, 32, 256, 4096
-DEVICE_BATCH, STEPS, VAL_TOKENS = 32, 300, 65536
-
-NS = [(3.4445, -4.7750, 2.0315)]  # v1's fixed Newton–Schulz coefficients
+# The recipes, as base_train flags. "previous": the architecture before the record's (no value
+# embeddings, scalars, smear, backout or windows; init v1) with our CPU-proxy-tuned Muon LR and decay.
 RECIPES = {
-    "v1": "the October 2025 recipe, from git revision --v1-rev",
-    "new": "every change of the current defaults",
-    "rope-10k": "new, rotary base 10,000 instead of 100,000",
-    "qk-scale-1": "new, no ×1.2 on q and k after QK-norm",
-    "newton-schulz": "new, Muon with v1's fixed quintic coefficients instead of Polar Express",
-    "no-normuon": "new, without NorMuon's per-row normalization",
-    "plain-decay": "new, weight decay on every coordinate instead of cautious",
-    "no-decay": "new, no weight decay",
-    "decay-scaled": "new, weight decay 0.2 × (12/depth)² (stronger for small models)",
-    "v1-schedule": "new, v1's schedule: no warmup, warmdown 0.2 to 0",
-    "warmdown-0.65": "new, warmdown 0.65 of training",
-    "decay-0.2": "new, weight decay 0.2 (the previous default) instead of 0.4",
-    "decay-x2": "new, twice the weight decay",
-    "final-lr-0": "new, the warmdown ends at LR 0",
-    "matrix-lr-0.02": "new, Muon LR 0.02 (the previous default) instead of 0.03",
-    "matrix-lr-x1.5": "new, Muon LR × 1.5",
-    "matrix-lr-x0.7": "new, Muon LR × 0.7",
-    "matrix-lr-x2": "new, Muon LR × 2",
-    "head-lr-x2": "new, lm_head LR 0.008 instead of 0.004",
-    "embedding-lr-x1.5": "new, embedding LR 0.3 instead of 0.2",
+    "record": [],
+    "previous": ["--arch", "v1", "--matrix-lr", "0.03", "--weight-decay", "0.4"],
 }
+PROXY = "--depth=4 --aspect-ratio=32 --head-dim=32 --max-seq-len=256 --device-batch-size=32 "
+PROXY += "--total-batch-size=8192 --eval-tokens=65536 --no-compile"
+STEP_LINE = re.compile(r"^step \d+/\d+ .*\| dt (\d+)ms \| tok/s ([\d,]+) \| mfu ([\d.]+%|n/a)")
 
 
-def prepare(work: Path) -> None:
+def train(flags: str, steps: int, env: dict, log: Path, tag: str) -> dict:
+    """One `base_train` run of `steps` steps with `flags`; the numbers its output reports."""
+    cmd = [sys.executable, "-m", "scripts.base_train", *flags.split(), f"--num-iterations={steps}"]
+    cmd += [
+        "--core-metric-every=-1",
+        "--sample-every=-1",
+        "--eval-every=-1",
+        f"--model-tag={tag}",
+        "--overwrite",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log.write_text(out.stdout + out.stderr)
+    if out.returncode != 0:
+        sys.exit(f"{tag} failed (rc {out.returncode}), log in {log}:\n{out.stderr[-2000:]}")
+    lines = [m.groups() for m in map(STEP_LINE.match, out.stdout.splitlines()) if m]
+    timed = lines[len(lines) // 3 :] or lines  # past the warm-up (and a compile)
+    middle = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731  the median
+    number = lambda pattern: float(re.search(pattern, out.stdout).group(1))  # noqa: E731
+    mfus = [float(mfu[:-1]) for _, _, mfu in timed if mfu != "n/a"]
+    return {
+        "steps": steps,
+        "step_ms": middle([int(dt) for dt, _, _ in timed]),
+        "tok_per_s": middle([int(tok.replace(",", "")) for _, tok, _ in timed]),
+        "mfu_pct": middle(mfus) if mfus else None,
+        "val_bpb": number(r"val bpb ([\d.]+)"),
+        "peak_memory_gib": number(r"peak memory: ([\d.]+) GiB"),
+        "estimated_memory_gib": number(r"memory estimate per device: .*total ([\d.]+) GiB"),
+        "flops_per_token": number(r"FLOPs/token: ([\d.e+]+)"),
+    }
+
+
+def prepare(work: Path, env: dict) -> None:
     """The shared FineWeb sample as base_data/ and a 4,096-token tokenizer in `work`, once."""
-    env = {**os.environ, "NANOCHAT_BASE_DIR": str(work)}
     if not (work / "base_data" / "manifest.json").exists():
         src = work / "src"
         src.mkdir(parents=True, exist_ok=True)
         if not (src / SAMPLE.name).exists():
             (src / SAMPLE.name).symlink_to(SAMPLE)
-        cmd = [sys.executable, "-m", "nanochat.dataset", "--from-dir", str(src)]
-        subprocess.run(cmd, cwd=REPO, env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "nanochat.dataset", "--from-dir", str(src)], cwd=REPO, env=env, check=True
+        )
     if not (work / "tokenizer" / "tokenizer.tiktoken").exists():
-        cmd = [sys.executable, "-m", "scripts.tok_train", f"--vocab-size={VOCAB}", "--max-chars=20000000"]
+        cmd = [sys.executable, "-m", "scripts.tok_train", "--vocab-size=4096", "--max-chars=20000000"]
         subprocess.run(cmd, cwd=REPO, env=env, check=True)
-
-
-def v1_tree(work: Path, rev: str) -> Path:
-    """The nanochat package of git revision `rev`, extracted under `work`."""
-    dst = work / f"v1-{rev}"
-    if not (dst / "nanochat" / "gpt.py").exists():
-        archive = subprocess.run(
-            ["git", "archive", rev, "nanochat"], cwd=REPO, capture_output=True, check=True
-        ).stdout
-        tarfile.open(fileobj=BytesIO(archive)).extractall(dst, filter="data")
-    return dst
-
-
-# -----------------------------------------------------------------------------
-# One training run (in its own process, with the chosen code tree first on sys.path)
-
-
-def worker(name: str, seed: int, steps: int) -> dict:
-    import torch
-
-    torch.set_num_threads(2)
-    from nanochat import gpt, optim
-    from nanochat.dataloader import DataLoader
-    from nanochat.loss_eval import evaluate_bpb
-    from nanochat.tokenizer import get_token_bytes, get_tokenizer
-
-    tokenizer = get_tokenizer()
-    config = gpt.config_from_depth(DEPTH, tokenizer.get_vocab_size(), SEQ, WIDTH // DEPTH, HEAD_DIM)
-    gpu_steps = steps / 5000  # GPU step counts (the warmups) are scaled by this
-    schedule = dict(warmup=round(40 * gpu_steps), warmdown=0.5, final=0.05)
-    weight_decay, lrs = 0.0, dict(embedding_lr=0.2, unembedding_lr=0.004, matrix_lr=0.02)
-    if name == "v1":
-        schedule = dict(warmup=0, warmdown=0.2, final=0.0)
-    else:
-        weight_decay, lrs["matrix_lr"] = 0.4, 0.03
-        for change in name.split("+"):  # "a+b": both changes, in order
-            match change:
-                case "rope-10k":
-                    config = replace(config, rope_base=10000.0)
-                case "qk-scale-1":
-                    config = replace(config, qk_scale=1.0)
-                case "newton-schulz":
-                    optim.POLAR_EXPRESS, optim.POLAR_SAFETY = NS, 1.0
-                case "no-normuon":
-                    optim._normuon = lambda ortho, second_moment: ortho
-                case "plain-decay":
-                    optim._cautious_decay = lambda p, update, amount: p.mul_(1 - amount)
-                case "no-decay":
-                    weight_decay = 0.0
-                case "decay-scaled":
-                    weight_decay = 0.2 * (12 / DEPTH) ** 2
-                case "v1-schedule":
-                    schedule = dict(warmup=0, warmdown=0.2, final=0.0)
-                case "warmdown-0.65":
-                    schedule["warmdown"] = 0.65
-                case "decay-0.2":
-                    weight_decay = 0.2
-                case "matrix-lr-0.02":
-                    lrs["matrix_lr"] = 0.02
-                case "decay-x2":
-                    weight_decay *= 2
-                case "final-lr-0":
-                    schedule["final"] = 0.0
-                case "matrix-lr-x1.5":
-                    lrs["matrix_lr"] *= 1.5
-                case "matrix-lr-x0.7":
-                    lrs["matrix_lr"] *= 0.7
-                case "matrix-lr-x2":
-                    lrs["matrix_lr"] *= 2
-                case "head-lr-x2":
-                    lrs["unembedding_lr"] *= 2
-                case "embedding-lr-x1.5":
-                    lrs["embedding_lr"] *= 1.5
-                case "new":
-                    pass
-                case _:
-                    raise SystemExit(f"unknown change {change!r}; see --list")
-
-    torch.manual_seed(seed)
-    model = gpt.GPT(config)
-    optimizers = optim.build_optimizers(model.param_groups(), config.n_embd, weight_decay=weight_decay, **lrs)
-    loader = iter(DataLoader(tokenizer, DEVICE_BATCH, SEQ, "train"))
-    momentum_warmup = max(1, round(300 * gpu_steps))
-    t0 = time.perf_counter()
-    for step in range(steps):
-        inputs, targets = next(loader)
-        model(inputs, targets).backward()
-        lrm = optim.lr_multiplier(step, steps, schedule["warmup"], schedule["warmdown"], schedule["final"])
-        optim.apply_schedule(optimizers, lrm, optim.muon_momentum(step, momentum_warmup))
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-    train_time = time.perf_counter() - t0
-    model.eval()
-    val_loader = DataLoader(tokenizer, DEVICE_BATCH, SEQ, "val")
-    val_bpb = evaluate_bpb(model, val_loader, VAL_TOKENS // (DEVICE_BATCH * SEQ), get_token_bytes("cpu"))
-    tokens = steps * DEVICE_BATCH * SEQ
-    return {
-        "val_bpb": round(val_bpb, 4),
-        "tok_per_s": round(tokens / train_time),
-        "flops_per_token": model.estimate_flops(),
-        "params": model.num_params(),
-    }
-
-
-# -----------------------------------------------------------------------------
-# The comparison
 
 
 def main() -> None:
@@ -197,52 +91,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--recipes", default="v1,new", help="comma-separated recipes (see --list); a+b combines changes"
+        "--recipes", default="record,previous", help=f"comma-separated, of {', '.join(RECIPES)}"
     )
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per recipe (weights and data order)")
-    parser.add_argument("--v1-rev", default=V1_REV, help="git revision whose code runs the v1 recipe")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of the initial weights per recipe")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of each run")
     parser.add_argument("--work", default=str(Path.home() / ".cache" / "nanochat-bench-recipe"))
-    parser.add_argument("--list", action="store_true", help="print the recipes and exit")
-    parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps of each run")
-    parser.add_argument("--worker", nargs=2, metavar=("RECIPE", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.list:
-        for name, what in RECIPES.items():
-            print(f"{name:18s} {what}")
-        return
-    if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.steps)))
-        return
     names = args.recipes.split(",")
-    unknown = [c for n in names for c in n.split("+") if c not in RECIPES or (c == "v1" and n != "v1")]
-    if unknown:
-        raise SystemExit(f"unknown recipe(s) {', '.join(unknown)}; see --list")
+    if unknown := [n for n in names if n not in RECIPES]:
+        sys.exit(f"unknown recipe(s) {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
     if not SAMPLE.exists():
-        raise SystemExit(f"the shared FineWeb sample is missing: {SAMPLE}")
+        sys.exit(f"the shared FineWeb sample is missing: {SAMPLE}")
     work = Path(args.work).expanduser()
-    prepare(work)
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(work), "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
+    prepare(work, env)
+    logs = Path(tempfile.mkdtemp(prefix="recipe-logs-"))
     for name in names:
-        tree = v1_tree(work, args.v1_rev) if name == "v1" else REPO
-        env = {**os.environ, "NANOCHAT_BASE_DIR": str(work), "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "2"}
         runs = []
         for seed in range(args.seeds):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, str(seed)]
-            cmd += [f"--steps={args.steps}"]
-            out = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-            if out.returncode != 0:
-                raise SystemExit(f"{name} seed {seed} failed:\n{out.stderr[-3000:]}")
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("val_bpb", "tok_per_s")}
-        line = {
-            "recipe": name,
-            "val_bpb": round(mean["val_bpb"], 4),
-            "tok_per_s": round(mean["tok_per_s"]),
-            "flops_per_token": runs[0]["flops_per_token"],
-            "params": runs[0]["params"],
-            "tokens": args.steps * DEVICE_BATCH * SEQ,
-            "seeds": runs,
-        }
-        print(json.dumps(line), flush=True)
+            flags = f"{PROXY} {' '.join(RECIPES[name])} --seed={seed}"
+            runs.append(train(flags, args.steps, env, logs / f"{name}-{seed}.log", f"recipe-{name}"))
+        val_bpb = sum(r["val_bpb"] for r in runs) / len(runs)
+        tok_per_s = sum(r["tok_per_s"] for r in runs) / len(runs)
+        line = {"recipe": name, "val_bpb": round(val_bpb, 4), "tok_per_s": round(tok_per_s)}
+        print(json.dumps({**line, "flags": RECIPES[name], "seeds": runs}), flush=True)
 
 
 if __name__ == "__main__":
