@@ -9,7 +9,15 @@ Checkpoints: save, load and resume.
 - Nothing is unpickled: every `.pt` loads with `weights_only=True` (tensors and plain containers).
 - A fresh run never mixes with an old one: a tag that holds checkpoints needs `--resume` (go on)
   or `--overwrite` (delete them and the old log first).
-- A damaged file is one error line naming it and the newest intact step.
+- Every file's SHA-256 is in its step's meta and checked on load (hashed in a thread while torch
+  reads it: ~1.3x a plain load, see `_verified`); `--no-verify` skips it. Old checkpoints without
+  checksums load unchecked. A damaged file is one error line naming it and the newest intact step.
+- The model config is validated before anything is built: known fields of the right types, finite,
+  positive, bounded, and matching the weight file's own shapes (a tampered meta is one line).
+- A run holds a lock on its tag (`<tag>.lock`, the holder named in `<tag>.lock.json`). `--overwrite`
+  deletes only files this module recognises; a folder holding anything else is refused.
+- `RunSaver` saves at the end, every --save-every steps, every --save-every-minutes (keeping the
+  newest KEEP_CLOCK_SAVES of those) and on SIGTERM/SIGINT, after which it exits 0 with the resume command.
 - State dicts are stored without torch.compile's `_orig_mod.` prefix.
 - `load_model` costs about the reading of its files (bench/load.py): the saved tensors are assigned
   to a meta-device model, nothing is randomly initialized, no optimizer shard is read.
@@ -19,16 +27,39 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-import shutil
-from dataclasses import asdict
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from nanochat.common import UserError, atomic_path, get_base_dir, get_dist_info, is_distributed, save_tensors
+from nanochat.common import (
+    MARKER,
+    UserError,
+    any_rank,
+    atomic_path,
+    catch_stop_signals,
+    compute_cleanup,
+    foreign_files,
+    get_base_dir,
+    get_dist_info,
+    hold_lock,
+    is_distributed,
+    make_folder,
+    print0,
+    raise_together,
+    remove_ours,
+    resume_command,
+    save_tensors,
+    sha256_of,
+    stop_signal,
+)
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
 
@@ -93,6 +124,39 @@ def resolve_tag(source: str, model_tag: str | None) -> str:
     return model_tag
 
 
+_STEP_FILE = re.compile(r"meta_(\d{6,})\.json|model_(\d{6,})\.pt|optim_(\d{6,})_rank\d+\.pt")
+_TEMP_SUFFIX = re.compile(r"\.tmp\.\d+\.[0-9a-f]+$")  # atomic_path's temp files
+
+
+def _run_file(path: Path) -> bool:
+    """Whether `path`, in a checkpoint folder, is a file a run writes: a step's meta, a model or
+    optimizer file of a step whose meta exists (of any step in a folder carrying nanochat's marker:
+    the leftovers of a killed save), the run's log, or a temp file of one of these."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    name = _TEMP_SUFFIX.sub("", path.name)
+    if name == "log.jsonl":
+        return True
+    match = _STEP_FILE.fullmatch(name)
+    if match is None:
+        return False
+    step = int(next(g for g in match.groups() if g is not None))
+    if name != path.name or name.startswith("meta_") or (path.parent / MARKER).exists():
+        return True
+    return _paths(path.parent, step)[1].exists()
+
+
+def delete_step(directory: str | Path, step: int) -> None:
+    """Remove one saved step: every rank calls it (rank 0: meta first, so the step stops existing at once,
+    then the model; every rank: its optimizer shard)."""
+    _, rank, _, _ = get_dist_info()
+    model_path, meta_path, optim_path = _paths(Path(directory), step, rank)
+    if rank == 0:
+        meta_path.unlink(missing_ok=True)
+        model_path.unlink(missing_ok=True)
+    optim_path.unlink(missing_ok=True)
+
+
 # -----------------------------------------------------------------------------
 # Save
 
@@ -113,32 +177,33 @@ def save_checkpoint(
     meta: dict[str, Any],
     loader_state: dict | None = None,
 ) -> None:
-    """Save one step: every rank calls it. The meta file gets the model config, the world size and,
-    with `loader_state`, every rank's data position (gathered here)."""
+    """Save one step: every rank calls it. The meta file gets the model config, the world size, every
+    file's SHA-256 and, with `loader_state`, every rank's data position (gathered here)."""
     directory = Path(directory)
     _, rank, _, world_size = get_dist_info()
     model_path, meta_path, optim_path = _paths(directory, step, rank)
-    loader_states = [loader_state]
-    if is_distributed():
-        loader_states = [None] * world_size
-        dist.all_gather_object(loader_states, loader_state)
     if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
+        make_folder(directory)
         for stale in directory.glob("*.tmp.*"):  # a save that was killed half-way
             stale.unlink()
     _barrier()
+    checksums = {}
     if rank == 0:
         state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
-        save_tensors(state, model_path)
+        checksums[model_path.name] = save_tensors(state, model_path)
     if optimizers is not None:
         device = next(model.parameters()).device
         shard = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state(device)}
-        save_tensors(shard, optim_path)
-    _barrier()  # every shard is on disk before the meta file marks the step complete
+        checksums[optim_path.name] = save_tensors(shard, optim_path)
+    gathered = [(checksums, loader_state)]
+    if is_distributed():  # after the writes: every shard is on disk before the meta marks the step complete
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (checksums, loader_state))
     if rank == 0:
         meta = {**meta, "step": step, "model_config": asdict(model.config), "world_size": world_size}
+        meta["sha256"] = {name: digest for sums, _ in gathered for name, digest in sums.items()}
         if loader_state is not None:
-            meta["dataloader_state"] = loader_states
+            meta["dataloader_state"] = [state for _, state in gathered]
         with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta, indent=2, default=str))
         logger.info("saved checkpoint step %d to %s", step, directory)
@@ -151,26 +216,42 @@ def save_checkpoint(
 
 def _read(path: Path, device) -> Any:
     if path.suffix == ".json":
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
+        if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+            raise ValueError('not a checkpoint meta: a JSON object with a "model_config" object')
+        if not isinstance(meta.get("sha256", {}), dict):
+            raise ValueError('"sha256" is not an object of file names and checksums')
+        return meta
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def _intact(directory: Path, step: int, rank: int, with_optimizer: bool) -> bool:
+def _intact(directory: Path, step: int, rank: int, with_optimizer: bool, verify: bool) -> bool:
     model_path, meta_path, optim_path = _paths(directory, step, rank)
     try:
-        json.loads(meta_path.read_text())
-        torch.load(model_path, mmap=True, weights_only=True)
-        if with_optimizer:
-            torch.load(optim_path, mmap=True, weights_only=True)
+        meta = _read(meta_path, "cpu")
+        for path in [model_path] + ([optim_path] if with_optimizer else []):
+            torch.load(path, mmap=True, weights_only=True)
+            expected = meta.get("sha256", {}).get(path.name) if verify else None
+            if expected is not None and sha256_of(path) != expected:
+                return False
         return True
     except Exception:
         return False
 
 
 def load_checkpoint(
-    directory: str | Path, step: int, device, load_optimizer: bool = False, step_flag: str = "--step"
+    directory: str | Path,
+    step: int,
+    device,
+    load_optimizer: bool = False,
+    step_flag: str = "--step",
+    verify: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
-    """(model state dict, this rank's optimizer shard or None, meta) of one saved step."""
+    """(model state dict, this rank's optimizer shard or None, meta) of one saved step.
+
+    With `verify`, each file's SHA-256 is checked against the meta's, hashed in a thread while torch
+    reads the file (measured on 0.74 GB: load 1.23 s, hash 1.31 s, both together 2.16 s on 2 busy
+    cores). A checkpoint saved before checksums existed has none in its meta: it loads unchecked."""
     directory = Path(directory)
     _, rank, _, _ = get_dist_info()
     steps = saved_steps(directory)
@@ -182,37 +263,113 @@ def load_checkpoint(
     model_path, meta_path, optim_path = _paths(directory, step, rank)
     if load_optimizer and not optim_path.exists():
         raise CheckpointError(f"{optim_path} is missing: resume with the number of processes that saved it")
-    paths = [meta_path, model_path] + ([optim_path] if load_optimizer else [])
+
+    def damaged(path: Path, why: str) -> CheckpointError:
+        older = (
+            s for s in reversed(steps) if s < step and _intact(directory, s, rank, load_optimizer, verify)
+        )
+        intact = next(older, None)
+        hint = f"the newest intact step is {intact}: select it with {step_flag}={intact}"
+        if intact is None:
+            hint = "no earlier step is intact"
+        return CheckpointError(f"{path} is damaged ({why}); {hint}")
+
     loaded = []
-    for path in paths:
-        try:
-            loaded.append(_read(path, device))
-        except Exception as e:
-            older = (s for s in reversed(steps) if s < step and _intact(directory, s, rank, load_optimizer))
-            intact = next(older, None)
-            hint = f"the newest intact step is {intact}: select it with {step_flag}={intact}"
-            if intact is None:
-                hint = "no earlier step is intact"
-            why = (str(e).strip().splitlines() or [""])[0][:200]  # one line: torch's messages run long
-            raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {why}); {hint}") from None
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        hashes = {}
+        for path in [meta_path, model_path] + ([optim_path] if load_optimizer else []):
+            if path is not meta_path and verify and path.name in loaded[0].get("sha256", {}):
+                hashes[path] = pool.submit(sha256_of, path)
+            try:
+                loaded.append(_read(path, device))
+            except Exception as e:
+                why = (str(e).strip().splitlines() or [""])[0][:200]  # one line: torch's messages run long
+                raise damaged(path, f"{type(e).__name__}: {why}") from None
+        for path, digest in hashes.items():
+            if digest.result() != loaded[0]["sha256"][path.name]:
+                raise damaged(
+                    path, "its SHA-256 differs from the one its meta recorded; --no-verify skips this"
+                )
     meta, model_state = loaded[0], loaded[1]
     return model_state, (loaded[2] if load_optimizer else None), meta
 
 
-def build_model(directory: str | Path, step: int, device, phase: str):
+MAX_SEQUENCE_LEN = 2**16  # 32x the 2048 we train at; the rotary tables (10x it) stay ~0.3 GB at head dim 128
+MAX_QK_SCALE = 100.0  # q·k after QK-norm is at most qk_scale² · head_dim: beyond this softmax saturates
+
+
+def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
+    """GPTConfig from a meta's "model_config", checked before anything is built: only GPTConfig's fields,
+    each of its default's type, numbers finite, sizes positive and bounded, and n_layer, n_embd,
+    n_kv_head and the vocab matching the weight file's own tensor shapes."""
+    from nanochat.gpt import GPTConfig
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{meta_path}: model_config {why}; restore the file, or pick another step with --step"
+        )
+
+    known = {f.name: f for f in fields(GPTConfig)}
+    if unknown := sorted(set(raw) - set(known)):
+        raise bad(f"has unknown keys {unknown} (known: {', '.join(known)})")
+    for name, value in raw.items():
+        default = known[name].default
+        kind = type(default) if default is not MISSING and default is not None else None
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:  # bool, str, ...: exactly the default's type
+            ok = kind is None or isinstance(value, kind)
+        if not ok:
+            raise bad(f"{name} = {value!r} is not a {'finite number' if kind is float else kind.__name__}")
+    sizes = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
+    for name in sizes + ("rope_base", "qk_scale"):
+        if name in raw and raw[name] <= 0:
+            raise bad(f"{name} = {raw[name]!r} must be positive")
+    if raw.get("sequence_len", 0) > MAX_SEQUENCE_LEN:
+        raise bad(f"sequence_len = {raw['sequence_len']} is above {MAX_SEQUENCE_LEN}")
+    if raw.get("qk_scale", 0) > MAX_QK_SCALE:
+        raise bad(f"qk_scale = {raw['qk_scale']!r} is above {MAX_QK_SCALE}")
+    try:
+        config = GPTConfig(**raw)
+    except (ValueError, UserError) as e:
+        raise bad(str(e)) from None
+    model_file = meta_path.with_name(meta_path.name.replace("meta_", "model_").replace(".json", ".pt"))
+    blocks = {int(m.group(1)) for key in state if (m := re.match(r"transformer\.h\.(\d+)\.", key))}
+    if config.n_layer != len(blocks):
+        raise bad(f"n_layer = {config.n_layer}, but {model_file.name} holds {len(blocks)} blocks")
+    expected = {
+        "transformer.wte.weight": (config.padded_vocab_size, config.n_embd),
+        "transformer.h.0.attn.c_k.weight": (config.n_kv_head * config.head_dim, config.n_embd),
+    }
+    for key, shape in expected.items():
+        if key in state and tuple(state[key].shape) != shape:
+            raise bad(f"gives {key} the shape {shape}, but {model_file.name} has {tuple(state[key].shape)}")
+    return config
+
+
+def build_model(directory: str | Path, step: int, device, phase: str, verify: bool = True):
     """The model of a saved step, in train or eval mode: (model, tokenizer, meta)."""
-    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.gpt import GPT
     from nanochat.tokenizer import get_tokenizer
 
     device = torch.device(device)
-    model_state, _, meta = load_checkpoint(directory, step, device)
-    config = GPTConfig(**meta["model_config"])
+    directory = Path(directory)
+    model_state, _, meta = load_checkpoint(directory, step, device, verify=verify)
+    config = checked_config(meta["model_config"], _paths(directory, step)[1], model_state)
     with torch.device("meta"):
         model = GPT(config)
     # no to_empty + init_weights: random init of weights that are then replaced cost more than
     # reading them, and to_empty's first meta-device op imports sympy (~0.6 s). The loaded tensors
     # replace the meta parameters as they are; the rotary buffers are not saved: computed here.
-    model.load_state_dict(model_state, strict=True, assign=True)
+    try:
+        model.load_state_dict(model_state, strict=True, assign=True)
+    except RuntimeError as e:  # names or shapes the config does not explain
+        why = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"{_paths(directory, step)[0]} does not fit its meta's model_config: {why}"
+        ) from None
     model.cos, model.sin = model.compute_rotary(device)
     model.train(phase == "train")
     tokenizer = get_tokenizer()
@@ -224,10 +381,17 @@ def build_model(directory: str | Path, step: int, device, phase: str):
     return model, tokenizer, meta
 
 
+def add_verify_flag(parser) -> None:
+    """--no-verify: load checkpoints without checking their SHA-256 (sets `args.verify` False)."""
+    parser.add_argument(
+        "--no-verify", dest="verify", action="store_false", help="skip the checksum check of checkpoint files"
+    )
+
+
 def add_model_flags(parser, default_source: str | None = "sft", choose_source: bool = True) -> None:
-    """-i/--source, -g/--model-tag, -s/--step: the checkpoint to load (no default source: -i required).
-    `choose_source=False` leaves out -i: `args.source` is then always `default_source`.
-    `--model-step` is an old spelling of `--step`, still accepted."""
+    """-i/--source, -g/--model-tag, -s/--step: the checkpoint to load (no default source: -i required),
+    and --no-verify (`args.verify`). `choose_source=False` leaves out -i: `args.source` is then always
+    `default_source`. `--model-step` is an old spelling of `--step`, still accepted."""
     if choose_source:
         parser.add_argument(
             "-i",
@@ -251,16 +415,25 @@ def add_model_flags(parser, default_source: str | None = "sft", choose_source: b
         default=None,
         help="checkpoint step (default: the last)",
     )
+    add_verify_flag(parser)
 
 
-def load_model(source: str, device, phase: str, model_tag: str | None = None, step: int | None = None):
+def load_model(
+    source: str,
+    device,
+    phase: str,
+    model_tag: str | None = None,
+    step: int | None = None,
+    verify: bool = True,
+):
     """A model of a pipeline stage (base | mid | sft | rl): (model, tokenizer, meta with its "model_tag").
-    Without a tag, the deepest `d<N>` tag; without a step, the last saved step."""
+    Without a tag, the deepest `d<N>` tag; without a step, the last saved step. `verify=False` skips the
+    checksums (--no-verify)."""
     model_tag = resolve_tag(source, model_tag)
     directory = checkpoint_dir(source, model_tag)
     step = saved_steps(directory)[-1] if step is None else step
     logger.info("loading %s model %s step %d", source, model_tag, step)
-    model, tokenizer, meta = build_model(directory, step, device, phase)
+    model, tokenizer, meta = build_model(directory, step, device, phase, verify)
     return model, tokenizer, {**meta, "model_tag": model_tag}
 
 
@@ -269,12 +442,20 @@ def load_model(source: str, device, phase: str, model_tag: str | None = None, st
 
 
 def add_run_flags(parser) -> None:
-    """--resume [STEP] and --overwrite: what `start_run` does with a tag that already holds a run."""
+    """--resume [STEP], --overwrite, --save-every-minutes and --no-verify: what `start_run` does with a
+    tag that already holds a run, and the clock of `RunSaver`."""
     resume = "continue the tag's run (from its last step, or STEP)"
     parser.add_argument(
         "--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help=resume
     )
     parser.add_argument("--overwrite", action="store_true", help="delete the tag's old run and start over")
+    parser.add_argument(
+        "--save-every-minutes",
+        type=float,
+        default=30.0,
+        help="wall-clock minutes between checkpoints, the newest 2 kept (0: off)",
+    )
+    add_verify_flag(parser)
 
 
 def start_run(
@@ -285,30 +466,80 @@ def start_run(
     optimizers: list[torch.optim.Optimizer],
     user_config: dict[str, Any],
     same_flags: tuple[str, ...],
+    verify: bool = True,
 ) -> tuple[int, dict[str, Any]]:
-    """(start step, meta of the resumed step or {}). Every rank calls it.
+    """(start step, meta of the resumed step or {}). Every rank calls it; its errors are raised on every
+    rank together (the first failing rank's message).
 
-    Fresh (`resume` False): a tag that holds a run is refused unless `overwrite`, which deletes it.
+    First rank 0 locks the tag (a second run into it is refused, naming the holder).
+    Fresh (`resume` False): a tag that holds a run is refused unless `overwrite`, which deletes the run;
+    a folder holding files nanochat did not write is refused either way, and they stay.
     `resume` True (the last step) or a step number: restores weights, optimizer shards and RNG, after
     checking that the model, the `same_flags` and the number of processes match the checkpoint's."""
-    _, rank, _, world_size = get_dist_info()
-    steps = saved_steps(directory)
-    if resume is False:
-        if (steps or (directory / "log.jsonl").exists()) and not overwrite:
-            raise CheckpointError(
-                f"{directory} already holds a run (steps: {steps or 'none, only a log'}): continue it with "
-                "--resume, or delete it and start over with --overwrite"
-            )
+    rank = get_dist_info()[1]
+    problem = resumed = None
+    try:
+        if rank == 0:
+            try:
+                hold_lock(directory, "the checkpoint folder")
+            except UserError as e:
+                raise CheckpointError(str(e)) from None
+        resumed = _check_run(directory, resume, overwrite, model, user_config, same_flags, verify)
+    except CheckpointError as e:
+        problem = str(e)
+    raise_together(problem, CheckpointError)  # before any barrier: no rank waits for one that failed
+    if resumed is None:
         _barrier()  # every rank has looked before rank 0 deletes
-        if rank == 0 and directory.exists():
-            shutil.rmtree(directory)
+        if rank == 0 and overwrite:
+            remove_ours(directory, _run_file)
         _barrier()
         return 0, {}
+    step, meta, model_state, shard = resumed
+    model.load_state_dict(model_state)
+    for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
+        opt.load_state_dict(opt_state)
+    torch.set_rng_state(shard["rng"]["cpu"])
+    if "cuda" in shard["rng"]:
+        torch.cuda.set_rng_state(shard["rng"]["cuda"], next(model.parameters()).device)
+    logger.info("resumed from step %d", step)
+    return step, meta
+
+
+def _check_run(directory, resume, overwrite, model, user_config, same_flags, verify):
+    """start_run's rank-local part, without collectives: None for a fresh start, else the resumed
+    (step, meta, model state, optimizer shard). Raises CheckpointError."""
+    steps = saved_steps(directory)
+    ours = [p.name for p in directory.iterdir() if _run_file(p)] if directory.is_dir() else []
+    if foreign := foreign_files(directory, _run_file):
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise CheckpointError(
+            f"{directory} holds files nanochat did not write ({shown}): move them away, or pick "
+            "another --model-tag"
+        )
+    if resume is False:
+        if steps and not overwrite:
+            raise CheckpointError(
+                f"{directory} already holds a run (steps: {steps}): continue it with --resume, or "
+                "delete it and start over with --overwrite"
+            )
+        if ours and not overwrite:  # a log, or the files of a save that never completed: nothing to resume
+            raise CheckpointError(
+                f"{directory} holds a run that saved no complete checkpoint ({', '.join(sorted(ours)[:3])}): "
+                "delete it and start over with --overwrite"
+            )
+        return None
     if not steps:
-        raise CheckpointError(f"--resume: there is no checkpoint in {directory}")
+        if ours:
+            raise CheckpointError(
+                f"--resume: {directory} holds no complete checkpoint, only {', '.join(sorted(ours)[:3])}: "
+                "start over with --overwrite instead of --resume"
+            )
+        raise CheckpointError(
+            f"--resume: there is no checkpoint in {directory}: start the run without --resume"
+        )
     step = steps[-1] if resume is True else resume
     model_state, shard, meta = load_checkpoint(
-        directory, step, next(model.parameters()).device, True, "--resume"
+        directory, step, next(model.parameters()).device, True, "--resume", verify
     )
     if meta["model_config"] != asdict(model.config):
         raise CheckpointError(
@@ -319,15 +550,63 @@ def start_run(
             raise CheckpointError(
                 f"--resume: the checkpoint used --{key.replace('_', '-')} {meta['user_config'].get(key)}"
             )
+    world_size = get_dist_info()[3]
     if meta["world_size"] != world_size:
         raise CheckpointError(
             f"--resume: the checkpoint was written by {meta['world_size']} processes, not {world_size}"
         )
-    model.load_state_dict(model_state)
-    for opt, opt_state in zip(optimizers, shard["optimizers"], strict=True):
-        opt.load_state_dict(opt_state)
-    torch.set_rng_state(shard["rng"]["cpu"])
-    if "cuda" in shard["rng"]:
-        torch.cuda.set_rng_state(shard["rng"]["cuda"], next(model.parameters()).device)
-    logger.info("resumed from step %d", step)
-    return step, meta
+    return step, meta, model_state, shard
+
+
+# -----------------------------------------------------------------------------
+# Saving during a run: when, how many, and stopping on a signal
+
+KEEP_CLOCK_SAVES = 2  # the clock's checkpoints kept (the newest); --save-every's and the last are all kept
+
+
+class RunSaver:
+    """When a training loop saves, and what happens after: `due(step, last_step)` once per step on every
+    rank (one all_reduce of two flags: the stop signal and the clock, so every rank saves at the same
+    step), then `save(...)` when it says so. Saves: the last step, every `save_every` steps, every
+    `save_every_minutes` of wall-clock (keeping the newest KEEP_CLOCK_SAVES of these, only ever this
+    run's own), and the step after a SIGTERM/SIGINT, after which `save` exits 0 with the resume command."""
+
+    def __init__(self, directory: Path, start_step: int, save_every: int, save_every_minutes: float):
+        self.directory, self.start_step = Path(directory), start_step
+        self.save_every, self.seconds = save_every, save_every_minutes * 60
+        self.last_save = time.monotonic()
+        self.clock_saves: list[int] = []
+        self.stopping = self.by_clock = False
+        catch_stop_signals()
+
+    def due(self, step: int, last_step: bool) -> bool:
+        """Whether this step is saved (the same answer on every rank)."""
+        clock = self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds
+        self.stopping, clock = any_rank(stop_signal() is not None, clock)
+        by_steps = self.save_every > 0 and step > self.start_step and step % self.save_every == 0
+        self.by_clock = clock and not (last_step or by_steps)
+        if self.stopping and step == self.start_step and step in saved_steps(self.directory):
+            self.stop(step)  # a signal before the first step of a resumed run: its checkpoint is this step
+        return last_step or by_steps or clock or self.stopping
+
+    def save(self, step: int, model, optimizers, meta: dict, loader_state: dict | None = None) -> None:
+        """`save_checkpoint` of this step, then the pruning of old clock saves, or the exit after a signal."""
+        save_checkpoint(self.directory, step, model, optimizers, meta, loader_state)
+        self.last_save = time.monotonic()
+        if self.stopping:
+            self.stop(step)
+        if self.by_clock:
+            self.clock_saves.append(step)
+            for old in self.clock_saves[:-KEEP_CLOCK_SAVES]:
+                delete_step(self.directory, old)
+            self.clock_saves = self.clock_saves[-KEEP_CLOCK_SAVES:]
+
+    def stop(self, step: int) -> None:
+        """Exit 0 on every rank after a stop signal, saying the step saved and the command that resumes."""
+        print0(
+            f"stopped by {stop_signal() or 'a signal to another rank'} at step {step}, saved in "
+            f"{self.directory}; resume with: {resume_command()}",
+            flush=True,
+        )
+        compute_cleanup()
+        sys.exit(0)

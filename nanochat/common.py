@@ -4,7 +4,12 @@ Thin helpers shared by every stage: paths, logging, ranks, safe writes, download
 - No torch import at module load (data tools stay light); ranks come from torchrun's variables.
 - Every artifact is written through `atomic_path` (temp file in the same folder, fsync, rename):
   a crash never leaves a half-written file under a final name.
-- `file_lock` (flock on `<path>.lock`, left in place on purpose) lets ranks share one download.
+- `file_lock` (filelock on `<path>.lock`, left in place on purpose) lets ranks share one download;
+  `hold_lock` keeps a run's folder to itself, naming the holder to anyone else who tries.
+- A folder we create carries the marker `.nanochat`; `remove_ours` deletes only what we can prove we
+  wrote, and never `.`, `..`, `/` or a home directory.
+- `StopGuard` turns SIGTERM/SIGINT into "finish this step, save, exit 0" (a second signal: at once),
+  agreed by every rank at each step; `exit_together` makes one rank's setup failure stop them all.
 - `download_file` retries with exponential backoff, fails at once on a 4xx, and only ever
   renames a complete, validated file into place.
 - One precision policy: `autocast(device)` (bf16 on CUDA SM80+, fp32 elsewhere).
@@ -13,11 +18,14 @@ Thin helpers shared by every stage: paths, logging, ranks, safe writes, download
 from __future__ import annotations
 
 import argparse
-import fcntl
+import hashlib
+import json
 import logging
 import os
 import secrets
 import shutil
+import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -26,6 +34,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import IO, Any, NoReturn, TypeVar
+
+import filelock
 
 logger = logging.getLogger("nanochat.common")
 
@@ -129,27 +139,136 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def save_tensors(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` through `atomic_path`; the same `obj` always gives the same bytes."""
+class _HashingWriter:
+    """A write-only file that hashes what goes through it (torch.save writes its zip sequentially)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.name, self.sha256 = f, f.name, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_tensors(obj: Any, path: str | os.PathLike) -> str:
+    """`torch.save` through `atomic_path`; the same `obj` always gives the same bytes. Returns their
+    SHA-256 (hex), computed as they are written: no second read."""
     import torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)  # a file object: saving to a path records the temp file's random name inside
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)  # a file object: saving to a path records the temp file's random name inside
+    return writer.sha256.hexdigest()
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of a file's bytes (hashlib releases the GIL: it can run beside a load)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 @contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive `fcntl.flock` on `<path>.lock` (created if missing) for the duration of the block."""
-    lock_path = Path(f"{os.fspath(path)}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold an exclusive lock on `<path>.lock` (created if missing) for the duration of the block.
+    filelock, not fcntl: the module imports where fcntl does not exist."""
+    with filelock.FileLock(f"{os.fspath(path)}.lock"):
+        yield
+
+
+_held_locks: dict[Path, filelock.BaseFileLock] = {}  # alive until the process exits: the OS frees them
+
+
+def hold_lock(folder: str | os.PathLike, what: str) -> None:
+    """Take `<folder>.lock` for the rest of this process, or raise UserError at once naming the holder
+    (pid, host and command, from `<folder>.lock.json` beside it). `what` names the folder's role."""
+    folder = Path(folder)
+    if folder in _held_locks:
+        return
+    lock_path, holder_path = Path(f"{folder}.lock"), Path(f"{folder}.lock.json")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(lock_path, timeout=0)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+        lock.acquire()
+    except filelock.Timeout:
+        holder = "another process"
+        for _ in range(20):  # the holder writes its card right after taking the lock
+            try:
+                card = json.loads(holder_path.read_text())
+                holder = f"pid {card['pid']} on {card['host']} (`{card['command']}`)"
+                break
+            except (OSError, ValueError, KeyError, TypeError):
+                time.sleep(0.01)
+        raise UserError(
+            f"{what} {folder} is in use by {holder}: wait for it to end, or pick another folder"
+        ) from None
+    _held_locks[folder] = lock
+    card = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)}
+    with atomic_path(holder_path) as tmp:
+        tmp.write_text(json.dumps(card))
+
+
+# -----------------------------------------------------------------------------
+# Deleting only what we wrote
+
+MARKER = ".nanochat"  # in every folder nanochat creates: `--overwrite` may remove such a folder
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """Create `folder` (and its parents) with nanochat's marker file in it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / MARKER
+    if not marker.exists():
+        marker.write_text("written by nanochat: --overwrite may delete this folder and its nanochat files\n")
+    return folder
+
+
+def _never_deleted(folder: Path) -> str | None:
+    """Why `folder` may never be deleted whatever it holds (the working folder, one of its parents,
+    the file system root, a home directory or one of its parents), or None."""
+    real = folder.resolve()
+    for name, protected in (("the working folder", Path.cwd()), ("the home directory", Path.home())):
+        if real == protected.resolve() or real in protected.resolve().parents:
+            return f"it is {name}" + ("" if real == protected.resolve() else " or a folder above it")
+    if real == Path(real.anchor):
+        return "it is the file system root"
+    return None
+
+
+def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> list[str]:
+    """Names in `folder` that nanochat cannot prove it wrote: not the marker, and `ours(path)` false."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name != MARKER and not ours(p))
+
+
+def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool], flag: str = "--overwrite") -> None:
+    """Delete what `ours` recognises in `folder`, and the folder itself when it carries the marker.
+    Raises UserError, deleting nothing, for `.`, `..`, `/`, a home directory, or a folder that holds
+    anything else (named). `flag` names the option that asked for the deletion."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if why := _never_deleted(folder):
+        raise UserError(f"{flag} refuses to delete {folder}: {why}; name a folder of its own")
+    if not folder.is_dir():
+        raise UserError(f"{flag}: {folder} is a file, not a folder nanochat wrote; move it away")
+    if foreign := foreign_files(folder, ours):
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise UserError(
+            f"{flag} refuses to delete {folder}: it holds files nanochat did not write ({shown}); "
+            "move them away or pick another folder"
+        )
+    for path in folder.iterdir():
+        if path.name != MARKER:
+            path.unlink()  # `ours` recognises files only
+    if (folder / MARKER).exists():
+        (folder / MARKER).unlink()
+        folder.rmdir()
 
 
 # -----------------------------------------------------------------------------
@@ -492,6 +611,66 @@ def compiled(model, device) -> Any:
     return torch.compile(model, dynamic=False)
 
 
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over every rank, in one all_reduce (the flags themselves without a process group)."""
+    import torch
+    import torch.distributed as dist
+
+    if not is_distributed():
+        return list(flags)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
+# -----------------------------------------------------------------------------
+# Stopping: signals and setup failures
+
+
+_stop: dict[str, Any] = {"signal": None}
+
+
+def catch_stop_signals() -> None:
+    """From now on the first SIGTERM or SIGINT only sets the stop flag (`stop_signal()`): the training
+    loop finishes its step, saves and exits 0. A second one exits at once with 128 + its number."""
+
+    def on_signal(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if _stop["signal"] is not None:
+            os.write(2, f"{name} again: exiting now, without saving\n".encode())
+            os._exit(128 + signum)  # no cleanup: the user asked twice; the last checkpoint is intact
+        _stop["signal"] = name
+        os.write(2, f"{name}: finishing this step, then saving (send it again to exit at once)\n".encode())
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+
+
+def stop_signal() -> str | None:
+    """The name of the stop signal this process caught ("SIGTERM", "SIGINT"), or None."""
+    return _stop["signal"]
+
+
+def resume_command() -> str:
+    """The command line that resumes this run: the same script and flags, with `--resume` (last step)
+    instead of `--resume [STEP]` / `--overwrite`; under torchrun, torchrun with this node's process count."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip and arg.isdigit():  # the STEP of a `--resume STEP`
+            skip = False
+            continue
+        skip = arg == "--resume"
+        if arg not in ("--overwrite", "--resume") and not arg.startswith("--resume="):
+            args.append(arg)
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    script = f"-m {spec.name}" if spec is not None else sys.argv[0]
+    launcher = "python"
+    if get_dist_info()[3] > 1:
+        launcher = f"torchrun --nproc_per_node {_env_int('LOCAL_WORLD_SIZE', get_dist_info()[3])}"
+    return " ".join([launcher, script, *args, "--resume"])
+
+
 class UserError(Exception):
     """A mistake the user can fix (missing or damaged file, wrong flag value); the message names the
     file or flag and the fix. Entry points turn it into one line with `exit_on_user_error`."""
@@ -513,6 +692,39 @@ def exit_with_error(script: str, message: str) -> NoReturn:
     print0(f"{script}: {message}")
     compute_cleanup()
     sys.exit(1)
+
+
+def raise_together(problem: str | None, error: type[UserError] = UserError) -> None:
+    """Every rank calls it at the same point with its own problem (None: none): if any rank has one,
+    every rank raises `error` with the first failing rank's message (one all_gather). Before any other
+    collective, so that one rank's failure never leaves the others waiting at a barrier."""
+    if not is_distributed():
+        if problem is not None:
+            raise error(problem)
+        return
+    import torch.distributed as dist
+
+    problems: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    rank, first = next(((r, p) for r, p in enumerate(problems) if p is not None), (None, None))
+    if first is not None:
+        raise error(first if rank == 0 else f"rank {rank}: {first}")
+
+
+@contextmanager
+def exit_together(script: str, hint: str = "", errors: tuple = (UserError,)) -> Iterator[None]:
+    """`exit_on_user_error` for setup where one rank may fail alone (its own disk, its own data): every
+    rank leaves the block, they agree (`raise_together`), and if any failed all exit 1 together with the
+    first failure's message. Every rank must enter it; no collective may run inside it."""
+    problem = None
+    try:
+        yield
+    except errors as e:
+        problem = str(e).rstrip(".") + hint if hint else str(e)
+    try:
+        raise_together(problem)
+    except UserError as e:
+        exit_with_error(script, str(e))
 
 
 def wandb_login_problem(run_name: str) -> str | None:
