@@ -7,16 +7,20 @@ Run untrusted Python (model-written code: HumanEval, code rewards) and report wh
 Two modes:
 
 - **Isolated** (the default; Linux with bubblewrap, `apt-get install bubblewrap`). The program
-  runs in a fresh interpreter inside a `bwrap` sandbox: new user, PID, network, IPC, UTS and
-  cgroup namespaces; no network at all (not even loopback to the host); a filesystem that
-  shows only the Python installation and the system libraries, read-only, a minimal `/dev`,
-  and a private 32 MiB tmpfs at `/tmp` (its working directory, the only writable place,
-  gone with the sandbox); no `/proc`, no home directory, no `/etc` beyond the loader cache;
-  an environment of five fixed variables; uid 65534 with no capabilities; a seccomp filter
-  that refuses fork/vfork/clone/clone3, so no process or thread can be created (this holds
-  for root, where RLIMIT_NPROC does not), and the kernel keyring; hard rlimits on address
-  space, CPU time, file size and open files; a wall clock enforced by the parent, which kills the sandbox; and
-  `--die-with-parent`, so a dying caller takes the sandbox with it and leaves nothing.
+  runs in a fresh interpreter inside a `bwrap` sandbox, as PID 1 of new user, PID, network,
+  IPC, UTS and cgroup namespaces (no other process is in them): no network at all; a
+  read-only filesystem of the interpreter, libpython, the standard library and the system
+  libraries, a minimal `/dev`, and a private 32 MiB tmpfs at `/tmp` (its working directory,
+  the only writable place, gone with the sandbox); no `/proc`, home directory or `/etc`
+  beyond the loader cache; five fixed environment variables; uid 65534 without capabilities;
+  a seccomp filter (`_SYSCALLS`) refusing new processes and threads, any other process,
+  prctl, sockets, and memory that RLIMIT_AS does not count; hard rlimits on address space,
+  CPU time, file size and open files. So its memory is at most that limit plus the tmpfs
+  plus pipe buffers. The parent's wall clock kills bwrap, a dying caller's SIGKILL passes to
+  bwrap and on to the program (`--die-with-parent`, which the program cannot undo), and the
+  program's death ends the sandbox. Landlock (Linux 5.13+) refuses opening anything for writing
+  outside `/tmp` and `/dev`: a read-only bind does not stop a FIFO, and a root caller's sandbox
+  is root outside, which passes any FIFO's mode. Without Landlock that door stays open.
   The program can do anything inside that box, so no in-interpreter guard is installed.
 - **Best-effort** (`isolated=False`, for macOS or containers without user namespaces; it
   warns each time). The same fresh interpreter, rlimits, environment, wall clock and
@@ -79,6 +83,16 @@ def die_with_parent(parent_pid):
     if os.getppid() != parent_pid:
         os._exit(1)  # the caller died before the line above
 
+def write_only_to_tmp_and_dev():  # with Landlock (Linux 5.13+): also FIFOs in the read-only binds
+    import ctypes, struct
+    syscall, write_file = ctypes.CDLL(None).syscall, 2  # LANDLOCK_ACCESS_FS_WRITE_FILE; calls 444-446
+    ruleset = syscall(444, struct.pack("Q", write_file), 8, 0)  # landlock_create_ruleset
+    if ruleset >= 0:  # else the kernel has no Landlock
+        for path in ("/tmp", "/dev"):  # landlock_add_rule(PATH_BENEATH, packed {access, parent fd})
+            syscall(445, ruleset, 1, struct.pack("=Qi", write_file, os.open(path, os.O_PATH)), 0)
+        if syscall(446, ruleset, 0) != 0:  # landlock_restrict_self
+            os._exit(1)
+
 def install_guards():
     import builtins, io, posix, shutil
     def disabled(name):
@@ -123,6 +137,8 @@ def main():
     if sys.argv[4] == "guarded":
         die_with_parent(int(sys.argv[5]))
         install_guards()
+    else:
+        write_only_to_tmp_and_dev()
     program_globals = {"__name__": "__main__", "__builtins__": __builtins__}
     try:
         exec(compile(source, "program.py", "exec"), program_globals)
@@ -166,20 +182,27 @@ class SandboxUnavailable(RuntimeError):
 # -----------------------------------------------------------------------------
 # The isolated sandbox
 
-# A seccomp filter (classic BPF) that answers EPERM to every process- or thread-creating call, and
-# to the kernel keyring (not namespaced: as root the sandbox's uid maps to root's keys).
-# Per architecture: (AUDIT_ARCH value, numbers of clone, clone3, fork, vfork, add_key, request_key, keyctl).
+# A seccomp filter (classic BPF) answers EPERM to the calls that would let a program out of its limits:
+# - clone, clone3, fork, vfork: RLIMIT_NPROC does not bind root;
+# - add_key, request_key, keyctl: the keyring is not namespaced;
+# - ptrace, process_vm_readv/writev, kcmp, pidfd_open, perf_event_open, process_madvise: other processes
+#   (bwrap's, were there one; with neither pidfd_open nor clone, no pidfd exists);
+# - prctl: PR_SET_PDEATHSIG 0 would let the program outlive its caller;
+# - memfd_create, shmget, msgget, io_uring_setup: memory that RLIMIT_AS never sees;
+# - socket, socketpair: a read-only bind does not stop connect() to a host Unix socket, and a root
+#   caller's sandbox is root outside.
+# Per architecture: its AUDIT_ARCH value and those calls' numbers (aarch64 has no fork, vfork).
 _SYSCALLS = {
-    "x86_64": (0xC000003E, (56, 435, 57, 58, 248, 249, 250)),
-    "aarch64": (0xC00000B7, (220, 435, 217, 218, 219)),
+    "x86_64": (0xC000003E, "56 435 57 58 248 249 250 101 310 311 312 434 298 440 157 319 29 68 425 41 53"),
+    "aarch64": (0xC00000B7, "220 435 217 218 219 117 270 271 272 434 241 440 167 279 194 186 425 198 199"),
 }
 
 
-def _no_fork_filter() -> bytes:
+def _seccomp_filter() -> bytes:
     arch, numbers = _SYSCALLS[platform.machine()]
     load, jump_eq, jump_ge, ret = 0x20, 0x15, 0x35, 0x06  # BPF_LD|W|ABS, BPF_JMP|JEQ|K, |JGE|K, BPF_RET|K
     # refused: x32-ABI numbers (bit 30 set: another door to the same calls), then each listed call
-    checks = [(jump_ge, 0x40000000)] + [(jump_eq, number) for number in numbers]
+    checks = [(jump_ge, 0x40000000)] + [(jump_eq, int(number)) for number in numbers.split()]
 
     def op(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
         return struct.pack("HBBI", code, jt, jf, k)
@@ -195,11 +218,13 @@ def _bwrap_args(seccomp_fd: int) -> list[str]:
     """The bubblewrap command line up to the interpreter: what the sandbox shows and forbids."""
     args = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns"]
     args += ["--uid", "65534", "--gid", "65534"]  # nobody, without capabilities
-    args += ["--die-with-parent", "--new-session", "--seccomp", str(seccomp_fd)]
+    # the program is PID 1: no unfiltered bwrap init beside it, and its death ends the namespace
+    args += ["--as-pid-1", "--die-with-parent", "--new-session", "--seccomp", str(seccomp_fd)]
     args += ["--dev", "/dev", "--remount-ro", "/dev"]  # read-only: /dev/shm would be unbounded space
     stdlib = sysconfig.get_path("stdlib")
-    libdir = sysconfig.get_config_var("LIBDIR") if sysconfig.get_config_var("Py_ENABLE_SHARED") else None
-    for path in ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", stdlib, libdir):
+    with open("/proc/self/maps") as f:  # the libpython loaded here, not its folder (where anything may lie)
+        libpython = next((line.split()[-1] for line in f if "/libpython" in line), None)
+    for path in ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/etc/ld.so.cache", stdlib, libpython):
         if path and os.path.islink(path) and path.count("/") == 1:  # merged /usr: /lib -> usr/lib
             args += ["--symlink", os.readlink(path), path]
         elif path and os.path.exists(path):
@@ -271,7 +296,7 @@ def execute_code(
             proc = _start(interpreter + ["guarded", str(os.getpid())], workdir, _minimal_env(workdir), ())
             return _supervise(proc, stdin, nonce, timeout, max_output_bytes)
     seccomp_r, seccomp_w = os.pipe()
-    os.write(seccomp_w, _no_fork_filter())  # a few hundred bytes: fits the pipe buffer
+    os.write(seccomp_w, _seccomp_filter())  # a few hundred bytes: fits the pipe buffer
     os.close(seccomp_w)
     try:
         proc = _start(

@@ -5,6 +5,7 @@ run in both modes where the mode claims to stop them; the isolated mode (bubblew
 all of them, including those that first undo the in-interpreter guards.
 """
 
+import ctypes
 import gzip
 import json
 import os
@@ -352,18 +353,27 @@ def test_isolated_no_process_burst_and_no_daemon_outlives_the_run(prefix):
         result = run(prefix + attack)
         assert not result.success and time.monotonic() - start < 3, attack
         assert "PermissionError" in result.error or "RuntimeError" in result.error, result.error
-    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and token.encode() in _cmdline(p)]
+    leftovers = [p for p in Path("/proc").iterdir() if token.encode() in _read(p / "cmdline")]
     assert leftovers == [] and sandbox_processes() == []
 
 
-def _cmdline(proc: Path) -> bytes:
+def _read(path: str | Path) -> bytes:
     try:
-        return (proc / "cmdline").read_bytes()
-    except OSError:
+        return Path(path).read_bytes()
+    except OSError:  # the process is gone
         return b""
 
 
-SLEEPER = "import time\ntime.sleep(60)"
+# sleeps after clearing its parent-death signal, which would let it outlive bwrap and the caller
+# (refused in the sandbox; in the best-effort mode the guards stop the import)
+SLEEPER = dedent("""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, 0)
+    except ImportError:
+        pass
+    import time
+    time.sleep(60)""")
 
 
 @pytest.mark.parametrize("isolated", BOTH)
@@ -380,9 +390,9 @@ def test_a_dying_caller_leaves_no_process_behind_and_isolated_no_temp_dir(tmp_pa
     )
     try:
         deadline = time.monotonic() + 20
-        while not sandbox_processes() and time.monotonic() < deadline:
+        while not any(b"sleep" in _read(f"/proc/{pid}/wchan") for pid in sandbox_processes()):
+            assert time.monotonic() < deadline, "the program never reached its sleep"
             time.sleep(0.05)
-        assert sandbox_processes(), "the sandbox never started"
     finally:
         caller.send_signal(signal.SIGKILL)
         caller.wait()
@@ -392,6 +402,97 @@ def test_a_dying_caller_leaves_no_process_behind_and_isolated_no_temp_dir(tmp_pa
     assert sandbox_processes() == []
     if isolated:  # the best-effort temp dir stays (documented)
         assert list(tmp_path.iterdir()) == []
+
+
+@needs_isolation
+def test_isolated_timeout_leaves_no_process_not_even_one_that_cleared_its_death_signal():
+    assert run(SLEEPER, timeout=1.0).timeout
+    deadline = time.monotonic() + 2  # the program (the namespace's PID 1) dies with bwrap, a moment later
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sandbox_processes() == []
+
+
+@needs_isolation
+def test_isolated_program_is_pid_1_under_its_limits_and_reaches_no_process():
+    # without the filter each call succeeds: tracing its parent, reading and writing its own memory,
+    # a pidfd for itself, clearing its parent-death signal
+    code = dedent("""
+        import ctypes, os, resource
+        libc = ctypes.CDLL(None, use_errno=True)
+        buf = ctypes.create_string_buffer(8)
+        iov = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 8)
+        def attempt(call, *args):
+            ctypes.set_errno(0)
+            return call(*args), ctypes.get_errno()
+        print(os.getpid(), resource.getrlimit(resource.RLIMIT_AS))
+        print(attempt(libc.ptrace, 16, 1, 0, 0), attempt(libc.ptrace, 0x4206, 1, 0, 0),
+              attempt(libc.ptrace, 0, 0, 0, 0), attempt(libc.process_vm_readv, 1, iov, 1, iov, 1, 0),
+              attempt(libc.process_vm_writev, 1, iov, 1, iov, 1, 0), attempt(libc.syscall, 434, 1, 0),
+              attempt(libc.prctl, 1, 0))""")
+    result = run(code, max_memory_bytes=200 * 2**20)
+    assert result.success, result.error
+    assert result.stdout.splitlines() == [f"1 ({200 * 2**20}, {200 * 2**20})", " ".join(["(-1, 1)"] * 7)]
+
+
+@needs_isolation
+def test_isolated_memory_the_address_space_limit_does_not_count_is_refused():
+    cap = 128 * 2**20
+    code = dedent(f"""
+        import ctypes, os
+        libc = ctypes.CDLL(None)
+        print(libc.shmget(0, 2**30, 0o1600), libc.msgget(0, 0o1600), flush=True)  # IPC_PRIVATE | IPC_CREAT
+        held = 0
+        try:
+            while held < {2 * cap}:
+                fd = os.memfd_create('hoard')
+                for _ in range(16):
+                    os.write(fd, b'x' * 2**20)
+                held += 16 * 2**20
+        finally:
+            print(held)""")
+    result = run(code, max_memory_bytes=cap)
+    assert not result.success and (result.memory_exceeded or "PermissionError" in result.error)
+    assert result.stdout.split() == ["-1", "-1", "0"]
+
+
+@needs_isolation
+def test_isolated_host_socket_and_fifo_in_a_bound_folder_are_unreachable():
+    folder = sysconfig.get_path("stdlib")  # bound read-only into every sandbox
+    path = os.path.join(folder, f"nanochat-{uuid.uuid4().hex[:8]}")
+    if not os.access(folder, os.W_OK) or len(path) > 100:
+        pytest.skip(f"cannot place a socket in {folder}")
+    server = socket.socket(socket.AF_UNIX)
+    os.mkfifo(path + ".fifo", 0o600)
+    fifo = os.open(path + ".fifo", os.O_RDONLY | os.O_NONBLOCK)  # a reader, so a writer's open succeeds
+    try:
+        server.bind(path + ".sock")
+        os.chmod(path + ".sock", 0o600)
+        server.listen()
+        server.settimeout(0.2)
+        code = dedent(f"""
+            import os, socket
+            for name in ('.sock', '.fifo'):
+                print(os.path.exists({path!r} + name), flush=True)
+            try:
+                open({path!r} + '.fifo', 'wb').write(b'pwned')
+            except OSError as e:
+                print(e.errno, flush=True)
+            socket.socket(socket.AF_UNIX).connect({path!r} + '.sock')""")
+        result = run(code)
+        with pytest.raises(TimeoutError):
+            server.accept()
+        written = os.read(fifo, 100)
+    finally:
+        server.close()
+        os.close(fifo)
+        for name in (".sock", ".fifo"):
+            os.unlink(path + name)
+    assert result.stdout.startswith("True\nTrue\n") and "PermissionError" in result.error
+    # landlock_create_ruleset(NULL, 0, VERSION): without Landlock (Linux < 5.13, or the LSM off) the
+    # FIFO stays writable, as nanochat/execution.py says
+    if ctypes.CDLL(None).syscall(444, None, 0, 1) >= 1:
+        assert result.stdout.endswith("\n13\n") and written == b""  # EACCES
 
 
 @needs_isolation
