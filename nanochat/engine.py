@@ -56,7 +56,9 @@ class KVCache:
 
     - `get_pos()` once: the position of idx's first token, an int or a LongTensor (B,) per row;
     - `insert_kv(layer, k, v)` once per layer, in order: stores k, v (B, H_kv, T, D) there and
-      returns every key/value so far (B, H_kv, Tk, D); the model masks each row's keys past its end.
+      returns every key/value so far (B, H_kv, Tk, D); the model masks each row's keys past its end
+      (and, in a sliding-window layer, those before its window);
+    - with smear, `swap_last_embedding(last)` once: each row's last normed token embedding.
     The positions advance by T with the last layer.
     """
 
@@ -79,6 +81,8 @@ class KVCache:
         # each row's length, kept on the host so that get_pos never syncs with the device
         self.lengths: list[int] = [0] * (capacity if batch_size is None else batch_size)
         self._pos: torch.Tensor | None = None  # device copy of lengths, built when rows differ
+        # (capacity, C): each row's last normed token embedding (smear's state); made by the first swap
+        self.last_embedding: torch.Tensor | None = None
 
     @property
     def max_len(self) -> int:
@@ -130,6 +134,15 @@ class KVCache:
             self._pos = None
         return k_layer[:B, :, :end], v_layer[:B, :, :end]
 
+    def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
+        """Stores each row's newest normed token embedding, last (B, C); returns the ones it replaces
+        (zeros for a row with no tokens yet, where smear adds nothing)."""
+        if self.last_embedding is None:
+            self.last_embedding = last.new_zeros(self.k.size(1), last.size(1))
+        previous = self.last_embedding[: last.size(0)].clone()
+        self.last_embedding[: last.size(0)] = last
+        return previous
+
     def copy_row_from(self, other: KVCache, src_row: int, dst_rows: list[int]) -> None:
         """Copies row `src_row` of `other` (e.g. a batch-1 prefill) into `dst_rows` of this cache."""
         n = other.lengths[src_row]
@@ -137,6 +150,10 @@ class KVCache:
         dst = torch.tensor(dst_rows, dtype=torch.long, device=self.k.device)
         self.k[:, dst, :, :n] = other.k[:, src_row : src_row + 1, :, :n].to(self.k.dtype)
         self.v[:, dst, :, :n] = other.v[:, src_row : src_row + 1, :, :n].to(self.v.dtype)
+        if (last := other.last_embedding) is not None:
+            if self.last_embedding is None:
+                self.last_embedding = last.new_zeros(self.k.size(1), last.size(1))
+            self.last_embedding[dst] = last[src_row]
         for r in dst_rows:
             self.lengths[r] = n
         self._pos = None
@@ -157,6 +174,8 @@ class KVCache:
             index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
             self.k[:, : len(rows), :, :end] = self.k[:, index, :, :end]  # the gather copies first
             self.v[:, : len(rows), :, :end] = self.v[:, index, :, :end]
+            if self.last_embedding is not None:
+                self.last_embedding[: len(rows)] = self.last_embedding[index]
             self.lengths = [self.lengths[r] for r in rows]
         self._pos = None
 

@@ -6,19 +6,26 @@ Design choices:
 - Grouped-query attention through PyTorch SDPA; MLP 4x wide with ReLU²; no biases.
 - Untied head; vocab padded to a multiple of 64; fp32 logits softcapped at 15.
 - Zero-init output projections: every block starts as the identity.
-- Rotary base 100,000 and q, k scaled by 1.2 after QK-norm (bench/recipe.py: each helps) are
-  set by `config_from_depth`; the GPTConfig defaults (10,000 and 1) are the first architecture,
-  so its checkpoints load unchanged. Value embeddings, per-layer residual scalars and a smaller
-  init were measured too and rejected (see bench/recipe.py).
+- The public nanochat record's architecture (`config_from_depth(arch="record")`, its measurements at
+  d12-d26 on GPUs are the evidence; each part is a GPTConfig switch, off by default so the first
+  architecture's checkpoints load unchanged):
+  value embeddings on alternating layers with a learned per-head gate; per-layer residual and x0
+  (normed-embedding skip) scalars; smear (a gated share of the previous token's embedding); backout
+  (subtract a learned share of the mid-depth residual before the head); sliding windows of a
+  quarter context on 3 of 4 layers (SDPA with a band mask, the last layer full); the record's init.
+- Rotary base 100,000 and q, k scaled by 1.2 after QK-norm are set by `config_from_depth` for both
+  arches; the GPTConfig defaults (10,000 and 1) are the first architecture.
 - Built on the meta device, then `init_weights` fills every parameter and buffer; a checkpoint
   load assigns the saved weights and `compute_rotary`'s buffers instead.
 - Parameters stay fp32 (precision policy: `common.autocast`); logits are always fp32.
-- KV cache: `cache.get_pos()` (an int, or a (B,) tensor of per-row positions) and
-  `cache.insert_kv(layer, k, v) -> (k_all, v_all)`; see nanochat/engine.py.
+- KV cache: `cache.get_pos()` (an int, or a (B,) tensor of per-row positions),
+  `cache.insert_kv(layer, k, v) -> (k_all, v_all)` and, with smear,
+  `cache.swap_last_embedding(last) -> previous`; see nanochat/engine.py.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,6 +40,10 @@ LOGIT_SOFTCAP = 15.0
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover this many times the training sequence length
 VOCAB_MULTIPLE = 64
 NORM_EPS = 1e-6
+SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the normed embedding
+VE_GATE_CHANNELS = 12  # a value-embedding gate reads this many leading channels of the attention input
+ARCHES = ("record", "v1")  # config_from_depth's architectures: the public record's, and our first
+INITS = ("record", "v1")
 
 
 @dataclass
@@ -46,6 +57,12 @@ class GPTConfig:
     n_embd: int = 1280
     rope_base: float = 10000.0
     qk_scale: float = 1.0  # q and k are multiplied by this after QK-norm
+    value_embeds: bool = False  # value embeddings on alternating layers (the last included), gated
+    layer_scalars: bool = False  # learned per-layer scalars on the residual stream and on x0
+    smear: bool = False  # each token's embedding gets a gated share of the previous token's
+    backout: bool = False  # subtract a learned share of the residual after layer n_layer//2
+    window_pattern: str = "L"  # tiled over layers: S = short sliding window, L = full (last layer: L)
+    init: str = "v1"  # "v1": wte N(0, 1), c_fc like c_q; "record": wte N(0, 0.8), c_fc 0.4x
 
     def __post_init__(self) -> None:
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -58,6 +75,13 @@ class GPTConfig:
             raise ValueError(f"head dim n_embd/n_head = {self.head_dim} must be even (rotary rotates pairs)")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
+        if not self.window_pattern or set(self.window_pattern) - set("SL"):
+            raise ValueError(f"window_pattern must be letters S and L, got {self.window_pattern!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        for feature, channels in (("smear", SMEAR_CHANNELS), ("value_embeds", VE_GATE_CHANNELS)):
+            if getattr(self, feature) and self.n_embd < channels:
+                raise ValueError(f"{feature} gates read {channels} channels: n_embd must be >= {channels}")
 
     @property
     def head_dim(self) -> int:
@@ -67,12 +91,32 @@ class GPTConfig:
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
+    def window_sizes(self) -> list[int | None]:
+        """Per layer, how many keys a query sees (its own included), None for all before it. The short
+        window is ceil(sequence_len / 4): the record's quarter context, equal to its 128-rounded value
+        whenever sequence_len is a multiple of 512 (2048 -> 512); a mask has no tiles to round to."""
+        short = -(-self.sequence_len // 4)
+        pattern = [self.window_pattern[i % len(self.window_pattern)] for i in range(self.n_layer)]
+        pattern[-1] = "L"  # the last layer always sees the whole context
+        return [short if letter == "S" else None for letter in pattern]
+
+    def has_value_embed(self, layer: int) -> bool:
+        """Value embeddings sit on alternating layers, counted back from the last."""
+        return self.value_embeds and layer % 2 == (self.n_layer - 1) % 2
+
 
 def config_from_depth(
-    depth: int, vocab_size: int, sequence_len: int, aspect_ratio: int = 64, head_dim: int = 128
+    depth: int,
+    vocab_size: int,
+    sequence_len: int,
+    aspect_ratio: int = 64,
+    head_dim: int = 128,
+    arch: str = "record",
 ) -> GPTConfig:
-    """The one-dial model shape: depth layers, width depth*aspect_ratio rounded up to whole heads."""
+    """The one-dial model shape: depth layers, width depth*aspect_ratio rounded up to whole heads.
+    arch "record" turns on every feature of the public record; "v1" is our first recipe's model."""
     for flag, value, ok, need in (
+        ("--arch", arch, arch in ARCHES, f"one of {', '.join(ARCHES)}"),
         ("--depth", depth, depth >= 1, "at least 1"),
         ("--aspect-ratio", aspect_ratio, aspect_ratio >= 1, "at least 1"),
         ("--head-dim", head_dim, head_dim >= 2 and head_dim % 2 == 0, "even (rotary rotates pairs)"),
@@ -82,8 +126,20 @@ def config_from_depth(
             raise ValueError(f"{flag} must be {need}, got {value}")
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim  # round up to a multiple of head_dim
     n_head = n_embd // head_dim
+    record = arch == "record"
+    features = dict(value_embeds=record, layer_scalars=record, smear=record, backout=record)
     return GPTConfig(
-        sequence_len, vocab_size, depth, n_head, n_head, n_embd, rope_base=100000.0, qk_scale=1.2
+        sequence_len,
+        vocab_size,
+        depth,
+        n_head,
+        n_head,
+        n_embd,
+        rope_base=100000.0,
+        qk_scale=1.2,
+        **features,
+        window_pattern="SSSL" if record else "L",
+        init=arch,
     )
 
 
@@ -110,6 +166,27 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)  # (B, T, H, D)
 
 
+def visible_keys(positions: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """Which keys 0..num_keys-1 each query at absolute `positions` (..., Tq) sees, (..., Tq, Tk) bool:
+    every key up to its own position, and with a window only the last `window` of them."""
+    back = positions[..., None] - torch.arange(num_keys, device=positions.device)  # (..., Tq, Tk)
+    mask = back >= 0
+    return mask if window is None else mask & (back < window)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    return visible_keys(torch.arange(T, device=device), T, window)
+
+
+def band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
+    """visible_keys of a whole sequence from position 0, (T, T): built once per (T, window, device)
+    and shared by every short-window layer of every step. In a compiled graph it is a few fused ops."""
+    if torch.compiler.is_compiling():
+        return visible_keys(torch.arange(T, device=device), T, window)
+    return _cached_band_mask(T, window, device)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -120,16 +197,29 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # with value embeddings: a gate per kv head, read from the input's leading channels
+        has_ve = config.has_value_embed(layer_idx)
+        self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False) if has_ve else None
+        self.window = config.window_sizes()[layer_idx]  # keys a query sees; None: all before it
         # scaling q and k by s after QK-norm is scaling the softmax by s², which SDPA does for free
         self.softmax_scale = config.qk_scale**2 / math.sqrt(config.head_dim)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
+        self,
+        x: torch.Tensor,
+        ve: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache=None,
+        positions=None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
+        if ve is not None:  # ResFormer: add the token's value embedding (B, T, Hkv*D), gated in (0, 3)
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, T, Hkv)
+            v = v + gate[..., None] * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))  # rotate, then QK-norm
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
         if kv_cache is not None:
@@ -145,11 +235,16 @@ class CausalSelfAttention(nn.Module):
         kw = {"scale": self.softmax_scale}
         if self.n_kv_head != self.n_head:
             kw["enable_gqa"] = True
-        Tq, Tk = q.size(2), k.size(2)
-        if positions is not None:  # per-row positions (B, Tq): the query at position p sees keys 0 .. p
-            keys = torch.arange(Tk, device=q.device)
-            mask = keys[None, None, :] <= positions[:, :, None]  # (B, Tq, Tk)
+        Tq, Tk, window = q.size(2), k.size(2), self.window
+        if positions is not None:  # per-row positions (B, Tq): the query at p sees keys 0 .. p (windowed)
+            mask = visible_keys(positions, Tk, window)  # (B, Tq, Tk)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], **kw)
+        if window is not None and window < Tk:  # the window hides some keys: a band mask
+            if Tq == Tk:  # training, or a cache that was empty
+                mask = band_mask(Tk, window, q.device)
+            else:  # queries at positions Tk-Tq .. Tk-1
+                mask = visible_keys(torch.arange(Tk - Tq, Tk, device=q.device), Tk, window)  # (Tq, Tk)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
         if Tq == Tk:  # no cache, or a cache that was empty: plain causal attention
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
         if Tq == 1:  # one new token sees everything before it
@@ -176,9 +271,15 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None, positions=None
+        self,
+        x: torch.Tensor,
+        ve: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache=None,
+        positions=None,
     ) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, kv_cache, positions)
+        x = x + self.attn(norm(x), ve, cos, sin, kv_cache, positions)
         return x + self.mlp(norm(x))
 
 
@@ -205,6 +306,25 @@ class GPT(nn.Module):
                 }
             )
             self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+            # value-embedding tables by layer index (empty without the feature), (V, Hkv*D) each
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict(
+                {
+                    str(i): nn.Embedding.from_pretrained(
+                        torch.empty(config.padded_vocab_size, kv_dim), freeze=False
+                    )
+                    for i in range(config.n_layer)
+                    if config.has_value_embed(i)
+                }
+            )
+            if config.layer_scalars:  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0
+                self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+                self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
+            if config.smear:
+                self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+                self.smear_lambda = nn.Parameter(torch.empty(1))
+            if config.backout:
+                self.backout_lambda = nn.Parameter(torch.empty(1))
             rotary_shape = (1, ROTARY_LENGTH_FACTOR * config.sequence_len, 1, config.head_dim // 2)
             cos, sin = (torch.empty(rotary_shape, dtype=torch.float32) for _ in range(2))
         self.register_buffer("cos", cos, persistent=False)  # (1, L, 1, D/2), fp32
@@ -215,17 +335,34 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initializes every parameter and buffer in place, drawing from torch's RNG."""
-        n_embd = self.config.n_embd
-        bound = math.sqrt(3.0) / math.sqrt(n_embd)  # uniform(-b, b) has std 1/sqrt(n_embd)
-        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        """(Re)initializes every parameter and buffer in place, drawing from torch's RNG. config.init
+        picks the embedding's std and c_fc's scale; the record's parts always start as the record's."""
+        c = self.config
+        record = c.init == "record"
+        bound = math.sqrt(3.0) / math.sqrt(c.n_embd)  # uniform(-b, b) has std 1/sqrt(n_embd)
+        fc_bound = 0.4 * bound if record else bound
+        nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=0.8 if record else 1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         for block in self.transformer.h:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.uniform_(block.mlp.c_fc.weight, -fc_bound, fc_bound)
             # zero output projections: every block starts as the identity on the residual stream
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:  # small positive: gates start just above 3·sigmoid(0) = 1.5
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for table in self.value_embeds.values():
+            nn.init.uniform_(table.weight, -bound, bound)  # like c_v, whose output it joins
+        if c.layer_scalars:  # the record's schedule: more residual and more x0 in early layers
+            frac = [i / max(c.n_layer - 1, 1) for i in range(c.n_layer)]
+            self.resid_lambdas.copy_(torch.tensor([1.15 - 0.10 * f for f in frac]))
+            self.x0_lambdas.copy_(torch.tensor([0.20 - 0.15 * f for f in frac]))
+        if c.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            nn.init.zeros_(self.smear_lambda)  # smear starts with no effect
+        if c.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
         cos, sin = self.compute_rotary(self.cos.device)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -235,28 +372,57 @@ class GPT(nn.Module):
         return rotary_tables(self.cos.size(1), self.config.head_dim, self.config.rope_base, device)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer role: "matrix" (block weights), "embedding", "lm_head"."""
+        """Parameters by optimizer role, every one in exactly one group (empty where a feature is off):
+        "matrix" (every block weight, value-embedding gates included), "embedding", "lm_head",
+        "value_embeds", "resid_scalars", "x0_scalars", "smear_backout"."""
         names = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-        matrix = [block.get_submodule(name).weight for block in self.transformer.h for name in names]
+        blocks = self.transformer.h
+        matrix = [block.get_submodule(name).weight for block in blocks for name in names]
+        matrix += [block.attn.ve_gate.weight for block in blocks if block.attn.ve_gate is not None]
+
+        def present(*names: str) -> list[nn.Parameter]:
+            return [self.get_parameter(name) for name in names if hasattr(self, name.split(".")[0])]
+
         return {
             "matrix": matrix,
             "embedding": [self.transformer.wte.weight],
             "lm_head": [self.lm_head.weight],
+            "value_embeds": [table.weight for table in self.value_embeds.values()],
+            "resid_scalars": present("resid_lambdas"),
+            "x0_scalars": present("x0_lambdas"),
+            "smear_backout": present("smear_gate.weight", "smear_lambda", "backout_lambda"),
         }
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def num_scaling_params(self) -> int:
+        """The record's count for its tokens-per-parameter horizon: block weights (gates included) and
+        lm_head; embedding tables and scalars are left out."""
+        groups = self.param_groups()
+        return sum(p.numel() for name in ("matrix", "lm_head") for p in groups[name])
+
     def num_matmul_params(self) -> int:
-        """Weights every token is multiplied by (block matrices and lm_head): what FLOPs and the
-        training horizon count. The embedding lookup costs no matmul."""
-        return self.num_params() - self.transformer.wte.weight.numel()
+        """Weights every token is multiplied by (block matrices and gates, lm_head, smear gate): what
+        FLOPs count. Embedding tables are lookups and scalars cost no matmul."""
+        smear_gate = self.smear_gate.weight.numel() if self.config.smear else 0
+        return self.num_scaling_params() + smear_gate
 
     def estimate_flops(self) -> float:
-        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus the attention matmuls."""
+        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus the attention matmuls,
+        12 * heads * head_dim per key a query sees (a window caps that)."""
         c = self.config
-        attention = 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-        return float(6 * self.num_matmul_params() + attention)
+        keys = sum(min(w or c.sequence_len, c.sequence_len) for w in c.window_sizes())
+        return float(6 * self.num_matmul_params() + 12 * c.n_head * c.head_dim * keys)
+
+    def smear(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        """Adds to each normed embedding x (B, T, C) a gated share of the previous token's. A cache keeps
+        each row's last one, so a chunk's first token or a decoded token sees the token before it."""
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
+        if kv_cache is None:  # position 0 has no previous token
+            return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
+        previous = kv_cache.swap_last_embedding(x[:, -1])  # (B, C), zeros where a row had no token
+        return x + gate * torch.cat([previous[:, None], x[:, :-1]], dim=1)
 
     def forward(
         self,
@@ -276,9 +442,20 @@ class GPT(nn.Module):
             assert pos + T <= self.cos.size(1), f"positions up to {pos + T} exceed the rotary table"
             cos, sin = self.cos[:, pos : pos + T], self.sin[:, pos : pos + T]  # (1, T, 1, D/2)
 
+        c = self.config
         x = norm(self.transformer.wte(idx))  # (B, T, C)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache, positions)
+        if c.smear:
+            x = self.smear(x, kv_cache)
+        x0 = x
+        for i, block in enumerate(self.transformer.h):
+            if c.layer_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None  # (B, T, Hkv*D)
+            x = block(x, ve, cos, sin, kv_cache, positions)
+            if i == c.n_layer // 2:
+                x_mid = x  # what backout subtracts a share of
+        if c.backout:
+            x = x - self.backout_lambda * x_mid
         x = norm(x)
 
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V), padding sliced off
@@ -321,12 +498,29 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
     ends = f32 * N * (C + 1) * 2 + c * N * C  # embedding and final-norm inputs + rstd; lm_head input
     logits = 2 * f32 * N * V  # tanh output and log-softmax output (fp32)
     logits_backward = 2 * f32 * N * V  # log-softmax backward: incoming grad + its result, both alive
+
+    # the record's parts
+    record = 0
+    if config.smear:  # the unsmeared embedding (gate input, shifted copy), sigmoid output, gate
+        record += f32 * N * C + (c + f32) * N + (c * N * SMEAR_CHANNELS if autocast else 0)
+    if config.layer_scalars:  # each block's input before the scalars (x0 for the first)
+        record += config.n_layer * f32 * N * C
+    if config.backout and config.n_layer <= 2:  # the middle is the last block: nothing else saves it
+        record += f32 * N * C
+    ve_layers = sum(config.has_value_embed(i) for i in range(config.n_layer))
+    # per value embedding: the table rows, the gate's sigmoid output and the gate (and autocast's
+    # copy of the gate's input channels)
+    record += ve_layers * N * (f32 * kv_dim + 2 * c * Hkv + (c * VE_GATE_CHANNELS if autocast else 0))
+    windowed = sum(w is not None and w < seq for w in config.window_sizes())
+    record += windowed * c * seq * seq  # SDPA's additive copy of the band mask, one per layer
+
     weight_copies = 0
     if autocast:  # autocast keeps one compute-dtype copy of every weight it cast, for the backward
         with torch.device("meta"):
             weight_copies = c * GPT(config).num_matmul_params()
     # rotary slices (O(T * head_dim)) are left out; torch.compile usually saves less than this
-    return config.n_layer * (attention + mlp) + ends + logits + logits_backward + weight_copies
+    total = config.n_layer * (attention + mlp) + ends + record + logits + logits_backward + weight_copies
+    return total
 
 
 def estimate_memory(

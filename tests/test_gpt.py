@@ -21,9 +21,15 @@ from nanochat.optim import build_optimizers
 
 # vocab 250 pads to 256, head_dim 16, grouped-query (2 query heads per kv head)
 TINY = GPTConfig(sequence_len=32, vocab_size=250, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
-# the same shape with the recipe's attention settings, as config_from_depth sets them
+# the same shape with the recipe's attention settings, as config_from_depth(arch="v1") sets them
 RECIPE = dict(rope_base=100000.0, qk_scale=1.2)
 FULL = replace(TINY, **RECIPE)
+# the public record's features, as config_from_depth(arch="record") adds them
+RECORD_FEATURES = dict(
+    value_embeds=True, layer_scalars=True, smear=True, backout=True, window_pattern="SSSL", init="record"
+)
+# 3 layers: windows S, S, L (8 of 32 keys); value embeddings on layers 0 and 2; backout after layer 1
+RECORD = replace(FULL, n_layer=3, **RECORD_FEATURES)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -46,6 +52,9 @@ def make_model(config: GPTConfig = TINY, seed: int = 0, mix: bool = True) -> GPT
                 for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
                     w.uniform_(-0.5 / math.sqrt(w.size(1)), 0.5 / math.sqrt(w.size(1)))
             model.lm_head.weight.normal_(0.0, 0.1)
+            if config.smear:  # smear starts with no effect; give it one
+                model.smear_lambda.fill_(0.7)
+                model.smear_gate.weight.normal_(0.0, 0.5)
     return model.eval()
 
 
@@ -77,6 +86,11 @@ class ReferenceKVCache:
             self.pos += k.shape[2]
         return self.k[layer_idx], self.v[layer_idx]
 
+    def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
+        previous = torch.zeros_like(last) if self.pos == 0 else self.last
+        self.last = last
+        return previous
+
 
 # -----------------------------------------------------------------------------
 # Config
@@ -89,8 +103,10 @@ def test_config_from_depth_sets_width_heads_and_layers():
         assert cfg.head_dim == 128
     cfg = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=16, head_dim=16)
     assert (cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.sequence_len, cfg.vocab_size) == (64, 4, 4, 64, 1000)
-    # the GPTConfig defaults are the first d20 model (old checkpoints load); depth turns the recipe on
-    assert config_from_depth(20, 65536, 2048) == replace(GPTConfig(), **RECIPE)
+    # the GPTConfig defaults are the first d20 model (old checkpoints load); depth turns the recipe
+    # on, and the record's features unless arch is "v1"
+    assert config_from_depth(20, 65536, 2048, arch="v1") == replace(GPTConfig(), **RECIPE)
+    assert config_from_depth(20, 65536, 2048) == replace(GPTConfig(), **RECIPE, **RECORD_FEATURES)
 
 
 @pytest.mark.parametrize(
@@ -101,6 +117,7 @@ def test_config_from_depth_sets_width_heads_and_layers():
         ({"head_dim": 0}, "--head-dim"),
         ({"aspect_ratio": 0}, "--aspect-ratio"),
         ({"sequence_len": 0}, "--max-seq-len"),
+        ({"arch": "v2"}, "--arch"),
     ],
 )
 def test_config_from_depth_rejects_invalid_layouts_naming_the_flag(kwargs, flag):
@@ -118,6 +135,10 @@ def test_config_from_depth_rejects_invalid_layouts_naming_the_flag(kwargs, flag)
         ({"n_head": 4, "n_kv_head": 8}, "must divide n_head"),
         ({"n_layer": 0}, "n_layer must be a positive integer"),
         ({"vocab_size": -5}, "vocab_size must be a positive integer"),
+        ({"window_pattern": "SSX"}, "window_pattern"),
+        ({"window_pattern": ""}, "window_pattern"),
+        ({"init": "xavier"}, "init must be one of"),
+        ({"n_embd": 16, "smear": True}, "n_embd must be >= 24"),
     ],
 )
 def test_gpt_config_rejects_invalid_shapes_with_clear_errors(kwargs, message):
@@ -187,7 +208,7 @@ def test_blocks_are_the_identity_at_init():
     torch.testing.assert_close(logits, 15 * torch.tanh(expected / 15))
 
 
-@pytest.mark.parametrize("config", [TINY, FULL])
+@pytest.mark.parametrize("config", [TINY, FULL, RECORD])
 def test_changing_a_future_token_leaves_earlier_logits_unchanged(config):
     model = make_model(config)
     idx = random_tokens(config, 2, 32)
@@ -237,7 +258,7 @@ def test_autocast_bf16_forward_still_returns_fp32_logits_and_loss():
     assert model.lm_head.weight.dtype == model.transformer.wte.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("config", [TINY, FULL])
+@pytest.mark.parametrize("config", [TINY, FULL, replace(RECORD, n_layer=2)])
 def test_training_step_compiles_in_one_graph_and_matches_eager(config):
     """torch.compile (inductor, here on CPU) over the training forward and backward: no graph break
     (fullgraph), no recompile on the next step, and the loss and gradients of eager mode. Catches
@@ -280,10 +301,134 @@ def test_model_overfits_a_tiny_fixed_batch():
 
 
 # -----------------------------------------------------------------------------
+# The record's architecture
+
+
+def test_v1_config_builds_the_first_recipes_model_unchanged():
+    """arch "v1" is exactly the model before the record's parts: its parameter names, and its outputs
+    for seed 0 as they were computed before those parts existed."""
+    config = config_from_depth(2, 250, 32, aspect_ratio=32, head_dim=16, arch="v1")
+    assert config == replace(TINY, n_kv_head=4, **RECIPE)
+    model = make_model(FULL)
+    layer = ["attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    names = [f"transformer.h.{i}.{name}.weight" for i in range(2) for name in layer]
+    assert list(model.state_dict()) == ["transformer.wte.weight", *names, "lm_head.weight"]
+    logits = model(random_tokens(FULL, 2, 32))
+    before = {
+        (0, 31): [-0.07109, 0.1164, 0.41816, -1.03808, -0.46282, -0.24136],
+        (1, 5): [0.95221, 0.11234, -0.60069, -0.02958, 2.13746, 1.09588],
+    }
+    for (row, t), values in before.items():
+        torch.testing.assert_close(logits[row, t, :6], torch.tensor(values), atol=1e-4, rtol=0)
+
+
+def test_old_checkpoint_configs_without_the_new_fields_build_the_old_model():
+    saved = {"sequence_len": 32, "vocab_size": 250, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64}
+    saved |= {"rope_base": 100000.0, "qk_scale": 1.2}  # a checkpoint written before the record's fields
+    assert GPTConfig(**saved) == FULL
+    torch.manual_seed(0)
+    assert list(GPT(GPTConfig(**saved)).state_dict()) == list(make_model(FULL).state_dict())
+
+
+def test_window_sizes_tile_the_pattern_with_a_quarter_context_and_the_last_layer_full():
+    config = replace(TINY, n_layer=6, window_pattern="SSSL")
+    assert config.window_sizes() == [8, 8, 8, None, 8, None]  # 32 / 4 = 8; the last layer always full
+    assert replace(config, sequence_len=2048).window_sizes()[0] == 512  # the record's window at 2048
+    assert replace(config, sequence_len=30).window_sizes()[0] == 8  # rounded up
+    assert replace(config, window_pattern="L").window_sizes() == [None] * 6
+    assert [config.has_value_embed(i) for i in range(6)] == [False] * 6  # off unless asked for
+    with_ve = replace(config, value_embeds=True)
+    assert [with_ve.has_value_embed(i) for i in range(6)] == [False, True, False, True, False, True]
+    assert [replace(with_ve, n_layer=3).has_value_embed(i) for i in range(3)] == [True, False, True]
+
+
+def test_record_parts_start_at_their_documented_init():
+    config = replace(RECORD, n_layer=4, n_embd=128, n_head=8, n_kv_head=4, vocab_size=1000)
+    model = make_model(config, mix=False)
+    frac = torch.arange(4) / 3
+    torch.testing.assert_close(model.resid_lambdas.data, 1.15 - 0.10 * frac)  # 1.15 .. 1.05
+    torch.testing.assert_close(model.x0_lambdas.data, 0.20 - 0.15 * frac)  # 0.20 .. 0.05
+    assert model.backout_lambda.item() == pytest.approx(0.2) and model.smear_lambda.item() == 0.0
+    bound = math.sqrt(3) / math.sqrt(128)
+    assert model.transformer.wte.weight.std().item() == pytest.approx(0.8, rel=0.02)
+    for block in model.transformer.h:
+        fc = block.mlp.c_fc.weight
+        assert fc.abs().max().item() <= 0.4 * bound
+        assert fc.std().item() == pytest.approx(0.4 / 128**0.5, rel=0.05)
+        assert block.attn.c_v.weight.abs().max().item() <= bound
+        assert torch.all(block.attn.c_proj.weight == 0) and torch.all(block.mlp.c_proj.weight == 0)
+    assert sorted(model.value_embeds) == ["1", "3"]  # alternating, the last layer included
+    for table in model.value_embeds.values():
+        assert table.weight.shape == (1024, 64) and table.weight.abs().max().item() <= bound
+    # smear has no effect at init: smear_lambda is 0
+    x = norm(model.transformer.wte(random_tokens(config, 2, 32)))
+    assert torch.equal(model.smear(x), x)
+    # each gate weight in [0, 0.02): the gates start near 3·sigmoid(0) = 1.5, within 3/4 of |W·x|
+    for block in model.transformer.h[1::2]:
+        w = block.attn.ve_gate.weight
+        assert w.shape == (4, 12) and w.min().item() >= 0 and w.max().item() < 0.02
+        gate = 3 * torch.sigmoid(block.attn.ve_gate(x[..., :12]))
+        assert torch.all((gate - 1.5).abs() <= 0.75 * (x[..., None, :12].abs() * w).sum(-1) + 1e-6)
+        assert (gate - 1.5).abs().max() < 0.1
+    assert torch.all((model.smear_gate.weight >= 0) & (model.smear_gate.weight < 0.02))
+
+
+def test_record_forward_follows_the_record_equations():
+    """The whole forward written out by hand from the record's equations, on the mixed tiny model."""
+    model = make_model(RECORD)
+    idx = random_tokens(RECORD, 2, 32)
+    C, Hkv, D = RECORD.n_embd, RECORD.n_kv_head, RECORD.head_dim
+    x = norm(model.transformer.wte(idx))
+    gate = model.smear_lambda * torch.sigmoid(model.smear_gate(x[..., :24]))
+    x = x + gate * torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    x0 = x
+    for i, block in enumerate(model.transformer.h):
+        x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0
+        attn, h = block.attn, norm(x)
+        B, T = idx.shape
+        q = attn.c_q(h).view(B, T, 4, D)
+        k = attn.c_k(h).view(B, T, Hkv, D)
+        v = attn.c_v(h).view(B, T, Hkv, D)
+        if i in (0, 2):
+            g = 3 * torch.sigmoid(attn.ve_gate(h[..., :12]))
+            v = v + g[..., None] * model.value_embeds[str(i)](idx).view(B, T, Hkv, D)
+        cos, sin = model.cos[:, :T], model.sin[:, :T]
+        q, k = norm(apply_rotary(q, cos, sin)) * 1.2, norm(apply_rotary(k, cos, sin)) * 1.2
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, dim=2)) / math.sqrt(D)
+        back = torch.arange(T)[:, None] - torch.arange(T)  # how far back each key is
+        window = 8 if i < 2 else T
+        scores = scores.masked_fill(~((back >= 0) & (back < window)), float("-inf"))
+        y = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.repeat_interleave(2, dim=2))
+        x = x + attn.c_proj(y.reshape(B, T, C))
+        x = x + block.mlp(norm(x))
+        if i == 1:
+            x_mid = x
+    logits = model.lm_head(norm(x - model.backout_lambda * x_mid))[..., :250]
+    torch.testing.assert_close(model(idx), 15 * torch.tanh(logits / 15), atol=1e-5, rtol=1e-5)
+
+
+def test_a_short_window_layer_ignores_keys_before_its_window():
+    model = make_model(RECORD)
+    attn = model.transformer.h[0].attn  # window 8
+    assert attn.window == 8
+    x = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(0))
+    ve = torch.randn(2, 32, 32, generator=torch.Generator().manual_seed(1))
+    cos, sin = model.cos[:, :32], model.sin[:, :32]
+    y = attn(x, ve, cos, sin)
+    p = 20
+    before = x.clone()
+    before[:, : p - 7] += 1.0  # keys p-w and earlier: outside the window of position p
+    torch.testing.assert_close(attn(before, ve, cos, sin)[:, p:], y[:, p:], atol=1e-6, rtol=0)
+    inside = x.clone()
+    inside[:, p - 7] += 1.0  # the oldest key inside the window
+    assert (attn(inside, ve, cos, sin)[:, p] - y[:, p]).abs().max() > 1e-3
+
+
+# -----------------------------------------------------------------------------
 # KV cache
 
 
-@pytest.mark.parametrize("config", [TINY, FULL])
+@pytest.mark.parametrize("config", [TINY, FULL, RECORD])
 def test_kv_cache_greedy_logits_match_full_forward(config):
     model = make_model(config)
     idx = random_tokens(config, 2, 24)
@@ -304,9 +449,9 @@ def test_kv_cache_greedy_logits_match_full_forward(config):
         torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("config", [TINY, FULL])
+@pytest.mark.parametrize("config", [TINY, FULL, RECORD])
 def test_kv_cache_greedy_generation_equals_full_recompute(config):
-    model = make_model(seed=3)
+    model = make_model(config, seed=3)
     prompt = random_tokens(config, 1, 6)
     with torch.no_grad():
         recomputed = prompt
@@ -323,7 +468,7 @@ def test_kv_cache_greedy_generation_equals_full_recompute(config):
     assert torch.equal(cached, recomputed)
 
 
-@pytest.mark.parametrize("config", [TINY, FULL])
+@pytest.mark.parametrize("config", [TINY, FULL, RECORD])
 def test_inference_runs_past_the_training_length_up_to_the_rotary_table(config):
     model = make_model(config)
     assert model.cos.shape == (1, 10 * config.sequence_len, 1, config.head_dim // 2)
@@ -341,7 +486,7 @@ def test_inference_runs_past_the_training_length_up_to_the_rotary_table(config):
 # Init, parameter groups, FLOPs
 
 
-@pytest.mark.parametrize("config", [TINY, FULL])
+@pytest.mark.parametrize("config", [TINY, FULL, RECORD])
 def test_meta_init_initializes_every_parameter_and_buffer(config):
     def build(seed: int) -> GPT:
         with torch.device("meta"):
@@ -399,16 +544,37 @@ def test_qk_scale_multiplies_q_and_k_after_qk_norm(monkeypatch):
     torch.testing.assert_close(plain(idx), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_param_groups_partition_every_parameter_exactly_once():
-    model = make_model()
+@pytest.mark.parametrize("config", [TINY, RECORD])
+def test_param_groups_partition_every_parameter_exactly_once(config):
+    model = make_model(config)
     groups = model.param_groups()
-    assert set(groups) == {"matrix", "embedding", "lm_head"}
+    assert set(groups) == {
+        "matrix",
+        "embedding",
+        "lm_head",
+        "value_embeds",
+        "resid_scalars",
+        "x0_scalars",
+        "smear_backout",
+    }
     grouped = [p for ps in groups.values() for p in ps]
     assert len(grouped) == len({id(p) for p in grouped}) == len(list(model.parameters()))
     assert {id(p) for p in grouped} == {id(p) for p in model.parameters()}
     assert groups["embedding"] == [model.transformer.wte.weight]
     assert groups["lm_head"] == [model.lm_head.weight]
-    assert len(groups["matrix"]) == 6 * TINY.n_layer and all(p.dim() == 2 for p in groups["matrix"])
+    # every block parameter is a matrix (the record puts them all under Muon)
+    assert {id(p) for p in groups["matrix"]} == {id(p) for p in model.transformer.h.parameters()}
+    assert all(p.dim() == 2 for p in groups["matrix"])
+    if config is TINY:
+        assert len(groups["matrix"]) == 6 * TINY.n_layer
+        assert not any(
+            groups[name] for name in ("value_embeds", "resid_scalars", "x0_scalars", "smear_backout")
+        )
+    else:
+        assert len(groups["matrix"]) == 6 * 3 + 2  # two value-embedding gates
+        assert groups["value_embeds"] == [model.value_embeds["0"].weight, model.value_embeds["2"].weight]
+        assert groups["resid_scalars"] == [model.resid_lambdas] and groups["x0_scalars"] == [model.x0_lambdas]
+        assert groups["smear_backout"] == [model.smear_gate.weight, model.smear_lambda, model.backout_lambda]
 
 
 def test_num_params_and_estimate_flops_hand_checked():
@@ -420,7 +586,21 @@ def test_num_params_and_estimate_flops_hand_checked():
     assert model.num_params() == embedding + lm_head + 2 * per_layer == 122_880
     attention = 12 * 2 * 4 * 16 * 32  # 12 * n_layer * n_head * head_dim * T = 49152
     assert model.estimate_flops() == 6 * (lm_head + 2 * per_layer) + attention == 638_976 + 49_152
-    assert model.num_matmul_params() == lm_head + 2 * per_layer  # what the training horizon counts
+    assert model.num_matmul_params() == model.num_scaling_params() == lm_head + 2 * per_layer
+
+
+def test_record_params_and_flops_count_gates_and_windows_hand_checked():
+    model = make_model(RECORD, mix=False)
+    # 3 layers of TINY's 45056, + 2 value-embedding gates (2 kv heads x 12 channels) + lm_head
+    blocks = 3 * 45056 + 2 * 2 * 12
+    lm_head = 256 * 64
+    tables = 256 * 64 + 2 * 256 * 32  # wte + two value embeddings (kv_dim 32)
+    scalars = 3 + 3 + 1 + 1  # resid, x0, smear lambda, backout lambda
+    assert model.num_params() == blocks + lm_head + tables + scalars + 24  # + the smear gate
+    assert model.num_scaling_params() == blocks + lm_head  # the record's horizon count
+    assert model.num_matmul_params() == blocks + lm_head + 24
+    attention = 12 * 4 * 16 * (8 + 8 + 32)  # two layers see 8 keys, the last all 32
+    assert model.estimate_flops() == 6 * (blocks + lm_head + 24) + attention
 
 
 # -----------------------------------------------------------------------------
@@ -459,7 +639,14 @@ def test_memory_estimate_of_rank_zero_follows_the_sharding_rules():
     assert three["optimizer"] == 2 * 4 * 2 * 256 * 64 + 4 * muon
 
 
-@pytest.mark.parametrize("config", [TINY, replace(TINY, n_kv_head=4), FULL])
+# the record at depths 2-24 (narrow: aspect ratio 16, heads of 16), and each of its parts alone
+RECORD_DEPTHS = [config_from_depth(d, 250, 32, aspect_ratio=16, head_dim=16) for d in (2, 3, 12, 24)]
+RECORD_PARTS = [replace(TINY, n_layer=2, **{k: v}) for k, v in RECORD_FEATURES.items() if k != "init"]
+
+
+@pytest.mark.parametrize(
+    "config", [TINY, replace(TINY, n_kv_head=4), FULL, RECORD, *RECORD_DEPTHS, *RECORD_PARTS]
+)
 def test_fp32_activation_estimate_equals_what_autograd_saves(config):
     model = make_model(config)
     B, T = 3, 32
