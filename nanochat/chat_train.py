@@ -28,10 +28,10 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
     CheckpointError,
+    RunSaver,
     add_run_flags,
     checkpoint_dir,
     load_model,
-    save_checkpoint,
     start_run,
 )
 from nanochat.common import (
@@ -40,6 +40,7 @@ from nanochat.common import (
     compiled,
     compute_cleanup,
     compute_init,
+    exit_together,
     exit_with_error,
     is_distributed,
     print0,
@@ -189,12 +190,10 @@ def train(
     print0(f"train conversations: {len(train_task):,}  val conversations: {len(val_task):,}")
 
     # -------------------------------------------------------------------------- source model
-    try:
+    with exit_together(stage):  # one rank's damaged copy stops every rank, with its message
         model, tokenizer, source_meta = load_model(
-            args.source, device, "train", args.model_tag, args.model_step
+            args.source, device, "train", args.model_tag, args.model_step, args.verify
         )
-    except CheckpointError as e:
-        fail(str(e))
     config, tag = model.config, source_meta["model_tag"]
     T = args.max_seq_len or config.sequence_len
     if not 2 <= T <= config.sequence_len:
@@ -224,7 +223,7 @@ def train(
     same = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
     try:
         start_step, resumed = start_run(
-            ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same
+            ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
         )
     except CheckpointError as e:
         fail(str(e))
@@ -251,10 +250,11 @@ def train(
     step = start_step
     start_progress = state["progress"]  # the ETA of an epoch-long run (-1 steps) goes by progress
     session_time = 0.0  # every step of this process, for the ETA
+    saver = RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)  # SIGTERM: save, exit 0
     while True:
         last_step = step == num_iterations if num_iterations > 0 else state["progress"] >= 1.0
-        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            save_checkpoint(ckpt_dir, step, orig_model, optimizers, meta, loader_state)
+        if saver.due(step, last_step):
+            saver.save(step, orig_model, optimizers, meta, loader_state)
 
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import sys
 import time
@@ -609,4 +610,12 @@ class RunSaver:
             flush=True,
         )
         compute_cleanup()
-        sys.exit(0)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # not sys.exit: its shutdown joins the data loader's prefetch thread, which finishes the block
+        # it is building first (measured 2.7 s of a 2.85 s SIGTERM-to-exit on a tiny CPU run)
+        os._exit(0)

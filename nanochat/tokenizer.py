@@ -6,8 +6,11 @@
 - `encode` is ordinary encoding only: text that spells `<|bos|>` never becomes the control id.
 - On disk, data only, never a pickle: `tokenizer.tiktoken` (base64 token and rank per line),
   `tokenizer_meta.json` (name, pattern, special tokens, BOS) and `token_bytes.pt` (each token's
-  raw byte length). Each is written atomically, byte-identical for the same tokenizer. An old
-  `tokenizer.pkl` is converted only on request: `python -m nanochat.tokenizer convert [DIR]`.
+  raw byte length). Each is written atomically, byte-identical for the same tokenizer; the meta,
+  written last, holds the other two files' SHA-256. An old `tokenizer.pkl` is converted only on
+  request: `python -m nanochat.tokenizer convert [DIR]`.
+- Loading checks everything first (checksums, unique tokens and ranks, all 256 bytes, special ids
+  unique and apart from the ranks, a pattern that compiles): any problem is one TokenizerError.
 - A conversation renders to (ids, mask), mask 1 only on what the assistant writes itself.
 - Streaming decode is incremental UTF-8: a partial code point is held back until complete.
 """
@@ -15,6 +18,7 @@
 import argparse
 import base64
 import codecs
+import hashlib
 import json
 import os
 import pickle
@@ -24,7 +28,7 @@ from pathlib import Path
 import tiktoken
 import torch
 
-from nanochat.common import atomic_path, get_base_dir, print0, save_tensors
+from nanochat.common import UserError, atomic_path, get_base_dir, print0, save_tensors, sha256_of
 
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
 
@@ -61,6 +65,59 @@ PRETRAINED = {
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte tokens and the special tokens
 RANKS_FILE, META_FILE, OLD_PICKLE = "tokenizer.tiktoken", "tokenizer_meta.json", "tokenizer.pkl"
+BYTES_FILE = "token_bytes.pt"
+RETRAIN = "train it again with `python -m scripts.tok_train`"
+
+
+class TokenizerError(UserError, FileNotFoundError, ValueError):
+    """No usable tokenizer: a file missing or damaged; the message names it and the fix. A
+    FileNotFoundError (every caller that handles "no tokenizer yet" handles it) and a ValueError."""
+
+
+def _check_tokens(ranks: dict[bytes, int], special_tokens: dict[str, int], directory: Path) -> None:
+    """The ranks encode any text (all 256 single bytes), special ids are unique, not negative, and
+    apart from the ranks: else TokenizerError naming the file at fault in `directory`."""
+    where = directory / RANKS_FILE
+    if missing := [b for b in range(256) if bytes([b]) not in ranks]:
+        raise TokenizerError(
+            f"{where}: {len(missing)} single-byte tokens are missing (e.g. byte {missing[0]}); {RETRAIN}"
+        )
+    where = directory / META_FILE
+    ids = list(special_tokens.values())
+    if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
+        raise TokenizerError(f"{where}: special token ids {ids} are not distinct non-negative ids; {RETRAIN}")
+    rank_values = set(ranks.values())
+    if clash := {name: i for name, i in special_tokens.items() if i in rank_values}:
+        raise TokenizerError(
+            f"{where}: special tokens {clash} take the id of an ordinary token, so the model could never "
+            f"emit them; {RETRAIN}"
+        )
+
+
+def _meta_fields(meta: object, meta_path: Path) -> dict:
+    """The constructor arguments in a tokenizer meta, checked (types, bos among the specials)."""
+    problem = None
+    if not isinstance(meta, dict):
+        problem = "is not a JSON object"
+    elif missing := sorted({"name", "pattern", "special_tokens", "bos_token"} - set(meta)):
+        problem = f"lacks {', '.join(missing)}"
+    elif unknown := sorted(set(meta) - {"name", "pattern", "special_tokens", "bos_token", "sha256"}):
+        problem = f"has unknown keys {unknown}"
+    elif not all(isinstance(meta[k], str) for k in ("name", "pattern", "bos_token")):
+        problem = "needs strings for name, pattern and bos_token"
+    elif not isinstance(meta["special_tokens"], dict) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in meta["special_tokens"].values()
+    ):
+        problem = "needs special_tokens as an object of names and integer ids"
+    elif meta["bos_token"] not in meta["special_tokens"]:
+        problem = f"names bos_token {meta['bos_token']!r}, which is not among its special tokens"
+    elif not isinstance(meta.get("sha256", {}), dict):
+        problem = "needs sha256 as an object of file names and checksums"
+    if problem:
+        raise TokenizerError(
+            f"{meta_path} is not a tokenizer description written by Tokenizer.save: {problem}; {RETRAIN}"
+        )
+    return {k: v for k, v in meta.items() if k != "sha256"}
 
 
 class Tokenizer:
@@ -118,25 +175,40 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike) -> "Tokenizer":
-        """Load a tokenizer written by `save`. Never unpickles: an old tokenizer.pkl is refused."""
+        """Load a tokenizer written by `save`, checked first (see the module docstring): any problem is
+        a TokenizerError naming the file. Never unpickles: an old tokenizer.pkl is refused."""
         directory = Path(directory)
         ranks_path, meta_path = directory / RANKS_FILE, directory / META_FILE
         if not ranks_path.exists() and (directory / OLD_PICKLE).exists():
-            raise FileNotFoundError(
+            raise TokenizerError(
                 f"{directory / OLD_PICKLE} is an old pickled tokenizer, never loaded (unpickling can run "
                 f"code); convert it once with `python -m nanochat.tokenizer convert {directory}`"
             )
-        if not ranks_path.exists():
-            raise FileNotFoundError(
-                f"no tokenizer at {ranks_path} (train one with `python -m scripts.tok_train`)"
-            )
-        ranks = load_tiktoken_ranks(ranks_path)
-        try:  # the meta file holds the other arguments of the constructor by name
-            return cls(mergeable_ranks=ranks, **json.loads(meta_path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(
+        for path in (ranks_path, meta_path):
+            if not path.exists():
+                raise TokenizerError(f"no tokenizer at {path} ({RETRAIN})")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise TokenizerError(
                 f"{meta_path} is not a tokenizer description written by Tokenizer.save: {e}"
-            ) from e
+            ) from None
+        fields = _meta_fields(meta, meta_path)
+        for name, digest in meta.get("sha256", {}).items():  # a tokenizer saved before checksums has none
+            if (
+                name in (RANKS_FILE, BYTES_FILE)
+                and (directory / name).exists()
+                and sha256_of(directory / name) != digest
+            ):
+                raise TokenizerError(
+                    f"{directory / name} is damaged: its SHA-256 is not the one in {META_FILE}; {RETRAIN}"
+                )
+        ranks = load_tiktoken_ranks(ranks_path)
+        _check_tokens(ranks, fields["special_tokens"], directory)
+        try:
+            return cls(mergeable_ranks=ranks, **fields)
+        except ValueError as e:  # tiktoken: the pattern does not compile
+            raise TokenizerError(f"{meta_path}: the pattern does not compile ({e}); {RETRAIN}") from None
 
     @classmethod
     def from_pretrained(cls, name: str, path: str | os.PathLike) -> "Tokenizer":
@@ -148,18 +220,18 @@ class Tokenizer:
         return cls(pattern, load_tiktoken_ranks(path), special_tokens, name, "<|endoftext|>")
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write token_bytes.pt, the meta JSON and the ranks into `directory` (created if needed)."""
+        """Write token_bytes.pt, the ranks and the meta JSON (last, with the others' SHA-256) into
+        `directory` (created if needed)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_tensors(self.token_bytes(), directory / "token_bytes.pt")
-        meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens}
-        meta["bos_token"] = self.bos_token
         ranks = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
-        files = {
-            META_FILE: json.dumps(meta, indent=2).encode() + b"\n",
-            RANKS_FILE: b"".join(base64.b64encode(token) + f" {rank}\n".encode() for token, rank in ranks),
-        }
-        for filename, data in files.items():  # the ranks last: their file marks a complete tokenizer
+        ranks_data = b"".join(base64.b64encode(token) + f" {rank}\n".encode() for token, rank in ranks)
+        checksums = {BYTES_FILE: save_tensors(self.token_bytes(), directory / BYTES_FILE)}
+        checksums[RANKS_FILE] = hashlib.sha256(ranks_data).hexdigest()
+        meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens}
+        meta |= {"bos_token": self.bos_token, "sha256": dict(sorted(checksums.items()))}
+        files = {RANKS_FILE: ranks_data, META_FILE: json.dumps(meta, indent=2).encode() + b"\n"}
+        for filename, data in files.items():  # the meta last: it marks a complete tokenizer
             with atomic_path(directory / filename) as tmp:
                 tmp.write_bytes(data)
 
@@ -301,16 +373,21 @@ def _chat_turns(conversation) -> list[dict]:
 
 def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     """Mergeable ranks from a .tiktoken file: one `base64(token) rank` per line."""
-    ranks = {}
+    ranks: dict[bytes, int] = {}
+    lines: dict[int, int] = {}  # rank -> its line, to name both lines of a repeated rank
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not a `base64 rank` line: {line[:80]!r}") from e
+                token_text, rank_text = line.split()
+                token, rank = base64.b64decode(token_text, validate=True), int(rank_text)
+            except ValueError:
+                raise TokenizerError(f"{path}:{line_no}: not a `base64 rank` line: {line[:80]!r}") from None
+            if token in ranks or rank in lines:
+                what = f"token {token!r} is listed again" if token in ranks else f"rank {rank} is given again"
+                raise TokenizerError(f"{path}:{line_no}: {what} (tokens and ranks are unique); {RETRAIN}")
+            ranks[token], lines[rank] = rank, line_no
     return ranks
 
 
@@ -325,9 +402,9 @@ def get_tokenizer() -> Tokenizer:
 
 def get_token_bytes(device: str | torch.device = "cpu") -> torch.Tensor:
     """int32 [V] raw byte length of each token, for bits-per-byte."""
-    path = _tokenizer_dir() / "token_bytes.pt"
+    path = _tokenizer_dir() / BYTES_FILE
     if not path.exists():
-        raise FileNotFoundError(f"no {path} (train a tokenizer with `python -m scripts.tok_train`)")
+        raise TokenizerError(f"no {path} ({RETRAIN})")
     return torch.load(path, map_location=device, weights_only=True)
 
 

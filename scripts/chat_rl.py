@@ -30,10 +30,10 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
     CheckpointError,
+    RunSaver,
     add_run_flags,
     checkpoint_dir,
     load_model,
-    save_checkpoint,
     start_run,
 )
 from nanochat.common import (
@@ -43,6 +43,7 @@ from nanochat.common import (
     compute_cleanup,
     compute_init,
     exit_on_user_error,
+    exit_together,
     exit_with_error,
     print0,
     setup_logging,
@@ -183,12 +184,10 @@ if __name__ == "__main__":
     eval_examples = min(args.eval_examples, len(test_task))
 
     # ---------------------------------------------------------------------- model
-    try:
+    with exit_together("chat_rl"):  # one rank's damaged copy stops every rank, with its message
         model, tokenizer, source_meta = load_model(
-            args.source, device, "train", args.model_tag, args.model_step
+            args.source, device, "train", args.model_tag, args.model_step, args.verify
         )
-    except CheckpointError as e:
-        fail(str(e))
     model_tag, max_seq_len = source_meta["model_tag"], args.max_seq_len or model.config.sequence_len
     print0(f"model: {args.source}/{model_tag} {model.config}")
     print0(
@@ -208,7 +207,14 @@ if __name__ == "__main__":
     same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
     try:
         start_step, _ = start_run(
-            ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, (*same, "num_iterations")
+            ckpt_dir,
+            args.resume,
+            args.overwrite,
+            model,
+            optimizers,
+            user_config,
+            (*same, "num_iterations"),
+            args.verify,
         )
     except CheckpointError as e:
         fail(str(e))
@@ -256,12 +262,11 @@ if __name__ == "__main__":
     last_eval: dict = {}
     training_time = 0.0  # this process's steps (a resumed run starts it again): the ETA's pace
     per_rank = args.examples_per_step // world_size
+    saver = RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)  # SIGTERM: save, exit 0
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
-        if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
-            save_checkpoint(
-                ckpt_dir, step, model, optimizers, {"user_config": user_config, "source": args.source}
-            )
+        if saver.due(step, last_step):
+            saver.save(step, model, optimizers, {"user_config": user_config, "source": args.source})
 
         if last_step or step == start_step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
             last_eval = evaluate()

@@ -17,11 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanochat import tokenizer as tokenizer_module
+from nanochat.common import UserError, sha256_of
 from nanochat.tokenizer import (
     SPECIAL_TOKENS,
     SPLIT_PATTERN,
     StreamDecoder,
     Tokenizer,
+    TokenizerError,
     convert_pickled_tokenizer,
     load_tiktoken_ranks,
 )
@@ -304,6 +306,7 @@ def test_save_writes_data_files_that_from_directory_round_trips(tok, tmp_path):
         "pattern": SPLIT_PATTERN,
         "special_tokens": tok.get_special_tokens(),
         "bos_token": "<|bos|>",
+        "sha256": {name: sha256_of(tmp_path / "tokenizer" / name) for name in TOKENIZER_FILES[:2]},
     }
     first_line = (tmp_path / "tokenizer" / "tokenizer.tiktoken").read_text().splitlines()[0]
     assert first_line == "AA== 0"  # base64 of the byte 0, then its rank
@@ -356,10 +359,87 @@ def test_from_directory_names_a_damaged_meta_file(tok, tmp_path):
 
 def test_from_directory_names_a_damaged_ranks_line(tok, tmp_path):
     tok.save(tmp_path)
-    with open(tmp_path / "tokenizer.tiktoken", "a") as f:
-        f.write("not-base64! 99999\n")
+    _edit(tmp_path / "tokenizer.tiktoken", lambda data: data + b"not-base64! 99999\n")
     with pytest.raises(ValueError, match=rf"tokenizer.tiktoken:{len(tok.mergeable_ranks) + 1}: not a"):
         Tokenizer.from_directory(tmp_path)
+
+
+def _edit(path: Path, edit) -> None:
+    """Rewrite a tokenizer file and its checksum in the meta: only the validation can catch the edit."""
+    path.write_bytes(edit(path.read_bytes()))
+    meta_path = path.parent / "tokenizer_meta.json"
+    meta = json.loads(meta_path.read_text())
+    if path != meta_path:
+        meta["sha256"][path.name] = sha256_of(path)
+        meta_path.write_text(json.dumps(meta))
+
+
+def _one_line_error(directory: Path, *named: str) -> str:
+    with pytest.raises(TokenizerError) as e:
+        Tokenizer.from_directory(directory)
+    message = str(e.value)
+    assert isinstance(e.value, UserError) and "\n" not in message  # exit_on_user_error: one line
+    assert all(name in message for name in named), message
+    return message
+
+
+def test_a_token_listed_twice_is_refused_naming_the_line(tok, tmp_path):
+    tok.save(tmp_path)
+    lines = (tmp_path / "tokenizer.tiktoken").read_bytes().splitlines(keepends=True)
+    last_rank = len(lines) - 1
+    _edit(
+        tmp_path / "tokenizer.tiktoken",
+        lambda data: data + lines[5].split()[0] + f" {last_rank + 1}\n".encode(),
+    )
+    _one_line_error(tmp_path, f"tokenizer.tiktoken:{len(lines) + 1}", "listed again")
+
+
+def test_a_rank_given_twice_is_refused(tok, tmp_path):
+    tok.save(tmp_path)
+    _edit(tmp_path / "tokenizer.tiktoken", lambda data: data.replace(b" 300\n", b" 299\n", 1))
+    _one_line_error(tmp_path, "rank 299 is given again")
+
+
+def test_a_special_token_on_an_ordinary_id_is_refused(tok, tmp_path):
+    tok.save(tmp_path)
+    end = tok.encode_special("<|assistant_end|>")
+    _edit(tmp_path / "tokenizer_meta.json", lambda data: data.replace(f": {end}".encode(), b": 97"))
+    _one_line_error(tmp_path, "tokenizer", "<|assistant_end|>", "ordinary token")
+    tok.save(tmp_path)
+    _edit(
+        tmp_path / "tokenizer_meta.json",
+        lambda data: data.replace(f": {end}".encode(), f": {end - 1}".encode()),
+    )
+    _one_line_error(tmp_path, "special token ids")  # two specials on one id
+
+
+def test_a_pattern_that_does_not_compile_is_refused(tok, tmp_path):
+    tok.save(tmp_path)
+    _edit(tmp_path / "tokenizer_meta.json", lambda data: data.replace(b'"pattern": "', b'"pattern": "(', 1))
+    _one_line_error(tmp_path, "tokenizer_meta.json", "pattern")
+
+
+def test_meta_of_the_wrong_shape_is_refused(tok, tmp_path):
+    tok.save(tmp_path)
+    for bad, named in ([], "JSON object"), ({"name": "x"}, "lacks"), ({"bos_token": "<|nope|>"}, "bos_token"):
+        meta = json.loads(Path(tmp_path / "tokenizer_meta.json").read_text())
+        (tmp_path / "tokenizer_meta.json").write_text(
+            json.dumps(bad if isinstance(bad, list) else (meta | bad if "bos_token" in bad else bad))
+        )
+        _one_line_error(tmp_path, "tokenizer_meta.json", named)
+        tok.save(tmp_path)
+    (tmp_path / "tokenizer_meta.json").unlink()  # a save killed before its last file
+    _one_line_error(tmp_path, "tokenizer_meta.json", "tok_train")
+
+
+def test_a_damaged_tokenizer_file_fails_its_checksum(tok, tmp_path):
+    tok.save(tmp_path)
+    ranks = tmp_path / "tokenizer.tiktoken"
+    ranks.write_bytes(ranks.read_bytes().replace(b" 300\n", b" 301\n", 1).replace(b" 301\n", b" 300\n", 2))
+    data = bytearray((tmp_path / "token_bytes.pt").read_bytes())
+    data[-30] ^= 1
+    (tmp_path / "token_bytes.pt").write_bytes(bytes(data))
+    _one_line_error(tmp_path, "token_bytes.pt", "SHA-256")
 
 
 class WritesMarkerWhenUnpickled:
