@@ -246,10 +246,11 @@ def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> li
     return sorted(p.name for p in folder.iterdir() if p.name != MARKER and not ours(p))
 
 
-def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool], flag: str = "--overwrite") -> None:
-    """Delete what `ours` recognises in `folder`, and the folder itself when it carries the marker.
-    Raises UserError, deleting nothing, for `.`, `..`, `/`, a home directory, or a folder that holds
-    anything else (named). `flag` names the option that asked for the deletion."""
+def check_removable(
+    folder: str | os.PathLike, ours: Callable[[Path], bool], flag: str = "--overwrite"
+) -> None:
+    """Raise UserError unless `remove_ours` may empty `folder`: never `.`, `..`, `/` or a home directory,
+    nor a folder holding anything `ours` does not recognise (named). `flag` asked for the deletion."""
     folder = Path(folder)
     if not folder.exists():
         return
@@ -263,6 +264,15 @@ def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool], flag: s
             f"{flag} refuses to delete {folder}: it holds files nanochat did not write ({shown}); "
             "move them away or pick another folder"
         )
+
+
+def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool], flag: str = "--overwrite") -> None:
+    """Delete what `ours` recognises in `folder`, and the folder itself when it carries the marker,
+    after `check_removable` (which raises, deleting nothing, for anything else)."""
+    folder = Path(folder)
+    check_removable(folder, ours, flag)
+    if not folder.exists():
+        return
     for path in folder.iterdir():
         if path.name != MARKER:
             path.unlink()  # `ours` recognises files only

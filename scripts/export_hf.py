@@ -25,7 +25,15 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import HelpFormatter, exit_on_user_error, exit_with_error
+from nanochat.common import (
+    MARKER,
+    HelpFormatter,
+    UserError,
+    check_removable,
+    exit_on_user_error,
+    exit_with_error,
+    remove_ours,
+)
 from nanochat.engine import STOP_TOKENS
 from nanochat.gpt import LOGIT_SOFTCAP, NORM_EPS, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -295,12 +303,25 @@ message is joined to the first user message with a blank line. A reply ends at `
 # Export
 
 
+EXPORT_FILES = {"model.safetensors", "hf_model.py", "config.json", "generation_config.json"}
+EXPORT_FILES |= {"tokenizer_config.json", "tokenizer.json", "README.md"}
+
+
+def _exported(path: Path) -> bool:
+    """A file an export wrote: one of its names, in a folder carrying nanochat's marker (the names alone
+    are every Hugging Face folder's: a folder without the marker is never emptied)."""
+    return path.is_file() and path.name in EXPORT_FILES and (path.parent / MARKER).is_file()
+
+
 def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, overwrite: bool = False) -> None:
-    """Write the model folder `out` (atomically: built next to it, then renamed)."""
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(
-            f"--out {out} exists and is not empty: choose another folder or pass --overwrite"
-        )
+    """Write the model folder `out` (atomically: built next to it, then renamed). `overwrite` replaces an
+    earlier export there, and nothing else (UserError: `.`, `..`, a home directory, other files)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"--out {out} exists and is not empty: choose another folder or pass --overwrite"
+            )
+        check_removable(out, _exported)  # before the work: refuse in seconds, delete nothing
     out.parent.mkdir(parents=True, exist_ok=True)
     config = model.config
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -318,8 +339,8 @@ def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, over
         build_hf_tokenizer(tokenizer).save(str(tmp / "tokenizer.json"))
         card = model_card(config, meta, source, model.num_params())
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
+        (tmp / MARKER).write_text("written by nanochat's export_hf: --overwrite may replace this folder\n")
+        remove_ours(out, _exported)  # checked again: the folder may have changed during the export
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -340,7 +361,7 @@ def main() -> None:
         model, tokenizer, meta = load_model(args.source, "cpu", "eval", args.model_tag, args.model_step)
     try:
         export(model, tokenizer, meta, args.source, Path(args.out), args.overwrite)
-    except FileExistsError as e:  # --out holds files and no --overwrite
+    except (FileExistsError, UserError) as e:  # --out holds files: no --overwrite, or not ours to delete
         exit_with_error("export_hf", str(e))
     print(f"exported {args.source} {meta['model_tag']} step {meta['step']} to {args.out}")
 

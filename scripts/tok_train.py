@@ -15,7 +15,15 @@ import argparse
 import sys
 import time
 
-from nanochat.common import HelpFormatter, ProgressBar, get_base_dir, print0
+from nanochat.common import (
+    HelpFormatter,
+    ProgressBar,
+    exit_on_user_error,
+    get_base_dir,
+    hold_lock,
+    make_folder,
+    print0,
+)
 from nanochat.dataset import parquets_iter_batched, read_manifest
 from nanochat.report import get_report
 from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
@@ -55,6 +63,10 @@ for flag, value in [
     if value is not None and value < 1:
         parser.error(f"{flag} must be positive, got {value}")
 print0(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
+
+tokenizer_dir = get_base_dir() / "tokenizer"
+with exit_on_user_error("tok_train"):  # a second tok_train is refused now, not after its training
+    hold_lock(tokenizer_dir, "the tokenizer folder")
 
 # -----------------------------------------------------------------------------
 # Text: the train split, documents cropped to doc_cap, at most max_chars in total
@@ -105,8 +117,7 @@ if set(tokenizer.get_special_tokens().values()) & set(ids):
 num_bytes = len(SANITY_TEXT.encode("utf-8"))
 print0(f"sanity check passed: {num_bytes} bytes -> {len(ids)} tokens ({num_bytes / len(ids):.2f} bytes/tok)")
 
-tokenizer_dir = get_base_dir() / "tokenizer"
-tokenizer.save(tokenizer_dir)
+tokenizer.save(make_folder(tokenizer_dir))
 print0(f"saved the tokenizer to {tokenizer_dir}")
 
 # -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ pytest.importorskip(
 )
 
 from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint  # noqa: E402
+from nanochat.common import UserError  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer, load_tiktoken_ranks  # noqa: E402
@@ -192,3 +193,45 @@ def test_bpe_merges_from_large_real_vocabs_encode_like_tiktoken(ranks_file):
     docs = [json.loads(line)["text"] for line in docs_path.read_text(encoding="utf-8").splitlines()]
     for doc in docs + TEXTS:
         assert hf.encode(doc, add_special_tokens=False).ids == tokenizer.encode(doc), doc[:80]
+
+
+# ---------------------------------------------------------------------- what --overwrite may delete
+
+
+def test_overwrite_refuses_the_working_folder_and_its_parent_and_deletes_nothing(
+    exported, tmp_path, monkeypatch, capsys
+):
+    model, tokenizer, out = exported
+    work = tmp_path / "parent" / "work"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    (tmp_path / "parent" / "config.json").write_text("{}")  # a Hugging Face name, but not our export
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(out.parent))
+    monkeypatch.setattr(sys, "argv", ["export_hf", "-i", "sft", "--out", ".", "--overwrite"])
+    with pytest.raises(SystemExit) as e:
+        export_hf.main()
+    assert e.value.code == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "refuses to delete" in lines[0] and "working folder" in lines[0]
+    with pytest.raises(UserError, match="working folder or a folder above it"):
+        export_hf.export(model, tokenizer, {}, "sft", Path(".."), overwrite=True)
+    assert (work / "notes.txt").read_text() == "mine" and (tmp_path / "parent" / "config.json").exists()
+
+
+def test_overwrite_replaces_an_earlier_export_but_not_a_folder_with_other_files(exported, tmp_path):
+    model, tokenizer, out = exported
+    meta = {"model_tag": "d2", "step": 7}
+    target = tmp_path / "hf"
+    export_hf.export(model, tokenizer, meta, "sft", target)
+    (target / "model.safetensors").write_bytes(b"old")
+    export_hf.export(model, tokenizer, meta, "sft", target, overwrite=True)  # our own export: replaced
+    assert (target / "model.safetensors").read_bytes() != b"old"
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="notes.txt"):
+        export_hf.export(model, tokenizer, meta, "sft", target, overwrite=True)
+    (target / "notes.txt").unlink()
+    (target / ".nanochat").unlink()  # an export of before the marker, or anyone's HF folder
+    with pytest.raises(UserError, match="config.json"):
+        export_hf.export(model, tokenizer, meta, "sft", target, overwrite=True)
+    assert (target / "model.safetensors").exists()
