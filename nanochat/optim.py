@@ -1,5 +1,6 @@
 """
-Optimizers: Muon for the 2-D block matrices, AdamW for the embedding and the lm_head.
+Optimizers: Muon for the 2-D block matrices, AdamW for the rest (embeddings, lm_head, scalars),
+with the public nanochat record's betas and decay per group.
 
 - No DDP wrapper: the optimizers average gradients over ranks themselves; one process (no
   process group) runs the same math with no communication.
@@ -15,7 +16,10 @@ Optimizers: Muon for the 2-D block matrices, AdamW for the embedding and the lm_
 - Collectives are asynchronous: every reduction is launched first, then awaited and applied in
   turn. Backends without reduce-scatter (older gloo) emulate it with an all-reduce.
 - `state_dict()` is this rank's shard only and records the layout; another layout is refused.
-- Schedules are plain functions (`lr_multiplier`, `muon_momentum`) applied by `apply_schedule`.
+- `compiled=True` runs the per-parameter update math through torch.compile (fused element-wise
+  kernels); it equals the eager math to rounding (tests/test_optim.py).
+- Schedules are plain functions (`lr_multiplier`, `muon_momentum`, `weight_decay_multiplier`)
+  applied by `apply_schedule`.
 """
 
 from __future__ import annotations
@@ -154,25 +158,52 @@ class _ShardedOptimizer(torch.optim.Optimizer):
 # AdamW
 
 
-def _adamw_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
+def _scalars(*values: float) -> list[Tensor]:
+    """0-d fp32 CPU tensors of the step's hyperparameters. A compiled update takes them as inputs,
+    so a new LR or momentum each step does not recompile it (a Python float is baked into the graph);
+    the eager update takes the same tensors, so both run the same math."""
+    return [torch.tensor(v, dtype=torch.float32) for v in values]
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable, compiled: bool) -> Callable:
+    """`fn`, or its torch.compile (one per function, built on first use; a graph per shape)."""
+    if not compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED[fn]
+
+
+def _adamw_math(
+    p: Tensor, grad: Tensor, m: Tensor, v: Tensor, beta1, beta2, step_size, bias2_root, eps, decay
+) -> None:
+    """In place: m, v <- EMAs of grad and grad²; p <- p·(1 - decay) - step_size·m / (√v/bias2_root + eps)."""
+    m.lerp_(grad, 1 - beta1)
+    v.mul_(beta2).add_((1 - beta2) * grad.square())
+    p.mul_(1 - decay)
+    p.sub_(step_size * m / (v.sqrt() / bias2_root + eps))
+
+
+def _adamw_update(
+    p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], compiled: bool = False
+) -> None:
     """One bias-corrected AdamW step on `p` (a parameter or this rank's rows of one), in place."""
     if not state:
         state["step"] = 0
         state["exp_avg"] = torch.zeros_like(p)
         state["exp_avg_sq"] = torch.zeros_like(p)
-    grad = grad.to(p.dtype)
     state["step"] += 1
     t = state["step"]
     beta1, beta2 = group["betas"]
-    lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-    m, v = state["exp_avg"], state["exp_avg_sq"]
-    m.lerp_(grad, 1 - beta1)
-    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    m_hat = m / (1 - beta1**t)
-    v_hat = v / (1 - beta2**t)
-    if wd != 0:
-        p.mul_(1 - lr * wd)
-    p.addcdiv_(m_hat, v_hat.sqrt_().add_(eps), value=-lr)
+    lr = group["lr"]
+    hyper = _scalars(beta1, beta2, lr / (1 - beta1**t), math.sqrt(1 - beta2**t), group["eps"])
+    decay = _scalars(lr * group["weight_decay"])  # decoupled: follows the LR schedule
+    _compiled(_adamw_math, compiled)(
+        p, grad.to(p.dtype), state["exp_avg"], state["exp_avg_sq"], *hyper, *decay
+    )
 
 
 class AdamW(_ShardedOptimizer):
@@ -185,10 +216,13 @@ class AdamW(_ShardedOptimizer):
         betas: tuple[float, float] = (0.8, 0.95),
         eps: float = 1e-10,
         weight_decay: float = 0.0,
+        compiled: bool = False,
     ) -> None:
+        """`compiled`: run the update math through torch.compile (one fused kernel per step on a GPU)."""
         if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
         super().__init__(param_groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.compiled = compiled
 
     @staticmethod
     def is_sharded(p: Tensor, world_size: int) -> bool:
@@ -227,10 +261,10 @@ class AdamW(_ShardedOptimizer):
             if sharded:
                 k = p.size(0) // world_size
                 rows = p.data[rank * k : (rank + 1) * k]  # a view: updating it updates p
-                _adamw_update(rows, grad, self.state[p], group)
+                _adamw_update(rows, grad, self.state[p], group, self.compiled)
                 gathers.append(_all_gather_into(p.data, rows, world_size))
             else:
-                _adamw_update(p.data, grad, self.state[p], group)
+                _adamw_update(p.data, grad, self.state[p], group, self.compiled)
         for work in gathers:
             work.wait()
 
@@ -269,33 +303,54 @@ def _normuon_dim(p: Tensor) -> int:
     return -1 if p.size(0) >= p.size(1) else -2
 
 
-def _normuon(ortho: Tensor, second_moment: Tensor) -> Tensor:
+def _normuon(ortho: Tensor, second_moment: Tensor, beta2=NORMUON_BETA2) -> Tensor:
     """NorMuon: divide each row (column, when wide) by the root of its running mean square, then
     rescale the whole update back to its norm before, so only the rows' relative sizes change."""
-    second_moment.lerp_(ortho.square().mean(dim=_normuon_dim(ortho), keepdim=True), 1 - NORMUON_BETA2)
+    second_moment.lerp_(ortho.square().mean(dim=_normuon_dim(ortho), keepdim=True), 1 - beta2)
     normed = ortho / (second_moment.sqrt() + 1e-10)
     return normed * (ortho.norm() / (normed.norm() + 1e-10))
 
 
-def _cautious_decay(p: Tensor, update: Tensor, amount: float) -> None:
+def _cautious_decay(p: Tensor, update: Tensor, amount) -> None:
     """p -= amount·p only where the update already moves p toward zero (same sign as p)."""
-    p.sub_(p * (update * p > 0), alpha=amount)
+    p.sub_(p * (update * p > 0) * amount)
 
 
-def _muon_update(p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
-    """One Muon step on a whole matrix `p`, in place."""
+def _muon_lookahead(grad: Tensor, buf: Tensor, momentum, nesterov: bool) -> Tensor:
+    """In place: the momentum buffer b = mu*b + (1-mu)*g. Returns what is orthogonalized: the
+    Nesterov look-ahead (1-mu)*g + mu*b, or b."""
+    buf.lerp_(grad, 1 - momentum)
+    return grad.lerp(buf, momentum) if nesterov else buf.clone()
+
+
+def _muon_apply(p: Tensor, ortho: Tensor, second_moment: Tensor, lr, decay, beta2) -> None:
+    """In place: NorMuon's statistic and p (decay = LR × wd; lr includes the aspect scale)."""
+    update = _normuon(ortho.to(p.dtype), second_moment, beta2)
+    _cautious_decay(p, update, decay)  # decay 0 subtracts exact zeros: p unchanged
+    p.sub_(update * lr)
+
+
+def _muon_update(
+    p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], compiled: bool = False
+) -> None:
+    """One Muon step on a whole matrix `p`, in place. With `compiled`, the fp32 element-wise math
+    around the orthogonalization is compiled; the bf16 Polar Express stays eager (matmul-bound, and
+    a fused version rounds differently)."""
     if not state:
         state["momentum_buffer"] = torch.zeros_like(p)
         state["second_moment"] = torch.zeros_like(p.mean(dim=_normuon_dim(p), keepdim=True))
+    momentum, lr, decay, beta2 = _scalars(
+        group["momentum"],
+        group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5,
+        group["lr"] * group["weight_decay"],
+        group.get("beta2", NORMUON_BETA2),  # groups saved before beta2 was a setting used the constant
+    )
     grad = grad.to(p.dtype)
-    mu, lr, wd = group["momentum"], group["lr"], group["weight_decay"]
-    buf = state["momentum_buffer"]
-    buf.lerp_(grad, 1 - mu)  # b = mu*b + (1-mu)*g
-    update = grad.lerp(buf, mu) if group["nesterov"] else buf  # u = (1-mu)*g + mu*b
-    update = _normuon(orthogonalize(update, group["ns_steps"]).to(p.dtype), state["second_moment"])
-    if wd != 0:
-        _cautious_decay(p, update, lr * wd)
-    p.add_(update, alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+    lookahead = _compiled(_muon_lookahead, compiled)(
+        grad, state["momentum_buffer"], momentum, group["nesterov"]
+    )
+    ortho = orthogonalize(lookahead, group["ns_steps"])
+    _compiled(_muon_apply, compiled)(p, ortho, state["second_moment"], lr, decay, beta2)
 
 
 def muon_chunks(params: list[Tensor], world_size: int) -> list[list[Tensor | None]]:
@@ -327,15 +382,25 @@ class Muon(_ShardedOptimizer):
         nesterov: bool = True,
         ns_steps: int = 5,
         weight_decay: float = 0.0,
+        beta2: float = NORMUON_BETA2,
+        compiled: bool = False,
     ) -> None:
-        if lr < 0 or not 0 <= momentum < 1 or ns_steps < 1 or weight_decay < 0:
+        """`beta2`: NorMuon's EMA of each row's mean square; `compiled`: as AdamW's."""
+        if lr < 0 or not 0 <= momentum < 1 or ns_steps < 1 or weight_decay < 0 or not 0 <= beta2 < 1:
             raise ValueError(
-                f"invalid Muon settings: lr={lr}, momentum={momentum}, ns_steps={ns_steps}, wd={weight_decay}"
+                f"invalid Muon settings: lr={lr}, momentum={momentum}, ns_steps={ns_steps}, "
+                f"wd={weight_decay}, beta2={beta2}"
             )
         defaults = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            weight_decay=weight_decay,
+            beta2=beta2,
         )
         super().__init__(params, defaults)
+        self.compiled = compiled
 
     @staticmethod
     def state_numel(p: Tensor) -> int:
@@ -356,7 +421,7 @@ class Muon(_ShardedOptimizer):
         for group in self.param_groups:
             if world_size == 1:
                 for p in group["params"]:
-                    _muon_update(p.data, _grad_of(p), self.state[p], group)
+                    _muon_update(p.data, _grad_of(p), self.state[p], group, self.compiled)
                 continue
             # launch every chunk's gradient reduction, then update and gather chunk by chunk
             reductions = []
@@ -372,7 +437,7 @@ class Muon(_ShardedOptimizer):
                 grad = reduction.wait()[0]  # the averaged gradient of this rank's slot
                 mine = chunk[rank]
                 if mine is not None:
-                    _muon_update(mine.data, grad, self.state[mine], group)
+                    _muon_update(mine.data, grad, self.state[mine], group, self.compiled)
                 send = mine.data if mine is not None else grad  # a padded slot sends a dummy
                 gathers.append((chunk, stacked, _all_gather_into(stacked, send, world_size)))
             for chunk, stacked, work in gathers:
@@ -409,21 +474,48 @@ def lr_multiplier(
     return 1.0
 
 
-def muon_momentum(step: int, warmup_steps: int = 300, start: float = 0.85, end: float = 0.95) -> float:
-    """Muon momentum at `step`: linear ramp from `start` (step 0) to `end` (step >= warmup_steps)."""
-    if warmup_steps <= 0:
-        return end
-    frac = min(max(step, 0) / warmup_steps, 1.0)
-    return start + (end - start) * frac
+def muon_momentum(
+    step: int,
+    warmup_steps: int = 300,
+    start: float = 0.85,
+    peak: float = 0.95,
+    num_iterations: int = 0,
+    warmdown_ratio: float = 0.0,
+    end: float | None = None,
+) -> float:
+    """Muon momentum at `step`: linear ramp from `start` (step 0) to `peak` (step >= warmup_steps),
+    then, when `end` is given, linear from `peak` to `end` over the LR's warmdown (the last
+    round(warmdown_ratio·N) steps; `end` at step N). The ramp wins where the two overlap."""
+    if step < warmup_steps:
+        return start + (peak - start) * max(step, 0) / warmup_steps
+    warmdown = round(warmdown_ratio * num_iterations)
+    if end is not None and warmdown > 0 and step >= num_iterations - warmdown:
+        frac = min((step - (num_iterations - warmdown)) / warmdown, 1.0)
+        return peak + (end - peak) * frac
+    return peak
+
+
+def weight_decay_multiplier(step: int, num_iterations: int, schedule: str) -> float:
+    """'record': a cosine from 1 at step 0 to 0 at step N (the decay of the record, which it found
+    better than linear); 'constant': 1."""
+    if schedule == "constant":
+        return 1.0
+    assert schedule == "record", schedule
+    return 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / num_iterations))
 
 
 def add_optimizer_flags(
-    parser, init_lr_frac: float | None = None, weight_decay: float = 0.0, matrix_lr: float = 0.02
+    parser,
+    init_lr_frac: float | None = None,
+    weight_decay: float | None = 0.0,
+    matrix_lr: float | None = 0.02,
+    embedding_lr: float | None = 0.2,
+    unembedding_lr: float | None = 0.004,
 ) -> None:
     """The LR and weight-decay flags of every training script (and --init-lr-frac when it has a default)."""
     g = parser.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=0.2, help="AdamW LR of the token embedding")
-    g.add_argument("--unembedding-lr", type=float, default=0.004, help="AdamW LR of the lm_head")
+    g.add_argument("--embedding-lr", type=float, default=embedding_lr, help="AdamW LR of the token embedding")
+    g.add_argument("--unembedding-lr", type=float, default=unembedding_lr, help="AdamW LR of the lm_head")
     g.add_argument("--matrix-lr", type=float, default=matrix_lr, help="Muon LR of the block matrices")
     g.add_argument(
         "--weight-decay", type=float, default=weight_decay, help="cautious decoupled decay of the matrices"
@@ -432,17 +524,36 @@ def add_optimizer_flags(
         g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="all LRs are scaled by this")
 
 
-def apply_schedule(optimizers: list, lrm: float, momentum: float | None = None) -> None:
-    """Set every group's LR to `initial_lr × lrm` and, when given, Muon's momentum."""
+def apply_schedule(
+    optimizers: list, lrm: float, momentum: float | None = None, muon_weight_decay: float | None = None
+) -> None:
+    """Set every group's LR to `initial_lr × lrm` and, when given, Muon's momentum and weight decay."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
-            if momentum is not None and isinstance(opt, Muon):
-                group["momentum"] = momentum
+            if isinstance(opt, Muon):
+                if momentum is not None:
+                    group["momentum"] = momentum
+                if muon_weight_decay is not None:
+                    group["weight_decay"] = muon_weight_decay
 
 
 # -----------------------------------------------------------------------------
 # The optimizers of a GPT
+
+# AdamW's treatment of each parameter group of `GPT.param_groups()`: (betas, weight decay). The
+# record's setup_optimizer (public nanochat gpt.py, autoresearch round 2, a825e63, Mar 2026: tuned in
+# d12-d26 GPU runs): slow second moments for the embeddings, decay on all but the x0 scalars and the
+# smear/backout gates, a high beta1 for the x0 scalars. "uniform" is ours before: (0.8, 0.95), no decay.
+ADAMW_GROUPS = {
+    "embedding": ((0.8, 0.995), 0.001),
+    "lm_head": ((0.8, 0.96), 0.01),
+    "value_embeds": ((0.8, 0.995), 0.01),
+    "resid_scalars": ((0.8, 0.95), 0.05),
+    "x0_scalars": ((0.96, 0.95), 0.0),
+    "smear_backout": ((0.8, 0.95), 0.0),
+}
+UNIFORM_ADAMW = ((0.8, 0.95), 0.0)
 
 
 def build_optimizers(
@@ -452,32 +563,81 @@ def build_optimizers(
     unembedding_lr: float = 0.004,
     matrix_lr: float = 0.02,
     weight_decay: float = 0.0,
+    scalar_lr: float = 0.5,
+    smear_lr: float = 0.2,
+    adam_groups: str = "record",
+    normuon_beta2: float = 0.9,
+    compiled: bool = False,
 ) -> list[torch.optim.Optimizer]:
-    """[AdamW(embedding, lm_head), Muon(matrices)] for a model's `param_groups()`.
+    """[AdamW(every group but "matrix"), Muon("matrix")] for a model's `param_groups()`.
 
-    The AdamW learning rates are scaled by (n_embd / 768) ** -0.5 (tuned at width 768).
-    `weight_decay` applies to the Muon matrices only; embedding and lm_head are not decayed.
+    The record's LRs: the embedding, value embeddings (half the embedding LR) and lm_head scale by
+    (n_embd / 768) ** -0.5 (tuned at width 768); residual scalars take scalar_lr × 0.01, x0 scalars
+    scalar_lr, smear/backout a fixed smear_lr. Betas and decay per group: ADAMW_GROUPS for
+    adam_groups="record", UNIFORM_ADAMW for "uniform". `weight_decay` is Muon's (× its LR);
+    `normuon_beta2` the record's 0.9. Empty groups are left out, so a model without the record's
+    features has the AdamW groups [embedding, lm_head] it always had (old optimizer shards load).
     """
-    scale = (n_embd / 768) ** -0.5
-    adam_groups = [
-        dict(params=list(model_param_groups["embedding"]), lr=embedding_lr * scale),
-        dict(params=list(model_param_groups["lm_head"]), lr=unembedding_lr * scale),
-    ]
-    adamw = AdamW(adam_groups, lr=embedding_lr * scale, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
-    muon = Muon(list(model_param_groups["matrix"]), lr=matrix_lr, momentum=0.95, weight_decay=weight_decay)
+    assert set(model_param_groups) <= {"matrix", *ADAMW_GROUPS}, sorted(model_param_groups)
+    assert adam_groups in ("record", "uniform"), adam_groups
+    width = (n_embd / 768) ** -0.5
+    lrs = {
+        "embedding": embedding_lr * width,
+        "lm_head": unembedding_lr * width,
+        "value_embeds": 0.5 * embedding_lr * width,
+        "resid_scalars": 0.01 * scalar_lr,
+        "x0_scalars": scalar_lr,
+        "smear_backout": smear_lr,
+    }
+    adam = []
+    for name, (betas, decay) in ADAMW_GROUPS.items():
+        if adam_groups == "uniform":
+            betas, decay = UNIFORM_ADAMW
+        if params := list(model_param_groups.get(name, [])):
+            adam.append(dict(name=name, params=params, lr=lrs[name], betas=betas, weight_decay=decay))
+    adamw = AdamW(adam, lr=lrs["embedding"], eps=1e-10, compiled=compiled)
+    matrices = dict(name="matrix", params=list(model_param_groups["matrix"]))
+    muon = Muon([matrices], lr=matrix_lr, weight_decay=weight_decay, beta2=normuon_beta2, compiled=compiled)
     return [adamw, muon]
 
 
-def optimizers_for(model, args, lr_scale: float = 1.0) -> list[torch.optim.Optimizer]:
-    """`build_optimizers` for a GPT from the flags of `add_optimizer_flags`: every LR × --init-lr-frac
-    × `lr_scale` (base_train's batch rule)."""
-    scale = getattr(args, "init_lr_frac", 1.0) * lr_scale
-    lrs = {k: getattr(args, k) * scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
-    return build_optimizers(model.param_groups(), model.config.n_embd, weight_decay=args.weight_decay, **lrs)
+def optimizers_for(
+    model, args, lr_scale: float = 1.0, weight_decay: float | None = None
+) -> list[torch.optim.Optimizer]:
+    """`build_optimizers` for a GPT from the flags of `add_optimizer_flags` (and, when the script has
+    them, --scalar-lr, --adam-groups, --compile-optimizer and the recipe's normuon_beta2): every LR ×
+    --init-lr-frac × `lr_scale` (base_train's batch rule; the fixed smear/backout LR takes only
+    --init-lr-frac, as in the record). `weight_decay` replaces --weight-decay (base_train's scaled one)."""
+    frac = getattr(args, "init_lr_frac", 1.0)
+    lrs = {k: getattr(args, k) * frac * lr_scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
+    return build_optimizers(
+        model.param_groups(),
+        model.config.n_embd,
+        weight_decay=args.weight_decay if weight_decay is None else weight_decay,
+        scalar_lr=getattr(args, "scalar_lr", 0.5) * frac * lr_scale,
+        smear_lr=0.2 * frac,
+        adam_groups=getattr(args, "adam_groups", "record"),
+        normuon_beta2=getattr(args, "normuon_beta2", 0.9),
+        compiled=bool(getattr(args, "compile_optimizer", False)),
+        **lrs,
+    )
+
+
+def describe_optimizers(optimizers: list[torch.optim.Optimizer]) -> list[str]:
+    """One line per parameter group: optimizer, name, tensors, LR, betas, decay (for the plan)."""
+    lines = []
+    for opt in optimizers:
+        for g in opt.param_groups:
+            kind = "betas ({}, {})".format(*g["betas"]) if "betas" in g else f"NorMuon beta2 {g['beta2']}"
+            lines.append(
+                f"{type(opt).__name__} {g.get('name', '?'):<13} {len(g['params']):>3} tensors  "
+                f"lr {g['lr']:.6g}  {kind}  decay {g['weight_decay']:.6g}"
+            )
+    return lines
 
 
 # -----------------------------------------------------------------------------
-# Scaling rules of the recipe: how long to train and with what batch, given the model
+# Scaling rules of the recipe: with what batch and decay to train, given the model
 
 REF_DEPTH = 12  # the depth the rules are anchored at
 REF_BATCH = 2**19  # tokens per step at the reference depth
@@ -485,12 +645,24 @@ BATCH_EXPONENT = 0.383  # best batch ∝ training tokens^0.383 (the public nanoc
 
 
 def batch_size_for(params: int, ref_params: int) -> int:
-    """Tokens per optimizer step for a model of `params` matmul parameters, where the depth-12 model
-    has `ref_params`: REF_BATCH · (params/ref_params)^0.383 to the nearest power of 2 (the public fit
-    is on training tokens, which the horizon rule makes proportional to params)."""
+    """Tokens per optimizer step for a model of `params` scaling parameters (`GPT.num_scaling_params`),
+    where the depth-12 model has `ref_params`: REF_BATCH · (params/ref_params)^0.383 to the nearest
+    power of 2 (the public fit is on training tokens, which the horizon rule makes proportional to
+    params)."""
     return 2 ** round(math.log2(REF_BATCH * (params / ref_params) ** BATCH_EXPONENT))
 
 
 def batch_lr_scale(total_batch_size: int) -> float:
     """LRs grow with the square root of the batch, from 1 at the reference batch."""
     return math.sqrt(total_batch_size / REF_BATCH)
+
+
+def scaled_weight_decay(
+    weight_decay: float, total_batch_size: int, lr_scale: float, params: int, ref_params: int
+) -> float:
+    """The record's decay rule: keep T_epoch = B/(η·λ·D) (arXiv 2405.13698) at its value for
+    `weight_decay` at depth 12 and batch 2^19, with D ∝ params (the horizon rule) and η × `lr_scale`:
+    λ = weight_decay · (B / 2^19) / lr_scale · (ref_params / params). Under the batch rule lr_scale is
+    √(B / 2^19), giving the record's λ_ref · √(B / 2^19) · (D_ref / D); an explicit batch keeps the
+    LRs as given, so λ goes linearly with B."""
+    return weight_decay * (total_batch_size / REF_BATCH) / lr_scale * ref_params / params
