@@ -17,8 +17,8 @@ from test_common import ScriptedServer, leftovers
 from nanochat import dataset
 from nanochat.dataset import (
     SOURCES,
+    DataError,
     build_offline,
-    download_shards,
     download_source,
     get_val_shard,
     import_from_dir,
@@ -43,8 +43,11 @@ def base_dir(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def server():
+def server(monkeypatch):
+    """A local server standing in for both download sources."""
     with ScriptedServer(stall_seconds=1.5) as s:
+        for name, (_, val_shard) in list(SOURCES.items()):
+            monkeypatch.setitem(SOURCES, name, (s.url, val_shard))
         yield s
 
 
@@ -70,95 +73,70 @@ def all_texts(split: str, **kwargs) -> list[str]:
 # Downloads: ClimbMix (the default) and FineWeb-Edu, against the local server
 
 
-def test_download_defaults_to_climbmix_and_fetches_its_pinned_val_shard_first(server, base_dir):
-    assert SOURCES["climbmix"] == (
-        "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main",
-        6542,
-        VAL_SHARD,
-    )
-    texts = serve_shards(server, [0, 1, 2, VAL_SHARD])
-    manifest = download_source(num_files=3, base_url=server.url, workers=2, **FAST)
-    assert server.requests[0] == f"/{shard_name(VAL_SHARD)}"
-    assert sorted(server.requests) == [f"/{shard_name(i)}" for i in (0, 1, 2, VAL_SHARD)]
-    data_dir = base_dir / "base_data"
-    assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 2, VAL_SHARD)]
+@pytest.mark.parametrize("source, val_shard", [("climbmix", VAL_SHARD), ("fineweb-edu", FINEWEB_VAL_SHARD)])
+def test_download_fetches_the_pinned_val_shard_first_then_the_train_shards(
+    server, base_dir, source, val_shard
+):
+    assert SOURCES[source][1] == val_shard
+    texts = serve_shards(server, [0, 1, 2, val_shard])
+    manifest = download_source(source, num_files=3, workers=2, **FAST)
+    assert server.requests[0] == f"/{shard_name(val_shard)}"
+    assert sorted(server.requests) == sorted(f"/{shard_name(i)}" for i in (0, 1, 2, val_shard))
+    assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 2, val_shard)]
     assert manifest == read_manifest()
-    assert manifest["source"] == "climbmix" and manifest["val_shard"] == "shard_06542.parquet"
-    assert manifest["detail"] == server.url
-    assert manifest["num_docs"] == 20 and manifest["num_shards"] == 4
-    assert get_val_shard() == data_dir / "shard_06542.parquet"
-    assert all_texts("val") == texts[VAL_SHARD]
+    assert manifest["source"] == source and manifest["val_shard"] == shard_name(val_shard)
+    assert manifest["detail"] == server.url and manifest["num_docs"] == 20 and manifest["num_shards"] == 4
+    assert get_val_shard() == base_dir / "base_data" / shard_name(val_shard)
+    assert all_texts("val") == texts[val_shard]
     assert all_texts("train") == texts[0] + texts[1] + texts[2]
 
 
-def test_download_fineweb_edu_is_selectable_with_its_own_val_shard(server, base_dir):
-    assert SOURCES["fineweb-edu"] == (
-        "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
-        1822,
-        FINEWEB_VAL_SHARD,
-    )
-    texts = serve_shards(server, [0, 1, FINEWEB_VAL_SHARD])
-    manifest = download_source("fineweb-edu", 2, base_url=server.url, **FAST)
-    assert server.requests[0] == f"/{shard_name(FINEWEB_VAL_SHARD)}"
-    assert manifest["source"] == "fineweb-edu" and manifest["val_shard"] == "shard_01822.parquet"
-    assert get_val_shard() == base_dir / "base_data" / "shard_01822.parquet"
-    assert all_texts("val") == texts[FINEWEB_VAL_SHARD]
-    assert all_texts("train") == texts[0] + texts[1]
+def test_the_real_sources_and_the_default_source_are_pinned():
+    assert dataset.SOURCES["climbmix"][1] == 6542 and dataset.SOURCES["fineweb-edu"][1] == 1822
+    assert "climbmix-400b-shuffle" in dataset.SOURCES["climbmix"][0] and dataset.DEFAULT_SOURCE == "climbmix"
+    assert inspect.signature(download_source).parameters["num_files"].default == 8
 
 
-def test_download_shards_rejects_garbage_bodies_and_retries(server, base_dir):
-    texts = serve_shards(server, [0, 1], "garbage", "short", "ok")
-    download_shards([0, 1], server.url, workers=2, **FAST)
-    for i in (0, 1):
-        assert server.count(f"/{shard_name(i)}") == 3
-        assert pq.read_table(base_dir / "base_data" / shard_name(i))["text"].to_pylist() == texts[i]
-    assert leftovers(base_dir / "base_data") == []
-
-
-def test_download_shards_that_keep_failing_leave_no_partial_file(server, base_dir):
+def test_download_retries_bad_bodies_and_names_the_shards_that_keep_failing(server, base_dir):
+    texts = serve_shards(server, [2, VAL_SHARD], "garbage", "short", "ok")
     serve_shards(server, [0], "garbage")
     serve_shards(server, [1], "stall")
-    serve_shards(server, [2])
-    with pytest.raises(RuntimeError, match=r"2 of 3 shards failed(.|\n)*shard_00000(.|\n)*shard_00001"):
-        download_shards([0, 1, 2], server.url, workers=3, **FAST)
+    with pytest.raises(RuntimeError, match=r"2 of 3 shards(.|\n)*shard_00000(.|\n)*shard_00001"):
+        download_source(num_files=3, workers=3, **FAST)
     data_dir = base_dir / "base_data"
-    assert [p.name for p in list_parquet_files()] == [shard_name(2)]  # the good one is kept
-    assert not (data_dir / shard_name(0)).exists() and not (data_dir / shard_name(1)).exists()
+    assert server.count(f"/{shard_name(2)}") == 3  # garbage and a cut body were retried
+    assert pq.read_table(data_dir / shard_name(2))["text"].to_pylist() == texts[2]
+    assert [p.name for p in list_parquet_files()] == [shard_name(2), shard_name(VAL_SHARD)]  # good ones kept
     assert leftovers(data_dir) == []
 
 
-def test_rerun_skips_complete_shards_without_requests(server):
-    serve_shards(server, [0, 1, VAL_SHARD])
-    download_source(num_files=2, base_url=server.url, **FAST)
-    before = len(server.requests)
-    download_source(num_files=2, base_url=server.url, **FAST)
-    assert len(server.requests) == before
-
-
-def test_rerun_repairs_corrupted_and_partial_shards(server, base_dir):
+def test_rerun_skips_complete_shards_and_repairs_damaged_ones(server, base_dir):
     texts = serve_shards(server, [0, 1, VAL_SHARD])
-    download_source(num_files=2, base_url=server.url, **FAST)
+    download_source(num_files=2, **FAST)
+    before = {i: server.count(f"/{shard_name(i)}") for i in (0, 1, VAL_SHARD)}
+    download_source(num_files=2, **FAST)
+    assert {i: server.count(f"/{shard_name(i)}") for i in (0, 1, VAL_SHARD)} == before  # all complete
     data_dir = base_dir / "base_data"
     (data_dir / shard_name(0)).write_bytes(b"PAR1 truncated garbage")  # final name, bad content
     (data_dir / f"{shard_name(1)}.tmp.4242.cafe").write_bytes(b"half a download")  # crashed writer
-    before = {i: server.count(f"/{shard_name(i)}") for i in (0, 1, VAL_SHARD)}
-    download_source(num_files=2, base_url=server.url, **FAST)
+    download_source(num_files=2, **FAST)
     assert server.count(f"/{shard_name(0)}") == before[0] + 1  # repaired
     assert server.count(f"/{shard_name(1)}") == before[1]  # complete: skipped
     assert pq.read_table(data_dir / shard_name(0))["text"].to_pylist() == texts[0]
     assert leftovers(data_dir) == []
 
 
-def test_download_shards_404_fails_fast(server):
-    with pytest.raises(RuntimeError, match="shard_00007.*HTTP 404"):
-        download_shards([7], server.url, timeout=0.5, retries=5, backoff=10.0)
-    assert server.count(f"/{shard_name(7)}") == 1
+def test_download_404_fails_fast(server):
+    serve_shards(server, [VAL_SHARD])
+    with pytest.raises(RuntimeError, match="shard_00000.*HTTP 404"):
+        download_source(num_files=1, timeout=0.5, retries=5, backoff=10.0)
+    assert server.count(f"/{shard_name(0)}") == 1
 
 
 def test_download_rejects_a_num_files_out_of_range_for_the_source():
-    with pytest.raises(ValueError, match=r"-n must be -1 \(all\) or 0..1822 for fineweb-edu"):
+    with pytest.raises(ValueError, match="-n.*1822.*fineweb-edu"):
         download_source("fineweb-edu", 5000)
-    with pytest.raises(ValueError, match=r"0..6542 for climbmix"):
+    with pytest.raises(ValueError, match="-n.*6542.*climbmix"):
         download_source(num_files=6543)
     assert list_parquet_files() == []
 
@@ -185,7 +163,7 @@ def test_from_dir_imports_real_samples_into_shards_with_val_shard(tmp_path, base
     c4 = [json.loads(line)["text"] for line in (src / "c4_demo.jsonl").read_text().splitlines()]
     expected = fineweb + split_text(shakespeare) + c4
 
-    manifest = import_from_dir(src, docs_per_shard=1024)
+    manifest = import_from_dir(src, per_shard=1024)
 
     files = list_parquet_files()
     assert manifest["source"] == "from-dir" and manifest["num_docs"] == len(expected)
@@ -208,7 +186,7 @@ def test_from_dir_imports_real_samples_into_shards_with_val_shard(tmp_path, base
         assert sorted(t for b in rank0 + rank1 for t in b) == sorted(t for b in batches for t in b)
 
 
-def test_from_dir_reads_gz_skips_and_counts_unusable_lines(tmp_path):
+def test_from_dir_reads_gz_and_md_skips_and_counts_unusable_lines(tmp_path):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "a.jsonl").write_text(
@@ -217,13 +195,14 @@ def test_from_dir_reads_gz_skips_and_counts_unusable_lines(tmp_path):
     )
     (src / "sub" / "b.jsonl.gz").write_bytes(gzip.compress(b'{"text": "gzipped json doc"}\n'))
     (src / "sub" / "c.txt.gz").write_bytes(gzip.compress(b"a gzipped text file"))
-    (src / "notes.md").write_text("ignored: unknown extension")
+    (src / "notes.md").write_text("# markdown notes")
+    (src / "table.csv").write_text("ignored: unknown extension")
     (src / ".hidden.txt").write_text("ignored: hidden")
     manifest = import_from_dir(src)
-    assert manifest["num_docs"] == 4
-    assert manifest["detail"]["skipped_jsonl_lines"] == 3 and manifest["detail"]["ignored_files"] == 1
+    assert manifest["num_docs"] == 5
+    assert manifest["detail"]["skipped"] == 3 and manifest["detail"]["ignored_files"] == 1
     assert sorted(all_texts("train") + all_texts("val")) == sorted(
-        ["first doc", "second", "gzipped json doc", "a gzipped text file"]
+        ["first doc", "second", "gzipped json doc", "a gzipped text file", "# markdown notes"]
     )
 
 
@@ -256,16 +235,16 @@ def test_split_text_cuts_long_text_at_blank_lines_and_conserves_it():
 def test_from_dir_without_usable_text_fails_clearly(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ValueError, match="found 0 usable documents"):
+    with pytest.raises(ValueError, match=f"--from-dir {empty}.* 0 "):
         import_from_dir(empty)
     (empty / "data.csv").write_text("a,b\n1,2\n")
     (empty / "blank.txt").write_text("\n\n")
     pq.write_table(pa.table({"body": ["no text column"]}), empty / "other.parquet")
-    with pytest.raises(ValueError, match="found 0 usable documents"):
+    with pytest.raises(ValueError, match=f"--from-dir {empty}.* 0 "):
         import_from_dir(empty)
-    with pytest.raises(NotADirectoryError, match="not a directory"):
+    with pytest.raises(NotADirectoryError, match=f"--from-dir {tmp_path / 'does-not-exist'}"):
         import_from_dir(tmp_path / "does-not-exist")
-    with pytest.raises(FileNotFoundError, match="--val .*no such file"):
+    with pytest.raises(FileNotFoundError, match=f"--val {tmp_path / 'missing.jsonl'}"):
         import_from_dir(empty, val=tmp_path / "missing.jsonl")
 
 
@@ -274,8 +253,8 @@ def jsonl(path, texts):
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
-def test_from_dir_with_val_file_makes_exactly_those_docs_the_val_shard(tmp_path):
-    src = tmp_path / "src"
+def test_from_dir_with_val_makes_exactly_those_docs_the_val_shard_in_order(tmp_path):
+    src, folder = tmp_path / "src", tmp_path / "heldout"
     jsonl(src / "train.jsonl", [f"train doc {i}" for i in range(40)])
     jsonl(src / "val.jsonl", ["val doc b", "val doc a", "val doc c"])  # inside src: not trained on
     manifest = import_from_dir(src, val=src / "val.jsonl")
@@ -283,19 +262,16 @@ def test_from_dir_with_val_file_makes_exactly_those_docs_the_val_shard(tmp_path)
     assert sorted(all_texts("train")) == sorted(f"train doc {i}" for i in range(40))  # nothing held out
     assert manifest["num_docs"] == 43 and manifest["detail"]["val_path"] == str(src / "val.jsonl")
     assert manifest["val_shard"] == list_parquet_files()[-1].name
-
-
-def test_from_dir_with_val_folder_outside_src_reads_its_files_in_order(tmp_path):
-    src, val = tmp_path / "src", tmp_path / "heldout"
-    jsonl(src / "a.jsonl", ["only train doc"])  # one train doc is enough with an explicit val set
-    jsonl(val / "2.jsonl", ["second"])
-    (val / "1.txt").write_text("first")
-    import_from_dir(src, val=val)
+    # a folder outside src, read in file order; one train doc is enough with an explicit val set
+    jsonl(tmp_path / "one" / "a.jsonl", ["only train doc"])
+    jsonl(folder / "2.jsonl", ["second"])
+    (folder / "1.txt").write_text("first")
+    import_from_dir(tmp_path / "one", val=folder, force=True)
     assert all_texts("val") == ["first", "second"] and all_texts("train") == ["only train doc"]
-    (val / "1.txt").write_text("\n")
-    (val / "2.jsonl").write_text("{}\n")
-    with pytest.raises(ValueError, match="--val .*no usable documents"):
-        import_from_dir(src, val=val, force=True)
+    (folder / "1.txt").write_text("\n")
+    (folder / "2.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match=f"--val {folder}"):
+        import_from_dir(tmp_path / "one", val=folder, force=True)
 
 
 def test_from_dir_without_val_still_holds_out_five_percent(tmp_path):
@@ -324,15 +300,18 @@ def test_sources_are_not_mixed_without_force(tmp_path, server):
     (src / "docs.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10)))
     import_from_dir(src)
     serve_shards(server, [0, VAL_SHARD, FINEWEB_VAL_SHARD])
-    with pytest.raises(RuntimeError, match="from source 'from-dir'.*--force"):
-        download_source(num_files=1, base_url=server.url, **FAST)
+    with pytest.raises(RuntimeError, match="'from-dir'") as refused:
+        download_source(num_files=1, **FAST)
+    # the fixes it names: --force, or another NANOCHAT_BASE_DIR (no later script reads a --data-dir)
+    assert "--force" in str(refused.value) and "NANOCHAT_BASE_DIR" in str(refused.value)
+    assert "--data-dir" not in str(refused.value)
     assert server.requests == []  # refused before downloading anything
-    download_source(num_files=1, base_url=server.url, force=True, **FAST)
+    download_source(num_files=1, force=True, **FAST)
     assert [p.name for p in list_parquet_files()] == [shard_name(0), shard_name(VAL_SHARD)]
     assert read_manifest()["source"] == "climbmix"
     # two download sources do not mix either; the error names the source already there
-    with pytest.raises(RuntimeError, match="from source 'climbmix'.*--source climbmix"):
-        download_source("fineweb-edu", 1, base_url=server.url, **FAST)
+    with pytest.raises(RuntimeError, match="'climbmix'.*--source climbmix"):
+        download_source("fineweb-edu", 1, **FAST)
     assert read_manifest()["source"] == "climbmix"
 
 
@@ -343,9 +322,9 @@ def test_shards_without_manifest_count_as_fineweb_edu(server, base_dir):
         pa.table({"text": ["an old download"]}), data_dir / shard_name(0)
     )  # what old versions left
     serve_shards(server, [1, FINEWEB_VAL_SHARD])
-    with pytest.raises(RuntimeError, match="from source 'fineweb-edu'.*--source fineweb-edu"):
-        download_source(num_files=1, base_url=server.url, **FAST)
-    download_source("fineweb-edu", 2, base_url=server.url, **FAST)  # shard 0 is kept, not fetched
+    with pytest.raises(RuntimeError, match="'fineweb-edu'.*--source fineweb-edu"):
+        download_source(num_files=1, **FAST)
+    download_source("fineweb-edu", 2, **FAST)  # shard 0 is kept, not fetched
     assert server.count(f"/{shard_name(0)}") == 0
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, FINEWEB_VAL_SHARD)]
     assert read_manifest()["source"] == "fineweb-edu"
@@ -377,77 +356,102 @@ def test_offline_corpus_respects_max_chars(tmp_path):
 
 
 def test_empty_base_data_error_names_the_command_to_run():
-    with pytest.raises(FileNotFoundError, match=r"python -m nanochat.dataset --offline"):
+    with pytest.raises(DataError, match=r"python -m nanochat.dataset --offline"):
         next(parquets_iter_batched("train"))
-    with pytest.raises(FileNotFoundError, match=r"-n 8"):
+    with pytest.raises(FileNotFoundError, match=r"-n 8"):  # callers that catch "no data" catch it
         get_val_shard()
     assert list_parquet_files() == []
 
 
+def write_texts(data_dir: Path, names: dict[int, list[str]]) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for i, texts in names.items():
+        pq.write_table(pa.table({"text": texts}), data_dir / shard_name(i))
+
+
 def test_get_val_shard_falls_back_to_last_file_without_manifest(base_dir):
     data_dir = base_dir / "base_data"
-    data_dir.mkdir(parents=True)
-    for i in (0, 1, 5):
-        pq.write_table(pa.table({"text": [f"doc {i}"]}), data_dir / shard_name(i))
+    write_texts(data_dir, {i: [f"doc {i}"] for i in (0, 1, 5)})
     (data_dir / f"{shard_name(9)}.tmp.1.ab").write_bytes(b"partial")  # never listed
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 5)]
     assert get_val_shard() == data_dir / shard_name(5)
     assert all_texts("train") == ["doc 0", "doc 1"]
 
 
-def test_cli_offline_writes_shards_and_help_lists_defaults(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["absolute", "parent", "missing"])
+def test_manifest_val_shard_outside_base_data_is_refused_naming_the_manifest(base_dir, tmp_path, where):
+    data_dir = base_dir / "base_data"
+    write_texts(data_dir, {0: ["train doc"], 1: ["val doc"]})
+    write_texts(tmp_path / "elsewhere", {7: ["text from outside"]})
+    outside = tmp_path / "elsewhere" / shard_name(7)
+    name = {"absolute": str(outside), "parent": f"../../elsewhere/{shard_name(7)}", "missing": shard_name(3)}
+    assert (data_dir / name["parent"]).resolve() == outside
+    (data_dir / "manifest.json").write_text(json.dumps({"source": "from-dir", "val_shard": name[where]}))
+    with pytest.raises(DataError, match=str(data_dir / "manifest.json")):
+        next(parquets_iter_batched("val"))
+
+
+def test_damaged_and_text_less_shards_are_named(base_dir):
+    data_dir = base_dir / "base_data"
+    write_texts(data_dir, {0: ["train doc"], 2: ["val doc"]})
+    bad = data_dir / shard_name(1)
+    bad.write_bytes(b"not a parquet file" * 10)
+    with pytest.raises(DataError, match=str(bad)):
+        next(parquets_iter_batched("train"))
+    pq.write_table(pa.table({"body": ["a document"]}), bad)
+    with pytest.raises(DataError, match=f"{bad}.*'text'"):
+        next(parquets_iter_batched("train"))
+    assert all_texts("val") == ["val doc"]  # the other split still reads
+
+
+def test_cli_help_lists_flags_and_defaults_and_offline_writes_shards(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         dataset.main(["--help"])
     assert exit_info.value.code == 0
-    help_text = capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())
     for flag in (
         "--num-files",
         "--source",
         "--num-workers",
         "--from-dir",
         "--offline",
+        "--val",
         "--data-dir",
-        "--force",
     ):
         assert flag in help_text
     assert "(default: 4)" in help_text and "(default: climbmix)" in help_text
-    assert "(default: 8:" in " ".join(help_text.split())  # the speedrun's first batch, not 100+ GB
-    assert "--val" in help_text
+    assert "(default: 8" in help_text and "-n 180" in help_text  # the speedrun's first batch, not 100+ GB
     dataset.main(["--offline", "--max-chars", "200000", "--data-dir", str(tmp_path / "cli")])
     assert read_manifest(tmp_path / "cli")["source"] == "offline"
-    with pytest.raises(SystemExit, match="refusing"):
+    with pytest.raises(SystemExit, match="--force"):
         dataset.main(["--from-dir", str(tmp_path), "--data-dir", str(tmp_path / "cli")])
 
 
-def test_cli_without_n_downloads_the_default_number_of_shards_not_the_whole_corpus(
-    tmp_path, server, monkeypatch
-):
+def test_cli_without_n_downloads_the_default_number_of_shards(tmp_path, server, monkeypatch):
     monkeypatch.setattr(dataset, "DEFAULT_NUM_FILES", 3)  # the real one, 8, is pinned above and in --help
-    monkeypatch.setitem(SOURCES, "climbmix", SOURCES["climbmix"]._replace(base_url=server.url))
     serve_shards(server, [0, 1, 2, VAL_SHARD])
     data_dir = tmp_path / "cli"
     dataset.main(["--data-dir", str(data_dir), "--timeout", "0.5", "--retries", "1"])
     assert [p.name for p in list_parquet_files(data_dir)] == [shard_name(i) for i in (0, 1, 2, VAL_SHARD)]
-    # the library call defaults to the same 8 shards, not to the whole corpus
-    assert inspect.signature(download_source).parameters["num_files"].default == 8
 
 
-def test_cli_downloads_climbmix_by_default_and_force_replaces_another_source(
-    tmp_path, server, monkeypatch, capsys
-):
-    monkeypatch.setitem(SOURCES, "climbmix", SOURCES["climbmix"]._replace(base_url=server.url))
+def test_cli_force_replaces_another_source_and_flags_that_do_not_apply_are_refused(tmp_path, server, capsys):
     serve_shards(server, [0, 1, VAL_SHARD])
     data_dir = tmp_path / "cli"
     dataset.main(["--offline", "--max-chars", "100000", "--data-dir", str(data_dir)])
     flags = ["-n", "2", "--data-dir", str(data_dir), "--timeout", "0.5", "--retries", "1"]
-    with pytest.raises(SystemExit, match="from source 'offline'.*--force"):
+    with pytest.raises(SystemExit, match="'offline'.*--force"):
         dataset.main(flags)
     dataset.main([*flags, "--force"])
     assert read_manifest(data_dir)["source"] == "climbmix"
     assert [p.name for p in list_parquet_files(data_dir)] == [shard_name(i) for i in (0, 1, VAL_SHARD)]
-    with pytest.raises(SystemExit) as exit_info:
-        dataset.main(["--val", str(tmp_path), "--data-dir", str(data_dir)])
-    assert exit_info.value.code == 2 and "--val goes with --from-dir" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_info:  # --source picks a download; --offline is none
-        dataset.main(["--offline", "--source", "fineweb-edu", "--data-dir", str(data_dir)])
-    assert exit_info.value.code == 2 and "--source apply to downloads only" in capsys.readouterr().err
+    for argv, named in [
+        (["--val", str(tmp_path)], ("--val", "--from-dir")),
+        (["--offline", "--source", "fineweb-edu"], ("--source",)),  # --source picks a download
+        (["--offline", "-n", "3"], ("-n",)),
+        (["-w", "0"], ("--num-workers",)),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            dataset.main([*argv, "--data-dir", str(data_dir)])
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert exit_info.value.code == 2 and all(flag in err for flag in named), err
