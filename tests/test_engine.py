@@ -39,17 +39,29 @@ def tokenizer() -> Tokenizer:
     return Tokenizer(SPLIT_PATTERN, ranks, {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)})
 
 
-def make_model(tokenizer, sequence_len: int = 128, seed: int = 0, block_stops: bool = True) -> GPT:
+# the public record's features on 3 layers: windows of 32 of 128 keys on layers 0 and 1, value
+# embeddings on layers 0 and 2, smear, backout, per-layer scalars
+RECORD = dict(
+    n_layer=3,
+    rope_base=100000.0,
+    qk_scale=1.2,
+    value_embeds=True,
+    layer_scalars=True,
+    smear=True,
+    backout=True,
+    window_pattern="SSSL",
+    init="record",
+)
+
+
+def make_model(
+    tokenizer, sequence_len: int = 128, seed: int = 0, block_stops: bool = True, **features
+) -> GPT:
     """A random model whose blocks all do something and whose logits are well separated. With
-    `block_stops`, the stop tokens' logits are exactly 0 (below the max), so greedy runs go on."""
-    config = GPTConfig(
-        sequence_len=sequence_len,
-        vocab_size=tokenizer.get_vocab_size(),
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=64,
-    )
+    `block_stops`, the stop tokens' logits are exactly 0 (below the max), so greedy runs go on.
+    `features`: GPTConfig fields on top of the 2-layer default (e.g. **RECORD)."""
+    shape = dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), **(shape | features))
     torch.manual_seed(seed)
     model = GPT(config)
     with torch.no_grad():
@@ -57,6 +69,9 @@ def make_model(tokenizer, sequence_len: int = 128, seed: int = 0, block_stops: b
             for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
                 w.uniform_(-0.5 / math.sqrt(w.size(1)), 0.5 / math.sqrt(w.size(1)))
         model.lm_head.weight.normal_(0.0, 0.3)
+        if config.smear:  # smear starts with no effect; give it one
+            model.smear_lambda.fill_(0.7)
+            model.smear_gate.weight.normal_(0.0, 0.5)
         if block_stops:
             for name in ("<|assistant_end|>", "<|bos|>"):
                 model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
@@ -165,6 +180,52 @@ def test_rows_at_different_positions_decode_like_each_row_alone(tokenizer):
             next_tokens = batched.argmax(-1).tolist()
 
 
+def test_kv_cache_carries_smears_last_embedding_through_row_moves():
+    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, capacity=3, seq_len=8, batch_size=2)
+    assert torch.equal(cache.swap_last_embedding(torch.ones(2, 4)), torch.zeros(2, 4))  # nothing before
+    assert torch.equal(cache.swap_last_embedding(torch.full((2, 4), 2.0)), torch.ones(2, 4))
+    other = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, capacity=1, seq_len=8)
+    other.swap_last_embedding(torch.full((1, 4), 5.0))
+    cache.append_row(other)
+    cache.keep_rows([2, 0])
+    assert cache.last_embedding[:2, 0].tolist() == [5.0, 2.0]
+
+
+def test_record_rows_at_different_positions_decode_like_each_row_alone(tokenizer):
+    """Batch 8, every row at its own position, prompts shorter and longer than the 32-key window."""
+    model = make_model(tokenizer, **RECORD)
+    engine = Engine(model, tokenizer)
+    prompts = [list(range(10 + r, 10 + r + n)) for r, n in enumerate((3, 40, 1, 9, 70, 33, 31, 55))]
+    with torch.no_grad():
+        batch = engine.new_cache(len(prompts), 32, batch_size=0)
+        alone = []
+        for prompt in prompts:
+            prefill, _ = engine.prefill(prompt)
+            batch.append_row(prefill)
+            alone.append(prefill)
+        next_tokens = list(range(1, 9))
+        for _ in range(4):
+            batched = engine.decode_step(batch, next_tokens)
+            for r, cache in enumerate(alone):
+                single = engine.decode_step(cache, [next_tokens[r]])
+                torch.testing.assert_close(batched[r], single[0], atol=1e-5, rtol=1e-5)
+            next_tokens = batched.argmax(-1).tolist()
+
+
+def test_record_chunked_prefill_equals_one_prefill_and_the_full_forward(tokenizer):
+    model = make_model(tokenizer, **RECORD)
+    engine = Engine(model, tokenizer)
+    tokens = [(17 * i + 3) % 256 for i in range(90)]
+    with torch.no_grad():
+        full = model(torch.tensor([tokens]))[0]  # (T, V)
+        cache = engine.new_cache(1, 100)
+        for start, end in ((0, 37), (37, 38), (38, 90)):  # a chunk, one token, a chunk past the window
+            logits = engine.forward(cache, [tokens[start:end]])
+            torch.testing.assert_close(logits[0], full[end - 1], atol=1e-5, rtol=1e-5)
+        _, one = engine.prefill(tokens)
+        torch.testing.assert_close(one[0], full[-1], atol=1e-5, rtol=1e-5)
+
+
 # -----------------------------------------------------------------------------
 # Engine.generate
 
@@ -191,6 +252,16 @@ def test_kv_cached_greedy_equals_full_recompute_across_a_cache_growth(tokenizer,
         assert results[0] == prompt + expected
         assert masks[0] == [0] * prompt_len + [1] * 80
         assert grown, f"prompt of {prompt_len}: the cache never grew"
+
+
+def test_record_kv_cached_greedy_equals_full_recompute(tokenizer):
+    """Windows, smear and value embeddings under the cache: prompts shorter and longer than the window."""
+    model = make_model(tokenizer, **RECORD)
+    engine = Engine(model, tokenizer)
+    for prompt_len in (1, 7, 45):
+        prompt = [(31 * i + 7) % 256 for i in range(prompt_len)]
+        results, _ = engine.generate_batch(prompt, keep_stop=True, max_tokens=40, temperature=0.0)
+        assert results[0] == prompt + generate_naive(model, prompt, 40)
 
 
 def test_bf16_policy_keeps_a_bf16_kv_cache_and_generates_on_cpu(tokenizer, monkeypatch):
@@ -460,6 +531,21 @@ def test_scheduler_greedy_equals_engine_greedy_for_concurrent_prompts(tokenizer)
         r.finish_reason == "length" and r.num_generated_tokens == len(g)
         for r, g in zip(requests, got, strict=True)
     )
+
+
+def test_scheduler_greedy_equals_full_recompute_with_the_record_architecture(tokenizer):
+    """8 rows at different positions, leaving the batch at different steps (rows compacted)."""
+    model = make_model(tokenizer, **RECORD)
+    engine = Engine(model, tokenizer)
+    prompts = [list(range(20 + r, 20 + r + n)) for r, n in enumerate((5, 41, 1, 12, 60, 33, 2, 50))]
+    max_tokens = [30, 12, 25, 40, 18, 6, 33, 20]
+    scheduler = BatchScheduler(engine, max_batch=8)
+    try:
+        requests = [scheduler.submit(p, n, temperature=0.0) for p, n in zip(prompts, max_tokens, strict=True)]
+        got = [collect(r) for r in requests]
+    finally:
+        scheduler.close()
+    assert got == [generate_naive(model, p, n) for p, n in zip(prompts, max_tokens, strict=True)]
 
 
 def test_scheduler_streams_tool_output_and_stops_at_assistant_end(tokenizer):
