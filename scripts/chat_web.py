@@ -13,10 +13,11 @@ true}`), `POST /v1/chat/completions` (OpenAI, `stream` true/false; `top_k` as an
 - One model replica per GPU, each a BatchScheduler whose queue is the only one: a request goes to
   the least loaded ready worker. A failure fails the requests it touches (an error event or a 500
   naming it), never the others; a client that disconnects cancels its request at once.
-- This is the boundary: every field is checked against the range the engine supports (400 naming
-  it); unsupported OpenAI fields (`tools`, `n > 1`, `logprobs`, ...) are refused by name.
-- Safe defaults: 127.0.0.1; foreign Host/Origin refused (Guard); JSON bodies only, size-capped and
-  timed (read_json_body, DeadlineH11); no API docs unless `--docs`; optional `--api-key`.
+- This is the boundary (ChatRequest): strict types within the ranges the engine supports (400
+  naming the field); unsupported OpenAI fields (`tools`, `n > 1`, `logprobs`, ...) are refused by name.
+- Safe defaults: 127.0.0.1; a foreign or malformed Host/Origin refused, admission by requests in
+  flight, not sockets (Guard); JSON bodies only, size-capped and timed, silent sockets closed
+  (read_json_body, DeadlineH11); no API docs unless `--docs`; optional `--api-key`.
 - One log line per request (metadata); the conversation text only with `--log-content`.
 """
 
@@ -34,14 +35,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
@@ -70,17 +72,10 @@ LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096),
 # OpenAI fields accepted only at their no-op value (anything else would be silently wrong)
 NO_OP = {"n": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
 IGNORED = {"model", "user", "store", "metadata", "service_tier"}  # accepted, no effect on the reply
-MAX_CONNECTIONS = 64
+MAX_IN_FLIGHT = 256  # requests being served or queued at once; more get 503 (/health always answers)
+IDLE_S = 3.0  # a new connection that sends nothing for this long is closed
 COUNTS = ("requests_served", "requests_cancelled", "requests_failed", "tokens_generated")
 OUTCOMES = {"cancelled": "requests_cancelled", "error": "requests_failed"}  # else requests_served
-
-
-class RequestError(Exception):
-    """A client mistake: becomes an HTTP error with an OpenAI-style JSON body."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.message, self.status = message, status
 
 
 def error_response(message: str, status: int = 400) -> JSONResponse:
@@ -91,116 +86,95 @@ def error_response(message: str, status: int = 400) -> JSONResponse:
 # ---------------------------------------------------------------------------- validation
 
 
-@dataclass
-class ChatParams:
-    """A validated chat request."""
-
-    messages: list[dict]
-    temperature: float
-    top_k: int
-    max_tokens: int
-    stream: bool
-    seed: int | None
-    stop: list[str]
-    include_usage: bool
-
-
-def _number(body: dict, key: str, limit: str, default):
-    """body[key] (`default` when absent) within LIMITS[limit]; an int where the limits are ints."""
-    value = body.get(key)
-    if value is None:
-        return default
+def bounded(limit: str):
+    """An optional field within LIMITS[limit] (None: the server's default)."""
     lo, hi = LIMITS[limit]
-    integer = isinstance(lo, int)
-    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-        raise RequestError(
-            f"'{key}' must be {'an integer' if integer else 'a number'}, got {json.dumps(value)[:40]}"
-        )
-    if not lo <= value <= hi:  # also rejects NaN
-        raise RequestError(f"'{key}' must be between {lo:g} and {hi:g}, got {value}")
-    return value
+    return Field(None, ge=lo, le=hi)
 
 
-def _text(content: Any, where: str) -> str:
-    """A message's text: a string, or OpenAI's list of text parts (joined)."""
-    if isinstance(content, list) and all(isinstance(p, dict) for p in content):
-        kinds = {p.get("type") for p in content} - {"text"}
-        if kinds:
-            raise RequestError(f"{where}: only text parts are supported, got {sorted(map(str, kinds))}")
-        content = "".join(p.get("text") if isinstance(p.get("text"), str) else "\0" for p in content)
-        if "\0" in content:
-            raise RequestError(f"{where}: every text part needs a string 'text'")
-    if not isinstance(content, str):
-        raise RequestError(f"{where} must be a string or a list of text parts, got {type(content).__name__}")
-    if len(content) > MAX_MESSAGE_CHARS:
-        raise RequestError(f"{where} is {len(content)} chars; the limit is {MAX_MESSAGE_CHARS}")
-    return content
+class Message(BaseModel, strict=True):
+    """One message; keys other than role and content (OpenAI's `name`, ...) are ignored."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_MESSAGE_CHARS)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def join_text_parts(cls, content: Any) -> Any:
+        if isinstance(content, list):  # OpenAI's list of text parts
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
+                raise ValueError("only text parts {'type': 'text', 'text': '...'} are supported")
+            return "".join(p["text"] for p in content)
+        return content
 
 
-def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatParams:
-    """Parses and validates a chat request body; raises RequestError naming the problem.
+Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
-    `defaults` holds temperature, top_k and max_tokens for fields the client leaves out.
-    """
+
+class ChatRequest(BaseModel, extra="forbid", strict=True, allow_inf_nan=False):
+    """A chat request as validated at the boundary: strict JSON types (no "1" for 1, no true for 1),
+    the engine's ranges, unknown fields refused; the sampling fields a client leaves out (or sends as
+    null) take the server's defaults, passed as the validation context."""
+
+    messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
+    temperature: float | None = bounded("temperature")
+    top_k: int | None = bounded("top_k")
+    max_tokens: int | None = bounded("max_tokens")
+    max_completion_tokens: int | None = bounded("max_tokens")  # OpenAI's newer name
+    seed: int | None = bounded("seed")
+    stream: bool = False
+    stop: list[Stop] = Field([], max_length=MAX_STOPS)
+    stream_options: dict = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def drop_no_ops(cls, body: Any) -> Any:  # any other value of a NO_OP field is an unknown field
+        if not isinstance(body, dict):
+            return body
+        dropped = lambda k, v: v is None or k in IGNORED or (k in NO_OP and v == NO_OP[k])  # noqa: E731
+        return {k: v for k, v in body.items() if not dropped(k, v)}
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def one_stop(cls, stop: Any) -> Any:
+        return ([stop] if stop else []) if isinstance(stop, str) else stop
+
+    @field_validator("messages")
+    @classmethod
+    def conversation(cls, messages: list[Message]) -> list[dict]:
+        clean = [m.model_dump() for m in messages]
+        total = sum(len(m["content"]) for m in clean)
+        if total > MAX_TOTAL_CHARS:
+            raise ValueError(f"{total} chars in all; the limit is {MAX_TOTAL_CHARS}")
+        return validate_conversation(clean, last_role="user")  # its ValueError names the message
+
+    @model_validator(mode="after")
+    def server_defaults(self, info: ValidationInfo) -> ChatRequest:
+        self.max_tokens = self.max_tokens or self.max_completion_tokens
+        for key, value in info.context.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        return self
+
+
+def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatRequest:
+    """The request in `raw`, validated; HTTPException 400 naming the field and the problem."""
     try:
-        body = json.loads(raw)  # a NaN or Infinity fails the range checks below
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise RequestError(f"request body is not valid JSON: {str(e)[:200]}") from None
-    if not isinstance(body, dict):
-        raise RequestError(f"request body must be a JSON object, got {type(body).__name__}")
-    known = set(LIMITS) | set(NO_OP) | IGNORED | {"messages", "stream", "stream_options", "stop"}
-    refused = [k for k in body if k not in known and k != "max_completion_tokens" and body[k] is not None]
-    refused += [k for k, ok in NO_OP.items() if body.get(k) not in (None, ok)]
-    if refused:
-        raise RequestError(
-            f"unsupported parameter(s): {', '.join(sorted(refused))} (nanochat does not implement them)"
-        )
-
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not 1 <= len(messages) <= MAX_MESSAGES:
-        raise RequestError(f"'messages' must be a list of 1 to {MAX_MESSAGES} {{role, content}} objects")
-    clean = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(f"messages[{i}] must be an object with 'role' user, assistant or system")
-        clean.append(
-            {"role": message["role"], "content": _text(message.get("content"), f"messages[{i}].content")}
-        )
-    total = sum(len(m["content"]) for m in clean)
-    if total > MAX_TOTAL_CHARS:
-        raise RequestError(f"the messages hold {total} chars in all; the limit is {MAX_TOTAL_CHARS}")
+        body = json.loads(raw)  # a NaN or Infinity is refused by the model (allow_inf_nan)
+    except (ValueError, RecursionError) as e:
+        raise HTTPException(400, f"request body is not valid JSON: {str(e)[:200]}") from None
     try:
-        validate_conversation(clean, last_role="user")
-    except ValueError as e:
-        raise RequestError(f"messages: {e}") from None
-
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not (
-        isinstance(stop, list)
-        and len(stop) <= MAX_STOPS
-        and all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)
-    ):
-        raise RequestError(
-            f"'stop' must be a string or a list of up to {MAX_STOPS} strings of 1 to {MAX_STOP_CHARS} chars"
-        )
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise RequestError("'stream_options' must be an object")
-    max_key = "max_tokens" if body.get("max_tokens") is not None else "max_completion_tokens"
-    return ChatParams(
-        messages=clean,
-        temperature=float(_number(body, "temperature", "temperature", defaults["temperature"])),
-        top_k=_number(body, "top_k", "top_k", defaults["top_k"]),
-        max_tokens=_number(body, max_key, "max_tokens", defaults["max_tokens"]),
-        stream=stream,
-        seed=_number(body, "seed", "seed", None),
-        stop=stop,
-        include_usage=bool(stream_options.get("include_usage", False)),
-    )
+        return ChatRequest.model_validate(body, context=defaults)
+    except ValidationError as e:
+        error = e.errors(include_url=False)[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+        problem = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            problem = "unsupported parameter (nanochat does not implement it)"
+        raise HTTPException(400, f"'{where or 'body'}': {problem}") from None
 
 
 def split_at_stop(text: str, stops: list[str], final: bool) -> tuple[str, str, bool]:
@@ -221,7 +195,7 @@ def split_at_stop(text: str, stops: list[str], final: bool) -> tuple[str, str, b
 class Generation:
     """One chat request being served: streams its text pieces; afterwards, its usage and finish reason."""
 
-    def __init__(self, server: ChatServer, params: ChatParams, endpoint: str):
+    def __init__(self, server: ChatServer, params: ChatRequest, endpoint: str):
         self.server, self.params, self.endpoint = server, params, endpoint
         self.worker = -1
         self.prompt_tokens = self.completion_tokens = 0
@@ -284,10 +258,10 @@ class ChatServer:
     counts: dict = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
 
     def pick_worker(self) -> tuple[int, BatchScheduler]:
-        """The least loaded worker that can serve (RequestError 503 if none can)."""
+        """The least loaded worker that can serve (HTTPException 503 if none can)."""
         ready = [(s.busy + s.queued, i) for i, (_, s) in enumerate(self.workers) if s.state == "ready"]
         if not ready:
-            raise RequestError("no model worker can serve now (restarting): retry in a few seconds", 503)
+            raise HTTPException(503, "no model worker can serve now (restarting): retry in a few seconds")
         index = min(ready)[1]
         return index, self.workers[index][1]
 
@@ -316,18 +290,25 @@ class ChatServer:
 
 
 class Guard:
-    """ASGI middleware run before any route: the Host / Origin allow-list and the optional API key."""
+    """ASGI middleware run before any route: the Host / Origin allow-list, the optional API key, and
+    admission: at most `limit` requests in flight (queued or served), counted here rather than by
+    uvicorn, whose limit_concurrency counts open sockets, so idle ones would lock everyone out."""
 
-    def __init__(self, app, hosts: set[str] | None, api_key: str | None):
-        self.app, self.hosts, self.api_key = app, hosts, api_key
+    def __init__(self, app, hosts: set[str] | None, api_key: str | None, limit: int = MAX_IN_FLIGHT):
+        self.app, self.hosts, self.api_key, self.limit = app, hosts, api_key, limit
+        self.in_flight = 0
 
     def problem(self, scope) -> tuple[str, int] | None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         for header in ("host", "origin") if self.hosts is not None else ():
             value = headers.get(header)  # none at all: an HTTP/1.0 client, or not a browser
-            name = value and urlsplit(value if header == "origin" else "//" + value).hostname
+            try:
+                name = value and urlsplit(value if header == "origin" else "//" + value).hostname
+            except ValueError:  # "[::1", "[evil.example]": no host name at all
+                name = None
             if value is not None and name not in self.hosts:
-                return f"{header} {value!r} is not this server; serve it with --allow-host {name}", 403
+                fix = f"; serve it with --allow-host {name}" if name else ""
+                return f"{header} {value!r} is not this server{fix}", 403
         if self.api_key and scope["path"] not in ("/", "/health"):
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
@@ -335,10 +316,18 @@ class Guard:
         return None
 
     async def __call__(self, scope, receive, send):
-        problem = self.problem(scope) if scope["type"] == "http" else None
+        if scope["type"] != "http":  # the lifespan
+            return await self.app(scope, receive, send)
+        problem = self.problem(scope)
+        if not problem and self.in_flight >= self.limit and scope["path"] != "/health":
+            problem = "the server is busy: retry in a few seconds", 503
         if problem:
             return await error_response(*problem)(scope, receive, send)
-        await self.app(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 def sse(payload: Any) -> str:
@@ -354,20 +343,22 @@ async def read_json_body(request: Request, timeout: float) -> bytes:
     """The body, refused (4xx) unless it is JSON, under MAX_BODY_BYTES (counted while reading, so a
     chunked body cannot grow memory) and complete within `timeout` seconds."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
-        raise RequestError("the body must be JSON: send 'Content-Type: application/json'", 415)
+        raise HTTPException(415, "the body must be JSON: send 'Content-Type: application/json'")
+    if int(request.headers.get("content-length", 0)) > MAX_BODY_BYTES:  # refused before any wait
+        raise HTTPException(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
 
     async def read() -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_BODY_BYTES:
-                raise RequestError(f"request body is larger than {MAX_BODY_BYTES} bytes", 413)
+                raise HTTPException(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
         return bytes(body)
 
     try:
         return await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError:
-        raise RequestError(f"the request body did not arrive within {timeout:g} s", 408) from None
+        raise HTTPException(408, f"the request body did not arrive within {timeout:g} s") from None
 
 
 def create_app(
@@ -387,15 +378,11 @@ def create_app(
         **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
     )
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException):
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
         return error_response(str(exc.detail), exc.status_code)
 
-    @app.exception_handler(RequestError)
-    async def request_error(request: Request, exc: RequestError):
-        return error_response(exc.message, exc.status)
-
-    async def parse(request: Request) -> ChatParams:
+    async def parse(request: Request) -> ChatRequest:
         return parse_chat_request(await read_json_body(request, server.client_timeout), server.defaults)
 
     @app.get("/")
@@ -414,23 +401,13 @@ def create_app(
     async def stats():
         workers = server.workers_state()
         totals = {key: sum(w[key] for w in workers) for key in ("busy", "queued")}
-        uptime = round(time.time() - server.started, 3)
-        return {
-            "workers": workers,
-            "num_workers": len(workers),
-            **totals,
-            **server.counts,
-            "uptime_s": uptime,
-        }
+        body = {"workers": workers, "num_workers": len(workers), **totals, **server.counts}
+        return body | {"uptime_s": round(time.time() - server.started, 3)}
 
     @app.get("/v1/models")
     async def models():
-        model = {
-            "id": server.model_name,
-            "object": "model",
-            "created": int(server.started),
-            "owned_by": "nanochat",
-        }
+        created = int(server.started)
+        model = {"id": server.model_name, "object": "model", "created": created, "owned_by": "nanochat"}
         return {"object": "list", "data": [model]}
 
     @app.post("/chat/completions")
@@ -441,8 +418,8 @@ def create_app(
             try:
                 async for piece in gen.pieces():
                     yield sse({"token": piece, "gpu": gen.worker})
-            except (RuntimeError, RequestError) as e:  # this request alone failed: say so, end the stream
-                yield sse({"error": str(e)})
+            except (RuntimeError, HTTPException) as e:  # this request alone failed: say so, end the stream
+                yield sse({"error": getattr(e, "detail", str(e))})
             yield sse({"done": True, "finish_reason": gen.finish_reason})
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -482,12 +459,12 @@ def create_app(
             try:
                 async for piece in gen.pieces():
                     yield chunk({"content": piece})
-            except (RuntimeError, RequestError) as e:
-                yield sse({"error": {"message": str(e), "type": "server_error"}})
+            except (RuntimeError, HTTPException) as e:
+                yield sse({"error": {"message": getattr(e, "detail", str(e)), "type": "server_error"}})
                 yield sse("[DONE]")
                 return
             yield chunk({}, gen.finish_reason)
-            if params.include_usage:
+            if params.stream_options.get("include_usage"):
                 yield sse(envelope("chat.completion.chunk", [], usage=gen.usage()))
             yield sse("[DONE]")
 
@@ -501,9 +478,10 @@ async def _join(pieces: AsyncIterator[str]) -> str:
 
 
 class DeadlineH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline of `timeout` seconds for each request's headers:
-    uvicorn starts its idle timer only after a first response, so a client that connects and then
-    sends nothing (or one byte a minute) would hold its connection for ever."""
+    """uvicorn's HTTP/1.1 protocol with a deadline of `timeout` seconds for each request's headers,
+    and a shorter one (IDLE_S) for a new connection's first byte: uvicorn starts its idle timer only
+    after a first response, so a client that connects and then sends nothing (or one byte a minute)
+    would hold its connection, and a descriptor, for ever."""
 
     timeout = 10.0
 
@@ -511,7 +489,17 @@ class DeadlineH11(H11Protocol):
     # connection that uvicorn's keep-alive timeout would close anyway
     def connection_made(self, transport):
         super().connection_made(transport)
+        self.heard = False
+        self.loop.call_later(min(IDLE_S, self.timeout), self._silent)
         self.loop.call_later(self.timeout, self._headers_late)
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+        super().data_received(data)
+
+    def _silent(self):
+        if not self.heard:
+            self.transport.close()
 
     def on_response_complete(self):
         super().on_response_complete()
@@ -550,6 +538,18 @@ def listen_problem(host: str, port: int) -> str | None:
     return None
 
 
+def raise_descriptor_limit() -> None:
+    """The soft limit on open files up to the hard one: each connection holds a descriptor, and the
+    usual soft limit (1024) would refuse real clients while a few hundred idle ones wait to be closed."""
+    try:
+        import resource  # POSIX only
+
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):  # Windows; macOS refuses an unlimited soft limit
+        pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_web",
@@ -583,6 +583,8 @@ def main() -> None:
             f"--max-batch must be >= 1 and --client-timeout > 0, got {args.max_batch}, {args.client_timeout}"
         )
 
+    if args.api_key is not None and not args.api_key.strip():  # an unset variable, say
+        exit_with_error("chat_web", "--api-key is empty: give the key, or leave the flag out")
     if problem := listen_problem(args.host, args.port):
         exit_with_error("chat_web", problem)
     device_type = args.device_type or autodetect_device_type()
@@ -615,12 +617,15 @@ def main() -> None:
         log_level="warning",
         http=type("DeadlineH11", (DeadlineH11,), {"timeout": args.client_timeout}),
         timeout_keep_alive=5,
-        limit_concurrency=MAX_CONNECTIONS,
         timeout_graceful_shutdown=3,  # SIGTERM ends open streams after this, rather than waiting on them
         h11_max_incomplete_event_size=16 * 1024,  # the largest request head
     )
+    raise_descriptor_limit()
     uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn stops gracefully, then raises the signal again
+        print("chat_web: stopped (Ctrl-C)")

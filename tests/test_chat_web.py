@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -119,7 +120,7 @@ def child_env(base: Path) -> dict:
 class ChatServer:
     """`python -m scripts.chat_web` on a free port of 127.0.0.1, stopped by `stop()`."""
 
-    def __init__(self, base: Path, *args: str):
+    def __init__(self, base: Path, *args: str, **popen):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -137,7 +138,7 @@ class ChatServer:
             *args,
         ]
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, env=child_env(base), stdout=self.log, stderr=subprocess.STDOUT
+            cmd, cwd=REPO, env=child_env(base), stdout=self.log, stderr=subprocess.STDOUT, **popen
         )
         deadline = time.time() + 90
         while True:
@@ -393,12 +394,13 @@ BAD_BODIES = {
 
 
 @pytest.mark.parametrize("endpoint", ["/chat/completions", "/v1/chat/completions"])
-def test_every_limit_violation_gets_400_with_json_error(scripted_server, endpoint):
+def test_every_limit_violation_gets_400_naming_the_field(scripted_server, endpoint):
     for name, body in BAD_BODIES.items():
         r = httpx.post(scripted_server.url + endpoint, json=body, timeout=30)
         assert r.status_code == 400, (name, r.status_code, r.text)
         error = r.json()["error"]
-        assert error["type"] == "invalid_request_error" and error["message"], name
+        field = next((key for key in body if key != "messages"), "messages")  # the one bad field
+        assert error["type"] == "invalid_request_error" and f"'{field}" in error["message"], (name, error)
 
 
 @pytest.mark.parametrize(
@@ -430,6 +432,20 @@ def test_oversized_body_is_rejected_with_413(scripted_server):
         timeout=30,
     )
     assert r.status_code == 413 and "larger" in r.json()["error"]["message"]
+
+
+def raw_request(port: int, head: str) -> bytes:
+    """The server's answer (its first bytes) to a request head sent as is, outside any client library."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(head.encode("latin-1"))
+        return s.recv(4096)
+
+
+def test_a_huge_declared_body_is_refused_at_once(scripted_server):
+    start = time.time()
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    answer = raw_request(scripted_server.port, head + "Content-Length: 2000000000\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 413") and time.time() - start < 1, answer
 
 
 def test_limits_at_the_boundary_are_accepted(scripted_server):
@@ -584,12 +600,23 @@ def test_a_foreign_host_or_origin_is_refused(scripted_server):
     url = scripted_server.url + "/v1/chat/completions"
     for headers in ({"Host": "evil.example"}, {"Origin": "http://evil.example"}, {"Origin": "null"}):
         r = httpx.post(url, json={"messages": HELLO}, headers=headers, timeout=30)
-        assert r.status_code == 403 and "--allow-host" in r.json()["error"]["message"], headers
+        assert r.status_code == 403 and next(iter(headers)).lower() in r.json()["error"]["message"], headers
     for headers in ({"Host": f"localhost:{scripted_server.port}"}, {"Origin": scripted_server.url}):
         assert httpx.post(url, json={"messages": HELLO}, headers=headers, timeout=30).status_code == 200
     # a web page's "simple" cross-site POST (text/plain, no preflight) is not JSON: refused
     r = httpx.post(url, content=json.dumps({"messages": HELLO}), headers={"Content-Type": "text/plain"})
     assert r.status_code == 415
+
+
+def test_malformed_host_or_origin_gets_4xx_never_500(scripted_server):
+    hosts = ["[::1", "[evil.example]", "", "::::", "a b", "\x7f\xff"]
+    origins = ["http://[::1", "http://[evil.example]", "", "::::", "http://a:b:c"]
+    headers = [f"Host: {h}" for h in hosts] + [f"Host: 127.0.0.1\r\nOrigin: {o}" for o in origins]
+    for header in headers:
+        answer = raw_request(scripted_server.port, f"GET /v1/models HTTP/1.1\r\n{header}\r\n\r\n")
+        assert answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 403")), (header, answer[:200])
+    loopback = f"GET /v1/models HTTP/1.1\r\nHost: [::1]:{scripted_server.port}\r\n\r\n"
+    assert raw_request(scripted_server.port, loopback).startswith(b"HTTP/1.1 200")
 
 
 FUZZ = [  # accepted values at their limits and just inside them
@@ -684,7 +711,8 @@ def test_an_abandoned_non_streaming_request_is_cancelled(babbler_server):
     assert stats["tokens_generated"] - before["tokens_generated"] < 1500
 
 
-def test_sigterm_stops_the_server_promptly_even_while_it_streams(tiny_base_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_the_server_promptly_even_while_it_streams(tiny_base_dir, tmp_path, signum):
     base = build_base_dir(tiny_base_dir, tmp_path, babbler_model)
     server = ChatServer(base, "--max-batch", "2")
     with httpx.stream(
@@ -692,10 +720,91 @@ def test_sigterm_stops_the_server_promptly_even_while_it_streams(tiny_base_dir, 
     ) as r:
         next(r.iter_lines())
         start = time.time()
-        server.proc.terminate()
+        server.proc.send_signal(signum)
         server.proc.wait(timeout=15)
     assert time.time() - start < 10 and server.proc.returncode is not None
+    log = server.log_text()
     server.log.close()
+    assert "Traceback" not in log, log
+    if signum == signal.SIGINT:  # Ctrl-C: one line, a clean exit
+        assert server.proc.returncode == 0 and log.splitlines()[-1] == "chat_web: stopped (Ctrl-C)", log
+
+
+def test_an_empty_api_key_is_refused_at_start(tmp_path):
+    cmd = [sys.executable, "-m", "scripts.chat_web", "--api-key", "", "--device-type", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env(tmp_path), capture_output=True, text=True, timeout=60)
+    output = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 1 and len(output.splitlines()) == 1 and "--api-key" in output, output
+
+
+def test_idle_sockets_never_lock_out_real_clients(tiny_base_dir, tmp_path):
+    """64, then 300 sockets that never send a byte, reopened whenever the server closes them: /health
+    and chats from another client are served throughout. The server starts with a soft limit of 256
+    open files, so it must raise its own limit to hold 300 sockets."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    base = build_base_dir(tiny_base_dir, tmp_path, babbler_model)
+    low_limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # noqa: E731
+    server = ChatServer(base, "--max-tokens", "4", preexec_fn=low_limit)
+    idle: list[socket.socket] = []
+    reopened = 0
+
+    def closed(s: socket.socket) -> bool:
+        try:
+            return s.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    try:
+        for count, seconds in ((64, 1.0), (300, 4.0)):  # 4 s: past the server's deadline for silence
+            deadline = time.time() + seconds
+            while time.time() < deadline:
+                for s in [s for s in idle if closed(s)]:
+                    idle.remove(s)
+                    s.close()
+                    reopened += 1
+                while len(idle) < count:
+                    idle.append(socket.create_connection(("127.0.0.1", server.port), timeout=5))
+                    idle[-1].setblocking(False)
+                # promptly: a server out of descriptors leaves it in the accept queue for seconds
+                assert httpx.get(server.url + "/health", timeout=2).status_code == 200
+                chat = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=10)
+                assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 4
+        assert reopened >= 64, reopened  # the silent sockets were closed by the server, not kept
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
+def test_admission_counts_requests_in_flight_and_health_always_answers():
+    from fastapi.responses import JSONResponse
+
+    from scripts.chat_web import Guard
+
+    async def app(scope, receive, send):  # /slow answers once released
+        if scope["path"] == "/slow":
+            await release.wait()
+        await JSONResponse({})(scope, receive, send)
+
+    async def scenario():
+        guard = Guard(app, None, None, limit=1)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=guard), base_url="http://x") as client:
+            slow = asyncio.create_task(client.get("/slow"))
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+            assert guard.in_flight == 1
+            busy = await client.get("/stats")
+            assert busy.status_code == 503 and "busy" in busy.json()["error"]["message"]
+            assert (await client.get("/health")).status_code == 200
+            release.set()
+            assert (await slow).status_code == 200 and (await client.get("/stats")).status_code == 200
+
+    release = asyncio.Event()
+    asyncio.run(scenario())
 
 
 # ---------------------------------------------------------------------------- OpenAI features
