@@ -11,17 +11,24 @@ import torch.nn.functional as F
 
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import (
+    _COMPILED,
     MIN_SHARD_NUMEL,
     AdamW,
     Muon,
+    _adamw_math,
     _cautious_decay,
+    _muon_apply,
+    apply_schedule,
     batch_lr_scale,
     batch_size_for,
     build_optimizers,
+    describe_optimizers,
     lr_multiplier,
     muon_chunks,
     muon_momentum,
     orthogonalize,
+    scaled_weight_decay,
+    weight_decay_multiplier,
 )
 
 # -----------------------------------------------------------------------------
@@ -174,6 +181,29 @@ def test_muon_momentum_warmup_endpoints():
     assert all(a < b for a, b in zip(values, values[1:], strict=False))
 
 
+def test_muon_momentum_of_the_record_ramps_up_then_down_over_the_warmdown():
+    n, ratio = 5000, 0.65  # warmdown: the last 3250 steps, from step 1750
+    m = lambda s: muon_momentum(s, 400, 0.85, 0.97, n, ratio, end=0.90)  # noqa: E731
+    assert m(0) == pytest.approx(0.85) and m(200) == pytest.approx(0.91) and m(400) == pytest.approx(0.97)
+    assert m(1750) == pytest.approx(0.97) and m(1750 + 1625) == pytest.approx(0.935)
+    assert m(n) == pytest.approx(0.90) and m(n + 10) == pytest.approx(0.90)
+    down = [m(s) for s in range(1750, n + 1, 50)]
+    assert all(a > b for a, b in zip(down, down[1:], strict=False))
+    # a run too short to hold the ramp before its warmdown: the ramp wins, then the warmdown takes over
+    assert m(0) == muon_momentum(0, 400, 0.85, 0.97, 100, ratio, end=0.90)
+    assert muon_momentum(99, 400, 0.85, 0.97, 100, ratio, end=0.90) < 0.97
+    assert muon_momentum(450, 400, 0.85, 0.97, 500, ratio, end=0.90) == pytest.approx(0.97 - 0.07 * 275 / 325)
+
+
+def test_weight_decay_multiplier_is_a_cosine_to_zero_or_constant():
+    n = 1000
+    assert weight_decay_multiplier(0, n, "record") == 1.0
+    assert weight_decay_multiplier(n // 2, n, "record") == pytest.approx(0.5)
+    assert weight_decay_multiplier(n // 4, n, "record") == pytest.approx(0.5 + 0.5 * 2**-0.5)
+    assert weight_decay_multiplier(n, n, "record") == pytest.approx(0.0, abs=1e-12)
+    assert {weight_decay_multiplier(s, n, "constant") for s in (0, n // 2, n)} == {1.0}
+
+
 def test_lr_multiplier_warms_up_holds_then_decays_to_final_frac():
     n = 50
     lrm = [lr_multiplier(s, n, warmup_steps=10, warmdown_ratio=0.4, final_lr_frac=0.1) for s in range(n + 1)]
@@ -197,29 +227,41 @@ def test_lr_multiplier_warms_up_holds_then_decays_to_final_frac():
         lr_multiplier(0, n, warmup_steps=-1)
 
 
-def test_horizon_and_batch_rules_on_a_table_of_depths():
-    """Tokens = 10.5 × matmul params; batch 2^19 at depth 12, ∝ tokens^0.383 as a power of two; LRs
-    × √(batch / 2^19)."""
+def test_horizon_batch_and_decay_rules_on_a_table_of_depths():
+    """Tokens = 8 × scaling params (block weights + lm_head); batch 2^19 at depth 12, ∝ tokens^0.383 as
+    a power of two; LRs × √(batch / 2^19); Muon decay × √(batch / 2^19) × (d12 params / params). The
+    record's d24: 5.84B tokens in 2^20-token steps (issue 20: ≈5,570 steps)."""
 
-    def matmul_params(depth: int) -> int:
+    def scaling_params(depth: int, arch: str = "record") -> int:
         with torch.device("meta"):
-            return GPT(config_from_depth(depth, 32768, 2048)).num_matmul_params()
+            return GPT(config_from_depth(depth, 32768, 2048, arch=arch)).num_scaling_params()
 
-    reference = matmul_params(12)
-    assert reference == 12 * 12 * 768**2 + 32768 * 768  # block matrices + head
-    table = {  # depth: (tokens at ratio 10.5 in billions, batch)
-        4: (0.121, 2**18),
-        12: (1.156, 2**19),
-        20: (4.569, 2**20),
-        24: (7.663, 2**20),
-        26: (9.643, 2**20),
-        32: (17.616, 2**21),
+    reference = scaling_params(12)
+    ve_gates = 6 * 12 * 6  # d12: 6 value-embedding layers, a (6 heads × 12 channels) gate each
+    assert reference == 12 * 12 * 768**2 + 32768 * 768 + ve_gates  # block weights + head
+    assert scaling_params(12, "v1") == reference - ve_gates  # v1: the matmul params it always counted
+    table = {  # depth: (tokens at ratio 8 in billions, batch)
+        4: (0.092, 2**18),
+        12: (0.881, 2**19),
+        20: (3.481, 2**20),
+        24: (5.838, 2**20),
+        26: (7.347, 2**20),
+        32: (13.422, 2**21),
     }
     for depth, (billions, batch) in table.items():
-        params = matmul_params(depth)
-        assert 10.5 * params / 1e9 == pytest.approx(billions, abs=0.0005), depth
+        params = scaling_params(depth)
+        assert 8 * params / 1e9 == pytest.approx(billions, abs=0.0005), depth
         assert batch_size_for(params, reference) == batch, depth
+    assert 8 * scaling_params(24) // 2**20 == 5568
     assert batch_lr_scale(2**19) == 1 and batch_lr_scale(2**21) == 2
+    # decay: unchanged at the reference; d24 at 2^20 with the batch rule's LR scale √2
+    assert scaled_weight_decay(0.28, 2**19, 1.0, reference, reference) == pytest.approx(0.28)
+    d24 = scaling_params(24)
+    assert scaled_weight_decay(0.28, 2**20, 2**0.5, d24, reference) == pytest.approx(
+        0.28 * 2**0.5 * reference / d24
+    )
+    # an explicit batch keeps the LRs (scale 1): the decay goes with the batch itself
+    assert scaled_weight_decay(0.28, 2**18, 1.0, reference, reference) == pytest.approx(0.14)
 
 
 def test_muon_rejects_non_matrices():
@@ -280,12 +322,18 @@ def _half_batch(step, half):
 
 
 def _make_optimizers(params):
+    """Groups with their own betas and decay, as the record's; Muon with its NorMuon beta2."""
     adamw = AdamW(
-        [dict(params=[params["emb"], params["scale"]], lr=0.05), dict(params=[params["head"]], lr=0.01)],
+        [
+            dict(params=[params["emb"]], lr=0.05, betas=(0.8, 0.995), weight_decay=0.001),
+            dict(params=[params["scale"]], lr=0.05, betas=(0.96, 0.95)),
+            dict(params=[params["head"]], lr=0.01, betas=(0.8, 0.96), weight_decay=0.01),
+        ],
         lr=0.05,
         weight_decay=0.1,
     )
-    muon = Muon([params[n] for n in ("w_in", "w_a", "w_b", "w_odd", "w_out")], lr=0.02, weight_decay=0.1)
+    matrices = [params[n] for n in ("w_in", "w_a", "w_b", "w_odd", "w_out")]
+    muon = Muon(matrices, lr=0.02, weight_decay=0.1, beta2=0.9)
     return [adamw, muon]
 
 
@@ -296,10 +344,9 @@ def _train_step(params, opts, step, halves, loss_scale):
         loss = _loss(params, *_half_batch(step, half))
         (loss * loss_scale).backward()
         losses.append(loss.item())
-    for opt in opts:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * (1 - step / 10)
-    opts[1].param_groups[0]["momentum"] = muon_momentum(step, warmup_steps=4)
+    # the record's schedules at toy length: LR, momentum up then down, decay on a cosine
+    momentum = muon_momentum(step, 2, 0.85, 0.97, STEPS, 0.6, end=0.9)
+    apply_schedule(opts, 1 - step / 10, momentum, 0.3 * weight_decay_multiplier(step, STEPS, "record"))
     grads_before = {n: p.grad.clone() for n, p in params.items()}
     for opt in opts:
         opt.step()
@@ -463,25 +510,91 @@ def _gpt_like_groups():
     gen = torch.Generator().manual_seed(0)
     make = lambda *s: torch.nn.Parameter(torch.randn(*s, generator=gen))  # noqa: E731
     return {
-        "matrix": [make(32, 32), make(32, 32), make(128, 32), make(32, 128)],
+        "matrix": [make(32, 32), make(32, 32), make(128, 32), make(32, 128), make(4, 12)],
         "embedding": [make(64, 32)],
         "lm_head": [make(64, 32)],
+        "value_embeds": [make(64, 32), make(64, 32)],
+        "resid_scalars": [make(2)],
+        "x0_scalars": [make(2)],
+        "smear_backout": [make(1, 24), make(1), make(1)],
     }
 
 
-def test_build_optimizers_covers_every_param_once_with_scaled_lrs():
+def test_build_optimizers_gives_each_group_the_records_lr_betas_and_decay():
     groups = _gpt_like_groups()
-    adamw, muon = build_optimizers(groups, n_embd=192, weight_decay=0.1)
+    adamw, muon = build_optimizers(
+        groups, n_embd=192, embedding_lr=0.3, unembedding_lr=0.008, weight_decay=0.1
+    )
     assert isinstance(adamw, AdamW) and isinstance(muon, Muon)
     seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
     everything = [id(p) for ps in groups.values() for p in ps]
     assert sorted(seen) == sorted(everything)
-    scale = (192 / 768) ** -0.5  # = 2
-    emb_group, head_group = adamw.param_groups
-    assert emb_group["params"] == groups["embedding"] and head_group["params"] == groups["lm_head"]
-    assert emb_group["lr"] == pytest.approx(0.2 * scale) and head_group["lr"] == pytest.approx(0.004 * scale)
-    assert emb_group["initial_lr"] == emb_group["lr"]
+    width = (192 / 768) ** -0.5  # = 2
+    expected = {  # name: (lr, betas, decay), the record's setup_optimizer
+        "embedding": (0.3 * width, (0.8, 0.995), 0.001),
+        "lm_head": (0.008 * width, (0.8, 0.96), 0.01),
+        "value_embeds": (0.15 * width, (0.8, 0.995), 0.01),
+        "resid_scalars": (0.005, (0.8, 0.95), 0.05),
+        "x0_scalars": (0.5, (0.96, 0.95), 0.0),
+        "smear_backout": (0.2, (0.8, 0.95), 0.0),
+    }
+    assert [g["name"] for g in adamw.param_groups] == list(expected)
     for g in adamw.param_groups:
-        assert g["betas"] == (0.8, 0.95) and g["eps"] == 1e-10 and g["weight_decay"] == 0.0
+        lr, betas, decay = expected[g["name"]]
+        assert g["params"] == groups[g["name"]]
+        assert g["lr"] == pytest.approx(lr) and g["initial_lr"] == g["lr"]
+        assert g["betas"] == betas and g["weight_decay"] == decay and g["eps"] == 1e-10
     (muon_group,) = muon.param_groups
-    assert muon_group["lr"] == 0.02 and muon_group["weight_decay"] == 0.1 and muon_group["momentum"] == 0.95
+    assert muon_group["params"] == groups["matrix"]
+    assert muon_group["lr"] == 0.02 and muon_group["weight_decay"] == 0.1 and muon_group["beta2"] == 0.9
+    lines = describe_optimizers([adamw, muon])
+    assert len(lines) == 7 and lines[0].startswith("AdamW embedding") and "betas (0.8, 0.995)" in lines[0]
+    assert lines[-1].startswith("Muon matrix") and "NorMuon beta2 0.9" in lines[-1]
+
+
+def test_build_optimizers_uniform_and_a_v1_model_keep_the_old_groups():
+    groups = _gpt_like_groups()
+    adamw, _ = build_optimizers(groups, n_embd=768, adam_groups="uniform")
+    assert {(g["betas"], g["weight_decay"]) for g in adamw.param_groups} == {((0.8, 0.95), 0.0)}
+    # a model without the record's features: only [embedding, lm_head], in the order old shards have
+    v1 = {k: groups[k] for k in ("matrix", "embedding", "lm_head")} | {"value_embeds": [], "x0_scalars": []}
+    adamw, _ = build_optimizers(v1, n_embd=768)
+    assert [g["name"] for g in adamw.param_groups] == ["embedding", "lm_head"]
+
+
+def test_apply_schedule_sets_lrs_and_muons_momentum_and_decay():
+    adamw, muon = build_optimizers(_gpt_like_groups(), n_embd=768, weight_decay=0.2)
+    apply_schedule([adamw, muon], 0.5, momentum=0.9, muon_weight_decay=0.05)
+    assert all(g["lr"] == pytest.approx(0.5 * g["initial_lr"]) for o in (adamw, muon) for g in o.param_groups)
+    assert muon.param_groups[0]["momentum"] == 0.9 and muon.param_groups[0]["weight_decay"] == 0.05
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.001, 0.01, 0.01, 0.05, 0.0, 0.0]  # untouched
+
+
+def test_compiled_update_equals_eager():
+    """torch.compile of the per-parameter math (inductor, on CPU here): the same parameters and state,
+    to fp32 rounding, over steps whose LR, momentum and decay change (inputs, not recompiles)."""
+
+    def train(compiled: bool) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(0)
+        matrix = torch.nn.Parameter(torch.randn(32, 16, generator=gen))
+        table = torch.nn.Parameter(torch.randn(48, 16, generator=gen))
+        muon = Muon([matrix], lr=0.02, weight_decay=0.3, beta2=0.9, compiled=compiled)
+        adamw = AdamW([dict(params=[table], betas=(0.8, 0.96))], lr=0.01, weight_decay=0.1, compiled=compiled)
+        for step in range(3):
+            for p in (matrix, table):
+                p.grad = torch.randn(p.shape, generator=gen)
+            apply_schedule(
+                [muon, adamw], 1 - step / 4, momentum=0.85 + 0.05 * step, muon_weight_decay=0.3 / (step + 1)
+            )
+            muon.step()
+            adamw.step()
+        state = [
+            t for opt in (muon, adamw) for s in opt.state.values() for t in s.values() if torch.is_tensor(t)
+        ]
+        return [matrix.detach(), table.detach(), *state]
+
+    eager, compiled = train(False), train(True)
+    assert {_adamw_math, _muon_apply} <= set(_COMPILED)  # the compiled run did compile
+    assert len(eager) == 6
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
