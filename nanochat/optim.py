@@ -158,11 +158,11 @@ class _ShardedOptimizer(torch.optim.Optimizer):
 # AdamW
 
 
-def _scalars(*values: float) -> list[Tensor]:
-    """0-d fp32 CPU tensors of the step's hyperparameters. A compiled update takes them as inputs,
-    so a new LR or momentum each step does not recompile it (a Python float is baked into the graph);
-    the eager update takes the same tensors, so both run the same math."""
-    return [torch.tensor(v, dtype=torch.float32) for v in values]
+def _scalars(compiled: bool, *values: float) -> list:
+    """The step's hyperparameters: for a compiled update 0-d fp32 CPU tensors, which it takes as
+    inputs, so a new LR or momentum each step does not recompile it (a Python float would be baked
+    into the graph; the record passes CPU scalars the same way); for the eager update plain floats."""
+    return [torch.tensor(v, dtype=torch.float32) for v in values] if compiled else list(values)
 
 
 _COMPILED: dict[Callable, Callable] = {}
@@ -199,8 +199,8 @@ def _adamw_update(
     t = state["step"]
     beta1, beta2 = group["betas"]
     lr = group["lr"]
-    hyper = _scalars(beta1, beta2, lr / (1 - beta1**t), math.sqrt(1 - beta2**t), group["eps"])
-    decay = _scalars(lr * group["weight_decay"])  # decoupled: follows the LR schedule
+    hyper = _scalars(compiled, beta1, beta2, lr / (1 - beta1**t), math.sqrt(1 - beta2**t), group["eps"])
+    decay = _scalars(compiled, lr * group["weight_decay"])  # decoupled: follows the LR schedule
     _compiled(_adamw_math, compiled)(
         p, grad.to(p.dtype), state["exp_avg"], state["exp_avg_sq"], *hyper, *decay
     )
@@ -340,6 +340,7 @@ def _muon_update(
         state["momentum_buffer"] = torch.zeros_like(p)
         state["second_moment"] = torch.zeros_like(p.mean(dim=_normuon_dim(p), keepdim=True))
     momentum, lr, decay, beta2 = _scalars(
+        compiled,
         group["momentum"],
         group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5,
         group["lr"] * group["weight_decay"],
