@@ -323,7 +323,8 @@ def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
         else:  # bool, str, ...: exactly the default's type
             ok = kind is None or isinstance(value, kind)
         if not ok:
-            raise bad(f"{name} = {value!r} is not a {'finite number' if kind is float else kind.__name__}")
+            what = {float: "a finite number", int: "an integer", bool: "true or false", str: "a string"}
+            raise bad(f"{name} = {value!r} is not {what.get(kind, f'a {kind.__name__}')}")
     sizes = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
     for name in sizes + ("rope_base", "qk_scale"):
         if name in raw and raw[name] <= 0:
