@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 # The scripted reply as the page shows it: the calculator call <<1+2=3>> is a chip.
-SCRIPT_CHIP = f"\U0001f9ee {SCRIPT_EXPR} = {use_calculator(SCRIPT_EXPR)}"
+SCRIPT_CHIP = f"calc {SCRIPT_EXPR} = {use_calculator(SCRIPT_EXPR)}"
 SCRIPT_SHOWN = SCRIPT_BEFORE_TOOL + SCRIPT_CHIP + SCRIPT_AFTER_TOOL
 
 # Counts text changes inside assistant messages, to see that a reply arrives in several pieces.
@@ -194,7 +194,7 @@ def test_ui_calculator_call_is_a_tool_chip(page):
 
     # a refused call (no result) is a chip too, marked refused; inside code it stays literal text
     page.evaluate(RENDER_PROBE, "a <<2**999>> b\n\n`<<1+1=2>>`\n\n```\n<<3*3=9>>\n```")
-    expect(page.locator("#probe .tool-chip.refused")).to_have_text("\U0001f9ee 2**999")
+    expect(page.locator("#probe .tool-chip.refused")).to_have_text("calc 2**999")
     expect(page.locator("#probe .tool-chip")).to_have_count(1)
     expect(page.locator("#probe p code")).to_have_text("<<1+1=2>>")
     expect(page.locator("#probe pre code")).to_have_text("<<3*3=9>>")
@@ -247,6 +247,22 @@ def test_ui_shows_server_errors_and_gives_the_text_back(page):
     wait_idle(page, 0)
     assert page.locator(".message").count() == 0  # the rejected turn is taken out again
     assert page.input_value("#input") == too_long  # ... and its text is back in the box to fix
+
+
+def test_ui_long_chat_sends_its_newest_turns_and_says_so(page):
+    """The server refuses a conversation over 32,000 characters: five turns of 7,000 go on working,
+    the fifth request leaving out the oldest pair, and the chat saying so."""
+    from playwright.sync_api import expect
+
+    for i in range(5):
+        say(page, f"{i}" + "x" * 7000)
+        wait_idle(page, i + 1)
+    assert texts(page, ".message.assistant") == [SCRIPT_SHOWN] * 5  # every turn answered
+    assert [len(body["messages"]) for body in page.sent] == [1, 3, 5, 7, 7]
+    last = page.sent[-1]["messages"]
+    assert last[0]["content"].startswith("1x") and sum(len(m["content"]) for m in last) <= 32000
+    expect(page.locator(".notice")).to_contain_text("oldest 2 messages")
+    expect(page.locator(".notice.error")).to_have_count(0)
 
 
 # ---------------------------------------------------------------------------- markdown
