@@ -1,0 +1,123 @@
+"""Long runs meet SIGTERM and Ctrl-C: a chat stage finishes its step, saves, exits 0 and says how to resume.
+
+The real `scripts.chat_sft` runs in a subprocess (--offline, a tiny random base model, CPU), as in
+test_chat_train; a signal arrives while it trains, and the printed command resumes it exactly.
+"""
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_chat_train import FAST, REPO, chat_base, losses  # noqa: F401 (chat_base: the fixture)
+
+from nanochat.checkpoint_manager import saved_steps
+
+SFT = [*FAST, "--source=base", "--num-iterations=10", "--eval-every=-1", "--metrics-every=0"]
+STOPPED = re.compile(r"stopped by (SIG\w+|a signal to another rank) at step (\d+), .*; resume with: (.*)$")
+
+
+def env_for(base: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env |= {"NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return env | {"PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def signal_after_step(cmd: list[str], base: Path, step: int, send) -> tuple[int, str, float]:
+    """Run `cmd`, call `send(proc)` once it prints the line of `step`; (exit status, output, seconds
+    from the signal to the exit)."""
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env_for(base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output, sent = [], None
+    for line in proc.stdout:
+        output.append(line)
+        if sent is None and re.match(rf"step {step:05d}/", line):
+            send(proc)
+            sent = time.monotonic()
+    proc.wait(timeout=120)
+    assert sent is not None, "".join(output[-30:])
+    return proc.returncode, "".join(output), time.monotonic() - sent
+
+
+def test_sigterm_saves_the_step_exits_0_and_the_printed_command_resumes_exactly(chat_base):  # noqa: F811
+    sft = [sys.executable, "-m", "scripts.chat_sft", *SFT]
+    straight = subprocess.run([*sft, "--model-tag=a"], cwd=REPO, env=env_for(chat_base), capture_output=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    rc, output, seconds = signal_after_step([*sft, "--model-tag=b"], chat_base, 1, lambda p: p.terminate())
+    assert rc == 0, output[-3000:]
+    (stop,) = [m for m in map(STOPPED.search, output.splitlines()) if m]
+    signame, step, command = stop.group(1), int(stop.group(2)), stop.group(3)
+    directory = chat_base / "chatsft_checkpoints" / "b"
+    assert signame == "SIGTERM" and 2 <= step < 10 and saved_steps(directory) == [step]
+    assert "Traceback" not in output and seconds < 30  # one step (~0.1 s) and a tiny save, plus slack
+    print(f"SIGTERM to exit: {seconds:.2f} s")
+
+    assert command.startswith("python -m scripts.chat_sft ") and command.endswith(" --resume")
+    resumed = subprocess.run(
+        [sys.executable, *shlex.split(command)[1:]], cwd=REPO, env=env_for(chat_base), capture_output=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(chat_base, "chatsft_checkpoints", "b") == losses(chat_base, "chatsft_checkpoints", "a")
+    a, b = (
+        torch.load(chat_base / "chatsft_checkpoints" / t / "model_000010.pt", weights_only=True) for t in "ab"
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_second_signal_exits_at_once():
+    code = (
+        "import os, signal, time\n"
+        "from nanochat.common import catch_stop_signals\n"
+        "catch_stop_signals()\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.1)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(30)\n"
+    )
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - start < 20
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("SIGINT: finishing this step") and lines[1].startswith("SIGTERM again")
+    assert len(lines) == 2
+
+
+def _rank_pid(launcher: int, rank: int) -> int:
+    """The pid of torchrun's worker of `rank` (from the workers' environments)."""
+    children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
+    for pid in map(int, children):
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the workers through /proc")
+def test_sigterm_to_one_of_two_gloo_ranks_stops_both_at_the_same_saved_step(chat_base):  # noqa: F811
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "scripts.chat_sft", *SFT, "--model-tag=a"]
+
+    def terminate_rank_1(proc):  # its process group: the worker runs in a session of its own
+        os.killpg(os.getpgid(_rank_pid(proc.pid, 1)), signal.SIGTERM)
+
+    rc, output, seconds = signal_after_step(cmd, chat_base, 1, terminate_rank_1)
+    assert rc == 0, output[-3000:]
+    (stop,) = [m for m in map(STOPPED.search, output.splitlines()) if m]  # rank 0 speaks for both
+    assert stop.group(1) == "a signal to another rank" and stop.group(3).startswith(
+        "torchrun --nproc_per_node 2"
+    )
+    step = int(stop.group(2))
+    directory = chat_base / "chatsft_checkpoints" / "a"
+    assert saved_steps(directory) == [step]
+    assert sorted(p.name for p in directory.glob("optim_*")) == [
+        f"optim_{step:06d}_rank{r}.pt" for r in (0, 1)
+    ]
+    assert "Traceback" not in output and seconds < 60
