@@ -462,10 +462,10 @@ def test_isolated_host_socket_and_fifo_in_a_bound_folder_are_unreachable():
     path = os.path.join(folder, f"nanochat-{uuid.uuid4().hex[:8]}")
     if not os.access(folder, os.W_OK) or len(path) > 100:
         pytest.skip(f"cannot place a socket in {folder}")
-    server = socket.socket(socket.AF_UNIX)
-    os.mkfifo(path + ".fifo", 0o600)
-    fifo = os.open(path + ".fifo", os.O_RDONLY | os.O_NONBLOCK)  # a reader, so a writer's open succeeds
+    server, fifo = socket.socket(socket.AF_UNIX), None
     try:
+        os.mkfifo(path + ".fifo", 0o600)
+        fifo = os.open(path + ".fifo", os.O_RDONLY | os.O_NONBLOCK)  # a reader, so a writer's open succeeds
         server.bind(path + ".sock")
         os.chmod(path + ".sock", 0o600)
         server.listen()
@@ -485,9 +485,10 @@ def test_isolated_host_socket_and_fifo_in_a_bound_folder_are_unreachable():
         written = os.read(fifo, 100)
     finally:
         server.close()
-        os.close(fifo)
+        if fifo is not None:
+            os.close(fifo)
         for name in (".sock", ".fifo"):
-            os.unlink(path + name)
+            Path(path + name).unlink(missing_ok=True)
     assert result.stdout.startswith("True\nTrue\n") and "PermissionError" in result.error
     # landlock_create_ruleset(NULL, 0, VERSION): without Landlock (Linux < 5.13, or the LSM off) the
     # FIFO stays writable, as nanochat/execution.py says
