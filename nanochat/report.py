@@ -2,8 +2,9 @@
 The report card: every stage logs a section, `python -m nanochat.report generate` stitches them.
 
 - A section is two files under `<base dir>/report/`, named after a slug of its title: `<slug>.md`
-  for people, and `<slug>.json` ({"section", "timestamp", "data": the stage's dicts merged}) for
-  the summary table. The JSON is written last, so it is the stage's record of completion:
+  for people, and `<slug>.json` ({"section", "timestamp", "data": the stage's dicts merged, "items"})
+  for the summary table; logged again with `merge`, a section keeps the earlier items' rows and keys.
+  The JSON is written last, so it is the stage's record of completion:
   `python -m nanochat.report done TITLE` exits 0 once it exists (speedrun.sh skips on it).
 - Items of a section: a str as it is, a dict as `- key: value` lines, a list of rows as a table.
 - `reset` empties the folder and logs the "Environment" section (git, hardware, software, cost
@@ -133,20 +134,41 @@ class Report:
     def __init__(self, report_dir: Path | None):
         self.report_dir = report_dir
 
-    def log(self, section: str, data: list) -> Path | None:
-        """Write (or replace whole) the section `section` from the items of `data`; returns its .md file."""
+    def log(self, section: str, data: list, merge: bool = False) -> Path | None:
+        """Write the section `section` from the items of `data`; returns its .md file. It replaces an
+        earlier one whole, or with `merge` goes into it item by item (`merge_items`): a second
+        `chat_eval` of one model adds its tasks to the first one's."""
         if self.report_dir is None:
             return None
+        path = self.report_dir / f"{slugify(section)}.md"
+        if merge and path.with_suffix(".json").is_file():
+            earlier = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            data = merge_items(earlier.get("items", [earlier["data"]]), data)
         timestamp = datetime.now().strftime(TIME_FORMAT)
         blocks = [f"## {section}", f"timestamp: {timestamp}", *(format_item(item) for item in data)]
         merged = {key: value for item in data if isinstance(item, dict) for key, value in item.items()}
-        record = {"section": section, "timestamp": timestamp, "data": merged}
+        record = {"section": section, "timestamp": timestamp, "data": merged, "items": list(data)}
         self.report_dir.mkdir(parents=True, exist_ok=True)
-        path = self.report_dir / f"{slugify(section)}.md"
         write_atomically(path, "\n\n".join(blocks) + "\n\n")
         # the data last: it exists only once the whole section does (values that JSON lacks become str)
         write_atomically(path.with_suffix(".json"), json.dumps(record, indent=1, default=str) + "\n")
         return path
+
+
+def merge_items(earlier: list, later: list) -> list:
+    """The items of a section logged again with `merge`, paired by position: dicts by key (the later
+    value wins; a later None removes the key), tables by their first cell (the later row wins, the
+    header is the later one's), anything else the later one."""
+    merged = []
+    for i, item in enumerate(later):
+        before = earlier[i] if i < len(earlier) else None
+        if isinstance(item, dict) and isinstance(before, dict):
+            item = {key: value for key, value in {**before, **item}.items() if value is not None}
+        elif isinstance(item, (list, tuple)) and isinstance(before, list) and item and before:
+            rows = {str(row[0]): list(row) for row in [*before[1:], *item[1:]]}
+            item = [list(item[0]), *rows.values()]
+        merged.append(item)
+    return merged
 
 
 def get_report() -> Report:

@@ -413,3 +413,16 @@ def test_a_fresh_run_starts_an_empty_log_and_other_ranks_write_nothing(tmp_path)
     other.log({"step": 5, "loss": 1.0})
     other.finish()
     assert not (tmp_path / "other").exists()
+
+
+def test_a_section_logged_again_with_merge_keeps_the_earlier_tasks(tmp_path):
+    first = [{"model step": 7}, [["Task", "Accuracy"], ["ARC-Easy", 0.3]], {"ARC-Easy": 0.3, "partial": 0.1}]
+    Report(tmp_path).log("Chat evaluation sft", first)
+    second = [{"model step": 7}, [["Task", "Accuracy"], ["GSM8K", 0.05]], {"GSM8K": 0.05, "partial": None}]
+    path = Report(tmp_path).log("Chat evaluation sft", second, merge=True)
+    data = read_sections(tmp_path)["Chat evaluation sft"]["data"]
+    assert data == {"model step": 7, "ARC-Easy": 0.3, "GSM8K": 0.05}  # None took the stale key away
+    text = path.read_text()
+    assert "| ARC-Easy |" in text and "| GSM8K    |" in text
+    Report(tmp_path).log("Chat evaluation sft", second)  # without merge: replaced whole
+    assert "ARC-Easy" not in read_sections(tmp_path)["Chat evaluation sft"]["data"]
