@@ -4,8 +4,9 @@ python -m scripts.export_hf -i sft [-g TAG] [-s STEP] --out DIR
 
 - The model is transformers' built-in NanoChat (model_type "nanochat"): rotary, functional RMSNorm
   after the embedding / before attention and MLP / at the end, QK-norm after rotary, ReLU², GQA,
-  untied head, softcap 15 all match ours exactly. Its softmax scale is fixed at 1/√D, so a model
-  with qk_scale != 1 ships nanochat/hf_model.py (`auto_map`, loaded with trust_remote_code=True).
+  untied head, softcap 15 all match ours exactly. Its softmax scale is fixed at 1/√D and it has
+  none of the record's parts, so a model with qk_scale != 1 or any of them ships
+  nanochat/hf_model.py (model_type "nanochat_plus", `auto_map`, loaded with trust_remote_code=True).
 - Weights in safetensors; the padded vocab rows are cut off (we slice those logits off anyway).
 - tokenizer.json is byte-level BPE built from our mergeable ranks, with our split regex and
   `ignore_merges` (tiktoken also takes a whole chunk that is a token as is); the chat template
@@ -17,6 +18,7 @@ import argparse
 import json
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -170,7 +172,21 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     for i, block in enumerate(model.transformer.h):
         for ours, theirs in names.items():
             state[f"model.layers.{i}.{theirs}.weight"] = block.get_submodule(ours).weight
+        if block.attn.ve_gate is not None:
+            state[f"model.layers.{i}.self_attn.ve_gate.weight"] = block.attn.ve_gate.weight
+    for i, table in model.value_embeds.items():
+        state[f"model.value_embeds.{i}.weight"] = table.weight[:V]
+    # the record's scalars and smear gate keep their names, under model.
+    for name in ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda"):
+        if hasattr(model, name.split(".")[0]):
+            state[f"model.{name}"] = model.get_parameter(name)
     return {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+
+
+def needs_remote_code(config: GPTConfig) -> bool:
+    """Whether the built-in NanoChat class falls short: a q/k scale or any of the record's parts."""
+    record = config.value_embeds or config.layer_scalars or config.smear or config.backout
+    return config.qk_scale != 1.0 or record or "S" in config.window_pattern[: config.n_layer - 1]
 
 
 def generation_config(tokenizer: Tokenizer) -> dict:
@@ -180,7 +196,7 @@ def generation_config(tokenizer: Tokenizer) -> dict:
 
 
 def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
-    """config.json: the built-in NanoChat, or our NanoChatQKScale subclass when qk_scale != 1."""
+    """config.json: the built-in NanoChat, or our NanoChatPlus subclass where that falls short."""
     fields = {
         "vocab_size": config.vocab_size,
         "hidden_size": config.n_embd,
@@ -200,30 +216,42 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
         **generation_config(tokenizer),
         "torch_dtype": "float32",
     }
-    if config.qk_scale == 1.0:
+    if not needs_remote_code(config):
         return {"architectures": ["NanoChatForCausalLM"], "model_type": "nanochat", **fields}
+    windows = config.window_sizes()
     return {
-        "architectures": ["NanoChatQKScaleForCausalLM"],
-        "model_type": "nanochat_qk_scale",
+        "architectures": ["NanoChatPlusForCausalLM"],
+        "model_type": "nanochat_plus",
         "auto_map": {
-            "AutoConfig": "hf_model.NanoChatQKScaleConfig",
-            "AutoModelForCausalLM": "hf_model.NanoChatQKScaleForCausalLM",
+            "AutoConfig": "hf_model.NanoChatPlusConfig",
+            "AutoModelForCausalLM": "hf_model.NanoChatPlusForCausalLM",
         },
         "qk_scale": float(config.qk_scale),
+        "value_embed_layers": [i for i in range(config.n_layer) if config.has_value_embed(i)],
+        "layer_scalars": config.layer_scalars,
+        "smear": config.smear,
+        "backout": config.backout,
+        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
+        "sliding_window": next((w for w in windows if w is not None), None),  # every S layer's
         **fields,
     }
 
 
 def model_card(config: GPTConfig, meta: dict, source: str, num_params: int) -> str:
     """README.md: what the model is, its shape and training record, how to run it."""
-    remote = config.qk_scale != 1.0
+    remote = needs_remote_code(config)
     trust = ", trust_remote_code=True" if remote else ""
     if remote:
+        parts = [f"scales q and k by qk_scale = {config.qk_scale:g} after QK-norm"]
+        if needs_remote_code(replace(config, qk_scale=1.0)):
+            parts.append(
+                "has the public nanochat record's parts (value embeddings, per-layer scalars, smear, "
+                "backout, sliding windows: config.json lists which)"
+            )
         path = (
-            f"This model scales q and k by qk_scale = {config.qk_scale} after QK-norm, which transformers' "
-            "built-in NanoChat class cannot express (its softmax scale is fixed at 1/√head_dim). The folder "
-            "ships `hf_model.py`, a subclass of it whose only change is that scale, registered through "
-            "`auto_map` in config.json: load it with `trust_remote_code=True`."
+            f"This model {' and '.join(parts)}, which transformers' built-in NanoChat class cannot express. "
+            "The folder ships `hf_model.py`, a subclass of it that adds them, registered through `auto_map` "
+            "in config.json: load it with `trust_remote_code=True`."
         )
         vllm = (
             "vLLM: not supported exactly. vLLM's Transformers backend (`--model-impl transformers "
@@ -242,6 +270,7 @@ def model_card(config: GPTConfig, meta: dict, source: str, num_params: int) -> s
         )
     record = {k: v for k, v in meta.items() if k not in ("model_config", "dataloader_state")}
     fields = "n_layer n_head n_kv_head n_embd vocab_size sequence_len rope_base qk_scale".split()
+    fields += "value_embeds layer_scalars smear backout window_pattern".split()
     shape = {"source": source, **{name: getattr(config, name) for name in fields}, "parameters": num_params}
     return f"""---
 library_name: transformers
@@ -327,7 +356,7 @@ def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, over
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_file(hf_state_dict(model), tmp / "model.safetensors", metadata={"format": "pt"})
-        if config.qk_scale != 1.0:
+        if needs_remote_code(config):
             shutil.copyfile(HF_MODEL_FILE, tmp / "hf_model.py")
         files = {
             "config.json": hf_config(config, tokenizer),

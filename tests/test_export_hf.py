@@ -23,10 +23,22 @@ from scripts import export_hf  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# the first architecture (rotary base 10,000, no q/k scale) and the current one, both with GQA
+# the first architecture (rotary base 10,000, no q/k scale), the v1 recipe's, and the public record's
+# (3 layers: windows of 32 of 128 keys on layers 0-1, value embeddings on 0 and 2), all with GQA
 ARCHITECTURES = {
     "old": {"rope_base": 10000.0, "qk_scale": 1.0},
     "new": {"rope_base": 100000.0, "qk_scale": 1.2},
+    "record": {
+        "rope_base": 100000.0,
+        "qk_scale": 1.2,
+        "n_layer": 3,
+        "value_embeds": True,
+        "layer_scalars": True,
+        "smear": True,
+        "backout": True,
+        "window_pattern": "SSSL",
+        "init": "record",
+    },
 }
 
 TEXTS = [
@@ -43,15 +55,8 @@ TEXTS = [
 def random_model(tokenizer: Tokenizer, architecture: str) -> GPT:
     """A tiny GPT whose every weight is random (no zero-init identity blocks), so it tests something."""
     torch.manual_seed(0)
-    config = GPTConfig(
-        sequence_len=128,
-        vocab_size=tokenizer.get_vocab_size(),
-        n_layer=2,
-        n_head=4,
-        n_kv_head=2,
-        n_embd=64,
-        **ARCHITECTURES[architecture],
-    )
+    shape = dict(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2)
+    config = GPTConfig(**(shape | {"n_embd": 64} | ARCHITECTURES[architecture]))
     model = GPT(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -98,8 +103,9 @@ def test_export_writes_the_hf_folder(exported):
     expected = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"}
     assert expected | {"tokenizer_config.json", "README.md"} <= names
     config = json.loads((out / "config.json").read_text())
-    builtin = model.config.qk_scale == 1.0
-    assert config["model_type"] == ("nanochat" if builtin else "nanochat_qk_scale")
+    builtin = not export_hf.needs_remote_code(model.config)
+    assert builtin == (model.config.qk_scale == 1.0)  # every architecture here but "old" needs ours
+    assert config["model_type"] == ("nanochat" if builtin else "nanochat_plus")
     assert ("hf_model.py" in names) != builtin and ("auto_map" in config) != builtin
     assert config["rope_parameters"]["rope_theta"] == model.config.rope_base
     card = (out / "README.md").read_text()
@@ -127,7 +133,9 @@ def test_hf_logits_equal_ours(exported):
 def test_hf_greedy_generate_equals_engine(exported):
     model, tokenizer, out = exported
     hf_model, _ = load_hf(out)
-    prompt = tokenizer.render_for_completion([{"role": "user", "content": "What is 2+2? Tell me a story."}])
+    question = "What is 2+2? Tell me a story about a small cat and a dog by the sea, in many words."
+    prompt = tokenizer.render_for_completion([{"role": "user", "content": question}])
+    assert len(prompt) > 32  # past the record's window of 32 keys
     n = 24
     ours = Engine(model, tokenizer).generate_batch(prompt, max_tokens=n, temperature=0.0)[0][0]
     assert tokenizer.encode_special("<|python_start|>") not in ours[len(prompt) :]  # no tool use to replay
