@@ -6,6 +6,7 @@ Nothing is trained: checkpoints are a tiny random model, damaged files are cut o
 """
 
 import gzip
+import json
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.common import sha256_of
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import Tokenizer
 
@@ -216,3 +218,53 @@ def test_damaged_task_file_is_named(with_tokenizer):
     args = ["-i", "sft", "-a", "HumanEval", "--allow-unisolated-code"]
     proc = run(with_tokenizer, "scripts.chat_eval", *args, NANOCHAT_TASK_DATA=str(bad.parents[1]))
     assert str(bad) in message(proc) and "damaged" in message(proc)
+
+
+# ---------------------------------------------------------------------------- tampered or damaged artifacts
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    """The error: one line on stdout (stderr holds only log lines; `run` checked it has no traceback)."""
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1, message(proc)
+    return lines[0]
+
+
+def test_a_flipped_bit_in_the_weights_is_one_line_naming_the_file(tiny_base_dir, tmp_path):
+    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
+    model_path = save_tiny(tmp_path, "sft") / "model_000001.pt"
+    data = bytearray(model_path.read_bytes())
+    data[len(data) // 2] ^= 0x10  # inside the tensor data: torch would load it without a word
+    model_path.write_bytes(bytes(data))
+    line = _one_line(run(tmp_path, "scripts.chat_cli", "-p", "hi"))
+    assert str(model_path) in line and "SHA-256" in line and "--no-verify" in line
+
+
+@pytest.mark.parametrize("module, args", [("scripts.chat_cli", ["-p", "hi"]), ("scripts.chat_web", [])])
+def test_a_tampered_meta_is_one_line_at_every_entry_point(tiny_base_dir, tmp_path, module, args):
+    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
+    meta_path = save_tiny(tmp_path, "sft") / "meta_000001.json"
+    meta_path.write_text(meta_path.read_text().replace('"n_layer": 2', '"n_layer": 200000'))
+    start = time.time()
+    line = _one_line(run(tmp_path, module, *args))
+    assert str(meta_path) in line and "n_layer" in line and time.time() - start < 60
+
+
+@pytest.mark.parametrize("damage", ["duplicate token", "missing meta"])
+def test_a_damaged_tokenizer_is_one_line_in_chat_cli(tiny_base_dir, tmp_path, damage):
+    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
+    save_tiny(tmp_path, "sft")
+    ranks = tmp_path / "tokenizer" / "tokenizer.tiktoken"
+    if damage == "duplicate token":
+        lines = ranks.read_text().splitlines()
+        ranks.write_text("\n".join([*lines, lines[300].split()[0] + f" {len(lines)}"]) + "\n")
+        meta_path = tmp_path / "tokenizer" / "tokenizer_meta.json"
+        meta = json.loads(meta_path.read_text())
+        meta["sha256"]["tokenizer.tiktoken"] = sha256_of(ranks)  # as if written so: only validation sees it
+        meta_path.write_text(json.dumps(meta))
+        named = f"tokenizer.tiktoken:{len(lines) + 1}: token"
+    else:
+        (tmp_path / "tokenizer" / "tokenizer_meta.json").unlink()
+        named = "tokenizer_meta.json"
+    line = _one_line(run(tmp_path, "scripts.chat_cli", "-p", "hi"))
+    assert named in line and "tok_train" in line
