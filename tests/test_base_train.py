@@ -257,6 +257,34 @@ def test_dry_run_prints_the_plan_without_training(base):
     assert not (base / "base_checkpoints").exists()
 
 
+def test_dry_run_at_depth_12_prints_the_records_plan(base):
+    """The defaults are the public record's: its architecture, horizon, batch and every group's LR."""
+    out = train(base, "--depth=12", "--core-metric-every=-1", "--dry-run").stdout
+    assert "--arch record: value_embeds, layer_scalars, smear, backout, windows SSSL (short 512" in out
+    assert "batch: 32 × 2048 × 1 ranks × 8 micro-steps = 524,288 tokens" in out  # 2^19 at d12
+    assert "tokens/scaling param: 8.00" in out
+    assert "Muon momentum 0.85 -> 0.97 over 400 steps, -> 0.9 over the warmdown" in out
+    assert "Muon weight decay: 0.28 -> 0.28 (scaled to batch and size, cosine to 0" in out
+    for line in [
+        "AdamW embedding       1 tensors  lr 0.3  betas (0.8, 0.995)  decay 0.001",
+        "AdamW lm_head         1 tensors  lr 0.008  betas (0.8, 0.96)  decay 0.01",
+        "AdamW value_embeds    6 tensors  lr 0.15  betas (0.8, 0.995)  decay 0.01",
+        "AdamW resid_scalars   1 tensors  lr 0.005  betas (0.8, 0.95)  decay 0.05",
+        "AdamW x0_scalars      1 tensors  lr 0.5  betas (0.96, 0.95)  decay 0",
+        "AdamW smear_backout   3 tensors  lr 0.2  betas (0.8, 0.95)  decay 0",
+        "Muon matrix         78 tensors  lr 0.02  NorMuon beta2 0.9  decay 0.28",
+    ]:
+        assert line in out, line
+    # ours before, by two flags; an explicit flag beats its recipe's value
+    flags = [*TINY, "--total-batch-size=512", "--arch=v1", "--recipe=v1", "--matrix-lr=0.025", "--dry-run"]
+    out = train(base, *flags).stdout
+    assert "--arch v1: no record features, windows L, init v1" in out
+    assert "Muon momentum 0.85 -> 0.95 over 300 steps\n" in out
+    assert "Muon weight decay: 0.4 -> 0.4 (constant" in out
+    assert "AdamW lm_head         1 tensors  lr 0.0138564  betas (0.8, 0.95)  decay 0\n" in out  # 0.004 × √12
+    assert "Muon matrix         12 tensors  lr 0.025  NorMuon beta2 0.95  decay 0.4" in out
+
+
 CORE_DRY_RUN = [*TINY, "--total-batch-size=512", "--num-iterations=7", "--core-metric-every=5", "--dry-run"]
 
 
