@@ -78,9 +78,9 @@ COUNTS = ("requests_served", "requests_cancelled", "requests_failed", "tokens_ge
 OUTCOMES = {"cancelled": "requests_cancelled", "error": "requests_failed"}  # else requests_served
 
 
-def error_response(message: str, status: int = 400) -> JSONResponse:
+def error_response(message: str, status: int = 400, headers: dict | None = None) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind}}, status, headers)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -132,10 +132,8 @@ class ChatRequest(BaseModel, extra="forbid", strict=True, allow_inf_nan=False):
     @model_validator(mode="before")
     @classmethod
     def drop_no_ops(cls, body: Any) -> Any:  # any other value of a NO_OP field is an unknown field
-        if not isinstance(body, dict):
-            return body
         dropped = lambda k, v: v is None or k in IGNORED or (k in NO_OP and v == NO_OP[k])  # noqa: E731
-        return {k: v for k, v in body.items() if not dropped(k, v)}
+        return {k: v for k, v in body.items() if not dropped(k, v)} if isinstance(body, dict) else body
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -295,8 +293,7 @@ class Guard:
     uvicorn, whose limit_concurrency counts open sockets, so idle ones would lock everyone out."""
 
     def __init__(self, app, hosts: set[str] | None, api_key: str | None, limit: int = MAX_IN_FLIGHT):
-        self.app, self.hosts, self.api_key, self.limit = app, hosts, api_key, limit
-        self.in_flight = 0
+        self.app, self.hosts, self.api_key, self.limit, self.in_flight = app, hosts, api_key, limit, 0
 
     def problem(self, scope) -> tuple[str, int] | None:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
@@ -344,15 +341,17 @@ async def read_json_body(request: Request, timeout: float) -> bytes:
     chunked body cannot grow memory) and complete within `timeout` seconds."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise HTTPException(415, "the body must be JSON: send 'Content-Type: application/json'")
+    # closing the connection stops the client sending the rest, which uvicorn would read and drop
+    too_large = HTTPException(413, f"the body is larger than {MAX_BODY_BYTES} bytes", {"Connection": "close"})
     if int(request.headers.get("content-length", 0)) > MAX_BODY_BYTES:  # refused before any wait
-        raise HTTPException(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        raise too_large
 
     async def read() -> bytes:
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > MAX_BODY_BYTES:
-                raise HTTPException(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+                raise too_large
         return bytes(body)
 
     try:
@@ -380,7 +379,7 @@ def create_app(
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
-        return error_response(str(exc.detail), exc.status_code)
+        return error_response(str(exc.detail), exc.status_code, exc.headers)
 
     async def parse(request: Request) -> ChatRequest:
         return parse_chat_request(await read_json_body(request, server.client_timeout), server.defaults)
@@ -539,8 +538,7 @@ def listen_problem(host: str, port: int) -> str | None:
 
 
 def raise_descriptor_limit() -> None:
-    """The soft limit on open files up to the hard one: each connection holds a descriptor, and the
-    usual soft limit (1024) would refuse real clients while a few hundred idle ones wait to be closed."""
+    """Soft limit on open files up to the hard one: idle sockets waiting to be closed hold descriptors."""
     try:
         import resource  # POSIX only
 
