@@ -6,8 +6,7 @@
 - A slot packs one row group (a block) at a time: BOS-aligned best fit, the shortest doc cropped
   when none fits, no padding; leftovers shorter than a row are dropped. So a block is a pure
   function of its row group, and a slot's resume state is a few numbers (epoch, block, row, counters).
-- Conversations (midtraining, SFT): the same best fit, never cropping; padding and non-assistant
-  tokens get target -1.
+- Conversations (midtraining, SFT): the same best fit, whole; padding and non-assistant tokens get target -1.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import bisect
 import copy
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from itertools import chain
+from itertools import chain, islice
 
 import numpy as np
 import torch
@@ -40,8 +39,7 @@ def _best_fit(lengths: list[int], row_len: int, crop: bool) -> tuple[list[list[i
         row, space = [], row_len
         while (j := bisect.bisect_right(sizes, space) - 1) >= 0:
             j = bisect.bisect_left(sizes, sizes[j])  # the earliest item of that length
-            space -= sizes[j]
-            left -= sizes.pop(j)
+            space, left = space - sizes[j], left - sizes.pop(j)
             row.append(order.pop(j))
         if crop and space:  # nothing fits: the shortest item is cropped to the space, its tail lost
             left -= sizes.pop(0)
@@ -53,20 +51,19 @@ def _best_fit(lengths: list[int], row_len: int, crop: bool) -> tuple[list[list[i
 def pack_crop(docs: list[list[int]], row_len: int) -> tuple[list[list[int]], int, int]:
     """Best-fit docs into rows of exactly `row_len` tokens: (rows, tokens cropped, tokens dropped)."""
     rows, dropped = _best_fit([len(doc) for doc in docs], row_len, crop=True)
-    rows = [list(chain.from_iterable(docs[i] for i in row)) for row in rows]
-    return [row[:row_len] for row in rows], sum(map(len, rows)) - row_len * len(rows), dropped
+    cropped = sum(len(docs[i]) for row in rows for i in row) - row_len * len(rows)
+    rows = [list(islice(chain.from_iterable(docs[i] for i in row), row_len)) for row in rows]  # crops
+    return rows, cropped, dropped
 
 
 def pack_pad(items: list[tuple[list[int], list[int]]], row_len: int, pad_id: int):
     """Best-fit (ids, mask) items whole into rows padded with `pad_id` (mask 0): (rows, masks)."""
     assert all(len(ids) <= row_len for ids, _ in items), "truncate items to a row when rendering"
     items = [item for item in items if item[0]]
-    rows, masks = [], []
-    for row in _best_fit([len(ids) for ids, _ in items], row_len, crop=False)[0]:
-        ids = list(chain.from_iterable(items[i][0] for i in row))
-        rows.append(ids + [pad_id] * (row_len - len(ids)))
-        masks.append(list(chain.from_iterable(items[i][1] for i in row)) + [0] * (row_len - len(ids)))
-    return rows, masks
+    placed = _best_fit([len(ids) for ids, _ in items], row_len, crop=False)[0]
+    rows = [list(chain.from_iterable(items[i][0] for i in row)) for row in placed]
+    masks = [list(chain.from_iterable(items[i][1] for i in row)) for row in placed]
+    return [r + [pad_id] * (row_len - len(r)) for r in rows], [m + [0] * (row_len - len(m)) for m in masks]
 
 
 def batch_from_rows(rows, masks=None, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,14 +119,12 @@ class DataLoader:
         if len(groups) < (num_slots := world_size * grad_accum):
             raise ValueError(
                 f"the {split} split has {len(groups)} parquet row groups, fewer than ranks x grad_accum = "
-                f"{world_size} x {grad_accum}: every micro batch of a step reads its own row groups, so "
-                "import more data, or use fewer ranks or less gradient accumulation (a larger device batch)"
+                f"{num_slots} (a micro batch each): import more data, or use fewer ranks or micro-steps"
             )
         self.B, self.device = B, torch.device(device)
-        self.state = {"split": split, "T": T, "num_slots": num_slots, "row_groups": len(groups), "slots": {}}
-        _check_resume(
-            resume_state, {"split": split, "T": T, "num_slots": num_slots}, "the dataloader (B may change)"
-        )
+        same = {"split": split, "T": T, "num_slots": num_slots}  # B may change across a resume
+        _check_resume(resume_state, same, "the dataloader")
+        self.state = {**same, "row_groups": len(groups), "slots": {}}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="nanochat-dataloader")  # prefetches blocks
         self._rows = {}
         for s in range(rank * grad_accum, (rank + 1) * grad_accum):
@@ -164,8 +159,7 @@ class DataLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        # round-robin over this process's slots: the one with the fewest batches (ties: the lowest);
-        # rows are the unit, so a batch may span blocks (and epochs)
+        # round-robin over this process's slots (fewest batches, then lowest); a batch may span blocks
         s = min(self._rows, key=lambda s: (self.state["slots"][str(s)]["batches"], s))
         rows = np.stack([next(self._rows[s]) for _ in range(self.B)])
         self.state["slots"][str(s)]["batches"] += 1
@@ -194,11 +188,8 @@ class DataLoader:
 def conversation_batches(
     task, tokenizer, B: int, T: int, rank=0, world_size=1, device="cpu", resume_state=None, block_size=256
 ):
-    """Infinite (inputs (B, T), targets (B, T), state) micro batches of packed conversations for one rank.
-
-    Pass a yielded `state` as `resume_state` to continue right after that batch; its `progress`
-    counts the epochs consumed (fractional).
-    """
+    """Infinite (inputs (B, T), targets (B, T), state) micro batches of packed conversations for one rank;
+    a yielded `state` as `resume_state` continues right after that batch. `progress`: epochs consumed."""
     n = len(task)
     if n < world_size:
         raise ValueError(f"the task has {n} conversations, fewer than the {world_size} ranks reading it")
@@ -217,15 +208,13 @@ def conversation_batches(
 
     block_rows = pack_block(state["block"])
     while True:
-        rows, masks = [], []
-        while len(rows) < B:  # B rows in order, crossing block and epoch boundaries
+        pairs = []  # B (row, mask) pairs in order, crossing block and epoch boundaries
+        while len(pairs) < B:
             if state["row"] >= len(block_rows):  # every block has at least one row
                 _next_block(state, num_blocks)
                 block_rows = pack_block(state["block"])
-            take = block_rows[state["row"] : state["row"] + B - len(rows)]
-            rows += [r for r, _ in take]
-            masks += [m for _, m in take]
-            state["row"] += len(take)
+            take = block_rows[state["row"] : state["row"] + B - len(pairs)]
+            pairs, state["row"] = pairs + take, state["row"] + len(take)
         progress = state["epoch"] - 1 + (state["block"] + state["row"] / len(block_rows)) / num_blocks
-        inputs, targets = batch_from_rows(rows, masks, device)
+        inputs, targets = batch_from_rows(*zip(*pairs, strict=True), device=device)
         yield inputs, targets, {"T": T, "examples": n, **state, "progress": progress}

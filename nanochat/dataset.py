@@ -6,9 +6,8 @@
     python -m nanochat.dataset --from-dir DIR [--val FILE_OR_DIR]  # local .parquet/.txt/.md/.jsonl(.gz)
     python -m nanochat.dataset --offline     # the embedded corpus: this Python's own stdlib (no network)
 
-One layout for every source, so downstream code never knows where the text came from:
-`shard_{i:05d}.parquet` files with one `text` column, row groups of at most 1024 docs (the unit
-ranks split work by), and a held-out val shard named in `manifest.json`. A directory holds one source.
+One layout for every source, one source per directory: `shard_{i:05d}.parquet` files with a `text` column,
+row groups of at most 1024 docs (the unit ranks split work by), the val shard named in manifest.json.
 """
 
 from __future__ import annotations
@@ -57,9 +56,8 @@ SOURCES = {  # --source: the URL of pre-shuffled shards in our layout; the last 
 DEFAULT_SOURCE = "climbmix"
 
 
-class DataError(common.UserError, FileNotFoundError):
-    """base_data has no usable shards for a split (missing, damaged, text-less, or a manifest naming a
-    shard it lacks). A FileNotFoundError too: every caller that handles "no data" handles it."""
+class DataError(common.UserError, FileNotFoundError):  # so every caller that handles "no data" handles it
+    """No usable shards for a split: missing, damaged, text-less, or not where the manifest says."""
 
 
 # -----------------------------------------------------------------------------
@@ -93,21 +91,6 @@ def list_parquet_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
     return sorted(p for p in get_data_dir(data_dir).glob("*.parquet") if p.is_file())
 
 
-def get_val_shard(data_dir: str | os.PathLike | None = None) -> Path:
-    """The validation shard: the one named in the manifest, else the last file by name."""
-    data_dir = get_data_dir(data_dir)
-    if not (files := list_parquet_files(data_dir)):
-        raise DataError(f"no parquet shards in {data_dir}: {NO_DATA_HINT}")
-    if not (name := (read_manifest(data_dir) or {}).get("val_shard")):
-        return files[-1]  # the layout the reference project writes
-    if name not in [p.name for p in files]:  # so a path elsewhere (absolute, ../) is never read
-        raise DataError(
-            f"{data_dir / MANIFEST} names val_shard {name!r}, not a shard in {data_dir} (interrupted "
-            "download or import, or an edited manifest): re-run the command that filled that folder"
-        )
-    return data_dir / name
-
-
 def _damaged(path: os.PathLike, e: Exception) -> DataError:
     why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
     return DataError(
@@ -117,12 +100,19 @@ def _damaged(path: os.PathLike, e: Exception) -> DataError:
 
 
 def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
-    """Every row group of `split` ("train"|"val") as (file, group in file); entry i has global index i.
-    Reads footers only: a damaged or text-less shard is named before any text is read."""
-    val = get_val_shard(data_dir)
-    files = [val] if split == "val" else [f for f in list_parquet_files(data_dir) if f != val]
-    if not files:
-        raise DataError(f"{val.parent} holds only the validation shard, no training shards: {NO_DATA_HINT}")
+    """Every row group of `split` ("train"|"val": the shard the manifest names, else the last file) as
+    (file, group in file), entry i with global index i. Reads footers: bad shards are named before use."""
+    data_dir = get_data_dir(data_dir)
+    if not (files := list_parquet_files(data_dir)):
+        raise DataError(f"no parquet shards in {data_dir}: {NO_DATA_HINT}")
+    val = (read_manifest(data_dir) or {}).get("val_shard") or files[-1].name  # the reference project's layout
+    if val not in [p.name for p in files]:  # so a path elsewhere (absolute, ../) is never read
+        raise DataError(
+            f"{data_dir / MANIFEST} names val_shard {val!r}, not a shard in {data_dir} (interrupted "
+            "download or import, or an edited manifest): re-run the command that filled that folder"
+        )
+    if not (files := [p for p in files if (p.name == val) == (split == "val")]):
+        raise DataError(f"{data_dir} holds only the validation shard, no training shards: {NO_DATA_HINT}")
     groups = []
     for path in files:
         try:
@@ -130,10 +120,7 @@ def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> li
         except READ_ERRORS as e:
             raise _damaged(path, e) from None
         if "text" not in (columns := meta.schema.names):
-            raise DataError(
-                f"{path} has no 'text' column (columns: {', '.join(columns) or 'none'}): a pretraining "
-                "shard holds one document per row in 'text' (`nanochat.dataset --from-dir` writes them)"
-            )
+            raise DataError(f"{path} has no 'text' column (columns: {columns}): import text with --from-dir")
         groups += [(path, group) for group in range(meta.num_row_groups)]
     return groups
 
@@ -154,8 +141,7 @@ def parquets_iter_batched(split: str, start: int = 0, step: int = 1, data_dir=No
 
 def _claim(data_dir: Path, source: str, force: bool = False) -> None:
     """Refuse to add `source`'s shards to another source's; with `force`, delete those first."""
-    manifest = read_manifest(data_dir)
-    old = manifest.get("source") if manifest else "fineweb-edu"  # shards without manifest: downloaded
+    old = (read_manifest(data_dir) or {}).get("source", "fineweb-edu")  # shards without manifest: downloaded
     if (existing := list_parquet_files(data_dir)) and old != source:
         if force:
             return _clear(data_dir)
@@ -183,9 +169,8 @@ def has_text_column(path: str | os.PathLike) -> bool:
 def download_source(
     source=DEFAULT_SOURCE, num_files=DEFAULT_NUM_FILES, data_dir=None, workers=4, force=False, **kw
 ):
-    """Download `source`'s val shard, then train shards 0..num_files-1 (-1 = all), `workers` at a time;
-    valid shards are kept, others fetched again. `kw` (timeout, retries, backoff) goes to
-    `common.download_file`. Returns the manifest; raises RuntimeError listing the shards that failed."""
+    """Download `source`'s val shard, then train shards 0..num_files-1 (-1: all), `workers` at a time, keeping
+    valid ones; `kw`: timeout, retries, backoff. Returns the manifest; RuntimeError names failed shards."""
     url, val_shard = SOURCES[source]
     if not 0 <= (num_files := val_shard if num_files == -1 else num_files) <= val_shard:
         raise ValueError(f"-n must be -1 (all) or 0..{val_shard} for {source}, got {num_files}")
@@ -202,9 +187,7 @@ def download_source(
             for _ in as_completed(futures.values()):
                 bar.update(1)
         if failed := [f"{name}: {f.exception()}" for name, f in futures.items() if f.exception()]:
-            raise RuntimeError(
-                f"{len(failed)} of {len(indices)} shards failed to download:\n" + "\n".join(failed)
-            )
+            raise RuntimeError(f"{len(failed)} of {len(indices)} shards failed:\n" + "\n".join(failed))
     files = list_parquet_files(data_dir)
     manifest.update(num_docs=sum(pq.read_metadata(p).num_rows for p in files), num_shards=len(files))
     _write_manifest(data_dir, manifest)
@@ -249,9 +232,8 @@ def _jsonl_text(line: str) -> object:
 
 
 def iter_documents(paths: Iterable[Path], stats: Counter) -> Iterator[str]:
-    """The docs of each file, counting in `stats` the files read and ignored and the entries skipped.
-    Parquet rows and JSONL lines with a non-blank `text` are docs as they are; .txt and .md files are
-    cut with `split_text`; a .gz suffix is decompressed; a parquet without `text` is one skipped entry."""
+    """The docs of each file, counting files read and ignored and entries skipped in `stats`: parquet rows
+    and JSONL lines with a non-blank `text` as they are, .txt and .md files cut by `split_text` (.gz too)."""
     for path in paths:
         name = path.name.lower()
         kind = name.removesuffix(".gz").rpartition(".")[2]
@@ -281,28 +263,23 @@ def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
     sources = [p.relative_to(root) for p in _sorted_files(root, skip) if p.suffix == ".py"]
     sources.sort(key=lambda p: bool({"test", "tests", "idle_test"} & set(p.parts)))  # stable: tests last
 
-    def strict_utf8(path: Path) -> str:
-        try:
-            return (root / path).read_bytes().decode("utf-8")
-        except (OSError, UnicodeDecodeError):
-            return ""  # a few test files are deliberately not UTF-8: left out
-
     docs, total = [], 0
-    for text in chain(map(topics.get, sorted(topics)), map(strict_utf8, sources)):
+    for text in chain(map(topics.get, sorted(topics)), (root / p for p in sources)):
         if total >= max_chars:  # lazily read: a small corpus opens only the files it needs
             break
+        try:
+            text = text if isinstance(text, str) else text.read_bytes().decode("utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue  # a few test files are deliberately not UTF-8: left out
         docs += split_text(text)
         total += len(text) if text.strip() else 0  # split_text conserves non-blank text
     return docs
 
 
-def write_shards(
-    docs: list[str], source: str, detail: object, data_dir=None, val_docs=None, per_shard=DOCS_PER_SHARD
-):
+def write_shards(docs, source: str, detail, data_dir=None, val_docs=None, per_shard=DOCS_PER_SHARD) -> dict:
     """Shuffle `docs` and replace the dir's shards with train shards + a last val shard: `val_docs`
     as they are when given, else docs held out of the shuffle. Returns the manifest."""
-    if val_docs is None and len(docs) < 2:
-        raise ValueError(f"need at least 2 documents (1 train + 1 validation), got {len(docs)}")
+    assert val_docs is not None or len(docs) >= 2, "one train and one validation doc at least"
     data_dir, docs = get_data_dir(data_dir), list(docs)
     random.Random(SHUFFLE_SEED).shuffle(docs)  # mixed topics; held-out docs look like training ones
     if val_docs is None:
@@ -323,12 +300,9 @@ def write_shards(
     return manifest
 
 
-def import_from_dir(
-    src, data_dir=None, force: bool = False, val=None, per_shard: int = DOCS_PER_SHARD
-) -> dict:
-    """Import the files under `src` (see `iter_documents`) into shards; return the manifest. Without
-    `val`, 5% of the shuffled docs are held out; with it (a file or folder, inside `src` or not), its
-    docs are the val shard, in order, and all of `src`'s other docs are train docs."""
+def import_from_dir(src, data_dir=None, force=False, val=None, per_shard=DOCS_PER_SHARD) -> dict:
+    """Import the files under `src` (see `iter_documents`) into shards; return the manifest. The val shard:
+    the docs of `val` (a file or folder, in `src` or not) in order, else 5% of the shuffled docs."""
     data_dir, src = get_data_dir(data_dir), Path(src).expanduser().resolve()
     if not src.is_dir():
         raise NotADirectoryError(f"--from-dir {src}: not a directory")
@@ -340,9 +314,7 @@ def import_from_dir(
     paths = [p for p in _sorted_files(src) if not any(p.resolve().is_relative_to(s) for s in skip)]
     docs = list(iter_documents(paths, stats := Counter()))
     if len(docs) < (need := 2 if val is None else 1):
-        raise ValueError(
-            f"--from-dir {src}: found {len(docs)} usable documents (need {need}); {USABLE} {stats}"
-        )
+        raise ValueError(f"--from-dir {src}: {len(docs)} usable documents (need {need}); {USABLE} {stats}")
     detail = {"path": str(src), **stats, **({"val_path": str(val)} if val else {})}
     val_docs = list(iter_documents(_sorted_files(val), val_stats := Counter())) if val else None
     if val and not val_docs:
@@ -354,8 +326,11 @@ def build_offline(data_dir=None, max_chars: int = OFFLINE_MAX_CHARS, force: bool
     """Write the embedded offline corpus (pydoc topics + stdlib sources) into shards; return the manifest."""
     if not force:
         _claim(get_data_dir(data_dir), "offline")
-    stdlib, python = sysconfig.get_paths()["stdlib"], sys.version.split()[0]
-    detail = {"stdlib": stdlib, "python": python, "max_chars": max_chars}
+    detail = {
+        "stdlib": sysconfig.get_paths()["stdlib"],
+        "python": sys.version.split()[0],
+        "max_chars": max_chars,
+    }
     return write_shards(offline_documents(max_chars), "offline", detail, data_dir)
 
 
@@ -365,23 +340,16 @@ def build_offline(data_dir=None, max_chars: int = OFFLINE_MAX_CHARS, force: bool
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        "python -m nanochat.dataset", None, __doc__, formatter_class=common.HelpFormatter
+        prog="python -m nanochat.dataset", description=__doc__, formatter_class=common.HelpFormatter
     )
     add = parser.add_argument
-    add(
-        "-n",
-        "--num-files",
-        type=int,
-        help=f"train shards to download (default: {DEFAULT_NUM_FILES}; -1: all)",
-    )
+    add("-n", "--num-files", type=int, help=f"shards to download (default: {DEFAULT_NUM_FILES}; -1: all)")
     add("--source", choices=SOURCES, default=DEFAULT_SOURCE, help="the dataset to download")
     add("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     local = parser.add_mutually_exclusive_group()
     local.add_argument("--from-dir", help="import .parquet/.txt/.md/.jsonl(.gz) files from this dir")
     local.add_argument("--offline", action="store_true", help="build the embedded offline corpus")
-    add(
-        "--val", help="with --from-dir: a file or folder whose docs are the val shard (default: 5%% held out)"
-    )
+    add("--val", help="with --from-dir: a file or folder of validation docs (default: 5%% held out)")
     add("--data-dir", help="output dir (default: $NANOCHAT_BASE_DIR/base_data, the one later scripts read)")
     add("--force", action="store_true", help="replace shards that came from a different source")
     add("--max-chars", type=int, default=OFFLINE_MAX_CHARS, help="cap on the offline corpus size")

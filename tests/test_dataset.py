@@ -20,9 +20,9 @@ from nanochat.dataset import (
     DataError,
     build_offline,
     download_source,
-    get_val_shard,
     import_from_dir,
     list_parquet_files,
+    list_row_groups,
     parquets_iter_batched,
     read_manifest,
     shard_name,
@@ -86,7 +86,7 @@ def test_download_fetches_the_pinned_val_shard_first_then_the_train_shards(
     assert manifest == read_manifest()
     assert manifest["source"] == source and manifest["val_shard"] == shard_name(val_shard)
     assert manifest["detail"] == server.url and manifest["num_docs"] == 20 and manifest["num_shards"] == 4
-    assert get_val_shard() == base_dir / "base_data" / shard_name(val_shard)
+    assert list_row_groups("val") == [(base_dir / "base_data" / shard_name(val_shard), 0)]
     assert all_texts("val") == texts[val_shard]
     assert all_texts("train") == texts[0] + texts[1] + texts[2]
 
@@ -359,7 +359,7 @@ def test_empty_base_data_error_names_the_command_to_run():
     with pytest.raises(DataError, match=r"python -m nanochat.dataset --offline"):
         next(parquets_iter_batched("train"))
     with pytest.raises(FileNotFoundError, match=r"-n 8"):  # callers that catch "no data" catch it
-        get_val_shard()
+        list_row_groups("val")
     assert list_parquet_files() == []
 
 
@@ -369,12 +369,12 @@ def write_texts(data_dir: Path, names: dict[int, list[str]]) -> None:
         pq.write_table(pa.table({"text": texts}), data_dir / shard_name(i))
 
 
-def test_get_val_shard_falls_back_to_last_file_without_manifest(base_dir):
+def test_val_shard_is_the_last_file_without_manifest(base_dir):
     data_dir = base_dir / "base_data"
     write_texts(data_dir, {i: [f"doc {i}"] for i in (0, 1, 5)})
     (data_dir / f"{shard_name(9)}.tmp.1.ab").write_bytes(b"partial")  # never listed
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 5)]
-    assert get_val_shard() == data_dir / shard_name(5)
+    assert list_row_groups("val") == [(data_dir / shard_name(5), 0)]
     assert all_texts("train") == ["doc 0", "doc 1"]
 
 
