@@ -52,7 +52,8 @@ def pack_crop(docs: list[list[int]], row_len: int) -> tuple[list[list[int]], int
     """Best-fit docs into rows of exactly `row_len` tokens: (rows, tokens cropped, tokens dropped)."""
     rows, dropped = _best_fit([len(doc) for doc in docs], row_len, crop=True)
     cropped = sum(len(docs[i]) for row in rows for i in row) - row_len * len(rows)
-    rows = [list(islice(chain.from_iterable(docs[i] for i in row), row_len)) for row in rows]  # crops
+    # islice stops at the crop: copying a cropped doc whole cost ~10% of the loader's throughput
+    rows = [list(islice(chain.from_iterable(docs[i] for i in row), row_len)) for row in rows]
     return rows, cropped, dropped
 
 
@@ -102,9 +103,8 @@ def _load_block(index: int, path, group: int, tokenizer, row_len: int) -> tuple[
     bos = tokenizer.get_bos_token_id()
     docs = tokenizer.encode(read_row_group(path, group), prepend=bos, num_threads=TOKENIZER_THREADS)
     rows, cropped, dropped = pack_crop(docs, row_len)
-    rows = np.array(rows, dtype=np.int32).reshape(-1, row_len)[
-        np.random.default_rng(index).permutation(len(rows))
-    ]
+    rows = np.array(rows, dtype=np.int32).reshape(-1, row_len)
+    rows = rows[np.random.default_rng(index).permutation(len(rows))]
     return rows, {"read": sum(map(len, docs)), "cropped": cropped, "dropped": dropped}
 
 

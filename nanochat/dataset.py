@@ -46,7 +46,7 @@ MANIFEST = "manifest.json"
 # Downloads without -n: the speedrun's first batch, enough to train the tokenizer (2B chars) and a
 # small model; a d24 run wants ~170 (speedrun.sh fetches 180), and all of ClimbMix is over 100 GB.
 DEFAULT_NUM_FILES = 8
-NO_DATA_HINT = "run `python -m nanochat.dataset --offline` (no network needed) or `... -n 8` (ClimbMix) first"
+NO_DATA_HINT = "run `python -m nanochat.dataset --offline` (no network needed), or with `-n 8` (ClimbMix)"
 USABLE = "expected .parquet files with a 'text' column, .txt/.md files, or .jsonl lines with a 'text' field"
 READ_ERRORS = (pa.ArrowException, OSError, KeyError)  # what pyarrow raises on a damaged file
 SOURCES = {  # --source: the URL of pre-shuffled shards in our layout; the last one, the pinned val shard

@@ -217,18 +217,6 @@ def test_more_slots_than_row_groups_is_a_clear_error(tokenizer, base_dir):
     take(loader(tokenizer, split="val", grad_accum=num_val), num_val)  # exactly enough works
 
 
-def test_list_row_groups_matches_parquets_iter_batched(base_dir):
-    import pyarrow.parquet as pq
-
-    groups = list_row_groups("train")
-    for start in range(3):
-        direct = [
-            pq.ParquetFile(path).read_row_group(g, columns=["text"]).column("text").to_pylist()
-            for path, g in groups[start::3]
-        ]
-        assert direct == list(parquets_iter_batched("train", start, 3))
-
-
 def test_loader_throughput(tokenizer, base_dir):
     dl = loader(tokenizer, B=8, T=256)
     next(dl)  # first block

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import SHARED_DATA
 from test_common import ScriptedServer, leftovers
 
 from nanochat import dataset
@@ -29,8 +30,7 @@ from nanochat.dataset import (
     split_text,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-PRETRAIN = SHARED / "pretrain"
+PRETRAIN = SHARED_DATA / "pretrain"
 FAST = dict(timeout=0.5, retries=2, backoff=0.01)
 VAL_SHARD = 6542  # ClimbMix's pinned validation shard: the default source's
 FINEWEB_VAL_SHARD = 1822
@@ -334,21 +334,14 @@ def test_shards_without_manifest_count_as_fineweb_edu(server, base_dir):
 # --offline corpus
 
 
-def test_offline_corpus_is_deterministic_and_big_enough(tmp_path):
-    first = build_offline(tmp_path / "one")
-    second = build_offline(tmp_path / "two")
-    assert first == second
-    assert first["source"] == "offline" and first["num_chars"] >= 10_000_000
-    one = [p.read_bytes() for p in list_parquet_files(tmp_path / "one")]
-    two = [p.read_bytes() for p in list_parquet_files(tmp_path / "two")]
+def test_offline_corpus_is_big_enough_capped_and_deterministic(tmp_path):
+    manifest = build_offline(tmp_path / "full")
+    assert manifest["source"] == "offline" and manifest["num_chars"] >= 10_000_000
+    assert any("def " in t for t in all_texts("val", data_dir=tmp_path / "full"))
+    small = [build_offline(tmp_path / name, max_chars=500_000) for name in ("one", "two")]
+    assert small[0] == small[1] and 500_000 <= small[0]["num_chars"] < 500_000 + dataset.MAX_DOC_CHARS + 1
+    one, two = ([p.read_bytes() for p in list_parquet_files(tmp_path / name)] for name in ("one", "two"))
     assert one == two
-    val = all_texts("val", data_dir=tmp_path / "one")
-    assert len(val) >= 1 and any("def " in t for t in val)
-
-
-def test_offline_corpus_respects_max_chars(tmp_path):
-    manifest = build_offline(tmp_path / "small", max_chars=500_000)
-    assert 500_000 <= manifest["num_chars"] < 500_000 + dataset.MAX_DOC_CHARS + 1
 
 
 # -----------------------------------------------------------------------------
