@@ -448,6 +448,36 @@ class Muon(_ShardedOptimizer):
                         p.data.copy_(stacked[r])
 
 
+class WeightEMA(_ShardedOptimizer):
+    """An exponential moving average of parameters from optimizer step `start` on (`beta` per step),
+    kept as optimizer state so that a checkpoint saves it and a resume continues it exactly. Step it
+    after the real optimizers: the first counted step copies the weights, each later one folds them in.
+    `swap_in()` writes the average into the parameters. Every rank keeps a full fp32 copy."""
+
+    def __init__(self, params: Iterable[Tensor], beta: float, start: int) -> None:
+        if not 0 < beta < 1 or start < 0:
+            raise ValueError(f"invalid WeightEMA settings: beta={beta}, start={start}")
+        super().__init__(params, dict(lr=0.0, beta=beta, start=start, steps=0))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            group["steps"] += 1  # optimizer steps so far, this one included
+            if group["steps"] <= group["start"]:
+                continue
+            for p in group["params"]:
+                state = self.state[p]
+                if "average" not in state:
+                    state["average"] = p.detach().clone()
+                else:
+                    state["average"].lerp_(p.detach(), 1 - group["beta"])
+
+    @torch.no_grad()
+    def swap_in(self) -> None:
+        for p, state in self.state.items():
+            p.copy_(state["average"])
+
+
 def lr_multiplier(
     step: int,
     num_iterations: int,

@@ -71,6 +71,7 @@ from nanochat.gpt import (
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import (
     REF_DEPTH,
+    WeightEMA,
     add_optimizer_flags,
     apply_schedule,
     batch_lr_scale,
@@ -186,6 +187,12 @@ g.add_argument(
     action=argparse.BooleanOptionalAction,
     default=None,
     help="torch.compile the optimizers' update math (default: on CUDA only, as the record compiles its step)",
+)
+g.add_argument(
+    "--weight-ema",
+    type=float,
+    default=0.0,  # beyond the record and not measured yet: off
+    help="final weights = an EMA with this beta per step over the LR warmdown (0: off; +4 bytes/param/GPU)",
 )
 g = parser.add_argument_group("evaluation and checkpoints")
 g.add_argument(
@@ -325,6 +332,8 @@ print0(
 )
 decay_rule = "scaled to batch and size, cosine to 0" if args.wd_schedule == "record" else "constant"
 print0(f"Muon weight decay: {args.weight_decay} -> {weight_decay:.4g} ({decay_rule}; × LR, cautious)")
+if args.weight_ema > 0:
+    print0(f"weight EMA: beta {args.weight_ema} over the last {warmdown_steps} steps, the final weights")
 with torch.device("meta"):  # the optimizers of the real run, on the meta model: LRs, betas, decay
     for line in describe_optimizers(optimizers_for(model, args, lr_scale, weight_decay)):
         print0(f"  {line}")
@@ -351,6 +360,10 @@ if args.dry_run:
 model.to_empty(device=device)
 model.init_weights()
 optimizers = optimizers_for(model, args, lr_scale, weight_decay)
+ema = None
+if args.weight_ema > 0:  # an "optimizer" stepped after the others, so checkpoints carry its average
+    ema = WeightEMA(model.parameters(), args.weight_ema, start=num_iterations - warmdown_steps)
+    optimizers.append(ema)
 same = ("total_batch_size", "device_batch_size", "max_seq_len")
 try:
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
@@ -414,6 +427,8 @@ ema_beta = 0.9
 mfu = float("nan")
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
+    if last_step and ema is not None:
+        ema.swap_in()  # the final checkpoint and evals are of the average (again on a resume: the same)
 
     if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
         meta = {

@@ -167,6 +167,22 @@ def test_resume_continues_bit_for_bit(base):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_weight_ema_makes_the_final_weights_and_resumes_exactly(base):
+    flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=8", "--save-every=4"]
+    train(base, *flags, "--model-tag=plain")
+    ema = [*flags, "--weight-ema=0.5"]  # over the warmdown: the last round(0.65 × 8) = 5 steps
+    assert "weight EMA: beta 0.5 over the last 5 steps" in train(base, *ema, "--model-tag=ema").stdout
+    train(base, *ema, "--model-tag=stopped")
+    stopped = base / "base_checkpoints" / "stopped"
+    for path in stopped.glob("*_000008*"):  # stop after step 4, inside the EMA's span
+        path.unlink()
+    train(base, *ema, "--model-tag=stopped", "--resume")
+    a, b, plain = weights(base, "ema", 8), weights(base, "stopped", 8), weights(base, "plain", 8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(base, "ema") == losses(base, "plain")  # the EMA never feeds back into training
+    assert not torch.equal(a["lm_head.weight"], plain["lm_head.weight"])  # the final weights are the average
+
+
 def test_fresh_run_into_a_used_tag_refuses_and_overwrite_replaces_it(base, monkeypatch):
     flags = [*TINY, *QUIET, "--total-batch-size=256", "--model-tag=used"]
     train(base, *flags, "--num-iterations=4")

@@ -1,5 +1,6 @@
 """Muon and AdamW: the math against references, and 2-process gloo runs against 1-process runs."""
 
+import copy
 import datetime
 import socket
 
@@ -15,6 +16,7 @@ from nanochat.optim import (
     MIN_SHARD_NUMEL,
     AdamW,
     Muon,
+    WeightEMA,
     _adamw_math,
     _cautious_decay,
     _muon_apply,
@@ -598,3 +600,30 @@ def test_compiled_update_equals_eager():
     assert len(eager) == 6
     for a, b in zip(eager, compiled, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_ema_averages_from_its_start_step_and_resumes_exactly():
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3, generator=gen))
+    ema = WeightEMA([p], beta=0.5, start=2)
+    values = []
+    for _ in range(5):
+        p.data.add_(torch.randn(4, 3, generator=gen))  # what a real optimizer step would do
+        values.append(p.detach().clone())
+        ema.step()
+        if len(values) == 3:
+            saved = copy.deepcopy(ema.state_dict())  # as a checkpoint writes it
+    assert ema.param_groups[0]["steps"] == 5
+    average = values[2]  # steps 0 and 1 are before `start`; step 2's weights start the average
+    for v in values[3:]:
+        average = 0.5 * average + 0.5 * v
+    ema.swap_in()
+    torch.testing.assert_close(p.detach(), average)
+    straight = p.detach().clone()
+    resumed = WeightEMA([p], beta=0.5, start=2)
+    resumed.load_state_dict(saved)
+    for v in values[3:]:
+        p.data.copy_(v)
+        resumed.step()
+    resumed.swap_in()
+    assert torch.equal(p.detach(), straight)
