@@ -139,33 +139,70 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+CHECKSUM_CHUNK = 64 << 20  # bytes per SHA-256 of a tensor file: the chunks of a big file hash in parallel
+
+
 class _HashingWriter:
-    """A write-only file that hashes what goes through it (torch.save writes its zip sequentially)."""
+    """A write-only file that hashes what goes through it, one SHA-256 per CHECKSUM_CHUNK bytes
+    (torch.save writes its zip sequentially)."""
 
     def __init__(self, f: IO[bytes]) -> None:
-        self.f, self.name, self.sha256 = f, f.name, hashlib.sha256()
+        self.f, self.name = f, f.name
+        self.digests: list[str] = []
+        self.chunk, self.filled = hashlib.sha256(), 0
 
     def write(self, data: bytes) -> int:
-        self.sha256.update(data)
+        view = memoryview(data).cast("B")
+        while len(view):
+            part = view[: CHECKSUM_CHUNK - self.filled]
+            self.chunk.update(part)
+            self.filled += len(part)
+            view = view[len(part) :]
+            if self.filled == CHECKSUM_CHUNK:
+                self.digests.append(self.chunk.hexdigest())
+                self.chunk, self.filled = hashlib.sha256(), 0
         return self.f.write(data)
 
     def flush(self) -> None:
         self.f.flush()
 
+    def checksums(self) -> list[str]:
+        return self.digests + ([self.chunk.hexdigest()] if self.filled or not self.digests else [])
 
-def save_tensors(obj: Any, path: str | os.PathLike) -> str:
+
+def save_tensors(obj: Any, path: str | os.PathLike) -> list[str]:
     """`torch.save` through `atomic_path`; the same `obj` always gives the same bytes. Returns their
-    SHA-256 (hex), computed as they are written: no second read."""
+    `checksums`, computed as they are written: no second read."""
     import torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         writer = _HashingWriter(f)
         torch.save(obj, writer)  # a file object: saving to a path records the temp file's random name inside
-    return writer.sha256.hexdigest()
+    return writer.checksums()
+
+
+def _chunk_sha256(path: Path, start: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        f.seek(start)
+        left = CHECKSUM_CHUNK
+        while left and (block := f.read(min(left, 1 << 20))):
+            digest.update(block)  # hashlib releases the GIL on big buffers: the chunks hash in parallel
+            left -= len(block)
+    return digest.hexdigest()
+
+
+def checksums(path: str | os.PathLike, pool: Any) -> list[Any]:
+    """Futures of the SHA-256 (hex) of each CHECKSUM_CHUNK bytes of a file, in order, hashing on the
+    threads of `pool` (a ThreadPoolExecutor) while the caller goes on, reading the same file say. A file
+    of up to one chunk has one: its plain SHA-256, what `sha256sum` prints."""
+    path = Path(path)
+    starts = range(0, max(path.stat().st_size, 1), CHECKSUM_CHUNK)
+    return [pool.submit(_chunk_sha256, path, start) for start in starts]
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    """The SHA-256 (hex) of a file's bytes (hashlib releases the GIL: it can run beside a load)."""
+    """The SHA-256 (hex) of a file's bytes."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 

@@ -226,7 +226,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         ranks = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
         ranks_data = b"".join(base64.b64encode(token) + f" {rank}\n".encode() for token, rank in ranks)
-        checksums = {BYTES_FILE: save_tensors(self.token_bytes(), directory / BYTES_FILE)}
+        save_tensors(self.token_bytes(), directory / BYTES_FILE)
+        checksums = {BYTES_FILE: sha256_of(directory / BYTES_FILE)}
         checksums[RANKS_FILE] = hashlib.sha256(ranks_data).hexdigest()
         meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens}
         meta |= {"bos_token": self.bos_token, "sha256": dict(sorted(checksums.items()))}

@@ -528,3 +528,26 @@ def test_clock_saves_keep_the_newest_two_of_this_run_and_every_other_checkpoint(
     assert sorted(p.name for p in directory.glob("optim_*")) == [
         f"optim_{s:06d}_rank0.pt" for s in (1, 4, 7, 8, 9, 10)
     ]
+
+
+def test_checksums_are_per_chunk_sha256_written_while_saving_and_checked_in_parallel(tiny, monkeypatch):
+    import hashlib
+    import json
+
+    from nanochat import common
+
+    monkeypatch.setattr(common, "CHECKSUM_CHUNK", 4096)  # a tiny model spans many chunks
+    model, optimizers, meta = tiny
+    directory = cm.checkpoint_dir("sft", "d1")
+    cm.save_checkpoint(directory, 1, model, optimizers, meta)
+    recorded = json.loads((directory / "meta_000001.json").read_text())["sha256"]
+    for name in ("model_000001.pt", "optim_000001_rank0.pt"):
+        data = (directory / name).read_bytes()
+        slices = [data[i : i + 4096] for i in range(0, len(data), 4096)]
+        assert recorded[name] == [hashlib.sha256(s).hexdigest() for s in slices] and len(slices) > 10
+    path = directory / "model_000001.pt"
+    data = bytearray(path.read_bytes())
+    data[-5000] ^= 0x01  # in the second-to-last chunk
+    path.write_bytes(bytes(data))
+    with pytest.raises(cm.CheckpointError, match="model_000001.pt is damaged.*SHA-256"):
+        cm.load_checkpoint(directory, 1, "cpu")
