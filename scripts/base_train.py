@@ -334,9 +334,14 @@ decay_rule = "scaled to batch and size, cosine to 0" if args.wd_schedule == "rec
 print0(f"Muon weight decay: {args.weight_decay} -> {weight_decay:.4g} ({decay_rule}; × LR, cautious)")
 if args.weight_ema > 0:
     print0(f"weight EMA: beta {args.weight_ema} over the last {warmdown_steps} steps, the final weights")
+if not 0 <= args.weight_ema < 1:
+    fail(f"--weight-ema must be in [0, 1) (0: off), got {args.weight_ema}")
 with torch.device("meta"):  # the optimizers of the real run, on the meta model: LRs, betas, decay
-    for line in describe_optimizers(optimizers_for(model, args, lr_scale, weight_decay)):
-        print0(f"  {line}")
+    try:
+        for line in describe_optimizers(optimizers_for(model, args, lr_scale, weight_decay)):
+            print0(f"  {line}")
+    except ValueError as e:  # a negative LR or decay
+        fail(f"{e}: check the LR and --weight-decay flags")
 print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
 print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
 if args.core_metric_every > 0:  # the CORE bundle now, not mid-run (rank 0 downloads, the rest wait)

@@ -241,6 +241,9 @@ def test_base_loss_evaluates_a_checkpoint(base):
         (["--depth=0"], "--depth"),
         (["--total-batch-size=1000"], "--total-batch-size"),
         (["--device-batch-size=0"], "--device-batch-size"),
+        (["--window-pattern=SX"], "--window-pattern must be letters S and L"),
+        (["--weight-ema=1"], "--weight-ema must be in [0, 1)"),
+        (["--matrix-lr=-1"], "invalid Muon settings: lr=-1.0"),
         (
             ["--model-tag=..", "--overwrite"],
             "--model-tag '..' is not a folder name",
