@@ -121,3 +121,40 @@ def test_sigterm_to_one_of_two_gloo_ranks_stops_both_at_the_same_saved_step(chat
         f"optim_{step:06d}_rank{r}.pt" for r in (0, 1)
     ]
     assert "Traceback" not in output and seconds < 60
+
+
+def _setup_that_fails_on_rank_1(rank: int, port: int, out: str) -> None:
+    import contextlib
+    import io
+
+    import torch.distributed as dist
+
+    from nanochat.common import UserError, exit_together
+
+    os.environ["RANK"] = str(rank)  # print0 speaks on rank 0 only
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    printed = io.StringIO()
+    code = 0
+    try:
+        with contextlib.redirect_stdout(printed), exit_together("chat_sft"):
+            if rank == 1:  # its own disk: the data is missing on this node only
+                raise UserError("shard_00003.parquet is missing")
+        dist.barrier()  # where rank 0 would have gone on: it must never get here alone
+    except SystemExit as e:
+        code = e.code
+    Path(out, f"rank{rank}").write_text(f"{code}\n{printed.getvalue()}")
+    os._exit(0)  # as in test_chat_train: gloo may abort in interpreter shutdown
+
+
+def test_a_setup_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_setup_that_fails_on_rank_1, args=(port, str(tmp_path)), nprocs=2)
+    rank0, rank1 = ((tmp_path / f"rank{r}").read_text() for r in (0, 1))
+    assert rank0 == "1\nchat_sft: rank 1: shard_00003.parquet is missing\n"
+    assert rank1 == "1\n"  # it exits with the others; rank 0 says why, once

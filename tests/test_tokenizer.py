@@ -629,3 +629,21 @@ def test_from_pretrained_cl100k_local_file_matches_known_ids():
 def test_from_pretrained_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown pretrained tokenizer"):
         Tokenizer.from_pretrained("llama", "/nonexistent")
+
+
+def test_tok_train_is_refused_at_once_while_another_process_writes_the_tokenizer(tmp_path):
+    from nanochat.common import hold_lock
+
+    hold_lock(tmp_path / "tokenizer", "the tokenizer folder")  # this process: the other tok_train
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "scripts.tok_train", "--vocab-size", "300"],
+        cwd=Path(__file__).resolve().parents[1],
+        env={**env, "NANOCHAT_BASE_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith(f"tok_train: the tokenizer folder {tmp_path}")
+    assert f"in use by pid {os.getpid()} on " in proc.stdout and not (tmp_path / "tokenizer").exists()
