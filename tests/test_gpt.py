@@ -607,7 +607,7 @@ def test_record_params_and_flops_count_gates_and_windows_hand_checked():
 # Memory estimate
 
 
-@pytest.mark.parametrize("config", [TINY, FULL])
+@pytest.mark.parametrize("config", [TINY, FULL, RECORD])
 def test_memory_estimate_params_grads_and_optimizer_are_exact_on_cpu(config):
     model = make_model(config)
     est = estimate_memory(config, device_batch_size=2, sequence_len=32, compute_dtype=torch.float32)
