@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO.parent / "shared" / "data" / "pretrain" / "fineweb_sample10BT_subset.parquet"
 
 # The recipes, as base_train flags. "previous": the architecture before the record's (no value
-# embeddings, scalars, smear, backout or windows; init v1) with our CPU-proxy-tuned Muon LR and decay.
+# embeddings, scalars, smear, backout or windows; init v1) with our CPU-proxy-tuned optimizer recipe.
 RECIPES = {
     "record": [],
-    "previous": ["--arch", "v1", "--matrix-lr", "0.03", "--weight-decay", "0.4"],
+    "previous": ["--arch", "v1", "--recipe", "v1"],
 }
 PROXY = "--depth=4 --aspect-ratio=32 --head-dim=32 --max-seq-len=256 --device-batch-size=32 "
 PROXY += "--total-batch-size=8192 --eval-tokens=65536 --no-compile"

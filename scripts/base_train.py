@@ -37,9 +37,9 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
     CheckpointError,
+    RunSaver,
     add_run_flags,
     checkpoint_dir,
-    save_checkpoint,
     start_run,
 )
 from nanochat.common import (
@@ -202,7 +202,9 @@ g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation 
 g.add_argument("--core-metric-every", type=int, default=2000, help="steps between CORE evals (-1: off)")
 g.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task")
 g.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: off)")
-g.add_argument("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
+g.add_argument(
+    "--save-every", type=int, default=-1, help="steps between checkpoints (-1: by the clock, and at the end)"
+)
 g = parser.add_argument_group("run")
 add_run_flags(g)
 g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
@@ -430,12 +432,13 @@ ema_beta = 0.9
 # Training loop (step s trains with batch s; a checkpoint at step s holds the weights after s steps)
 
 mfu = float("nan")
+saver = RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
     if last_step and ema is not None:
         ema.swap_in()  # the final checkpoint and evals are of the average (again on a resume: the same)
 
-    if last_step or (args.save_every > 0 and step > start_step and step % args.save_every == 0):
+    if saver.due(step, last_step):  # the last step, --save-every, the clock, a SIGTERM/SIGINT (then exit 0)
         meta = {
             "user_config": user_config,
             "grad_accum": grad_accum,
@@ -448,7 +451,7 @@ for step in range(start_step, num_iterations + 1):
             },
             "data_source": read_manifest(),
         }
-        save_checkpoint(ckpt_dir, step, orig_model, optimizers, meta, train_loader.state_dict())
+        saver.save(step, orig_model, optimizers, meta, train_loader.state_dict())
 
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
         last_val_bpb = val_bpb()

@@ -346,3 +346,27 @@ def test_dry_run_of_named_run_without_wandb_key_says_wandb_login(base, tmp_path)
     proc = subprocess.run(cmd, cwd=REPO, env=wandb_env(base, tmp_path), capture_output=True, text=True)
     assert proc.returncode == 1
     assert "wandb login" in proc.stdout and "WANDB_MODE=offline" in proc.stdout
+
+
+def test_sigterm_saves_the_step_exits_0_and_its_resume_command_matches_a_straight_run(base):
+    """A rented GPU's SIGTERM: finish the step, save, exit 0 saying how to resume; the resume is exact."""
+    flags = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=8"]
+    train(base, *flags, "--model-tag=straight")
+    cmd = [sys.executable, "-m", "scripts.base_train", *flags, "--model-tag=stopped"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env_for(base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = []
+    for line in proc.stdout:
+        output.append(line)
+        if line.startswith("step 00002/"):
+            proc.terminate()
+    assert proc.wait(timeout=120) == 0, "".join(output[-20:])
+    stop = next(line for line in output if line.startswith("stopped by SIGTERM at step "))
+    assert "Traceback" not in "".join(output)
+    command = stop.split("resume with: ")[1].split()
+    assert command[:3] == ["python", "-m", "scripts.base_train"] and command[-1] == "--resume"
+    train(base, *command[3:])
+    a, b = weights(base, "straight", 8), weights(base, "stopped", 8)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert losses(base, "stopped") == losses(base, "straight")

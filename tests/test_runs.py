@@ -1,5 +1,6 @@
 """The driver scripts: speedrun.sh (dry mode, stage order, re-runs) and runs/runcpu.sh end to end."""
 
+import json
 import os
 import re
 import shlex
@@ -334,3 +335,22 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
     reply = out.stdout.split("+ python -m scripts.chat_cli", 1)[1].split("\n", 1)[1]
     reply = reply.split("\nreport: ", 1)[0]
     assert "<<" in reply and "####" in reply, reply  # a calculator call and a final answer
+
+
+def test_gpucheck_cpu_mode_runs_both_recipes_and_writes_their_numbers(tiny_base_dir, tmp_path):
+    """`runs/gpucheck.sh --cpu`: the GPU check's code paths (probe, equal-minutes A/B, JSON) at toy size."""
+    base = tmp_path / "base"
+    for name in ("base_data", "tokenizer"):
+        shutil.copytree(tiny_base_dir / name, base / name)
+    out = tmp_path / "gpucheck.json"
+    cmd = ["bash", "runs/gpucheck.sh", "--cpu", "--minutes=0.01", f"--base-dir={base}", f"--out={out}"]
+    env = {**os.environ, "NANOCHAT_PYTHON": sys.executable}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert set(result["ab"]) == {"record", "previous"}
+    for arm in result["ab"].values():
+        assert arm["steps"] >= 4 and arm["tok_per_s"] > 0
+        assert 0 < arm["val_bpb"] < 20 and arm["estimated_memory_gib"] > 0
+    assert result["record_minus_previous_val_bpb"] == round(
+        result["ab"]["record"]["val_bpb"] - result["ab"]["previous"]["val_bpb"], 4
+    )
