@@ -527,9 +527,8 @@ def _check_run(directory, resume, overwrite, model, user_config, same_flags, ver
     steps = saved_steps(directory)
     ours = [p.name for p in directory.iterdir() if _run_file(p)] if directory.is_dir() else []
     if foreign := foreign_files(directory, _run_file):
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise CheckpointError(
-            f"{directory} holds files nanochat did not write ({shown}): move them away, or pick "
+            f"{directory} holds files nanochat did not write ({foreign}): move them away, or pick "
             "another --model-tag"
         )
     if resume is False:

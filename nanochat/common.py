@@ -275,12 +275,16 @@ def _never_deleted(folder: Path) -> str | None:
     return None
 
 
-def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> list[str]:
-    """Names in `folder` that nanochat cannot prove it wrote: not the marker, and `ours(path)` false."""
+def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> str | None:
+    """The names (the first five) of what `folder` holds that nanochat cannot prove it wrote: not the
+    marker, and `ours(path)` false; None when there is nothing else."""
     folder = Path(folder)
     if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if p.name != MARKER and not ours(p))
+        return None
+    names = sorted(p.name for p in folder.iterdir() if p.name != MARKER and not ours(p))
+    if not names:
+        return None
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def check_removable(
@@ -296,9 +300,8 @@ def check_removable(
     if not folder.is_dir():
         raise UserError(f"{flag}: {folder} is a file, not a folder nanochat wrote; move it away")
     if foreign := foreign_files(folder, ours):
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise UserError(
-            f"{flag} refuses to delete {folder}: it holds files nanochat did not write ({shown}); "
+            f"{flag} refuses to delete {folder}: it holds files nanochat did not write ({foreign}); "
             "move them away or pick another folder"
         )
 
