@@ -400,7 +400,10 @@ def build_model(directory: str | Path, step: int, device, phase: str, verify: bo
 def add_verify_flag(parser) -> None:
     """--no-verify: load checkpoints without checking their SHA-256 (sets `args.verify` False)."""
     parser.add_argument(
-        "--no-verify", dest="verify", action="store_false", help="skip the checksum check of checkpoint files"
+        "--no-verify",
+        dest="verify",
+        action="store_false",
+        help="skip the SHA-256 check of checkpoint files (default: check them)",
     )
 
 
@@ -469,7 +472,7 @@ def add_run_flags(parser) -> None:
         "--save-every-minutes",
         type=float,
         default=30.0,
-        help="wall-clock minutes between checkpoints, the newest 2 kept (0: off)",
+        help=f"wall-clock minutes between checkpoints, the newest {KEEP_CLOCK_SAVES} kept (0: off)",
     )
     add_verify_flag(parser)
 
