@@ -186,7 +186,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
 def needs_remote_code(config: GPTConfig) -> bool:
     """Whether the built-in NanoChat class falls short: a q/k scale or any of the record's parts."""
     record = config.value_embeds or config.layer_scalars or config.smear or config.backout
-    return config.qk_scale != 1.0 or record or "S" in config.window_pattern[: config.n_layer - 1]
+    return config.qk_scale != 1.0 or record or any(w is not None for w in config.window_sizes())
 
 
 def generation_config(tokenizer: Tokenizer) -> dict:
