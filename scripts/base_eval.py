@@ -39,7 +39,7 @@ args = parser.parse_args()
 setup_logging()
 _, rank, _, _, device = compute_init(args.device_type)
 with exit_on_user_error("base_eval"):  # the model, then the bundle: no download before a model is found
-    model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step)
+    model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step, args.verify)
     bundle_dir = get_eval_bundle()  # every rank asks; a file lock lets one of them download it
 model_tag = args.model_tag or f"d{model.config.n_layer}"
 

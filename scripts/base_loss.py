@@ -38,7 +38,7 @@ args = parser.parse_args()
 setup_logging()
 _, rank, _, world_size, device = compute_init(args.device_type)
 with exit_on_user_error("base_loss"):
-    model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step)
+    model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step, args.verify)
 token_bytes = get_token_bytes(device)
 B, T = args.device_batch_size, model.config.sequence_len
 steps = max(1, args.split_tokens // (B * T * world_size))

@@ -44,12 +44,14 @@ from nanochat.checkpoint_manager import (
 )
 from nanochat.common import (
     HelpFormatter,
+    UserError,
     autocast,
     compiled,
     compute_cleanup,
     compute_dtype,
     compute_init,
     exit_on_user_error,
+    exit_together,
     exit_with_error,
     get_peak_flops,
     print0,
@@ -233,12 +235,12 @@ fail = partial(exit_with_error, "base_train")
 # -----------------------------------------------------------------------------
 # Tokenizer, model config, batch and length
 
-try:
+with exit_together("base_train", errors=(UserError, FileNotFoundError)):  # one node's missing files stop all
     tokenizer = get_tokenizer()
-except FileNotFoundError as e:
-    fail(str(e))
-if not list_parquet_files():
-    fail("no pretraining data in base_data/: run `python -m nanochat.dataset -n 8` (or --offline)")
+    if not list_parquet_files():
+        raise UserError(
+            "no pretraining data in base_data/: run `python -m nanochat.dataset -n 8` (or --offline)"
+        )
 
 
 def model_config(depth: int) -> GPTConfig:
@@ -346,15 +348,13 @@ with torch.device("meta"):  # the optimizers of the real run, on the meta model:
         fail(f"{e}: check the LR and --weight-decay flags")
 print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
 print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
-if args.core_metric_every > 0:  # the CORE bundle now, not mid-run (rank 0 downloads, the rest wait)
-    try:
+if args.core_metric_every > 0:  # the CORE bundle now, not mid-run: rank 0 downloads, then every rank finds it
+    bundle = dict(hint=" (the CORE eval bundle); set NANOCHAT_EVAL_BUNDLE or --core-metric-every -1")
+    with exit_together("base_train", errors=(OSError, RuntimeError, ValueError), **bundle):
         if master:
             get_eval_bundle()
-        if is_ddp:
-            dist.barrier()
+    with exit_together("base_train", errors=(OSError, RuntimeError, ValueError), **bundle):
         print0(f"CORE eval bundle: {get_eval_bundle()}")
-    except (OSError, RuntimeError, ValueError) as e:
-        fail(f"the CORE eval bundle is unavailable ({e}); set NANOCHAT_EVAL_BUNDLE or --core-metric-every -1")
 if problem := wandb_login_problem(args.run):  # the bundle and wandb before the dry run's exit: it checks them
     fail(problem)
 if args.dry_run:
@@ -375,7 +375,7 @@ same = ("total_batch_size", "device_batch_size", "max_seq_len")
 try:
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
     start_step, resumed = start_run(
-        ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same
+        ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
     )
 except CheckpointError as e:
     fail(str(e))

@@ -46,7 +46,9 @@ def main() -> None:
     setup_logging()
     _, _, _, _, device = compute_init(args.device_type)
     with exit_on_user_error("chat_cli"):
-        model, tokenizer, _ = load_model(args.source, device, "eval", args.model_tag, args.model_step)
+        model, tokenizer, _ = load_model(
+            args.source, device, "eval", args.model_tag, args.model_step, args.verify
+        )
     engine = Engine(model, tokenizer)
 
     if not args.prompt:

@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tasks["HumanEval"].isolated = not args.allow_unisolated_code
     _, _, _, _, device = compute_init(args.device_type)
     with exit_on_user_error("chat_eval"):
-        model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
+        model, tokenizer, meta = load_model(
+            args.source, device, "eval", args.model_tag, args.model_step, args.verify
+        )
 
     # --- evaluate
     accuracies: dict[str, float] = {}

@@ -600,7 +600,9 @@ def main() -> None:
     for i in range(args.num_gpus):
         device = torch.device(device_type, i) if device_type == "cuda" else torch.device(device_type)
         with exit_on_user_error("chat_web"):
-            model, tokenizer, meta = load_model(args.source, device, "eval", args.model_tag, args.model_step)
+            model, tokenizer, meta = load_model(
+                args.source, device, "eval", args.model_tag, args.model_step, args.verify
+            )
         workers.append((str(device), BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)))
         logger.info("worker %d ready on %s", i, device)
     name = f"nanochat-{args.source}-{meta['model_tag']}-step{meta.get('step', 0)}"

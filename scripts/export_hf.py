@@ -387,7 +387,9 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
     args = parser.parse_args()
     with exit_on_user_error("export_hf"):
-        model, tokenizer, meta = load_model(args.source, "cpu", "eval", args.model_tag, args.model_step)
+        model, tokenizer, meta = load_model(
+            args.source, "cpu", "eval", args.model_tag, args.model_step, args.verify
+        )
     try:
         export(model, tokenizer, meta, args.source, Path(args.out), args.overwrite)
     except (FileExistsError, UserError) as e:  # --out holds files: no --overwrite, or not ours to delete
