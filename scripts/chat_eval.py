@@ -24,11 +24,12 @@ from nanochat.common import (
     compute_cleanup,
     compute_init,
     exit_on_user_error,
+    get_base_dir,
     print0,
     setup_logging,
 )
 from nanochat.execution import SandboxUnavailable, require_isolation
-from nanochat.report import get_report
+from nanochat.report import get_report, read_sections
 from nanochat.task_eval import task_accuracy
 from tasks.arc import ARC
 from tasks.common import TASK_DATA_ERRORS
@@ -165,21 +166,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         table.append([name, correct, total, accuracy])
         print0(f"{name}: {correct}/{total} = {100 * accuracy:.2f}% ({time.time() - start:.1f}s)")
 
-    # --- ChatCORE and the report
+    # --- ChatCORE and the report: another run on the same model adds its tasks to the earlier ones
+    section = f"Chat evaluation {args.source}"
+    earlier = read_sections(get_base_dir() / "report").get(section, {}).get("data", {})
+    same = (earlier.get("model tag"), earlier.get("model step")) == (meta["model_tag"], meta.get("step"))
+    if same:
+        accuracies = {**{k: v for k, v in earlier.items() if k in TASKS}, **accuracies}
     score, partial, missing = chatcore(accuracies)
-    summary: dict[str, float | str] = {}
     if score is not None:
-        summary["ChatCORE"] = score
         print0(f"ChatCORE: {score:.4f}")
     elif partial is not None:
-        summary["ChatCORE (partial)"] = partial
-        summary["ChatCORE missing tasks"] = ", ".join(missing)
         print0(f"ChatCORE (partial, missing {', '.join(missing)}): {partial:.4f}")
+    summary = {  # None drops a key that an earlier run of fewer tasks wrote
+        "ChatCORE": score,
+        "ChatCORE (partial)": partial,
+        "ChatCORE missing tasks": ", ".join(missing) if partial is not None else None,
+    }
+    if not same:
+        summary = {k: v for k, v in summary.items() if v is not None}
     get_report().log(
-        section=f"Chat evaluation {args.source}",
+        section=section,
+        merge=same,
         data=[
             {
                 "source": args.source,
+                "model tag": meta["model_tag"],
                 "model step": meta.get("step"),
                 "max problems per task": args.max_problems or "all",
                 "num samples": args.num_samples,

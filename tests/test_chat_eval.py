@@ -312,6 +312,16 @@ def test_chat_eval_script_on_a_tiny_sft_checkpoint_prints_accuracy_and_writes_th
     assert "- ARC-Easy: " in report and "- ChatCORE (partial): " in report
     assert "- model step: 5" in report
 
+    # a second run of the same model adds its task to the section instead of replacing it
+    proc = _run_chat_eval(
+        base, TASK_DATA, "-i", "sft", "-a", "ARC-Challenge", "-x", "8", "--device-type", "cpu"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "missing MMLU, GSM8K, HumanEval, SpellingBee)" in proc.stdout
+    report = (base / "report" / "chat-evaluation-sft.md").read_text()
+    assert "- ARC-Easy: " in report and "- ARC-Challenge: " in report
+    assert "| ARC-Easy " in report and "| ARC-Challenge |" in report
+
 
 @needs_task_data
 def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts(
