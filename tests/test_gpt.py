@@ -11,11 +11,13 @@ from nanochat.gpt import (
     GPT,
     GPTConfig,
     apply_rotary,
+    band_mask,
     config_from_depth,
     estimate_memory,
     norm,
     rotary_tables,
     suggest_device_batch_size,
+    window_block_mask,
 )
 from nanochat.optim import build_optimizers
 
@@ -699,3 +701,40 @@ def test_suggest_device_batch_size_returns_the_largest_power_of_two_that_fits():
         assert batch & (batch - 1) == 0 and need(batch) <= 0.9 * available < need(2 * batch)
     with pytest.raises(UserError, match=r"batch size 1 needs about .* GiB"):
         suggest_device_batch_size(config, 64, need(1))
+
+
+def test_window_block_mask_is_the_band_mask_and_skips_the_blocks_outside_it():
+    """flex_attention's BlockMask for the windows: element by element the band mask, and per block of
+    128 queries only the key blocks the band touches (what makes the windows cheaper on a GPU)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    T, window = 320, 80
+    block_mask = window_block_mask(T, window, torch.device("cpu"))
+    dense = create_mask(block_mask.mask_mod, None, None, T, T, device="cpu")[0, 0]
+    assert torch.equal(dense, band_mask(T, window, torch.device("cpu")))
+    # queries 0-127 see key block 0; 128-255 see keys 49.. (blocks 0, 1); 256-319 keys 177.. (1, 2)
+    visited = block_mask.kv_num_blocks + block_mask.full_kv_num_blocks  # partly and fully visible
+    assert visited.flatten().tolist() == [1, 2, 2]  # causal alone would be [1, 2, 3]
+
+
+def test_compiled_windows_run_flex_attention_and_equal_the_band_mask_path():
+    """Compiled, the short layers take flex_attention (on a CPU only without gradients: torch 2.15 has
+    no flex backward there), and the logits equal eager's SDPA + band mask, which
+    test_record_forward_follows_the_record_equations checks by hand. 320 tokens: 3 blocks of queries,
+    window 80, so the kernel skips, fills and masks blocks. The backward is only checked on a GPU."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    config = replace(RECORD, n_layer=2, sequence_len=320)  # windows S, L: layer 0 sees 80 keys
+    model = make_model(config)
+    assert model.transformer.h[0].attn.window == 80
+    idx = random_tokens(config, 2, 320)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")  # inductor, and the graphs it compiled
+    with torch.no_grad():
+        logits = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)(idx)
+        eager = model(idx)
+    torch._dynamo.reset()
+    ops = [str(node.target) for graph in counter.graphs for node in graph.graph.nodes]
+    assert sum("flex_attention" in op for op in ops) == 1, ops  # layer 0; the full layer keeps SDPA
+    torch.testing.assert_close(logits, eager, atol=2e-5, rtol=1e-5)
