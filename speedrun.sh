@@ -93,6 +93,15 @@ resume_flag() {
     fi
 }
 skip() { echo "= skipping $1 (finished: its report section is recorded)"; }
+# A training stage stopped by SIGTERM or Ctrl-C saves a checkpoint and exits 0 without its report
+# section: stop here, never run the next stage on a half-trained model (a re-run resumes it).
+require_finished() {
+    if [[ "$DRY_RUN" != 1 ]] && ! finished "$1"; then
+        echo "speedrun.sh: '$1' stopped before its end (checkpoint saved); run speedrun.sh again to resume" >&2
+        exit 1
+    fi
+}
+trap 'echo "speedrun.sh: stopped; run it again to resume" >&2; exit 130' INT TERM
 
 # -----------------------------------------------------------------------------
 # 1. Environment: uv, the virtual environment (builds the Rust tokenizer), report header
@@ -177,6 +186,7 @@ else
     # the batch is the record's rule (auto: 2^20 tokens at d24), split by the device batch below
     run "${TORCHRUN[@]}" -m scripts.base_train "--depth=$DEPTH" "--target-param-data-ratio=$RATIO" \
         "${BASE_BATCH[@]}" "--run=$WANDB_RUN" "${SMOKE_BASE[@]}" $(resume_flag base_checkpoints)
+    require_finished "Base model training"
 fi
 if finished "Base model loss"; then
     skip base_loss
@@ -198,6 +208,7 @@ else
     # shellcheck disable=SC2046
     run "${TORCHRUN[@]}" -m scripts.mid_train "${MID_BATCH[@]}" "--run=$WANDB_RUN" "${SMOKE_MID[@]}" \
         $(resume_flag mid_checkpoints)
+    require_finished "Midtraining"
 fi
 if finished "Chat evaluation mid"; then
     skip "chat_eval -i mid"
@@ -213,6 +224,7 @@ if finished "Chat SFT"; then
 else
     # shellcheck disable=SC2046
     run "${TORCHRUN[@]}" -m scripts.chat_sft "--run=$WANDB_RUN" "${SMOKE_SFT[@]}" $(resume_flag chatsft_checkpoints)
+    require_finished "Chat SFT"
 fi
 if finished "Chat evaluation sft"; then
     skip "chat_eval -i sft"
@@ -229,6 +241,7 @@ if [[ "$RUN_RL" == 1 ]]; then
     else
         # shellcheck disable=SC2046
         run "${TORCHRUN[@]}" -m scripts.chat_rl "--run=$WANDB_RUN" "${SMOKE_RL[@]}" $(resume_flag chatrl_checkpoints)
+        require_finished "Chat RL"
     fi
     if finished "Chat evaluation rl"; then
         skip "chat_eval -i rl"
