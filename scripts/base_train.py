@@ -386,17 +386,11 @@ if args.resume:
 orig_model = model  # the uncompiled module: for checkpoints and CORE
 model = compiled(model, device) if args.compile else model
 
-train_loader = DataLoader(
-    tokenizer,
-    B,
-    T,
-    "train",
-    rank=rank,
-    world_size=world_size,
-    grad_accum=grad_accum,
-    device=device,
-    resume_state=loader_state,
-)
+with exit_together("base_train", errors=(UserError, ValueError)):  # a damaged or too small shard set
+    train_loader = DataLoader(
+        tokenizer, B, T, "train", rank, world_size, grad_accum, device, resume_state=loader_state
+    )
+    DataLoader(tokenizer, B, T, "val", rank, world_size, device=device)  # its shard checked now, not at eval
 train_batches = iter(train_loader)
 token_bytes = get_token_bytes(device)
 

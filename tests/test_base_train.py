@@ -270,6 +270,15 @@ def test_missing_data_is_named(base):
     assert proc.returncode != 0 and "nanochat.dataset" in proc.stdout + proc.stderr
 
 
+def test_damaged_validation_shard_is_named_in_one_line_before_training(base):
+    val = json.loads((base / "base_data" / "manifest.json").read_text())["val_shard"]
+    (base / "base_data" / val).write_bytes(b"not a parquet file")
+    proc = train(base, *TINY, *QUIET, "--total-batch-size=512", "--num-iterations=2", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and val in out and "Traceback" not in out, out
+    assert not list((base / "base_checkpoints").rglob("model_*.pt"))
+
+
 def test_dry_run_prints_the_plan_without_training(base):
     proc = train(base, *TINY, "--total-batch-size=512", "--num-iterations=7", "--dry-run")
     assert "steps: 7" in proc.stdout and "memory estimate" in proc.stdout
