@@ -274,6 +274,8 @@ class CausalSelfAttention(nn.Module):
             if Tq == Tk and flex_runs(q, k, v):  # compiled training: skip the blocks outside the band
                 from torch.nn.attention.flex_attention import flex_attention
 
+                # autocast casts SDPA's inputs, not flex's: a value embedding (fp32) left v in fp32
+                k, v = k.to(q.dtype), v.to(q.dtype)
                 return flex_attention(q, k, v, block_mask=window_block_mask(Tk, window, q.device), **kw)
             if Tq == Tk:  # training, or a cache that was empty
                 mask = band_mask(Tk, window, q.device)
