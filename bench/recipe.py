@@ -34,6 +34,7 @@ SAMPLE = REPO.parent / "shared" / "data" / "pretrain" / "fineweb_sample10BT_subs
 RECIPES = {
     "record": [],
     "previous": ["--arch", "v1", "--recipe", "v1"],
+    "record-nowindows": ["--window-pattern", "L"],  # the record without its windows: what they buy
 }
 PROXY = "--depth=4 --aspect-ratio=32 --head-dim=32 --max-seq-len=256 --device-batch-size=32 "
 PROXY += "--total-batch-size=8192 --eval-tokens=65536 --no-compile"
