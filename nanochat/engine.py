@@ -1,19 +1,24 @@
 """
 Inference: a KV-cached engine with batched sampling, a calculator tool and continuous batching.
 
-- One batch-1 prefill per prompt, copied into every sample's row; a finished row (<|assistant_end|>
-  or <|bos|>) leaves the batch at once. Temperature 0 is greedy, top_k None/0 is off.
+- One decode loop (Engine.join / step / leave) for Engine.generate, the BatchScheduler (server,
+  chat_eval) and chat_rl: a static KV cache (max_batch rows of the whole context, allocated once),
+  one eager prefill per prompt copied into every sample's row, then fixed-shape decode steps
+  (compiled with `Engine(compile=True)`: CUDA graphs on CUDA). A finished row (<|assistant_end|> or
+  <|bos|>) leaves the batch at once. Sampling is batched on the device: temperature 0 is greedy,
+  top_k None/0 is off.
 - Tool use: a per-row state machine hands <|python_start|>...<|python_end|> to the calculator
   (nanochat.calculator, never eval) and forces its result in, with mask 0.
 - The context is the model's sequence_len everywhere: prompt_and_budget (the one way a prompt is
   fitted: oldest turns dropped) keeps a prompt and its reply within it.
-- BatchScheduler: one thread owns the model, one decode forward a step for every request; a failure
-  fails only the requests it touches, and the loop restarts (logged) after anything else.
+- BatchScheduler: one thread owns the engine, one decode step for every request; a failure fails
+  only the requests it touches, and the loop restarts (logged) after anything else.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import random
 import threading
@@ -38,13 +43,29 @@ SAMPLE_PROMPTS = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_ROUND = 64  # cache lengths are multiples of this
-INITIAL_DECODE_ROOM = 256  # new-token room a generate() cache starts with; it grows when needed
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
+DECODE_MODES = ("auto", "compiled", "eager")
+MIN_KEYS = 256  # the shortest key bucket of a decode step (each bucket is one more compiled shape)
 
 
-def _round_up(n: int, multiple: int = CACHE_ROUND) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
+def add_decode_flag(parser) -> None:
+    """--decode, shared by the scripts that generate (default: $NANOCHAT_DECODE, else auto)."""
+    parser.add_argument(
+        "--decode",
+        choices=DECODE_MODES,
+        default=os.environ.get("NANOCHAT_DECODE", "auto"),
+        help="decode step: compiled (torch.compile; CUDA graphs on CUDA), eager, or auto: compiled on "
+        "CUDA only (on a CPU a compile takes ~15-50 s per batch shape, worth it for long runs)",
+    )
+
+
+def _bucket(n: int) -> int:
+    """The smallest power of two >= n: the batch a decode step runs (few shapes to compile)."""
+    return 1 << (n - 1).bit_length()
+
+
+def compile_decode(mode: str, device: torch.device) -> bool:
+    return mode == "compiled" or (mode == "auto" and device.type == "cuda")
 
 
 # -----------------------------------------------------------------------------
@@ -52,155 +73,133 @@ def _round_up(n: int, multiple: int = CACHE_ROUND) -> int:
 
 
 class KVCache:
-    """Preallocated keys/values for up to `capacity` rows. The model's forward over idx (B, T) calls
+    """Static keys/values: `rows` rows of `max_len` positions per layer, allocated once, so a decode
+    step always sees the same shapes. Rows join and leave by index (the batch is rows 0 .. n-1);
+    nothing is reallocated. The model's forward reads it through one of two views:
 
-    - `get_pos()` once: the position of idx's first token, an int or a LongTensor (B,) per row;
-    - `insert_kv(layer, k, v)` once per layer, in order: stores k, v (B, H_kv, T, D) there and
-      returns every key/value so far (B, H_kv, Tk, D); the model masks each row's keys past its end
-      (and, in a sliding-window layer, those before its window);
-    - with smear, `swap_last_embedding(last)` once: each row's last normed token embedding.
-    The positions advance by T with the last layer.
+    - `prefill(row)`: any number of tokens of one row at its int position (dynamic shapes);
+    - `_DecodeRows`: one token for each of rows 0 .. n-1 at its own position `pos[:n]` (static shapes).
+    Both follow the model's protocol: `get_pos()`, `insert_kv(layer, k, v)` (stores k, v (B, H_kv, T, D),
+    returns every key so far, masked by the model past each row's end and outside its window) and, with
+    smear, `swap_last_embedding(last)` (each row's last normed token embedding).
     """
 
-    def __init__(
-        self,
-        num_layers: int,
-        num_kv_heads: int,
-        head_dim: int,
-        capacity: int,
-        seq_len: int,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        batch_size: int | None = None,
-    ):
-        shape = (num_layers, capacity, num_kv_heads, _round_up(seq_len), head_dim)
-        self.num_layers = num_layers
+    def __init__(self, num_layers, num_kv_heads, head_dim, rows, max_len, embed_dim, dtype, device):
+        shape = (rows, num_kv_heads, max_len, head_dim)
         # zeros, not empty: masked slots still enter the attention matmul and must stay finite
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # each row's length, kept on the host so that get_pos never syncs with the device
-        self.lengths: list[int] = [0] * (capacity if batch_size is None else batch_size)
-        self._pos: torch.Tensor | None = None  # device copy of lengths, built when rows differ
-        # (capacity, C): each row's last normed token embedding (smear's state); made by the first swap
-        self.last_embedding: torch.Tensor | None = None
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.pos = torch.zeros(rows, dtype=torch.long, device=device)  # each row's length, for decode
+        self.lengths = [0] * rows  # the same on the host, so that the loop never syncs to read it
+        # each row's last normed token embedding (smear's state), fp32 like the embedding
+        self.last = torch.zeros(rows, embed_dim, dtype=torch.float32, device=device)
+        self.rows, self.max_len = rows, max_len
 
-    @property
-    def max_len(self) -> int:
-        return self.k.size(3)
+    def prefill(self, row: int) -> _PrefillRow:
+        return _PrefillRow(self, row)
 
-    def get_pos(self) -> int | torch.Tensor:
-        """The position of each row's next token: an int when all rows agree, else a LongTensor (B,)."""
-        first = self.lengths[0]
-        if all(n == first for n in self.lengths):
-            return first  # an int keeps the model on SDPA's fast unmasked paths
-        if self._pos is None:
-            self._pos = torch.tensor(self.lengths, dtype=torch.long, device=self.k.device)
-        return self._pos
+    def clear(self, row: int) -> None:
+        """Empties a row for a new sequence (smear must see no previous token)."""
+        self.lengths[row] = 0
+        self.pos[row] = 0
+        self.last[row] = 0
 
-    def reserve(self, length: int) -> None:
-        """Makes room for `length` positions: a new, longer pair of tensors with the old contents copied."""
-        if length <= self.max_len:
-            return
-        L, R, H, T, D = self.k.shape
-        new_len = _round_up(max(length, 2 * T))  # at least double: a long generation reallocates rarely
-        for name in ("k", "v"):
-            old = getattr(self, name)
-            new = torch.zeros((L, R, H, new_len, D), dtype=old.dtype, device=old.device)
-            new[:, :, :, :T] = old
-            setattr(self, name, new)
+    def copy_row(self, src: int, dst: int) -> None:
+        """Row `dst` becomes a copy of row `src` (a shared prompt, or the last row filling a hole)."""
+        n = self.lengths[src]
+        for k in (*self.k, *self.v):
+            k[dst, :, :n] = k[src, :, :n]
+        self.last[dst] = self.last[src]
+        self.pos[dst] = n
+        self.lengths[dst] = n
 
-    def insert_kv(
-        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores k, v (B, H_kv, T, D) at each row's position; returns keys/values (B, H_kv, Tk, D)."""
-        B, _, T, _ = k.shape
-        assert B == len(self.lengths), f"the cache holds {len(self.lengths)} rows, the batch {B}"
-        end = max(self.lengths) + T
-        if layer_idx == 0:
-            self.reserve(end)
-        pos = self.get_pos()
-        k_layer, v_layer = self.k[layer_idx], self.v[layer_idx]  # (R, H_kv, T_max, D)
-        if isinstance(pos, int):
-            k_layer[:B, :, pos : pos + T] = k
-            v_layer[:B, :, pos : pos + T] = v
-        else:  # per-row positions: scatter each row's block at its own offset
-            rows = torch.arange(B, device=k.device)[:, None]  # (B, 1)
-            cols = pos[:, None] + torch.arange(T, device=k.device)  # (B, T)
-            # the indexed view is (B, T, H_kv, D)
-            k_layer[rows, :, cols] = k.transpose(1, 2).to(k_layer.dtype)
-            v_layer[rows, :, cols] = v.transpose(1, 2).to(v_layer.dtype)
-        if layer_idx == self.num_layers - 1:
-            self.lengths = [n + T for n in self.lengths]
-            self._pos = None
-        return k_layer[:B, :, :end], v_layer[:B, :, :end]
+
+class _PrefillRow:
+    """One row of a KVCache, fed T tokens at its int position (a prompt, or a chunk of one)."""
+
+    def __init__(self, cache: KVCache, row: int):
+        self.cache, self.row = cache, row
+
+    def get_pos(self) -> int:
+        return self.cache.lengths[self.row]
+
+    def insert_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c, r, p, T = self.cache, self.row, self.cache.lengths[self.row], k.size(2)
+        assert p + T <= c.max_len, f"{p + T} positions exceed the cache's {c.max_len}"
+        c.k[layer][r : r + 1, :, p : p + T] = k
+        c.v[layer][r : r + 1, :, p : p + T] = v
+        if layer == len(c.k) - 1:  # the last layer: the row has advanced
+            c.lengths[r] = p + T
+            c.pos[r] = p + T
+        return c.k[layer][r : r + 1, :, : p + T], c.v[layer][r : r + 1, :, : p + T]
 
     def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
-        """Stores each row's newest normed token embedding, last (B, C); returns the ones it replaces
-        (zeros for a row with no tokens yet, where smear adds nothing)."""
-        if self.last_embedding is None:
-            self.last_embedding = last.new_zeros(self.k.size(1), last.size(1))
-        previous = self.last_embedding[: last.size(0)].clone()
-        self.last_embedding[: last.size(0)] = last
+        previous = self.cache.last[self.row : self.row + 1].clone()
+        self.cache.last[self.row] = last[0]
         return previous
 
-    def copy_row_from(self, other: KVCache, src_row: int, dst_rows: list[int]) -> None:
-        """Copies row `src_row` of `other` (e.g. a batch-1 prefill) into `dst_rows` of this cache."""
-        n = other.lengths[src_row]
-        self.reserve(n)
-        dst = torch.tensor(dst_rows, dtype=torch.long, device=self.k.device)
-        self.k[:, dst, :, :n] = other.k[:, src_row : src_row + 1, :, :n].to(self.k.dtype)
-        self.v[:, dst, :, :n] = other.v[:, src_row : src_row + 1, :, :n].to(self.v.dtype)
-        if (last := other.last_embedding) is not None:
-            if self.last_embedding is None:
-                self.last_embedding = last.new_zeros(self.k.size(1), last.size(1))
-            self.last_embedding[dst] = last[src_row]
-        for r in dst_rows:
-            self.lengths[r] = n
-        self._pos = None
 
-    def append_row(self, other: KVCache, src_row: int = 0) -> int:
-        """Adds a row holding `other`'s row `src_row`; returns its index."""
-        assert len(self.lengths) < self.k.size(1), "the cache is full"
-        self.lengths.append(0)
-        self.copy_row_from(other, src_row, [len(self.lengths) - 1])
-        return len(self.lengths) - 1
+class _DecodeRows:
+    """Rows 0 .. n-1 of a KVCache's tensors, one new token each at pos[:n], attending to the first
+    `keys` positions (a bucket >= every live row's length + 1): static shapes. Built inside the
+    compiled step, so its guards are on the tensors alone."""
 
-    def keep_rows(self, rows: list[int]) -> None:
-        """Keeps only `rows`, in that order, as rows 0 .. len(rows)-1 (finished rows leave the batch)."""
-        if rows == list(range(len(rows))):  # a prefix: nothing moves
-            self.lengths = self.lengths[: len(rows)]
-        else:  # a stable compaction: copy the live part of the kept rows to the front
-            end = max((self.lengths[r] for r in rows), default=0)
-            index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-            self.k[:, : len(rows), :, :end] = self.k[:, index, :, :end]  # the gather copies first
-            self.v[:, : len(rows), :, :end] = self.v[:, index, :, :end]
-            if self.last_embedding is not None:
-                self.last_embedding[: len(rows)] = self.last_embedding[index]
-            self.lengths = [self.lengths[r] for r in rows]
-        self._pos = None
+    def __init__(self, k: list, v: list, pos: torch.Tensor, last: torch.Tensor, n: int, keys: int):
+        self.k, self.v, self.last, self.n, self.keys = k, v, last, n, keys
+        # a live row is always below `keys`; the clamp keeps a free row of the bucket (garbage, never
+        # read) in bounds and seeing at least its own key, so nothing it computes is NaN
+        self.pos = pos[:n].clamp(max=keys - 1)
+
+    def get_pos(self) -> torch.Tensor:
+        return self.pos
+
+    def insert_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, H = self.n, k.size(1)
+        # index_put_ on the whole tensor (not a slice of it): the compiler writes it in place
+        at = (torch.arange(n, device=k.device)[:, None], torch.arange(H, device=k.device), self.pos[:, None])
+        self.k[layer].index_put_(at, k[:, :, 0].to(self.k[layer].dtype))
+        self.v[layer].index_put_(at, v[:, :, 0].to(self.v[layer].dtype))
+        return self.k[layer][:n, :, : self.keys], self.v[layer][:n, :, : self.keys]
+
+    def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
+        previous = self.last[: self.n].clone()
+        self.last[: self.n] = last.float()
+        return previous
+
+
+def _decode_step(model, ids, k, v, pos, last, n: int, keys: int) -> torch.Tensor:
+    """Rows 0 .. n-1 of the cache each take their next token ids (n, 1): the logits (n, V). Rows past
+    a batch's live ones (free slots in a power-of-two bucket) compute too; they stay in bounds."""
+    logits = model(ids, kv_cache=_DecodeRows(k, v, pos, last, n, keys))[:, -1]
+    pos[:n] = (pos[:n] + 1).clamp(max=keys)
+    return logits
 
 
 # -----------------------------------------------------------------------------
-# The engine
+# Sampling
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniform: torch.Tensor
 ) -> torch.Tensor:
-    """One token id per row of logits (B, V): greedy at temperature 0, else top-k filtered sampling.
+    """One token id per row of logits (B, V), all rows at once on the device: temperature (B,) (0 =
+    greedy), top_k (B,) (0 = off), uniform (B,) in [0, 1) (each row's own random draw, by inverting
+    its cumulative distribution).
 
     Safe for any temperature > 0, however small, and any logits: shifted so the largest is 0
     before dividing, they stay in [-inf, 0] with a 0 in every row, so softmax never sees NaN."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    greedy = logits.argmax(dim=-1)
+    V = logits.size(-1)
     logits = torch.nan_to_num(logits.float())  # inf/NaN from a diverged model become finite
-    # max(): a temperature that float32 rounds to 0 (e.g. 5e-324) would divide 0 by 0
-    logits = (logits - logits.max(dim=-1, keepdim=True).values) / max(temperature, 1e-30)
-    if top_k and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    # clamp: a temperature that float32 rounds to 0 (e.g. 5e-324) would divide 0 by 0
+    temperature = temperature.float().clamp(min=1e-30)[:, None]
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
+    k = torch.where((top_k > 0) & (top_k < V), top_k, V)  # (B,)
+    kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # (B, 1)
+    probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    draw = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
+    return torch.where(temperature[:, 0] > 1e-30, draw.clamp(max=V - 1), greedy)
 
 
 class _Row:
@@ -212,13 +211,76 @@ class _Row:
         self.done = False
 
 
-class Engine:
-    """KV-cached generation for one model and its tokenizer."""
+# -----------------------------------------------------------------------------
+# Requests: one sequence being generated
 
-    def __init__(self, model, tokenizer):
+
+class Request:
+    """One generation. The engine hands each token id to `sink` as it comes, then None at the end
+    (finish_reason, and error if any, are set by then). Without a sink, iterate the request instead
+    (thread-safe). `mask` is the last token's: 1 sampled, 0 forced tool output."""
+
+    def __init__(self, tokens, max_tokens: int, temperature: float, top_k: int | None, seed: int, sink=None):
+        self.tokens, self.max_tokens, self.seed = tokens, max_tokens, seed
+        self.temperature, self.top_k = temperature, top_k
+        self.num_generated_tokens = 0
+        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+        self.error: BaseException | None = None
+        self.stop_token: int | None = None  # the stop token that ended it (never streamed)
+        self.mask = 1
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._sink = sink or self._queue.put
+        self._cancelled = threading.Event()
+        # its decoding state, its random draws, and the token the model reads next (already streamed)
+        self._row = _Row()
+        self._rng = random.Random(seed)
+        self._next_token = 0
+
+    def __iter__(self) -> Iterator[int]:
+        while (item := self._queue.get()) is not None:
+            yield item
+        if self.error is not None:
+            raise RuntimeError(f"generation failed: {self.error!r}") from self.error
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client went away); the batch slot frees at the next step (the
+        scheduler thread never sleeps while a request is pending or running)."""
+        self._cancelled.set()
+
+    def _emit(self, token: int | None) -> None:
+        """Hands a token id to the consumer (None: the end)."""
+        self.num_generated_tokens += token is not None
+        try:
+            self._sink(token)
+        except RuntimeError:  # the consumer is gone (e.g. its event loop closed): stop generating
+            self._cancelled.set()
+
+    def _finish(self, reason: str, error: BaseException | None = None) -> None:
+        if self.finish_reason is None:
+            self.error, self.finish_reason = error, reason
+            self._emit(None)
+
+
+# -----------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """KV-cached generation for one model and its tokenizer: the one decode loop (`join`, `step`) that
+    Engine.generate, the BatchScheduler (server, chat_eval) and chat_rl's rollouts all run.
+
+    Its static cache holds `max_batch` rows (rounded up to a power of two) of the whole context. The
+    live rows are always 0 .. n-1 (a leaving row is filled by the last one); a decode step runs the
+    smallest power of two >= n rows, so there are only log2(max_batch) + 1 shapes. `compile`: the
+    decode step runs through torch.compile for those shapes (CUDA graphs on CUDA); prefill stays
+    eager, any length.
+    """
+
+    def __init__(self, model, tokenizer, max_batch: int = 8, compile: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.max_batch = max_batch
         # the cache holds what the forward computes: bf16 under autocast, else the parameters' dtype
         dtype = compute_dtype(self.device)
         self.cache_dtype = dtype if dtype != torch.float32 else next(model.parameters()).dtype
@@ -227,27 +289,91 @@ class Engine:
         self.stop_ids = {special(name) for name in STOP_TOKENS}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.compiled = compile  # may be set until the first decode step
+        self._cache: KVCache | None = None  # made at first use (greedy_completions may never decode)
+        self.active: list[Request] = []  # row r of the cache holds active[r]
+        self._compiled_step = None
 
-    def new_cache(self, capacity: int, seq_len: int, batch_size: int | None = None) -> KVCache:
-        c = self.model.config
-        return KVCache(
-            c.n_layer, c.n_kv_head, c.head_dim, capacity, seq_len, self.cache_dtype, self.device, batch_size
-        )
+    def _step_fn(self, *args) -> torch.Tensor:
+        if not self.compiled:
+            return _decode_step(*args)
+        if self._compiled_step is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
+            self._compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True, mode=mode)
+            shapes = _bucket(self.max_batch).bit_length() * len(self.key_buckets())
+            # each (batch, keys) bucket is one graph: past dynamo's limit it would silently run eager
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
+        return self._compiled_step(*args)
 
-    def forward(self, cache: KVCache, ids: list[list[int]]) -> torch.Tensor:
-        """Feeds ids (B, T) into the cache; returns the logits (B, V) after each row's last token."""
-        idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+    @property
+    def cache(self) -> KVCache:
+        if self._cache is None:
+            c = self.model.config
+            self._cache = KVCache(
+                c.n_layer,
+                c.n_kv_head,
+                c.head_dim,
+                _bucket(self.max_batch),
+                self.context,
+                c.n_embd,
+                self.cache_dtype,
+                self.device,
+            )
+            if self.compiled and self.device.type == "cuda":  # CUDA graphs write these in place
+                for t in (*self._cache.k, *self._cache.v, self._cache.pos, self._cache.last):
+                    torch._dynamo.mark_static_address(t)
+        return self._cache
+
+    def reset(self) -> None:
+        """Drops every row (after a failure the cache may be half-written; its rows are cleared on join)."""
+        self.active = []
+
+    # ---- forwards
+
+    def forward(self, cache: KVCache, row: int, ids: list[int]) -> torch.Tensor:
+        """Feeds ids into one row of the cache (eager, any length): the logits (1, V) after the last."""
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            return self.model(idx, kv_cache=cache)[:, -1]
+            return self.model(idx, kv_cache=cache.prefill(row))[:, -1]
 
-    def prefill(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
-        """A batch-1 cache holding `tokens`, and the logits (1, V) after the last one."""
-        cache = self.new_cache(1, len(tokens))
-        return cache, self.forward(cache, [tokens])
+    def key_buckets(self) -> list[int]:
+        """The key lengths a decode step attends to: the context, halved while >= MIN_KEYS. Attention
+        over keys no row has yet would be most of the work at batch 8 (d4, 1024: 14 ms vs 4 at 256)."""
+        lengths = [self.context]
+        while lengths[-1] // 2 >= MIN_KEYS:
+            lengths.append(lengths[-1] // 2)
+        return lengths[::-1]
 
-    def decode_step(self, cache: KVCache, tokens: list[int]) -> torch.Tensor:
-        """Feeds one token per row; returns the next logits (B, V)."""
-        return self.forward(cache, [[t] for t in tokens])
+    def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
+        """One token into each of rows 0 .. n-1: the logits (n, V), through the fixed-shape (compiled)
+        step for (the batch bucket, the smallest key bucket that holds every row's new position)."""
+        n, c = len(tokens), self.cache
+        bucket = _bucket(n)
+        need = max(c.lengths[:n]) + 1
+        keys = keys or next(k for k in self.key_buckets() if k >= need)
+        ids = torch.zeros(bucket, 1, dtype=torch.long)
+        ids[:n, 0] = torch.tensor(tokens, dtype=torch.long)
+        with autocast(self.device):
+            logits = self._step_fn(self.model, ids.to(self.device), c.k, c.v, c.pos, c.last, bucket, keys)
+        for r in range(n):
+            c.lengths[r] += 1
+        return logits[:n].clone()  # a CUDA graph's output is overwritten by its next run
+
+    def warm_up(self) -> float:
+        """Compiles the decode step for every bucket (on free rows: call with no live rows); the seconds."""
+        assert not self.active, "warm up before any row joins"
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for i in range(_bucket(self.max_batch).bit_length()):
+                for keys in self.key_buckets():
+                    self.decode([0] * (1 << i), keys)
+        for row in range(self.cache.rows):
+            self.cache.clear(row)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
+    # ---- the one decode loop
 
     def choose(self, row: _Row, sampled: int) -> tuple[int, int]:
         """The row's next token and mask: a forced tool-output token (mask 0) or the sampled one (mask 1)."""
@@ -265,6 +391,91 @@ class Engine:
             row.python.append(token)
         return token, mask
 
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
+        """Each request's draw from its row of logits (n, V): one batched op, one host sync."""
+        if all(q.temperature == 0 for q in requests):
+            return logits.argmax(dim=-1).tolist()
+        params = torch.tensor(
+            [[q.temperature, q.top_k or 0, q._rng.random()] for q in requests], dtype=torch.float64
+        ).to(logits.device)
+        return sample_next(logits, params[:, 0], params[:, 1].long(), params[:, 2]).tolist()
+
+    def _advance(self, request: Request, sampled: int) -> str | None:
+        """Streams the row's next token (the sampled one, or forced tool output); returns why the
+        request ends here ("stop", "length"), or None to go on."""
+        token, request.mask = self.choose(request._row, sampled)
+        if request._row.done:
+            request.stop_token = token
+            return "stop"
+        request._emit(token)
+        request._next_token = token
+        return "length" if request.num_generated_tokens >= request.max_tokens else None
+
+    def _settle(self, requests: list[Request], sampled: list[int], finished: dict) -> None:
+        for request, token in zip(requests, sampled, strict=True):
+            if request in finished:
+                continue
+            try:
+                reason = self._advance(request, token)
+            except Exception as e:  # e.g. the tool: this row alone fails
+                logger.exception("tool call failed")
+                finished[request] = ("error", e)
+                continue
+            if reason:
+                finished[request] = (reason, None)
+
+    def join(self, requests: list[Request]) -> None:
+        """Requests with one shared prompt join the batch: one prefill, copied to each one's row; each
+        draws its own first token from the shared logits (samples differ from the start)."""
+        assert len(self.active) + len(requests) <= self.max_batch, "the batch is full"
+        cache, first = self.cache, len(self.active)
+        cache.clear(first)
+        logits = self.forward(cache, first, requests[0].tokens)
+        for r in range(first + 1, first + len(requests)):
+            cache.copy_row(first, r)
+        self.active.extend(requests)
+        finished: dict = {}
+        self._settle(requests, self._sample(logits.expand(len(requests), -1), requests), finished)
+        self.leave(finished)
+
+    def step(self) -> None:
+        """One decode step for every live row: cancelled rows and rows at the end of the context leave
+        first; a failed forward fails every row in it."""
+        cache = self.cache
+        self.leave({q: ("cancelled", None) for q in self.active if q._cancelled.is_set()})
+        full = [q for r, q in enumerate(self.active) if cache.lengths[r] >= self.context]
+        self.leave(dict.fromkeys(full, ("length", None)))
+        if not self.active:
+            return
+        requests = list(self.active)
+        try:
+            logits = self.decode([q._next_token for q in requests])
+        except Exception as e:  # the batched forward failed: the rows in it cannot go on
+            logger.exception("decode step failed")
+            self.leave({q: ("error", e) for q in requests})
+            return
+        finished: dict = {}
+        try:
+            sampled = self._sample(logits, requests)
+        except Exception as e:  # bad sampling settings cannot get here (submit checks); fail the batch
+            logger.exception("sampling failed")
+            self.leave({q: ("error", e) for q in requests})
+            return
+        self._settle(requests, sampled, finished)
+        self.leave(finished)
+
+    def leave(self, finished: dict) -> None:
+        """Finishes the requests in `finished` (request -> (reason, error)); the last live row fills
+        each hole, so the live rows stay 0 .. n-1."""
+        for request, (reason, error) in finished.items():
+            r = self.active.index(request)
+            last = len(self.active) - 1
+            if r != last:
+                self.cache.copy_row(last, r)
+                self.active[r] = self.active[last]
+            self.active.pop()
+            request._finish(reason, error)
+
     @torch.no_grad()
     def generate(
         self,
@@ -279,36 +490,44 @@ class Engine:
 
         mask 1 = sampled, 0 = forced tool output. A row's stop token comes once (mask 1); after that
         the row repeats it with mask 0. `max_tokens` counts every step, forced tokens included.
+        The same loop as the scheduler's: the samples are rows of the engine's batch.
         """
         # generation also ends quietly at the end of the context
         budget = min(self.context - len(tokens), self.context if max_tokens is None else max_tokens)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        if budget < 1:
+            return
+        assert not self.active, "generate needs the engine to itself"
+        if num_samples > self.max_batch:  # more rows than the static cache holds: a bigger one, once
+            self.max_batch, self._cache = 1 << (num_samples - 1).bit_length(), None
+        fresh: set[int] = set()  # samples that streamed a token this step
 
-        prefill, logits = self.prefill(tokens)
-        cache = self.new_cache(num_samples, len(tokens) + min(max(budget, 1), INITIAL_DECODE_ROOM))
-        cache.copy_row_from(prefill, 0, list(range(num_samples)))
-        del prefill
-        # every row draws its own first token from the shared logits, so samples differ from the start
-        logits = logits.expand(num_samples, -1)  # (B, V)
+        def sink(i: int):
+            return lambda token: token is not None and fresh.add(i)
 
-        rows = [_Row() for _ in range(num_samples)]
-        active = list(range(num_samples))  # the sample index of each cache row
-        column = [0] * num_samples
-        for step in range(budget):
-            sampled = sample_next(logits, temperature, top_k, generator).tolist()
-            masks = [0] * num_samples
-            keep = []
-            for r, i in enumerate(active):
-                column[i], masks[i] = self.choose(rows[i], sampled[r])
-                if not rows[i].done:
-                    keep.append(r)
-            yield list(column), masks
-            if not keep or step == budget - 1:
-                return
-            if len(keep) < len(active):  # finished rows leave the batch and cost nothing more
-                cache.keep_rows(keep)
-                active = [active[r] for r in keep]
-            logits = self.decode_step(cache, [column[i] for i in active])
+        seeds = random.Random(seed)  # each sample's own draws, all from the call's seed
+        requests = [
+            Request(tokens, budget, temperature, top_k, seeds.randrange(2**63), sink(i))
+            for i in range(num_samples)
+        ]
+        column, masks, reported = [0] * num_samples, [0] * num_samples, set()
+        try:
+            self.join(requests)
+            while True:
+                for i, request in enumerate(requests):
+                    if i in fresh:
+                        column[i], masks[i] = request._next_token, request.mask
+                    elif request.stop_token is not None and i not in reported:
+                        column[i], masks[i] = request.stop_token, 1  # its stop token, once
+                        reported.add(i)
+                    else:  # stopped earlier: the stop token again, mask 0
+                        masks[i] = 0
+                yield list(column), list(masks)
+                if not self.active:
+                    return
+                fresh.clear()
+                self.step()
+        finally:
+            self.leave({q: ("cancelled", None) for q in list(self.active)})
 
     def generate_batch(
         self, tokens: list[int], num_samples: int = 1, keep_stop: bool = False, **sampling
@@ -381,74 +600,31 @@ def prompt_and_budget(
 # Continuous batching
 
 
-class Request:
-    """One submitted generation. The scheduler hands each token id to `sink` as it comes, then None
-    at the end (finish_reason, and error if any, are set by then). Without a sink, iterate the
-    request instead (thread-safe)."""
-
-    def __init__(self, tokens, max_tokens: int, temperature: float, top_k: int | None, seed: int, sink=None):
-        self.tokens, self.max_tokens, self.seed = tokens, max_tokens, seed
-        self.temperature, self.top_k = temperature, top_k
-        self.num_generated_tokens = 0
-        self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-        self.error: BaseException | None = None
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._sink = sink or self._queue.put
-        self._cancelled = threading.Event()
-        # while it holds a batch row: its decoding state, its generator, and the token the model
-        # reads next (already streamed)
-        self._row = _Row()
-        self._generator: torch.Generator | None = None
-        self._next_token = 0
-
-    def __iter__(self) -> Iterator[int]:
-        while (item := self._queue.get()) is not None:
-            yield item
-        if self.error is not None:
-            raise RuntimeError(f"generation failed: {self.error!r}") from self.error
-
-    def cancel(self) -> None:
-        """Stop generating (e.g. the client went away); the batch slot frees at the next step (the
-        scheduler thread never sleeps while a request is pending or running)."""
-        self._cancelled.set()
-
-    def _emit(self, token: int | None) -> None:
-        """Hands a token id to the consumer (None: the end)."""
-        self.num_generated_tokens += token is not None
-        try:
-            self._sink(token)
-        except RuntimeError:  # the consumer is gone (e.g. its event loop closed): stop generating
-            self._cancelled.set()
-
-    def _finish(self, reason: str, error: BaseException | None = None) -> None:
-        if self.finish_reason is None:
-            self.error, self.finish_reason = error, reason
-            self._emit(None)
-
-
 class BatchScheduler:
-    """Continuous batching over one Engine: up to `max_batch` requests decode together, one forward a step.
+    """Continuous batching over one Engine: up to its max_batch requests decode together, one step
+    (the engine's `step`) for all. Its queue is the only one a request waits in.
 
-    Its queue is the only one a request waits in. Greedy output equals Engine.generate's for the
-    same prompt (the same code runs per row). `state` is "ready", "restarting" (after an error
-    outside any request: logged, the requests in the batch fail, the loop starts again after
-    `restart_delay` seconds) or "closed".
+    `state` is "warming" (compiling the decode step, logged with its seconds; requests queue),
+    "ready", "restarting" (after an error outside any request: logged, the requests in the batch
+    fail, the loop starts again after `restart_delay` seconds) or "closed".
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, restart_delay: float = 1.0):
-        self.engine, self.max_batch, self.restart_delay = engine, max_batch, restart_delay
-        self.state, self.restarts = "ready", 0
+    def __init__(self, engine: Engine, max_batch: int | None = None, restart_delay: float = 1.0):
+        if max_batch is not None and max_batch != engine.max_batch:  # a new static cache, once
+            assert not engine.active, "the engine is in use"
+            engine.max_batch, engine._cache = max_batch, None
+        self.engine, self.max_batch, self.restart_delay = engine, engine.max_batch, restart_delay
+        self.state, self.restarts = ("warming" if engine.compiled else "ready"), 0
+        self.compile_s: float | None = None
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
-        self._active: list[Request] = []  # one per batch row
         self._closed = False
-        self._cache = engine.new_cache(max_batch, INITIAL_DECODE_ROOM, batch_size=0)
         self._thread = threading.Thread(target=self._run, name="nanochat-batch-scheduler", daemon=True)
         self._thread.start()
 
     @property
     def busy(self) -> int:
-        return len(self._active)
+        return len(self.engine.active)
 
     @property
     def queued(self) -> int:
@@ -488,6 +664,10 @@ class BatchScheduler:
     def _run(self) -> None:
         if self.engine.device.type == "cuda":
             torch.cuda.set_device(self.engine.device)  # the current device is per thread too
+        if self.engine.compiled:
+            self.compile_s = self.engine.warm_up()
+            logger.info("decode step compiled for batches up to %d in %.1f s", self.max_batch, self.compile_s)
+            self.state = "ready"
         while not self._closed:
             try:
                 with torch.no_grad():  # grad mode and autocast are per thread
@@ -499,111 +679,46 @@ class BatchScheduler:
                 time.sleep(self.restart_delay)
                 self.state = "ready"
         with self._cond:
-            leftovers = self._active + list(self._pending)
-            self._active, self._pending = [], deque()
+            leftovers = self.engine.active + list(self._pending)
+            self._pending = deque()
+        self.engine.reset()
         for request in leftovers:
             request._finish("cancelled")
         self.state = "closed"
 
     def _serve(self) -> None:
+        engine = self.engine
         while True:
             with self._cond:
-                while not self._closed and not self._pending and not self._active:
+                while not self._closed and not self._pending and not engine.active:
                     self._cond.wait()
                 if self._closed:
                     return
                 admit = []
-                while self._pending and len(self._active) + len(admit) < self.max_batch:
+                while self._pending and len(engine.active) + len(admit) < self.max_batch:
                     admit.append(self._pending.popleft())
             for request in admit:
+                if request._cancelled.is_set():
+                    request._finish("cancelled")
+                    continue
                 try:
-                    self._admit(request)
-                except Exception as e:  # this request alone fails (its row never joined the batch)
+                    engine.join([request])
+                except Exception as e:  # this request alone fails (its prefill went wrong)
                     logger.exception("request failed at admission")
+                    if request in engine.active:
+                        engine.leave({request: ("error", e)})
                     request._finish("error", e)
-            if self._active:
+            if engine.active:
                 self._step()
 
-    def _fail_batch(self, error: BaseException) -> None:
-        """Every request in the batch ends with `error`; the cache starts empty (it may be half-written)."""
-        for request in self._active:
-            request._finish("error", error)
-        self._active = []
-        self._cache = self.engine.new_cache(self.max_batch, INITIAL_DECODE_ROOM, batch_size=0)
-
-    def _admit(self, request: Request) -> None:
-        """Batch-1 prefill, the first token sampled from its logits, the row copied into the batch cache."""
-        if request._cancelled.is_set():
-            request._finish("cancelled")
-            return
-        engine = self.engine
-        request._generator = torch.Generator(device=engine.device).manual_seed(request.seed)
-        prefill, logits = engine.prefill(request.tokens)
-        sampled = int(sample_next(logits, request.temperature, request.top_k, request._generator)[0])
-        reason = self._advance(request, sampled)
-        if reason:
-            request._finish(reason)
-            return
-        self._cache.append_row(prefill)
-        self._active.append(request)
-
-    def _advance(self, request: Request, sampled: int) -> str | None:
-        """Streams the row's next token (the sampled one, or forced tool output); returns why the
-        request ends here ("stop", "length"), or None to go on."""
-        token, _ = self.engine.choose(request._row, sampled)
-        if request._row.done:
-            return "stop"
-        request._emit(token)
-        request._next_token = token
-        return "length" if request.num_generated_tokens >= request.max_tokens else None
-
-    def _remove(self, reasons: dict[int, tuple]) -> None:
-        """Finishes the rows in `reasons` (row index -> (finish reason, error)); drops them from the batch."""
-        if not reasons:
-            return
-        for r, (reason, error) in reasons.items():
-            self._active[r]._finish(reason, error)
-        keep = [r for r in range(len(self._active)) if r not in reasons]
-        self._cache.keep_rows(keep)
-        self._active = [self._active[r] for r in keep]
-
     def _step(self) -> None:
-        engine = self.engine
-        # cancelled rows go before the forward; so do rows whose next position is past the context
-        self._remove({r: ("cancelled", None) for r, q in enumerate(self._active) if q._cancelled.is_set()})
-        self._remove({r: ("length", None) for r, n in enumerate(self._cache.lengths) if n >= engine.context})
-        if not self._active:
-            return
-        try:
-            logits = engine.decode_step(self._cache, [request._next_token for request in self._active])
-        except Exception as e:  # the batched forward failed: the rows in it cannot go on
-            logger.exception("decode step failed")
-            self._fail_batch(e)
-            return
-        choices = logits.argmax(dim=-1)  # (B,): greedy rows share one argmax
-        finished: dict[int, tuple] = {}
-        for r, request in enumerate(self._active):  # sampling rows draw from their own generators
-            if request.temperature > 0:
-                try:
-                    choices[r] = sample_next(
-                        logits[r : r + 1], request.temperature, request.top_k, request._generator
-                    )[0]
-                except Exception as e:  # this row alone fails
-                    logger.exception("sampling failed")
-                    finished[r] = ("error", e)
-        sampled = choices.tolist()  # one host sync for the whole batch
-        for r, request in enumerate(self._active):
-            if r in finished:
-                continue
-            try:
-                reason = self._advance(request, sampled[r])
-            except Exception as e:  # e.g. the tool: this row alone fails
-                logger.exception("tool call failed")
-                finished[r] = ("error", e)
-                continue
-            if reason:
-                finished[r] = (reason, None)
-        self._remove(finished)
+        self.engine.step()
+
+    def _fail_batch(self, error: BaseException) -> None:
+        """Every request in the batch ends with `error`; the engine's rows start empty."""
+        for request in self.engine.active:
+            request._finish("error", error)
+        self.engine.reset()
 
 
 # -----------------------------------------------------------------------------
@@ -612,7 +727,8 @@ class BatchScheduler:
 
 def greedy_completions(model, tokenizer, prompts=SAMPLE_PROMPTS, max_tokens: int = 16) -> list[str]:
     """Each prompt followed by its greedy continuation (up to a stop token), as text."""
-    was_training, engine, bos = model.training, Engine(model.eval(), tokenizer), tokenizer.get_bos_token_id()
+    was_training, bos = model.training, tokenizer.get_bos_token_id()
+    engine = Engine(model.eval(), tokenizer, max_batch=1)
     rows = [
         engine.generate_batch(tokenizer.encode(p, prepend=bos), max_tokens=max_tokens, temperature=0.0)[0][0]
         for p in prompts

@@ -270,8 +270,15 @@ class CausalSelfAttention(nn.Module):
             kw["enable_gqa"] = True
         Tq, Tk, window = q.size(2), k.size(2), self.window
         if positions is not None:  # per-row positions (B, Tq): the query at p sees keys 0 .. p (windowed)
-            mask = visible_keys(positions, Tk, window)  # (B, Tq, Tk)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], **kw)
+            # written out, not SDPA: a static cache's decode step masks most of its Tk keys, and at one
+            # query SDPA's CPU kernel with a mask was 3x slower than these matmuls (d4, 1024 keys)
+            B, H, _, D = q.shape
+            Hkv = k.size(1)
+            G = H // Hkv  # query heads per kv head, grouped as enable_gqa groups them
+            mask = visible_keys(positions, Tk, window)[:, None, None]  # (B, 1, 1, Tq, Tk)
+            scores = (q.reshape(B, Hkv, G * Tq, D) @ k.transpose(-1, -2)).view(B, Hkv, G, Tq, Tk)
+            weights = (scores.float() * self.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1)
+            return (weights.to(v.dtype).view(B, Hkv, G * Tq, Tk) @ v).view(B, H, Tq, D)
         if window is not None and window < Tk:  # the window hides some keys: a band mask
             if Tq == Tk and flex_runs(q, k, v):  # compiled training: skip the blocks outside the band
                 from torch.nn.attention.flex_attention import flex_attention

@@ -37,6 +37,7 @@ def task_accuracy(
     top_k: int | None = 50,
     max_context: int | None = None,
     progress: str | None = None,
+    compile_decode: bool = False,
 ) -> float:
     """The fraction of the first `max_problems` problems of `task` (all if None) the model solves.
 
@@ -54,6 +55,7 @@ def task_accuracy(
         correct = _categorical(model, tokenizer, task, indices, batch_size, bar)
     else:
         engine = Engine(model, tokenizer)
+        engine.compiled = compile_decode
         scheduler = BatchScheduler(engine, max_batch=batch_size)
         try:
             sampling = (num_samples, max_new_tokens, temperature, top_k, max_context or engine.context)

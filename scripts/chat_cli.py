@@ -19,7 +19,7 @@ import argparse
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import HelpFormatter, compute_init, exit_on_user_error, setup_logging
-from nanochat.engine import Engine, prompt_and_budget
+from nanochat.engine import Engine, add_decode_flag, compile_decode, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, assistant_content
 
 
@@ -38,6 +38,7 @@ def main() -> None:
     add("--max-new-tokens", "--max-tokens", metavar="N", type=int, default=512, help=reply)
     add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    add_decode_flag(parser)
     args = parser.parse_args()
     for key, lowest in {"temperature": 0, "top_k": 0, "max_new_tokens": 1}.items():
         if not getattr(args, key) >= lowest:  # also NaN
@@ -49,7 +50,7 @@ def main() -> None:
         model, tokenizer, _ = load_model(
             args.source, device, "eval", args.model_tag, args.model_step, args.verify
         )
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, max_batch=1, compile=compile_decode(args.decode, device))
 
     if not args.prompt:
         try:

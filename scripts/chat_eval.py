@@ -28,6 +28,7 @@ from nanochat.common import (
     print0,
     setup_logging,
 )
+from nanochat.engine import add_decode_flag, compile_decode
 from nanochat.execution import SandboxUnavailable, require_isolation
 from nanochat.report import get_report, read_sections
 from nanochat.task_eval import task_accuracy
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         action="store_true",
         help="run HumanEval's model-written code without OS isolation where bubblewrap is unavailable",
     )
+    add_decode_flag(parser)
     args = parser.parse_args(argv)
     if args.max_problems is not None and args.max_problems < 1:
         parser.error(f"-x/--max-problems must be >= 1, got {args.max_problems}")
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             temperature=args.temperature,
             top_k=args.top_k or None,
             progress=name,
+            compile_decode=compile_decode(args.decode, device),
         )
         total = len(task) if args.max_problems is None else min(len(task), args.max_problems)
         correct = round(accuracy * total)

@@ -49,7 +49,7 @@ from nanochat.common import (
     setup_logging,
     wandb_login_problem,
 )
-from nanochat.engine import Engine, prompt_and_budget
+from nanochat.engine import Engine, add_decode_flag, compile_decode, prompt_and_budget
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
 from nanochat.report import MetricsLog, eta, get_report, read_log
 from tasks.common import TASK_DATA_ERRORS
@@ -132,6 +132,7 @@ if __name__ == "__main__":
     g.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
     g.add_argument("--seed", type=int, default=42, help="base seed of the sampling")
     add_optimizer_flags(parser, init_lr_frac=0.05)
+    add_decode_flag(g)
     g = parser.add_argument_group("steps")
     g.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the training set)")
     g.add_argument("--device-batch-size", type=int, default=8, help="sampled rows per forward/backward")
@@ -220,7 +221,7 @@ if __name__ == "__main__":
         fail(str(e))
     if args.resume:
         print0(f"resumed from step {start_step}")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, compile=compile_decode(args.decode, device))
     pad_id = tokenizer.get_bos_token_id()
 
     def sample(prompt: list[int], num_samples: int, budget: int, seed: int):

@@ -54,7 +54,7 @@ from nanochat.common import (
     exit_with_error,
     setup_logging,
 )
-from nanochat.engine import BatchScheduler, Engine, prompt_and_budget
+from nanochat.engine import BatchScheduler, Engine, add_decode_flag, compile_decode, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, validate_conversation
 
 logger = logging.getLogger("nanochat.chat_web")
@@ -569,6 +569,7 @@ def main() -> None:
     add("--max-new-tokens", "--max-tokens", dest="max_tokens", metavar="N", type=int, default=512, help=reply)
     add("--max-batch", type=int, default=8, help="concurrent requests per worker")
     add("--log-content", action="store_true", help="also log the messages and replies")
+    add_decode_flag(parser)
     add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     args = parser.parse_args()
     flags = {"temperature": "--temperature", "top_k": "--top-k", "max_tokens": "--max-new-tokens"}
@@ -603,7 +604,10 @@ def main() -> None:
             model, tokenizer, meta = load_model(
                 args.source, device, "eval", args.model_tag, args.model_step, args.verify
             )
-        workers.append((str(device), BatchScheduler(Engine(model, tokenizer), max_batch=args.max_batch)))
+        # a compiled decode step warms up in the worker's thread (state "warming": /health answers
+        # 503 at once, requests wait in its queue) and logs its compile time
+        engine = Engine(model, tokenizer, args.max_batch, compile_decode(args.decode, device))
+        workers.append((str(device), BatchScheduler(engine)))
         logger.info("worker %d ready on %s", i, device)
     name = f"nanochat-{args.source}-{meta['model_tag']}-step{meta.get('step', 0)}"
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}

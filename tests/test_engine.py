@@ -135,123 +135,84 @@ def collect(request, timeout: float = 30.0) -> list[int]:
 # KV cache and per-row positions
 
 
-def test_kv_cache_growth_copies_into_new_memory_and_keeps_contents():
-    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=4, capacity=2, seq_len=3, batch_size=2)
-    assert cache.max_len == 64
-    k = torch.randn(2, 1, 60, 4)
-    for layer in range(2):
-        cache.insert_kv(layer, k, k)
-    storage = cache.k.data_ptr()
-    k_more = torch.randn(2, 1, 10, 4)
-    k_all, v_all = cache.insert_kv(0, k_more, k_more)
-    assert cache.max_len >= 128 and cache.k.data_ptr() != storage
-    assert torch.equal(k_all, torch.cat([k, k_more], dim=2)) and torch.equal(v_all, k_all)
+def prefilled(engine: Engine, prompts: list[list[int]]) -> KVCache:
+    """The engine's cache with prompt r in row r (each row at its own position)."""
+    for r, prompt in enumerate(prompts):
+        engine.cache.clear(r)
+        engine.forward(engine.cache, r, prompt)
+    return engine.cache
 
 
-def test_kv_cache_keep_rows_compacts_rows_in_order():
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, capacity=3, seq_len=8, batch_size=3)
-    cache.lengths = [1, 3, 2]
+def test_kv_cache_is_allocated_once_and_a_leaving_row_is_filled_by_the_last():
+    cache = KVCache(
+        num_layers=1,
+        num_kv_heads=1,
+        head_dim=2,
+        rows=3,
+        max_len=8,
+        embed_dim=4,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    storage = [t.data_ptr() for t in (*cache.k, *cache.v)]
     for r in range(3):
-        cache.k[0, r, 0, 0, :] = r
-    cache.keep_rows([2, 0])
-    assert cache.lengths == [2, 1]
-    assert cache.k[0, 0, 0, 0, 0] == 2 and cache.k[0, 1, 0, 0, 0] == 0
-    assert torch.equal(cache.get_pos(), torch.tensor([2, 1]))
+        cache.clear(r)
+        cache.prefill(r).insert_kv(0, torch.full((1, 1, r + 1, 2), float(r)), torch.zeros(1, 1, r + 1, 2))
+        cache.prefill(r).swap_last_embedding(torch.full((1, 4), float(r)))
+    assert cache.lengths == [1, 2, 3] and cache.pos.tolist() == [1, 2, 3]
+    cache.copy_row(2, 0)  # row 0 left: the last row fills its hole
+    assert cache.lengths[0] == 3 and cache.pos[0] == 3 and cache.last[0, 0] == 2.0
+    assert torch.equal(cache.k[0][0, :, :3], torch.full((1, 3, 2), 2.0))
+    assert [t.data_ptr() for t in (*cache.k, *cache.v)] == storage
 
 
-def test_rows_at_different_positions_decode_like_each_row_alone(tokenizer):
-    model = make_model(tokenizer)
-    engine = Engine(model, tokenizer)
-    prompts = [[5, 6, 7], list(range(40, 60)), [9], list(range(100, 109))]
-    with torch.no_grad():
-        batch = engine.new_cache(len(prompts), 32, batch_size=0)
-        alone = []
-        for prompt in prompts:
-            prefill, _ = engine.prefill(prompt)
-            batch.append_row(prefill)
-            alone.append(prefill)
-        assert isinstance(batch.get_pos(), torch.Tensor)
-        next_tokens = [1, 2, 3, 4]
-        for _ in range(3):  # a few steps: positions keep differing
-            batched = engine.decode_step(batch, next_tokens)
-            for r, cache in enumerate(alone):
-                single = engine.decode_step(cache, [next_tokens[r]])
-                torch.testing.assert_close(batched[r], single[0], atol=1e-5, rtol=1e-5)
-            next_tokens = batched.argmax(-1).tolist()
-
-
-def test_kv_cache_carries_smears_last_embedding_through_row_moves():
-    cache = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, capacity=3, seq_len=8, batch_size=2)
-    assert torch.equal(cache.swap_last_embedding(torch.ones(2, 4)), torch.zeros(2, 4))  # nothing before
-    assert torch.equal(cache.swap_last_embedding(torch.full((2, 4), 2.0)), torch.ones(2, 4))
-    other = KVCache(num_layers=1, num_kv_heads=1, head_dim=2, capacity=1, seq_len=8)
-    other.swap_last_embedding(torch.full((1, 4), 5.0))
-    cache.append_row(other)
-    cache.keep_rows([2, 0])
-    assert cache.last_embedding[:2, 0].tolist() == [5.0, 2.0]
-
-
-def test_record_rows_at_different_positions_decode_like_each_row_alone(tokenizer):
-    """Batch 8, every row at its own position, prompts shorter and longer than the 32-key window."""
-    model = make_model(tokenizer, **RECORD)
-    engine = Engine(model, tokenizer)
+@pytest.mark.parametrize("features", [{}, RECORD], ids=["v1", "record"])
+def test_rows_at_different_positions_decode_like_each_row_alone(tokenizer, features):
+    """Batch 8 in one decode step, every row at its own position, prompts shorter and longer than the
+    32-key window (record); a padded bucket (5 live rows of 8) too."""
+    model = make_model(tokenizer, **features)
     prompts = [list(range(10 + r, 10 + r + n)) for r, n in enumerate((3, 40, 1, 9, 70, 33, 31, 55))]
     with torch.no_grad():
-        batch = engine.new_cache(len(prompts), 32, batch_size=0)
-        alone = []
-        for prompt in prompts:
-            prefill, _ = engine.prefill(prompt)
-            batch.append_row(prefill)
-            alone.append(prefill)
-        next_tokens = list(range(1, 9))
-        for _ in range(4):
-            batched = engine.decode_step(batch, next_tokens)
-            for r, cache in enumerate(alone):
-                single = engine.decode_step(cache, [next_tokens[r]])
-                torch.testing.assert_close(batched[r], single[0], atol=1e-5, rtol=1e-5)
-            next_tokens = batched.argmax(-1).tolist()
+        for live in (8, 5):
+            batch = Engine(model, tokenizer, max_batch=8)
+            prefilled(batch, prompts[:live])
+            alone = [Engine(model, tokenizer, max_batch=1) for _ in prompts[:live]]
+            for engine, prompt in zip(alone, prompts, strict=False):
+                prefilled(engine, [prompt])
+            next_tokens = list(range(1, live + 1))
+            for _ in range(4):
+                batched = batch.decode(next_tokens)
+                for r, engine in enumerate(alone):
+                    torch.testing.assert_close(
+                        batched[r], engine.decode([next_tokens[r]])[0], atol=1e-5, rtol=1e-5
+                    )
+                next_tokens = batched.argmax(-1).tolist()
 
 
 def test_record_chunked_prefill_equals_one_prefill_and_the_full_forward(tokenizer):
     model = make_model(tokenizer, **RECORD)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, max_batch=2)
     tokens = [(17 * i + 3) % 256 for i in range(90)]
     with torch.no_grad():
         full = model(torch.tensor([tokens]))[0]  # (T, V)
-        cache = engine.new_cache(1, 100)
+        cache = engine.cache
         for start, end in ((0, 37), (37, 38), (38, 90)):  # a chunk, one token, a chunk past the window
-            logits = engine.forward(cache, [tokens[start:end]])
+            logits = engine.forward(cache, 0, tokens[start:end])
             torch.testing.assert_close(logits[0], full[end - 1], atol=1e-5, rtol=1e-5)
-        _, one = engine.prefill(tokens)
+        one = engine.forward(cache, 1, tokens)
         torch.testing.assert_close(one[0], full[-1], atol=1e-5, rtol=1e-5)
 
 
-# -----------------------------------------------------------------------------
-# Engine.generate
-
-
-def test_kv_cached_greedy_equals_full_recompute_across_a_cache_growth(tokenizer, monkeypatch):
-    monkeypatch.setattr(engine_module, "INITIAL_DECODE_ROOM", 8)  # the cache starts at 64 positions
-    grown = []
-    reserve = KVCache.reserve
-
-    def spy(self, length):
-        before = self.max_len
-        reserve(self, length)
-        if self.max_len != before:
-            grown.append((before, self.max_len))
-
-    monkeypatch.setattr(KVCache, "reserve", spy)
+def test_kv_cached_greedy_equals_full_recompute_up_to_the_context_limit(tokenizer):
     model = make_model(tokenizer, sequence_len=128)
     engine = Engine(model, tokenizer)
-    for prompt_len in (1, 7, 23, 41):
+    for prompt_len in (1, 41, 120, 127):  # each runs to the end of the 128-position context
         prompt = [(31 * i + 7) % 256 for i in range(prompt_len)]
-        grown.clear()
-        results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=80, temperature=0.0)
-        expected = generate_naive(model, prompt, 80)
-        assert results[0] == prompt + expected
-        assert masks[0] == [0] * prompt_len + [1] * 80
-        assert grown, f"prompt of {prompt_len}: the cache never grew"
+        max_tokens = 128 - prompt_len
+        results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=200, temperature=0.0)
+        expected = generate_naive(model, prompt, max_tokens)
+        assert results[0] == prompt + expected  # generation ends quietly at the context's end
+        assert masks[0] == [0] * prompt_len + [1] * max_tokens
 
 
 def test_record_kv_cached_greedy_equals_full_recompute(tokenizer):
@@ -276,8 +237,7 @@ def test_bf16_policy_keeps_a_bf16_kv_cache_and_generates_on_cpu(tokenizer, monke
     monkeypatch.setattr(engine_module, "compute_dtype", bf16)
     engine = Engine(model, tokenizer)
     assert engine.cache_dtype == torch.bfloat16
-    cache, _ = engine.prefill(prompt)
-    assert cache.k.dtype == torch.bfloat16
+    assert engine.cache.k[0].dtype == torch.bfloat16
     results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=16, temperature=0.0)
     assert masks[0] == [0] * len(prompt) + [1] * 16
     # the first token comes straight from the prefill's logits: bf16 agrees with fp32 there; later
@@ -343,8 +303,9 @@ def test_rows_stop_at_assistant_end_or_bos_and_leave_the_batch(tokenizer):
         sum(all(col[0][i] == 65 for col in columns[: s + 1]) for i in range(16)) for s in range(len(columns))
     ]
     assert alive[-1] == 0 and len(columns) < 40  # everyone stopped early
-    # forward 0 is the prefill (batch 1); each decode forward holds only the rows still running
-    assert model.batch_sizes == [1] + alive[:-1]
+    # forward 0 is the prefill (batch 1); each decode forward holds only the rows still running,
+    # padded to a power of two (the compiled shapes)
+    assert model.batch_sizes == [1] + [1 << (n - 1).bit_length() for n in alive[:-1]]
     stopped = [False] * 16
     for tokens, masks in columns:  # a row's stop token comes once with mask 1, then repeats with mask 0
         for i in range(16):
@@ -622,31 +583,43 @@ def test_scheduler_checks_its_invariants_in_the_callers_thread_and_refuses_work_
 @pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30, 1e-6, 2.0])
 @pytest.mark.parametrize("top_k", [None, 1, 200])
 def test_sampling_is_numerically_safe_at_every_accepted_setting(temperature, top_k):
-    generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 300) * 50
     logits[1, 7] = float("inf")  # a diverged model, too
     logits[2, :5] = float("nan")
-    token = sample_next(logits, temperature, top_k, generator)
+    temperatures, top_ks = torch.full((3,), temperature, dtype=torch.float64), torch.full((3,), top_k or 0)
+    token = sample_next(logits, temperatures, top_ks, torch.tensor([0.0, 0.5, 0.999999]))
     assert token.shape == (3,) and bool(((token >= 0) & (token < 300)).all())
     if temperature < 1e-6:  # vanishing temperature is greedy, never NaN
         assert token[0] == logits[0].argmax() and token[1] == 7
 
 
-def test_a_request_whose_sampling_fails_fails_alone_and_its_batch_carries_on(tokenizer, monkeypatch):
-    engine = Engine(make_model(tokenizer, block_stops=False), tokenizer)
-    real = engine_module.sample_next
+def test_sampling_settings_are_per_row_in_one_batched_draw():
+    logits = torch.arange(10.0).repeat(4, 1)  # token 9 is the most likely in every row
+    temperature = torch.tensor([0.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+    top_k = torch.tensor([0, 1, 3, 0])
+    draws = torch.stack(
+        [sample_next(logits, temperature, top_k, torch.full((4,), u)) for u in (0.0, 0.3, 0.99)]
+    )
+    assert draws[:, 0].tolist() == [9, 9, 9] and draws[:, 1].tolist() == [9, 9, 9]  # greedy, top-1
+    assert set(draws[:, 2].tolist()) <= {7, 8, 9} and draws[0, 2] == 7 and draws[2, 2] == 9
+    assert draws[0, 3] == 0 and draws[2, 3] == 9  # a near-flat distribution over all ten
 
-    def sample_next(logits, temperature, top_k, generator):
-        if top_k == 13:  # the poisoned request
-            raise RuntimeError("probability tensor contains inf or nan")
-        return real(logits, temperature, top_k, generator)
+
+def test_a_request_whose_tool_call_fails_fails_alone_and_its_batch_carries_on(tokenizer, monkeypatch):
+    engine = Engine(make_model(tokenizer), tokenizer)
+    real = engine._advance
+
+    def advance(request, sampled):
+        if request.top_k == 13:  # the poisoned request
+            raise RuntimeError("the calculator broke")
+        return real(request, sampled)
 
     scheduler = BatchScheduler(engine, max_batch=4)
     try:
-        healthy = [scheduler.submit([i, i + 1], 20, temperature=0.8, top_k=40, seed=i) for i in range(3)]
+        healthy = [scheduler.submit([i, i + 1], 20, temperature=0.0, top_k=40) for i in range(3)]
         for r in healthy:
             next(iter(r))  # all three are in the batch
-        monkeypatch.setattr(engine_module, "sample_next", sample_next)
+        monkeypatch.setattr(engine, "_advance", advance)
         poisoned = scheduler.submit([9, 9], 20, temperature=0.8, top_k=13)
         with pytest.raises(RuntimeError, match="generation failed"):
             list(poisoned)
@@ -666,15 +639,15 @@ def test_a_failed_forward_fails_its_batch_and_the_scheduler_keeps_serving(tokeni
     try:
         running = scheduler.submit([1, 2], 50, temperature=0.0)
         next(iter(running))
-        real, calls = engine.decode_step, []
+        real, calls = engine.decode, []
 
-        def decode_step(cache, tokens):
+        def decode(tokens):
             calls.append(1)
             if len(calls) == 1:
                 raise RuntimeError("CUDA out of memory")
-            return real(cache, tokens)
+            return real(tokens)
 
-        monkeypatch.setattr(engine, "decode_step", decode_step)
+        monkeypatch.setattr(engine, "decode", decode)
         with pytest.raises(RuntimeError, match="out of memory"):
             list(running)
         assert running.finish_reason == "error"
@@ -711,3 +684,52 @@ def test_a_crashed_scheduler_loop_is_logged_restarted_and_reports_its_state(toke
     finally:
         scheduler.close()
     assert scheduler.state == "closed"
+
+
+# -----------------------------------------------------------------------------
+# The compiled decode step (torch.compile over the static shapes; tens of seconds per shape on a CPU)
+
+
+@torch.no_grad()
+def naive_with_forced(model, tokens: list[int], max_tokens: int, forced: list[int], at: int) -> list[int]:
+    """generate_naive, with `forced` replacing the model's choice from step `at` on (like tool output)."""
+    out = list(tokens)
+    for s in range(max_tokens):
+        choice = int(model(torch.tensor([out[-model.config.sequence_len :]]))[0, -1].argmax())
+        out.append(forced[s - at] if at <= s < at + len(forced) else choice)
+    return out[len(tokens) :]
+
+
+@pytest.mark.parametrize("features, max_batch", [({}, 2), (RECORD, 8)], ids=["v1", "record"])
+def test_compiled_decode_greedy_equals_full_recompute(tokenizer, features, max_batch, monkeypatch):
+    """Batch 1 up to the end of the context; then 10 requests of different lengths joining and leaving
+    the batch (every bucket shape), each with tool output forced in after its 5th token."""
+    model = make_model(tokenizer, **features)
+    engine = Engine(model, tokenizer, max_batch=max_batch, compile=True)
+    assert engine.warm_up() > 0 and engine.cache.pos.tolist() == [0] * max_batch  # warm-up leaves no trace
+    prompt = [(31 * i + 7) % 256 for i in range(110)]
+    assert engine.generate_batch(prompt, max_tokens=50, temperature=0.0)[0][0] == prompt + generate_naive(
+        model, prompt, 18
+    )
+
+    special = tokenizer.encode_special
+    forced = [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
+    real_choose = engine.choose
+
+    def choose(row, sampled):  # the 6th step of every row starts forced output, as a tool result would
+        row.steps = getattr(row, "steps", 0) + 1
+        if row.steps == 6:
+            row.forced.extend(forced)
+        return real_choose(row, sampled)
+
+    monkeypatch.setattr(engine, "choose", choose)
+    prompts = [list(range(20 + r, 20 + r + n)) for r, n in enumerate((5, 41, 1, 12, 60, 33, 2, 50, 90, 7))]
+    max_tokens = [30, 12, 25, 40, 18, 6, 33, 20, 38, 9]
+    scheduler = BatchScheduler(engine)
+    try:
+        requests = [scheduler.submit(p, n, temperature=0.0) for p, n in zip(prompts, max_tokens, strict=True)]
+        got = [collect(r, 600) for r in requests]
+    finally:
+        scheduler.close()
+    expected = [naive_with_forced(model, p, n, forced, 5) for p, n in zip(prompts, max_tokens, strict=True)]
+    assert got == expected
