@@ -7,6 +7,7 @@ The GPU check: everything a short GPU loan should measure, in one command and on
 
 It measures, and writes to --out (default gpucheck.json):
 - "cuda_tests": the tests that skip without CUDA, run for real;
+- "decode": bench/decode_speed.py: single-stream and batch-8 decode tokens/s, eager and compiled;
 - "ab": base_train's two recipes at equal wall-clock (--minutes each, d12 on the GPU): the record's
   architecture and optimizer (today's defaults) against the previous recipe (--arch v1 and our
   CPU-proxy-tuned optimizer). Each arm first runs a few steps to time one step, then trains as many
@@ -28,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from decode_speed import measure as measure_decode  # noqa: E402
 from recipe import RECIPES, REPO, train  # noqa: E402  (bench/ is on sys.path when run as a file)
 
 CARRIED_TOKENIZER = REPO / ".gpu" / "tokenizer"
@@ -105,6 +107,9 @@ def main() -> None:
     result["prepare_s"] = round(time.time() - t0, 1)
     if not args.cpu:
         result["cuda_tests"] = cuda_tests(env, logs)
+    # d12 decode tok/s, one stream and batch 8, eager and compiled (a toy on the CPU); about a minute
+    result["decode"] = measure_decode(args.cpu)
+    Path(args.out).write_text(json.dumps(result, indent=1))
     size = SIZES["cpu" if args.cpu else "gpu"]
     result["ab"] = {}
     for arm, flags in RECIPES.items():

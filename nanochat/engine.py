@@ -194,9 +194,13 @@ def sample_next(
     # clamp: a temperature that float32 rounds to 0 (e.g. 5e-324) would divide 0 by 0
     temperature = temperature.float().clamp(min=1e-30)[:, None]
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
-    k = torch.where((top_k > 0) & (top_k < V), top_k, V)  # (B,)
-    kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # (B, 1)
-    probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+    on = (top_k > 0) & (top_k < V)  # (B,), best on the host: k is read there
+    k = torch.where(on, top_k, 1)
+    if bool(on.any()):  # the k-th largest logit of each filtering row: the largest k only, not a sort
+        top = torch.topk(logits, int(k.max()), dim=-1).values
+        kth = top.gather(1, (k - 1).to(logits.device)[:, None])  # (B, 1)
+        logits = logits.masked_fill(on.to(logits.device)[:, None] & (logits < kth), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     cdf = probs.cumsum(dim=-1)
     draw = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
     return torch.where(temperature[:, 0] > 1e-30, draw.clamp(max=V - 1), greedy)
@@ -300,10 +304,14 @@ class Engine:
         if self._compiled_step is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
             self._compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True, mode=mode)
-            shapes = _bucket(self.max_batch).bit_length() * len(self.key_buckets())
-            # each (batch, keys) bucket is one graph: past dynamo's limit it would silently run eager
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
+            self._allow_shapes()
         return self._compiled_step(*args)
+
+    def _allow_shapes(self) -> None:
+        """Each (batch, keys) bucket is one graph; past dynamo's recompile limit a fullgraph compile
+        fails. The limit is per thread: set it in the thread that compiles."""
+        shapes = _bucket(self.max_batch).bit_length() * len(self.key_buckets())
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
 
     @property
     def cache(self) -> KVCache:
@@ -362,6 +370,7 @@ class Engine:
     def warm_up(self) -> float:
         """Compiles the decode step for every bucket (on free rows: call with no live rows); the seconds."""
         assert not self.active, "warm up before any row joins"
+        self._allow_shapes()
         t0 = time.perf_counter()
         with torch.no_grad():
             for i in range(_bucket(self.max_batch).bit_length()):
@@ -395,10 +404,10 @@ class Engine:
         """Each request's draw from its row of logits (n, V): one batched op, one host sync."""
         if all(q.temperature == 0 for q in requests):
             return logits.argmax(dim=-1).tolist()
-        params = torch.tensor(
-            [[q.temperature, q.top_k or 0, q._rng.random()] for q in requests], dtype=torch.float64
-        ).to(logits.device)
-        return sample_next(logits, params[:, 0], params[:, 1].long(), params[:, 2]).tolist()
+        params = torch.tensor([[q.temperature, q._rng.random()] for q in requests], dtype=torch.float64)
+        top_k = torch.tensor([q.top_k or 0 for q in requests])  # on the host: topk's k is read there
+        params = params.to(logits.device)
+        return sample_next(logits, params[:, 0], top_k, params[:, 1]).tolist()
 
     def _advance(self, request: Request, sampled: int) -> str | None:
         """Streams the row's next token (the sampled one, or forced tool output); returns why the
@@ -665,8 +674,16 @@ class BatchScheduler:
         if self.engine.device.type == "cuda":
             torch.cuda.set_device(self.engine.device)  # the current device is per thread too
         if self.engine.compiled:
-            self.compile_s = self.engine.warm_up()
-            logger.info("decode step compiled for batches up to %d in %.1f s", self.max_batch, self.compile_s)
+            try:
+                self.compile_s = self.engine.warm_up()
+                logger.info(
+                    "decode step compiled for batches up to %d in %.1f s", self.max_batch, self.compile_s
+                )
+            except Exception:  # serve eagerly rather than never
+                logger.exception("compiling the decode step failed; decoding eagerly")
+                self.engine.compiled = False
+                for row in range(self.engine.cache.rows):
+                    self.engine.cache.clear(row)
             self.state = "ready"
         while not self._closed:
             try:

@@ -354,3 +354,6 @@ def test_gpucheck_cpu_mode_runs_both_recipes_and_writes_their_numbers(tiny_base_
     assert result["record_minus_previous_val_bpb"] == round(
         result["ab"]["record"]["val_bpb"] - result["ab"]["previous"]["val_bpb"], 4
     )
+    for mode in ("eager", "compiled"):  # the decode measurement, at toy size
+        decode = result["decode"][mode]
+        assert decode["single_stream_tok_per_s"] > 0 and decode["batch8_tok_per_s"] > 0
