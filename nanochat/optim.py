@@ -647,8 +647,10 @@ def optimizers_for(
         weight_decay=args.weight_decay if weight_decay is None else weight_decay,
         scalar_lr=getattr(args, "scalar_lr", 0.5) * frac * lr_scale,
         smear_lr=0.2 * frac,
-        adam_groups=getattr(args, "adam_groups", "record"),
-        normuon_beta2=getattr(args, "normuon_beta2", 0.9),
+        # a script without these flags (mid, SFT, RL) keeps the AdamW and NorMuon it had: the record's are
+        # pretraining evidence, and the CPU demo's midtraining learned less with them (its SHORT test)
+        adam_groups=getattr(args, "adam_groups", "uniform"),
+        normuon_beta2=getattr(args, "normuon_beta2", 0.95),
         compiled=bool(getattr(args, "compile_optimizer", False)),
         **lrs,
     )
