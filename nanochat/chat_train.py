@@ -245,7 +245,7 @@ def train(
     )
     state = {"progress": 0.0, "training_time": 0.0, "min_val_loss": float("inf"), "val_loss": None}
     state |= {"metrics": {}, "train_loss": None, "supervised_tokens": 0, **resumed.get("loop_state", {})}
-    source = {"phase": args.source, "tag": tag, "step": source_meta["step"]}
+    source = {"stage": args.source, "tag": tag, "step": source_meta["step"]}
     meta = {"user_config": user_config, "grad_accum": grad_accum, "source": source, "loop_state": state}
     step = start_step
     start_progress = state["progress"]  # the ETA of an epoch-long run (-1 steps) goes by progress

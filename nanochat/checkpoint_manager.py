@@ -1,7 +1,7 @@
 """
 Checkpoints: save, load and resume.
 
-- `<base>/<phase>_checkpoints/<tag>/` holds per step `model_{step:06d}.pt` (rank 0),
+- `<base>/<stage>_checkpoints/<tag>/` holds per step `model_{step:06d}.pt` (rank 0),
   `optim_{step:06d}_rank{r}.pt` (every rank: optimizer shards + RNG) and `meta_{step:06d}.json`.
 - The meta file is written last, after every rank's shard: a step exists only once its meta does,
   so a crash mid-save leaves the previous step as the newest one. Leftover temp files of such a
@@ -64,7 +64,7 @@ from nanochat.common import (
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
 
-PHASE_DIRS = {
+STAGE_DIRS = {
     "base": "base_checkpoints",
     "mid": "mid_checkpoints",
     "sft": "chatsft_checkpoints",
@@ -90,13 +90,13 @@ def _paths(directory: Path, step: int, rank: int = 0) -> tuple[Path, Path, Path]
 
 
 def checkpoint_dir(source: str, model_tag: str) -> Path:
-    """`<base>/<phase>_checkpoints/<tag>` for source base | mid | sft | rl."""
+    """`<base>/<stage>_checkpoints/<tag>` for source base | mid | sft | rl."""
     # a plain folder name: `--overwrite` deletes this directory, so "..", "/" or "a/b" must never get here
     if not re.fullmatch(r"[\w.-]+", model_tag) or set(model_tag) == {"."}:
         raise CheckpointError(
             f"--model-tag {model_tag!r} is not a folder name: use letters, digits, '_', '-', '.'"
         )
-    return get_base_dir() / PHASE_DIRS[source] / model_tag
+    return get_base_dir() / STAGE_DIRS[source] / model_tag
 
 
 def saved_steps(directory: str | Path) -> list[int]:
@@ -112,7 +112,7 @@ def saved_steps(directory: str | Path) -> list[int]:
 
 def resolve_tag(source: str, model_tag: str | None) -> str:
     """The tag to read from a stage: `model_tag` if it holds a checkpoint, else the deepest `d<N>` tag."""
-    root = get_base_dir() / PHASE_DIRS[source]
+    root = get_base_dir() / STAGE_DIRS[source]
     tags = [p.name for p in root.iterdir() if p.is_dir() and saved_steps(p)] if root.is_dir() else []
     if model_tag is None and tags:
         return max(tags, key=lambda t: (int(t[1:]) if re.fullmatch(r"d\d+", t) else -1, t))
@@ -365,7 +365,7 @@ def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
     return config
 
 
-def build_model(directory: str | Path, step: int, device, phase: str, verify: bool = True):
+def build_model(directory: str | Path, step: int, device, mode: str, verify: bool = True):
     """The model of a saved step, in train or eval mode: (model, tokenizer, meta)."""
     from nanochat.gpt import GPT
     from nanochat.tokenizer import get_tokenizer
@@ -387,7 +387,7 @@ def build_model(directory: str | Path, step: int, device, phase: str, verify: bo
             f"{_paths(directory, step)[0]} does not fit its meta's model_config: {why}"
         ) from None
     model.cos, model.sin = model.compute_rotary(device)
-    model.train(phase == "train")
+    model.train(mode == "train")
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise CheckpointError(
@@ -417,7 +417,7 @@ def add_model_flags(parser, default_source: str | None = "sft", choose_source: b
             "--source",
             default=default_source,
             required=default_source is None,
-            choices=list(PHASE_DIRS),
+            choices=list(STAGE_DIRS),
             help="model stage",
         )
     else:
@@ -440,7 +440,7 @@ def add_model_flags(parser, default_source: str | None = "sft", choose_source: b
 def load_model(
     source: str,
     device,
-    phase: str,
+    mode: str,
     model_tag: str | None = None,
     step: int | None = None,
     verify: bool = True,
@@ -452,7 +452,7 @@ def load_model(
     directory = checkpoint_dir(source, model_tag)
     step = saved_steps(directory)[-1] if step is None else step
     logger.info("loading %s model %s step %d", source, model_tag, step)
-    model, tokenizer, meta = build_model(directory, step, device, phase, verify)
+    model, tokenizer, meta = build_model(directory, step, device, mode, verify)
     return model, tokenizer, {**meta, "model_tag": model_tag}
 
 

@@ -87,6 +87,22 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def in_range(kind: Callable[[str], Any] = int, lo=None, hi=None, open_lo: bool = False):
+    """An argparse `type=` that checks a flag's range, so argparse's one line names the flag:
+    `type=in_range(int, 1)` for >= 1, `in_range(float, 0, 1)` for [0, 1], `open_lo=True` for > lo."""
+    bounds = [f"{'>' if open_lo else '>='} {lo:g}"] if lo is not None else []
+    want = " and ".join(bounds + ([f"<= {hi:g}"] if hi is not None else []))
+
+    def parse(text: str) -> Any:
+        value = kind(text)  # a ValueError here: argparse says "invalid <kind> value"
+        if (lo is not None and (value <= lo if open_lo else value < lo)) or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
     """Attach one compact stderr handler to the "nanochat" logger (rank 0: `level`, others: warnings)."""
     _, rank, _, world_size = get_dist_info()

@@ -10,7 +10,31 @@ import pytest
 # subprocesses inherit the variable).
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
+# ../shared/data beside the checkout: every test reads shared samples through this one path
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TASK_DATA = SHARED_DATA / "tasks"
+EVAL_BUNDLE = SHARED_DATA / "eval_bundle"
+
+
+def needs(path: Path):
+    """Skip a test (with the reason) where a shared-data sample is absent."""
+    return pytest.mark.skipif(not path.exists(), reason=f"shared data not found at {path}")
+
+
+def tiny_model(vocab_size: int = 1024, sequence_len: int = 64, seed: int = 0, depth: int = 2, **arch):
+    """The tests' small GPT: `config_from_depth(depth, ...)` at width 64 (head dim 32), the default
+    architecture unless `arch` says otherwise (e.g. arch="v1"), weights initialised from `seed`."""
+    import torch
+
+    from nanochat.gpt import GPT, config_from_depth
+
+    config = config_from_depth(depth, vocab_size, sequence_len, aspect_ratio=32, head_dim=32, **arch)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -333,7 +333,7 @@ def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts
     from nanochat.checkpoint_manager import load_model
     from tasks.arc import ARC
 
-    model, tokenizer, _ = load_model("sft", "cpu", phase="eval")
+    model, tokenizer, _ = load_model("sft", "cpu", mode="eval")
     expected = round(8 * task_accuracy(model, tokenizer, ARC("ARC-Easy", "test"), 8))
 
     # the environment torchrun would give each rank, without starting its agent process

@@ -274,38 +274,38 @@ def step_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if re.match(r"step \d+(/\d+)? \| loss ", line)]
 
 
-def log_of(base: Path, phase_dir: str, tag: str) -> list[dict]:
-    return [json.loads(line) for line in (base / phase_dir / tag / "log.jsonl").read_text().splitlines()]
+def log_of(base: Path, stage_dir: str, tag: str) -> list[dict]:
+    return [json.loads(line) for line in (base / stage_dir / tag / "log.jsonl").read_text().splitlines()]
 
 
-def losses(base: Path, phase_dir: str, tag: str) -> list[float]:
-    return [r["loss"] for r in log_of(base, phase_dir, tag) if "loss" in r]
+def losses(base: Path, stage_dir: str, tag: str) -> list[float]:
+    return [r["loss"] for r in log_of(base, stage_dir, tag) if "loss" in r]
 
 
 @pytest.mark.parametrize(
-    ("script", "phase_dir", "extra"),
+    ("script", "stage_dir", "extra"),
     [
         ("mid_train", "mid_checkpoints", ["--total-batch-size=256"]),  # 2 micro-steps per step
         ("chat_sft", "chatsft_checkpoints", ["--source=base", "--metrics-every=-1"]),
     ],
 )
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(chat_base, script, phase_dir, extra):
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(chat_base, script, stage_dir, extra):
     flags = [*FAST, *extra, "--num-iterations=6", "--eval-every=3"]
     run(chat_base, script, *flags, "--model-tag=a")
     run(chat_base, script, *flags, "--model-tag=b", "--save-every=3")
-    for path in (chat_base / phase_dir / "b").glob("*_000006*"):  # "stop" at step 3
+    for path in (chat_base / stage_dir / "b").glob("*_000006*"):  # "stop" at step 3
         path.unlink()
-    with open(chat_base / phase_dir / "b" / "log.jsonl", "a") as f:
+    with open(chat_base / stage_dir / "b" / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # the crash cut the log mid-line
     resumed = run(chat_base, script, *flags, "--model-tag=b", "--save-every=3", "--resume")
     assert "resumed from step 3" in resumed.stdout
-    straight = losses(chat_base, phase_dir, "a")
+    straight = losses(chat_base, stage_dir, "a")
     assert len(straight) == 6 and all(x == x for x in straight)
-    assert losses(chat_base, phase_dir, "b") == straight  # exactly, step by step
-    val = [r["val_loss"] for r in log_of(chat_base, phase_dir, "a") if "val_loss" in r]
-    assert val == [r["val_loss"] for r in log_of(chat_base, phase_dir, "b") if "val_loss" in r]
-    a = torch.load(chat_base / phase_dir / "a" / "model_000006.pt", weights_only=True)
-    b = torch.load(chat_base / phase_dir / "b" / "model_000006.pt", weights_only=True)
+    assert losses(chat_base, stage_dir, "b") == straight  # exactly, step by step
+    val = [r["val_loss"] for r in log_of(chat_base, stage_dir, "a") if "val_loss" in r]
+    assert val == [r["val_loss"] for r in log_of(chat_base, stage_dir, "b") if "val_loss" in r]
+    a = torch.load(chat_base / stage_dir / "a" / "model_000006.pt", weights_only=True)
+    b = torch.load(chat_base / stage_dir / "b" / "model_000006.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -64,13 +64,13 @@ def test_load_model_round_trips_and_names_what_exists(tiny):
     model, optimizers, meta = tiny
     directory = cm.checkpoint_dir("base", "d1")
     cm.save_checkpoint(directory, 5, model, optimizers, meta)
-    loaded, tokenizer, loaded_meta = cm.load_model("base", "cpu", phase="eval", model_tag="d1")
+    loaded, tokenizer, loaded_meta = cm.load_model("base", "cpu", mode="eval", model_tag="d1")
     assert not loaded.training and loaded_meta["step"] == 5
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     with pytest.raises(cm.CheckpointError, match="tags: d1"):
-        cm.load_model("base", "cpu", phase="eval", model_tag="d9")
+        cm.load_model("base", "cpu", mode="eval", model_tag="d9")
     with pytest.raises(cm.CheckpointError, match="saved steps: \\[5\\]"):
-        cm.load_model("base", "cpu", phase="eval", model_tag="d1", step=7)
+        cm.load_model("base", "cpu", mode="eval", model_tag="d1", step=7)
 
 
 def test_load_model_draws_no_random_init_and_skips_the_optimizer_shard(tiny, monkeypatch):
@@ -84,7 +84,7 @@ def test_load_model_draws_no_random_init_and_skips_the_optimizer_shard(tiny, mon
 
     monkeypatch.setattr(GPT, "init_weights", no_init)
     rng = torch.get_rng_state()
-    loaded, _, _ = cm.load_model("sft", "cpu", phase="train", model_tag="d1")
+    loaded, _, _ = cm.load_model("sft", "cpu", mode="train", model_tag="d1")
     assert torch.equal(torch.get_rng_state(), rng), "loading drew random numbers: a random init is back"
     assert loaded.training and all(p.requires_grad for p in loaded.parameters())
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
@@ -199,7 +199,7 @@ def test_fresh_run_into_a_used_tag_is_refused_unless_overwritten(tiny):
     assert cm.start_run(directory, False, True, model, optimizers, meta["user_config"], ()) == (0, {})
     assert not directory.exists()  # the old run and its log are gone
     cm.save_checkpoint(directory, 3, model, optimizers, meta)  # the new, shorter run
-    assert cm.load_model("base", "cpu", phase="eval", model_tag="d1")[2]["step"] == 3
+    assert cm.load_model("base", "cpu", mode="eval", model_tag="d1")[2]["step"] == 3
 
 
 def test_resume_refuses_another_flag_or_rank_count(tiny, tmp_path):
