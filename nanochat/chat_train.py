@@ -29,6 +29,7 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import (
     CheckpointError,
     RunSaver,
+    add_model_flags,
     add_run_flags,
     checkpoint_dir,
     load_model,
@@ -64,9 +65,7 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     """The flags of mid_train and chat_sft; `defaults` holds each stage's own defaults."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add = p.add_argument
-    add("--source", choices=["base", "mid", "sft"], help="stage of the model to start from")
-    add("--model-tag", help="tag of the source model, kept for the output (None: the deepest)")
-    add("--model-step", type=int, help="step of the source model (None: the last)")
+    add_model_flags(p, defaults["source"], stages=("base", "mid", "sft"))
     add("--max-seq-len", type=int, help="context of the training rows (None: the model's)")
     add("--device-batch-size", type=int, help="rows per device per micro-step")
     add(
@@ -86,7 +85,6 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add("--offline", action="store_true", help="synthetic tasks + NANOCHAT_TASK_DATA only")
     add("--synthetic-size", type=int, help="examples per synthetic task")
     add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
-    add("--device-type", choices=["cuda", "mps", "cpu"], help="default: autodetect")
     add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
     add("--dry-run", action="store_true", help="open data and model, print the plan, then exit")
     add_optimizer_flags(p, defaults["init_lr_frac"])

@@ -397,6 +397,11 @@ def build_model(directory: str | Path, step: int, device, mode: str, verify: boo
     return model, tokenizer, meta
 
 
+def add_device_flag(parser) -> None:
+    devices = ["cuda", "mps", "cpu"]
+    parser.add_argument("--device-type", default=None, choices=devices, help="default: autodetect")
+
+
 def add_verify_flag(parser) -> None:
     """--no-verify: load checkpoints without checking their SHA-256 (sets `args.verify` False)."""
     parser.add_argument(
@@ -407,17 +412,17 @@ def add_verify_flag(parser) -> None:
     )
 
 
-def add_model_flags(parser, default_source: str | None = "sft", choose_source: bool = True) -> None:
-    """-i/--source, -g/--model-tag, -s/--step: the checkpoint to load (no default source: -i required),
-    and --no-verify (`args.verify`). `choose_source=False` leaves out -i: `args.source` is then always
-    `default_source`. `--model-step` is an old spelling of `--step`, still accepted."""
+def add_model_flags(parser, default_source: str | None = "sft", choose_source=True, stages=STAGE_DIRS):
+    """-i/--source (one of `stages`), -g/--model-tag, -s/--step: the checkpoint to load (no default
+    source: -i required), --device-type and --no-verify (`args.verify`). `choose_source=False` leaves out
+    -i: `args.source` is then always `default_source`. `--model-step` is an old spelling of `--step`."""
     if choose_source:
         parser.add_argument(
             "-i",
             "--source",
             default=default_source,
             required=default_source is None,
-            choices=list(STAGE_DIRS),
+            choices=list(stages),
             help="model stage",
         )
     else:
@@ -434,6 +439,7 @@ def add_model_flags(parser, default_source: str | None = "sft", choose_source: b
         default=None,
         help="checkpoint step (default: the last)",
     )
+    add_device_flag(parser)
     add_verify_flag(parser)
 
 
@@ -461,8 +467,8 @@ def load_model(
 
 
 def add_run_flags(parser) -> None:
-    """--resume [STEP], --overwrite, --save-every-minutes and --no-verify: what `start_run` does with a
-    tag that already holds a run, and the clock of `RunSaver`."""
+    """--resume [STEP], --overwrite and --save-every-minutes: what `start_run` does with a tag that
+    already holds a run, and the clock of `RunSaver`."""
     resume = "continue the tag's run (from its last step, or STEP)"
     parser.add_argument(
         "--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help=resume
@@ -474,7 +480,6 @@ def add_run_flags(parser) -> None:
         default=30.0,
         help=f"wall-clock minutes between checkpoints, the newest {KEEP_CLOCK_SAVES} kept (0: off)",
     )
-    add_verify_flag(parser)
 
 
 def start_run(

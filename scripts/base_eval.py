@@ -33,7 +33,6 @@ parser.add_argument(
     "--skip-missing", action="store_true", help="skip tasks without a data file (CORE: partial)"
 )
 parser.add_argument("--device-batch-size", type=int, default=8, help="sequences (option rows) per forward")
-parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
 args = parser.parse_args()
 
 setup_logging()

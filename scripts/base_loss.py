@@ -32,7 +32,6 @@ add_model_flags(parser, "base", choose_source=False)
 parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per batch")
 parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
 parser.add_argument("--sample-tokens", type=int, default=16, help="tokens per greedy sample (0: no samples)")
-parser.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
 args = parser.parse_args()
 
 setup_logging()

@@ -38,7 +38,9 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import (
     CheckpointError,
     RunSaver,
+    add_device_flag,
     add_run_flags,
+    add_verify_flag,
     checkpoint_dir,
     start_run,
 )
@@ -211,7 +213,8 @@ g = parser.add_argument_group("run")
 add_run_flags(g)
 g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
 g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
-g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+add_device_flag(g)
+add_verify_flag(g)
 g.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
 g.add_argument(
     "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model"

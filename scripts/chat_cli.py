@@ -37,7 +37,6 @@ def main() -> None:
     reply = "longest reply, in tokens"
     add("--max-new-tokens", "--max-tokens", metavar="N", type=int, default=512, help=reply)
     add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
-    add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     add_decode_flag(parser)
     args = parser.parse_args()
     for key, lowest in {"temperature": 0, "top_k": 0, "max_new_tokens": 1}.items():

@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         default=8,
         help="questions per forward (categorical), completions decoding together (generative)",
     )
-    add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     add(
         "--allow-unisolated-code",
         action="store_true",

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from nanochat.checkpoint_manager import (
     CheckpointError,
     RunSaver,
+    add_model_flags,
     add_run_flags,
     checkpoint_dir,
     load_model,
@@ -115,11 +116,7 @@ if __name__ == "__main__":
     # ---------------------------------------------------------------------- flags
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = parser.add_argument_group("model and data")
-    g.add_argument(
-        "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model stage to read"
-    )
-    g.add_argument("--model-tag", default=None, help="checkpoint tag (default: the deepest d<N> of --source)")
-    g.add_argument("--model-step", type=int, default=None, help="checkpoint step of --source (default: last)")
+    add_model_flags(g, "sft")
     g.add_argument("--offline", action="store_true", help="train on synthetic Arithmetic instead of GSM8K")
     g.add_argument(
         "--max-seq-len", type=int, default=None, help="prompt + answer limit (default: the model's)"
@@ -146,7 +143,6 @@ if __name__ == "__main__":
     g = parser.add_argument_group("run")
     add_run_flags(g)
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
-    g.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
     args = parser.parse_args()
     for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_samples"):

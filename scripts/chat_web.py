@@ -570,7 +570,6 @@ def main() -> None:
     add("--max-batch", type=int, default=8, help="concurrent requests per worker")
     add("--log-content", action="store_true", help="also log the messages and replies")
     add_decode_flag(parser)
-    add("--device-type", default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     args = parser.parse_args()
     flags = {"temperature": "--temperature", "top_k": "--top-k", "max_tokens": "--max-new-tokens"}
     for key, flag in flags.items():  # the same limits as a request's fields
