@@ -35,6 +35,12 @@ RECIPES = {
     "record": [],
     "previous": ["--arch", "v1", "--recipe", "v1"],
     "record-nowindows": ["--window-pattern", "L"],  # the record without its windows: what they buy
+    # which half of the record costs on the proxy: its model with our optimizer, and the reverse
+    "record-arch": ["--recipe", "v1"],
+    "record-optim": ["--arch", "v1"],
+    # beyond the record: an EMA of the weights over the warmdown (base_train --weight-ema)
+    "record-ema": ["--weight-ema", "0.95"],
+    "previous-ema": ["--arch", "v1", "--recipe", "v1", "--weight-ema", "0.95"],
 }
 PROXY = "--depth=4 --aspect-ratio=32 --head-dim=32 --max-seq-len=256 --device-batch-size=32 "
 PROXY += "--total-batch-size=8192 --eval-tokens=65536 --no-compile"
