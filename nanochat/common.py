@@ -30,16 +30,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import IO, Any, NoReturn, TypeVar
+from typing import IO, Any, NoReturn
 
 import filelock
+from tqdm import tqdm
 
 logger = logging.getLogger("nanochat.common")
-
-T = TypeVar("T")
 
 # -----------------------------------------------------------------------------
 # Paths, ranks, logging
@@ -341,109 +340,12 @@ def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool], flag: s
 # Progress
 
 
-def _human(x: float, unit: str, fraction: bool = False) -> str:
-    """1234567 -> "1.2M" (or "1.2 MB" for unit "B"); small plain numbers get a decimal if `fraction`."""
-    suffixes = (" B", " KB", " MB", " GB") if unit == "B" else ("", "k", "M", "G")
-    for suffix in suffixes:
-        if abs(x) < 1000 or suffix == suffixes[-1]:
-            plain = suffix == suffixes[0] and not fraction
-            return f"{x:.0f}{suffix}" if plain else f"{x:.1f}{suffix}"
-        x /= 1000
-    raise AssertionError("unreachable")
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rest = divmod(seconds, 3600)
-    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
-
-
-def format_progress(desc: str, done: float, total: float | None, elapsed: float, unit: str = "") -> str:
-    """One progress line: description, percent, done/total, rate and ETA (when the total is known)."""
-    rate = done / elapsed if elapsed > 0 else 0.0
-    rate_text = f"{_human(rate, unit, fraction=True)}{'' if unit == 'B' else ' ' + (unit or 'it')}/s"
-    parts = [desc] if desc else []
-    if total:
-        eta = (total - done) / rate if rate > 0 else float("inf")
-        parts += [
-            f"{100 * done / total:5.1f}%",
-            f"{_human(done, unit)}/{_human(total, unit)}",
-            rate_text,
-            f"ETA {_clock(eta) if eta != float('inf') else '?'}",
-        ]
-    else:
-        parts += [_human(done, unit), rate_text]
-    parts.append(f"elapsed {_clock(elapsed)}")
-    return "  ".join(parts)
-
-
-class ProgressBar:
-    """A tiny progress bar for long work; update it from one thread.
-
-    On a terminal it redraws one line with `\\r` (at most every 0.1 s); otherwise it prints
-    a full line every `interval` seconds, so captured logs stay short. `unit="B"` shows
-    bytes in KB/MB/GB.
-    """
-
-    def __init__(
-        self,
-        total: float | None,
-        desc: str = "",
-        unit: str = "",
-        stream: IO[str] | None = None,
-        interval: float = 5.0,
-    ) -> None:
-        self.total, self.desc, self.unit = total, desc, unit
-        self.stream = stream if stream is not None else sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.interval = 0.1 if self.tty else interval
-        self.done = 0.0
-        self.start = self.last_draw = time.monotonic()
-        self.closed = False
-        self._width = 0  # length of the last line drawn on a terminal, to blank it out
-
-    def update(self, n: float = 1) -> None:
-        """Advance by `n` and redraw if enough time has passed."""
-        self.done += n
-        now = time.monotonic()
-        if now - self.last_draw >= self.interval:
-            self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        self.last_draw = now
-        line = format_progress(self.desc, self.done, self.total, now - self.start, self.unit)
-        if self.tty:
-            self.stream.write("\r" + line.ljust(self._width))
-            self._width = len(line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Draw the final state once and end the line."""
-        if self.closed:
-            return
-        self.closed = True
-        self._draw(time.monotonic())
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "") -> Iterator[T]:
-    """Wrap an iterable with a ProgressBar that advances by one per item."""
-    if total is None and hasattr(iterable, "__len__"):
-        total = len(iterable)  # type: ignore[arg-type]
-    with ProgressBar(total, desc=desc, unit=unit) as bar:
-        for item in iterable:
-            yield item
-            bar.update(1)
+def progress_bar(total: float | None, desc: str, unit: str = "it", **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr, drawn by rank 0 only; `kwargs` go to tqdm (`unit_scale=True`: 1.2M)."""
+    # a terminal redraws in place; a captured log gets an update every 5 s at most, so it stays short
+    interval = 0.1 if sys.stderr.isatty() else 5.0
+    disable = kwargs.pop("disable", False) or _env_int("RANK", 0) != 0
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=interval, disable=disable, **kwargs)
 
 
 # -----------------------------------------------------------------------------
@@ -483,16 +385,11 @@ def _fetch_once(
         length_header = response.headers.get("Content-Length")
         expected = int(length_header) if length_header is not None else None
         received = 0
-        bar = ProgressBar(expected, desc=bar_desc, unit="B") if bar_desc is not None else None
-        try:
+        with progress_bar(expected, bar_desc, "B", unit_scale=True, disable=bar_desc is None) as bar:
             while chunk := response.read(CHUNK_SIZE):
                 f.write(chunk)
                 received += len(chunk)
-                if bar:
-                    bar.update(len(chunk))
-        finally:
-            if bar:
-                bar.close()
+                bar.update(len(chunk))
     if expected is not None and received != expected:
         raise OSError(f"body cut short: got {received} of {expected} bytes")
     if validate is not None and validate(tmp) is False:

@@ -182,7 +182,7 @@ def download_source(
     kw.update(validate=has_text_column, progress=False)  # one bar for all shards instead of one per shard
     fetch = lambda name: common.download_file(f"{url}/{name}", data_dir / name, **kw)  # noqa: E731
     for indices, threads in (([val_shard], 1), (range(num_files), workers)):  # the val shard first
-        with ThreadPoolExecutor(threads) as pool, common.ProgressBar(len(indices), "shards", "shards") as bar:
+        with ThreadPoolExecutor(threads) as pool, common.progress_bar(len(indices), "shards") as bar:
             futures = {shard_name(i): pool.submit(fetch, shard_name(i)) for i in indices}
             for _ in as_completed(futures.values()):
                 bar.update(1)

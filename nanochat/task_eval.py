@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from nanochat.common import ProgressBar, all_reduce_sum, autocast, is_distributed
+from nanochat.common import all_reduce_sum, autocast, is_distributed, progress_bar
 from nanochat.engine import BatchScheduler, Engine, fit_to_context, prompt_and_budget
 
 
@@ -50,7 +50,7 @@ def task_accuracy(
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     n = len(task) if max_problems is None else min(len(task), max_problems)
     indices = range(rank, n, world_size)
-    bar = ProgressBar(len(indices), desc=f"{progress} (rank 0)", unit="q") if progress and rank == 0 else None
+    bar = progress_bar(len(indices), f"{progress} (rank 0)", "q") if progress and rank == 0 else None
     if task.eval_type == "categorical":
         correct = _categorical(model, tokenizer, task, indices, batch_size, bar)
     else:

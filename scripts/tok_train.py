@@ -17,12 +17,12 @@ import time
 
 from nanochat.common import (
     HelpFormatter,
-    ProgressBar,
     exit_on_user_error,
     get_base_dir,
     hold_lock,
     make_folder,
     print0,
+    progress_bar,
 )
 from nanochat.dataset import parquets_iter_batched, read_manifest
 from nanochat.report import get_report
@@ -85,7 +85,7 @@ chars_seen = 0
 def text_iterator():
     """Documents of the train split, each cropped to doc_cap chars, until max_chars chars are out."""
     global chars_seen
-    with ProgressBar(expected_chars, desc="reading text", unit="chars") as bar:
+    with progress_bar(expected_chars, "reading text", "chars", unit_scale=True) as bar:
         for doc in (doc for batch in parquets_iter_batched("train") for doc in batch):
             doc = doc[: min(args.doc_cap, args.max_chars - chars_seen)]
             chars_seen += len(doc)

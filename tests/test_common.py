@@ -6,7 +6,6 @@ concurrent downloaders are exercised over real sockets, without the network.
 """
 
 import argparse
-import io
 import multiprocessing
 import threading
 import time
@@ -18,15 +17,13 @@ import pytest
 from nanochat import common
 from nanochat.common import (
     HelpFormatter,
-    ProgressBar,
     atomic_path,
     download_file,
     file_lock,
-    format_progress,
     get_base_dir,
     get_dist_info,
     print0,
-    progress,
+    progress_bar,
 )
 
 # -----------------------------------------------------------------------------
@@ -216,41 +213,12 @@ def test_file_lock_excludes_other_holders(tmp_path):
 # Progress
 
 
-def test_format_progress_shows_percent_rate_and_eta():
-    line = format_progress("shards", 25, 100, elapsed=10.0, unit="shards")
-    assert "25.0%" in line and "25/100" in line and "2.5 shards/s" in line and "ETA 0:30" in line
-    line = format_progress("file", 3_000_000, 6_000_000, elapsed=2.0, unit="B")
-    assert "3.0 MB/6.0 MB" in line and "1.5 MB/s" in line and "ETA 0:02" in line
-    assert "?" not in format_progress("unknown total", 10, None, elapsed=1.0)
-
-
-def test_progress_bar_writes_readable_lines_when_not_a_tty():
-    stream = io.StringIO()
-    with ProgressBar(4, desc="work", stream=stream, interval=0.0) as bar:
-        for _ in range(4):
-            bar.update(1)
-    lines = stream.getvalue().splitlines()
-    assert "\r" not in stream.getvalue()
-    assert len(lines) == 5  # one per update (interval 0) + the final line
-    assert "100.0%" in lines[-1] and "4/4" in lines[-1]
-
-
-def test_progress_wraps_an_iterable_and_reports_completion(capsys):
-    assert list(progress(range(3), desc="items")) == [0, 1, 2]
-    assert "items  100.0%  3/3" in capsys.readouterr().err
-
-
-def test_progress_bar_redraws_in_place_on_a_tty():
-    class Tty(io.StringIO):
-        def isatty(self):
-            return True
-
-    stream = Tty()
-    bar = ProgressBar(10, desc="tok", stream=stream)
-    bar.update(10)
-    bar.close()
-    assert stream.getvalue().startswith("\r") and stream.getvalue().endswith("\n")
-    assert stream.getvalue().count("\n") == 1
+def test_progress_bar_draws_on_rank_0_only(monkeypatch, capsys):
+    for rank, drawn in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        with progress_bar(3, "work", "q") as bar:
+            bar.update(3)
+        assert ("work" in capsys.readouterr().err) == drawn
 
 
 # -----------------------------------------------------------------------------
@@ -333,7 +301,7 @@ def test_download_replaces_existing_file_that_fails_validation_and_stale_temps(s
 def test_download_shows_byte_progress(server, tmp_path, capsys):
     url = server.serve("/f.bin", PAYLOAD)
     download_file(url, tmp_path / "f.bin", timeout=1.0, retries=0, progress=True)
-    assert "100.0%" in capsys.readouterr().err
+    assert "100%" in capsys.readouterr().err
 
 
 def _download_after_barrier(barrier, url: str, path: str) -> None:
