@@ -1,20 +1,8 @@
-"""nanochat's GPT for `transformers`, where it goes beyond the built-in NanoChat class.
-
-`scripts/export_hf.py` copies this file into an export folder whose model the built-in class cannot
-express; `config.json` points at it through `auto_map`, so it loads with `trust_remote_code=True`.
-What it adds, each switched by config.json (the names of nanochat's GPTConfig):
-- qk_scale: q and k multiplied by it after QK-norm, i.e. the softmax scale times qk_scale²;
-- value_embed_layers: per listed layer a value-embedding table, added to v through a gate
-  3·sigmoid(W·x[:12]) per kv head;
-- layer_scalars: before layer i, x = resid_lambdas[i]·x + x0_lambdas[i]·x0 (x0: the normed embedding);
-- smear: x[t] += smear_lambda·sigmoid(smear_gate(x[t, :24]))·x[t-1] on the normed embedding; under
-  a cache the previous embedding rides on the cache object (greedy and sampling; not beam search);
-- backout: x -= backout_lambda·(the residual after layer n//2) before the final norm;
-- layer_types / sliding_window: transformers' own sliding-window layers (a query sees `sliding_window`
-  keys, its own included), masks and cache.
-Rotary, functional RMSNorm, ReLU², softcap and GQA are the built-in NanoChat's, which match ours.
-Written against transformers 5.x (the `cache` keyword); this file imports transformers only, so it
-runs where nanochat is not installed.
+"""nanochat's GPT for `transformers`, where the built-in NanoChat class falls short: the q/k scale,
+value embeddings, per-layer scalars, smear, backout and sliding windows (nanochat/gpt.py says what each
+is; config.json switches each, under GPTConfig's names). scripts/export_hf.py copies this file into
+the export folder (`auto_map`, loaded with trust_remote_code=True). It imports transformers (5.x) only,
+so it runs where nanochat is not installed.
 """
 
 import torch
@@ -56,8 +44,7 @@ class NanoChatPlusConfig(NanoChatConfig):
         self.layer_scalars, self.smear, self.backout = layer_scalars, smear, backout
         self.layer_types, self.sliding_window = layer_types, sliding_window
         super().__init__(**kwargs)
-        if self.layer_types is None:
-            self.layer_types = ["full_attention"] * self.num_hidden_layers
+        self.layer_types = self.layer_types or ["full_attention"] * self.num_hidden_layers
 
 
 class NanoChatPlusAttention(NanoChatAttention):
@@ -136,7 +123,7 @@ class NanoChatPlusModel(NanoChatModel):
         if c.smear:
             gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
             previous = cache.nanochat_last_embedding if past else torch.zeros_like(x[:, :1])
-            if cache is not None:
+            if cache is not None:  # the last embedding rides on the cache (greedy and sampling, not beam)
                 cache.nanochat_last_embedding = x[:, -1:]
             x = x + gate * torch.cat([previous, x[:, :-1]], dim=1)
         mask_args = dict(

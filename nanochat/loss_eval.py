@@ -1,11 +1,5 @@
-"""
-Bits per byte: a loss that does not depend on the tokenizer.
-
-- Summed loss (nats) over the number of bytes the target tokens stand for, in bits: unlike the mean
-  loss per token, it does not reward a tokenizer for short tokens, so vocabularies compare.
-- Targets without bytes (special tokens such as <|bos|>) and ignored targets (-1) count neither.
-- Sums are taken over every rank, so every rank returns the same value.
-"""
+"""Bits per byte: the summed loss (nats) over the bytes the target tokens stand for, in bits. Unlike the
+mean loss per token it does not reward a tokenizer for short tokens, so vocabularies compare."""
 
 from __future__ import annotations
 
@@ -24,11 +18,8 @@ def evaluate_bpb(
     steps: int,
     token_bytes: torch.Tensor,
 ) -> float:
-    """Bits per byte over `steps` batches of (inputs, targets); `inf` when no bytes were seen.
-
-    `token_bytes` is the int tensor (V,) of byte lengths (the tokenizer's token_bytes.pt) on the
-    model's device.
-    """
+    """Bits per byte over `steps` batches of (inputs, targets), the same on every rank (sums over all);
+    `inf` when no bytes were seen. `token_bytes` (V,): byte lengths, on the model's device."""
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
@@ -38,6 +29,7 @@ def evaluate_bpb(
         with autocast(device):
             losses = model(inputs, targets, loss_reduction="none")  # (B, T)
         losses, targets = losses.reshape(-1).double(), targets.reshape(-1)
+        # targets without bytes (special tokens such as <|bos|>) and ignored ones (-1) count neither
         num_bytes = torch.where(targets >= 0, token_bytes[targets.clamp(min=0)], 0)
         total_nats += (losses * (num_bytes > 0)).sum()
         total_bytes += num_bytes.sum()

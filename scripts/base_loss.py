@@ -16,6 +16,7 @@ from nanochat.common import (
     compute_cleanup,
     compute_init,
     exit_on_user_error,
+    in_range,
     print0,
     setup_logging,
 )
@@ -29,25 +30,24 @@ parser = argparse.ArgumentParser(
     prog="python -m scripts.base_loss", description=__doc__, formatter_class=HelpFormatter
 )
 add_model_flags(parser, "base", choose_source=False)
-parser.add_argument("--device-batch-size", type=int, default=32, help="sequences per device per batch")
-parser.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split")
-parser.add_argument("--sample-tokens", type=int, default=16, help="tokens per greedy sample (0: no samples)")
+positive = in_range(int, 1)
+parser.add_argument("--device-batch-size", type=positive, default=32, help="sequences per device per batch")
+parser.add_argument("--split-tokens", type=positive, default=20 * 524288, help="tokens evaluated per split")
+parser.add_argument("--sample-tokens", type=in_range(int, 0), default=16, help="tokens per sample (0: none)")
 args = parser.parse_args()
 
 setup_logging()
 _, rank, _, world_size, device = compute_init(args.device_type)
-with exit_on_user_error("base_loss"):
+with exit_on_user_error("base_loss"):  # a missing checkpoint, or a missing or damaged shard, is named
     model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step, args.verify)
-token_bytes = get_token_bytes(device)
-B, T = args.device_batch_size, model.config.sequence_len
-steps = max(1, args.split_tokens // (B * T * world_size))
-
-results = {}
-for split in ("train", "val"):
-    with exit_on_user_error("base_loss"):  # a missing or damaged shard is named
+    token_bytes = get_token_bytes(device)
+    B, T = args.device_batch_size, model.config.sequence_len
+    steps = max(1, args.split_tokens // (B * T * world_size))
+    results = {}
+    for split in ("train", "val"):
         loader = DataLoader(tokenizer, B, T, split, rank=rank, world_size=world_size, device=device)
         results[f"{split} bpb"] = evaluate_bpb(model, loader, steps, token_bytes)
-    print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")
+        print0(f"{split} bpb: {results[f'{split} bpb']:.4f}")
 
 samples = []
 if rank == 0 and args.sample_tokens > 0:

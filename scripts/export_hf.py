@@ -2,23 +2,14 @@
 
 python -m scripts.export_hf -i sft [-g TAG] [-s STEP] --out DIR
 
-- The model is transformers' built-in NanoChat (model_type "nanochat"): rotary, functional RMSNorm
-  after the embedding / before attention and MLP / at the end, QK-norm after rotary, ReLU², GQA,
-  untied head, softcap 15 all match ours exactly. Its softmax scale is fixed at 1/√D and it has
-  none of the record's parts, so a model with qk_scale != 1 or any of them ships
-  nanochat/hf_model.py (model_type "nanochat_plus", `auto_map`, loaded with trust_remote_code=True).
-- Weights in safetensors; the padded vocab rows are cut off (we slice those logits off anyway).
-- tokenizer.json is byte-level BPE built from our mergeable ranks, with our split regex and
-  `ignore_merges` (tiktoken also takes a whole chunk that is a token as is); the chat template
-  renders exactly as Tokenizer.render_conversation / render_for_completion.
-- The folder is written next to DIR and renamed into place: a failed export leaves nothing behind.
+The model is transformers' built-in NanoChat, whose architecture matches ours exactly; where ours goes
+beyond it (q/k scale, the record's parts) the folder ships nanochat/hf_model.py (`auto_map`).
 """
 
 import argparse
 import json
 import shutil
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,15 +18,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import (
-    MARKER,
-    HelpFormatter,
-    UserError,
-    check_removable,
-    exit_on_user_error,
-    exit_with_error,
-    remove_ours,
-)
+from nanochat.common import MARKER, HelpFormatter, UserError, check_removable, exit_on_user_error, remove_ours
 from nanochat.engine import STOP_TOKENS
 from nanochat.gpt import LOGIT_SOFTCAP, NORM_EPS, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -121,6 +104,7 @@ def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
 
     vocab = {text(token): rank for token, rank in tokenizer.mergeable_ranks.items()}
     merges = [(text(left), text(right)) for left, right in bpe_merges(tokenizer.mergeable_ranks)]
+    # ignore_merges: like tiktoken, a whole pre-tokenized chunk that is a token is taken as is
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -238,40 +222,13 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
 
 
 def model_card(config: GPTConfig, meta: dict, source: str, num_params: int) -> str:
-    """README.md: what the model is, its shape and training record, how to run it."""
-    remote = needs_remote_code(config)
-    trust = ", trust_remote_code=True" if remote else ""
-    if remote:
-        parts = [f"scales q and k by qk_scale = {config.qk_scale:g} after QK-norm"]
-        if needs_remote_code(replace(config, qk_scale=1.0)):
-            parts.append(
-                "has the public nanochat record's parts (value embeddings, per-layer scalars, smear, "
-                "backout, sliding windows: config.json lists which)"
-            )
-        path = (
-            f"This model {' and '.join(parts)}, which transformers' built-in NanoChat class cannot express. "
-            "The folder ships `hf_model.py`, a subclass of it that adds them, registered through `auto_map` "
-            "in config.json: load it with `trust_remote_code=True`."
-        )
-        vllm = (
-            "vLLM: not supported exactly. vLLM's Transformers backend (`--model-impl transformers "
-            "--trust-remote-code`) runs the modelling code but computes attention itself with the "
-            "1/√head_dim scale, which would ignore qk_scale; this export was not tested under vLLM."
-        )
+    """README.md: what the model is, how to load it, and the numbers its checkpoint meta records."""
+    trust = ", trust_remote_code=True" if needs_remote_code(config) else ""
+    if trust:
+        loading = "It ships `hf_model.py`, which adds what transformers' built-in NanoChat lacks"
     else:
-        path = (
-            "It loads as transformers' built-in NanoChat model (`model_type: nanochat`, "
-            "`NanoChatForCausalLM`), whose architecture matches the checkpoint exactly; no remote code."
-        )
-        vllm = (
-            "vLLM: serve it through vLLM's Transformers modeling backend, "
-            "`vllm serve DIR --model-impl transformers` (vLLM has no dedicated NanoChat implementation "
-            "here); this export was not tested under vLLM."
-        )
-    record = {k: v for k, v in meta.items() if k not in ("model_config", "dataloader_state")}
-    fields = "n_layer n_head n_kv_head n_embd vocab_size sequence_len rope_base qk_scale".split()
-    fields += "value_embeds layer_scalars smear backout window_pattern".split()
-    shape = {"source": source, **{name: getattr(config, name) for name in fields}, "parameters": num_params}
+        loading = "It loads as transformers' built-in NanoChat (no remote code)"
+    record = {k: v for k, v in meta.items() if k not in ("model_config", "dataloader_state", "sha256")}
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -280,29 +237,8 @@ tags: [nanochat]
 
 # nanochat {meta["model_tag"]} ({source}, step {meta["step"]})
 
-A small ChatGPT-like model trained from scratch with nanochat: tokenizer, pretraining (base), \
-mid-training, supervised fine-tuning (sft) and optionally RL. This is the `{source}` stage.
-
-Architecture: a decoder-only transformer with rotary positions (base {config.rope_base:g}), RMSNorm \
-without weights after the embedding, before attention and MLP and at the end, QK-norm (after rotary) \
-then q, k scaled by {config.qk_scale:g}, ReLU² MLP, grouped-query attention, no biases, untied head, \
-logits softcapped at {LOGIT_SOFTCAP:g}.
-
-{path}
-
-## Config
-
-```json
-{json.dumps(shape, indent=2)}
-```
-
-## Training record (checkpoint meta)
-
-```json
-{json.dumps(record, indent=2, default=str)}
-```
-
-## Chat with transformers
+A chat model of {num_params:,} parameters ({config.n_layer} layers, width {config.n_embd}), trained \
+from scratch with nanochat. {loading}; the config is in config.json.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -316,15 +252,11 @@ out = model.generate(ids, max_new_tokens=128, do_sample=False)
 print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 ```
 
-The chat format: `<|bos|><|user_start|>…<|user_end|><|assistant_start|>…<|assistant_end|>`; a system \
-message is joined to the first user message with a blank line. A reply ends at `<|assistant_end|>` \
-(or `<|bos|>`), both listed as eos in generation_config.json. The calculator tool \
-(`<|python_start|>…<|python_end|>`, output in `<|output_start|>…<|output_end|>`) is not run by \
-`generate`: nanochat's own engine does that.
+## Checkpoint meta
 
-## Serving
-
-{vllm}
+```json
+{json.dumps(record, indent=2, default=str)}
+```
 """
 
 
@@ -347,9 +279,7 @@ def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, over
     earlier export there, and nothing else (UserError: `.`, `..`, a home directory, other files)."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(
-                f"--out {out} exists and is not empty: choose another folder or pass --overwrite"
-            )
+            raise UserError(f"--out {out} exists and is not empty: choose another folder or pass --overwrite")
         check_removable(out, _exported)  # before the work: refuse in seconds, delete nothing
     out.parent.mkdir(parents=True, exist_ok=True)
     config = model.config
@@ -390,10 +320,7 @@ def main() -> None:
         model, tokenizer, meta = load_model(
             args.source, "cpu", "eval", args.model_tag, args.model_step, args.verify
         )
-    try:
         export(model, tokenizer, meta, args.source, Path(args.out), args.overwrite)
-    except (FileExistsError, UserError) as e:  # --out holds files: no --overwrite, or not ours to delete
-        exit_with_error("export_hf", str(e))
     print(f"exported {args.source} {meta['model_tag']} step {meta['step']} to {args.out}")
 
 

@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED_DATA, needs
 
-transformers = pytest.importorskip("transformers", reason="transformers (dev dependency) is not installed")
-pytest.importorskip("safetensors", reason="safetensors is not installed")
-pytest.importorskip(
-    "transformers.models.nanochat", reason="this transformers has no built-in NanoChat model (needs >= 4.57)"
-)
+pytest.importorskip("transformers.models.nanochat", reason="needs transformers >= 4.57 (dev dependency)")
 
 from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint  # noqa: E402
 from nanochat.common import UserError  # noqa: E402
@@ -21,26 +18,14 @@ from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.tokenizer import SPLIT_PATTERN, Tokenizer, load_tiktoken_ranks  # noqa: E402
 from scripts import export_hf  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-# the first architecture (rotary base 10,000, no q/k scale), the v1 recipe's, and the public record's
-# (3 layers: windows of 32 of 128 keys on layers 0-1, value embeddings on 0 and 2), all with GQA
+# the first architecture (transformers' built-in class), the v1 recipe's (q/k scale: our subclass) and
+# the public record's (3 layers: windows of 32 of 128 keys on layers 0-1, value embeddings on 0 and 2)
+RECORD = dict(value_embeds=True, layer_scalars=True, smear=True, backout=True, window_pattern="SSSL")
 ARCHITECTURES = {
     "old": {"rope_base": 10000.0, "qk_scale": 1.0},
     "new": {"rope_base": 100000.0, "qk_scale": 1.2},
-    "record": {
-        "rope_base": 100000.0,
-        "qk_scale": 1.2,
-        "n_layer": 3,
-        "value_embeds": True,
-        "layer_scalars": True,
-        "smear": True,
-        "backout": True,
-        "window_pattern": "SSSL",
-        "init": "record",
-    },
+    "record": {"rope_base": 100000.0, "qk_scale": 1.2, "n_layer": 3, **RECORD, "init": "record"},
 }
-
 TEXTS = [
     "Hello world! It's a test, isn't it? We'll see.",
     "numbers 1234567 and 3.14159, dates 2024-01-31",
@@ -52,26 +37,21 @@ TEXTS = [
 ]
 
 
-def random_model(tokenizer: Tokenizer, architecture: str) -> GPT:
-    """A tiny GPT whose every weight is random (no zero-init identity blocks), so it tests something."""
+@pytest.fixture(scope="module", params=list(ARCHITECTURES))
+def exported(request, tiny_base_dir, tmp_path_factory):
+    """(our model, our tokenizer, the export folder) of a tiny sft checkpoint with GQA whose every weight
+    is random (no zero-init identity blocks), exported through main()."""
+    base = tmp_path_factory.mktemp(f"export_{request.param}")
+    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
+    tokenizer = Tokenizer.from_directory(base / "tokenizer")
     torch.manual_seed(0)
     shape = dict(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2)
-    config = GPTConfig(**(shape | {"n_embd": 64} | ARCHITECTURES[architecture]))
-    model = GPT(config)
+    model = GPT(GPTConfig(**(shape | {"n_embd": 64} | ARCHITECTURES[request.param])))
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 1.0 if p is model.transformer.wte.weight else p.size(-1) ** -0.5)
         model.lm_head.weight.mul_(3.0)  # logits of a few units: greedy choices are not near-ties
-    return model.eval()
-
-
-@pytest.fixture(scope="module", params=list(ARCHITECTURES))
-def exported(request, tiny_base_dir, tmp_path_factory):
-    """(our model, our tokenizer, the export folder) of a tiny random sft checkpoint."""
-    base = tmp_path_factory.mktemp(f"export_{request.param}")
-    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
-    tokenizer = Tokenizer.from_directory(base / "tokenizer")
-    model = random_model(tokenizer, request.param)
+    model.eval()
     out = base / "hf"
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", str(base))
@@ -97,57 +77,48 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def test_export_writes_the_hf_folder(exported):
-    model, _, out = exported
+def test_export_writes_the_hf_folder_and_refuses_a_non_empty_one(exported):
+    model, tokenizer, out = exported
     names = {p.name for p in out.iterdir()}
-    expected = {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"}
-    assert expected | {"tokenizer_config.json", "README.md"} <= names
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= names
+    assert {"tokenizer_config.json", "README.md"} <= names
     config = json.loads((out / "config.json").read_text())
-    builtin = not export_hf.needs_remote_code(model.config)
-    assert builtin == (model.config.qk_scale == 1.0)  # every architecture here but "old" needs ours
+    builtin = model.config.qk_scale == 1.0  # every architecture here but "old" needs our subclass
     assert config["model_type"] == ("nanochat" if builtin else "nanochat_plus")
     assert ("hf_model.py" in names) != builtin and ("auto_map" in config) != builtin
     assert config["rope_parameters"]["rope_theta"] == model.config.rope_base
     card = (out / "README.md").read_text()
-    assert "step 7" in card and ("trust_remote_code=True" in card) != builtin and "vLLM" in card
+    assert "step 7" in card and ("trust_remote_code=True" in card) != builtin and '"note": "tiny"' in card
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".hf.")]  # no temp folder left
-
-
-def test_export_refuses_a_non_empty_out_folder(exported):
-    model, tokenizer, out = exported
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(UserError, match="--overwrite"):
         export_hf.export(model, tokenizer, {}, "sft", out)
 
 
-def test_hf_logits_equal_ours(exported):
-    model, _, out = exported
+def test_hf_logits_and_greedy_generate_equal_ours(exported):
+    model, tokenizer, out = exported
     hf_model, _ = load_hf(out)
     idx = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ours = model(idx)
-        theirs = hf_model(idx).logits
-    assert theirs.shape == ours.shape
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
-
-
-def test_hf_greedy_generate_equals_engine(exported):
-    model, tokenizer, out = exported
-    hf_model, _ = load_hf(out)
+        torch.testing.assert_close(hf_model(idx).logits, model(idx), atol=1e-4, rtol=1e-4)
     question = "What is 2+2? Tell me a story about a small cat and a dog by the sea, in many words."
     prompt = tokenizer.render_for_completion([{"role": "user", "content": question}])
     assert len(prompt) > 32  # past the record's window of 32 keys
-    n = 24
-    ours = Engine(model, tokenizer).generate_batch(prompt, max_tokens=n, temperature=0.0)[0][0]
+    ours = Engine(model, tokenizer).generate_batch(prompt, max_tokens=24, temperature=0.0)[0][0]
     assert tokenizer.encode_special("<|python_start|>") not in ours[len(prompt) :]  # no tool use to replay
     with torch.no_grad():
-        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0].tolist()
+        theirs = hf_model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0].tolist()
     stops = {tokenizer.encode_special(name) for name in export_hf.STOP_TOKENS}
     if theirs[-1] in stops and len(theirs) > len(ours):  # the Engine drops the stop token
         theirs = theirs[:-1]
     assert theirs == ours
 
 
-def test_hf_tokenizer_encodes_and_decodes_like_ours(exported):
+def chat_ids(hf_tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def test_hf_tokenizer_and_chat_template_encode_like_ours(exported):
     _, tokenizer, out = exported
     _, hf_tokenizer = load_hf(out)
     for text in TEXTS:
@@ -156,16 +127,6 @@ def test_hf_tokenizer_encodes_and_decodes_like_ours(exported):
         assert hf_tokenizer.decode(ids) == text
     for name, token_id in tokenizer.special_tokens.items():
         assert hf_tokenizer.convert_tokens_to_ids(name) == token_id
-
-
-def chat_ids(hf_tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    ids = hf_tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def test_chat_template_renders_like_ours(exported):
-    _, tokenizer, out = exported
-    _, hf_tokenizer = load_hf(out)
     user = {"role": "user", "content": "How much is 12*7?  Answer in 中文 🙂"}
     tool_reply = [
         {"type": "text", "text": "Let me compute: "},
@@ -187,23 +148,27 @@ def test_chat_template_renders_like_ours(exported):
         assert chat_ids(hf_tokenizer, full, False) == tokenizer.render_conversation(full, max_tokens=None)[0]
 
 
+DOCS = SHARED_DATA / "pretrain" / "fineweb_edu_sample10BT_150docs.jsonl"
+
+
+@needs(DOCS)
 @pytest.mark.parametrize("ranks_file", ["gpt2/r50k_base.tiktoken", "cl100k_base/cl100k_base.tiktoken"])
 def test_bpe_merges_from_large_real_vocabs_encode_like_tiktoken(ranks_file):
     """The merges derived from ranks give tiktoken's ids on real text with 50k and 100k vocabs
     (our split pattern), where the tiny tokenizer's 1024 tokens would hide rare merge orders."""
     ranks_path = SHARED_DATA / "tokenizers" / ranks_file
-    docs_path = SHARED_DATA / "pretrain" / "fineweb_edu_sample10BT_150docs.jsonl"
-    if not ranks_path.exists() or not docs_path.exists():
-        pytest.skip(f"shared data absent: {ranks_path} or {docs_path}")
+    if not ranks_path.exists():
+        pytest.skip(f"shared data not found at {ranks_path}")
     ranks = load_tiktoken_ranks(ranks_path)
     tokenizer = Tokenizer(SPLIT_PATTERN, ranks, {"<|bos|>": len(ranks)})
     hf = export_hf.build_hf_tokenizer(tokenizer)
-    docs = [json.loads(line)["text"] for line in docs_path.read_text(encoding="utf-8").splitlines()]
+    docs = [json.loads(line)["text"] for line in DOCS.read_text(encoding="utf-8").splitlines()]
     for doc in docs + TEXTS:
         assert hf.encode(doc, add_special_tokens=False).ids == tokenizer.encode(doc), doc[:80]
 
 
-# ---------------------------------------------------------------------- what --overwrite may delete
+# -----------------------------------------------------------------------------
+# What --overwrite may delete
 
 
 def test_overwrite_refuses_the_working_folder_and_its_parent_and_deletes_nothing(
@@ -221,14 +186,14 @@ def test_overwrite_refuses_the_working_folder_and_its_parent_and_deletes_nothing
         export_hf.main()
     assert e.value.code == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and "refuses to delete" in lines[0] and "working folder" in lines[0]
-    with pytest.raises(UserError, match="working folder or a folder above it"):
+    assert len(lines) == 1 and "working folder" in lines[0]
+    with pytest.raises(UserError, match="working folder"):
         export_hf.export(model, tokenizer, {}, "sft", Path(".."), overwrite=True)
     assert (work / "notes.txt").read_text() == "mine" and (tmp_path / "parent" / "config.json").exists()
 
 
 def test_overwrite_replaces_an_earlier_export_but_not_a_folder_with_other_files(exported, tmp_path):
-    model, tokenizer, out = exported
+    model, tokenizer, _ = exported
     meta = {"model_tag": "d2", "step": 7}
     target = tmp_path / "hf"
     export_hf.export(model, tokenizer, meta, "sft", target)
