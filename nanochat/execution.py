@@ -1,44 +1,13 @@
-"""
-Run untrusted Python (model-written code: HumanEval, code rewards) and report whether it ran to its end.
+"""Run untrusted Python (model-written code: HumanEval, code rewards); report whether it ran to its end.
 
-    result = execute_code("print(1 + 1)")
-    result.success, result.stdout   # True, "2\\n"
+    result = execute_code("print(1 + 1)")  # result.success, result.stdout: True, "2\\n"
 
-Two modes:
-
-- **Isolated** (the default; Linux with bubblewrap, `apt-get install bubblewrap`). The program
-  runs in a fresh interpreter inside a `bwrap` sandbox, as PID 1 of new user, PID, network,
-  IPC, UTS and cgroup namespaces (no other process is in them): no network at all; a
-  read-only filesystem of the interpreter, libpython, the standard library and the system
-  libraries, a minimal `/dev`, and a private 32 MiB tmpfs at `/tmp` (its working directory,
-  the only writable place, gone with the sandbox); no `/proc`, home directory or `/etc`
-  beyond the loader cache; five fixed environment variables; uid 65534 without capabilities;
-  a seccomp filter (`_SYSCALLS`) refusing new processes and threads, any other process,
-  prctl, sockets, and memory that RLIMIT_AS does not count; hard rlimits on address space,
-  CPU time, file size and open files. So its memory is at most that limit plus the tmpfs
-  plus pipe buffers. The parent's wall clock kills bwrap, a dying caller's SIGKILL passes to
-  bwrap and on to the program (`--die-with-parent`, which the program cannot undo), and the
-  program's death ends the sandbox. Landlock (Linux 5.13+) refuses opening anything for writing
-  outside `/tmp` and `/dev`: a read-only bind does not stop a FIFO, and a root caller's sandbox
-  is root outside, which passes any FIFO's mode. Without Landlock that door stays open.
-  The program can do anything inside that box, so no in-interpreter guard is installed.
-- **Best-effort** (`isolated=False`, for macOS or containers without user namespaces; it
-  warns each time). The same fresh interpreter, rlimits, environment, wall clock and
-  output caps, in a temp dir, plus in-interpreter guards that disable process creation,
-  signals, deletion, writing outside the temp dir, `/proc` of other processes and network
-  modules. Those guards stop accidents, not an attacker: a program can undo them from
-  inside (e.g. by re-importing `posix`) and then reach everything the calling user can;
-  as root it can also fork without limit. A caller killed mid-run takes the program with
-  it (Linux: PR_SET_PDEATHSIG) but leaves the temp dir behind.
-  Callers that run model code (`chat_eval`) refuse this mode unless the user opts in.
-
-The verdict cannot be written by the program: there is no status channel. The program's
-source arrives on stdin after a random nonce, and the prelude writes `\\0` + nonce to
-stdout only after the program's last statement has run (and not after `exit()`/`sys.exit`,
-which count as failures). Success = exit status 0 and that suffix, which the parent strips.
-What no sandbox can stop: the tests run in the program's own interpreter, so a program
-that digs the nonce out of the prelude's frame, or that defeats the checks themselves
-(e.g. returns an object equal to everything), can still pass. Output is capped while read.
+Isolated (default, Linux + bubblewrap): the program is PID 1 of fresh namespaces, sees a read-only
+view of the interpreter and system libraries, writes only a private tmpfs, and runs under a seccomp
+filter, Landlock and hard rlimits. Best-effort (`isolated=False`, warns): the same interpreter and
+limits, with in-interpreter guards a program can undo. README "Running model-written code" says what
+each mode stops and what it cannot. The verdict comes from no channel the program owns: its source
+arrives after a random nonce, which the prelude writes to stdout only after the last statement ran.
 """
 
 from __future__ import annotations
@@ -68,12 +37,6 @@ TMPFS_BYTES = 32 * 2**20  # the isolated sandbox's whole writable space
 _PRELUDE = r"""# nanochat sandbox prelude
 import os, resource, sys, traceback
 
-def limit(kind, value):
-    try:
-        resource.setrlimit(kind, (value, value))
-    except (ValueError, OSError):
-        pass  # some platforms refuse a limit (e.g. RLIMIT_AS on macOS); the others still apply
-
 def die_with_parent(parent_pid):
     try:
         import ctypes
@@ -83,7 +46,9 @@ def die_with_parent(parent_pid):
     if os.getppid() != parent_pid:
         os._exit(1)  # the caller died before the line above
 
-def write_only_to_tmp_and_dev():  # with Landlock (Linux 5.13+): also FIFOs in the read-only binds
+# Landlock (Linux 5.13+): a read-only bind does not stop writing a FIFO, and a root caller's sandbox is
+# root outside, which passes any FIFO's mode. Without Landlock that door stays open.
+def write_only_to_tmp_and_dev():
     import ctypes, struct
     syscall, write_file = ctypes.CDLL(None).syscall, 2  # LANDLOCK_ACCESS_FS_WRITE_FILE; calls 444-446
     ruleset = syscall(444, struct.pack("Q", write_file), 8, 0)  # landlock_create_ruleset
@@ -99,13 +64,11 @@ def install_guards():
         def refuse(*args, **kwargs):
             raise PermissionError(f"{name} is disabled in the sandbox")
         return refuse
-    for name in ("system", "popen", "fork", "forkpty", "vfork", "kill", "killpg", "remove", "unlink",
-                 "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod", "fchmod",
-                 "lchmod", "chown", "fchown", "lchown", "chroot", "chdir", "fchdir", "setuid", "seteuid",
-                 "setgid", "setegid", "setreuid", "setregid", "setsid", "setpgid", "putenv", "unsetenv",
-                 "link", "symlink", "mkfifo", "mknod", "posix_spawn", "posix_spawnp", "execv", "execve",
-                 "execl", "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle",
-                 "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe", "open"):
+    for name in ("system popen fork forkpty vfork kill killpg remove unlink rmdir removedirs rename renames "
+                 "replace truncate chmod fchmod lchmod chown fchown lchown chroot chdir fchdir setuid "
+                 "seteuid setgid setegid setreuid setregid setsid setpgid putenv unsetenv link symlink "
+                 "mkfifo mknod posix_spawn posix_spawnp execv execve execl execle execlp execlpe execvp "
+                 "execvpe spawnl spawnle spawnlp spawnlpe spawnv spawnve spawnvp spawnvpe open").split():
         for module in (os, posix):
             if hasattr(module, name):
                 setattr(module, name, disabled("os." + name))
@@ -121,10 +84,9 @@ def install_guards():
                 raise PermissionError(f"reading other processes' /proc files is disabled: {path}")
         return real_open(file, mode, *args, **kwargs)
     builtins.open = io.open = guarded_open
-    for name in ("socket", "_socket", "ssl", "_ssl", "asyncio", "urllib.request", "http.client",
-                 "http.server", "ftplib", "smtplib", "poplib", "imaplib", "xmlrpc", "socketserver",
-                 "webbrowser", "subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing",
-                 "ctypes", "_ctypes", "pty"):
+    for name in ("socket _socket ssl _ssl asyncio urllib.request http.client http.server ftplib smtplib "
+                 "poplib imaplib xmlrpc socketserver webbrowser subprocess _posixsubprocess multiprocessing "
+                 "_multiprocessing ctypes _ctypes pty").split():
         sys.modules[name] = None  # `import name` now raises ImportError
 
 def main():
@@ -133,31 +95,33 @@ def main():
     for kind, value in ((resource.RLIMIT_AS, max_memory), (resource.RLIMIT_CPU, cpu_seconds),
                         (resource.RLIMIT_FSIZE, max_file), (resource.RLIMIT_NOFILE, 64),
                         (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
-        limit(kind, value)
+        try:  # hard limits: the program cannot raise them again
+            resource.setrlimit(kind, (value, value))
+        except (ValueError, OSError):
+            pass  # some platforms refuse a limit (e.g. RLIMIT_AS on macOS); the others still apply
     if sys.argv[4] == "guarded":
         die_with_parent(int(sys.argv[5]))
         install_guards()
     else:
         write_only_to_tmp_and_dev()
     program_globals = {"__name__": "__main__", "__builtins__": __builtins__}
+    failure = None
     try:
         exec(compile(source, "program.py", "exec"), program_globals)
-        program_globals.clear()
+    except BaseException as e:
+        failure = e
+    program_globals.clear()  # frees the program's memory; destructors print now, before any verdict
+    if failure is None:
         sys.stdout.flush()
-    except MemoryError:
-        program_globals.clear()
+        os.write(1, b"\0" + nonce)  # the end marker: only after the program's last statement ran
+        return 0
+    if isinstance(failure, MemoryError):
         print("MemoryError: the program exceeded its memory limit", file=sys.stderr)
-        return 1
-    except SystemExit as e:
-        program_globals.clear()
-        print(f"SystemExit: the program exited early (code {e.code!r})", file=sys.stderr)
-        return 1
-    except BaseException:
-        program_globals.clear()
-        traceback.print_exc()
-        return 1
-    os.write(1, b"\0" + nonce)
-    return 0
+    elif isinstance(failure, SystemExit):  # exit() and sys.exit() count as failures
+        print(f"SystemExit: the program exited early (code {failure.code!r})", file=sys.stderr)
+    else:
+        traceback.print_exception(failure)
+    return 1
 
 sys.exit(main())
 """
@@ -182,15 +146,11 @@ class SandboxUnavailable(RuntimeError):
 # -----------------------------------------------------------------------------
 # The isolated sandbox
 
-# A seccomp filter (classic BPF) answers EPERM to the calls that would let a program out of its limits:
-# - clone, clone3, fork, vfork: RLIMIT_NPROC does not bind root;
-# - add_key, request_key, keyctl: the keyring is not namespaced;
-# - ptrace, process_vm_readv/writev, kcmp, pidfd_open, perf_event_open, process_madvise: other processes
-#   (bwrap's, were there one; with neither pidfd_open nor clone, no pidfd exists);
-# - prctl: PR_SET_PDEATHSIG 0 would let the program outlive its caller;
-# - memfd_create, shmget, msgget, io_uring_setup: memory that RLIMIT_AS never sees;
-# - socket, socketpair: a read-only bind does not stop connect() to a host Unix socket, and a root
-#   caller's sandbox is root outside.
+# The seccomp filter answers EPERM to: clone, clone3, fork, vfork (RLIMIT_NPROC does not bind root);
+# add_key, request_key, keyctl (the keyring is not namespaced); ptrace, process_vm_readv/writev, kcmp,
+# pidfd_open, perf_event_open, process_madvise (other processes); prctl (PR_SET_PDEATHSIG 0 would
+# outlive the caller); memfd_create, shmget, msgget, io_uring_setup (memory RLIMIT_AS never sees);
+# socket, socketpair (a read-only bind does not stop connect() to a host Unix socket).
 # Per architecture: its AUDIT_ARCH value and those calls' numbers (aarch64 has no fork, vfork).
 _SYSCALLS = {
     "x86_64": (0xC000003E, "56 435 57 58 248 249 250 101 310 311 312 434 298 440 157 319 29 68 425 41 53"),
@@ -259,12 +219,6 @@ def require_isolation() -> None:
         )
 
 
-BEST_EFFORT_WARNING = (
-    "running untrusted code WITHOUT OS isolation: its in-interpreter guards can be undone from "
-    "inside, after which the program can use the network, run commands, read and write your "
-    "files and signal your processes (see nanochat/execution.py)"
-)
-
 # -----------------------------------------------------------------------------
 # Running a program
 
@@ -277,12 +231,9 @@ def execute_code(
     isolated: bool | None = True,
 ) -> ExecutionResult:
     """Run `code` as a Python program in a fresh, limited interpreter; never raises for what the code does.
-
-    isolated=True needs the bubblewrap sandbox (SandboxUnavailable otherwise); False is the
-    best-effort mode and warns. (None: the sandbox without checking it works, for that check.)
-    """
-    if timeout <= 0 or max_memory_bytes <= 0 or max_output_bytes <= 0:
-        raise ValueError("timeout, max_memory_bytes and max_output_bytes must be positive")
+    isolated=True needs the sandbox (SandboxUnavailable otherwise); False is the best-effort mode and
+    warns; None is the sandbox unchecked, for isolation_problem's own check."""
+    assert timeout > 0 and max_memory_bytes > 0 and max_output_bytes > 0
     if isolated:
         require_isolation()
     limits = [str(int(timeout) + 1), str(max_memory_bytes), str(MAX_FILE_BYTES)]
@@ -290,53 +241,34 @@ def execute_code(
     nonce = secrets.token_hex(16).encode()
     stdin = nonce + b"\n" + code.encode("utf-8", errors="surrogateescape")
     if isolated is False:
-        warnings.warn(BEST_EFFORT_WARNING, stacklevel=2)
+        warnings.warn(
+            "running untrusted code WITHOUT OS isolation: its in-interpreter guards can be undone from "
+            "inside, after which the program can use the network, run commands, read and write your "
+            "files and signal your processes (see nanochat/execution.py)",
+            stacklevel=2,
+        )
         with tempfile.TemporaryDirectory(prefix="nanochat_exec_", ignore_cleanup_errors=True) as workdir:
             workdir = os.path.realpath(workdir)
-            proc = _start(interpreter + ["guarded", str(os.getpid())], workdir, _minimal_env(workdir), ())
+            proc = _start(interpreter + ["guarded", str(os.getpid())], workdir, workdir)
             return _supervise(proc, stdin, nonce, timeout, max_output_bytes)
     seccomp_r, seccomp_w = os.pipe()
     os.write(seccomp_w, _seccomp_filter())  # a few hundred bytes: fits the pipe buffer
     os.close(seccomp_w)
     try:
-        proc = _start(
-            _bwrap_args(seccomp_r) + interpreter + ["isolated"], "/", _minimal_env("/tmp"), (seccomp_r,)
-        )
+        proc = _start(_bwrap_args(seccomp_r) + interpreter + ["isolated"], "/", "/tmp", (seccomp_r,))
     finally:
         os.close(seccomp_r)
     return _supervise(proc, stdin, nonce, timeout, max_output_bytes)
 
 
-def _minimal_env(home: str) -> dict[str, str]:
-    """A fresh environment for the child: nothing inherited from the caller."""
-    return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        "HOME": home,
-        "TMPDIR": home,
-    }
-
-
-def _start(cmd: list[str], cwd: str, env: dict[str, str], pass_fds: tuple) -> subprocess.Popen:
-    # a new session, so the parent can kill the child's whole process group and nothing else
-    return subprocess.Popen(
-        cmd,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=cwd,
-        env=env,
-        pass_fds=pass_fds,
-        start_new_session=True,
-    )
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _start(cmd: list[str], cwd: str, home: str, pass_fds: tuple = ()) -> subprocess.Popen:
+    # nothing of the caller's environment is inherited; a new session, so that the parent can kill the
+    # child's whole process group and nothing else
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    env |= {"HOME": home, "TMPDIR": home}
+    pipe = subprocess.PIPE
+    kw = dict(stdin=pipe, stdout=pipe, stderr=pipe, cwd=cwd, env=env, pass_fds=pass_fds)
+    return subprocess.Popen(cmd, start_new_session=True, **kw)
 
 
 def _has_exited(proc: subprocess.Popen) -> bool:
@@ -362,11 +294,10 @@ def _supervise(
     with contextlib.suppress(OSError):
         proc.stdin.close()
     marker = b"\0" + nonce
-    caps = {"stdout": max_output_bytes + len(marker), "stderr": max_output_bytes}
-    buffers = {"stdout": bytearray(), "stderr": bytearray()}
+    out, err = bytearray(), bytearray()
     sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, "stdout")
-    sel.register(proc.stderr, selectors.EVENT_READ, "stderr")
+    sel.register(proc.stdout, selectors.EVENT_READ, (out, max_output_bytes + len(marker)))
+    sel.register(proc.stderr, selectors.EVENT_READ, (err, max_output_bytes))
     timed_out = flooded = False
     exited_at = None
     try:
@@ -384,7 +315,7 @@ def _supervise(
                 if not chunk:
                     sel.unregister(key.fileobj)
                     continue
-                buf, cap = buffers[key.data], caps[key.data]
+                buf, cap = key.data
                 buf += chunk[: cap + 1 - len(buf)]
                 flooded = flooded or len(buf) > cap
         if not timed_out and not flooded:
@@ -393,13 +324,15 @@ def _supervise(
                 time.sleep(0.005)
             timed_out = not _has_exited(proc)
     finally:
-        _kill_group(proc.pid)  # also takes down any descendant; the unreaped leader keeps the group id
+        # the whole group, so any descendant too; the unreaped leader keeps the group id reserved
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
         returncode = proc.wait()
         sel.close()
         proc.stdout.close()
         proc.stderr.close()
 
-    out, err = bytes(buffers["stdout"]), bytes(buffers["stderr"])
+    out, err = bytes(out), bytes(err)
     finished = returncode == 0 and out.endswith(marker)
     out = out[: -len(marker)] if finished else out
     flooded = flooded or len(out) > max_output_bytes

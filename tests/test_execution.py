@@ -1,11 +1,8 @@
-"""The sandbox for untrusted Python, attacked as a model (or an RL run hunting for reward) would.
-
-Every attack test checks the side effect did not happen, not just the reported status. Attacks
-run in both modes where the mode claims to stop them; the isolated mode (bubblewrap) must stop
-all of them, including those that first undo the in-interpreter guards.
-"""
+"""The sandbox, attacked as a model (or an RL run hunting for reward) would: each attack checks that its
+side effect did not happen. The isolated mode must stop all of them, also with the guards undone."""
 
 import ctypes
+import functools
 import gzip
 import json
 import os
@@ -21,6 +18,7 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
+from conftest import TASK_DATA, needs
 
 from nanochat import execution
 from nanochat.execution import (
@@ -32,7 +30,7 @@ from nanochat.execution import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-HUMANEVAL = REPO.parent / "shared" / "data" / "tasks" / "humaneval" / "HumanEval.jsonl.gz"
+HUMANEVAL = TASK_DATA / "humaneval" / "HumanEval.jsonl.gz"
 ISOLATION = isolation_problem()
 needs_isolation = pytest.mark.skipif(ISOLATION is not None, reason=f"no OS isolation here: {ISOLATION}")
 BOTH = [pytest.param(True, marks=needs_isolation, id="isolated"), pytest.param(False, id="best-effort")]
@@ -54,16 +52,25 @@ def run(code: str, isolated: bool = True, **limits) -> ExecutionResult:
     return execute_code(code, isolated=isolated, **{"timeout": 5.0, **limits})
 
 
+def _read(path: str | Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError:  # the process is gone
+        return b""
+
+
 def sandbox_processes() -> list[int]:
     """Host pids of every process still running the sandbox (its prelude is on their command line)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and b"nanochat sandbox prelude" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
+    procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    return [int(p.name) for p in procs if b"nanochat sandbox prelude" in _read(p / "cmdline")]
+
+
+def no_sandbox_left(seconds: float) -> bool:
+    """Whether every sandbox process is gone within `seconds` (it dies with a killed bwrap, soon after)."""
+    deadline = time.monotonic() + seconds
+    while sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return sandbox_processes() == []
 
 
 # -----------------------------------------------------------------------------
@@ -91,11 +98,7 @@ def test_time_memory_and_output_limits_hold(isolated):
     result = run("while True:\n    pass", isolated, timeout=1.0)
     assert result.timeout and not result.success and time.monotonic() - start < 4
     result = run("import time\ntime.sleep(60)", isolated, timeout=1.0)
-    assert result.timeout and time.monotonic() - start < 8
-    deadline = time.monotonic() + 2  # the sandbox dies with the killed bwrap, a moment later
-    while sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert sandbox_processes() == []
+    assert result.timeout and time.monotonic() - start < 8 and no_sandbox_left(2)
     for code in ("chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))", "x = 'a' * (10**10)"):
         result = run(code, isolated)
         assert result.memory_exceeded and not result.success, code
@@ -165,15 +168,8 @@ def test_the_environment_is_scrubbed_and_the_scratch_dir_is_private(monkeypatch,
         "import os\nprint(sorted(os.environ))\nprint(os.environ.get('NANOCHAT_TEST_SECRET'))", isolated
     )
     assert result.success and "hunter2" not in result.stdout
-    assert set(eval(result.stdout.splitlines()[0])) <= {
-        "PATH",
-        "LANG",
-        "LC_ALL",
-        "HOME",
-        "TMPDIR",
-        "LC_CTYPE",
-        "PWD",
-    }
+    allowed = {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "HOME", "TMPDIR", "PWD"}
+    assert set(eval(result.stdout.splitlines()[0])) <= allowed
     for path in ("/proc/{os.getppid()}/environ", "/proc/1/environ"):
         result = run(f"import os\nprint(open(f'{path}').read())", isolated)
         assert "hunter2" not in result.stdout + result.stderr
@@ -186,14 +182,10 @@ def test_the_environment_is_scrubbed_and_the_scratch_dir_is_private(monkeypatch,
     assert not Path(workdir).is_dir() or not (Path(workdir) / "scratch.txt").exists()
 
 
-def test_best_effort_mode_warns_what_it_does_not_protect():
-    with pytest.warns(UserWarning, match="WITHOUT OS isolation.*network.*commands.*files"):
-        execute_code("pass", isolated=False)
-
-
-def test_best_effort_guards_stop_plain_calls_but_can_be_undone_as_documented(tmp_path):
+def test_best_effort_mode_warns_and_its_guards_stop_plain_calls_but_can_be_undone_as_documented(tmp_path):
     marker = tmp_path / "escaped"
-    result = run(f"import os\nos.system('touch {marker}')", isolated=False)
+    with pytest.warns(UserWarning, match="WITHOUT OS isolation.*network.*commands.*files"):
+        result = run(f"import os\nos.system('touch {marker}')", isolated=False)
     assert "os.system is disabled" in result.error and not marker.exists()
     result = run(UNDO_GUARDS + f"os.system('touch {marker}')", isolated=False)
     assert marker.exists()  # the module docstring and the warning say so: not a boundary
@@ -205,22 +197,14 @@ def test_best_effort_mode_works_without_os_waitid_as_on_older_macos(monkeypatch)
     assert run("while True:\n    pass", isolated=False, timeout=0.5).timeout
 
 
-def test_rejects_nonpositive_limits():
-    with pytest.raises(ValueError, match="positive"):
-        execute_code("pass", timeout=0)
-
-
 def test_without_bubblewrap_isolated_runs_are_refused_with_the_fix(monkeypatch):
     monkeypatch.setattr(execution.shutil, "which", lambda name: None)
     monkeypatch.setattr(execution.sys, "platform", "linux")
-    execution.isolation_problem.cache_clear()
-    try:
-        assert "apt-get install bubblewrap" in isolation_problem()
-        with pytest.raises(SandboxUnavailable, match="bubblewrap.*--allow-unisolated-code"):
-            execute_code("print(1)")
-    finally:
-        monkeypatch.undo()
-        execution.isolation_problem.cache_clear()
+    # a fresh cache for this test; the module's own (the real answer) comes back afterwards
+    monkeypatch.setattr(execution, "isolation_problem", functools.cache(isolation_problem.__wrapped__))
+    assert "apt-get install bubblewrap" in execution.isolation_problem()
+    with pytest.raises(SandboxUnavailable, match="--allow-unisolated-code"):
+        execute_code("print(1)")
 
 
 # -----------------------------------------------------------------------------
@@ -252,17 +236,6 @@ def test_isolated_no_network_connection_reaches_the_host(prefix):
     abstract = socket.socket(socket.AF_UNIX)
     abstract.bind(b"\0nanochat-test-" + uuid.uuid4().hex.encode())
     abstract.listen()
-    accepted = []
-    for s in (server, abstract):
-        s.settimeout(0.2)
-
-    def accept():
-        for s in (server, abstract):
-            try:
-                accepted.append(s.accept())
-            except OSError:
-                pass
-
     attack = dedent(f"""
         import socket
         try:
@@ -273,10 +246,11 @@ def test_isolated_no_network_connection_reaches_the_host(prefix):
         s.connect({abstract.getsockname()!r})
         """)
     result = run(prefix + attack)
-    accept()
-    server.close()
-    abstract.close()
-    assert not result.success and accepted == []
+    for listener in (server, abstract):
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError), listener:  # nobody knocked
+            listener.accept()
+    assert not result.success
 
 
 @needs_isolation
@@ -357,13 +331,6 @@ def test_isolated_no_process_burst_and_no_daemon_outlives_the_run(prefix):
     assert leftovers == [] and sandbox_processes() == []
 
 
-def _read(path: str | Path) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except OSError:  # the process is gone
-        return b""
-
-
 # sleeps after clearing its parent-death signal, which would let it outlive bwrap and the caller
 # (refused in the sandbox; in the best-effort mode the guards stop the import)
 SLEEPER = dedent("""
@@ -396,21 +363,14 @@ def test_a_dying_caller_leaves_no_process_behind_and_isolated_no_temp_dir(tmp_pa
     finally:
         caller.send_signal(signal.SIGKILL)
         caller.wait()
-    deadline = time.monotonic() + 5
-    while sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sandbox_processes() == []
+    assert no_sandbox_left(5)
     if isolated:  # the best-effort temp dir stays (documented)
         assert list(tmp_path.iterdir()) == []
 
 
 @needs_isolation
 def test_isolated_timeout_leaves_no_process_not_even_one_that_cleared_its_death_signal():
-    assert run(SLEEPER, timeout=1.0).timeout
-    deadline = time.monotonic() + 2  # the program (the namespace's PID 1) dies with bwrap, a moment later
-    while sandbox_processes() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert sandbox_processes() == []
+    assert run(SLEEPER, timeout=1.0).timeout and no_sandbox_left(2)
 
 
 @needs_isolation
@@ -506,7 +466,7 @@ def test_isolated_runs_are_independent_when_called_from_many_threads():
 
 
 @needs_isolation
-@pytest.mark.skipif(not HUMANEVAL.exists(), reason=f"shared data not found at {HUMANEVAL}")
+@needs(HUMANEVAL)
 def test_humaneval_canonical_solutions_all_pass_isolated_and_wrong_ones_fail():
     with gzip.open(HUMANEVAL, "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f]
