@@ -1,18 +1,8 @@
-"""
-The DCLM CORE metric: in-context-learning accuracy of a base model over the tasks of `core.yaml`.
+"""The DCLM CORE metric: in-context-learning accuracy of a base model over the tasks of `core.yaml`.
 
-- The eval bundle (core.yaml, eval_meta_data.csv, eval_data/) is `$NANOCHAT_EVAL_BUNDLE`, else
-  downloaded once into `<base>/eval_bundle` (file lock, safe unzip, atomic move into place).
-- Three task types, each judged on the continuation tokens only: multiple_choice and schema pick
-  the lowest mean loss over the options; language_modeling needs the greedy argmax everywhere.
-- Few-shot examples: `random.Random(1234 + idx)` draws them among the other items.
-- The continuation span starts where the tokens of prefix and full text first differ, so the
-  scored tokens are exactly those the model sees (every option's whole continuation counts).
-- Several examples share one right-padded forward of up to `batch_size` rows.
-- `max_per_task` subsets follow a fixed shuffle, so they spread over the whole file.
-- Examples are strided across ranks and the counts summed.
-- CORE is the mean centered accuracy; with `skip_missing`, missing task files are skipped and
-  CORE is marked partial.
+Three task types, each judged on the continuation tokens only: multiple_choice and schema pick the
+option of lowest mean loss; language_modeling needs the greedy argmax on every token. CORE is the mean
+centered accuracy; with `skip_missing`, tasks without a data file are skipped and CORE is partial.
 """
 
 from __future__ import annotations
@@ -23,11 +13,10 @@ import logging
 import os
 import random
 import shutil
-import stat
 import time
 import zipfile
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -56,20 +45,8 @@ EXAMPLES_PER_CHUNK = 256  # examples prepared (tokenized) at a time before their
 # The eval bundle
 
 
-def _safe_extract(zip_path: Path, dest: Path) -> None:
-    """Unzip into `dest`, refusing absolute paths, `..` components, drive letters and symlinks."""
-    with zipfile.ZipFile(zip_path) as zf:
-        for info in zf.infolist():
-            name = PurePosixPath(info.filename.replace("\\", "/"))
-            if name.is_absolute() or ".." in name.parts or (name.parts and ":" in name.parts[0]):
-                raise ValueError(f"unsafe path {info.filename!r} in {zip_path}; refusing to unzip it")
-            if stat.S_ISLNK(info.external_attr >> 16):
-                raise ValueError(f"symlink {info.filename!r} in {zip_path}; refusing to unzip it")
-        zf.extractall(dest)
-
-
 class EvalBundleError(UserError, FileNotFoundError):
-    """The eval bundle is not there and cannot be fetched; the message says where to put it."""
+    """The eval bundle is missing, damaged or cannot be fetched; the message names the file and the fix."""
 
 
 def get_eval_bundle() -> Path:
@@ -101,11 +78,14 @@ def get_eval_bundle() -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            _safe_extract(zip_path, staging)
+            with zipfile.ZipFile(zip_path) as zf:
+                # zipfile strips absolute paths and ".." and writes symlinks as plain files: nothing
+                # lands outside staging
+                zf.extractall(staging)
             # core.yaml sits at the top of the zip or in its one top folder (as the official zip has it)
             roots = [r for r in (staging, *staging.iterdir()) if (r / "core.yaml").is_file()]
             if not roots:
-                raise ValueError(f"{zip_path} holds no core.yaml (at its top or in one top folder)")
+                raise EvalBundleError(f"{zip_path} holds no core.yaml (at its top or in one top folder)")
             if folder.exists():  # a leftover without core.yaml: unusable, replace it
                 shutil.rmtree(folder)
             os.replace(roots[0], folder)
@@ -139,15 +119,15 @@ def load_core_tasks(bundle_dir: str | Path) -> list[CoreTask]:
     tasks = []
     for entry in config["icl_tasks"]:
         label, task_type = entry["label"], entry["icl_task_type"]
-        if task_type not in TASK_TYPES:
-            raise ValueError(f"core.yaml task {label!r}: unknown icl_task_type {task_type!r}")
-        if label not in baselines:
-            raise ValueError(f"core.yaml task {label!r} has no random baseline in eval_meta_data.csv")
         shots = entry["num_fewshot"]
-        if isinstance(shots, list):  # the bundle writes [n]
-            if len(shots) != 1:
-                raise ValueError(f"core.yaml task {label!r}: expected one num_fewshot value, got {shots}")
-            shots = shots[0]
+        for ok, problem in (
+            (task_type in TASK_TYPES, f"unknown icl_task_type {task_type!r}"),
+            (label in baselines, "no random baseline in eval_meta_data.csv"),
+            (not isinstance(shots, list) or len(shots) == 1, f"expected one num_fewshot value, got {shots}"),
+        ):
+            if not ok:
+                raise EvalBundleError(f"{bundle_dir / 'core.yaml'}: task {label!r}: {problem}")
+        shots = shots[0] if isinstance(shots, list) else shots  # the bundle writes [n]
         delimiter = entry.get("continuation_delimiter", " ")
         tasks.append(
             CoreTask(label, entry["dataset_uri"], task_type, int(shots), delimiter, baselines[label])
@@ -372,51 +352,38 @@ def evaluate_core(
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else get_eval_bundle()
     all_tasks = load_core_tasks(bundle_dir)
     if tasks is not None:
-        unknown = sorted(set(tasks) - {t.label for t in all_tasks})
-        if unknown:
+        if unknown := sorted(set(tasks) - {t.label for t in all_tasks}):
             raise ValueError(f"unknown CORE tasks {unknown}; core.yaml lists {[t.label for t in all_tasks]}")
         all_tasks = [t for t in all_tasks if t.label in tasks]
+    # every file checked up front: fail before hours of evaluation, not after
     data_dir = bundle_dir / "eval_data"
-    present, skipped = [], []
-    for task in all_tasks:  # check every file up front: fail before hours of evaluation, not after
-        if (data_dir / task.dataset_uri).is_file():
-            present.append(task)
-        elif skip_missing:
-            skipped.append(task.label)
-        else:
-            raise FileNotFoundError(
-                f"CORE task {task.label!r}: data file {data_dir / task.dataset_uri} is missing "
-                "(pass skip_missing / --skip-missing to evaluate the others and mark CORE partial)"
-            )
+    missing = [t for t in all_tasks if not (data_dir / t.dataset_uri).is_file()]
+    if missing and not skip_missing:
+        raise EvalBundleError(
+            f"CORE task {missing[0].label!r}: data file {data_dir / missing[0].dataset_uri} is missing "
+            "(--skip-missing evaluates the others and marks CORE partial)"
+        )
+    present, skipped = [t for t in all_tasks if t not in missing], [t.label for t in missing]
     if not present:
-        raise FileNotFoundError(f"CORE: none of the tasks has its data file under {data_dir}")
+        raise EvalBundleError(f"CORE: none of the tasks has its data file under {data_dir}")
     if skipped:
         logger.warning("CORE: skipping tasks with missing data files: %s", ", ".join(skipped))
-    max_len = model.config.sequence_len
-    results, centered, counts = {}, {}, {}
+    out = {"results": {}, "centered": {}, "partial": bool(skipped), "skipped": skipped, "num_examples": {}}
     for task in present:
         t0 = time.perf_counter()
         data = load_task_subset(bundle_dir, task, max_per_task)
-        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_size, max_len, timings)
-        results[task.label] = accuracy
-        centered[task.label] = centered_accuracy(accuracy, task.random_baseline)
-        counts[task.label] = len(data)
-        logger.info(
-            "CORE %-34s acc %.4f  centered %+.4f  (%d examples, %.1fs)",
-            task.label,
-            accuracy,
-            centered[task.label],
-            len(data),
-            time.perf_counter() - t0,
+        accuracy = evaluate_task(
+            model, tokenizer, data, task, device, batch_size, model.config.sequence_len, timings
         )
-    return {
-        "results": results,
-        "centered": centered,
-        "core": sum(centered.values()) / len(centered),  # CORE: the mean centered accuracy
-        "partial": bool(skipped),
-        "skipped": skipped,
-        "num_examples": counts,
-    }
+        centered = centered_accuracy(accuracy, task.random_baseline)
+        out["results"][task.label], out["centered"][task.label] = accuracy, centered
+        out["num_examples"][task.label] = len(data)
+        logger.info(
+            f"CORE {task.label:<34} acc {accuracy:.4f}  centered {centered:+.4f}  "
+            f"({len(data)} examples, {time.perf_counter() - t0:.1f}s)"
+        )
+    out["core"] = sum(out["centered"].values()) / len(present)  # the mean centered accuracy
+    return out
 
 
 def write_core_csv(path: Path, out: dict) -> None:

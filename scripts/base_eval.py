@@ -18,6 +18,7 @@ from nanochat.common import (
     compute_init,
     exit_on_user_error,
     get_base_dir,
+    in_range,
     print0,
     setup_logging,
 )
@@ -32,30 +33,28 @@ parser.add_argument("--max-per-task", type=int, default=-1, help="examples per t
 parser.add_argument(
     "--skip-missing", action="store_true", help="skip tasks without a data file (CORE: partial)"
 )
-parser.add_argument("--device-batch-size", type=int, default=8, help="sequences (option rows) per forward")
+parser.add_argument(
+    "--device-batch-size", type=in_range(int, 1), default=8, help="sequences (option rows) per forward"
+)
 args = parser.parse_args()
 
 setup_logging()
 _, rank, _, _, device = compute_init(args.device_type)
+t0 = time.time()
 with exit_on_user_error("base_eval"):  # the model, then the bundle: no download before a model is found
     model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step, args.verify)
     bundle_dir = get_eval_bundle()  # every rank asks; a file lock lets one of them download it
-model_tag = args.model_tag or f"d{model.config.n_layer}"
-
-# -----------------------------------------------------------------------------
-# Evaluate
-
-t0 = time.time()
-out = evaluate_core(
-    model,
-    tokenizer,
-    device,
-    max_per_task=args.max_per_task,
-    skip_missing=args.skip_missing,
-    bundle_dir=bundle_dir,
-    batch_size=args.device_batch_size,
-)
+    out = evaluate_core(
+        model,
+        tokenizer,
+        device,
+        max_per_task=args.max_per_task,
+        skip_missing=args.skip_missing,
+        bundle_dir=bundle_dir,
+        batch_size=args.device_batch_size,
+    )
 eval_time = time.time() - t0
+model_tag = args.model_tag or f"d{model.config.n_layer}"
 
 # -----------------------------------------------------------------------------
 # Table, CSV, report

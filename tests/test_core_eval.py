@@ -1,24 +1,20 @@
-"""CORE evaluation: prompt rendering, continuation spans, scoring, aggregation, bundle, base_eval.
-
-Tests that read the real bundle use ../shared/data/eval_bundle (18 of 22 task files) and
-skip with a reason when it is absent; the rest use a tiny hand-made bundle in tmp_path.
-"""
+"""CORE evaluation: prompts, continuation spans, scoring, aggregation, the bundle, base_eval. The real
+bundle (../shared/data/eval_bundle, 18 of 22 task files) or a tiny hand-made one in tmp_path."""
 
 import csv
-import http.server
 import json
 import os
 import random
 import shutil
 import subprocess
 import sys
-import threading
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import EVAL_BUNDLE, needs, tiny_model
 
 from nanochat import core_eval
 from nanochat.common import compute_cleanup
@@ -35,16 +31,11 @@ from nanochat.core_eval import (
     score_example,
     tokenize_prompts,
 )
-from nanochat.gpt import GPT, config_from_depth
 from nanochat.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_BUNDLE = REPO.parent / "shared" / "data" / "eval_bundle"
 MISSING_IN_SHARED = ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
-
-needs_shared_bundle = pytest.mark.skipif(
-    not (SHARED_BUNDLE / "core.yaml").is_file(), reason=f"shared eval bundle not found at {SHARED_BUNDLE}"
-)
+needs_bundle = needs(EVAL_BUNDLE / "core.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -58,15 +49,6 @@ def one_thread():
 @pytest.fixture
 def tokenizer(tiny_base_dir) -> Tokenizer:
     return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
-
-
-def tiny_model(vocab_size: int, seq_len: int = 128, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config_from_depth(2, vocab_size, seq_len, aspect_ratio=32, head_dim=32))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model.eval()
 
 
 def baselines_from_csv(bundle: Path) -> dict[str, float]:
@@ -108,27 +90,18 @@ def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
     mc = [
         {
             "query": f"Question: what is {a} plus {b}?",
-            "choices": [str(a + b), str(a + b + 1), "7", "cat"],
+            "choices": [str(a + b), str(a + b + 1), "cat"],
             "gold": 0,
         }
         for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (5, 2), (6, 1)]
     ]
     schema = [
-        {
-            "context_options": ["The cup fell because the cup", "The cup fell because the table"],
-            "continuation": "was slippery.",
-            "gold": 1,
-        },
-        {
-            "context_options": ["Ann thanked Bo because Ann", "Ann thanked Bo because Bo"],
-            "continuation": "had helped.",
-            "gold": 1,
-        },
-        {
-            "context_options": ["The dog chased the cat so the dog", "The dog chased the cat so the cat"],
-            "continuation": "ran away.",
-            "gold": 1,
-        },
+        {"context_options": [f"{start} {a}", f"{start} {b}"], "continuation": end, "gold": 1}
+        for start, a, b, end in [
+            ("The cup fell because the", "cup", "table", "was slippery."),
+            ("Ann thanked Bo because", "Ann", "Bo", "had helped."),
+            ("The dog chased the cat so the", "dog", "cat", "ran away."),
+        ]
     ]
     lm = [
         {"context": "The capital of France is ", "continuation": "Paris"},
@@ -178,51 +151,35 @@ def gold_rows_of(tokenizer, bundle: Path, tasks: list[CoreTask], max_per_task: i
 # Prompt rendering and few-shot sampling (hand-built examples)
 
 
-def test_multiple_choice_prompt_joins_shots_with_blank_lines_and_shares_the_context():
+def test_prompts_join_shots_with_blank_lines_per_task_type():
+    # multiple choice: one context, several continuations
     item = {"query": "Q: 2+2?", "choices": ["3", "4"], "gold": 1}
     shots = [
         {"query": "Q: 1+1?", "choices": ["2", "5"], "gold": 0},
-        {"query": "Q: 0+1?", "choices": ["9", "1"], "gold": 1},
+        {"query": "Q: 0+1?", "choices": ["1"], "gold": 0},
     ]
-    rows = render_prompts(item, "multiple_choice", "\nAnswer: ", shots)
     prefix = "Q: 1+1?\nAnswer: 2\n\nQ: 0+1?\nAnswer: 1\n\nQ: 2+2?\nAnswer: "
-    assert rows == [(prefix, prefix + "3"), (prefix, prefix + "4")]
-
-
-def test_schema_prompt_varies_the_context_and_keeps_the_continuation():
+    rows = [(prefix, prefix + "3"), (prefix, prefix + "4")]
+    assert render_prompts(item, "multiple_choice", "\nAnswer: ", shots) == rows
+    # schema: several contexts, one continuation
     item = {"context_options": ["A so A", "A so B"], "continuation": "left.", "gold": 0}
     shots = [{"context_options": ["X so X", "X so Y"], "continuation": "won.", "gold": 1}]
-    rows = render_prompts(item, "schema", " ", shots)
-    assert rows == [
-        ("X so Y won.\n\nA so A ", "X so Y won.\n\nA so A left."),
-        ("X so Y won.\n\nA so B ", "X so Y won.\n\nA so B left."),
-    ]
-
-
-def test_language_modeling_prompt_strips_contexts_before_the_delimiter():
+    rows = [(f"X so Y won.\n\n{c} ", f"X so Y won.\n\n{c} left.") for c in ("A so A", "A so B")]
+    assert render_prompts(item, "schema", " ", shots) == rows
+    # language modeling: contexts stripped before the delimiter
     item = {"context": "  The capital of France is ", "continuation": "Paris"}
+    prefix = "One two three\n\nThe capital of France is "
     shots = [{"context": "One two ", "continuation": "three"}]
-    rows = render_prompts(item, "language_modeling", " ", shots)
-    assert rows == [
-        ("One two three\n\nThe capital of France is ", "One two three\n\nThe capital of France is Paris")
-    ]
+    assert render_prompts(item, "language_modeling", " ", shots) == [(prefix, prefix + "Paris")]
 
 
-def test_fewshot_excludes_the_item_and_matches_the_reference_draw():
+def test_fewshot_excludes_the_item_matches_the_reference_draw_and_takes_all_when_too_few():
     data = [{"i": i} for i in range(30)]
     for idx in (0, 7, 29):
-        shots = sample_fewshot(data, idx, 10)
         reference = random.Random(1234 + idx).sample([i for i in range(30) if i != idx], 10)
-        assert [s["i"] for s in shots] == reference
-        assert data[idx] not in shots
-
-
-def test_fewshot_with_fewer_items_than_shots_uses_all_the_others():
-    data = [{"i": i} for i in range(4)]
-    shots = sample_fewshot(data, 2, 10)
-    assert sorted(s["i"] for s in shots) == [0, 1, 3]
-    assert sample_fewshot([{"i": 0}], 0, 5) == []
-    assert sample_fewshot(data, 1, 0) == []
+        assert [s["i"] for s in sample_fewshot(data, idx, 10)] == reference
+    assert sorted(s["i"] for s in sample_fewshot(data[:4], 2, 10)) == [0, 1, 3]
+    assert sample_fewshot([{"i": 0}], 0, 5) == [] and sample_fewshot(data, 1, 0) == []
 
 
 # -----------------------------------------------------------------------------
@@ -295,30 +252,21 @@ def test_language_modeling_needs_every_continuation_token_to_be_the_argmax():
 # Aggregation
 
 
-def test_centered_accuracy_and_core_match_a_hand_computation_from_the_meta_csv(tmp_path):
-    bundle = write_tiny_bundle(tmp_path / "b")
-    rb = baselines_from_csv(bundle)
-    tasks = {t.label: t for t in load_core_tasks(bundle)}
-    assert {k: t.random_baseline for k, t in tasks.items()} == {
-        "tiny_mc": 25,
-        "tiny_schema": 50,
-        "tiny_lm": 0,
-    }
-    accuracies = {"tiny_mc": 0.4, "tiny_schema": 0.75, "tiny_lm": 0.1}
-    centered = {k: centered_accuracy(a, tasks[k].random_baseline) for k, a in accuracies.items()}
-    assert centered["tiny_mc"] == pytest.approx((0.4 - 0.25) / 0.75)
-    assert centered["tiny_schema"] == pytest.approx(0.5)
-    assert centered["tiny_lm"] == pytest.approx(0.1)
-    hand = {k: (accuracies[k] - rb[k] / 100) / (1 - rb[k] / 100) for k in accuracies}
-    assert centered == pytest.approx(hand)
+def test_centered_accuracy_uses_the_meta_csv_baselines(tmp_path):
+    tasks = {t.label: t.random_baseline for t in load_core_tasks(write_tiny_bundle(tmp_path / "b"))}
+    assert tasks == {"tiny_mc": 25, "tiny_schema": 50, "tiny_lm": 0}
+    assert centered_accuracy(0.4, 25) == pytest.approx((0.4 - 0.25) / 0.75)
+    assert centered_accuracy(0.75, 50) == pytest.approx(0.5) and centered_accuracy(0.1, 0) == pytest.approx(
+        0.1
+    )
     assert centered_accuracy(0.25, 25) == 0 and centered_accuracy(1.0, 62) == pytest.approx(1.0)
 
 
-@needs_shared_bundle
+@needs_bundle
 def test_gpt2_reference_csvs_parse_and_their_core_is_the_mean_of_their_centered_column():
-    baselines = baselines_from_csv(SHARED_BUNDLE)
-    labels = [t.label for t in load_core_tasks(SHARED_BUNDLE)]
-    files = sorted((SHARED_BUNDLE / "reference").glob("openai-community-gpt2*.csv"))
+    baselines = baselines_from_csv(EVAL_BUNDLE)
+    labels = [t.label for t in load_core_tasks(EVAL_BUNDLE)]
+    files = sorted((EVAL_BUNDLE / "reference").glob("openai-community-gpt2*.csv"))
     assert len(files) == 4
     cores = {}
     for path in files:
@@ -335,21 +283,14 @@ def test_gpt2_reference_csvs_parse_and_their_core_is_the_mean_of_their_centered_
 # End to end on the real bundle
 
 
-@needs_shared_bundle
-def test_missing_task_file_is_an_error_naming_it(tokenizer):
-    model = tiny_model(tokenizer.get_vocab_size())
-    with pytest.raises(FileNotFoundError, match=r"hellaswag\.jsonl"):
-        evaluate_core(model, tokenizer, "cpu", max_per_task=2, bundle_dir=SHARED_BUNDLE)
-
-
-@needs_shared_bundle
+@needs_bundle
 def test_random_model_core_runs_end_to_end_skipping_missing_tasks_and_stays_near_chance(tokenizer):
-    model = tiny_model(tokenizer.get_vocab_size())
-    out = evaluate_core(model, tokenizer, "cpu", max_per_task=16, skip_missing=True, bundle_dir=SHARED_BUNDLE)
-    labels = [t.label for t in load_core_tasks(SHARED_BUNDLE)]
+    model = tiny_model(tokenizer.get_vocab_size(), 128)
+    out = evaluate_core(model, tokenizer, "cpu", max_per_task=16, skip_missing=True, bundle_dir=EVAL_BUNDLE)
+    labels = [t.label for t in load_core_tasks(EVAL_BUNDLE)]
     assert out["skipped"] == MISSING_IN_SHARED and out["partial"] is True
     assert list(out["results"]) == [label for label in labels if label not in MISSING_IN_SHARED]
-    rb = baselines_from_csv(SHARED_BUNDLE)
+    rb = baselines_from_csv(EVAL_BUNDLE)
     for label, acc in out["results"].items():
         assert out["centered"][label] == pytest.approx((acc - rb[label] / 100) / (1 - rb[label] / 100))
     assert out["core"] == pytest.approx(sum(out["centered"].values()) / 18)
@@ -357,18 +298,18 @@ def test_random_model_core_runs_end_to_end_skipping_missing_tasks_and_stays_near
     # deviation of ~0.15-0.25; the mean over 18 tasks (8 of them exact-match LM tasks a random
     # model essentially never solves) has one of ~0.04, so |CORE| < 0.12 is a 3-sigma band.
     assert abs(out["core"]) < 0.12, out
-    lm_tasks = [t.label for t in load_core_tasks(SHARED_BUNDLE) if t.task_type == "language_modeling"]
+    lm_tasks = [t.label for t in load_core_tasks(EVAL_BUNDLE) if t.task_type == "language_modeling"]
     assert all(out["results"][t] <= 0.125 for t in lm_tasks if t in out["results"]), out["results"]
 
 
-@needs_shared_bundle
+@needs_bundle
 def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type(tokenizer):
-    tasks = [t for t in load_core_tasks(SHARED_BUNDLE) if t.label not in MISSING_IN_SHARED]
+    tasks = [t for t in load_core_tasks(EVAL_BUNDLE) if t.label not in MISSING_IN_SHARED]
     assert {t.task_type for t in tasks} == {"multiple_choice", "schema", "language_modeling"}
     max_len = 256  # small enough that the 10-shot prompts get cropped: that path is covered too
-    gold = gold_rows_of(tokenizer, SHARED_BUNDLE, tasks, 6, max_len)
+    gold = gold_rows_of(tokenizer, EVAL_BUNDLE, tasks, 6, max_len)
     stub = GoldStub(gold, tokenizer.get_vocab_size(), max_len)
-    out = evaluate_core(stub, tokenizer, "cpu", max_per_task=6, skip_missing=True, bundle_dir=SHARED_BUNDLE)
+    out = evaluate_core(stub, tokenizer, "cpu", max_per_task=6, skip_missing=True, bundle_dir=EVAL_BUNDLE)
     assert out["centered"] == {t.label: pytest.approx(1.0) for t in tasks}
     assert out["core"] == pytest.approx(1.0)
 
@@ -380,7 +321,7 @@ def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type(tokenize
 def test_batched_and_one_by_one_scoring_agree_and_stub_is_perfect_on_the_tiny_bundle(tokenizer, tmp_path):
     bundle = write_tiny_bundle(tmp_path / "b")
     tasks = load_core_tasks(bundle)
-    model = tiny_model(tokenizer.get_vocab_size(), seed=3)
+    model = tiny_model(tokenizer.get_vocab_size(), 128, seed=3)
     for task in tasks:
         data = load_task_subset(bundle, task)
         accs = {b: evaluate_task(model, tokenizer, data, task, "cpu", b, 128) for b in (1, 3, 64)}
@@ -393,15 +334,13 @@ def test_batched_and_one_by_one_scoring_agree_and_stub_is_perfect_on_the_tiny_bu
 
 def test_missing_file_in_a_hand_made_bundle_is_named_and_skipping_marks_core_partial(tokenizer, tmp_path):
     bundle = write_tiny_bundle(tmp_path / "b", with_missing=True)
-    model = tiny_model(tokenizer.get_vocab_size())
+    model = tiny_model(tokenizer.get_vocab_size(), 128)
     with pytest.raises(FileNotFoundError, match=r"tiny_missing.*not_there\.jsonl"):
         evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle)
     out = evaluate_core(
         model, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True, tasks=["tiny_lm", "tiny_missing"]
     )
-    assert (
-        out["skipped"] == ["tiny_missing"] and out["partial"] is True and list(out["results"]) == ["tiny_lm"]
-    )
+    assert out["skipped"] == ["tiny_missing"] and out["partial"] and list(out["results"]) == ["tiny_lm"]
     with pytest.raises(FileNotFoundError, match="none of the tasks"):  # no CORE from zero tasks
         evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True, tasks=["tiny_missing"])
 
@@ -415,7 +354,7 @@ def _dist_worker(rank: int, world_size: int, port: int, bundle: str, tok_dir: st
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     tokenizer = Tokenizer.from_directory(tok_dir)
-    model = tiny_model(tokenizer.get_vocab_size(), seed=3)
+    model = tiny_model(tokenizer.get_vocab_size(), 128, seed=3)
     out = evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, batch_size=4)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out["results"]))
     compute_cleanup()
@@ -428,7 +367,7 @@ def test_two_gloo_ranks_stride_the_examples_and_match_a_single_process(tokenizer
 
     bundle = write_tiny_bundle(tmp_path / "b")
     single = evaluate_core(
-        tiny_model(tokenizer.get_vocab_size(), seed=3), tokenizer, "cpu", bundle_dir=bundle
+        tiny_model(tokenizer.get_vocab_size(), 128, seed=3), tokenizer, "cpu", bundle_dir=bundle
     )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -452,59 +391,31 @@ def test_eval_bundle_env_folder_is_used_and_a_bad_one_is_named(tmp_path, monkeyp
         core_eval.get_eval_bundle()
 
 
-def _serve(directory: Path):
-    hits = []
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **k):
-            super().__init__(*a, directory=str(directory), **k)
-
-        def do_GET(self):
-            hits.append(self.path)
-            super().do_GET()
-
-        def log_message(self, *a):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, hits
-
-
-def test_eval_bundle_downloads_once_from_the_url_and_unzips_under_the_base_dir(tmp_path, monkeypatch):
+def test_eval_bundle_downloads_once_and_unzips_under_the_base_dir_writing_nothing_outside(
+    tmp_path, monkeypatch
+):
     bundle = write_tiny_bundle(tmp_path / "src" / "eval_bundle")
-    served = tmp_path / "www"
-    served.mkdir()
-    with zipfile.ZipFile(served / "eval_bundle.zip", "w") as zf:
+    zip_path = tmp_path / "eval_bundle.zip"
+    with zipfile.ZipFile(zip_path, "w") as zf:
         for path in bundle.rglob("*"):
             zf.write(path, Path("eval_bundle") / path.relative_to(bundle))
-    server, hits = _serve(served)
-    try:
-        monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
-        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-        monkeypatch.setattr(
-            core_eval, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{server.server_port}/eval_bundle.zip"
-        )
-        got = core_eval.get_eval_bundle()
-        assert got == tmp_path / "base" / "eval_bundle"
-        assert (got / "core.yaml").read_text() == (bundle / "core.yaml").read_text()
-        assert [t.label for t in load_core_tasks(got)] == ["tiny_mc", "tiny_schema", "tiny_lm"]
-        assert core_eval.get_eval_bundle() == got and len(hits) == 1  # cached: no second download
-        assert not (tmp_path / "base" / "eval_bundle.zip").exists()
-    finally:
-        server.shutdown()
+        zf.writestr("../escaped.txt", "gotcha")  # a path traversal
+    downloads = []
 
+    def download(url, path, validate):
+        downloads.append(url)
+        shutil.copyfile(zip_path, path)
+        return path
 
-def test_zip_with_path_traversal_is_refused_and_writes_nothing_outside(tmp_path):
-    evil = tmp_path / "evil.zip"
-    with zipfile.ZipFile(evil, "w") as zf:
-        zf.writestr("eval_bundle/core.yaml", "icl_tasks: []\n")
-        zf.writestr("../escaped.txt", "gotcha")
-    dest = tmp_path / "dest"
-    dest.mkdir()
-    with pytest.raises(ValueError, match="unsafe path"):
-        core_eval._safe_extract(evil, dest)
-    assert not (tmp_path / "escaped.txt").exists() and not any(dest.iterdir())
+    monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    monkeypatch.setattr(core_eval, "download_file", download)
+    got = core_eval.get_eval_bundle()
+    assert got == tmp_path / "base" / "eval_bundle" and downloads == [core_eval.EVAL_BUNDLE_URL]
+    assert [t.label for t in load_core_tasks(got)] == ["tiny_mc", "tiny_schema", "tiny_lm"]
+    assert core_eval.get_eval_bundle() == got and len(downloads) == 1  # cached: no second download
+    assert not [p for p in (tmp_path / "base").iterdir() if p.name.endswith(".zip") or ".unzip" in p.name]
+    assert not (tmp_path / "escaped.txt").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -516,20 +427,16 @@ def test_base_eval_script_writes_csv_and_report_for_a_saved_checkpoint(tiny_base
 
     base = tmp_path / "base"
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
-    model = tiny_model(1024)
+    model = tiny_model(1024, 128)
     save_checkpoint(base / "base_checkpoints" / "d2", 5, model, None, {})
     bundle = write_tiny_bundle(tmp_path / "bundle", with_missing=True)
-    env = {
-        **os.environ,
-        "NANOCHAT_BASE_DIR": str(base),
-        "NANOCHAT_EVAL_BUNDLE": str(bundle),
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env |= {"NANOCHAT_BASE_DIR": str(base), "NANOCHAT_EVAL_BUNDLE": str(bundle), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "scripts.base_eval", "--max-per-task", "4", "--device-type", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "not_there.jsonl" in proc.stdout and "Traceback" not in proc.stderr
     proc = subprocess.run(
-        cmd + ["--skip-missing"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        [*cmd, "--skip-missing"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
     rows, core = read_core_csv(base / "base_eval" / "d2_step5.csv")
