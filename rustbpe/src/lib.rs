@@ -1,14 +1,13 @@
-//! Python bindings for the BPE trainer and encoder (the algorithms live in split.rs,
-//! train.rs and encode.rs and know nothing about Python).
+//! Python bindings for the BPE trainer (the algorithms live in split.rs and train.rs and
+//! know nothing about Python). Encoding is tiktoken's job, built from the ranks.
 //!
 //! - Texts are pulled from the Python iterator in buffers with the GIL held; all
-//!   splitting, counting, merging and batch encoding runs with the GIL released.
+//!   splitting, counting and merging runs with the GIL released.
 //! - Every user error is a Python exception (ValueError / TypeError, or the iterator's
 //!   own exception), never a panic.
 //! - `num_threads` runs the work on a private rayon pool of that size; without it the
 //!   global pool is used (sized by RAYON_NUM_THREADS or the number of cores).
 
-pub mod encode;
 pub mod split;
 pub mod train;
 
@@ -34,16 +33,14 @@ use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::encode::Encoder;
 use crate::split::{Splitter, DEFAULT_PATTERN};
 use crate::train::{ChunkCounts, Pair, Words};
 
-/// A byte-level BPE tokenizer: train it, read its ranks, encode with it.
+/// A byte-level BPE tokenizer: train it, read its ranks.
 #[pyclass(module = "rustbpe")]
 pub struct Tokenizer {
     pattern: String,
     merges: Vec<Pair>,
-    encoder: Encoder,
 }
 
 fn thread_pool(num_threads: Option<usize>) -> PyResult<Option<rayon::ThreadPool>> {
@@ -64,21 +61,15 @@ fn run_in<T: Send>(pool: &Option<rayon::ThreadPool>, work: impl FnOnce() -> T + 
     }
 }
 
-fn build_encoder(pattern: &str, merges: &[Pair]) -> PyResult<Encoder> {
-    let splitter = Splitter::new(pattern).map_err(PyValueError::new_err)?;
-    Encoder::new(splitter, &train::token_bytes(merges)).map_err(PyRuntimeError::new_err)
-}
-
 #[pymethods]
 impl Tokenizer {
     /// An untrained tokenizer (256 byte tokens, the default split pattern).
     #[new]
-    fn new() -> PyResult<Self> {
-        Ok(Tokenizer {
+    fn new() -> Self {
+        Tokenizer {
             pattern: DEFAULT_PATTERN.to_string(),
             merges: Vec::new(),
-            encoder: build_encoder(DEFAULT_PATTERN, &[])?,
-        })
+        }
     }
 
     /// Trains on the str items of `iterator` until the vocabulary has `vocab_size` tokens
@@ -168,7 +159,6 @@ impl Tokenizer {
                 })
             })
         });
-        self.encoder = build_encoder(&pattern, &merges)?;
         self.pattern = pattern;
         self.merges = merges;
         Ok(())
@@ -186,24 +176,6 @@ impl Tokenizer {
             .enumerate()
             .map(|(rank, bytes)| (PyBytes::new(py, bytes), rank as u32))
             .collect()
-    }
-
-    /// Token ids of `text` (ordinary tokens only).
-    fn encode(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
-        py.detach(|| self.encoder.encode(text))
-            .map_err(PyRuntimeError::new_err)
-    }
-
-    /// Token ids of each text, encoded in parallel.
-    fn batch_encode(&self, py: Python<'_>, texts: Vec<String>) -> PyResult<Vec<Vec<u32>>> {
-        use rayon::prelude::*;
-        py.detach(|| {
-            texts
-                .par_iter()
-                .map(|t| self.encoder.encode(t))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .map_err(PyRuntimeError::new_err)
     }
 }
 

@@ -331,7 +331,8 @@ pub fn train(
     merges
 }
 
-/// Counts chunks of `texts` and trains; a convenience for tests and benchmarks.
+/// Counts chunks of `texts` and trains: what the bindings do, without Python, for the tests.
+#[cfg(test)]
 pub fn train_on_texts(
     splitter: &Splitter,
     texts: &[String],
