@@ -1,27 +1,14 @@
 """The GPT model: plain single-device PyTorch (distribution lives in the optimizer).
 
-Design choices:
-- Rotary positions, no learned positions; the tables cover 10x the training length.
-- RMSNorm without gain: after the embedding, pre-norm in each block, QK-norm, and before the head.
-- Grouped-query attention through PyTorch SDPA; MLP 4x wide with ReLU²; no biases.
-- Untied head; vocab padded to a multiple of 64; fp32 logits softcapped at 15.
-- Zero-init output projections: every block starts as the identity.
-- The public nanochat record's architecture (`config_from_depth(arch="record")`, its measurements at
-  d12-d26 on GPUs are the evidence; each part is a GPTConfig switch, off by default so the first
-  architecture's checkpoints load unchanged):
-  value embeddings on alternating layers with a learned per-head gate; per-layer residual and x0
-  (normed-embedding skip) scalars; smear (a gated share of the previous token's embedding); backout
-  (subtract a learned share of the mid-depth residual before the head); sliding windows of a
-  quarter context on 3 of 4 layers (the last layer full; compiled, flex_attention skips the blocks
-  outside the window; eager and CPU training, SDPA with a band mask); the record's init.
-- Rotary base 100,000 and q, k scaled by 1.2 after QK-norm are set by `config_from_depth` for both
-  arches; the GPTConfig defaults (10,000 and 1) are the first architecture.
-- Built on the meta device, then `init_weights` fills every parameter and buffer; a checkpoint
-  load assigns the saved weights and `compute_rotary`'s buffers instead.
-- Parameters stay fp32 (precision policy: `common.autocast`); logits are always fp32.
-- KV cache: `cache.get_pos()` (an int, or a (B,) tensor of per-row positions),
-  `cache.insert_kv(layer, k, v) -> (k_all, v_all)` and, with smear,
-  `cache.swap_last_embedding(last) -> previous`; see nanochat/engine.py.
+- Rotary positions; RMSNorm without gain (after the embedding, pre-norm, QK-norm, before the head).
+- Grouped-query attention through SDPA; MLP 4x wide with ReLU²; no biases; untied head; fp32 logits
+  softcapped at 15; parameters stay fp32 (precision policy: `common.autocast`).
+- The public nanochat record's parts (`config_from_depth(arch="record")`, measured at d12-d26 on GPUs),
+  each a GPTConfig switch that defaults off so the first architecture's checkpoints load: value
+  embeddings, per-layer residual and x0 scalars, smear, backout, sliding windows, the record's init.
+- Built on the meta device; `init_weights` fills every parameter and buffer.
+- KV cache protocol (nanochat/engine.py): `get_pos()` (an int, or (B,) per-row positions),
+  `insert_kv(layer, k, v) -> (k_all, v_all)`, and with smear `swap_last_embedding(last) -> previous`.
 """
 
 from __future__ import annotations
@@ -43,8 +30,7 @@ VOCAB_MULTIPLE = 64
 NORM_EPS = 1e-6
 SMEAR_CHANNELS = 24  # the smear gate reads this many leading channels of the normed embedding
 VE_GATE_CHANNELS = 12  # a value-embedding gate reads this many leading channels of the attention input
-ARCHES = ("record", "v1")  # config_from_depth's architectures: the public record's, and our first
-INITS = ("record", "v1")
+ARCHES = ("record", "v1")  # architectures and inits: the public record's, and our first
 
 
 @dataclass
@@ -66,23 +52,20 @@ class GPTConfig:
     init: str = "v1"  # "v1": wte N(0, 1), c_fc like c_q; "record": wte N(0, 0.8), c_fc 0.4x
 
     def __post_init__(self) -> None:
-        for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.head_dim % 2:
-            raise ValueError(f"head dim n_embd/n_head = {self.head_dim} must be even (rotary rotates pairs)")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
-        if not self.window_pattern or set(self.window_pattern) - set("SL"):
-            raise ValueError(f"window_pattern must be letters S and L, got {self.window_pattern!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
-        for feature, channels in (("smear", SMEAR_CHANNELS), ("value_embeds", VE_GATE_CHANNELS)):
-            if getattr(self, feature) and self.n_embd < channels:
-                raise ValueError(f"{feature} gates read {channels} channels: n_embd must be >= {channels}")
+        # what a saved config or --window-pattern can still get wrong: types and sizes of a saved one are
+        # checkpoint_manager.checked_config's, and config_from_depth checks its own flags
+        C, H, Hkv, pattern = self.n_embd, self.n_head, self.n_kv_head, self.window_pattern
+        gates = max(SMEAR_CHANNELS * self.smear, VE_GATE_CHANNELS * self.value_embeds)  # channels read
+        for ok, problem in (
+            (C % H == 0, f"n_embd ({C}) must be divisible by n_head ({H})"),
+            (self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even (rotary rotates pairs)"),
+            (H % Hkv == 0, f"n_kv_head ({Hkv}) must divide n_head ({H})"),
+            (pattern and set(pattern) <= set("SL"), f"window_pattern must be letters S and L, not {pattern}"),
+            (self.init in ARCHES, f"init must be one of {ARCHES}, got {self.init!r}"),
+            (C >= gates, f"n_embd ({C}) must be >= {gates}: the gates read that many channels"),
+        ):
+            if not ok:
+                raise ValueError(problem)
 
     @property
     def head_dim(self) -> int:
@@ -181,23 +164,19 @@ def _cached_band_mask(T: int, window: int, device: torch.device) -> torch.Tensor
 
 
 def band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
-    """visible_keys of a whole sequence from position 0, (T, T): built once per (T, window, device)
-    and shared by every short-window layer of every step. In a compiled graph it is a few fused ops.
-
-    SDPA with a mask still does all T² work (the record's FA3 skips the hidden blocks; FA3 cannot be
-    installed here). SDPA alone at the d4 CPU demo's shape (B 8, 2 heads of 128, one thread, best of
-    15), forward + backward: 46 ms with the band mask vs 42 ms causal at T 256, 193 vs 173 ms at
-    T 512. On a GPU a mask also rules out the flash kernel: compiled, the windows take flex_attention."""
+    """visible_keys of a whole sequence, (T, T): built once per (T, window, device) and shared by every
+    short layer of every step (compiled, a few fused ops instead: a Python cache cannot live there)."""
+    # SDPA with a mask still does all T² work (the record's FA3 skips hidden blocks; FA3 cannot be
+    # installed here): at the d4 CPU demo's shape (B 8, 2 heads of 128, one thread, best of 15),
+    # forward + backward 46 ms vs 42 ms causal at T 256, 193 vs 173 ms at T 512
     if torch.compiler.is_compiling():
         return visible_keys(torch.arange(T, device=device), T, window)
     return _cached_band_mask(T, window, device)
 
 
 def window_block_mask(T: int, window: int, device: torch.device):
-    """band_mask as flex_attention's BlockMask: per block of 128 queries, which key blocks to skip,
-    which to attend in full and which to mask element by element (the band's two edges). Built inside
-    the compiled graph, where a Python cache cannot live: per short layer and step a few small kernels
-    over (T, T) booleans, next to the attention's T² multiply-adds per head and row."""
+    """band_mask as flex_attention's BlockMask: per block of 128 queries, the key blocks to skip, to
+    attend in full and to mask element by element (the band's two edges)."""
     from torch.nn.attention.flex_attention import create_block_mask  # imports sympy: not at start-up
 
     def sliding_causal(b, h, q_idx, kv_idx):  # visible_keys, one (query, key) pair at a time
@@ -208,12 +187,11 @@ def window_block_mask(T: int, window: int, device: torch.device):
 
 
 def flex_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the windows take flex_attention: only inside torch.compile, whose kernel skips the
-    hidden blocks. Eager flex is torch's unfused reference: at B 8, 2 heads of 128, T 512, window 128,
-    one CPU thread, no grad, 803 ms against SDPA with the band mask's 166 ms (medians of 7). On a CPU
-    only without gradients: torch 2.15 has no flex backward there, so CPU training keeps the mask.
-    Compiled on a CPU, flex costs the d4 record's no-grad forward 4% at T 256 and 7% at T 512 against
-    the mask (B 8, one thread, medians of 9 interleaved rounds): kept, so that CI runs the GPU's path."""
+    """Whether the windows take flex_attention: only compiled, whose kernel skips the hidden blocks."""
+    # Eager flex is torch's unfused reference: 803 ms against the band mask's 166 ms (B 8, 2 heads of
+    # 128, T 512, window 128, one CPU thread, no grad, medians of 7). torch 2.15 has no CPU flex backward,
+    # so CPU training keeps the mask; compiled CPU inference takes flex (4% slower than the mask at T 256,
+    # 7% at T 512 on the d4 record) so that CI runs the GPU's path.
     if not torch.compiler.is_compiling():
         return False
     grads = q.requires_grad or k.requires_grad or v.requires_grad
@@ -237,15 +215,8 @@ class CausalSelfAttention(nn.Module):
         # scaling q and k by s after QK-norm is scaling the softmax by s², which SDPA does for free
         self.softmax_scale = config.qk_scale**2 / math.sqrt(config.head_dim)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        ve: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache=None,
-        positions=None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ve, cos, sin, kv_cache=None, positions=None) -> torch.Tensor:
+        """x (B, T, C) normed, ve (B, T, Hkv*D) or None, cos/sin (1|B, T, 1, D/2), positions (B, T)|None."""
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, D)
@@ -279,24 +250,21 @@ class CausalSelfAttention(nn.Module):
             scores = (q.reshape(B, Hkv, G * Tq, D) @ k.transpose(-1, -2)).view(B, Hkv, G, Tq, Tk)
             weights = (scores.float() * self.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1)
             return (weights.to(v.dtype).view(B, Hkv, G * Tq, Tk) @ v).view(B, H, Tq, D)
-        if window is not None and window < Tk:  # the window hides some keys: a band mask
-            if Tq == Tk and flex_runs(q, k, v):  # compiled training: skip the blocks outside the band
+        hides = window is not None and window < Tk  # the window hides some keys
+        if Tq == Tk:  # no cache, or a cache that was empty
+            if not hides:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+            if flex_runs(q, k, v):  # compiled: skip the blocks outside the band
                 from torch.nn.attention.flex_attention import flex_attention
 
                 # autocast casts SDPA's inputs, not flex's: a value embedding (fp32) left v in fp32
                 k, v = k.to(q.dtype), v.to(q.dtype)
                 return flex_attention(q, k, v, block_mask=window_block_mask(Tk, window, q.device), **kw)
-            if Tq == Tk:  # training, or a cache that was empty
-                mask = band_mask(Tk, window, q.device)
-            else:  # queries at positions Tk-Tq .. Tk-1
-                mask = visible_keys(torch.arange(Tk - Tq, Tk, device=q.device), Tk, window)  # (Tq, Tk)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
-        if Tq == Tk:  # no cache, or a cache that was empty: plain causal attention
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-        if Tq == 1:  # one new token sees everything before it
+            mask = band_mask(Tk, window, q.device)
+        elif Tq == 1 and not hides:  # one new token sees everything before it
             return F.scaled_dot_product_attention(q, k, v, **kw)
-        # a block of Tq queries at positions Tk-Tq .. Tk-1: query i sees keys 0 .. Tk-Tq+i
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+        else:  # a block of queries at positions Tk-Tq .. Tk-1 (a chunked prefill)
+            mask = visible_keys(torch.arange(Tk - Tq, Tk, device=q.device), Tk, window)  # (Tq, Tk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
 
 
@@ -316,21 +284,17 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        ve: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache=None,
-        positions=None,
-    ) -> torch.Tensor:
-        x = x + self.attn(norm(x), ve, cos, sin, kv_cache, positions)
+    def forward(self, x: torch.Tensor, *attn_args) -> torch.Tensor:
+        x = x + self.attn(norm(x), *attn_args)  # attn_args: CausalSelfAttention.forward's after x
         return x + self.mlp(norm(x))
 
 
 # -----------------------------------------------------------------------------
 # The model
+
+
+def _table(rows: int, cols: int) -> nn.Embedding:
+    return nn.Embedding.from_pretrained(torch.empty(rows, cols), freeze=False)  # given a weight: no normal_
 
 
 class GPT(nn.Module):
@@ -341,28 +305,14 @@ class GPT(nn.Module):
         # build shapes only; init_weights fills them on the real device. Only empty tensors and the
         # Linears' own uniform_ here: normal_ or arithmetic on the meta device runs torch's Python
         # references, whose first call imports torch._dynamo (~1 s of every process that loads a model)
+        V, kv_dim = config.padded_vocab_size, config.n_kv_head * config.head_dim
         with torch.device("meta"):
-            self.transformer = nn.ModuleDict(
-                {
-                    # given a weight, Embedding skips its normal_ init
-                    "wte": nn.Embedding.from_pretrained(
-                        torch.empty(config.padded_vocab_size, config.n_embd), freeze=False
-                    ),
-                    "h": nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
-                }
-            )
-            self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-            # value-embedding tables by layer index (empty without the feature), (V, Hkv*D) each
-            kv_dim = config.n_kv_head * config.head_dim
-            self.value_embeds = nn.ModuleDict(
-                {
-                    str(i): nn.Embedding.from_pretrained(
-                        torch.empty(config.padded_vocab_size, kv_dim), freeze=False
-                    )
-                    for i in range(config.n_layer)
-                    if config.has_value_embed(i)
-                }
-            )
+            blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+            self.transformer = nn.ModuleDict({"wte": _table(V, config.n_embd), "h": blocks})
+            self.lm_head = nn.Linear(config.n_embd, V, bias=False)
+            # value-embedding tables by layer index (empty without the feature)
+            layers = [i for i in range(config.n_layer) if config.has_value_embed(i)]
+            self.value_embeds = nn.ModuleDict({str(i): _table(V, kv_dim) for i in layers})
             if config.layer_scalars:  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0
                 self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
                 self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
