@@ -1,27 +1,16 @@
 """The tokenizer: byte-level BPE trained by rustbpe, run by tiktoken.
 
-- One split pattern for training and inference: GPT-4's, but digits grouped 1-2, so a small
-  vocab spends less on numbers.
-- Nine special tokens take the ids right after the mergeable ranks; `vocab_size` counts them.
-- `encode` is ordinary encoding only: text that spells `<|bos|>` never becomes the control id.
-- On disk, data only, never a pickle: `tokenizer.tiktoken` (base64 token and rank per line),
-  `tokenizer_meta.json` (name, pattern, special tokens, BOS) and `token_bytes.pt` (each token's
-  raw byte length). Each is written atomically, byte-identical for the same tokenizer; the meta,
-  written last, holds the other two files' SHA-256. An old `tokenizer.pkl` is converted only on
-  request: `python -m nanochat.tokenizer convert [DIR]`.
-- Loading checks everything first (checksums, unique tokens and ranks, all 256 bytes, special ids
-  unique and apart from the ranks, a pattern that compiles): any problem is one TokenizerError.
-- A conversation renders to (ids, mask), mask 1 only on what the assistant writes itself.
-- Streaming decode is incremental UTF-8: a partial code point is held back until complete.
+On disk, plain data only, never a pickle: `tokenizer.tiktoken` (base64 token and rank per line),
+`token_bytes.pt` (each token's raw byte length) and, written last, `tokenizer_meta.json` (name,
+pattern, special tokens, BOS, the other files' SHA-256). Loading checks all of it before use: any
+problem is one TokenizerError line naming the file.
 """
 
-import argparse
 import base64
 import codecs
 import hashlib
 import json
 import os
-import pickle
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,9 +19,10 @@ import torch
 
 from nanochat.common import UserError, atomic_path, get_base_dir, print0, save_tensors, sha256_of
 
+# GPT-4's pattern, but digits grouped 1-2: a small vocab spends less on numbers
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""  # noqa: E501
 
-SPECIAL_TOKENS = [
+SPECIAL_TOKENS = [  # their ids follow the mergeable ranks, in this order; vocab_size counts them
     "<|bos|>",  # every document and every conversation starts with it
     "<|user_start|>",
     "<|user_end|>",
@@ -64,8 +54,9 @@ PRETRAINED = {
 }
 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte tokens and the special tokens
-RANKS_FILE, META_FILE, OLD_PICKLE = "tokenizer.tiktoken", "tokenizer_meta.json", "tokenizer.pkl"
-BYTES_FILE = "token_bytes.pt"
+RANKS_FILE, META_FILE, BYTES_FILE = "tokenizer.tiktoken", "tokenizer_meta.json", "token_bytes.pt"
+OLD_PICKLE = "tokenizer.pkl"  # what versions before the data format wrote: refused, never unpickled
+META_KEYS = {"name", "pattern", "special_tokens", "bos_token"}  # the constructor's, + "sha256"
 RETRAIN = "train it again with `python -m scripts.tok_train`"
 
 
@@ -75,19 +66,16 @@ class TokenizerError(UserError, FileNotFoundError, ValueError):
 
 
 def _check_tokens(ranks: dict[bytes, int], special_tokens: dict[str, int], directory: Path) -> None:
-    """The ranks encode any text (all 256 single bytes), special ids are unique, not negative, and
-    apart from the ranks: else TokenizerError naming the file at fault in `directory`."""
-    where = directory / RANKS_FILE
+    """The ranks encode any text (all 256 bytes); special ids are distinct, >= 0 and not ranks."""
     if missing := [b for b in range(256) if bytes([b]) not in ranks]:
         raise TokenizerError(
-            f"{where}: {len(missing)} single-byte tokens are missing (e.g. byte {missing[0]}); {RETRAIN}"
+            f"{directory / RANKS_FILE}: {len(missing)} single-byte tokens are missing (e.g. byte "
+            f"{missing[0]}); {RETRAIN}"
         )
-    where = directory / META_FILE
-    ids = list(special_tokens.values())
+    where, ids = directory / META_FILE, list(special_tokens.values())
     if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
         raise TokenizerError(f"{where}: special token ids {ids} are not distinct non-negative ids; {RETRAIN}")
-    rank_values = set(ranks.values())
-    if clash := {name: i for name, i in special_tokens.items() if i in rank_values}:
+    if clash := {name: i for name, i in special_tokens.items() if i in set(ranks.values())}:
         raise TokenizerError(
             f"{where}: special tokens {clash} take the id of an ordinary token, so the model could never "
             f"emit them; {RETRAIN}"
@@ -99,9 +87,9 @@ def _meta_fields(meta: object, meta_path: Path) -> dict:
     problem = None
     if not isinstance(meta, dict):
         problem = "is not a JSON object"
-    elif missing := sorted({"name", "pattern", "special_tokens", "bos_token"} - set(meta)):
+    elif missing := sorted(META_KEYS - set(meta)):
         problem = f"lacks {', '.join(missing)}"
-    elif unknown := sorted(set(meta) - {"name", "pattern", "special_tokens", "bos_token", "sha256"}):
+    elif unknown := sorted(set(meta) - META_KEYS - {"sha256"}):
         problem = f"has unknown keys {unknown}"
     elif not all(isinstance(meta[k], str) for k in ("name", "pattern", "bos_token")):
         problem = "needs strings for name, pattern and bos_token"
@@ -117,7 +105,7 @@ def _meta_fields(meta: object, meta_path: Path) -> dict:
         raise TokenizerError(
             f"{meta_path} is not a tokenizer description written by Tokenizer.save: {problem}; {RETRAIN}"
         )
-    return {k: v for k, v in meta.items() if k != "sha256"}
+    return {k: meta[k] for k in META_KEYS}
 
 
 class Tokenizer:
@@ -141,11 +129,7 @@ class Tokenizer:
 
     @classmethod
     def train_from_iterator(
-        cls,
-        text_iterator: Iterable[str],
-        vocab_size: int,
-        num_threads: int | None = None,
-        verbose: bool = False,
+        cls, text_iterator: Iterable[str], vocab_size: int, num_threads: int | None = None, verbose=False
     ) -> "Tokenizer":
         """Train a tokenizer of `vocab_size` tokens, special ones included; `verbose` shows progress."""
         import rustbpe  # only training needs the Rust extension
@@ -155,11 +139,7 @@ class Tokenizer:
         trainer = rustbpe.Tokenizer()
         # rustbpe raises on non-str items, an empty corpus and errors of the iterator itself
         trainer.train_from_iterator(
-            text_iterator,
-            vocab_size - len(SPECIAL_TOKENS),
-            pattern=SPLIT_PATTERN,
-            num_threads=num_threads,
-            verbose=verbose,
+            text_iterator, 256 + num_merges, pattern=SPLIT_PATTERN, num_threads=num_threads, verbose=verbose
         )
         mergeable_ranks = dict(trainer.get_mergeable_ranks())
         produced = len(mergeable_ranks) - 256
@@ -175,17 +155,16 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike) -> "Tokenizer":
-        """Load a tokenizer written by `save`, checked first (see the module docstring): any problem is
-        a TokenizerError naming the file. Never unpickles: an old tokenizer.pkl is refused."""
+        """Load a tokenizer written by `save`, checked first: any problem is a TokenizerError."""
         directory = Path(directory)
         ranks_path, meta_path = directory / RANKS_FILE, directory / META_FILE
         if not ranks_path.exists() and (directory / OLD_PICKLE).exists():
             raise TokenizerError(
-                f"{directory / OLD_PICKLE} is an old pickled tokenizer, never loaded (unpickling can run "
-                f"code); convert it once with `python -m nanochat.tokenizer convert {directory}`"
+                f"{directory / OLD_PICKLE} is a pickled tokenizer of an older version, never loaded "
+                f"(unpickling can run code); {RETRAIN}"
             )
         for path in (ranks_path, meta_path):
-            if not path.exists():
+            if not path.exists():  # the meta is written last: without it, a save was interrupted
                 raise TokenizerError(f"no tokenizer at {path} ({RETRAIN})")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -195,13 +174,10 @@ class Tokenizer:
             ) from None
         fields = _meta_fields(meta, meta_path)
         for name, digest in meta.get("sha256", {}).items():  # a tokenizer saved before checksums has none
-            if (
-                name in (RANKS_FILE, BYTES_FILE)
-                and (directory / name).exists()
-                and sha256_of(directory / name) != digest
-            ):
+            path = directory / name
+            if name in (RANKS_FILE, BYTES_FILE) and path.exists() and sha256_of(path) != digest:
                 raise TokenizerError(
-                    f"{directory / name} is damaged: its SHA-256 is not the one in {META_FILE}; {RETRAIN}"
+                    f"{path} is damaged: its SHA-256 is not the one in {META_FILE}; {RETRAIN}"
                 )
         ranks = load_tiktoken_ranks(ranks_path)
         _check_tokens(ranks, fields["special_tokens"], directory)
@@ -220,8 +196,8 @@ class Tokenizer:
         return cls(pattern, load_tiktoken_ranks(path), special_tokens, name, "<|endoftext|>")
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write token_bytes.pt, the ranks and the meta JSON (last, with the others' SHA-256) into
-        `directory` (created if needed)."""
+        """Write the tokenizer's files into `directory` (created if needed), byte-identical for the
+        same tokenizer."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         ranks = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
@@ -250,10 +226,6 @@ class Tokenizer:
         """The id of a special token, e.g. encode_special("<|assistant_end|>")."""
         return self.special_tokens[name]
 
-    def id_to_token(self, token_id: int) -> str:
-        """The text of one token (a partial UTF-8 sequence shows as U+FFFD)."""
-        return self.enc.decode([token_id])
-
     def token_bytes(self) -> torch.Tensor:
         """int32 [V]: raw byte length of each token, 0 for special tokens (and unused ids)."""
         lengths = [0] * self.get_vocab_size()
@@ -269,7 +241,7 @@ class Tokenizer:
         num_threads: int = 8,
     ) -> list[int] | list[list[int]]:
         """Ordinary encoding of a text (or of each text of a list), `prepend` / `append` (ids or special
-        token names) around it."""
+        token names) around it: text spelling `<|bos|>` never becomes the control id."""
         special = self.special_tokens
         prefix, suffix = (
             [] if t is None else [special[t] if isinstance(t, str) else t] for t in (prepend, append)
@@ -284,7 +256,8 @@ class Tokenizer:
         return self.enc.decode([int(i) for i in ids])
 
     def render_conversation(self, conversation, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
-        """(ids, mask) of a conversation, truncated to max_tokens; mask 1 = train on this token."""
+        """(ids, mask) of a conversation validated where it was read (`validate_conversation`), truncated
+        to max_tokens; mask 1 = train on this token (only what the assistant writes itself)."""
         ids: list[int] = []
         mask: list[int] = []
 
@@ -294,7 +267,10 @@ class Tokenizer:
 
         special = self.special_tokens
         add([self.get_bos_token_id()], 0)
-        for message in _chat_turns(conversation):
+        for i, message in enumerate(_chat_turns(conversation)):
+            assert message["role"] == ("user", "assistant")[i % 2], (
+                "validate conversations where they are read"
+            )
             content = message["content"]
             if message["role"] == "user":
                 add([special["<|user_start|>"], *self.encode(content), special["<|user_end|>"]], 0)
@@ -321,15 +297,6 @@ class Tokenizer:
         ids, _ = self.render_conversation(messages, max_tokens=None)
         return ids + [self.special_tokens["<|assistant_start|>"]]
 
-    def visualize_tokenization(self, ids: list[int], mask: list[int]) -> str:
-        """Tokens for the terminal: trained ones (mask 1) green, the rest red, on alternating shades."""
-        pieces = []
-        for i, (token_id, m) in enumerate(zip(ids, mask, strict=True)):
-            colour = "\033[92m" if m else "\033[91m"
-            shade = "\033[48;5;236m" if i % 2 else "\033[48;5;238m"
-            pieces.append(f"{colour}{shade}{self.id_to_token(token_id)}\033[0m")
-        return "".join(pieces)
-
 
 def _messages(conversation) -> list[dict]:
     """A copy of the message list of {"messages": [...]} or of a bare list."""
@@ -340,7 +307,7 @@ def validate_conversation(messages, last_role: str | None = None) -> list:
     """`messages` if it is an optional system message, then user/assistant turns alternating from
     user (the last one from `last_role`, when given), each {"role", "content"} with string content
     (an assistant's may be a list of parts); else ValueError naming the first problem. The one check
-    of a conversation's shape, wherever one comes from (HTTP, data files, code)."""
+    of a conversation's shape, where one is read (HTTP, data files)."""
     if not isinstance(messages, list):
         raise ValueError(f"expected a list of messages, got {type(messages).__name__}")
     start = 1 if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
@@ -365,8 +332,8 @@ def validate_conversation(messages, last_role: str | None = None) -> list:
 
 
 def _chat_turns(conversation) -> list[dict]:
-    """The messages (validated), a leading system message merged into the first user one."""
-    messages = validate_conversation(_messages(conversation))
+    """The messages, a leading system message merged into the first user one."""
+    messages = _messages(conversation)
     if messages[0]["role"] == "system":
         messages[:2] = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
     return messages
@@ -409,36 +376,28 @@ def get_token_bytes(device: str | torch.device = "cpu") -> torch.Tensor:
     return torch.load(path, map_location=device, weights_only=True)
 
 
-class _PlainDataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        # the old tokenizer.pkl held only a dict of str/bytes/int, which needs no class: refusing every
-        # class (and function) means converting a crafted file cannot run code either
-        raise pickle.UnpicklingError(f"refusing {module}.{name}: an old tokenizer.pkl holds only plain data")
-
-
-def convert_pickled_tokenizer(directory: str | os.PathLike) -> Tokenizer:
-    """Rewrite the old `tokenizer.pkl` of `directory` in the data format of `save`."""
-    with open(Path(directory) / OLD_PICKLE, "rb") as f:
-        state = _PlainDataUnpickler(f).load()
-    tokenizer = Tokenizer(**state)  # the old writer stored exactly the constructor's arguments
-    tokenizer.save(directory)
-    return tokenizer
-
-
 # -----------------------------------------------------------------------------
 # Chat front ends: streaming a reply as text, and storing it back as a message
 
+TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
+# How the tool's special tokens are shown to a human: "<<12*7=84>>".
+TOOL_DISPLAY = dict(zip(TOOL_TOKENS, ("<<", "=", "", ">>"), strict=True))
 
-class StreamDecoder:
-    """Decodes token ids one at a time into complete UTF-8 text; `flush()` returns what is left."""
+
+class ReplyDecoder:
+    """Decodes a chat reply's token ids one at a time into complete UTF-8 text: tool tokens become
+    `TOOL_DISPLAY` markers, any other special token shows its name."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
+        self.markers = {i: TOOL_DISPLAY.get(name, name) for name, i in tokenizer.special_tokens.items()}
         # a token may end or start mid code point (emoji, CJK): the decoder holds those bytes back
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        """Feed one token id; returns the text it completes (possibly "")."""
+        """The text completed by this token (possibly "")."""
+        if token_id in self.markers:
+            return self.flush() + self.markers[token_id]
         return self._decoder.decode(self.tokenizer.enc.decode_single_token_bytes(int(token_id)))
 
     def flush(self) -> str:
@@ -446,28 +405,6 @@ class StreamDecoder:
         text = self._decoder.decode(b"", final=True)
         self._decoder.reset()
         return text
-
-
-TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
-# How the tool's special tokens are shown to a human: "<<12*7=84>>".
-TOOL_DISPLAY = dict(zip(TOOL_TOKENS, ("<<", "=", "", ">>"), strict=True))
-
-
-class ReplyDecoder(StreamDecoder):
-    """A StreamDecoder for a chat reply: tool tokens become `TOOL_DISPLAY` markers, any other
-    special token shows its name."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        super().__init__(tokenizer)
-        self.markers = {
-            token_id: TOOL_DISPLAY.get(name, name) for name, token_id in tokenizer.special_tokens.items()
-        }
-
-    def push(self, token_id: int) -> str:
-        """The text completed by this token (possibly "")."""
-        if token_id in self.markers:
-            return self.flush() + self.markers[token_id]
-        return super().push(token_id)
 
 
 def assistant_content(tokenizer: Tokenizer, ids: list[int]) -> str | list[dict]:
@@ -487,21 +424,3 @@ def assistant_content(tokenizer: Tokenizer, ids: list[int]) -> str | list[dict]:
     if all(p["type"] == "text" for p in parts):
         return "".join(p["text"] for p in parts)
     return parts
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(
-        prog="python -m nanochat.tokenizer",
-        description=f"convert: rewrite an old {OLD_PICKLE} as {RANKS_FILE} + {META_FILE} + token_bytes.pt "
-        "(only plain data is unpickled; any class or function in the file is refused)",
-    )
-    parser.add_argument("command", choices=["convert"])
-    parser.add_argument(
-        "directory", nargs="?", type=Path, help="tokenizer folder (default: <base dir>/tokenizer)"
-    )
-    args = parser.parse_args()
-    directory = args.directory or _tokenizer_dir()
-    if not (directory / OLD_PICKLE).is_file():
-        parser.error(f"no {directory / OLD_PICKLE} to convert")
-    convert_pickled_tokenizer(directory)
-    print(f"wrote {RANKS_FILE}, {META_FILE} and token_bytes.pt to {directory}")
