@@ -1,29 +1,23 @@
-"""
-Compare the compression (bytes per token) of our tokenizer with GPT-2's and GPT-4's (cl100k_base).
+"""Compare the compression (bytes per token) of our tokenizer with GPT-2's and GPT-4's (cl100k_base).
 
     python -m scripts.tok_eval                # references from ../shared/data/tokenizers if present
     python -m scripts.tok_eval --ref-dir DIR  # DIR/{gpt2/r50k_base,cl100k_base/cl100k_base}.tiktoken
 
-- Diff % = (ref tokens - our tokens) / ref tokens: positive means we need fewer tokens.
-- Texts: five fixed samples written for this script (news, Korean, Python, LaTeX math, science),
-  and the start of the train and val splits (how well we fit our own data vs held-out text).
-- References come only from local `.tiktoken` files, never the network; a missing file or split
-  is skipped with a note. A text that does not round-trip through our tokenizer is a bug: exit 1.
+Diff % = (ref tokens - our tokens) / ref tokens: positive means we need fewer tokens.
 """
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from nanochat.common import HelpFormatter, print0
+from nanochat.common import HelpFormatter, exit_on_user_error, in_range, print0
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report, markdown_table
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# label -> (pretrained name, file under the reference dir)
+# label -> (pretrained name, file under the reference dir); only local files, never the network
 REFERENCES = {
     "GPT-2": ("gpt2", "gpt2/r50k_base.tiktoken"),
     "GPT-4": ("cl100k_base", "cl100k_base/cl100k_base.tiktoken"),
@@ -111,8 +105,11 @@ def comparison_rows(texts: dict[str, str], ours: Tokenizer, ref: Tokenizer | Non
     """Table rows (header first, an "all texts" total last) comparing our token counts with `ref`'s."""
     counts = {}  # name -> (bytes, our tokens, ref tokens)
     for name, text in texts.items():
-        ref_tokens = len(ref.encode(text)) if ref else 0
-        counts[name] = (len(text.encode("utf-8")), len(ours.encode(text)), ref_tokens)
+        counts[name] = (
+            len(text.encode("utf-8")),
+            len(ours.encode(text)),
+            len(ref.encode(text)) if ref else 0,
+        )
     counts["all texts"] = tuple(map(sum, zip(*counts.values(), strict=True)))
     if ref is None:
         rows = [[name, b, o, f"{b / o:.2f}"] for name, (b, o, _) in counts.items()]
@@ -125,13 +122,8 @@ def comparison_rows(texts: dict[str, str], ours: Tokenizer, ref: Tokenizer | Non
     return [header, *rows]
 
 
-# -----------------------------------------------------------------------------
-# Flags
-
 parser = argparse.ArgumentParser(
-    prog="python -m scripts.tok_eval",
-    description="Compare the compression (bytes per token) of our tokenizer with GPT-2's and GPT-4's.",
-    formatter_class=HelpFormatter,
+    prog="python -m scripts.tok_eval", description=__doc__, formatter_class=HelpFormatter
 )
 parser.add_argument(
     "--ref-dir",
@@ -141,21 +133,18 @@ parser.add_argument(
     "$NANOCHAT_TOKENIZER_REFS sets the default, else ../shared/data/tokenizers beside the repo",
 )
 parser.add_argument(
-    "--sample-chars", type=int, default=10_000, help="chars taken from the start of each base_data split"
+    "--sample-chars",
+    type=in_range(int, 1),
+    default=10_000,
+    help="chars taken from the start of each base_data split",
 )
 args = parser.parse_args()
-if args.sample_chars < 1:
-    parser.error(f"--sample-chars must be positive, got {args.sample_chars}")
 
-# -----------------------------------------------------------------------------
-# Tokenizers: ours, and whichever references are on disk
-
-try:
+# Tokenizers (ours, and whichever references are on disk) and texts (the samples, then the start of
+# each split: how well we fit our own data vs held-out text); what is missing is skipped with a note
+with exit_on_user_error("tok_eval"):
     ours = get_tokenizer()
-except FileNotFoundError as e:
-    sys.exit(f"tok_eval: {e}")
 print0(f"our tokenizer: vocab size {ours.get_vocab_size():,}")
-
 notes = []
 references: dict[str, Tokenizer] = {}
 for label, (name, relative) in REFERENCES.items():
@@ -164,35 +153,25 @@ for label, (name, relative) in REFERENCES.items():
         references[label] = Tokenizer.from_pretrained(name, path)
     else:
         notes.append(f"{label} ({name}) skipped: reference file not found ({path})")
-
-# -----------------------------------------------------------------------------
-# Texts: the built-in samples, then the start of each base_data split
-
 texts = dict(BUILTIN_TEXTS)
 for split in ("train", "val"):
     try:
         texts[f"{split} split"] = split_sample(split, args.sample_chars)
-    except FileNotFoundError as e:
+    except FileNotFoundError as e:  # no shards yet: the samples alone
         notes.append(f"{split} split sample skipped: {e}")
-
 for name, text in texts.items():
-    if ours.decode(ours.encode(text)) != text:
-        sys.exit(f"tok_eval: our tokenizer does not round-trip the {name!r} text (decode(encode(x)) != x)")
+    assert ours.decode(ours.encode(text)) == text, f"our tokenizer does not round-trip the {name!r} text"
 
-# -----------------------------------------------------------------------------
 # Tables: one per reference (or ours alone when no reference is available)
-
 for note in notes:
     print0(f"note: {note}")
 report_data: list = [{"vocab_size": ours.get_vocab_size(), "sample_chars": args.sample_chars}]
 report_data += [f"Note: {note}" for note in notes]
-comparisons = references.items() if references else [("", None)]
-for label, ref in comparisons:
+for label, ref in references.items() if references else [("", None)]:
     title = f"Comparison with {label} ({ref.name})" if ref is not None else "Our tokenizer (no reference)"
     rows = comparison_rows(texts, ours, ref, label)
     print0(f"\n{title}:\n{markdown_table(rows)}")
     report_data += [f"{title}:", rows]
 if references:
     print0("\nratio = bytes per token (higher is better); Diff % > 0 means ours needs fewer tokens")
-
 get_report().log(section="Tokenizer evaluation", data=report_data)

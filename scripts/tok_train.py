@@ -1,25 +1,20 @@
-"""
-Train the BPE tokenizer on the train split of base_data/ and save it to <base dir>/tokenizer/.
+"""Train the BPE tokenizer on the train split of base_data/ and save it to <base dir>/tokenizer/.
 
+Usage:
     python -m scripts.tok_train                                          # 32,768 tokens on ~2B chars
     python -m scripts.tok_train --vocab-size 4096 --max-chars 20000000   # tiny CPU run
-
-- Each document is cropped to --doc-cap chars, so a few huge ones (a long table dump) do not
-  dominate the pair counts; reading stops at exactly --max-chars chars.
-- The progress bar follows the text rustbpe pulls while it counts chunks; a line marks the merges.
-- The tokenizer is checked (a fixed mixed text round-trips, no special token comes out of ordinary
-  text) before it is saved, so a broken one never replaces a good one on disk.
 """
 
 import argparse
-import sys
 import time
 
 from nanochat.common import (
     HelpFormatter,
+    UserError,
     exit_on_user_error,
     get_base_dir,
     hold_lock,
+    in_range,
     make_folder,
     print0,
     progress_bar,
@@ -28,7 +23,7 @@ from nanochat.dataset import parquets_iter_batched, read_manifest
 from nanochat.report import get_report
 from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
-# Prose, numbers, code, non-Latin scripts, emoji, odd whitespace, and text spelling special tokens.
+# Checked before saving: prose, numbers, code, non-Latin scripts, emoji, odd whitespace, special-token text.
 SANITY_TEXT = (
     "Hello world! The year 2025 had 365 days; 3.14159 is close to pi.\n"
     "def add(a, b):\n    return a + b  # tabs\tand   spaces\r\n"
@@ -37,48 +32,19 @@ SANITY_TEXT = (
     "A user typing <|bos|> or <|assistant_end|> gets plain text.\n"
 )
 
-# -----------------------------------------------------------------------------
-# Flags
-
 parser = argparse.ArgumentParser(
-    prog="python -m scripts.tok_train",
-    description="Train the BPE tokenizer on base_data/ and save it to <base dir>/tokenizer/.",
-    formatter_class=HelpFormatter,
+    prog="python -m scripts.tok_train", description=__doc__, formatter_class=HelpFormatter
 )
-parser.add_argument("--max-chars", type=int, default=2_000_000_000, help="total characters to train on")
-parser.add_argument("--doc-cap", type=int, default=10_000, help="each document is cropped to this many chars")
-parser.add_argument("--vocab-size", type=int, default=32768, help="vocabulary size, special tokens included")
-parser.add_argument("--num-threads", type=int, help="threads for rustbpe (default: all CPU cores)")
+add = parser.add_argument
+add("--max-chars", type=in_range(int, 1), default=2_000_000_000, help="total characters to train on")
+# cropping keeps a few huge documents (a long table dump) from dominating the pair counts
+add("--doc-cap", type=in_range(int, 1), default=10_000, help="each document is cropped to this many chars")
+vocab_help = "vocabulary size, special tokens included"
+add("--vocab-size", type=in_range(int, MIN_VOCAB_SIZE), default=32768, help=vocab_help)  # >= bytes + specials
+add("--num-threads", type=in_range(int, 1), help="threads for rustbpe (default: all CPU cores)")
 args = parser.parse_args()
-if args.vocab_size < MIN_VOCAB_SIZE:
-    parser.error(
-        f"--vocab-size must be at least {MIN_VOCAB_SIZE} (256 byte tokens + {len(SPECIAL_TOKENS)} special "
-        f"tokens), got {args.vocab_size}"
-    )
-for flag, value in [
-    ("--max-chars", args.max_chars),
-    ("--doc-cap", args.doc_cap),
-    ("--num-threads", args.num_threads),
-]:
-    if value is not None and value < 1:
-        parser.error(f"{flag} must be positive, got {value}")
 print0(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
-
 tokenizer_dir = get_base_dir() / "tokenizer"
-with exit_on_user_error("tok_train"):  # a second tok_train is refused now, not after its training
-    hold_lock(tokenizer_dir, "the tokenizer folder")
-
-# -----------------------------------------------------------------------------
-# Text: the train split, documents cropped to doc_cap, at most max_chars in total
-
-try:
-    next(parquets_iter_batched("train"), None)  # fail here, with the dataset's hint, if there is no text
-except FileNotFoundError as e:
-    sys.exit(f"tok_train: {e}")
-manifest = read_manifest() or {}
-corpus_chars = manifest.get("num_chars")  # known for imported corpora, null for downloads
-# the bar's total is unknown when the corpus runs out first: cropping makes its size unknowable unread
-expected_chars = None if corpus_chars and corpus_chars < args.max_chars else args.max_chars
 chars_seen = 0
 
 
@@ -96,33 +62,30 @@ def text_iterator():
     print0(f"read {chars_seen:,} chars; finishing the counts, then merging to {args.vocab_size:,} tokens")
 
 
-# -----------------------------------------------------------------------------
-# Train, check, save
-
-t0 = time.time()
-try:
+# ValueError: a corpus of empty documents, or one too small to merge anything
+with exit_on_user_error("tok_train", errors=(UserError, ValueError)):
+    hold_lock(tokenizer_dir, "the tokenizer folder")  # a second tok_train is refused now, not after training
+    next(parquets_iter_batched("train"), None)  # no text: the dataset's error names the command to run
+    manifest = read_manifest() or {}
+    corpus_chars = manifest.get("num_chars")  # known for imported corpora, null for downloads
+    # the bar's total is unknown when the corpus runs out first: cropping makes its size unknowable unread
+    expected_chars = None if corpus_chars and corpus_chars < args.max_chars else args.max_chars
+    t0 = time.time()
     tokenizer = Tokenizer.train_from_iterator(
         text_iterator(), args.vocab_size, args.num_threads, verbose=True
     )
-except ValueError as e:  # e.g. a corpus of empty documents, or one too small to merge anything
-    sys.exit(f"tok_train: training failed: {e}")
 train_time = time.time() - t0
 print0(f"trained on {chars_seen:,} chars in {train_time:.1f}s; vocab size {tokenizer.get_vocab_size():,}")
 
-ids = tokenizer.encode(SANITY_TEXT)
-if tokenizer.decode(ids) != SANITY_TEXT:
-    sys.exit("tok_train: sanity check failed: decode(encode(text)) != text; the tokenizer was not saved")
-if set(tokenizer.get_special_tokens().values()) & set(ids):
-    sys.exit("tok_train: sanity check failed: ordinary text produced a special token; not saved")
+ids = tokenizer.encode(SANITY_TEXT)  # checked before saving: a broken tokenizer never replaces a good one
+assert tokenizer.decode(ids) == SANITY_TEXT, "decode(encode(text)) != text: the tokenizer was not saved"
+assert not set(tokenizer.get_special_tokens().values()) & set(ids), "ordinary text gave a special token"
 num_bytes = len(SANITY_TEXT.encode("utf-8"))
 print0(f"sanity check passed: {num_bytes} bytes -> {len(ids)} tokens ({num_bytes / len(ids):.2f} bytes/tok)")
-
 tokenizer.save(make_folder(tokenizer_dir))
 print0(f"saved the tokenizer to {tokenizer_dir}")
 
-# -----------------------------------------------------------------------------
 # Token byte lengths (what bits-per-byte divides by) and the report
-
 token_bytes = tokenizer.token_bytes()
 ordinary_bytes = token_bytes[: -len(SPECIAL_TOKENS)].float()  # the special tokens come last
 stats = {
@@ -132,20 +95,11 @@ stats = {
     "num_zero_byte_tokens": int((token_bytes == 0).sum()),
 }
 print0("token bytes of ordinary tokens: " + ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
-
-get_report().log(
-    section="Tokenizer training",
-    data=[
-        {
-            "data_source": manifest.get("source", "unknown"),
-            "max_chars": args.max_chars,
-            "doc_cap": args.doc_cap,
-            "vocab_size": tokenizer.get_vocab_size(),
-            "vocab_size_requested": args.vocab_size,
-            "chars_seen": chars_seen,
-            "train_time_s": train_time,
-            "num_special_tokens": len(SPECIAL_TOKENS),
-            **stats,
-        }
-    ],
-)
+settings = {
+    "data_source": manifest.get("source", "unknown"),
+    "max_chars": args.max_chars,
+    "doc_cap": args.doc_cap,
+}
+settings |= {"vocab_size": tokenizer.get_vocab_size(), "vocab_size_requested": args.vocab_size}
+settings |= {"chars_seen": chars_seen, "train_time_s": train_time, "num_special_tokens": len(SPECIAL_TOKENS)}
+get_report().log(section="Tokenizer training", data=[settings | stats])
