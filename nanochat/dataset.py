@@ -6,7 +6,7 @@
     python -m nanochat.dataset --from-dir DIR [--val FILE_OR_DIR]  # local .parquet/.txt/.md/.jsonl(.gz)
     python -m nanochat.dataset --offline     # the embedded corpus: this Python's own stdlib (no network)
 
-One layout for every source, one source per directory: `shard_{i:05d}.parquet` files with a `text` column,
+One layout for every corpus, one corpus per directory: `shard_{i:05d}.parquet` files with a `text` column,
 row groups of at most 1024 docs (the unit ranks split work by), the val shard named in manifest.json.
 """
 
@@ -37,9 +37,9 @@ logger = logging.getLogger("nanochat.dataset")  # not __name__: it is "__main__"
 
 ROWS_PER_GROUP = 1024  # docs per parquet row group (the unit ranks split work by)
 MIN_ROW_GROUPS = 8  # imported splits get at least this many row groups, so 8 ranks find one each
-DOCS_PER_SHARD = 8192  # imported sources: docs per train shard
-VAL_FRACTION = 0.05  # imported sources without --val: share of the shuffled docs held out
-MAX_DOC_CHARS = 20_000  # text files and stdlib sources are cut into docs of at most this size
+DOCS_PER_SHARD = 8192  # imports: docs per train shard
+VAL_FRACTION = 0.05  # imports without --val: share of the shuffled docs held out
+MAX_DOC_CHARS = 20_000  # text files and stdlib modules are cut into docs of at most this size
 OFFLINE_MAX_CHARS = 64_000_000  # default cap of the offline corpus
 SHUFFLE_SEED = 42  # imports shuffle with it: same input, same bytes
 MANIFEST = "manifest.json"
@@ -49,11 +49,11 @@ DEFAULT_NUM_FILES = 8
 NO_DATA_HINT = "run `python -m nanochat.dataset --offline` (no network needed), or with `-n 8` (ClimbMix)"
 USABLE = "expected .parquet files with a 'text' column, .txt/.md files, or .jsonl lines with a 'text' field"
 READ_ERRORS = (pa.ArrowException, OSError, KeyError)  # what pyarrow raises on a damaged file
-SOURCES = {  # --source: the URL of pre-shuffled shards in our layout; the last one, the pinned val shard
+CORPORA = {  # --source: the URL of pre-shuffled shards in our layout; the last one, the pinned val shard
     "climbmix": ("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6542),
     "fineweb-edu": ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822),
 }
-DEFAULT_SOURCE = "climbmix"
+DEFAULT_CORPUS = "climbmix"
 
 
 class DataError(common.UserError, FileNotFoundError):  # so every caller that handles "no data" handles it
@@ -76,7 +76,7 @@ def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
 
 
 def read_manifest(data_dir: str | os.PathLike | None = None) -> dict | None:
-    """The manifest of `base_data` (source, val shard, counts), or None when there is none."""
+    """The manifest of `base_data` (corpus as "source", val shard, counts), or None when there is none."""
     path = get_data_dir(data_dir) / MANIFEST
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -139,17 +139,17 @@ def parquets_iter_batched(split: str, start: int = 0, step: int = 1, data_dir=No
         yield read_row_group(path, group)
 
 
-def _claim(data_dir: Path, source: str, force: bool = False) -> None:
-    """Refuse to add `source`'s shards to another source's; with `force`, delete those first."""
+def _claim(data_dir: Path, corpus: str, force: bool = False) -> None:
+    """Refuse to add `corpus`'s shards to another corpus's; with `force`, delete those first."""
     old = (read_manifest(data_dir) or {}).get("source", "fineweb-edu")  # shards without manifest: downloaded
-    if (existing := list_parquet_files(data_dir)) and old != source:
+    if (existing := list_parquet_files(data_dir)) and old != corpus:
         if force:
             return _clear(data_dir)
         raise RuntimeError(
-            f"{data_dir} holds {len(existing)} shards from source {old!r}; refusing to add {source!r} "
+            f"{data_dir} holds {len(existing)} shards of {old!r}; refusing to add {corpus!r} "
             "shards to them. Pass --force to delete them first, or set NANOCHAT_BASE_DIR to another "
             "directory (every later script reads $NANOCHAT_BASE_DIR/base_data)"
-            + (f", or --source {old} to keep downloading that source." if old in SOURCES else ".")
+            + (f", or --source {old} to keep downloading that corpus." if old in CORPORA else ".")
         )
 
 
@@ -166,19 +166,19 @@ def has_text_column(path: str | os.PathLike) -> bool:
     return "text" in pq.read_schema(path).names  # reads the footer: a cut or garbage body raises here
 
 
-def download_source(
-    source=DEFAULT_SOURCE, num_files=DEFAULT_NUM_FILES, data_dir=None, workers=4, force=False, **kw
+def download_corpus(
+    corpus=DEFAULT_CORPUS, num_files=DEFAULT_NUM_FILES, data_dir=None, workers=4, force=False, **kw
 ):
-    """Download `source`'s val shard, then train shards 0..num_files-1 (-1: all), `workers` at a time, keeping
+    """Download `corpus`'s val shard, then train shards 0..num_files-1 (-1: all), `workers` at a time, keeping
     valid ones; `kw`: timeout, retries, backoff. Returns the manifest; RuntimeError names failed shards."""
-    url, val_shard = SOURCES[source]
+    url, val_shard = CORPORA[corpus]
     if not 0 <= (num_files := val_shard if num_files == -1 else num_files) <= val_shard:
-        raise ValueError(f"-n must be -1 (all) or 0..{val_shard} for {source}, got {num_files}")
-    _claim(data_dir := get_data_dir(data_dir), source, force)
-    manifest = {"source": source, "detail": url, "val_shard": shard_name(val_shard)}
+        raise ValueError(f"-n must be -1 (all) or 0..{val_shard} for {corpus}, got {num_files}")
+    _claim(data_dir := get_data_dir(data_dir), corpus, force)
+    manifest = {"source": corpus, "detail": url, "val_shard": shard_name(val_shard)}
     manifest.update(num_docs=None, num_chars=None, num_shards=None)  # num_chars would read every shard
     _write_manifest(data_dir, manifest)  # first, so an interrupted download is still claimed
-    logger.info(f"downloading {source}: val shard {val_shard}, then {num_files} train shards into {data_dir}")
+    logger.info(f"downloading {corpus}: val shard {val_shard}, then {num_files} train shards into {data_dir}")
     kw.update(validate=has_text_column, progress=False)  # one bar for all shards instead of one per shard
     fetch = lambda name: common.download_file(f"{url}/{name}", data_dir / name, **kw)  # noqa: E731
     for indices, threads in (([val_shard], 1), (range(num_files), workers)):  # the val shard first
@@ -187,7 +187,10 @@ def download_source(
             for _ in as_completed(futures.values()):
                 bar.update(1)
         if failed := [f"{name}: {f.exception()}" for name, f in futures.items() if f.exception()]:
-            raise RuntimeError(f"{len(failed)} of {len(indices)} shards failed:\n" + "\n".join(failed))
+            hint = "no network? `python -m nanochat.dataset --offline` needs none"
+            raise RuntimeError(
+                f"{len(failed)} of {len(indices)} shards failed ({hint}):\n" + "\n".join(failed)
+            )
     files = list_parquet_files(data_dir)
     manifest.update(num_docs=sum(pq.read_metadata(p).num_rows for p in files), num_shards=len(files))
     _write_manifest(data_dir, manifest)
@@ -260,11 +263,11 @@ def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
 
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = ("site-packages", "dist-packages", "__pycache__", "pydoc_data")  # pydoc_data: the topics again
-    sources = [p.relative_to(root) for p in _sorted_files(root, skip) if p.suffix == ".py"]
-    sources.sort(key=lambda p: bool({"test", "tests", "idle_test"} & set(p.parts)))  # stable: tests last
+    modules = [p.relative_to(root) for p in _sorted_files(root, skip) if p.suffix == ".py"]
+    modules.sort(key=lambda p: bool({"test", "tests", "idle_test"} & set(p.parts)))  # stable: tests last
 
     docs, total = [], 0
-    for text in chain(map(topics.get, sorted(topics)), (root / p for p in sources)):
+    for text in chain(map(topics.get, sorted(topics)), (root / p for p in modules)):
         if total >= max_chars:  # lazily read: a small corpus opens only the files it needs
             break
         try:
@@ -276,7 +279,7 @@ def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
     return docs
 
 
-def write_shards(docs, source: str, detail, data_dir=None, val_docs=None, per_shard=DOCS_PER_SHARD) -> dict:
+def write_shards(docs, corpus: str, detail, data_dir=None, val_docs=None, per_shard=DOCS_PER_SHARD) -> dict:
     """Shuffle `docs` and replace the dir's shards with train shards + a last val shard: `val_docs`
     as they are when given, else docs held out of the shuffle. Returns the manifest."""
     assert val_docs is not None or len(docs) >= 2, "one train and one validation doc at least"
@@ -287,7 +290,7 @@ def write_shards(docs, source: str, detail, data_dir=None, val_docs=None, per_sh
         docs, val_docs = docs[:-num_val], docs[-num_val:]
     shards = [docs[i : i + per_shard] for i in range(0, len(docs), per_shard)] + [val_docs]
     every = docs + val_docs
-    manifest = dict(source=source, detail=detail, val_shard=shard_name(len(shards) - 1), num_docs=len(every))
+    manifest = dict(source=corpus, detail=detail, val_shard=shard_name(len(shards) - 1), num_docs=len(every))
     manifest.update(num_chars=sum(map(len, every)), num_shards=len(shards))
     _clear(data_dir)
     _write_manifest(data_dir, manifest)  # first: an interrupted import is recognized and redone by a rerun
@@ -323,7 +326,7 @@ def import_from_dir(src, data_dir=None, force=False, val=None, per_shard=DOCS_PE
 
 
 def build_offline(data_dir=None, max_chars: int = OFFLINE_MAX_CHARS, force: bool = False) -> dict:
-    """Write the embedded offline corpus (pydoc topics + stdlib sources) into shards; return the manifest."""
+    """Write the embedded offline corpus (pydoc topics + stdlib modules) into shards; return the manifest."""
     if not force:
         _claim(get_data_dir(data_dir), "offline")
     detail = {
@@ -344,26 +347,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     add = parser.add_argument
     add("-n", "--num-files", type=int, help=f"shards to download (default: {DEFAULT_NUM_FILES}; -1: all)")
-    add("--source", choices=SOURCES, default=DEFAULT_SOURCE, help="the dataset to download")
-    add("-w", "--num-workers", type=int, default=4, help="parallel downloads")
+    add("--source", dest="corpus", choices=CORPORA, default=DEFAULT_CORPUS, help="the corpus to download")
+    add("-w", "--num-workers", type=common.in_range(int, 1), default=4, help="parallel downloads")
     local = parser.add_mutually_exclusive_group()
     local.add_argument("--from-dir", help="import .parquet/.txt/.md/.jsonl(.gz) files from this dir")
     local.add_argument("--offline", action="store_true", help="build the embedded offline corpus")
     add("--val", help="with --from-dir: a file or folder of validation docs (default: 5%% held out)")
     add("--data-dir", help="output dir (default: $NANOCHAT_BASE_DIR/base_data, the one later scripts read)")
-    add("--force", action="store_true", help="replace shards that came from a different source")
+    add("--force", action="store_true", help="replace shards of another corpus")
     add("--max-chars", type=int, default=OFFLINE_MAX_CHARS, help="cap on the offline corpus size")
     add("--timeout", type=float, default=30.0, help="seconds a download may stall before a retry")
     add("--retries", type=int, default=5, help="retries per shard after the first attempt")
     args = parser.parse_args(argv)
-    if (args.offline or args.from_dir) and (args.num_files is not None or args.source != DEFAULT_SOURCE):
+    if (args.offline or args.from_dir) and (args.num_files is not None or args.corpus != DEFAULT_CORPUS):
         parser.error("-n/--num-files and --source apply to downloads only")
     if args.val is not None and not args.from_dir:
         parser.error("--val goes with --from-dir (downloads and --offline have their own val shard)")
-    if args.num_workers < 1:
-        parser.error("-w/--num-workers must be at least 1")
     common.setup_logging()
-    try:
+    # every failure here is one the user can act on (a path, the network, the disk): one line, no traceback
+    with common.exit_on_user_error("nanochat.dataset", errors=(OSError, RuntimeError, ValueError)):
         if args.offline:
             build_offline(args.data_dir, args.max_chars, args.force)
         elif args.from_dir:
@@ -371,11 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             num_files = DEFAULT_NUM_FILES if args.num_files is None else args.num_files
             download = dict(force=args.force, timeout=args.timeout, retries=args.retries)
-            download_source(args.source, num_files, args.data_dir, args.num_workers, **download)
-    except (OSError, RuntimeError, ValueError) as e:
-        download = isinstance(e, RuntimeError) and not (args.offline or args.from_dir)
-        hint = "\n(no network? `python -m nanochat.dataset --offline` needs none)" if download else ""
-        raise SystemExit(f"error: {e}{hint}") from None
+            download_corpus(args.corpus, num_files, args.data_dir, args.num_workers, **download)
 
 
 if __name__ == "__main__":
