@@ -4,9 +4,9 @@ recompute, and the throughput of the web server under concurrent streaming clien
 
     uv run python bench/infer.py [--depth 4] [--prompt-len 256] [--gen-tokens 256] [--skip-web]
 
-A random model with the vocabulary of the tokenizer in $NANOCHAT_BASE_DIR (or of a throwaway one
-trained on the offline corpus). Its stop tokens' and <|python_start|>'s logits are exactly 0, below
-the maximum, so every greedy run generates exactly the requested number of tokens. Then
+A random model (decode_speed.random_model: every greedy run generates exactly the requested number
+of tokens) with the vocabulary of the tokenizer in $NANOCHAT_BASE_DIR (or of a throwaway one
+trained on the offline corpus). Then
 `scripts.chat_web` serves the same model (saved as an SFT checkpoint in a temp base dir) to 1, 4 and
 8 clients streaming at once; tokens are counted by the server's `/stats`. Prints one JSON line.
 """
@@ -28,10 +28,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a file: make the repo importable
+from decode_speed import random_model, sync, timed  # noqa: E402  (bench/ is on the path: run as a file)
+
 from nanochat.checkpoint_manager import save_checkpoint  # noqa: E402
 from nanochat.common import autocast, autodetect_device_type  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
-from nanochat.gpt import GPT, config_from_depth  # noqa: E402
+from nanochat.gpt import config_from_depth  # noqa: E402
 from nanochat.tokenizer import Tokenizer, get_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -61,24 +63,10 @@ if device.type == "cuda":
     result["gpu"] = torch.cuda.get_device_name(device)
 
 
-def sync() -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def timed(fn, repeats: int = args.repeats) -> tuple[float, object]:
-    """Median wall time of fn() over `repeats` runs (after one warmup), and its last result."""
-    out = fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        out = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def median_time(fn) -> tuple[float, object]:
+    """Median wall time of fn() over --repeats runs (after one warm-up), and its last result."""
+    _, seconds, out = timed(fn, device, args.repeats, statistics.median)
+    return seconds, out
 
 
 # -----------------------------------------------------------------------------
@@ -97,12 +85,7 @@ except Exception:  # no trained tokenizer: a throwaway one on the offline corpus
     result["tokenizer"] = "throwaway (offline corpus)"
 vocab_size = tokenizer.get_vocab_size()
 config = config_from_depth(args.depth, vocab_size, args.max_seq_len)
-torch.manual_seed(0)
-with torch.device(device):
-    model = GPT(config).eval()
-with torch.no_grad():
-    for name in ("<|assistant_end|>", "<|bos|>", "<|python_start|>"):
-        model.lm_head.weight[tokenizer.encode_special(name)] = 0.0
+model = random_model(tokenizer, config, device)
 engine = Engine(model, tokenizer, compile=args.decode == "compiled")
 result["decode"] = args.decode
 if engine.compiled:  # every batch shape up to 8, before anything is timed
@@ -120,18 +103,18 @@ N = args.gen_tokens
 
 def prefill() -> torch.Tensor:
     engine.cache.clear(0)
-    return engine.forward(engine.cache, 0, prompt)
+    return engine.prefill(0, prompt)
 
 
 with torch.no_grad():
-    t_prefill, _ = timed(prefill)
+    t_prefill, _ = median_time(prefill)
 result["prefill_tokens_per_s"] = round(len(prompt) / t_prefill, 1)
-t_first, _ = timed(lambda: next(engine.generate(prompt, max_tokens=1, temperature=0.0)))
+t_first, _ = median_time(lambda: engine.generate_batch(prompt, max_tokens=1, temperature=0.0))
 result["time_to_first_token_ms"] = round(1000 * t_first, 2)
-t_gen, out = timed(lambda: engine.generate_batch(prompt, max_tokens=N, temperature=0.0))
+t_gen, out = median_time(lambda: engine.generate_batch(prompt, max_tokens=N, temperature=0.0))
 assert len(out[0][0]) == len(prompt) + N, "a greedy run stopped early"
 result["decode_tokens_per_s"] = round((N - 1) / (t_gen - t_first), 1)
-t_gen8, out8 = timed(
+t_gen8, out8 = median_time(
     lambda: engine.generate_batch(prompt, num_samples=8, max_tokens=N, temperature=1.0, top_k=50)
 )
 result["decode_tokens_per_s_batch8"] = round(
@@ -140,15 +123,15 @@ result["decode_tokens_per_s_batch8"] = round(
 
 # the same greedy generation by full recompute (one run each: naive is the slow one)
 short = prompt[: args.compare_prompt_len]
-sync()
+sync(device)
 t0 = time.perf_counter()
 kv_tokens = engine.generate_batch(short, max_tokens=N, temperature=0.0)[0][0][len(short) :]
-sync()
+sync(device)
 t_kv = time.perf_counter() - t0
 with autocast(device):
     t0 = time.perf_counter()
     naive_tokens = generate_naive(model, short, N)
-    sync()
+    sync(device)
     t_naive = time.perf_counter() - t0
 result["kv_vs_naive"] = {
     "prompt_tokens": len(short),

@@ -1,18 +1,10 @@
 """
-Inference: a KV-cached engine with batched sampling, a calculator tool and continuous batching.
+Inference: a static KV cache, one decode loop, batched on-device sampling, the calculator tool and
+continuous batching (BatchScheduler).
 
-- One decode loop (Engine.join / step / leave) for Engine.generate, the BatchScheduler (server,
-  chat_eval) and chat_rl: a static KV cache (max_batch rows of the whole context, allocated once),
-  one eager prefill per prompt copied into every sample's row, then fixed-shape decode steps
-  (compiled with `Engine(compile=True)`: CUDA graphs on CUDA). A finished row (<|assistant_end|> or
-  <|bos|>) leaves the batch at once. Sampling is batched on the device: temperature 0 is greedy,
-  top_k None/0 is off.
-- Tool use: a per-row state machine hands <|python_start|>...<|python_end|> to the calculator
-  (nanochat.calculator, never eval) and forces its result in, with mask 0.
-- The context is the model's sequence_len everywhere: prompt_and_budget (the one way a prompt is
-  fitted: oldest turns dropped) keeps a prompt and its reply within it.
-- BatchScheduler: one thread owns the engine, one decode step for every request; a failure fails
-  only the requests it touches, and the loop restarts (logged) after anything else.
+Engine.run (generate_batch, chat_cli, chat_rl) and the BatchScheduler (chat_web, chat_eval) run the
+one loop (`join`, `step`, `leave`): a prompt is prefilled eagerly, then every live row takes one
+fixed-shape decode step at a time (compiled with `Engine(compile=True)`; CUDA graphs on CUDA).
 """
 
 from __future__ import annotations
@@ -44,7 +36,6 @@ SAMPLE_PROMPTS = [
 logger = logging.getLogger(__name__)
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
-DECODE_MODES = ("auto", "compiled", "eager")
 MIN_KEYS = 256  # the shortest key bucket of a decode step (each bucket is one more compiled shape)
 
 
@@ -52,11 +43,15 @@ def add_decode_flag(parser) -> None:
     """--decode, shared by the scripts that generate (default: $NANOCHAT_DECODE, else auto)."""
     parser.add_argument(
         "--decode",
-        choices=DECODE_MODES,
+        choices=("auto", "compiled", "eager"),
         default=os.environ.get("NANOCHAT_DECODE", "auto"),
         help="decode step: compiled (torch.compile; CUDA graphs on CUDA), eager, or auto: compiled on "
         "CUDA only (on a CPU a compile takes ~15-50 s per batch shape, worth it for long runs)",
     )
+
+
+def compile_decode(mode: str, device: torch.device) -> bool:
+    return mode == "compiled" or (mode == "auto" and device.type == "cuda")
 
 
 def _bucket(n: int) -> int:
@@ -64,25 +59,15 @@ def _bucket(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def compile_decode(mode: str, device: torch.device) -> bool:
-    return mode == "compiled" or (mode == "auto" and device.type == "cuda")
-
-
 # -----------------------------------------------------------------------------
 # KV cache
 
 
 class KVCache:
-    """Static keys/values: `rows` rows of `max_len` positions per layer, allocated once, so a decode
-    step always sees the same shapes. Rows join and leave by index (the batch is rows 0 .. n-1);
-    nothing is reallocated. The model's forward reads it through one of two views:
-
-    - `prefill(row)`: any number of tokens of one row at its int position (dynamic shapes);
-    - `_DecodeRows`: one token for each of rows 0 .. n-1 at its own position `pos[:n]` (static shapes).
-    Both follow the model's protocol: `get_pos()`, `insert_kv(layer, k, v)` (stores k, v (B, H_kv, T, D),
-    returns every key so far, masked by the model past each row's end and outside its window) and, with
-    smear, `swap_last_embedding(last)` (each row's last normed token embedding).
-    """
+    """Keys and values of `rows` rows x `max_len` positions per layer, allocated once: rows join and
+    leave by index (the live rows are 0 .. n-1), nothing is reallocated. The model reads it through
+    `prefill(row)` (one row, any length) or `_DecodeRows` (one token per row, static shapes); both
+    follow gpt.py's protocol (get_pos, insert_kv, swap_last_embedding)."""
 
     def __init__(self, num_layers, num_kv_heads, head_dim, rows, max_len, embed_dim, dtype, device):
         shape = (rows, num_kv_heads, max_len, head_dim)
@@ -141,8 +126,8 @@ class _PrefillRow:
 
 class _DecodeRows:
     """Rows 0 .. n-1 of a KVCache's tensors, one new token each at pos[:n], attending to the first
-    `keys` positions (a bucket >= every live row's length + 1): static shapes. Built inside the
-    compiled step, so its guards are on the tensors alone."""
+    `keys` positions (a bucket > every live row's length). Built inside the compiled step, so that
+    its guards are on the tensors alone."""
 
     def __init__(self, k: list, v: list, pos: torch.Tensor, last: torch.Tensor, n: int, keys: int):
         self.k, self.v, self.last, self.n, self.keys = k, v, last, n, keys
@@ -168,8 +153,8 @@ class _DecodeRows:
 
 
 def _decode_step(model, ids, k, v, pos, last, n: int, keys: int) -> torch.Tensor:
-    """Rows 0 .. n-1 of the cache each take their next token ids (n, 1): the logits (n, V). Rows past
-    a batch's live ones (free slots in a power-of-two bucket) compute too; they stay in bounds."""
+    """Rows 0 .. n-1 each take their next token ids (n, 1): the logits (n, V). Free rows of the
+    bucket compute too; they stay in bounds."""
     logits = model(ids, kv_cache=_DecodeRows(k, v, pos, last, n, keys))[:, -1]
     pos[:n] = (pos[:n] + 1).clamp(max=keys)
     return logits
@@ -183,16 +168,14 @@ def sample_next(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniform: torch.Tensor
 ) -> torch.Tensor:
     """One token id per row of logits (B, V), all rows at once on the device: temperature (B,) (0 =
-    greedy), top_k (B,) (0 = off), uniform (B,) in [0, 1) (each row's own random draw, by inverting
-    its cumulative distribution).
-
-    Safe for any temperature > 0, however small, and any logits: shifted so the largest is 0
-    before dividing, they stay in [-inf, 0] with a 0 in every row, so softmax never sees NaN."""
+    greedy), top_k (B,) (0 = off), uniform (B,) in [0, 1) (each row's own draw, by inverting its
+    cumulative distribution). Safe for any temperature > 0, however small, and any logits."""
     greedy = logits.argmax(dim=-1)
     V = logits.size(-1)
     logits = torch.nan_to_num(logits.float())  # inf/NaN from a diverged model become finite
     # clamp: a temperature that float32 rounds to 0 (e.g. 5e-324) would divide 0 by 0
     temperature = temperature.float().clamp(min=1e-30)[:, None]
+    # shifted so that the largest is 0: the logits stay in [-inf, 0] with a 0 in every row, no NaN
     logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     on = (top_k > 0) & (top_k < V)  # (B,), best on the host: k is read there
     k = torch.where(on, top_k, 1)
@@ -200,19 +183,9 @@ def sample_next(
         top = torch.topk(logits, int(k.max()), dim=-1).values
         kth = top.gather(1, (k - 1).to(logits.device)[:, None])  # (B, 1)
         logits = logits.masked_fill(on.to(logits.device)[:, None] & (logits < kth), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    cdf = probs.cumsum(dim=-1)
+    cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
     draw = torch.searchsorted(cdf, (uniform.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)[:, 0]
     return torch.where(temperature[:, 0] > 1e-30, draw.clamp(max=V - 1), greedy)
-
-
-class _Row:
-    """Decoding state of one row: the tool-output tokens still to force, the python block being written."""
-
-    def __init__(self) -> None:
-        self.forced: deque[int] = deque()
-        self.python: list[int] | None = None  # tokens since <|python_start|>; None outside a block
-        self.done = False
 
 
 # -----------------------------------------------------------------------------
@@ -225,20 +198,20 @@ class Request:
     (thread-safe). `mask` is the last token's: 1 sampled, 0 forced tool output."""
 
     def __init__(self, tokens, max_tokens: int, temperature: float, top_k: int | None, seed: int, sink=None):
-        self.tokens, self.max_tokens, self.seed = tokens, max_tokens, seed
+        self.tokens, self.max_tokens = tokens, max_tokens
         self.temperature, self.top_k = temperature, top_k
         self.num_generated_tokens = 0
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.error: BaseException | None = None
         self.stop_token: int | None = None  # the stop token that ended it (never streamed)
         self.mask = 1
+        self.forced: deque[int] = deque()  # tool-output tokens still to force
+        self.python: list[int] | None = None  # tokens since <|python_start|>; None outside a block
+        self._next_token = 0  # the token the model reads next (already streamed)
+        self._rng = random.Random(seed)  # its own draws
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._sink = sink or self._queue.put
         self._cancelled = threading.Event()
-        # its decoding state, its random draws, and the token the model reads next (already streamed)
-        self._row = _Row()
-        self._rng = random.Random(seed)
-        self._next_token = 0
 
     def __iter__(self) -> Iterator[int]:
         while (item := self._queue.get()) is not None:
@@ -247,8 +220,7 @@ class Request:
             raise RuntimeError(f"generation failed: {self.error!r}") from self.error
 
     def cancel(self) -> None:
-        """Stop generating (e.g. the client went away); the batch slot frees at the next step (the
-        scheduler thread never sleeps while a request is pending or running)."""
+        """Stop generating (e.g. the client went away); the row leaves at the next step."""
         self._cancelled.set()
 
     def _emit(self, token: int | None) -> None:
@@ -270,15 +242,9 @@ class Request:
 
 
 class Engine:
-    """KV-cached generation for one model and its tokenizer: the one decode loop (`join`, `step`) that
-    Engine.generate, the BatchScheduler (server, chat_eval) and chat_rl's rollouts all run.
-
-    Its static cache holds `max_batch` rows (rounded up to a power of two) of the whole context. The
-    live rows are always 0 .. n-1 (a leaving row is filled by the last one); a decode step runs the
-    smallest power of two >= n rows, so there are only log2(max_batch) + 1 shapes. `compile`: the
-    decode step runs through torch.compile for those shapes (CUDA graphs on CUDA); prefill stays
-    eager, any length.
-    """
+    """KV-cached generation for one model and its tokenizer. The static cache holds `max_batch` rows
+    (rounded up to a power of two) of the whole context; a decode step runs the smallest power of two
+    >= the live rows, so there are log2(max_batch) + 1 batch shapes (times the key buckets)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, compile: bool = False):
         self.model = model
@@ -293,56 +259,25 @@ class Engine:
         self.stop_ids = {special(name) for name in STOP_TOKENS}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        self.compiled = compile  # may be set until the first decode step
-        self._cache: KVCache | None = None  # made at first use (greedy_completions may never decode)
+        self.compiled = compile
+        self.cache = self._new_cache()
         self.active: list[Request] = []  # row r of the cache holds active[r]
         self._compiled_step = None
 
-    def _step_fn(self, *args) -> torch.Tensor:
-        if not self.compiled:
-            return _decode_step(*args)
-        if self._compiled_step is None:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
-            self._compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True, mode=mode)
-            self._allow_shapes()
-        return self._compiled_step(*args)
+    def _new_cache(self) -> KVCache:
+        c = self.model.config
+        args = (c.n_layer, c.n_kv_head, c.head_dim, _bucket(self.max_batch), self.context, c.n_embd)
+        cache = KVCache(*args, self.cache_dtype, self.device)
+        if self.compiled and self.device.type == "cuda":  # CUDA graphs write these in place
+            for t in (*cache.k, *cache.v, cache.pos, cache.last):
+                torch._dynamo.mark_static_address(t)
+        return cache
 
     def _allow_shapes(self) -> None:
         """Each (batch, keys) bucket is one graph; past dynamo's recompile limit a fullgraph compile
         fails. The limit is per thread: set it in the thread that compiles."""
         shapes = _bucket(self.max_batch).bit_length() * len(self.key_buckets())
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
-
-    @property
-    def cache(self) -> KVCache:
-        if self._cache is None:
-            c = self.model.config
-            self._cache = KVCache(
-                c.n_layer,
-                c.n_kv_head,
-                c.head_dim,
-                _bucket(self.max_batch),
-                self.context,
-                c.n_embd,
-                self.cache_dtype,
-                self.device,
-            )
-            if self.compiled and self.device.type == "cuda":  # CUDA graphs write these in place
-                for t in (*self._cache.k, *self._cache.v, self._cache.pos, self._cache.last):
-                    torch._dynamo.mark_static_address(t)
-        return self._cache
-
-    def reset(self) -> None:
-        """Drops every row (after a failure the cache may be half-written; its rows are cleared on join)."""
-        self.active = []
-
-    # ---- forwards
-
-    def forward(self, cache: KVCache, row: int, ids: list[int]) -> torch.Tensor:
-        """Feeds ids into one row of the cache (eager, any length): the logits (1, V) after the last."""
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        with autocast(self.device):
-            return self.model(idx, kv_cache=cache.prefill(row))[:, -1]
 
     def key_buckets(self) -> list[int]:
         """The key lengths a decode step attends to: the context, halved while >= MIN_KEYS. Attention
@@ -352,17 +287,31 @@ class Engine:
             lengths.append(lengths[-1] // 2)
         return lengths[::-1]
 
+    # ---- forwards
+
+    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
+        """Feeds ids into one row of the cache (eager, any length): the logits (1, V) after the last."""
+        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with autocast(self.device):
+            return self.model(idx, kv_cache=self.cache.prefill(row))[:, -1]
+
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
-        """One token into each of rows 0 .. n-1: the logits (n, V), through the fixed-shape (compiled)
-        step for (the batch bucket, the smallest key bucket that holds every row's new position)."""
+        """One token into each of rows 0 .. n-1: the logits (n, V), through the fixed-shape step for
+        (the batch bucket, the smallest key bucket that holds every row's new position)."""
         n, c = len(tokens), self.cache
         bucket = _bucket(n)
-        need = max(c.lengths[:n]) + 1
-        keys = keys or next(k for k in self.key_buckets() if k >= need)
+        keys = keys or next(k for k in self.key_buckets() if k > max(c.lengths[:n]))
         ids = torch.zeros(bucket, 1, dtype=torch.long)
         ids[:n, 0] = torch.tensor(tokens, dtype=torch.long)
+        step = _decode_step
+        if self.compiled:
+            if self._compiled_step is None:
+                mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
+                self._compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True, mode=mode)
+                self._allow_shapes()
+            step = self._compiled_step
         with autocast(self.device):
-            logits = self._step_fn(self.model, ids.to(self.device), c.k, c.v, c.pos, c.last, bucket, keys)
+            logits = step(self.model, ids.to(self.device), c.k, c.v, c.pos, c.last, bucket, keys)
         for r in range(n):
             c.lengths[r] += 1
         return logits[:n].clone()  # a CUDA graph's output is overwritten by its next run
@@ -384,76 +333,66 @@ class Engine:
 
     # ---- the one decode loop
 
-    def choose(self, row: _Row, sampled: int) -> tuple[int, int]:
+    def choose(self, request: Request, sampled: int) -> tuple[int, int]:
         """The row's next token and mask: a forced tool-output token (mask 0) or the sampled one (mask 1)."""
-        token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
-        if token in self.stop_ids:
-            row.done = True
-        elif token == self.python_start:
-            row.python = []
-        elif token == self.python_end and row.python is not None:
-            result = use_calculator(self.tokenizer.decode(row.python))
-            row.python = None
+        token, mask = (request.forced.popleft(), 0) if request.forced else (sampled, 1)
+        if token == self.python_start:
+            request.python = []
+        elif token == self.python_end and request.python is not None:
+            result = use_calculator(self.tokenizer.decode(request.python))
+            request.python = None
             if result is not None:  # a refused expression forces nothing
-                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
-        elif row.python is not None:
-            row.python.append(token)
+                request.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif request.python is not None:
+            request.python.append(token)
         return token, mask
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[int]:
-        """Each request's draw from its row of logits (n, V): one batched op, one host sync."""
+    def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
+        """Each request takes its next token from its row of logits (n, V) (one batched draw, one host
+        sync), streams it, or finishes; the finished leave the batch. A failing row fails alone."""
         if all(q.temperature == 0 for q in requests):
-            return logits.argmax(dim=-1).tolist()
-        params = torch.tensor([[q.temperature, q._rng.random()] for q in requests], dtype=torch.float64)
-        top_k = torch.tensor([q.top_k or 0 for q in requests])  # on the host: topk's k is read there
-        params = params.to(logits.device)
-        return sample_next(logits, params[:, 0], top_k, params[:, 1]).tolist()
-
-    def _advance(self, request: Request, sampled: int) -> str | None:
-        """Streams the row's next token (the sampled one, or forced tool output); returns why the
-        request ends here ("stop", "length"), or None to go on."""
-        token, request.mask = self.choose(request._row, sampled)
-        if request._row.done:
-            request.stop_token = token
-            return "stop"
-        request._emit(token)
-        request._next_token = token
-        return "length" if request.num_generated_tokens >= request.max_tokens else None
-
-    def _settle(self, requests: list[Request], sampled: list[int], finished: dict) -> None:
+            sampled = logits.argmax(dim=-1).tolist()
+        else:
+            params = torch.tensor([[q.temperature, q._rng.random()] for q in requests], dtype=torch.float64)
+            top_k = torch.tensor([q.top_k or 0 for q in requests])  # on the host: topk's k is read there
+            params = params.to(logits.device)
+            sampled = sample_next(logits, params[:, 0], top_k, params[:, 1]).tolist()
+        finished = {}
         for request, token in zip(requests, sampled, strict=True):
-            if request in finished:
-                continue
             try:
-                reason = self._advance(request, token)
+                token, request.mask = self.choose(request, token)
             except Exception as e:  # e.g. the tool: this row alone fails
                 logger.exception("tool call failed")
                 finished[request] = ("error", e)
                 continue
-            if reason:
-                finished[request] = (reason, None)
+            if token in self.stop_ids:
+                request.stop_token = token
+                finished[request] = ("stop", None)
+                continue
+            request._emit(token)
+            request._next_token = token
+            if request.num_generated_tokens >= request.max_tokens:
+                finished[request] = ("length", None)
+        self.leave(finished)
 
     def join(self, requests: list[Request]) -> None:
         """Requests with one shared prompt join the batch: one prefill, copied to each one's row; each
         draws its own first token from the shared logits (samples differ from the start)."""
         assert len(self.active) + len(requests) <= self.max_batch, "the batch is full"
-        cache, first = self.cache, len(self.active)
-        cache.clear(first)
-        logits = self.forward(cache, first, requests[0].tokens)
+        first = len(self.active)
+        self.cache.clear(first)
+        logits = self.prefill(first, requests[0].tokens)
         for r in range(first + 1, first + len(requests)):
-            cache.copy_row(first, r)
+            self.cache.copy_row(first, r)
         self.active.extend(requests)
-        finished: dict = {}
-        self._settle(requests, self._sample(logits.expand(len(requests), -1), requests), finished)
-        self.leave(finished)
+        self._advance(requests, logits.expand(len(requests), -1))
 
     def step(self) -> None:
         """One decode step for every live row: cancelled rows and rows at the end of the context leave
         first; a failed forward fails every row in it."""
-        cache = self.cache
-        self.leave({q: ("cancelled", None) for q in self.active if q._cancelled.is_set()})
-        full = [q for r, q in enumerate(self.active) if cache.lengths[r] >= self.context]
-        self.leave(dict.fromkeys(full, ("length", None)))
+        ended = {q: ("cancelled", None) for q in self.active if q._cancelled.is_set()}
+        full = [q for r, q in enumerate(self.active) if self.cache.lengths[r] >= self.context]
+        self.leave(ended | dict.fromkeys(full, ("length", None)))
         if not self.active:
             return
         requests = list(self.active)
@@ -463,15 +402,7 @@ class Engine:
             logger.exception("decode step failed")
             self.leave({q: ("error", e) for q in requests})
             return
-        finished: dict = {}
-        try:
-            sampled = self._sample(logits, requests)
-        except Exception as e:  # bad sampling settings cannot get here (submit checks); fail the batch
-            logger.exception("sampling failed")
-            self.leave({q: ("error", e) for q in requests})
-            return
-        self._settle(requests, sampled, finished)
-        self.leave(finished)
+        self._advance(requests, logits)
 
     def leave(self, finished: dict) -> None:
         """Finishes the requests in `finished` (request -> (reason, error)); the last live row fills
@@ -486,74 +417,58 @@ class Engine:
             request._finish(reason, error)
 
     @torch.no_grad()
-    def generate(
+    def run(self, requests: list[Request]) -> None:
+        """Decodes requests that share one prompt until each has finished; any exception (Ctrl-C)
+        cancels the rest."""
+        assert not self.active, "run needs the engine to itself"
+        try:
+            self.join(requests)
+            while self.active:
+                self.step()
+        finally:
+            self.leave({q: ("cancelled", None) for q in list(self.active)})
+
+    def generate_batch(
         self,
         tokens: list[int],
         num_samples: int = 1,
+        keep_stop: bool = False,
         max_tokens: int | None = None,
         temperature: float = 1.0,
         top_k: int | None = None,
         seed: int = 42,
-    ) -> Iterator[tuple[list[int], list[int]]]:
-        """Streams (token_column, mask_column), one entry per sample row, until every row has stopped.
-
-        mask 1 = sampled, 0 = forced tool output. A row's stop token comes once (mask 1); after that
-        the row repeats it with mask 0. `max_tokens` counts every step, forced tokens included.
-        The same loop as the scheduler's: the samples are rows of the engine's batch.
-        """
-        # generation also ends quietly at the end of the context
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """`num_samples` completions of `tokens`: each row's whole sequence, prompt + reply, and its mask
+        (0 on the prompt and forced tool output, 1 sampled). A row ends at its stop token, kept only with
+        `keep_stop` (RL trains the model to stop: mask 1), after `max_tokens` (forced ones count) or at
+        the end of the context."""
+        sequences = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
         budget = min(self.context - len(tokens), self.context if max_tokens is None else max_tokens)
         if budget < 1:
-            return
-        assert not self.active, "generate needs the engine to itself"
+            return sequences, masks
         if num_samples > self.max_batch:  # more rows than the static cache holds: a bigger one, once
-            self.max_batch, self._cache = 1 << (num_samples - 1).bit_length(), None
-        fresh: set[int] = set()  # samples that streamed a token this step
+            self.max_batch = _bucket(num_samples)
+            self.cache = self._new_cache()
 
         def sink(i: int):
-            return lambda token: token is not None and fresh.add(i)
+            def put(token: int | None) -> None:
+                if token is not None:
+                    sequences[i].append(token)
+                    masks[i].append(requests[i].mask)
+
+            return put
 
         seeds = random.Random(seed)  # each sample's own draws, all from the call's seed
         requests = [
             Request(tokens, budget, temperature, top_k, seeds.randrange(2**63), sink(i))
             for i in range(num_samples)
         ]
-        column, masks, reported = [0] * num_samples, [0] * num_samples, set()
-        try:
-            self.join(requests)
-            while True:
-                for i, request in enumerate(requests):
-                    if i in fresh:
-                        column[i], masks[i] = request._next_token, request.mask
-                    elif request.stop_token is not None and i not in reported:
-                        column[i], masks[i] = request.stop_token, 1  # its stop token, once
-                        reported.add(i)
-                    else:  # stopped earlier: the stop token again, mask 0
-                        masks[i] = 0
-                yield list(column), list(masks)
-                if not self.active:
-                    return
-                fresh.clear()
-                self.step()
-        finally:
-            self.leave({q: ("cancelled", None) for q in list(self.active)})
-
-    def generate_batch(
-        self, tokens: list[int], num_samples: int = 1, keep_stop: bool = False, **sampling
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        """`generate` run to the end (`sampling`: its max_tokens, temperature, top_k, seed): each row's
-        whole sequence, prompt + reply, and its mask (0 on the prompt and forced tool output). A row's
-        stop token ends it and is kept only with `keep_stop` (RL trains the model to stop: mask 1)."""
-        sequences = [list(tokens) for _ in range(num_samples)]
-        masks = [[0] * len(tokens) for _ in range(num_samples)]
-        stopped = [False] * num_samples
-        for column, mask_column in self.generate(tokens, num_samples, **sampling):
-            for i, (token, mask) in enumerate(zip(column, mask_column, strict=True)):
-                if not stopped[i]:
-                    stopped[i] = token in self.stop_ids
-                    if keep_stop or not stopped[i]:
-                        sequences[i].append(token)
-                        masks[i].append(mask)
+        self.run(requests)
+        for sequence, mask, request in zip(sequences, masks, requests, strict=True):
+            if keep_stop and request.stop_token is not None:
+                sequence.append(request.stop_token)
+                mask.append(1)
         return sequences, masks
 
 
@@ -610,18 +525,14 @@ def prompt_and_budget(
 
 
 class BatchScheduler:
-    """Continuous batching over one Engine: up to its max_batch requests decode together, one step
-    (the engine's `step`) for all. Its queue is the only one a request waits in.
+    """Continuous batching over one Engine: up to its max_batch requests decode together, one `step`
+    for all. Its queue is the only one a request waits in; one thread owns the engine.
 
-    `state` is "warming" (compiling the decode step, logged with its seconds; requests queue),
-    "ready", "restarting" (after an error outside any request: logged, the requests in the batch
-    fail, the loop starts again after `restart_delay` seconds) or "closed".
+    `state` is "warming" (compiling the decode step; requests queue), "ready", "restarting" (after an
+    error outside any request: the batch fails, the loop restarts after `restart_delay` s) or "closed".
     """
 
-    def __init__(self, engine: Engine, max_batch: int | None = None, restart_delay: float = 1.0):
-        if max_batch is not None and max_batch != engine.max_batch:  # a new static cache, once
-            assert not engine.active, "the engine is in use"
-            engine.max_batch, engine._cache = max_batch, None
+    def __init__(self, engine: Engine, restart_delay: float = 1.0):
         self.engine, self.max_batch, self.restart_delay = engine, engine.max_batch, restart_delay
         self.state, self.restarts = ("warming" if engine.compiled else "ready"), 0
         self.compile_s: float | None = None
@@ -649,8 +560,8 @@ class BatchScheduler:
         sink=None,
     ) -> Request:
         """Queues a prompt; returns its Request at once (tokens stream as they are generated)."""
-        if not (0 < len(tokens) < self.engine.context and max_tokens >= 1 and temperature >= 0):
-            raise ValueError(f"bad request: {len(tokens)} prompt tokens, max_tokens {max_tokens}")
+        # the callers' boundaries (HTTP, flags, prompt_and_budget) checked these
+        assert 0 < len(tokens) < self.engine.context and max_tokens >= 1 and temperature >= 0
         if seed is None:
             seed = random.SystemRandom().randrange(2**63)
         request = Request(tokens, max_tokens, temperature, top_k, seed, sink)
@@ -671,19 +582,20 @@ class BatchScheduler:
     # ---- the scheduler thread
 
     def _run(self) -> None:
-        if self.engine.device.type == "cuda":
-            torch.cuda.set_device(self.engine.device)  # the current device is per thread too
-        if self.engine.compiled:
+        engine = self.engine
+        if engine.device.type == "cuda":
+            torch.cuda.set_device(engine.device)  # the current device is per thread too
+        if engine.compiled:
             try:
-                self.compile_s = self.engine.warm_up()
+                self.compile_s = engine.warm_up()
                 logger.info(
                     "decode step compiled for batches up to %d in %.1f s", self.max_batch, self.compile_s
                 )
             except Exception:  # serve eagerly rather than never
                 logger.exception("compiling the decode step failed; decoding eagerly")
-                self.engine.compiled = False
-                for row in range(self.engine.cache.rows):
-                    self.engine.cache.clear(row)
+                engine.compiled = False
+                for row in range(engine.cache.rows):
+                    engine.cache.clear(row)
             self.state = "ready"
         while not self._closed:
             try:
@@ -692,13 +604,15 @@ class BatchScheduler:
             except Exception as e:  # not one request's fault: fail the batch, restart the loop
                 logger.exception("batch scheduler failed; restarting in %.1f s", self.restart_delay)
                 self.state, self.restarts = "restarting", self.restarts + 1
-                self._fail_batch(e)
+                for request in engine.active:
+                    request._finish("error", e)
+                engine.active = []  # a half-written cache: its rows are cleared on join
                 time.sleep(self.restart_delay)
                 self.state = "ready"
         with self._cond:
-            leftovers = self.engine.active + list(self._pending)
+            leftovers = engine.active + list(self._pending)
             self._pending = deque()
-        self.engine.reset()
+        engine.active = []
         for request in leftovers:
             request._finish("cancelled")
         self.state = "closed"
@@ -726,16 +640,7 @@ class BatchScheduler:
                         engine.leave({request: ("error", e)})
                     request._finish("error", e)
             if engine.active:
-                self._step()
-
-    def _step(self) -> None:
-        self.engine.step()
-
-    def _fail_batch(self, error: BaseException) -> None:
-        """Every request in the batch ends with `error`; the engine's rows start empty."""
-        for request in self.engine.active:
-            request._finish("error", error)
-        self.engine.reset()
+                engine.step()
 
 
 # -----------------------------------------------------------------------------

@@ -1,15 +1,10 @@
 """
 Accuracy of a chat model on a task: the one evaluation that chat_eval and chat_sft both run.
 
-- One entry point, `task_accuracy`; the task's `eval_type` picks how an answer is read.
-- Categorical (multiple choice): no sampling. One forward per batch of questions; the answer
-  is the argmax, at the answer position, over the logits of that question's letters only.
-- Generative: `num_samples` completions per problem (calculator included), graded as text by
-  `task.evaluate`; a problem counts as solved if any sample is (pass@n). Every completion is a
-  request to one BatchScheduler, so `batch_size` of them decode together (one problem at a time
-  ran an H200 at 2.4-5 problems/s for a tiny model: decoding one row is launch-bound).
-- Problems are strided across ranks and the counts summed, so every rank returns the same
-  accuracy; sampling seeds come from problem indices, so it does not depend on the number of ranks.
+Categorical tasks read the argmax over the answer letters' logits at the answer position; generative
+ones sample `num_samples` completions per problem through one BatchScheduler (pass@n). Problems are
+strided across ranks and the counts summed, and sampling seeds come from problem indices, so the
+accuracy does not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -54,9 +49,10 @@ def task_accuracy(
     if task.eval_type == "categorical":
         correct = _categorical(model, tokenizer, task, indices, batch_size, bar)
     else:
-        engine = Engine(model, tokenizer)
-        engine.compiled = compile_decode
-        scheduler = BatchScheduler(engine, max_batch=batch_size)
+        # batch_size completions decode together (one at a time ran an H200 at 2.4-5 problems/s for a
+        # tiny model: decoding one row is launch-bound)
+        engine = Engine(model, tokenizer, max_batch=batch_size, compile=compile_decode)
+        scheduler = BatchScheduler(engine)
         try:
             sampling = (num_samples, max_new_tokens, temperature, top_k, max_context or engine.context)
             correct = _generative(scheduler, tokenizer, task, indices, *sampling, bar)

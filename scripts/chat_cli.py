@@ -4,13 +4,8 @@ Chat with a trained model in the terminal.
     python -m scripts.chat_cli                      # interactive, the last SFT checkpoint
     python -m scripts.chat_cli -i rl -p "What is 12*7?"   # one reply, then exit
 
-- Every turn re-renders the whole conversation, minus the oldest turns that leave no room for
-  the reply (prompt_and_budget): a long chat never crashes.
-- Replies stream through the tokenizer's ReplyDecoder, as the web server's do, and are stored
-  back as structured parts, so the next turn renders a calculator call exactly as produced.
-- `quit`/`exit` (or Ctrl-D) leave, `clear` starts over; Ctrl-C stops the current reply (what was
-  said so far stays) or clears the line being typed, and never quits. Line editing and history
-  (Up/Down) come from `readline` where Python has it.
+`quit`/`exit` (or Ctrl-D) leave, `clear` starts over; Ctrl-C stops the current reply (what was said
+so far stays) or clears the line being typed, and never quits.
 """
 
 from __future__ import annotations
@@ -18,9 +13,27 @@ from __future__ import annotations
 import argparse
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import HelpFormatter, compute_init, exit_on_user_error, setup_logging
-from nanochat.engine import Engine, add_decode_flag, compile_decode, prompt_and_budget
+from nanochat.common import HelpFormatter, compute_init, exit_on_user_error, in_range, setup_logging
+from nanochat.engine import Engine, Request, add_decode_flag, compile_decode, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, assistant_content
+
+
+def stream_reply(engine: Engine, tokens: list[int], budget: int, *sampling) -> list[int]:
+    """Prints the reply to `tokens` as it comes (Ctrl-C stops it; what was said stays); its token ids.
+    `sampling`: temperature, top_k, seed."""
+    decoder, reply_ids = ReplyDecoder(engine.tokenizer), []  # as the web server's: never half a character
+
+    def show(token: int | None) -> None:
+        if token is not None:
+            reply_ids.append(token)
+            print(decoder.push(token), end="", flush=True)
+
+    try:
+        engine.run([Request(tokens, budget, *sampling, sink=show)])
+    except KeyboardInterrupt:  # stop this reply, keep the chat
+        print(" [interrupted]", end="")
+    print(decoder.flush(), flush=True)
+    return reply_ids
 
 
 def main() -> None:
@@ -32,16 +45,13 @@ def main() -> None:
     add = parser.add_argument
     add_model_flags(parser, "sft")
     add("-p", "--prompt", default="", help="answer this one prompt and exit")
-    add("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0: greedy)")
-    add("-k", "--top-k", type=int, default=50, help="top-k filtering (0: none)")
+    add("-t", "--temperature", type=in_range(float, 0), default=0.6, help="sampling temperature (0: greedy)")
+    add("-k", "--top-k", type=in_range(int, 0), default=50, help="top-k filtering (0: none)")
     reply = "longest reply, in tokens"
-    add("--max-new-tokens", "--max-tokens", metavar="N", type=int, default=512, help=reply)
+    add("--max-new-tokens", "--max-tokens", metavar="N", type=in_range(int, 1), default=512, help=reply)
     add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
     add_decode_flag(parser)
     args = parser.parse_args()
-    for key, lowest in {"temperature": 0, "top_k": 0, "max_new_tokens": 1}.items():
-        if not getattr(args, key) >= lowest:  # also NaN
-            parser.error(f"--{key.replace('_', '-')} must be >= {lowest}, got {getattr(args, key)}")
 
     setup_logging()
     _, _, _, _, device = compute_init(args.device_type)
@@ -82,25 +92,15 @@ def main() -> None:
                 continue
         messages.append({"role": "user", "content": user_text})
 
-        # ---- generate and stream the reply
-        conversation = {"messages": messages}
+        # the whole chat re-rendered, minus the oldest turns that leave no room for the reply
         tokens, budget = prompt_and_budget(
-            tokenizer, conversation, model.config.sequence_len, args.max_new_tokens
+            tokenizer, {"messages": messages}, engine.context, args.max_new_tokens
         )
         if not args.prompt:
             print("\nAssistant: ", end="", flush=True)
-        decoder = ReplyDecoder(tokenizer)
-        reply_ids = []
         sampling = (args.temperature, args.top_k or None, args.seed + turn)
-        try:
-            for column, _ in engine.generate(tokens, 1, budget, *sampling):
-                if column[0] in engine.stop_ids:
-                    break
-                reply_ids.append(column[0])
-                print(decoder.push(column[0]), end="", flush=True)
-        except KeyboardInterrupt:  # stop this reply, keep the chat
-            print(" [interrupted]", end="")
-        print(decoder.flush(), flush=True)
+        reply_ids = stream_reply(engine, tokens, budget, *sampling)
+        # stored as structured parts, so that the next turn renders a calculator call as produced
         messages.append({"role": "assistant", "content": assistant_content(tokenizer, reply_ids)})
         turn += 1
         if args.prompt:

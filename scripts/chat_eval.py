@@ -5,12 +5,8 @@ Evaluate a chat model on the chat benchmarks and compute ChatCORE.
     python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 200
     torchrun --nproc_per_node 8 -m scripts.chat_eval -i sft
 
-- Each task's accuracy comes from nanochat.task_eval.task_accuracy (problems strided across ranks).
-- ChatCORE = mean over the six standard tasks of (acc - baseline) / (1 - baseline); with any of
-  them missing, the mean over those that ran is reported as partial, naming the missing ones.
-- All task data is opened before the model is loaded, so that missing data fails in seconds.
-- HumanEval runs model-written code: only in the OS-isolated sandbox (bubblewrap), unless
-  --allow-unisolated-code accepts the best-effort mode (see nanochat/execution.py).
+ChatCORE = the mean over the six standard tasks of (acc - baseline) / (1 - baseline); with some of
+them missing, the mean over those that ran is reported as partial, naming the missing ones.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ from nanochat.common import (
     compute_init,
     exit_on_user_error,
     get_base_dir,
+    in_range,
     print0,
     setup_logging,
 )
@@ -40,15 +37,9 @@ from tasks.mmlu import MMLU
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic
 
-# The six tasks of ChatCORE and their chance-level accuracies.
-BASELINES = {
-    "ARC-Easy": 0.25,
-    "ARC-Challenge": 0.25,
-    "MMLU": 0.25,
-    "GSM8K": 0.0,
-    "HumanEval": 0.0,
-    "SpellingBee": 0.0,
-}
+# The six tasks of ChatCORE and their chance-level accuracies (1 in 4 letters; 0 for a written answer)
+BASELINES = dict.fromkeys(["ARC-Easy", "ARC-Challenge", "MMLU"], 0.25)
+BASELINES |= dict.fromkeys(["GSM8K", "HumanEval", "SpellingBee"], 0.0)
 OFFLINE_TASK_SIZE = 256  # test examples per synthetic task
 TASKS = {  # name -> the evaluation split (the last two are generated here: no download)
     "ARC-Easy": lambda: ARC(subset="ARC-Easy", split="test"),
@@ -62,14 +53,14 @@ TASKS = {  # name -> the evaluation split (the last two are generated here: no d
 }
 
 
-def parse_task_names(spec: str | None) -> list[str]:
-    """`"ARC-Easy|GSM8K"` -> ["ARC-Easy", "GSM8K"]; None or "" -> the six ChatCORE tasks."""
-    if not spec:
-        return list(BASELINES)
+def parse_task_names(spec: str) -> list[str]:
+    """`"ARC-Easy|GSM8K"` -> ["ARC-Easy", "GSM8K"] (an argparse type: an unknown name is refused)."""
     names = [name.strip() for name in spec.split("|") if name.strip()]
     unknown = [name for name in names if name not in TASKS]
     if unknown or not names:
-        raise ValueError(f"unknown task(s) {unknown or spec!r}; choose from {'|'.join(TASKS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown task(s) {unknown or spec!r}; choose from {'|'.join(TASKS)}"
+        )
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
@@ -84,8 +75,7 @@ def chatcore(accuracies: dict[str, float]) -> tuple[float | None, float | None, 
     return (partial if not missing else None), partial, missing
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run the evaluation; returns {task: accuracy} (plus "ChatCORE" when complete)."""
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_eval",
         description=__doc__.split("\n\n")[0],
@@ -94,46 +84,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add = parser.add_argument
     add_model_flags(parser, None)
     choices = "|".join(TASKS)
-    add(
-        "-a", "--task-name", default=None, help=f"tasks from {choices}, |-separated (default: ChatCORE's six)"
-    )
-    add("-x", "--max-problems", type=int, default=None, help="problems per task (default: all)")
-    add("-t", "--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
-    add("-k", "--top-k", type=int, default=50, help="top-k sampling (0: no filtering)")
-    add("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
-    add("--max-new-tokens", type=int, default=512, help="token budget per generated answer")
-    add(
-        "--device-batch-size",
-        "--batch-size",
-        metavar="B",
-        type=int,
-        default=8,
-        help="questions per forward (categorical), completions decoding together (generative)",
-    )
-    add(
-        "--allow-unisolated-code",
-        action="store_true",
-        help="run HumanEval's model-written code without OS isolation where bubblewrap is unavailable",
-    )
+    six = "|".join(BASELINES)
+    add("-a", "--task-name", type=parse_task_names, default=six, help=f"tasks from {choices}, |-separated")
+    add("-x", "--max-problems", type=in_range(int, 1), default=None, help="problems per task (default: all)")
+    add("-t", "--temperature", type=in_range(float, 0), default=0.0, help="sampling temperature (0: greedy)")
+    add("-k", "--top-k", type=in_range(int, 0), default=50, help="top-k sampling (0: no filtering)")
+    add("-n", "--num-samples", type=in_range(int, 1), default=1, help="samples per problem (pass@n)")
+    add("--max-new-tokens", type=in_range(int, 1), default=512, help="token budget per generated answer")
+    batch = "questions per forward (categorical), completions decoding together (generative)"
+    add("--device-batch-size", "--batch-size", metavar="B", type=in_range(int, 1), default=8, help=batch)
+    unisolated = "run HumanEval's model-written code without OS isolation where bubblewrap is unavailable"
+    add("--allow-unisolated-code", action="store_true", help=unisolated)
     add_decode_flag(parser)
-    args = parser.parse_args(argv)
-    if args.max_problems is not None and args.max_problems < 1:
-        parser.error(f"-x/--max-problems must be >= 1, got {args.max_problems}")
-    if args.num_samples < 1 or args.device_batch_size < 1 or args.max_new_tokens < 1:
-        parser.error("-n, --device-batch-size and --max-new-tokens must be >= 1")
-    if args.temperature < 0 or args.top_k < 0:
-        parser.error("-t/--temperature and -k/--top-k must be >= 0")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the evaluation; returns {task: accuracy} (plus "ChatCORE" when complete)."""
+    args = parse_args(argv)
     if args.num_samples > 1 and args.temperature == 0:
         print0("warning: -n > 1 with temperature 0 gives identical samples; pass -t to sample")
-    try:
-        names = parse_task_names(args.task_name)
-    except ValueError as e:
-        parser.error(str(e))
-
     setup_logging()
-    if "HumanEval" in names and not args.allow_unisolated_code:  # the sandbox, then the data: in seconds
+    names = args.task_name
+    # the sandbox, then all task data, before the model loads: a missing one fails in seconds
+    if "HumanEval" in names and not args.allow_unisolated_code:
         with exit_on_user_error("chat_eval", errors=(SandboxUnavailable,)):
-            require_isolation()
+            require_isolation()  # HumanEval runs model-written code (nanochat/execution.py)
     with exit_on_user_error("chat_eval", errors=TASK_DATA_ERRORS):
         tasks = {name: TASKS[name]() for name in names}
     if "HumanEval" in tasks:
@@ -144,31 +120,32 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             args.source, device, "eval", args.model_tag, args.model_step, args.verify
         )
 
-    # --- evaluate
+    settings = dict(
+        batch_size=args.device_batch_size,
+        num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k or None,
+        compile_decode=compile_decode(args.decode, device),
+    )
     accuracies: dict[str, float] = {}
     table = [["Task", "Correct", "Total", "Accuracy"]]
     for name, task in tasks.items():
         start = time.time()
-        accuracy = task_accuracy(
-            model,
-            tokenizer,
-            task,
-            args.max_problems,
-            batch_size=args.device_batch_size,
-            num_samples=args.num_samples,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            progress=name,
-            compile_decode=compile_decode(args.decode, device),
-        )
+        accuracy = task_accuracy(model, tokenizer, task, args.max_problems, progress=name, **settings)
         total = len(task) if args.max_problems is None else min(len(task), args.max_problems)
         correct = round(accuracy * total)
         accuracies[name] = accuracy
         table.append([name, correct, total, accuracy])
         print0(f"{name}: {correct}/{total} = {100 * accuracy:.2f}% ({time.time() - start:.1f}s)")
+    results = report(args, meta, accuracies, table)
+    compute_cleanup()
+    return results
 
-    # --- ChatCORE and the report: another run on the same model adds its tasks to the earlier ones
+
+def report(args: argparse.Namespace, meta: dict, accuracies: dict[str, float], table: list) -> dict:
+    """Prints ChatCORE and writes the report section; an earlier run on the same model (tag and step)
+    adds its tasks to these. Returns {task: accuracy} (plus "ChatCORE" when complete)."""
     section = f"Chat evaluation {args.source}"
     earlier = read_sections(get_base_dir() / "report").get(section, {}).get("data", {})
     same = (earlier.get("model tag"), earlier.get("model step")) == (meta["model_tag"], meta.get("step"))
@@ -186,23 +163,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     if not same:
         summary = {k: v for k, v in summary.items() if v is not None}
-    get_report().log(
-        section=section,
-        merge=same,
-        data=[
-            {
-                "source": args.source,
-                "model tag": meta["model_tag"],
-                "model step": meta.get("step"),
-                "max problems per task": args.max_problems or "all",
-                "num samples": args.num_samples,
-                "temperature": args.temperature,
-            },
-            table,
-            {**accuracies, **summary},
-        ],
-    )
-    compute_cleanup()
+    run = {
+        "source": args.source,
+        "model tag": meta["model_tag"],
+        "model step": meta.get("step"),
+        "max problems per task": args.max_problems or "all",
+        "num samples": args.num_samples,
+        "temperature": args.temperature,
+    }
+    get_report().log(section=section, merge=same, data=[run, table, {**accuracies, **summary}])
     return {**accuracies, **({"ChatCORE": score} if score is not None else {})}
 
 

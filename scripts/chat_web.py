@@ -1,24 +1,13 @@
 """
-Serve a trained model over HTTP: a ChatGPT-like web UI, a native streaming endpoint and an
+Serve a trained model over HTTP: a web UI (nanochat/ui.html), a streaming endpoint and an
 OpenAI-compatible API.
 
     python -m scripts.chat_web                       # http://127.0.0.1:8000, last SFT checkpoint
     python -m scripts.chat_web -i rl --num-gpus 8 --host 0.0.0.0 --allow-host chat.example.org --api-key KEY
 
-Endpoints: `GET /` (nanochat/ui.html), `GET /health` (503 when no worker can serve), `GET /stats`,
-`POST /chat/completions` (server-sent events `data: {"token": "...", "gpu": n}` ... `data: {"done":
-true}`), `POST /v1/chat/completions` (OpenAI, `stream` true/false; `top_k` as an extra field),
-`GET /v1/models`.
-
-- One model replica per GPU, each a BatchScheduler whose queue is the only one: a request goes to
-  the least loaded ready worker. A failure fails the requests it touches (an error event or a 500
-  naming it), never the others; a client that disconnects cancels its request at once.
-- This is the boundary (ChatRequest): strict types within the ranges the engine supports (400
-  naming the field); unsupported OpenAI fields (`tools`, `n > 1`, `logprobs`, ...) are refused by name.
-- Safe defaults: 127.0.0.1; a foreign or malformed Host/Origin refused, admission by requests in
-  flight, not sockets (Guard); JSON bodies only, size-capped and timed, silent sockets closed
-  (read_json_body, DeadlineH11); no API docs unless `--docs`; optional `--api-key`.
-- One log line per request (metadata); the conversation text only with `--log-content`.
+`POST /chat/completions` streams `data: {"token": "...", "gpu": n}` ... `data: {"done": true}`;
+`POST /v1/chat/completions` is OpenAI's (`top_k` as an extra field); `GET /health`, `/stats`, `/v1/models`.
+One BatchScheduler per GPU: a failure fails only the requests it touches.
 """
 
 from __future__ import annotations
@@ -49,9 +38,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import (
     HelpFormatter,
+    UserError,
     autodetect_device_type,
     exit_on_user_error,
-    exit_with_error,
+    in_range,
     setup_logging,
 )
 from nanochat.engine import BatchScheduler, Engine, add_decode_flag, compile_decode, prompt_and_budget
@@ -371,11 +361,8 @@ def create_app(
         for _, scheduler in server.workers:
             scheduler.close()
 
-    app = FastAPI(
-        title="nanochat",
-        lifespan=lifespan,
-        **({} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}),
-    )
+    no_docs = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="nanochat", lifespan=lifespan, **({} if docs else no_docs))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -425,51 +412,55 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     async def chat_openai(request: Request):
-        params = await parse(request)
-        gen = Generation(server, params, "/v1/chat/completions")
-        completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-
-        def envelope(kind: str, choices: list, **extra) -> dict:
-            head = {"id": completion_id, "object": kind, "created": created, "model": server.model_name}
-            return {**head, "choices": choices, **extra}
-
-        if not params.stream:
-            collect = asyncio.ensure_future(_join(gen.pieces()))
-            while not collect.done():  # a client that hangs up cancels the generation, as a stream's does
-                await asyncio.wait({collect}, timeout=0.25)
-                if not collect.done() and await request.is_disconnected():
-                    collect.cancel()
-            try:
-                text = await collect
-            except asyncio.CancelledError:
-                return error_response("the client went away", 499)
-            except RuntimeError as e:
-                return error_response(str(e), 500)
-            message = {"role": "assistant", "content": text}
-            choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
-            return envelope("chat.completion", [choice], usage=gen.usage())
-
-        def chunk(delta: dict, finish_reason: str | None = None) -> str:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
-            return sse(envelope("chat.completion.chunk", [choice]))
-
-        async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                async for piece in gen.pieces():
-                    yield chunk({"content": piece})
-            except (RuntimeError, HTTPException) as e:
-                yield sse({"error": {"message": getattr(e, "detail", str(e)), "type": "server_error"}})
-                yield sse("[DONE]")
-                return
-            yield chunk({}, gen.finish_reason)
-            if params.stream_options.get("include_usage"):
-                yield sse(envelope("chat.completion.chunk", [], usage=gen.usage()))
-            yield sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+        return await openai_completion(server, await parse(request), request)
 
     return Guard(app, hosts, api_key)
+
+
+async def openai_completion(server: ChatServer, params: ChatRequest, request: Request):
+    """OpenAI's chat completion of `params`: one JSON object, or a stream of chunks with `stream`."""
+    gen = Generation(server, params, "/v1/chat/completions")
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def envelope(kind: str, choices: list, **extra) -> dict:
+        head = {"id": completion_id, "object": kind, "created": created, "model": server.model_name}
+        return {**head, "choices": choices, **extra}
+
+    if not params.stream:
+        collect = asyncio.ensure_future(_join(gen.pieces()))
+        while not collect.done():  # a client that hangs up cancels the generation, as a stream's does
+            await asyncio.wait({collect}, timeout=0.25)
+            if not collect.done() and await request.is_disconnected():
+                collect.cancel()
+        try:
+            text = await collect
+        except asyncio.CancelledError:
+            return error_response("the client went away", 499)
+        except RuntimeError as e:
+            return error_response(str(e), 500)
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "finish_reason": gen.finish_reason}
+        return envelope("chat.completion", [choice], usage=gen.usage())
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+        return sse(envelope("chat.completion.chunk", [choice]))
+
+    async def events():
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for piece in gen.pieces():
+                yield chunk({"content": piece})
+        except (RuntimeError, HTTPException) as e:
+            yield sse({"error": {"message": getattr(e, "detail", str(e)), "type": "server_error"}})
+            yield sse("[DONE]")
+            return
+        yield chunk({}, gen.finish_reason)
+        if params.stream_options.get("include_usage"):
+            yield sse(envelope("chat.completion.chunk", [], usage=gen.usage()))
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _join(pieces: AsyncIterator[str]) -> str:
@@ -477,10 +468,9 @@ async def _join(pieces: AsyncIterator[str]) -> str:
 
 
 class DeadlineH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline of `timeout` seconds for each request's headers,
-    and a shorter one (IDLE_S) for a new connection's first byte: uvicorn starts its idle timer only
-    after a first response, so a client that connects and then sends nothing (or one byte a minute)
-    would hold its connection, and a descriptor, for ever."""
+    """uvicorn's HTTP/1.1 with deadlines: `timeout` seconds for each request's headers, IDLE_S for a
+    new connection's first byte (uvicorn's idle timer starts only after a first response, so a silent
+    client would hold its socket for ever)."""
 
     timeout = 10.0
 
@@ -520,21 +510,17 @@ def served_hosts(bind: str, allow: list[str]) -> set[str] | None:
     return None if "*" in allow else {bind, *allow} | (LOOPBACK if bind in LOOPBACK else set())
 
 
-def listen_problem(host: str, port: int) -> str | None:
-    """Why the server could not listen on host:port (port out of range or taken, host not here), or None.
-    Checked by binding a socket and closing it, before the model is loaded."""
-    if not 1 <= port <= 65535:
-        return f"--port {port} is out of range: pick a port in 1..65535"
+def check_listen(host: str, port: int) -> None:
+    """UserError unless the server can listen on host:port: bound and closed before the model loads."""
     try:  # SO_REUSEADDR, as uvicorn binds: a port in TIME_WAIT is free
         socket.create_server((host, port)).close()
     except socket.gaierror as e:
-        return f"--host {host} is not an address of this machine ({e.strerror})"
+        raise UserError(f"--host {host} is not an address of this machine ({e.strerror})") from None
     except OSError as e:
-        return (
+        raise UserError(
             f"--port {port}: cannot listen on {host}:{port} ({e.strerror}); another server is "
             "probably using it: stop it, or pick another --port"
-        )
-    return None
+        ) from None
 
 
 def raise_descriptor_limit() -> None:
@@ -548,7 +534,7 @@ def raise_descriptor_limit() -> None:
         pass
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_web",
         description="Serve a nanochat model: web UI + OpenAI-compatible API.",
@@ -556,42 +542,52 @@ def main() -> None:
     )
     add = parser.add_argument
     add_model_flags(parser, "sft")
-    add("--port", type=int, default=8000, help="port to listen on")
+    add("--port", type=in_range(int, 1, 65535), default=8000, help="port to listen on")
     add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
     add("--allow-host", action="append", default=[], help="also serve this host name ('*': any); repeatable")
     add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the APIs")
     add("--docs", action="store_true", help="serve FastAPI's interactive API docs at /docs")
-    add("--client-timeout", type=float, default=10.0, help="seconds for a request's headers, then its body")
-    add("--num-gpus", type=int, default=1, help="model replicas, one per GPU (CUDA only)")
-    add("-t", "--temperature", type=float, default=0.8, help="default sampling temperature")
-    add("-k", "--top-k", type=int, default=50, help="default top-k (0: no filtering)")
+    timeout = "seconds for a request's headers, then its body"
+    add("--client-timeout", type=in_range(float, 0, open_lo=True), default=10.0, help=timeout)
+    add("--num-gpus", type=in_range(int, 1), default=1, help="model replicas, one per GPU (CUDA only)")
+    # the defaults of a request's fields: the same limits
+    add("-t", "--temperature", type=in_range(float, *LIMITS["temperature"]), default=0.8, help="temperature")
+    add("-k", "--top-k", type=in_range(int, *LIMITS["top_k"]), default=50, help="top-k (0: no filtering)")
     reply = "default longest reply, in tokens (the requests' max_tokens)"
-    add("--max-new-tokens", "--max-tokens", dest="max_tokens", metavar="N", type=int, default=512, help=reply)
-    add("--max-batch", type=int, default=8, help="concurrent requests per worker")
+    tokens = in_range(int, *LIMITS["max_tokens"])
+    add(
+        "--max-new-tokens",
+        "--max-tokens",
+        dest="max_tokens",
+        metavar="N",
+        type=tokens,
+        default=512,
+        help=reply,
+    )
+    add("--max-batch", type=in_range(int, 1), default=8, help="concurrent requests per worker")
     add("--log-content", action="store_true", help="also log the messages and replies")
     add_decode_flag(parser)
-    args = parser.parse_args()
-    flags = {"temperature": "--temperature", "top_k": "--top-k", "max_tokens": "--max-new-tokens"}
-    for key, flag in flags.items():  # the same limits as a request's fields
-        lo, hi = LIMITS[key]
-        if not lo <= getattr(args, key) <= hi:  # also rejects NaN
-            parser.error(f"{flag} must be in [{lo:g}, {hi:g}], got {getattr(args, key)}")
-    if args.max_batch < 1 or not args.client_timeout > 0:
-        parser.error(
-            f"--max-batch must be >= 1 and --client-timeout > 0, got {args.max_batch}, {args.client_timeout}"
-        )
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with exit_on_user_error("chat_web"):
+        serve(args)
+
+
+def serve(args: argparse.Namespace) -> None:
     if args.api_key is not None and not args.api_key.strip():  # an unset variable, say
-        exit_with_error("chat_web", "--api-key is empty: give the key, or leave the flag out")
-    if problem := listen_problem(args.host, args.port):
-        exit_with_error("chat_web", problem)
+        raise UserError("--api-key is empty: give the key, or leave the flag out")
+    check_listen(args.host, args.port)
     device_type = args.device_type or autodetect_device_type()
     count = torch.cuda.device_count() if device_type == "cuda" else 1
-    if not 1 <= args.num_gpus <= count:
-        parser.error(f"--num-gpus {args.num_gpus} asked for, but there are {count} {device_type} device(s)")
+    if args.num_gpus > count:
+        raise UserError(
+            f"--num-gpus {args.num_gpus} asked for, but there are {count} {device_type} device(s)"
+        )
 
     setup_logging()
-    hosts = served_hosts(args.host, args.allow_host)
     if args.host not in LOOPBACK and not args.api_key:
         logger.warning(
             "binding %s beyond loopback without --api-key: anyone reaching it can use it", args.host
@@ -599,10 +595,9 @@ def main() -> None:
     workers = []  # one replica per GPU (one on CPU/MPS)
     for i in range(args.num_gpus):
         device = torch.device(device_type, i) if device_type == "cuda" else torch.device(device_type)
-        with exit_on_user_error("chat_web"):
-            model, tokenizer, meta = load_model(
-                args.source, device, "eval", args.model_tag, args.model_step, args.verify
-            )
+        model, tokenizer, meta = load_model(
+            args.source, device, "eval", args.model_tag, args.model_step, args.verify
+        )
         # a compiled decode step warms up in the worker's thread (state "warming": /health answers
         # 503 at once, requests wait in its queue) and logs its compile time
         engine = Engine(model, tokenizer, args.max_batch, compile_decode(args.decode, device))
@@ -614,7 +609,7 @@ def main() -> None:
     server = ChatServer(workers, tokenizer, context, name, defaults, args.log_content, args.client_timeout)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     config = uvicorn.Config(
-        create_app(server, hosts, args.api_key, args.docs),
+        create_app(server, served_hosts(args.host, args.allow_host), args.api_key, args.docs),
         host=args.host,
         port=args.port,
         log_level="warning",

@@ -1,6 +1,7 @@
 """task_accuracy (nanochat/task_eval.py) on its categorical and generative paths and across ranks;
 chat_eval: the ChatCORE formula, task selection and the script end to end."""
 
+import argparse
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import TASK_DATA, needs, tiny_model
 
 import nanochat.task_eval as task_eval
 from nanochat import execution
@@ -21,18 +23,6 @@ from scripts.chat_eval import main as chat_eval_main
 from tasks.common import Task
 
 REPO = Path(__file__).resolve().parents[1]
-TASK_DATA = REPO.parent / "shared" / "data" / "tasks"
-needs_task_data = pytest.mark.skipif(
-    not TASK_DATA.is_dir(), reason=f"shared task data not found at {TASK_DATA}"
-)
-
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture
@@ -68,11 +58,9 @@ def test_chatcore_is_partial_when_a_standard_task_is_missing():
     assert chatcore({}) == (None, None, list(chatcore({})[2]))
 
 
-def test_task_names_parse_pipes_default_to_the_six_and_reject_unknown_names():
+def test_task_names_parse_pipes_and_reject_unknown_names():
     assert parse_task_names("ARC-Easy|GSM8K|ARC-Easy") == ["ARC-Easy", "GSM8K"]
-    six = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
-    assert parse_task_names(None) == six
-    with pytest.raises(ValueError, match="arc-easy"):
+    with pytest.raises(argparse.ArgumentTypeError, match="arc-easy"):
         parse_task_names("arc-easy")
 
 
@@ -169,7 +157,7 @@ def test_two_gloo_ranks_stride_the_first_problems_and_both_return_the_summed_acc
     assert results[0]["accuracy"] == results[1]["accuracy"] == 4 / 9  # golds B,A,B,D,C,B,A,D,B
 
 
-@needs_task_data
+@needs(TASK_DATA)
 def test_categorical_accuracy_on_arc_matches_the_share_of_gold_letters(tokenizer, monkeypatch):
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
     from tasks.arc import ARC
@@ -223,12 +211,15 @@ def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer, 
     }
     schedulers = []
 
-    def scheduler(engine, max_batch):
+    def engine(model, tokenizer, max_batch, compile):
         assert max_batch == 8  # task_accuracy's batch_size: completions decoding together
+        return SimpleNamespace(context=4096)
+
+    def scheduler(engine):
         schedulers.append(ScriptedScheduler(tokenizer, scripts, num_samples))
         return schedulers[-1]
 
-    monkeypatch.setattr(task_eval, "Engine", lambda model, tokenizer: SimpleNamespace(context=4096))
+    monkeypatch.setattr(task_eval, "Engine", engine)
     monkeypatch.setattr(task_eval, "BatchScheduler", scheduler)
     model, task = torch.nn.Linear(1, 1), EchoTask()
     num_samples = 1
@@ -244,10 +235,7 @@ def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer, 
 
 def test_generative_problems_decode_together_with_the_same_greedy_answers(tokenizer):
     """The real scheduler: greedy answers do not depend on how many completions decode together."""
-    from nanochat.gpt import GPT, config_from_depth
-
-    torch.manual_seed(0)
-    model = GPT(config_from_depth(2, tokenizer.get_vocab_size(), 64, aspect_ratio=32, head_dim=32)).eval()
+    model = tiny_model(tokenizer.get_vocab_size()).eval()
     task = EchoTask()
     seen = {}
 
@@ -270,16 +258,11 @@ def test_generative_problems_decode_together_with_the_same_greedy_answers(tokeni
 def _tiny_sft_base(src: Path, dst: Path) -> Path:
     """A base dir with the tiny tokenizer and a freshly initialised d2 model saved as an SFT checkpoint."""
     from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
-    from nanochat.gpt import GPT, config_from_depth
     from nanochat.tokenizer import get_tokenizer
 
     shutil.copytree(src / "tokenizer", dst / "tokenizer")
     os.environ["NANOCHAT_BASE_DIR"] = str(dst)
-    vocab = get_tokenizer().get_vocab_size()
-    with torch.device("meta"):
-        model = GPT(config_from_depth(2, vocab, 128, aspect_ratio=32, head_dim=32))
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = tiny_model(get_tokenizer().get_vocab_size(), 128)
     save_checkpoint(checkpoint_dir("sft", "d2"), 5, model, None, {})
     return dst
 
@@ -297,7 +280,7 @@ def _run_chat_eval(base: Path, task_data: Path, *args: str) -> subprocess.Comple
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
-@needs_task_data
+@needs(TASK_DATA)
 def test_chat_eval_script_on_a_tiny_sft_checkpoint_prints_accuracy_and_writes_the_report(
     tiny_base_dir, tmp_path, monkeypatch
 ):
@@ -323,7 +306,7 @@ def test_chat_eval_script_on_a_tiny_sft_checkpoint_prints_accuracy_and_writes_th
     assert "| ARC-Easy " in report and "| ARC-Challenge |" in report
 
 
-@needs_task_data
+@needs(TASK_DATA)
 def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts(
     tiny_base_dir, tmp_path, monkeypatch
 ):
@@ -341,19 +324,7 @@ def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "scripts.chat_eval",
-        "-i",
-        "sft",
-        "-a",
-        "ARC-Easy",
-        "-x",
-        "8",
-        "--device-type",
-        "cpu",
-    ]
+    cmd = [sys.executable, "-m", "scripts.chat_eval", *"-i sft -a ARC-Easy -x 8 --device-type cpu".split()]
     procs = []
     for rank in range(2):
         env = {**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
@@ -402,19 +373,7 @@ def test_chat_eval_help_lists_every_flag(capsys):
         chat_eval_main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    flags = [
-        "-i",
-        "-a",
-        "-x",
-        "-t",
-        "-k",
-        "-n",
-        "--max-new-tokens",
-        "-g",
-        "-s",
-        "--batch-size",
-        "--device-type",
-        "--allow-unisolated-code",
-    ]
-    for flag in flags:
+    for flag in (
+        "-i -a -x -t -k -n --max-new-tokens -g -s --batch-size --device-type --allow-unisolated-code".split()
+    ):
         assert f" {flag}" in out, flag

@@ -1,11 +1,8 @@
-"""The web UI in a real headless browser (Debian's chromium driven by playwright) against the real
-chat_web server of test_chat_web.py: its scripted model, whose reply is known exactly, and its
-babbler, which talks until its token budget runs out (for the Stop button).
-
-Replies the scripted model cannot give (Markdown, injected HTML) are either fed to the page's
-renderer directly (`window.nanochatRender`) or streamed to the page by a routed /chat/completions.
-Skipped, with the reason, when no chromium binary is installed (CI: `apt-get install -y chromium`).
-The screenshot goes to the test's tmp_path (ui.png).
+"""The web UI in a headless chromium (playwright) against test_chat_web.py's real servers: the
+scripted model, whose reply is known exactly, and the babbler, which talks until its budget runs out.
+Replies the scripted model cannot give (Markdown, injected HTML) go to the page's renderer
+(`window.nanochatRender`) or come from a routed /chat/completions. Skipped without chromium
+(CI: `apt-get install -y chromium`).
 """
 
 import json
@@ -15,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from playwright.sync_api import expect, sync_playwright
 from test_chat_web import (
     SCRIPT_AFTER_TOOL,
     SCRIPT_BEFORE_TOOL,
@@ -65,8 +63,6 @@ INJECTED = '<img src=x onerror="window.__pwned=1"><script>window.__pwned=2</scri
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield browser
@@ -134,8 +130,6 @@ def route_reply(page, pieces: list[str]) -> None:
 
 
 def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
-    from playwright.sync_api import expect
-
     # Shift+Enter is a newline, Enter sends
     page.click("#input")
     page.keyboard.type("first line")
@@ -182,8 +176,6 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
 
 
 def test_ui_calculator_call_is_a_tool_chip(page):
-    from playwright.sync_api import expect
-
     say(page, "add them")
     wait_idle(page, 1)
     reply = page.locator(".message.assistant")
@@ -200,33 +192,24 @@ def test_ui_calculator_call_is_a_tool_chip(page):
     expect(page.locator("#probe pre code")).to_have_text("<<3*3=9>>")
 
 
-def test_ui_header_shows_model_and_the_sampling_settings_in_effect(page):
-    from playwright.sync_api import expect
-
+def test_ui_header_shows_the_settings_in_effect_and_slash_commands_set_them(page):
     health = httpx.get(page.server.url + "/health", timeout=10).json()
-    defaults = health["defaults"]
+    temperature, max_tokens = health["defaults"]["temperature"], health["defaults"]["max_tokens"]
     expect(page.locator("#model")).to_have_text(health["model"])
+    settings = "temperature {:g} \u00b7 top-k {} \u00b7 max tokens {}"
     expect(page.locator("#settings")).to_have_text(
-        f"temperature {defaults['temperature']:g} \u00b7 top-k {defaults['top_k']} "
-        f"\u00b7 max tokens {defaults['max_tokens']}"
+        settings.format(temperature, health["defaults"]["top_k"], max_tokens)
     )
     say(page, "/topk 7")  # one override; the others stay the server's
-    expect(page.locator("#settings")).to_have_text(
-        f"temperature {defaults['temperature']:g} \u00b7 top-k 7 \u00b7 max tokens {defaults['max_tokens']}"
-    )
-
-
-def test_ui_slash_commands_set_sampling_and_help(page):
-    from playwright.sync_api import expect
-
-    for command in ("/temperature 0.25", "/topk 7", "/maxtokens 300", "/help", "/temperature 9", "/bogus"):
+    expect(page.locator("#settings")).to_have_text(settings.format(temperature, 7, max_tokens))
+    for command in ("/temperature 0.25", "/maxtokens 300", "/help", "/temperature 9", "/bogus"):
         say(page, command)
     notices = texts(page, ".notice")
-    assert "temperature set to 0.25" in notices[0] and "top-k set to 7" in notices[1]
+    assert "top-k set to 7" in notices[0] and "temperature set to 0.25" in notices[1]
     assert "max tokens set to 300" in notices[2]
     assert all(c in notices[3] for c in ("/temperature", "/topk", "/maxtokens", "/clear"))
     assert len(texts(page, ".notice.error")) == 2  # out of range, unknown command
-    expect(page.locator("#settings")).to_have_text("temperature 0.25 \u00b7 top-k 7 \u00b7 max tokens 300")
+    expect(page.locator("#settings")).to_have_text(settings.format(0.25, 7, 300))
     assert page.sent == []  # commands are not chat messages
 
     say(page, "hi")
@@ -239,8 +222,6 @@ def test_ui_slash_commands_set_sampling_and_help(page):
 
 
 def test_ui_shows_server_errors_and_gives_the_text_back(page):
-    from playwright.sync_api import expect
-
     too_long = "x" * 8001
     say(page, too_long)
     expect(page.locator(".notice.error")).to_contain_text("8000")
@@ -252,8 +233,6 @@ def test_ui_shows_server_errors_and_gives_the_text_back(page):
 def test_ui_long_chat_sends_its_newest_turns_and_says_so(page):
     """The server refuses a conversation over 32,000 characters: five turns of 7,000 go on working,
     the fifth request leaving out the oldest pair, and the chat saying so."""
-    from playwright.sync_api import expect
-
     for i in range(5):
         say(page, f"{i}" + "x" * 7000)
         wait_idle(page, i + 1)
@@ -269,8 +248,6 @@ def test_ui_long_chat_sends_its_newest_turns_and_says_so(page):
 
 
 def test_ui_renders_markdown_blocks_and_inline(page):
-    from playwright.sync_api import expect
-
     markdown = "\n".join(
         [
             "## Title",
@@ -314,8 +291,6 @@ def test_ui_renders_markdown_blocks_and_inline(page):
 
 
 def test_ui_streamed_code_block_has_a_working_copy_button(page):
-    from playwright.sync_api import expect
-
     # the fence and the code arrive split across pieces, as a model streams them
     pieces = ["Try this:\n\n``", "`py", "thon\nprint('<b>hi</b>')\nx = 2", "\n```\n", "Done **now**."]
     route_reply(page, pieces)
@@ -337,8 +312,6 @@ def test_ui_streamed_code_block_has_a_working_copy_button(page):
 
 
 def test_ui_shows_injected_html_as_text(page):
-    from playwright.sync_api import expect
-
     # in a streamed reply, in the renderer's every inline form, and in the user's own message
     route_reply(page, [INJECTED[:9], INJECTED[9:40], INJECTED[40:], "\n\n# " + INJECTED])
     say(page, INJECTED)
@@ -360,8 +333,6 @@ def test_ui_shows_injected_html_as_text(page):
 
 
 def test_ui_stop_button_and_esc_cancel_the_generation(babbler_page):
-    from playwright.sync_api import expect
-
     page, server = babbler_page, babbler_page.server
     say(page, "/maxtokens 4000")  # ~2000 tokens of budget (the context's size): seconds of work
     for turn, stop in enumerate([lambda: page.click("#send"), lambda: page.keyboard.press("Escape")]):
@@ -381,9 +352,7 @@ def test_ui_stop_button_and_esc_cancel_the_generation(babbler_page):
         assert "stopped" in reply.get_attribute("class")
         assert len(reply.inner_text()) > len("stopped")  # the partial reply stays
 
-        deadline = time.time() + 10
-        while (stats := server.stats())["busy"] > 0 and time.time() < deadline:
-            time.sleep(0.05)
+        stats = server.idle()
         assert stats["busy"] == 0
         assert stats["requests_cancelled"] == before["requests_cancelled"] + 1
         assert stats["tokens_generated"] - before["tokens_generated"] < 1500  # stopped early
