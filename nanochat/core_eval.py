@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
@@ -74,23 +75,18 @@ def get_eval_bundle() -> Path:
             zip_path = download_file(EVAL_BUNDLE_URL, base / "eval_bundle.zip", validate=zipfile.is_zipfile)
         except RuntimeError as e:  # download_file's message names the url and the last error
             raise EvalBundleError(f"{e}; {fix}") from None
-        staging = base / f"eval_bundle.unzip.{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        try:
+        with tempfile.TemporaryDirectory(prefix="eval_bundle.unzip.", dir=base) as staging:
             with zipfile.ZipFile(zip_path) as zf:
                 # zipfile strips absolute paths and ".." and writes symlinks as plain files: nothing
                 # lands outside staging
                 zf.extractall(staging)
             # core.yaml sits at the top of the zip or in its one top folder (as the official zip has it)
-            roots = [r for r in (staging, *staging.iterdir()) if (r / "core.yaml").is_file()]
+            roots = [r for r in (Path(staging), *Path(staging).iterdir()) if (r / "core.yaml").is_file()]
             if not roots:
                 raise EvalBundleError(f"{zip_path} holds no core.yaml (at its top or in one top folder)")
             if folder.exists():  # a leftover without core.yaml: unusable, replace it
                 shutil.rmtree(folder)
             os.replace(roots[0], folder)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         zip_path.unlink(missing_ok=True)
     logger.info("eval bundle ready in %s", folder)
     return folder

@@ -75,16 +75,8 @@ class NanoChatPlusAttention(NanoChatAttention):
         attend = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        y, weights = attend(
-            self,
-            q,
-            k,
-            v,
-            attention_mask,
-            dropout=0.0,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-        )
+        options = dict(dropout=0.0, scaling=self.scaling, sliding_window=self.sliding_window)
+        y, weights = attend(self, q, k, v, attention_mask, **options)
         return self.o_proj(y.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
@@ -132,21 +124,15 @@ class NanoChatPlusModel(NanoChatModel):
         masks = {"full_attention": create_causal_mask(**mask_args)}
         if "sliding_attention" in c.layer_types:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_args)
-        position_embeddings = self.rotary_emb(x, position_ids=position_ids)
+        rotary = self.rotary_emb(x, position_ids=position_ids)
+        shared = dict(position_embeddings=rotary, position_ids=position_ids, cache=cache)  # every layer's
 
         x0 = x
         for i, layer in enumerate(self.layers):
             if c.layer_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](input_ids) if str(i) in self.value_embeds else None
-            x = layer(
-                x,
-                attention_mask=masks[c.layer_types[i]],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                cache=cache,
-                value_embed=ve,
-            )
+            x = layer(x, attention_mask=masks[c.layer_types[i]], value_embed=ve, **shared)
             if i == c.num_hidden_layers // 2:
                 x_mid = x
         if c.backout:
