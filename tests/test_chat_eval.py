@@ -255,67 +255,17 @@ def test_generative_problems_decode_together_with_the_same_greedy_answers(tokeni
 # The script end to end
 
 
-def _tiny_sft_base(src: Path, dst: Path) -> Path:
-    """A base dir with the tiny tokenizer and a freshly initialised d2 model saved as an SFT checkpoint."""
-    from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
-    from nanochat.tokenizer import get_tokenizer
-
-    shutil.copytree(src / "tokenizer", dst / "tokenizer")
-    os.environ["NANOCHAT_BASE_DIR"] = str(dst)
-    model = tiny_model(get_tokenizer().get_vocab_size(), 128)
-    save_checkpoint(checkpoint_dir("sft", "d2"), 5, model, None, {})
-    return dst
-
-
-def _run_chat_eval(base: Path, task_data: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        "NANOCHAT_BASE_DIR": str(base),
-        "NANOCHAT_TASK_DATA": str(task_data),
-        "OMP_NUM_THREADS": "1",
-    }
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "scripts.chat_eval", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-
-
 @needs(TASK_DATA)
-def test_chat_eval_script_on_a_tiny_sft_checkpoint_prints_accuracy_and_writes_the_report(
-    tiny_base_dir, tmp_path, monkeypatch
+def test_chat_eval_on_two_gloo_ranks_equals_one_and_a_second_run_adds_to_the_report(
+    tiny_base_dir, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))  # restored after the test
-    base = _tiny_sft_base(tiny_base_dir, tmp_path / "base")
-    proc = _run_chat_eval(base, TASK_DATA, "-i", "sft", "-a", "ARC-Easy", "-x", "8", "--device-type", "cpu")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ARC-Easy: " in proc.stdout and "/8 = " in proc.stdout
-    assert "ChatCORE (partial, missing ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee)" in proc.stdout
-    report = (base / "report" / "chat-evaluation-sft.md").read_text()
-    assert report.startswith("## Chat evaluation sft")
-    assert "- ARC-Easy: " in report and "- ChatCORE (partial): " in report
-    assert "- model step: 5" in report
-
-    # a second run of the same model adds its task to the section instead of replacing it
-    proc = _run_chat_eval(
-        base, TASK_DATA, "-i", "sft", "-a", "ARC-Challenge", "-x", "8", "--device-type", "cpu"
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "missing MMLU, GSM8K, HumanEval, SpellingBee)" in proc.stdout
-    report = (base / "report" / "chat-evaluation-sft.md").read_text()
-    assert "- ARC-Easy: " in report and "- ARC-Challenge: " in report
-    assert "| ARC-Easy " in report and "| ARC-Challenge |" in report
-
-
-@needs(TASK_DATA)
-def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts(
-    tiny_base_dir, tmp_path, monkeypatch
-):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
-    base = _tiny_sft_base(tiny_base_dir, tmp_path / "base")
-    from nanochat.checkpoint_manager import load_model
+    from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpoint
     from tasks.arc import ARC
 
+    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
+    save_checkpoint(checkpoint_dir("sft", "d2"), 5, tiny_model(1024, 128), None, {})
     model, tokenizer, _ = load_model("sft", "cpu", mode="eval")
     expected = round(8 * task_accuracy(model, tokenizer, ARC("ARC-Easy", "test"), 8))
 
@@ -323,22 +273,39 @@ def test_chat_eval_on_two_gloo_ranks_strides_problems_and_all_reduces_the_counts
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "scripts.chat_eval", *"-i sft -a ARC-Easy -x 8 --device-type cpu".split()]
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank), "OMP_NUM_THREADS": "1"}
-        env.update(NANOCHAT_BASE_DIR=str(base), NANOCHAT_TASK_DATA=str(TASK_DATA))
-        procs.append(
-            subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+        for rank in range(2)
+    ]
     outputs = [proc.communicate(timeout=180) for proc in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
     assert f"ARC-Easy: {expected}/8 = " in outputs[0][0]  # 4 problems per rank, summed over both
+    assert "ChatCORE (partial, missing ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee)" in outputs[0][0]
     assert "ARC-Easy: " not in outputs[1][0]  # only rank 0 prints
+    report_path = tmp_path / "report" / "chat-evaluation-sft.md"
+    report = report_path.read_text()
+    assert report.startswith("## Chat evaluation sft") and "- model step: 5" in report
+    assert "- ARC-Easy: " in report and "- ChatCORE (partial): " in report
+
+    # a second run of the same model (one rank, in this process) adds its task to the section
+    assert set(chat_eval_main("-i sft -a ARC-Challenge -x 8 --device-type cpu".split())) == {
+        "ARC-Easy",
+        "ARC-Challenge",
+    }
+    assert "missing MMLU, GSM8K, HumanEval, SpellingBee)" in capsys.readouterr().out
+    report = report_path.read_text()
+    assert "- ARC-Easy: " in report and "- ARC-Challenge: " in report
+    assert "| ARC-Easy " in report and "| ARC-Challenge |" in report
 
 
 def exit_message(argv: list[str], capsys) -> str:
@@ -349,17 +316,12 @@ def exit_message(argv: list[str], capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_chat_eval_names_the_data_variable_when_task_data_is_missing(tmp_path, monkeypatch, capsys):
+def test_chat_eval_names_the_missing_data_or_sandbox_before_loading(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path / "no_such_folder"))
     out = exit_message(["-i", "sft", "-a", "MMLU", "--device-type", "cpu"], capsys)
     assert out.startswith("chat_eval: MMLU") and "NANOCHAT_TASK_DATA" in out
     assert not (tmp_path / "report").exists()
-
-
-def test_chat_eval_refuses_humaneval_without_os_isolation_unless_accepted(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
-    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path / "no_such_folder"))
     monkeypatch.setattr(execution, "isolation_problem", lambda: "bubblewrap is not installed")
     out = exit_message(["-i", "sft", "-a", "HumanEval", "--device-type", "cpu"], capsys)
     assert "bubblewrap is not installed" in out and "--allow-unisolated-code" in out
