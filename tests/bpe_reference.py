@@ -1,40 +1,18 @@
-"""A slow, obviously-correct byte-level BPE trainer: the oracle rustbpe is checked against.
+"""A slow, obviously-correct byte-level BPE trainer: the oracle rustbpe is checked against. It recounts
+the whole corpus for every merge, so it has no bookkeeping that could be wrong (fine for a few hundred
+merges on ~100 KB).
 
-Same contract as rustbpe's trainer:
-- split every text with the regex pattern and count identical chunks;
-- every chunk starts as its UTF-8 bytes (token ids 0..255);
-- each step counts ALL adjacent pairs in all chunks (weighted by how often the chunk occurs;
-  overlapping windows count, so "aaa" holds the pair (a, a) twice), picks the pair with the
-  highest count, ties going to the smallest (left_id, right_id), gives it the id 256 + k, and
-  replaces its occurrences left to right without overlap;
-- stops after the requested number of merges, or earlier when no pair is left.
-
-Nothing is incremental on purpose: the whole corpus is recounted for every merge, so the
-code has no bookkeeping that could be wrong. Fine for a few hundred merges on ~100 KB.
+Same contract as rustbpe's trainer: split every text with the regex pattern and count identical chunks;
+every chunk starts as its UTF-8 bytes (ids 0..255); each step counts ALL adjacent pairs, weighted by
+how often the chunk occurs (overlapping windows count: "aaa" holds (a, a) twice), merges the most
+frequent pair (ties: the smallest (left_id, right_id)) into id 256 + k, left to right without overlap,
+and stops after vocab_size - 256 merges, or earlier when no pair is left.
 """
 
 from collections import Counter
 from collections.abc import Iterable
 
 import regex
-
-
-def count_chunks(texts: Iterable[str], pattern: str) -> Counter[str]:
-    """How often each regex chunk occurs over all texts."""
-    compiled = regex.compile(pattern)
-    counts: Counter[str] = Counter()
-    for text in texts:
-        counts.update(compiled.findall(text))
-    return counts
-
-
-def count_pairs(words: dict[tuple[int, ...], int]) -> Counter[tuple[int, int]]:
-    """Adjacent pair counts over all words, each word weighted by its count."""
-    pairs: Counter[tuple[int, int]] = Counter()
-    for word, count in words.items():
-        for left, right in zip(word, word[1:], strict=False):
-            pairs[(left, right)] += count
-    return pairs
 
 
 def merge_word(word: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tuple[int, ...]:
@@ -51,40 +29,28 @@ def merge_word(word: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tup
     return tuple(out)
 
 
-def train_merges(texts: Iterable[str], num_merges: int, pattern: str) -> list[tuple[int, int]]:
-    """The list of merges [(left_id, right_id)]; merge k creates token id 256 + k."""
-    words: dict[tuple[int, ...], int] = {}
-    for chunk, count in count_chunks(texts, pattern).items():
-        word = tuple(chunk.encode("utf-8"))
-        words[word] = words.get(word, 0) + count
-
-    merges = []
-    for k in range(num_merges):
-        pairs = count_pairs(words)
+def train_mergeable_ranks(texts: Iterable[str], vocab_size: int, pattern: str) -> list[tuple[bytes, int]]:
+    """Rustbpe's get_mergeable_ranks() of a training: the 256 single bytes, then one token per merge."""
+    compiled = regex.compile(pattern)
+    words: Counter[tuple[int, ...]] = Counter()
+    for text in texts:
+        for chunk in compiled.findall(text):
+            words[tuple(chunk.encode("utf-8"))] += 1
+    tokens = [bytes([b]) for b in range(256)]
+    for new_id in range(256, vocab_size):
+        pairs: Counter[tuple[int, int]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
         if not pairs:
             break
-        # highest count first; among equal counts the smallest (left_id, right_id)
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        new_words: dict[tuple[int, ...], int] = {}
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))  # the highest count, then the smallest pair
+        tokens.append(tokens[best[0]] + tokens[best[1]])
+        merged: Counter[tuple[int, ...]] = Counter()
         for word, count in words.items():
-            merged = merge_word(word, best, 256 + k)
-            new_words[merged] = new_words.get(merged, 0) + count
-        words = new_words
-    return merges
-
-
-def merges_to_mergeable_ranks(merges: list[tuple[int, int]]) -> list[tuple[bytes, int]]:
-    """rustbpe's get_mergeable_ranks() format: the 256 single bytes, then one entry per merge."""
-    token_bytes = [bytes([b]) for b in range(256)]
-    for left, right in merges:
-        token_bytes.append(token_bytes[left] + token_bytes[right])
-    return [(tb, rank) for rank, tb in enumerate(token_bytes)]
-
-
-def train_mergeable_ranks(texts: Iterable[str], vocab_size: int, pattern: str) -> list[tuple[bytes, int]]:
-    """Train up to vocab_size - 256 merges and return the mergeable ranks like rustbpe does."""
-    return merges_to_mergeable_ranks(train_merges(texts, vocab_size - 256, pattern))
+            merged[merge_word(word, best, new_id)] += count
+        words = merged
+    return [(token, rank) for rank, token in enumerate(tokens)]
 
 
 # A small mixed corpus (no shared data needed) for the tokenizer tests: English, code, CJK,

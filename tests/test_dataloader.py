@@ -1,9 +1,6 @@
-"""Tests for nanochat.dataloader: best-fit packing (crop and pad), rank/slot layout, exact resume.
-
-Two corpora: the session's tiny offline corpus with its real tokenizer (`base_dir`), and a
-synthetic one read through `IdTokenizer`, whose every token names its document, so each
-token of a batch can be traced back to the document and row group it came from.
-"""
+"""nanochat.dataloader: best-fit packing (crop and pad), rank/slot layout, exact resume. On the
+session's offline corpus with its tokenizer, and on a synthetic one whose every token names its
+document (`IdTokenizer`), so each token of a batch traces back to its document and row group."""
 
 import json
 import random
@@ -62,15 +59,12 @@ def test_best_fit_takes_largest_fitting_doc_then_crops_shortest():
     assert (cropped, dropped) == (11, 0)
 
 
-def test_best_fit_crops_the_shortest_and_drops_the_leftover():
+def test_best_fit_crops_the_shortest_drops_the_leftover_and_accounts_for_every_token():
     p, q, r = doc(1, 8), doc(2, 8), doc(3, 3)
     # p and q tie: the earlier (p) goes first; 2 left, nothing fits: crop the SHORTEST (r, not q)
     # q alone (8 tokens) cannot make a row: dropped, never seen
     assert pack_crop([p, q, r], row_len=10) == ([p + r[:2]], 1, 8)
     assert pack_crop([doc(1, 4), doc(2, 3)], row_len=10) == ([], 0, 7)
-
-
-def test_best_fit_rows_start_with_a_document():
     rng = random.Random(0)
     docs = [doc(i + 1, rng.randint(1, 40)) for i in range(300)]
     rows, cropped, dropped = pack_crop(docs, row_len=33)
@@ -94,10 +88,7 @@ def test_pad_mode_places_whole_items_and_masks_padding():
     # target i is row[i+1], or -1 where mask[i+1] == 0 (masked tokens and padding)
     assert targets.tolist() == [[-1, 1, 1, 1, -1, 2, -1], [-1, -1, 3, -1, 4, -1, -1]]
     assert inputs.tolist() == [row[:-1] for row in rows]
-
-
-def test_pad_mode_never_crops_an_item_longer_than_a_row():
-    with pytest.raises(AssertionError, match="truncate"):
+    with pytest.raises(AssertionError, match="truncate"):  # never crops an item longer than a row
         pack_pad([([0] * 9, [1] * 9)], row_len=8, pad_id=0)
 
 
