@@ -56,7 +56,7 @@ PRETRAINED = {
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte tokens and the special tokens
 RANKS_FILE, META_FILE, BYTES_FILE = "tokenizer.tiktoken", "tokenizer_meta.json", "token_bytes.pt"
 OLD_PICKLE = "tokenizer.pkl"  # what versions before the data format wrote: refused, never unpickled
-META_KEYS = {"name", "pattern", "special_tokens", "bos_token"}  # the constructor's, + "sha256"
+META_KEYS = {"name", "pattern", "special_tokens", "bos_token"}  # the constructor's (+ "sha256")
 RETRAIN = "train it again with `python -m scripts.tok_train`"
 
 
@@ -83,24 +83,21 @@ def _check_tokens(ranks: dict[bytes, int], special_tokens: dict[str, int], direc
 
 
 def _meta_fields(meta: object, meta_path: Path) -> dict:
-    """The constructor arguments in a tokenizer meta, checked (types, bos among the specials)."""
+    """The constructor arguments in a tokenizer meta, checked (keys, types, bos among the specials)."""
+    types = {"name": str, "pattern": str, "bos_token": str, "special_tokens": dict, "sha256": dict}
     problem = None
     if not isinstance(meta, dict):
         problem = "is not a JSON object"
     elif missing := sorted(META_KEYS - set(meta)):
         problem = f"lacks {', '.join(missing)}"
-    elif unknown := sorted(set(meta) - META_KEYS - {"sha256"}):
+    elif unknown := sorted(set(meta) - set(types)):
         problem = f"has unknown keys {unknown}"
-    elif not all(isinstance(meta[k], str) for k in ("name", "pattern", "bos_token")):
-        problem = "needs strings for name, pattern and bos_token"
-    elif not isinstance(meta["special_tokens"], dict) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in meta["special_tokens"].values()
-    ):
-        problem = "needs special_tokens as an object of names and integer ids"
+    elif wrong := [key for key, kind in types.items() if key in meta and not isinstance(meta[key], kind)]:
+        problem = f"has the wrong type for {', '.join(wrong)}"  # name, pattern, bos: str; the others: objects
+    elif not all(type(i) is int for i in meta["special_tokens"].values()):  # a bool is no id
+        problem = "needs integer special token ids"
     elif meta["bos_token"] not in meta["special_tokens"]:
         problem = f"names bos_token {meta['bos_token']!r}, which is not among its special tokens"
-    elif not isinstance(meta.get("sha256", {}), dict):
-        problem = "needs sha256 as an object of file names and checksums"
     if problem:
         raise TokenizerError(
             f"{meta_path} is not a tokenizer description written by Tokenizer.save: {problem}; {RETRAIN}"
@@ -267,7 +264,12 @@ class Tokenizer:
 
         special = self.special_tokens
         add([self.get_bos_token_id()], 0)
-        for i, message in enumerate(_chat_turns(conversation)):
+        messages = _messages(conversation)
+        if messages[0]["role"] == "system":  # merged into the first user message
+            messages[:2] = [
+                {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            ]
+        for i, message in enumerate(messages):
             assert message["role"] == ("user", "assistant")[i % 2], (
                 "validate conversations where they are read"
             )
@@ -328,14 +330,6 @@ def validate_conversation(messages, last_role: str | None = None) -> list:
             raise ValueError(f"message {i} ({expected}): content must be a string")
     if last_role is not None and messages[-1]["role"] != last_role:
         raise ValueError(f"the last message must be from the {last_role}")
-    return messages
-
-
-def _chat_turns(conversation) -> list[dict]:
-    """The messages, a leading system message merged into the first user one."""
-    messages = _messages(conversation)
-    if messages[0]["role"] == "system":
-        messages[:2] = [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
     return messages
 
 
