@@ -365,6 +365,8 @@ def damaged_token_bytes(d: Path, tok) -> None:
         ),
         (lambda d, tok: edit_meta(d, lambda meta: meta | {"bos_token": "<|no|>"}), ["bos_token", "<|no|>"]),
         (lambda d, tok: edit_meta(d, lambda meta: meta | {"extra": 1}), ["unknown keys", "extra"]),
+        (lambda d, tok: edit_meta(d, lambda meta: meta | {"pattern": 5}), ["wrong type", "pattern"]),
+        (lambda d, tok: edit_meta(d, lambda meta: meta | {"special_tokens": {"<|bos|>": True}}), ["integer"]),
         (bad_ranks_line, ["tokenizer.tiktoken:2", "not a"]),
         (token_listed_twice, ["tokenizer.tiktoken:2", "listed again"]),
         (
