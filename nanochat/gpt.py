@@ -111,20 +111,10 @@ def config_from_depth(
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim  # round up to a multiple of head_dim
     n_head = n_embd // head_dim
     record = arch == "record"
+    shape = dict(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_embd=n_embd)
+    attention = dict(n_head=n_head, n_kv_head=n_head, rope_base=100000.0, qk_scale=1.2)
     features = dict(value_embeds=record, layer_scalars=record, smear=record, backout=record)
-    return GPTConfig(
-        sequence_len,
-        vocab_size,
-        depth,
-        n_head,
-        n_head,
-        n_embd,
-        rope_base=100000.0,
-        qk_scale=1.2,
-        **features,
-        window_pattern="SSSL" if record else "L",
-        init=arch,
-    )
+    return GPTConfig(**shape, **attention, **features, window_pattern="SSSL" if record else "L", init=arch)
 
 
 # -----------------------------------------------------------------------------
