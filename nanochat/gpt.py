@@ -33,6 +33,10 @@ VE_GATE_CHANNELS = 12  # a value-embedding gate reads this many leading channels
 ARCHES = ("record", "v1")  # architectures and inits: the public record's, and our first
 
 
+class ConfigError(UserError, ValueError):
+    """A model shape that cannot be built; the message names the flag or the config field."""
+
+
 @dataclass
 class GPTConfig:
     # fields added later must have defaults, so that old checkpoints' configs still load
@@ -65,7 +69,7 @@ class GPTConfig:
             (C >= gates, f"n_embd ({C}) must be >= {gates}: the gates read that many channels"),
         ):
             if not ok:
-                raise ValueError(problem)
+                raise ConfigError(problem)
 
     @property
     def head_dim(self) -> int:
@@ -107,7 +111,7 @@ def config_from_depth(
         ("--max-seq-len", sequence_len, sequence_len >= 1, "at least 1"),
     ):
         if not ok:
-            raise ValueError(f"{flag} must be {need}, got {value}")
+            raise ConfigError(f"{flag} must be {need}, got {value}")
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim  # round up to a multiple of head_dim
     n_head = n_embd // head_dim
     record = arch == "record"
