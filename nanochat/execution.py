@@ -289,10 +289,8 @@ def _supervise(
     deadline = time.monotonic() + timeout
     # the prelude reads all of stdin before anything else, so this cannot block for long; an
     # OSError means the child died at once, and its exit status tells why
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError), proc.stdin:  # closed even when the write fails
         proc.stdin.write(stdin)
-    with contextlib.suppress(OSError):
-        proc.stdin.close()
     marker = b"\0" + nonce
     out, err = bytearray(), bytearray()
     sel = selectors.DefaultSelector()
