@@ -390,9 +390,9 @@ class Engine:
     def step(self) -> None:
         """One decode step for every live row: cancelled rows and rows at the end of the context leave
         first; a failed forward fails every row in it."""
-        ended = {q: ("cancelled", None) for q in self.active if q._cancelled.is_set()}
         full = [q for r, q in enumerate(self.active) if self.cache.lengths[r] >= self.context]
-        self.leave(ended | dict.fromkeys(full, ("length", None)))
+        cancelled = {q: ("cancelled", None) for q in self.active if q._cancelled.is_set()}
+        self.leave(dict.fromkeys(full, ("length", None)) | cancelled)
         if not self.active:
             return
         requests = list(self.active)
