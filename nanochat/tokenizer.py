@@ -75,7 +75,8 @@ def _check_tokens(ranks: dict[bytes, int], special_tokens: dict[str, int], direc
     where, ids = directory / META_FILE, list(special_tokens.values())
     if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
         raise TokenizerError(f"{where}: special token ids {ids} are not distinct non-negative ids; {RETRAIN}")
-    if clash := {name: i for name, i in special_tokens.items() if i in set(ranks.values())}:
+    taken = set(ranks.values())
+    if clash := {name: i for name, i in special_tokens.items() if i in taken}:
         raise TokenizerError(
             f"{where}: special tokens {clash} take the id of an ordinary token, so the model could never "
             f"emit them; {RETRAIN}"

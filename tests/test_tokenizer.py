@@ -367,6 +367,7 @@ def damaged_token_bytes(d: Path, tok) -> None:
         (lambda d, tok: edit_meta(d, lambda meta: meta | {"extra": 1}), ["unknown keys", "extra"]),
         (lambda d, tok: edit_meta(d, lambda meta: meta | {"pattern": 5}), ["wrong type", "pattern"]),
         (lambda d, tok: edit_meta(d, lambda meta: meta | {"special_tokens": {"<|bos|>": True}}), ["integer"]),
+        (lambda d, tok: edit(d / "tokenizer.tiktoken", lambda data: data.split(b"\n", 1)[1]), ["byte 0"]),
         (bad_ranks_line, ["tokenizer.tiktoken:2", "not a"]),
         (token_listed_twice, ["tokenizer.tiktoken:2", "listed again"]),
         (
