@@ -382,7 +382,7 @@ def test_a_huge_declared_body_is_refused_at_once(scripted_server):
     head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     head += "Content-Length: 2000000000\r\n\r\n{"
     answer = raw_request(scripted_server.port, head, until_closed=True)
-    assert answer.startswith(b"HTTP/1.1 413") and b"larger" in answer, answer
+    assert answer.startswith(b"HTTP/1.1 413") and b"1000000 bytes" in answer, answer
     assert time.time() - start < 1  # answered and closed, not left to read (and drop) the 2 GB
 
 
@@ -504,7 +504,7 @@ def guarded_server(tiny_base_dir, tmp_path_factory):
 def test_api_key_is_required_on_the_apis_and_docs_are_off(guarded_server):
     url = guarded_server.url
     r = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO}, timeout=30)
-    assert r.status_code == 401 and "API key" in r.json()["error"]["message"]
+    assert r.status_code == 401 and "Authorization" in r.json()["error"]["message"]
     r = httpx.post(
         url + "/v1/chat/completions", json={"messages": HELLO}, headers={"Authorization": "Bearer nope"}
     )
@@ -589,7 +589,7 @@ def test_a_huge_chunked_body_is_refused_without_growing_the_server(guarded_serve
         r = httpx.post(
             guarded_server.url + "/v1/chat/completions", content=chunks(), headers=headers, timeout=60
         )
-        assert r.status_code == 413 and "larger" in r.json()["error"]["message"]
+        assert r.status_code == 413 and "1000000 bytes" in r.json()["error"]["message"]
     except httpx.RemoteProtocolError:
         pass  # the server answered 413 and closed before the client finished sending: also fine
     assert _rss_kb(pid) - before < 8 * 1024
