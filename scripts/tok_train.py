@@ -39,8 +39,8 @@ add = parser.add_argument
 add("--max-chars", type=in_range(int, 1), default=2_000_000_000, help="total characters to train on")
 # cropping keeps a few huge documents (a long table dump) from dominating the pair counts
 add("--doc-cap", type=in_range(int, 1), default=10_000, help="each document is cropped to this many chars")
-vocab_help = "vocabulary size, special tokens included"
-add("--vocab-size", type=in_range(int, MIN_VOCAB_SIZE), default=32768, help=vocab_help)  # >= bytes + specials
+# at least one token per byte plus the special tokens
+add("--vocab-size", type=in_range(int, MIN_VOCAB_SIZE), default=32768, help="tokens, special ones included")
 add("--num-threads", type=in_range(int, 1), help="threads for rustbpe (default: all CPU cores)")
 args = parser.parse_args()
 print0(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
