@@ -1,5 +1,5 @@
 """
-Tokenizer benchmark: BPE training and batch encoding, ours against the peers.
+Tokenizer benchmark: BPE training, ours against the peers (encoding is tiktoken's, from our ranks).
 
     uv run python bench/tokenizer.py [CORPUS ...] [--vocab 32768 65536] [--threads 1 2] [--repeat 3]
 
@@ -8,8 +8,6 @@ Training (same text, same split pattern, same vocab size, same thread count):
   - rustbpe:   `rustbpe` 0.1.0 from PyPI, installed on first use into bench/.peers/
                (its module name is the same as ours, so it runs from its own folder)
   - hf:        HF `tokenizers` BpeTrainer with the same regex split and byte-level alphabet
-Encoding: our `batch_encode` vs tiktoken's `encode_ordinary_batch` built from our ranks,
-on the whole corpus, checking that both give the same ids.
 
 Each measurement runs in a fresh subprocess, so peak RSS (from wait4) is that trainer's
 alone; thread counts are set with RAYON_NUM_THREADS (all three trainers use rayon).
@@ -102,36 +100,6 @@ def train_worker(trainer: str, vocab: int, corpus: list[str], out: str) -> None:
         json.dump({"wall_s": wall, "rss_before_mb": rss_before, "ranks": ranks}, f)
 
 
-def encode_worker(vocab: int, threads: int, corpus: list[str], repeat: int, out: str) -> None:
-    import tiktoken
-
-    import rustbpe
-
-    docs = load_corpus(corpus)
-    tok = rustbpe.Tokenizer()
-    tok.train_from_iterator(iter(docs), vocab, pattern=PATTERN)
-    enc = tiktoken.Encoding(
-        "bench", pat_str=PATTERN, mergeable_ranks=dict(tok.get_mergeable_ranks()), special_tokens={}
-    )
-    megabytes = sum(len(d.encode("utf-8")) for d in docs) / 1e6
-    results = {}
-    for name, fn in [
-        ("ours", lambda: tok.batch_encode(docs)),
-        ("tiktoken", lambda: enc.encode_ordinary_batch(docs, num_threads=threads)),
-    ]:
-        walls = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            ids = fn()
-            walls.append(time.perf_counter() - t0)
-        wall = statistics.median(walls)
-        results[name] = {"median_s": wall, "mb_per_s": megabytes / wall}
-        results[name + "_ids"] = ids
-    identical = results.pop("ours_ids") == results.pop("tiktoken_ids")
-    with open(out, "w") as f:
-        json.dump({"results": results, "ids_identical": identical}, f)
-
-
 # -----------------------------------------------------------------------------
 # Driver
 
@@ -166,16 +134,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--trainers", nargs="+", default=["ours", "rustbpe", "hf"])
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement (median wall, max RSS)")
-    parser.add_argument("--worker", choices=["train", "encode"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["train"], help=argparse.SUPPRESS)
     parser.add_argument("--trainer", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker == "train":
         return train_worker(args.trainer, args.vocab[0], args.corpus, args.out)
-    if args.worker == "encode":
-        threads = int(os.environ["RAYON_NUM_THREADS"])
-        return encode_worker(args.vocab[0], threads, args.corpus, args.repeat, args.out)
 
     missing = [c for c in args.corpus if not Path(c).exists()]
     if missing:
@@ -211,13 +176,6 @@ def main() -> None:
                     "peak_rss_ratio": round(by["ours"]["peak_rss_mb"] / by["rustbpe"]["peak_rss_mb"], 3),
                 }
 
-    encode = []
-    for threads in args.threads:
-        result, _ = run_worker([*args.corpus, "--worker", "encode", f"--vocab={args.vocab[0]}"], threads)
-        for impl, r in result["results"].items():
-            encode.append({"impl": impl, "threads": threads, "mb_per_s": round(r["mb_per_s"], 2)})
-        encode[-1]["ids_identical_to_ours"] = result["ids_identical"]
-
     print(
         json.dumps(
             {
@@ -228,7 +186,6 @@ def main() -> None:
                 "train": train,
                 "merges_identical_to_rustbpe": identical,
                 "speedup_vs_rustbpe": speedup,
-                "encode": encode,
                 "driver_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             }
         )
