@@ -1,26 +1,7 @@
 """
-Checkpoints: save, load and resume.
-
-- `<base>/<stage>_checkpoints/<tag>/` holds per step `model_{step:06d}.pt` (rank 0),
-  `optim_{step:06d}_rank{r}.pt` (every rank: optimizer shards + RNG) and `meta_{step:06d}.json`.
-- The meta file is written last, after every rank's shard: a step exists only once its meta does,
-  so a crash mid-save leaves the previous step as the newest one. Leftover temp files of such a
-  crash are removed by the next save.
-- Nothing is unpickled: every `.pt` loads with `weights_only=True` (tensors and plain containers).
-- A fresh run never mixes with an old one: a tag that holds checkpoints needs `--resume` (go on)
-  or `--overwrite` (delete them and the old log first). A run holds a lock on its tag (`<tag>.lock`,
-  the holder named in `<tag>.lock.json`); `--overwrite` deletes only files this module recognises,
-  and a folder holding anything else is refused.
-- Every file's SHA-256s (per 64 MB chunk) are in its step's meta, written as the file is, and
-  checked on load on threads beside torch.load; `--no-verify` skips it. Old checkpoints without
-  checksums load unchecked. A damaged file is one error line naming it and the newest intact step.
-- The model config is validated before anything is built: known fields of the right types, finite,
-  positive, bounded, and matching the weight file's own shapes (a tampered meta is one line).
-- `RunSaver` saves at the end, every --save-every steps, every --save-every-minutes (the newest
-  KEEP_CLOCK_SAVES of those kept) and after SIGTERM/SIGINT, then exits 0 with the resume command.
-- State dicts are stored without torch.compile's `_orig_mod.` prefix.
-- `load_model` costs about the reading of its files (bench/load.py): the saved tensors are assigned
-  to a meta-device model, nothing is randomly initialized, no optimizer shard is read.
+Checkpoints: save, load and resume. A step of `<base>/<stage dir>/<tag>/` is `model_{step:06d}.pt`,
+one `optim_{step:06d}_rank{r}.pt` per rank (optimizer shard + RNG) and `meta_{step:06d}.json`, written
+last: a step exists once its meta does. Nothing is unpickled: every `.pt` loads with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -32,8 +13,7 @@ import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import MISSING, asdict, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +100,7 @@ def resolve_tag(source: str, model_tag: str | None) -> str:
         what = f"tagged {model_tag!r} " if model_tag else ""
         raise CheckpointError(
             f"no {source} checkpoint {what}in {root} (tags: {', '.join(sorted(tags)) or 'none'}): "
-            "train that stage first, or pick another with --source / --model-tag"
+            "train that stage first, or pick another tag with -g/--model-tag"
         )
     return model_tag
 
@@ -162,14 +142,6 @@ def delete_step(directory: str | Path, step: int) -> None:
 # Save
 
 
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's torch RNG states (CPU, and the current CUDA device when used)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
 def save_checkpoint(
     directory: str | Path,
     step: int,
@@ -188,14 +160,20 @@ def save_checkpoint(
         for stale in directory.glob("*.tmp.*"):  # a save that was killed half-way
             stale.unlink()
     _barrier()
-    sums = {}
+    files = []
     if rank == 0:
-        state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
-        sums[model_path.name] = save_tensors(state, model_path)
+        # without torch.compile's prefix: a compiled and an eager model load the same file
+        save_tensors({k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}, model_path)
+        files.append(model_path)
     if optimizers is not None:
         device = next(model.parameters()).device
-        shard = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng_state(device)}
-        sums[optim_path.name] = save_tensors(shard, optim_path)
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        shard = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}
+        save_tensors(shard, optim_path)
+        files.append(optim_path)
+    sums = {path.name: checksums(path) for path in files}  # read back: what the load will check
     gathered = [(sums, loader_state)]
     if is_distributed():  # after the writes: every shard is on disk before the meta marks the step complete
         gathered = [None] * world_size
@@ -215,45 +193,38 @@ def save_checkpoint(
 # Load
 
 
-def _read(path: Path, device) -> Any:
+def _read(path: Path, device, expected: list[str] | None) -> Any:
+    """A step's meta (checked to be one) or tensor file, after its checksums when `expected`."""
+    if expected is not None and checksums(path) != expected:  # a flipped bit loads without a word from torch
+        raise ValueError("its SHA-256 is not the one its meta recorded (--no-verify skips the check)")
     if path.suffix == ".json":
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
             raise ValueError('not a checkpoint meta: a JSON object with a "model_config" object')
-        sums = meta.get("sha256", {})
+        sums = meta.get("sha256", {})  # none in a checkpoint saved before checksums: it loads unchecked
         if not isinstance(sums, dict) or not all(isinstance(v, list) for v in sums.values()):
             raise ValueError('"sha256" is not an object of file names and lists of checksums')
         return meta
     return torch.load(path, map_location=device, weights_only=True)
 
 
-HASH_THREADS = min(8, os.cpu_count() or 1)  # the chunks of a big file hash in parallel beside torch.load
+class _Damaged(Exception):
+    def __init__(self, path: Path, error: Exception):
+        self.path, self.error = path, error
 
 
-def _verified(path: Path, expected: list[str] | None, pool: ThreadPoolExecutor) -> Any:
-    """A future-like check of `path` against its checksums (None: nothing to check): `()` raises
-    ValueError on a mismatch. The hashing runs on `pool` from now on."""
-    futures = checksums(path, pool) if expected is not None else []
-
-    def result() -> None:
-        if [future.result() for future in futures] != (expected if futures else []):
-            raise ValueError("its SHA-256 is not the one its meta recorded (--no-verify skips the check)")
-
-    return result
-
-
-def _intact(directory: Path, step: int, rank: int, with_optimizer: bool, verify: bool) -> bool:
+def _read_step(directory: Path, step: int, rank: int, device, with_optimizer: bool, verify: bool) -> list:
+    """[meta, model state, this rank's optimizer shard (`with_optimizer`)] of a step; _Damaged names
+    the file that failed."""
     model_path, meta_path, optim_path = _paths(directory, step, rank)
-    try:
-        meta = _read(meta_path, "cpu")
-        with ThreadPoolExecutor(HASH_THREADS) as pool:
-            for path in [model_path] + ([optim_path] if with_optimizer else []):
-                check = _verified(path, meta.get("sha256", {}).get(path.name) if verify else None, pool)
-                torch.load(path, mmap=True, weights_only=True)
-                check()
-        return True
-    except Exception:
-        return False
+    loaded: list[Any] = []
+    for path in [meta_path, model_path] + ([optim_path] if with_optimizer else []):
+        try:
+            expected = loaded[0].get("sha256", {}).get(path.name) if loaded and verify else None
+            loaded.append(_read(path, device, expected))
+        except Exception as e:
+            raise _Damaged(path, e) from None
+    return loaded
 
 
 def load_checkpoint(
@@ -261,16 +232,11 @@ def load_checkpoint(
     step: int,
     device,
     load_optimizer: bool = False,
-    step_flag: str = "--step",
+    step_flag: str = "-s/--step",
     verify: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
-    """(model state dict, this rank's optimizer shard or None, meta) of one saved step.
-
-    With `verify`, each file's SHA-256s (one per 64 MB chunk) are checked against the meta's, hashed
-    on HASH_THREADS threads while torch reads the file. Cost, measured on 2 CPU cores shared at load
-    average ~10 (0.74 GB, d12-size): load 0.9 s, verified 3.0 s; per CPU-second SHA-256 does 1.2 GB
-    and a warm torch.load 5 GB, so with 8 free cores the hash fits inside the load. A checkpoint
-    saved before checksums existed has none in its meta: it loads unchecked."""
+    """(model state dict, this rank's optimizer shard or None, meta) of one saved step. A missing or
+    damaged step is a CheckpointError naming the file and the `step_flag` that picks another."""
     directory = Path(directory)
     _, rank, _, _ = get_dist_info()
     steps = saved_steps(directory)
@@ -279,32 +245,22 @@ def load_checkpoint(
             f"step {step} is not saved in {directory}; saved steps: {steps or 'none'} "
             f"(pick one with {step_flag})"
         )
-    model_path, meta_path, optim_path = _paths(directory, step, rank)
+    optim_path = _paths(directory, step, rank)[2]
     if load_optimizer and not optim_path.exists():
         raise CheckpointError(f"{optim_path} is missing: resume with the number of processes that saved it")
-
-    def damaged(path: Path, e: Exception) -> CheckpointError:
-        why = (str(e).strip().splitlines() or [""])[0][:200]  # one line: torch's messages run long
-        older = (s for s in reversed(steps) if s < step)
-        intact = next((s for s in older if _intact(directory, s, rank, load_optimizer, verify)), None)
-        hint = f"the newest intact step is {intact}: select it with {step_flag}={intact}"
-        if intact is None:
-            hint = "no earlier step is intact"
-        return CheckpointError(f"{path} is damaged ({type(e).__name__}: {why}); {hint}")
-
-    loaded = []
-    pool = ThreadPoolExecutor(HASH_THREADS)
     try:
-        for path in [meta_path, model_path] + ([optim_path] if load_optimizer else []):
+        loaded = _read_step(directory, step, rank, device, load_optimizer, verify)
+    except _Damaged as e:
+        why = (str(e.error).strip().splitlines() or [""])[0][:200]  # one line: torch's messages run long
+        hint = "no earlier step is intact"
+        for older in reversed([s for s in steps if s < step]):
             try:
-                expected = loaded[0].get("sha256", {}).get(path.name) if loaded and verify else None
-                check = _verified(path, expected, pool)  # hashing from now on, beside the load
-                loaded.append(_read(path, device))
-                check()
-            except Exception as e:
-                raise damaged(path, e) from None
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)  # on an error, the chunks not started are dropped
+                _read_step(directory, older, rank, "cpu", load_optimizer, verify)
+            except _Damaged:
+                continue
+            hint = f"the newest intact step is {older}: select it with {step_flag} {older}"
+            break
+        raise CheckpointError(f"{e.path} is damaged ({type(e.error).__name__}: {why}); {hint}") from None
     meta, model_state = loaded[0], loaded[1]
     return model_state, (loaded[2] if load_optimizer else None), meta
 
@@ -314,31 +270,27 @@ MAX_QK_SCALE = 100.0  # q·k after QK-norm is at most qk_scale² · head_dim: be
 
 
 def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
-    """GPTConfig from a meta's "model_config", checked before anything is built: only GPTConfig's fields,
-    each of its default's type, numbers finite, sizes positive and bounded, and n_layer, n_embd,
-    n_kv_head and the vocab matching the weight file's own tensor shapes."""
+    """GPTConfig from a meta's "model_config", checked before anything is built (a tampered meta must
+    not allocate a huge model): only GPTConfig's fields, each of its default's type, numbers finite,
+    sizes positive and bounded, and as many layers as the weight file holds. Shapes that still differ
+    from the weights fail in build_model's load_state_dict."""
     from nanochat.gpt import GPTConfig
 
     def bad(why: str) -> CheckpointError:
         return CheckpointError(
-            f"{meta_path}: model_config {why}; restore the file, or pick another step with --step"
+            f"{meta_path}: model_config {why}; restore the file, or pick another step with -s/--step"
         )
 
-    known = {f.name: f for f in fields(GPTConfig)}
-    if unknown := sorted(set(raw) - set(known)):
-        raise bad(f"has unknown keys {unknown} (known: {', '.join(known)})")
+    kinds = {
+        f.name: type(f.default) for f in fields(GPTConfig)
+    }  # every field has a default (old configs load)
+    if unknown := sorted(set(raw) - set(kinds)):
+        raise bad(f"has unknown keys {unknown} (known: {', '.join(kinds)})")
     for name, value in raw.items():
-        default = known[name].default
-        kind = type(default) if default is not MISSING and default is not None else None
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
-        else:  # bool, str, ...: exactly the default's type
-            ok = kind is None or isinstance(value, kind)
-        if not ok:
-            what = {float: "a finite number", int: "an integer", bool: "true or false", str: "a string"}
-            raise bad(f"{name} = {value!r} is not {what.get(kind, f'a {kind.__name__}')}")
+        kind = kinds[name]
+        allowed = (int, float) if kind is float else (kind,)  # exact types: True is no int
+        if type(value) not in allowed or (kind is float and not math.isfinite(value)):
+            raise bad(f"{name} = {value!r} is not {'a finite number' if kind is float else kind.__name__}")
     sizes = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
     for name in sizes + ("rope_base", "qk_scale"):
         if name in raw and raw[name] <= 0:
@@ -351,50 +303,10 @@ def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
         config = GPTConfig(**raw)
     except (ValueError, UserError) as e:
         raise bad(str(e)) from None
-    model_file = meta_path.with_name(meta_path.name.replace("meta_", "model_").replace(".json", ".pt"))
     blocks = {int(m.group(1)) for key in state if (m := re.match(r"transformer\.h\.(\d+)\.", key))}
     if config.n_layer != len(blocks):
-        raise bad(f"n_layer = {config.n_layer}, but {model_file.name} holds {len(blocks)} blocks")
-    expected = {
-        "transformer.wte.weight": (config.padded_vocab_size, config.n_embd),
-        "transformer.h.0.attn.c_k.weight": (config.n_kv_head * config.head_dim, config.n_embd),
-    }
-    for key, shape in expected.items():
-        if key in state and tuple(state[key].shape) != shape:
-            raise bad(f"gives {key} the shape {shape}, but {model_file.name} has {tuple(state[key].shape)}")
+        raise bad(f"n_layer = {config.n_layer}, but the weight file holds {len(blocks)} blocks")
     return config
-
-
-def build_model(directory: str | Path, step: int, device, mode: str, verify: bool = True):
-    """The model of a saved step, in train or eval mode: (model, tokenizer, meta)."""
-    from nanochat.gpt import GPT
-    from nanochat.tokenizer import get_tokenizer
-
-    device = torch.device(device)
-    directory = Path(directory)
-    model_state, _, meta = load_checkpoint(directory, step, device, verify=verify)
-    config = checked_config(meta["model_config"], _paths(directory, step)[1], model_state)
-    with torch.device("meta"):
-        model = GPT(config)
-    # no to_empty + init_weights: random init of weights that are then replaced cost more than
-    # reading them, and to_empty's first meta-device op imports sympy (~0.6 s). The loaded tensors
-    # replace the meta parameters as they are; the rotary buffers are not saved: computed here.
-    try:
-        model.load_state_dict(model_state, strict=True, assign=True)
-    except RuntimeError as e:  # names or shapes the config does not explain
-        why = " ".join(str(e).split())[:300]
-        raise CheckpointError(
-            f"{_paths(directory, step)[0]} does not fit its meta's model_config: {why}"
-        ) from None
-    model.cos, model.sin = model.compute_rotary(device)
-    model.train(mode == "train")
-    tokenizer = get_tokenizer()
-    if tokenizer.get_vocab_size() != config.vocab_size:
-        raise CheckpointError(
-            f"the checkpoint in {directory} was trained with vocab size {config.vocab_size}, but the "
-            f"tokenizer in {get_base_dir() / 'tokenizer'} has {tokenizer.get_vocab_size()}"
-        )
-    return model, tokenizer, meta
 
 
 def add_device_flag(parser) -> None:
@@ -444,21 +356,39 @@ def add_model_flags(parser, default_source: str | None = "sft", choose_source=Tr
 
 
 def load_model(
-    source: str,
-    device,
-    mode: str,
-    model_tag: str | None = None,
-    step: int | None = None,
-    verify: bool = True,
+    source: str, device, mode: str, model_tag: str | None = None, step: int | None = None, verify=True
 ):
-    """A model of a pipeline stage (base | mid | sft | rl): (model, tokenizer, meta with its "model_tag").
-    Without a tag, the deepest `d<N>` tag; without a step, the last saved step. `verify=False` skips the
-    checksums (--no-verify)."""
+    """A model of a pipeline stage (base | mid | sft | rl) in train or eval `mode`: (model, tokenizer, meta
+    with its "model_tag"). Without a tag, the deepest `d<N>` tag; without a step, the last saved step."""
+    from nanochat.gpt import GPT
+    from nanochat.tokenizer import get_tokenizer
+
     model_tag = resolve_tag(source, model_tag)
     directory = checkpoint_dir(source, model_tag)
     step = saved_steps(directory)[-1] if step is None else step
     logger.info("loading %s model %s step %d", source, model_tag, step)
-    model, tokenizer, meta = build_model(directory, step, device, mode, verify)
+    device = torch.device(device)
+    model_path, meta_path, _ = _paths(directory, step)
+    model_state, _, meta = load_checkpoint(directory, step, device, verify=verify)
+    config = checked_config(meta["model_config"], meta_path, model_state)
+    with torch.device("meta"):
+        model = GPT(config)
+    # no to_empty + init_weights: random init of weights that are then replaced cost more than
+    # reading them, and to_empty's first meta-device op imports sympy (~0.6 s). The loaded tensors
+    # replace the meta parameters as they are; the rotary buffers are not saved: computed here.
+    try:
+        model.load_state_dict(model_state, strict=True, assign=True)
+    except RuntimeError as e:  # names or shapes the config does not explain
+        why = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"{meta_path}: model_config does not fit {model_path.name}: {why}") from None
+    model.cos, model.sin = model.compute_rotary(device)
+    model.train(mode == "train")
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise CheckpointError(
+            f"the checkpoint in {directory} was trained with vocab size {config.vocab_size}, but the "
+            f"tokenizer in {get_base_dir() / 'tokenizer'} has {tokenizer.get_vocab_size()}"
+        )
     return model, tokenizer, {**meta, "model_tag": model_tag}
 
 
@@ -492,24 +422,16 @@ def start_run(
     same_flags: tuple[str, ...],
     verify: bool = True,
 ) -> tuple[int, dict[str, Any]]:
-    """(start step, meta of the resumed step or {}). Every rank calls it; its errors are raised on every
-    rank together (the first failing rank's message).
-
-    First rank 0 locks the tag (a second run into it is refused, naming the holder).
-    Fresh (`resume` False): a tag that holds a run is refused unless `overwrite`, which deletes the run;
-    a folder holding files nanochat did not write is refused either way, and they stay.
-    `resume` True (the last step) or a step number: restores weights, optimizer shards and RNG, after
-    checking that the model, the `same_flags` and the number of processes match the checkpoint's."""
+    """(start step, meta of the resumed step or {}) of a run into `directory`, fresh (`resume` False,
+    deleting an old run with `overwrite`) or resumed (`resume` True: the last step, or a step number),
+    weights, optimizer shards and RNG restored. Every rank calls it; an error is raised on all of them."""
     rank = get_dist_info()[1]
     problem = resumed = None
     try:
-        if rank == 0:
-            try:
-                hold_lock(directory, "the checkpoint folder")
-            except UserError as e:
-                raise CheckpointError(str(e)) from None
+        if rank == 0:  # a second run into the tag is refused, naming the holder
+            hold_lock(directory, "the checkpoint folder")
         resumed = _check_run(directory, resume, overwrite, model, user_config, same_flags, verify)
-    except CheckpointError as e:
+    except UserError as e:
         problem = str(e)
     raise_together(problem, CheckpointError)  # before any barrier: no rank waits for one that failed
     if resumed is None:
@@ -531,7 +453,7 @@ def start_run(
 
 def _check_run(directory, resume, overwrite, model, user_config, same_flags, verify):
     """start_run's rank-local part, without collectives: None for a fresh start, else the resumed
-    (step, meta, model state, optimizer shard). Raises CheckpointError."""
+    (step, meta, model state, optimizer shard)."""
     steps = saved_steps(directory)
     ours = [p.name for p in directory.iterdir() if _run_file(p)] if directory.is_dir() else []
     if foreign := foreign_files(directory, _run_file):
@@ -539,27 +461,19 @@ def _check_run(directory, resume, overwrite, model, user_config, same_flags, ver
             f"{directory} holds files nanochat did not write ({foreign}): move them away, or pick "
             "another --model-tag"
         )
+    listed = ", ".join(sorted(ours)[:3])
     if resume is False:
-        if steps and not overwrite:
+        if ours and not overwrite:  # a run with steps can go on; a log or an unfinished save cannot
+            what = f"steps {steps}" if steps else f"no complete checkpoint: {listed}"
+            go_on = "continue it with --resume, or " if steps else ""
             raise CheckpointError(
-                f"{directory} already holds a run (steps: {steps}): continue it with --resume, or "
-                "delete it and start over with --overwrite"
-            )
-        if ours and not overwrite:  # a log, or the files of a save that never completed: nothing to resume
-            raise CheckpointError(
-                f"{directory} holds a run that saved no complete checkpoint ({', '.join(sorted(ours)[:3])}): "
-                "delete it and start over with --overwrite"
+                f"{directory} already holds a run ({what}): {go_on}delete it and start over with --overwrite"
             )
         return None
     if not steps:
-        if ours:
-            raise CheckpointError(
-                f"--resume: {directory} holds no complete checkpoint, only {', '.join(sorted(ours)[:3])}: "
-                "start over with --overwrite instead of --resume"
-            )
-        raise CheckpointError(
-            f"--resume: there is no checkpoint in {directory}: start the run without --resume"
-        )
+        only = f" (only {listed})" if ours else ""
+        fix = "start over with --overwrite instead of --resume" if ours else "start the run without --resume"
+        raise CheckpointError(f"--resume: {directory} holds no complete checkpoint{only}: {fix}")
     step = steps[-1] if resume is True else resume
     model_state, shard, meta = load_checkpoint(
         directory, step, next(model.parameters()).device, True, "--resume", verify
@@ -588,11 +502,9 @@ KEEP_CLOCK_SAVES = 2  # the clock's checkpoints kept (the newest); --save-every'
 
 
 class RunSaver:
-    """When a training loop saves, and what happens after: `due(step, last_step)` once per step on every
-    rank (one all_reduce of two flags: the stop signal and the clock, so every rank saves at the same
-    step), then `save(...)` when it says so. Saves: the last step, every `save_every` steps, every
-    `save_every_minutes` of wall-clock (keeping the newest KEEP_CLOCK_SAVES of these, only ever this
-    run's own), and the step after a SIGTERM/SIGINT, after which `save` exits 0 with the resume command."""
+    """When a training loop saves: the last step, every `save_every` steps, every `save_every_minutes`
+    (the newest KEEP_CLOCK_SAVES of this run's kept) and after SIGTERM/SIGINT, then exiting 0 with the
+    resume command. Every rank calls `due(step, last_step)` each step, then `save(...)` when it says so."""
 
     def __init__(self, directory: Path, start_step: int, save_every: int, save_every_minutes: float):
         self.directory, self.start_step = Path(directory), start_step
@@ -605,7 +517,7 @@ class RunSaver:
     def due(self, step: int, last_step: bool) -> bool:
         """Whether this step is saved (the same answer on every rank)."""
         clock = self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds
-        self.stopping, clock = any_rank(stop_signal() is not None, clock)
+        self.stopping, clock = any_rank(stop_signal() is not None, clock)  # every rank saves the same step
         by_steps = self.save_every > 0 and step > self.start_step and step % self.save_every == 0
         self.by_clock = clock and not (last_step or by_steps)
         if self.stopping and step == self.start_step and step in saved_steps(self.directory):

@@ -1,18 +1,7 @@
 """
-Thin helpers shared by every stage: paths, logging, ranks, safe writes, downloads, compute.
-
-- No torch import at module load (data tools stay light); ranks come from torchrun's variables.
-- Every artifact is written through `atomic_path` (temp file in the same folder, fsync, rename):
-  a crash never leaves a half-written file under a final name.
-- `file_lock` (filelock on `<path>.lock`, left in place on purpose) lets ranks share one download;
-  `hold_lock` keeps a run's folder to itself, naming the holder to anyone else who tries.
-- A folder we create carries the marker `.nanochat`; `remove_ours` deletes only what we can prove we
-  wrote, and never `.`, `..`, `/` or a home directory.
-- `StopGuard` turns SIGTERM/SIGINT into "finish this step, save, exit 0" (a second signal: at once),
-  agreed by every rank at each step; `exit_together` makes one rank's setup failure stop them all.
-- `download_file` retries with exponential backoff, fails at once on a 4xx, and only ever
-  renames a complete, validated file into place.
-- One precision policy: `autocast(device)` (bf16 on CUDA SM80+, fp32 elsewhere).
+Thin helpers shared by every stage: paths, ranks, logging, safe writes and deletes, locks, downloads,
+compute, stopping and the one exit path for user errors. No torch import at module load, so the data
+tools stay light; ranks come from torchrun's environment variables.
 """
 
 from __future__ import annotations
@@ -31,9 +20,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import IO, Any, NoReturn
+from typing import Any, NoReturn
 
 import filelock
 from tqdm import tqdm
@@ -53,13 +43,7 @@ def get_base_dir() -> Path:
 
 
 def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+    return int(os.environ.get(name) or default)  # torchrun's variables: integers
 
 
 def get_dist_info() -> tuple[bool, int, int, int]:
@@ -124,16 +108,15 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
 
 
 def _fsync_dir(directory: Path) -> None:
+    """Make a rename in `directory` durable (some file systems cannot: then nothing)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems do not support fsync on directories
-    finally:
-        os.close(fd)
+        pass
 
 
 @contextmanager
@@ -143,8 +126,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
     try:
         yield tmp
-        if not tmp.exists():
-            raise FileNotFoundError(f"atomic_path: nothing was written to {tmp} for {path}")
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -154,66 +135,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-CHECKSUM_CHUNK = 64 << 20  # bytes per SHA-256 of a tensor file: the chunks of a big file hash in parallel
-
-
-class _HashingWriter:
-    """A write-only file that hashes what goes through it, one SHA-256 per CHECKSUM_CHUNK bytes
-    (torch.save writes its zip sequentially)."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f, self.name = f, f.name
-        self.digests: list[str] = []
-        self.chunk, self.filled = hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        view = memoryview(data).cast("B")
-        while len(view):
-            part = view[: CHECKSUM_CHUNK - self.filled]
-            self.chunk.update(part)
-            self.filled += len(part)
-            view = view[len(part) :]
-            if self.filled == CHECKSUM_CHUNK:
-                self.digests.append(self.chunk.hexdigest())
-                self.chunk, self.filled = hashlib.sha256(), 0
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def checksums(self) -> list[str]:
-        return self.digests + ([self.chunk.hexdigest()] if self.filled or not self.digests else [])
-
-
-def save_tensors(obj: Any, path: str | os.PathLike) -> list[str]:
-    """`torch.save` through `atomic_path`; the same `obj` always gives the same bytes. Returns their
-    `checksums`, computed as they are written: no second read."""
+def save_tensors(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save` through `atomic_path`; the same `obj` always gives the same bytes."""
     import torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        writer = _HashingWriter(f)
-        torch.save(obj, writer)  # a file object: saving to a path records the temp file's random name inside
-    return writer.checksums()
+        torch.save(obj, f)  # a file object: saving to a path records the temp file's random name inside
 
 
-def _chunk_sha256(path: Path, start: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        f.seek(start)
-        left = CHECKSUM_CHUNK
-        while left and (block := f.read(min(left, 1 << 20))):
-            digest.update(block)  # hashlib releases the GIL on big buffers: the chunks hash in parallel
-            left -= len(block)
-    return digest.hexdigest()
+CHECKSUM_CHUNK = 64 << 20  # bytes per SHA-256: the chunks of a big file hash on parallel threads
 
 
-def checksums(path: str | os.PathLike, pool: Any) -> list[Any]:
-    """Futures of the SHA-256 (hex) of each CHECKSUM_CHUNK bytes of a file, in order, hashing on the
-    threads of `pool` (a ThreadPoolExecutor) while the caller goes on, reading the same file say. A file
-    of up to one chunk has one: its plain SHA-256, what `sha256sum` prints."""
-    path = Path(path)
-    starts = range(0, max(path.stat().st_size, 1), CHECKSUM_CHUNK)
-    return [pool.submit(_chunk_sha256, path, start) for start in starts]
+def checksums(path: str | os.PathLike) -> list[str]:
+    """The SHA-256 (hex) of each CHECKSUM_CHUNK bytes of a file, in order (a file of one chunk has
+    one: what `sha256sum` prints)."""
+
+    def chunk_sha256(start: int) -> str:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return hashlib.sha256(f.read(CHECKSUM_CHUNK)).hexdigest()  # releases the GIL on big buffers
+
+    starts = range(0, max(os.path.getsize(path), 1), CHECKSUM_CHUNK)
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(chunk_sha256, starts))
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -278,18 +222,6 @@ def make_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def _never_deleted(folder: Path) -> str | None:
-    """Why `folder` may never be deleted whatever it holds (the working folder, one of its parents,
-    the file system root, a home directory or one of its parents), or None."""
-    real = folder.resolve()
-    for name, protected in (("the working folder", Path.cwd()), ("the home directory", Path.home())):
-        if real == protected.resolve() or real in protected.resolve().parents:
-            return f"it is {name}" + ("" if real == protected.resolve() else " or a folder above it")
-    if real == Path(real.anchor):
-        return "it is the file system root"
-    return None
-
-
 def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> str | None:
     """The names (the first five) of what `folder` holds that nanochat cannot prove it wrote: not the
     marker, and `ours(path)` false; None when there is nothing else."""
@@ -310,8 +242,12 @@ def check_removable(
     folder = Path(folder)
     if not folder.exists():
         return
-    if why := _never_deleted(folder):
-        raise UserError(f"{flag} refuses to delete {folder}: {why}; name a folder of its own")
+    real = folder.resolve()
+    for name, protected in (("the working folder", Path.cwd()), ("the home directory", Path.home())):
+        if real == protected.resolve() or real in protected.resolve().parents:  # or a folder above it
+            raise UserError(
+                f"{flag} refuses to delete {folder}: it is or holds {name}; name a folder of its own"
+            )
     if not folder.is_dir():
         raise UserError(f"{flag}: {folder} is a file, not a folder nanochat wrote; move it away")
     if foreign := foreign_files(folder, ours):
@@ -360,12 +296,8 @@ class _FatalHTTPError(Exception):
 
 
 def _passes(path: Path, validate: Callable[[Path], object] | None) -> bool:
-    if not path.is_file():
-        return False
-    if validate is None:
-        return True
     try:
-        return validate(path) is not False
+        return path.is_file() and (validate is None or validate(path) is not False)
     except Exception as e:
         logger.warning("existing %s failed validation (%s); downloading it again", path, e)
         return False
@@ -406,13 +338,9 @@ def download_file(
     validate: Callable[[Path], object] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Download `url` to `path` (skipped if it already exists and passes `validate`) and return the path.
-
-    `validate(tmp_path)` rejects a download by raising or returning False. There are
-    `1 + retries` attempts, waiting backoff, 2*backoff, 4*backoff... seconds (capped at
-    MAX_BACKOFF) between them; a 4xx answer such as 404 fails at once. Raises RuntimeError
-    naming the url and the last error; the final path never holds a partial file.
-    """
+    """Download `url` to `path` (skipped if it is there and passes `validate(path)`: raising or False
+    rejects a file); `1 + retries` attempts, waiting backoff, 2*backoff... (at most MAX_BACKOFF) between
+    them, none after a 4xx. RuntimeError names the url; `path` never holds a partial file."""
     path = Path(path)
     stale = list(path.parent.glob(f"{path.name}.tmp.*"))  # leftovers of a crashed run
     if not stale and _passes(path, validate):
@@ -425,17 +353,6 @@ def download_file(
             return path
         last_error: BaseException | None = None
         for attempt in range(retries + 1):
-            if attempt > 0:
-                wait = min(backoff * 2 ** (attempt - 1), MAX_BACKOFF)
-                logger.warning(
-                    "download of %s failed (%s); retry %d/%d in %.1fs",
-                    url,
-                    last_error,
-                    attempt,
-                    retries,
-                    wait,
-                )
-                time.sleep(wait)
             try:
                 with atomic_path(path) as tmp:
                     _fetch_once(url, tmp, timeout, path.name if progress else None, validate)
@@ -444,6 +361,10 @@ def download_file(
                 raise RuntimeError(f"download of {url} failed: {e} (not retrying)") from e
             except Exception as e:  # HTTP/URL errors, timeouts, short bodies, rejected files
                 last_error = e
+            if attempt < retries:
+                wait = min(backoff * 2**attempt, MAX_BACKOFF)
+                logger.warning("%s: %s; retry %d/%d in %.1fs", url, last_error, attempt + 1, retries, wait)
+                time.sleep(wait)
         raise RuntimeError(
             f"download of {url} failed after {retries + 1} attempts; last error: {last_error!r}"
         ) from last_error
@@ -485,18 +406,13 @@ def autodetect_device_type() -> str:
 
 
 def compute_init(device_type: str | None = None, seed: int = 42):
-    """Sets up one process of a (possibly torchrun) run.
-
-    Returns (is_ddp, rank, local_rank, world_size, device). Under torchrun the process
-    group is NCCL on CUDA and gloo otherwise; each CUDA rank takes GPU `local_rank`.
-    Seeds torch so that every rank builds the same initial model.
-    """
+    """Set up one process of a (possibly torchrun) run: (is_ddp, rank, local_rank, world_size, device).
+    Under torchrun the group is NCCL on CUDA (GPU `local_rank`), gloo otherwise."""
     import torch
     import torch.distributed as dist
 
     device_type = device_type or autodetect_device_type()
-    if device_type not in ("cuda", "mps", "cpu"):
-        raise ValueError(f"device type must be cuda, mps or cpu, got {device_type!r}")
+    assert device_type in ("cuda", "mps", "cpu"), device_type  # --device-type's choices
     if device_type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device-type cuda was asked for, but torch sees no CUDA GPU")
     if device_type == "mps" and not torch.backends.mps.is_available():
@@ -504,7 +420,7 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     is_ddp, rank, local_rank, world_size = get_dist_info()
     if is_ddp and device_type == "mps":
         raise RuntimeError("multi-process training is not supported on MPS; run a single process")
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # every rank builds the same initial model
     if device_type == "cuda":
         torch.cuda.manual_seed(seed)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) use TF32
@@ -524,15 +440,11 @@ def compute_init(device_type: str | None = None, seed: int = 42):
 
 
 def compute_cleanup() -> None:
-    """Tears down the process group, if one was started.
-
-    Every rank first waits at a barrier, so that no rank closes its connections while a
-    peer still uses them (gloo can abort the process in that race).
-    """
+    """Tear down the process group, if one was started."""
     import torch.distributed as dist
 
     if is_distributed():
-        dist.barrier()
+        dist.barrier()  # no rank closes its connections while a peer still uses them (gloo can abort)
         dist.destroy_process_group()
 
 
@@ -576,22 +488,17 @@ def compiled(model, device) -> Any:
 
 def any_rank(*flags: bool) -> list[bool]:
     """Each flag OR-ed over every rank, in one all_reduce (the flags themselves without a process group)."""
-    import torch
     import torch.distributed as dist
 
-    if not is_distributed():
-        return list(flags)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(f) for f in flags], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
+    device = "cuda" if is_distributed() and dist.get_backend() == "nccl" else "cpu"  # NCCL: this rank's GPU
+    return [total > 0 for total in all_reduce_sum([float(f) for f in flags], device)]
 
 
 # -----------------------------------------------------------------------------
 # Stopping: signals and setup failures
 
 
-_stop: dict[str, Any] = {"signal": None}
+_stop_signal: str | None = None  # the name of the first stop signal caught
 
 
 def catch_stop_signals() -> None:
@@ -599,11 +506,12 @@ def catch_stop_signals() -> None:
     loop finishes its step, saves and exits 0. A second one exits at once with 128 + its number."""
 
     def on_signal(signum: int, frame: Any) -> None:
+        global _stop_signal
         name = signal.Signals(signum).name
-        if _stop["signal"] is not None:
+        if _stop_signal is not None:
             os.write(2, f"{name} again: exiting now, without saving\n".encode())
             os._exit(128 + signum)  # no cleanup: the user asked twice; the last checkpoint is intact
-        _stop["signal"] = name
+        _stop_signal = name
         os.write(2, f"{name}: finishing this step, then saving (send it again to exit at once)\n".encode())
 
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -612,7 +520,7 @@ def catch_stop_signals() -> None:
 
 def stop_signal() -> str | None:
     """The name of the stop signal this process caught ("SIGTERM", "SIGINT"), or None."""
-    return _stop["signal"]
+    return _stop_signal
 
 
 def resume_command() -> str:
@@ -642,7 +550,8 @@ class UserError(Exception):
 @contextmanager
 def exit_on_user_error(script: str, hint: str = "", errors: tuple = (UserError,)) -> Iterator[None]:
     """Inside it, one of `errors` (a UserError unless told) ends the process as
-    `exit_with_error(script, message + hint)`: no traceback."""
+    `script: message hint` printed by rank 0 and exit status 1: no traceback. Every rank must leave
+    the block the same way (the cleanup waits for all of them)."""
     try:
         yield
     except errors as e:
@@ -650,8 +559,7 @@ def exit_on_user_error(script: str, hint: str = "", errors: tuple = (UserError,)
 
 
 def exit_with_error(script: str, message: str) -> NoReturn:
-    """A user error: print `script: message` (rank 0), leave the process group, exit with status 1.
-    Every rank must call it (the cleanup waits for all of them)."""
+    """Print `script: message` on rank 0, leave the process group and exit 1 (every rank calls it)."""
     print0(f"{script}: {message}")
     compute_cleanup()
     sys.exit(1)
@@ -661,17 +569,15 @@ def raise_together(problem: str | None, error: type[UserError] = UserError) -> N
     """Every rank calls it at the same point with its own problem (None: none): if any rank has one,
     every rank raises `error` with the first failing rank's message (one all_gather). Before any other
     collective, so that one rank's failure never leaves the others waiting at a barrier."""
-    if not is_distributed():
-        if problem is not None:
-            raise error(problem)
-        return
-    import torch.distributed as dist
+    problems = [problem]
+    if is_distributed():
+        import torch.distributed as dist
 
-    problems: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(problems, problem)
-    rank, first = next(((r, p) for r, p in enumerate(problems) if p is not None), (None, None))
-    if first is not None:
-        raise error(first if rank == 0 else f"rank {rank}: {first}")
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    for rank, first in enumerate(problems):
+        if first is not None:
+            raise error(first if rank == 0 else f"rank {rank}: {first}")
 
 
 @contextmanager

@@ -1,20 +1,8 @@
 """
-The report card: every stage logs a section, `python -m nanochat.report generate` stitches them.
-
-- A section is two files under `<base dir>/report/`, named after a slug of its title: `<slug>.md`
-  for people, and `<slug>.json` ({"section", "timestamp", "data": the stage's dicts merged, "items"})
-  for the summary table; logged again with `merge`, a section keeps the earlier items' rows and keys.
-  The JSON is written last, so it is the stage's record of completion:
-  `python -m nanochat.report done TITLE` exits 0 once it exists (speedrun.sh skips on it).
-- Items of a section: a str as it is, a dict as `- key: value` lines, a list of rows as a table.
-- `reset` empties the folder and logs the "Environment" section (git, hardware, software, cost
-  rate, code size); its timestamp is the start of the run.
-- `generate` writes report.md: environment, the summary table built from the sections' data
-  (`-` missing, `*` partial), wall-clock time and cost, training curves, then every section.
-  The curves are PNGs in a `report_figures/` folder beside each report.md (the one in the report
-  folder and the copy), linked by relative path: the pair can be moved or shared as it is.
-- Only rank 0 writes; other ranks get a report whose `log` does nothing.
-- MetricsLog is the per-step log.jsonl of a training run; the curves are drawn from it.
+The report card: every stage logs a section into `<base dir>/report/`, and
+`python -m nanochat.report generate` stitches them into report.md (environment, summary table, cost,
+training curves, then every section). `reset` starts a run's report; `done TITLE` exits 0 once a stage
+has logged that section (speedrun.sh skips on it). Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -32,42 +20,46 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nanochat.common import HelpFormatter, atomic_path, get_base_dir, get_dist_info
+from nanochat.common import (
+    HelpFormatter,
+    atomic_path,
+    exit_on_user_error,
+    get_base_dir,
+    get_dist_info,
+    in_range,
+)
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 REPORT_FILE = "report.md"
-FIGURES_DIR = "report_figures"  # beside each report.md; its links are relative to it
+FIGURES_DIR = "report_figures"  # beside each report.md, linked by relative path: the pair can be moved
 ENVIRONMENT = "Environment"  # the section `reset` logs: the report's header
-# The sections in pipeline order (titles as the scripts log them); others follow, oldest first.
-SECTION_ORDER = (
-    "Tokenizer training",
-    "Tokenizer evaluation",
-    "Base model training",
-    "Base model loss",
-    "Base model evaluation",
-    "Chat evaluation base",
-    "Midtraining",
-    "Chat evaluation mid",
-    "Chat SFT",
-    "Chat evaluation sft",
-    "Chat RL",
-    "Chat evaluation rl",
-)
-STAGES = ("base", "mid", "sft", "rl")
+LOSSES = {"train loss": "loss", "val loss": "val_loss"}
+# The pipeline in order. Per stage: its checkpoint folder, its sections (titles as the scripts log
+# them; sections of other titles follow, oldest first) and its curves {y label: log.jsonl key}.
+# The stages with a checkpoint folder are the summary table's columns.
+STAGES = {
+    "tok": (None, ("Tokenizer training", "Tokenizer evaluation"), {}),
+    "base": (
+        "base_checkpoints",
+        ("Base model training", "Base model loss", "Base model evaluation", "Chat evaluation base"),
+        {"train loss": "loss", "val bpb": "val_bpb"},
+    ),
+    "mid": ("mid_checkpoints", ("Midtraining", "Chat evaluation mid"), LOSSES),
+    "sft": ("chatsft_checkpoints", ("Chat SFT", "Chat evaluation sft"), LOSSES),
+    "rl": (
+        "chatrl_checkpoints",
+        ("Chat RL", "Chat evaluation rl"),
+        {"mean reward": "reward", "pass@1": "pass@1"},
+    ),
+}
 CHAT_ROWS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
 OFFLINE_ROWS = ("Arithmetic", "SpellingBee", "SimpleSpelling")  # rows only when some stage evaluated them
 CODE_SUFFIXES = (".py", ".rs", ".sh", ".html", ".md", ".toml")
-# The training curves: title -> (checkpoint folder, {y label: log.jsonl key}); one panel per key with data.
-PLOTS = {
-    "Base training": ("base_checkpoints", {"train loss": "loss", "val bpb": "val_bpb"}),
-    "Midtraining": ("mid_checkpoints", {"train loss": "loss", "val loss": "val_loss"}),
-    "Chat SFT": ("chatsft_checkpoints", {"train loss": "loss", "val loss": "val_loss"}),
-    "Chat RL": ("chatrl_checkpoints", {"mean reward": "reward", "pass@1": "pass@1"}),
-}
 
 # -----------------------------------------------------------------------------
-# Sections
+# Sections: `<slug>.md` for people, then `<slug>.json` ({"section", "timestamp", "data": the dict items
+# merged, "items"}) for the summary; the JSON is written last, so it marks the stage as done.
 
 
 def format_value(value: Any) -> str:
@@ -92,9 +84,7 @@ def _is_number(text: str) -> bool:
 def markdown_table(rows: list | tuple) -> str:
     """A markdown table of `rows` (the first is the header), columns padded to line up as plain text."""
     cells = [[format_value(v).replace("|", "\\|").replace("\n", " ") for v in row] for row in rows]
-    for i, row in enumerate(cells):  # a ragged table is a bug in the stage that logs it: fail there
-        if len(row) != len(cells[0]):
-            raise ValueError(f"table row {i} has {len(row)} cells, the header has {len(cells[0])}")
+    assert all(len(row) == len(cells[0]) for row in cells), f"a ragged table: {rows}"
     widths = [max(3, *(len(row[c]) for row in cells)) for c in range(len(cells[0]))]
     numeric = [len(cells) > 1 and all(_is_number(row[c]) for row in cells[1:]) for c in range(len(widths))]
 
@@ -178,7 +168,7 @@ def get_report() -> Report:
 
 
 def read_sections(report_dir: str | Path) -> dict[str, dict]:
-    """Section title -> its record ({"section", "timestamp", "data"}) for every section in `report_dir`."""
+    """Section title -> its record ({"section", "timestamp", "data", "items"}) of every section there."""
     records = [json.loads(p.read_text(encoding="utf-8")) for p in Path(report_dir).glob("*.json")]
     return {r["section"]: r for r in records}
 
@@ -190,7 +180,7 @@ def done(section: str, report_dir: str | Path | None = None) -> bool:
 
 
 # -----------------------------------------------------------------------------
-# reset: the Environment section
+# reset: the Environment section, whose timestamp is the start of the run
 
 
 def _git(*args: str) -> str | None:
@@ -201,21 +191,6 @@ def _git(*args: str) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
-
-
-def git_info() -> dict[str, str]:
-    """Branch, commit and whether the working tree has uncommitted changes ("unknown" outside git)."""
-    status = _git("status", "--porcelain")
-    return {
-        "branch": _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown",
-        "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
-        "dirty": "unknown" if status is None else ("yes" if status else "no"),
-    }
-
-
-def default_cost_per_hour(gpu_names: list[str]) -> float:
-    """A rough node price in $/h: ~$3 per H100/H200-hour, ~$2 per other GPU-hour, 0 on CPU."""
-    return sum(3.0 if ("H100" in name or "H200" in name) else 2.0 for name in gpu_names)
 
 
 def code_size() -> dict[str, int]:
@@ -236,8 +211,13 @@ def code_size() -> dict[str, int]:
         "lines": sum(t.count("\n") for t in texts),
         "files": len(texts),
         "approximate tokens": chars // 4,
-        "dependencies (uv.lock packages)": sum(line == "[[package]]" for line in lock_lines),
+        "dependencies (uv.lock packages)": lock_lines.count("[[package]]"),
     }
+
+
+def default_cost_per_hour(gpu_names: list[str]) -> float:
+    """A rough node price in $/h: ~$3 per H100/H200-hour, ~$2 per other GPU-hour, 0 on CPU."""
+    return sum(3.0 if ("H100" in name or "H200" in name) else 2.0 for name in gpu_names)
 
 
 def environment(cost_per_hour: float | None = None) -> list:
@@ -251,6 +231,12 @@ def environment(cost_per_hour: float | None = None) -> list:
             cost_per_hour = float(env) if env else default_cost_per_hour([g.name for g in gpus])
         except ValueError:
             raise ValueError(f"NANOCHAT_COST_PER_HOUR={env!r} is not a number of dollars per hour") from None
+    status = _git("status", "--porcelain")
+    git = {
+        "branch": _git("rev-parse", "--abbrev-ref", "HEAD") or "unknown",
+        "commit": _git("rev-parse", "--short", "HEAD") or "unknown",
+        "dirty": "unknown" if status is None else ("yes" if status else "no"),
+    }
     hardware = {
         "platform": f"{platform.system()} {platform.machine()}",
         "CPUs": os.cpu_count() or "unknown",
@@ -259,12 +245,9 @@ def environment(cost_per_hour: float | None = None) -> list:
         **({"GPU memory (GiB)": round(sum(g.total_memory for g in gpus) / 2**30, 1)} if gpus else {}),
         "hourly cost estimate ($/h)": cost_per_hour,
     }
-    software = {
-        "Python": platform.python_version(),
-        "torch": torch.__version__,
-        "CUDA (torch build)": torch.version.cuda or "none",
-    }
-    parts = {"Git": git_info(), "Hardware": hardware, "Software": software, "Code size": code_size()}
+    software = {"Python": platform.python_version(), "torch": torch.__version__}
+    software["CUDA (torch build)"] = torch.version.cuda or "none"
+    parts = {"Git": git, "Hardware": hardware, "Software": software, "Code size": code_size()}
     return [item for name, values in parts.items() for item in (f"### {name}", values)]
 
 
@@ -278,35 +261,13 @@ def reset(cost_per_hour: float | None = None) -> Path:
 
 
 # -----------------------------------------------------------------------------
-# generate
-
-
-def summary_rows(sections: dict[str, dict]) -> tuple[list[list[str]], bool]:
-    """The summary table (header row first) from the sections' data, and whether a cell is partial."""
-    columns: dict[str, dict[str, str]] = {stage: {} for stage in STAGES}
-    base = sections.get("Base model evaluation", {}).get("data", {})
-    if "CORE" in base:  # partial: some CORE task files were missing
-        columns["base"]["CORE"] = format_value(base["CORE"]) + ("*" if base.get("partial") else "")
-    for stage in STAGES:
-        data = sections.get(f"Chat evaluation {stage}", {}).get("data", {})
-        if "ChatCORE (partial)" in data:  # not all six ChatCORE tasks were evaluated (a full one wins)
-            columns[stage]["ChatCORE"] = format_value(data["ChatCORE (partial)"]) + "*"
-        for name in (*CHAT_ROWS, *OFFLINE_ROWS, "ChatCORE"):
-            if name in data:
-                columns[stage][name] = format_value(data[name])
-    offline = [name for name in OFFLINE_ROWS if any(name in column for column in columns.values())]
-    rows = [["Metric", *(stage.upper() for stage in STAGES)]]
-    rows += [
-        [name, *(columns[s].get(name, "-") for s in STAGES)]
-        for name in ("CORE", *CHAT_ROWS, "ChatCORE", *offline)
-    ]
-    return rows, any(cell.endswith("*") for row in rows for cell in row)
+# Training logs
 
 
 def eta(elapsed: float, done: float, remaining: float) -> str:
-    """The time left on a training stage's step line, "eta 12.3m": `remaining` units of work (steps,
+    """The time left on a training stage's step line, "eta 1h 2m 5s": `remaining` units of work (steps,
     or a fraction of an epoch) at the mean pace of the `done` ones that took `elapsed` seconds."""
-    return f"eta {elapsed / done * remaining / 60:.1f}m" if done > 0 else "eta n/a"
+    return f"eta {format_duration(elapsed / done * remaining)}" if done > 0 else "eta n/a"
 
 
 def format_duration(seconds: float) -> str:
@@ -369,6 +330,34 @@ def read_log(path: str | Path) -> list[dict]:
     return records
 
 
+# -----------------------------------------------------------------------------
+# generate
+
+
+def summary_rows(sections: dict[str, dict]) -> tuple[list[list[str]], bool]:
+    """The summary table (header row first; `-` missing, `*` partial) from the sections' data, and
+    whether a cell is partial."""
+    stages = [stage for stage, (folder, _, _) in STAGES.items() if folder]
+    columns: dict[str, dict[str, str]] = {stage: {} for stage in stages}
+    base = sections.get("Base model evaluation", {}).get("data", {})
+    if "CORE" in base:  # partial: some CORE task files were missing
+        columns["base"]["CORE"] = format_value(base["CORE"]) + ("*" if base.get("partial") else "")
+    for stage in stages:
+        data = sections.get(f"Chat evaluation {stage}", {}).get("data", {})
+        if "ChatCORE (partial)" in data:  # not all six ChatCORE tasks were evaluated (a full one wins)
+            columns[stage]["ChatCORE"] = format_value(data["ChatCORE (partial)"]) + "*"
+        for name in (*CHAT_ROWS, *OFFLINE_ROWS, "ChatCORE"):
+            if name in data:
+                columns[stage][name] = format_value(data[name])
+    offline = [name for name in OFFLINE_ROWS if any(name in column for column in columns.values())]
+    rows = [["Metric", *(stage.upper() for stage in stages)]]
+    rows += [
+        [name, *(columns[s].get(name, "-") for s in stages)]
+        for name in ("CORE", *CHAT_ROWS, "ChatCORE", *offline)
+    ]
+    return rows, any(cell.endswith("*") for row in rows for cell in row)
+
+
 def curves(records: list[dict], panels: dict[str, str]) -> list[tuple[str, list[tuple[int, float]]]]:
     """[(y label, [(step, value)])] for the panels of a figure worth drawing: those with at least two
     points (a one-point "curve", say a final val loss, is an empty panel; its value is in the section)."""
@@ -377,15 +366,12 @@ def curves(records: list[dict], panels: dict[str, str]) -> list[tuple[str, list[
 
 
 def make_plots(base_dir: Path, figures_dir: Path) -> list[tuple[str, Path]]:
-    """Draw the training curves that have data, from each phase's newest log, into `figures_dir`;
-    returns [(title, png path)]."""
+    """Draw each stage's training curves from its newest log into `figures_dir`: [(title, png path)]."""
     made = []
-    for title, (folder, panels) in PLOTS.items():
-        logs = list((base_dir / folder).glob("*/log.jsonl"))
-        if not logs:
-            continue
-        log = max(logs, key=lambda p: p.stat().st_mtime)  # the tag trained last
-        series = curves(read_log(log), panels)
+    for stage, (folder, titles, panels) in STAGES.items():
+        logs = list((base_dir / folder).glob("*/log.jsonl")) if folder else []
+        log = max(logs, key=lambda p: p.stat().st_mtime) if logs else None  # the tag trained last
+        series = curves(read_log(log), panels) if log else []
         if not series:
             continue
         import matplotlib  # here, not at the top: only `generate` draws, and matplotlib is slow to import
@@ -396,17 +382,15 @@ def make_plots(base_dir: Path, figures_dir: Path) -> list[tuple[str, Path]]:
         fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
         for ax, (label, points) in zip(axes[0], series, strict=True):
             ax.plot(*zip(*points, strict=True), marker="." if len(points) < 50 else None)
-            ax.set_xlabel("step")
-            ax.set_ylabel(label)
+            ax.set(xlabel="step", ylabel=label)
             ax.grid(alpha=0.3)
-        fig.suptitle(f"{title} ({log.parent.name})")
+        fig.suptitle(f"{titles[0]} ({log.parent.name})")
         fig.tight_layout()
         figures_dir.mkdir(parents=True, exist_ok=True)
-        path = figures_dir / f"{folder.removesuffix('_checkpoints')}_training.png"
-        with atomic_path(path) as tmp:
+        with atomic_path(figures_dir / f"{stage}_training.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
-        made.append((title, path))
+        made.append((titles[0], figures_dir / f"{stage}_training.png"))
     return made
 
 
@@ -423,20 +407,15 @@ def generate(copy_to: str | Path = ".") -> Path:
         return (report_dir / f"{slugify(title)}.md").read_text(encoding="utf-8").strip("\n")
 
     summary: dict[str, Any] = {"generated": now.strftime(TIME_FORMAT)}
-    env = sections.get(ENVIRONMENT)
-    if env is not None:
+    head = "(no environment: `python -m nanochat.report reset` was not run)"
+    summary["total wall-clock time"] = "unknown (no start time: run `python -m nanochat.report reset` first)"
+    if (env := sections.get(ENVIRONMENT)) is not None:
         head = markdown(ENVIRONMENT)
         elapsed = (now - datetime.strptime(env["timestamp"], TIME_FORMAT)).total_seconds()
         summary["run started"] = env["timestamp"]
         summary["total wall-clock time"] = format_duration(elapsed)
-        rate = env["data"]["hourly cost estimate ($/h)"]
-        if rate > 0:
+        if (rate := env["data"]["hourly cost estimate ($/h)"]) > 0:
             summary["estimated cost ($)"] = round(rate * elapsed / 3600, 2)
-    else:
-        head = "(no environment: `python -m nanochat.report reset` was not run)"
-        summary["total wall-clock time"] = (
-            "unknown (no start time: run `python -m nanochat.report reset` first)"
-        )
     rows, partial = summary_rows(sections)
     summary_block = "## Summary\n\n" + markdown_table(rows) + "\n\n"
     if partial:
@@ -449,8 +428,9 @@ def generate(copy_to: str | Path = ".") -> Path:
     plots = make_plots(base_dir, report_dir / FIGURES_DIR)
     images = [f"![{title}]({FIGURES_DIR}/{png.name})" for title, png in plots]
     curves_block = ["## Training curves\n\n" + "\n\n".join(images)] if plots else []
-    extra = sorted(set(sections) - {ENVIRONMENT, *SECTION_ORDER}, key=lambda t: (sections[t]["timestamp"], t))
-    body = [markdown(t) for t in [t for t in SECTION_ORDER if t in sections] + extra]
+    ordered = [title for _, titles, _ in STAGES.values() for title in titles if title in sections]
+    extra = sorted(set(sections) - {ENVIRONMENT, *ordered}, key=lambda t: (sections[t]["timestamp"], t))
+    body = [markdown(t) for t in ordered + extra]
     text = "\n\n".join(["# nanochat training report", head, summary_block, *curves_block, *body]) + "\n"
 
     path = report_dir / REPORT_FILE
@@ -463,10 +443,6 @@ def generate(copy_to: str | Path = ".") -> Path:
     return path
 
 
-# -----------------------------------------------------------------------------
-# Command line
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m nanochat.report",
@@ -474,32 +450,23 @@ def main(argv: list[str] | None = None) -> None:
         "`done SECTION` exits 0 when a stage has logged that section.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("command", choices=["reset", "generate", "done"], help="what to do")
-    parser.add_argument("section", nargs="?", help='done: a section title, e.g. "Base model training"')
-    parser.add_argument(
-        "--cost-per-hour",
-        type=float,
-        help="reset: node price in $/h for the cost estimate (default: $NANOCHAT_COST_PER_HOUR, else a "
-        "guess from the GPUs)",
-    )
-    parser.add_argument(
-        "--output-dir", default=".", help="generate: the folder that gets a copy of report.md"
-    )
+    add = parser.add_argument
+    add("command", choices=["reset", "generate", "done"], help="what to do")
+    add("section", nargs="?", help='done: a section title, e.g. "Base model training"')
+    cost = "reset: the node's price in $/h (default: $NANOCHAT_COST_PER_HOUR, else a guess from the GPUs)"
+    add("--cost-per-hour", type=in_range(float, 0), help=cost)
+    add("--output-dir", default=".", help="generate: the folder that gets a copy of report.md")
     args = parser.parse_args(argv)
-    if args.cost_per_hour is not None and args.cost_per_hour < 0:
-        parser.error(f"--cost-per-hour must be >= 0, got {args.cost_per_hour}")
     if (args.command == "done") != (args.section is not None):
         parser.error("a section title goes with `done` and only with it")
-    try:
-        if args.command == "done":
-            sys.exit(0 if done(args.section) else 1)
-        elif args.command == "reset":
+    if args.command == "done":
+        sys.exit(0 if done(args.section) else 1)
+    with exit_on_user_error(f"report {args.command}", errors=(OSError, ValueError)):
+        if args.command == "reset":
             print(f"report reset: wrote {reset(cost_per_hour=args.cost_per_hour)}")
         else:
             path = generate(copy_to=args.output_dir)
             print(f"wrote {path} (and a copy in {Path(args.output_dir).resolve() / REPORT_FILE})")
-    except (OSError, ValueError) as e:
-        sys.exit(f"report {args.command}: {e}")
 
 
 if __name__ == "__main__":
