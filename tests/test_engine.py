@@ -223,7 +223,7 @@ def test_greedy_completions_continue_each_prompt_and_keep_the_training_mode(toke
         assert text == prompt + tokenizer.decode(generate_naive(model, tokens, 6))
 
 
-def test_samples_differ_from_the_first_token_the_seed_reproduces_and_max_tokens_bounds_them(tokenizer):
+def test_samples_differ_from_the_first_token_the_seed_reproduces_and_top_k_one_is_greedy(tokenizer):
     engine = Engine(make_model(tokenizer), tokenizer)
     prompt = [1, 2, 3, 4, 5]
     first, _ = engine.generate_batch(prompt, num_samples=8, max_tokens=1, temperature=1.0, seed=1)
@@ -235,12 +235,8 @@ def test_samples_differ_from_the_first_token_the_seed_reproduces_and_max_tokens_
     assert a == b and a != c and len({tuple(row) for row in a}) == 4
     assert [len(row) for row in a] == [len(prompt) + 12] * 4  # the stop tokens are blocked
     assert engine.generate_batch(prompt, max_tokens=0) == ([prompt], [[0] * 5])
-
-
-def test_top_k_one_is_greedy(tokenizer):
-    engine = Engine(make_model(tokenizer), tokenizer)
-    greedy, _ = engine.generate_batch([8, 9, 10], max_tokens=15, temperature=0.0)
-    top1, _ = engine.generate_batch([8, 9, 10], num_samples=2, max_tokens=15, temperature=1.5, top_k=1)
+    greedy, _ = engine.generate_batch(prompt, max_tokens=15, temperature=0.0)
+    top1, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=15, temperature=1.5, top_k=1)
     assert top1 == [greedy[0], greedy[0]]
 
 
