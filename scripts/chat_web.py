@@ -550,9 +550,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     timeout = "seconds for a request's headers, then its body"
     add("--client-timeout", type=in_range(float, 0, open_lo=True), default=10.0, help=timeout)
     add("--num-gpus", type=in_range(int, 1), default=1, help="model replicas, one per GPU (CUDA only)")
-    # the defaults of a request's fields: the same limits
-    add("-t", "--temperature", type=in_range(float, *LIMITS["temperature"]), default=0.8, help="temperature")
-    add("-k", "--top-k", type=in_range(int, *LIMITS["top_k"]), default=50, help="top-k (0: no filtering)")
+    # the defaults of a request's fields, within the same limits
+    temperature, top_k = in_range(float, *LIMITS["temperature"]), in_range(int, *LIMITS["top_k"])
+    add("-t", "--temperature", type=temperature, default=0.8, help="default sampling temperature")
+    add("-k", "--top-k", type=top_k, default=50, help="default top-k (0: no filtering)")
     reply = "default longest reply, in tokens (the requests' max_tokens)"
     tokens = in_range(int, *LIMITS["max_tokens"])
     add(
