@@ -1,14 +1,11 @@
 """The GPT model: plain single-device PyTorch (distribution lives in the optimizer).
 
-- Rotary positions; RMSNorm without gain (after the embedding, pre-norm, QK-norm, before the head).
-- Grouped-query attention through SDPA; MLP 4x wide with ReLU²; no biases; untied head; fp32 logits
-  softcapped at 15; parameters stay fp32 (precision policy: `common.autocast`).
-- The public nanochat record's parts (`config_from_depth(arch="record")`, measured at d12-d26 on GPUs),
-  each a GPTConfig switch that defaults off so the first architecture's checkpoints load: value
-  embeddings, per-layer residual and x0 scalars, smear, backout, sliding windows, the record's init.
-- Built on the meta device; `init_weights` fills every parameter and buffer.
-- KV cache protocol (nanochat/engine.py): `get_pos()` (an int, or (B,) per-row positions),
-  `insert_kv(layer, k, v) -> (k_all, v_all)`, and with smear `swap_last_embedding(last) -> previous`.
+Rotary positions; RMSNorm without gain; QK-norm; grouped-query attention through SDPA; ReLU² MLP; no
+biases; untied head; fp32 logits softcapped at 15; fp32 parameters (precision policy: `common.autocast`).
+The public record's parts (measured there at d12-d26 on GPUs: value embeddings, layer scalars, smear,
+backout, sliding windows, its init) are GPTConfig switches that default off, so old checkpoints load.
+KV cache protocol (nanochat/engine.py): `get_pos()` (an int, or (B,) per-row positions),
+`insert_kv(layer, k, v) -> (k_all, v_all)`, and with smear `swap_last_embedding(last) -> previous`.
 """
 
 from __future__ import annotations
@@ -103,15 +100,9 @@ def config_from_depth(
 ) -> GPTConfig:
     """The one-dial model shape: depth layers, width depth*aspect_ratio rounded up to whole heads.
     arch "record" turns on every feature of the public record; "v1" is our first recipe's model."""
-    for flag, value, ok, need in (
-        ("--arch", arch, arch in ARCHES, f"one of {', '.join(ARCHES)}"),
-        ("--depth", depth, depth >= 1, "at least 1"),
-        ("--aspect-ratio", aspect_ratio, aspect_ratio >= 1, "at least 1"),
-        ("--head-dim", head_dim, head_dim >= 2 and head_dim % 2 == 0, "even (rotary rotates pairs)"),
-        ("--max-seq-len", sequence_len, sequence_len >= 1, "at least 1"),
-    ):
-        if not ok:
-            raise ConfigError(f"{flag} must be {need}, got {value}")
+    # the other flags are checked by base_train's argparse types; --head-dim's evenness is a shape rule
+    if head_dim < 2 or head_dim % 2:
+        raise ConfigError(f"--head-dim must be a positive even number (rotary rotates pairs), got {head_dim}")
     n_embd = -(-depth * aspect_ratio // head_dim) * head_dim  # round up to a multiple of head_dim
     n_head = n_embd // head_dim
     record = arch == "record"
@@ -180,18 +171,6 @@ def window_block_mask(T: int, window: int, device: torch.device):
     return create_block_mask(sliding_causal, None, None, T, T, device=device)
 
 
-def flex_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the windows take flex_attention: only compiled, whose kernel skips the hidden blocks."""
-    # Eager flex is torch's unfused reference: 803 ms against the band mask's 166 ms (B 8, 2 heads of
-    # 128, T 512, window 128, one CPU thread, no grad, medians of 7). torch 2.15 has no CPU flex backward,
-    # so CPU training keeps the mask; compiled CPU inference takes flex (4% slower than the mask at T 256,
-    # 7% at T 512 on the d4 record) so that CI runs the GPU's path.
-    if not torch.compiler.is_compiling():
-        return False
-    grads = q.requires_grad or k.requires_grad or v.requires_grad
-    return q.is_cuda or (q.device.type == "cpu" and not grads)
-
-
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -248,7 +227,13 @@ class CausalSelfAttention(nn.Module):
         if Tq == Tk:  # no cache, or a cache that was empty
             if not hides:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-            if flex_runs(q, k, v):  # compiled: skip the blocks outside the band
+            # Compiled, flex_attention's kernel skips the blocks outside the band. Eager flex is torch's
+            # unfused reference: 803 ms against the band mask's 166 ms (B 8, 2 heads of 128, T 512, window
+            # 128, one CPU thread, no grad, medians of 7). torch 2.15 has no CPU flex backward, so CPU
+            # training keeps the mask; compiled CPU inference takes flex (4% slower than the mask at T 256,
+            # 7% at T 512 on the d4 record) so that CI runs the GPU's path.
+            grads = q.requires_grad or k.requires_grad or v.requires_grad
+            if torch.compiler.is_compiling() and (q.is_cuda or (q.device.type == "cpu" and not grads)):
                 from torch.nn.attention.flex_attention import flex_attention
 
                 # autocast casts SDPA's inputs, not flex's: a value embedding (fp32) left v in fp32
@@ -509,8 +494,7 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
         with torch.device("meta"):
             weight_copies = c * GPT(config).num_matmul_params()
     # rotary slices (O(T * head_dim)) are left out; torch.compile usually saves less than this
-    total = config.n_layer * (attention + mlp) + ends + record + logits + logits_backward + weight_copies
-    return total
+    return config.n_layer * (attention + mlp) + ends + record + logits + logits_backward + weight_copies
 
 
 def estimate_memory(
