@@ -26,7 +26,6 @@ import yaml
 from nanochat.common import (
     UserError,
     all_reduce_sum,
-    atomic_path,
     autocast,
     download_file,
     file_lock,
@@ -176,13 +175,7 @@ def render_prompts(item: dict, task_type: str, delimiter: str, fewshot: list[dic
 def tokenize_prompts(
     tokenizer, prompts: list[tuple[str, str]], max_len: int | None = None
 ) -> list[tuple[list[int], int]]:
-    """(ids of BOS + full text, start of the continuation span) per row; the span runs to the end.
-
-    The span starts where the tokens of prefix and full text first differ: BPE usually glues the
-    delimiter's space onto the answer (" Paris"), so that is often a token before the prefix ends.
-    Rows longer than `max_len` are cropped from the left, the start clamped to 1 so that the first
-    scored token is always predicted from something.
-    """
+    """(ids of BOS + full text, start of the continuation span) per row; the span runs to the end."""
     bos = tokenizer.get_bos_token_id()
     unique_prefixes = list(dict.fromkeys(p for p, _ in prompts))  # MC rows share one prefix
     prefix_ids = dict(zip(unique_prefixes, tokenizer.encode(unique_prefixes, prepend=bos), strict=True))
@@ -190,12 +183,14 @@ def tokenize_prompts(
     rows = []
     for (prefix, _), ids in zip(prompts, full_ids, strict=True):
         pids = prefix_ids[prefix]
+        # the span starts where the tokens of prefix and full text first differ: BPE usually glues the
+        # delimiter's space onto the answer (" Paris"), often a token before the prefix ends
         start = min(len(pids), len(ids))
         start = next((i for i in range(start) if pids[i] != ids[i]), start)
-        if max_len is not None and len(ids) > max_len:
+        if max_len is not None and len(ids) > max_len:  # crop from the left
             cut = len(ids) - max_len
             ids = ids[cut:]
-            start = max(start - cut, 1)
+            start = max(start - cut, 1)  # the first scored token is always predicted from something
         rows.append((ids, start))
     return rows
 
@@ -207,12 +202,9 @@ def tokenize_prompts(
 def score_example(
     task_type: str, logits: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]], gold: int
 ) -> bool:
-    """Whether the model answers one example right, from the logits of its option rows.
-
-    logits (N, T, V) and ids (N, T) hold the example's N rows (right-padded; padding is never read);
-    row r's continuation is ids[r, start:end] for spans[r] = (start, end), predicted by the logits
-    at start-1 .. end-2. A row with an empty span can never win.
-    """
+    """Whether the model answers one example right, from the logits (N, T, V) and ids (N, T) of its N
+    right-padded option rows; row r's continuation ids[r, start:end] is predicted by the logits at
+    start-1 .. end-2. A row with an empty span can never win."""
     # results stay on the device until the one transfer at the end (a GPU syncs once per example)
     mean_losses = torch.full((len(spans),), float("inf"), device=logits.device)
     exact = torch.zeros(len(spans), dtype=torch.bool, device=logits.device)
@@ -228,56 +220,47 @@ def score_example(
     return int(mean_losses.argmin().item()) == gold  # ties go to the first row
 
 
-@dataclass
-class PreparedExample:
-    rows: list[list[int]]  # token ids per option row
-    spans: list[tuple[int, int]]  # continuation (start, end) per row
-    gold: int
-
-
 def prepare_example(
     tokenizer, data: list[dict], idx: int, task: CoreTask, max_len: int | None
-) -> PreparedExample:
-    """Render and tokenize item `idx` of `data` (with its few-shot examples) for scoring."""
+) -> tuple[list[tuple[list[int], int]], int]:
+    """Item `idx` of `data` with its few-shot examples, tokenized: (ids, continuation start) per option
+    row, and the gold row."""
     item = data[idx]
     fewshot = sample_fewshot(data, idx, task.num_fewshot)
     rows = tokenize_prompts(tokenizer, render_prompts(item, task.task_type, task.delimiter, fewshot), max_len)
-    return PreparedExample(
-        rows=[ids for ids, _ in rows],
-        spans=[(start, len(ids)) for ids, start in rows],
-        gold=0 if task.task_type == "language_modeling" else int(item["gold"]),  # LM: one row
-    )
+    return rows, 0 if task.task_type == "language_modeling" else int(item["gold"])  # LM: one row
 
 
-def _group(examples: list[PreparedExample], batch_size: int) -> list[list[int]]:
-    """Indices of examples per forward: at most `batch_size` rows each (a larger example goes alone).
-    Sorted by length, so that rows of similar length share a forward and padding stays small."""
-    order = sorted(range(len(examples)), key=lambda i: max(len(r) for r in examples[i].rows))
-    groups, current, rows = [], [], 0
+def _group(examples: list, batch_size: int) -> list[list[int]]:
+    """Indices of `prepare_example` results per forward: at most `batch_size` rows each (a larger
+    example goes alone). Sorted by length, so that rows of similar length share a forward."""
+    row_lists = [rows for rows, _ in examples]
+    order = sorted(range(len(examples)), key=lambda i: max(len(ids) for ids, _ in row_lists[i]))
+    groups, current, num_rows = [], [], 0
     for i in order:
-        n = len(examples[i].rows)
-        if current and rows + n > batch_size:
+        if current and num_rows + len(row_lists[i]) > batch_size:
             groups.append(current)
-            current, rows = [], 0
+            current, num_rows = [], 0
         current.append(i)
-        rows += n
+        num_rows += len(row_lists[i])
     if current:
         groups.append(current)
     return groups
 
 
 @torch.no_grad()
-def _score_batch(model, examples: list[PreparedExample], task_type: str, device, pad_id: int) -> list[bool]:
+def _score_batch(model, examples: list, task_type: str, device, pad_id: int) -> list[bool]:
     """One right-padded forward over all rows of `examples`; the verdict of each example."""
-    rows = [torch.tensor(r, dtype=torch.long) for ex in examples for r in ex.rows]
-    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id).to(device)  # (B, T)
+    seqs = [torch.tensor(row_ids, dtype=torch.long) for rows, _ in examples for row_ids, _ in rows]
+    ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id).to(device)  # (B, T)
     with autocast(device):
         logits = model(ids)  # (B, T, V)
     verdicts, offset = [], 0
-    for ex in examples:
-        sl = slice(offset, offset + len(ex.rows))
-        verdicts.append(score_example(task_type, logits[sl], ids[sl], ex.spans, ex.gold))
-        offset += len(ex.rows)
+    for rows, gold in examples:
+        sl = slice(offset, offset + len(rows))
+        spans = [(start, len(row_ids)) for row_ids, start in rows]  # a continuation runs to the row's end
+        verdicts.append(score_example(task_type, logits[sl], ids[sl], spans, gold))
+        offset += len(rows)
     return verdicts
 
 
@@ -291,11 +274,8 @@ def evaluate_task(
     max_len: int | None = None,
     timings: dict | None = None,
 ) -> float:
-    """Accuracy of the model on the items of `data` (this rank's stride, summed across ranks).
-
-    `timings`, when given, accumulates seconds spent in "prepare" (render + tokenize) and
-    "forward" (model + scoring).
-    """
+    """Accuracy of the model on the items of `data` (this rank's stride, summed across ranks). `timings`
+    accumulates seconds in "prepare" (render + tokenize) and "forward" (model + scoring)."""
     _, rank, _, world_size = get_dist_info()
     pad_id = tokenizer.get_bos_token_id()  # any valid id: padded positions are never scored
     mine = list(range(rank, len(data), world_size))
@@ -348,8 +328,7 @@ def evaluate_core(
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else get_eval_bundle()
     all_tasks = load_core_tasks(bundle_dir)
     if tasks is not None:
-        if unknown := sorted(set(tasks) - {t.label for t in all_tasks}):
-            raise ValueError(f"unknown CORE tasks {unknown}; core.yaml lists {[t.label for t in all_tasks]}")
+        assert set(tasks) <= {t.label for t in all_tasks}, f"unknown CORE tasks in {tasks}"
         all_tasks = [t for t in all_tasks if t.label in tasks]
     # every file checked up front: fail before hours of evaluation, not after
     data_dir = bundle_dir / "eval_data"
@@ -380,15 +359,3 @@ def evaluate_core(
         )
     out["core"] = sum(out["centered"].values()) / len(present)  # the mean centered accuracy
     return out
-
-
-def write_core_csv(path: Path, out: dict) -> None:
-    """The per-task table of an `evaluate_core` result as CSV (Task, Accuracy, Centered; CORE last),
-    the format of the reference GPT-2 files; written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
-    for label, accuracy in out["results"].items():
-        lines.append(f"{label:<35}, {accuracy:<10.6f}, {out['centered'][label]:<10.6f}")
-    lines.append(f"{'CORE':<35}, {'':<10}, {out['core']:<10.6f}")
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -4,8 +4,8 @@ Evaluate a base model's CORE metric (DCLM) over the tasks of the eval bundle.
     python -m scripts.base_eval [-g d20] [-s STEP] [--max-per-task 500]
     torchrun --nproc_per_node 8 -m scripts.base_eval
 
-Prints the per-task table, writes it to `<base>/base_eval/<tag>_step<step>.csv` (the format of
-the reference GPT-2 files) and the report section "Base model evaluation".
+Prints the per-task table and writes it to `<base>/base_eval/<tag>_step<step>.csv` and the report
+section "Base model evaluation".
 """
 
 import argparse
@@ -14,6 +14,7 @@ import time
 from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import (
     HelpFormatter,
+    atomic_path,
     compute_cleanup,
     compute_init,
     exit_on_user_error,
@@ -22,7 +23,7 @@ from nanochat.common import (
     print0,
     setup_logging,
 )
-from nanochat.core_eval import evaluate_core, get_eval_bundle, write_core_csv
+from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
 
 parser = argparse.ArgumentParser(
@@ -43,35 +44,27 @@ _, rank, _, _, device = compute_init(args.device_type)
 t0 = time.time()
 with exit_on_user_error("base_eval"):  # the model, then the bundle: no download before a model is found
     model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step, args.verify)
-    bundle_dir = get_eval_bundle()  # every rank asks; a file lock lets one of them download it
-    out = evaluate_core(
-        model,
-        tokenizer,
-        device,
-        max_per_task=args.max_per_task,
-        skip_missing=args.skip_missing,
-        bundle_dir=bundle_dir,
-        batch_size=args.device_batch_size,
-    )
+    options = dict(max_per_task=args.max_per_task, skip_missing=args.skip_missing)
+    out = evaluate_core(model, tokenizer, device, batch_size=args.device_batch_size, **options)
 eval_time = time.time() - t0
 model_tag = args.model_tag or f"d{model.config.n_layer}"
 
 # -----------------------------------------------------------------------------
-# Table, CSV, report
+# Table (printed, and as CSV in the format of the reference GPT-2 files), report
 
-rows = [["Task", "Accuracy", "Centered"]]
-rows += [[label, acc, out["centered"][label]] for label, acc in out["results"].items()]
-print0(f"{'Task':<35} {'Accuracy':>10} {'Centered':>10}")
-for label, acc, centered in rows[1:]:
-    print0(f"{label:<35} {acc:>10.4f} {centered:>10.4f}")
-core_label = "CORE (partial)" if out["partial"] else "CORE"
-print0(f"{core_label:<35} {'':>10} {out['core']:>10.4f}")
+rows = [[label, acc, out["centered"][label]] for label, acc in out["results"].items()]
+table = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]
+table += [f"{label:<35}, {acc:<10.6f}, {centered:<10.6f}" for label, acc, centered in rows]
+table.append(f"{'CORE':<35}, {'':<10}, {out['core']:<10.6f}")
+print0("\n".join(table))
 if out["skipped"]:
-    print0(f"skipped (missing data files): {', '.join(out['skipped'])}")
+    print0(f"CORE (partial): skipped tasks without data files: {', '.join(out['skipped'])}")
 
 if rank == 0:
     csv_path = get_base_dir() / "base_eval" / f"{model_tag}_step{meta['step']}.csv"
-    write_core_csv(csv_path, out)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(csv_path) as tmp:
+        tmp.write_text("\n".join(table) + "\n", encoding="utf-8")
     print0(f"wrote {csv_path}")
 
 get_report().log(
@@ -85,7 +78,7 @@ get_report().log(
             "examples per task": "all" if args.max_per_task <= 0 else args.max_per_task,
             "evaluation time (s)": eval_time,
         },
-        rows,
+        [["Task", "Accuracy", "Centered"], *rows],
     ],
 )
 compute_cleanup()

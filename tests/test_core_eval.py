@@ -51,12 +51,6 @@ def tokenizer(tiny_base_dir) -> Tokenizer:
     return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
 
 
-def baselines_from_csv(bundle: Path) -> dict[str, float]:
-    """Random baselines read independently of core_eval (the test's own hand computation)."""
-    with open(bundle / "eval_meta_data.csv", newline="") as f:
-        return {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
-
-
 def read_core_csv(path: Path) -> tuple[dict[str, tuple[float, float]], float]:
     """(task -> (accuracy, centered), CORE) of a CORE CSV (ours or a reference file), read here."""
     with open(path, newline="") as f:
@@ -68,20 +62,19 @@ def read_core_csv(path: Path) -> tuple[dict[str, tuple[float, float]], float]:
 def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
     """A bundle with one task per type; the LM task has 3 items but asks for 10 shots."""
     tasks = [
-        ("tiny_mc", "mc/tiny_mc.jsonl", "multiple_choice", 2, "\\nAnswer: ", 25),
+        ("tiny_mc", "mc/tiny_mc.jsonl", "multiple_choice", 2, "\nAnswer: ", 25),
         ("tiny_schema", "lu/tiny_schema.jsonl", "schema", 0, None, 50),
         ("tiny_lm", "lu/tiny_lm.jsonl", "language_modeling", 10, None, 0),
     ]
     if with_missing:
         tasks.append(("tiny_missing", "lu/not_there.jsonl", "multiple_choice", 0, None, 25))
-    yaml_lines = ["icl_tasks:"]
-    for label, uri, kind, shots, delim, _ in tasks:
-        yaml_lines += ["-", f"  label: {label}", f"  dataset_uri: {uri}", f"  num_fewshot: [{shots}]"]
-        yaml_lines.append(f"  icl_task_type: {kind}")
-        if delim is not None:
-            yaml_lines.append(f'  continuation_delimiter: "{delim}"')
+    entries = [
+        {"label": label, "dataset_uri": uri, "num_fewshot": [shots], "icl_task_type": kind}
+        | ({} if delim is None else {"continuation_delimiter": delim})
+        for label, uri, kind, shots, delim, _ in tasks
+    ]
     root.mkdir(parents=True, exist_ok=True)
-    (root / "core.yaml").write_text("\n".join(yaml_lines) + "\n")
+    (root / "core.yaml").write_text(json.dumps({"icl_tasks": entries}))  # JSON is YAML
     with open(root / "eval_meta_data.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["Eval Task", "Task Category", "Random baseline", "Description"])
@@ -142,8 +135,8 @@ def gold_rows_of(tokenizer, bundle: Path, tasks: list[CoreTask], max_per_task: i
     for task in tasks:
         data = load_task_subset(bundle, task, max_per_task)
         for i in range(len(data)):
-            ex = prepare_example(tokenizer, data, i, task, max_len)
-            gold.add(tuple(ex.rows[ex.gold]))
+            rows, gold_row = prepare_example(tokenizer, data, i, task, max_len)
+            gold.add(tuple(rows[gold_row][0]))
     return gold
 
 
@@ -186,22 +179,17 @@ def test_fewshot_excludes_the_item_matches_the_reference_draw_and_takes_all_when
 # Continuation spans (tokenization boundary, cropping)
 
 
-def test_span_covers_the_continuation_when_bpe_glues_the_space_onto_it(tokenizer):
-    prefix = "The capital of France is "
-    [(ids, start)] = tokenize_prompts(tokenizer, [(prefix, prefix + "Paris")])
+def test_span_starts_where_prefix_and_full_tokens_first_differ(tokenizer):
     bos = tokenizer.get_bos_token_id()
-    assert ids == tokenizer.encode(prefix + "Paris", prepend=bos)
+    prefix = "The capital of France is "  # BPE glues the delimiter's space onto the answer: " Paris"
+    [(ids, start)] = tokenize_prompts(tokenizer, [(prefix, prefix + "Paris")])
     prefix_ids = tokenizer.encode(prefix, prepend=bos)
-    assert prefix_ids != ids[: len(prefix_ids)], "expected a boundary merge: ' ' + 'Paris' -> ' Paris'"
-    assert start < len(prefix_ids)
-    assert ids[:start] == prefix_ids[:start] and ids[0] == bos
+    assert ids == tokenizer.encode(prefix + "Paris", prepend=bos) and prefix_ids != ids[: len(prefix_ids)]
+    assert start < len(prefix_ids) and ids[:start] == prefix_ids[:start]
     assert tokenizer.decode(ids[start:]) == " Paris"
-
-
-def test_span_starts_right_after_the_prefix_without_a_boundary_merge(tokenizer):
-    prefix = "Question: 1+1?\nAnswer:"
+    prefix = "Question: 1+1?\nAnswer:"  # no boundary merge: the span starts right after the prefix
     rows = tokenize_prompts(tokenizer, [(prefix, prefix + " yes"), (prefix, prefix + " no way")])
-    prefix_ids = tokenizer.encode(prefix, prepend="<|bos|>")
+    prefix_ids = tokenizer.encode(prefix, prepend=bos)
     for (ids, start), answer in zip(rows, [" yes", " no way"], strict=True):
         assert ids[: len(prefix_ids)] == prefix_ids and start == len(prefix_ids)
         assert tokenizer.decode(ids[start:]) == answer
@@ -255,16 +243,15 @@ def test_language_modeling_needs_every_continuation_token_to_be_the_argmax():
 def test_centered_accuracy_uses_the_meta_csv_baselines(tmp_path):
     tasks = {t.label: t.random_baseline for t in load_core_tasks(write_tiny_bundle(tmp_path / "b"))}
     assert tasks == {"tiny_mc": 25, "tiny_schema": 50, "tiny_lm": 0}
-    assert centered_accuracy(0.4, 25) == pytest.approx((0.4 - 0.25) / 0.75)
-    assert centered_accuracy(0.75, 50) == pytest.approx(0.5) and centered_accuracy(0.1, 0) == pytest.approx(
-        0.1
-    )
-    assert centered_accuracy(0.25, 25) == 0 and centered_accuracy(1.0, 62) == pytest.approx(1.0)
+    cases = [(0.4, 25, 0.2), (0.75, 50, 0.5), (0.1, 0, 0.1), (0.25, 25, 0), (1, 62, 1)]
+    for acc, baseline, centered in cases:
+        assert centered_accuracy(acc, baseline) == pytest.approx(centered)
 
 
 @needs_bundle
 def test_gpt2_reference_csvs_parse_and_their_core_is_the_mean_of_their_centered_column():
-    baselines = baselines_from_csv(EVAL_BUNDLE)
+    with open(EVAL_BUNDLE / "eval_meta_data.csv", newline="") as f:  # read here, independently of core_eval
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
     labels = [t.label for t in load_core_tasks(EVAL_BUNDLE)]
     files = sorted((EVAL_BUNDLE / "reference").glob("openai-community-gpt2*.csv"))
     assert len(files) == 4
@@ -284,34 +271,16 @@ def test_gpt2_reference_csvs_parse_and_their_core_is_the_mean_of_their_centered_
 
 
 @needs_bundle
-def test_random_model_core_runs_end_to_end_skipping_missing_tasks_and_stays_near_chance(tokenizer):
-    model = tiny_model(tokenizer.get_vocab_size(), 128)
-    out = evaluate_core(model, tokenizer, "cpu", max_per_task=16, skip_missing=True, bundle_dir=EVAL_BUNDLE)
-    labels = [t.label for t in load_core_tasks(EVAL_BUNDLE)]
-    assert out["skipped"] == MISSING_IN_SHARED and out["partial"] is True
-    assert list(out["results"]) == [label for label in labels if label not in MISSING_IN_SHARED]
-    rb = baselines_from_csv(EVAL_BUNDLE)
-    for label, acc in out["results"].items():
-        assert out["centered"][label] == pytest.approx((acc - rb[label] / 100) / (1 - rb[label] / 100))
-    assert out["core"] == pytest.approx(sum(out["centered"].values()) / 18)
-    # Honest bound: with 16 examples per task, one MC task's centered score has a standard
-    # deviation of ~0.15-0.25; the mean over 18 tasks (8 of them exact-match LM tasks a random
-    # model essentially never solves) has one of ~0.04, so |CORE| < 0.12 is a 3-sigma band.
-    assert abs(out["core"]) < 0.12, out
-    lm_tasks = [t.label for t in load_core_tasks(EVAL_BUNDLE) if t.task_type == "language_modeling"]
-    assert all(out["results"][t] <= 0.125 for t in lm_tasks if t in out["results"]), out["results"]
-
-
-@needs_bundle
-def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type(tokenizer):
+def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type_skipping_missing_files(tokenizer):
     tasks = [t for t in load_core_tasks(EVAL_BUNDLE) if t.label not in MISSING_IN_SHARED]
     assert {t.task_type for t in tasks} == {"multiple_choice", "schema", "language_modeling"}
     max_len = 256  # small enough that the 10-shot prompts get cropped: that path is covered too
     gold = gold_rows_of(tokenizer, EVAL_BUNDLE, tasks, 6, max_len)
     stub = GoldStub(gold, tokenizer.get_vocab_size(), max_len)
     out = evaluate_core(stub, tokenizer, "cpu", max_per_task=6, skip_missing=True, bundle_dir=EVAL_BUNDLE)
-    assert out["centered"] == {t.label: pytest.approx(1.0) for t in tasks}
-    assert out["core"] == pytest.approx(1.0)
+    assert out["skipped"] == MISSING_IN_SHARED and out["partial"] is True
+    assert out["centered"] == {t.label: pytest.approx(1.0) for t in tasks}  # in core.yaml's order
+    assert list(out["centered"]) == [t.label for t in tasks] and out["core"] == pytest.approx(1.0)
 
 
 # -----------------------------------------------------------------------------
