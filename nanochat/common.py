@@ -90,13 +90,12 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     """Attach one compact stderr handler to the "nanochat" logger (rank 0: `level`, others: warnings)."""
     _, rank, _, world_size = get_dist_info()
     root = logging.getLogger("nanochat")  # modules log to "nanochat.<name>" children of it
-    if not any(getattr(h, "_nanochat", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+    if not root.handlers:  # once per process
         prefix = f"[rank {rank}] " if world_size > 1 else ""
+        handler = logging.StreamHandler()
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
         )
-        handler._nanochat = True  # type: ignore[attr-defined]
         root.addHandler(handler)
         root.propagate = False
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))

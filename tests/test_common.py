@@ -253,21 +253,14 @@ def test_download_404_fails_fast_with_clear_error(server, tmp_path):
     assert not (tmp_path / "missing.bin").exists() and leftovers(tmp_path) == []
 
 
-def test_download_skips_existing_file_without_a_request(server, tmp_path):
+def test_download_skips_an_existing_file_unless_it_fails_validation_or_has_stale_temps(server, tmp_path):
     url = server.serve("/f.bin", PAYLOAD)
     (tmp_path / "f.bin").write_bytes(b"already here")
     assert download_file(url, tmp_path / "f.bin", **FAST).read_bytes() == b"already here"
     assert server.count("/f.bin") == 0
-
-
-def test_download_replaces_existing_file_that_fails_validation_and_stale_temps(server, tmp_path):
-    url = server.serve("/f.bin", PAYLOAD)
-    (tmp_path / "f.bin").write_bytes(b"corrupt")
     (tmp_path / "f.bin.tmp.12345.deadbeef").write_bytes(b"left by a crashed run")
     path = download_file(url, tmp_path / "f.bin", validate=lambda p: p.read_bytes() == PAYLOAD, **FAST)
-    assert path.read_bytes() == PAYLOAD
-    assert server.count("/f.bin") == 1
-    assert leftovers(tmp_path) == []
+    assert path.read_bytes() == PAYLOAD and server.count("/f.bin") == 1 and leftovers(tmp_path) == []
 
 
 def test_download_shows_byte_progress(server, tmp_path, capsys):

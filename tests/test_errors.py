@@ -1,9 +1,5 @@
-"""The commonest first-run mistakes end in one line, not a traceback.
-
-Each case runs the real entry point (`python -m scripts.X`) in a base dir prepared for one
-mistake, and checks: exit status non-zero, no traceback, and a message naming the file or flag.
-Nothing is trained: checkpoints are a tiny random model, damaged files are cut or crafted.
-"""
+"""The commonest first-run mistakes end in one line naming the file or flag, not a traceback: each case
+runs the real entry point in a base dir prepared for one mistake (a tiny random model, nothing trained)."""
 
 import gzip
 import json
