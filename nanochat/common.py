@@ -78,7 +78,8 @@ def in_range(kind: Callable[[str], Any] = int, lo=None, hi=None, open_lo: bool =
 
     def parse(text: str) -> Any:
         value = kind(text)  # a ValueError here: argparse says "invalid <kind> value"
-        if (lo is not None and (value <= lo if open_lo else value < lo)) or (hi is not None and value > hi):
+        too_low = lo is not None and (value <= lo if open_lo else value < lo)
+        if value != value or too_low or (hi is not None and value > hi):  # NaN fails every comparison
             raise argparse.ArgumentTypeError(f"must be {want}, got {text}")
         return value
 
