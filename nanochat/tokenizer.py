@@ -60,9 +60,8 @@ META_KEYS = {"name", "pattern", "special_tokens", "bos_token"}  # the constructo
 RETRAIN = "train it again with `python -m scripts.tok_train`"
 
 
-class TokenizerError(UserError, FileNotFoundError, ValueError):
-    """No usable tokenizer: a file missing or damaged; the message names it and the fix. A
-    FileNotFoundError (every caller that handles "no tokenizer yet" handles it) and a ValueError."""
+class TokenizerError(UserError, FileNotFoundError, ValueError):  # what callers of "no tokenizer yet" catch
+    """No usable tokenizer: a file missing or damaged; the message names it and the fix."""
 
 
 def _check_tokens(ranks: dict[bytes, int], special_tokens: dict[str, int], directory: Path) -> None:
@@ -187,8 +186,6 @@ class Tokenizer:
     @classmethod
     def from_pretrained(cls, name: str, path: str | os.PathLike) -> "Tokenizer":
         """An OpenAI encoding ("gpt2" or "cl100k_base") from its local .tiktoken file, for comparisons."""
-        if name not in PRETRAINED:
-            raise ValueError(f"unknown pretrained tokenizer {name!r}; choose one of {list(PRETRAINED)}")
         # read the file ourselves: tiktoken's loader caches by path and would later serve a stale copy
         pattern, special_tokens = PRETRAINED[name]
         return cls(pattern, load_tiktoken_ranks(path), special_tokens, name, "<|endoftext|>")
@@ -337,7 +334,7 @@ def validate_conversation(messages, last_role: str | None = None) -> list:
 def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     """Mergeable ranks from a .tiktoken file: one `base64(token) rank` per line."""
     ranks: dict[bytes, int] = {}
-    lines: dict[int, int] = {}  # rank -> its line, to name both lines of a repeated rank
+    lines: dict[int, int] = {}  # rank -> the line that gave it
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():

@@ -43,7 +43,6 @@ add("--doc-cap", type=in_range(int, 1), default=10_000, help="each document is c
 add("--vocab-size", type=in_range(int, MIN_VOCAB_SIZE), default=32768, help="tokens, special ones included")
 add("--num-threads", type=in_range(int, 1), help="threads for rustbpe (default: all CPU cores)")
 args = parser.parse_args()
-print0(f"max_chars: {args.max_chars:,}  doc_cap: {args.doc_cap:,}  vocab_size: {args.vocab_size:,}")
 tokenizer_dir = get_base_dir() / "tokenizer"
 chars_seen = 0
 
@@ -86,14 +85,9 @@ tokenizer.save(make_folder(tokenizer_dir))
 print0(f"saved the tokenizer to {tokenizer_dir}")
 
 # Token byte lengths (what bits-per-byte divides by) and the report
-token_bytes = tokenizer.token_bytes()
-ordinary_bytes = token_bytes[: -len(SPECIAL_TOKENS)].float()  # the special tokens come last
-stats = {
-    "token_bytes_min": int(ordinary_bytes.min()),
-    "token_bytes_max": int(ordinary_bytes.max()),
-    "token_bytes_mean": ordinary_bytes.mean().item(),
-    "num_zero_byte_tokens": int((token_bytes == 0).sum()),
-}
+ordinary_bytes = tokenizer.token_bytes()[: -len(SPECIAL_TOKENS)].float()  # the special tokens come last
+stats = {"token_bytes_min": int(ordinary_bytes.min()), "token_bytes_max": int(ordinary_bytes.max())}
+stats["token_bytes_mean"] = ordinary_bytes.mean().item()
 print0("token bytes of ordinary tokens: " + ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
 settings = {
     "data_source": manifest.get("source", "unknown"),

@@ -1,12 +1,9 @@
 """A slow, obviously-correct byte-level BPE trainer: the oracle rustbpe is checked against. It recounts
-the whole corpus for every merge, so it has no bookkeeping that could be wrong (fine for a few hundred
-merges on ~100 KB).
+the whole corpus for every merge, so it has no bookkeeping that could be wrong.
 
-Same contract as rustbpe's trainer: split every text with the regex pattern and count identical chunks;
-every chunk starts as its UTF-8 bytes (ids 0..255); each step counts ALL adjacent pairs, weighted by
-how often the chunk occurs (overlapping windows count: "aaa" holds (a, a) twice), merges the most
-frequent pair (ties: the smallest (left_id, right_id)) into id 256 + k, left to right without overlap,
-and stops after vocab_size - 256 merges, or earlier when no pair is left.
+Rustbpe's contract: chunks split by the pattern start as their UTF-8 bytes; each step merges the pair
+with the highest count over all chunks (overlapping windows count: "aaa" holds (a, a) twice; ties: the
+smallest (left_id, right_id)) into id 256 + k, left to right, until vocab_size or no pair is left.
 """
 
 from collections import Counter

