@@ -1,8 +1,7 @@
-"""nanochat's GPT for `transformers`, where the built-in NanoChat class falls short: the q/k scale,
-value embeddings, per-layer scalars, smear, backout and sliding windows (nanochat/gpt.py says what each
-is; config.json switches each, under GPTConfig's names). scripts/export_hf.py copies this file into
-the export folder (`auto_map`, loaded with trust_remote_code=True). It imports transformers (5.x) only,
-so it runs where nanochat is not installed.
+"""nanochat's GPT for `transformers` where the built-in NanoChat falls short: the q/k scale, value
+embeddings, layer scalars, smear, backout and sliding windows (config.json switches each, under
+GPTConfig's names). scripts/export_hf.py ships this file in the export (`auto_map`, loaded with
+trust_remote_code=True); it imports transformers (5.x) only, so it runs where nanochat is not installed.
 """
 
 import torch

@@ -40,28 +40,21 @@ CHAT_TEMPLATE = """\
 {%- if not msgs -%}
 {{- raise_exception('the conversation has no user message') -}}
 {%- endif -%}
+{%- set tools = {'python': ['<|python_start|>', '<|python_end|>'],
+                 'python_output': ['<|output_start|>', '<|output_end|>']} -%}
 {{- bos_token -}}
 {%- for message in msgs -%}
 {%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}
 {{- raise_exception('messages alternate user/assistant from user (after an optional system one)') -}}
-{%- endif -%}
-{%- if message['role'] == 'user' -%}
+{%- elif message['role'] == 'user' -%}
 {{- '<|user_start|>' + (system if loop.first else '') + message['content'] + '<|user_end|>' -}}
 {%- else -%}
+{%- set content = message['content'] -%}
 {{- '<|assistant_start|>' -}}
-{%- if message['content'] is string -%}
-{{- message['content'] -}}
-{%- else -%}
-{%- for part in message['content'] -%}
-{%- if part['type'] == 'python' -%}
-{{- '<|python_start|>' + part['text'] + '<|python_end|>' -}}
-{%- elif part['type'] == 'python_output' -%}
-{{- '<|output_start|>' + part['text'] + '<|output_end|>' -}}
-{%- else -%}
-{{- part['text'] -}}
-{%- endif -%}
+{%- for part in ([{'type': 'text', 'text': content}] if content is string else content) -%}
+{%- set ends = tools.get(part['type'], ['', '']) -%}
+{{- ends[0] + part['text'] + ends[1] -}}
 {%- endfor -%}
-{%- endif -%}
 {{- '<|assistant_end|>' -}}
 {%- endif -%}
 {%- endfor -%}
