@@ -500,13 +500,12 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
 def estimate_memory(
     config: GPTConfig,
     device_batch_size: int,
-    sequence_len: int | None = None,
+    sequence_len: int,
     world_size: int = 1,
     compute_dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, int]:
     """Bytes the busiest device (rank 0) needs for a training micro-step: params, grads, optimizer,
     activations, total. compute_dtype != fp32 means autocast in that dtype."""
-    seq = config.sequence_len if sequence_len is None else sequence_len
     with torch.device("meta"):  # shapes only
         groups = GPT(config).param_groups()
     total_params = sum(p.numel() for group in groups.values() for p in group)
@@ -520,7 +519,7 @@ def estimate_memory(
         "params": 4 * total_params,
         "grads": 4 * total_params,  # full on each rank until reduce-scattered
         "optimizer": 4 * (adamw_state + muon_state),
-        "activations": _activation_bytes(config, device_batch_size, seq, compute_dtype),
+        "activations": _activation_bytes(config, device_batch_size, sequence_len, compute_dtype),
     }
     memory["total"] = sum(memory.values())
     return memory

@@ -345,16 +345,9 @@ SLEEPER = dedent("""
 
 @pytest.mark.parametrize("isolated", BOTH)
 def test_a_dying_caller_leaves_no_process_behind_and_isolated_no_temp_dir(tmp_path, isolated):
-    caller = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import warnings\nwarnings.simplefilter('ignore')\nfrom nanochat.execution import execute_code\n"
-            f"execute_code({SLEEPER!r}, timeout=120, isolated={isolated})",
-        ],
-        cwd=REPO,
-        env={**os.environ, "TMPDIR": str(tmp_path)},
-    )
+    program = f"from nanochat import execution\nexecution.execute_code({SLEEPER!r}, 120, isolated={isolated})"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    caller = subprocess.Popen([sys.executable, "-W", "ignore", "-c", program], cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 20
         while not any(b"sleep" in _read(f"/proc/{pid}/wchan") for pid in sandbox_processes()):

@@ -490,14 +490,14 @@ def test_fp32_activation_estimate_equals_what_autograd_saves(config):
 
 def test_memory_estimate_grows_with_batch_and_shrinks_with_bf16():
     config = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=32, head_dim=32)
-    estimates = [estimate_memory(config, batch) for batch in (1, 2, 3, 4, 8, 16, 64)]
+    estimates = [estimate_memory(config, batch, 64) for batch in (1, 2, 3, 4, 8, 16, 64)]
     for smaller, larger in zip(estimates[:-1], estimates[1:], strict=True):
         assert larger["activations"] > smaller["activations"] and larger["total"] > smaller["total"]
         assert all(larger[k] == smaller[k] for k in ("params", "grads", "optimizer"))
-    fp32, bf16 = estimate_memory(config, 16, compute_dtype=torch.float32), estimate_memory(config, 16)
+    fp32, bf16 = estimate_memory(config, 16, 64, compute_dtype=torch.float32), estimate_memory(config, 16, 64)
     assert bf16["activations"] < fp32["activations"]
-    assert estimate_memory(config, 16, sequence_len=32)["activations"] < bf16["activations"]
-    assert estimate_memory(config, 16, world_size=8)["optimizer"] < bf16["optimizer"]
+    assert estimate_memory(config, 16, 32)["activations"] < bf16["activations"]
+    assert estimate_memory(config, 16, 64, world_size=8)["optimizer"] < bf16["optimizer"]
 
 
 def test_suggest_device_batch_size_returns_the_largest_power_of_two_that_fits():
