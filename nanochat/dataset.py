@@ -43,9 +43,7 @@ MAX_DOC_CHARS = 20_000  # text files and stdlib modules are cut into docs of at 
 OFFLINE_MAX_CHARS = 64_000_000  # default cap of the offline corpus
 SHUFFLE_SEED = 42  # imports shuffle with it: same input, same bytes
 MANIFEST = "manifest.json"
-# Downloads without -n: the speedrun's first batch, enough to train the tokenizer (2B chars) and a
-# small model; a d24 run wants ~170 (speedrun.sh fetches 180), and all of ClimbMix is over 100 GB.
-DEFAULT_NUM_FILES = 8
+DEFAULT_NUM_FILES = 8  # the speedrun's first batch: enough for the tokenizer (2B chars) and a small model
 NO_DATA_HINT = "run `python -m nanochat.dataset --offline` (no network needed), or with `-n 8` (ClimbMix)"
 USABLE = "expected .parquet files with a 'text' column, .txt/.md files, or .jsonl lines with a 'text' field"
 READ_ERRORS = (pa.ArrowException, OSError, KeyError)  # what pyarrow raises on a damaged file
@@ -279,16 +277,16 @@ def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
     return docs
 
 
-def write_shards(docs, corpus: str, detail, data_dir=None, val_docs=None, per_shard=DOCS_PER_SHARD) -> dict:
+def write_shards(docs, corpus: str, detail, data_dir=None, val_docs=None) -> dict:
     """Shuffle `docs` and replace the dir's shards with train shards + a last val shard: `val_docs`
     as they are when given, else docs held out of the shuffle. Returns the manifest."""
     assert val_docs is not None or len(docs) >= 2, "one train and one validation doc at least"
     data_dir, docs = get_data_dir(data_dir), list(docs)
     random.Random(SHUFFLE_SEED).shuffle(docs)  # mixed topics; held-out docs look like training ones
     if val_docs is None:
-        num_val = min(max(1, round(VAL_FRACTION * len(docs))), per_shard, len(docs) - 1)
+        num_val = min(max(1, round(VAL_FRACTION * len(docs))), DOCS_PER_SHARD, len(docs) - 1)
         docs, val_docs = docs[:-num_val], docs[-num_val:]
-    shards = [docs[i : i + per_shard] for i in range(0, len(docs), per_shard)] + [val_docs]
+    shards = [docs[i : i + DOCS_PER_SHARD] for i in range(0, len(docs), DOCS_PER_SHARD)] + [val_docs]
     every = docs + val_docs
     manifest = dict(source=corpus, detail=detail, val_shard=shard_name(len(shards) - 1), num_docs=len(every))
     manifest.update(num_chars=sum(map(len, every)), num_shards=len(shards))
@@ -303,7 +301,7 @@ def write_shards(docs, corpus: str, detail, data_dir=None, val_docs=None, per_sh
     return manifest
 
 
-def import_from_dir(src, data_dir=None, force=False, val=None, per_shard=DOCS_PER_SHARD) -> dict:
+def import_from_dir(src, data_dir=None, force=False, val=None) -> dict:
     """Import the files under `src` (see `iter_documents`) into shards; return the manifest. The val shard:
     the docs of `val` (a file or folder, in `src` or not) in order, else 5% of the shuffled docs."""
     data_dir, src = get_data_dir(data_dir), Path(src).expanduser().resolve()
@@ -322,7 +320,7 @@ def import_from_dir(src, data_dir=None, force=False, val=None, per_shard=DOCS_PE
     val_docs = list(iter_documents(_sorted_files(val), val_stats := Counter())) if val else None
     if val and not val_docs:
         raise ValueError(f"--val {val}: found no usable documents; {USABLE} {val_stats}")
-    return write_shards(docs, "from-dir", detail, data_dir, val_docs, per_shard)
+    return write_shards(docs, "from-dir", detail, data_dir, val_docs)
 
 
 def build_offline(data_dir=None, max_chars: int = OFFLINE_MAX_CHARS, force: bool = False) -> dict:
@@ -353,11 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     local.add_argument("--from-dir", help="import .parquet/.txt/.md/.jsonl(.gz) files from this dir")
     local.add_argument("--offline", action="store_true", help="build the embedded offline corpus")
     add("--val", help="with --from-dir: a file or folder of validation docs (default: 5%% held out)")
-    add("--data-dir", help="output dir (default: $NANOCHAT_BASE_DIR/base_data, the one later scripts read)")
     add("--force", action="store_true", help="replace shards of another corpus")
     add("--max-chars", type=int, default=OFFLINE_MAX_CHARS, help="cap on the offline corpus size")
-    add("--timeout", type=float, default=30.0, help="seconds a download may stall before a retry")
-    add("--retries", type=int, default=5, help="retries per shard after the first attempt")
     args = parser.parse_args(argv)
     if (args.offline or args.from_dir) and (args.num_files is not None or args.corpus != DEFAULT_CORPUS):
         parser.error("-n/--num-files and --source apply to downloads only")
@@ -367,13 +362,12 @@ def main(argv: list[str] | None = None) -> None:
     # every failure here is one the user can act on (a path, the network, the disk): one line, no traceback
     with common.exit_on_user_error("nanochat.dataset", errors=(OSError, RuntimeError, ValueError)):
         if args.offline:
-            build_offline(args.data_dir, args.max_chars, args.force)
+            build_offline(max_chars=args.max_chars, force=args.force)
         elif args.from_dir:
-            import_from_dir(args.from_dir, args.data_dir, args.force, val=args.val)
+            import_from_dir(args.from_dir, force=args.force, val=args.val)
         else:
             num_files = DEFAULT_NUM_FILES if args.num_files is None else args.num_files
-            download = dict(force=args.force, timeout=args.timeout, retries=args.retries)
-            download_corpus(args.corpus, num_files, args.data_dir, args.num_workers, **download)
+            download_corpus(args.corpus, num_files, workers=args.num_workers, force=args.force)
 
 
 if __name__ == "__main__":

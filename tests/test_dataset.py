@@ -1,8 +1,5 @@
-"""nanochat.dataset: shard downloads, local imports, the offline corpus, and rank-strided reading.
-
-Downloads use the scripted local HTTP server of test_common.py; nothing touches the network or
-~/.cache (NANOCHAT_BASE_DIR points into tmp_path).
-"""
+"""nanochat.dataset: shard downloads (from test_common's scripted local server, never the network),
+local imports, the offline corpus, and rank-strided reading; NANOCHAT_BASE_DIR points into tmp_path."""
 
 import gzip
 import inspect
@@ -16,19 +13,7 @@ from conftest import SHARED_DATA, needs
 from test_common import ScriptedServer, leftovers
 
 from nanochat import dataset
-from nanochat.dataset import (
-    CORPORA,
-    DataError,
-    build_offline,
-    download_corpus,
-    import_from_dir,
-    list_parquet_files,
-    list_row_groups,
-    parquets_iter_batched,
-    read_manifest,
-    shard_name,
-    split_text,
-)
+from nanochat.dataset import download_corpus, import_from_dir, list_parquet_files, shard_name
 
 PRETRAIN = SHARED_DATA / "pretrain"
 FAST = dict(timeout=0.5, retries=2, backoff=0.01)
@@ -46,8 +31,8 @@ def base_dir(tmp_path, monkeypatch):
 def server(monkeypatch):
     """A local server standing in for both download corpora."""
     with ScriptedServer(stall_seconds=1.5) as s:
-        for name, (_, val_shard) in list(CORPORA.items()):
-            monkeypatch.setitem(CORPORA, name, (s.url, val_shard))
+        for name, (_, val_shard) in list(dataset.CORPORA.items()):
+            monkeypatch.setitem(dataset.CORPORA, name, (s.url, val_shard))
         yield s
 
 
@@ -66,7 +51,7 @@ def serve_shards(server: ScriptedServer, indices, *script: str) -> dict[int, lis
 
 
 def all_texts(split: str, **kwargs) -> list[str]:
-    return [t for batch in parquets_iter_batched(split, **kwargs) for t in batch]
+    return [t for batch in dataset.parquets_iter_batched(split, **kwargs) for t in batch]
 
 
 def write_texts(data_dir: Path, names: dict[int, list[str]]) -> None:
@@ -94,18 +79,24 @@ def test_download_fetches_the_pinned_val_shard_first_then_the_train_shards(
     assert server.requests[0] == f"/{shard_name(val_shard)}"
     assert sorted(server.requests) == sorted(f"/{shard_name(i)}" for i in (0, 1, 2, val_shard))
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 2, val_shard)]
-    assert manifest == read_manifest()
+    assert manifest == dataset.read_manifest()
     assert manifest["source"] == corpus and manifest["val_shard"] == shard_name(val_shard)
     assert manifest["detail"] == server.url and manifest["num_docs"] == 20 and manifest["num_shards"] == 4
-    assert list_row_groups("val") == [(base_dir / "base_data" / shard_name(val_shard), 0)]
+    assert dataset.list_row_groups("val") == [(base_dir / "base_data" / shard_name(val_shard), 0)]
     assert all_texts("val") == texts[val_shard]
     assert all_texts("train") == texts[0] + texts[1] + texts[2]
 
 
-def test_the_real_corpora_and_the_default_are_pinned():
-    assert CORPORA["climbmix"][1] == VAL_SHARD and CORPORA["fineweb-edu"][1] == FINEWEB_VAL_SHARD
-    assert "climbmix-400b-shuffle" in CORPORA["climbmix"][0] and dataset.DEFAULT_CORPUS == "climbmix"
+def test_the_real_corpora_and_the_default_are_pinned_and_bound_num_files():
+    climbmix, fineweb = dataset.CORPORA["climbmix"], dataset.CORPORA["fineweb-edu"]
+    assert climbmix[1] == VAL_SHARD and fineweb[1] == FINEWEB_VAL_SHARD and "climbmix-400b" in climbmix[0]
+    assert dataset.DEFAULT_CORPUS == "climbmix"
     assert inspect.signature(download_corpus).parameters["num_files"].default == 8
+    with pytest.raises(ValueError, match="-n.*1822.*fineweb-edu"):
+        download_corpus("fineweb-edu", 5000)
+    with pytest.raises(ValueError, match="-n.*6542.*climbmix"):
+        download_corpus(num_files=6543)
+    assert list_parquet_files() == []
 
 
 def test_download_retries_bad_bodies_and_names_the_shards_that_keep_failing(server, base_dir):
@@ -137,20 +128,12 @@ def test_rerun_skips_complete_shards_and_repairs_damaged_ones(server, base_dir):
     assert leftovers(data_dir) == []
 
 
-def test_download_rejects_a_num_files_out_of_range_for_the_corpus():
-    with pytest.raises(ValueError, match="-n.*1822.*fineweb-edu"):
-        download_corpus("fineweb-edu", 5000)
-    with pytest.raises(ValueError, match="-n.*6542.*climbmix"):
-        download_corpus(num_files=6543)
-    assert list_parquet_files() == []
-
-
 # -----------------------------------------------------------------------------
 # --from-dir imports
 
 
 @needs(PRETRAIN)
-def test_from_dir_imports_real_samples_into_shards_with_val_shard(tmp_path):
+def test_from_dir_imports_real_samples_into_shards_with_val_shard(tmp_path, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
     for name in ("fineweb_sample10BT_subset.parquet", "tinyshakespeare.txt", "c4_demo.jsonl"):
@@ -158,26 +141,27 @@ def test_from_dir_imports_real_samples_into_shards_with_val_shard(tmp_path):
     fineweb = [
         t for t in pq.read_table(src / "fineweb_sample10BT_subset.parquet")["text"].to_pylist() if t.strip()
     ]
-    shakespeare = split_text((src / "tinyshakespeare.txt").read_bytes().decode("utf-8"))
+    shakespeare = dataset.split_text((src / "tinyshakespeare.txt").read_bytes().decode("utf-8"))
     c4 = [json.loads(line)["text"] for line in (src / "c4_demo.jsonl").read_text().splitlines()]
     expected = fineweb + shakespeare + c4
 
-    manifest = import_from_dir(src, per_shard=1024)
+    monkeypatch.setattr(dataset, "DOCS_PER_SHARD", 1024)  # several train shards from the small samples
+    manifest = import_from_dir(src)
 
     files = list_parquet_files()
     assert manifest["source"] == "from-dir" and manifest["num_docs"] == len(expected)
     assert manifest["num_chars"] == sum(map(len, expected))
     assert manifest["val_shard"] == files[-1].name and len(files) == manifest["num_shards"] >= 3
-    for path in files:
-        meta = pq.ParquetFile(path).metadata
-        assert meta.schema.names == ["text"]
-        assert all(meta.row_group(g).num_rows <= 1024 for g in range(meta.num_row_groups))
+    for meta in (pq.ParquetFile(path).metadata for path in files):
+        assert (
+            meta.schema.names == ["text"] and meta.row_group(0).num_rows <= 1024
+        )  # the first is the largest
     train, val = all_texts("train"), all_texts("val")
     assert 1 <= len(val) <= 0.06 * len(expected)
     assert sorted(train + val) == sorted(expected)  # every doc once, nothing lost or duplicated
     for split in ("train", "val"):  # rank striding: rank r reads row groups r, r + 2, ...
-        batches = list(parquets_iter_batched(split))
-        assert list(parquets_iter_batched(split, start=1, step=2)) == batches[1::2] != []
+        batches = list(dataset.parquets_iter_batched(split))
+        assert list(dataset.parquets_iter_batched(split, start=1, step=2)) == batches[1::2] != []
 
 
 def test_from_dir_reads_gz_and_md_skips_and_counts_unusable_lines(tmp_path):
@@ -202,15 +186,15 @@ def test_from_dir_reads_gz_and_md_skips_and_counts_unusable_lines(tmp_path):
 
 def test_split_text_cuts_long_text_at_blank_lines_and_conserves_it():
     text = "\n".join(f"paragraph {i}\n" + "word " * 50 + "\n" for i in range(100))
-    docs = split_text(text, max_chars=1000)
+    docs = dataset.split_text(text, max_chars=1000)
     assert "".join(docs) == text
     assert len(docs) > 5 and all(len(d) <= 1000 for d in docs)
     assert all(d.startswith("paragraph") for d in docs)  # cut between paragraphs, not inside them
-    assert split_text("short", max_chars=1000) == ["short"]
-    assert split_text("  \n\n ", max_chars=1000) == []
+    assert dataset.split_text("short", max_chars=1000) == ["short"]
+    assert dataset.split_text("  \n\n ", max_chars=1000) == []
     lines = "".join(f"line {i}\n" for i in range(1000))  # no blank lines: falls back to line breaks
-    assert "".join(split_text(lines, max_chars=500)) == lines
-    assert all(len(d) <= 500 for d in split_text(lines, max_chars=500))
+    docs = dataset.split_text(lines, max_chars=500)
+    assert "".join(docs) == lines and all(len(d) <= 500 for d in docs)
 
 
 def test_from_dir_without_usable_text_fails_naming_the_flag(tmp_path):
@@ -263,15 +247,14 @@ def test_corpora_are_not_mixed_without_force(tmp_path, server):
     serve_shards(server, [0, VAL_SHARD, FINEWEB_VAL_SHARD])
     with pytest.raises(RuntimeError, match="'from-dir'") as refused:
         download_corpus(num_files=1, **FAST)
-    # the fixes it names: --force, or another NANOCHAT_BASE_DIR (no later script reads a --data-dir)
+    # the fixes it names: --force, or another NANOCHAT_BASE_DIR (what every later script reads)
     assert "--force" in str(refused.value) and "NANOCHAT_BASE_DIR" in str(refused.value)
-    assert "--data-dir" not in str(refused.value)
     assert server.requests == []  # refused before downloading anything
     download_corpus(num_files=1, force=True, **FAST)
     assert [p.name for p in list_parquet_files()] == [shard_name(0), shard_name(VAL_SHARD)]
     with pytest.raises(RuntimeError, match="'climbmix'.*--source climbmix"):  # two downloads do not mix
         download_corpus("fineweb-edu", 1, **FAST)
-    assert read_manifest()["source"] == "climbmix"
+    assert dataset.read_manifest()["source"] == "climbmix"
 
 
 def test_shards_without_manifest_count_as_fineweb_edu(server, base_dir):
@@ -282,7 +265,7 @@ def test_shards_without_manifest_count_as_fineweb_edu(server, base_dir):
     download_corpus("fineweb-edu", 2, **FAST)  # shard 0 is kept, not fetched
     assert server.count(f"/{shard_name(0)}") == 0
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, FINEWEB_VAL_SHARD)]
-    assert read_manifest()["source"] == "fineweb-edu"
+    assert dataset.read_manifest()["source"] == "fineweb-edu"
 
 
 # -----------------------------------------------------------------------------
@@ -290,10 +273,10 @@ def test_shards_without_manifest_count_as_fineweb_edu(server, base_dir):
 
 
 def test_offline_corpus_is_big_enough_capped_and_byte_identical_across_builds(tmp_path):
-    manifest = build_offline(tmp_path / "full")
+    manifest = dataset.build_offline(tmp_path / "full")
     assert manifest["source"] == "offline" and manifest["num_chars"] >= 10_000_000
     assert any("def " in t for t in all_texts("val", data_dir=tmp_path / "full"))
-    small = [build_offline(tmp_path / name, max_chars=500_000) for name in ("one", "two")]
+    small = [dataset.build_offline(tmp_path / name, max_chars=500_000) for name in ("one", "two")]
     assert small[0] == small[1] and 500_000 <= small[0]["num_chars"] < 500_000 + dataset.MAX_DOC_CHARS + 1
     one, two = ([p.read_bytes() for p in list_parquet_files(tmp_path / name)] for name in ("one", "two"))
     assert one == two
@@ -304,11 +287,10 @@ def test_offline_corpus_is_big_enough_capped_and_byte_identical_across_builds(tm
 
 
 def test_empty_base_data_error_names_the_command_to_run():
-    with pytest.raises(DataError, match=r"python -m nanochat.dataset --offline"):
-        next(parquets_iter_batched("train"))
+    with pytest.raises(dataset.DataError, match=r"python -m nanochat.dataset --offline"):
+        next(dataset.parquets_iter_batched("train"))
     with pytest.raises(FileNotFoundError, match=r"-n 8"):  # callers that catch "no data" catch it
-        list_row_groups("val")
-    assert list_parquet_files() == []
+        dataset.list_row_groups("val")
 
 
 def test_val_shard_is_the_last_file_without_manifest(base_dir):
@@ -316,7 +298,7 @@ def test_val_shard_is_the_last_file_without_manifest(base_dir):
     write_texts(data_dir, {i: [f"doc {i}"] for i in (0, 1, 5)})
     (data_dir / f"{shard_name(9)}.tmp.1.ab").write_bytes(b"partial")  # never listed
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 5)]
-    assert list_row_groups("val") == [(data_dir / shard_name(5), 0)]
+    assert dataset.list_row_groups("val") == [(data_dir / shard_name(5), 0)]
     assert all_texts("train") == ["doc 0", "doc 1"]
 
 
@@ -329,8 +311,8 @@ def test_manifest_val_shard_outside_base_data_is_refused_naming_the_manifest(bas
     name = {"absolute": str(outside), "parent": f"../../elsewhere/{shard_name(7)}", "missing": shard_name(3)}
     assert (data_dir / name["parent"]).resolve() == outside
     (data_dir / "manifest.json").write_text(json.dumps({"source": "from-dir", "val_shard": name[where]}))
-    with pytest.raises(DataError, match=str(data_dir / "manifest.json")):
-        next(parquets_iter_batched("val"))
+    with pytest.raises(dataset.DataError, match=str(data_dir / "manifest.json")):
+        next(dataset.parquets_iter_batched("val"))
 
 
 def test_damaged_and_text_less_shards_are_named(base_dir):
@@ -338,50 +320,40 @@ def test_damaged_and_text_less_shards_are_named(base_dir):
     write_texts(data_dir, {0: ["train doc"], 2: ["val doc"]})
     bad = data_dir / shard_name(1)
     bad.write_bytes(b"not a parquet file" * 10)
-    with pytest.raises(DataError, match=str(bad)):
-        next(parquets_iter_batched("train"))
+    with pytest.raises(dataset.DataError, match=str(bad)):
+        next(dataset.parquets_iter_batched("train"))
     pq.write_table(pa.table({"body": ["a document"]}), bad)
-    with pytest.raises(DataError, match=f"{bad}.*'text'"):
-        next(parquets_iter_batched("train"))
+    with pytest.raises(dataset.DataError, match=f"{bad}.*'text'"):
+        next(dataset.parquets_iter_batched("train"))
     assert all_texts("val") == ["val doc"]  # the other split still reads
 
 
-def test_cli_help_lists_flags_and_defaults_and_offline_writes_shards(tmp_path, capsys):
+def test_cli_help_lists_flags_and_defaults(capsys):
     with pytest.raises(SystemExit) as exit_info:
         dataset.main(["--help"])
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    for flag in (
-        "--num-files",
-        "--source",
-        "--num-workers",
-        "--from-dir",
-        "--offline",
-        "--val",
-        "--data-dir",
-    ):
-        assert flag in help_text
+    assert all(
+        flag in help_text for flag in "--num-files --source --num-workers --from-dir --offline --val".split()
+    )
     assert "(default: 4)" in help_text and "(default: climbmix)" in help_text
     assert "(default: 8" in help_text and "-n 180" in help_text  # the speedrun's first batch, not 100+ GB
-    dataset.main(["--offline", "--max-chars", "200000", "--data-dir", str(tmp_path / "cli")])
-    assert read_manifest(tmp_path / "cli")["source"] == "offline"
 
 
-def test_cli_downloads_the_default_number_of_shards_and_force_replaces_another_corpus(
-    tmp_path, server, monkeypatch, capsys
+def test_cli_builds_offline_downloads_the_default_number_of_shards_and_force_replaces_a_corpus(
+    server, monkeypatch, capsys
 ):
     monkeypatch.setattr(dataset, "DEFAULT_NUM_FILES", 2)  # the real one, 8, is pinned above and in --help
     serve_shards(server, [0, 1, VAL_SHARD])
-    data_dir = tmp_path / "cli"
-    dataset.main(["--offline", "--max-chars", "100000", "--data-dir", str(data_dir)])
-    flags = ["--data-dir", str(data_dir), "--timeout", "0.5", "--retries", "1"]
+    dataset.main(["--offline", "--max-chars", "100000"])
+    assert dataset.read_manifest()["source"] == "offline"
     with pytest.raises(SystemExit) as exit_info:
-        dataset.main(flags)
+        dataset.main([])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert exit_info.value.code == 1 and "'offline'" in last and "--force" in last
-    dataset.main([*flags, "--force"])
-    assert read_manifest(data_dir)["source"] == "climbmix"
-    assert [p.name for p in list_parquet_files(data_dir)] == [shard_name(i) for i in (0, 1, VAL_SHARD)]
+    dataset.main(["--force"])
+    assert dataset.read_manifest()["source"] == "climbmix"
+    assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, VAL_SHARD)]
 
 
 @pytest.mark.parametrize(
@@ -393,8 +365,8 @@ def test_cli_downloads_the_default_number_of_shards_and_force_replaces_another_c
         (["-w", "0"], ("--num-workers",)),
     ],
 )
-def test_cli_refuses_flags_that_do_not_apply_naming_them(tmp_path, capsys, argv, named):
+def test_cli_refuses_flags_that_do_not_apply_naming_them(capsys, argv, named):
     with pytest.raises(SystemExit) as exit_info:
-        dataset.main([*argv, "--data-dir", str(tmp_path)])
+        dataset.main(argv)
     err = capsys.readouterr().err.splitlines()[-1]
     assert exit_info.value.code == 2 and all(flag in err for flag in named), err
