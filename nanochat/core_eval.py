@@ -113,8 +113,7 @@ def load_core_tasks(bundle_dir: str | Path) -> list[CoreTask]:
         baselines = {row["Eval Task"].strip(): float(row["Random baseline"]) for row in csv.DictReader(f)}
     tasks = []
     for entry in config["icl_tasks"]:
-        label, task_type = entry["label"], entry["icl_task_type"]
-        shots = entry["num_fewshot"]
+        label, task_type, shots = entry["label"], entry["icl_task_type"], entry["num_fewshot"]
         for ok, problem in (
             (task_type in TASK_TYPES, f"unknown icl_task_type {task_type!r}"),
             (label in baselines, "no random baseline in eval_meta_data.csv"),
@@ -155,10 +154,7 @@ def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
 
 
 def render_prompts(item: dict, task_type: str, delimiter: str, fewshot: list[dict]) -> list[tuple[str, str]]:
-    """(prefix, full text) per option row of one item; the continuation is `full[len(prefix):]`.
-
-    Each shot is `context + delimiter + answer`; shots and the item are joined by blank lines.
-    """
+    """(prefix, full text) per option row of one item; the continuation is `full[len(prefix):]`."""
     if task_type == "multiple_choice":  # one context, several continuations
         shots = [f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}" for ex in fewshot]
         contexts, continuations = [item["query"]], item["choices"]
@@ -168,7 +164,7 @@ def render_prompts(item: dict, task_type: str, delimiter: str, fewshot: list[dic
     else:  # language modeling: contexts are stripped (the data carries stray trailing spaces)
         shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
         contexts, continuations = [item["context"].strip()], [item["continuation"]]
-    head = "".join(s + "\n\n" for s in shots)
+    head = "".join(s + "\n\n" for s in shots)  # each shot context + delimiter + answer, then a blank line
     return [(head + c + delimiter, head + c + delimiter + cont) for c in contexts for cont in continuations]
 
 
@@ -319,12 +315,8 @@ def evaluate_core(
     tasks: list[str] | None = None,
     timings: dict | None = None,
 ) -> dict:
-    """CORE of a base model over the bundle's tasks (all ranks must call it).
-
-    Returns {"results": task -> accuracy, "centered": task -> centered accuracy, "core",
-    "partial": bool, "skipped": [labels of missing tasks], "num_examples": task -> n}.
-    `max_per_task` <= 0 evaluates everything; `tasks` restricts to some labels.
-    """
+    """CORE of a base model over the bundle's tasks (all ranks must call it): per-task accuracies
+    ("results", "centered"), "core", and the tasks skipped. `max_per_task` <= 0 evaluates everything."""
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else get_eval_bundle()
     all_tasks = load_core_tasks(bundle_dir)
     if tasks is not None:

@@ -347,9 +347,8 @@ class GPT(nn.Module):
         return rotary_tables(self.cos.size(1), self.config.head_dim, self.config.rope_base, device)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer role, every one in exactly one group (empty where a feature is off):
-        "matrix" (every block weight, value-embedding gates included), "embedding", "lm_head",
-        "value_embeds", "resid_scalars", "x0_scalars", "smear_backout"."""
+        """Parameters by optimizer role, each in exactly one group (empty where its feature is off);
+        "matrix" holds every block weight, value-embedding gates included."""
         names = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
         blocks = self.transformer.h
         matrix = [block.get_submodule(name).weight for block in blocks for name in names]
