@@ -53,17 +53,12 @@ def get_eval_bundle() -> Path:
     """The CORE eval bundle folder: `$NANOCHAT_EVAL_BUNDLE`, else `<base>/eval_bundle` (downloaded once).
     Offline (HF_HUB_OFFLINE=1) without one, fails at once rather than retrying the download."""
     env = os.environ.get("NANOCHAT_EVAL_BUNDLE")
-    if env:
-        folder = Path(env).expanduser()
-        if not (folder / "core.yaml").is_file():
-            raise EvalBundleError(
-                f"NANOCHAT_EVAL_BUNDLE={env} is not an eval bundle: {folder / 'core.yaml'} is missing"
-            )
-        return folder
-    base = get_base_dir()
-    folder = base / "eval_bundle"
+    folder = Path(env).expanduser() if env else get_base_dir() / "eval_bundle"
     if (folder / "core.yaml").is_file():
         return folder
+    if env:
+        raise EvalBundleError(f"NANOCHAT_EVAL_BUNDLE={env} is not an eval bundle: no {folder / 'core.yaml'}")
+    base = folder.parent
     fix = f"download {EVAL_BUNDLE_URL} and unzip it into {folder}, or set NANOCHAT_EVAL_BUNDLE to a copy"
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise EvalBundleError(f"offline (HF_HUB_OFFLINE=1) and there is no eval bundle in {folder}: {fix}")

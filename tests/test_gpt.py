@@ -488,12 +488,8 @@ def test_fp32_activation_estimate_equals_what_autograd_saves(config):
     assert 0 <= sum(saved.values()) - (est - backward_peak) <= 8
 
 
-def test_memory_estimate_grows_with_batch_and_shrinks_with_bf16():
+def test_memory_estimate_shrinks_with_bf16_a_shorter_sequence_and_more_ranks():
     config = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=32, head_dim=32)
-    estimates = [estimate_memory(config, batch, 64) for batch in (1, 2, 3, 4, 8, 16, 64)]
-    for smaller, larger in zip(estimates[:-1], estimates[1:], strict=True):
-        assert larger["activations"] > smaller["activations"] and larger["total"] > smaller["total"]
-        assert all(larger[k] == smaller[k] for k in ("params", "grads", "optimizer"))
     fp32, bf16 = estimate_memory(config, 16, 64, compute_dtype=torch.float32), estimate_memory(config, 16, 64)
     assert bf16["activations"] < fp32["activations"]
     assert estimate_memory(config, 16, 32)["activations"] < bf16["activations"]
