@@ -22,7 +22,6 @@ from nanochat.core_eval import (
     CoreTask,
     centered_accuracy,
     evaluate_core,
-    evaluate_task,
     load_core_tasks,
     load_task_subset,
     prepare_example,
@@ -109,14 +108,19 @@ def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
 
 
 class GoldStub(torch.nn.Module):
-    """A "model" handed the gold rows: it predicts every next token of a gold row with certainty
-    and is uniform on any other row, so a correct scorer must pick gold every time."""
+    """A "model" that knows the gold row of every example of `tasks`: it predicts each next token of a
+    gold row with certainty and is uniform on any other row, so a correct scorer must pick gold."""
 
-    def __init__(self, gold_rows: set[tuple[int, ...]], vocab_size: int, sequence_len: int):
+    def __init__(self, tokenizer, bundle: Path, tasks: list[CoreTask], max_per_task: int, max_len: int):
         super().__init__()
-        self.gold_rows, self.vocab_size = gold_rows, vocab_size
-        self.lengths = sorted({len(r) for r in gold_rows})
-        self.config = SimpleNamespace(sequence_len=sequence_len)
+        self.gold_rows, self.vocab_size = set(), tokenizer.get_vocab_size()
+        for task in tasks:
+            data = load_task_subset(bundle, task, max_per_task)
+            for i in range(len(data)):
+                rows, gold = prepare_example(tokenizer, data, i, task, max_len)
+                self.gold_rows.add(tuple(rows[gold][0]))
+        self.lengths = sorted({len(r) for r in self.gold_rows})
+        self.config = SimpleNamespace(sequence_len=max_len)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
@@ -128,16 +132,6 @@ class GoldStub(torch.nn.Module):
                     logits[b, torch.arange(n - 1), idx[b, 1:n]] = 20.0
                     break
         return logits
-
-
-def gold_rows_of(tokenizer, bundle: Path, tasks: list[CoreTask], max_per_task: int, max_len: int) -> set:
-    gold = set()
-    for task in tasks:
-        data = load_task_subset(bundle, task, max_per_task)
-        for i in range(len(data)):
-            rows, gold_row = prepare_example(tokenizer, data, i, task, max_len)
-            gold.add(tuple(rows[gold_row][0]))
-    return gold
 
 
 # -----------------------------------------------------------------------------
@@ -275,8 +269,7 @@ def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type_skipping
     tasks = [t for t in load_core_tasks(EVAL_BUNDLE) if t.label not in MISSING_IN_SHARED]
     assert {t.task_type for t in tasks} == {"multiple_choice", "schema", "language_modeling"}
     max_len = 256  # small enough that the 10-shot prompts get cropped: that path is covered too
-    gold = gold_rows_of(tokenizer, EVAL_BUNDLE, tasks, 6, max_len)
-    stub = GoldStub(gold, tokenizer.get_vocab_size(), max_len)
+    stub = GoldStub(tokenizer, EVAL_BUNDLE, tasks, 6, max_len)
     out = evaluate_core(stub, tokenizer, "cpu", max_per_task=6, skip_missing=True, bundle_dir=EVAL_BUNDLE)
     assert out["skipped"] == MISSING_IN_SHARED and out["partial"] is True
     assert out["centered"] == {t.label: pytest.approx(1.0) for t in tasks}  # in core.yaml's order
@@ -287,31 +280,17 @@ def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type_skipping
 # Hermetic bundle: stub, batching, distributed
 
 
-def test_batched_and_one_by_one_scoring_agree_and_stub_is_perfect_on_the_tiny_bundle(tokenizer, tmp_path):
-    bundle = write_tiny_bundle(tmp_path / "b")
-    tasks = load_core_tasks(bundle)
-    model = tiny_model(tokenizer.get_vocab_size(), 128, seed=3)
-    for task in tasks:
-        data = load_task_subset(bundle, task)
-        accs = {b: evaluate_task(model, tokenizer, data, task, "cpu", b, 128) for b in (1, 3, 64)}
-        assert len(set(accs.values())) == 1, (task.label, accs)
-    gold = gold_rows_of(tokenizer, bundle, tasks, -1, 128)
-    out = evaluate_core(GoldStub(gold, tokenizer.get_vocab_size(), 128), tokenizer, "cpu", bundle_dir=bundle)
-    assert out["results"] == {"tiny_mc": 1.0, "tiny_schema": 1.0, "tiny_lm": 1.0}
-    assert out["partial"] is False and out["skipped"] == []
-
-
-def test_missing_file_in_a_hand_made_bundle_is_named_and_skipping_marks_core_partial(tokenizer, tmp_path):
+def test_missing_file_is_named_and_skipping_it_marks_core_partial(tokenizer, tmp_path):
     bundle = write_tiny_bundle(tmp_path / "b", with_missing=True)
-    model = tiny_model(tokenizer.get_vocab_size(), 128)
+    present = [t for t in load_core_tasks(bundle) if t.label != "tiny_missing"]
+    stub = GoldStub(tokenizer, bundle, present, -1, 128)
     with pytest.raises(FileNotFoundError, match=r"tiny_missing.*not_there\.jsonl"):
-        evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle)
-    out = evaluate_core(
-        model, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True, tasks=["tiny_lm", "tiny_missing"]
-    )
-    assert out["skipped"] == ["tiny_missing"] and out["partial"] and list(out["results"]) == ["tiny_lm"]
+        evaluate_core(stub, tokenizer, "cpu", bundle_dir=bundle)
+    out = evaluate_core(stub, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True)
+    assert out["results"] == {"tiny_mc": 1.0, "tiny_schema": 1.0, "tiny_lm": 1.0}  # tiny_lm: 2 of 10 shots
+    assert out["skipped"] == ["tiny_missing"] and out["partial"]
     with pytest.raises(FileNotFoundError, match="none of the tasks"):  # no CORE from zero tasks
-        evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True, tasks=["tiny_missing"])
+        evaluate_core(stub, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True, tasks=["tiny_missing"])
 
 
 def _dist_worker(rank: int, world_size: int, port: int, bundle: str, tok_dir: str, out_dir: str) -> None:
@@ -329,22 +308,22 @@ def _dist_worker(rank: int, world_size: int, port: int, bundle: str, tok_dir: st
     compute_cleanup()
 
 
-def test_two_gloo_ranks_stride_the_examples_and_match_a_single_process(tokenizer, tiny_base_dir, tmp_path):
+def test_batch_sizes_and_two_gloo_ranks_give_the_results_of_one_process(tokenizer, tiny_base_dir, tmp_path):
     import socket
 
     import torch.multiprocessing as mp
 
     bundle = write_tiny_bundle(tmp_path / "b")
-    single = evaluate_core(
-        tiny_model(tokenizer.get_vocab_size(), 128, seed=3), tokenizer, "cpu", bundle_dir=bundle
-    )
+    model = tiny_model(tokenizer.get_vocab_size(), 128, seed=3)
+    single = [evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, batch_size=b) for b in (1, 3, 64)]
+    assert single[0]["results"] == single[1]["results"] == single[2]["results"]  # alone or sharing a forward
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     args = (2, port, str(bundle), str(tiny_base_dir / "tokenizer"), str(tmp_path))
     mp.spawn(_dist_worker, args=args, nprocs=2, join=True)
     for rank in range(2):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single["results"]
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single[0]["results"]
 
 
 # -----------------------------------------------------------------------------
