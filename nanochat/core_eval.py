@@ -315,7 +315,8 @@ def evaluate_core(
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else get_eval_bundle()
     all_tasks = load_core_tasks(bundle_dir)
     if tasks is not None:
-        assert set(tasks) <= {t.label for t in all_tasks}, f"unknown CORE tasks in {tasks}"
+        if unknown := sorted(set(tasks) - {t.label for t in all_tasks}):  # bench/eval.py's --tasks
+            raise ValueError(f"unknown CORE tasks {unknown}; core.yaml lists {[t.label for t in all_tasks]}")
         all_tasks = [t for t in all_tasks if t.label in tasks]
     # every file checked up front: fail before hours of evaluation, not after
     data_dir = bundle_dir / "eval_data"
