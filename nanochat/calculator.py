@@ -1,13 +1,7 @@
 """
-The calculator tool the chat model calls between <|python_start|> and <|python_end|>.
-
-    use_calculator("12*3")                      # "36"
-    use_calculator("'strawberry'.count('r')")   # "3"
-    use_calculator("__import__('os')")          # None: refused
-
-Arithmetic on int/float literals and "literal".count("literal"), parsed with `ast` and walked by
-hand: never eval. Sizes are checked before each operation, so no timer is needed and any thread
-may call it.
+The calculator tool the chat model calls between <|python_start|> and <|python_end|>: arithmetic on
+int/float literals and "literal".count("literal"), parsed with `ast` and walked by hand, never eval.
+Sizes are checked before each operation, so no timer is needed and any thread may call it.
 """
 
 from __future__ import annotations
@@ -35,42 +29,35 @@ def _bounded(x):
     """x, if it is a number the calculator deals in; else ValueError (refused)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):  # a complex power, a string, True
         raise ValueError(x)
-    if (isinstance(x, int) and x.bit_length() > MAX_INT_BITS) or (
-        isinstance(x, float) and not math.isfinite(x)
-    ):
+    if x.bit_length() > MAX_INT_BITS if isinstance(x, int) else not math.isfinite(x):
         raise ValueError(x)
     return x
 
 
 def _evaluate(node: ast.AST):
-    if isinstance(node, ast.Constant):
-        return _bounded(node.value)  # strings only appear inside .count(), handled below
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        value = _evaluate(node.operand)
-        return value if isinstance(node.op, ast.UAdd) else -value
-    if isinstance(node, ast.BinOp) and type(node.op) in OPERATORS:
-        a, b = _evaluate(node.left), _evaluate(node.right)
-        # refuse before computing: big-int work is unbounded (|a|**b has at least (bits(a)-1)*b bits)
-        if isinstance(a, int) and isinstance(b, int):
-            if isinstance(node.op, ast.Mult) and a.bit_length() + b.bit_length() > MAX_INT_BITS + 1:
-                raise ValueError("product too large")
-            if isinstance(node.op, ast.Pow) and b > 0 and (a.bit_length() - 1) * b > MAX_INT_BITS:
-                raise ValueError("power too large")
-        if isinstance(node.op, ast.Pow) and abs(b) > MAX_EXPONENT:
-            raise ValueError("exponent too large")
-        return _bounded(OPERATORS[type(node.op)](a, b))  # division by 0 raises: refused
-    if (  # "literal".count("literal"), nothing else callable
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "count"
-        and isinstance(node.func.value, ast.Constant)
-        and type(node.func.value.value) is str
-        and len(node.args) == 1
-        and not node.keywords
-        and isinstance(node.args[0], ast.Constant)
-        and type(node.args[0].value) is str
-    ):
-        return node.func.value.value.count(node.args[0].value)
+    match node:
+        case ast.Constant(value=value):
+            return _bounded(value)  # strings only appear inside .count(), matched below
+        case ast.UnaryOp(op=ast.UAdd() | ast.USub() as op, operand=operand):
+            value = _evaluate(operand)
+            return -value if isinstance(op, ast.USub) else value
+        case ast.BinOp(left=left, op=op, right=right) if type(op) in OPERATORS:
+            a, b = _evaluate(left), _evaluate(right)
+            # refuse before computing: big-int work is unbounded (|a|**b has at least (bits(a)-1)*b bits)
+            if isinstance(a, int) and isinstance(b, int):
+                if isinstance(op, ast.Mult) and a.bit_length() + b.bit_length() > MAX_INT_BITS + 1:
+                    raise ValueError("product too large")
+                if isinstance(op, ast.Pow) and b > 0 and (a.bit_length() - 1) * b > MAX_INT_BITS:
+                    raise ValueError("power too large")
+            if isinstance(op, ast.Pow) and abs(b) > MAX_EXPONENT:
+                raise ValueError("exponent too large")
+            return _bounded(OPERATORS[type(op)](a, b))  # division by 0 raises: refused
+        case ast.Call(  # "literal".count("literal"), nothing else callable
+            func=ast.Attribute(value=ast.Constant(value=str(text)), attr="count"),
+            args=[ast.Constant(value=str(sub))],
+            keywords=[],
+        ):
+            return text.count(sub)
     raise ValueError("not allowed")
 
 

@@ -1,10 +1,8 @@
 """
-Inference: a static KV cache, one decode loop, batched on-device sampling, the calculator tool and
-continuous batching (BatchScheduler).
-
-Engine.run (generate_batch, chat_cli, chat_rl) and the BatchScheduler (chat_web, chat_eval) run the
-one loop (`join`, `step`, `leave`): a prompt is prefilled eagerly, then every live row takes one
-fixed-shape decode step at a time (compiled with `Engine(compile=True)`; CUDA graphs on CUDA).
+Inference: a static KV cache, batched on-device sampling, the calculator tool, and one decode loop
+(`join`, `step`, `leave`) run by Engine.run (one prompt) and the BatchScheduler (continuous batching).
+A prompt is prefilled eagerly; every live row then takes one fixed-shape decode step at a time
+(compiled with `Engine(compile=True)`; CUDA graphs on CUDA).
 """
 
 from __future__ import annotations
@@ -64,10 +62,8 @@ def _bucket(n: int) -> int:
 
 
 class KVCache:
-    """Keys and values of `rows` rows x `max_len` positions per layer, allocated once: rows join and
-    leave by index (the live rows are 0 .. n-1), nothing is reallocated. The model reads it through
-    `prefill(row)` (one row, any length) or `_DecodeRows` (one token per row, static shapes); both
-    follow gpt.py's protocol (get_pos, insert_kv, swap_last_embedding)."""
+    """Keys and values of `rows` rows x `max_len` positions per layer, allocated once; the live rows
+    are 0 .. n-1. The model reads it through `prefill(row)` or `_DecodeRows` (gpt.py's protocol)."""
 
     def __init__(self, num_layers, num_kv_heads, head_dim, rows, max_len, embed_dim, dtype, device):
         shape = (rows, num_kv_heads, max_len, head_dim)
@@ -84,13 +80,11 @@ class KVCache:
         return _PrefillRow(self, row)
 
     def clear(self, row: int) -> None:
-        """Empties a row for a new sequence (smear must see no previous token)."""
-        self.lengths[row] = 0
+        self.lengths[row] = 0  # and smear must see no previous token
         self.pos[row] = 0
         self.last[row] = 0
 
-    def copy_row(self, src: int, dst: int) -> None:
-        """Row `dst` becomes a copy of row `src` (a shared prompt, or the last row filling a hole)."""
+    def copy_row(self, src: int, dst: int) -> None:  # a shared prompt, or the last row filling a hole
         n = self.lengths[src]
         for k in (*self.k, *self.v):
             k[dst, :, :n] = k[src, :, :n]
@@ -100,7 +94,7 @@ class KVCache:
 
 
 class _PrefillRow:
-    """One row of a KVCache, fed T tokens at its int position (a prompt, or a chunk of one)."""
+    """One row of a KVCache, fed T tokens at its position (a prompt, or a chunk of one)."""
 
     def __init__(self, cache: KVCache, row: int):
         self.cache, self.row = cache, row
@@ -153,8 +147,7 @@ class _DecodeRows:
 
 
 def _decode_step(model, ids, k, v, pos, last, n: int, keys: int) -> torch.Tensor:
-    """Rows 0 .. n-1 each take their next token ids (n, 1): the logits (n, V). Free rows of the
-    bucket compute too; they stay in bounds."""
+    """Rows 0 .. n-1 each take their next token ids (n, 1): the logits (n, V)."""
     logits = model(ids, kv_cache=_DecodeRows(k, v, pos, last, n, keys))[:, -1]
     pos[:n] = (pos[:n] + 1).clamp(max=keys)
     return logits
@@ -167,9 +160,8 @@ def _decode_step(model, ids, k, v, pos, last, n: int, keys: int) -> torch.Tensor
 def sample_next(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniform: torch.Tensor
 ) -> torch.Tensor:
-    """One token id per row of logits (B, V), all rows at once on the device: temperature (B,) (0 =
-    greedy), top_k (B,) (0 = off), uniform (B,) in [0, 1) (each row's own draw, by inverting its
-    cumulative distribution). Safe for any temperature > 0, however small, and any logits."""
+    """One token id per row of logits (B, V) on the device: temperature (B,) (0 = greedy), top_k (B,)
+    (0 = off), uniform (B,) in [0, 1) (each row's own draw, by inverting its cumulative distribution)."""
     greedy = logits.argmax(dim=-1)
     V = logits.size(-1)
     logits = torch.nan_to_num(logits.float())  # inf/NaN from a diverged model become finite
@@ -194,8 +186,7 @@ def sample_next(
 
 class Request:
     """One generation. The engine hands each token id to `sink` as it comes, then None at the end
-    (finish_reason, and error if any, are set by then). Without a sink, iterate the request instead
-    (thread-safe). `mask` is the last token's: 1 sampled, 0 forced tool output."""
+    (finish_reason and error are set by then); without a sink, iterate the request (thread-safe)."""
 
     def __init__(self, tokens, max_tokens: int, temperature: float, top_k: int | None, seed: int, sink=None):
         self.tokens, self.max_tokens = tokens, max_tokens
@@ -204,7 +195,7 @@ class Request:
         self.finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
         self.error: BaseException | None = None
         self.stop_token: int | None = None  # the stop token that ended it (never streamed)
-        self.mask = 1
+        self.mask = 1  # the last token's: 1 sampled, 0 forced tool output
         self.forced: deque[int] = deque()  # tool-output tokens still to force
         self.python: list[int] | None = None  # tokens since <|python_start|>; None outside a block
         self._next_token = 0  # the token the model reads next (already streamed)
@@ -219,12 +210,10 @@ class Request:
         if self.error is not None:
             raise RuntimeError(f"generation failed: {self.error!r}") from self.error
 
-    def cancel(self) -> None:
-        """Stop generating (e.g. the client went away); the row leaves at the next step."""
+    def cancel(self) -> None:  # the row leaves at the next step
         self._cancelled.set()
 
     def _emit(self, token: int | None) -> None:
-        """Hands a token id to the consumer (None: the end)."""
         self.num_generated_tokens += token is not None
         try:
             self._sink(token)
@@ -242,9 +231,9 @@ class Request:
 
 
 class Engine:
-    """KV-cached generation for one model and its tokenizer. The static cache holds `max_batch` rows
-    (rounded up to a power of two) of the whole context; a decode step runs the smallest power of two
-    >= the live rows, so there are log2(max_batch) + 1 batch shapes (times the key buckets)."""
+    """KV-cached generation for one model. The cache holds `max_batch` rows (up to a power of two) of
+    the whole context; a decode step runs the smallest power of two >= the live rows, so there are
+    log2(max_batch) + 1 batch shapes, times the key buckets."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, compile: bool = False):
         self.model = model
@@ -259,6 +248,11 @@ class Engine:
         self.stop_ids = {special(name) for name in STOP_TOKENS}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        # the key lengths a decode step attends to: the context, halved while >= MIN_KEYS. Attention over
+        # keys no row has yet would be most of the work at batch 8 (d4, 1024: 14 ms vs 4 at 256)
+        self.key_buckets = [self.context]
+        while self.key_buckets[0] // 2 >= MIN_KEYS:
+            self.key_buckets.insert(0, self.key_buckets[0] // 2)
         self.compiled = compile
         self.cache = self._new_cache()
         self.active: list[Request] = []  # row r of the cache holds active[r]
@@ -273,20 +267,6 @@ class Engine:
                 torch._dynamo.mark_static_address(t)
         return cache
 
-    def _allow_shapes(self) -> None:
-        """Each (batch, keys) bucket is one graph; past dynamo's recompile limit a fullgraph compile
-        fails. The limit is per thread: set it in the thread that compiles."""
-        shapes = _bucket(self.max_batch).bit_length() * len(self.key_buckets())
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
-
-    def key_buckets(self) -> list[int]:
-        """The key lengths a decode step attends to: the context, halved while >= MIN_KEYS. Attention
-        over keys no row has yet would be most of the work at batch 8 (d4, 1024: 14 ms vs 4 at 256)."""
-        lengths = [self.context]
-        while lengths[-1] // 2 >= MIN_KEYS:
-            lengths.append(lengths[-1] // 2)
-        return lengths[::-1]
-
     # ---- forwards
 
     def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
@@ -300,7 +280,7 @@ class Engine:
         (the batch bucket, the smallest key bucket that holds every row's new position)."""
         n, c = len(tokens), self.cache
         bucket = _bucket(n)
-        keys = keys or next(k for k in self.key_buckets() if k > max(c.lengths[:n]))
+        keys = keys or next(k for k in self.key_buckets if k > max(c.lengths[:n]))
         ids = torch.zeros(bucket, 1, dtype=torch.long)
         ids[:n, 0] = torch.tensor(tokens, dtype=torch.long)
         step = _decode_step
@@ -308,7 +288,10 @@ class Engine:
             if self._compiled_step is None:
                 mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
                 self._compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True, mode=mode)
-                self._allow_shapes()
+            # each (batch, keys) bucket is one graph, and past dynamo's recompile limit a fullgraph
+            # compile fails; the limit is per thread, so it is set in the thread that decodes
+            shapes = 2 * _bucket(self.max_batch).bit_length() * len(self.key_buckets)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
             step = self._compiled_step
         with autocast(self.device):
             logits = step(self.model, ids.to(self.device), c.k, c.v, c.pos, c.last, bucket, keys)
@@ -317,16 +300,17 @@ class Engine:
         return logits[:n].clone()  # a CUDA graph's output is overwritten by its next run
 
     def warm_up(self) -> float:
-        """Compiles the decode step for every bucket (on free rows: call with no live rows); the seconds."""
+        """Compiles the decode step for every bucket (on free rows, so with none live); the seconds."""
         assert not self.active, "warm up before any row joins"
-        self._allow_shapes()
         t0 = time.perf_counter()
-        with torch.no_grad():
-            for i in range(_bucket(self.max_batch).bit_length()):
-                for keys in self.key_buckets():
-                    self.decode([0] * (1 << i), keys)
-        for row in range(self.cache.rows):
-            self.cache.clear(row)
+        try:
+            with torch.no_grad():
+                for i in range(_bucket(self.max_batch).bit_length()):
+                    for keys in self.key_buckets:
+                        self.decode([0] * (1 << i), keys)
+        finally:  # the warm-up leaves no trace, even a failed one
+            for row in range(self.cache.rows):
+                self.cache.clear(row)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
@@ -535,7 +519,6 @@ class BatchScheduler:
     def __init__(self, engine: Engine, restart_delay: float = 1.0):
         self.engine, self.max_batch, self.restart_delay = engine, engine.max_batch, restart_delay
         self.state, self.restarts = ("warming" if engine.compiled else "ready"), 0
-        self.compile_s: float | None = None
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
         self._closed = False
@@ -587,15 +570,11 @@ class BatchScheduler:
             torch.cuda.set_device(engine.device)  # the current device is per thread too
         if engine.compiled:
             try:
-                self.compile_s = engine.warm_up()
-                logger.info(
-                    "decode step compiled for batches up to %d in %.1f s", self.max_batch, self.compile_s
-                )
+                seconds = engine.warm_up()
+                logger.info("decode step compiled for batches up to %d in %.1f s", self.max_batch, seconds)
             except Exception:  # serve eagerly rather than never
                 logger.exception("compiling the decode step failed; decoding eagerly")
                 engine.compiled = False
-                for row in range(engine.cache.rows):
-                    engine.cache.clear(row)
             self.state = "ready"
         while not self._closed:
             try:

@@ -3,13 +3,11 @@ Accuracy of a chat model on a task: the one evaluation that chat_eval and chat_s
 
 Categorical tasks read the argmax over the answer letters' logits at the answer position; generative
 ones sample `num_samples` completions per problem through one BatchScheduler (pass@n). Problems are
-strided across ranks and the counts summed, and sampling seeds come from problem indices, so the
-accuracy does not depend on the number of ranks.
+strided across ranks and sampling seeds come from problem indices, so the accuracy does not depend
+on the number of ranks.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,42 +35,47 @@ def task_accuracy(
     """The fraction of the first `max_problems` problems of `task` (all if None) the model solves.
 
     Every rank must call it. `batch_size` is questions per forward (categorical) or completions
-    decoding together (generative); the others are for generative tasks: prompt and answer share
-    `max_context` positions (default: all the model can encode). With `progress`, rank 0 shows a
-    progress bar with that label.
+    decoding together (generative); prompt and answer share `max_context` positions (default: the
+    model's context). With `progress`, rank 0 shows a progress bar with that label.
     """
-    device = next(model.parameters()).device
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    n = len(task) if max_problems is None else min(len(task), max_problems)
-    indices = range(rank, n, world_size)
-    bar = progress_bar(len(indices), f"{progress} (rank 0)", "q") if progress and rank == 0 else None
+    indices = range(rank, len(task) if max_problems is None else min(len(task), max_problems), world_size)
+    bar = progress_bar(len(indices), f"{progress} (rank 0)", "q", disable=progress is None)
     if task.eval_type == "categorical":
         correct = _categorical(model, tokenizer, task, indices, batch_size, bar)
     else:
         # batch_size completions decode together (one at a time ran an H200 at 2.4-5 problems/s for a
         # tiny model: decoding one row is launch-bound)
         engine = Engine(model, tokenizer, max_batch=batch_size, compile=compile_decode)
-        scheduler = BatchScheduler(engine)
+        scheduler, max_context = BatchScheduler(engine), max_context or engine.context
         try:
-            sampling = (num_samples, max_new_tokens, temperature, top_k, max_context or engine.context)
-            correct = _generative(scheduler, tokenizer, task, indices, *sampling, bar)
+            problems = []  # every request is queued at once; the scheduler admits them as rows free up
+            for i in indices:
+                conversation = task[i]
+                prompt, budget = prompt_and_budget(tokenizer, conversation, max_context, max_new_tokens)
+                seeds = range(i * num_samples, (i + 1) * num_samples)
+                requests = [scheduler.submit(prompt, budget, temperature, top_k, seed) for seed in seeds]
+                problems.append((conversation, requests))
+            correct = 0
+            for conversation, requests in problems:  # in order; each request's tokens stream as they come
+                replies = [tokenizer.decode(list(request)) for request in requests]
+                correct += any(task.evaluate(conversation, reply) for reply in replies)
+                bar.update(1)
         finally:
             scheduler.close()
-    if bar is not None:
-        bar.close()
-    correct, total = all_reduce_sum([correct, len(indices)], device)
+    bar.close()
+    correct, total = all_reduce_sum([correct, len(indices)], next(model.parameters()).device)
     return correct / total if total else 0.0
 
 
-def _categorical(model, tokenizer, task, indices: Sequence[int], batch_size: int, bar) -> int:
+def _categorical(model, tokenizer, task, indices, batch_size: int, bar) -> int:
     device = next(model.parameters()).device
-    max_len = model.config.sequence_len
     pad_id = tokenizer.get_bos_token_id()
     correct = 0
     for start in range(0, len(indices), batch_size):
         conversations = [task[i] for i in indices[start : start + batch_size]]
         # an overlong prompt keeps its end (the choices and the answer position), as every prompt does
-        prompts = [fit_to_context(tokenizer, c, max_len, 0) for c in conversations]
+        prompts = [fit_to_context(tokenizer, c, model.config.sequence_len, 0) for c in conversations]
         # right padding: the model is causal, so what follows a row's last token cannot change its logits
         batch = torch.full((len(prompts), max(len(p) for p in prompts)), pad_id, dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -84,26 +87,5 @@ def _categorical(model, tokenizer, task, indices: Sequence[int], batch_size: int
             letter_ids = [tokenizer.encode(letter)[0] for letter in letters]  # one byte: one token
             answer = letters[int(logits[row, len(prompt) - 1, letter_ids].argmax())]
             correct += bool(task.evaluate(conversation, answer))
-        if bar is not None:
-            bar.update(len(prompts))
+        bar.update(len(prompts))
     return correct
-
-
-def _generative(
-    scheduler, tokenizer, task, indices, num_samples, max_new_tokens, temperature, top_k, max_context, bar
-) -> int:
-    problems = []  # every request is queued at once; the scheduler admits them as rows free up
-    for i in indices:
-        conversation = task[i]
-        prompt, budget = prompt_and_budget(tokenizer, conversation, max_context, max_new_tokens)
-        seeds = range(i * num_samples, (i + 1) * num_samples)
-        problems.append(
-            (conversation, [scheduler.submit(prompt, budget, temperature, top_k, s) for s in seeds])
-        )
-    solved = 0
-    for conversation, requests in problems:  # in order; each request's tokens stream as they come
-        replies = [tokenizer.decode(list(request)) for request in requests]
-        solved += any(task.evaluate(conversation, reply) for reply in replies)
-        if bar is not None:
-            bar.update(1)
-    return solved

@@ -26,7 +26,7 @@ from nanochat.common import (
     setup_logging,
 )
 from nanochat.engine import add_decode_flag, compile_decode
-from nanochat.execution import SandboxUnavailable, require_isolation
+from nanochat.execution import require_isolation
 from nanochat.report import get_report, read_sections
 from nanochat.task_eval import task_accuracy
 from tasks.arc import ARC
@@ -65,10 +65,8 @@ def parse_task_names(spec: str) -> list[str]:
 
 
 def chatcore(accuracies: dict[str, float]) -> tuple[float | None, float | None, list[str]]:
-    """(ChatCORE or None, mean centered accuracy over the standard tasks present, missing standard tasks).
-
-    ChatCORE is None when any standard task is missing, so a partial mean never poses as it.
-    """
+    """(ChatCORE, the mean centered accuracy over the standard tasks present, the missing ones).
+    ChatCORE is None when any is missing, so a partial mean never poses as it."""
     centered = [(accuracies[n] - b) / (1 - b) for n, b in BASELINES.items() if n in accuracies]
     missing = [n for n in BASELINES if n not in accuracies]
     partial = sum(centered) / len(centered) if centered else None
@@ -83,9 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add = parser.add_argument
     add_model_flags(parser, None)
-    choices = "|".join(TASKS)
-    six = "|".join(BASELINES)
-    add("-a", "--task-name", type=parse_task_names, default=six, help=f"tasks from {choices}, |-separated")
+    tasks = f"tasks from {'|'.join(TASKS)}, |-separated"
+    add("-a", "--task-name", type=parse_task_names, default="|".join(BASELINES), help=tasks)
     add("-x", "--max-problems", type=in_range(int, 1), default=None, help="problems per task (default: all)")
     add("-t", "--temperature", type=in_range(float, 0), default=0.0, help="sampling temperature (0: greedy)")
     add("-k", "--top-k", type=in_range(int, 0), default=50, help="top-k sampling (0: no filtering)")
@@ -105,13 +102,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.num_samples > 1 and args.temperature == 0:
         print0("warning: -n > 1 with temperature 0 gives identical samples; pass -t to sample")
     setup_logging()
-    names = args.task_name
     # the sandbox, then all task data, before the model loads: a missing one fails in seconds
-    if "HumanEval" in names and not args.allow_unisolated_code:
-        with exit_on_user_error("chat_eval", errors=(SandboxUnavailable,)):
+    with exit_on_user_error("chat_eval", errors=TASK_DATA_ERRORS):  # SandboxUnavailable is a RuntimeError
+        if "HumanEval" in args.task_name and not args.allow_unisolated_code:
             require_isolation()  # HumanEval runs model-written code (nanochat/execution.py)
-    with exit_on_user_error("chat_eval", errors=TASK_DATA_ERRORS):
-        tasks = {name: TASKS[name]() for name in names}
+        tasks = {name: TASKS[name]() for name in args.task_name}
     if "HumanEval" in tasks:
         tasks["HumanEval"].isolated = not args.allow_unisolated_code
     _, _, _, _, device = compute_init(args.device_type)

@@ -1,13 +1,11 @@
 """
-Serve a trained model over HTTP: a web UI (nanochat/ui.html), a streaming endpoint and an
-OpenAI-compatible API.
+Serve a model over HTTP: the web UI (nanochat/ui.html), a streaming endpoint and OpenAI's API.
 
     python -m scripts.chat_web                       # http://127.0.0.1:8000, last SFT checkpoint
     python -m scripts.chat_web -i rl --num-gpus 8 --host 0.0.0.0 --allow-host chat.example.org --api-key KEY
 
 `POST /chat/completions` streams `data: {"token": "...", "gpu": n}` ... `data: {"done": true}`;
 `POST /v1/chat/completions` is OpenAI's (`top_k` as an extra field); `GET /health`, `/stats`, `/v1/models`.
-One BatchScheduler per GPU: a failure fails only the requests it touches.
 """
 
 from __future__ import annotations
@@ -190,8 +188,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.text: list[str] = []
 
-    def usage(self) -> dict:
-        """The OpenAI `usage` object of this generation so far."""
+    def usage(self) -> dict:  # OpenAI's
         p, c = self.prompt_tokens, self.completion_tokens
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
@@ -427,7 +424,11 @@ async def openai_completion(server: ChatServer, params: ChatRequest, request: Re
         return {**head, "choices": choices, **extra}
 
     if not params.stream:
-        collect = asyncio.ensure_future(_join(gen.pieces()))
+
+        async def whole() -> str:
+            return "".join([piece async for piece in gen.pieces()])
+
+        collect = asyncio.ensure_future(whole())
         while not collect.done():  # a client that hangs up cancels the generation, as a stream's does
             await asyncio.wait({collect}, timeout=0.25)
             if not collect.done() and await request.is_disconnected():
@@ -461,10 +462,6 @@ async def openai_completion(server: ChatServer, params: ChatRequest, request: Re
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-async def _join(pieces: AsyncIterator[str]) -> str:
-    return "".join([piece async for piece in pieces])
 
 
 class DeadlineH11(H11Protocol):
@@ -547,24 +544,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--allow-host", action="append", default=[], help="also serve this host name ('*': any); repeatable")
     add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the APIs")
     add("--docs", action="store_true", help="serve FastAPI's interactive API docs at /docs")
-    timeout = "seconds for a request's headers, then its body"
-    add("--client-timeout", type=in_range(float, 0, open_lo=True), default=10.0, help=timeout)
+    timeout = dict(type=in_range(float, 0, open_lo=True), default=10.0)
+    add("--client-timeout", help="seconds for a request's headers, then its body", **timeout)
     add("--num-gpus", type=in_range(int, 1), default=1, help="model replicas, one per GPU (CUDA only)")
     # the defaults of a request's fields, within the same limits
     temperature, top_k = in_range(float, *LIMITS["temperature"]), in_range(int, *LIMITS["top_k"])
     add("-t", "--temperature", type=temperature, default=0.8, help="default sampling temperature")
     add("-k", "--top-k", type=top_k, default=50, help="default top-k (0: no filtering)")
-    reply = "default longest reply, in tokens (the requests' max_tokens)"
-    tokens = in_range(int, *LIMITS["max_tokens"])
-    add(
-        "--max-new-tokens",
-        "--max-tokens",
-        dest="max_tokens",
-        metavar="N",
-        type=tokens,
-        default=512,
-        help=reply,
-    )
+    reply = dict(metavar="N", type=in_range(int, *LIMITS["max_tokens"]), default=512)
+    add("--max-new-tokens", "--max-tokens", dest="max_tokens", help="default longest reply (tokens)", **reply)
     add("--max-batch", type=in_range(int, 1), default=8, help="concurrent requests per worker")
     add("--log-content", action="store_true", help="also log the messages and replies")
     add_decode_flag(parser)

@@ -68,7 +68,9 @@ def test_interactive_chat_keeps_context_clears_and_quits(in_process, reply, caps
     assert out.rstrip().endswith("User:")  # left at "exit", before the last line
 
 
-@pytest.mark.parametrize("flag, value", [("-t", "-1"), ("-t", "nan"), ("-k", "-3"), ("--max-new-tokens", "0")])
+@pytest.mark.parametrize(
+    "flag, value", [("-t", "-1"), ("-t", "nan"), ("-k", "-3"), ("--max-new-tokens", "0")]
+)
 def test_cli_rejects_bad_flags_naming_them(in_process, capsys, flag, value):
     with pytest.raises(SystemExit) as exit_info:
         in_process("-p", "hi", flag, value)

@@ -18,7 +18,7 @@ from conftest import TASK_DATA, needs, tiny_model
 import nanochat.task_eval as task_eval
 from nanochat import execution
 from nanochat.task_eval import task_accuracy
-from scripts.chat_eval import chatcore, parse_task_names
+from scripts.chat_eval import BASELINES, chatcore, parse_task_names
 from scripts.chat_eval import main as chat_eval_main
 from tasks.common import Task
 
@@ -36,26 +36,14 @@ def tokenizer(base_dir):
 # ChatCORE and task selection
 
 
-def test_chatcore_centers_each_task_on_its_baseline_and_averages_all_six():
-    accuracies = {
-        "ARC-Easy": 0.25,  # chance -> 0
-        "ARC-Challenge": 1.0,  # perfect -> 1
-        "MMLU": 0.625,  # halfway from chance -> 0.5
-        "GSM8K": 0.5,
-        "HumanEval": 0.25,
-        "SpellingBee": 0.0,
-    }
-    score, partial, missing = chatcore(accuracies)
-    assert score == pytest.approx((0 + 1 + 0.5 + 0.5 + 0.25 + 0) / 6)
-    assert partial == score and missing == []
-
-
-def test_chatcore_is_partial_when_a_standard_task_is_missing():
+def test_chatcore_centers_each_task_on_its_baseline_and_is_partial_when_one_is_missing():
+    # ARC-Easy at chance -> 0, ARC-Challenge perfect -> 1, MMLU halfway from chance -> 0.5; the rest as is
+    six = dict(zip(BASELINES, [0.25, 1.0, 0.625, 0.5, 0.25, 0.0], strict=True))
+    assert chatcore(six) == (pytest.approx(2.25 / 6), pytest.approx(2.25 / 6), [])
     score, partial, missing = chatcore({"ARC-Easy": 0.4, "GSM8K": 0.1, "Arithmetic": 0.9})
-    assert score is None
+    assert score is None and missing == ["ARC-Challenge", "MMLU", "HumanEval", "SpellingBee"]
     assert partial == pytest.approx(((0.4 - 0.25) / 0.75 + 0.1) / 2)  # the offline task is not part of it
-    assert missing == ["ARC-Challenge", "MMLU", "HumanEval", "SpellingBee"]
-    assert chatcore({}) == (None, None, list(chatcore({})[2]))
+    assert chatcore({}) == (None, None, list(BASELINES))
 
 
 def test_task_names_parse_pipes_and_reject_unknown_names():
@@ -187,28 +175,28 @@ class EchoTask(Task):
 
 
 class ScriptedScheduler:
-    """Stands in for the BatchScheduler: the request with seed i * num_samples + s streams the token
-    ids of sample s of problem i's scripted completions."""
+    """Stands in for the BatchScheduler: the request with seed i * num_samples + s streams sample s of
+    problem i's SCRIPTS."""
 
-    def __init__(self, tokenizer, scripts, num_samples):
-        self.tokenizer, self.scripts, self.num_samples, self.calls = tokenizer, scripts, num_samples, []
+    def __init__(self, tokenizer, num_samples):
+        self.tokenizer, self.num_samples, self.calls = tokenizer, num_samples, []
 
     def submit(self, tokens, max_tokens, temperature, top_k, seed):
         self.calls.append((len(tokens), max_tokens, temperature, top_k))
-        problem, sample = divmod(seed, self.num_samples)
-        return iter(self.tokenizer.encode(self.scripts[problem][sample]))
+        return iter(self.tokenizer.encode(SCRIPTS[seed // self.num_samples][seed % self.num_samples]))
 
     def close(self):
         pass
 
 
-def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer, monkeypatch):
-    scripts = {
-        0: ["answer 0", "nope"],  # first sample right
-        1: ["nope", "answer 1"],  # second sample right: pass@2 only
-        2: ["answer 3", "answer 3"],  # another problem's answer
-        3: ["answer 3", "x"],
-    }
+# problem 0: its first sample is right; 1: its second (pass@2 only); 2: another problem's answer
+SCRIPTS = [["answer 0", "nope"], ["nope", "answer 1"], ["answer 3", "answer 3"], ["answer 3", "x"]]
+
+
+@pytest.mark.parametrize("num_samples, accuracy", [(1, 2 / 4), (2, 3 / 4)])
+def test_generative_counts_a_problem_solved_when_any_sample_is_right(
+    tokenizer, monkeypatch, num_samples, accuracy
+):
     schedulers = []
 
     def engine(model, tokenizer, max_batch, compile):
@@ -216,20 +204,16 @@ def test_generative_counts_a_problem_solved_when_any_sample_is_right(tokenizer, 
         return SimpleNamespace(context=4096)
 
     def scheduler(engine):
-        schedulers.append(ScriptedScheduler(tokenizer, scripts, num_samples))
+        schedulers.append(ScriptedScheduler(tokenizer, num_samples))
         return schedulers[-1]
 
     monkeypatch.setattr(task_eval, "Engine", engine)
     monkeypatch.setattr(task_eval, "BatchScheduler", scheduler)
     model, task = torch.nn.Linear(1, 1), EchoTask()
-    num_samples = 1
-    assert task_accuracy(model, tokenizer, task, num_samples=1) == 2 / 4
-    num_samples = 2
-    assert task_accuracy(model, tokenizer, task, num_samples=2, temperature=0.7) == 3 / 4
-    assert len(schedulers[-1].calls) == 8 and schedulers[-1].calls[-1][1:] == (512, 0.7, 50)
-    num_samples = 1
+    assert task_accuracy(model, tokenizer, task, num_samples=num_samples, temperature=0.7) == accuracy
+    assert len(schedulers[-1].calls) == 4 * num_samples and schedulers[-1].calls[-1][1:] == (512, 0.7, 50)
     task_accuracy(model, tokenizer, task, max_problems=1, max_new_tokens=100, max_context=40)
-    [(prompt_len, budget, _, _)] = schedulers[-1].calls
+    prompt_len, budget, _, _ = schedulers[-1].calls[0]
     assert prompt_len + budget <= 40  # prompt and answer fit the given context
 
 
@@ -275,17 +259,9 @@ def test_chat_eval_on_two_gloo_ranks_equals_one_and_a_second_run_adds_to_the_rep
         port = s.getsockname()[1]
     world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "scripts.chat_eval", *"-i sft -a ARC-Easy -x 8 --device-type cpu".split()]
-    procs = [
-        subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env={**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(2)
-    ]
+    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ranks = [{**os.environ, **world, "RANK": str(rank), "LOCAL_RANK": str(rank)} for rank in range(2)]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, **pipes) for env in ranks]
     outputs = [proc.communicate(timeout=180) for proc in procs]
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
@@ -298,10 +274,8 @@ def test_chat_eval_on_two_gloo_ranks_equals_one_and_a_second_run_adds_to_the_rep
     assert "- ARC-Easy: " in report and "- ChatCORE (partial): " in report
 
     # a second run of the same model (one rank, in this process) adds its task to the section
-    assert set(chat_eval_main("-i sft -a ARC-Challenge -x 8 --device-type cpu".split())) == {
-        "ARC-Easy",
-        "ARC-Challenge",
-    }
+    second = chat_eval_main("-i sft -a ARC-Challenge -x 8 --device-type cpu".split())
+    assert set(second) == {"ARC-Easy", "ARC-Challenge"}
     assert "missing MMLU, GSM8K, HumanEval, SpellingBee)" in capsys.readouterr().out
     report = report_path.read_text()
     assert "- ARC-Easy: " in report and "- ARC-Challenge: " in report
@@ -335,7 +309,5 @@ def test_chat_eval_help_lists_every_flag(capsys):
         chat_eval_main(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for flag in (
-        "-i -a -x -t -k -n --max-new-tokens -g -s --batch-size --device-type --allow-unisolated-code".split()
-    ):
-        assert f" {flag}" in out, flag
+    flags = "-i -a -x -t -k -n --max-new-tokens -g -s --batch-size --device-type --allow-unisolated-code"
+    assert all(f" {flag}" in out for flag in flags.split())

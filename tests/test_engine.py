@@ -1,5 +1,5 @@
-"""The inference engine: static KV cache, per-row positions, sampling, the calculator tool, context
-fitting, continuous batching and the compiled decode step, against full recompute."""
+"""The inference engine against full recompute: static KV cache, sampling, the calculator tool,
+context fitting, continuous batching and the compiled decode step."""
 
 import threading
 import time
@@ -24,8 +24,7 @@ from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run fastest on one thread (and an oversubscribed machine makes OpenMP hand-offs slow)."""
+def one_thread():  # tiny tensors run fastest on one thread (OpenMP hand-offs are slow on a busy machine)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -33,8 +32,7 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> Tokenizer:
-    """A byte-level tokenizer (no merges): 256 byte tokens + the special tokens, built instantly."""
+def tokenizer() -> Tokenizer:  # byte-level (no merges): 256 byte tokens + the special tokens
     ranks = {bytes([i]): i for i in range(256)}
     return Tokenizer(SPLIT_PATTERN, ranks, {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)})
 
@@ -96,8 +94,7 @@ def generate_naive(model, tokens: list[int], max_tokens: int, forced=(), at: int
     return out[len(tokens) :]
 
 
-def collect(request, timeout: float = 30.0) -> list[int]:
-    """The request's tokens, failing (not hanging) if it does not finish in time."""
+def collect(request, timeout: float = 30.0) -> list[int]:  # fails, not hangs, if it never finishes
     out: list[int] = []
     thread = threading.Thread(target=lambda: out.extend(request), daemon=True)
     thread.start()
@@ -107,7 +104,6 @@ def collect(request, timeout: float = 30.0) -> list[int]:
 
 
 def run_scheduler(engine, prompts, max_tokens, timeout: float = 30.0, **sampling) -> list[list[int]]:
-    """Every prompt submitted at once to a scheduler over `engine`: each one's tokens."""
     scheduler = BatchScheduler(engine)
     try:
         requests = [scheduler.submit(p, n, **sampling) for p, n in zip(prompts, max_tokens, strict=True)]
@@ -117,14 +113,7 @@ def run_scheduler(engine, prompts, max_tokens, timeout: float = 30.0, **sampling
 
 
 # -----------------------------------------------------------------------------
-# KV cache and per-row positions
-
-
-def prefilled(engine: Engine, prompts: list[list[int]]) -> None:
-    """Prompt r in row r of the engine's cache (each row at its own position)."""
-    for r, prompt in enumerate(prompts):
-        engine.cache.clear(r)
-        engine.prefill(r, prompt)
+# KV cache and generation
 
 
 def test_kv_cache_is_allocated_once_and_a_leaving_row_is_filled_by_the_last():
@@ -139,41 +128,6 @@ def test_kv_cache_is_allocated_once_and_a_leaving_row_is_filled_by_the_last():
     assert cache.lengths[0] == 3 and cache.pos[0] == 3 and cache.last[0, 0] == 2.0
     assert torch.equal(cache.k[0][0, :, :3], torch.full((1, 3, 2), 2.0))
     assert [t.data_ptr() for t in (*cache.k, *cache.v)] == storage
-
-
-@pytest.mark.parametrize("arch", ["v1", "record"])
-def test_rows_at_different_positions_decode_like_each_row_alone(tokenizer, arch):
-    """Batch 8 in one decode step, every row at its own position, prompts shorter and longer than the
-    32-key window (record); a padded bucket (5 live rows of 8) too."""
-    model = make_model(tokenizer, arch)
-    prompts = [list(range(10 + r, 10 + r + n)) for r, n in enumerate((3, 40, 1, 9, 70, 33, 31, 55))]
-    with torch.no_grad():
-        for live in (8, 5):
-            batch = Engine(model, tokenizer, max_batch=8)
-            prefilled(batch, prompts[:live])
-            alone = [Engine(model, tokenizer, max_batch=1) for _ in prompts[:live]]
-            for engine, prompt in zip(alone, prompts, strict=False):
-                prefilled(engine, [prompt])
-            next_tokens = list(range(1, live + 1))
-            for _ in range(4):
-                batched = batch.decode(next_tokens)
-                for r, engine in enumerate(alone):
-                    torch.testing.assert_close(
-                        batched[r], engine.decode([next_tokens[r]])[0], atol=1e-5, rtol=1e-5
-                    )
-                next_tokens = batched.argmax(-1).tolist()
-
-
-def test_record_chunked_prefill_equals_one_prefill_and_the_full_forward(tokenizer):
-    model = make_model(tokenizer, "record")
-    engine = Engine(model, tokenizer, max_batch=2)
-    tokens = [(17 * i + 3) % 256 for i in range(90)]
-    with torch.no_grad():
-        full = model(torch.tensor([tokens]))[0]  # (T, V)
-        for start, end in ((0, 37), (37, 38), (38, 90)):  # a chunk, one token, a chunk past the window
-            logits = engine.prefill(0, tokens[start:end])
-            torch.testing.assert_close(logits[0], full[end - 1], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(engine.prefill(1, tokens)[0], full[-1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -204,9 +158,9 @@ def test_bf16_policy_keeps_a_bf16_kv_cache_and_generates_on_cpu(tokenizer, monke
     monkeypatch.setattr(common, "compute_dtype", bf16)
     monkeypatch.setattr(engine_module, "compute_dtype", bf16)
     engine = Engine(model, tokenizer)
-    assert engine.cache_dtype == torch.bfloat16 and engine.cache.k[0].dtype == torch.bfloat16
+    assert engine.cache.k[0].dtype == torch.bfloat16
     results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=16, temperature=0.0)
-    assert masks[0] == [0] * len(prompt) + [1] * 16
+    assert len(results[0]) == len(prompt) + 16
     # the first token comes straight from the prefill's logits: bf16 agrees with fp32 there; later
     # tokens of a random model are near-ties that bf16 rounding may flip
     assert results[0][len(prompt)] == fp32[0][len(prompt)]
@@ -435,29 +389,6 @@ def test_scheduler_cancel_frees_the_slot_for_a_later_request(tokenizer):
     finally:
         scheduler.close()
     assert hog.finish_reason == "cancelled" and 1 + len(rest) < 1000
-
-
-def test_scheduler_completes_twenty_concurrent_requests(tokenizer):
-    scheduler = BatchScheduler(Engine(make_model(tokenizer, block_stops=False), tokenizer))
-    results: dict[int, list[int]] = {}
-
-    def client(i: int) -> None:
-        request = scheduler.submit([i, i + 1, i + 2][: 1 + i % 3], 5 + i, temperature=0.9, top_k=40, seed=i)
-        results[i] = (list(request), request)
-
-    try:
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-    finally:
-        scheduler.close()
-    assert sorted(results) == list(range(20))
-    for i, (tokens, request) in results.items():
-        assert request.finish_reason in ("stop", "length")
-        assert len(tokens) == request.num_generated_tokens <= 5 + i
-        assert (request.finish_reason == "length") == (len(tokens) == 5 + i)
 
 
 def test_scheduler_asserts_its_invariants_in_the_callers_thread_and_refuses_work_once_closed(tokenizer):

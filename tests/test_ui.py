@@ -69,35 +69,38 @@ def browser():
         browser.close()
 
 
-def open_page(browser, server):
-    """A fresh page on `server`'s UI; page.sent collects the bodies it POSTs to /chat/completions."""
-    context = browser.new_context(viewport={"width": 1000, "height": 700})
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
-    page = context.new_page()
-    page.set_default_timeout(30_000)
-    page.sent = []
-    page.on(
-        "request",
-        lambda r: page.sent.append(json.loads(r.post_data)) if r.url.endswith("/chat/completions") else None,
-    )
-    page.server = server
-    page.goto(server.url + "/")
-    return page
-
-
-# The server fixtures are taken by name: as parameters they would shadow the imports (ruff F811).
 @pytest.fixture
-def page(browser, request):
-    page = open_page(browser, request.getfixturevalue("scripted_server"))
-    yield page
-    page.context.close()
+def open_page(browser, request):
+    """open_page(server fixture name): a fresh page on that server's UI; page.sent collects the bodies
+    it POSTs to /chat/completions. The fixtures are taken by name: as parameters they would shadow the
+    imports (ruff F811)."""
+    contexts = []
+
+    def open_(server_fixture: str):
+        server = request.getfixturevalue(server_fixture)
+        context = browser.new_context(viewport={"width": 1000, "height": 700})
+        contexts.append(context)
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.sent, page.server = [], server
+
+        def record(r):
+            if r.url.endswith("/chat/completions"):
+                page.sent.append(json.loads(r.post_data))
+
+        page.on("request", record)
+        page.goto(server.url + "/")
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()
 
 
 @pytest.fixture
-def babbler_page(browser, request):
-    page = open_page(browser, request.getfixturevalue("babbler_server"))
-    yield page
-    page.context.close()
+def page(open_page):
+    return open_page("scripted_server")
 
 
 def wait_idle(page, n_assistant: int) -> None:
@@ -140,6 +143,8 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
     wait_idle(page, 1)
     assert texts(page, ".message.user") == ["first line\nsecond line"]
     expect(page.locator(".message.assistant")).to_have_text(SCRIPT_SHOWN)
+    expect(page.locator(".message.assistant .tool-chip")).to_have_text(SCRIPT_CHIP)  # <<1+2=3>>: a chip
+    expect(page.locator(".message.assistant .tool-chip.refused")).to_have_count(0)
     assert page.sent[-1]["messages"] == [{"role": "user", "content": "first line\nsecond line"}]
     assert page.input_value("#input") == ""
 
@@ -173,23 +178,6 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
     expect(page.locator("#empty")).to_be_visible()
-
-
-def test_ui_calculator_call_is_a_tool_chip(page):
-    say(page, "add them")
-    wait_idle(page, 1)
-    reply = page.locator(".message.assistant")
-    expect(reply.locator(".tool-chip")).to_have_count(1)
-    expect(reply.locator(".tool-chip")).to_have_text(SCRIPT_CHIP)
-    expect(reply.locator(".tool-chip.refused")).to_have_count(0)
-    assert "<<" not in reply.inner_text() and ">>" not in reply.inner_text()
-
-    # a refused call (no result) is a chip too, marked refused; inside code it stays literal text
-    page.evaluate(RENDER_PROBE, "a <<2**999>> b\n\n`<<1+1=2>>`\n\n```\n<<3*3=9>>\n```")
-    expect(page.locator("#probe .tool-chip.refused")).to_have_text("calc 2**999")
-    expect(page.locator("#probe .tool-chip")).to_have_count(1)
-    expect(page.locator("#probe p code")).to_have_text("<<1+1=2>>")
-    expect(page.locator("#probe pre code")).to_have_text("<<3*3=9>>")
 
 
 def test_ui_header_shows_the_settings_in_effect_and_slash_commands_set_them(page):
@@ -289,6 +277,13 @@ def test_ui_renders_markdown_blocks_and_inline(page):
     assert probe.locator("pre code").get_attribute("class") == "language-js"
     expect(probe.locator("strong")).to_have_count(0)
 
+    # a refused calculator call (no result) is a chip marked refused; inside code it stays literal text
+    page.evaluate(RENDER_PROBE, "a <<2**999>> b\n\n`<<1+1=2>>`\n\n```\n<<3*3=9>>\n```")
+    expect(probe.locator(".tool-chip.refused")).to_have_text("calc 2**999")
+    expect(probe.locator(".tool-chip")).to_have_count(1)
+    expect(probe.locator("p code")).to_have_text("<<1+1=2>>")
+    expect(probe.locator("pre code")).to_have_text("<<3*3=9>>")
+
 
 def test_ui_streamed_code_block_has_a_working_copy_button(page):
     # the fence and the code arrive split across pieces, as a model streams them
@@ -332,8 +327,9 @@ def test_ui_shows_injected_html_as_text(page):
 # ---------------------------------------------------------------------------- stop
 
 
-def test_ui_stop_button_and_esc_cancel_the_generation(babbler_page):
-    page, server = babbler_page, babbler_page.server
+def test_ui_stop_button_and_esc_cancel_the_generation(open_page):
+    page = open_page("babbler_server")
+    server = page.server
     say(page, "/maxtokens 4000")  # ~2000 tokens of budget (the context's size): seconds of work
     for turn, stop in enumerate([lambda: page.click("#send"), lambda: page.keyboard.press("Escape")]):
         before = server.stats()
@@ -362,18 +358,13 @@ def test_ui_stop_button_and_esc_cancel_the_generation(babbler_page):
     assert page.sent[-1]["messages"][1]["content"]
 
 
-def test_ui_asks_once_for_the_api_key_of_a_guarded_server(browser, request):
-    server = request.getfixturevalue("guarded_server")  # started with --api-key sekrit
-    page = open_page(browser, server)
+def test_ui_asks_once_for_the_api_key_of_a_guarded_server(open_page):
+    page = open_page("guarded_server")  # started with --api-key sekrit
     asked = []
     page.on("dialog", lambda dialog: (asked.append(dialog.message), dialog.accept("sekrit")))
-    try:
-        say(page, "hello")
-        wait_idle(page, 1)
-        say(page, "again")
-        wait_idle(page, 2)
-        assert len(asked) == 1 and "API key" in asked[0]  # asked once, then kept for the tab
-        replies = texts(page, ".message.assistant")
-        assert all(reply.strip() and "API key" not in reply for reply in replies)
-    finally:
-        page.context.close()
+    say(page, "hello")
+    wait_idle(page, 1)
+    say(page, "again")
+    wait_idle(page, 2)
+    assert len(asked) == 1 and "API key" in asked[0]  # asked once, then kept for the tab
+    assert all(reply.strip() and "API key" not in reply for reply in texts(page, ".message.assistant"))
