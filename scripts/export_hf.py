@@ -131,33 +131,32 @@ def tokenizer_config(tokenizer: Tokenizer, config: GPTConfig) -> dict:
 # Model
 
 
+# our parameter names -> transformers' NanoChat names (the record's parts keep theirs, under "model.")
+RENAMES = {
+    "transformer.wte.": "embed_tokens.",
+    "transformer.h.": "layers.",
+    "attn.c_q.": "self_attn.q_proj.",
+    "attn.c_k.": "self_attn.k_proj.",
+    "attn.c_v.": "self_attn.v_proj.",
+    "attn.c_proj.": "self_attn.o_proj.",
+    "attn.ve_gate.": "self_attn.ve_gate.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
+
+
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """Our weights under the names of transformers' NanoChatForCausalLM, vocab padding cut off."""
-    V = model.config.vocab_size
-    names = {
-        "attn.c_q": "self_attn.q_proj",
-        "attn.c_k": "self_attn.k_proj",
-        "attn.c_v": "self_attn.v_proj",
-        "attn.c_proj": "self_attn.o_proj",
-        "mlp.c_fc": "mlp.fc1",
-        "mlp.c_proj": "mlp.fc2",
-    }
-    state = {
-        "model.embed_tokens.weight": model.transformer.wte.weight[:V],
-        "lm_head.weight": model.lm_head.weight[:V],
-    }
-    for i, block in enumerate(model.transformer.h):
-        for ours, theirs in names.items():
-            state[f"model.layers.{i}.{theirs}.weight"] = block.get_submodule(ours).weight
-        if block.attn.ve_gate is not None:
-            state[f"model.layers.{i}.self_attn.ve_gate.weight"] = block.attn.ve_gate.weight
-    for i, table in model.value_embeds.items():
-        state[f"model.value_embeds.{i}.weight"] = table.weight[:V]
-    # the record's scalars and smear gate keep their names, under model.
-    for name in ("resid_lambdas", "x0_lambdas", "smear_gate.weight", "smear_lambda", "backout_lambda"):
-        if hasattr(model, name.split(".")[0]):
-            state[f"model.{name}"] = model.get_parameter(name)
-    return {name: t.detach().to("cpu").contiguous() for name, t in state.items()}
+    state = {}
+    for name, param in model.named_parameters():
+        if name.startswith(("transformer.wte.", "lm_head.", "value_embeds.")):  # one row per (padded) token
+            param = param[: model.config.vocab_size]
+        hf_name = name
+        for ours, theirs in RENAMES.items():
+            hf_name = hf_name.replace(ours, theirs)
+        hf_name = hf_name if name.startswith("lm_head.") else "model." + hf_name
+        state[hf_name] = param.detach().to("cpu").contiguous()
+    return state
 
 
 def needs_remote_code(config: GPTConfig) -> bool:
