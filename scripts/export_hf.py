@@ -67,14 +67,6 @@ CHAT_TEMPLATE = """\
 # Tokenizer
 
 
-def byte_to_unicode() -> dict[int, str]:
-    """The byte-level BPE alphabet: each byte as a printable character (printable ASCII and Latin-1
-    stand for themselves, the other bytes take the code points from 256 on, in byte order)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    others = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
-
-
 def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
     """Every split of every multi-byte token into two tokens, by the rank of the token they make.
     tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first; listing
@@ -90,7 +82,11 @@ def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
 
 def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
     """A `tokenizers` byte-level BPE giving our ids for every text, special tokens included."""
-    alphabet = byte_to_unicode()
+    # the byte-level BPE alphabet: printable ASCII and Latin-1 bytes stand for themselves, the other bytes
+    # take the code points from 256 on, in byte order
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    alphabet = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
 
     def text(token: bytes) -> str:
         return "".join(alphabet[b] for b in token)
