@@ -67,19 +67,13 @@ class TokenizerError(UserError, FileNotFoundError, ValueError):  # what callers 
 def _check_tokens(ranks: dict[bytes, int], special_tokens: dict[str, int], directory: Path) -> None:
     """The ranks encode any text (all 256 bytes); special ids are distinct, >= 0 and not ranks."""
     if missing := [b for b in range(256) if bytes([b]) not in ranks]:
-        raise TokenizerError(
-            f"{directory / RANKS_FILE}: {len(missing)} single-byte tokens are missing (e.g. byte "
-            f"{missing[0]}); {RETRAIN}"
-        )
+        raise TokenizerError(f"{directory / RANKS_FILE}: byte {missing[0]} has no token; {RETRAIN}")
     where, ids = directory / META_FILE, list(special_tokens.values())
     if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
         raise TokenizerError(f"{where}: special token ids {ids} are not distinct non-negative ids; {RETRAIN}")
     taken = set(ranks.values())
     if clash := {name: i for name, i in special_tokens.items() if i in taken}:
-        raise TokenizerError(
-            f"{where}: special tokens {clash} take the id of an ordinary token, so the model could never "
-            f"emit them; {RETRAIN}"
-        )
+        raise TokenizerError(f"{where}: special tokens {clash} take ordinary tokens' ids; {RETRAIN}")
 
 
 def _meta_fields(meta: object, meta_path: Path) -> dict:
@@ -99,9 +93,7 @@ def _meta_fields(meta: object, meta_path: Path) -> dict:
     elif meta["bos_token"] not in meta["special_tokens"]:
         problem = f"names bos_token {meta['bos_token']!r}, which is not among its special tokens"
     if problem:
-        raise TokenizerError(
-            f"{meta_path} is not a tokenizer description written by Tokenizer.save: {problem}; {RETRAIN}"
-        )
+        raise TokenizerError(f"{meta_path} {problem}; {RETRAIN}")
     return {k: meta[k] for k in META_KEYS}
 
 
@@ -166,16 +158,12 @@ class Tokenizer:
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise TokenizerError(
-                f"{meta_path} is not a tokenizer description written by Tokenizer.save: {e}"
-            ) from None
+            raise TokenizerError(f"{meta_path} is not readable JSON ({e}); {RETRAIN}") from None
         fields = _meta_fields(meta, meta_path)
         for name, digest in meta.get("sha256", {}).items():  # a tokenizer saved before checksums has none
             path = directory / name
             if name in (RANKS_FILE, BYTES_FILE) and path.exists() and sha256_of(path) != digest:
-                raise TokenizerError(
-                    f"{path} is damaged: its SHA-256 is not the one in {META_FILE}; {RETRAIN}"
-                )
+                raise TokenizerError(f"{path} is damaged: its SHA-256 differs from {META_FILE}'s; {RETRAIN}")
         ranks = load_tiktoken_ranks(ranks_path)
         _check_tokens(ranks, fields["special_tokens"], directory)
         try:
@@ -191,8 +179,7 @@ class Tokenizer:
         return cls(pattern, load_tiktoken_ranks(path), special_tokens, name, "<|endoftext|>")
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write the tokenizer's files into `directory` (created if needed), byte-identical for the
-        same tokenizer."""
+        """Write the tokenizer's files into `directory`, byte-identical for the same tokenizer."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         ranks = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
@@ -268,9 +255,7 @@ class Tokenizer:
                 {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
             ]
         for i, message in enumerate(messages):
-            assert message["role"] == ("user", "assistant")[i % 2], (
-                "validate conversations where they are read"
-            )
+            assert message["role"] == ("user", "assistant")[i % 2], "validated where it was read"
             content = message["content"]
             if message["role"] == "user":
                 add([special["<|user_start|>"], *self.encode(content), special["<|user_end|>"]], 0)

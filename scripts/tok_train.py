@@ -89,11 +89,7 @@ ordinary_bytes = tokenizer.token_bytes()[: -len(SPECIAL_TOKENS)].float()  # the 
 stats = {"token_bytes_min": int(ordinary_bytes.min()), "token_bytes_max": int(ordinary_bytes.max())}
 stats["token_bytes_mean"] = ordinary_bytes.mean().item()
 print0("token bytes of ordinary tokens: " + ", ".join(f"{k}={v:.3g}" for k, v in stats.items()))
-settings = {
-    "data_source": manifest.get("source", "unknown"),
-    "max_chars": args.max_chars,
-    "doc_cap": args.doc_cap,
-}
-settings |= {"vocab_size": tokenizer.get_vocab_size(), "vocab_size_requested": args.vocab_size}
-settings |= {"chars_seen": chars_seen, "train_time_s": train_time, "num_special_tokens": len(SPECIAL_TOKENS)}
-get_report().log(section="Tokenizer training", data=[settings | stats])
+settings = {"data_source": manifest.get("source", "unknown"), "chars_seen": chars_seen}
+settings |= {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size_requested": args.vocab_size}
+settings |= {"vocab_size": tokenizer.get_vocab_size(), "num_special_tokens": len(SPECIAL_TOKENS)}
+get_report().log(section="Tokenizer training", data=[settings | stats | {"train_time_s": train_time}])

@@ -14,10 +14,9 @@ import regex
 
 def merge_word(word: tuple[int, ...], pair: tuple[int, int], new_id: int) -> tuple[int, ...]:
     """Replace occurrences of `pair` in `word` by `new_id`, left to right, without overlap."""
-    out = []
-    i = 0
+    out, i = [], 0
     while i < len(word):
-        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+        if word[i : i + 2] == pair:
             out.append(new_id)
             i += 2
         else:

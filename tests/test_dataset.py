@@ -2,7 +2,6 @@
 local imports, the offline corpus, and rank-strided reading; NANOCHAT_BASE_DIR points into tmp_path."""
 
 import gzip
-import inspect
 import json
 from pathlib import Path
 
@@ -36,17 +35,13 @@ def server(monkeypatch):
         yield s
 
 
-def parquet_bytes(texts: list[str]) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table({"text": texts}), sink)
-    return sink.getvalue().to_pybytes()
-
-
 def serve_shards(server: ScriptedServer, indices, *script: str) -> dict[int, list[str]]:
     """Serve a small parquet at each shard path; return the texts of each shard."""
     texts = {i: [f"shard {i} doc {j}" for j in range(5)] for i in indices}
     for i, docs in texts.items():
-        server.serve(f"/{shard_name(i)}", parquet_bytes(docs), *script)
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.table({"text": docs}), sink)
+        server.serve(f"/{shard_name(i)}", sink.getvalue().to_pybytes(), *script)
     return texts
 
 
@@ -90,8 +85,7 @@ def test_download_fetches_the_pinned_val_shard_first_then_the_train_shards(
 def test_the_real_corpora_and_the_default_are_pinned_and_bound_num_files():
     climbmix, fineweb = dataset.CORPORA["climbmix"], dataset.CORPORA["fineweb-edu"]
     assert climbmix[1] == VAL_SHARD and fineweb[1] == FINEWEB_VAL_SHARD and "climbmix-400b" in climbmix[0]
-    assert dataset.DEFAULT_CORPUS == "climbmix"
-    assert inspect.signature(download_corpus).parameters["num_files"].default == 8
+    assert dataset.DEFAULT_CORPUS == "climbmix" and dataset.DEFAULT_NUM_FILES == 8
     with pytest.raises(ValueError, match="-n.*1822.*fineweb-edu"):
         download_corpus("fineweb-edu", 5000)
     with pytest.raises(ValueError, match="-n.*6542.*climbmix"):
@@ -197,20 +191,6 @@ def test_split_text_cuts_long_text_at_blank_lines_and_conserves_it():
     assert "".join(docs) == lines and all(len(d) <= 500 for d in docs)
 
 
-def test_from_dir_without_usable_text_fails_naming_the_flag(tmp_path):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "data.csv").write_text("a,b\n1,2\n")
-    (empty / "blank.txt").write_text("\n\n")
-    pq.write_table(pa.table({"body": ["no text column"]}), empty / "other.parquet")
-    with pytest.raises(ValueError, match=f"--from-dir {empty}.* 0 "):
-        import_from_dir(empty)
-    with pytest.raises(NotADirectoryError, match=f"--from-dir {tmp_path / 'does-not-exist'}"):
-        import_from_dir(tmp_path / "does-not-exist")
-    with pytest.raises(FileNotFoundError, match=f"--val {tmp_path / 'missing.jsonl'}"):
-        import_from_dir(empty, val=tmp_path / "missing.jsonl")
-
-
 def test_from_dir_with_val_makes_exactly_those_docs_the_val_shard_in_order(tmp_path):
     src = jsonl(tmp_path / "src" / "train.jsonl", [f"train doc {i}" for i in range(40)])
     jsonl(src / "val.jsonl", ["val doc b", "val doc a", "val doc c"])  # inside src: not trained on
@@ -218,7 +198,6 @@ def test_from_dir_with_val_makes_exactly_those_docs_the_val_shard_in_order(tmp_p
     assert all_texts("val") == ["val doc b", "val doc a", "val doc c"]  # as given: no shuffle
     assert sorted(all_texts("train")) == sorted(f"train doc {i}" for i in range(40))  # nothing held out
     assert manifest["num_docs"] == 43 and manifest["detail"]["val_path"] == str(src / "val.jsonl")
-    assert manifest["val_shard"] == list_parquet_files()[-1].name
     # a folder outside src, read in file order; one train doc is enough with an explicit val set
     one = jsonl(tmp_path / "one" / "a.jsonl", ["only train doc"])
     folder = jsonl(tmp_path / "heldout" / "2.jsonl", ["second"])
@@ -236,9 +215,17 @@ def test_from_dir_without_val_holds_out_five_percent_and_a_failed_import_keeps_t
     assert len(all_texts("val")) == 5 and len(all_texts("train")) == 95
     assert all_texts("val") != [f"doc {i}" for i in range(95, 100)]  # shuffled before the hold-out
     before = {p.name: p.read_bytes() for p in list_parquet_files()}
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError):
-        import_from_dir(tmp_path / "empty", force=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "data.csv").write_text("a,b\n1,2\n")
+    (empty / "blank.txt").write_text("\n\n")
+    pq.write_table(pa.table({"body": ["no text column"]}), empty / "other.parquet")
+    with pytest.raises(ValueError, match=f"--from-dir {empty}.* 0 "):
+        import_from_dir(empty, force=True)
+    with pytest.raises(NotADirectoryError, match=f"--from-dir {tmp_path / 'does-not-exist'}"):
+        import_from_dir(tmp_path / "does-not-exist", force=True)
+    with pytest.raises(FileNotFoundError, match=f"--val {tmp_path / 'missing.jsonl'}"):
+        import_from_dir(empty, val=tmp_path / "missing.jsonl", force=True)
     assert {p.name: p.read_bytes() for p in list_parquet_files()} == before
 
 
@@ -286,20 +273,25 @@ def test_offline_corpus_is_big_enough_capped_and_byte_identical_across_builds(tm
 # Reading errors and the command line
 
 
-def test_empty_base_data_error_names_the_command_to_run():
+def test_reading_names_the_command_to_run_takes_the_last_file_as_val_and_names_a_damaged_shard(base_dir):
     with pytest.raises(dataset.DataError, match=r"python -m nanochat.dataset --offline"):
         next(dataset.parquets_iter_batched("train"))
     with pytest.raises(FileNotFoundError, match=r"-n 8"):  # callers that catch "no data" catch it
         dataset.list_row_groups("val")
-
-
-def test_val_shard_is_the_last_file_without_manifest(base_dir):
     data_dir = base_dir / "base_data"
     write_texts(data_dir, {i: [f"doc {i}"] for i in (0, 1, 5)})
     (data_dir / f"{shard_name(9)}.tmp.1.ab").write_bytes(b"partial")  # never listed
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 5)]
-    assert dataset.list_row_groups("val") == [(data_dir / shard_name(5), 0)]
+    assert dataset.list_row_groups("val") == [(data_dir / shard_name(5), 0)]  # no manifest: the last file
     assert all_texts("train") == ["doc 0", "doc 1"]
+    bad = data_dir / shard_name(1)
+    bad.write_bytes(b"not a parquet file" * 10)
+    with pytest.raises(dataset.DataError, match=str(bad)):
+        next(dataset.parquets_iter_batched("train"))
+    pq.write_table(pa.table({"body": ["a document"]}), bad)
+    with pytest.raises(dataset.DataError, match=f"{bad}.*'text'"):
+        next(dataset.parquets_iter_batched("train"))
+    assert all_texts("val") == ["doc 5"]  # the other split still reads
 
 
 @pytest.mark.parametrize("where", ["absolute", "parent", "missing"])
@@ -313,19 +305,6 @@ def test_manifest_val_shard_outside_base_data_is_refused_naming_the_manifest(bas
     (data_dir / "manifest.json").write_text(json.dumps({"source": "from-dir", "val_shard": name[where]}))
     with pytest.raises(dataset.DataError, match=str(data_dir / "manifest.json")):
         next(dataset.parquets_iter_batched("val"))
-
-
-def test_damaged_and_text_less_shards_are_named(base_dir):
-    data_dir = base_dir / "base_data"
-    write_texts(data_dir, {0: ["train doc"], 2: ["val doc"]})
-    bad = data_dir / shard_name(1)
-    bad.write_bytes(b"not a parquet file" * 10)
-    with pytest.raises(dataset.DataError, match=str(bad)):
-        next(dataset.parquets_iter_batched("train"))
-    pq.write_table(pa.table({"body": ["a document"]}), bad)
-    with pytest.raises(dataset.DataError, match=f"{bad}.*'text'"):
-        next(dataset.parquets_iter_batched("train"))
-    assert all_texts("val") == ["val doc"]  # the other split still reads
 
 
 def test_cli_help_lists_flags_and_defaults(capsys):
