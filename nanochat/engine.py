@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from functools import partial
 
 import torch
 
@@ -392,8 +393,7 @@ class Engine:
         """Finishes the requests in `finished` (request -> (reason, error)); the last live row fills
         each hole, so the live rows stay 0 .. n-1."""
         for request, (reason, error) in finished.items():
-            r = self.active.index(request)
-            last = len(self.active) - 1
+            r, last = self.active.index(request), len(self.active) - 1
             if r != last:
                 self.cache.copy_row(last, r)
                 self.active[r] = self.active[last]
@@ -435,17 +435,14 @@ class Engine:
             self.max_batch = _bucket(num_samples)
             self.cache = self._new_cache()
 
-        def sink(i: int):
-            def put(token: int | None) -> None:
-                if token is not None:
-                    sequences[i].append(token)
-                    masks[i].append(requests[i].mask)
-
-            return put
+        def put(i: int, token: int | None) -> None:
+            if token is not None:
+                sequences[i].append(token)
+                masks[i].append(requests[i].mask)
 
         seeds = random.Random(seed)  # each sample's own draws, all from the call's seed
         requests = [
-            Request(tokens, budget, temperature, top_k, seeds.randrange(2**63), sink(i))
+            Request(tokens, budget, temperature, top_k, seeds.randrange(2**63), partial(put, i))
             for i in range(num_samples)
         ]
         self.run(requests)
@@ -462,10 +459,8 @@ class Engine:
 
 def fit_to_context(tokenizer, conversation: dict, max_context: int, reserve: int) -> list[int]:
     """render_for_completion of the conversation minus its oldest turns, so len + reserve <= max_context.
-
-    BOS and the last user turn always stay (the end of its text, if even that is too long). If
-    max_context - reserve is below the 4 framing tokens, those 4 come back anyway.
-    """
+    BOS and the last user turn always stay (the end of its text, if even that is too long; if
+    max_context - reserve is below the 4 framing tokens, those 4 come back anyway)."""
     messages = conversation["messages"]
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]  # the reply being asked for replaces it
@@ -509,12 +504,10 @@ def prompt_and_budget(
 
 
 class BatchScheduler:
-    """Continuous batching over one Engine: up to its max_batch requests decode together, one `step`
-    for all. Its queue is the only one a request waits in; one thread owns the engine.
-
-    `state` is "warming" (compiling the decode step; requests queue), "ready", "restarting" (after an
-    error outside any request: the batch fails, the loop restarts after `restart_delay` s) or "closed".
-    """
+    """Continuous batching over one Engine, whose thread it owns: up to max_batch requests decode
+    together; its queue is the only one a request waits in. `state`: "warming" (compiling; requests
+    queue), "ready", "restarting" (after an error outside any request: the batch fails, the loop
+    restarts after `restart_delay` s) or "closed"."""
 
     def __init__(self, engine: Engine, restart_delay: float = 1.0):
         self.engine, self.max_batch, self.restart_delay = engine, engine.max_batch, restart_delay

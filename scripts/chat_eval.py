@@ -73,7 +73,8 @@ def chatcore(accuracies: dict[str, float]) -> tuple[float | None, float | None, 
     return (partial if not missing else None), partial, missing
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the evaluation; returns {task: accuracy} (plus "ChatCORE" when complete)."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_eval",
         description=__doc__.split("\n\n")[0],
@@ -93,12 +94,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unisolated = "run HumanEval's model-written code without OS isolation where bubblewrap is unavailable"
     add("--allow-unisolated-code", action="store_true", help=unisolated)
     add_decode_flag(parser)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run the evaluation; returns {task: accuracy} (plus "ChatCORE" when complete)."""
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     if args.num_samples > 1 and args.temperature == 0:
         print0("warning: -n > 1 with temperature 0 gives identical samples; pass -t to sample")
     setup_logging()

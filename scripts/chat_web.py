@@ -502,11 +502,6 @@ class DeadlineH11(H11Protocol):
 LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
 
-def served_hosts(bind: str, allow: list[str]) -> set[str] | None:
-    """The host names requests may address (None: any, with --allow-host '*')."""
-    return None if "*" in allow else {bind, *allow} | (LOOPBACK if bind in LOOPBACK else set())
-
-
 def check_listen(host: str, port: int) -> None:
     """UserError unless the server can listen on host:port: bound and closed before the model loads."""
     try:  # SO_REUSEADDR, as uvicorn binds: a port in TIME_WAIT is free
@@ -531,7 +526,7 @@ def raise_descriptor_limit() -> None:
         pass
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_web",
         description="Serve a nanochat model: web UI + OpenAI-compatible API.",
@@ -556,11 +551,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-batch", type=in_range(int, 1), default=8, help="concurrent requests per worker")
     add("--log-content", action="store_true", help="also log the messages and replies")
     add_decode_flag(parser)
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     with exit_on_user_error("chat_web"):
         serve(args)
 
@@ -597,8 +588,11 @@ def serve(args: argparse.Namespace) -> None:
     context = meta["model_config"]["sequence_len"]
     server = ChatServer(workers, tokenizer, context, name, defaults, args.log_content, args.client_timeout)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    # the host names requests may address (None: any, with --allow-host '*')
+    hosts = {args.host, *args.allow_host} | (LOOPBACK if args.host in LOOPBACK else set())
+    hosts = None if "*" in args.allow_host else hosts
     config = uvicorn.Config(
-        create_app(server, served_hosts(args.host, args.allow_host), args.api_key, args.docs),
+        create_app(server, hosts, args.api_key, args.docs),
         host=args.host,
         port=args.port,
         log_level="warning",

@@ -25,6 +25,10 @@ from nanochat.gpt import GPT
 from nanochat.tokenizer import ReplyDecoder, Tokenizer, assistant_content
 
 REPO = Path(__file__).resolve().parents[1]
+CHAT = "/v1/chat/completions"
+user = lambda content: {"role": "user", "content": content}  # noqa: E731
+assistant = lambda content: {"role": "assistant", "content": content}  # noqa: E731
+HELLO = [user("Hello there")]
 # The scripted model's reply: text, a calculator call (its output is forced by the engine), then
 # multi-byte characters whose UTF-8 bytes are split across byte-level tokens.
 SCRIPT_BEFORE_TOOL = "Sum:"
@@ -131,6 +135,10 @@ class ChatServer:
         self.log.flush()
         return self.log_path.read_text()
 
+    def chat(self, content: str = "Hello there", timeout: float = 30, **fields) -> httpx.Response:
+        body = {"messages": [user(content)], **fields}
+        return httpx.post(self.url + CHAT, json=body, headers=self.auth, timeout=timeout)
+
     def stats(self) -> dict:
         return httpx.get(self.url + "/stats", headers=self.auth, timeout=10).json()
 
@@ -187,15 +195,8 @@ def openai_client(server: ChatServer):
 
 def sse_events(response: httpx.Response) -> list:
     """The JSON payloads of a server-sent event stream, in order."""
-    events = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
-
-
-HELLO = [{"role": "user", "content": "Hello there"}]
+    events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    return [data if data == "[DONE]" else json.loads(data) for data in events]
 
 
 # ---------------------------------------------------------------------------- OpenAI compatibility
@@ -221,9 +222,8 @@ def test_openai_client_gets_the_reply_whole_and_streamed_with_usage_and_stop(scr
     chunks = list(stream)
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert "".join(pieces) == scripted_server.reply and sum(1 for p in pieces if p) > 3  # not one blob
-    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
-        "stop"
-    ]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
     assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert [m.id for m in client.models.list().data] == ["nanochat-sft-d2-step1"]
@@ -278,31 +278,21 @@ def test_reply_decoder_shows_tool_calls_and_assistant_content_keeps_their_parts(
 # ---------------------------------------------------------------------------- limits and bad input
 
 
-LONG = "a" * 8001
 BAD_BODIES = {
     "no messages": {"messages": []},
     "messages not a list": {"messages": "hi"},
-    "too many messages": {
-        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 250
-        + [{"role": "user", "content": "z"}]
-    },
-    "message too long": {"messages": [{"role": "user", "content": LONG}]},
-    "total too long": {
-        "messages": [{"role": r, "content": "b" * 7000} for r in ["user", "assistant"] * 2 + ["user"]]
-    },
+    "too many messages": {"messages": [user("x"), assistant("y")] * 250 + [user("z")]},
+    "message too long": {"messages": [user("a" * 8001)]},
+    "total too long": {"messages": [user("b" * 7000), assistant("b" * 7000)] * 2 + [user("b" * 7000)]},
     "bad role": {"messages": [{"role": "tool", "content": "x"}]},
-    "system not first": {"messages": [{"role": "user", "content": "x"}, {"role": "system", "content": "y"}]},
-    "content a number": {"messages": [{"role": "user", "content": 5}]},
-    "content an image part": {
-        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]
-    },
-    "text part without text": {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+    "system not first": {"messages": [user("x"), {"role": "system", "content": "y"}]},
+    "content a number": {"messages": [user(5)]},
+    "content an image part": {"messages": [user([{"type": "image_url", "image_url": {}}])]},
+    "text part without text": {"messages": [user([{"type": "text"}])]},
     "missing content": {"messages": [{"role": "user"}]},
     "message not an object": {"messages": ["hello"]},
-    "last is assistant": {
-        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
-    },
-    "two user turns": {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": "y"}]},
+    "last is assistant": {"messages": [user("x"), assistant("y")]},
+    "two user turns": {"messages": [user("x"), user("y")]},
     "temperature high": {"messages": HELLO, "temperature": 2.5},
     "temperature negative": {"messages": HELLO, "temperature": -0.1},
     "temperature string": {"messages": HELLO, "temperature": "hot"},
@@ -399,12 +389,11 @@ def test_a_client_that_goes_away_cancels_its_request_and_frees_its_slot(babbler_
                 next(line for line in r.iter_lines() if line.startswith("data: "))
     else:
         with pytest.raises(httpx.ReadTimeout):  # the client gives up long before 2000 tokens are done
-            httpx.post(babbler_server.url + "/v1/chat/completions", json=body, timeout=0.5)
+            babbler_server.chat(timeout=0.5, max_tokens=4000)
     stats, left = babbler_server.idle(), 3 if stream else 1
     assert stats["busy"] == 0 and stats["requests_cancelled"] == before["requests_cancelled"] + left
     assert stats["tokens_generated"] - before["tokens_generated"] < 1000 * left  # stopped early
-    reply = httpx.post(babbler_server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=30)
-    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 8
+    assert babbler_server.chat().json()["usage"]["completion_tokens"] == 8
 
 
 def test_twenty_concurrent_requests_all_complete(babbler_server):
@@ -430,17 +419,12 @@ def test_twenty_concurrent_requests_all_complete(babbler_server):
 
 
 def test_request_log_has_metadata_and_content_only_when_asked(scripted_server, babbler_server):
-    httpx.post(
-        babbler_server.url + "/v1/chat/completions",
-        json={"messages": [{"role": "user", "content": "SECRET"}]},
-    )
+    babbler_server.chat("SECRET")
     time.sleep(0.2)
     log = babbler_server.log_text()
     assert "/v1/chat/completions messages=1" in log and "finish_reason=length" in log
     assert "SECRET" not in log
-    httpx.post(
-        scripted_server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "TOLD"}]}
-    )
+    scripted_server.chat("TOLD")
     time.sleep(0.2)
     assert "TOLD" in scripted_server.log_text()  # this server runs with --log-content
 
@@ -472,7 +456,6 @@ def guarded_server(tiny_base_dir, tmp_path_factory):
         yield server
 
 
-CHAT = "/v1/chat/completions"
 ACCESS = [  # (server, method, path, headers, status, what the error names)
     ("guarded", "POST", CHAT, {}, 401, "Authorization"),
     ("guarded", "POST", CHAT, {"Authorization": "Bearer nope"}, 401, "Authorization"),
@@ -547,8 +530,7 @@ def test_hostile_but_accepted_values_fail_nothing(guarded_server):
     after = guarded_server.stats()
     assert after["requests_failed"] == before["requests_failed"] and after["busy"] == 0 == after["queued"]
     assert all(w["state"] == "ready" and w["restarts"] == 0 for w in after["workers"])
-    r = httpx.post(url + "/v1/chat/completions", json={"messages": HELLO}, headers=auth, timeout=30)
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+    assert guarded_server.chat().json()["usage"]["completion_tokens"] == 8
 
 
 def test_a_huge_chunked_body_is_refused_without_growing_the_server(guarded_server):
@@ -657,8 +639,7 @@ def test_idle_sockets_never_lock_out_real_clients(tiny_base_dir, tmp_path):
                     idle[-1].setblocking(False)
                 # promptly: a server out of descriptors leaves it in the accept queue for seconds
                 assert httpx.get(server.url + "/health", timeout=2).status_code == 200
-                chat = httpx.post(server.url + "/v1/chat/completions", json={"messages": HELLO}, timeout=10)
-                assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 4
+                assert server.chat(timeout=10).json()["usage"]["completion_tokens"] == 4
         assert reopened >= 64, reopened  # the silent sockets were closed by the server, not kept
     finally:
         for s in idle:
