@@ -91,10 +91,7 @@ def list_parquet_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
 
 def _damaged(path: os.PathLike, e: Exception) -> DataError:
     why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    return DataError(
-        f"{path} is not a readable parquet shard ({why}): delete it and re-run the command that filled "
-        "that folder (python -m nanochat.dataset ...)"
-    )
+    return DataError(f"{path}: unreadable parquet ({why}); delete it, re-run python -m nanochat.dataset")
 
 
 def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
@@ -144,10 +141,9 @@ def _claim(data_dir: Path, corpus: str, force: bool = False) -> None:
         if force:
             return _clear(data_dir)
         raise RuntimeError(
-            f"{data_dir} holds {len(existing)} shards of {old!r}; refusing to add {corpus!r} "
-            "shards to them. Pass --force to delete them first, or set NANOCHAT_BASE_DIR to another "
-            "directory (every later script reads $NANOCHAT_BASE_DIR/base_data)"
-            + (f", or --source {old} to keep downloading that corpus." if old in CORPORA else ".")
+            f"{data_dir} holds {len(existing)} shards of {old!r}; refusing to add {corpus!r} shards to them: "
+            "pass --force to delete them, or set NANOCHAT_BASE_DIR to another directory"
+            + (f", or --source {old} to keep downloading that corpus" if old in CORPORA else "")
         )
 
 
@@ -327,12 +323,8 @@ def build_offline(data_dir=None, max_chars: int = OFFLINE_MAX_CHARS, force: bool
     """Write the embedded offline corpus (pydoc topics + stdlib modules) into shards; return the manifest."""
     if not force:
         _claim(get_data_dir(data_dir), "offline")
-    detail = {
-        "stdlib": sysconfig.get_paths()["stdlib"],
-        "python": sys.version.split()[0],
-        "max_chars": max_chars,
-    }
-    return write_shards(offline_documents(max_chars), "offline", detail, data_dir)
+    detail = {"stdlib": sysconfig.get_paths()["stdlib"], "python": sys.version.split()[0]}
+    return write_shards(offline_documents(max_chars), "offline", detail | {"max_chars": max_chars}, data_dir)
 
 
 # -----------------------------------------------------------------------------

@@ -25,28 +25,22 @@ REFERENCES = {
 # same strings; the splits' samples below show how the tokenizer fits real data.
 BUILTIN_TEXTS = {
     "news": """\
-RIVERTON, Ore. -- City council members voted 6-3 on Tuesday to approve a $48.5 million plan to \
-rebuild the Elm Street bridge, ending two years of debate over the 1962 span that engineers rated \
-"structurally deficient" last spring. "Nobody likes a detour," Mayor Linda Okafor told reporters, \
-"but the alternative is a bridge we can't trust." Roughly 60% of the money comes from a federal grant.
+RIVERTON, Ore. -- City council members voted 6-3 on Tuesday to approve a $48.5 million plan to rebuild \
+the Elm Street bridge, which engineers rated "structurally deficient" last spring. "Nobody likes a \
+detour," Mayor Linda Okafor told reporters, "but the alternative is a bridge we can't trust."
 """,
     "korean": """\
 오늘 아침 서울의 기온은 영하 5도까지 내려가 올겨울 들어 가장 추운 날씨를 기록했습니다. \
 기상청은 이번 추위가 주말까지 이어질 것으로 내다보고, 수도관 동파에 대비해 달라고 당부했습니다.
 """,
-    "code": '''\
+    "code": """\
 def top_words(path: str, k: int = 10) -> list[tuple[str, int]]:
-    """Return the k most frequent lowercase words in a text file."""
-    counts: Counter[str] = Counter()
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            counts.update(w.strip(".,;:!?").lower() for w in line.split())
+        counts = Counter(word.strip(".,;:!?").lower() for line in f for word in line.split())
     return counts.most_common(k)
-''',
-    "math": r"""\begin{theorem}[Cauchy--Schwarz]
-For all $u, v$ in an inner product space,
-$\lvert \langle u, v \rangle \rvert^2 \le \langle u, u \rangle \cdot \langle v, v \rangle$.
-\end{theorem}
+""",
+    "math": r"""\begin{theorem}[Cauchy--Schwarz] For all $u, v$ in an inner product space,
+$\lvert \langle u, v \rangle \rvert^2 \le \langle u, u \rangle \cdot \langle v, v \rangle$. \end{theorem}
 We also have $\sum_{k=1}^{n} k^2 = \frac{n(n+1)(2n+1)}{6}$ and $e^{i\pi} + 1 = 0$.
 """,
 }
