@@ -23,15 +23,6 @@ from nanochat.dataset import parquets_iter_batched, read_manifest
 from nanochat.report import get_report
 from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
-# Checked before saving: prose, numbers, code, non-Latin scripts, emoji, odd whitespace, special-token text.
-SANITY_TEXT = (
-    "Hello world! The year 2025 had 365 days; 3.14159 is close to pi.\n"
-    "def add(a, b):\n    return a + b  # tabs\tand   spaces\r\n"
-    "안녕하세요, 세계! こんにちは 世界. Привет, мир! مرحبا\n"
-    "Emoji: 🚀🔥👍🏽 and accents: café, naïve, Zürich.\n"
-    "A user typing <|bos|> or <|assistant_end|> gets plain text.\n"
-)
-
 parser = argparse.ArgumentParser(
     prog="python -m scripts.tok_train", description=__doc__, formatter_class=HelpFormatter
 )
@@ -76,11 +67,6 @@ with exit_on_user_error("tok_train", errors=(UserError, ValueError)):
 train_time = time.time() - t0
 print0(f"trained on {chars_seen:,} chars in {train_time:.1f}s; vocab size {tokenizer.get_vocab_size():,}")
 
-ids = tokenizer.encode(SANITY_TEXT)  # checked before saving: a broken tokenizer never replaces a good one
-assert tokenizer.decode(ids) == SANITY_TEXT, "decode(encode(text)) != text: the tokenizer was not saved"
-assert not set(tokenizer.get_special_tokens().values()) & set(ids), "ordinary text gave a special token"
-num_bytes = len(SANITY_TEXT.encode("utf-8"))
-print0(f"sanity check passed: {num_bytes} bytes -> {len(ids)} tokens ({num_bytes / len(ids):.2f} bytes/tok)")
 tokenizer.save(make_folder(tokenizer_dir))
 print0(f"saved the tokenizer to {tokenizer_dir}")
 

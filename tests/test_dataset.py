@@ -71,8 +71,7 @@ def test_download_fetches_the_pinned_val_shard_first_then_the_train_shards(
 ):
     texts = serve_shards(server, [0, 1, 2, val_shard])
     manifest = download_corpus(corpus, num_files=3, workers=2, **FAST)
-    assert server.requests[0] == f"/{shard_name(val_shard)}"
-    assert sorted(server.requests) == sorted(f"/{shard_name(i)}" for i in (0, 1, 2, val_shard))
+    assert server.requests[0] == f"/{shard_name(val_shard)}" and len(server.requests) == 4  # each once
     assert [p.name for p in list_parquet_files()] == [shard_name(i) for i in (0, 1, 2, val_shard)]
     assert manifest == dataset.read_manifest()
     assert manifest["source"] == corpus and manifest["val_shard"] == shard_name(val_shard)

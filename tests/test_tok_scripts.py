@@ -17,7 +17,7 @@ from conftest import SHARED_DATA, needs
 from nanochat.common import hold_lock
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import format_value, markdown_table
-from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import Tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REF_DIR = SHARED_DATA / "tokenizers"
@@ -78,7 +78,8 @@ def test_tok_train_saves_a_tokenizer_of_the_asked_size_and_reports_it(trained):
     base, result = trained
     tok = Tokenizer.from_directory(base / "tokenizer")
     assert tok.get_vocab_size() == VOCAB_SIZE and (base / "tokenizer" / "token_bytes.pt").exists()
-    assert "sanity check passed" in result.stdout and "reading text" in result.stderr  # the progress bar
+    text = "def f(x):\n    return x ** 2  # 안녕 🚀 <|bos|>"  # byte-level and ordinary: any text round-trips
+    assert tok.decode(tok.encode(text)) == text and "reading text" in result.stderr  # the progress bar
 
     report = (base / "report" / "tokenizer-training.md").read_text()
     assert report.startswith("## Tokenizer training\n")
@@ -86,8 +87,8 @@ def test_tok_train_saves_a_tokenizer_of_the_asked_size_and_reports_it(trained):
     assert fields["vocab_size"] == str(VOCAB_SIZE) and fields["max_chars"] == str(MAX_CHARS)
     assert fields["doc_cap"] == "10000" and fields["data_source"] == "offline"
     assert fields["chars_seen"] == str(MAX_CHARS)  # the corpus is larger: reading stops exactly at the cap
-    assert fields["num_special_tokens"] == str(len(SPECIAL_TOKENS)) and fields["token_bytes_min"] == "1"
-    assert 1 < float(fields["token_bytes_mean"]) <= int(fields["token_bytes_max"])
+    token_bytes = [float(fields[f"token_bytes_{stat}"]) for stat in ("min", "mean", "max")]
+    assert token_bytes[0] == 1 < token_bytes[1] < token_bytes[2]
 
 
 def test_tok_train_crops_to_doc_cap_and_reads_a_smaller_corpus_whole(base_dir, tmp_path, monkeypatch, capsys):
