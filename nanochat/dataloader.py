@@ -88,9 +88,8 @@ def _check_resume(saved: dict | None, ours: dict, what: str) -> None:
 
 
 def _next_block(state: dict, num_blocks: int) -> None:
-    """Move `state` to the first row of its next block, into the next epoch after the last one."""
     state["block"], state["row"] = (state["block"] + 1) % num_blocks, 0
-    state["epoch"] += state["block"] == 0
+    state["epoch"] += state["block"] == 0  # past the last block: the next epoch
 
 
 # -----------------------------------------------------------------------------

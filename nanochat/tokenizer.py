@@ -319,7 +319,7 @@ def validate_conversation(messages, last_role: str | None = None) -> list:
 def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
     """Mergeable ranks from a .tiktoken file: one `base64(token) rank` per line."""
     ranks: dict[bytes, int] = {}
-    lines: dict[int, int] = {}  # rank -> the line that gave it
+    taken: set[int] = set()  # the ranks read so far
     with open(path, "rb") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -329,10 +329,11 @@ def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
                 token, rank = base64.b64decode(token_text, validate=True), int(rank_text)
             except ValueError:
                 raise TokenizerError(f"{path}:{line_no}: not a `base64 rank` line: {line[:80]!r}") from None
-            if token in ranks or rank in lines:
+            if token in ranks or rank in taken:
                 what = f"token {token!r} is listed again" if token in ranks else f"rank {rank} is given again"
                 raise TokenizerError(f"{path}:{line_no}: {what} (tokens and ranks are unique); {RETRAIN}")
-            ranks[token], lines[rank] = rank, line_no
+            ranks[token] = rank
+            taken.add(rank)
     return ranks
 
 
