@@ -7,6 +7,7 @@ A prompt is prefilled eagerly; every live row then takes one fixed-shape decode 
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import queue
@@ -473,16 +474,12 @@ def fit_to_context(tokenizer, conversation: dict, max_context: int, reserve: int
     turns = messages[len(system) :]
     pairs = (len(turns) - 1) // 2  # (user, assistant) pairs before the last user turn
 
-    # binary search for the fewest pairs to drop (the render shrinks with each pair dropped)
-    lo, hi = 1, pairs + 1  # answer in [lo, hi]; hi means "every pair and it still may not fit"
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(tokenizer.render_for_completion(system + turns[2 * mid :])) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    if lo <= pairs:
-        return tokenizer.render_for_completion(system + turns[2 * lo :])
+    def fits(drop: int) -> bool:  # with the oldest `drop` pairs dropped (the render shrinks with each)
+        return len(tokenizer.render_for_completion(system + turns[2 * drop :])) <= budget
+
+    drop = bisect.bisect_left(range(pairs + 1), True, lo=1, key=fits)  # pairs + 1: even none fit
+    if drop <= pairs:
+        return tokenizer.render_for_completion(system + turns[2 * drop :])
 
     # the last user turn alone, without the system message: bos, user_start, *text, user_end, assistant_start
     ids = tokenizer.render_for_completion(turns[-1:])

@@ -132,7 +132,7 @@ def route_reply(page, pieces: list[str]) -> None:
 # ---------------------------------------------------------------------------- conversation
 
 
-def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
+def test_ui_streams_a_reply_then_regenerates_and_edits(page):
     # Shift+Enter is a newline, Enter sends
     page.click("#input")
     page.keyboard.type("first line")
@@ -153,8 +153,6 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page, tmp_path):
     wait_idle(page, 2)
     assert [m["role"] for m in page.sent[-1]["messages"]] == ["user", "assistant", "user"]
     assert page.sent[-1]["messages"][1] == {"role": "assistant", "content": page.server.reply}
-    page.screenshot(path=str(tmp_path / "ui.png"))
-    assert (tmp_path / "ui.png").stat().st_size > 1000
 
     # clicking the first reply regenerates it: the chat is cut there and resent
     page.locator(".message.assistant").first.click()
