@@ -54,8 +54,7 @@ def compile_decode(mode: str, device: torch.device) -> bool:
     return mode == "compiled" or (mode == "auto" and device.type == "cuda")
 
 
-def _bucket(n: int) -> int:
-    """The smallest power of two >= n: the batch a decode step runs (few shapes to compile)."""
+def _bucket(n: int) -> int:  # the smallest power of two >= n: few batch shapes to compile
     return 1 << (n - 1).bit_length()
 
 
@@ -121,9 +120,8 @@ class _PrefillRow:
 
 
 class _DecodeRows:
-    """Rows 0 .. n-1 of a KVCache's tensors, one new token each at pos[:n], attending to the first
-    `keys` positions (a bucket > every live row's length). Built inside the compiled step, so that
-    its guards are on the tensors alone."""
+    """Rows 0 .. n-1 of a KVCache's tensors, one new token each, attending to the first `keys`
+    positions; built inside the compiled step, so that its guards are on the tensors alone."""
 
     def __init__(self, k: list, v: list, pos: torch.Tensor, last: torch.Tensor, n: int, keys: int):
         self.k, self.v, self.last, self.n, self.keys = k, v, last, n, keys
@@ -278,8 +276,7 @@ class Engine:
             return self.model(idx, kv_cache=self.cache.prefill(row))[:, -1]
 
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
-        """One token into each of rows 0 .. n-1: the logits (n, V), through the fixed-shape step for
-        (the batch bucket, the smallest key bucket that holds every row's new position)."""
+        """One token into each of rows 0 .. n-1: the logits (n, V), by the fixed-shape step of its buckets."""
         n, c = len(tokens), self.cache
         bucket = _bucket(n)
         keys = keys or next(k for k in self.key_buckets if k > max(c.lengths[:n]))
@@ -391,8 +388,7 @@ class Engine:
         self._advance(requests, logits)
 
     def leave(self, finished: dict) -> None:
-        """Finishes the requests in `finished` (request -> (reason, error)); the last live row fills
-        each hole, so the live rows stay 0 .. n-1."""
+        """Ends each request -> (reason, error); the last live row fills each hole (live rows: 0 .. n-1)."""
         for request, (reason, error) in finished.items():
             r, last = self.active.index(request), len(self.active) - 1
             if r != last:
@@ -403,8 +399,7 @@ class Engine:
 
     @torch.no_grad()
     def run(self, requests: list[Request]) -> None:
-        """Decodes requests that share one prompt until each has finished; any exception (Ctrl-C)
-        cancels the rest."""
+        """Decodes requests sharing one prompt to their ends; any exception (Ctrl-C) cancels the rest."""
         assert not self.active, "run needs the engine to itself"
         try:
             self.join(requests)
