@@ -11,6 +11,7 @@ so far stays) or clears the line being typed, and never quits.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import HelpFormatter, compute_init, exit_on_user_error, in_range, setup_logging
@@ -62,10 +63,8 @@ def main() -> None:
     engine = Engine(model, tokenizer, max_batch=1, compile=compile_decode(args.decode, device))
 
     if not args.prompt:
-        try:
+        with contextlib.suppress(ImportError):  # Windows has none
             import readline  # noqa: F401  importing it gives input() line editing and history
-        except ImportError:  # Windows
-            pass
         print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' (or Ctrl-D) leaves.")
     messages: list[dict] = []
     turn = 0

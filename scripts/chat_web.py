@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -517,13 +518,11 @@ def check_listen(host: str, port: int) -> None:
 
 def raise_descriptor_limit() -> None:
     """Soft limit on open files up to the hard one: idle sockets waiting to be closed hold descriptors."""
-    try:
+    with contextlib.suppress(ImportError, ValueError, OSError):  # Windows; macOS refuses an unlimited one
         import resource  # POSIX only
 
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError):  # Windows; macOS refuses an unlimited soft limit
-        pass
 
 
 def main(argv: list[str] | None = None) -> None:
