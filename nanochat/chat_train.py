@@ -1,17 +1,12 @@
 """
-The training loop of midtraining and SFT, written once.
+The training loop of midtraining and SFT, written once: each script states its data, defaults and
+accuracy evals, then calls `train`.
 
-- The two stages differ only in data, defaults and accuracy evals: each script states those and
-  calls `train` (here, not in a script: no script imports another).
-- Batches come from `dataloader.conversation_batches`: conversations truncated to the context and
-  packed whole (pad mode); padding and non-assistant tokens have target -1.
-- Loss of a step = Σ supervised-token losses of every micro-batch on every rank / the step's
-  supervised-token count, all-reduced before the first backward: never NaN, and the gradient of
-  one big batch however the rows are split.
-- Length: --num-iterations, else one epoch (the first step boundary where some rank has used its
-  share). LR: 1, then linear to --final-lr-frac over the last --warmdown-ratio of training, in
-  steps when known, else in epoch progress (the furthest rank's, so every rank agrees).
-- Checkpoints go to `<stage>_checkpoints/<source tag>`; --resume continues exactly.
+    Loss of a step = Σ supervised-token losses of every micro-batch on every rank / the step's
+    supervised tokens: never NaN, and the gradient of one big batch however the rows are split.
+
+Length: --num-iterations, else one epoch (the first step where some rank has used its share).
+Checkpoints go to `<stage>_checkpoints/<source tag>`; --resume continues exactly.
 """
 
 from __future__ import annotations
@@ -20,14 +15,11 @@ import argparse
 import os
 import time
 from collections.abc import Iterator
-from contextlib import suppress
-from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
-    CheckpointError,
     RunSaver,
     add_model_flags,
     add_run_flags,
@@ -37,12 +29,14 @@ from nanochat.checkpoint_manager import (
 )
 from nanochat.common import (
     HelpFormatter,
+    UserError,
     autocast,
     compiled,
     compute_cleanup,
     compute_init,
+    exit_on_user_error,
     exit_together,
-    exit_with_error,
+    in_range,
     is_distributed,
     print0,
     setup_logging,
@@ -52,13 +46,6 @@ from nanochat.dataloader import conversation_batches
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, muon_momentum, optimizers_for
 from nanochat.report import MetricsLog, eta, get_report
 from nanochat.task_eval import task_accuracy
-from tasks.customjson import CustomJSON
-from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.synthetic import Arithmetic, Identity
-
-IDENTITY_FILE = "chat/identity_conversations.jsonl"
-CHAT_FILE = "chat/kto_en_demo_accepted.messages.jsonl"
-OFFLINE_HINT = "; or pass --offline (synthetic tasks, no download)"  # appended to task data errors
 
 
 def chat_flags(description: str, **defaults) -> argparse.Namespace:
@@ -66,15 +53,15 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add = p.add_argument
     add_model_flags(p, defaults["source"], stages=("base", "mid", "sft"))
-    add("--max-seq-len", type=int, help="context of the training rows (None: the model's)")
-    add("--device-batch-size", type=int, help="rows per device per micro-step")
+    add("--max-seq-len", type=in_range(int, 2), help="context of the training rows (None: the model's)")
+    add("--device-batch-size", type=in_range(int, 1), help="rows per device per micro-step")
     add(
         "--total-batch-size",
         type=int,
         help="tokens per optimizer step, all ranks (-1: one micro-step per rank)",
     )
     add("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the data)")
-    add("--warmdown-ratio", type=float, help="final fraction of training decaying the LR")
+    add("--warmdown-ratio", type=in_range(float, 0, 1), help="final fraction of training decaying the LR")
     add("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of training")
     add("--eval-every", type=int, help="steps between val loss evals (-1: at the end)")
     add("--eval-steps", type=int, help="val micro-batches per eval")
@@ -96,30 +83,7 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
 
 
 # -----------------------------------------------------------------------------
-# Data both stages use
-
-
-def identity_task(size: int):
-    """The identity conversations file when NANOCHAT_TASK_DATA has it, else the synthetic Identity."""
-    try:
-        return CustomJSON(IDENTITY_FILE)
-    except FileNotFoundError:
-        return Identity(size=size, split="train")
-
-
-def offline_tasks(n: int, identity_copies: int, spelling_size: int) -> tuple[list, list]:
-    """The --offline (train, val) tasks: synthetic Arithmetic (`n`), Identity (n/4), SpellingBee and
-    SimpleSpelling, plus the local chat file; val holds n/20 held-out of the first three."""
-    identity = Identity(size=max(1, n // 4), split="train")
-    tasks = [Arithmetic(size=n, split="train"), *[identity] * identity_copies]
-    tasks += [task(size=spelling_size, split="train") for task in (SpellingBee, SimpleSpelling)]
-    with suppress(FileNotFoundError):  # the chat file is there only when NANOCHAT_TASK_DATA has it
-        tasks.append(CustomJSON(CHAT_FILE))
-    return tasks, [task(size=max(1, n // 20), split="test") for task in (Arithmetic, Identity, SpellingBee)]
-
-
-# -----------------------------------------------------------------------------
-# One step, the val loss and the schedule
+# One step, the evals and the schedule
 
 
 def accumulate_gradients(model: torch.nn.Module, micro_batches: list) -> tuple[float, int]:
@@ -128,9 +92,9 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list) -> tuple[f
     count = sum((targets >= 0).sum() for _, targets in micro_batches)
     world_size = 1
     if is_distributed():
-        dist.all_reduce(count)
+        dist.all_reduce(count)  # before the first backward: every rank divides by the step's count
         world_size = dist.get_world_size()
-    denom = count.clamp(min=1).float()
+    denom = count.clamp(min=1).float()  # a step without supervised tokens: loss 0, not NaN
     loss_sum = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
         with autocast(device):
@@ -144,7 +108,8 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list) -> tuple[f
 
 @torch.no_grad()
 def evaluate_loss(model: torch.nn.Module, batches: Iterator, steps: int) -> float:
-    """Mean loss per supervised token over `steps` micro-batches of every rank."""
+    """Mean loss per supervised token over `steps` micro-batches of every rank (in eval mode)."""
+    model.eval()
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.long, device=device)
@@ -156,6 +121,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator, steps: int) -> floa
     if is_distributed():
         dist.all_reduce(total)
         dist.all_reduce(count)
+    model.train()
     return (total / count.clamp(min=1)).item()
 
 
@@ -172,8 +138,71 @@ def chat_lr_multiplier(
     return final_lr_frac + (1 - final_lr_frac) * left / warmdown_ratio
 
 
+def train_step(model, optimizers: list, batches: Iterator, grad_accum: int, step: int, args) -> tuple:
+    """One optimizer step on `grad_accum` micro-batches, its LR set by step or by epoch progress:
+    (train loss, supervised tokens, LR multiplier, loader state, epoch progress)."""
+    micro = [next(batches) for _ in range(grad_accum)]
+    progress = torch.tensor(micro[-1][2]["progress"], dtype=torch.float64, device=micro[0][0].device)
+    if is_distributed():  # the furthest rank's: every rank agrees on the LR and on the epoch's end
+        dist.all_reduce(progress, op=dist.ReduceOp.MAX)
+    progress = progress.item()
+    lrm = chat_lr_multiplier(step, args.num_iterations, progress, args.warmdown_ratio, args.final_lr_frac)
+    apply_schedule(optimizers, lrm, muon_momentum(step))
+    train_loss, supervised = accumulate_gradients(model, [(x, y) for x, y, _ in micro])
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return train_loss, supervised, lrm, micro[-1][2], progress
+
+
+def accuracies(model: torch.nn.Module, tokenizer, metric_tasks: dict, problems: int, T: int) -> dict:
+    """{name: accuracy} of each metric task on its first `problems` problems (greedy, uncompiled)."""
+    model.eval()
+    scores = {
+        name: task_accuracy(model, tokenizer, task, problems, max_new_tokens=128, max_context=T)
+        for name, task in metric_tasks.items()
+    }
+    model.train()
+    return scores
+
+
 # -----------------------------------------------------------------------------
-# The loop
+# Setup, the loop, the report
+
+
+def plan(args: argparse.Namespace, config, world_size: int) -> tuple[int, int, int]:
+    """(rows per micro-step B, row length T, micro-steps per step) from the flags and the model."""
+    T = args.max_seq_len or config.sequence_len
+    if T > config.sequence_len:
+        raise UserError(f"--max-seq-len {T} exceeds the model's context {config.sequence_len}")
+    B = args.device_batch_size
+    tokens_per_micro_step = B * T * world_size
+    total_batch = tokens_per_micro_step if args.total_batch_size == -1 else args.total_batch_size
+    if total_batch < 1 or total_batch % tokens_per_micro_step:
+        raise UserError(
+            f"--total-batch-size {total_batch} must be a multiple of device batch × sequence length × world "
+            f"size = {B} × {T} × {world_size} = {tokens_per_micro_step}"
+        )
+    grad_accum = total_batch // tokens_per_micro_step
+    print0(f"batch: {B} × {T} × {world_size} ranks × {grad_accum} micro-steps = {total_batch:,} tokens")
+    return B, T, grad_accum
+
+
+def write_report(section: str, user_config: dict, source: str, steps: int, shape: dict, state: dict) -> None:
+    """The stage's report section: its flags, then the run's `shape` and what the loop measured."""
+    results = {
+        "source": source,
+        "iterations": steps,
+        "epoch progress": state["progress"],
+        **shape,
+        "supervised tokens": state["supervised_tokens"],
+        "final train loss": state["train_loss"],
+        "min val loss": state["min_val_loss"],
+        "final val loss": state["val_loss"],
+        **state["metrics"],
+        "training time (min)": state["training_time"] / 60,
+    }
+    get_report().log(section=section, data=[user_config, results])
 
 
 def train(
@@ -183,68 +212,46 @@ def train(
     for accuracy every --metrics-every steps."""
     user_config = vars(args).copy()
     setup_logging()
-    is_ddp, rank, _, world_size, device = compute_init(args.device_type)
-    fail = partial(exit_with_error, stage)
+    _, rank, _, world_size, device = compute_init(args.device_type)
     print0(f"train conversations: {len(train_task):,}  val conversations: {len(val_task):,}")
-
-    # -------------------------------------------------------------------------- source model
     with exit_together(stage):  # one rank's damaged copy stops every rank, with its message
         model, tokenizer, source_meta = load_model(
             args.source, device, "train", args.model_tag, args.model_step, args.verify
         )
-    config, tag = model.config, source_meta["model_tag"]
-    T = args.max_seq_len or config.sequence_len
-    if not 2 <= T <= config.sequence_len:
-        fail(f"--max-seq-len must be in 2..{config.sequence_len} (the model's context), got {T}")
-    B = args.device_batch_size
-    tokens_per_micro_step = B * T * world_size
-    total_batch = tokens_per_micro_step if args.total_batch_size == -1 else args.total_batch_size
-    if B < 1 or total_batch < 1 or total_batch % tokens_per_micro_step:
-        fail(
-            f"--total-batch-size {total_batch} must be a multiple of device batch × sequence length × world "
-            f"size = {B} × {T} × {world_size} = {tokens_per_micro_step}"
-        )
-    grad_accum = total_batch // tokens_per_micro_step
-    num_iterations = args.num_iterations
-    print0(f"source: {args.source} {tag} step {source_meta['step']}  model: {config}")
-    print0(f"batch: {B} × {T} × {world_size} ranks × {grad_accum} micro-steps = {total_batch:,} tokens")
-    print0(f"steps: {num_iterations if num_iterations > 0 else 'one epoch'}")
-    if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
-        fail(problem)
-    if args.dry_run:
-        compute_cleanup()
-        return
-
-    # -------------------------------------------------------------------------- optimizers (or resume)
-    optimizers = optimizers_for(model, args)
-    ckpt_dir = checkpoint_dir(stage, tag)
-    same = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
-    try:
+    tag, num_iterations = source_meta["model_tag"], args.num_iterations
+    source = f"{args.source} {tag} step {source_meta['step']}"
+    with exit_on_user_error(stage):
+        print0(f"source: {source}  model: {model.config}")
+        B, T, grad_accum = plan(args, model.config, world_size)
+        print0(f"steps: {num_iterations if num_iterations > 0 else 'one epoch'}")
+        if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
+            raise UserError(problem)
+        if args.dry_run:
+            compute_cleanup()
+            return
+        optimizers = optimizers_for(model, args)
+        ckpt_dir = checkpoint_dir(stage, tag)
+        same = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
         start_step, resumed = start_run(
             ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
         )
-    except CheckpointError as e:
-        fail(str(e))
     if args.resume:
         print0(f"resumed from step {start_step}")
     loader_state = resumed["dataloader_state"][rank] if resumed else None
     orig_model = model  # uncompiled: checkpoints and generation
     model = compiled(model, device) if args.compile else model
-
-    # -------------------------------------------------------------------------- data
     train_batches = conversation_batches(
         train_task, tokenizer, B, T, rank, world_size, device, resume_state=loader_state
     )
 
-    # -------------------------------------------------------------------------- loop
     # step s trains on batch s; a checkpoint at step s holds the weights after s steps
     run_log = MetricsLog(
         ckpt_dir / "log.jsonl", start_step, bool(args.resume), args.run, "nanochat", user_config, rank == 0
     )
     state = {"progress": 0.0, "training_time": 0.0, "min_val_loss": float("inf"), "val_loss": None}
     state |= {"metrics": {}, "train_loss": None, "supervised_tokens": 0, **resumed.get("loop_state", {})}
-    source = {"stage": args.source, "tag": tag, "step": source_meta["step"]}
-    meta = {"user_config": user_config, "grad_accum": grad_accum, "source": source, "loop_state": state}
+    source_ref = {"stage": args.source, "tag": tag, "step": source_meta["step"]}
+    meta = {"user_config": user_config, "grad_accum": grad_accum, "source": source_ref, "loop_state": state}
     step = start_step
     start_progress = state["progress"]  # the ETA of an epoch-long run (-1 steps) goes by progress
     session_time = 0.0  # every step of this process, for the ETA
@@ -253,47 +260,24 @@ def train(
         last_step = step == num_iterations if num_iterations > 0 else state["progress"] >= 1.0
         if saver.due(step, last_step):
             saver.save(step, orig_model, optimizers, meta, loader_state)
-
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            model.eval()
             val_batches = conversation_batches(val_task, tokenizer, B, T, rank, world_size, device)
             state["val_loss"] = evaluate_loss(model, val_batches, max(1, args.eval_steps))
-            model.train()
             state["min_val_loss"] = min(state["min_val_loss"], state["val_loss"])
             print0(f"step {step:05d} | val loss {state['val_loss']:.4f}")
             run_log.log({"step": step, "val_loss": state["val_loss"]})
-
         periodic = args.metrics_every > 0 and step > start_step and step % args.metrics_every == 0
         if metric_tasks and args.metrics_every != 0 and (last_step or periodic):
-            orig_model.eval()
-            n = args.metrics_max_problems
-            state["metrics"] = {
-                k: task_accuracy(orig_model, tokenizer, t, n, max_new_tokens=128, max_context=T)
-                for k, t in metric_tasks.items()
-            }
-            orig_model.train()
+            state["metrics"] = accuracies(orig_model, tokenizer, metric_tasks, args.metrics_max_problems, T)
             print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in state["metrics"].items()))
             run_log.log({"step": step, **state["metrics"]})
-
         if last_step:
             break
 
-        # one optimizer step: fetch its micro-batches, count its supervised tokens, backward
         t0 = time.time()
-        micro = [next(train_batches) for _ in range(grad_accum)]
-        loader_state = micro[-1][2]
-        progress = torch.tensor(loader_state["progress"], dtype=torch.float64, device=device)
-        if is_ddp:
-            dist.all_reduce(progress, op=dist.ReduceOp.MAX)
-        state["progress"] = progress.item()
-        lrm = chat_lr_multiplier(
-            step, num_iterations, state["progress"], args.warmdown_ratio, args.final_lr_frac
+        train_loss, supervised, lrm, loader_state, state["progress"] = train_step(
+            model, optimizers, train_batches, grad_accum, step, args
         )
-        apply_schedule(optimizers, lrm, muon_momentum(step))
-        train_loss, supervised = accumulate_gradients(model, [(x, y) for x, y, _ in micro])
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
         dt = time.time() - t0
         state["training_time"] += dt
         session_time += dt
@@ -312,21 +296,7 @@ def train(
         run_log.log({"step": step, **record, "dt": dt})
         step += 1
 
-    # -------------------------------------------------------------------------- report
-    results = {
-        "source": f"{args.source} {tag} step {source_meta['step']}",
-        "iterations": step,
-        "epoch progress": state["progress"],
-        "world size": world_size,
-        "device batch size": B,
-        "gradient accumulation": grad_accum,
-        "supervised tokens": state["supervised_tokens"],
-        "final train loss": state["train_loss"],
-        "min val loss": state["min_val_loss"],
-        "final val loss": state["val_loss"],
-        **state["metrics"],
-        "training time (min)": state["training_time"] / 60,
-    }
-    get_report().log(section=section, data=[user_config, results])
+    shape = {"world size": world_size, "device batch size": B, "gradient accumulation": grad_accum}
+    write_report(section, user_config, source, step, shape, state)
     run_log.finish()
     compute_cleanup()

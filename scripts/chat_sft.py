@@ -5,19 +5,15 @@ Supervised finetuning (SFT): train the midtrained model on curated chat conversa
     torchrun --nproc_per_node 8 -m scripts.chat_sft              # one node, 8 GPUs
     python -m scripts.chat_sft --offline --device-type cpu       # synthetic tasks only
 
-- Data: ARC-Easy and ARC-Challenge train, GSM8K train, the first 10k SmolTalk conversations,
-  the identity conversations and a few hundred spelling examples. --offline: the synthetic
-  Arithmetic, Identity, SpellingBee and SimpleSpelling tasks, plus the local chat file.
-- Only assistant tokens are trained; from the mid checkpoint (--source base skips midtraining)
-  at 2% of the base LRs, decaying linearly to 0 over the whole run, small device batches.
-- Accuracy every --metrics-every steps and at the end: MMLU and ARC-Easy (answer-letter argmax),
-  or --offline the synthetic Arithmetic test split (greedy, with the calculator tool).
-- The loop is `nanochat.chat_train.train`, shared with mid_train.
+Only assistant tokens are trained, from the mid checkpoint (--source base skips midtraining) at 2%
+of the base LRs, decaying linearly to 0; accuracy every --metrics-every steps and at the end. The
+loop is `nanochat.chat_train.train`, shared with mid_train.
 """
 
-from nanochat.chat_train import OFFLINE_HINT, chat_flags, identity_task, offline_tasks, train
+from nanochat.chat_train import chat_flags, train
 from nanochat.common import exit_on_user_error
 from tasks.common import TASK_DATA_ERRORS, TaskMixture
+from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic
 

@@ -5,17 +5,14 @@ Midtraining: teach the base model the chat format, tool use and multiple choice.
     torchrun --nproc_per_node 8 -m scripts.mid_train             # one node, 8 GPUs
     python -m scripts.mid_train --offline --device-type cpu      # synthetic tasks only, no download
 
-- Data: SmolTalk, MMLU auxiliary_train, GSM8K, identity conversations twice, SimpleSpelling and
-  SpellingBee, shuffled together once. --offline: the synthetic Arithmetic (calculator tool),
-  Identity, SpellingBee and SimpleSpelling tasks, plus the local chat file when present.
-- One epoch; the LR decays linearly to 0 over the last 20%.
-- The loop (batches, loss, checkpoints, exact --resume) is `nanochat.chat_train.train`, shared
-  with chat_sft.
+One epoch of the mixture below, the LR decaying linearly to 0 over its last 20%; the loop is
+`nanochat.chat_train.train`, shared with chat_sft.
 """
 
-from nanochat.chat_train import OFFLINE_HINT, chat_flags, identity_task, offline_tasks, train
+from nanochat.chat_train import chat_flags, train
 from nanochat.common import exit_on_user_error
 from tasks.common import TASK_DATA_ERRORS, TaskMixture
+from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,32 @@
+"""The task lists mid_train and chat_sft share: the identity conversations and the --offline recipe."""
+
+from __future__ import annotations
+
+from contextlib import suppress
+
+from tasks.customjson import CustomJSON
+from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.synthetic import Arithmetic, Identity
+
+IDENTITY_FILE = "chat/identity_conversations.jsonl"
+CHAT_FILE = "chat/kto_en_demo_accepted.messages.jsonl"
+OFFLINE_HINT = "; or pass --offline (synthetic tasks, no download)"  # appended to task data errors
+
+
+def identity_task(size: int):
+    """The identity conversations file when NANOCHAT_TASK_DATA has it, else the synthetic Identity."""
+    try:
+        return CustomJSON(IDENTITY_FILE)
+    except FileNotFoundError:
+        return Identity(size=size, split="train")
+
+
+def offline_tasks(n: int, identity_copies: int, spelling_size: int) -> tuple[list, list]:
+    """The --offline (train, val) tasks: synthetic Arithmetic (`n`), Identity (n/4), SpellingBee and
+    SimpleSpelling, plus the local chat file; val holds n/20 held-out of the first three."""
+    identity = Identity(size=max(1, n // 4), split="train")
+    tasks = [Arithmetic(size=n, split="train"), *[identity] * identity_copies]
+    tasks += [task(size=spelling_size, split="train") for task in (SpellingBee, SimpleSpelling)]
+    with suppress(FileNotFoundError):  # the chat file is there only when NANOCHAT_TASK_DATA has it
+        tasks.append(CustomJSON(CHAT_FILE))
+    return tasks, [task(size=max(1, n // 20), split="test") for task in (Arithmetic, Identity, SpellingBee)]
