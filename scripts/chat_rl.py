@@ -5,17 +5,11 @@ Reinforcement learning on math word problems: on-policy, group-relative REINFORC
     python -m scripts.chat_rl --offline                        # synthetic Arithmetic, no download
     torchrun --nproc_per_node 8 -m scripts.chat_rl
 
-- Each step samples --num-samples completions of --examples-per-step questions (strided across
-  ranks) with the KV-cached engine and the calculator tool; reward = `task.reward` (1/0 for an
-  exact final answer).
-- Advantage = reward − the mean of its group; no std scaling, no KL, no reference model. A group
-  whose samples all score the same contributes exactly zero gradient.
-- Objective: −Σ advantage·log p over the sampled tokens (the stop token included; prompt and
-  forced tool output excluded) / the sampled tokens of the whole step on every rank.
-- LR: the SFT LRs × --init-lr-frac, linear to 0 at the last step; fresh optimizers.
-- Reproducible and resumable: question j of step s is (s·examples_per_step + j) mod N, sampled
-  with seed (--seed, s, j), whatever the number of ranks; --resume replays exactly.
-- Eval: mean reward and unbiased pass@k on the first --eval-examples test questions.
+Each step samples --num-samples answers to each of --examples-per-step questions (with the
+calculator tool); advantage = reward − its group's mean (no std scaling, no KL, no reference
+model); objective = −Σ advantage·log p over the sampled tokens / the step's sampled tokens.
+Question j of step s is (s·examples_per_step + j) mod N, sampled with seed (--seed, s, j) whatever
+the number of ranks, so --resume replays exactly. Eval: mean reward and unbiased pass@k.
 """
 
 from __future__ import annotations
@@ -23,13 +17,11 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
-    CheckpointError,
     RunSaver,
     add_model_flags,
     add_run_flags,
@@ -39,13 +31,14 @@ from nanochat.checkpoint_manager import (
 )
 from nanochat.common import (
     HelpFormatter,
+    UserError,
     all_reduce_sum,
     autocast,
     compute_cleanup,
     compute_init,
     exit_on_user_error,
     exit_together,
-    exit_with_error,
+    in_range,
     print0,
     setup_logging,
     wandb_login_problem,
@@ -54,6 +47,8 @@ from nanochat.engine import Engine, add_decode_flag, compile_decode, prompt_and_
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
 from nanochat.report import MetricsLog, eta, get_report, read_log
 from tasks.common import TASK_DATA_ERRORS
+from tasks.gsm8k import GSM8K
+from tasks.synthetic import Arithmetic
 
 # -----------------------------------------------------------------------------
 # The algorithm, as plain functions (tested on their own)
@@ -64,14 +59,14 @@ OFFLINE_TEST_SIZE = 256  # the same test questions chat_eval grades offline
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Advantage of each sample of one question's group: its reward minus the group mean (no std scaling)."""
+    """Advantage of each sample of one question's group: its reward minus the group mean (no std scaling).
+    A group whose samples all score the same contributes exactly zero gradient."""
     return rewards - rewards.mean()
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of a question with c correct among n samples: 1 - C(n-c, k) / C(n, k)."""
-    if not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 1 <= k <= n, got k={k}, n={n}")
+    assert 1 <= k <= n, (k, n)
     if n - c < k:
         return 1.0
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
@@ -86,8 +81,7 @@ def rollout_batch(
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     trained = torch.zeros((len(sequences), width), dtype=torch.bool)
     for row, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
-        if len(seq) != len(mask):
-            raise ValueError(f"row {row}: {len(seq)} tokens but {len(mask)} mask entries")
+        assert len(seq) == len(mask), (row, len(seq), len(mask))
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         trained[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
     inputs = ids[:, :-1]
@@ -121,64 +115,56 @@ if __name__ == "__main__":
     g.add_argument(
         "--max-seq-len", type=int, default=None, help="prompt + answer limit (default: the model's)"
     )
+    positive = in_range(int, 1)
     g = parser.add_argument_group("sampling")
-    g.add_argument("--examples-per-step", type=int, default=16, help="questions per step, all ranks")
-    g.add_argument("--num-samples", type=int, default=16, help="samples per question (the group)")
-    g.add_argument("--max-new-tokens", type=int, default=256, help="token budget of one answer")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    g.add_argument("--examples-per-step", type=positive, default=16, help="questions per step, all ranks")
+    g.add_argument("--num-samples", type=positive, default=16, help="samples per question (the group)")
+    g.add_argument("--max-new-tokens", type=positive, default=256, help="token budget of one answer")
+    # > 0: greedy samples of a group are identical and teach nothing
+    temperature = in_range(float, 0, open_lo=True)
+    g.add_argument("--temperature", type=temperature, default=1.0, help="sampling temperature")
     g.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
     g.add_argument("--seed", type=int, default=42, help="base seed of the sampling")
     add_optimizer_flags(parser, init_lr_frac=0.05)
     add_decode_flag(g)
     g = parser.add_argument_group("steps")
     g.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the training set)")
-    g.add_argument("--device-batch-size", type=int, default=8, help="sampled rows per forward/backward")
+    g.add_argument("--device-batch-size", type=positive, default=8, help="sampled rows per forward/backward")
     g = parser.add_argument_group("evaluation and checkpoints")
     g.add_argument(
         "--eval-every", type=int, default=60, help="steps between pass@k evals (-1: start and end)"
     )
     g.add_argument("--eval-examples", type=int, default=400, help="test questions per eval")
-    g.add_argument("--eval-samples", type=int, default=8, help="samples per test question (k <= this)")
+    g.add_argument("--eval-samples", type=positive, default=8, help="samples per test question (k <= this)")
     g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
     g = parser.add_argument_group("run")
     add_run_flags(g)
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
     args = parser.parse_args()
-    for name in ("examples_per_step", "num_samples", "max_new_tokens", "device_batch_size", "eval_samples"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.eval_samples > args.num_samples:
         parser.error(f"--eval-samples {args.eval_samples} must not exceed --num-samples {args.num_samples}")
-    if args.temperature <= 0:
-        parser.error("--temperature must be > 0: greedy samples of a group are identical and teach nothing")
     user_config = vars(args).copy()
 
-    # ---------------------------------------------------------------------- compute
+    # ---------------------------------------------------------------------- compute, tasks (before the model)
     setup_logging()
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
-    fail = partial(exit_with_error, "chat_rl")
-    if args.examples_per_step % world_size:
-        fail(
-            f"--examples-per-step {args.examples_per_step} must be a multiple of the world size {world_size}"
-        )
-
-    # ---------------------------------------------------------------------- tasks (before the model)
     if args.offline:
-        from tasks.synthetic import Arithmetic
-
         train_task = Arithmetic(size=OFFLINE_TRAIN_SIZE, split="train")
         test_task = Arithmetic(size=OFFLINE_TEST_SIZE, split="test")
     else:
-        from tasks.gsm8k import GSM8K
-
         hint = "; or pass --offline (synthetic Arithmetic, no download)"
         with exit_on_user_error("chat_rl", hint, TASK_DATA_ERRORS):
             train_task, test_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
     num_steps = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step
-    if num_steps < 1:
-        fail(f"{len(train_task)} training questions make no step of {args.examples_per_step}")
     eval_examples = min(args.eval_examples, len(test_task))
+    with exit_on_user_error("chat_rl"):
+        if args.examples_per_step % world_size:
+            raise UserError(
+                f"--examples-per-step {args.examples_per_step} must be a multiple of {world_size} ranks"
+            )
+        if num_steps < 1:
+            raise UserError(f"{len(train_task)} training questions make no step of {args.examples_per_step}")
 
     # ---------------------------------------------------------------------- model
     with exit_together("chat_rl"):  # one rank's damaged copy stops every rank, with its message
@@ -192,29 +178,19 @@ if __name__ == "__main__":
         f"on {type(train_task).__name__} ({len(train_task)} questions, {len(test_task)} for eval), "
         f"{world_size} rank(s)"
     )
-    if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
-        fail(problem)
-    if args.dry_run:
-        compute_cleanup()
-        raise SystemExit(0)
-
-    # ---------------------------------------------------------------------- optimizers (or resume)
-    optimizers = optimizers_for(model, args)
-    ckpt_dir = checkpoint_dir("rl", model_tag)
-    same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
-    try:
+    with exit_on_user_error("chat_rl"):
+        if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
+            raise UserError(problem)
+        if args.dry_run:
+            compute_cleanup()
+            raise SystemExit(0)
+        optimizers = optimizers_for(model, args)  # fresh: the SFT run's moments are not carried over
+        ckpt_dir = checkpoint_dir("rl", model_tag)
+        same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
+        same += ("num_iterations",)
         start_step, _ = start_run(
-            ckpt_dir,
-            args.resume,
-            args.overwrite,
-            model,
-            optimizers,
-            user_config,
-            (*same, "num_iterations"),
-            args.verify,
+            ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
         )
-    except CheckpointError as e:
-        fail(str(e))
     if args.resume:
         print0(f"resumed from step {start_step}")
     engine = Engine(model, tokenizer, compile=compile_decode(args.decode, device))

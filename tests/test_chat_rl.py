@@ -1,9 +1,7 @@
-"""RL: the policy-gradient math on hand-made rewards and masks, the LR schedule, resume, the script.
+"""RL: the policy-gradient math on hand-made rewards and masks, resume, 2 ranks = 1, the script.
 
-The script runs on a tiny random 2-layer model saved as an SFT checkpoint in a private base
-dir (with the session's 1024-token tokenizer), --offline on synthetic Arithmetic. A random
-model never answers correctly, so the in-process runs swap in a reward that varies within
-a group (the answer's length), which makes the updates non-trivial.
+The script runs --offline on a tiny random model saved as the SFT checkpoint. A random model never
+answers correctly, so most runs swap in a reward that varies within a group (the answer's length).
 """
 
 import json
@@ -16,23 +14,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.gpt import GPT, config_from_depth
-from nanochat.optim import lr_multiplier
 from scripts.chat_rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_RUN = [
-    "--offline",
-    "--examples-per-step=2",
-    "--num-samples=4",
-    "--max-new-tokens=12",
-    "--device-batch-size=3",  # 4 samples -> micro-batches of 3 and 1
-    "--eval-examples=2",
-    "--eval-samples=2",
-    "--init-lr-frac=1.0",
-]
+TINY_RUN = ["--offline", "--examples-per-step=2", "--num-samples=4", "--max-new-tokens=12"]
+TINY_RUN += ["--eval-examples=2", "--eval-samples=2", "--init-lr-frac=1.0"]
+TINY_RUN += ["--device-batch-size=3"]  # 4 samples: micro-batches of 3 and 1
 
 
 @pytest.fixture(autouse=True)
@@ -41,15 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_model(seed: int = 0, vocab: int = 1024) -> GPT:
-    torch.manual_seed(seed)
-    with torch.device("meta"):
-        model = GPT(config_from_depth(2, vocab, 64, aspect_ratio=32, head_dim=32))
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
 
 
 @pytest.fixture
@@ -78,8 +59,8 @@ def run_rl(argv: list[str], monkeypatch) -> None:
     runpy.run_module("scripts.chat_rl", run_name="__main__")
 
 
-def log_of(base: Path) -> list[dict]:
-    path = base / "chatrl_checkpoints" / "d2" / "log.jsonl"
+def log_of(base: Path, tag: str = "d2") -> list[dict]:
+    path = base / "chatrl_checkpoints" / tag / "log.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
@@ -154,80 +135,72 @@ def test_split_micro_batches_give_the_gradient_of_one_batch():
         assert torch.allclose(a, b, atol=1e-7, rtol=1e-5)
 
 
-def test_lr_schedule_decays_linearly_to_zero():
-    n = 10
-    values = [lr_multiplier(s, n, warmdown_ratio=1.0) for s in range(n + 1)]
-    assert values[0] == 1.0
-    assert values[-1] == 0.0
-    assert all(a > b for a, b in zip(values[:-1], values[1:], strict=True))
-    assert values[5] == pytest.approx(0.5)
-
-
 def test_pass_at_k_unbiased_estimator():
     assert pass_at_k(4, 0, 1) == 0.0
     assert pass_at_k(4, 4, 4) == 1.0
     assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
     assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2)
     assert pass_at_k(4, 3, 2) == 1.0
-    with pytest.raises(ValueError):
-        pass_at_k(2, 1, 3)
 
 
 # -----------------------------------------------------------------------------
 # The script
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(rl_base, monkeypatch):
+def test_resume_and_two_gloo_ranks_give_the_losses_of_one_uninterrupted_run(rl_base, monkeypatch, tmp_path):
     from tasks.synthetic import Arithmetic
 
     monkeypatch.setattr(Arithmetic, "reward", length_reward)
     ckpt = rl_base / "chatrl_checkpoints" / "d2"
-    run_rl([*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=-1"], monkeypatch)
+    flags = [*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=2"]
+    run_rl(flags, monkeypatch)
     full = [r for r in log_of(rl_base) if "loss" in r]
-    assert [r["step"] for r in full] == [0, 1, 2, 3]
+    assert [r["step"] for r in full] == [0, 1, 2, 3] and all(r["tokens"] > 0 for r in full)
     assert any(abs(r["loss"]) > 1e-6 for r in full), "the swapped-in reward should give non-zero updates"
-    assert [r["lrm"] for r in full] == [1.0, 0.75, 0.5, 0.25]
+    assert [r["lrm"] for r in full] == [1.0, 0.75, 0.5, 0.25]  # linear to 0 at the last step
+    evals = [r for r in log_of(rl_base) if "eval_reward" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4] and all({"pass@1", "pass@2"} <= set(r) for r in evals)
+    report = (rl_base / "report" / "chat-rl.md").read_text()
+    assert "mean reward by tenth of the run" in report and "final pass@2" in report
     final_weights = torch.load(ckpt / "model_000004.pt", weights_only=True)
 
     # forget the end of the run: the last complete checkpoint becomes step 2
     for name in ("meta_000004.json", "model_000004.pt", "optim_000004_rank0.pt"):
         (ckpt / name).unlink()
-    run_rl([*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=-1", "--resume"], monkeypatch)
+    run_rl([*flags, "--resume"], monkeypatch)
     resumed = [r for r in log_of(rl_base) if "loss" in r]
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3]
-    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
-    assert [r["reward"] for r in resumed] == [r["reward"] for r in full]
+    assert [(r["step"], r["loss"], r["reward"]) for r in resumed] == [
+        (r["step"], r["loss"], r["reward"]) for r in full
+    ]
     again = torch.load(ckpt / "model_000004.pt", weights_only=True)
     assert all(torch.equal(final_weights[k], again[k]) for k in final_weights)
     with pytest.raises(SystemExit) as e:
         run_rl([*TINY_RUN, "--num-iterations=4", "--dry-run", "--overwrite"], monkeypatch)
     assert e.value.code == 0 and (ckpt / "model_000004.pt").exists()  # a dry run deletes nothing
 
-
-def test_script_runs_end_to_end_and_writes_report_and_rewards(rl_base):
-    """The real CLI in a subprocess, with the real Arithmetic reward."""
-    env = {"NANOCHAT_BASE_DIR": str(rl_base), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "scripts.chat_rl", *TINY_RUN, "--num-iterations=2", "--eval-every=1"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    # 2 gloo ranks: questions strided across them, rank-independent seeds, the global token count
+    wrapper = tmp_path / "rl_length_reward.py"
+    wrapper.write_text(
+        "import runpy, sys\n"
+        "from tasks.synthetic import Arithmetic\n"
+        "Arithmetic.reward = lambda self, conversation, completion: float(len(completion) % 2)\n"
+        "sys.argv[0] = 'chat_rl'\n"
+        "runpy.run_module('scripts.chat_rl', run_name='__main__')\n"
     )
+    env = {"NANOCHAT_BASE_DIR": str(rl_base), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    env |= {"PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)]
+    # the same SFT weights under another tag: this process still holds chatrl_checkpoints/d2's lock
+    shutil.copytree(rl_base / "chatsft_checkpoints" / "d2", rl_base / "chatsft_checkpoints" / "twin")
+    proc = subprocess.run([*cmd, *flags, "-g", "twin"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    records = log_of(rl_base)
-    steps = [r for r in records if "reward" in r]
-    evals = [r for r in records if "eval_reward" in r]
-    assert [r["step"] for r in steps] == [0, 1]
-    assert all(0.0 <= r["reward"] <= 1.0 and r["tokens"] > 0 for r in steps)
-    assert [r["step"] for r in evals] == [0, 1, 2]
-    assert all({"pass@1", "pass@2"} <= set(r) for r in evals)
-    ckpt = rl_base / "chatrl_checkpoints" / "d2"
-    assert (ckpt / "model_000002.pt").exists() and (ckpt / "optim_000002_rank0.pt").exists()
-    report = (rl_base / "report" / "chat-rl.md").read_text()
-    assert report.startswith("## Chat RL")
-    assert "mean reward by tenth of the run" in report and "final pass@2" in report
+    # the same samples for 3 steps; after that the rounding differences below may change a sample
+    two = [r for r in log_of(rl_base, "twin") if "loss" in r][:3]
+    assert [(r["reward"], r["tokens"]) for r in two] == [(r["reward"], r["tokens"]) for r in full[:3]]
+    assert two[0]["loss"] == pytest.approx(full[0]["loss"], rel=1e-5)  # same weights at step 0
+    for a, b in zip(full[:3], two, strict=True):
+        # Muon orthogonalizes in bf16: the two ranks' summed gradient rounds differently (measured 1.1e-3)
+        assert b["loss"] == pytest.approx(a["loss"], rel=3e-3, abs=1e-7)
 
 
 def test_missing_sft_checkpoint_is_a_clear_error(tiny_base_dir, tmp_path, monkeypatch, capsys):
@@ -238,42 +211,6 @@ def test_missing_sft_checkpoint_is_a_clear_error(tiny_base_dir, tmp_path, monkey
         run_rl(["--offline"], monkeypatch)
     assert e.value.code == 1
     assert "no sft checkpoint" in capsys.readouterr().out
-
-
-def test_two_gloo_ranks_match_one_process(rl_base, tmp_path):
-    """Questions strided across 2 ranks, rank-independent seeds, global token count: same losses."""
-    wrapper = tmp_path / "rl_length_reward.py"
-    wrapper.write_text(
-        "import sys\n"
-        "from tasks.synthetic import Arithmetic\n"
-        "import runpy\n"
-        "Arithmetic.reward = lambda self, conversation, completion: float(len(completion) % 2)\n"
-        "sys.argv[0] = 'chat_rl'\n"
-        "runpy.run_module('scripts.chat_rl', run_name='__main__')\n"
-    )
-    env = {
-        "NANOCHAT_BASE_DIR": str(rl_base),
-        "OMP_NUM_THREADS": "1",
-        "PATH": "/usr/bin:/bin",
-        "PYTHONPATH": str(REPO),
-        "GLOO_SOCKET_IFNAME": "lo",
-    }
-    flags = [*TINY_RUN, "--num-iterations=3", "--eval-every=-1", "--save-every=-1", "--overwrite"]
-    runs = {}
-    for nproc in (1, 2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        proc = subprocess.run(
-            [*cmd, str(wrapper), *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
-        )
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-        runs[nproc] = [r for r in log_of(rl_base) if "loss" in r]
-    assert [r["reward"] for r in runs[1]] == [r["reward"] for r in runs[2]]
-    assert [r["tokens"] for r in runs[1]] == [r["tokens"] for r in runs[2]]
-    assert any(abs(r["loss"]) > 1e-6 for r in runs[1])
-    assert runs[2][0]["loss"] == pytest.approx(runs[1][0]["loss"], rel=1e-5)  # same weights at step 0
-    for a, b in zip(runs[1], runs[2], strict=True):
-        # Muon orthogonalizes in bf16: the two ranks' summed gradient rounds differently (measured 1.1e-3)
-        assert b["loss"] == pytest.approx(a["loss"], rel=3e-3, abs=1e-7)
 
 
 def test_policy_learns_a_simple_reward(rl_base, monkeypatch):
