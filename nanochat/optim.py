@@ -1,25 +1,12 @@
 """
-Optimizers: Muon for the 2-D block matrices, AdamW for the rest (embeddings, lm_head, scalars),
-with the public nanochat record's betas and decay per group.
+Optimizers: Muon (with NorMuon) for the 2-D block matrices, AdamW for the rest (embeddings, lm_head,
+scalars), each with the public nanochat record's betas and decay per group.
 
-- No DDP wrapper: the optimizers average gradients over ranks themselves; one process (no
-  process group) runs the same math with no communication.
-- AdamW is ZeRO-2 style: gradients reduce-scattered along dim 0, each rank keeps state for its
-  rows and an all-gather rebuilds the parameter; small or indivisible ones are all-reduced.
-- Muon: EMA momentum with Nesterov look-ahead, orthogonalized in bf16 by five Polar Express
-  steps (a quintic iteration with its own coefficients per step), then NorMuon: each row (each
-  column of a wide matrix) is divided by the root of an EMA of its mean square, and the whole
-  update rescaled back to its norm before; scaled by sqrt(max(1, rows/cols)). Cautious decoupled
-  weight decay: only coordinates whose update already pulls them toward zero are decayed, by
-  lr·wd (so the decay follows the LR schedule). Sharded per matrix: matrices of a shape are cut
-  into chunks of world_size, slot r of a chunk belongs to rank r.
-- Collectives are asynchronous: every reduction is launched first, then awaited and applied in
-  turn. Backends without reduce-scatter (older gloo) emulate it with an all-reduce.
-- `state_dict()` is this rank's shard only and records the layout; another layout is refused.
-- `compiled=True` runs the per-parameter update math through torch.compile (fused element-wise
-  kernels); it equals the eager math to rounding (tests/test_optim.py).
-- Schedules are plain functions (`lr_multiplier`, `muon_momentum`, `weight_decay_multiplier`)
-  applied by `apply_schedule`.
+- No DDP wrapper: the optimizers average gradients over ranks themselves (one process: no
+  communication). AdamW is ZeRO-2 style (each rank keeps state for its rows of a parameter); Muon
+  gives each matrix one owner rank. Every reduction is launched first, then awaited in turn.
+- `state_dict()` is this rank's shard only and records the layout it was sharded for.
+- Schedules are plain functions applied by `apply_schedule`.
 """
 
 from __future__ import annotations
@@ -32,10 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nanochat.common import is_distributed
+from nanochat.common import in_range, is_distributed
 
-# AdamW parameters smaller than this are all-reduced rather than sharded.
-MIN_SHARD_NUMEL = 1024
+MIN_SHARD_NUMEL = 1024  # smaller AdamW parameters are all-reduced, not sharded
 
 # Polar Express (Amsel et al., 2025): per-step (a, b, c) of a·s + b·s³ + c·s⁵, each the best odd
 # quintic for the singular values the previous steps leave; the last is the classic fixed point.
@@ -84,15 +70,13 @@ class _Pending:
 
 def _reduce_scatter_avg(full: Tensor, world_size: int, rank: int, scratch: bool = False) -> _Pending:
     """Average `full` over ranks and keep this rank's slice of dim 0 (dim 0 must divide by world_size).
-
-    `scratch=True` lets the emulation reduce in `full` itself instead of a copy.
-    """
+    `scratch=True` lets the emulation reduce in `full` itself instead of a copy."""
     k = full.size(0) // world_size
     if _native(full):
         out = torch.empty_like(full[:k])
         work = dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
         return _Pending(work, lambda: out)
-    # emulation: SUM all-reduce of the whole buffer, then divide and take our slice
+    # backends without reduce-scatter (older gloo): SUM all-reduce of the whole buffer, divide, slice
     summed = full if scratch else full.clone()
     work = dist.all_reduce(summed, op=dist.ReduceOp.SUM, async_op=True)
     return _Pending(work, lambda: summed[rank * k : (rank + 1) * k].div_(world_size))
@@ -108,10 +92,8 @@ def _all_reduce_avg(t: Tensor, world_size: int) -> _Pending:
 
 
 def _all_gather_into(full: Tensor, shard: Tensor, world_size: int) -> Any:
-    """Fill `full` (dim 0 = world_size x shard rows) with every rank's `shard`; returns the async handle.
-
-    `shard` may be this rank's own slice of `full` (in-place gather).
-    """
+    """Fill `full` (dim 0 = world_size x shard rows) with every rank's `shard` (which may be this rank's
+    own slice of `full`); returns the async handle."""
     if _native(full):
         return dist.all_gather_into_tensor(full, shard, async_op=True)
     # list form, which every backend has; the clone keeps the input apart from the output
@@ -143,14 +125,9 @@ class _ShardedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a shard written by `state_dict()` on the same rank of a run with the same world size."""
-        world_size, rank = _world()
         saved = (state_dict.get("world_size", 1), state_dict.get("rank", 0))
-        if saved != (world_size, rank):
-            raise ValueError(
-                f"{type(self).__name__} state was saved by rank {saved[1]} of a world of {saved[0]}, "
-                f"but this is rank {rank} of {world_size}: optimizer shards must be loaded with the "
-                "same number of processes, each rank its own file"
-            )
+        # start_run refuses another number of processes first: here it is an invariant
+        assert saved == _world(), f"a shard of (world size, rank) {saved} loaded by {_world()}"
         super().load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
 
 
@@ -219,8 +196,6 @@ class AdamW(_ShardedOptimizer):
         compiled: bool = False,
     ) -> None:
         """`compiled`: run the update math through torch.compile (one fused kernel per step on a GPU)."""
-        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"invalid AdamW settings: lr={lr}, betas={betas}, eps={eps}, wd={weight_decay}")
         super().__init__(param_groups, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.compiled = compiled
 
@@ -274,13 +249,8 @@ class AdamW(_ShardedOptimizer):
 
 
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximate the orthogonal polar factor U·Vᵀ of g = U·S·Vᵀ with `steps` Polar Express steps.
-
-    Runs in bf16 and returns bf16; the singular values come out in a band around 1 rather than
-    exactly 1, which is all Muon needs.
-    """
-    if g.ndim != 2:
-        raise ValueError(f"orthogonalize expects a matrix, got shape {tuple(g.shape)}")
+    """Approximate the orthogonal polar factor U·Vᵀ of g = U·S·Vᵀ with `steps` Polar Express steps, in
+    bf16: the singular values come out in a band around 1, not exactly 1, which is all Muon needs."""
     x = g.bfloat16()
     tall = x.size(0) > x.size(1)
     if tall:
@@ -355,11 +325,8 @@ def _muon_update(
 
 
 def muon_chunks(params: list[Tensor], world_size: int) -> list[list[Tensor | None]]:
-    """Split one group's matrices into chunks of `world_size` same-shape slots; slot r is rank r's.
-
-    Buckets by shape (largest matrices first, then by shape), keeps parameter order inside a
-    bucket, and pads each bucket's last chunk with None.
-    """
+    """Split one group's matrices into chunks of `world_size` same-shape slots; slot r is rank r's:
+    largest shapes first, parameter order kept inside a shape, each shape's last chunk padded with None."""
     buckets: dict[tuple[int, ...], list[Tensor]] = {}
     for p in params:
         buckets.setdefault(tuple(p.shape), []).append(p)
@@ -373,7 +340,11 @@ def muon_chunks(params: list[Tensor], world_size: int) -> list[list[Tensor | Non
 
 
 class Muon(_ShardedOptimizer):
-    """Momentum orthogonalized by Newton–Schulz, for 2-D matrices; one owner rank per matrix."""
+    """Muon for 2-D matrices: EMA momentum with a Nesterov look-ahead, orthogonalized (Polar Express),
+    then NorMuon: each row (each column of a wide matrix) divided by the root of an EMA of its mean
+    square, the update rescaled to its norm before and by sqrt(max(1, rows/cols)). Cautious decoupled
+    weight decay (lr·wd, so it follows the LR schedule): only coordinates whose update already pulls
+    them toward zero. Sharded per matrix: slot r of each chunk of world_size matrices is rank r's."""
 
     def __init__(
         self,
@@ -387,20 +358,10 @@ class Muon(_ShardedOptimizer):
         compiled: bool = False,
     ) -> None:
         """`beta2`: NorMuon's EMA of each row's mean square; `compiled`: as AdamW's."""
-        if lr < 0 or not 0 <= momentum < 1 or ns_steps < 1 or weight_decay < 0 or not 0 <= beta2 < 1:
-            raise ValueError(
-                f"invalid Muon settings: lr={lr}, momentum={momentum}, ns_steps={ns_steps}, "
-                f"wd={weight_decay}, beta2={beta2}"
-            )
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            ns_steps=ns_steps,
-            weight_decay=weight_decay,
-            beta2=beta2,
+        hyper = dict(
+            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay
         )
-        super().__init__(params, defaults)
+        super().__init__(params, {**hyper, "beta2": beta2})
         self.compiled = compiled
 
     @staticmethod
@@ -411,9 +372,7 @@ class Muon(_ShardedOptimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        for p in self.param_groups[-1]["params"]:
-            if p.ndim != 2:
-                raise ValueError(f"Muon only takes 2-D matrices, got a parameter of shape {tuple(p.shape)}")
+        assert all(p.ndim == 2 for p in self.param_groups[-1]["params"]), "Muon takes 2-D matrices only"
 
     @torch.no_grad()
     def step(self) -> None:
@@ -455,8 +414,7 @@ class WeightEMA(_ShardedOptimizer):
     `swap_in()` writes the average into the parameters. Every rank keeps a full fp32 copy."""
 
     def __init__(self, params: Iterable[Tensor], beta: float, start: int) -> None:
-        if not 0 < beta < 1 or start < 0:
-            raise ValueError(f"invalid WeightEMA settings: beta={beta}, start={start}")
+        assert 0 < beta < 1 and start >= 0, (beta, start)
         super().__init__(params, dict(lr=0.0, beta=beta, start=start, steps=0))
 
     @torch.no_grad()
@@ -485,18 +443,12 @@ def lr_multiplier(
     warmdown_ratio: float = 0.2,
     final_lr_frac: float = 0.0,
 ) -> float:
-    """LR multiplier at `step` of `num_iterations`: linear warmup, 1, linear warmdown to `final_lr_frac`.
-
-    Warmup covers the first `warmup_steps` steps ((step+1)/warmup, reaching 1 at its last step),
-    cut short in a run too short to hold it before the warmdown; warmdown covers the last
-    round(warmdown_ratio·N) steps and reaches `final_lr_frac` at step N.
-    """
-    if not (0 <= warmdown_ratio <= 1 and warmup_steps >= 0):
-        raise ValueError(
-            f"need 0 <= warmdown_ratio <= 1 and warmup_steps >= 0, got {warmdown_ratio}, {warmup_steps}"
-        )
+    """LR multiplier at `step` of `num_iterations`: linear warmup over the first `warmup_steps` steps
+    ((step+1)/warmup), 1, then linear warmdown over the last round(warmdown_ratio·N) steps to
+    `final_lr_frac` at step N."""
+    assert 0 <= warmdown_ratio <= 1 and warmup_steps >= 0, (warmdown_ratio, warmup_steps)
     warmdown = round(warmdown_ratio * num_iterations)
-    warmup = min(warmup_steps, num_iterations - warmdown)
+    warmup = min(warmup_steps, num_iterations - warmdown)  # cut short where the warmdown would overlap it
     if step < warmup:
         return (step + 1) / warmup
     if warmdown > 0 and step > num_iterations - warmdown:
@@ -545,14 +497,13 @@ def add_optimizer_flags(
 ) -> None:
     """The LR and weight-decay flags of every training script (and --init-lr-frac when it has a default)."""
     g = parser.add_argument_group("optimization")
-    g.add_argument("--embedding-lr", type=float, default=embedding_lr, help="AdamW LR of the token embedding")
-    g.add_argument("--unembedding-lr", type=float, default=unembedding_lr, help="AdamW LR of the lm_head")
-    g.add_argument("--matrix-lr", type=float, default=matrix_lr, help="Muon LR of the block matrices")
-    g.add_argument(
-        "--weight-decay", type=float, default=weight_decay, help="cautious decoupled decay of the matrices"
-    )
+    rate = in_range(float, 0)
+    g.add_argument("--embedding-lr", type=rate, default=embedding_lr, help="AdamW LR of the token embedding")
+    g.add_argument("--unembedding-lr", type=rate, default=unembedding_lr, help="AdamW LR of the lm_head")
+    g.add_argument("--matrix-lr", type=rate, default=matrix_lr, help="Muon LR of the block matrices")
+    g.add_argument("--weight-decay", type=rate, default=weight_decay, help="cautious decay of the matrices")
     if init_lr_frac is not None:
-        g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="all LRs are scaled by this")
+        g.add_argument("--init-lr-frac", type=rate, default=init_lr_frac, help="all LRs are scaled by this")
 
 
 def apply_schedule(
@@ -572,10 +523,8 @@ def apply_schedule(
 # -----------------------------------------------------------------------------
 # The optimizers of a GPT
 
-# AdamW's treatment of each parameter group of `GPT.param_groups()`: (betas, weight decay). The
-# record's setup_optimizer (public nanochat gpt.py, autoresearch round 2, a825e63, Mar 2026: tuned in
-# d12-d26 GPU runs): slow second moments for the embeddings, decay on all but the x0 scalars and the
-# smear/backout gates, a high beta1 for the x0 scalars. "uniform" is ours before: (0.8, 0.95), no decay.
+# AdamW's (betas, weight decay) for each group of `GPT.param_groups()`: the record's setup_optimizer
+# (public nanochat gpt.py, autoresearch round 2, a825e63, Mar 2026: tuned in d12-d26 GPU runs).
 ADAMW_GROUPS = {
     "embedding": ((0.8, 0.995), 0.001),
     "lm_head": ((0.8, 0.96), 0.01),
@@ -584,7 +533,7 @@ ADAMW_GROUPS = {
     "x0_scalars": ((0.96, 0.95), 0.0),
     "smear_backout": ((0.8, 0.95), 0.0),
 }
-UNIFORM_ADAMW = ((0.8, 0.95), 0.0)
+UNIFORM_ADAMW = ((0.8, 0.95), 0.0)  # ours before the record, for every group
 
 
 def build_optimizers(
@@ -600,18 +549,12 @@ def build_optimizers(
     normuon_beta2: float = 0.9,
     compiled: bool = False,
 ) -> list[torch.optim.Optimizer]:
-    """[AdamW(every group but "matrix"), Muon("matrix")] for a model's `param_groups()`.
-
-    The record's LRs: the embedding, value embeddings (half the embedding LR) and lm_head scale by
-    (n_embd / 768) ** -0.5 (tuned at width 768); residual scalars take scalar_lr × 0.01, x0 scalars
-    scalar_lr, smear/backout a fixed smear_lr. Betas and decay per group: ADAMW_GROUPS for
-    adam_groups="record", UNIFORM_ADAMW for "uniform". `weight_decay` is Muon's (× its LR);
-    `normuon_beta2` the record's 0.9. Empty groups are left out, so a model without the record's
-    features has the AdamW groups [embedding, lm_head] it always had (old optimizer shards load).
-    """
+    """[AdamW(every group but "matrix"), Muon("matrix")] for a model's `param_groups()`, with the
+    record's LRs; betas and decay from ADAMW_GROUPS ("record") or UNIFORM_ADAMW ("uniform").
+    `weight_decay` is Muon's (× its LR)."""
     assert set(model_param_groups) <= {"matrix", *ADAMW_GROUPS}, sorted(model_param_groups)
     assert adam_groups in ("record", "uniform"), adam_groups
-    width = (n_embd / 768) ** -0.5
+    width = (n_embd / 768) ** -0.5  # the record tuned its AdamW LRs at width 768
     lrs = {
         "embedding": embedding_lr * width,
         "lm_head": unembedding_lr * width,
@@ -624,6 +567,7 @@ def build_optimizers(
     for name, (betas, decay) in ADAMW_GROUPS.items():
         if adam_groups == "uniform":
             betas, decay = UNIFORM_ADAMW
+        # empty groups are left out: a v1 model keeps its [embedding, lm_head] (its old shards load)
         if params := list(model_param_groups.get(name, [])):
             adam.append(dict(name=name, params=params, lr=lrs[name], betas=betas, weight_decay=decay))
     adamw = AdamW(adam, lr=lrs["embedding"], eps=1e-10, compiled=compiled)
@@ -635,10 +579,9 @@ def build_optimizers(
 def optimizers_for(
     model, args, lr_scale: float = 1.0, weight_decay: float | None = None
 ) -> list[torch.optim.Optimizer]:
-    """`build_optimizers` for a GPT from the flags of `add_optimizer_flags` (and, when the script has
-    them, --scalar-lr, --adam-groups, --compile-optimizer and the recipe's normuon_beta2): every LR ×
-    --init-lr-frac × `lr_scale` (base_train's batch rule; the fixed smear/backout LR takes only
-    --init-lr-frac, as in the record). `weight_decay` replaces --weight-decay (base_train's scaled one)."""
+    """`build_optimizers` for a GPT from the flags of `add_optimizer_flags` (and base_train's recipe
+    flags where the script has them): every LR × --init-lr-frac × `lr_scale` (base_train's batch rule).
+    `weight_decay` replaces --weight-decay (base_train's scaled one)."""
     frac = getattr(args, "init_lr_frac", 1.0)
     lrs = {k: getattr(args, k) * frac * lr_scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
     return build_optimizers(
@@ -646,7 +589,7 @@ def optimizers_for(
         model.config.n_embd,
         weight_decay=args.weight_decay if weight_decay is None else weight_decay,
         scalar_lr=getattr(args, "scalar_lr", 0.5) * frac * lr_scale,
-        smear_lr=0.2 * frac,
+        smear_lr=0.2 * frac,  # fixed: not scaled with the batch, as in the record
         # a script without these flags (mid, SFT, RL) keeps the AdamW and NorMuon it had: the record's are
         # pretraining evidence, and the CPU demo's midtraining learned less with them (its SHORT test)
         adam_groups=getattr(args, "adam_groups", "uniform"),
@@ -678,10 +621,9 @@ BATCH_EXPONENT = 0.383  # best batch ∝ training tokens^0.383 (the public nanoc
 
 
 def batch_size_for(params: int, ref_params: int) -> int:
-    """Tokens per optimizer step for a model of `params` scaling parameters (`GPT.num_scaling_params`),
-    where the depth-12 model has `ref_params`: REF_BATCH · (params/ref_params)^0.383 to the nearest
-    power of 2 (the public fit is on training tokens, which the horizon rule makes proportional to
-    params)."""
+    """Tokens per optimizer step for a model of `params` scaling parameters, the depth-12 model having
+    `ref_params`: REF_BATCH · (params/ref_params)^0.383 to the nearest power of 2 (the public fit is on
+    training tokens, which the horizon rule makes proportional to params)."""
     return 2 ** round(math.log2(REF_BATCH * (params / ref_params) ** BATCH_EXPONENT))
 
 
@@ -693,9 +635,7 @@ def batch_lr_scale(total_batch_size: int) -> float:
 def scaled_weight_decay(
     weight_decay: float, total_batch_size: int, lr_scale: float, params: int, ref_params: int
 ) -> float:
-    """The record's decay rule: keep T_epoch = B/(η·λ·D) (arXiv 2405.13698) at its value for
-    `weight_decay` at depth 12 and batch 2^19, with D ∝ params (the horizon rule) and η × `lr_scale`:
-    λ = weight_decay · (B / 2^19) / lr_scale · (ref_params / params). Under the batch rule lr_scale is
-    √(B / 2^19), giving the record's λ_ref · √(B / 2^19) · (D_ref / D); an explicit batch keeps the
-    LRs as given, so λ goes linearly with B."""
+    """The record's decay rule: keep T_epoch = B/(η·λ·D) (arXiv 2405.13698) at its depth-12, batch-2^19
+    value, with D ∝ params and η × `lr_scale`: λ = weight_decay · (B / 2^19) / lr_scale · (ref_params /
+    params). Under the batch rule that is λ_ref · √(B / 2^19) · (D_ref / D)."""
     return weight_decay * (total_batch_size / REF_BATCH) / lr_scale * ref_params / params

@@ -4,22 +4,12 @@ Pretrain the base model on the shards in base_data/.
     python -m scripts.base_train --depth 20                      # one process (GPU, MPS or CPU)
     torchrun --nproc_per_node 8 -m scripts.base_train --depth 20  # one node, 8 GPUs
 
-- One step sees --total-batch-size tokens: device batch × length × ranks × gradient accumulation.
-  No DDP wrapper: micro-steps accumulate locally and the optimizers reduce across ranks.
-- The defaults are the public nanochat record's (GPU-scale evidence): its architecture (--arch)
-  and its optimizer recipe (--recipe); `--arch v1 --recipe v1` is ours before. A flag set
-  explicitly wins over its recipe's value.
-- Length: --num-iterations, else --target-flops, else --target-param-data-ratio × the scaling
-  parameters (block weights + lm_head, the record's count; embedding tables and scalars are not).
-- Batch (--total-batch-size -1): 2^19 tokens at depth 12, × (params / params at depth 12)^0.383,
-  a power of two; the LRs then grow by √(batch / 2^19). An explicit batch takes the LRs as given.
-- LR: linear warmup (--warmup-steps) → constant → linear warmdown to --final-lr-frac. Muon
-  momentum ramps up, then down over the warmdown; Muon's weight decay (record) is scaled to the
-  batch and model size and decays to 0 on a cosine.
-- The last checkpoint is saved before the final evals; --resume continues bit for bit.
-- CORE runs on the uncompiled model with the bundle fetched before training.
-- --dry-run prints the plan (sizes, steps, memory), checks the wandb login and the CORE bundle,
-  and exits before allocating the model.
+The defaults are the public nanochat record's (GPU-scale evidence): its architecture (--arch) and
+optimizer recipe (--recipe); `--arch v1 --recipe v1` is ours before, and a flag set explicitly wins
+over its recipe's value. Length: --num-iterations, else --target-flops, else
+--target-param-data-ratio × the scaling parameters (block weights + lm_head, the record's count).
+--resume continues bit for bit; --dry-run prints the plan (sizes, steps, memory, every optimizer
+group), checks the wandb login and the CORE bundle, and exits before allocating the model.
 """
 
 import argparse
@@ -30,13 +20,11 @@ import resource
 import sys
 import time
 from dataclasses import asdict, replace
-from functools import partial
 
 import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (
-    CheckpointError,
     RunSaver,
     add_device_flag,
     add_run_flags,
@@ -54,8 +42,8 @@ from nanochat.common import (
     compute_init,
     exit_on_user_error,
     exit_together,
-    exit_with_error,
     get_peak_flops,
+    in_range,
     print0,
     setup_logging,
     wandb_login_problem,
@@ -64,14 +52,7 @@ from nanochat.core_eval import evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_parquet_files, read_manifest
 from nanochat.engine import greedy_completions
-from nanochat.gpt import (
-    ARCHES,
-    GPT,
-    GPTConfig,
-    config_from_depth,
-    estimate_memory,
-    suggest_device_batch_size,
-)
+from nanochat.gpt import ARCHES, GPT, GPTConfig, config_from_depth, estimate_memory, suggest_device_batch_size
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.optim import (
     REF_DEPTH,
@@ -93,9 +74,24 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 # -----------------------------------------------------------------------------
 # Flags
 
+
+def window_pattern(text: str) -> str:
+    """--window-pattern: letters S (a short sliding window) and L (the full context)."""
+    if not text or set(text) - set("SL"):
+        raise argparse.ArgumentTypeError(f"must be letters S and L, got {text!r}")
+    return text
+
+
+def device_batch_size(text: str) -> str:
+    """--device-batch-size: 'auto' or a positive number of rows (kept as text: checkpoints compare it)."""
+    if text != "auto":
+        in_range(int, 1)(text)
+    return text
+
+
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 g = parser.add_argument_group("model")
-g.add_argument("--depth", type=int, default=20, help="transformer layers; also sets the width")
+g.add_argument("--depth", type=in_range(int, 1), default=20, help="transformer layers; also sets the width")
 # the record's architecture: its GPU runs at d12-d26 (public nanochat, to autoresearch round 2)
 g.add_argument(
     "--arch",
@@ -103,22 +99,17 @@ g.add_argument(
     choices=ARCHES,
     help="record: value embeddings, layer scalars, smear, backout, sliding windows; v1: our first model",
 )
+g.add_argument("--window-pattern", type=window_pattern, help="override the arch's (S short window, L full)")
 g.add_argument(
-    "--window-pattern", default=None, help="override the arch's window pattern (S short, L full; e.g. L)"
-)
-g.add_argument(
-    "--aspect-ratio", type=int, default=64, help="width = depth × aspect ratio, rounded up to --head-dim"
+    "--aspect-ratio", type=in_range(int, 1), default=64, help="width = depth × this, rounded to --head-dim"
 )
 g.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-g.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
+g.add_argument("--max-seq-len", type=in_range(int, 1), default=2048, help="context length in tokens")
 g = parser.add_argument_group("batch")
-g.add_argument("--device-batch-size", default="32", help="sequences per device per micro-step, or 'auto'")
-g.add_argument(
-    "--total-batch-size",
-    type=int,
-    default=-1,
-    help="tokens per optimizer step, all ranks (-1: by model size)",
-)
+batch_help = "sequences per device per micro-step, or 'auto'"
+g.add_argument("--device-batch-size", type=device_batch_size, default="32", help=batch_help)
+total_help = "tokens per optimizer step, all ranks (-1: by model size)"
+g.add_argument("--total-batch-size", type=int, default=-1, help=total_help)
 g = parser.add_argument_group("length (the first one set wins)")
 g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
 g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
@@ -164,32 +155,25 @@ RECIPES = {
     ),
 }
 g = parser.add_argument_group("recipe (a flag left unset takes the --recipe's value)")
-g.add_argument(
-    "--recipe", default="record", choices=RECIPES, help="record: the public record's; v1: ours before"
-)
+g.add_argument("--recipe", default="record", choices=RECIPES, help="record: the public record's; v1: ours")
 add_optimizer_flags(parser, weight_decay=None, matrix_lr=None, embedding_lr=None, unembedding_lr=None)
-g.add_argument("--scalar-lr", type=float, default=None, help="AdamW LR of the x0 scalars (residual: × 0.01)")
+g.add_argument("--scalar-lr", type=in_range(float, 0), help="AdamW LR of the x0 scalars (residual: × 0.01)")
 g.add_argument(
     "--wd-schedule",
-    default=None,
     choices=("record", "constant"),
     help="record: --weight-decay × √(batch/2^19) × (d12 params/params), cosine to 0; constant: as given",
 )
 g.add_argument(
     "--adam-groups",
-    default=None,
     choices=("record", "uniform"),
     help="AdamW betas and decay: record: per group; uniform: (0.8, 0.95) and none everywhere",
 )
-g.add_argument("--warmup-steps", type=int, default=40, help="steps warming the LR up from 0")  # both recipes
-g.add_argument(
-    "--warmdown-ratio", type=float, default=None, help="fraction of steps decaying the LR at the end"
-)
-g.add_argument("--final-lr-frac", type=float, default=None, help="LR multiplier at the end of the warmdown")
+g.add_argument("--warmup-steps", type=in_range(int, 0), default=40, help="steps warming the LR up from 0")
+g.add_argument("--warmdown-ratio", type=in_range(float, 0, 1), help="final fraction of steps decaying the LR")
+g.add_argument("--final-lr-frac", type=float, help="LR multiplier at the end of the warmdown")
 g.add_argument(
     "--compile-optimizer",
     action=argparse.BooleanOptionalAction,
-    default=None,
     help="torch.compile the optimizers' update math (default: on CUDA only, as the record compiles its step)",
 )
 g.add_argument(
@@ -199,15 +183,13 @@ g.add_argument(
     help="final weights = an EMA with this beta per step over the LR warmdown (0: off; +4 bytes/param/GPU)",
 )
 g = parser.add_argument_group("evaluation and checkpoints")
-g.add_argument(
-    "--eval-every", type=int, default=250, help="steps between val bpb evals (-1: only at the end)"
-)
+g.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evals (-1: at the end)")
 g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per eval")
 g.add_argument("--core-metric-every", type=int, default=2000, help="steps between CORE evals (-1: off)")
 g.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task")
 g.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: off)")
 g.add_argument(
-    "--save-every", type=int, default=-1, help="steps between checkpoints (-1: by the clock, and at the end)"
+    "--save-every", type=int, default=-1, help="steps between saves (-1: by the clock and at the end)"
 )
 g = parser.add_argument_group("run")
 add_run_flags(g)
@@ -216,9 +198,7 @@ g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb
 add_device_flag(g)
 add_verify_flag(g)
 g.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
-g.add_argument(
-    "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model"
-)
+g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile the model")
 g.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
 args = parser.parse_args()
 for key, value in RECIPES[args.recipe].items():
@@ -232,7 +212,6 @@ user_config = vars(args).copy()
 setup_logging()
 is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
 master = rank == 0
-fail = partial(exit_with_error, "base_train")
 
 
 # -----------------------------------------------------------------------------
@@ -252,60 +231,65 @@ def model_config(depth: int) -> GPTConfig:
     return config if args.window_pattern is None else replace(config, window_pattern=args.window_pattern)
 
 
-try:
+# ValueError: a shape config_from_depth refuses, naming its flag
+with exit_on_user_error("base_train", errors=(UserError, ValueError)):
     config = model_config(args.depth)
-except ValueError as e:
-    fail(str(e).replace("window_pattern", "--window-pattern"))
-with torch.device("meta"):
-    model = GPT(config)
-    reference = GPT(model_config(REF_DEPTH))  # the depth the batch and decay rules are anchored at
-num_params = model.num_params()
-scaling_params = model.num_scaling_params()  # what the horizon, batch and decay rules count
-flops_per_token = model.estimate_flops()
-T = args.max_seq_len
-lr_scale = 1.0
-if args.total_batch_size == -1:
-    args.total_batch_size = batch_size_for(scaling_params, reference.num_scaling_params())
-    lr_scale = batch_lr_scale(args.total_batch_size)
-    print0(f"total batch size: auto -> {args.total_batch_size:,} tokens (LRs × {lr_scale:.3f})")
-elif args.total_batch_size < 1:
-    fail(f"--total-batch-size must be a number of tokens or -1 (by model size), got {args.total_batch_size}")
+    with torch.device("meta"):
+        model = GPT(config)
+        reference = GPT(model_config(REF_DEPTH))  # the depth the batch and decay rules are anchored at
+    num_params = model.num_params()
+    scaling_params = model.num_scaling_params()  # what the horizon, batch and decay rules count
+    flops_per_token = model.estimate_flops()
+    T = args.max_seq_len
+    lr_scale = 1.0
+    if args.total_batch_size == -1:
+        # 2^19 tokens at depth 12, × (params / params at d12)^0.383 as a power of two; LRs × √(batch / 2^19)
+        args.total_batch_size = batch_size_for(scaling_params, reference.num_scaling_params())
+        lr_scale = batch_lr_scale(args.total_batch_size)
+        print0(f"total batch size: auto -> {args.total_batch_size:,} tokens (LRs × {lr_scale:.3f})")
+    elif args.total_batch_size < 1:
+        raise UserError(
+            f"--total-batch-size must be tokens or -1 (by model size), got {args.total_batch_size}"
+        )
 
-if args.device_batch_size == "auto":
-    if device.type == "cuda":
-        available = torch.cuda.mem_get_info(device)[1]
-    elif device.type == "mps":
-        available = torch.mps.recommended_max_memory()
-    else:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    with exit_on_user_error("base_train"):  # not even one sequence fits: one line, no traceback
+    if args.device_batch_size == "auto":
+        if device.type == "cuda":
+            available = torch.cuda.mem_get_info(device)[1]
+        elif device.type == "mps":
+            available = torch.mps.recommended_max_memory()
+        else:
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
         B = suggest_device_batch_size(config, T, available, world_size, compute_dtype(device))
-    while B > 1 and args.total_batch_size % (B * T * world_size):
-        B //= 2
-    print0(f"device batch size: auto -> {B}")
-else:
-    B = int(args.device_batch_size)
-    if B < 1:
-        fail(f"--device-batch-size must be a positive integer or 'auto', got {args.device_batch_size}")
-tokens_per_micro_step = B * T * world_size
-if args.total_batch_size % tokens_per_micro_step:
-    fail(
-        f"--total-batch-size {args.total_batch_size} must be a multiple of device batch × sequence length × "
-        f"world size = {B} × {T} × {world_size} = {tokens_per_micro_step}; change --total-batch-size, "
-        "--device-batch-size or --max-seq-len"
-    )
-grad_accum = args.total_batch_size // tokens_per_micro_step
+        while B > 1 and args.total_batch_size % (B * T * world_size):
+            B //= 2
+        print0(f"device batch size: auto -> {B}")
+    else:
+        B = int(args.device_batch_size)
+    tokens_per_micro_step = B * T * world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise UserError(
+            f"--total-batch-size {args.total_batch_size} must be a multiple of device batch × sequence "
+            f"length × world size = {B} × {T} × {world_size} = {tokens_per_micro_step}; change "
+            "--total-batch-size, --device-batch-size or --max-seq-len"
+        )
+    grad_accum = (
+        args.total_batch_size // tokens_per_micro_step
+    )  # micro-steps accumulate locally: no DDP wrapper
 
-if args.num_iterations > 0:
-    num_iterations = args.num_iterations
-elif args.target_flops > 0:
-    num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
-elif args.target_param_data_ratio > 0:
-    num_iterations = int(args.target_param_data_ratio * scaling_params) // args.total_batch_size
-else:
-    fail("set one of --num-iterations, --target-flops or --target-param-data-ratio")
-if num_iterations < 1:
-    fail(f"that gives {num_iterations} steps; lower --total-batch-size or raise the length target")
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
+    elif args.target_param_data_ratio > 0:
+        num_iterations = int(args.target_param_data_ratio * scaling_params) // args.total_batch_size
+    else:
+        raise UserError("set one of --num-iterations, --target-flops or --target-param-data-ratio")
+    if num_iterations < 1:
+        raise UserError(
+            f"that gives {num_iterations} steps; lower --total-batch-size or raise the length target"
+        )
+    if not 0 <= args.weight_ema < 1:
+        raise UserError(f"--weight-ema must be in [0, 1) (0: off), got {args.weight_ema}")
 total_tokens = num_iterations * args.total_batch_size
 weight_decay = args.weight_decay  # Muon's, before its schedule
 if args.wd_schedule == "record":
@@ -341,14 +325,9 @@ decay_rule = "scaled to batch and size, cosine to 0" if args.wd_schedule == "rec
 print0(f"Muon weight decay: {args.weight_decay} -> {weight_decay:.4g} ({decay_rule}; × LR, cautious)")
 if args.weight_ema > 0:
     print0(f"weight EMA: beta {args.weight_ema} over the last {warmdown_steps} steps, the final weights")
-if not 0 <= args.weight_ema < 1:
-    fail(f"--weight-ema must be in [0, 1) (0: off), got {args.weight_ema}")
 with torch.device("meta"):  # the optimizers of the real run, on the meta model: LRs, betas, decay
-    try:
-        for line in describe_optimizers(optimizers_for(model, args, lr_scale, weight_decay)):
-            print0(f"  {line}")
-    except ValueError as e:  # a negative LR or decay
-        fail(f"{e}: check the LR and --weight-decay flags")
+    for line in describe_optimizers(optimizers_for(model, args, lr_scale, weight_decay)):
+        print0(f"  {line}")
 print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
 print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
 if args.core_metric_every > 0:  # the CORE bundle now, not mid-run: rank 0 downloads, then every rank finds it
@@ -358,8 +337,11 @@ if args.core_metric_every > 0:  # the CORE bundle now, not mid-run: rank 0 downl
             get_eval_bundle()
     with exit_together("base_train", errors=(OSError, RuntimeError, ValueError), **bundle):
         print0(f"CORE eval bundle: {get_eval_bundle()}")
-if problem := wandb_login_problem(args.run):  # the bundle and wandb before the dry run's exit: it checks them
-    fail(problem)
+with exit_on_user_error("base_train"):
+    if problem := wandb_login_problem(
+        args.run
+    ):  # the bundle and wandb before the dry run's exit: it checks them
+        raise UserError(problem)
 if args.dry_run:
     compute_cleanup()
     sys.exit(0)
@@ -375,14 +357,11 @@ if args.weight_ema > 0:  # an "optimizer" stepped after the others, so checkpoin
     ema = WeightEMA(model.parameters(), args.weight_ema, start=num_iterations - warmdown_steps)
     optimizers.append(ema)
 same = ("total_batch_size", "device_batch_size", "max_seq_len")
-try:
+with exit_on_user_error("base_train"):
     ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
     start_step, resumed = start_run(
         ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
     )
-except CheckpointError as e:
-    fail(str(e))
-loop_state = resumed.get("loop_state", {})
 loader_state = resumed["dataloader_state"][rank] if resumed else None
 if args.resume:
     print0(f"resumed from step {start_step}")
@@ -409,25 +388,17 @@ def val_bpb() -> float:
 
 
 # -----------------------------------------------------------------------------
-# Logging
+# Training loop (step s trains with batch s; a checkpoint at step s holds the weights after s steps)
 
 run_log = MetricsLog(
     ckpt_dir / "log.jsonl", start_step, args.resume, args.run, "nanochat", user_config, master
 )
-
-
 peak_flops = get_peak_flops(device)
-smooth_loss = loop_state.get("smooth_loss", 0.0)
-min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
-training_time = loop_state.get("training_time", 0.0)  # excludes the compile warm-up steps
+# what a checkpoint carries on; training_time excludes the compile warm-up steps
+state = {"smooth_loss": 0.0, "min_val_bpb": float("inf"), "training_time": 0.0, "val_bpb": None, "core": None}
+state |= resumed.get("loop_state", {})
 session_time = 0.0  # every step of this process, for the ETA
-last_val_bpb = loop_state.get("val_bpb")
-last_core = loop_state.get("core")
 ema_beta = 0.9
-
-# -----------------------------------------------------------------------------
-# Training loop (step s trains with batch s; a checkpoint at step s holds the weights after s steps)
-
 mfu = float("nan")
 saver = RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
 for step in range(start_step, num_iterations + 1):
@@ -436,34 +407,25 @@ for step in range(start_step, num_iterations + 1):
         ema.swap_in()  # the final checkpoint and evals are of the average (again on a resume: the same)
 
     if saver.due(step, last_step):  # the last step, --save-every, the clock, a SIGTERM/SIGINT (then exit 0)
-        meta = {
-            "user_config": user_config,
-            "grad_accum": grad_accum,
-            "loop_state": {
-                "smooth_loss": smooth_loss,
-                "min_val_bpb": min_val_bpb,
-                "training_time": training_time,
-                "val_bpb": last_val_bpb,
-                "core": last_core,
-            },
-            "data_source": read_manifest(),
-        }
-        saver.save(step, orig_model, optimizers, meta, train_loader.state_dict())
+        meta = {"user_config": user_config, "grad_accum": grad_accum, "loop_state": state}
+        saver.save(
+            step, orig_model, optimizers, meta | {"data_source": read_manifest()}, train_loader.state_dict()
+        )
 
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        last_val_bpb = val_bpb()
-        min_val_bpb = min(min_val_bpb, last_val_bpb)
-        print0(f"step {step:05d} | val bpb {last_val_bpb:.4f}")
-        run_log.log({"step": step, "val_bpb": last_val_bpb})
+        state["val_bpb"] = val_bpb()
+        state["min_val_bpb"] = min(state["min_val_bpb"], state["val_bpb"])
+        print0(f"step {step:05d} | val bpb {state['val_bpb']:.4f}")
+        run_log.log({"step": step, "val_bpb": state["val_bpb"]})
 
     if args.core_metric_every > 0 and (last_step or (step > 0 and step % args.core_metric_every == 0)):
         core = evaluate_core(
             orig_model, tokenizer, device, max_per_task=args.core_metric_max_per_task, skip_missing=True
         )
-        last_core = core["core"]
-        partial = " (partial: skipped " + ", ".join(core["skipped"]) + ")" if core["partial"] else ""
-        print0(f"step {step:05d} | CORE {last_core:.4f}{partial}")
-        run_log.log({"step": step, "core": last_core, "core_partial": core["partial"]})
+        state["core"] = core["core"]
+        skipped = " (partial: skipped " + ", ".join(core["skipped"]) + ")" if core["partial"] else ""
+        print0(f"step {step:05d} | CORE {state['core']:.4f}{skipped}")
+        run_log.log({"step": step, "core": state["core"], "core_partial": core["partial"]})
 
     if master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
         for text in greedy_completions(orig_model, tokenizer):
@@ -496,10 +458,10 @@ for step in range(start_step, num_iterations + 1):
     dt = time.time() - t0
 
     if step - start_step >= 10 or num_iterations - start_step < 20:  # skip the compile warm-up steps
-        training_time += dt
+        state["training_time"] += dt
     session_time += dt
-    smooth_loss = ema_beta * smooth_loss + (1 - ema_beta) * train_loss
-    debiased = smooth_loss / (1 - ema_beta ** (step + 1))
+    state["smooth_loss"] = ema_beta * state["smooth_loss"] + (1 - ema_beta) * train_loss
+    debiased = state["smooth_loss"] / (1 - ema_beta ** (step + 1))
     tok_per_sec = args.total_batch_size / dt
     if peak_flops:
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
@@ -510,16 +472,8 @@ for step in range(start_step, num_iterations + 1):
         f"mfu {'n/a' if math.isnan(mfu) else f'{mfu:.1f}%'} | "
         f"{eta(session_time, step + 1 - start_step, num_iterations - step - 1)} | epoch {train_loader.epoch}"
     )
-    run_log.log(
-        {
-            "step": step,
-            "loss": train_loss,
-            "smooth_loss": debiased,
-            "lrm": lrm,
-            "dt": dt,
-            "tok_per_sec": tok_per_sec,
-        }
-    )
+    record = {"loss": train_loss, "smooth_loss": debiased, "lrm": lrm, "dt": dt, "tok_per_sec": tok_per_sec}
+    run_log.log({"step": step, **record})
     if step == start_step:
         # Setup and the compile warm-up left many long-lived objects; the cyclic GC would rescan
         # them all often (the record measured ~500 ms passes that free almost nothing). Collect once,
@@ -541,11 +495,10 @@ if device.type == "cuda":
     peak_memory = torch.cuda.max_memory_allocated(device)
 else:
     peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print0(f"peak memory: {peak_memory / 2**30:.2f} GiB  training time: {training_time / 60:.2f} min")
-print0(
-    f"min val bpb: {min_val_bpb:.4f}  cropped fraction of training tokens: "
-    f"{train_loader.cropped_fraction:.4f}"
-)
+training_minutes = state["training_time"] / 60
+cropped = train_loader.cropped_fraction
+print0(f"peak memory: {peak_memory / 2**30:.2f} GiB  training time: {training_minutes:.2f} min")
+print0(f"min val bpb: {state['min_val_bpb']:.4f}  cropped fraction of training tokens: {cropped:.4f}")
 get_report().log(
     section="Base model training",
     data=[
@@ -562,14 +515,14 @@ get_report().log(
             "world size": world_size,
             "device batch size": B,
             "gradient accumulation": grad_accum,
-            "min val bpb": min_val_bpb,
-            "final val bpb": last_val_bpb,
-            "CORE": last_core if last_core is not None else "not evaluated (--core-metric-every -1)",
+            "min val bpb": state["min_val_bpb"],
+            "final val bpb": state["val_bpb"],
+            "CORE": state["core"] if state["core"] is not None else "not evaluated (--core-metric-every -1)",
             "MFU %": mfu if not math.isnan(mfu) else "n/a (no known peak FLOPs for this device)",
             "total training FLOPs": flops_per_token * total_tokens,
-            "training time (min)": training_time / 60,
+            "training time (min)": training_minutes,
             "peak memory (GiB)": peak_memory / 2**30,
-            "cropped fraction": train_loader.cropped_fraction,
+            "cropped fraction": cropped,
         },
     ],
 )

@@ -1,12 +1,14 @@
 """End-to-end pretraining on CPU: learning, distributed = single process, resume, bad configs.
 
-Every run is the real `scripts.base_train` in a subprocess (torchrun for the distributed
-ones, gloo on loopback) on the tiny offline corpus of the `tiny_base_dir` fixture, with a
-2-layer, 64-wide model. Losses are read from the run's log.jsonl.
+Training runs are the real `scripts.base_train` in a subprocess (torchrun for the distributed ones,
+gloo on loopback) on the tiny offline corpus of `tiny_base_dir`, with a 2-layer, 64-wide model;
+runs that stop before training (dry runs, bad flags) run in this process. Losses come from log.jsonl.
 """
 
 import json
+import logging
 import os
+import runpy
 import shutil
 import socket
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import EVAL_BUNDLE, needs
 
 from nanochat.checkpoint_manager import load_model
 
@@ -22,14 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=4"]
 TINY += ["--core-metric-every=-1"]  # CORE has its own test below
 TINY += ["--no-compile"]  # eager: a tiny run does not pay back the compile (one test below compiles)
-EVAL_BUNDLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval_bundle"
 QUIET = ["--eval-every=-1", "--eval-tokens=512", "--sample-every=-1"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_for(base: Path) -> dict:
@@ -38,21 +34,39 @@ def env_for(base: Path) -> dict:
     return env
 
 
-def train(base: Path, *flags: str, nproc: int = 1, check: bool = True, timeout: int = 300):
+def train(base: Path, *flags: str, nproc: int = 1, check: bool = True, env: dict | None = None):
     """Runs base_train (under torchrun when nproc > 1); returns the CompletedProcess."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "scripts.base_train"]
-    else:
+    cmd = [sys.executable, "-m", "scripts.base_train"]
+    if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         cmd += ["-m", "scripts.base_train"]
-    proc = subprocess.run(
-        [*cmd, *flags], cwd=REPO, env=env_for(base), capture_output=True, text=True, timeout=timeout
-    )
+    env = env or env_for(base)
+    proc = subprocess.run([*cmd, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(
-            f"base_train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            f"base_train failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
         )
     return proc
+
+
+@pytest.fixture
+def train_here(base, monkeypatch, capsys):
+    """Runs base_train in this process up to its exit (a dry run, a refused flag): (status, output)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    # the script's log handler writes to this test's captured stderr: gone again after the test
+    monkeypatch.setattr(logging.getLogger("nanochat"), "handlers", [])
+
+    def run(*flags: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["base_train", *flags])
+        with pytest.raises(SystemExit) as exit_:
+            runpy.run_module("scripts.base_train", run_name="__main__")
+        out = capsys.readouterr()
+        return (
+            exit_.value.code or 0,
+            out.err + out.out,
+        )  # stdout last: its last line is the script's last word
+
+    return run
 
 
 def log_of(base: Path, tag: str) -> list[dict]:
@@ -72,57 +86,38 @@ def weights(base: Path, tag: str, step: int) -> dict[str, torch.Tensor]:
 def base(tiny_base_dir, tmp_path) -> Path:
     """A private copy of the tiny base dir (data + tokenizer), so runs never collide."""
     dst = tmp_path / "base"
-    dst.mkdir()
     for name in ("base_data", "tokenizer"):
         shutil.copytree(tiny_base_dir / name, dst / name)
     return dst
 
 
 # -----------------------------------------------------------------------------
-# The learning-rate schedule
-
-
-# -----------------------------------------------------------------------------
-# Learning
+# Learning, distributed = single process, exact resume
 
 
 def test_tiny_model_lowers_val_bpb(base):
     """With torch.compile (inductor on CPU), as the demo trains: the compiled script path learns too."""
-    flags = [
-        *[f for f in TINY if f != "--no-compile"],
-        "--total-batch-size=1024",
-        "--num-iterations=120",
-        "--eval-every=120",
-        "--eval-tokens=4096",
-    ]
-    train(base, *flags, "--sample-every=-1", "--model-tag=learn", "--matrix-lr=0.05")
+    flags = [f for f in TINY if f != "--no-compile"] + ["--total-batch-size=1024", "--num-iterations=120"]
+    train(base, *flags, "--eval-every=120", "--eval-tokens=4096", "--sample-every=-1", "--model-tag=learn")
     bpbs = [r["val_bpb"] for r in log_of(base, "learn") if "val_bpb" in r]
-    assert len(bpbs) == 2
-    assert bpbs[1] < 0.75 * bpbs[0], bpbs
-    report = (base / "report" / "base-model-training.md").read_text()
-    assert "min val bpb" in report
+    assert len(bpbs) == 2 and bpbs[1] < 0.75 * bpbs[0], bpbs
+    assert "min val bpb" in (base / "report" / "base-model-training.md").read_text()
 
 
-# -----------------------------------------------------------------------------
-# Distributed equals single process
-
-
-def test_distributed_equals_single_process_with_grad_accum(base):
-    flags = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=10"]
+def test_distributed_and_two_node_runs_equal_single_process_with_grad_accum(base):
+    flags = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=6"]
     single = train(base, *flags, "--model-tag=single")
     assert "× 2 micro-steps" in single.stdout  # 4 × 64 × 1 rank × 2 micro-steps
     dist_run = train(base, *flags, "--model-tag=dist", nproc=2)
     assert "× 2 ranks × 1 micro-steps" in dist_run.stdout
     assert losses(base, "single") == pytest.approx(losses(base, "dist"), rel=1e-4)
-    a, b = weights(base, "single", 10), weights(base, "dist", 10)
+    a, b = weights(base, "single", 6), weights(base, "dist", 6)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
-
-
-def test_two_node_c10d_launch_trains_like_one_node(base):
-    flags = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=6"]
-    train(base, *flags, "--model-tag=onenode", nproc=2)
-    port = free_port()
+    # two nodes of one process each, meeting through a c10d rendezvous, train like one node of two
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
     cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nanochat-test"]
     procs = [
@@ -138,49 +133,48 @@ def test_two_node_c10d_launch_trains_like_one_node(base):
     ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    assert losses(base, "twonode") == pytest.approx(losses(base, "onenode"), rel=1e-6)
-
-
-# -----------------------------------------------------------------------------
-# Exact resume
+    assert losses(base, "twonode") == pytest.approx(losses(base, "dist"), rel=1e-6)
 
 
 def test_resume_continues_bit_for_bit(base):
     flags = [*TINY, "--total-batch-size=512", "--num-iterations=20", "--eval-every=5", "--eval-tokens=512"]
-    train(base, *flags, "--sample-every=-1", "--model-tag=straight")
-    train(base, *flags, "--sample-every=-1", "--model-tag=stopped", "--save-every=10")
-    stopped = base / "base_checkpoints" / "stopped"
-    for path in stopped.glob("*_000020*"):  # "stop" at step 10: drop what came after
+    flags += ["--sample-every=-1", "--model-tag=run", "--save-every=10"]
+    train(base, *flags)
+    straight = log_of(base, "run")
+    final = weights(base, "run", 20)
+    run = base / "base_checkpoints" / "run"
+    for path in run.glob("*_000020*"):  # "stop" at step 10: drop what came after
         path.unlink()
     # a crash in the middle of saving step 15: the model file and a temp shard, no meta
-    (stopped / "model_000015.pt").write_bytes(b"half a checkpoint")
-    (stopped / "optim_000015_rank0.pt.tmp.123.abcd").write_bytes(b"partial")
-    with open(stopped / "log.jsonl", "a") as f:
+    (run / "model_000015.pt").write_bytes(b"half a checkpoint")
+    (run / "optim_000015_rank0.pt.tmp.123.abcd").write_bytes(b"partial")
+    with open(run / "log.jsonl", "a") as f:
         f.write('{"step": 15, "loss": 3.')  # the crash cut the log mid-line too
-    resumed = train(base, *flags, "--sample-every=-1", "--model-tag=stopped", "--save-every=10", "--resume")
-    assert "resumed from step 10" in resumed.stdout
-    assert losses(base, "stopped") == losses(base, "straight")  # exactly, step by step
-    assert not list(stopped.glob("*.tmp.*"))  # the next save removed the crashed save's leftovers
-    val = [r["val_bpb"] for r in log_of(base, "stopped") if "val_bpb" in r]
-    assert val == [r["val_bpb"] for r in log_of(base, "straight") if "val_bpb" in r]
-    a, b = weights(base, "straight", 20), weights(base, "stopped", 20)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert "resumed from step 10" in train(base, *flags, "--resume").stdout
+    for key in ("loss", "val_bpb"):  # exactly, step by step
+        assert [r[key] for r in log_of(base, "run") if key in r] == [r[key] for r in straight if key in r]
+    assert not list(run.glob("*.tmp.*"))  # the next save removed the crashed save's leftovers
+    assert all(torch.equal(final[k], v) for k, v in weights(base, "run", 20).items())
 
 
 def test_weight_ema_makes_the_final_weights_and_resumes_exactly(base):
     flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=8", "--save-every=4"]
     train(base, *flags, "--model-tag=plain")
-    ema = [*flags, "--weight-ema=0.5"]  # over the warmdown: the last round(0.65 × 8) = 5 steps
-    assert "weight EMA: beta 0.5 over the last 5 steps" in train(base, *ema, "--model-tag=ema").stdout
-    train(base, *ema, "--model-tag=stopped")
-    stopped = base / "base_checkpoints" / "stopped"
-    for path in stopped.glob("*_000008*"):  # stop after step 4, inside the EMA's span
+    ema = [
+        *flags,
+        "--weight-ema=0.5",
+        "--model-tag=ema",
+    ]  # over the warmdown: the last round(0.65 × 8) = 5 steps
+    assert "weight EMA: beta 0.5 over the last 5 steps" in train(base, *ema).stdout
+    final = weights(base, "ema", 8)
+    for path in (base / "base_checkpoints" / "ema").glob("*_000008*"):  # stop inside the EMA's span
         path.unlink()
-    train(base, *ema, "--model-tag=stopped", "--resume")
-    a, b, plain = weights(base, "ema", 8), weights(base, "stopped", 8), weights(base, "plain", 8)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(base, *ema, "--resume")
+    assert all(torch.equal(final[k], v) for k, v in weights(base, "ema", 8).items())
     assert losses(base, "ema") == losses(base, "plain")  # the EMA never feeds back into training
-    assert not torch.equal(a["lm_head.weight"], plain["lm_head.weight"])  # the final weights are the average
+    assert not torch.equal(
+        final["lm_head.weight"], weights(base, "plain", 8)["lm_head.weight"]
+    )  # the average
 
 
 def test_fresh_run_into_a_used_tag_refuses_and_overwrite_replaces_it(base, monkeypatch):
@@ -192,16 +186,19 @@ def test_fresh_run_into_a_used_tag_refuses_and_overwrite_replaces_it(base, monke
     assert "--overwrite" in refused.stdout
     train(base, *flags, "--num-iterations=2", "--overwrite")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    _, _, meta = load_model("base", "cpu", "eval", "used")
-    assert meta["step"] == 2  # the new run's last step, not the old run's step 4
+    assert load_model("base", "cpu", "eval", "used")[2]["step"] == 2  # the new run's, not the old run's 4
     assert [r["step"] for r in log_of(base, "used") if "loss" in r] == [0, 1]
 
 
-@pytest.mark.skipif(not EVAL_BUNDLE.exists(), reason=f"no CORE bundle at {EVAL_BUNDLE}")
-def test_core_metric_is_evaluated_during_training(base, monkeypatch):
-    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(EVAL_BUNDLE))
+# -----------------------------------------------------------------------------
+# Evals and wandb
+
+
+@needs(EVAL_BUNDLE)
+def test_core_metric_is_evaluated_during_training(base):
     flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=2", "--model-tag=core"]
-    proc = train(base, *flags, "--core-metric-every=2", "--core-metric-max-per-task=2")
+    env = env_for(base) | {"NANOCHAT_EVAL_BUNDLE": str(EVAL_BUNDLE)}
+    proc = train(base, *flags, "--core-metric-every=2", "--core-metric-max-per-task=2", env=env)
     assert "CORE" in proc.stdout and "partial" in proc.stdout  # the shared bundle lacks 4 task files
     core = [r for r in log_of(base, "core") if "core" in r]
     assert len(core) == 1 and core[0]["step"] == 2 and core[0]["core_partial"]
@@ -210,84 +207,65 @@ def test_core_metric_is_evaluated_during_training(base, monkeypatch):
 
 def test_base_loss_evaluates_a_checkpoint(base):
     train(base, *TINY, *QUIET, "--total-batch-size=256", "--num-iterations=3", "--model-tag=d2")
+    cmd = [sys.executable, "-m", "scripts.base_loss", "--device-batch-size=4", "--split-tokens=512"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts.base_loss",
-            "--device-batch-size=4",
-            "--split-tokens=512",
-            "--sample-tokens=4",
-        ],
-        cwd=REPO,
-        env=env_for(base),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [*cmd, "--sample-tokens=4"], cwd=REPO, env=env_for(base), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train bpb:" in proc.stdout and "val bpb:" in proc.stdout
     assert "val bpb" in (base / "report" / "base-model-loss.md").read_text()
 
 
+def test_named_run_logs_to_wandb_offline(base, tmp_path):
+    flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=2", "--run=testrun"]
+    env = {k: v for k, v in env_for(base).items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env |= {"HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    train(base, *flags, env=env)
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
 # -----------------------------------------------------------------------------
-# Bad configs stop before training with a message saying what to change
+# Bad configs stop before training with one line naming the flag, file or bundle to change
 
 
 @pytest.mark.parametrize(
-    "flags, message",
+    "flags, named",
     [
         (["--head-dim=33"], "--head-dim"),
         (["--depth=0"], "--depth"),
         (["--total-batch-size=1000"], "--total-batch-size"),
         (["--device-batch-size=0"], "--device-batch-size"),
-        (["--window-pattern=SX"], "--window-pattern must be letters S and L"),
-        (["--weight-ema=1"], "--weight-ema must be in [0, 1)"),
-        (["--matrix-lr=-1"], "invalid Muon settings: lr=-1.0"),
-        (
-            ["--model-tag=..", "--overwrite"],
-            "--model-tag '..' is not a folder name",
-        ),  # never rmtree the base dir
+        (["--window-pattern=SX"], "--window-pattern"),
+        (["--weight-ema=1"], "--weight-ema"),
+        (["--matrix-lr=-1"], "--matrix-lr"),
+        (["--model-tag=..", "--overwrite"], "--model-tag '..'"),  # never rmtree the base dir
     ],
 )
-def test_bad_config_stops_with_a_clear_message(base, flags, message):
-    default = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=2"]
-    proc = train(base, *default, *flags, check=False)
-    assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr
+def test_bad_config_stops_with_a_clear_message(base, train_here, flags, named):
+    status, out = train_here(*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=2", *flags)
+    assert status != 0 and named in out and "Traceback" not in out, out
     assert not (base / "base_checkpoints").exists()
 
 
-def test_missing_tokenizer_is_named(base):
-    shutil.rmtree(base / "tokenizer")
-    proc = train(base, *TINY, "--num-iterations=2", check=False)
-    assert proc.returncode != 0 and "tok_train" in proc.stdout + proc.stderr
+@pytest.mark.parametrize("missing, named", [("tokenizer", "tok_train"), ("base_data", "nanochat.dataset")])
+def test_missing_tokenizer_or_data_is_named(base, train_here, missing, named):
+    shutil.rmtree(base / missing)
+    status, out = train_here(*TINY, "--num-iterations=2")
+    assert status == 1 and named in out
 
 
-def test_missing_data_is_named(base):
-    shutil.rmtree(base / "base_data")
-    proc = train(base, *TINY, "--num-iterations=2", check=False)
-    assert proc.returncode != 0 and "nanochat.dataset" in proc.stdout + proc.stderr
-
-
-def test_damaged_validation_shard_is_named_in_one_line_before_training(base):
+def test_damaged_validation_shard_is_named_in_one_line_before_training(base, train_here):
     val = json.loads((base / "base_data" / "manifest.json").read_text())["val_shard"]
     (base / "base_data" / val).write_bytes(b"not a parquet file")
-    proc = train(base, *TINY, *QUIET, "--total-batch-size=512", "--num-iterations=2", check=False)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and val in out and "Traceback" not in out, out
+    status, out = train_here(*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=2")
+    assert status == 1 and val in out and "Traceback" not in out, out
     assert not list((base / "base_checkpoints").rglob("model_*.pt"))
 
 
-def test_dry_run_prints_the_plan_without_training(base):
-    proc = train(base, *TINY, "--total-batch-size=512", "--num-iterations=7", "--dry-run")
-    assert "steps: 7" in proc.stdout and "memory estimate" in proc.stdout
-    assert not (base / "base_checkpoints").exists()
-
-
-def test_dry_run_at_depth_12_prints_the_records_plan(base):
+def test_dry_run_at_depth_12_prints_the_records_plan(base, train_here):
     """The defaults are the public record's: its architecture, horizon, batch and every group's LR."""
-    out = train(base, "--depth=12", "--core-metric-every=-1", "--dry-run").stdout
+    status, out = train_here("--depth=12", "--core-metric-every=-1", "--dry-run")
+    assert status == 0 and "memory estimate" in out and not (base / "base_checkpoints").exists()
     assert "--arch record: value_embeds, layer_scalars, smear, backout, windows SSSL (short 512" in out
     assert "batch: 32 × 2048 × 1 ranks × 8 micro-steps = 524,288 tokens" in out  # 2^19 at d12
     assert "tokens/scaling param: 8.00" in out
@@ -305,7 +283,7 @@ def test_dry_run_at_depth_12_prints_the_records_plan(base):
         assert line in out, line
     # ours before, by two flags; an explicit flag beats its recipe's value
     flags = [*TINY, "--total-batch-size=512", "--arch=v1", "--recipe=v1", "--matrix-lr=0.025", "--dry-run"]
-    out = train(base, *flags).stdout
+    out = train_here(*flags)[1]
     assert "--arch v1: no record features, windows L, init v1" in out
     assert "Muon momentum 0.85 -> 0.95 over 300 steps\n" in out
     assert "Muon weight decay: 0.4 -> 0.4 (constant" in out
@@ -316,66 +294,19 @@ def test_dry_run_at_depth_12_prints_the_records_plan(base):
 CORE_DRY_RUN = [*TINY, "--total-batch-size=512", "--num-iterations=7", "--core-metric-every=5", "--dry-run"]
 
 
-def test_dry_run_with_core_offline_and_no_bundle_names_the_bundle(base, monkeypatch):
+def test_dry_run_with_core_offline_and_no_bundle_names_the_bundle(base, train_here, monkeypatch):
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    proc = train(base, *CORE_DRY_RUN, check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    last = proc.stdout.splitlines()[-1]
+    status, out = train_here(*CORE_DRY_RUN)
+    assert status == 1 and "Traceback" not in out, out[-3000:]
+    last = out.splitlines()[-1]
     assert last.startswith("base_train: ") and "NANOCHAT_EVAL_BUNDLE" in last
     assert str(base / "eval_bundle") in last and "--core-metric-every -1" in last
 
 
-@pytest.mark.skipif(not EVAL_BUNDLE.exists(), reason=f"no CORE bundle at {EVAL_BUNDLE}")
-def test_dry_run_with_core_names_the_bundle_it_will_use(base, monkeypatch):
+@needs(EVAL_BUNDLE)
+def test_dry_run_with_core_names_the_bundle_it_will_use(base, train_here, monkeypatch):
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(EVAL_BUNDLE))
-    proc = train(base, *CORE_DRY_RUN)
-    assert f"CORE eval bundle: {EVAL_BUNDLE}" in proc.stdout
+    status, out = train_here(*CORE_DRY_RUN)
+    assert status == 0 and f"CORE eval bundle: {EVAL_BUNDLE}" in out
     assert not (base / "base_checkpoints").exists()
-
-
-def wandb_env(base: Path, home: Path, **extra: str) -> dict:
-    """env_for(base) with wandb cut off from the user's credentials and settings (home is empty)."""
-    env = {k: v for k, v in env_for(base).items() if not k.startswith("WANDB_") and k != "NETRC"}
-    return env | {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / "wandb-config")} | extra
-
-
-def test_named_run_logs_to_wandb_offline(base, tmp_path):
-    flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=2", "--run=testrun"]
-    env = wandb_env(base, tmp_path, WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
-    cmd = [sys.executable, "-m", "scripts.base_train", *flags]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
-
-
-def test_dry_run_of_named_run_without_wandb_key_says_wandb_login(base, tmp_path):
-    flags = [*TINY, "--total-batch-size=256", "--num-iterations=2", "--run=testrun", "--dry-run"]
-    cmd = [sys.executable, "-m", "scripts.base_train", *flags]
-    proc = subprocess.run(cmd, cwd=REPO, env=wandb_env(base, tmp_path), capture_output=True, text=True)
-    assert proc.returncode == 1
-    assert "wandb login" in proc.stdout and "WANDB_MODE=offline" in proc.stdout
-
-
-def test_sigterm_saves_the_step_exits_0_and_its_resume_command_matches_a_straight_run(base):
-    """A rented GPU's SIGTERM: finish the step, save, exit 0 saying how to resume; the resume is exact."""
-    flags = [*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=8"]
-    train(base, *flags, "--model-tag=straight")
-    cmd = [sys.executable, "-m", "scripts.base_train", *flags, "--model-tag=stopped"]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env_for(base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if line.startswith("step 00002/"):
-            proc.terminate()
-    assert proc.wait(timeout=120) == 0, "".join(output[-20:])
-    stop = next(line for line in output if line.startswith("stopped by SIGTERM at step "))
-    assert "Traceback" not in "".join(output)
-    command = stop.split("resume with: ")[1].split()
-    assert command[:3] == ["python", "-m", "scripts.base_train"] and command[-1] == "--resume"
-    train(base, *command[3:])
-    a, b = weights(base, "straight", 8), weights(base, "stopped", 8)
-    assert all(torch.equal(a[name], b[name]) for name in a)
-    assert losses(base, "stopped") == losses(base, "straight")

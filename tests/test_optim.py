@@ -18,7 +18,6 @@ from nanochat.optim import (
     Muon,
     WeightEMA,
     _adamw_math,
-    _cautious_decay,
     _muon_apply,
     apply_schedule,
     batch_lr_scale,
@@ -93,13 +92,6 @@ def test_orthogonalize_maps_singular_values_near_one(shape):
         assert (d - torch.diag(torch.diag(d))).abs().max() < 0.1
 
 
-def test_orthogonalize_random_rectangular_matrices():
-    for shape in [(16, 48), (48, 16), (8, 64)]:
-        g = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-        s = torch.linalg.svdvals(orthogonalize(g).float())
-        assert s.min() > 0.8 and s.max() < 1.15, (shape, s.min().item(), s.max().item())
-
-
 def _normuon_reference(updates: list[torch.Tensor]) -> list[torch.Tensor]:
     """NorMuon by hand over a sequence of orthogonalized updates of one matrix."""
     second_moment, out = 0.0, []
@@ -130,30 +122,6 @@ def test_muon_update_is_normuon_scaled_by_aspect_ratio_with_cautious_decay(shape
     torch.testing.assert_close(update.norm(), orthogonalize(p.grad).float().norm(), rtol=1e-5, atol=0)
 
 
-def test_cautious_decay_touches_only_coordinates_whose_update_agrees_in_sign():
-    gen = torch.Generator().manual_seed(0)
-    p0, update = torch.randn(40, 30, generator=gen), torch.randn(40, 30, generator=gen)
-    p = p0.clone()
-    _cautious_decay(p, update, 0.1)
-    agree = update * p0 > 0
-    assert 0.3 < agree.float().mean() < 0.7  # both kinds of coordinates are present
-    assert torch.equal(p[~agree], p0[~agree])
-    torch.testing.assert_close(p[agree], 0.9 * p0[agree])
-
-
-def test_muon_nesterov_momentum_buffer():
-    gen = torch.Generator().manual_seed(0)
-    p = torch.randn(6, 4, generator=gen)
-    g1, g2 = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
-    mu = 0.9
-    opt = Muon([p], lr=0.02, momentum=mu)
-    for g in (g1, g2):
-        p.grad = g
-        opt.step()
-    buf = mu * (1 - mu) * g1 + (1 - mu) * g2
-    torch.testing.assert_close(opt.state[p]["momentum_buffer"], buf)
-
-
 def test_muon_step_orthogonalizes_the_nesterov_lookahead():
     gen = torch.Generator().manual_seed(0)
     p0 = torch.randn(6, 4, generator=gen)
@@ -168,22 +136,15 @@ def test_muon_step_orthogonalizes_the_nesterov_lookahead():
     b2 = mu * b1 + (1 - mu) * g2
     u1, u2 = (1 - mu) * g1 + mu * b1, (1 - mu) * g2 + mu * b2
     n1, n2 = _normuon_reference([orthogonalize(u1).float(), orthogonalize(u2).float()])
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], b2)
     expected = p0 - lr * 1.5**0.5 * (n1 + n2)
     # differently-ordered fp32 inputs may round to different bf16 ulps: allow 0.1% of one update
     # (measured worst case over 200 seeds: 0.001%; dropping the Nesterov look-ahead moves p by >20%)
     torch.testing.assert_close(p, expected, rtol=0, atol=lr * 1e-3)
 
 
-def test_muon_momentum_warmup_endpoints():
-    assert muon_momentum(0) == pytest.approx(0.85)
-    assert muon_momentum(150) == pytest.approx(0.90)
-    assert muon_momentum(300) == pytest.approx(0.95)
-    assert muon_momentum(10_000) == pytest.approx(0.95)
-    values = [muon_momentum(s) for s in range(0, 301, 10)]
-    assert all(a < b for a, b in zip(values, values[1:], strict=False))
-
-
-def test_muon_momentum_of_the_record_ramps_up_then_down_over_the_warmdown():
+def test_muon_momentum_ramps_up_then_down_over_the_warmdown():
+    assert [muon_momentum(s) for s in (0, 150, 300, 10_000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
     n, ratio = 5000, 0.65  # warmdown: the last 3250 steps, from step 1750
     m = lambda s: muon_momentum(s, 400, 0.85, 0.97, n, ratio, end=0.90)  # noqa: E731
     assert m(0) == pytest.approx(0.85) and m(200) == pytest.approx(0.91) and m(400) == pytest.approx(0.97)
@@ -218,15 +179,9 @@ def test_lr_multiplier_warms_up_holds_then_decays_to_final_frac():
     # the recipe's defaults (40 warmup steps, half the run in warmdown, to 5%); a 50-step run cuts
     # the warmup to the 25 steps before its warmdown
     recipe = dict(warmup_steps=40, warmdown_ratio=0.5, final_lr_frac=0.05)
-    assert (
-        lr_multiplier(0, 5000, **recipe) == pytest.approx(1 / 40) and lr_multiplier(39, 5000, **recipe) == 1
-    )
-    assert lr_multiplier(2500, 5000, **recipe) == 1 and lr_multiplier(5000, 5000, **recipe) == pytest.approx(
-        0.05
-    )
+    values = [lr_multiplier(s, 5000, **recipe) for s in (0, 39, 2500, 5000)]
+    assert values == pytest.approx([1 / 40, 1, 1, 0.05])
     assert lr_multiplier(24, 50, **recipe) == 1 and lr_multiplier(23, 50, **recipe) == pytest.approx(24 / 25)
-    with pytest.raises(ValueError):
-        lr_multiplier(0, n, warmup_steps=-1)
 
 
 def test_horizon_batch_and_decay_rules_on_a_table_of_depths():
@@ -264,11 +219,6 @@ def test_horizon_batch_and_decay_rules_on_a_table_of_depths():
     )
     # an explicit batch keeps the LRs (scale 1): the decay goes with the batch itself
     assert scaled_weight_decay(0.28, 2**18, 1.0, reference, reference) == pytest.approx(0.14)
-
-
-def test_muon_rejects_non_matrices():
-    with pytest.raises(ValueError, match="2-D"):
-        Muon([torch.zeros(3, 4), torch.zeros(5)])
 
 
 def test_muon_chunks_pad_last_chunk_of_each_shape():
@@ -364,44 +314,39 @@ def _snapshot(params):
 
 def _worker(rank, world_size, port, out_dir):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),  # a mismatched collective fails instead of hanging
-    )
+    timeout = datetime.timedelta(seconds=60)  # a mismatched collective fails instead of hanging
+    url = f"tcp://127.0.0.1:{port}"
+    dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world_size, timeout=timeout)
     try:
         params = _make_params()
         opts = _make_optimizers(params)
-        losses = [_train_step(params, opts, step, [rank], 1.0)[0] for step in range(STEPS)]
+        losses = []
+        path = out_dir / f"ckpt_rank{rank}.pt"
+        for step in range(STEPS):
+            if step == RESUME_AT:  # this rank's checkpoint, as a save writes it
+                torch.save({"model": _snapshot(params), "optim": [opt.state_dict() for opt in opts]}, path)
+            losses += _train_step(params, opts, step, [rank], 1.0)
         names = {id(p): n for n, p in params.items()}
         state = {
             names[id(p)]: {k: tuple(v.shape) for k, v in s.items() if torch.is_tensor(v)}
             for opt in opts
             for p, s in opt.state.items()
         }
-        # interrupted run: save this rank's shard after RESUME_AT steps, load it into fresh objects
-        params2 = _make_params()
-        opts2 = _make_optimizers(params2)
-        for step in range(RESUME_AT):
-            _train_step(params2, opts2, step, [rank], 1.0)
-        path = out_dir / f"ckpt_rank{rank}.pt"
-        torch.save({"model": _snapshot(params2), "optim": [opt.state_dict() for opt in opts2]}, path)
+        # the interrupted run: fresh objects loaded from the checkpoint, trained on to the end
         ckpt = torch.load(path)
-        params3 = _make_params(seed=123)
-        for n, p in params3.items():
+        resumed = _make_params(seed=123)
+        for n, p in resumed.items():
             p.data.copy_(ckpt["model"][n])
-        opts3 = _make_optimizers(params3)
-        for opt, sd in zip(opts3, ckpt["optim"], strict=True):
+        resumed_opts = _make_optimizers(resumed)
+        for opt, sd in zip(resumed_opts, ckpt["optim"], strict=True):
             opt.load_state_dict(sd)
         for step in range(RESUME_AT, STEPS):
-            _train_step(params3, opts3, step, [rank], 1.0)
+            _train_step(resumed, resumed_opts, step, [rank], 1.0)
         result = {
             "params": _snapshot(params),
             "losses": losses,
             "state": state,
-            "resumed": _snapshot(params3),
+            "resumed": _snapshot(resumed),
         }
         torch.save(result, out_dir / f"result_rank{rank}.pt")
         dist.barrier()  # no rank tears down while its peer still communicates
@@ -419,7 +364,7 @@ def _free_port():
 def two_rank_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("optim_dist")
     mp.spawn(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
-    return out_dir, [torch.load(out_dir / f"result_rank{r}.pt") for r in range(2)]
+    return [torch.load(out_dir / f"result_rank{r}.pt") for r in range(2)]
 
 
 @pytest.fixture(scope="module")
@@ -437,25 +382,20 @@ def one_process_run():
 
 
 def test_distributed_equals_single_process(two_rank_run, one_process_run):
-    _, results = two_rank_run
-    single, _ = one_process_run
+    results = two_rank_run
+    single, single_losses = one_process_run
     start = _make_params()
     for name in SHAPES:
         for r in range(2):
             torch.testing.assert_close(results[r]["params"][name], single[name], msg=f"{name} on rank {r}")
         assert not torch.allclose(single[name], start[name]), f"{name} never moved"
-
-
-def test_distributed_loss_curve_matches_single_process(two_rank_run, one_process_run):
-    _, results = two_rank_run
-    _, single_losses = one_process_run
     for step in range(STEPS):
-        assert results[0]["losses"][step] == pytest.approx(single_losses[step][0], rel=1e-6)
-        assert results[1]["losses"][step] == pytest.approx(single_losses[step][1], rel=1e-6)
+        for r in range(2):
+            assert results[r]["losses"][step] == pytest.approx(single_losses[step][r], rel=1e-6)
 
 
 def test_each_rank_holds_state_only_for_what_it_owns(two_rank_run):
-    _, results = two_rank_run
+    results = two_rank_run
     s0, s1 = results[0]["state"], results[1]["state"]
     # AdamW: rows of "emb" are split, the others are updated whole on both ranks
     for s in (s0, s1):
@@ -470,38 +410,10 @@ def test_each_rank_holds_state_only_for_what_it_owns(two_rank_run):
 
 
 def test_per_rank_state_dict_resume_is_exact(two_rank_run):
-    _, results = two_rank_run
+    results = two_rank_run
     for r in range(2):
         for name in SHAPES:
             assert torch.equal(results[r]["resumed"][name], results[r]["params"][name]), (r, name)
-
-
-def test_shard_from_other_world_size_is_rejected(two_rank_run):
-    out_dir, _ = two_rank_run
-    sd = torch.load(out_dir / "ckpt_rank0.pt")["optim"][1]
-    assert sd["world_size"] == 2 and sd["rank"] == 0
-    opts = _make_optimizers(_make_params())
-    with pytest.raises(ValueError, match="same number of processes"):
-        opts[1].load_state_dict(sd)
-
-
-def test_single_process_resume_is_exact():
-    params = _make_params()
-    opts = _make_optimizers(params)
-    for step in range(STEPS):
-        _train_step(params, opts, step, [0, 1], 0.5)
-    params2 = _make_params()
-    opts2 = _make_optimizers(params2)
-    for step in range(RESUME_AT):
-        _train_step(params2, opts2, step, [0, 1], 0.5)
-    sds = [opt.state_dict() for opt in opts2]
-    opts3 = _make_optimizers(params2)  # fresh optimizers over the same (restored) parameters
-    for opt, sd in zip(opts3, sds, strict=True):
-        opt.load_state_dict(sd)
-    for step in range(RESUME_AT, STEPS):
-        _train_step(params2, opts3, step, [0, 1], 0.5)
-    for name in SHAPES:
-        assert torch.equal(params[name], params2[name]), name
 
 
 # -----------------------------------------------------------------------------
@@ -552,6 +464,10 @@ def test_build_optimizers_gives_each_group_the_records_lr_betas_and_decay():
     lines = describe_optimizers([adamw, muon])
     assert len(lines) == 7 and lines[0].startswith("AdamW embedding") and "betas (0.8, 0.995)" in lines[0]
     assert lines[-1].startswith("Muon matrix") and "NorMuon beta2 0.9" in lines[-1]
+    apply_schedule([adamw, muon], 0.5, momentum=0.9, muon_weight_decay=0.05)
+    assert all(g["lr"] == pytest.approx(0.5 * g["initial_lr"]) for o in (adamw, muon) for g in o.param_groups)
+    assert muon_group["momentum"] == 0.9 and muon_group["weight_decay"] == 0.05
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.001, 0.01, 0.01, 0.05, 0.0, 0.0]  # untouched
 
 
 def test_build_optimizers_uniform_and_a_v1_model_keep_the_old_groups():
@@ -562,14 +478,6 @@ def test_build_optimizers_uniform_and_a_v1_model_keep_the_old_groups():
     v1 = {k: groups[k] for k in ("matrix", "embedding", "lm_head")} | {"value_embeds": [], "x0_scalars": []}
     adamw, _ = build_optimizers(v1, n_embd=768)
     assert [g["name"] for g in adamw.param_groups] == ["embedding", "lm_head"]
-
-
-def test_apply_schedule_sets_lrs_and_muons_momentum_and_decay():
-    adamw, muon = build_optimizers(_gpt_like_groups(), n_embd=768, weight_decay=0.2)
-    apply_schedule([adamw, muon], 0.5, momentum=0.9, muon_weight_decay=0.05)
-    assert all(g["lr"] == pytest.approx(0.5 * g["initial_lr"]) for o in (adamw, muon) for g in o.param_groups)
-    assert muon.param_groups[0]["momentum"] == 0.9 and muon.param_groups[0]["weight_decay"] == 0.05
-    assert [g["weight_decay"] for g in adamw.param_groups] == [0.001, 0.01, 0.01, 0.05, 0.0, 0.0]  # untouched
 
 
 def test_compiled_update_equals_eager():
