@@ -1,10 +1,5 @@
-"""ARC (AI2 Reasoning Challenge): grade-school science questions with 3-5 choices.
-
-Design choices:
-- Categorical: the user message is `render_mc(...)`, the assistant message the gold letter.
-- Choices are relettered A, B, C, ... by position, because a few ARC rows label them "1".."4".
-- Local files: `$NANOCHAT_TASK_DATA/arc/ARC-{Easy,Challenge}-{train,validation,test}.jsonl`.
-"""
+"""ARC (AI2 Reasoning Challenge): grade-school science questions with 3-5 choices, categorical.
+Local files: `$NANOCHAT_TASK_DATA/arc/ARC-{Easy,Challenge}-{train,validation,test}.jsonl`."""
 
 from __future__ import annotations
 
@@ -33,7 +28,7 @@ class ARC(Task):
             raise ValueError(
                 f"ARC row {row.get('id', index)}: answerKey {row['answerKey']!r} not in labels {labels}"
             )
-        letters = list(LETTERS[: len(choices)])
+        letters = list(LETTERS[: len(choices)])  # by position: a few ARC rows label their choices "1".."4"
         messages = [
             {"role": "user", "content": render_mc(row["question"], letters, choices)},
             {"role": "assistant", "content": letters[labels.index(row["answerKey"])]},

@@ -1,15 +1,6 @@
-"""The Task base class, task mixtures, and the one place task data is read from.
-
-Design choices:
-- A Task is a read-only list of conversations `{"messages": [...]}` seen through a
-  start/stop/step view, so several ranks can stride one task without copying it.
-- `evaluate` grades the text of one assistant reply; `reward` is what RL maximises (1.0 / 0.0).
-- Task data comes from `$NANOCHAT_TASK_DATA` (laid out like shared/data/tasks/) when set, else
-  the Hugging Face hub; never one silently instead of the other. Missing or damaged data is one of
-  TASK_DATA_ERRORS, each naming the file and the fix: entry points end in that one line.
-- Rows stay in file order (MMLU's is by subject: take subsets with `step`, not `stop`).
-- `TaskMixture` shuffles once with a fixed seed; listing a task twice oversamples it.
-"""
+"""The Task base class, task mixtures, and the one place task data is read from: $NANOCHAT_TASK_DATA
+(laid out like shared/data/tasks/) when set, else the Hugging Face hub, never one silently instead of
+the other. Missing or damaged data is one of TASK_DATA_ERRORS, naming the file and the fix."""
 
 from __future__ import annotations
 
@@ -35,7 +26,8 @@ LETTERS = "ABCDEFGHIJ"
 
 
 class Task:
-    """A dataset of conversations, seen through a start/stop/step view."""
+    """A read-only dataset of conversations `{"messages": [...]}`, seen through a start/stop/step view
+    (several ranks stride one task without copying it). Rows stay in file order."""
 
     eval_type: str = "generative"  # "categorical" | "generative"
 
@@ -90,9 +82,8 @@ class GeneratedTask(Task):
 
 
 class TaskMixture(Task):
-    """All examples of several tasks, shuffled together once (deterministic for a given seed).
-
-    It cannot grade: evaluate with the task an example came from."""
+    """All examples of several tasks, shuffled together once (deterministic for a given seed); listing a
+    task twice oversamples it. It cannot grade: evaluate with the task an example came from."""
 
     eval_type = "mixed"
 

@@ -1,11 +1,5 @@
-"""CustomJSON: your own conversations from a .jsonl file, e.g. the identity conversations.
-
-Design choices:
-- One conversation per line: a JSON list of `{"role", "content"}` messages (or an object
-  `{"messages": [...]}`), every line validated when the file is opened; errors name the line.
-- A relative path that does not exist is also looked up under `$NANOCHAT_TASK_DATA`.
-- `evaluate` is the same strict reference match as SmolTalk's.
-"""
+"""CustomJSON: your own conversations from a .jsonl file (e.g. the identity conversations), one per
+line: a JSON list of `{"role", "content"}` messages or an object `{"messages": [...]}`."""
 
 from __future__ import annotations
 
@@ -40,7 +34,7 @@ class CustomJSON(Task):
     def __init__(self, filepath: str | os.PathLike, **view):
         super().__init__(**view)
         self.filepath = resolve_data_path(filepath)
-        self.conversations = [
+        self.conversations = [  # every line checked now, so an error names its line
             validate_messages(
                 row.get("messages") if isinstance(row, dict) else row, f"{self.filepath} line {n}"
             )

@@ -1,11 +1,5 @@
-"""GSM8K: grade-school math word problems, solved step by step with a calculator.
-
-Design choices:
-- The answer's calculator annotations `<<48/2=24>>` become assistant parts (python, then
-  python_output), so the model learns to call the tool and to read its output.
-- Graded on the number after the first `#### ` of the completion, compared as numbers.
-- Local files: `$NANOCHAT_TASK_DATA/gsm8k/{train,test}.jsonl` ("socratic": `socratic_{split}.jsonl`).
-"""
+"""GSM8K: grade-school math word problems, solved step by step with the calculator tool; graded on
+the number after the first `#### `. Local files: `$NANOCHAT_TASK_DATA/gsm8k/{train,test}.jsonl`."""
 
 from __future__ import annotations
 

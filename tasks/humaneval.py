@@ -1,13 +1,5 @@
-"""HumanEval: 164 Python functions to complete, checked by their unit tests.
-
-Design choices:
-- The user message is the function stub (signature + docstring); the gold reply the whole function.
-- `evaluate` runs `stub + code + tests + check(entry_point)` in the sandbox (OS-isolated unless
-  `isolated=False`; see nanochat/execution.py), where code is the
-  completion's first fenced block (else all of it). With the stub first, a bare body continues
-  it and a full function redefines it: both kinds of answer work.
-- Local file: `$NANOCHAT_TASK_DATA/humaneval/HumanEval.jsonl.gz`.
-"""
+"""HumanEval: 164 Python functions to complete, graded by running their unit tests in the sandbox
+(nanochat/execution.py). Local file: `$NANOCHAT_TASK_DATA/humaneval/HumanEval.jsonl.gz`."""
 
 from __future__ import annotations
 
@@ -20,7 +12,9 @@ _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.
 
 
 def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """The test program for one completion: stub, completion code, the tests, and the call to check."""
+    """The test program for one completion: stub, completion code (its first fenced block, else all of
+    it), the tests, and the call to check. With the stub first, a bare body continues it and a full
+    function redefines it: both kinds of answer work."""
     match = _FENCE.search(completion)
     code = match.group(1) if match else completion
     stub = prompt if prompt.endswith("\n") else prompt + "\n"

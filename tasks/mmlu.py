@@ -1,12 +1,6 @@
-"""MMLU: four-choice questions over 57 subjects, plus its auxiliary training set.
-
-Design choices:
-- Categorical, like ARC: user = `render_mc(...)`, assistant = the gold letter, plus `"subject"`.
-- Subset "all" has splits test / validation / dev; "auxiliary_train" has split "train" (its hub
-  rows nest the fields under a "train" key, unwrapped here).
-- Local files: `$NANOCHAT_TASK_DATA/mmlu/mmlu_{test,validation,dev}.jsonl` and
-  `mmlu/mmlu_auxiliary_train*.jsonl` (all matching files, in name order).
-"""
+"""MMLU: four-choice questions over 57 subjects (subset "all": test / validation / dev), plus its
+auxiliary training set (subset "auxiliary_train", split "train"). Local files:
+`$NANOCHAT_TASK_DATA/mmlu/mmlu_{split}.jsonl` and `mmlu/mmlu_auxiliary_train*.jsonl`."""
 
 from __future__ import annotations
 
@@ -14,7 +8,8 @@ from tasks.common import Task, load_task_rows, render_mc
 
 
 class MMLU(Task):
-    """MMLU questions (subset "all") or its auxiliary training questions (subset "auxiliary_train")."""
+    """MMLU questions (subset "all") or its auxiliary training questions (subset "auxiliary_train").
+    Rows are in subject order: take subsets with `step`, not `stop`."""
 
     eval_type = "categorical"
     letters = ["A", "B", "C", "D"]

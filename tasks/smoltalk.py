@@ -1,11 +1,5 @@
-"""SmolTalk: general chat conversations (HuggingFaceTB/smol-smoltalk) for mid-training and SFT.
-
-Design choices:
-- Rows are `{"messages": [...]}`, validated when read (`validate_messages`).
-- Local files: `$NANOCHAT_TASK_DATA/smoltalk/{train,test}.jsonl` (not part of shared/data).
-- Chat has no single right answer: `evaluate` is a strict reference match, a sanity check
-  (memorisation), not a quality measure.
-"""
+"""SmolTalk: general chat conversations (HuggingFaceTB/smol-smoltalk) for midtraining and SFT.
+Local files: `$NANOCHAT_TASK_DATA/smoltalk/{train,test}.jsonl` (not part of shared/data)."""
 
 from __future__ import annotations
 
@@ -31,4 +25,5 @@ class SmolTalk(Task):
         return {"messages": messages}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
+        # chat has no single right answer: a strict reference match is a sanity check, not a quality measure
         return completion.strip() == last_assistant_text(conversation).strip()

@@ -1,13 +1,6 @@
-"""Spelling tasks over a word list: count a letter in a word (SpellingBee, checked with the
-Python tool) and spell a word out letter by letter (SimpleSpelling). Small models see tokens,
-not letters; these tasks teach them to look inside words.
-
-Design choices:
-- Examples are generated on demand from a seeded RNG per example (`GeneratedTask`).
-- Word list: `$NANOCHAT_TASK_DATA/spellingbee/words_alpha.txt`, else /usr/share/dict/words,
-  else words harvested from the offline pretraining corpus; lowercase a-z only, sorted.
-- SimpleSpelling grades what follows the last colon: the letters one by one (the bare word is wrong).
-"""
+"""Spelling tasks over a word list: count a letter in a word (SpellingBee, checked with the Python
+tool) and spell a word out letter by letter (SimpleSpelling). Small models see tokens, not letters;
+these tasks teach them to look inside words."""
 
 from __future__ import annotations
 
@@ -65,7 +58,8 @@ def _load_words(task_dir: str | None, base_dir: str | None) -> tuple[str, ...]:
 
 
 def load_words() -> tuple[str, ...]:
-    """The sorted word list, from the first available source (see the module docstring)."""
+    """The sorted lowercase a-z word list: `$NANOCHAT_TASK_DATA/spellingbee/words_alpha.txt`, else
+    /usr/share/dict/words, else words harvested from the offline pretraining corpus."""
     task_dir = task_data_dir()  # the sources are the cache key: a test may point them elsewhere
     return _load_words(str(task_dir) if task_dir else None, os.environ.get("NANOCHAT_BASE_DIR"))
 
@@ -167,6 +161,6 @@ class SimpleSpelling(GeneratedTask):
         return {"messages": messages, "word": word}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        spelled = completion.rpartition(":")[2]
+        spelled = completion.rpartition(":")[2]  # the letters after the last colon: a bare word fails
         letters = [piece for piece in re.split(r"[\s,\-]+", spelled) if piece]
         return letters == list(conversation["word"])

@@ -1,12 +1,5 @@
-"""Offline chat tasks this project generates itself, so the CPU demo needs no download.
-
-Design choices:
-- `Arithmetic`: word problems answered with the calculator tool (text, python, python_output,
-  then `#### answer`), graded like GSM8K. Numbers are chosen so every answer is whole: a tiny
-  model should learn to use the tool, not to round.
-- `Identity`: templated conversations about this model and project; every answer is true.
-- Example i of a split comes from its own seeded RNG (`GeneratedTask`): deterministic, random access.
-"""
+"""Offline chat tasks this project generates itself, so the CPU demo needs no download: Arithmetic
+word problems answered with the calculator tool, and Identity conversations about this model."""
 
 from __future__ import annotations
 
@@ -151,7 +144,8 @@ PROBLEMS = [_shopping, _change, _sharing, _distance, _savings, _remaining, _area
 
 
 class Arithmetic(GeneratedTask):
-    """Arithmetic word problems answered with the calculator tool; graded on the number after `#### `."""
+    """Arithmetic word problems answered with the calculator tool; graded on the number after `#### `.
+    Every answer is whole: a tiny model should learn to use the tool, not to round."""
 
     name = "arithmetic"
 
@@ -290,7 +284,8 @@ THANKS_REPLIES = ["You're welcome!", "Glad I could help. Anything else?", "Happy
 
 
 class Identity(GeneratedTask):
-    """Templated conversations about nanochat itself (who it is, how it was made, its limits)."""
+    """Templated conversations about nanochat itself (who it is, how it was made, its limits); every
+    answer is true."""
 
     name = "identity"
 

@@ -1,13 +1,14 @@
 """Tasks: data loading (local files and the hub), rendering, grading, mixtures and views."""
 
 import gzip
+import importlib
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
+from conftest import TASK_DATA, needs
 
 from tasks import humaneval, spellingbee
 from tasks.common import (
@@ -21,17 +22,12 @@ from tasks.common import (
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic, Identity
 
-SHARED_TASKS = Path(__file__).resolve().parents[2] / "shared" / "data" / "tasks"
-needs_shared = pytest.mark.skipif(
-    not SHARED_TASKS.is_dir(), reason=f"shared task data not found at {SHARED_TASKS}"
-)
-
 
 @pytest.fixture
 def shared_tasks(monkeypatch):
-    """NANOCHAT_TASK_DATA pointing at ../shared/data/tasks."""
-    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(SHARED_TASKS))
-    return SHARED_TASKS
+    """NANOCHAT_TASK_DATA pointing at the shared task data."""
+    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
+    return TASK_DATA
 
 
 @pytest.fixture
@@ -64,35 +60,36 @@ class Numbers(Task):
 # ------------------------------------------------------------------------------ shared data
 
 
-@needs_shared
+def make_task(module: str, name: str, *args, **kwargs) -> Task:
+    return getattr(importlib.import_module(f"tasks.{module}"), name)(*args, **kwargs)
+
+
+@needs(TASK_DATA)
 @pytest.mark.parametrize(
-    "make, expected",
+    "task, expected",
     [
-        (lambda: __import__("tasks.gsm8k").gsm8k.GSM8K(split="train"), 7473),
-        (lambda: __import__("tasks.gsm8k").gsm8k.GSM8K(split="test"), 1319),
-        (lambda: __import__("tasks.arc").arc.ARC("ARC-Easy", "train"), 2251),
-        (lambda: __import__("tasks.arc").arc.ARC("ARC-Easy", "validation"), 570),
-        (lambda: __import__("tasks.arc").arc.ARC("ARC-Easy", "test"), 2376),
-        (lambda: __import__("tasks.arc").arc.ARC("ARC-Challenge", "train"), 1119),
-        (lambda: __import__("tasks.arc").arc.ARC("ARC-Challenge", "validation"), 299),
-        (lambda: __import__("tasks.arc").arc.ARC("ARC-Challenge", "test"), 1172),
-        (lambda: __import__("tasks.mmlu").mmlu.MMLU("all", "test"), 14042),
-        (lambda: __import__("tasks.mmlu").mmlu.MMLU("auxiliary_train", "train"), 1218),
-        (lambda: __import__("tasks.humaneval").humaneval.HumanEval(), 164),
-        (
-            lambda: __import__("tasks.customjson").customjson.CustomJSON("chat/identity_conversations.jsonl"),
-            1000,
-        ),
+        (("gsm8k", "GSM8K", "main", "train"), 7473),
+        (("gsm8k", "GSM8K", "main", "test"), 1319),
+        (("arc", "ARC", "ARC-Easy", "train"), 2251),
+        (("arc", "ARC", "ARC-Easy", "validation"), 570),
+        (("arc", "ARC", "ARC-Easy", "test"), 2376),
+        (("arc", "ARC", "ARC-Challenge", "train"), 1119),
+        (("arc", "ARC", "ARC-Challenge", "validation"), 299),
+        (("arc", "ARC", "ARC-Challenge", "test"), 1172),
+        (("mmlu", "MMLU", "all", "test"), 14042),
+        (("mmlu", "MMLU", "auxiliary_train", "train"), 1218),
+        (("humaneval", "HumanEval"), 164),
+        (("customjson", "CustomJSON", "chat/identity_conversations.jsonl"), 1000),
     ],
 )
-def test_shared_data_row_counts(shared_tasks, make, expected):
-    task = make()
+def test_shared_data_row_counts(shared_tasks, task, expected):
+    task = make_task(*task)
     assert len(task) == task.num_examples() == expected
     assert task[expected - 1]["messages"]  # the last row loads too
 
 
-@needs_shared
-def test_gsm8k_calculator_annotations_become_tool_parts(shared_tasks):
+@needs(TASK_DATA)
+def test_gsm8k_tool_parts_and_grading_on_the_number_after_hashes(shared_tasks):
     from tasks.gsm8k import GSM8K
 
     conversation = GSM8K(split="train")[0]  # Natalia's clips: <<48/2=24>>, <<48+24=72>>, #### 72
@@ -100,27 +97,17 @@ def test_gsm8k_calculator_annotations_become_tool_parts(shared_tasks):
     assert user["role"] == "user" and user["content"].startswith("Natalia sold clips")
     parts = assistant["content"]
     assert [p["type"] for p in parts] == ["text", "python", "python_output"] * 2 + ["text"]
-    assert parts[1]["text"] == "48/2" and parts[2]["text"] == "24"
-    assert parts[4]["text"] == "48+24" and parts[5]["text"] == "72"
-    assert parts[-1]["text"].endswith("#### 72")
-    assert not any("<<" in p["text"] for p in parts)
+    assert [p["text"] for p in parts[1:3] + parts[4:6]] == ["48/2", "24", "48+24", "72"]
+    assert parts[-1]["text"].endswith("#### 72") and not any("<<" in p["text"] for p in parts)
     assert conversation["answer"] == "72"
-
-
-@needs_shared
-def test_gsm8k_grades_the_number_after_hashes(shared_tasks):
-    from tasks.gsm8k import GSM8K
-
     task = GSM8K(split="test")
     conversation = task[0]
     gold = conversation["answer"]
     assert task.evaluate(conversation, last_assistant_text(conversation))
-    assert (
-        task.evaluate(conversation, f"some work...\n#### {gold}")
-        and task.reward(conversation, f"#### {gold}") == 1.0
+    assert task.evaluate(conversation, f"some work...\n#### {gold}") and task.evaluate(
+        conversation, f"#### {gold}.0"
     )
-    assert task.evaluate(conversation, f"#### {gold}.0")
-    assert not task.evaluate(conversation, f"#### {int(gold) + 1}")
+    assert task.reward(conversation, f"#### {gold}") == 1.0
     assert task.reward(conversation, f"#### {int(gold) + 1}") == 0.0
     assert not task.evaluate(conversation, f"the answer is {gold}")  # no #### means no answer
 
@@ -132,7 +119,7 @@ def test_hash_answer_strips_commas_and_dollars():
     assert extract_hash_answer("no answer here") is None
 
 
-@needs_shared
+@needs(TASK_DATA)
 def test_arc_and_mmlu_are_categorical_with_letters_after_choices(shared_tasks):
     from tasks.arc import ARC
     from tasks.mmlu import MMLU
@@ -180,15 +167,7 @@ def test_arc_reletters_numeric_labels_by_position(local_tasks):
 # ------------------------------------------------------------------------------ HumanEval
 
 
-def _subprocess_execute_code(code, timeout, max_memory_bytes, isolated):
-    """Stand-in for nanochat.execution.execute_code: a fresh interpreter, success = exit code 0."""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=timeout)
-    return types.SimpleNamespace(success=proc.returncode == 0, stderr=proc.stderr.decode())
-
-
-@pytest.fixture
-def humaneval_task(local_tasks, monkeypatch):
-    """A one-problem HumanEval file, graded through a subprocess stand-in for the sandbox."""
+def test_humaneval_runs_the_tests_on_the_completion_in_the_sandbox(local_tasks):
     problem = {
         "task_id": "Toy/0",
         "prompt": 'def add(a, b):\n    """Return a + b."""\n',
@@ -196,19 +175,14 @@ def humaneval_task(local_tasks, monkeypatch):
         "test": "def check(f):\n    assert f(2, 3) == 5\n    assert f(-1, 1) == 0\n",
         "entry_point": "add",
     }
-    path = local_tasks / "humaneval" / "HumanEval.jsonl.gz"
-    path.parent.mkdir(parents=True)
-    with gzip.open(path, "wt") as f:
+    (local_tasks / "humaneval").mkdir()
+    with gzip.open(local_tasks / "humaneval" / "HumanEval.jsonl.gz", "wt") as f:
         f.write(json.dumps(problem) + "\n")
-    monkeypatch.setattr(humaneval, "execute_code", _subprocess_execute_code)
-    return humaneval.HumanEval()
-
-
-def test_humaneval_runs_the_tests_on_the_completion(humaneval_task):
-    task = humaneval_task
+    task = humaneval.HumanEval()
     conversation = task[0]
-    assert task.eval_type == "generative"
-    assert conversation["messages"][0]["content"].startswith("def add(a, b):")
+    assert task.eval_type == "generative" and conversation["messages"][0]["content"].startswith(
+        "def add(a, b):"
+    )
     assert task.evaluate(conversation, last_assistant_text(conversation))  # the full gold function
     assert task.evaluate(conversation, "    return a + b\n")  # a bare body continues the stub
     fenced = "Here you go:\n```python\ndef add(a, b):\n    return b + a\n```\nDone."
@@ -217,87 +191,47 @@ def test_humaneval_runs_the_tests_on_the_completion(humaneval_task):
     assert task.reward(conversation, "```python\ndef add(a, b):\n    return 5\n```") == 0.0
 
 
-def test_humaneval_with_the_real_sandbox(local_tasks):
-    problem = {
-        "task_id": "Toy/1",
-        "prompt": "def double(x):\n",
-        "canonical_solution": "    return 2 * x\n",
-        "test": "def check(f):\n    assert f(4) == 8\n",
-        "entry_point": "double",
-    }
-    path = local_tasks / "humaneval" / "HumanEval.jsonl.gz"
-    path.parent.mkdir(parents=True)
-    with gzip.open(path, "wt") as f:
-        f.write(json.dumps(problem) + "\n")
-    task = humaneval.HumanEval()
-    assert task.evaluate(task[0], "    return 2 * x\n")
-    assert not task.evaluate(task[0], "    return x\n")
-
-
 # ------------------------------------------------------------------------------ chat data
 
 
-def test_smoltalk_reads_local_messages_and_grades_by_reference_match(local_tasks):
+def test_smoltalk_reads_local_messages_grades_by_reference_and_names_a_bad_row(local_tasks):
     from tasks.smoltalk import SmolTalk
 
-    rows = [
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]},
-        {
-            "messages": [
-                {"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "2+2?"},
-                {"role": "assistant", "content": "4"},
-            ]
-        },
-    ]
-    write_jsonl(local_tasks / "smoltalk" / "test.jsonl", rows)
+    hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
+    brief = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    brief += [{"role": "assistant", "content": "4"}]
+    write_jsonl(local_tasks / "smoltalk" / "test.jsonl", [{"messages": hello}, {"messages": brief}])
     task = SmolTalk(split="test")
     assert len(task) == 2 and task[1]["messages"][0]["role"] == "system"
     assert task.evaluate(task[0], " Hello!\n") and task.reward(task[1], "4") == 1.0
     assert not task.evaluate(task[0], "Goodbye") and task.reward(task[1], "5") == 0.0
-
-
-def test_smoltalk_rejects_a_malformed_conversation(local_tasks):
-    from tasks.smoltalk import SmolTalk
-
-    rows = [{"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}]
-    write_jsonl(local_tasks / "smoltalk" / "train.jsonl", rows)
-    with pytest.raises(
-        ValueError, match="SmolTalk train row 0: message 1 has role 'user' but 'assistant' was expected"
-    ):
+    write_jsonl(local_tasks / "smoltalk" / "train.jsonl", [{"messages": hello[:1] * 2}])
+    with pytest.raises(ValueError, match="SmolTalk train row 0: message 1"):
         SmolTalk(split="train")[0]
 
 
-def test_customjson_reads_lists_and_names_the_bad_line(tmp_path):
+def test_customjson_reads_lists_finds_relative_paths_and_names_the_bad_line(
+    local_tasks, tmp_path, monkeypatch
+):
     from tasks.customjson import CustomJSON
 
     good = [{"role": "user", "content": "who are you?"}, {"role": "assistant", "content": "nanochat"}]
-    path = write_jsonl(tmp_path / "conv.jsonl", [good, good])
-    task = CustomJSON(path)
+    write_jsonl(local_tasks / "chat" / "mine.jsonl", [good, {"messages": good}])
+    monkeypatch.chdir(tmp_path / "..")  # so the relative path does not exist as given
+    task = CustomJSON("chat/mine.jsonl")  # found under NANOCHAT_TASK_DATA
     assert len(task) == 2 and task[1]["messages"] == good
     assert task.evaluate(task[0], "nanochat") and not task.evaluate(task[0], "ChatGPT")
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps(good) + "\n" + json.dumps([good[1], good[0]]) + "\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl line 2: message 0 has role 'assistant'"):
-        CustomJSON(bad)
-    bad.write_text(json.dumps(good) + "\n{not json\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl line 2: not valid JSON"):
-        CustomJSON(bad)
-    bad.write_text(json.dumps(good[:1]) + "\n")
-    with pytest.raises(ValueError, match="the last message must be from the assistant"):
-        CustomJSON(bad)
-
-
-def test_customjson_finds_relative_paths_under_task_data(local_tasks, tmp_path, monkeypatch):
-    from tasks.customjson import CustomJSON
-
-    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    write_jsonl(local_tasks / "chat" / "mine.jsonl", [conv])
-    monkeypatch.chdir(tmp_path / "..")  # so the relative path does not exist as given
-    assert len(CustomJSON("chat/mine.jsonl")) == 1
     with pytest.raises(FileNotFoundError, match="chat/nope.jsonl.*NANOCHAT_TASK_DATA"):
         CustomJSON("chat/nope.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    for second, named in [
+        (json.dumps([good[1], good[0]]), "bad.jsonl line 2: message 0"),
+        ("{not json", "bad.jsonl line 2: not valid JSON"),
+        (json.dumps(good[:1]), "bad.jsonl line 2"),  # no assistant reply at the end
+    ]:
+        bad.write_text(json.dumps(good) + "\n" + second + "\n")
+        with pytest.raises(ValueError, match=named):
+            CustomJSON(bad)
 
 
 # ------------------------------------------------------------------------------ missing data and the hub
@@ -321,50 +255,32 @@ def test_missing_local_data_names_the_file_and_the_variable(local_tasks, module,
     assert filename in message and "NANOCHAT_TASK_DATA" in message and str(local_tasks) in message
 
 
-def test_hub_is_used_when_no_local_folder_is_set(monkeypatch):
+def test_hub_is_used_when_no_local_folder_is_set_and_its_failure_names_the_variable(monkeypatch):
     calls = []
     fake = types.ModuleType("datasets")
+    gsm8k_row = {"question": "q?", "answer": "<<1+1=2>>2\n#### 2"}
+    mmlu_row = {"question": "q", "subject": "", "choices": ["w", "x", "y", "z"], "answer": 2}
+    rows = {"openai/gsm8k": [gsm8k_row], "cais/mmlu": [{"train": mmlu_row}]}  # hub aux rows are wrapped
 
     def load_dataset(path, name=None, split=None):
         calls.append((path, name, split))
-        return [{"question": "q?", "answer": "<<1+1=2>>2\n#### 2"}]
+        if path not in rows:
+            raise ConnectionError("offline")
+        return rows[path]
 
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
     from tasks.gsm8k import GSM8K
-
-    task = GSM8K(split="test")
-    assert calls == [("openai/gsm8k", "main", "test")]
-    assert task[0]["answer"] == "2"
-
-
-def test_hub_failure_says_which_variable_to_set(monkeypatch):
-    fake = types.ModuleType("datasets")
-
-    def load_dataset(*args, **kwargs):
-        raise ConnectionError("offline")
-
-    fake.load_dataset = load_dataset
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
-    with pytest.raises(
-        RuntimeError, match=r"allenai/ai2_arc.*offline.*NANOCHAT_TASK_DATA.*arc/ARC-Easy-train.jsonl"
-    ):
-        load_task_rows("ARC", "arc/ARC-Easy-train.jsonl", ("allenai/ai2_arc", "ARC-Easy", "train"))
-
-
-def test_mmlu_unwraps_hub_auxiliary_train_rows(monkeypatch):
-    fake = types.ModuleType("datasets")
-    row = {"question": "q", "subject": "", "choices": ["w", "x", "y", "z"], "answer": 2}
-    fake.load_dataset = lambda path, name=None, split=None: [{"train": row}]
-    monkeypatch.setitem(sys.modules, "datasets", fake)
-    monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
     from tasks.mmlu import MMLU
 
+    assert GSM8K(split="test")[0]["answer"] == "2"
+    assert calls == [("openai/gsm8k", "main", "test")]
     assert MMLU("auxiliary_train", "train")[0]["messages"][-1]["content"] == "C"
-    with pytest.raises(AssertionError, match="only a train split"):
-        MMLU("auxiliary_train", "test")
+    with pytest.raises(
+        RuntimeError, match=r"allenai/ai2_arc.*offline.*NANOCHAT_TASK_DATA.*arc/ARC-Easy-train"
+    ):
+        load_task_rows("ARC", "arc/ARC-Easy-train.jsonl", ("allenai/ai2_arc", "ARC-Easy", "train"))
 
 
 # ------------------------------------------------------------------------------ views and mixtures
@@ -508,9 +424,9 @@ def _all_tasks(shared: bool) -> list[Task]:
 
 
 def test_every_task_renders_with_the_tokenizer(tokenizer, monkeypatch):
-    shared = SHARED_TASKS.is_dir()
+    shared = TASK_DATA.is_dir()
     if shared:
-        monkeypatch.setenv("NANOCHAT_TASK_DATA", str(SHARED_TASKS))
+        monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
     assistant_start = tokenizer.encode_special("<|assistant_start|>")
     output_start = tokenizer.encode_special("<|output_start|>")
     for task in _all_tasks(shared):
