@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import EVAL_BUNDLE
 
 from nanochat.report import Report, read_sections, slugify
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
 
 # SPEC section 2: the stages of speedrun.sh, in order (RL with RUN_RL=1).
 SPEEDRUN_ORDER = [
@@ -188,14 +188,8 @@ RUNCPU_ORDER = [
 
 
 def test_runcpu_dry_run_lists_the_whole_offline_pipeline(tmp_path):
-    bundle = tmp_path / "bundle"
-    commands, _ = dry_run(
-        "runs/runcpu.sh",
-        tmp_path,
-        SHORT="1",
-        NANOCHAT_PYTHON=sys.executable,
-        NANOCHAT_EVAL_BUNDLE=str(bundle),
-    )
+    env = {"SHORT": "1", "NANOCHAT_PYTHON": sys.executable, "NANOCHAT_EVAL_BUNDLE": str(tmp_path / "bundle")}
+    commands, _ = dry_run("runs/runcpu.sh", tmp_path, **env)
     assert [stage_name(c) for c in commands] == RUNCPU_ORDER
     for stage in ["scripts.mid_train", "scripts.chat_sft", "scripts.chat_rl"]:
         assert "--offline" in next(c for c in commands if stage_name(c) == stage).split()
@@ -275,10 +269,9 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
         HF_DATASETS_OFFLINE="1",
         SHORT="1",
     )
-    bundle = SHARED_DATA / "eval_bundle"
-    has_bundle = (bundle / "core.yaml").is_file()
+    has_bundle = (EVAL_BUNDLE / "core.yaml").is_file()
     if has_bundle:
-        env["NANOCHAT_EVAL_BUNDLE"] = str(bundle)  # local CORE data (18 of 22 tasks: partial)
+        env["NANOCHAT_EVAL_BUNDLE"] = str(EVAL_BUNDLE)  # local CORE data (18 of 22 tasks: partial)
     else:
         env.pop("NANOCHAT_EVAL_BUNDLE", None)
     cwd = tmp_path / "cwd"
