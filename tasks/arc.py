@@ -18,9 +18,6 @@ class ARC(Task):
             f"{subset} {split}", f"arc/{subset}-{split}.jsonl", ("allenai/ai2_arc", subset, split)
         )
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         labels, choices = list(row["choices"]["label"]), list(row["choices"]["text"])
@@ -34,6 +31,3 @@ class ARC(Task):
             {"role": "assistant", "content": letters[labels.index(row["answerKey"])]},
         ]
         return {"messages": messages, "letters": letters}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip() == conversation["messages"][-1]["content"]

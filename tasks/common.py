@@ -35,17 +35,20 @@ class Task:
         assert start >= 0 and (stop is None or stop >= 0) and step >= 1, (start, stop, step)
         self.start, self.stop, self.step = start, stop, step
 
+    rows: Sequence  # the underlying examples of a task read from data
+
     def num_examples(self) -> int:
         """Number of underlying examples (ignores the view)."""
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         """The conversation dict of underlying example `index`."""
         raise NotImplementedError
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        """Whether `completion` (the text of the assistant's reply) answers `conversation` correctly."""
-        raise NotImplementedError
+        """Whether `completion` (the text of the assistant's reply) answers `conversation` correctly:
+        by default, whether it is the reference reply."""
+        return completion.strip() == last_assistant_text(conversation).strip()
 
     def reward(self, conversation: dict, completion: str) -> float:
         return float(self.evaluate(conversation, completion))
@@ -83,21 +86,18 @@ class GeneratedTask(Task):
 
 class TaskMixture(Task):
     """All examples of several tasks, shuffled together once (deterministic for a given seed); listing a
-    task twice oversamples it. It cannot grade: evaluate with the task an example came from."""
+    task twice oversamples it. Evaluate with the task an example came from."""
 
     eval_type = "mixed"
 
     def __init__(self, tasks: list[Task], seed: int = 42, **view):
         super().__init__(**view)
         self.tasks = list(tasks)
-        self.index = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task))]
-        random.Random(seed).shuffle(self.index)
-
-    def num_examples(self) -> int:
-        return len(self.index)
+        self.rows = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task))]
+        random.Random(seed).shuffle(self.rows)
 
     def get_example(self, index: int) -> dict:
-        t, i = self.index[index]
+        t, i = self.rows[index]
         return self.tasks[t][i]
 
 

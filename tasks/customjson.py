@@ -6,14 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tasks.common import (
-    TASK_DATA_ENV,
-    Task,
-    last_assistant_text,
-    read_jsonl,
-    task_data_dir,
-    validate_messages,
-)
+from tasks.common import TASK_DATA_ENV, Task, read_jsonl, task_data_dir, validate_messages
 
 
 def resolve_data_path(filepath: str | os.PathLike) -> Path:
@@ -34,18 +27,12 @@ class CustomJSON(Task):
     def __init__(self, filepath: str | os.PathLike, **view):
         super().__init__(**view)
         self.filepath = resolve_data_path(filepath)
-        self.conversations = [  # every line checked now, so an error names its line
+        self.rows = [  # every line checked now, so an error names its line
             validate_messages(
                 row.get("messages") if isinstance(row, dict) else row, f"{self.filepath} line {n}"
             )
             for n, row in read_jsonl(self.filepath)
         ]
 
-    def num_examples(self) -> int:
-        return len(self.conversations)
-
     def get_example(self, index: int) -> dict:
-        return {"messages": list(self.conversations[index])}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip() == last_assistant_text(conversation).strip()
+        return {"messages": list(self.rows[index])}

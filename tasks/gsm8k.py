@@ -38,9 +38,6 @@ class GSM8K(Task):
         local = f"gsm8k/{split}.jsonl" if subset == "main" else f"gsm8k/socratic_{split}.jsonl"
         self.rows = load_task_rows(f"GSM8K {subset} {split}", local, ("openai/gsm8k", subset, split))
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         messages = [

@@ -33,9 +33,6 @@ class HumanEval(Task):
             "HumanEval", "humaneval/HumanEval.jsonl.gz", ("openai/openai_humaneval", None, "test")
         )
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         messages = [

@@ -24,9 +24,6 @@ class MMLU(Task):
             local = f"mmlu/mmlu_{split}.jsonl"
         self.rows = load_task_rows(f"MMLU {subset} {split}", local, ("cais/mmlu", subset, split))
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         if isinstance(row.get("train"), dict):  # hub auxiliary_train rows: {"train": {...}}
@@ -36,6 +33,3 @@ class MMLU(Task):
             {"role": "assistant", "content": self.letters[int(row["answer"])]},
         ]
         return {"messages": messages, "letters": list(self.letters), "subject": row.get("subject", "")}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip() == conversation["messages"][-1]["content"]

@@ -3,11 +3,12 @@ Local files: `$NANOCHAT_TASK_DATA/smoltalk/{train,test}.jsonl` (not part of shar
 
 from __future__ import annotations
 
-from tasks.common import Task, last_assistant_text, load_task_rows, validate_messages
+from tasks.common import Task, load_task_rows, validate_messages
 
 
 class SmolTalk(Task):
-    """SmolTalk chat conversations (train or test split)."""
+    """SmolTalk chat conversations (train or test split). Chat has no single right answer: the default
+    grading by the reference reply is a sanity check, not a quality measure."""
 
     def __init__(self, split: str = "train", **view):
         super().__init__(**view)
@@ -17,13 +18,6 @@ class SmolTalk(Task):
             f"SmolTalk {split}", f"smoltalk/{split}.jsonl", ("HuggingFaceTB/smol-smoltalk", None, split)
         )
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         messages = validate_messages(self.rows[index].get("messages"), f"SmolTalk {self.split} row {index}")
         return {"messages": messages}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        # chat has no single right answer: a strict reference match is a sanity check, not a quality measure
-        return completion.strip() == last_assistant_text(conversation).strip()

@@ -81,14 +81,18 @@ _COUNT_QUESTIONS = [
 _QUOTES = ["'{}'", '"{}"', "{}"]
 
 
-class SpellingBee(GeneratedTask):
-    """Count a letter in a word, by hand and then with the Python tool; answer after `#### `."""
-
-    name = "spellingbee"
+class WordTask(GeneratedTask):
+    """A generated task over the word list."""
 
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
         super().__init__(size, split, seed, **view)
         self.words = load_words()
+
+
+class SpellingBee(WordTask):
+    """Count a letter in a word, by hand and then with the Python tool; answer after `#### `."""
+
+    name = "spellingbee"
 
     def get_example(self, index: int) -> dict:
         rng = self.rng(index)
@@ -100,27 +104,17 @@ class SpellingBee(GeneratedTask):
         if rng.random() < 0.3:
             question = question.lower()
 
-        seen = 0
-        spelled = []
-        for ch in word:  # a running tally, so every step is visible to the model
-            if ch == letter:
-                seen += 1
-                spelled.append(f"{ch}({seen})")
-            else:
-                spelled.append(ch)
+        # a running tally ("b,a(1),n,a(2)"), so every step is visible to the model
+        spelled = [f"{ch}({word[: i + 1].count(ch)})" if ch == letter else ch for i, ch in enumerate(word)]
+        by_hand = f"We count the letter '{letter}' in '{word}'. Spelled out with a running count: "
+        by_hand += f"{','.join(spelled)}\nBy hand that makes {count}. Let me check with Python.\n\n"
         times = "time" if count == 1 else "times"
+        answer = f"\n\nThe letter '{letter}' appears {count} {times} in '{word}'.\n\n#### {count}"
         parts = [
-            {
-                "type": "text",
-                "text": f"We count the letter '{letter}' in '{word}'. Spelled out with a running count: "
-                f"{','.join(spelled)}\nBy hand that makes {count}. Let me check with Python.\n\n",
-            },
+            {"type": "text", "text": by_hand},
             {"type": "python", "text": f"'{word}'.count('{letter}')"},
             {"type": "python_output", "text": str(count)},
-            {
-                "type": "text",
-                "text": f"\n\nThe letter '{letter}' appears {count} {times} in '{word}'.\n\n#### {count}",
-            },
+            {"type": "text", "text": answer},
         ]
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
         return {"messages": messages, "answer": str(count), "word": word, "letter": letter}
@@ -141,14 +135,10 @@ _SPELL_QUESTIONS = [
 ]
 
 
-class SimpleSpelling(GeneratedTask):
+class SimpleSpelling(WordTask):
     """Spell a word out: the reply is `word: w,o,r,d`."""
 
     name = "simplespelling"
-
-    def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
-        super().__init__(size, split, seed, **view)
-        self.words = load_words()
 
     def get_example(self, index: int) -> dict:
         rng = self.rng(index)

@@ -4,7 +4,7 @@ word problems answered with the calculator tool, and Identity conversations abou
 from __future__ import annotations
 
 from nanochat.calculator import use_calculator
-from tasks.common import GeneratedTask, extract_hash_answer, last_assistant_text, numbers_equal
+from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal
 
 NAMES = "Ana Ben Chloe Dev Emma Farid Grace Hiro Ines Jonas Kemi Liam Mei Noah".split()
 ITEMS = "apples,notebooks,pencils,tickets,muffins,stickers,oranges,bottles of juice,comic books".split(",")
@@ -74,10 +74,8 @@ def _distance(rng):
 def _savings(rng):
     name = rng.choice(NAMES)
     start, weekly, weeks = rng.randint(0, 60), rng.randint(3, 30), rng.randint(2, 12)
-    question = (
-        f"{name} has ${start} and saves ${weekly} every week. How much money does {name} have after "
-        f"{weeks} weeks?"
-    )
+    question = f"{name} has ${start} and saves ${weekly} every week. "
+    question += f"How much money does {name} have after {weeks} weeks?"
     steps = [(f"Start with ${start} and add {weeks} weeks of ${weekly}:", f"{start}+{weekly}*{weeks}")]
     return question, steps, "dollars"
 
@@ -86,34 +84,26 @@ def _remaining(rng):
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     have, gave = rng.randint(20, 90), rng.randint(1, 19)
     bought = rng.randint(1, 30)
-    question = (
-        f"{name} had {have} {thing}, gave away {gave}, then got {bought} more. How many {thing} does "
-        f"{name} have now?"
-    )
+    question = f"{name} had {have} {thing}, gave away {gave}, then got {bought} more. "
+    question += f"How many {thing} does {name} have now?"
     return question, [("Take away what was given, add what was received:", f"{have}-{gave}+{bought}")], thing
 
 
 def _area(rng):
     place = rng.choice(PLACES)
     length, width = rng.randint(3, 40), rng.randint(2, 25)
-    question = (
-        f"A rectangular {place} is {length} meters long and {width} meters wide. What is its area in "
-        "square meters?"
-    )
-    return (
-        question,
-        [("The area of a rectangle is length times width:", f"{length}*{width}")],
-        "square meters",
-    )
+    question = f"A rectangular {place} is {length} meters long and {width} meters wide. "
+    question += "What is its area in square meters?"
+    steps = [("The area of a rectangle is length times width:", f"{length}*{width}")]
+    return question, steps, "square meters"
 
 
 def _discount(rng):
     item = rng.choice(["jacket", "bike", "lamp", "backpack", "pair of shoes", "board game"])
     percent = rng.choice([10, 20, 25, 50])
     price = rng.randint(2, 30) * 20  # a multiple of 20: every discount is whole dollars
-    question = (
-        f"A {item} costs ${price} and is on sale for {percent}% off. What is the sale price in dollars?"
-    )
+    question = f"A {item} costs ${price} and is on sale for {percent}% off. "
+    question += "What is the sale price in dollars?"
     steps = [(f"The sale price is the price minus {percent}% of it:", f"{price}-{price}*{percent}/100")]
     return question, steps, "dollars"
 
@@ -122,10 +112,8 @@ def _packs(rng):
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     packs, per_pack = rng.randint(2, 9), rng.randint(3, 12)
     used = rng.randint(1, packs * per_pack - 1)
-    question = (
-        f"{name} buys {packs} packs of {thing} with {per_pack} in each pack and gives {used} of them to a "
-        f"friend. How many {thing} are left?"
-    )
+    question = f"{name} buys {packs} packs of {thing} with {per_pack} in each pack and gives {used} of them "
+    question += f"to a friend. How many {thing} are left?"
     steps = [
         ("First the number bought:", f"{packs}*{per_pack}"),
         (f"\nThen subtract the {used} given away:", f"{{prev}}-{used}"),
@@ -283,6 +271,12 @@ THANKS = ["thanks!", "Thank you, that helps.", "cool, thanks", "ok got it"]
 THANKS_REPLIES = ["You're welcome!", "Glad I could help. Anything else?", "Happy to help!"]
 
 
+def exchange(rng, questions: list[str], answers: list[str]) -> list[dict]:
+    """One user question and the assistant's answer, each drawn from its phrasings."""
+    question, answer = rng.choice(questions), rng.choice(answers)
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
 class Identity(GeneratedTask):
     """Templated conversations about nanochat itself (who it is, how it was made, its limits); every
     answer is true."""
@@ -291,24 +285,9 @@ class Identity(GeneratedTask):
 
     def get_example(self, index: int) -> dict:
         rng = self.rng(index)
-        messages = []
-        if rng.random() < 0.4:
-            messages += [
-                {"role": "user", "content": rng.choice(GREETINGS)},
-                {"role": "assistant", "content": rng.choice(GREETING_REPLIES)},
-            ]
+        messages = exchange(rng, GREETINGS, GREETING_REPLIES) if rng.random() < 0.4 else []
         for topic in rng.sample(sorted(IDENTITY_TOPICS), rng.randint(1, 3)):
-            questions, answers = IDENTITY_TOPICS[topic]
-            messages += [
-                {"role": "user", "content": rng.choice(questions)},
-                {"role": "assistant", "content": rng.choice(answers)},
-            ]
+            messages += exchange(rng, *IDENTITY_TOPICS[topic])
         if rng.random() < 0.3:
-            messages += [
-                {"role": "user", "content": rng.choice(THANKS)},
-                {"role": "assistant", "content": rng.choice(THANKS_REPLIES)},
-            ]
+            messages += exchange(rng, THANKS, THANKS_REPLIES)
         return {"messages": messages}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return completion.strip() == last_assistant_text(conversation).strip()
