@@ -30,12 +30,11 @@ class Task:
     (several ranks stride one task without copying it). Rows stay in file order."""
 
     eval_type: str = "generative"  # "categorical" | "generative"
+    rows: Sequence  # the underlying examples of a task read from data
 
     def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
         assert start >= 0 and (stop is None or stop >= 0) and step >= 1, (start, stop, step)
         self.start, self.stop, self.step = start, stop, step
-
-    rows: Sequence  # the underlying examples of a task read from data
 
     def num_examples(self) -> int:
         """Number of underlying examples (ignores the view)."""
@@ -53,17 +52,15 @@ class Task:
     def reward(self, conversation: dict, completion: str) -> float:
         return float(self.evaluate(conversation, completion))
 
+    def indices(self) -> range:
+        """The underlying indices of the view (a range slice clips start and stop to the data)."""
+        return range(self.num_examples())[self.start : self.stop : self.step]
+
     def __len__(self) -> int:
-        stop = self.num_examples() if self.stop is None else min(self.stop, self.num_examples())
-        return max(0, -(-(stop - self.start) // self.step))
+        return len(self.indices())
 
     def __getitem__(self, i: int) -> dict:
-        n = len(self)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"{type(self).__name__} index {i} out of range for a view of {n} examples")
-        return self.get_example(self.start + i * self.step)
+        return self.get_example(self.indices()[i])  # negative i counts from the end; IndexError past it
 
 
 class GeneratedTask(Task):
