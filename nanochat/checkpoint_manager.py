@@ -193,37 +193,24 @@ def save_checkpoint(
 # Load
 
 
-def _read(path: Path, device, expected: list[str] | None) -> Any:
-    """A step's meta (checked to be one) or tensor file, after its checksums when `expected`."""
-    if expected is not None and checksums(path) != expected:  # a flipped bit loads without a word from torch
-        raise ValueError("its SHA-256 is not the one its meta recorded (--no-verify skips the check)")
-    if path.suffix == ".json":
+def _read_step(directory: Path, step: int, rank: int, device, with_optimizer: bool, verify: bool) -> list:
+    """[meta, model state, this rank's optimizer shard (`with_optimizer`)] of a step, each `.pt` checked
+    against the SHA-256 its meta records (`verify`); a CheckpointError names the file that fails."""
+    model_path, path, optim_path = _paths(directory, step, rank)
+    try:
         meta = json.loads(path.read_text())
         if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
             raise ValueError('not a checkpoint meta: a JSON object with a "model_config" object')
-        sums = meta.get("sha256", {})  # none in a checkpoint saved before checksums: it loads unchecked
-        if not isinstance(sums, dict) or not all(isinstance(v, list) for v in sums.values()):
-            raise ValueError('"sha256" is not an object of file names and lists of checksums')
-        return meta
-    return torch.load(path, map_location=device, weights_only=True)
-
-
-class _Damaged(Exception):
-    def __init__(self, path: Path, error: Exception):
-        self.path, self.error = path, error
-
-
-def _read_step(directory: Path, step: int, rank: int, device, with_optimizer: bool, verify: bool) -> list:
-    """[meta, model state, this rank's optimizer shard (`with_optimizer`)] of a step; _Damaged names
-    the file that failed."""
-    model_path, meta_path, optim_path = _paths(directory, step, rank)
-    loaded: list[Any] = []
-    for path in [meta_path, model_path] + ([optim_path] if with_optimizer else []):
-        try:
-            expected = loaded[0].get("sha256", {}).get(path.name) if loaded and verify else None
-            loaded.append(_read(path, device, expected))
-        except Exception as e:
-            raise _Damaged(path, e) from None
+        loaded = [meta]
+        for path in [model_path] + ([optim_path] if with_optimizer else []):
+            # torch loads a flipped bit without a word; a meta saved before checksums has none: unchecked
+            expected = meta.get("sha256", {}).get(path.name) if verify else None
+            if expected is not None and checksums(path) != expected:
+                raise ValueError("its SHA-256 is not the one its meta recorded (--no-verify skips the check)")
+            loaded.append(torch.load(path, map_location=device, weights_only=True))
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0][:200]  # one line: torch's messages run long
+        raise CheckpointError(f"{path} is damaged ({type(e).__name__}: {why})") from None
     return loaded
 
 
@@ -250,58 +237,50 @@ def load_checkpoint(
         raise CheckpointError(f"{optim_path} is missing: resume with the number of processes that saved it")
     try:
         loaded = _read_step(directory, step, rank, device, load_optimizer, verify)
-    except _Damaged as e:
-        why = (str(e.error).strip().splitlines() or [""])[0][:200]  # one line: torch's messages run long
+    except CheckpointError as e:
         hint = "no earlier step is intact"
         for older in reversed([s for s in steps if s < step]):
             try:
                 _read_step(directory, older, rank, "cpu", load_optimizer, verify)
-            except _Damaged:
+            except CheckpointError:
                 continue
             hint = f"the newest intact step is {older}: select it with {step_flag} {older}"
             break
-        raise CheckpointError(f"{e.path} is damaged ({type(e.error).__name__}: {why}); {hint}") from None
-    meta, model_state = loaded[0], loaded[1]
-    return model_state, (loaded[2] if load_optimizer else None), meta
+        raise CheckpointError(f"{e}; {hint}") from None
+    return loaded[1], (loaded[2] if load_optimizer else None), loaded[0]
 
 
-MAX_SEQUENCE_LEN = 2**16  # 32x the 2048 we train at; the rotary tables (10x it) stay ~0.3 GB at head dim 128
-MAX_QK_SCALE = 100.0  # q·k after QK-norm is at most qk_scale² · head_dim: beyond this softmax saturates
+MAX_VALUES = {
+    "sequence_len": 2**16,  # 32x the 2048 we train at; the rotary tables (10x) stay ~0.3 GB at head dim 128
+    "qk_scale": 100.0,  # q·k after QK-norm is at most qk_scale² · head_dim: beyond this softmax saturates
+}
 
 
 def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
     """GPTConfig from a meta's "model_config", checked before anything is built (a tampered meta must
     not allocate a huge model): only GPTConfig's fields, each of its default's type, numbers finite,
-    sizes positive and bounded, and as many layers as the weight file holds. Shapes that still differ
-    from the weights fail in build_model's load_state_dict."""
+    positive and bounded, and as many layers as the weight file holds. Shapes that still differ from
+    the weights fail in load_model's load_state_dict."""
     from nanochat.gpt import GPTConfig
 
     def bad(why: str) -> CheckpointError:
-        return CheckpointError(
-            f"{meta_path}: model_config {why}; restore the file, or pick another step with -s/--step"
-        )
+        fix = "restore the file, or pick another step with -s/--step"
+        return CheckpointError(f"{meta_path}: model_config {why}; {fix}")
 
     kinds = {
         f.name: type(f.default) for f in fields(GPTConfig)
     }  # every field has a default (old configs load)
-    if unknown := sorted(set(raw) - set(kinds)):
-        raise bad(f"has unknown keys {unknown} (known: {', '.join(kinds)})")
     for name, value in raw.items():
-        kind = kinds[name]
-        allowed = (int, float) if kind is float else (kind,)  # exact types: True is no int
-        if type(value) not in allowed or (kind is float and not math.isfinite(value)):
-            raise bad(f"{name} = {value!r} is not {'a finite number' if kind is float else kind.__name__}")
-    sizes = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")
-    for name in sizes + ("rope_base", "qk_scale"):
-        if name in raw and raw[name] <= 0:
-            raise bad(f"{name} = {raw[name]!r} must be positive")
-    if raw.get("sequence_len", 0) > MAX_SEQUENCE_LEN:
-        raise bad(f"sequence_len = {raw['sequence_len']} is above {MAX_SEQUENCE_LEN}")
-    if raw.get("qk_scale", 0) > MAX_QK_SCALE:
-        raise bad(f"qk_scale = {raw['qk_scale']!r} is above {MAX_QK_SCALE}")
+        kind, top = kinds.get(name), MAX_VALUES.get(name, math.inf)
+        if kind is None:
+            raise bad(f"has an unknown key {name!r} (known: {', '.join(kinds)})")
+        if type(value) not in ((int, float) if kind is float else (kind,)):  # exact types: True is no int
+            raise bad(f"{name} = {value!r} is not {kind.__name__}")
+        if kind in (int, float) and not (0 < value <= top and math.isfinite(value)):
+            raise bad(f"{name} = {value!r} is not a finite number in (0, {top:g}]")
     try:
         config = GPTConfig(**raw)
-    except (ValueError, UserError) as e:
+    except UserError as e:
         raise bad(str(e)) from None
     blocks = {int(m.group(1)) for key in state if (m := re.match(r"transformer\.h\.(\d+)\.", key))}
     if config.n_layer != len(blocks):
@@ -310,47 +289,28 @@ def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
 
 
 def add_device_flag(parser) -> None:
-    devices = ["cuda", "mps", "cpu"]
-    parser.add_argument("--device-type", default=None, choices=devices, help="default: autodetect")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], help="default: autodetect")
 
 
 def add_verify_flag(parser) -> None:
     """--no-verify: load checkpoints without checking their SHA-256 (sets `args.verify` False)."""
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip the SHA-256 check of checkpoint files (default: check them)",
-    )
+    no_check = "skip the SHA-256 check of checkpoint files (default: check them)"
+    parser.add_argument("--no-verify", dest="verify", action="store_false", help=no_check)
 
 
 def add_model_flags(parser, default_source: str | None = "sft", choose_source=True, stages=STAGE_DIRS):
     """-i/--source (one of `stages`), -g/--model-tag, -s/--step: the checkpoint to load (no default
     source: -i required), --device-type and --no-verify (`args.verify`). `choose_source=False` leaves out
     -i: `args.source` is then always `default_source`. `--model-step` is an old spelling of `--step`."""
+    add = parser.add_argument
     if choose_source:
-        parser.add_argument(
-            "-i",
-            "--source",
-            default=default_source,
-            required=default_source is None,
-            choices=list(stages),
-            help="model stage",
-        )
+        required = default_source is None  # no default: -i must be given
+        add("-i", "--source", default=default_source, required=required, choices=list(stages), help="stage")
     else:
         parser.set_defaults(source=default_source)
-    tag_help = "checkpoint tag (default: the deepest d<N>)"
-    parser.add_argument("-g", "--model-tag", default=None, metavar="TAG", help=tag_help)
-    parser.add_argument(
-        "-s",
-        "--step",
-        "--model-step",
-        dest="model_step",
-        metavar="STEP",
-        type=int,
-        default=None,
-        help="checkpoint step (default: the last)",
-    )
+    add("-g", "--model-tag", metavar="TAG", help="checkpoint tag (default: the deepest d<N>)")
+    last = "checkpoint step (default: the last)"
+    add("-s", "--step", "--model-step", dest="model_step", metavar="STEP", type=int, help=last)
     add_device_flag(parser)
     add_verify_flag(parser)
 
@@ -399,17 +359,12 @@ def load_model(
 def add_run_flags(parser) -> None:
     """--resume [STEP], --overwrite and --save-every-minutes: what `start_run` does with a tag that
     already holds a run, and the clock of `RunSaver`."""
+    add = parser.add_argument
     resume = "continue the tag's run (from its last step, or STEP)"
-    parser.add_argument(
-        "--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help=resume
-    )
-    parser.add_argument("--overwrite", action="store_true", help="delete the tag's old run and start over")
-    parser.add_argument(
-        "--save-every-minutes",
-        type=float,
-        default=30.0,
-        help=f"wall-clock minutes between checkpoints, the newest {KEEP_CLOCK_SAVES} kept (0: off)",
-    )
+    add("--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help=resume)
+    add("--overwrite", action="store_true", help="delete the tag's old run and start over")
+    clock = f"wall-clock minutes between checkpoints, the newest {KEEP_CLOCK_SAVES} kept (0: off)"
+    add("--save-every-minutes", type=float, default=30.0, help=clock)
 
 
 def start_run(

@@ -21,9 +21,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import filelock
 from tqdm import tqdm
@@ -109,14 +109,12 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
 
 def _fsync_dir(directory: Path) -> None:
     """Make a rename in `directory` durable (some file systems cannot: then nothing)."""
-    try:
+    with suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-    except OSError:
-        pass
 
 
 @contextmanager
@@ -242,9 +240,8 @@ def check_removable(
     folder = Path(folder)
     if not folder.exists():
         return
-    real = folder.resolve()
     for name, protected in (("the working folder", Path.cwd()), ("the home directory", Path.home())):
-        if real == protected.resolve() or real in protected.resolve().parents:  # or a folder above it
+        if protected.resolve().is_relative_to(folder.resolve()):  # it, or a folder above it
             raise UserError(
                 f"{flag} refuses to delete {folder}: it is or holds {name}; name a folder of its own"
             )
@@ -264,11 +261,10 @@ def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool], flag: s
     check_removable(folder, ours, flag)
     if not folder.exists():
         return
+    marked = (folder / MARKER).exists()
     for path in folder.iterdir():
-        if path.name != MARKER:
-            path.unlink()  # `ours` recognises files only
-    if (folder / MARKER).exists():
-        (folder / MARKER).unlink()
+        path.unlink()  # `ours` recognises files only (and the marker)
+    if marked:
         folder.rmdir()
 
 
@@ -291,10 +287,6 @@ MAX_BACKOFF = 60.0  # seconds; cap on the exponential wait between attempts
 CHUNK_SIZE = 1 << 20
 
 
-class _FatalHTTPError(Exception):
-    """An answer that retrying cannot fix (404 and most other 4xx)."""
-
-
 def _passes(path: Path, validate: Callable[[Path], object] | None) -> bool:
     try:
         return path.is_file() and (validate is None or validate(path) is not False)
@@ -307,21 +299,14 @@ def _fetch_once(
     url: str, tmp: Path, timeout: float, bar_desc: str | None, validate: Callable[[Path], object] | None
 ) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)  # timeout applies to every socket read
-    except urllib.error.HTTPError as e:
-        if 400 <= e.code < 500 and e.code not in (408, 429):
-            raise _FatalHTTPError(f"HTTP {e.code} {e.reason}") from e
-        raise
-    with response, open(tmp, "wb") as f:
-        length_header = response.headers.get("Content-Length")
-        expected = int(length_header) if length_header is not None else None
-        received = 0
+    # the timeout applies to every socket read
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as f:
+        headers = response.headers
+        expected = int(headers["Content-Length"]) if "Content-Length" in headers else None
         with progress_bar(expected, bar_desc, "B", unit_scale=True, disable=bar_desc is None) as bar:
             while chunk := response.read(CHUNK_SIZE):
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+                bar.update(f.write(chunk))
+        received = f.tell()
     if expected is not None and received != expected:
         raise OSError(f"body cut short: got {received} of {expected} bytes")
     if validate is not None and validate(tmp) is False:
@@ -357,9 +342,11 @@ def download_file(
                 with atomic_path(path) as tmp:
                     _fetch_once(url, tmp, timeout, path.name if progress else None, validate)
                 return path
-            except _FatalHTTPError as e:
-                raise RuntimeError(f"download of {url} failed: {e} (not retrying)") from e
             except Exception as e:  # HTTP/URL errors, timeouts, short bodies, rejected files
+                if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429):
+                    raise RuntimeError(
+                        f"download of {url} failed: HTTP {e.code} {e.reason} (not retrying)"
+                    ) from e
                 last_error = e
             if attempt < retries:
                 wait = min(backoff * 2**attempt, MAX_BACKOFF)
@@ -376,8 +363,7 @@ def download_file(
 # Dense bf16 peak FLOP/s (no sparsity), from the vendors' data sheets; matched by
 # substring of torch.cuda.get_device_name(), most specific first.
 PEAK_BF16_FLOPS = [
-    ("GH200", 989e12),
-    ("H200", 989e12),
+    ("H200", 989e12),  # and GH200
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM
@@ -555,14 +541,9 @@ def exit_on_user_error(script: str, hint: str = "", errors: tuple = (UserError,)
     try:
         yield
     except errors as e:
-        exit_with_error(script, str(e).rstrip(".") + hint if hint else str(e))
-
-
-def exit_with_error(script: str, message: str) -> NoReturn:
-    """Print `script: message` on rank 0, leave the process group and exit 1 (every rank calls it)."""
-    print0(f"{script}: {message}")
-    compute_cleanup()
-    sys.exit(1)
+        print0(f"{script}: {str(e).rstrip('.') + hint if hint else e}")
+        compute_cleanup()
+        sys.exit(1)
 
 
 def raise_together(problem: str | None, error: type[UserError] = UserError) -> None:
@@ -590,10 +571,8 @@ def exit_together(script: str, hint: str = "", errors: tuple = (UserError,)) -> 
         yield
     except errors as e:
         problem = str(e).rstrip(".") + hint if hint else str(e)
-    try:
+    with exit_on_user_error(script):
         raise_together(problem)
-    except UserError as e:
-        exit_with_error(script, str(e))
 
 
 def wandb_login_problem(run_name: str) -> str | None:
@@ -627,9 +606,8 @@ def autocast(device) -> Any:
     plain fp32 otherwise. Weights and optimizer state stay fp32 either way."""
     import torch
 
-    device = torch.device(device)
     dtype = compute_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
 def get_peak_flops(device) -> float | None:
