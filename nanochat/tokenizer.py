@@ -64,18 +64,6 @@ class TokenizerError(UserError, FileNotFoundError, ValueError):  # what callers 
     """No usable tokenizer: a file missing or damaged; the message names it and the fix."""
 
 
-def _check_tokens(ranks: dict[bytes, int], special_tokens: dict[str, int], directory: Path) -> None:
-    """The ranks encode any text (all 256 bytes); special ids are distinct, >= 0 and not ranks."""
-    if missing := [b for b in range(256) if bytes([b]) not in ranks]:
-        raise TokenizerError(f"{directory / RANKS_FILE}: byte {missing[0]} has no token; {RETRAIN}")
-    where, ids = directory / META_FILE, list(special_tokens.values())
-    if len(set(ids)) != len(ids) or min(ids, default=0) < 0:
-        raise TokenizerError(f"{where}: special token ids {ids} are not distinct non-negative ids; {RETRAIN}")
-    taken = set(ranks.values())
-    if clash := {name: i for name, i in special_tokens.items() if i in taken}:
-        raise TokenizerError(f"{where}: special tokens {clash} take ordinary tokens' ids; {RETRAIN}")
-
-
 def _meta_fields(meta: object, meta_path: Path) -> dict:
     """The constructor arguments in a tokenizer meta, checked (keys, types, bos among the specials)."""
     types = {"name": str, "pattern": str, "bos_token": str, "special_tokens": dict, "sha256": dict}
@@ -88,8 +76,8 @@ def _meta_fields(meta: object, meta_path: Path) -> dict:
         problem = f"has unknown keys {unknown}"
     elif wrong := [key for key, kind in types.items() if key in meta and not isinstance(meta[key], kind)]:
         problem = f"has the wrong type for {', '.join(wrong)}"  # name, pattern, bos: str; the others: objects
-    elif not all(type(i) is int for i in meta["special_tokens"].values()):  # a bool is no id
-        problem = "needs integer special token ids"
+    elif not all(type(i) is int and i >= 0 for i in meta["special_tokens"].values()):  # a bool is no id
+        problem = "needs non-negative integer special token ids"
     elif meta["bos_token"] not in meta["special_tokens"]:
         problem = f"names bos_token {meta['bos_token']!r}, which is not among its special tokens"
     if problem:
@@ -164,8 +152,9 @@ class Tokenizer:
             path = directory / name
             if name in (RANKS_FILE, BYTES_FILE) and path.exists() and sha256_of(path) != digest:
                 raise TokenizerError(f"{path} is damaged: its SHA-256 differs from {META_FILE}'s; {RETRAIN}")
-        ranks = load_tiktoken_ranks(ranks_path)
-        _check_tokens(ranks, fields["special_tokens"], directory)
+        ranks, ids = load_tiktoken_ranks(ranks_path), list(fields["special_tokens"].values())
+        if len(set(ranks.values()) | set(ids)) < len(ranks) + len(ids):  # the ranks are distinct already
+            raise TokenizerError(f"{meta_path}: special token ids {ids} repeat or are ranks; {RETRAIN}")
         try:
             return cls(mergeable_ranks=ranks, **fields)
         except ValueError as e:  # tiktoken: the pattern does not compile
@@ -185,10 +174,10 @@ class Tokenizer:
         ranks = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
         ranks_data = b"".join(base64.b64encode(token) + f" {rank}\n".encode() for token, rank in ranks)
         save_tensors(self.token_bytes(), directory / BYTES_FILE)
-        checksums = {BYTES_FILE: sha256_of(directory / BYTES_FILE)}
+        checksums = {BYTES_FILE: sha256_of(directory / BYTES_FILE)}  # in name order, as json.dumps keeps it
         checksums[RANKS_FILE] = hashlib.sha256(ranks_data).hexdigest()
         meta = {"name": self.name, "pattern": self.pattern, "special_tokens": self.special_tokens}
-        meta |= {"bos_token": self.bos_token, "sha256": dict(sorted(checksums.items()))}
+        meta |= {"bos_token": self.bos_token, "sha256": checksums}
         files = {RANKS_FILE: ranks_data, META_FILE: json.dumps(meta, indent=2).encode() + b"\n"}
         for filename, data in files.items():  # the meta last: it marks a complete tokenizer
             with atomic_path(directory / filename) as tmp:
@@ -216,18 +205,11 @@ class Tokenizer:
         return torch.tensor(lengths, dtype=torch.int32)
 
     def encode(
-        self,
-        text: str | list[str],
-        prepend: int | str | None = None,
-        append: int | str | None = None,
-        num_threads: int = 8,
+        self, text: str | list[str], prepend: int | None = None, append: int | None = None, num_threads=8
     ) -> list[int] | list[list[int]]:
-        """Ordinary encoding of a text (or of each text of a list), `prepend` / `append` (ids or special
-        token names) around it: text spelling `<|bos|>` never becomes the control id."""
-        special = self.special_tokens
-        prefix, suffix = (
-            [] if t is None else [special[t] if isinstance(t, str) else t] for t in (prepend, append)
-        )
+        """Ordinary encoding of a text (or of each text of a list), the ids `prepend` / `append` around it:
+        text spelling `<|bos|>` never becomes the control id."""
+        prefix, suffix = ([] if i is None else [i] for i in (prepend, append))
         if isinstance(text, str):
             return prefix + self.enc.encode_ordinary(text) + suffix
         batch = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
@@ -317,7 +299,7 @@ def validate_conversation(messages, last_role: str | None = None) -> list:
 
 
 def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
-    """Mergeable ranks from a .tiktoken file: one `base64(token) rank` per line."""
+    """Mergeable ranks from a .tiktoken file: one `base64(token) rank` per line, every byte a token."""
     ranks: dict[bytes, int] = {}
     taken: set[int] = set()  # the ranks read so far
     with open(path, "rb") as f:
@@ -334,21 +316,19 @@ def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
                 raise TokenizerError(f"{path}:{line_no}: {what} (tokens and ranks are unique); {RETRAIN}")
             ranks[token] = rank
             taken.add(rank)
+    if missing := [b for b in range(256) if bytes([b]) not in ranks]:  # else some text cannot be encoded
+        raise TokenizerError(f"{path}: byte {missing[0]} has no token; {RETRAIN}")
     return ranks
-
-
-def _tokenizer_dir() -> Path:
-    return get_base_dir() / "tokenizer"
 
 
 def get_tokenizer() -> Tokenizer:
     """The trained tokenizer under $NANOCHAT_BASE_DIR/tokenizer."""
-    return Tokenizer.from_directory(_tokenizer_dir())
+    return Tokenizer.from_directory(get_base_dir() / "tokenizer")
 
 
 def get_token_bytes(device: str | torch.device = "cpu") -> torch.Tensor:
     """int32 [V] raw byte length of each token, for bits-per-byte."""
-    path = _tokenizer_dir() / BYTES_FILE
+    path = get_base_dir() / "tokenizer" / BYTES_FILE
     if not path.exists():
         raise TokenizerError(f"no {path} ({RETRAIN})")
     return torch.load(path, map_location=device, weights_only=True)

@@ -43,7 +43,7 @@ def test_spec_pattern_and_special_tokens_placed_right_after_the_ranks(tok):
     assert SPECIAL_TOKENS == [f"<|{name}|>" for name in [*names.split(), "output_end"]]
     first_special = VOCAB_SIZE - len(SPECIAL_TOKENS)
     assert tok.get_vocab_size() == VOCAB_SIZE and len(tok.mergeable_ranks) == first_special
-    assert tok.get_special_tokens() == {name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)}
+    assert tok.special_tokens == {name: first_special + i for i, name in enumerate(SPECIAL_TOKENS)}
     assert tok.get_bos_token_id() == first_special
 
 
@@ -61,7 +61,7 @@ def test_small_corpus_gives_fewer_tokens_with_specials_still_right_after_the_ran
 
 @pytest.mark.parametrize("name", SPECIAL_TOKENS)
 def test_text_spelling_a_special_token_encodes_as_ordinary_tokens(tok, name):
-    control_ids = set(tok.get_special_tokens().values())
+    control_ids = set(tok.special_tokens.values())
     for text in (name, f"hello {name} world"):
         ids = tok.encode(text)
         assert not control_ids & set(ids), f"{text!r} produced a control token"
@@ -73,9 +73,9 @@ def test_encode_a_list_as_each_text_with_prepend_and_append_ids_or_special_names
     assert tok.encode(texts) == tok.encode(texts, num_threads=2) == [tok.encode(t) for t in texts]
     bos, end = tok.encode_special("<|bos|>"), tok.encode_special("<|assistant_end|>")
     body = tok.encode("hi there")
-    assert tok.encode("hi there", prepend="<|bos|>", append=end) == [bos] + body + [end]
+    assert tok.encode("hi there", prepend=bos, append=end) == [bos] + body + [end]
     assert tok.encode("hi there", prepend=bos) == [bos] + body
-    assert tok.encode(["hi there", ""], prepend="<|bos|>") == [[bos] + body, [bos]]
+    assert tok.encode(["hi there", ""], prepend=bos) == [[bos] + body, [bos]]
 
 
 # ---------------------------------------------------------------------- conversations
@@ -111,7 +111,7 @@ def test_render_conversation_ids_and_mask(tok):
         "<|output_start|>4<|output_end|>It is 4.<|assistant_end|>"
         "<|user_start|>Thanks<|user_end|><|assistant_start|>You're welcome.<|assistant_end|>"
     )
-    specials = set(tok.get_special_tokens().values())
+    specials = set(tok.special_tokens.values())
     assert [tok.decode([i]) for i in ids if i in specials] == re.findall(r"<\|\w+\|>", text)  # control ids
     # trained: what the assistant writes itself (not the tool's output)
     assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (
@@ -177,7 +177,7 @@ def test_save_writes_data_files_that_from_directory_round_trips(tok, tmp_path):
     assert json.loads((d / META).read_text()) == {
         "name": "nanochat",
         "pattern": SPLIT_PATTERN,
-        "special_tokens": tok.get_special_tokens(),
+        "special_tokens": tok.special_tokens,
         "bos_token": "<|bos|>",
         "sha256": {name: sha256_of(d / name) for name in (BYTES, RANKS)},
     }
@@ -265,10 +265,11 @@ def flip_a_bit(d: Path) -> None:  # the checksum left as it was
         (meta_with(extra=1), ["unknown keys", "extra"]),
         (meta_with(pattern=5), ["wrong type", "pattern"]),
         (meta_with(special_tokens={"<|bos|>": True}), ["integer"]),
-        (meta_with(special_tokens={"<|bos|>": 97}), [META, "<|bos|>", "ordinary token"]),
-        (meta_with(special_tokens={"<|bos|>": 1000, "<|x|>": 1000}), ["special token ids"]),
+        (meta_with(special_tokens={"<|bos|>": -1}), ["non-negative"]),
+        (meta_with(special_tokens={"<|bos|>": 97}), [META, "special token ids [97]"]),  # a rank's id
+        (meta_with(special_tokens={"<|bos|>": 1000, "<|x|>": 1000}), ["special token ids [1000, 1000]"]),
         (meta_with(pattern="(" + SPLIT_PATTERN), ["pattern"]),
-        (rewrite(RANKS, lambda b: b.split(b"\n", 1)[1]), ["byte 0"]),
+        (rewrite(RANKS, lambda b: b.split(b"\n", 1)[1]), [RANKS, "byte 0"]),
         (rewrite(RANKS, lambda b: b.replace(b"\n", b"\nnot-base64! 99999\n", 1)), [f"{RANKS}:2", "not a"]),
         (rewrite(RANKS, lambda b: b.replace(b"\n", b"\nAA== 99999\n", 1)), [f"{RANKS}:2", "listed again"]),
         (rewrite(RANKS, lambda b: b.replace(b" 300\n", b" 299\n")), ["rank 299"]),
