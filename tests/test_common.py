@@ -141,21 +141,23 @@ def test_get_dist_info_reads_torchrun_env(monkeypatch):
     assert get_dist_info() == (True, 3, 1, 4)
 
 
-def test_print0_prints_only_on_rank_zero(monkeypatch, capsys):
-    monkeypatch.setenv("RANK", "1")
-    print0("from rank 1")
-    monkeypatch.setenv("RANK", "0")
-    print0("from rank 0")
-    monkeypatch.delenv("RANK")
-    print0("no torchrun")
-    assert capsys.readouterr().out == "from rank 0\nno torchrun\n"
+def test_print0_and_progress_bars_speak_on_rank_0_only(monkeypatch, capsys):
+    monkeypatch.delenv("RANK", raising=False)  # no torchrun: rank 0
+    for rank, speaks in ((None, True), ("1", False), ("0", True)):
+        if rank is not None:
+            monkeypatch.setenv("RANK", rank)
+        print0("printed")
+        with progress_bar(3, "work", "q") as bar:
+            bar.update(3)
+        out = capsys.readouterr()
+        assert (out.out == "printed\n", "work" in out.err) == (speaks, speaks)
 
 
 # -----------------------------------------------------------------------------
 # Atomic writes and locks
 
 
-def test_atomic_path_replaces_file_only_when_writer_succeeds(tmp_path):
+def test_atomic_path_replaces_the_file_only_when_the_writer_succeeds(tmp_path):
     target = tmp_path / "artifact.bin"
     with atomic_path(target) as tmp, atomic_path(target) as other:
         assert tmp.parent == target.parent and tmp.name.startswith("artifact.bin.tmp.") and tmp != other
@@ -163,18 +165,10 @@ def test_atomic_path_replaces_file_only_when_writer_succeeds(tmp_path):
         tmp.write_bytes(b"version 1")
         assert not target.exists()  # nothing under the final name until the block ends
     assert target.read_bytes() == b"version 1"  # the last one to finish (the outer block) wins
-    assert leftovers(tmp_path) == []
-
-
-def test_atomic_path_keeps_old_file_when_writer_raises(tmp_path):
-    target = tmp_path / "artifact.bin"
-    target.write_bytes(b"good old content")
-    with pytest.raises(RuntimeError, match="writer crashed"):
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"half-writ")
-            raise RuntimeError("writer crashed")
-    assert target.read_bytes() == b"good old content"
-    assert leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError, match="writer crashed"), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half-writ")
+        raise RuntimeError("writer crashed")
+    assert target.read_bytes() == b"version 1" and leftovers(tmp_path) == []
 
 
 def test_file_lock_excludes_other_holders(tmp_path):
@@ -196,52 +190,38 @@ def test_file_lock_excludes_other_holders(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Progress
-
-
-def test_progress_bar_draws_on_rank_0_only(monkeypatch, capsys):
-    for rank, drawn in (("0", True), ("1", False)):
-        monkeypatch.setenv("RANK", rank)
-        with progress_bar(3, "work", "q") as bar:
-            bar.update(3)
-        assert ("work" in capsys.readouterr().err) == drawn
-
-
-# -----------------------------------------------------------------------------
 # Downloads
 
 
-@pytest.mark.parametrize("failures", [("500", "500"), ("stall",), ("short",)])
-def test_download_retries_after_server_errors_stalls_and_short_bodies(server, tmp_path, failures):
+@pytest.mark.parametrize("failures", [("500", "500"), ("stall",), ("short",), ("garbage",)])
+def test_download_retries_server_errors_stalls_short_and_rejected_bodies(server, tmp_path, failures):
     url = server.serve("/f.bin", PAYLOAD, *failures, "ok")
-    t0 = time.monotonic()
-    assert download_file(url, tmp_path / "f.bin", **FAST).read_bytes() == PAYLOAD
-    assert server.count("/f.bin") == len(failures) + 1 and leftovers(tmp_path) == []
-    assert time.monotonic() - t0 < 0.9  # gave up on a stall after the read timeout, not the stall itself
-
-
-def test_download_retries_when_validation_rejects_the_body(server, tmp_path):
-    url = server.serve("/f.bin", PAYLOAD, "garbage", "ok")
     seen = []
 
-    def validate(p: Path):
+    def validate(p: Path):  # raising rejects a file, as returning False does
         seen.append(p)
-        assert p != tmp_path / "f.bin", "validate must see the temp file, not the final name"
         if p.read_bytes() != PAYLOAD:
             raise ValueError("bad magic")
 
+    t0 = time.monotonic()
     assert download_file(url, tmp_path / "f.bin", validate=validate, **FAST).read_bytes() == PAYLOAD
-    assert server.count("/f.bin") == 2 and len(seen) == 2
+    assert server.count("/f.bin") == len(failures) + 1 and leftovers(tmp_path) == []
+    assert seen and tmp_path / "f.bin" not in seen  # validate sees the temp file, not the final name
+    assert time.monotonic() - t0 < 0.9  # gave up on a stall after the read timeout, not the stall itself
 
 
-def test_download_that_always_fails_leaves_no_file(server, tmp_path):
+def test_download_that_always_fails_backs_off_exponentially_and_leaves_no_file(server, tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(common.time, "sleep", waits.append)
+    monkeypatch.setattr(common, "MAX_BACKOFF", 0.03)
     for action in ("500", "short", "garbage"):
         name = f"/{action}.bin"
         url = server.serve(name, PAYLOAD, action)
         with pytest.raises(RuntimeError, match=f"{url}.*after 4 attempts"):
             download_file(url, tmp_path / name[1:], validate=lambda p: p.read_bytes() == PAYLOAD, **FAST)
-        assert server.count(name) == 4
+        assert server.count(name) == 4 and waits == [0.01, 0.02, 0.03]  # FAST's backoff, doubled, capped
         assert not (tmp_path / name[1:]).exists()
+        waits.clear()
     assert leftovers(tmp_path) == []
 
 
@@ -253,20 +233,16 @@ def test_download_404_fails_fast_with_clear_error(server, tmp_path):
     assert not (tmp_path / "missing.bin").exists() and leftovers(tmp_path) == []
 
 
-def test_download_skips_an_existing_file_unless_it_fails_validation_or_has_stale_temps(server, tmp_path):
+def test_download_skips_an_existing_file_unless_invalid_or_with_stale_temps(server, tmp_path, capsys):
     url = server.serve("/f.bin", PAYLOAD)
     (tmp_path / "f.bin").write_bytes(b"already here")
     assert download_file(url, tmp_path / "f.bin", **FAST).read_bytes() == b"already here"
     assert server.count("/f.bin") == 0
     (tmp_path / "f.bin.tmp.12345.deadbeef").write_bytes(b"left by a crashed run")
-    path = download_file(url, tmp_path / "f.bin", validate=lambda p: p.read_bytes() == PAYLOAD, **FAST)
+    check = {"validate": lambda p: p.read_bytes() == PAYLOAD, "progress": True}
+    path = download_file(url, tmp_path / "f.bin", **{**FAST, **check})
     assert path.read_bytes() == PAYLOAD and server.count("/f.bin") == 1 and leftovers(tmp_path) == []
-
-
-def test_download_shows_byte_progress(server, tmp_path, capsys):
-    url = server.serve("/f.bin", PAYLOAD)
-    download_file(url, tmp_path / "f.bin", timeout=1.0, retries=0, progress=True)
-    assert "100%" in capsys.readouterr().err
+    assert "100%" in capsys.readouterr().err  # the byte progress bar
 
 
 def _download_after_barrier(barrier, url: str, path: str) -> None:
@@ -291,16 +267,6 @@ def test_concurrent_downloads_in_two_processes_fetch_once(tmp_path):
         assert server.count("/shared.bin") == 1  # the second process waited on the lock, then found the file
     assert (tmp_path / "shared.bin").read_bytes() == PAYLOAD
     assert leftovers(tmp_path) == []
-
-
-def test_download_backoff_grows_exponentially_with_cap(server, tmp_path, monkeypatch):
-    waits = []
-    monkeypatch.setattr(common.time, "sleep", waits.append)
-    monkeypatch.setattr(common, "MAX_BACKOFF", 5.0)
-    url = server.serve("/f.bin", PAYLOAD, "500")
-    with pytest.raises(RuntimeError):
-        download_file(url, tmp_path / "f.bin", timeout=0.3, retries=4, backoff=1.0, progress=False)
-    assert waits == [1.0, 2.0, 4.0, 5.0]
 
 
 def test_autocast_is_off_on_cpu_and_follows_compute_dtype(monkeypatch):
