@@ -55,11 +55,7 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add_model_flags(p, defaults["source"], stages=("base", "mid", "sft"))
     add("--max-seq-len", type=in_range(int, 2), help="context of the training rows (None: the model's)")
     add("--device-batch-size", type=in_range(int, 1), help="rows per device per micro-step")
-    add(
-        "--total-batch-size",
-        type=int,
-        help="tokens per optimizer step, all ranks (-1: one micro-step per rank)",
-    )
+    add("--total-batch-size", type=int, help="tokens per step, all ranks (-1: one micro-step per rank)")
     add("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the data)")
     add("--warmdown-ratio", type=in_range(float, 0, 1), help="final fraction of training decaying the LR")
     add("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of training")

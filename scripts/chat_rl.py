@@ -54,10 +54,6 @@ from tasks.synthetic import Arithmetic
 # The algorithm, as plain functions (tested on their own)
 
 
-OFFLINE_TRAIN_SIZE = 5000  # synthetic Arithmetic training questions with --offline
-OFFLINE_TEST_SIZE = 256  # the same test questions chat_eval grades offline
-
-
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
     """Advantage of each sample of one question's group: its reward minus the group mean (no std scaling).
     A group whose samples all score the same contributes exactly zero gradient."""
@@ -112,17 +108,15 @@ if __name__ == "__main__":
     g = parser.add_argument_group("model and data")
     add_model_flags(g, "sft")
     g.add_argument("--offline", action="store_true", help="train on synthetic Arithmetic instead of GSM8K")
-    g.add_argument(
-        "--max-seq-len", type=int, default=None, help="prompt + answer limit (default: the model's)"
-    )
+    g.add_argument("--max-seq-len", type=int, help="prompt + answer limit (default: the model's)")
     positive = in_range(int, 1)
     g = parser.add_argument_group("sampling")
     g.add_argument("--examples-per-step", type=positive, default=16, help="questions per step, all ranks")
     g.add_argument("--num-samples", type=positive, default=16, help="samples per question (the group)")
     g.add_argument("--max-new-tokens", type=positive, default=256, help="token budget of one answer")
     # > 0: greedy samples of a group are identical and teach nothing
-    temperature = in_range(float, 0, open_lo=True)
-    g.add_argument("--temperature", type=temperature, default=1.0, help="sampling temperature")
+    positive_float = in_range(float, 0, open_lo=True)
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
     g.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
     g.add_argument("--seed", type=int, default=42, help="base seed of the sampling")
     add_optimizer_flags(parser, init_lr_frac=0.05)
@@ -131,9 +125,7 @@ if __name__ == "__main__":
     g.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the training set)")
     g.add_argument("--device-batch-size", type=positive, default=8, help="sampled rows per forward/backward")
     g = parser.add_argument_group("evaluation and checkpoints")
-    g.add_argument(
-        "--eval-every", type=int, default=60, help="steps between pass@k evals (-1: start and end)"
-    )
+    g.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evals (-1: first, last)")
     g.add_argument("--eval-examples", type=int, default=400, help="test questions per eval")
     g.add_argument("--eval-samples", type=positive, default=8, help="samples per test question (k <= this)")
     g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
@@ -150,8 +142,8 @@ if __name__ == "__main__":
     setup_logging()
     is_ddp, rank, _, world_size, device = compute_init(args.device_type)
     if args.offline:
-        train_task = Arithmetic(size=OFFLINE_TRAIN_SIZE, split="train")
-        test_task = Arithmetic(size=OFFLINE_TEST_SIZE, split="test")
+        train_task = Arithmetic(size=5000, split="train")
+        test_task = Arithmetic(size=256, split="test")  # the test questions chat_eval grades offline
     else:
         hint = "; or pass --offline (synthetic Arithmetic, no download)"
         with exit_on_user_error("chat_rl", hint, TASK_DATA_ERRORS):
@@ -196,14 +188,15 @@ if __name__ == "__main__":
     engine = Engine(model, tokenizer, compile=compile_decode(args.decode, device))
     pad_id = tokenizer.get_bos_token_id()
 
-    def sample(prompt: list[int], num_samples: int, budget: int, seed: int):
-        """((sequences, masks), completions): rows keep their stop token (mask 1: stopping is a choice
-        the policy makes); the completions, without it, are what gets graded."""
-        top_k = args.top_k or None
-        sampling = dict(max_tokens=budget, temperature=args.temperature, top_k=top_k, seed=seed)
+    def sample(task, index: int, num_samples: int, seed: int) -> tuple[list, list, list[float]]:
+        """(sequences, masks, rewards) of `num_samples` answers to question `index` of `task`: rows keep
+        their stop token (mask 1: stopping is a choice the policy makes); the graded text is without it."""
+        conversation = task[index]
+        prompt, budget = prompt_and_budget(tokenizer, conversation, max_seq_len, args.max_new_tokens)
+        sampling = dict(max_tokens=budget, temperature=args.temperature, top_k=args.top_k or None, seed=seed)
         sequences, masks = engine.generate_batch(prompt, num_samples, keep_stop=True, **sampling)
         completions = [[t for t in seq[len(prompt) :] if t not in engine.stop_ids] for seq in sequences]
-        return (sequences, masks), completions
+        return sequences, masks, [task.reward(conversation, tokenizer.decode(c)) for c in completions]
 
     # ---------------------------------------------------------------------- eval: mean reward and pass@k
     ks = [k for k in (2**i for i in range(12)) if k <= args.eval_samples]
@@ -213,10 +206,7 @@ if __name__ == "__main__":
         model.eval()
         sums = [0.0] * (2 + len(ks))  # questions, reward, pass@k for each k
         for index in range(rank, eval_examples, world_size):
-            conversation = test_task[index]
-            prompt, budget = prompt_and_budget(tokenizer, conversation, max_seq_len, args.max_new_tokens)
-            _, completions = sample(prompt, args.eval_samples, budget, seed=index)
-            rewards = [test_task.reward(conversation, tokenizer.decode(c)) for c in completions]
+            _, _, rewards = sample(test_task, index, args.eval_samples, seed=index)
             correct = sum(r > 0 for r in rewards)
             sums[0] += 1
             sums[1] += sum(rewards) / len(rewards)
@@ -257,11 +247,8 @@ if __name__ == "__main__":
         for local in range(per_rank):
             j = rank + local * world_size  # position of the question within the step, across ranks
             index = (step * args.examples_per_step + j) % len(train_task)
-            conversation = train_task[index]
-            prompt, budget = prompt_and_budget(tokenizer, conversation, max_seq_len, args.max_new_tokens)
             seed = (args.seed * 1_000_003 + step * args.examples_per_step + j) % 2**62
-            (sequences, masks), completions = sample(prompt, args.num_samples, budget, seed)
-            rewards = [train_task.reward(conversation, tokenizer.decode(c)) for c in completions]
+            sequences, masks, rewards = sample(train_task, index, args.num_samples, seed)
             rewards = torch.tensor(rewards, dtype=torch.float32)
             reward_sum += rewards.sum().item()
             rollouts.append((sequences, masks, group_advantages(rewards)))
