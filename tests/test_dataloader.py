@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from nanochat.dataloader import DataLoader, batch_from_rows, pack_crop, pack_pad
-from nanochat.dataset import list_row_groups, parquets_iter_batched, write_shards
+from nanochat.dataset import list_row_groups, parquets_iter_batched, read_row_group, write_shards
 from nanochat.tokenizer import get_tokenizer
 
 B, T = 4, 64
@@ -24,6 +24,11 @@ def assert_same_batches(got, expected) -> None:
     assert len(got) == len(expected)
     for k, ((x, y), (ex, ey)) in enumerate(zip(got, expected, strict=True)):
         assert torch.equal(x, ex) and torch.equal(y, ey), f"batch {k} differs"
+
+
+def saved(dl: DataLoader) -> dict:
+    """The loader's state as base_train saves it: through JSON."""
+    return json.loads(json.dumps(dl.state_dict()))
 
 
 def rows_of(batch) -> torch.Tensor:
@@ -87,21 +92,27 @@ def test_pad_mode_places_whole_items_and_masks_padding():
 # Batches from the real corpus
 
 
-def test_batches_are_bos_aligned_shifted_rows_and_grad_accum_equals_ranks(tokenizer, base_dir):
-    """One process with grad_accum 2 yields micro batch r of each step = rank r's batch of 2 ranks."""
+def test_batches_are_bos_aligned_grad_accum_equals_ranks_and_both_resume_midstep(tokenizer, base_dir):
+    """One process with grad_accum 2 yields micro batch r of each step = rank r's batch of 2 ranks; a state
+    saved mid-step (grad_accum 2), or by each rank, resumes exactly."""
     steps = 70
     single_loader = loader(tokenizer, grad_accum=2)
-    single = take(single_loader, 2 * steps)
+    single = take(single_loader, 2 * steps - 1)  # odd: the next micro batch is micro-step 1
+    state = saved(single_loader)
+    single += take(single_loader, 21)
+    assert_same_batches(take(loader(tokenizer, grad_accum=2, resume_state=state), 21), single[-21:])
     assert single_loader.epoch == 2  # the comparison runs across an epoch boundary
     for x, y in single:
         assert x.shape == y.shape == (B, T) and x.dtype == torch.int32 and y.dtype == torch.int64
         assert (x[:, 0] == tokenizer.get_bos_token_id()).all()  # every row starts at a document start
         assert torch.equal(y[:, :-1], x[:, 1:].long())  # targets are the inputs shifted by one
         assert (y >= 0).all()  # no padding in crop mode; the synthetic corpus below traces every token
-    ranks = [take(loader(tokenizer, rank=r, world_size=2), steps) for r in range(2)]
     for r in range(2):
-        assert_same_batches(single[r::2], ranks[r])
-    assert not torch.equal(ranks[0][0][0], ranks[1][0][0])
+        dl = loader(tokenizer, rank=r, world_size=2)
+        assert_same_batches(single[r::2][:steps], take(dl, steps))
+        resumed = loader(tokenizer, rank=r, world_size=2, resume_state=saved(dl))
+        assert_same_batches(take(resumed, 10), take(dl, 10))
+    assert not torch.equal(single[0][0], single[1][0])
 
 
 def test_resume_yields_the_same_batches_across_blocks_epochs_and_batch_sizes(tokenizer, base_dir):
@@ -110,7 +121,7 @@ def test_resume_yields_the_same_batches_across_blocks_epochs_and_batch_sizes(tok
     states, batches = [], []
 
     def step():
-        states.append(json.loads(json.dumps(dl.state_dict())))
+        states.append(saved(dl))
         batches.append(next(dl))
 
     for _ in range(1000):  # bounded: a loader that never wraps fails instead of hanging
@@ -132,23 +143,6 @@ def test_resume_yields_the_same_batches_across_blocks_epochs_and_batch_sizes(tok
     resumed = loader(tokenizer, B=2, resume_state=states[5])  # B may change: the row stream goes on
     rows = torch.cat([rows_of(b) for b in batches[5 : 5 + m]])
     assert torch.equal(torch.cat([rows_of(b) for b in take(resumed, 2 * m)]), rows)
-
-
-def test_resume_midstep_and_per_rank(tokenizer, base_dir):
-    """grad_accum 2 resumed mid-step; each of two ranks resumed from its own saved state."""
-    single = loader(tokenizer, grad_accum=2)
-    take(single, 61)  # odd: the next micro batch is micro-step 1
-    state = json.loads(json.dumps(single.state_dict()))
-    expected = take(single, 30)
-    assert_same_batches(take(loader(tokenizer, grad_accum=2, resume_state=state), 30), expected)
-
-    ranks = [loader(tokenizer, rank=r, world_size=2) for r in range(2)]
-    for dl in ranks:
-        take(dl, 25)
-    states = [json.loads(json.dumps(dl.state_dict())) for dl in ranks]  # what base_train saves
-    for r, dl in enumerate(ranks):
-        resumed = loader(tokenizer, rank=r, world_size=2, resume_state=states[r])
-        assert_same_batches(take(resumed, 20), take(dl, 20))
 
 
 def test_state_dict_is_small_json_and_checked_on_resume(tokenizer, base_dir):
@@ -224,7 +218,8 @@ def test_ranks_read_disjoint_documents_and_every_one(synthetic):
     lengths = synthetic
     seen_by_rank = []
     for rank in range(2):
-        own = {int(t.split()[0]) for g in parquets_iter_batched("train", rank, 2) for t in g}
+        groups = list_row_groups("train")[rank::2]  # rank r of 2 reads the row groups r, r + 2, ...
+        own = {int(t.split()[0]) for g in groups for t in read_row_group(*g)}
         dl = DataLoader(IdTokenizer(), 1, 63, "train", rank, 2)
         seen, in_rows = [], 0
         state = dl.state_dict()
@@ -248,7 +243,7 @@ def test_ranks_read_disjoint_documents_and_every_one(synthetic):
         assert counters["read"] == in_rows + counters["cropped"] + counters["dropped"]
         # the docs never seen are exactly the leftovers dropped at block ends
         assert sum(lengths[i] for i in own - set(seen)) == counters["dropped"]
-        assert counters["dropped"] < 64 * len(list_row_groups("train")[rank::2])
+        assert counters["dropped"] < 64 * len(groups)
         seen_by_rank.append(set(seen))
     assert not seen_by_rank[0] & seen_by_rank[1]
     train = {int(t.split()[0]) for g in parquets_iter_batched("train") for t in g}
