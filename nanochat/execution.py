@@ -282,55 +282,51 @@ def _has_exited(proc: subprocess.Popen) -> bool:
     return info is not None
 
 
-def _supervise(
-    proc: subprocess.Popen, stdin: bytes, nonce: bytes, timeout: float, max_output_bytes: int
-) -> ExecutionResult:
-    """Feed the program, collect its output until it ends, floods or runs out of time; then kill its group."""
-    deadline = time.monotonic() + timeout
-    # the prelude reads all of stdin before anything else, so this cannot block for long; an
-    # OSError means the child died at once, and its exit status tells why
-    with contextlib.suppress(OSError), proc.stdin:  # closed even when the write fails
-        proc.stdin.write(stdin)
-    marker = b"\0" + nonce
+def _collect(proc: subprocess.Popen, caps: tuple[int, int], deadline: float):
+    """(stdout, stderr, timed out, flooded) of the child, read until it has exited and closed its pipes (or
+    a descendant still holds one 0.5 s after), a pipe passes its cap, or the deadline passes."""
     out, err = bytearray(), bytearray()
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ, (out, max_output_bytes + len(marker)))
-    sel.register(proc.stderr, selectors.EVENT_READ, (err, max_output_bytes))
-    timed_out = flooded = False
-    exited_at = None
-    try:
-        while sel.get_map() and not flooded:
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ, (out, caps[0]))
+        sel.register(proc.stderr, selectors.EVENT_READ, (err, caps[1]))
+        exited_at = None
+        while True:
             now = time.monotonic()
             if now >= deadline:
-                timed_out = True
-                break
+                return out, err, True, False
             if exited_at is None and _has_exited(proc):
                 exited_at = now
-            if exited_at is not None and now - exited_at > 0.5:
-                break  # the child is gone but a descendant still holds a pipe open
-            for key, _ in sel.select(timeout=min(0.05, deadline - now)):
+            if exited_at is not None and (not sel.get_map() or now - exited_at > 0.5):
+                return out, err, False, False
+            for key, _ in sel.select(timeout=min(0.005, deadline - now)):  # both pipes closed: a sleep
                 chunk = os.read(key.fileobj.fileno(), 65536)
                 if not chunk:
                     sel.unregister(key.fileobj)
                     continue
                 buf, cap = key.data
                 buf += chunk[: cap + 1 - len(buf)]
-                flooded = flooded or len(buf) > cap
-        if not timed_out and not flooded:
-            # pipes closed: give the child until the deadline to actually exit
-            while not _has_exited(proc) and time.monotonic() < deadline:
-                time.sleep(0.005)
-            timed_out = not _has_exited(proc)
-    finally:
-        # the whole group, so any descendant too; the unreaped leader keeps the group id reserved
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        returncode = proc.wait()
-        sel.close()
-        proc.stdout.close()
-        proc.stderr.close()
+                if len(buf) > cap:
+                    return out, err, False, True
 
-    out, err = bytes(out), bytes(err)
+
+def _supervise(
+    proc: subprocess.Popen, stdin: bytes, nonce: bytes, timeout: float, max_output_bytes: int
+) -> ExecutionResult:
+    """Feed the program, collect its output until it ends, floods or runs out of time; then kill its group."""
+    deadline, marker = time.monotonic() + timeout, b"\0" + nonce
+    with proc:  # leaving it closes the pipes and reaps the child, after its group is killed below
+        try:
+            # the prelude reads all of stdin before anything else, so this cannot block for long; an
+            # OSError means the child died at once, and its exit status tells why
+            with contextlib.suppress(OSError), proc.stdin:  # closed even when the write fails
+                proc.stdin.write(stdin)
+            caps = (max_output_bytes + len(marker), max_output_bytes)
+            out, err, timed_out, flooded = _collect(proc, caps, deadline)
+        finally:
+            # the whole group, so any descendant too; the unreaped leader keeps the group id reserved
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    returncode = proc.returncode
     finished = returncode == 0 and out.endswith(marker)
     out = out[: -len(marker)] if finished else out
     flooded = flooded or len(out) > max_output_bytes
