@@ -61,17 +61,12 @@ def stage_name(command: str) -> str:
     return module
 
 
-def dry_run(script: str, tmp_path: Path, *args: str, **env: str) -> tuple[list[str], str]:
-    """Run a driver in dry mode; returns (its "+ " command lines, all of stdout)."""
+def dry_run(script: str, tmp_path: Path, *args: str, unset=(), **env: str) -> tuple[list[str], str]:
+    """Run a driver in dry mode, without the variables `unset`; returns (its "+ " command lines, stdout)."""
     full_env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "base"), "DRY_RUN": "1", **env}
-    out = subprocess.run(
-        ["bash", str(REPO / script), *args],
-        env=full_env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    full_env = {k: v for k, v in full_env.items() if k not in unset}
+    cmd = ["bash", str(REPO / script), *args]
+    out = subprocess.run(cmd, env=full_env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     commands = [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
     return commands, out.stdout
@@ -194,21 +189,14 @@ def test_runcpu_dry_run_lists_the_whole_offline_pipeline(tmp_path):
     for stage in ["scripts.mid_train", "scripts.chat_sft", "scripts.chat_rl"]:
         assert "--offline" in next(c for c in commands if stage_name(c) == stage).split()
     # without an eval bundle, CORE is skipped (it would need a download), everything else runs
-    env = {k: v for k, v in os.environ.items() if k != "NANOCHAT_EVAL_BUNDLE"}
-    out = subprocess.run(
-        ["bash", str(REPO / "runs/runcpu.sh")],
-        env={**env, "NANOCHAT_BASE_DIR": str(tmp_path / "b2"), "DRY_RUN": "1", "NANOCHAT_PYTHON": "python"},
-        capture_output=True,
-        text=True,
-        timeout=60,
+    demo, stdout = dry_run(
+        "runs/runcpu.sh", tmp_path, unset=["NANOCHAT_EVAL_BUNDLE"], NANOCHAT_PYTHON="python"
     )
-    stages = [stage_name(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ ")]
-    assert stages == [s for s in RUNCPU_ORDER if s != "scripts.base_eval"]
-    assert "skipping base_eval" in out.stdout
+    assert [stage_name(c) for c in demo] == [s for s in RUNCPU_ORDER if s != "scripts.base_eval"]
+    assert "skipping base_eval" in stdout
     # the full demo compiles its three training stages (faster over hundreds of steps), SHORT does not
-    demo = [line.split() for line in out.stdout.splitlines() if line.startswith("+ ")]
     for stage in ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft"]:
-        assert "--compile" in next(c for c in demo if stage_name(" ".join(c[1:])) == stage)
+        assert "--compile" in next(c for c in demo if stage_name(c) == stage).split()
         assert "--no-compile" in next(c for c in commands if stage_name(c) == stage).split()
 
 
@@ -241,19 +229,11 @@ def test_runcpu_closing_hint_runs_the_demo_model_from_the_demo_base_dir(tmp_path
 
 
 def test_runcpu_closing_hint_names_the_default_base_dir_and_uv(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_BASE_DIR", "NANOCHAT_PYTHON")}
     if shutil.which("uv") is None:
         pytest.skip("uv is not on PATH")
-    out = subprocess.run(
-        ["bash", str(REPO / "runs/runcpu.sh")],
-        env={**env, "HOME": str(tmp_path), "DRY_RUN": "1", "SHORT": "1"},
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    words = runcpu_hints(out.stdout)["chat"]
+    unset = ["NANOCHAT_BASE_DIR", "NANOCHAT_PYTHON"]
+    _, stdout = dry_run("runs/runcpu.sh", tmp_path, unset=unset, HOME=str(tmp_path), SHORT="1")
+    words = runcpu_hints(stdout)["chat"]
     assert words[0] == f"NANOCHAT_BASE_DIR={tmp_path / '.cache' / 'nanochat-cpu'}"
     assert words[1:5] == ["uv", "run", "python", "-m"] and "d2" in words
 
@@ -287,20 +267,9 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
 
     report_dir = tmp_path / "base" / "report"
     sections = read_sections(report_dir)  # each stage's recorded section data
-    for name in [
-        "Environment",
-        "Tokenizer training",
-        "Tokenizer evaluation",
-        "Base model training",
-        "Base model loss",
-        "Midtraining",
-        "Chat SFT",
-        "Chat RL",
-        "Chat evaluation base",
-        "Chat evaluation mid",
-        "Chat evaluation sft",
-        "Chat evaluation rl",
-    ]:
+    names = ["Environment", "Tokenizer training", "Tokenizer evaluation", "Base model training"]
+    names += ["Base model loss", "Midtraining", "Chat SFT", "Chat RL"]
+    for name in names + [f"Chat evaluation {source}" for source in ("base", "mid", "sft", "rl")]:
         assert name in sections and (report_dir / f"{slugify(name)}.md").is_file(), name
 
     text = (cwd / "report.md").read_text()
