@@ -74,14 +74,11 @@ def comparison_rows(texts: dict[str, str], ours: Tokenizer, ref: Tokenizer | Non
 parser = argparse.ArgumentParser(
     prog="python -m scripts.tok_eval", description=__doc__, formatter_class=HelpFormatter
 )
+add = parser.add_argument
 shared_refs = Path(__file__).resolve().parents[2] / "shared/data/tokenizers"  # ../shared beside the repo
-refs_help = "the folder of the reference .tiktoken files ($NANOCHAT_TOKENIZER_REFS sets the default)"
-parser.add_argument(
-    "--ref-dir", type=Path, default=os.environ.get("NANOCHAT_TOKENIZER_REFS", shared_refs), help=refs_help
-)
-parser.add_argument(
-    "--sample-chars", type=in_range(int, 1), default=10_000, help="chars from each split's start"
-)
+refs = os.environ.get("NANOCHAT_TOKENIZER_REFS", shared_refs)
+add("--ref-dir", type=Path, default=refs, help="the reference .tiktoken files ($NANOCHAT_TOKENIZER_REFS)")
+add("--sample-chars", type=in_range(int, 1), default=10_000, help="chars from each split's start")
 args = parser.parse_args()
 
 # Tokenizers (ours, and whichever references are on disk) and texts (the samples, then the start of
