@@ -232,33 +232,31 @@ def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> st
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
-def check_removable(
-    folder: str | os.PathLike, ours: Callable[[Path], bool], flag: str = "--overwrite"
-) -> None:
-    """Raise UserError unless `remove_ours` may empty `folder`: never `.`, `..`, `/` or a home directory,
-    nor a folder holding anything `ours` does not recognise (named). `flag` asked for the deletion."""
+def check_removable(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None:
+    """Raise UserError (naming --overwrite) unless `remove_ours` may empty `folder`: never `.`, `..`, `/`
+    or a home directory, nor a folder holding anything `ours` does not recognise (named)."""
     folder = Path(folder)
     if not folder.exists():
         return
     for name, protected in (("the working folder", Path.cwd()), ("the home directory", Path.home())):
         if protected.resolve().is_relative_to(folder.resolve()):  # it, or a folder above it
             raise UserError(
-                f"{flag} refuses to delete {folder}: it is or holds {name}; name a folder of its own"
+                f"--overwrite refuses to delete {folder}: it is or holds {name}; name a folder of its own"
             )
     if not folder.is_dir():
-        raise UserError(f"{flag}: {folder} is a file, not a folder nanochat wrote; move it away")
+        raise UserError(f"--overwrite: {folder} is a file, not a folder nanochat wrote; move it away")
     if foreign := foreign_files(folder, ours):
         raise UserError(
-            f"{flag} refuses to delete {folder}: it holds files nanochat did not write ({foreign}); "
+            f"--overwrite refuses to delete {folder}: it holds files nanochat did not write ({foreign}); "
             "move them away or pick another folder"
         )
 
 
-def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool], flag: str = "--overwrite") -> None:
+def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None:
     """Delete what `ours` recognises in `folder`, and the folder itself when it carries the marker,
     after `check_removable` (which raises, deleting nothing, for anything else)."""
     folder = Path(folder)
-    check_removable(folder, ours, flag)
+    check_removable(folder, ours)
     if not folder.exists():
         return
     marked = (folder / MARKER).exists()

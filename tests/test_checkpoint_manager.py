@@ -112,23 +112,6 @@ def test_a_missing_tag_or_step_names_what_exists_and_the_flag(tiny):
         cm.load_model("mid", "cpu", mode="eval", model_tag="d2", step=7)
 
 
-def test_damaged_file_is_named_with_the_newest_intact_step(tiny, tmp_path):
-    directory = tmp_path / "ckpt"
-    model, optimizers, meta = tiny
-    for step in (1, 2, 3):
-        cm.save_checkpoint(directory, step, model, optimizers, meta)
-    model_3 = directory / "model_000003.pt"
-    model_3.write_bytes(model_3.read_bytes()[:1000])  # cut short
-    with pytest.raises(cm.CheckpointError) as e:
-        cm.load_checkpoint(directory, 3, "cpu")
-    assert "\n" not in str(e.value) and str(model_3) in str(e.value)
-    assert "newest intact step is 2" in str(e.value) and "--step 2" in str(e.value)
-    (directory / "optim_000002_rank0.pt").write_bytes(b"garbage")  # step 2 cannot resume
-    fresh = build_optimizers(model.param_groups(), model.config.n_embd)
-    message = refusal(model, fresh, meta, directory, resume=True)
-    assert "newest intact step is 1" in message and "--resume 1" in message
-
-
 class _Exploit:
     """Unpickling this runs code: it creates the marker file."""
 
@@ -139,14 +122,25 @@ class _Exploit:
         return (open, (self.marker, "w"))
 
 
-def test_an_optimizer_shard_crafted_to_run_code_does_not_run_it(tiny, tmp_path):
-    model, optimizers, meta = tiny
+def test_damaged_file_is_named_with_the_newest_intact_step_and_nothing_is_unpickled(tiny, tmp_path):
     directory = tmp_path / "ckpt"
-    cm.save_checkpoint(directory, 1, model, optimizers, meta)
-    marker = tmp_path / "pwned"
-    torch.save({"optimizers": [_Exploit(marker)], "rng": {}}, directory / "optim_000001_rank0.pt")
-    message = refusal(model, optimizers, meta, directory, resume=True)
-    assert not marker.exists() and "optim_000001_rank0.pt is damaged" in message
+    model, optimizers, meta = tiny
+    for step in (1, 2, 3):
+        cm.save_checkpoint(directory, step, model, optimizers, meta)
+    model_3 = directory / "model_000003.pt"
+    model_3.write_bytes(model_3.read_bytes()[:1000])  # cut short
+    with pytest.raises(cm.CheckpointError) as e:
+        cm.load_checkpoint(directory, 3, "cpu")
+    assert "\n" not in str(e.value) and str(model_3) in str(e.value)
+    assert "newest intact step is 2" in str(e.value) and "--step 2" in str(e.value)
+    marker = tmp_path / "pwned"  # step 2 cannot resume: its shard is crafted to run code
+    torch.save({"optimizers": [_Exploit(marker)], "rng": {}}, directory / "optim_000002_rank0.pt")
+    with pytest.raises(cm.CheckpointError, match="optim_000002_rank0.pt is damaged"):
+        cm.load_checkpoint(directory, 2, "cpu", load_optimizer=True, verify=False)  # past the SHA-256 check
+    assert not marker.exists()
+    fresh = build_optimizers(model.param_groups(), model.config.n_embd)
+    message = refusal(model, fresh, meta, directory, resume=True)
+    assert "newest intact step is 1" in message and "--resume 1" in message
 
 
 def test_resume_refuses_another_flag_or_rank_count(tiny, tmp_path):
@@ -417,7 +411,8 @@ def test_a_flipped_bit_is_named_with_the_newest_intact_step_and_checked_per_chun
     path.write_bytes(bytes(data))
     with pytest.raises(cm.CheckpointError) as e:
         cm.load_model("sft", "cpu", "eval", "d1")
-    assert str(path) in str(e.value) and "SHA-256" in str(e.value) and "\n" not in str(e.value)
+    assert str(path) in str(e.value) and "SHA-256" in str(e.value) and "--no-verify" in str(e.value)
+    assert "\n" not in str(e.value)
     assert "newest intact step is 1" in str(e.value) and "--step 1" in str(e.value)
     loaded, _, _ = cm.load_model("sft", "cpu", "eval", "d1", verify=False)  # --no-verify: as it is
     assert not torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)

@@ -224,33 +224,8 @@ def test_damaged_task_file_is_named(with_tokenizer):
     assert str(bad) in message(proc) and "damaged" in message(proc)
 
 
-# ---------------------------------------------------------------------------- tampered or damaged artifacts
-
-
-def _one_line(proc: subprocess.CompletedProcess) -> str:
-    """The error: one line on stdout (stderr holds only log lines; `run` checked it has no traceback)."""
-    lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, message(proc)
-    return lines[0]
-
-
-def test_a_flipped_bit_in_the_weights_is_one_line_naming_the_file(tiny_base_dir, tmp_path):
-    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
-    model_path = save_tiny(tmp_path, "sft") / "model_000001.pt"
-    data = bytearray(model_path.read_bytes())
-    data[len(data) // 2] ^= 0x10  # inside the tensor data: torch would load it without a word
-    model_path.write_bytes(bytes(data))
-    line = _one_line(run(tmp_path, "scripts.chat_cli", "-p", "hi"))
-    assert str(model_path) in line and "SHA-256" in line and "--no-verify" in line
-
-
-def test_a_tampered_meta_is_one_line_in_chat_web(tiny_base_dir, tmp_path):
-    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
-    meta_path = save_tiny(tmp_path, "sft") / "meta_000001.json"
-    meta_path.write_text(meta_path.read_text().replace('"n_layer": 2', '"n_layer": 200000'))
-    start = time.time()
-    line = _one_line(run(tmp_path, "scripts.chat_web"))
-    assert str(meta_path) in line and "n_layer" in line and time.time() - start < 60
+# ---------------------------------------------------------------------------- damaged tokenizer
+# (a damaged or tampered checkpoint: test_checkpoint_manager; its one line in each script: wrong-step test)
 
 
 @pytest.mark.parametrize("damage", ["duplicate token", "missing meta"])
@@ -269,5 +244,6 @@ def test_a_damaged_tokenizer_is_one_line_in_chat_cli(tiny_base_dir, tmp_path, da
     else:
         (tmp_path / "tokenizer" / "tokenizer_meta.json").unlink()
         named = "tokenizer_meta.json"
-    line = _one_line(run(tmp_path, "scripts.chat_cli", "-p", "hi"))
-    assert named in line and "tok_train" in line
+    proc = run(tmp_path, "scripts.chat_cli", "-p", "hi")
+    lines = proc.stdout.strip().splitlines()  # stderr holds only log lines (and `run` saw no traceback)
+    assert len(lines) == 1 and named in lines[0] and "tok_train" in lines[0], message(proc)
