@@ -63,19 +63,19 @@ def _bucket(n: int) -> int:  # the smallest power of two >= n: few batch shapes 
 
 
 class KVCache:
-    """Keys and values of `rows` rows x `max_len` positions per layer, allocated once; the live rows
+    """Keys and values of `rows` rows x the whole context per layer, allocated once; the live rows
     are 0 .. n-1. The model reads it through `prefill(row)` or `_DecodeRows` (gpt.py's protocol)."""
 
-    def __init__(self, num_layers, num_kv_heads, head_dim, rows, max_len, embed_dim, dtype, device):
-        shape = (rows, num_kv_heads, max_len, head_dim)
+    def __init__(self, config, rows: int, dtype: torch.dtype, device: torch.device):
+        self.rows, self.max_len = rows, config.sequence_len
+        shape = (rows, config.n_kv_head, self.max_len, config.head_dim)
         # zeros, not empty: masked slots still enter the attention matmul and must stay finite
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layer)]
         self.pos = torch.zeros(rows, dtype=torch.long, device=device)  # each row's length, for decode
         self.lengths = [0] * rows  # the same on the host, so that the loop never syncs to read it
         # each row's last normed token embedding (smear's state), fp32 like the embedding
-        self.last = torch.zeros(rows, embed_dim, dtype=torch.float32, device=device)
-        self.rows, self.max_len = rows, max_len
+        self.last = torch.zeros(rows, config.n_embd, dtype=torch.float32, device=device)
 
     def prefill(self, row: int) -> _PrefillRow:
         return _PrefillRow(self, row)
@@ -259,9 +259,7 @@ class Engine:
         self._compiled_step = None
 
     def _new_cache(self) -> KVCache:
-        c = self.model.config
-        args = (c.n_layer, c.n_kv_head, c.head_dim, _bucket(self.max_batch), self.context, c.n_embd)
-        cache = KVCache(*args, self.cache_dtype, self.device)
+        cache = KVCache(self.model.config, _bucket(self.max_batch), self.cache_dtype, self.device)
         if self.compiled and self.device.type == "cuda":  # CUDA graphs write these in place
             for t in (*cache.k, *cache.v, cache.pos, cache.last):
                 torch._dynamo.mark_static_address(t)

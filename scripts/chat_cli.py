@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+from collections.abc import Iterator
 
 from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import HelpFormatter, compute_init, exit_on_user_error, in_range, setup_logging
@@ -37,6 +38,26 @@ def stream_reply(engine: Engine, tokens: list[int], budget: int, *sampling) -> l
     return reply_ids
 
 
+def typed_messages() -> Iterator[str | None]:
+    """What the user types, turn by turn (None: 'clear'), until 'quit', 'exit' or Ctrl-D."""
+    with contextlib.suppress(ImportError):  # Windows has none
+        import readline  # noqa: F401  importing it gives input() line editing and history
+    print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' (or Ctrl-D) leaves.")
+    while True:
+        try:
+            text = input("\nUser: ").strip()
+        except KeyboardInterrupt:  # drop the line being typed, ask again
+            print()
+            continue
+        except EOFError:
+            print()
+            return
+        if text.lower() in ("quit", "exit"):
+            return
+        if text:
+            yield None if text.lower() == "clear" else text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_cli",
@@ -48,8 +69,8 @@ def main() -> None:
     add("-p", "--prompt", default="", help="answer this one prompt and exit")
     add("-t", "--temperature", type=in_range(float, 0), default=0.6, help="sampling temperature (0: greedy)")
     add("-k", "--top-k", type=in_range(int, 0), default=50, help="top-k filtering (0: none)")
-    reply = "longest reply, in tokens"
-    add("--max-new-tokens", "--max-tokens", metavar="N", type=in_range(int, 1), default=512, help=reply)
+    reply = dict(metavar="N", type=in_range(int, 1), default=512, help="longest reply, in tokens")
+    add("--max-new-tokens", "--max-tokens", **reply)
     add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
     add_decode_flag(parser)
     args = parser.parse_args()
@@ -62,35 +83,14 @@ def main() -> None:
         )
     engine = Engine(model, tokenizer, max_batch=1, compile=compile_decode(args.decode, device))
 
-    if not args.prompt:
-        with contextlib.suppress(ImportError):  # Windows has none
-            import readline  # noqa: F401  importing it gives input() line editing and history
-        print("nanochat: type a message; 'clear' starts over, 'quit' or 'exit' (or Ctrl-D) leaves.")
     messages: list[dict] = []
     turn = 0
-    while True:
-        # ---- read the user's turn
-        if args.prompt:
-            user_text = args.prompt
-        else:
-            try:
-                user_text = input("\nUser: ").strip()
-            except KeyboardInterrupt:  # drop the line being typed, ask again
-                print()
-                continue
-            except EOFError:
-                print()
-                break
-            if user_text.lower() in ("quit", "exit"):
-                break
-            if user_text.lower() == "clear":
-                messages = []
-                print("(conversation cleared)")
-                continue
-            if not user_text:
-                continue
+    for user_text in [args.prompt] if args.prompt else typed_messages():
+        if user_text is None:
+            messages = []
+            print("(conversation cleared)")
+            continue
         messages.append({"role": "user", "content": user_text})
-
         # the whole chat re-rendered, minus the oldest turns that leave no room for the reply
         tokens, budget = prompt_and_budget(
             tokenizer, {"messages": messages}, engine.context, args.max_new_tokens
@@ -102,8 +102,6 @@ def main() -> None:
         # stored as structured parts, so that the next turn renders a calculator call as produced
         messages.append({"role": "assistant", "content": assistant_content(tokenizer, reply_ids)})
         turn += 1
-        if args.prompt:
-            break
 
 
 if __name__ == "__main__":

@@ -149,12 +149,8 @@ class ChatRequest(BaseModel, extra="forbid", strict=True, allow_inf_nan=False):
 
 def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatRequest:
     """The request in `raw`, validated; HTTPException 400 naming the field and the problem."""
-    try:
-        body = json.loads(raw)  # a NaN or Infinity is refused by the model (allow_inf_nan)
-    except (ValueError, RecursionError) as e:
-        raise HTTPException(400, f"request body is not valid JSON: {str(e)[:200]}") from None
-    try:
-        return ChatRequest.model_validate(body, context=defaults)
+    try:  # pydantic parses the JSON too: invalid or too deeply nested JSON is a 'body' error
+        return ChatRequest.model_validate_json(raw, context=defaults)
     except ValidationError as e:
         error = e.errors(include_url=False)[0]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")

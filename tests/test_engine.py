@@ -13,7 +13,6 @@ import nanochat.engine as engine_module
 from nanochat.engine import (
     BatchScheduler,
     Engine,
-    KVCache,
     fit_to_context,
     greedy_completions,
     sample_next,
@@ -114,20 +113,6 @@ def run_scheduler(engine, prompts, max_tokens, timeout: float = 30.0, **sampling
 
 # -----------------------------------------------------------------------------
 # KV cache and generation
-
-
-def test_kv_cache_is_allocated_once_and_a_leaving_row_is_filled_by_the_last():
-    cache = KVCache(1, 1, 2, rows=3, max_len=8, embed_dim=4, dtype=torch.float32, device="cpu")
-    storage = [t.data_ptr() for t in (*cache.k, *cache.v)]
-    for r in range(3):
-        cache.clear(r)
-        cache.prefill(r).insert_kv(0, torch.full((1, 1, r + 1, 2), float(r)), torch.zeros(1, 1, r + 1, 2))
-        cache.prefill(r).swap_last_embedding(torch.full((1, 4), float(r)))
-    assert cache.lengths == [1, 2, 3] and cache.pos.tolist() == [1, 2, 3]
-    cache.copy_row(2, 0)  # row 0 left: the last row fills its hole
-    assert cache.lengths[0] == 3 and cache.pos[0] == 3 and cache.last[0, 0] == 2.0
-    assert torch.equal(cache.k[0][0, :, :3], torch.full((1, 3, 2), 2.0))
-    assert [t.data_ptr() for t in (*cache.k, *cache.v)] == storage
 
 
 @pytest.mark.parametrize(
@@ -234,7 +219,7 @@ def scripted_tool_model(tokenizer, prompt_len: int, text_parts):
     [("12*3", "<|output_start|>36<|output_end|>"), ("__import__('os')", "")],  # refused: nothing forced
 )
 def test_calculator_result_is_forced_with_mask_zero_and_streamed_by_the_scheduler(tokenizer, expr, output):
-    prompt = tokenizer.encode("Q", prepend="<|bos|>")
+    prompt = tokenizer.encode("Q", prepend=tokenizer.get_bos_token_id())
     # 'XXXX' are where the model would write while the tool output (4 tokens: start, '3', '6', end) is forced
     parts = [
         "<|python_start|>",
@@ -368,13 +353,17 @@ def test_fit_to_context_keeps_the_end_of_a_too_long_last_turn_and_never_fails(to
 
 @pytest.mark.parametrize("arch, max_batch", [("v1", 3), ("record", 8)])
 def test_scheduler_greedy_equals_full_recompute(tokenizer, arch, max_batch):
-    """Rows at different positions, leaving the batch at different steps (rows compacted); with fewer
-    slots than requests (v1), admission as rows free up."""
+    """Rows at different positions, leaving the batch at different steps (the last row fills each
+    hole, smear's state too on "record"); with fewer slots than requests (v1), admission as rows free
+    up. The cache is allocated once: CUDA graphs hold its addresses."""
     model = make_model(tokenizer, arch)
+    engine = Engine(model, tokenizer, max_batch=max_batch)
+    storage = [t.data_ptr() for t in (*engine.cache.k, *engine.cache.v, engine.cache.last)]
     prompts = [list(range(20 + r, 20 + r + n)) for r, n in enumerate((5, 41, 1, 12, 60, 33, 2, 50))]
     max_tokens = [30, 12, 25, 40, 18, 6, 33, 20]
-    got = run_scheduler(Engine(model, tokenizer, max_batch=max_batch), prompts, max_tokens, temperature=0.0)
+    got = run_scheduler(engine, prompts, max_tokens, temperature=0.0)
     assert got == [generate_naive(model, p, n) for p, n in zip(prompts, max_tokens, strict=True)]
+    assert [t.data_ptr() for t in (*engine.cache.k, *engine.cache.v, engine.cache.last)] == storage
 
 
 def test_scheduler_asserts_its_invariants_in_the_callers_thread_and_refuses_work_once_closed(tokenizer):
