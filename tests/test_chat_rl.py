@@ -203,16 +203,6 @@ def test_resume_and_two_gloo_ranks_give_the_losses_of_one_uninterrupted_run(rl_b
         assert b["loss"] == pytest.approx(a["loss"], rel=3e-3, abs=1e-7)
 
 
-def test_missing_sft_checkpoint_is_a_clear_error(tiny_base_dir, tmp_path, monkeypatch, capsys):
-    base = tmp_path / "empty"
-    shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
-    with pytest.raises(SystemExit) as e:
-        run_rl(["--offline"], monkeypatch)
-    assert e.value.code == 1
-    assert "no sft checkpoint" in capsys.readouterr().out
-
-
 def test_policy_learns_a_simple_reward(rl_base, monkeypatch):
     """The sign is right: rewarding answers without an 'e' (about 1 in 8 at first) raises the reward."""
     from tasks.synthetic import Arithmetic

@@ -198,18 +198,6 @@ def test_lr_schedules_decrease_to_their_final_value():
     assert by_progress[10] == pytest.approx(0.1)
 
 
-@needs(TASK_DATA)
-def test_sft_metric_tasks_score_mmlu_and_arc_on_a_subset(tokenizer, monkeypatch, one_thread):
-    from nanochat.task_eval import task_accuracy
-    from tasks.arc import ARC
-    from tasks.mmlu import MMLU
-
-    monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
-    model = tiny_model(tokenizer.get_vocab_size(), SEQ).eval()
-    for task in (MMLU(subset="all", split="test", step=7), ARC(subset="ARC-Easy", split="test")):
-        assert task_accuracy(model, tokenizer, task, 8, max_context=SEQ) in {k / 8 for k in range(9)}
-
-
 # -----------------------------------------------------------------------------
 # The scripts, end to end
 
@@ -308,12 +296,6 @@ def test_dry_run_of_named_run_without_wandb_key_says_wandb_login(chat_base, tmp_
     proc = run(chat_base, script, *flags, "--model-tag=a", "--run=testrun", "--dry-run", check=False, **env)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "wandb login" in proc.stdout and "WANDB_MODE=offline" in proc.stdout
-
-
-def test_sft_without_a_mid_checkpoint_names_the_missing_stage(chat_base):
-    proc = run(chat_base, "chat_sft", *FAST, "--num-iterations=1", check=False)
-    assert proc.returncode == 1
-    assert "no mid checkpoint" in proc.stdout and "mid_checkpoints" in proc.stdout
 
 
 @needs(TASK_DATA)

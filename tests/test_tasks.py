@@ -1,7 +1,6 @@
 """Tasks: data loading (local files and the hub), rendering, grading, mixtures and views."""
 
 import gzip
-import importlib
 import json
 import sys
 import types
@@ -10,7 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import TASK_DATA, needs
 
-from tasks import humaneval, spellingbee
+from nanochat.calculator import use_calculator
+from tasks import spellingbee
+from tasks.arc import ARC
 from tasks.common import (
     Task,
     TaskMixture,
@@ -18,7 +19,13 @@ from tasks.common import (
     last_assistant_text,
     load_task_rows,
     render_mc,
+    validate_messages,
 )
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic, Identity
 
@@ -60,38 +67,32 @@ class Numbers(Task):
 # ------------------------------------------------------------------------------ shared data
 
 
-def make_task(module: str, name: str, *args, **kwargs) -> Task:
-    return getattr(importlib.import_module(f"tasks.{module}"), name)(*args, **kwargs)
-
-
 @needs(TASK_DATA)
 @pytest.mark.parametrize(
-    "task, expected",
+    "make, args, expected",
     [
-        (("gsm8k", "GSM8K", "main", "train"), 7473),
-        (("gsm8k", "GSM8K", "main", "test"), 1319),
-        (("arc", "ARC", "ARC-Easy", "train"), 2251),
-        (("arc", "ARC", "ARC-Easy", "validation"), 570),
-        (("arc", "ARC", "ARC-Easy", "test"), 2376),
-        (("arc", "ARC", "ARC-Challenge", "train"), 1119),
-        (("arc", "ARC", "ARC-Challenge", "validation"), 299),
-        (("arc", "ARC", "ARC-Challenge", "test"), 1172),
-        (("mmlu", "MMLU", "all", "test"), 14042),
-        (("mmlu", "MMLU", "auxiliary_train", "train"), 1218),
-        (("humaneval", "HumanEval"), 164),
-        (("customjson", "CustomJSON", "chat/identity_conversations.jsonl"), 1000),
+        (GSM8K, ("main", "train"), 7473),
+        (GSM8K, ("main", "test"), 1319),
+        (ARC, ("ARC-Easy", "train"), 2251),
+        (ARC, ("ARC-Easy", "validation"), 570),
+        (ARC, ("ARC-Easy", "test"), 2376),
+        (ARC, ("ARC-Challenge", "train"), 1119),
+        (ARC, ("ARC-Challenge", "validation"), 299),
+        (ARC, ("ARC-Challenge", "test"), 1172),
+        (MMLU, ("all", "test"), 14042),
+        (MMLU, ("auxiliary_train", "train"), 1218),
+        (HumanEval, (), 164),
+        (CustomJSON, ("chat/identity_conversations.jsonl",), 1000),
     ],
 )
-def test_shared_data_row_counts(shared_tasks, task, expected):
-    task = make_task(*task)
+def test_shared_data_row_counts(shared_tasks, make, args, expected):
+    task = make(*args)
     assert len(task) == task.num_examples() == expected
     assert task[expected - 1]["messages"]  # the last row loads too
 
 
 @needs(TASK_DATA)
 def test_gsm8k_tool_parts_and_grading_on_the_number_after_hashes(shared_tasks):
-    from tasks.gsm8k import GSM8K
-
     conversation = GSM8K(split="train")[0]  # Natalia's clips: <<48/2=24>>, <<48+24=72>>, #### 72
     user, assistant = conversation["messages"]
     assert user["role"] == "user" and user["content"].startswith("Natalia sold clips")
@@ -104,9 +105,8 @@ def test_gsm8k_tool_parts_and_grading_on_the_number_after_hashes(shared_tasks):
     conversation = task[0]
     gold = conversation["answer"]
     assert task.evaluate(conversation, last_assistant_text(conversation))
-    assert task.evaluate(conversation, f"some work...\n#### {gold}") and task.evaluate(
-        conversation, f"#### {gold}.0"
-    )
+    assert task.evaluate(conversation, f"some work...\n#### {gold}")
+    assert task.evaluate(conversation, f"#### {gold}.0")
     assert task.reward(conversation, f"#### {gold}") == 1.0
     assert task.reward(conversation, f"#### {int(gold) + 1}") == 0.0
     assert not task.evaluate(conversation, f"the answer is {gold}")  # no #### means no answer
@@ -121,9 +121,6 @@ def test_hash_answer_strips_commas_and_dollars():
 
 @needs(TASK_DATA)
 def test_arc_and_mmlu_are_categorical_with_letters_after_choices(shared_tasks):
-    from tasks.arc import ARC
-    from tasks.mmlu import MMLU
-
     arc = ARC("ARC-Easy", "train")
     conversation = arc[0]  # gold B: "a bacterial population in the bloodstream"
     assert arc.eval_type == "categorical" and conversation["letters"] == ["A", "B", "C", "D"]
@@ -149,8 +146,6 @@ def test_render_mc_puts_each_letter_right_after_its_choice():
 
 
 def test_arc_reletters_numeric_labels_by_position(local_tasks):
-    from tasks.arc import ARC
-
     row = {
         "id": "x1",
         "question": "Pick three.",
@@ -178,11 +173,10 @@ def test_humaneval_runs_the_tests_on_the_completion_in_the_sandbox(local_tasks):
     (local_tasks / "humaneval").mkdir()
     with gzip.open(local_tasks / "humaneval" / "HumanEval.jsonl.gz", "wt") as f:
         f.write(json.dumps(problem) + "\n")
-    task = humaneval.HumanEval()
+    task = HumanEval()
     conversation = task[0]
-    assert task.eval_type == "generative" and conversation["messages"][0]["content"].startswith(
-        "def add(a, b):"
-    )
+    assert task.eval_type == "generative"
+    assert conversation["messages"][0]["content"].startswith("def add(a, b):")
     assert task.evaluate(conversation, last_assistant_text(conversation))  # the full gold function
     assert task.evaluate(conversation, "    return a + b\n")  # a bare body continues the stub
     fenced = "Here you go:\n```python\ndef add(a, b):\n    return b + a\n```\nDone."
@@ -195,8 +189,6 @@ def test_humaneval_runs_the_tests_on_the_completion_in_the_sandbox(local_tasks):
 
 
 def test_smoltalk_reads_local_messages_grades_by_reference_and_names_a_bad_row(local_tasks):
-    from tasks.smoltalk import SmolTalk
-
     hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}]
     brief = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     brief += [{"role": "assistant", "content": "4"}]
@@ -213,8 +205,6 @@ def test_smoltalk_reads_local_messages_grades_by_reference_and_names_a_bad_row(l
 def test_customjson_reads_lists_finds_relative_paths_and_names_the_bad_line(
     local_tasks, tmp_path, monkeypatch
 ):
-    from tasks.customjson import CustomJSON
-
     good = [{"role": "user", "content": "who are you?"}, {"role": "assistant", "content": "nanochat"}]
     write_jsonl(local_tasks / "chat" / "mine.jsonl", [good, {"messages": good}])
     monkeypatch.chdir(tmp_path / "..")  # so the relative path does not exist as given
@@ -238,19 +228,18 @@ def test_customjson_reads_lists_finds_relative_paths_and_names_the_bad_line(
 
 
 @pytest.mark.parametrize(
-    "module, make, filename",
+    "make, args, filename",
     [
-        ("tasks.arc", lambda m: m.ARC("ARC-Easy", "test"), "arc/ARC-Easy-test.jsonl"),
-        ("tasks.mmlu", lambda m: m.MMLU("all", "validation"), "mmlu/mmlu_validation.jsonl"),
-        ("tasks.gsm8k", lambda m: m.GSM8K(split="test"), "gsm8k/test.jsonl"),
-        ("tasks.humaneval", lambda m: m.HumanEval(), "humaneval/HumanEval.jsonl.gz"),
-        ("tasks.smoltalk", lambda m: m.SmolTalk(split="train"), "smoltalk/train.jsonl"),
+        (ARC, ("ARC-Easy", "test"), "arc/ARC-Easy-test.jsonl"),
+        (MMLU, ("all", "validation"), "mmlu/mmlu_validation.jsonl"),
+        (GSM8K, ("main", "test"), "gsm8k/test.jsonl"),
+        (HumanEval, (), "humaneval/HumanEval.jsonl.gz"),
+        (SmolTalk, ("train",), "smoltalk/train.jsonl"),
     ],
 )
-def test_missing_local_data_names_the_file_and_the_variable(local_tasks, module, make, filename):
-    mod = __import__(module, fromlist=["_"])
+def test_missing_local_data_names_the_file_and_the_variable(local_tasks, make, args, filename):
     with pytest.raises(FileNotFoundError) as info:
-        make(mod)
+        make(*args)
     message = str(info.value)
     assert filename in message and "NANOCHAT_TASK_DATA" in message and str(local_tasks) in message
 
@@ -271,9 +260,6 @@ def test_hub_is_used_when_no_local_folder_is_set_and_its_failure_names_the_varia
     fake.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", fake)
     monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
-    from tasks.gsm8k import GSM8K
-    from tasks.mmlu import MMLU
-
     assert GSM8K(split="test")[0]["answer"] == "2"
     assert calls == [("openai/gsm8k", "main", "test")]
     assert MMLU("auxiliary_train", "train")[0]["messages"][-1]["content"] == "C"
@@ -316,8 +302,6 @@ def test_mixture_is_a_deterministic_shuffle_and_oversamples_repeats():
 
 
 def test_spellingbee_counts_with_the_tool_and_grades_the_count():
-    from nanochat.calculator import use_calculator
-
     task = SpellingBee(size=50, split="train")
     for conversation in task:
         word, letter = conversation["word"], conversation["letter"]
@@ -360,8 +344,6 @@ def test_word_list_falls_back_to_the_offline_corpus(base_dir, monkeypatch):
 
 
 def test_arithmetic_is_deterministic_and_its_tool_outputs_match_the_engine_calculator():
-    from nanochat.calculator import use_calculator
-
     task = Arithmetic(size=200, split="train")
     examples = list(task)
     assert examples == list(Arithmetic(size=200, split="train"))
@@ -380,8 +362,6 @@ def test_arithmetic_is_deterministic_and_its_tool_outputs_match_the_engine_calcu
 
 
 def test_identity_conversations_are_deterministic_and_valid():
-    from tasks.common import validate_messages
-
     task = Identity(size=100, split="train")
     examples = list(task)
     assert examples == list(Identity(size=100, split="train"))
@@ -403,33 +383,16 @@ def tokenizer(tiny_base_dir):
     return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
 
 
-def _all_tasks(shared: bool) -> list[Task]:
-    tasks = [Arithmetic(3), Identity(3), SpellingBee(3), SimpleSpelling(3)]
-    if shared:
-        from tasks.arc import ARC
-        from tasks.customjson import CustomJSON
-        from tasks.gsm8k import GSM8K
-        from tasks.humaneval import HumanEval
-        from tasks.mmlu import MMLU
-
-        tasks += [
-            ARC("ARC-Challenge", "validation"),
-            MMLU("all", "dev"),
-            GSM8K(split="test"),
-            HumanEval(),
-            CustomJSON("chat/identity_conversations.jsonl"),
-            CustomJSON("chat/kto_en_demo_accepted.messages.jsonl"),  # SmolTalk-like
-        ]
-    return tasks
-
-
 def test_every_task_renders_with_the_tokenizer(tokenizer, monkeypatch):
-    shared = TASK_DATA.is_dir()
-    if shared:
+    tasks = [Arithmetic(3), Identity(3), SpellingBee(3), SimpleSpelling(3)]
+    if TASK_DATA.is_dir():
         monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
+        tasks += [ARC("ARC-Challenge", "validation"), MMLU("all", "dev"), GSM8K(split="test"), HumanEval()]
+        chat = CustomJSON("chat/kto_en_demo_accepted.messages.jsonl")  # SmolTalk-like
+        tasks += [CustomJSON("chat/identity_conversations.jsonl"), chat]
     assistant_start = tokenizer.encode_special("<|assistant_start|>")
     output_start = tokenizer.encode_special("<|output_start|>")
-    for task in _all_tasks(shared):
+    for task in tasks:
         conversation = task[0]
         ids, mask = tokenizer.render_conversation(conversation, max_tokens=4096)
         assert len(ids) == len(mask) and ids[0] == tokenizer.get_bos_token_id()
