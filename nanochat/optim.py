@@ -51,54 +51,10 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def _native(t: Tensor) -> bool:
-    """True when the tensor-form collectives and ReduceOp.AVG can be used (NCCL on a CUDA tensor)."""
-    return t.is_cuda and "nccl" in str(dist.get_backend())
-
-
-class _Pending:
-    """An asynchronous collective plus the local work that completes it; `wait()` returns the result."""
-
-    def __init__(self, work: Any, finish: Callable[[], Tensor]) -> None:
-        self.work, self.finish = work, finish
-
-    def wait(self) -> Tensor:
-        if self.work is not None:
-            self.work.wait()
-        return self.finish()
-
-
-def _reduce_scatter_avg(full: Tensor, world_size: int, rank: int, scratch: bool = False) -> _Pending:
-    """Average `full` over ranks and keep this rank's slice of dim 0 (dim 0 must divide by world_size).
-    `scratch=True` lets the emulation reduce in `full` itself instead of a copy."""
-    k = full.size(0) // world_size
-    if _native(full):
-        out = torch.empty_like(full[:k])
-        work = dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
-        return _Pending(work, lambda: out)
-    # backends without reduce-scatter (older gloo): SUM all-reduce of the whole buffer, divide, slice
-    summed = full if scratch else full.clone()
-    work = dist.all_reduce(summed, op=dist.ReduceOp.SUM, async_op=True)
-    return _Pending(work, lambda: summed[rank * k : (rank + 1) * k].div_(world_size))
-
-
-def _all_reduce_avg(t: Tensor, world_size: int) -> _Pending:
-    """Average a copy of `t` over ranks."""
-    out = t.clone()
-    if _native(out):
-        return _Pending(dist.all_reduce(out, op=dist.ReduceOp.AVG, async_op=True), lambda: out)
-    work = dist.all_reduce(out, op=dist.ReduceOp.SUM, async_op=True)
-    return _Pending(work, lambda: out.div_(world_size))
-
-
-def _all_gather_into(full: Tensor, shard: Tensor, world_size: int) -> Any:
-    """Fill `full` (dim 0 = world_size x shard rows) with every rank's `shard` (which may be this rank's
-    own slice of `full`); returns the async handle."""
-    if _native(full):
-        return dist.all_gather_into_tensor(full, shard, async_op=True)
-    # list form, which every backend has; the clone keeps the input apart from the output
-    outputs = [part.view(shard.shape) for part in full.chunk(world_size)]
-    return dist.all_gather(outputs, shard.clone(), async_op=True)
+def _reduce_scatter_avg(full: Tensor, world_size: int) -> tuple[Tensor, Any]:
+    """This rank's slice of dim 0 of `full` averaged over ranks (once the returned handle is waited on)."""
+    out = torch.empty_like(full[: full.size(0) // world_size])
+    return out, dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
 
 
 def _grad_of(p: Tensor) -> Tensor:
@@ -223,21 +179,23 @@ class AdamW(_ShardedOptimizer):
         jobs = []
         for group in self.param_groups:
             for p in group["params"]:
-                grad = _grad_of(p)
-                if world_size == 1:
-                    jobs.append((group, p, False, _Pending(None, lambda g=grad: g)))
-                elif self.is_sharded(p, world_size):
-                    jobs.append((group, p, True, _reduce_scatter_avg(grad, world_size, rank)))
-                else:
-                    jobs.append((group, p, False, _all_reduce_avg(grad, world_size)))
+                grad, work = _grad_of(p), None
+                sharded = self.is_sharded(p, world_size)
+                if sharded:
+                    grad, work = _reduce_scatter_avg(grad, world_size)
+                elif world_size > 1:
+                    grad = grad.clone()
+                    work = dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True)
+                jobs.append((group, p, sharded, grad, work))
         gathers = []
-        for group, p, sharded, pending in jobs:
-            grad = pending.wait()
+        for group, p, sharded, grad, work in jobs:
+            if work is not None:
+                work.wait()
             if sharded:
                 k = p.size(0) // world_size
                 rows = p.data[rank * k : (rank + 1) * k]  # a view: updating it updates p
                 _adamw_update(rows, grad, self.state[p], group, self.compiled)
-                gathers.append(_all_gather_into(p.data, rows, world_size))
+                gathers.append(dist.all_gather_into_tensor(p.data, rows, async_op=True))
             else:
                 _adamw_update(p.data, grad, self.state[p], group, self.compiled)
         for work in gathers:
@@ -281,22 +239,18 @@ def _normuon(ortho: Tensor, second_moment: Tensor, beta2=NORMUON_BETA2) -> Tenso
     return normed * (ortho.norm() / (normed.norm() + 1e-10))
 
 
-def _cautious_decay(p: Tensor, update: Tensor, amount) -> None:
-    """p -= amount·p only where the update already moves p toward zero (same sign as p)."""
-    p.sub_(p * (update * p > 0) * amount)
-
-
-def _muon_lookahead(grad: Tensor, buf: Tensor, momentum, nesterov: bool) -> Tensor:
+def _muon_lookahead(grad: Tensor, buf: Tensor, momentum) -> Tensor:
     """In place: the momentum buffer b = mu*b + (1-mu)*g. Returns what is orthogonalized: the
-    Nesterov look-ahead (1-mu)*g + mu*b, or b."""
+    Nesterov look-ahead (1-mu)*g + mu*b."""
     buf.lerp_(grad, 1 - momentum)
-    return grad.lerp(buf, momentum) if nesterov else buf.clone()
+    return grad.lerp(buf, momentum)
 
 
 def _muon_apply(p: Tensor, ortho: Tensor, second_moment: Tensor, lr, decay, beta2) -> None:
     """In place: NorMuon's statistic and p (decay = LR × wd; lr includes the aspect scale)."""
     update = _normuon(ortho.to(p.dtype), second_moment, beta2)
-    _cautious_decay(p, update, decay)  # decay 0 subtracts exact zeros: p unchanged
+    # cautious decay: only where the update already moves p toward zero (decay 0 subtracts exact zeros)
+    p.sub_(p * (update * p > 0) * decay)
     p.sub_(update * lr)
 
 
@@ -317,10 +271,8 @@ def _muon_update(
         group.get("beta2", NORMUON_BETA2),  # groups saved before beta2 was a setting used the constant
     )
     grad = grad.to(p.dtype)
-    lookahead = _compiled(_muon_lookahead, compiled)(
-        grad, state["momentum_buffer"], momentum, group["nesterov"]
-    )
-    ortho = orthogonalize(lookahead, group["ns_steps"])
+    lookahead = _compiled(_muon_lookahead, compiled)(grad, state["momentum_buffer"], momentum)
+    ortho = orthogonalize(lookahead)
     _compiled(_muon_apply, compiled)(p, ortho, state["second_moment"], lr, decay, beta2)
 
 
@@ -351,17 +303,12 @@ class Muon(_ShardedOptimizer):
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 0.02,
         momentum: float = 0.95,
-        nesterov: bool = True,
-        ns_steps: int = 5,
         weight_decay: float = 0.0,
         beta2: float = NORMUON_BETA2,
         compiled: bool = False,
     ) -> None:
         """`beta2`: NorMuon's EMA of each row's mean square; `compiled`: as AdamW's."""
-        hyper = dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay
-        )
-        super().__init__(params, {**hyper, "beta2": beta2})
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, beta2=beta2))
         self.compiled = compiled
 
     @staticmethod
@@ -389,17 +336,15 @@ class Muon(_ShardedOptimizer):
                 real = next(p for p in chunk if p is not None)
                 grads = [_grad_of(p) if p is not None else torch.zeros_like(real) for p in chunk]
                 stacked = torch.stack(grads)  # (W, rows, cols); slot r is rank r's matrix
-                reductions.append(
-                    (chunk, stacked, _reduce_scatter_avg(stacked, world_size, rank, scratch=True))
-                )
+                reductions.append((chunk, stacked, *_reduce_scatter_avg(stacked, world_size)))
             gathers = []
-            for chunk, stacked, reduction in reductions:
-                grad = reduction.wait()[0]  # the averaged gradient of this rank's slot
+            for chunk, stacked, grad, work in reductions:
+                work.wait()  # grad (1, rows, cols): this rank's slot, averaged
                 mine = chunk[rank]
                 if mine is not None:
-                    _muon_update(mine.data, grad, self.state[mine], group, self.compiled)
-                send = mine.data if mine is not None else grad  # a padded slot sends a dummy
-                gathers.append((chunk, stacked, _all_gather_into(stacked, send, world_size)))
+                    _muon_update(mine.data, grad[0], self.state[mine], group, self.compiled)
+                send = mine.data[None] if mine is not None else grad  # a padded slot sends a dummy
+                gathers.append((chunk, stacked, dist.all_gather_into_tensor(stacked, send, async_op=True)))
             for chunk, stacked, work in gathers:
                 work.wait()
                 for r, p in enumerate(chunk):

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import (
     _COMPILED,
-    MIN_SHARD_NUMEL,
     AdamW,
     Muon,
     WeightEMA,
@@ -54,14 +53,6 @@ def test_adamw_matches_torch_adamw(weight_decay):
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert not torch.equal(a, b.new_zeros(b.shape))
-
-
-def test_adamw_sharding_rule():
-    big = torch.zeros(64, MIN_SHARD_NUMEL // 64)
-    assert AdamW.is_sharded(big, 2) and AdamW.is_sharded(big, 8)
-    assert not AdamW.is_sharded(big, 1)  # one process: nothing to shard
-    assert not AdamW.is_sharded(torch.zeros(63, 32), 2)  # dim 0 does not divide
-    assert not AdamW.is_sharded(torch.zeros(8, 4), 2)  # tiny
 
 
 # -----------------------------------------------------------------------------
@@ -327,11 +318,7 @@ def _worker(rank, world_size, port, out_dir):
                 torch.save({"model": _snapshot(params), "optim": [opt.state_dict() for opt in opts]}, path)
             losses += _train_step(params, opts, step, [rank], 1.0)
         names = {id(p): n for n, p in params.items()}
-        state = {
-            names[id(p)]: {k: tuple(v.shape) for k, v in s.items() if torch.is_tensor(v)}
-            for opt in opts
-            for p, s in opt.state.items()
-        }
+        state = {names[id(p)]: s for opt in opts for p, s in opt.state.items()}
         # the interrupted run: fresh objects loaded from the checkpoint, trained on to the end
         ckpt = torch.load(path)
         resumed = _make_params(seed=123)
@@ -342,12 +329,7 @@ def _worker(rank, world_size, port, out_dir):
             opt.load_state_dict(sd)
         for step in range(RESUME_AT, STEPS):
             _train_step(resumed, resumed_opts, step, [rank], 1.0)
-        result = {
-            "params": _snapshot(params),
-            "losses": losses,
-            "state": state,
-            "resumed": _snapshot(resumed),
-        }
+        result = dict(params=_snapshot(params), losses=losses, state=state, resumed=_snapshot(resumed))
         torch.save(result, out_dir / f"result_rank{rank}.pt")
         dist.barrier()  # no rank tears down while its peer still communicates
     finally:
@@ -360,70 +342,46 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("optim_dist")
-    mp.spawn(_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
-    return [torch.load(out_dir / f"result_rank{r}.pt") for r in range(2)]
-
-
-@pytest.fixture(scope="module")
-def one_process_run():
-    """The same training in one process: both halves accumulated, each loss scaled by 1/2."""
+def test_two_ranks_equal_one_process_each_rank_owning_its_shard_and_resuming_exactly(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"result_rank{r}.pt") for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        params = _make_params()
-        opts = _make_optimizers(params)
-        losses = [_train_step(params, opts, step, [0, 1], 0.5) for step in range(STEPS)]
+    try:  # the same training in one process: both halves accumulated, each loss scaled by 1/2
+        single = _make_params()
+        opts = _make_optimizers(single)
+        single_losses = [_train_step(single, opts, step, [0, 1], 0.5) for step in range(STEPS)]
     finally:
         torch.set_num_threads(threads)
-    return _snapshot(params), losses
-
-
-def test_distributed_equals_single_process(two_rank_run, one_process_run):
-    results = two_rank_run
-    single, single_losses = one_process_run
     start = _make_params()
     for name in SHAPES:
         for r in range(2):
             torch.testing.assert_close(results[r]["params"][name], single[name], msg=f"{name} on rank {r}")
+            assert torch.equal(results[r]["resumed"][name], results[r]["params"][name]), (r, name)
         assert not torch.allclose(single[name], start[name]), f"{name} never moved"
     for step in range(STEPS):
         for r in range(2):
             assert results[r]["losses"][step] == pytest.approx(single_losses[step][r], rel=1e-6)
-
-
-def test_each_rank_holds_state_only_for_what_it_owns(two_rank_run):
-    results = two_rank_run
     s0, s1 = results[0]["state"], results[1]["state"]
     # AdamW: rows of "emb" are split, the others are updated whole on both ranks
     for s in (s0, s1):
-        assert s["emb"] == {"exp_avg": (32, 16), "exp_avg_sq": (32, 16)}
-        assert s["head"]["exp_avg"] == (63, 16) and s["scale"]["exp_avg"] == (16,)
+        assert s["emb"]["exp_avg"].shape == s["emb"]["exp_avg_sq"].shape == (32, 16)
+        assert s["head"]["exp_avg"].shape == (63, 16) and s["scale"]["exp_avg"].shape == (16,)
     # Muon: each matrix has exactly one owner; (w_a, w_b) split, padded chunks go to rank 0
-    muon0 = {n for n in s0 if n.startswith("w_")}
-    muon1 = {n for n in s1 if n.startswith("w_")}
-    assert muon1 == {"w_b"}
-    assert muon0 == {"w_in", "w_a", "w_odd", "w_out"}
-    assert s0["w_odd"] == {"momentum_buffer": (15, 32), "second_moment": (1, 32)}  # wide: per column
-
-
-def test_per_rank_state_dict_resume_is_exact(two_rank_run):
-    results = two_rank_run
-    for r in range(2):
-        for name in SHAPES:
-            assert torch.equal(results[r]["resumed"][name], results[r]["params"][name]), (r, name)
+    assert {n for n in s1 if n.startswith("w_")} == {"w_b"}
+    assert {n for n in s0 if n.startswith("w_")} == {"w_in", "w_a", "w_odd", "w_out"}
+    assert s0["w_odd"]["momentum_buffer"].shape == (15, 32)
+    assert s0["w_odd"]["second_moment"].shape == (1, 32)  # wide: one statistic per column
 
 
 # -----------------------------------------------------------------------------
 # build_optimizers
 
 
-def _gpt_like_groups():
+def test_build_optimizers_gives_each_group_the_records_lr_betas_and_decay():
     gen = torch.Generator().manual_seed(0)
     make = lambda *s: torch.nn.Parameter(torch.randn(*s, generator=gen))  # noqa: E731
-    return {
+    groups = {
         "matrix": [make(32, 32), make(32, 32), make(128, 32), make(32, 128), make(4, 12)],
         "embedding": [make(64, 32)],
         "lm_head": [make(64, 32)],
@@ -432,10 +390,6 @@ def _gpt_like_groups():
         "x0_scalars": [make(2)],
         "smear_backout": [make(1, 24), make(1), make(1)],
     }
-
-
-def test_build_optimizers_gives_each_group_the_records_lr_betas_and_decay():
-    groups = _gpt_like_groups()
     adamw, muon = build_optimizers(
         groups, n_embd=192, embedding_lr=0.3, unembedding_lr=0.008, weight_decay=0.1
     )
@@ -468,10 +422,7 @@ def test_build_optimizers_gives_each_group_the_records_lr_betas_and_decay():
     assert all(g["lr"] == pytest.approx(0.5 * g["initial_lr"]) for o in (adamw, muon) for g in o.param_groups)
     assert muon_group["momentum"] == 0.9 and muon_group["weight_decay"] == 0.05
     assert [g["weight_decay"] for g in adamw.param_groups] == [0.001, 0.01, 0.01, 0.05, 0.0, 0.0]  # untouched
-
-
-def test_build_optimizers_uniform_and_a_v1_model_keep_the_old_groups():
-    groups = _gpt_like_groups()
+    # uniform: the AdamW of ours before, for every group
     adamw, _ = build_optimizers(groups, n_embd=768, adam_groups="uniform")
     assert {(g["betas"], g["weight_decay"]) for g in adamw.param_groups} == {((0.8, 0.95), 0.0)}
     # a model without the record's features: only [embedding, lm_head], in the order old shards have
