@@ -128,9 +128,9 @@ def read_row_group(path: os.PathLike, group: int) -> list[str]:
         raise _damaged(path, e) from None
 
 
-def parquets_iter_batched(split: str, data_dir=None) -> Iterator[list[str]]:
-    """Yield the texts of each row group of `split`, in order."""
-    for path, group in list_row_groups(split, data_dir):
+def parquets_iter_batched(split: str, start: int = 0, step: int = 1, data_dir=None) -> Iterator[list[str]]:
+    """Yield the texts of each row group of `split` whose global index i has i % step == start."""
+    for path, group in list_row_groups(split, data_dir)[start::step]:
         yield read_row_group(path, group)
 
 

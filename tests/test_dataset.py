@@ -150,6 +150,9 @@ def test_from_dir_imports_real_samples_into_shards_with_val_shard(tmp_path, monk
     train, val = all_texts("train"), all_texts("val")
     assert 1 <= len(val) <= 0.06 * len(expected)
     assert sorted(train + val) == sorted(expected)  # every doc once, nothing lost or duplicated
+    for split in ("train", "val"):  # rank striding: rank r reads row groups r, r + 2, ...
+        batches = list(dataset.parquets_iter_batched(split))
+        assert list(dataset.parquets_iter_batched(split, start=1, step=2)) == batches[1::2] != []
 
 
 def test_from_dir_reads_gz_and_md_skips_and_counts_unusable_lines(tmp_path):
