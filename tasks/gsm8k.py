@@ -13,19 +13,14 @@ _CALC = re.compile(r"<<([^<>]*)>>")
 def answer_to_parts(answer: str) -> list[dict]:
     """Assistant parts of a GSM8K answer: text, then python / python_output for each `<<expr=result>>`."""
     parts: list[dict] = []
-    pos = 0
-    for match in _CALC.finditer(answer):
-        if match.start() > pos:
-            parts.append({"type": "text", "text": answer[pos : match.start()]})
-        expr, sep, result = match.group(1).rpartition("=")
-        if not sep:  # an annotation without "=": keep it as plain text
-            parts.append({"type": "text", "text": match.group(0)})
-        else:
-            parts.append({"type": "python", "text": expr})
-            parts.append({"type": "python_output", "text": result})
-        pos = match.end()
-    if pos < len(answer):
-        parts.append({"type": "text", "text": answer[pos:]})
+    for i, piece in enumerate(_CALC.split(answer)):  # text, annotation, text, ..., text
+        expr, sep, result = piece.rpartition("=")
+        if i % 2 and sep:
+            parts += [{"type": "python", "text": expr}, {"type": "python_output", "text": result}]
+        elif i % 2:  # an annotation without "=": kept as plain text
+            parts.append({"type": "text", "text": f"<<{piece}>>"})
+        elif piece:
+            parts.append({"type": "text", "text": piece})
     return parts
 
 

@@ -26,13 +26,12 @@ PLACES = ["garden", "room", "field", "parking lot", "playground", "kitchen floor
 def _shopping(rng):
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     n, price = rng.randint(2, 12), rng.randint(1, 25)
-    question = rng.choice(
-        [
-            f"{name} buys {n} {item} at ${price} each. How much does {name} spend?",
-            f"One of the {item} costs ${price}. What do {n} of them cost?",
-            f"{name} needs {n} {item}. Each costs ${price}. How many dollars is that in total?",
-        ]
-    )
+    questions = [
+        f"{name} buys {n} {item} at ${price} each. How much does {name} spend?",
+        f"One of the {item} costs ${price}. What do {n} of them cost?",
+        f"{name} needs {n} {item}. Each costs ${price}. How many dollars is that in total?",
+    ]
+    question = rng.choice(questions)
     return question, [(f"The total cost is {n} times ${price}:", f"{n}*{price}")], "dollars in total"
 
 
@@ -53,13 +52,12 @@ def _sharing(rng):
     name, thing = rng.choice(NAMES), rng.choice(THINGS)
     friends, each = rng.randint(2, 9), rng.randint(2, 15)
     total = friends * each
-    question = rng.choice(
-        [
-            f"{name} has {total} {thing} and shares them equally among {friends} friends. How many does "
-            "each friend get?",
-            f"{total} {thing} are split evenly into {friends} bags. How many {thing} go in each bag?",
-        ]
-    )
+    questions = [
+        f"{name} has {total} {thing} and shares them equally among {friends} friends. How many does each "
+        "friend get?",
+        f"{total} {thing} are split evenly into {friends} bags. How many {thing} go in each bag?",
+    ]
+    question = rng.choice(questions)
     steps = [(f"Divide the {total} {thing} into {friends} equal shares:", f"{total}/{friends}")]
     return question, steps, "each"
 
