@@ -334,9 +334,8 @@ def read_log(path: str | Path) -> list[dict]:
 # generate
 
 
-def summary_rows(sections: dict[str, dict]) -> tuple[list[list[str]], bool]:
-    """The summary table (header row first; `-` missing, `*` partial) from the sections' data, and
-    whether a cell is partial."""
+def summary_rows(sections: dict[str, dict]) -> list[list[str]]:
+    """The summary table (header row first; `-` missing, `*` partial) from the sections' data."""
     stages = [stage for stage, (folder, _, _) in STAGES.items() if folder]
     columns: dict[str, dict[str, str]] = {stage: {} for stage in stages}
     base = sections.get("Base model evaluation", {}).get("data", {})
@@ -355,7 +354,7 @@ def summary_rows(sections: dict[str, dict]) -> tuple[list[list[str]], bool]:
         [name, *(columns[s].get(name, "-") for s in stages)]
         for name in ("CORE", *CHAT_ROWS, "ChatCORE", *offline)
     ]
-    return rows, any(cell.endswith("*") for row in rows for cell in row)
+    return rows
 
 
 def curves(records: list[dict], panels: dict[str, str]) -> list[tuple[str, list[tuple[int, float]]]]:
@@ -416,9 +415,9 @@ def generate(copy_to: str | Path = ".") -> Path:
         summary["total wall-clock time"] = format_duration(elapsed)
         if (rate := env["data"]["hourly cost estimate ($/h)"]) > 0:
             summary["estimated cost ($)"] = round(rate * elapsed / 3600, 2)
-    rows, partial = summary_rows(sections)
+    rows = summary_rows(sections)
     summary_block = "## Summary\n\n" + markdown_table(rows) + "\n\n"
-    if partial:
+    if any(cell.endswith("*") for row in rows for cell in row):
         summary_block += (
             "\\* partial: CORE over the CORE tasks whose data was present, ChatCORE over the "
             "ChatCORE tasks that were evaluated (see the sections below).\n\n"

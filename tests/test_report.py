@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from nanochat import report
-from nanochat.report import MetricsLog, Report, done, generate, read_log, read_sections, reset, summary_rows
+from nanochat.report import MetricsLog, Report, done, generate, read_log, read_sections, reset
 
 
 @pytest.fixture
@@ -40,21 +40,12 @@ def write_pipeline_sections(report_dir):
     r.log("Tokenizer training", [{"vocab_size": 4096}])
 
 
-def table_cells(markdown: str) -> dict[str, list[str]]:
-    """Row name -> cells of the summary table in a report."""
-    block = markdown.split("## Summary", 1)[1]
-    rows = {}
-    for line in block.splitlines():
-        if line.startswith("| ") and not line.startswith("| Metric"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
-    return rows
-
-
-def summary_bullets(markdown: str) -> dict[str, str]:
-    """The `- key: value` lines of the Summary section of a report."""
+def summary(markdown: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """(row name -> cells of the summary table, the `- key: value` lines) of a report's Summary section."""
     block = markdown.split("## Summary", 1)[1].split("\n## ", 1)[0]
-    return dict(re.findall(r"^- (.+?): (.*)$", block, flags=re.M))
+    lines = [line for line in block.splitlines() if line.startswith("| ")]  # the header, then the rows
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    return {row[0]: row[1:] for row in rows[1:]}, dict(re.findall(r"^- (.+?): (.*)$", block, flags=re.M))
 
 
 # -----------------------------------------------------------------------------
@@ -156,36 +147,14 @@ def test_cost_rate_comes_from_the_flag_then_the_environment_then_the_gpus(base, 
 # generate: the summary table, from the sections' data
 
 
-def test_summary_table_reads_each_stage_column_and_marks_missing_values(tmp_path):
-    write_pipeline_sections(tmp_path)
-    rows, partial = summary_rows(read_sections(tmp_path))
-    assert rows[0] == ["Metric", "BASE", "MID", "SFT", "RL"]
-    table = {row[0]: row[1:] for row in rows[1:]}
-    assert table["CORE"] == ["0.1234", "-", "-", "-"]
-    assert table["ARC-Easy"] == ["-", "0.31", "0.35", "-"]
-    assert table["MMLU"] == ["-", "0.28", "0.29", "-"]
-    assert table["GSM8K"] == ["-", "-", "0.05", "-"]
-    assert table["ChatCORE"] == ["-", "-", "0.11", "-"]
-    assert table["Arithmetic"] == ["-", "-", "0.75", "-"]
-    assert table["SpellingBee"] == ["-", "-", "0.5", "-"]
-    # the fixed rows first, in order; offline rows only for the tasks some stage evaluated
-    fixed = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
-    assert [row[0] for row in rows[1:]] == [*fixed, "Arithmetic", "SpellingBee"]
-    assert not partial
-
-
 def test_partial_core_and_chatcore_are_starred_with_a_footnote(base):
     r = Report(base / "report")
     r.log("Base model evaluation", [{"CORE": 0.05, "partial": True, "skipped tasks": "squad"}])
     scores = {"Arithmetic": 0.5, "SpellingBee": 0.25, "ChatCORE (partial)": 0.25}
     r.log("Chat evaluation rl", [{**scores, "ChatCORE missing tasks": "MMLU"}])
-    rows, partial = summary_rows(read_sections(base / "report"))
-    table = {row[0]: row[1:] for row in rows[1:]}
-    assert table["CORE"] == ["0.05*", "-", "-", "-"]
-    assert table["ChatCORE"] == ["-", "-", "-", "0.25*"]
-    assert partial
     text = generate().read_text()
-    assert table_cells(text)["ChatCORE"] == ["-", "-", "-", "0.25*"]
+    assert summary(text)[0]["CORE"] == ["0.05*", "-", "-", "-"]
+    assert summary(text)[0]["ChatCORE"] == ["-", "-", "-", "0.25*"]
     assert "\\* partial: CORE over the CORE tasks" in text
 
 
@@ -213,11 +182,21 @@ def test_generate_stitches_environment_summary_and_sections_in_pipeline_order(ba
         "Chat RL",
         "Some custom stage",
     ]
-    assert table_cells(text)["ARC-Easy"] == ["-", "0.31", "0.35", "-"]
-    summary = summary_bullets(text)
-    assert summary["run started"] == record["timestamp"]
-    assert summary["total wall-clock time"].startswith("2h 0m")
-    assert 71.9 <= float(summary["estimated cost ($)"]) <= 72.1
+    assert re.search(
+        r"^\| Metric +\| BASE +\| MID +\| SFT +\| RL +\|$", text, flags=re.M
+    )  # a column per stage
+    table = summary(text)[0]  # `-`: no value
+    assert table["CORE"] == ["0.1234", "-", "-", "-"]
+    assert table["ARC-Easy"] == ["-", "0.31", "0.35", "-"] and table["MMLU"] == ["-", "0.28", "0.29", "-"]
+    sft_only = {"GSM8K": "0.05", "ChatCORE": "0.11", "Arithmetic": "0.75", "SpellingBee": "0.5"}
+    assert all(table[name] == ["-", "-", value, "-"] for name, value in sft_only.items())
+    # the fixed rows first, in order; offline rows only for the tasks some stage evaluated
+    fixed = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
+    assert list(table) == [*fixed, "Arithmetic", "SpellingBee"]
+    bullets = summary(text)[1]
+    assert bullets["run started"] == record["timestamp"]
+    assert bullets["total wall-clock time"].startswith("2h 0m")
+    assert 71.9 <= float(bullets["estimated cost ($)"]) <= 72.1
     assert "\\* partial" not in text
     # regenerating does not stitch the previous report.md into the new one
     assert generate().read_text().count("## Summary") == 1
@@ -225,8 +204,8 @@ def test_generate_stitches_environment_summary_and_sections_in_pipeline_order(ba
 
 def test_generate_without_a_reset_or_logs_still_writes_a_report_without_plots(base, tmp_path):
     text = generate().read_text()
-    assert "unknown" in summary_bullets(text)["total wall-clock time"]
-    assert table_cells(text)["CORE"] == ["-", "-", "-", "-"]
+    assert "unknown" in summary(text)[1]["total wall-clock time"]
+    assert summary(text)[0]["CORE"] == ["-", "-", "-", "-"]
     assert "## Training curves" not in text and not list((base / "report").rglob("*.png"))
     assert (tmp_path / "cwd" / "report.md").read_text() == text  # a copy in the working directory
     assert not (tmp_path / "cwd" / report.FIGURES_DIR).exists()
