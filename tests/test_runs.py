@@ -182,24 +182,6 @@ RUNCPU_ORDER = [
 ]
 
 
-def test_runcpu_dry_run_lists_the_whole_offline_pipeline(tmp_path):
-    env = {"SHORT": "1", "NANOCHAT_PYTHON": sys.executable, "NANOCHAT_EVAL_BUNDLE": str(tmp_path / "bundle")}
-    commands, _ = dry_run("runs/runcpu.sh", tmp_path, **env)
-    assert [stage_name(c) for c in commands] == RUNCPU_ORDER
-    for stage in ["scripts.mid_train", "scripts.chat_sft", "scripts.chat_rl"]:
-        assert "--offline" in next(c for c in commands if stage_name(c) == stage).split()
-    # without an eval bundle, CORE is skipped (it would need a download), everything else runs
-    demo, stdout = dry_run(
-        "runs/runcpu.sh", tmp_path, unset=["NANOCHAT_EVAL_BUNDLE"], NANOCHAT_PYTHON="python"
-    )
-    assert [stage_name(c) for c in demo] == [s for s in RUNCPU_ORDER if s != "scripts.base_eval"]
-    assert "skipping base_eval" in stdout
-    # the full demo compiles its three training stages (faster over hundreds of steps), SHORT does not
-    for stage in ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft"]:
-        assert "--compile" in next(c for c in demo if stage_name(c) == stage).split()
-        assert "--no-compile" in next(c for c in commands if stage_name(c) == stage).split()
-
-
 def runcpu_hints(stdout: str) -> dict[str, list[str]]:
     """The closing "chat:" and "web:" lines of runcpu.sh, split as the shell would."""
     return {
@@ -209,17 +191,21 @@ def runcpu_hints(stdout: str) -> dict[str, list[str]]:
     }
 
 
-def test_runcpu_closing_hint_runs_the_demo_model_from_the_demo_base_dir(tmp_path):
+def test_runcpu_dry_run_lists_the_offline_pipeline_and_a_closing_hint_that_runs(tmp_path):
     base = tmp_path / "my base"  # a space: the hint must quote it
-    _, stdout = dry_run(
-        "runs/runcpu.sh", tmp_path, NANOCHAT_BASE_DIR=str(base), NANOCHAT_PYTHON=sys.executable
-    )
+    env = {"SHORT": "1", "NANOCHAT_PYTHON": sys.executable, "NANOCHAT_EVAL_BUNDLE": str(tmp_path / "bundle")}
+    commands, stdout = dry_run("runs/runcpu.sh", tmp_path, NANOCHAT_BASE_DIR=str(base), **env)
+    assert [stage_name(c) for c in commands] == RUNCPU_ORDER
+    for stage in ["scripts.mid_train", "scripts.chat_sft", "scripts.chat_rl"]:
+        assert "--offline" in next(c for c in commands if stage_name(c) == stage).split()
+    for stage in ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft"]:  # a few steps: not compiled
+        assert "--no-compile" in next(c for c in commands if stage_name(c) == stage).split()
     hints = runcpu_hints(stdout)
     assert set(hints) == {"chat", "web"}
     for script, words in hints.items():
         assert words[0] == f"NANOCHAT_BASE_DIR={base}"  # where the demo wrote, not ~/.cache/nanochat
         assert words[1:4] == [sys.executable, "-m", f"scripts.chat_{'cli' if script == 'chat' else 'web'}"]
-        assert words[4:] == ["-i", "rl", "-g", "d4", "--device-type", "cpu"]
+        assert words[4:] == ["-i", "rl", "-g", "d2", "--device-type", "cpu"]
     # the hint runs as printed (here with --help: the dry run trained no model)
     chat_line = next(line for line in stdout.splitlines() if line.startswith("chat:"))
     out = subprocess.run(
@@ -228,14 +214,19 @@ def test_runcpu_closing_hint_runs_the_demo_model_from_the_demo_base_dir(tmp_path
     assert out.returncode == 0 and "--source" in out.stdout, out.stderr
 
 
-def test_runcpu_closing_hint_names_the_default_base_dir_and_uv(tmp_path):
+def test_runcpu_full_demo_compiles_skips_core_without_a_bundle_and_hints_uv(tmp_path):
     if shutil.which("uv") is None:
         pytest.skip("uv is not on PATH")
-    unset = ["NANOCHAT_BASE_DIR", "NANOCHAT_PYTHON"]
-    _, stdout = dry_run("runs/runcpu.sh", tmp_path, unset=unset, HOME=str(tmp_path), SHORT="1")
+    unset = ["NANOCHAT_EVAL_BUNDLE", "NANOCHAT_BASE_DIR", "NANOCHAT_PYTHON"]
+    demo, stdout = dry_run("runs/runcpu.sh", tmp_path, unset=unset, HOME=str(tmp_path))
+    # without an eval bundle, CORE is skipped (it would need a download), everything else runs
+    assert [stage_name(c) for c in demo] == [s for s in RUNCPU_ORDER if s != "scripts.base_eval"]
+    assert "skipping base_eval" in stdout
+    for stage in ["scripts.base_train", "scripts.mid_train", "scripts.chat_sft"]:  # faster over 100s of steps
+        assert "--compile" in next(c for c in demo if stage_name(c) == stage).split()
     words = runcpu_hints(stdout)["chat"]
     assert words[0] == f"NANOCHAT_BASE_DIR={tmp_path / '.cache' / 'nanochat-cpu'}"
-    assert words[1:5] == ["uv", "run", "python", "-m"] and "d2" in words
+    assert words[1:5] == ["uv", "run", "python", "-m"] and words[words.index("-g") + 1] == "d4"
 
 
 @pytest.mark.slow
