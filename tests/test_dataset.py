@@ -81,10 +81,9 @@ def test_download_fetches_the_pinned_val_shard_first_then_the_train_shards(
     assert all_texts("train") == texts[0] + texts[1] + texts[2]
 
 
-def test_the_real_corpora_and_the_default_are_pinned_and_bound_num_files():
+def test_the_real_corpora_are_pinned_and_bound_num_files():  # the defaults: test_cli_help
     climbmix, fineweb = dataset.CORPORA["climbmix"], dataset.CORPORA["fineweb-edu"]
     assert climbmix[1] == VAL_SHARD and fineweb[1] == FINEWEB_VAL_SHARD and "climbmix-400b" in climbmix[0]
-    assert dataset.DEFAULT_CORPUS == "climbmix" and dataset.DEFAULT_NUM_FILES == 8
     with pytest.raises(ValueError, match="-n.*1822.*fineweb-edu"):
         download_corpus("fineweb-edu", 5000)
     with pytest.raises(ValueError, match="-n.*6542.*climbmix"):
