@@ -43,13 +43,10 @@ class Chats(Task):
 
     def __init__(self, sizes: list[int], **view):
         super().__init__(**view)
-        self.sizes = sizes
-
-    def num_examples(self) -> int:
-        return len(self.sizes)
+        self.rows = sizes
 
     def get_example(self, index: int) -> dict:
-        words = " ".join(f"w{index}x{j}" for j in range(self.sizes[index]))
+        words = " ".join(f"w{index}x{j}" for j in range(self.rows[index]))
         return {
             "messages": [{"role": "user", "content": f"say {index}"}, {"role": "assistant", "content": words}]
         }

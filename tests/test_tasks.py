@@ -51,14 +51,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 class Numbers(Task):
-    """A task whose example i is {"messages": [], "i": i}: makes views and mixtures easy to check."""
+    """A task whose example i is {"tag": tag, "i": i}: makes views and mixtures easy to check."""
 
     def __init__(self, n, tag="n", **view):
         super().__init__(**view)
-        self.n, self.tag = n, tag
-
-    def num_examples(self):
-        return self.n
+        self.rows, self.tag = range(n), tag
 
     def get_example(self, index):
         return {"tag": self.tag, "i": index}
