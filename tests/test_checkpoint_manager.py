@@ -75,6 +75,11 @@ def test_crash_while_saving_keeps_the_previous_checkpoint_and_the_next_save_clea
     (directory / "optim_000002_rank0.pt.tmp.4242.cafe").write_bytes(b"half a shard")  # a kill -9 mid-save
     cm.save_checkpoint(directory, 2, model, optimizers, meta)
     assert cm.saved_steps(directory) == [1, 2] and not list(directory.glob("*.tmp.*"))
+    cm.save_checkpoint(tmp_path / "again", 2, model, optimizers, meta)  # the same step saved twice
+    files = sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert files == [".nanochat", "meta_000002.json", "model_000002.pt", "optim_000002_rank0.pt"]
+    for name in files:  # byte for byte
+        assert (tmp_path / "again" / name).read_bytes() == (directory / name).read_bytes(), name
 
 
 def test_load_model_round_trips_without_random_init_or_optimizer_shard(tiny, monkeypatch):
@@ -143,51 +148,31 @@ def test_damaged_file_is_named_with_the_newest_intact_step_and_nothing_is_unpick
     assert "newest intact step is 1" in message and "--resume 1" in message
 
 
-def test_resume_refuses_another_flag_or_rank_count(tiny, tmp_path):
-    directory = tmp_path / "ckpt"
-    model, optimizers, meta = tiny
-    cm.save_checkpoint(directory, 1, model, optimizers, meta)
-    same = {"max_seq_len": 32, "offline": True, "seed": 1}
-    assert cm.start_run(directory, True, False, model, optimizers, same, ("max_seq_len", "offline"))[0] == 1
-    meta["user_config"] = {**same, "max_seq_len": 16}
-    assert "--max-seq-len 32" in refusal(model, optimizers, meta, directory, True, same=("max_seq_len",))
-    meta["user_config"] = same
-    assert "--seed None" in refusal(
-        model, optimizers, meta, directory, True, same=("seed",)
-    )  # a flag it predates
-    meta_file = directory / "meta_000001.json"
-    meta_file.write_text(meta_file.read_text().replace('"world_size": 1', '"world_size": 2'))
-    assert "2 processes" in refusal(model, optimizers, meta, directory, True)
-
-
-def test_resume_gives_back_the_saved_weights_optimizer_and_rng_states(tiny, tmp_path):
+def test_resume_gives_back_the_saved_state_and_refuses_another_flag_or_rank_count(tiny, tmp_path):
     directory = tmp_path / "ckpt"
     model, optimizers, meta = tiny
     cm.save_checkpoint(directory, 1, model, optimizers, meta)
     expected_noise = torch.rand(3)  # the first draw after the save
-    saved_weights = {k: v.clone() for k, v in model.state_dict().items()}
     fresh_model = GPT(model.config)
     fresh = build_optimizers(fresh_model.param_groups(), model.config.n_embd)
-    step, resumed = cm.start_run(directory, True, False, fresh_model, fresh, meta["user_config"], ())
+    same = {"max_seq_len": 32, "offline": True, "seed": 1}
+    step, resumed = cm.start_run(directory, True, False, fresh_model, fresh, same, ("max_seq_len", "offline"))
     assert step == 1 and resumed["model_config"] == asdict(model.config)
     assert torch.equal(torch.rand(3), expected_noise)
-    assert all(torch.equal(fresh_model.state_dict()[k], v) for k, v in saved_weights.items())
+    assert all(torch.equal(fresh_model.state_dict()[k], v) for k, v in model.state_dict().items())
     for old, new in zip(optimizers, fresh, strict=True):
         old_state, new_state = old.state_dict()["state"], new.state_dict()["state"]
         assert old_state.keys() == new_state.keys() and old_state
         for key, values in old_state.items():
             for name, value in values.items():
                 assert torch.equal(torch.as_tensor(new_state[key][name]), torch.as_tensor(value)), name
-
-
-def test_the_same_step_saved_twice_is_byte_identical(tiny, tmp_path):
-    model, optimizers, meta = tiny
-    for run in ("a", "b"):
-        cm.save_checkpoint(tmp_path / run, 1, model, optimizers, meta)
-    files = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert files == [".nanochat", "meta_000001.json", "model_000001.pt", "optim_000001_rank0.pt"]
-    for name in files:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    meta["user_config"] = {**same, "max_seq_len": 16}
+    assert "--max-seq-len 32" in refusal(model, optimizers, meta, directory, True, same=("max_seq_len",))
+    meta["user_config"] = same  # --seed: a flag the checkpoint predates
+    assert "--seed None" in refusal(model, optimizers, meta, directory, True, same=("seed",))
+    meta_file = directory / "meta_000001.json"
+    meta_file.write_text(meta_file.read_text().replace('"world_size": 1', '"world_size": 2'))
+    assert "2 processes" in refusal(model, optimizers, meta, directory, True)
 
 
 @pytest.mark.parametrize("tag", ["..", ".", "/", "/etc", "a/b", ""])
