@@ -15,16 +15,6 @@ from pathlib import Path
 import pytest
 
 from nanochat import common
-from nanochat.common import (
-    HelpFormatter,
-    atomic_path,
-    download_file,
-    file_lock,
-    get_base_dir,
-    get_dist_info,
-    print0,
-    progress_bar,
-)
 
 # -----------------------------------------------------------------------------
 # A scripted local HTTP server
@@ -125,20 +115,20 @@ def leftovers(directory: Path) -> list[str]:
 def test_get_base_dir_follows_env_var_else_home_cache_and_creates_it(tmp_path, monkeypatch):
     target = tmp_path / "nested" / "base"
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(target))
-    assert get_base_dir() == target and target.is_dir()
+    assert common.get_base_dir() == target and target.is_dir()
     monkeypatch.delenv("NANOCHAT_BASE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert get_base_dir() == tmp_path / ".cache" / "nanochat"
+    assert common.get_base_dir() == tmp_path / ".cache" / "nanochat"
 
 
 def test_get_dist_info_reads_torchrun_env(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    assert get_dist_info() == (False, 0, 0, 1)
+    assert common.get_dist_info() == (False, 0, 0, 1)
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")
-    assert get_dist_info() == (True, 3, 1, 4)
+    assert common.get_dist_info() == (True, 3, 1, 4)
 
 
 def test_print0_and_progress_bars_speak_on_rank_0_only(monkeypatch, capsys):
@@ -146,8 +136,8 @@ def test_print0_and_progress_bars_speak_on_rank_0_only(monkeypatch, capsys):
     for rank, speaks in ((None, True), ("1", False), ("0", True)):
         if rank is not None:
             monkeypatch.setenv("RANK", rank)
-        print0("printed")
-        with progress_bar(3, "work", "q") as bar:
+        common.print0("printed")
+        with common.progress_bar(3, "work", "q") as bar:
             bar.update(3)
         out = capsys.readouterr()
         assert (out.out == "printed\n", "work" in out.err) == (speaks, speaks)
@@ -159,13 +149,13 @@ def test_print0_and_progress_bars_speak_on_rank_0_only(monkeypatch, capsys):
 
 def test_atomic_path_replaces_the_file_only_when_the_writer_succeeds(tmp_path):
     target = tmp_path / "artifact.bin"
-    with atomic_path(target) as tmp, atomic_path(target) as other:
+    with common.atomic_path(target) as tmp, common.atomic_path(target) as other:
         assert tmp.parent == target.parent and tmp.name.startswith("artifact.bin.tmp.") and tmp != other
         other.write_bytes(b"version 0")
         tmp.write_bytes(b"version 1")
         assert not target.exists()  # nothing under the final name until the block ends
     assert target.read_bytes() == b"version 1"  # the last one to finish (the outer block) wins
-    with pytest.raises(RuntimeError, match="writer crashed"), atomic_path(target) as tmp:
+    with pytest.raises(RuntimeError, match="writer crashed"), common.atomic_path(target) as tmp:
         tmp.write_bytes(b"half-writ")
         raise RuntimeError("writer crashed")
     assert target.read_bytes() == b"version 1" and leftovers(tmp_path) == []
@@ -176,10 +166,10 @@ def test_file_lock_excludes_other_holders(tmp_path):
     events = []
 
     def contender():
-        with file_lock(target):
+        with common.file_lock(target):
             events.append("contender")
 
-    with file_lock(target):
+    with common.file_lock(target):
         thread = threading.Thread(target=contender)
         thread.start()
         time.sleep(0.2)
@@ -204,7 +194,7 @@ def test_download_retries_server_errors_stalls_short_and_rejected_bodies(server,
             raise ValueError("bad magic")
 
     t0 = time.monotonic()
-    assert download_file(url, tmp_path / "f.bin", validate=validate, **FAST).read_bytes() == PAYLOAD
+    assert common.download_file(url, tmp_path / "f.bin", validate=validate, **FAST).read_bytes() == PAYLOAD
     assert server.count("/f.bin") == len(failures) + 1 and leftovers(tmp_path) == []
     assert seen and tmp_path / "f.bin" not in seen  # validate sees the temp file, not the final name
     assert time.monotonic() - t0 < 0.9  # gave up on a stall after the read timeout, not the stall itself
@@ -218,7 +208,9 @@ def test_download_that_always_fails_backs_off_exponentially_and_leaves_no_file(s
         name = f"/{action}.bin"
         url = server.serve(name, PAYLOAD, action)
         with pytest.raises(RuntimeError, match=f"{url}.*after 4 attempts"):
-            download_file(url, tmp_path / name[1:], validate=lambda p: p.read_bytes() == PAYLOAD, **FAST)
+            common.download_file(
+                url, tmp_path / name[1:], validate=lambda p: p.read_bytes() == PAYLOAD, **FAST
+            )
         assert server.count(name) == 4 and waits == [0.01, 0.02, 0.03]  # FAST's backoff, doubled, capped
         assert not (tmp_path / name[1:]).exists()
         waits.clear()
@@ -228,7 +220,9 @@ def test_download_that_always_fails_backs_off_exponentially_and_leaves_no_file(s
 def test_download_404_fails_fast_with_clear_error(server, tmp_path):
     url = server.url + "/missing.bin"
     with pytest.raises(RuntimeError, match="missing.bin.*HTTP 404.*not retrying"):
-        download_file(url, tmp_path / "missing.bin", timeout=0.3, retries=5, backoff=10.0, progress=False)
+        common.download_file(
+            url, tmp_path / "missing.bin", timeout=0.3, retries=5, backoff=10.0, progress=False
+        )
     assert server.count("/missing.bin") == 1
     assert not (tmp_path / "missing.bin").exists() and leftovers(tmp_path) == []
 
@@ -236,18 +230,18 @@ def test_download_404_fails_fast_with_clear_error(server, tmp_path):
 def test_download_skips_an_existing_file_unless_invalid_or_with_stale_temps(server, tmp_path, capsys):
     url = server.serve("/f.bin", PAYLOAD)
     (tmp_path / "f.bin").write_bytes(b"already here")
-    assert download_file(url, tmp_path / "f.bin", **FAST).read_bytes() == b"already here"
+    assert common.download_file(url, tmp_path / "f.bin", **FAST).read_bytes() == b"already here"
     assert server.count("/f.bin") == 0
     (tmp_path / "f.bin.tmp.12345.deadbeef").write_bytes(b"left by a crashed run")
     check = {"validate": lambda p: p.read_bytes() == PAYLOAD, "progress": True}
-    path = download_file(url, tmp_path / "f.bin", **{**FAST, **check})
+    path = common.download_file(url, tmp_path / "f.bin", **{**FAST, **check})
     assert path.read_bytes() == PAYLOAD and server.count("/f.bin") == 1 and leftovers(tmp_path) == []
     assert "100%" in capsys.readouterr().err  # the byte progress bar
 
 
 def _download_after_barrier(barrier, url: str, path: str) -> None:
     barrier.wait(timeout=30)
-    download_file(url, path, timeout=10.0, retries=0, progress=False)
+    common.download_file(url, path, timeout=10.0, retries=0, progress=False)
 
 
 def test_concurrent_downloads_in_two_processes_fetch_once(tmp_path):
@@ -306,7 +300,7 @@ def test_compiled_only_where_inductor_can_build_kernels(monkeypatch):
 
 
 def test_help_shows_each_default_once_and_not_an_unset_one():
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(formatter_class=common.HelpFormatter)
     parser.add_argument("--depth", type=int, default=20, help="layers")
     parser.add_argument("--tag", default=None, help="folder name (default: d<depth>)")
     parser.add_argument("--val", default=None, help="a validation file")
