@@ -78,13 +78,6 @@ def test_cli_rejects_bad_flags_naming_them(in_process, capsys, flag, value):
     assert exit_info.value.code == 2 and flag in error and value in error
 
 
-def test_a_missing_checkpoint_is_one_line_naming_the_stage(in_process, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        in_process("-p", "hi", "-i", "rl")
-    out = capsys.readouterr().out
-    assert exit_info.value.code == 1 and out.startswith("chat_cli: ") and "rl" in out.split()
-
-
 def test_ctrl_c_stops_the_reply_or_the_line_and_never_quits(in_process, reply, capsys, monkeypatch):
     typed = iter([KeyboardInterrupt, "first question", "second question", "quit"])
 
