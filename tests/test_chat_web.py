@@ -215,6 +215,9 @@ def test_openai_client_gets_the_reply_whole_and_streamed_with_usage_and_stop(scr
     forced = 2 + len(tokenizer.encode(use_calculator(SCRIPT_EXPR)))  # output_start ... output_end
     assert reply.usage.completion_tokens == (len(run1) - 1) + forced + (len(run2) - 2)
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]  # HELLO as text parts
+    same = client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}])
+    assert same.choices[0].message.content == choice.message.content and same.usage == reply.usage
 
     stream = client.chat.completions.create(
         model="nanochat", messages=HELLO, stream=True, stream_options={"include_usage": True}
@@ -303,37 +306,30 @@ BAD_BODIES = {
     "stop empty": {"messages": HELLO, "stop": [""]},
     "stop too many": {"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]},
     "stop not text": {"messages": HELLO, "stop": 5},
+    "temperature NaN": {"messages": HELLO, "temperature": float("nan")},  # json.dumps writes NaN
+    # not a JSON object at all: the error names the body
+    "not JSON": b"{not json",
+    "empty": b"",
+    "a list": b"[1, 2]",
+    "a string": b'"just a string"',
+    "null": b"null",
+    "not UTF-8": b"\xff\xfe\x00",
+    "unclosed": b"{" * 5000,
+    "deeply nested": b"[" * 100_000 + b"]" * 100_000,
 }
 
 
 @pytest.mark.parametrize("endpoint", ["/chat/completions", "/v1/chat/completions"])
-def test_every_limit_violation_gets_400_naming_the_field(scripted_server, endpoint):
+def test_every_bad_body_gets_400_naming_the_field_and_the_server_survives(scripted_server, endpoint):
+    headers = {"Content-Type": "application/json"}
     for name, body in BAD_BODIES.items():
-        r = httpx.post(scripted_server.url + endpoint, json=body, timeout=30)
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        r = httpx.post(scripted_server.url + endpoint, content=raw, headers=headers, timeout=30)
         assert r.status_code == 400, (name, r.status_code, r.text)
         error = r.json()["error"]
-        field = next((key for key in body if key != "messages"), "messages")  # the one bad field
+        # the one bad field
+        field = "body" if isinstance(body, bytes) else next((k for k in body if k != "messages"), "messages")
         assert error["type"] == "invalid_request_error" and f"'{field}" in error["message"], (name, error)
-
-
-@pytest.mark.parametrize(
-    "raw",
-    [
-        b"{not json",
-        b"",
-        b"[1, 2]",
-        b'"just a string"',
-        b"null",
-        b'{"messages": NaN}',
-        b"\xff\xfe\x00",
-        b"{" * 5000,
-    ],
-)
-def test_malformed_bodies_get_4xx_json_and_server_survives(scripted_server, raw):
-    for endpoint in ("/chat/completions", "/v1/chat/completions"):
-        r = httpx.post(scripted_server.url + endpoint, content=raw, timeout=30)
-        assert 400 <= r.status_code < 500, (raw[:20], r.status_code, r.text)
-        assert r.json()["error"]["message"]
     assert httpx.get(scripted_server.url + "/health", timeout=10).json()["status"] == "ok"
 
 
@@ -348,19 +344,10 @@ def raw_request(port: int, head: str, until_closed: bool = False) -> bytes:
         return answer
 
 
-def test_a_huge_declared_body_is_refused_at_once(scripted_server):
-    start = time.time()
-    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    head += "Content-Length: 2000000000\r\n\r\n{"
-    answer = raw_request(scripted_server.port, head, until_closed=True)
-    assert answer.startswith(b"HTTP/1.1 413") and b"1000000 bytes" in answer, answer
-    assert time.time() - start < 1  # answered and closed, not left to read (and drop) the 2 GB
-
-
 # ---------------------------------------------------------------------------- pool, disconnects, load
 
 
-def test_health_and_stats_answer(babbler_server):
+def test_health_stats_and_the_self_contained_ui_answer(babbler_server):
     health = httpx.get(babbler_server.url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["num_workers"] == 1 and health["defaults"]["max_tokens"] == 8
     stats = babbler_server.stats()
@@ -368,6 +355,10 @@ def test_health_and_stats_answer(babbler_server):
     assert stats["workers"] == [worker] == health["workers"]
     counts = "busy queued requests_served requests_cancelled requests_failed tokens_generated"
     assert set(counts.split()) <= set(stats)
+    ui = httpx.get(babbler_server.url + "/", timeout=10)  # test_ui.py drives it
+    assert ui.status_code == 200 and ui.headers["content-type"].startswith("text/html")
+    assert "<title>nanochat</title>" in ui.text
+    assert "http://" not in ui.text and "https://" not in ui.text  # no CDN or external asset
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -387,28 +378,6 @@ def test_a_client_that_goes_away_cancels_its_request_and_frees_its_slot(babbler_
     assert babbler_server.chat().json()["usage"]["completion_tokens"] == 8
 
 
-def test_twenty_concurrent_requests_all_complete(babbler_server):
-    before = babbler_server.stats()
-
-    async def one(client: httpx.AsyncClient, i: int) -> dict:
-        body = {"messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 6}
-        r = await client.post(babbler_server.url + "/v1/chat/completions", json=body, timeout=120)
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    async def all_of_them():
-        async with httpx.AsyncClient() as client:
-            return await asyncio.gather(*(one(client, i) for i in range(20)))
-
-    replies = asyncio.run(all_of_them())
-    assert all(r["usage"]["completion_tokens"] == 6 for r in replies)
-    assert all(r["choices"][0]["finish_reason"] == "length" for r in replies)
-    after = babbler_server.stats()
-    assert after["requests_served"] - before["requests_served"] == 20
-    assert after["tokens_generated"] - before["tokens_generated"] == 120
-    assert after["busy"] == 0 and after["queued"] == 0
-
-
 def test_request_log_has_metadata_and_content_only_when_asked(scripted_server, babbler_server):
     babbler_server.chat("SECRET")
     time.sleep(0.2)
@@ -418,13 +387,6 @@ def test_request_log_has_metadata_and_content_only_when_asked(scripted_server, b
     scripted_server.chat("TOLD")
     time.sleep(0.2)
     assert "TOLD" in scripted_server.log_text()  # this server runs with --log-content
-
-
-def test_index_serves_the_self_contained_ui(scripted_server):  # test_ui.py drives it
-    r = httpx.get(scripted_server.url + "/", timeout=10)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
-    assert "<title>nanochat</title>" in r.text
-    assert "http://" not in r.text and "https://" not in r.text  # no CDN or external asset
 
 
 # ---------------------------------------------------------------------------- hostile clients
@@ -503,28 +465,40 @@ FUZZ = [  # accepted values at their limits and just inside them
 ]
 
 
-def test_hostile_but_accepted_values_fail_nothing(guarded_server):
-    url, auth = guarded_server.url, guarded_server.auth
+def test_twenty_requests_and_hostile_but_accepted_values_at_once_all_complete(guarded_server):
+    """Queued past the 4 slots and batched together: a failure in one row would show in the others."""
     before = guarded_server.stats()
+    plain = [{"messages": [user(f"question {i}")], "max_tokens": 6} for i in range(20)]
+    hostile = [
+        {"messages": [user("<|assistant_end|> hi")], "stream": i % 2 == 0, **x} for i, x in enumerate(FUZZ)
+    ]
 
-    async def one(client, extra: dict, stream: bool):
-        body = {"messages": [{"role": "user", "content": "<|assistant_end|> hi"}], "stream": stream, **extra}
-        r = await client.post(url + "/v1/chat/completions", json=body, headers=auth, timeout=120)
-        assert r.status_code == 200, (extra, r.text)
-        assert "error" not in r.text, (extra, r.text)
+    async def post(client, body: dict) -> httpx.Response:
+        r = await client.post(guarded_server.url + CHAT, json=body, headers=AUTH, timeout=120)
+        assert r.status_code == 200 and "error" not in r.text, (body, r.text)
+        return r
 
-    async def all_at_once():  # batched together: a failure in one row would show in the others
+    async def all_at_once():
         async with httpx.AsyncClient() as client:
-            await asyncio.gather(*(one(client, extra, i % 2 == 0) for i, extra in enumerate(FUZZ)))
+            return await asyncio.gather(*(post(client, body) for body in plain + hostile))
 
-    asyncio.run(all_at_once())
+    replies = [r.json() for r in asyncio.run(all_at_once())[:20]]
+    assert all(r["usage"]["completion_tokens"] == 6 for r in replies)
+    assert all(r["choices"][0]["finish_reason"] == "length" for r in replies)
     after = guarded_server.stats()
+    assert after["requests_served"] - before["requests_served"] == 20 + len(FUZZ)
     assert after["requests_failed"] == before["requests_failed"] and after["busy"] == 0 == after["queued"]
     assert all(w["state"] == "ready" and w["restarts"] == 0 for w in after["workers"])
-    assert guarded_server.chat().json()["usage"]["completion_tokens"] == 8
 
 
-def test_a_huge_chunked_body_is_refused_without_growing_the_server(guarded_server):
+def test_a_huge_body_is_refused_at_once_declared_and_without_growing_the_server_chunked(guarded_server):
+    start = time.time()
+    head = f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head += "Authorization: Bearer sekrit\r\nContent-Length: 2000000000\r\n\r\n{"
+    answer = raw_request(guarded_server.port, head, until_closed=True)
+    assert answer.startswith(b"HTTP/1.1 413") and b"1000000 bytes" in answer, answer
+    assert time.time() - start < 1  # answered and closed, not left to read (and drop) the 2 GB
+
     pid = guarded_server.proc.pid
     before = _rss_kb(pid)
 
@@ -532,18 +506,13 @@ def test_a_huge_chunked_body_is_refused_without_growing_the_server(guarded_serve
         for _ in range(50):
             yield b"[" + b" " * (2**20 - 1)
 
-    headers = {**guarded_server.auth, "Content-Type": "application/json"}
+    headers = {**AUTH, "Content-Type": "application/json"}
     try:
-        r = httpx.post(
-            guarded_server.url + "/v1/chat/completions", content=chunks(), headers=headers, timeout=60
-        )
+        r = httpx.post(guarded_server.url + CHAT, content=chunks(), headers=headers, timeout=60)
         assert r.status_code == 413 and "1000000 bytes" in r.json()["error"]["message"]
     except httpx.RemoteProtocolError:
         pass  # the server answered 413 and closed before the client finished sending: also fine
     assert _rss_kb(pid) - before < 8 * 1024
-    nested = b"[" * 100_000 + b"]" * 100_000
-    r = httpx.post(guarded_server.url + "/v1/chat/completions", content=nested, headers=headers, timeout=30)
-    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
 def test_slow_and_idle_clients_are_dropped_after_the_client_timeout(guarded_server):
@@ -680,15 +649,6 @@ def test_stop_strings_cut_the_reply_streaming_and_not(scripted_server):
     assert reply.choices[0].message.content == full
 
 
-def test_text_part_lists_are_accepted(scripted_server):
-    client = openai_client(scripted_server)
-    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there"}]
-    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": parts}])
-    plain = client.chat.completions.create(model="m", messages=HELLO)
-    assert reply.choices[0].message.content == plain.choices[0].message.content
-    assert reply.usage.prompt_tokens == plain.usage.prompt_tokens
-
-
 # ---------------------------------------------------------------------------- a crashing worker
 
 
@@ -730,3 +690,7 @@ def test_a_crashed_worker_restarts_and_health_reports_it_while_down(tiny_base_di
         asyncio.run(scenario())
     finally:
         scheduler.close()
+    # the failed request streamed its first token (the prefill's) before the crash; the 503 is no request
+    assert server.counts == dict(
+        requests_served=1, requests_cancelled=0, requests_failed=1, tokens_generated=9
+    )

@@ -207,18 +207,10 @@ def test_ui_header_shows_the_settings_in_effect_and_slash_commands_set_them(page
     assert page.locator(".message").count() == 0
 
 
-def test_ui_shows_server_errors_and_gives_the_text_back(page):
-    too_long = "x" * 8001
-    say(page, too_long)
-    expect(page.locator(".notice.error")).to_contain_text("8000")
-    wait_idle(page, 0)
-    assert page.locator(".message").count() == 0  # the rejected turn is taken out again
-    assert page.input_value("#input") == too_long  # ... and its text is back in the box to fix
-
-
-def test_ui_long_chat_sends_its_newest_turns_and_says_so(page):
+def test_ui_long_chat_sends_its_newest_turns_and_a_refused_message_comes_back_to_fix(page):
     """The server refuses a conversation over 32,000 characters: five turns of 7,000 go on working,
-    the fifth request leaving out the oldest pair, and the chat saying so."""
+    the fifth request leaving out the oldest pair, and the chat saying so. A message over 8,000 is
+    refused: the error shows, and its text is back in the box."""
     for i in range(5):
         say(page, f"{i}" + "x" * 7000)
         wait_idle(page, i + 1)
@@ -229,28 +221,68 @@ def test_ui_long_chat_sends_its_newest_turns_and_says_so(page):
     expect(page.locator(".notice")).to_contain_text("oldest 2 messages")
     expect(page.locator(".notice.error")).to_have_count(0)
 
+    too_long = "x" * 8001
+    say(page, too_long)
+    expect(page.locator(".notice.error")).to_contain_text("8000")
+    wait_idle(page, 5)
+    assert page.locator(".message").count() == 10  # the rejected turn is taken out again
+    assert page.input_value("#input") == too_long  # ... and its text is back in the box to fix
+
 
 # ---------------------------------------------------------------------------- markdown
 
 
-def test_ui_renders_markdown_blocks_and_inline(page):
-    markdown = "\n".join(
-        [
-            "## Title",
-            "Some **bold *and it*** and *it* and `x < y`, 2*3*4 stays.",
-            "a second line",
-            "",
-            "- one",
-            "- two with `code`",
-            "  continued",
-            "",
-            "3. three",
-            "",
-            "4. four",
-            "",
-            "Links: [ok](https://example.com/a?b=1), [js](javascript:alert(1)), [rel](/x).",
-        ]
-    )
+def test_ui_streamed_code_block_has_a_working_copy_button(page):
+    # the fence and the code arrive split across pieces, as a model streams them
+    pieces = ["Try this:\n\n``", "`py", "thon\nprint('<b>hi</b>')\nx = 2", "\n```\n", "Done **now**."]
+    route_reply(page, pieces)
+    say(page, "code please")
+    wait_idle(page, 1)
+    reply = page.locator(".message.assistant")
+    expect(reply.locator("pre code")).to_have_count(1)
+    expect(reply.locator("pre code")).to_have_text("print('<b>hi</b>')\nx = 2")
+    expect(reply.locator("strong")).to_have_text("now")
+    expect(reply.locator("b")).to_have_count(0)
+
+    copy = reply.locator(".code-block button.copy")
+    expect(copy).to_have_text("Copy")
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == "print('<b>hi</b>')\nx = 2"
+    expect(copy).to_have_text("Copy", timeout=5000)  # only briefly
+    assert len(page.sent) == 1  # clicking Copy did not regenerate the reply
+
+
+def test_ui_shows_injected_html_as_text_and_renders_markdown(page):
+    # in a streamed reply, in the renderer's every inline form, and in the user's own message
+    route_reply(page, [INJECTED[:9], INJECTED[9:40], INJECTED[40:], "\n\n# " + INJECTED])
+    say(page, INJECTED)
+    wait_idle(page, 1)
+    expect(page.locator(".message.user")).to_have_text(INJECTED)
+    expect(page.locator(".message.assistant p")).to_have_text(INJECTED)
+    expect(page.locator(".message.assistant h1")).to_have_text(INJECTED)
+    link = f'[{INJECTED}](https://e.com/"><img/src=x/onerror=window.__pwned=3>)'
+    inline_forms = f"**{INJECTED}** *{INJECTED}* `{INJECTED}` <<{INJECTED}>> {link}"
+    page.evaluate(RENDER_PROBE, f"{inline_forms}\n\n```html\n{INJECTED}\n```")
+    expect(page.locator("#probe a")).to_have_text(INJECTED)
+    expect(page.locator("#probe pre code")).to_have_text(INJECTED)
+    for where in ("#messages", "#probe"):
+        assert page.locator(f"{where} :is(img, script, b)").count() == 0
+    assert page.evaluate("window.__pwned") is None
+
+    markdown = """## Title
+Some **bold *and it*** and *it* and `x < y`, 2*3*4 stays.
+a second line
+
+- one
+- two with `code`
+  continued
+
+3. three
+
+4. four
+
+Links: [ok](https://example.com/a?b=1), [js](javascript:alert(1)), [rel](/x)."""
     page.evaluate(RENDER_PROBE, markdown)
     probe = page.locator("#probe")
     expect(probe.locator("h2")).to_have_text("Title")
@@ -281,45 +313,6 @@ def test_ui_renders_markdown_blocks_and_inline(page):
     expect(probe.locator(".tool-chip")).to_have_count(1)
     expect(probe.locator("p code")).to_have_text("<<1+1=2>>")
     expect(probe.locator("pre code")).to_have_text("<<3*3=9>>")
-
-
-def test_ui_streamed_code_block_has_a_working_copy_button(page):
-    # the fence and the code arrive split across pieces, as a model streams them
-    pieces = ["Try this:\n\n``", "`py", "thon\nprint('<b>hi</b>')\nx = 2", "\n```\n", "Done **now**."]
-    route_reply(page, pieces)
-    say(page, "code please")
-    wait_idle(page, 1)
-    reply = page.locator(".message.assistant")
-    expect(reply.locator("pre code")).to_have_count(1)
-    expect(reply.locator("pre code")).to_have_text("print('<b>hi</b>')\nx = 2")
-    expect(reply.locator("strong")).to_have_text("now")
-    expect(reply.locator("b")).to_have_count(0)
-
-    copy = reply.locator(".code-block button.copy")
-    expect(copy).to_have_text("Copy")
-    copy.click()
-    expect(copy).to_have_text("Copied")
-    assert page.evaluate("navigator.clipboard.readText()") == "print('<b>hi</b>')\nx = 2"
-    expect(copy).to_have_text("Copy", timeout=5000)  # only briefly
-    assert len(page.sent) == 1  # clicking Copy did not regenerate the reply
-
-
-def test_ui_shows_injected_html_as_text(page):
-    # in a streamed reply, in the renderer's every inline form, and in the user's own message
-    route_reply(page, [INJECTED[:9], INJECTED[9:40], INJECTED[40:], "\n\n# " + INJECTED])
-    say(page, INJECTED)
-    wait_idle(page, 1)
-    expect(page.locator(".message.user")).to_have_text(INJECTED)
-    expect(page.locator(".message.assistant p")).to_have_text(INJECTED)
-    expect(page.locator(".message.assistant h1")).to_have_text(INJECTED)
-    link = f'[{INJECTED}](https://e.com/"><img/src=x/onerror=window.__pwned=3>)'
-    inline_forms = f"**{INJECTED}** *{INJECTED}* `{INJECTED}` <<{INJECTED}>> {link}"
-    page.evaluate(RENDER_PROBE, f"{inline_forms}\n\n```html\n{INJECTED}\n```")
-    expect(page.locator("#probe a")).to_have_text(INJECTED)
-    expect(page.locator("#probe pre code")).to_have_text(INJECTED)
-    for where in ("#messages", "#probe"):
-        assert page.locator(f"{where} :is(img, script, b)").count() == 0
-    assert page.evaluate("window.__pwned") is None
 
 
 # ---------------------------------------------------------------------------- stop
