@@ -48,8 +48,7 @@ def _env_int(name: str, default: int) -> int:
 
 def get_dist_info() -> tuple[bool, int, int, int]:
     """(is_ddp, rank, local_rank, world_size) from the torchrun environment; (False, 0, 0, 1) without it."""
-    is_ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if not is_ddp:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False, 0, 0, 1
     return True, _env_int("RANK", 0), _env_int("LOCAL_RANK", 0), _env_int("WORLD_SIZE", 1)
 
@@ -87,7 +86,7 @@ def in_range(kind: Callable[[str], Any] = int, lo=None, hi=None, open_lo: bool =
     return parse
 
 
-def setup_logging(level: int = logging.INFO) -> logging.Logger:
+def setup_logging(level: int = logging.INFO) -> None:
     """Attach one compact stderr handler to the "nanochat" logger (rank 0: `level`, others: warnings)."""
     _, rank, _, world_size = get_dist_info()
     root = logging.getLogger("nanochat")  # modules log to "nanochat.<name>" children of it
@@ -100,7 +99,6 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
         root.addHandler(handler)
         root.propagate = False
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
-    return root
 
 
 # -----------------------------------------------------------------------------

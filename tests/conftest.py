@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
-# Multi-process tests run gloo on this machine only: bind it to loopback, so that it never
-# depends on the host name resolving to a reachable interface (spawned workers and
-# subprocesses inherit the variable).
+# Multi-process tests run gloo on this machine only: on loopback, so that the host name need not
+# resolve to a reachable interface (spawned workers and subprocesses inherit the variable).
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
 # ../shared/data beside the checkout: every test reads shared samples through this one path
@@ -39,11 +38,8 @@ def tiny_model(vocab_size: int = 1024, sequence_len: int = 64, seed: int = 0, de
 
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
-    """A base dir holding ~4M chars of the offline corpus and a 1024-token tokenizer.
-
-    Built once per test session; tests that write artifacts should write into their own
-    subdirectories (or copy the tree), never change what is here.
-    """
+    """A base dir holding ~4M chars of the offline corpus and a 1024-token tokenizer, built once per
+    session: a test that writes artifacts writes them elsewhere (or into a copy)."""
     from nanochat.dataset import build_offline, parquets_iter_batched
     from nanochat.tokenizer import Tokenizer
 
