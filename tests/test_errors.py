@@ -11,14 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from unittest.mock import patch
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import tiny_model
 
-from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.checkpoint_manager import STAGE_DIRS, save_checkpoint
 from nanochat.common import sha256_of
 from nanochat.tokenizer import Tokenizer
 
@@ -62,15 +61,10 @@ def message(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
 
 
-def save_tiny(base: Path, source: str, tag: str = "d2", step: int = 1) -> Path:
-    """A random depth-2 model saved as `source` checkpoint `tag`/`step`; returns its folder."""
+def save_tiny(base: Path, source: str) -> None:
+    """A random depth-2 model saved as `source` checkpoint d2, step 1."""
     model = tiny_model(Tokenizer.from_directory(base / "tokenizer").get_vocab_size())
-    with patch.dict(os.environ, {"NANOCHAT_BASE_DIR": str(base)}):
-        from nanochat.checkpoint_manager import checkpoint_dir
-
-        directory = checkpoint_dir(source, tag)
-        save_checkpoint(directory, step, model, None, {})
-    return directory
+    save_checkpoint(base / STAGE_DIRS[source] / "d2", 1, model, None, {})
 
 
 @pytest.fixture
