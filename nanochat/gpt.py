@@ -61,7 +61,10 @@ class GPTConfig:
             (C % H == 0, f"n_embd ({C}) must be divisible by n_head ({H})"),
             (self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even (rotary rotates pairs)"),
             (H % Hkv == 0, f"n_kv_head ({Hkv}) must divide n_head ({H})"),
-            (pattern and set(pattern) <= set("SL"), f"window_pattern must be letters S and L, not {pattern}"),
+            (
+                pattern and set(pattern) <= set("SL"),
+                f"window_pattern (--window-pattern) must be letters S and L, not {pattern!r}",
+            ),
             (self.init in ARCHES, f"init must be one of {ARCHES}, got {self.init!r}"),
             (C >= gates, f"n_embd ({C}) must be >= {gates}: the gates read that many channels"),
         ):

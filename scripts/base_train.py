@@ -75,36 +75,26 @@ from nanochat.tokenizer import get_token_bytes, get_tokenizer
 # Flags
 
 
-def window_pattern(text: str) -> str:
-    """--window-pattern: letters S (a short sliding window) and L (the full context)."""
-    if not text or set(text) - set("SL"):
-        raise argparse.ArgumentTypeError(f"must be letters S and L, got {text!r}")
-    return text
+positive = in_range(int, 1)
 
 
 def device_batch_size(text: str) -> str:
     """--device-batch-size: 'auto' or a positive number of rows (kept as text: checkpoints compare it)."""
     if text != "auto":
-        in_range(int, 1)(text)
+        positive(text)
     return text
 
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
 g = parser.add_argument_group("model")
-g.add_argument("--depth", type=in_range(int, 1), default=20, help="transformer layers; also sets the width")
+g.add_argument("--depth", type=positive, default=20, help="transformer layers; also sets the width")
 # the record's architecture: its GPU runs at d12-d26 (public nanochat, to autoresearch round 2)
-g.add_argument(
-    "--arch",
-    default="record",
-    choices=ARCHES,
-    help="record: value embeddings, layer scalars, smear, backout, sliding windows; v1: our first model",
-)
-g.add_argument("--window-pattern", type=window_pattern, help="override the arch's (S short window, L full)")
-g.add_argument(
-    "--aspect-ratio", type=in_range(int, 1), default=64, help="width = depth × this, rounded to --head-dim"
-)
+arch_help = "record: value embeddings, layer scalars, smear, backout, sliding windows; v1: our first model"
+g.add_argument("--arch", default="record", choices=ARCHES, help=arch_help)
+g.add_argument("--window-pattern", help="override the arch's: letters S (short window) and L (full)")
+g.add_argument("--aspect-ratio", type=positive, default=64, help="width = depth × this, in whole heads")
 g.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
-g.add_argument("--max-seq-len", type=in_range(int, 1), default=2048, help="context length in tokens")
+g.add_argument("--max-seq-len", type=positive, default=2048, help="context length in tokens")
 g = parser.add_argument_group("batch")
 batch_help = "sequences per device per micro-step, or 'auto'"
 g.add_argument("--device-batch-size", type=device_batch_size, default="32", help=batch_help)
@@ -113,12 +103,9 @@ g.add_argument("--total-batch-size", type=int, default=-1, help=total_help)
 g = parser.add_argument_group("length (the first one set wins)")
 g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: derive)")
 g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
-g.add_argument(
-    "--target-param-data-ratio",
-    type=float,
-    default=8.0,  # the record's speedrun: d24 at 8 reaches GPT-2's CORE (its compute-optimal value is 10.5)
-    help="training tokens per scaling parameter (block weights and lm_head, the record's count)",
-)
+# the record's speedrun: d24 at 8 reaches GPT-2's CORE (its compute-optimal value is 10.5)
+ratio_help = "training tokens per scaling parameter (block weights and lm_head, the record's count)"
+g.add_argument("--target-param-data-ratio", type=float, default=8.0, help=ratio_help)
 # The recipes: every setting that differs between the record and ours before. A flag left unset
 # takes its --recipe's value.
 RECIPES = {
@@ -158,30 +145,18 @@ g = parser.add_argument_group("recipe (a flag left unset takes the --recipe's va
 g.add_argument("--recipe", default="record", choices=RECIPES, help="record: the public record's; v1: ours")
 add_optimizer_flags(parser, weight_decay=None, matrix_lr=None, embedding_lr=None, unembedding_lr=None)
 g.add_argument("--scalar-lr", type=in_range(float, 0), help="AdamW LR of the x0 scalars (residual: × 0.01)")
-g.add_argument(
-    "--wd-schedule",
-    choices=("record", "constant"),
-    help="record: --weight-decay × √(batch/2^19) × (d12 params/params), cosine to 0; constant: as given",
-)
-g.add_argument(
-    "--adam-groups",
-    choices=("record", "uniform"),
-    help="AdamW betas and decay: record: per group; uniform: (0.8, 0.95) and none everywhere",
-)
+wd_help = "record: --weight-decay × √(batch/2^19) × (d12 params/params), cosine to 0; constant: as given"
+g.add_argument("--wd-schedule", choices=("record", "constant"), help=wd_help)
+adam_help = "AdamW betas and decay: record: per group; uniform: (0.8, 0.95) and none everywhere"
+g.add_argument("--adam-groups", choices=("record", "uniform"), help=adam_help)
 g.add_argument("--warmup-steps", type=in_range(int, 0), default=40, help="steps warming the LR up from 0")
 g.add_argument("--warmdown-ratio", type=in_range(float, 0, 1), help="final fraction of steps decaying the LR")
 g.add_argument("--final-lr-frac", type=float, help="LR multiplier at the end of the warmdown")
-g.add_argument(
-    "--compile-optimizer",
-    action=argparse.BooleanOptionalAction,
-    help="torch.compile the optimizers' update math (default: on CUDA only, as the record compiles its step)",
-)
-g.add_argument(
-    "--weight-ema",
-    type=float,
-    default=0.0,  # beyond the record and not measured yet: off
-    help="final weights = an EMA with this beta per step over the LR warmdown (0: off; +4 bytes/param/GPU)",
-)
+compile_help = "torch.compile the optimizer math (default: on CUDA only, as the record compiles its step)"
+g.add_argument("--compile-optimizer", action=argparse.BooleanOptionalAction, help=compile_help)
+# beyond the record and not measured yet: off
+ema_help = "final weights = an EMA with this beta per step over the LR warmdown (0: off; +4 bytes/param/GPU)"
+g.add_argument("--weight-ema", type=float, default=0.0, help=ema_help)
 g = parser.add_argument_group("evaluation and checkpoints")
 g.add_argument("--eval-every", type=int, default=250, help="steps between val bpb evals (-1: at the end)")
 g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per eval")
@@ -239,12 +214,13 @@ with exit_on_user_error("base_train", errors=(UserError, ValueError)):
         reference = GPT(model_config(REF_DEPTH))  # the depth the batch and decay rules are anchored at
     num_params = model.num_params()
     scaling_params = model.num_scaling_params()  # what the horizon, batch and decay rules count
+    ref_params = reference.num_scaling_params()
     flops_per_token = model.estimate_flops()
     T = args.max_seq_len
     lr_scale = 1.0
     if args.total_batch_size == -1:
         # 2^19 tokens at depth 12, × (params / params at d12)^0.383 as a power of two; LRs × √(batch / 2^19)
-        args.total_batch_size = batch_size_for(scaling_params, reference.num_scaling_params())
+        args.total_batch_size = batch_size_for(scaling_params, ref_params)
         lr_scale = batch_lr_scale(args.total_batch_size)
         print0(f"total batch size: auto -> {args.total_batch_size:,} tokens (LRs × {lr_scale:.3f})")
     elif args.total_batch_size < 1:
@@ -272,9 +248,7 @@ with exit_on_user_error("base_train", errors=(UserError, ValueError)):
             f"length × world size = {B} × {T} × {world_size} = {tokens_per_micro_step}; change "
             "--total-batch-size, --device-batch-size or --max-seq-len"
         )
-    grad_accum = (
-        args.total_batch_size // tokens_per_micro_step
-    )  # micro-steps accumulate locally: no DDP wrapper
+    grad_accum = args.total_batch_size // tokens_per_micro_step  # accumulated locally: no DDP wrapper
 
     if args.num_iterations > 0:
         num_iterations = args.num_iterations
@@ -293,9 +267,8 @@ with exit_on_user_error("base_train", errors=(UserError, ValueError)):
 total_tokens = num_iterations * args.total_batch_size
 weight_decay = args.weight_decay  # Muon's, before its schedule
 if args.wd_schedule == "record":
-    ref_params = reference.num_scaling_params()
     weight_decay = scaled_weight_decay(
-        args.weight_decay, args.total_batch_size, lr_scale, scaling_params, ref_params
+        weight_decay, args.total_batch_size, lr_scale, scaling_params, ref_params
     )
 momentum_ramp, momentum_start, momentum_peak, momentum_end = args.momentum
 if args.compile_optimizer is None:
@@ -337,10 +310,8 @@ if args.core_metric_every > 0:  # the CORE bundle now, not mid-run: rank 0 downl
             get_eval_bundle()
     with exit_together("base_train", errors=(OSError, RuntimeError, ValueError), **bundle):
         print0(f"CORE eval bundle: {get_eval_bundle()}")
-with exit_on_user_error("base_train"):
-    if problem := wandb_login_problem(
-        args.run
-    ):  # the bundle and wandb before the dry run's exit: it checks them
+with exit_on_user_error("base_train"):  # wandb, like the bundle, before the dry run's exit: it checks them
+    if problem := wandb_login_problem(args.run):
         raise UserError(problem)
 if args.dry_run:
     compute_cleanup()
@@ -375,16 +346,7 @@ with exit_together("base_train", errors=(UserError, ValueError)):  # a damaged o
     DataLoader(tokenizer, B, T, "val", rank, world_size, device=device)  # its shard checked now, not at eval
 train_batches = iter(train_loader)
 token_bytes = get_token_bytes(device)
-
-
-def val_bpb() -> float:
-    """Bits per byte on the first --eval-tokens of the validation split (the same every time)."""
-    model.eval()
-    val_loader = DataLoader(tokenizer, B, T, "val", rank=rank, world_size=world_size, device=device)
-    steps = max(1, args.eval_tokens // tokens_per_micro_step)
-    bpb = evaluate_bpb(model, val_loader, steps, token_bytes)
-    model.train()
-    return bpb
+eval_steps = max(1, args.eval_tokens // tokens_per_micro_step)
 
 
 # -----------------------------------------------------------------------------
@@ -413,7 +375,10 @@ for step in range(start_step, num_iterations + 1):
         )
 
     if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-        state["val_bpb"] = val_bpb()
+        model.eval()  # bits per byte on the first --eval-tokens of the validation split, the same every time
+        val_loader = DataLoader(tokenizer, B, T, "val", rank=rank, world_size=world_size, device=device)
+        state["val_bpb"] = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
+        model.train()
         state["min_val_bpb"] = min(state["min_val_bpb"], state["val_bpb"])
         print0(f"step {step:05d} | val bpb {state['val_bpb']:.4f}")
         run_log.log({"step": step, "val_bpb": state["val_bpb"]})

@@ -34,18 +34,14 @@ def env_for(base: Path) -> dict:
     return env
 
 
-def train(base: Path, *flags: str, nproc: int = 1, check: bool = True, env: dict | None = None):
-    """Runs base_train (under torchrun when nproc > 1); returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "scripts.base_train"]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        cmd += ["-m", "scripts.base_train"]
-    env = env or env_for(base)
-    proc = subprocess.run([*cmd, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"base_train failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-        )
+def train(base: Path, *flags: str, nproc=1, check=True, env: dict | None = None, module="scripts.base_train"):
+    """Runs base_train (or `module`; under torchrun when nproc > 1); returns the CompletedProcess."""
+    torchrun = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
+    cmd = [sys.executable, "-m", *(torchrun if nproc > 1 else []), module, *flags]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env or env_for(base), capture_output=True, text=True, timeout=300
+    )
+    assert not check or proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     return proc
 
 
@@ -61,10 +57,7 @@ def train_here(base, monkeypatch, capsys):
         with pytest.raises(SystemExit) as exit_:
             runpy.run_module("scripts.base_train", run_name="__main__")
         out = capsys.readouterr()
-        return (
-            exit_.value.code or 0,
-            out.err + out.out,
-        )  # stdout last: its last line is the script's last word
+        return exit_.value.code or 0, out.err + out.out  # stdout last: it ends with the script's last word
 
     return run
 
@@ -160,11 +153,7 @@ def test_resume_continues_bit_for_bit(base):
 def test_weight_ema_makes_the_final_weights_and_resumes_exactly(base):
     flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=8", "--save-every=4"]
     train(base, *flags, "--model-tag=plain")
-    ema = [
-        *flags,
-        "--weight-ema=0.5",
-        "--model-tag=ema",
-    ]  # over the warmdown: the last round(0.65 × 8) = 5 steps
+    ema = [*flags, "--weight-ema=0.5", "--model-tag=ema"]  # over the warmdown: the last round(0.65 × 8) steps
     assert "weight EMA: beta 0.5 over the last 5 steps" in train(base, *ema).stdout
     final = weights(base, "ema", 8)
     for path in (base / "base_checkpoints" / "ema").glob("*_000008*"):  # stop inside the EMA's span
@@ -172,9 +161,7 @@ def test_weight_ema_makes_the_final_weights_and_resumes_exactly(base):
     train(base, *ema, "--resume")
     assert all(torch.equal(final[k], v) for k, v in weights(base, "ema", 8).items())
     assert losses(base, "ema") == losses(base, "plain")  # the EMA never feeds back into training
-    assert not torch.equal(
-        final["lm_head.weight"], weights(base, "plain", 8)["lm_head.weight"]
-    )  # the average
+    assert not torch.equal(final["lm_head.weight"], weights(base, "plain", 8)["lm_head.weight"])  # averaged
 
 
 def test_fresh_run_into_a_used_tag_refuses_and_overwrite_replaces_it(base, monkeypatch):
@@ -207,11 +194,8 @@ def test_core_metric_is_evaluated_during_training(base):
 
 def test_base_loss_evaluates_a_checkpoint(base):
     train(base, *TINY, *QUIET, "--total-batch-size=256", "--num-iterations=3", "--model-tag=d2")
-    cmd = [sys.executable, "-m", "scripts.base_loss", "--device-batch-size=4", "--split-tokens=512"]
-    proc = subprocess.run(
-        [*cmd, "--sample-tokens=4"], cwd=REPO, env=env_for(base), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = ["--device-batch-size=4", "--split-tokens=512", "--sample-tokens=4"]
+    proc = train(base, *flags, module="scripts.base_loss")
     assert "train bpb:" in proc.stdout and "val bpb:" in proc.stdout
     assert "val bpb" in (base / "report" / "base-model-loss.md").read_text()
 

@@ -397,7 +397,7 @@ def test_param_groups_partition_every_parameter_exactly_once(config):
 
 
 def test_num_params_and_estimate_flops_hand_checked():
-    model = make_model(mix=False)
+    model = make_model(TINY, mix=False)
     # TINY: C=64, padded vocab 256, kv_dim=32, 2 layers, 4 heads of 16, T=32
     embedding = 256 * 64
     lm_head = 256 * 64
@@ -406,13 +406,9 @@ def test_num_params_and_estimate_flops_hand_checked():
     attention = 12 * 2 * 4 * 16 * 32  # 12 * n_layer * n_head * head_dim * T = 49152
     assert model.estimate_flops() == 6 * (lm_head + 2 * per_layer) + attention == 638_976 + 49_152
     assert model.num_matmul_params() == model.num_scaling_params() == lm_head + 2 * per_layer
-
-
-def test_record_params_and_flops_count_gates_and_windows_hand_checked():
+    # the record: 3 layers of TINY's 45056, + 2 value-embedding gates (2 kv heads x 12 channels) + lm_head
     model = make_model(RECORD, mix=False)
-    # 3 layers of TINY's 45056, + 2 value-embedding gates (2 kv heads x 12 channels) + lm_head
     blocks = 3 * 45056 + 2 * 2 * 12
-    lm_head = 256 * 64
     tables = 256 * 64 + 2 * 256 * 32  # wte + two value embeddings (kv_dim 32)
     scalars = 3 + 3 + 1 + 1  # resid, x0, smear lambda, backout lambda
     assert model.num_params() == blocks + lm_head + tables + scalars + 24  # + the smear gate
@@ -488,16 +484,13 @@ def test_fp32_activation_estimate_equals_what_autograd_saves(config):
     assert 0 <= sum(saved.values()) - (est - backward_peak) <= 8
 
 
-def test_memory_estimate_shrinks_with_bf16_a_shorter_sequence_and_more_ranks():
+def test_memory_estimate_shrinks_as_expected_and_the_suggested_batch_is_the_largest_that_fits():
     config = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=32, head_dim=32)
     fp32, bf16 = estimate_memory(config, 16, 64, compute_dtype=torch.float32), estimate_memory(config, 16, 64)
     assert bf16["activations"] < fp32["activations"]
     assert estimate_memory(config, 16, 32)["activations"] < bf16["activations"]
     assert estimate_memory(config, 16, 64, world_size=8)["optimizer"] < bf16["optimizer"]
-
-
-def test_suggest_device_batch_size_returns_the_largest_power_of_two_that_fits():
-    config = config_from_depth(4, vocab_size=1000, sequence_len=64, aspect_ratio=32, head_dim=32)
+    # suggest_device_batch_size: the largest power of two whose estimate fits 90% of what is available
 
     def need(batch: int) -> int:
         return estimate_memory(config, batch, 64)["total"]
