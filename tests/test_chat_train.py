@@ -210,21 +210,14 @@ def chat_base(tiny_base_dir, tmp_path) -> Path:
     return base
 
 
-def run(base: Path, script: str, *flags: str, check: bool = True, task_data: bool = False, **extra_env: str):
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_TASK_DATA")
-    }
+def run(base: Path, script: str, *flags: str, check: bool = True, **extra_env: str):
+    """`python -m scripts.<script>` on `base`: one thread, no hub, no task data unless `extra_env` sets it."""
+    unset = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_TASK_DATA")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env |= {"NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra_env}
-    if task_data:
-        env["NANOCHAT_TASK_DATA"] = str(TASK_DATA)
     cmd = [sys.executable, "-m", f"scripts.{script}", *flags]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
+    assert proc.returncode == 0 or not check, f"{script}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 
 
@@ -297,7 +290,7 @@ def test_dry_run_of_named_run_without_wandb_key_says_wandb_login(chat_base, tmp_
 
 @needs(TASK_DATA)
 def test_offline_mixture_includes_the_local_chat_file(chat_base):
-    proc = run(chat_base, "mid_train", *FAST, "--model-tag=a", "--dry-run", task_data=True)
+    proc = run(chat_base, "mid_train", *FAST, "--model-tag=a", "--dry-run", NANOCHAT_TASK_DATA=str(TASK_DATA))
     # Arithmetic 200 + Identity 50 twice + SpellingBee 100 + SimpleSpelling 100, and the chat file's 150
     assert "train conversations: 650 " in proc.stdout
     assert "batch: 2 × 64 × 1 ranks × 1 micro-steps" in proc.stdout
