@@ -249,15 +249,12 @@ def test_ranks_read_disjoint_documents_and_every_one(synthetic):
     assert len(seen_by_rank[0] | seen_by_rank[1]) > 0.9 * len(train)
 
 
-def test_split_too_short_for_a_row_is_an_error(synthetic):
-    with pytest.raises(ValueError, match="T\\+1=100001"):
-        next(DataLoader(IdTokenizer(), 1, 100_000, "train"))
-
-
-def test_loader_rows_are_a_fixed_shuffle_of_the_packed_block(synthetic):
+def test_loader_rows_are_a_fixed_shuffle_of_the_packed_block_and_too_short_docs_an_error(synthetic):
     texts = next(parquets_iter_batched("train"))
     rows, _, _ = pack_crop(IdTokenizer().encode(texts, prepend=0), 64)
     n = len(rows)
     first = [rows_of(next(DataLoader(IdTokenizer(), n, 63, "train"))).tolist() for _ in "ab"]
     assert first[0] == first[1]  # deterministic
     assert sorted(first[0]) == sorted(rows) and first[0] != rows  # same rows, shuffled
+    with pytest.raises(ValueError, match="T\\+1=100001"):  # no doc fills a row
+        next(DataLoader(IdTokenizer(), 1, 100_000, "train"))

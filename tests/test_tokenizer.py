@@ -99,7 +99,7 @@ CONVERSATION = {
 }
 
 
-def test_render_conversation_ids_and_mask(tok):
+def test_render_conversation_ids_and_mask_and_for_completion(tok):
     messages = CONVERSATION["messages"]
     assert tokenizer_module.validate_conversation(messages, last_role="assistant") is messages  # valid
     ids, mask = tok.render_conversation(CONVERSATION)
@@ -124,9 +124,7 @@ def test_render_conversation_ids_and_mask(tok):
     assert tok.render_conversation(CONVERSATION, max_tokens=None) == (ids, mask)  # 2048 left it whole
     for n in (1, 5, len(ids) - 1):
         assert tok.render_conversation(CONVERSATION, max_tokens=n) == (ids[:n], mask[:n])
-
-
-def test_render_for_completion_drops_the_last_answer_and_opens_a_reply(tok):
+    # for completion: the last answer dropped and a reply opened
     ids = tok.render_for_completion(CONVERSATION)
     assert tok.decode(ids).endswith("<|user_start|>Thanks<|user_end|><|assistant_start|>")
     without_answer = CONVERSATION["messages"][:-1]
