@@ -192,20 +192,16 @@ def test_core_metric_is_evaluated_during_training(base):
     assert "- CORE:" in (base / "report" / "base-model-training.md").read_text()
 
 
-def test_base_loss_evaluates_a_checkpoint(base):
-    train(base, *TINY, *QUIET, "--total-batch-size=256", "--num-iterations=3", "--model-tag=d2")
-    flags = ["--device-batch-size=4", "--split-tokens=512", "--sample-tokens=4"]
-    proc = train(base, *flags, module="scripts.base_loss")
-    assert "train bpb:" in proc.stdout and "val bpb:" in proc.stdout
-    assert "val bpb" in (base / "report" / "base-model-loss.md").read_text()
-
-
-def test_named_run_logs_to_wandb_offline(base, tmp_path):
+def test_named_run_logs_to_wandb_offline_and_base_loss_evaluates_its_checkpoint(base, tmp_path):
     flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=2", "--run=testrun"]
     env = {k: v for k, v in env_for(base).items() if not k.startswith("WANDB_") and k != "NETRC"}
     env |= {"HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
     train(base, *flags, env=env)
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+    flags = ["--device-batch-size=4", "--split-tokens=512", "--sample-tokens=4"]
+    proc = train(base, *flags, module="scripts.base_loss")  # the checkpoint d2 the run wrote
+    assert "train bpb:" in proc.stdout and "val bpb:" in proc.stdout
+    assert "val bpb" in (base / "report" / "base-model-loss.md").read_text()
 
 
 # -----------------------------------------------------------------------------
