@@ -64,7 +64,7 @@ def _bucket(n: int) -> int:  # the smallest power of two >= n: few batch shapes 
 
 class KVCache:
     """Keys and values of `rows` rows x the whole context per layer, allocated once; the live rows
-    are 0 .. n-1. The model reads it through `prefill(row)` or `_DecodeRows` (gpt.py's protocol)."""
+    are 0 .. n-1. The model reads it through `_PrefillRow` or `_DecodeRows` (gpt.py's protocol)."""
 
     def __init__(self, config, rows: int, dtype: torch.dtype, device: torch.device):
         self.rows, self.max_len = rows, config.sequence_len
@@ -76,9 +76,6 @@ class KVCache:
         self.lengths = [0] * rows  # the same on the host, so that the loop never syncs to read it
         # each row's last normed token embedding (smear's state), fp32 like the embedding
         self.last = torch.zeros(rows, config.n_embd, dtype=torch.float32, device=device)
-
-    def prefill(self, row: int) -> _PrefillRow:
-        return _PrefillRow(self, row)
 
     def clear(self, row: int) -> None:
         self.lengths[row] = 0  # and smear must see no previous token
@@ -271,7 +268,7 @@ class Engine:
         """Feeds ids into one row of the cache (eager, any length): the logits (1, V) after the last."""
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            return self.model(idx, kv_cache=self.cache.prefill(row))[:, -1]
+            return self.model(idx, kv_cache=_PrefillRow(self.cache, row))[:, -1]
 
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
         """One token into each of rows 0 .. n-1: the logits (n, V), by the fixed-shape step of its buckets."""

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import torch
-from test_chat_web import REPO, build_base_dir, child_env, script_text, scripted_model
+from test_chat_web import REPO, SCRIPT_REPLY, build_base_dir, child_env, scripted_model
 
 from nanochat.engine import Engine
-from nanochat.tokenizer import Tokenizer
 from scripts import chat_cli
 
 
@@ -21,17 +20,13 @@ def cli_base(tiny_base_dir, tmp_path_factory):
     return build_base_dir(tiny_base_dir, tmp_path_factory.mktemp("cli"), lambda tok: scripted_model(tok, 64))
 
 
-@pytest.fixture(scope="module")
-def reply(cli_base) -> str:
-    return script_text(Tokenizer.from_directory(cli_base / "tokenizer"))
-
-
-def test_one_shot_prompt_prints_the_reply_and_exits_0(cli_base, reply):
+def test_one_shot_prompt_prints_the_reply_and_exits_0(cli_base):
     cmd = [sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", "-p", "What is 1+2?", "-t", "0"]
     env = {**child_env(cli_base), "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode("utf-8").strip() == reply  # strict UTF-8: a split emoji would not decode
+    # strict UTF-8: a split emoji would not decode
+    assert result.stdout.decode("utf-8").strip() == SCRIPT_REPLY
 
 
 @pytest.fixture
@@ -51,7 +46,7 @@ def in_process(cli_base, monkeypatch):
     torch.set_num_threads(threads)
 
 
-def test_interactive_chat_keeps_context_clears_and_quits(in_process, reply, capsys):
+def test_interactive_chat_keeps_context_clears_and_quits(in_process, capsys):
     # 20 turns of ~35 tokens each: far past the 64-token context, and past the 640 positions the
     # model can encode at all, so the chat only survives if old turns are dropped every time
     turns = [f"remember the number {i} please" for i in range(20)] + [
@@ -63,7 +58,7 @@ def test_interactive_chat_keeps_context_clears_and_quits(in_process, reply, caps
     ]
     in_process("--max-tokens", "64", stdin="\n".join(turns) + "\n")
     out = capsys.readouterr().out
-    assert out.count("Assistant: " + reply) == 21
+    assert out.count("Assistant: " + SCRIPT_REPLY) == 21
     assert "(conversation cleared)" in out
     assert out.rstrip().endswith("User:")  # left at "exit", before the last line
 
@@ -78,7 +73,7 @@ def test_cli_rejects_bad_flags_naming_them(in_process, capsys, flag, value):
     assert exit_info.value.code == 2 and flag in error and value in error
 
 
-def test_ctrl_c_stops_the_reply_or_the_line_and_never_quits(in_process, reply, capsys, monkeypatch):
+def test_ctrl_c_stops_the_reply_or_the_line_and_never_quits(in_process, capsys, monkeypatch):
     typed = iter([KeyboardInterrupt, "first question", "second question", "quit"])
 
     def fake_input(prompt=""):
@@ -100,5 +95,5 @@ def test_ctrl_c_stops_the_reply_or_the_line_and_never_quits(in_process, reply, c
     monkeypatch.setattr(Engine, "step", step)
     in_process("-t", "0")
     out = capsys.readouterr().out
-    assert " [interrupted]" in out and out.count("Assistant: " + reply) == 1  # the second, whole
+    assert " [interrupted]" in out and out.count("Assistant: " + SCRIPT_REPLY) == 1  # the second, whole
     assert out.rstrip().endswith("User:")

@@ -17,6 +17,7 @@ from test_chat_web import (
     SCRIPT_AFTER_TOOL,
     SCRIPT_BEFORE_TOOL,
     SCRIPT_EXPR,
+    SCRIPT_REPLY,
     babbler_server,  # noqa: F401 - the shared server fixtures
     guarded_server,  # noqa: F401
     scripted_server,  # noqa: F401
@@ -152,7 +153,7 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page):
     say(page, "and again")
     wait_idle(page, 2)
     assert [m["role"] for m in page.sent[-1]["messages"]] == ["user", "assistant", "user"]
-    assert page.sent[-1]["messages"][1] == {"role": "assistant", "content": page.server.reply}
+    assert page.sent[-1]["messages"][1] == {"role": "assistant", "content": SCRIPT_REPLY}
 
     # clicking the first reply regenerates it: the chat is cut there and resent
     page.locator(".message.assistant").first.click()
