@@ -66,9 +66,8 @@ def test_sigterm_saves_the_step_exits_0_and_the_printed_command_resumes_exactly(
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(chat_base, "chatsft_checkpoints", "b") == losses(chat_base, "chatsft_checkpoints", "a")
-    a, b = (
-        torch.load(chat_base / "chatsft_checkpoints" / t / "model_000010.pt", weights_only=True) for t in "ab"
-    )
+    folder = chat_base / "chatsft_checkpoints"
+    a, b = (torch.load(folder / tag / "model_000010.pt", weights_only=True) for tag in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -86,8 +85,8 @@ def test_a_second_signal_exits_at_once():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - start < 20
     lines = proc.stderr.strip().splitlines()
-    assert lines[0].startswith("SIGINT: finishing this step") and lines[1].startswith("SIGTERM again")
-    assert len(lines) == 2
+    assert len(lines) == 2 and lines[0].startswith("SIGINT: finishing"), lines
+    assert lines[1].startswith("SIGTERM again")
 
 
 def _rank_pid(launcher: int, rank: int) -> int:
@@ -111,15 +110,13 @@ def test_sigterm_to_one_of_two_gloo_ranks_stops_both_at_the_same_saved_step(chat
     rc, output, seconds = signal_after_step(cmd, chat_base, 1, terminate_rank_1)
     assert rc == 0, output[-3000:]
     (stop,) = [m for m in map(STOPPED.search, output.splitlines()) if m]  # rank 0 speaks for both
-    assert stop.group(1) == "a signal to another rank" and stop.group(3).startswith(
-        "torchrun --nproc_per_node 2"
-    )
+    assert stop.group(1) == "a signal to another rank"
+    assert stop.group(3).startswith("torchrun --nproc_per_node 2")
     step = int(stop.group(2))
     directory = chat_base / "chatsft_checkpoints" / "a"
     assert saved_steps(directory) == [step]
-    assert sorted(p.name for p in directory.glob("optim_*")) == [
-        f"optim_{step:06d}_rank{r}.pt" for r in (0, 1)
-    ]
+    shards = sorted(p.name for p in directory.glob("optim_*"))
+    assert shards == [f"optim_{step:06d}_rank{r}.pt" for r in (0, 1)]
     assert "Traceback" not in output and seconds < 60
 
 
