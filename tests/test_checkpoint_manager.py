@@ -186,17 +186,6 @@ def test_a_tag_must_be_a_plain_folder_name(private_base, tag):
 # What a run may delete, and the messages between --resume and --overwrite
 
 
-def test_a_fresh_run_into_a_folder_with_foreign_files_is_refused_and_they_survive(tiny):
-    model, optimizers, meta = tiny
-    directory = cm.checkpoint_dir("base", "d1")
-    directory.mkdir(parents=True)  # the user's own folder: no marker
-    (directory / "notes.txt").write_text("mine")
-    (directory / "model_000005.pt").write_bytes(b"a stray model without its meta")
-    for overwrite in (False, True):
-        assert "model_000005.pt, notes.txt" in refusal(model, optimizers, meta, directory, False, overwrite)
-    assert sorted(p.name for p in directory.iterdir()) == ["model_000005.pt", "notes.txt"]
-
-
 def test_overwrite_deletes_the_run_and_its_marked_folder_but_nothing_else(tiny):
     model, optimizers, meta = tiny
     directory = cm.checkpoint_dir("base", "d1")
@@ -215,17 +204,22 @@ def test_overwrite_deletes_the_run_and_its_marked_folder_but_nothing_else(tiny):
     assert cm.saved_steps(directory) == [3]
 
 
-def test_resume_and_overwrite_messages_never_send_the_user_in_a_circle(tiny):
+def test_refusals_name_foreign_files_and_never_send_the_user_in_a_circle(tiny):
     model, optimizers, meta = tiny
     directory = cm.checkpoint_dir("base", "d1")
     message = refusal(model, optimizers, meta, directory, resume=True)  # nothing there
     assert "--resume" in message and "--overwrite" not in message
     assert cm.start_run(directory, False, False, model, optimizers, meta["user_config"], ()) == (0, {})
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)  # made by the user: no marker
     (directory / "log.jsonl").write_text('{"step": 0}\n')  # a run that died before its first save
     for resume in (False, True):  # nothing to resume: start over
         assert "--overwrite" in refusal(model, optimizers, meta, directory, resume)
     assert "--resume" not in refusal(model, optimizers, meta, directory)
+    (directory / "notes.txt").write_text("mine")
+    (directory / "model_000005.pt").write_bytes(b"a stray model without its meta")
+    for overwrite in (False, True):
+        assert "model_000005.pt, notes.txt" in refusal(model, optimizers, meta, directory, False, overwrite)
+    assert sorted(p.name for p in directory.iterdir()) == ["log.jsonl", "model_000005.pt", "notes.txt"]
 
 
 @pytest.mark.parametrize("folder", ["/", "~", ".", ".."])
