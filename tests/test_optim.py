@@ -240,9 +240,7 @@ STEPS, RESUME_AT, BATCH = 5, 3, 16
 
 def _make_params(seed=0):
     gen = torch.Generator().manual_seed(seed)
-    params = {
-        name: torch.nn.Parameter(0.5 * torch.randn(shape, generator=gen)) for name, shape in SHAPES.items()
-    }
+    params = {n: torch.nn.Parameter(0.5 * torch.randn(shape, generator=gen)) for n, shape in SHAPES.items()}
     params["scale"].data.fill_(1.0)
     return params
 
@@ -266,15 +264,12 @@ def _half_batch(step, half):
 
 def _make_optimizers(params):
     """Groups with their own betas and decay, as the record's; Muon with its NorMuon beta2."""
-    adamw = AdamW(
-        [
-            dict(params=[params["emb"]], lr=0.05, betas=(0.8, 0.995), weight_decay=0.001),
-            dict(params=[params["scale"]], lr=0.05, betas=(0.96, 0.95)),
-            dict(params=[params["head"]], lr=0.01, betas=(0.8, 0.96), weight_decay=0.01),
-        ],
-        lr=0.05,
-        weight_decay=0.1,
-    )
+    groups = [
+        dict(params=[params["emb"]], lr=0.05, betas=(0.8, 0.995), weight_decay=0.001),
+        dict(params=[params["scale"]], lr=0.05, betas=(0.96, 0.95)),
+        dict(params=[params["head"]], lr=0.01, betas=(0.8, 0.96), weight_decay=0.01),
+    ]
+    adamw = AdamW(groups, lr=0.05, weight_decay=0.1)
     matrices = [params[n] for n in ("w_in", "w_a", "w_b", "w_odd", "w_out")]
     muon = Muon(matrices, lr=0.02, weight_decay=0.1, beta2=0.9)
     return [adamw, muon]
