@@ -304,8 +304,8 @@ def add_model_flags(parser, default_source: str | None = "sft", choose_source=Tr
     -i: `args.source` is then always `default_source`. `--model-step` is an old spelling of `--step`."""
     add = parser.add_argument
     if choose_source:
-        required = default_source is None  # no default: -i must be given
-        add("-i", "--source", default=default_source, required=required, choices=list(stages), help="stage")
+        source = dict(default=default_source, required=default_source is None)  # no default: -i required
+        add("-i", "--source", choices=list(stages), help="model stage", **source)
     else:
         parser.set_defaults(source=default_source)
     add("-g", "--model-tag", metavar="TAG", help="checkpoint tag (default: the deepest d<N>)")

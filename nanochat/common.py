@@ -339,6 +339,7 @@ def download_file(
                     _fetch_once(url, tmp, timeout, path.name if progress else None, validate)
                 return path
             except Exception as e:  # HTTP/URL errors, timeouts, short bodies, rejected files
+                # a 4xx other than 408 (timeout) or 429 (too many requests): retrying cannot fix it
                 if isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429):
                     raise RuntimeError(
                         f"download of {url} failed: HTTP {e.code} {e.reason} (not retrying)"
