@@ -1,8 +1,5 @@
-"""Midtraining and SFT: conversation batches, loss normalisation, 2 ranks = 1, exact resume, the scripts.
-
-The script tests run the real `scripts.mid_train` / `scripts.chat_sft` --offline in subprocesses, on a
-tmp base dir holding the fixture's tokenizer and a tiny random base model.
-"""
+"""Midtraining and SFT: conversation batches, loss normalisation, 2 ranks = 1, exact resume, the scripts
+(run --offline in subprocesses on a tmp base dir: the fixture's tokenizer, a tiny random base model)."""
 
 import json
 import os
@@ -226,12 +223,10 @@ def step_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if re.match(r"step \d+(/\d+)? \| loss ", line)]
 
 
-def log_of(base: Path, stage_dir: str, tag: str) -> list[dict]:
-    return [json.loads(line) for line in (base / stage_dir / tag / "log.jsonl").read_text().splitlines()]
-
-
-def losses(base: Path, stage_dir: str, tag: str) -> list[float]:
-    return [r["loss"] for r in log_of(base, stage_dir, tag) if "loss" in r]
+def log_of(run_dir: Path, key: str | None = None) -> list:
+    """The records of a run's log.jsonl, or the values of `key` where a record has it."""
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return records if key is None else [r[key] for r in records if key in r]
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(chat_base):
@@ -239,26 +234,24 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(chat_base):
     flags = [*FAST, "--total-batch-size=256", "--num-iterations=6", "--eval-every=3"]
     run(chat_base, "mid_train", *flags, "--model-tag=a")
     run(chat_base, "mid_train", *flags, "--model-tag=b", "--save-every=3")
-    for path in (chat_base / "mid_checkpoints" / "b").glob("*_000006*"):  # "stop" at step 3
+    straight, resumed = chat_base / "mid_checkpoints" / "a", chat_base / "mid_checkpoints" / "b"
+    for path in resumed.glob("*_000006*"):  # "stop" at step 3
         path.unlink()
-    with open(chat_base / "mid_checkpoints" / "b" / "log.jsonl", "a") as f:
+    with open(resumed / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # the crash cut the log mid-line
-    resumed = run(chat_base, "mid_train", *flags, "--model-tag=b", "--save-every=3", "--resume")
-    assert "resumed from step 3" in resumed.stdout
-    straight = losses(chat_base, "mid_checkpoints", "a")
-    assert len(straight) == 6 and all(x == x for x in straight)
-    assert losses(chat_base, "mid_checkpoints", "b") == straight  # exactly, step by step
-    val = [[r["val_loss"] for r in log_of(chat_base, "mid_checkpoints", t) if "val_loss" in r] for t in "ab"]
-    assert val[0] == val[1]
-    a, b = (
-        torch.load(chat_base / "mid_checkpoints" / t / "model_000006.pt", weights_only=True) for t in "ab"
-    )
+    proc = run(chat_base, "mid_train", *flags, "--model-tag=b", "--save-every=3", "--resume")
+    assert "resumed from step 3" in proc.stdout
+    losses = log_of(straight, "loss")
+    assert len(losses) == 6 and all(x == x for x in losses)
+    assert log_of(resumed, "loss") == losses  # exactly, step by step
+    assert log_of(resumed, "val_loss") == log_of(straight, "val_loss")
+    a, b = (torch.load(run_dir / "model_000006.pt", weights_only=True) for run_dir in (straight, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_mid_then_sft_run_end_to_end_and_write_their_report_sections(chat_base):
     mid = run(chat_base, "mid_train", *FAST, "--model-tag=a", "--synthetic-size=40", "--eval-every=-1")
-    steps = [r for r in log_of(chat_base, "mid_checkpoints", "a") if "loss" in r]
+    steps = [r for r in log_of(chat_base / "mid_checkpoints" / "a") if "loss" in r]
     assert steps[-1]["progress"] >= 1.0 > steps[-2]["progress"]  # one epoch, then stop
     assert steps[-1]["lrm"] < steps[0]["lrm"] == 1.0
     # an epoch-long run (no --num-iterations) estimates its time left from the epoch progress
@@ -270,7 +263,7 @@ def test_mid_then_sft_run_end_to_end_and_write_their_report_sections(chat_base):
     lines = step_lines(sft.stdout)  # ETA as base_train prints it: steps left at this run's mean step time
     assert len(lines) == 3 and all("| eta " in line for line in lines)
     assert "Arithmetic acc" in (chat_base / "report" / "chat-sft.md").read_text()
-    sft_log = log_of(chat_base, "chatsft_checkpoints", "a")
+    sft_log = log_of(chat_base / "chatsft_checkpoints" / "a")
     assert [r["step"] for r in sft_log if "Arithmetic acc" in r] == [2, 3]
     assert (chat_base / "chatsft_checkpoints" / "a" / "model_000003.pt").exists()
 

