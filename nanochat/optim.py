@@ -46,9 +46,7 @@ NORMUON_BETA2 = 0.95  # EMA of each row's mean square update
 
 def _world() -> tuple[int, int]:
     """(world_size, rank) of the default process group; (1, 0) without one."""
-    if is_distributed():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+    return (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
 
 
 def _reduce_scatter_avg(full: Tensor, world_size: int) -> tuple[Tensor, Any]:
@@ -103,11 +101,9 @@ _COMPILED: dict[Callable, Callable] = {}
 
 def _compiled(fn: Callable, compiled: bool) -> Callable:
     """`fn`, or its torch.compile (one per function, built on first use; a graph per shape)."""
-    if not compiled:
-        return fn
-    if fn not in _COMPILED:
+    if compiled and fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _COMPILED[fn]
+    return _COMPILED[fn] if compiled else fn
 
 
 def _adamw_math(
@@ -125,9 +121,7 @@ def _adamw_update(
 ) -> None:
     """One bias-corrected AdamW step on `p` (a parameter or this rank's rows of one), in place."""
     if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
+        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     state["step"] += 1
     t = state["step"]
     beta1, beta2 = group["betas"]
