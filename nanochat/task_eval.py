@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce_sum, autocast, is_distributed, progress_bar
 from nanochat.engine import BatchScheduler, Engine, fit_to_context, prompt_and_budget
@@ -74,9 +75,7 @@ def _categorical(model, tokenizer, task, indices, batch_size: int, bar) -> int:
         # an overlong prompt keeps its end (the choices and the answer position), as every prompt does
         prompts = [fit_to_context(tokenizer, c, model.config.sequence_len, 0) for c in conversations]
         # right padding: the model is causal, so what follows a row's last token cannot change its logits
-        batch = torch.full((len(prompts), max(len(p) for p in prompts)), pad_id, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            batch[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        batch = pad_sequence([torch.tensor(p) for p in prompts], batch_first=True, padding_value=pad_id)
         with autocast(device):
             logits = model(batch.to(device))  # (B, T, V)
         for row, (conversation, prompt) in enumerate(zip(conversations, prompts, strict=True)):
