@@ -138,9 +138,8 @@ def load_task_subset(bundle_dir: str | Path, task: CoreTask, max_per_task: int =
 
 
 def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
-    """`num_fewshot` items other than `data[idx]` (all the others if fewer), drawn with
-    `random.Random(1234 + idx)`: the draw of `rng.sample([i for i in range(n) if i != idx], k)`,
-    without building that list."""
+    """`num_fewshot` items other than `data[idx]` (all the others if fewer): the draw of
+    `random.Random(1234 + idx).sample([i for i in range(n) if i != idx], k)`, without that list."""
     k = min(num_fewshot, len(data) - 1)
     if k <= 0:
         return []
@@ -148,19 +147,23 @@ def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
     return [data[j if j < idx else j + 1] for j in picks]
 
 
-def render_prompts(item: dict, task_type: str, delimiter: str, fewshot: list[dict]) -> list[tuple[str, str]]:
-    """(prefix, full text) per option row of one item; the continuation is `full[len(prefix):]`."""
+def render_prompts(
+    item: dict, task_type: str, delimiter: str, fewshot: list[dict]
+) -> tuple[list[tuple[str, str]], int]:
+    """(prefix, full text) per option row of one item, and the gold row; the continuation is
+    `full[len(prefix):]`. Each shot is its gold row's full text, then a blank line."""
+    head = ""
+    for shot in fewshot:
+        rows, gold = render_prompts(shot, task_type, delimiter, [])
+        head += rows[gold][1] + "\n\n"
     if task_type == "multiple_choice":  # one context, several continuations
-        shots = [f"{ex['query']}{delimiter}{ex['choices'][ex['gold']]}" for ex in fewshot]
-        contexts, continuations = [item["query"]], item["choices"]
+        contexts, continuations, gold = [item["query"]], item["choices"], int(item["gold"])
     elif task_type == "schema":  # several contexts, one continuation
-        shots = [f"{ex['context_options'][ex['gold']]}{delimiter}{ex['continuation']}" for ex in fewshot]
-        contexts, continuations = item["context_options"], [item["continuation"]]
-    else:  # language modeling: contexts are stripped (the data carries stray trailing spaces)
-        shots = [f"{ex['context'].strip()}{delimiter}{ex['continuation']}" for ex in fewshot]
-        contexts, continuations = [item["context"].strip()], [item["continuation"]]
-    head = "".join(s + "\n\n" for s in shots)  # each shot context + delimiter + answer, then a blank line
-    return [(head + c + delimiter, head + c + delimiter + cont) for c in contexts for cont in continuations]
+        contexts, continuations, gold = item["context_options"], [item["continuation"]], int(item["gold"])
+    else:  # language modeling: one row, its context stripped (the data carries stray trailing spaces)
+        contexts, continuations, gold = [item["context"].strip()], [item["continuation"]], 0
+    prefixes = [head + c + delimiter for c in contexts]
+    return [(prefix, prefix + a) for prefix in prefixes for a in continuations], gold
 
 
 def tokenize_prompts(
@@ -216,27 +219,23 @@ def prepare_example(
 ) -> tuple[list[tuple[list[int], int]], int]:
     """Item `idx` of `data` with its few-shot examples, tokenized: (ids, continuation start) per option
     row, and the gold row."""
-    item = data[idx]
     fewshot = sample_fewshot(data, idx, task.num_fewshot)
-    rows = tokenize_prompts(tokenizer, render_prompts(item, task.task_type, task.delimiter, fewshot), max_len)
-    return rows, 0 if task.task_type == "language_modeling" else int(item["gold"])  # LM: one row
+    prompts, gold = render_prompts(data[idx], task.task_type, task.delimiter, fewshot)
+    return tokenize_prompts(tokenizer, prompts, max_len), gold
 
 
-def _group(examples: list, batch_size: int) -> list[list[int]]:
-    """Indices of `prepare_example` results per forward: at most `batch_size` rows each (a larger
-    example goes alone). Sorted by length, so that rows of similar length share a forward."""
-    row_lists = [rows for rows, _ in examples]
-    order = sorted(range(len(examples)), key=lambda i: max(len(ids) for ids, _ in row_lists[i]))
-    groups, current, num_rows = [], [], 0
-    for i in order:
-        if current and num_rows + len(row_lists[i]) > batch_size:
-            groups.append(current)
-            current, num_rows = [], 0
-        current.append(i)
-        num_rows += len(row_lists[i])
-    if current:
-        groups.append(current)
-    return groups
+def _batches(examples: list, batch_size: int):
+    """`prepare_example` results grouped per forward: at most `batch_size` rows each (a larger example
+    goes alone). Sorted by length, so that rows of similar length share a forward."""
+    batch, num_rows = [], 0
+    for example in sorted(examples, key=lambda ex: max(len(ids) for ids, _ in ex[0])):
+        if batch and num_rows + len(example[0]) > batch_size:
+            yield batch
+            batch, num_rows = [], 0
+        batch.append(example)
+        num_rows += len(example[0])
+    if batch:
+        yield batch
 
 
 @torch.no_grad()
@@ -256,19 +255,13 @@ def _score_batch(model, examples: list, task_type: str, device, pad_id: int) -> 
 
 
 def evaluate_task(
-    model,
-    tokenizer,
-    data: list[dict],
-    task: CoreTask,
-    device,
-    batch_size: int = 8,
-    max_len: int | None = None,
-    timings: dict | None = None,
+    model, tokenizer, data: list[dict], task: CoreTask, device, batch_size: int, timings: dict
 ) -> float:
     """Accuracy of the model on the items of `data` (this rank's stride, summed across ranks). `timings`
     accumulates seconds in "prepare" (render + tokenize) and "forward" (model + scoring)."""
     _, rank, _, world_size = get_dist_info()
     pad_id = tokenizer.get_bos_token_id()  # any valid id: padded positions are never scored
+    max_len = model.config.sequence_len  # longer rows are cropped from the left
     mine = list(range(rank, len(data), world_size))
     correct = 0
     for c in range(0, len(mine), EXAMPLES_PER_CHUNK):
@@ -277,14 +270,13 @@ def evaluate_task(
             prepare_example(tokenizer, data, i, task, max_len) for i in mine[c : c + EXAMPLES_PER_CHUNK]
         ]
         t1 = time.perf_counter()
-        for group in _group(examples, batch_size):
-            correct += sum(_score_batch(model, [examples[i] for i in group], task.task_type, device, pad_id))
+        for batch in _batches(examples, batch_size):
+            correct += sum(_score_batch(model, batch, task.task_type, device, pad_id))
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
         t2 = time.perf_counter()
-        if timings is not None:
-            timings["prepare"] = timings.get("prepare", 0.0) + t1 - t0
-            timings["forward"] = timings.get("forward", 0.0) + t2 - t1
+        timings["prepare"] = timings.get("prepare", 0.0) + t1 - t0
+        timings["forward"] = timings.get("forward", 0.0) + t2 - t1
     correct_total, count_total = all_reduce_sum([correct, len(mine)], device)
     return correct_total / count_total if count_total else 0.0
 
@@ -313,6 +305,7 @@ def evaluate_core(
     """CORE of a base model over the bundle's tasks (all ranks must call it): per-task accuracies
     ("results", "centered"), "core", and the tasks skipped. `max_per_task` <= 0 evaluates everything."""
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else get_eval_bundle()
+    timings = {} if timings is None else timings
     all_tasks = load_core_tasks(bundle_dir)
     if tasks is not None:
         if unknown := sorted(set(tasks) - {t.label for t in all_tasks}):  # bench/eval.py's --tasks
@@ -335,9 +328,7 @@ def evaluate_core(
     for task in present:
         t0 = time.perf_counter()
         data = load_task_subset(bundle_dir, task, max_per_task)
-        accuracy = evaluate_task(
-            model, tokenizer, data, task, device, batch_size, model.config.sequence_len, timings
-        )
+        accuracy = evaluate_task(model, tokenizer, data, task, device, batch_size, timings)
         centered = centered_accuracy(accuracy, task.random_baseline)
         out["results"][task.label], out["centered"][task.label] = accuracy, centered
         out["num_examples"][task.label] = len(data)

@@ -3,10 +3,11 @@ bundle (../shared/data/eval_bundle, 18 of 22 task files) or a tiny hand-made one
 
 import csv
 import json
+import logging
 import os
 import random
+import runpy
 import shutil
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from conftest import EVAL_BUNDLE, needs, tiny_model
 
 from nanochat import core_eval
+from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import compute_cleanup
 from nanochat.core_eval import (
     CoreTask,
@@ -32,7 +34,6 @@ from nanochat.core_eval import (
 )
 from nanochat.tokenizer import Tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
 MISSING_IN_SHARED = ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
 needs_bundle = needs(EVAL_BUNDLE / "core.yaml")
 
@@ -80,11 +81,7 @@ def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
         for label, *_, rb in tasks:
             w.writerow([label, "x", rb, "a task, with a comma"])
     mc = [
-        {
-            "query": f"Question: what is {a} plus {b}?",
-            "choices": [str(a + b), str(a + b + 1), "cat"],
-            "gold": 0,
-        }
+        dict(query=f"Question: what is {a} plus {b}?", choices=[str(a + b), str(a + b + 1), "cat"], gold=0)
         for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (5, 2), (6, 1)]
     ]
     schema = [
@@ -138,26 +135,26 @@ class GoldStub(torch.nn.Module):
 # Prompt rendering and few-shot sampling (hand-built examples)
 
 
-def test_prompts_join_shots_with_blank_lines_per_task_type():
+def test_prompts_join_shots_gold_rows_with_blank_lines_per_task_type():
     # multiple choice: one context, several continuations
     item = {"query": "Q: 2+2?", "choices": ["3", "4"], "gold": 1}
     shots = [
-        {"query": "Q: 1+1?", "choices": ["2", "5"], "gold": 0},
+        {"query": "Q: 1+1?", "choices": ["5", "2"], "gold": 1},
         {"query": "Q: 0+1?", "choices": ["1"], "gold": 0},
     ]
     prefix = "Q: 1+1?\nAnswer: 2\n\nQ: 0+1?\nAnswer: 1\n\nQ: 2+2?\nAnswer: "
     rows = [(prefix, prefix + "3"), (prefix, prefix + "4")]
-    assert render_prompts(item, "multiple_choice", "\nAnswer: ", shots) == rows
+    assert render_prompts(item, "multiple_choice", "\nAnswer: ", shots) == (rows, 1)
     # schema: several contexts, one continuation
     item = {"context_options": ["A so A", "A so B"], "continuation": "left.", "gold": 0}
     shots = [{"context_options": ["X so X", "X so Y"], "continuation": "won.", "gold": 1}]
     rows = [(f"X so Y won.\n\n{c} ", f"X so Y won.\n\n{c} left.") for c in ("A so A", "A so B")]
-    assert render_prompts(item, "schema", " ", shots) == rows
+    assert render_prompts(item, "schema", " ", shots) == (rows, 0)
     # language modeling: contexts stripped before the delimiter
     item = {"context": "  The capital of France is ", "continuation": "Paris"}
     prefix = "One two three\n\nThe capital of France is "
     shots = [{"context": "One two ", "continuation": "three"}]
-    assert render_prompts(item, "language_modeling", " ", shots) == [(prefix, prefix + "Paris")]
+    assert render_prompts(item, "language_modeling", " ", shots) == ([(prefix, prefix + "Paris")], 0)
 
 
 def test_fewshot_excludes_the_item_matches_the_reference_draw_and_takes_all_when_too_few():
@@ -234,14 +231,6 @@ def test_language_modeling_needs_every_continuation_token_to_be_the_argmax():
 # Aggregation
 
 
-def test_centered_accuracy_uses_the_meta_csv_baselines(tmp_path):
-    tasks = {t.label: t.random_baseline for t in load_core_tasks(write_tiny_bundle(tmp_path / "b"))}
-    assert tasks == {"tiny_mc": 25, "tiny_schema": 50, "tiny_lm": 0}
-    cases = [(0.4, 25, 0.2), (0.75, 50, 0.5), (0.1, 0, 0.1), (0.25, 25, 0), (1, 62, 1)]
-    for acc, baseline, centered in cases:
-        assert centered_accuracy(acc, baseline) == pytest.approx(centered)
-
-
 @needs_bundle
 def test_gpt2_reference_csvs_parse_and_their_core_is_the_mean_of_their_centered_column():
     with open(EVAL_BUNDLE / "eval_meta_data.csv", newline="") as f:  # read here, independently of core_eval
@@ -282,7 +271,10 @@ def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type_skipping
 
 def test_missing_file_is_named_and_skipping_it_marks_core_partial(tokenizer, tmp_path):
     bundle = write_tiny_bundle(tmp_path / "b", with_missing=True)
-    present = [t for t in load_core_tasks(bundle) if t.label != "tiny_missing"]
+    tasks = load_core_tasks(bundle)
+    baselines = {t.label: t.random_baseline for t in tasks}  # from eval_meta_data.csv
+    assert baselines == {"tiny_mc": 25, "tiny_schema": 50, "tiny_lm": 0, "tiny_missing": 25}
+    present = [t for t in tasks if t.label != "tiny_missing"]
     stub = GoldStub(tokenizer, bundle, present, -1, 128)
     with pytest.raises(FileNotFoundError, match=r"tiny_missing.*not_there\.jsonl"):
         evaluate_core(stub, tokenizer, "cpu", bundle_dir=bundle)
@@ -330,19 +322,13 @@ def test_batch_sizes_and_two_gloo_ranks_give_the_results_of_one_process(tokenize
 # The eval bundle: env folder, download, safe unzip
 
 
-def test_eval_bundle_env_folder_is_used_and_a_bad_one_is_named(tmp_path, monkeypatch):
-    bundle = write_tiny_bundle(tmp_path / "b")
+def test_eval_bundle_from_the_env_or_one_download_unzipped_writing_nothing_outside(tmp_path, monkeypatch):
+    bundle = write_tiny_bundle(tmp_path / "src" / "eval_bundle")
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(bundle))
     assert core_eval.get_eval_bundle() == bundle
     monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="core.yaml"):
         core_eval.get_eval_bundle()
-
-
-def test_eval_bundle_downloads_once_and_unzips_under_the_base_dir_writing_nothing_outside(
-    tmp_path, monkeypatch
-):
-    bundle = write_tiny_bundle(tmp_path / "src" / "eval_bundle")
     zip_path = tmp_path / "eval_bundle.zip"
     with zipfile.ZipFile(zip_path, "w") as zf:
         for path in bundle.rglob("*"):
@@ -370,27 +356,30 @@ def test_eval_bundle_downloads_once_and_unzips_under_the_base_dir_writing_nothin
 # scripts/base_eval.py
 
 
-def test_base_eval_script_writes_csv_and_report_for_a_saved_checkpoint(tiny_base_dir, tmp_path):
-    from nanochat.checkpoint_manager import save_checkpoint
-
+def test_base_eval_script_writes_csv_and_report_for_a_saved_checkpoint(
+    tiny_base_dir, tmp_path, monkeypatch, capsys
+):
     base = tmp_path / "base"
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
-    model = tiny_model(1024, 128)
-    save_checkpoint(base / "base_checkpoints" / "d2", 5, model, None, {})
+    save_checkpoint(base / "base_checkpoints" / "d2", 5, tiny_model(1024, 128), None, {})
     bundle = write_tiny_bundle(tmp_path / "bundle", with_missing=True)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env |= {"NANOCHAT_BASE_DIR": str(base), "NANOCHAT_EVAL_BUNDLE": str(bundle), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "scripts.base_eval", "--max-per-task", "4", "--device-type", "cpu"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "not_there.jsonl" in proc.stdout and "Traceback" not in proc.stderr
-    proc = subprocess.run(
-        [*cmd, "--skip-missing"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(bundle))
+    monkeypatch.setattr(logging.getLogger("nanochat"), "handlers", [])  # the script's handler: this test's
+
+    def base_eval(*flags: str) -> str:  # the script, in this process
+        monkeypatch.setattr(sys, "argv", ["base_eval", "--max-per-task", "4", "--device-type", "cpu", *flags])
+        runpy.run_module("scripts.base_eval", run_name="__main__")
+        return capsys.readouterr().out
+
+    with pytest.raises(SystemExit, match="1"):
+        base_eval()
+    [line] = capsys.readouterr().out.splitlines()  # a missing file ends the run as one line naming it
+    assert line.startswith("base_eval: ") and "not_there.jsonl" in line
+    assert "CORE (partial): skipped tasks without data files: tiny_missing" in base_eval("--skip-missing")
     rows, core = read_core_csv(base / "base_eval" / "d2_step5.csv")
     assert list(rows) == ["tiny_mc", "tiny_schema", "tiny_lm"]
     assert core == pytest.approx(sum(c for _, c in rows.values()) / 3, abs=2e-6)
-    assert "CORE (partial)" in proc.stdout and "tiny_missing" in proc.stdout
     report = (base / "report" / "base-model-evaluation.md").read_text()
     assert "## Base model evaluation" in report and "tiny_missing" in report and "partial: True" in report
     assert "tiny_schema" in report and "CORE" in report
