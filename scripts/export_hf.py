@@ -28,15 +28,11 @@ HF_MODEL_FILE = Path(__file__).resolve().parents[1] / "nanochat" / "hf_model.py"
 # The chat template: Tokenizer.render_conversation (render_for_completion with add_generation_prompt,
 # which drops a final assistant message). A leading system message joins the first user one.
 CHAT_TEMPLATE = """\
-{%- set msgs = messages -%}
-{%- if add_generation_prompt and msgs and msgs[-1]['role'] == 'assistant' -%}
-{%- set msgs = msgs[:-1] -%}
-{%- endif -%}
-{%- set system = '' -%}
-{%- if msgs and msgs[0]['role'] == 'system' -%}
-{%- set system = msgs[0]['content'] + '\\n\\n' -%}
-{%- set msgs = msgs[1:] -%}
-{%- endif -%}
+{%- set drop_last = add_generation_prompt and messages and messages[-1]['role'] == 'assistant' -%}
+{%- set msgs = messages[:-1] if drop_last else messages -%}
+{%- set has_system = msgs and msgs[0]['role'] == 'system' -%}
+{%- set system = msgs[0]['content'] + '\\n\\n' if has_system else '' -%}
+{%- set msgs = msgs[1:] if has_system else msgs -%}
 {%- if not msgs -%}
 {{- raise_exception('the conversation has no user message') -}}
 {%- endif -%}
@@ -44,12 +40,12 @@ CHAT_TEMPLATE = """\
                  'python_output': ['<|output_start|>', '<|output_end|>']} -%}
 {{- bos_token -}}
 {%- for message in msgs -%}
+{%- set content = message['content'] -%}
 {%- if message['role'] != ['user', 'assistant'][loop.index0 % 2] -%}
 {{- raise_exception('messages alternate user/assistant from user (after an optional system one)') -}}
 {%- elif message['role'] == 'user' -%}
-{{- '<|user_start|>' + (system if loop.first else '') + message['content'] + '<|user_end|>' -}}
+{{- '<|user_start|>' + (system if loop.first else '') + content + '<|user_end|>' -}}
 {%- else -%}
-{%- set content = message['content'] -%}
 {{- '<|assistant_start|>' -}}
 {%- for part in ([{'type': 'text', 'text': content}] if content is string else content) -%}
 {%- set ends = tools.get(part['type'], ['', '']) -%}
@@ -58,26 +54,11 @@ CHAT_TEMPLATE = """\
 {{- '<|assistant_end|>' -}}
 {%- endif -%}
 {%- endfor -%}
-{%- if add_generation_prompt -%}
-{{- '<|assistant_start|>' -}}
-{%- endif -%}"""
+{{- '<|assistant_start|>' if add_generation_prompt else '' -}}"""
 
 
 # -----------------------------------------------------------------------------
 # Tokenizer
-
-
-def bpe_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
-    """Every split of every multi-byte token into two tokens, by the rank of the token they make.
-    tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first; listing
-    every such pair in that order makes the HF BPE choose the same merges."""
-    splits = sorted(  # by the merged token's rank, then by its left piece's
-        (rank, ranks[token[:i]], token[:i], token[i:])
-        for token, rank in ranks.items()
-        for i in range(1, len(token))
-        if token[:i] in ranks and token[i:] in ranks
-    )
-    return [(left, right) for _, _, left, right in splits]
 
 
 def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
@@ -91,8 +72,18 @@ def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
     def text(token: bytes) -> str:
         return "".join(alphabet[b] for b in token)
 
-    vocab = {text(token): rank for token, rank in tokenizer.mergeable_ranks.items()}
-    merges = [(text(left), text(right)) for left, right in bpe_merges(tokenizer.mergeable_ranks)]
+    ranks = tokenizer.mergeable_ranks
+    vocab = {text(token): rank for token, rank in ranks.items()}
+    # tiktoken merges any adjacent pair whose concatenation is a token, lowest rank first: every split of
+    # every token into two tokens, by the rank of the token they make (then of the left piece), makes the
+    # HF BPE choose the same merges
+    splits = sorted(
+        (rank, ranks[token[:i]], text(token[:i]), text(token[i:]))
+        for token, rank in ranks.items()
+        for i in range(1, len(token))
+        if token[:i] in ranks and token[i:] in ranks
+    )
+    merges = [(left, right) for _, _, left, right in splits]
     # ignore_merges: like tiktoken, a whole pre-tokenized chunk that is a token is taken as is
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
     hf.pre_tokenizer = pre_tokenizers.Sequence(
@@ -210,12 +201,8 @@ def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict:
 
 
 def model_card(config: GPTConfig, meta: dict, source: str, num_params: int) -> str:
-    """README.md: what the model is, how to load it, and the numbers its checkpoint meta records."""
+    """README.md: what the model is, how to load it, and its checkpoint meta."""
     trust = ", trust_remote_code=True" if needs_remote_code(config) else ""
-    if trust:
-        loading = "It ships `hf_model.py`, which adds what transformers' built-in NanoChat lacks"
-    else:
-        loading = "It loads as transformers' built-in NanoChat (no remote code)"
     record = {k: v for k, v in meta.items() if k not in ("model_config", "dataloader_state", "sha256")}
     return f"""---
 library_name: transformers
@@ -226,21 +213,16 @@ tags: [nanochat]
 # nanochat {meta["model_tag"]} ({source}, step {meta["step"]})
 
 A chat model of {num_params:,} parameters ({config.n_layer} layers, width {config.n_embd}), trained \
-from scratch with nanochat. {loading}; the config is in config.json.
+from scratch with nanochat.
 
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("DIR"{trust})
 tokenizer = AutoTokenizer.from_pretrained("DIR"{trust})
-messages = [{{"role": "user", "content": "Why is the sky blue?"}}]
-ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
-ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-out = model.generate(ids, max_new_tokens=128, do_sample=False)
-print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
 ```
 
-## Checkpoint meta
+Checkpoint meta:
 
 ```json
 {json.dumps(record, indent=2, default=str)}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA, needs
+from conftest import SHARED_DATA, needs, tiny_model
 
 pytest.importorskip("transformers.models.nanochat", reason="needs transformers >= 4.57 (dev dependency)")
 
@@ -63,8 +63,7 @@ def exported(request, tiny_base_dir, tmp_path_factory):
 
 
 def load_hf(out):
-    """(model, tokenizer) through the Auto classes; remote code trusted only where the export ships it,
-    so the built-in path is shown to need none."""
+    """(model, tokenizer) through the Auto classes; remote code trusted only where the export ships it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     trust = {"trust_remote_code": True} if (out / "hf_model.py").exists() else {}
@@ -77,7 +76,7 @@ def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def test_export_writes_the_hf_folder_and_refuses_a_non_empty_one(exported):
+def test_export_writes_the_hf_folder(exported):
     model, tokenizer, out = exported
     names = {p.name for p in out.iterdir()}
     assert export_hf.EXPORT_FILES - {"hf_model.py"} <= names
@@ -89,8 +88,6 @@ def test_export_writes_the_hf_folder_and_refuses_a_non_empty_one(exported):
     card = (out / "README.md").read_text()
     assert "step 7" in card and ("trust_remote_code=True" in card) != builtin and '"note": "tiny"' in card
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".hf.")]  # no temp folder left
-    with pytest.raises(UserError, match="--overwrite"):
-        export_hf.export(model, tokenizer, {}, "sft", out)
 
 
 def test_hf_logits_and_greedy_generate_equal_ours(exported):
@@ -151,14 +148,12 @@ DOCS = SHARED_DATA / "pretrain" / "fineweb_edu_sample10BT_150docs.jsonl"
 
 
 @needs(DOCS)
+@needs(SHARED_DATA / "tokenizers")
 @pytest.mark.parametrize("ranks_file", ["gpt2/r50k_base.tiktoken", "cl100k_base/cl100k_base.tiktoken"])
 def test_bpe_merges_from_large_real_vocabs_encode_like_tiktoken(ranks_file):
     """The merges derived from ranks give tiktoken's ids on real text with 50k and 100k vocabs
     (our split pattern), where the tiny tokenizer's 1024 tokens would hide rare merge orders."""
-    ranks_path = SHARED_DATA / "tokenizers" / ranks_file
-    if not ranks_path.exists():
-        pytest.skip(f"shared data not found at {ranks_path}")
-    ranks = load_tiktoken_ranks(ranks_path)
+    ranks = load_tiktoken_ranks(SHARED_DATA / "tokenizers" / ranks_file)
     tokenizer = Tokenizer(SPLIT_PATTERN, ranks, {"<|bos|>": len(ranks)})
     hf = export_hf.build_hf_tokenizer(tokenizer)
     docs = [json.loads(line)["text"] for line in DOCS.read_text(encoding="utf-8").splitlines()]
@@ -170,32 +165,16 @@ def test_bpe_merges_from_large_real_vocabs_encode_like_tiktoken(ranks_file):
 # What --overwrite may delete
 
 
-def test_overwrite_refuses_the_working_folder_and_its_parent_and_deletes_nothing(
-    exported, tmp_path, monkeypatch, capsys
-):
-    model, tokenizer, out = exported
-    work = tmp_path / "parent" / "work"
-    work.mkdir(parents=True)
-    (work / "notes.txt").write_text("mine")
-    (tmp_path / "parent" / "config.json").write_text("{}")  # a Hugging Face name, but not our export
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(out.parent))
-    monkeypatch.setattr(sys, "argv", ["export_hf", "-i", "sft", "--out", ".", "--overwrite"])
-    with pytest.raises(SystemExit) as e:
-        export_hf.main()
-    assert e.value.code == 1
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and "working folder" in lines[0]
-    with pytest.raises(UserError, match="working folder"):
-        export_hf.export(model, tokenizer, {}, "sft", Path(".."), overwrite=True)
-    assert (work / "notes.txt").read_text() == "mine" and (tmp_path / "parent" / "config.json").exists()
-
-
-def test_overwrite_replaces_an_earlier_export_but_not_a_folder_with_other_files(exported, tmp_path):
-    model, tokenizer, _ = exported
-    meta = {"model_tag": "d2", "step": 7}
-    target = tmp_path / "hf"
+def test_overwrite_replaces_an_earlier_export_only(tiny_base_dir, tmp_path, monkeypatch):
+    tokenizer = Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+    model, meta, target = (
+        tiny_model(tokenizer.get_vocab_size()),
+        {"model_tag": "d2", "step": 7},
+        tmp_path / "hf",
+    )
     export_hf.export(model, tokenizer, meta, "sft", target)
+    with pytest.raises(UserError, match="--overwrite"):
+        export_hf.export(model, tokenizer, meta, "sft", target)
     (target / "model.safetensors").write_bytes(b"old")
     export_hf.export(model, tokenizer, meta, "sft", target, overwrite=True)  # our own export: replaced
     assert (target / "model.safetensors").read_bytes() != b"old"
@@ -207,3 +186,13 @@ def test_overwrite_replaces_an_earlier_export_but_not_a_folder_with_other_files(
     with pytest.raises(UserError, match="config.json"):
         export_hf.export(model, tokenizer, meta, "sft", target, overwrite=True)
     assert (target / "model.safetensors").exists()
+    # never the working folder or its parent, whatever they hold
+    work = tmp_path / "parent" / "work"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    (tmp_path / "parent" / "config.json").write_text("{}")  # a Hugging Face name, but not our export
+    monkeypatch.chdir(work)
+    for out in (".", ".."):
+        with pytest.raises(UserError, match="working folder"):
+            export_hf.export(model, tokenizer, meta, "sft", Path(out), overwrite=True)
+    assert (work / "notes.txt").read_text() == "mine" and (tmp_path / "parent" / "config.json").exists()
