@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -121,8 +122,10 @@ class ChatRequest(BaseModel, extra="forbid", strict=True, allow_inf_nan=False):
     @model_validator(mode="before")
     @classmethod
     def drop_no_ops(cls, body: Any) -> Any:  # any other value of a NO_OP field is an unknown field
-        dropped = lambda k, v: v is None or k in IGNORED or (k in NO_OP and v == NO_OP[k])  # noqa: E731
-        return {k: v for k, v in body.items() if not dropped(k, v)} if isinstance(body, dict) else body
+        if not isinstance(body, dict):
+            return body
+        dropped = {k for k, v in body.items() if v is None or k in IGNORED or (k in NO_OP and v == NO_OP[k])}
+        return {k: v for k, v in body.items() if k not in dropped}
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -199,7 +202,7 @@ class Generation:
         self.prompt_tokens = len(tokens)
         self.worker, scheduler = server.pick_worker()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        sink = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731  from its thread
+        sink = partial(loop.call_soon_threadsafe, queue.put_nowait)  # called from the scheduler's thread
         request = scheduler.submit(
             tokens, budget, params.temperature, params.top_k or None, params.seed, sink
         )
