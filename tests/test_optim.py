@@ -138,9 +138,8 @@ def test_muon_momentum_ramps_up_then_down_over_the_warmdown():
     assert [muon_momentum(s) for s in (0, 150, 300, 10_000)] == pytest.approx([0.85, 0.90, 0.95, 0.95])
     n, ratio = 5000, 0.65  # warmdown: the last 3250 steps, from step 1750
     m = lambda s: muon_momentum(s, 400, 0.85, 0.97, n, ratio, end=0.90)  # noqa: E731
-    assert m(0) == pytest.approx(0.85) and m(200) == pytest.approx(0.91) and m(400) == pytest.approx(0.97)
-    assert m(1750) == pytest.approx(0.97) and m(1750 + 1625) == pytest.approx(0.935)
-    assert m(n) == pytest.approx(0.90) and m(n + 10) == pytest.approx(0.90)
+    steps = (0, 200, 400, 1750, 1750 + 1625, n, n + 10)
+    assert [m(s) for s in steps] == pytest.approx([0.85, 0.91, 0.97, 0.97, 0.935, 0.90, 0.90])
     down = [m(s) for s in range(1750, n + 1, 50)]
     assert all(a > b for a, b in zip(down, down[1:], strict=False))
     # a run too short to hold the ramp before its warmdown: the ramp wins, then the warmdown takes over
@@ -151,10 +150,8 @@ def test_muon_momentum_ramps_up_then_down_over_the_warmdown():
 
 def test_weight_decay_multiplier_is_a_cosine_to_zero_or_constant():
     n = 1000
-    assert weight_decay_multiplier(0, n, "record") == 1.0
-    assert weight_decay_multiplier(n // 2, n, "record") == pytest.approx(0.5)
-    assert weight_decay_multiplier(n // 4, n, "record") == pytest.approx(0.5 + 0.5 * 2**-0.5)
-    assert weight_decay_multiplier(n, n, "record") == pytest.approx(0.0, abs=1e-12)
+    cosine = [weight_decay_multiplier(s, n, "record") for s in (0, n // 4, n // 2, n)]
+    assert cosine == pytest.approx([1.0, 0.5 + 0.5 * 2**-0.5, 0.5, 0.0], abs=1e-12)
     assert {weight_decay_multiplier(s, n, "constant") for s in (0, n // 2, n)} == {1.0}
 
 
