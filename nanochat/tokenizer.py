@@ -186,10 +186,6 @@ class Tokenizer:
     def get_vocab_size(self) -> int:
         return self.enc.n_vocab
 
-    def get_special_tokens(self) -> dict[str, int]:
-        """Special token name -> id, in id order."""
-        return dict(self.special_tokens)
-
     def get_bos_token_id(self) -> int:
         return self.special_tokens[self.bos_token]
 
