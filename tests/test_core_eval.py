@@ -285,14 +285,12 @@ def test_missing_file_is_named_and_skipping_it_marks_core_partial(tokenizer, tmp
         evaluate_core(stub, tokenizer, "cpu", bundle_dir=bundle, skip_missing=True, tasks=["tiny_missing"])
 
 
-def _dist_worker(rank: int, world_size: int, port: int, bundle: str, tok_dir: str, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
+def _dist_worker(rank: int, world_size: int, bundle: str, tok_dir: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size)
     tokenizer = Tokenizer.from_directory(tok_dir)
     model = tiny_model(tokenizer.get_vocab_size(), 128, seed=3)
     out = evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, batch_size=4)
@@ -301,18 +299,13 @@ def _dist_worker(rank: int, world_size: int, port: int, bundle: str, tok_dir: st
 
 
 def test_batch_sizes_and_two_gloo_ranks_give_the_results_of_one_process(tokenizer, tiny_base_dir, tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
     bundle = write_tiny_bundle(tmp_path / "b")
     model = tiny_model(tokenizer.get_vocab_size(), 128, seed=3)
     single = [evaluate_core(model, tokenizer, "cpu", bundle_dir=bundle, batch_size=b) for b in (1, 3, 64)]
     assert single[0]["results"] == single[1]["results"] == single[2]["results"]  # alone or sharing a forward
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = (2, port, str(bundle), str(tiny_base_dir / "tokenizer"), str(tmp_path))
+    args = (2, str(bundle), str(tiny_base_dir / "tokenizer"), str(tmp_path))
     mp.spawn(_dist_worker, args=args, nprocs=2, join=True)
     for rank in range(2):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single[0]["results"]
