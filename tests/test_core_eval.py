@@ -228,7 +228,7 @@ def test_language_modeling_needs_every_continuation_token_to_be_the_argmax():
 
 
 # -----------------------------------------------------------------------------
-# Aggregation
+# The real bundle: the GPT-2 reference numbers, a gold-answer stub end to end
 
 
 @needs_bundle
@@ -247,10 +247,6 @@ def test_gpt2_reference_csvs_parse_and_their_core_is_the_mean_of_their_centered_
         assert sum(c for _, c in rows.values()) / len(rows) == pytest.approx(core, abs=2e-6)
         cores[path.stem] = core
     assert cores["openai-community-gpt2"] == pytest.approx(0.113891)
-
-
-# -----------------------------------------------------------------------------
-# End to end on the real bundle
 
 
 @needs_bundle
