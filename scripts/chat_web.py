@@ -183,7 +183,8 @@ class Generation:
 
     def __init__(self, server: ChatServer, params: ChatRequest, endpoint: str):
         self.server, self.params, self.endpoint = server, params, endpoint
-        self.worker = -1
+        # before any response starts: a request no worker can take is a 503, streamed or not
+        self.worker, self.scheduler = server.pick_worker()
         self.prompt_tokens = self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.text: list[str] = []
@@ -200,10 +201,9 @@ class Generation:
             server.tokenizer, {"messages": params.messages}, server.context, params.max_tokens
         )
         self.prompt_tokens = len(tokens)
-        self.worker, scheduler = server.pick_worker()
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         sink = partial(loop.call_soon_threadsafe, queue.put_nowait)  # called from the scheduler's thread
-        request = scheduler.submit(
+        request = self.scheduler.submit(
             tokens, budget, params.temperature, params.top_k or None, params.seed, sink
         )
         decoder, held, stopped = ReplyDecoder(server.tokenizer), "", False
@@ -401,8 +401,8 @@ def create_app(
             try:
                 async for piece in gen.pieces():
                     yield sse({"token": piece, "gpu": gen.worker})
-            except (RuntimeError, HTTPException) as e:  # this request alone failed: say so, end the stream
-                yield sse({"error": getattr(e, "detail", str(e))})
+            except RuntimeError as e:  # this request alone failed: say so, end the stream
+                yield sse({"error": str(e)})
             yield sse({"done": True, "finish_reason": gen.finish_reason})
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -452,8 +452,8 @@ async def openai_completion(server: ChatServer, params: ChatRequest, request: Re
         try:
             async for piece in gen.pieces():
                 yield chunk({"content": piece})
-        except (RuntimeError, HTTPException) as e:
-            yield sse({"error": {"message": getattr(e, "detail", str(e)), "type": "server_error"}})
+        except RuntimeError as e:
+            yield sse({"error": {"message": str(e), "type": "server_error"}})
             yield sse("[DONE]")
             return
         yield chunk({}, gen.finish_reason)

@@ -79,7 +79,7 @@ def babbler_model(tokenizer: Tokenizer, sequence_len: int = 2048) -> GPT:
     """A model that samples ~uniformly among ordinary tokens and never emits a special token."""
     model = tiny_model(tokenizer.get_vocab_size(), sequence_len)
     model.transformer.wte.weight[:, 0] = 10.0  # a constant feature in every hidden state
-    for token_id in tokenizer.get_special_tokens().values():
+    for token_id in tokenizer.special_tokens.values():
         model.lm_head.weight[token_id, 0] = -10.0  # logit ~ -60 -> -15: never sampled
     return model
 
@@ -673,8 +673,13 @@ def test_a_crashed_worker_restarts_and_health_reports_it_while_down(tiny_base_di
             assert r.status_code == 500 and "injected crash" in r.json()["error"]["message"]
             health = await client.get("/health")
             assert health.status_code == 503 and health.json()["workers"][0]["state"] == "restarting"
-            r = await client.post("/v1/chat/completions", json={"messages": HELLO})
-            assert r.status_code == 503 and "retry" in r.json()["error"]["message"]
+            for path, stream in [
+                ("/v1/chat/completions", False),
+                ("/v1/chat/completions", True),
+                ("/chat/completions", True),
+            ]:
+                r = await client.post(path, json={"messages": HELLO, "stream": stream})
+                assert r.status_code == 503 and "retry" in r.json()["error"]["message"]
             await asyncio.sleep(1.5)
             health = await client.get("/health")
             assert health.status_code == 200 and health.json()["workers"][0]["restarts"] == 1
