@@ -437,6 +437,8 @@ class Engine:
             for i in range(num_samples)
         ]
         self.run(requests)
+        if failed := next((q.error for q in requests if q.error is not None), None):
+            raise RuntimeError(f"generation failed: {failed!r}") from failed  # no half sequence to train on
         for sequence, mask, request in zip(sequences, masks, requests, strict=True):
             if keep_stop and request.stop_token is not None:
                 sequence.append(request.stop_token)

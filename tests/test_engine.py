@@ -435,6 +435,13 @@ def test_a_request_whose_tool_call_fails_fails_alone_and_its_batch_carries_on(to
         scheduler.close()
 
 
+def test_generate_batch_raises_rather_than_return_a_half_generated_row(tokenizer, monkeypatch):
+    engine = Engine(make_model(tokenizer), tokenizer, max_batch=2)
+    monkeypatch.setattr(engine, "decode", lambda *args: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.generate_batch([1, 2], num_samples=2, max_tokens=5)
+
+
 @pytest.mark.parametrize("where", ["decode", "step"])
 def test_a_failure_fails_its_batch_and_the_scheduler_keeps_serving(tokenizer, monkeypatch, caplog, where):
     """A failed forward (decode) fails the rows in it; a bug in the loop itself (step) is logged, and
