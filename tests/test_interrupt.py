@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_chat_train import FAST, REPO, chat_base, losses  # noqa: F401 (chat_base: the fixture)
+from test_chat_train import FAST, REPO, chat_base, log_of  # noqa: F401 (chat_base: the fixture)
 
 from nanochat.checkpoint_manager import saved_steps
 
@@ -65,8 +65,8 @@ def test_sigterm_saves_the_step_exits_0_and_the_printed_command_resumes_exactly(
         [sys.executable, *shlex.split(command)[1:]], cwd=REPO, env=env_for(chat_base), capture_output=True
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert losses(chat_base, "chatsft_checkpoints", "b") == losses(chat_base, "chatsft_checkpoints", "a")
     folder = chat_base / "chatsft_checkpoints"
+    assert log_of(folder / "b", "loss") == log_of(folder / "a", "loss")
     a, b = (torch.load(folder / tag / "model_000010.pt", weights_only=True) for tag in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
