@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+from contextlib import suppress
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -240,12 +241,10 @@ def load_checkpoint(
     except CheckpointError as e:
         hint = "no earlier step is intact"
         for older in reversed([s for s in steps if s < step]):
-            try:
+            with suppress(CheckpointError):
                 _read_step(directory, older, rank, "cpu", load_optimizer, verify)
-            except CheckpointError:
-                continue
-            hint = f"the newest intact step is {older}: select it with {step_flag} {older}"
-            break
+                hint = f"the newest intact step is {older}: select it with {step_flag} {older}"
+                break
         raise CheckpointError(f"{e}; {hint}") from None
     return loaded[1], (loaded[2] if load_optimizer else None), loaded[0]
 

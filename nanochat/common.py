@@ -187,12 +187,11 @@ def hold_lock(folder: str | os.PathLike, what: str) -> None:
     except filelock.Timeout:
         holder = "another process"
         for _ in range(20):  # the holder writes its card right after taking the lock
-            try:
+            with suppress(OSError, ValueError, KeyError, TypeError):
                 card = json.loads(holder_path.read_text())
                 holder = f"pid {card['pid']} on {card['host']} (`{card['command']}`)"
                 break
-            except (OSError, ValueError, KeyError, TypeError):
-                time.sleep(0.01)
+            time.sleep(0.01)
         raise UserError(
             f"{what} {folder} is in use by {holder}: wait for it to end, or pick another folder"
         ) from None
