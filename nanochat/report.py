@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -323,10 +324,8 @@ def read_log(path: str | Path) -> list[dict]:
     """The records of a log.jsonl, skipping any line that does not parse (a crash can cut the last one)."""
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
+        with suppress(json.JSONDecodeError):
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return records
 
 
