@@ -8,6 +8,7 @@ beyond it (q/k scale, the record's parts) the folder ships nanochat/hf_model.py 
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -269,6 +270,12 @@ def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, over
         card = model_card(config, meta, source, model.num_params())
         (tmp / "README.md").write_text(card, encoding="utf-8")
         (tmp / MARKER).write_text("written by nanochat's export_hf: --overwrite may replace this folder\n")
+        # readable as any file the user writes (not mkdtemp's 0700, safetensors' 0600): a serving
+        # container's user must read the export
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in [tmp, *tmp.iterdir()]:
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
         remove_ours(out, _exported)  # checked again: the folder may have changed during the export
         tmp.rename(out)
     except BaseException:

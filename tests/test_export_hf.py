@@ -1,6 +1,7 @@
 """scripts/export_hf.py: the exported folder loads in transformers, offline, and behaves like ours."""
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -88,6 +89,9 @@ def test_export_writes_the_hf_folder(exported):
     card = (out / "README.md").read_text()
     assert "step 7" in card and ("trust_remote_code=True" in card) != builtin and '"note": "tiny"' in card
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".hf.")]  # no temp folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in [out, *out.iterdir()]} <= {0o777 & ~umask, 0o666 & ~umask}
 
 
 def test_hf_logits_and_greedy_generate_equal_ours(exported):
