@@ -72,6 +72,7 @@ def main() -> None:
     reply = dict(metavar="N", type=in_range(int, 1), default=512, help="longest reply, in tokens")
     add("--max-new-tokens", "--max-tokens", **reply)
     add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
+    add("--system", default="", metavar="TEXT", help="a system message that opens the conversation")
     add_decode_flag(parser)
     args = parser.parse_args()
 
@@ -83,11 +84,11 @@ def main() -> None:
         )
     engine = Engine(model, tokenizer, max_batch=1, compile=compile_decode(args.decode, device))
 
-    messages: list[dict] = []
-    turn = 0
+    opening = [{"role": "system", "content": args.system}] if args.system else []
+    messages, turn = list(opening), 0
     for user_text in [args.prompt] if args.prompt else typed_messages():
         if user_text is None:
-            messages = []
+            messages = list(opening)
             print("(conversation cleared)")
             continue
         messages.append({"role": "user", "content": user_text})

@@ -63,6 +63,20 @@ def test_interactive_chat_keeps_context_clears_and_quits(in_process, capsys):
     assert out.rstrip().endswith("User:")  # left at "exit", before the last line
 
 
+def test_system_message_opens_every_conversation(in_process, capsys, monkeypatch):
+    seen = []
+    real = chat_cli.prompt_and_budget
+
+    def spy(tokenizer, conversation, *args):
+        seen.append([m["role"] for m in conversation["messages"]])
+        assert conversation["messages"][0]["content"] == "Answer in French."
+        return real(tokenizer, conversation, *args)
+
+    monkeypatch.setattr(chat_cli, "prompt_and_budget", spy)
+    in_process("--system", "Answer in French.", stdin="hi\nclear\nagain\nquit\n")
+    assert seen == [["system", "user"], ["system", "user"]]
+
+
 @pytest.mark.parametrize(
     "flag, value", [("-t", "-1"), ("-t", "nan"), ("-k", "-3"), ("--max-new-tokens", "0")]
 )
