@@ -168,7 +168,7 @@ run python -c "$PREFETCH_TASKS"
 if finished "Tokenizer training"; then
     skip tok_train
 else
-    run python -m scripts.tok_train --max-chars "$TOK_CHARS"
+    run python -m scripts.tok_train --max-chars "$TOK_CHARS" --overwrite  # unfinished: train it again
 fi
 if finished "Tokenizer evaluation"; then skip tok_eval; else run python -m scripts.tok_eval; fi
 

@@ -21,7 +21,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
     # the offline corpus the GPU machine builds for itself
     export NANOCHAT_BASE_DIR="$PWD/.gpu"
     "${PY[@]}" -m nanochat.dataset --offline
-    "${PY[@]}" -m scripts.tok_train --vocab-size 32768
+    "${PY[@]}" -m scripts.tok_train --vocab-size 32768 --overwrite
     exit 0
 fi
 exec "${PY[@]}" bench/gpucheck.py "$@"

@@ -102,7 +102,7 @@ run -m nanochat.report reset
 run -m nanochat.dataset --offline
 
 # -- tokenizer
-run -m scripts.tok_train --vocab-size 4096 --max-chars "$TOK_CHARS"
+run -m scripts.tok_train --vocab-size 4096 --max-chars "$TOK_CHARS" --overwrite
 run -m scripts.tok_eval
 
 # -- base model (every run of the demo starts over: --overwrite replaces an earlier demo's checkpoints)

@@ -21,7 +21,7 @@ from nanochat.common import (
 )
 from nanochat.dataset import parquets_iter_batched, read_manifest
 from nanochat.report import get_report
-from nanochat.tokenizer import MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
+from nanochat.tokenizer import META_FILE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
 parser = argparse.ArgumentParser(
     prog="python -m scripts.tok_train", description=__doc__, formatter_class=HelpFormatter
@@ -33,6 +33,7 @@ add("--doc-cap", type=in_range(int, 1), default=10_000, help="each document is c
 # at least one token per byte plus the special tokens
 add("--vocab-size", type=in_range(int, MIN_VOCAB_SIZE), default=32768, help="tokens, special ones included")
 add("--num-threads", type=in_range(int, 1), help="threads for rustbpe (default: all CPU cores)")
+add("--overwrite", action="store_true", help="replace the tokenizer already in the base dir")
 args = parser.parse_args()
 tokenizer_dir = get_base_dir() / "tokenizer"
 chars_seen = 0
@@ -55,6 +56,11 @@ def text_iterator():
 # ValueError: a corpus of empty documents, or one too small to merge anything
 with exit_on_user_error("tok_train", errors=(UserError, ValueError)):
     hold_lock(tokenizer_dir, "the tokenizer folder")  # a second tok_train is refused now, not after training
+    if (tokenizer_dir / META_FILE).exists() and not args.overwrite:  # every checkpoint depends on it
+        raise UserError(
+            f"{tokenizer_dir} already holds a tokenizer, which the checkpoints there were trained with: "
+            "pass --overwrite to replace it, or use another NANOCHAT_BASE_DIR"
+        )
     next(parquets_iter_batched("train"), None)  # no text: the dataset's error names the command to run
     manifest = read_manifest() or {}
     corpus_chars = manifest.get("num_chars")  # known for imported corpora, null for downloads

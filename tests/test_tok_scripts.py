@@ -94,8 +94,12 @@ def test_tok_train_saves_a_tokenizer_of_the_asked_size_and_reports_it(trained):
 def test_tok_train_crops_to_doc_cap_and_reads_a_smaller_corpus_whole(base_dir, tmp_path, monkeypatch, capsys):
     small_base = tmp_path / "small"
     shutil.copytree(base_dir / "base_data", small_base / "base_data")
+    shutil.copytree(base_dir / "tokenizer", small_base / "tokenizer")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(small_base))
-    code, out = run("scripts.tok_train", "--vocab-size", "300", "--doc-cap", "100", capsys=capsys)  # 2B chars
+    code, out = run("scripts.tok_train", "--vocab-size", "300", capsys=capsys)  # refused before any work
+    assert code == 1 and "--overwrite" in out.strip().splitlines()[-1] and "Traceback" not in out
+    flags = ["--vocab-size", "300", "--doc-cap", "100", "--overwrite"]  # reads all of the 2B chars
+    code, out = run("scripts.tok_train", *flags, capsys=capsys)
     assert code == 0, out
     expected = sum(min(len(doc), 100) for batch in parquets_iter_batched("train") for doc in batch)
     assert f"- chars_seen: {expected}\n" in (small_base / "report" / "tokenizer-training.md").read_text()
