@@ -39,9 +39,8 @@ def rl_base(tiny_base_dir, tmp_path, monkeypatch) -> Path:
     base = tmp_path / "base"
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
     model = tiny_model()
-    save_checkpoint(
-        base / "chatsft_checkpoints" / "d2", 0, model, None, {"model_config": asdict(model.config)}
-    )
+    meta = {"model_config": asdict(model.config)}
+    save_checkpoint(base / "chatsft_checkpoints" / "d2", 0, model, None, meta)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
     return base
@@ -193,14 +192,10 @@ def test_policy_learns_a_simple_reward(rl_base, monkeypatch):
     """The sign is right: rewarding answers without an 'e' (about 1 in 8 at first) raises the reward."""
     from tasks.synthetic import Arithmetic
 
-    monkeypatch.setattr(
-        Arithmetic, "reward", lambda self, conversation, completion: float("e" not in completion)
-    )
+    monkeypatch.setattr(Arithmetic, "reward", lambda self, conversation, reply: float("e" not in reply))
     flags = ["--offline", "--examples-per-step=4", "--num-samples=8", "--max-new-tokens=8", "--eval-every=-1"]
-    run_rl(
-        [*flags, "--num-iterations=24", "--eval-examples=4", "--init-lr-frac=0.5", "--save-every=-1"],
-        monkeypatch,
-    )
+    flags += ["--num-iterations=24", "--eval-examples=4", "--init-lr-frac=0.5", "--save-every=-1"]
+    run_rl(flags, monkeypatch)
     rewards = [r["reward"] for r in log_of(rl_base) if "reward" in r]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert first < 0.35 and last > first + 0.25, rewards
