@@ -143,12 +143,8 @@ def test_render_mc_puts_each_letter_right_after_its_choice():
 
 
 def test_arc_reletters_numeric_labels_by_position(local_tasks):
-    row = {
-        "id": "x1",
-        "question": "Pick three.",
-        "choices": {"text": ["one", "two", "three"], "label": ["1", "2", "3"]},
-        "answerKey": "3",
-    }
+    choices = {"text": ["one", "two", "three"], "label": ["1", "2", "3"]}
+    row = {"id": "x1", "question": "Pick three.", "choices": choices, "answerKey": "3"}
     write_jsonl(local_tasks / "arc" / "ARC-Challenge-validation.jsonl", [row])
     conversation = ARC("ARC-Challenge", "validation")[0]
     assert conversation["letters"] == ["A", "B", "C"]
