@@ -6,6 +6,7 @@ last: a step exists once its meta does. Nothing is unpickled: every `.pt` loads 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -287,8 +288,21 @@ def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
     return config
 
 
+def usable_device(name: str) -> str:
+    """--device-type's type: a device this machine lacks is refused by argparse, naming the flag."""
+    if (
+        name == "cuda"
+        and not torch.cuda.is_available()
+        or name == "mps"
+        and not torch.backends.mps.is_available()
+    ):
+        raise argparse.ArgumentTypeError(f"{name}: torch sees no usable {name} device here (try cpu)")
+    return name
+
+
 def add_device_flag(parser) -> None:
-    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    devices = ["cuda", "mps", "cpu"]
+    parser.add_argument("--device-type", type=usable_device, choices=devices, help="default: autodetect")
 
 
 def add_verify_flag(parser) -> None:

@@ -423,3 +423,14 @@ def test_clock_saves_keep_the_newest_two_of_this_run_and_every_other_checkpoint(
     assert sorted(p.name for p in directory.glob("optim_*")) == [
         f"optim_{s:06d}_rank0.pt" for s in (1, 4, 7, 8, 9, 10)
     ]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_device_the_machine_lacks_is_refused_in_one_line_naming_the_flag(monkeypatch, capsys):
+    from scripts import chat_cli
+
+    monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cuda"])
+    with pytest.raises(SystemExit) as exit_info:
+        chat_cli.main()  # every script's --device-type is add_device_flag's
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and "--device-type" in last and "cuda" in last
