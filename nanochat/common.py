@@ -343,6 +343,8 @@ def download_file(
                     raise RuntimeError(
                         f"download of {url} failed: HTTP {e.code} {e.reason} (not retrying)"
                     ) from e
+                if isinstance(getattr(e, "reason", None), socket.gaierror):  # a name that does not resolve
+                    raise RuntimeError(f"download of {url} failed: no network ({e.reason})") from e
                 last_error = e
             if attempt < retries:
                 wait = min(backoff * 2**attempt, MAX_BACKOFF)

@@ -7,6 +7,7 @@ concurrent downloaders are exercised over real sockets, without the network.
 
 import argparse
 import multiprocessing
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -225,6 +226,17 @@ def test_download_404_fails_fast_with_clear_error(server, tmp_path):
         )
     assert server.count("/missing.bin") == 1
     assert not (tmp_path / "missing.bin").exists() and leftovers(tmp_path) == []
+
+
+def test_download_without_name_resolution_fails_at_once(tmp_path, monkeypatch):
+    def no_dns(*args, **kwargs):
+        raise socket.gaierror(-3, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)  # as offline: no resolver answers
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="example.org.*no network"):
+        common.download_file("http://example.org/x.bin", tmp_path / "x.bin", retries=5, backoff=10.0)
+    assert time.monotonic() - start < 5 and leftovers(tmp_path) == []
 
 
 def test_download_skips_an_existing_file_unless_invalid_or_with_stale_temps(server, tmp_path, capsys):
