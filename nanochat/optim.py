@@ -72,13 +72,11 @@ class _ShardedOptimizer(torch.optim.Optimizer):
         group.setdefault("initial_lr", group["lr"])  # what LR schedules multiply
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's own optimizer state (plus the world size and rank it belongs to)."""
         sd = super().state_dict()
         sd["world_size"], sd["rank"] = _world()
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a shard written by `state_dict()` on the same rank of a run with the same world size."""
         saved = (state_dict.get("world_size", 1), state_dict.get("rank", 0))
         # start_run refuses another number of processes first: here it is an invariant
         assert saved == _world(), f"a shard of (world size, rank) {saved} loaded by {_world()}"
@@ -90,9 +88,7 @@ class _ShardedOptimizer(torch.optim.Optimizer):
 
 
 def _scalars(compiled: bool, *values: float) -> list:
-    """The step's hyperparameters: for a compiled update 0-d fp32 CPU tensors, which it takes as
-    inputs, so a new LR or momentum each step does not recompile it (a Python float would be baked
-    into the graph; the record passes CPU scalars the same way); for the eager update plain floats."""
+    """Floats, or for a compiled update 0-d fp32 CPU tensors (a float would be baked in and recompile)."""
     return [torch.tensor(v, dtype=torch.float32) for v in values] if compiled else list(values)
 
 
@@ -201,8 +197,7 @@ class AdamW(_ShardedOptimizer):
 
 
 def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximate the orthogonal polar factor U·Vᵀ of g = U·S·Vᵀ with `steps` Polar Express steps, in
-    bf16: the singular values come out in a band around 1, not exactly 1, which is all Muon needs."""
+    """The polar factor U·Vᵀ of g = U·S·Vᵀ in bf16, roughly: singular values near 1 are all Muon needs."""
     x = g.bfloat16()
     tall = x.size(0) > x.size(1)
     if tall:
@@ -220,22 +215,19 @@ def orthogonalize(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
 
 
 def _normuon_dim(p: Tensor) -> int:
-    """The dim NorMuon averages over: columns of a tall or square matrix (one statistic per row), rows
-    of a wide one. The polar factor's vectors along the other dim are already orthonormal."""
+    """NorMuon's statistic is per row of a tall or square matrix, per column of a wide one."""
     return -1 if p.size(0) >= p.size(1) else -2
 
 
 def _normuon(ortho: Tensor, second_moment: Tensor, beta2=NORMUON_BETA2) -> Tensor:
-    """NorMuon: divide each row (column, when wide) by the root of its running mean square, then
-    rescale the whole update back to its norm before, so only the rows' relative sizes change."""
+    """Each row (column when wide) over its running RMS, rescaled to the norm of the update before."""
     second_moment.lerp_(ortho.square().mean(dim=_normuon_dim(ortho), keepdim=True), 1 - beta2)
     normed = ortho / (second_moment.sqrt() + 1e-10)
     return normed * (ortho.norm() / (normed.norm() + 1e-10))
 
 
 def _muon_lookahead(grad: Tensor, buf: Tensor, momentum) -> Tensor:
-    """In place: the momentum buffer b = mu*b + (1-mu)*g. Returns what is orthogonalized: the
-    Nesterov look-ahead (1-mu)*g + mu*b."""
+    """Updates the momentum buffer in place; returns the Nesterov look-ahead to orthogonalize."""
     buf.lerp_(grad, 1 - momentum)
     return grad.lerp(buf, momentum)
 
@@ -251,9 +243,7 @@ def _muon_apply(p: Tensor, ortho: Tensor, second_moment: Tensor, lr, decay, beta
 def _muon_update(
     p: Tensor, grad: Tensor, state: dict[str, Any], group: dict[str, Any], compiled: bool = False
 ) -> None:
-    """One Muon step on a whole matrix `p`, in place. With `compiled`, the fp32 element-wise math
-    around the orthogonalization is compiled; the bf16 Polar Express stays eager (matmul-bound, and
-    a fused version rounds differently)."""
+    """One Muon step on a whole matrix `p`, in place."""
     if not state:
         state["momentum_buffer"] = torch.zeros_like(p)
         state["second_moment"] = torch.zeros_like(p.mean(dim=_normuon_dim(p), keepdim=True))
@@ -266,13 +256,12 @@ def _muon_update(
     )
     grad = grad.to(p.dtype)
     lookahead = _compiled(_muon_lookahead, compiled)(grad, state["momentum_buffer"], momentum)
-    ortho = orthogonalize(lookahead)
+    ortho = orthogonalize(lookahead)  # eager always: matmul-bound, and compiled it rounds differently
     _compiled(_muon_apply, compiled)(p, ortho, state["second_moment"], lr, decay, beta2)
 
 
 def muon_chunks(params: list[Tensor], world_size: int) -> list[list[Tensor | None]]:
-    """Split one group's matrices into chunks of `world_size` same-shape slots; slot r is rank r's:
-    largest shapes first, parameter order kept inside a shape, each shape's last chunk padded with None."""
+    """Chunks of `world_size` same-shape matrices, slot r rank r's; largest first, padded with None."""
     buckets: dict[tuple[int, ...], list[Tensor]] = {}
     for p in params:
         buckets.setdefault(tuple(p.shape), []).append(p)
@@ -286,11 +275,7 @@ def muon_chunks(params: list[Tensor], world_size: int) -> list[list[Tensor | Non
 
 
 class Muon(_ShardedOptimizer):
-    """Muon for 2-D matrices: EMA momentum with a Nesterov look-ahead, orthogonalized (Polar Express),
-    then NorMuon: each row (each column of a wide matrix) divided by the root of an EMA of its mean
-    square, the update rescaled to its norm before and by sqrt(max(1, rows/cols)). Cautious decoupled
-    weight decay (lr·wd, so it follows the LR schedule): only coordinates whose update already pulls
-    them toward zero. Sharded per matrix: slot r of each chunk of world_size matrices is rank r's."""
+    """Muon for 2-D matrices: Nesterov momentum, Polar Express, NorMuon, cautious decay; one rank each."""
 
     def __init__(
         self,
@@ -307,8 +292,7 @@ class Muon(_ShardedOptimizer):
 
     @staticmethod
     def state_numel(p: Tensor) -> int:
-        """Elements of optimizer state Muon keeps for matrix `p`: momentum, plus one NorMuon second
-        moment per row (per column when wide)."""
+        """Elements of state Muon keeps for matrix `p`: momentum and one NorMuon statistic per row."""
         return p.numel() + max(p.shape)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -347,10 +331,8 @@ class Muon(_ShardedOptimizer):
 
 
 class WeightEMA(_ShardedOptimizer):
-    """An exponential moving average of parameters from optimizer step `start` on (`beta` per step),
-    kept as optimizer state so that a checkpoint saves it and a resume continues it exactly. Step it
-    after the real optimizers: the first counted step copies the weights, each later one folds them in.
-    `swap_in()` writes the average into the parameters. Every rank keeps a full fp32 copy."""
+    """An EMA of the parameters from optimizer step `start` on, as state a checkpoint saves and a resume
+    continues. Step it after the real optimizers; `swap_in()` writes the average into the parameters."""
 
     def __init__(self, params: Iterable[Tensor], beta: float, start: int) -> None:
         assert 0 < beta < 1 and start >= 0, (beta, start)
@@ -382,9 +364,7 @@ def lr_multiplier(
     warmdown_ratio: float = 0.2,
     final_lr_frac: float = 0.0,
 ) -> float:
-    """LR multiplier at `step` of `num_iterations`: linear warmup over the first `warmup_steps` steps
-    ((step+1)/warmup), 1, then linear warmdown over the last round(warmdown_ratio·N) steps to
-    `final_lr_frac` at step N."""
+    """LR multiplier at `step`: linear warmup, 1, then linear warmdown to `final_lr_frac` at the end."""
     assert 0 <= warmdown_ratio <= 1 and warmup_steps >= 0, (warmdown_ratio, warmup_steps)
     warmdown = round(warmdown_ratio * num_iterations)
     warmup = min(warmup_steps, num_iterations - warmdown)  # cut short where the warmdown would overlap it
@@ -405,9 +385,7 @@ def muon_momentum(
     warmdown_ratio: float = 0.0,
     end: float | None = None,
 ) -> float:
-    """Muon momentum at `step`: linear ramp from `start` (step 0) to `peak` (step >= warmup_steps),
-    then, when `end` is given, linear from `peak` to `end` over the LR's warmdown (the last
-    round(warmdown_ratio·N) steps; `end` at step N). The ramp wins where the two overlap."""
+    """Muon momentum at `step`: `start` ramping to `peak`, then (given `end`) to `end` over the warmdown."""
     if step < warmup_steps:
         return start + (peak - start) * max(step, 0) / warmup_steps
     warmdown = round(warmdown_ratio * num_iterations)
@@ -418,8 +396,7 @@ def muon_momentum(
 
 
 def weight_decay_multiplier(step: int, num_iterations: int, schedule: str) -> float:
-    """'record': a cosine from 1 at step 0 to 0 at step N (the decay of the record, which it found
-    better than linear); 'constant': 1."""
+    """'record': cosine from 1 to 0 at step N (the record found it beat linear); 'constant': 1."""
     if schedule == "constant":
         return 1.0
     assert schedule == "record", schedule
@@ -488,9 +465,7 @@ def build_optimizers(
     normuon_beta2: float = 0.9,
     compiled: bool = False,
 ) -> list[torch.optim.Optimizer]:
-    """[AdamW(every group but "matrix"), Muon("matrix")] for a model's `param_groups()`, with the
-    record's LRs; betas and decay from ADAMW_GROUPS ("record") or UNIFORM_ADAMW ("uniform").
-    `weight_decay` is Muon's (× its LR)."""
+    """[AdamW(every group but "matrix"), Muon("matrix")] for `param_groups()`; `weight_decay` is Muon's."""
     assert set(model_param_groups) <= {"matrix", *ADAMW_GROUPS}, sorted(model_param_groups)
     assert adam_groups in ("record", "uniform"), adam_groups
     width = (n_embd / 768) ** -0.5  # the record tuned its AdamW LRs at width 768
@@ -518,9 +493,8 @@ def build_optimizers(
 def optimizers_for(
     model, args, lr_scale: float = 1.0, weight_decay: float | None = None
 ) -> list[torch.optim.Optimizer]:
-    """`build_optimizers` for a GPT from the flags of `add_optimizer_flags` (and base_train's recipe
-    flags where the script has them): every LR × --init-lr-frac × `lr_scale` (base_train's batch rule).
-    `weight_decay` replaces --weight-decay (base_train's scaled one)."""
+    """`build_optimizers` from the flags of `add_optimizer_flags`, every LR × --init-lr-frac × `lr_scale`;
+    `weight_decay` replaces --weight-decay."""
     frac = getattr(args, "init_lr_frac", 1.0)
     lrs = {k: getattr(args, k) * frac * lr_scale for k in ("embedding_lr", "unembedding_lr", "matrix_lr")}
     return build_optimizers(
@@ -556,13 +530,11 @@ def describe_optimizers(optimizers: list[torch.optim.Optimizer]) -> list[str]:
 
 REF_DEPTH = 12  # the depth the rules are anchored at
 REF_BATCH = 2**19  # tokens per step at the reference depth
-BATCH_EXPONENT = 0.383  # best batch ∝ training tokens^0.383 (the public nanochat's fit)
+BATCH_EXPONENT = 0.383  # best batch ∝ training tokens^0.383 (public nanochat's fit); tokens ∝ params
 
 
 def batch_size_for(params: int, ref_params: int) -> int:
-    """Tokens per optimizer step for a model of `params` scaling parameters, the depth-12 model having
-    `ref_params`: REF_BATCH · (params/ref_params)^0.383 to the nearest power of 2 (the public fit is on
-    training tokens, which the horizon rule makes proportional to params)."""
+    """Tokens per optimizer step (a power of 2) for `params` scaling parameters, `ref_params` at depth 12."""
     return 2 ** round(math.log2(REF_BATCH * (params / ref_params) ** BATCH_EXPONENT))
 
 
@@ -574,7 +546,6 @@ def batch_lr_scale(total_batch_size: int) -> float:
 def scaled_weight_decay(
     weight_decay: float, total_batch_size: int, lr_scale: float, params: int, ref_params: int
 ) -> float:
-    """The record's decay rule: keep T_epoch = B/(η·λ·D) (arXiv 2405.13698) at its depth-12, batch-2^19
-    value, with D ∝ params and η × `lr_scale`: λ = weight_decay · (B / 2^19) / lr_scale · (ref_params /
-    params). Under the batch rule that is λ_ref · √(B / 2^19) · (D_ref / D)."""
+    """The record's decay rule: hold T_epoch = B/(η·λ·D) (arXiv 2405.13698) at its depth-12, batch-2^19
+    value, with D ∝ params and η × `lr_scale`."""
     return weight_decay * (total_batch_size / REF_BATCH) / lr_scale * ref_params / params
