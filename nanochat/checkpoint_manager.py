@@ -22,27 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanochat.common import (
-    MARKER,
-    UserError,
-    any_rank,
-    atomic_path,
-    catch_stop_signals,
-    checksums,
-    compute_cleanup,
-    foreign_files,
-    get_base_dir,
-    get_dist_info,
-    hold_lock,
-    is_distributed,
-    make_folder,
-    print0,
-    raise_together,
-    remove_ours,
-    resume_command,
-    save_tensors,
-    stop_signal,
-)
+from nanochat import common
+from nanochat.common import UserError, get_base_dir, get_dist_info
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
 
@@ -59,7 +40,7 @@ class CheckpointError(UserError):
 
 
 def _barrier() -> None:
-    if is_distributed():
+    if common.is_distributed():
         dist.barrier()
 
 
@@ -112,9 +93,7 @@ _TEMP_SUFFIX = re.compile(r"\.tmp\.\d+\.[0-9a-f]+$")  # atomic_path's temp files
 
 
 def _run_file(path: Path) -> bool:
-    """Whether `path`, in a checkpoint folder, is a file a run writes: a step's meta, a model or
-    optimizer file of a step whose meta exists (of any step in a folder carrying nanochat's marker:
-    the leftovers of a killed save), the run's log, or a temp file of one of these."""
+    """Whether `path`, in a checkpoint folder, is a file a run writes (or a temp file of one)."""
     if not path.is_file() or path.is_symlink():
         return False
     name = _TEMP_SUFFIX.sub("", path.name)
@@ -124,18 +103,18 @@ def _run_file(path: Path) -> bool:
     if match is None:
         return False
     step = int(next(g for g in match.groups() if g is not None))
-    if name != path.name or name.startswith("meta_") or (path.parent / MARKER).exists():
+    # a model or optimizer file is the run's once its meta exists, or in a marked folder (a killed save's)
+    if name != path.name or name.startswith("meta_") or (path.parent / common.MARKER).exists():
         return True
     return _paths(path.parent, step)[1].exists()
 
 
 def delete_step(directory: str | Path, step: int) -> None:
-    """Remove one saved step: every rank calls it (rank 0: meta first, so the step stops existing at once,
-    then the model; every rank: its optimizer shard)."""
+    """Remove one saved step; every rank calls it."""
     _, rank, _, _ = get_dist_info()
     model_path, meta_path, optim_path = _paths(Path(directory), step, rank)
     if rank == 0:
-        meta_path.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)  # first: the step stops existing at once
         model_path.unlink(missing_ok=True)
     optim_path.unlink(missing_ok=True)
 
@@ -152,20 +131,20 @@ def save_checkpoint(
     meta: dict[str, Any],
     loader_state: dict | None = None,
 ) -> None:
-    """Save one step: every rank calls it. The meta file gets the model config, the world size, every
-    file's SHA-256 and, with `loader_state`, every rank's data position (gathered here)."""
+    """Save one step; every rank calls it, with its own data position `loader_state` (kept in the meta)."""
     directory = Path(directory)
     _, rank, _, world_size = get_dist_info()
     model_path, meta_path, optim_path = _paths(directory, step, rank)
     if rank == 0:
-        make_folder(directory)
+        common.make_folder(directory)
         for stale in directory.glob("*.tmp.*"):  # a save that was killed half-way
             stale.unlink()
     _barrier()
     files = []
     if rank == 0:
         # without torch.compile's prefix: a compiled and an eager model load the same file
-        save_tensors({k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}, model_path)
+        state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
+        common.save_tensors(state, model_path)
         files.append(model_path)
     if optimizers is not None:
         device = next(model.parameters()).device
@@ -173,11 +152,12 @@ def save_checkpoint(
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         shard = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}
-        save_tensors(shard, optim_path)
+        common.save_tensors(shard, optim_path)
         files.append(optim_path)
-    sums = {path.name: checksums(path) for path in files}  # read back: what the load will check
+    sums = {path.name: common.checksums(path) for path in files}  # read back: what the load will check
     gathered = [(sums, loader_state)]
-    if is_distributed():  # after the writes: every shard is on disk before the meta marks the step complete
+    # after the writes: every shard is on disk before the meta marks the step complete
+    if common.is_distributed():
         gathered = [None] * world_size
         dist.all_gather_object(gathered, (sums, loader_state))
     if rank == 0:
@@ -185,7 +165,7 @@ def save_checkpoint(
         meta["sha256"] = {name: digests for rank_sums, _ in gathered for name, digests in rank_sums.items()}
         if loader_state is not None:
             meta["dataloader_state"] = [state for _, state in gathered]
-        with atomic_path(meta_path) as tmp:
+        with common.atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta, indent=2, default=str))
         logger.info("saved checkpoint step %d to %s", step, directory)
     _barrier()
@@ -196,8 +176,7 @@ def save_checkpoint(
 
 
 def _read_step(directory: Path, step: int, rank: int, device, with_optimizer: bool, verify: bool) -> list:
-    """[meta, model state, this rank's optimizer shard (`with_optimizer`)] of a step, each `.pt` checked
-    against the SHA-256 its meta records (`verify`); a CheckpointError names the file that fails."""
+    """[meta, model state, optimizer shard if `with_optimizer`]; a CheckpointError names a damaged file."""
     model_path, path, optim_path = _paths(directory, step, rank)
     try:
         meta = json.loads(path.read_text())
@@ -207,7 +186,7 @@ def _read_step(directory: Path, step: int, rank: int, device, with_optimizer: bo
         for path in [model_path] + ([optim_path] if with_optimizer else []):
             # torch loads a flipped bit without a word; a meta saved before checksums has none: unchecked
             expected = meta.get("sha256", {}).get(path.name) if verify else None
-            if expected is not None and checksums(path) != expected:
+            if expected is not None and common.checksums(path) != expected:
                 raise ValueError("its SHA-256 is not the one its meta recorded (--no-verify skips the check)")
             loaded.append(torch.load(path, map_location=device, weights_only=True))
     except Exception as e:
@@ -224,8 +203,7 @@ def load_checkpoint(
     step_flag: str = "-s/--step",
     verify: bool = True,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
-    """(model state dict, this rank's optimizer shard or None, meta) of one saved step. A missing or
-    damaged step is a CheckpointError naming the file and the `step_flag` that picks another."""
+    """(model state, this rank's optimizer shard or None, meta); a CheckpointError names `step_flag`."""
     directory = Path(directory)
     _, rank, _, _ = get_dist_info()
     steps = saved_steps(directory)
@@ -257,10 +235,7 @@ MAX_VALUES = {
 
 
 def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
-    """GPTConfig from a meta's "model_config", checked before anything is built (a tampered meta must
-    not allocate a huge model): only GPTConfig's fields, each of its default's type, numbers finite,
-    positive and bounded, and as many layers as the weight file holds. Shapes that still differ from
-    the weights fail in load_model's load_state_dict."""
+    """GPTConfig of a meta's "model_config", checked first: a tampered meta must not allocate a huge model."""
     from nanochat.gpt import GPTConfig
 
     def bad(why: str) -> CheckpointError:
@@ -312,9 +287,7 @@ def add_verify_flag(parser) -> None:
 
 
 def add_model_flags(parser, default_source: str | None = "sft", choose_source=True, stages=STAGE_DIRS):
-    """-i/--source (one of `stages`), -g/--model-tag, -s/--step: the checkpoint to load (no default
-    source: -i required), --device-type and --no-verify (`args.verify`). `choose_source=False` leaves out
-    -i: `args.source` is then always `default_source`. `--model-step` is an old spelling of `--step`."""
+    """The checkpoint to load: -i/--source (if `choose_source`), -g, -s, --device-type, --no-verify."""
     add = parser.add_argument
     if choose_source:
         source = dict(default=default_source, required=default_source is None)  # no default: -i required
@@ -331,8 +304,7 @@ def add_model_flags(parser, default_source: str | None = "sft", choose_source=Tr
 def load_model(
     source: str, device, mode: str, model_tag: str | None = None, step: int | None = None, verify=True
 ):
-    """A model of a pipeline stage (base | mid | sft | rl) in train or eval `mode`: (model, tokenizer, meta
-    with its "model_tag"). Without a tag, the deepest `d<N>` tag; without a step, the last saved step."""
+    """(model, tokenizer, meta with "model_tag") of a stage; default tag: the deepest d<N>, step: the last."""
     from nanochat.gpt import GPT
     from nanochat.tokenizer import get_tokenizer
 
@@ -370,8 +342,7 @@ def load_model(
 
 
 def add_run_flags(parser) -> None:
-    """--resume [STEP], --overwrite and --save-every-minutes: what `start_run` does with a tag that
-    already holds a run, and the clock of `RunSaver`."""
+    """--resume [STEP], --overwrite and --save-every-minutes: the flags of `start_run` and `RunSaver`."""
     add = parser.add_argument
     resume = "continue the tag's run (from its last step, or STEP)"
     add("--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help=resume)
@@ -390,22 +361,20 @@ def start_run(
     same_flags: tuple[str, ...],
     verify: bool = True,
 ) -> tuple[int, dict[str, Any]]:
-    """(start step, meta of the resumed step or {}) of a run into `directory`, fresh (`resume` False,
-    deleting an old run with `overwrite`) or resumed (`resume` True: the last step, or a step number),
-    weights, optimizer shards and RNG restored. Every rank calls it; an error is raised on all of them."""
+    """(start step, resumed meta or {}); resuming restores weights, optimizers, RNG. Every rank calls it."""
     rank = get_dist_info()[1]
     problem = resumed = None
     try:
         if rank == 0:  # a second run into the tag is refused, naming the holder
-            hold_lock(directory, "the checkpoint folder")
+            common.hold_lock(directory, "the checkpoint folder")
         resumed = _check_run(directory, resume, overwrite, model, user_config, same_flags, verify)
     except UserError as e:
         problem = str(e)
-    raise_together(problem, CheckpointError)  # before any barrier: no rank waits for one that failed
+    common.raise_together(problem, CheckpointError)  # before any barrier: no rank waits for one that failed
     if resumed is None:
         _barrier()  # every rank has looked before rank 0 deletes
         if rank == 0 and overwrite:
-            remove_ours(directory, _run_file)
+            common.remove_ours(directory, _run_file)
         _barrier()
         return 0, {}
     step, meta, model_state, shard = resumed
@@ -420,11 +389,10 @@ def start_run(
 
 
 def _check_run(directory, resume, overwrite, model, user_config, same_flags, verify):
-    """start_run's rank-local part, without collectives: None for a fresh start, else the resumed
-    (step, meta, model state, optimizer shard)."""
+    """start_run's rank-local part (no collectives): None to start fresh, else (step, meta, model, shard)."""
     steps = saved_steps(directory)
     ours = [p.name for p in directory.iterdir() if _run_file(p)] if directory.is_dir() else []
-    if foreign := foreign_files(directory, _run_file):
+    if foreign := common.foreign_files(directory, _run_file):
         raise CheckpointError(
             f"{directory} holds files nanochat did not write ({foreign}): move them away, or pick "
             "another --model-tag"
@@ -470,9 +438,7 @@ KEEP_CLOCK_SAVES = 2  # the clock's checkpoints kept (the newest); --save-every'
 
 
 class RunSaver:
-    """When a training loop saves: the last step, every `save_every` steps, every `save_every_minutes`
-    (the newest KEEP_CLOCK_SAVES of this run's kept) and after SIGTERM/SIGINT, then exiting 0 with the
-    resume command. Every rank calls `due(step, last_step)` each step, then `save(...)` when it says so."""
+    """When a run saves (last step, every N steps or minutes, a signal): every rank calls `due`, `save`."""
 
     def __init__(self, directory: Path, start_step: int, save_every: int, save_every_minutes: float):
         self.directory, self.start_step = Path(directory), start_step
@@ -480,12 +446,12 @@ class RunSaver:
         self.last_save = time.monotonic()
         self.clock_saves: list[int] = []
         self.stopping = self.by_clock = False
-        catch_stop_signals()
+        common.catch_stop_signals()
 
     def due(self, step: int, last_step: bool) -> bool:
         """Whether this step is saved (the same answer on every rank)."""
         clock = self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds
-        self.stopping, clock = any_rank(stop_signal() is not None, clock)  # every rank saves the same step
+        self.stopping, clock = common.any_rank(common.stop_signal() is not None, clock)
         by_steps = self.save_every > 0 and step > self.start_step and step % self.save_every == 0
         self.by_clock = clock and not (last_step or by_steps)
         if self.stopping and step == self.start_step and step in saved_steps(self.directory):
@@ -506,12 +472,12 @@ class RunSaver:
 
     def stop(self, step: int) -> None:
         """Exit 0 on every rank after a stop signal, saying the step saved and the command that resumes."""
-        print0(
-            f"stopped by {stop_signal() or 'a signal to another rank'} at step {step}, saved in "
-            f"{self.directory}; resume with: {resume_command()}",
+        common.print0(
+            f"stopped by {common.stop_signal() or 'a signal to another rank'} at step {step}, saved in "
+            f"{self.directory}; resume with: {common.resume_command()}",
             flush=True,
         )
-        compute_cleanup()
+        common.compute_cleanup()
         wandb = sys.modules.get("wandb")
         if wandb is not None and wandb.run is not None:
             wandb.finish()
