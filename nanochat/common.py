@@ -60,8 +60,7 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help of the scripts: the docstring as written, and every flag's default (once: a help text
-    that already says "default: ..." is left as it is; None, "not given", is not shown)."""
+    """--help of the scripts: the docstring as written, each flag's default (unless None or in the help)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         if "default:" in (action.help or "") or action.default is None:
@@ -70,8 +69,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 def in_range(kind: Callable[[str], Any] = int, lo=None, hi=None, open_lo: bool = False):
-    """An argparse `type=` that checks a flag's range, so argparse's one line names the flag:
-    `type=in_range(int, 1)` for >= 1, `in_range(float, 0, 1)` for [0, 1], `open_lo=True` for > lo."""
+    """An argparse `type=` for a `kind` in [lo, hi] (> lo with `open_lo`), so argparse names the flag."""
     bounds = [f"{'>' if open_lo else '>='} {lo:g}"] if lo is not None else []
     want = " and ".join(bounds + ([f"<= {hi:g}"] if hi is not None else []))
 
@@ -143,8 +141,7 @@ CHECKSUM_CHUNK = 64 << 20  # bytes per SHA-256: the chunks of a big file hash on
 
 
 def checksums(path: str | os.PathLike) -> list[str]:
-    """The SHA-256 (hex) of each CHECKSUM_CHUNK bytes of a file, in order (a file of one chunk has
-    one: what `sha256sum` prints)."""
+    """The SHA-256 (hex) of each CHECKSUM_CHUNK bytes of a file (one chunk: what `sha256sum` prints)."""
 
     def chunk_sha256(start: int) -> str:
         with open(path, "rb") as f:
@@ -164,9 +161,8 @@ def sha256_of(path: str | os.PathLike) -> str:
 
 @contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `<path>.lock` (created if missing) for the duration of the block.
-    filelock, not fcntl: the module imports where fcntl does not exist."""
-    with filelock.FileLock(f"{os.fspath(path)}.lock"):
+    """Hold an exclusive lock on `<path>.lock` for the duration of the block."""
+    with filelock.FileLock(f"{os.fspath(path)}.lock"):  # not fcntl: it does not exist everywhere
         yield
 
 
@@ -174,8 +170,7 @@ _held_locks: dict[Path, filelock.BaseFileLock] = {}  # alive until the process e
 
 
 def hold_lock(folder: str | os.PathLike, what: str) -> None:
-    """Take `<folder>.lock` for the rest of this process, or raise UserError at once naming the holder
-    (pid, host and command, from `<folder>.lock.json` beside it). `what` names the folder's role."""
+    """Take `<folder>.lock` for the rest of this process, or raise UserError naming its holder."""
     folder = Path(folder)
     if folder in _held_locks:
         return
@@ -218,8 +213,7 @@ def make_folder(folder: str | os.PathLike) -> Path:
 
 
 def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> str | None:
-    """The names (the first five) of what `folder` holds that nanochat cannot prove it wrote: not the
-    marker, and `ours(path)` false; None when there is nothing else."""
+    """The names (the first five) of the files in `folder` nanochat cannot prove it wrote, or None."""
     folder = Path(folder)
     if not folder.is_dir():
         return None
@@ -230,8 +224,7 @@ def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> st
 
 
 def check_removable(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None:
-    """Raise UserError (naming --overwrite) unless `remove_ours` may empty `folder`: never `.`, `..`, `/`
-    or a home directory, nor a folder holding anything `ours` does not recognise (named)."""
+    """Raise UserError (naming --overwrite) unless `remove_ours` may empty `folder`."""
     folder = Path(folder)
     if not folder.exists():
         return
@@ -250,8 +243,7 @@ def check_removable(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> 
 
 
 def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None:
-    """Delete what `ours` recognises in `folder`, and the folder itself when it carries the marker,
-    after `check_removable` (which raises, deleting nothing, for anything else)."""
+    """Delete what `ours` recognises in `folder`, and the folder if marked; `check_removable` first."""
     folder = Path(folder)
     check_removable(folder, ours)
     if not folder.exists():
@@ -318,9 +310,8 @@ def download_file(
     validate: Callable[[Path], object] | None = None,
     progress: bool = True,
 ) -> Path:
-    """Download `url` to `path` (skipped if it is there and passes `validate(path)`: raising or False
-    rejects a file); `1 + retries` attempts, waiting backoff, 2*backoff... (at most MAX_BACKOFF) between
-    them, none after a 4xx. RuntimeError names the url; `path` never holds a partial file."""
+    """Download `url` to `path` (never a partial file) unless it passes `validate` (False or raising fails);
+    `1 + retries` attempts with exponential `backoff`. RuntimeError names the url."""
     path = Path(path)
     stale = list(path.parent.glob(f"{path.name}.tmp.*"))  # leftovers of a crashed run
     if not stale and _passes(path, validate):
@@ -390,8 +381,7 @@ def autodetect_device_type() -> str:
 
 
 def compute_init(device_type: str | None = None, seed: int = 42):
-    """Set up one process of a (possibly torchrun) run: (is_ddp, rank, local_rank, world_size, device).
-    Under torchrun the group is NCCL on CUDA (GPU `local_rank`), gloo otherwise."""
+    """Set up one process of a (possibly torchrun) run: (is_ddp, rank, local_rank, world_size, device)."""
     import torch
     import torch.distributed as dist
 
@@ -447,8 +437,7 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def compiled(model, device) -> Any:
-    """`torch.compile(model)` where inductor can build kernels: CUDA with triton, CPU with a C++
-    compiler. Elsewhere the model itself, eager (with a warning when the missing tool is installable)."""
+    """`torch.compile(model)` where inductor can build kernels, else the model itself (eager)."""
     import torch
 
     kind = torch.device(device).type
@@ -482,8 +471,7 @@ _stop_signal: str | None = None  # the name of the first stop signal caught
 
 
 def catch_stop_signals() -> None:
-    """From now on the first SIGTERM or SIGINT only sets the stop flag (`stop_signal()`): the training
-    loop finishes its step, saves and exits 0. A second one exits at once with 128 + its number."""
+    """From now on a first SIGTERM/SIGINT only sets `stop_signal()`; a second one exits at once."""
 
     def on_signal(signum: int, frame: Any) -> None:
         global _stop_signal
@@ -504,8 +492,7 @@ def stop_signal() -> str | None:
 
 
 def resume_command() -> str:
-    """The command line that resumes this run: the same script and flags, with `--resume` (last step)
-    instead of `--resume [STEP]` / `--overwrite`; under torchrun, torchrun with this node's process count."""
+    """The command line that resumes this run: its script and flags, with `--resume`."""
     args, skip = [], False
     for arg in sys.argv[1:]:
         if skip and arg.isdigit():  # the STEP of a `--resume STEP`
@@ -523,15 +510,12 @@ def resume_command() -> str:
 
 
 class UserError(Exception):
-    """A mistake the user can fix (missing or damaged file, wrong flag value); the message names the
-    file or flag and the fix. Entry points turn it into one line with `exit_on_user_error`."""
+    """A mistake the user can fix; the message names the file or flag and the fix."""
 
 
 @contextmanager
 def exit_on_user_error(script: str, hint: str = "", errors: tuple = (UserError,)) -> Iterator[None]:
-    """Inside it, one of `errors` (a UserError unless told) ends the process as
-    `script: message hint` printed by rank 0 and exit status 1: no traceback. Every rank must leave
-    the block the same way (the cleanup waits for all of them)."""
+    """One of `errors` inside it exits 1 with the line `script: message hint`; every rank leaves it alike."""
     try:
         yield
     except errors as e:
@@ -541,9 +525,8 @@ def exit_on_user_error(script: str, hint: str = "", errors: tuple = (UserError,)
 
 
 def raise_together(problem: str | None, error: type[UserError] = UserError) -> None:
-    """Every rank calls it at the same point with its own problem (None: none): if any rank has one,
-    every rank raises `error` with the first failing rank's message (one all_gather). Before any other
-    collective, so that one rank's failure never leaves the others waiting at a barrier."""
+    """Every rank calls it with its problem or None, before any other collective: if any rank has one,
+    every rank raises `error` with the first one's message."""
     problems = [problem]
     if is_distributed():
         import torch.distributed as dist
@@ -557,9 +540,8 @@ def raise_together(problem: str | None, error: type[UserError] = UserError) -> N
 
 @contextmanager
 def exit_together(script: str, hint: str = "", errors: tuple = (UserError,)) -> Iterator[None]:
-    """`exit_on_user_error` for setup where one rank may fail alone (its own disk, its own data): every
-    rank leaves the block, they agree (`raise_together`), and if any failed all exit 1 together with the
-    first failure's message. Every rank must enter it; no collective may run inside it."""
+    """`exit_on_user_error` for setup one rank may fail alone: if any rank fails, all exit 1 together.
+    Every rank must enter it; no collective may run inside it."""
     problem = None
     try:
         yield
@@ -570,8 +552,7 @@ def exit_together(script: str, hint: str = "", errors: tuple = (UserError,)) -> 
 
 
 def wandb_login_problem(run_name: str) -> str | None:
-    """Why `--run run_name` could not log to wandb (no API key in WANDB_API_KEY or ~/.netrc), or None.
-    "dummy" means no wandb; WANDB_MODE=offline/disabled needs no key. Reads no network."""
+    """Why `--run run_name` could not log to wandb (no API key), or None; reads no network."""
     if run_name == "dummy" or os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
         return None
     import wandb  # slow to import: only for a named run
@@ -596,8 +577,7 @@ def compute_dtype(device) -> Any:
 
 
 def autocast(device) -> Any:
-    """The one precision policy of every forward pass: bf16 autocast where `compute_dtype` says so,
-    plain fp32 otherwise. Weights and optimizer state stay fp32 either way."""
+    """Every forward pass's precision: bf16 autocast where `compute_dtype` says so, else plain fp32."""
     import torch
 
     dtype = compute_dtype(device)
