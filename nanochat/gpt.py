@@ -80,10 +80,8 @@ class GPTConfig:
         return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     def window_sizes(self) -> list[int | None]:
-        """Per layer, how many keys a query sees (its own included), None for all before it. The short
-        window is ceil(sequence_len / 4): the record's quarter context, equal to its 128-rounded value
-        whenever sequence_len is a multiple of 512 (2048 -> 512); a mask has no tiles to round to."""
-        short = -(-self.sequence_len // 4)
+        """Per layer, how many keys a query sees (its own included), None for all before it."""
+        short = -(-self.sequence_len // 4)  # the record's quarter context (a mask needs no 128-rounding)
         pattern = [self.window_pattern[i % len(self.window_pattern)] for i in range(self.n_layer)]
         pattern[-1] = "L"  # the last layer always sees the whole context
         return [short if letter == "S" else None for letter in pattern]
@@ -101,8 +99,7 @@ def config_from_depth(
     head_dim: int = 128,
     arch: str = "record",
 ) -> GPTConfig:
-    """The one-dial model shape: depth layers, width depth*aspect_ratio rounded up to whole heads.
-    arch "record" turns on every feature of the public record; "v1" is our first recipe's model."""
+    """The one-dial model shape: depth layers, width depth*aspect_ratio in whole heads, `arch`'s features."""
     # the other flags are checked by base_train's argparse types; --head-dim's evenness is a shape rule
     if head_dim < 2 or head_dim % 2:
         raise ConfigError(f"--head-dim must be a positive even number (rotary rotates pairs), got {head_dim}")
@@ -139,8 +136,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def visible_keys(positions: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
-    """Which keys 0..num_keys-1 each query at absolute `positions` (..., Tq) sees, (..., Tq, Tk) bool:
-    every key up to its own position, and with a window only the last `window` of them."""
+    """(..., Tq, Tk) bool: the keys up to its own position (the last `window`) a query at `positions` sees."""
     back = positions[..., None] - torch.arange(num_keys, device=positions.device)  # (..., Tq, Tk)
     mask = back >= 0
     return mask if window is None else mask & (back < window)
@@ -152,19 +148,17 @@ def _cached_band_mask(T: int, window: int, device: torch.device) -> torch.Tensor
 
 
 def band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
-    """visible_keys of a whole sequence, (T, T): built once per (T, window, device) and shared by every
-    short layer of every step (compiled, a few fused ops instead: a Python cache cannot live there)."""
+    """visible_keys of a whole sequence, (T, T), built once per (T, window, device) and shared."""
     # SDPA with a mask still does all T² work (the record's FA3 skips hidden blocks; FA3 cannot be
     # installed here): at the d4 CPU demo's shape (B 8, 2 heads of 128, one thread, best of 15),
     # forward + backward 46 ms vs 42 ms causal at T 256, 193 vs 173 ms at T 512
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # a Python cache cannot live in a graph: a few fused ops instead
         return visible_keys(torch.arange(T, device=device), T, window)
     return _cached_band_mask(T, window, device)
 
 
 def window_block_mask(T: int, window: int, device: torch.device):
-    """band_mask as flex_attention's BlockMask: per block of 128 queries, the key blocks to skip, to
-    attend in full and to mask element by element (the band's two edges)."""
+    """band_mask as flex_attention's BlockMask (per block of 128 queries, the key blocks to skip)."""
     from torch.nn.attention.flex_attention import create_block_mask  # imports sympy: not at start-up
 
     def sliding_causal(b, h, q_idx, kv_idx):  # visible_keys, one (query, key) pair at a time
@@ -313,8 +307,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """(Re)initializes every parameter and buffer in place, drawing from torch's RNG. config.init
-        picks the embedding's std and c_fc's scale; the record's parts always start as the record's."""
+        """(Re)initializes every parameter and buffer in place from torch's RNG, as config.init says."""
         c = self.config
         record = c.init == "record"
         bound = math.sqrt(3.0) / math.sqrt(c.n_embd)  # uniform(-b, b) has std 1/sqrt(n_embd)
@@ -350,8 +343,7 @@ class GPT(nn.Module):
         return rotary_tables(self.cos.size(1), self.config.head_dim, self.config.rope_base, device)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by optimizer role, each in exactly one group (empty where its feature is off);
-        "matrix" holds every block weight, value-embedding gates included."""
+        """Parameters by optimizer role, each in one group (empty where its feature is off)."""
         names = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
         blocks = self.transformer.h
         matrix = [block.get_submodule(name).weight for block in blocks for name in names]
@@ -374,31 +366,27 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def num_scaling_params(self) -> int:
-        """The record's count for its tokens-per-parameter horizon: block weights (gates included) and
-        lm_head; embedding tables and scalars are left out."""
+        """The record's count for its tokens-per-parameter horizon: block weights and lm_head."""
         groups = self.param_groups()
         return sum(p.numel() for name in ("matrix", "lm_head") for p in groups[name])
 
     def num_matmul_params(self) -> int:
-        """Weights every token is multiplied by (block matrices and gates, lm_head, smear gate): what
-        FLOPs count. Embedding tables are lookups and scalars cost no matmul."""
+        """Weights every token is multiplied by (what FLOPs count): no embedding table, no scalar."""
         smear_gate = self.smear_gate.weight.numel() if self.config.smear else 0
         return self.num_scaling_params() + smear_gate
 
     def estimate_flops(self) -> float:
-        """Training FLOPs per token: 6 per matmul weight (forward + backward) plus the attention matmuls,
-        12 * heads * head_dim per key a query sees (a window caps that)."""
+        """Training FLOPs per token: 6 per matmul weight, 12 * heads * head_dim per key a query sees."""
         c = self.config
         keys = sum(min(w or c.sequence_len, c.sequence_len) for w in c.window_sizes())
         return float(6 * self.num_matmul_params() + 12 * c.n_head * c.head_dim * keys)
 
     def smear(self, x: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        """Adds to each normed embedding x (B, T, C) a gated share of the previous token's. A cache keeps
-        each row's last one, so a chunk's first token or a decoded token sees the token before it."""
+        """Adds to each normed embedding x (B, T, C) a gated share of the previous token's."""
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
         if kv_cache is None:  # position 0 has no previous token
             return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
-        previous = kv_cache.swap_last_embedding(x[:, -1])  # (B, C), zeros where a row had no token
+        previous = kv_cache.swap_last_embedding(x[:, -1])  # (B, C): each row's last one so far, or zeros
         return x + gate * torch.cat([previous[:, None], x[:, :-1]], dim=1)
 
     def forward(
@@ -506,8 +494,7 @@ def estimate_memory(
     world_size: int = 1,
     compute_dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, int]:
-    """Bytes the busiest device (rank 0) needs for a training micro-step: params, grads, optimizer,
-    activations, total. compute_dtype != fp32 means autocast in that dtype."""
+    """Bytes rank 0 needs for a training micro-step (autocast to compute_dtype): params, grads, ..., total."""
     with torch.device("meta"):  # shapes only
         groups = GPT(config).param_groups()
     total_params = sum(p.numel() for group in groups.values() for p in group)
