@@ -63,8 +63,7 @@ def _bucket(n: int) -> int:  # the smallest power of two >= n: few batch shapes 
 
 
 class KVCache:
-    """Keys and values of `rows` rows x the whole context per layer, allocated once; the live rows
-    are 0 .. n-1. The model reads it through `_PrefillRow` or `_DecodeRows` (gpt.py's protocol)."""
+    """Keys and values of `rows` rows x the whole context per layer, allocated once (live rows: 0 .. n-1)."""
 
     def __init__(self, config, rows: int, dtype: torch.dtype, device: torch.device):
         self.rows, self.max_len = rows, config.sequence_len
@@ -117,8 +116,7 @@ class _PrefillRow:
 
 
 class _DecodeRows:
-    """Rows 0 .. n-1 of a KVCache's tensors, one new token each, attending to the first `keys`
-    positions; built inside the compiled step, so that its guards are on the tensors alone."""
+    """Rows 0 .. n-1, one new token each; built inside the compiled step, so its guards are on tensors."""
 
     def __init__(self, k: list, v: list, pos: torch.Tensor, last: torch.Tensor, n: int, keys: int):
         self.k, self.v, self.last, self.n, self.keys = k, v, last, n, keys
@@ -182,8 +180,7 @@ def sample_next(
 
 
 class Request:
-    """One generation. The engine hands each token id to `sink` as it comes, then None at the end
-    (finish_reason and error are set by then); without a sink, iterate the request (thread-safe)."""
+    """One generation: each token id goes to `sink`, then None once finished; without a sink, iterate it."""
 
     def __init__(self, tokens, max_tokens: int, temperature: float, top_k: int | None, seed: int, sink=None):
         self.tokens, self.max_tokens = tokens, max_tokens
@@ -228,9 +225,7 @@ class Request:
 
 
 class Engine:
-    """KV-cached generation for one model. The cache holds `max_batch` rows (up to a power of two) of
-    the whole context; a decode step runs the smallest power of two >= the live rows, so there are
-    log2(max_batch) + 1 batch shapes, times the key buckets."""
+    """KV-cached generation for one model, up to `max_batch` rows decoding together."""
 
     def __init__(self, model, tokenizer, max_batch: int = 8, compile: bool = False):
         self.model = model
@@ -326,8 +321,7 @@ class Engine:
         return token, mask
 
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> None:
-        """Each request takes its next token from its row of logits (n, V) (one batched draw, one host
-        sync), streams it, or finishes; the finished leave the batch. A failing row fails alone."""
+        """Each request takes its next token from its row of logits (n, V), streams it, or finishes."""
         if all(q.temperature == 0 for q in requests):
             sampled = logits.argmax(dim=-1).tolist()
         else:
@@ -354,8 +348,7 @@ class Engine:
         self.leave(finished)
 
     def join(self, requests: list[Request]) -> None:
-        """Requests with one shared prompt join the batch: one prefill, copied to each one's row; each
-        draws its own first token from the shared logits (samples differ from the start)."""
+        """Requests sharing one prompt join the batch (one prefill); each draws its own first token."""
         assert len(self.active) + len(requests) <= self.max_batch, "the batch is full"
         first = len(self.active)
         self.cache.clear(first)
@@ -366,8 +359,7 @@ class Engine:
         self._advance(requests, logits.expand(len(requests), -1))
 
     def step(self) -> None:
-        """One decode step for every live row: cancelled rows and rows at the end of the context leave
-        first; a failed forward fails every row in it."""
+        """One decode step for every live row; cancelled rows and rows at the context's end leave first."""
         full = [q for r, q in enumerate(self.active) if self.cache.lengths[r] >= self.context]
         cancelled = {q: ("cancelled", None) for q in self.active if q._cancelled.is_set()}
         self.leave(dict.fromkeys(full, ("length", None)) | cancelled)
@@ -413,10 +405,8 @@ class Engine:
         top_k: int | None = None,
         seed: int = 42,
     ) -> tuple[list[list[int]], list[list[int]]]:
-        """`num_samples` completions of `tokens`: each row's whole sequence, prompt + reply, and its mask
-        (0 on the prompt and forced tool output, 1 sampled). A row ends at its stop token, kept only with
-        `keep_stop` (RL trains the model to stop: mask 1), after `max_tokens` (forced ones count) or at
-        the end of the context."""
+        """`num_samples` completions: (sequences, masks), each prompt + reply, mask 1 where sampled.
+        The stop token ending a row is kept (mask 1) only with `keep_stop`: RL trains the model to stop."""
         sequences = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
         budget = min(self.context - len(tokens), self.context if max_tokens is None else max_tokens)
@@ -452,8 +442,7 @@ class Engine:
 
 def fit_to_context(tokenizer, conversation: dict, max_context: int, reserve: int) -> list[int]:
     """render_for_completion of the conversation minus its oldest turns, so len + reserve <= max_context.
-    BOS and the last user turn always stay (the end of its text, if even that is too long; if
-    max_context - reserve is below the 4 framing tokens, those 4 come back anyway)."""
+    The last user turn always stays (the end of its text, if even that is too long)."""
     messages = conversation["messages"]
     if messages[-1]["role"] == "assistant":
         messages = messages[:-1]  # the reply being asked for replaces it
@@ -482,8 +471,7 @@ def fit_to_context(tokenizer, conversation: dict, max_context: int, reserve: int
 def prompt_and_budget(
     tokenizer, conversation: dict, max_context: int, max_tokens: int
 ) -> tuple[list[int], int]:
-    """The prompt for the conversation's next reply and that reply's token budget, together within
-    `max_context` positions; the reply keeps room for up to half the context."""
+    """(prompt, reply budget) for the conversation's next reply, together within `max_context` positions."""
     prompt = fit_to_context(tokenizer, conversation, max_context, min(max_tokens, max_context // 2))
     return prompt, max(1, min(max_tokens, max_context - len(prompt)))
 
@@ -493,13 +481,11 @@ def prompt_and_budget(
 
 
 class BatchScheduler:
-    """Continuous batching over one Engine, whose thread it owns: up to max_batch requests decode
-    together; its queue is the only one a request waits in. `state`: "warming" (compiling; requests
-    queue), "ready", "restarting" (after an error outside any request: the batch fails, the loop
-    restarts after `restart_delay` s) or "closed"."""
+    """Continuous batching over one Engine, whose thread it owns. `state`: "warming" (compiling;
+    requests queue), "ready", "restarting" (for `restart_delay` s after an error) or "closed"."""
 
     def __init__(self, engine: Engine, restart_delay: float = 1.0):
-        self.engine, self.max_batch, self.restart_delay = engine, engine.max_batch, restart_delay
+        self.engine, self.restart_delay = engine, restart_delay
         self.state, self.restarts = ("warming" if engine.compiled else "ready"), 0
         self._cond = threading.Condition()
         self._pending: deque[Request] = deque()
@@ -553,7 +539,7 @@ class BatchScheduler:
         if engine.compiled:
             try:
                 seconds = engine.warm_up()
-                logger.info("decode step compiled for batches up to %d in %.1f s", self.max_batch, seconds)
+                logger.info("decode step compiled for batches up to %d in %.1f s", engine.max_batch, seconds)
             except Exception:  # serve eagerly rather than never
                 logger.exception("compiling the decode step failed; decoding eagerly")
                 engine.compiled = False
@@ -587,7 +573,7 @@ class BatchScheduler:
                 if self._closed:
                     return
                 admit = []
-                while self._pending and len(engine.active) + len(admit) < self.max_batch:
+                while self._pending and len(engine.active) + len(admit) < engine.max_batch:
                     admit.append(self._pending.popleft())
             for request in admit:
                 if request._cancelled.is_set():

@@ -35,15 +35,9 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from nanochat import common
 from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import (
-    HelpFormatter,
-    UserError,
-    autodetect_device_type,
-    exit_on_user_error,
-    in_range,
-    setup_logging,
-)
+from nanochat.common import UserError, in_range
 from nanochat.engine import BatchScheduler, Engine, add_decode_flag, compile_decode, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, validate_conversation
 
@@ -105,9 +99,8 @@ Stop = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 
 
 class ChatRequest(BaseModel, extra="forbid", strict=True, allow_inf_nan=False):
-    """A chat request as validated at the boundary: strict JSON types (no "1" for 1, no true for 1),
-    the engine's ranges, unknown fields refused; the sampling fields a client leaves out (or sends as
-    null) take the server's defaults, passed as the validation context."""
+    """A chat request as validated at the boundary: strict JSON types, the engine's ranges, no unknown
+    fields; sampling fields left out (or null) take the server's defaults (the validation context)."""
 
     messages: list[Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = bounded("temperature")
@@ -164,8 +157,7 @@ def parse_chat_request(raw: bytes, defaults: dict[str, Any]) -> ChatRequest:
 
 
 def split_at_stop(text: str, stops: list[str], final: bool) -> tuple[str, str, bool]:
-    """(text to send now, text to hold back, whether a stop string was found). Held back: the end of
-    the text that could still become a stop string once more text comes."""
+    """(text to send now, the end that may still become a stop string, whether a stop string was found)."""
     cut = min((i for s in stops if (i := text.find(s)) >= 0), default=-1)
     if cut >= 0:
         return text[:cut], "", True
@@ -195,10 +187,10 @@ class Generation:
 
     async def pieces(self) -> AsyncIterator[str]:
         """The reply's text, piece by piece; raises RuntimeError naming the problem if generation fails."""
-        server, params = self.server, self.params
+        server, params, engine = self.server, self.params, self.scheduler.engine
         started = time.time()
         tokens, budget = prompt_and_budget(
-            server.tokenizer, {"messages": params.messages}, server.context, params.max_tokens
+            engine.tokenizer, {"messages": params.messages}, engine.context, params.max_tokens
         )
         self.prompt_tokens = len(tokens)
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
@@ -206,7 +198,7 @@ class Generation:
         request = self.scheduler.submit(
             tokens, budget, params.temperature, params.top_k or None, params.seed, sink
         )
-        decoder, held, stopped = ReplyDecoder(server.tokenizer), "", False
+        decoder, held, stopped = ReplyDecoder(engine.tokenizer), "", False
         try:
             while not stopped and (token := await queue.get()) is not None:
                 self.completion_tokens += 1
@@ -230,11 +222,9 @@ class Generation:
 
 @dataclass
 class ChatServer:
-    """Shared state of the app: the workers, the tokenizer, defaults and counters."""
+    """Shared state of the app: the workers, defaults and counters."""
 
     workers: list[tuple[str, BatchScheduler]]  # (device, scheduler), one per GPU
-    tokenizer: Any
-    context: int  # a prompt and its reply fit in this many tokens
     model_name: str
     defaults: dict  # temperature, top_k and max_tokens of requests that leave them out
     log_content: bool = False
@@ -266,7 +256,7 @@ class ChatServer:
     def workers_state(self) -> list[dict]:
         keys = ("state", "busy", "queued", "restarts")
         return [
-            {"gpu": i, "device": device, "capacity": s.max_batch, **{k: getattr(s, k) for k in keys}}
+            {"gpu": i, "device": device, "capacity": s.engine.max_batch, **{k: getattr(s, k) for k in keys}}
             for i, (device, s) in enumerate(self.workers)
         ]
 
@@ -275,9 +265,8 @@ class ChatServer:
 
 
 class Guard:
-    """ASGI middleware run before any route: the Host / Origin allow-list, the optional API key, and
-    admission: at most `limit` requests in flight (queued or served), counted here rather than by
-    uvicorn, whose limit_concurrency counts open sockets, so idle ones would lock everyone out."""
+    """ASGI middleware before any route: the Host / Origin allow-list, the optional API key, and at most
+    `limit` requests in flight (not uvicorn's limit_concurrency: it counts idle sockets too)."""
 
     def __init__(self, app, hosts: set[str] | None, api_key: str | None, limit: int = MAX_IN_FLIGHT):
         self.app, self.hosts, self.api_key, self.limit, self.in_flight = app, hosts, api_key, limit, 0
@@ -324,8 +313,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def read_json_body(request: Request, timeout: float) -> bytes:
-    """The body, refused (4xx) unless it is JSON, under MAX_BODY_BYTES (counted while reading, so a
-    chunked body cannot grow memory) and complete within `timeout` seconds."""
+    """The body, refused (4xx) unless it is JSON, within MAX_BODY_BYTES and within `timeout` seconds."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
         raise HTTPException(415, "the body must be JSON: send 'Content-Type: application/json'")
     # closing the connection stops the client sending the rest, which uvicorn would read and drop
@@ -465,9 +453,8 @@ async def openai_completion(server: ChatServer, params: ChatRequest, request: Re
 
 
 class DeadlineH11(H11Protocol):
-    """uvicorn's HTTP/1.1 with deadlines: `timeout` seconds for each request's headers, IDLE_S for a
-    new connection's first byte (uvicorn's idle timer starts only after a first response, so a silent
-    client would hold its socket for ever)."""
+    """uvicorn's HTTP/1.1 with deadlines: `timeout` s for each request's headers, IDLE_S for a new
+    connection's first byte (uvicorn's idle timer starts after a first response: too late)."""
 
     timeout = 10.0
 
@@ -528,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_web",
         description="Serve a nanochat model: web UI + OpenAI-compatible API.",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     add = parser.add_argument
     add_model_flags(parser, "sft")
@@ -550,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     add("--log-content", action="store_true", help="also log the messages and replies")
     add_decode_flag(parser)
     args = parser.parse_args(argv)
-    with exit_on_user_error("chat_web"):
+    with common.exit_on_user_error("chat_web"):
         serve(args)
 
 
@@ -558,14 +545,14 @@ def serve(args: argparse.Namespace) -> None:
     if args.api_key is not None and not args.api_key.strip():  # an unset variable, say
         raise UserError("--api-key is empty: give the key, or leave the flag out")
     check_listen(args.host, args.port)
-    device_type = args.device_type or autodetect_device_type()
+    device_type = args.device_type or common.autodetect_device_type()
     count = torch.cuda.device_count() if device_type == "cuda" else 1
     if args.num_gpus > count:
         raise UserError(
             f"--num-gpus {args.num_gpus} asked for, but there are {count} {device_type} device(s)"
         )
 
-    setup_logging()
+    common.setup_logging()
     if args.host not in LOOPBACK and not args.api_key:
         logger.warning(
             "binding %s beyond loopback without --api-key: anyone reaching it can use it", args.host
@@ -583,8 +570,7 @@ def serve(args: argparse.Namespace) -> None:
         logger.info("worker %d ready on %s", i, device)
     name = f"nanochat-{args.source}-{meta['model_tag']}-step{meta.get('step', 0)}"
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
-    context = meta["model_config"]["sequence_len"]
-    server = ChatServer(workers, tokenizer, context, name, defaults, args.log_content, args.client_timeout)
+    server = ChatServer(workers, name, defaults, args.log_content, args.client_timeout)
     logger.info("serving %s on http://%s:%d", name, args.host, args.port)
     # the host names requests may address (None: any, with --allow-host '*')
     hosts = {args.host, *args.allow_host} | (LOOPBACK if args.host in LOOPBACK else set())

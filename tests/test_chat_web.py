@@ -655,7 +655,7 @@ def test_a_crashed_worker_restarts_and_health_reports_it_while_down(tiny_base_di
     engine = Engine(babbler_model(tokenizer), tokenizer, max_batch=2)
     scheduler = BatchScheduler(engine, restart_delay=1.0)
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 8}
-    server = chat_web.ChatServer([("cpu", scheduler)], tokenizer, 2048, "m", defaults, False)
+    server = chat_web.ChatServer([("cpu", scheduler)], "m", defaults, False)
     real_step, crashes = engine.step, []
 
     def step():
