@@ -21,14 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nanochat.common import (
-    HelpFormatter,
-    atomic_path,
-    exit_on_user_error,
-    get_base_dir,
-    get_dist_info,
-    in_range,
-)
+from nanochat import common
+from nanochat.common import atomic_path, get_base_dir
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -126,9 +120,7 @@ class Report:
         self.report_dir = report_dir
 
     def log(self, section: str, data: list, merge: bool = False) -> Path | None:
-        """Write the section `section` from the items of `data`; returns its .md file. It replaces an
-        earlier one whole, or with `merge` goes into it item by item (`merge_items`): a second
-        `chat_eval` of one model adds its tasks to the first one's."""
+        """Write the section from the items of `data`, replacing an earlier one (`merge`: merged); its .md."""
         if self.report_dir is None:
             return None
         path = self.report_dir / f"{slugify(section)}.md"
@@ -147,9 +139,7 @@ class Report:
 
 
 def merge_items(earlier: list, later: list) -> list:
-    """The items of a section logged again with `merge`, paired by position: dicts by key (the later
-    value wins; a later None removes the key), tables by their first cell (the later row wins, the
-    header is the later one's), anything else the later one."""
+    """The items of a section logged again with `merge`, paired by position; the later value wins."""
     merged = []
     for i, item in enumerate(later):
         before = earlier[i] if i < len(earlier) else None
@@ -164,7 +154,7 @@ def merge_items(earlier: list, later: list) -> list:
 
 def get_report() -> Report:
     """The report of this process: writes under `<base dir>/report/` on rank 0, a no-op elsewhere."""
-    _, rank, _, _ = get_dist_info()
+    _, rank, _, _ = common.get_dist_info()
     return Report(get_base_dir() / "report" if rank == 0 else None)
 
 
@@ -266,8 +256,7 @@ def reset(cost_per_hour: float | None = None) -> Path:
 
 
 def eta(elapsed: float, done: float, remaining: float) -> str:
-    """The time left on a training stage's step line, "eta 1h 2m 5s": `remaining` units of work (steps,
-    or a fraction of an epoch) at the mean pace of the `done` ones that took `elapsed` seconds."""
+    """ "eta 1h 2m 5s": `remaining` units of work at the mean pace of `done` ones in `elapsed` seconds."""
     return f"eta {format_duration(elapsed / done * remaining)}" if done > 0 else "eta n/a"
 
 
@@ -279,8 +268,7 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsLog:
-    """A training run's per-step metrics: JSON lines in `path` (`<checkpoint dir>/log.jsonl`),
-    and wandb when a run name other than "dummy" is given. Only the master rank writes."""
+    """A run's per-step metrics: JSON lines in `path`, and wandb for a named run; only `master` writes."""
 
     def __init__(
         self,
@@ -357,8 +345,7 @@ def summary_rows(sections: dict[str, dict]) -> list[list[str]]:
 
 
 def curves(records: list[dict], panels: dict[str, str]) -> list[tuple[str, list[tuple[int, float]]]]:
-    """[(y label, [(step, value)])] for the panels of a figure worth drawing: those with at least two
-    points (a one-point "curve", say a final val loss, is an empty panel; its value is in the section)."""
+    """[(y label, [(step, value)])] of the panels with at least two points: one point is no curve."""
     series = [(label, [(r["step"], r[key]) for r in records if key in r]) for label, key in panels.items()]
     return [(label, points) for label, points in series if len(points) >= 2]
 
@@ -393,8 +380,7 @@ def make_plots(base_dir: Path, figures_dir: Path) -> list[tuple[str, Path]]:
 
 
 def generate(copy_to: str | Path = ".") -> Path:
-    """Write `report.md` (environment, summary, curves, sections) into the report folder; copy it, with
-    its report_figures/, to `copy_to`."""
+    """Write `report.md` into the report folder, and a copy with its report_figures/ into `copy_to`."""
     base_dir = get_base_dir()
     report_dir = base_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -446,20 +432,20 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m nanochat.report",
         description="The report card: `reset` starts a run's report, `generate` writes report.md, "
         "`done SECTION` exits 0 when a stage has logged that section.",
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     add = parser.add_argument
     add("command", choices=["reset", "generate", "done"], help="what to do")
     add("section", nargs="?", help='done: a section title, e.g. "Base model training"')
     cost = "reset: the node's price in $/h (default: $NANOCHAT_COST_PER_HOUR, else a guess from the GPUs)"
-    add("--cost-per-hour", type=in_range(float, 0), help=cost)
+    add("--cost-per-hour", type=common.in_range(float, 0), help=cost)
     add("--output-dir", default=".", help="generate: the folder that gets a copy of report.md")
     args = parser.parse_args(argv)
     if (args.command == "done") != (args.section is not None):
         parser.error("a section title goes with `done` and only with it")
     if args.command == "done":
         sys.exit(0 if done(args.section) else 1)
-    with exit_on_user_error(f"report {args.command}", errors=(OSError, ValueError)):
+    with common.exit_on_user_error(f"report {args.command}", errors=(OSError, ValueError)):
         if args.command == "reset":
             print(f"report reset: wrote {reset(cost_per_hour=args.cost_per_hour)}")
         else:
