@@ -95,8 +95,7 @@ def _damaged(path: os.PathLike, e: Exception) -> DataError:
 
 
 def list_row_groups(split: str, data_dir: str | os.PathLike | None = None) -> list[tuple[Path, int]]:
-    """Every row group of `split` ("train"|"val": the shard the manifest names, else the last file) as
-    (file, group in file), entry i with global index i. Reads footers: bad shards are named before use."""
+    """Every row group of `split` ("train"|"val") as (file, group in file); a bad shard is named here."""
     data_dir = get_data_dir(data_dir)
     if not (files := list_parquet_files(data_dir)):
         raise DataError(f"no parquet shards in {data_dir}: {NO_DATA_HINT}")
@@ -163,8 +162,7 @@ def has_text_column(path: str | os.PathLike) -> bool:
 def download_corpus(
     corpus=DEFAULT_CORPUS, num_files=DEFAULT_NUM_FILES, data_dir=None, workers=4, force=False, **kw
 ):
-    """Download `corpus`'s val shard, then train shards 0..num_files-1 (-1: all), `workers` at a time, keeping
-    valid ones; `kw`: timeout, retries, backoff. Returns the manifest; RuntimeError names failed shards."""
+    """Download `corpus`'s val shard, then train shards 0..num_files-1 (-1: all); returns the manifest."""
     url, val_shard = CORPORA[corpus]
     if not 0 <= (num_files := val_shard if num_files == -1 else num_files) <= val_shard:
         raise ValueError(f"-n must be -1 (all) or 0..{val_shard} for {corpus}, got {num_files}")
@@ -229,8 +227,7 @@ def _jsonl_text(line: str) -> object:
 
 
 def iter_documents(paths: Iterable[Path], stats: Counter) -> Iterator[str]:
-    """The docs of each file, counting files read and ignored and entries skipped in `stats`: parquet rows
-    and JSONL lines with a non-blank `text` as they are, .txt and .md files cut by `split_text` (.gz too)."""
+    """The docs of .parquet, .jsonl, .txt and .md files (.gz too), counting files and skips in `stats`."""
     for path in paths:
         name = path.name.lower()
         kind = name.removesuffix(".gz").rpartition(".")[2]
@@ -251,8 +248,7 @@ def iter_documents(paths: Iterable[Path], stats: Counter) -> Iterator[str]:
 
 
 def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
-    """The embedded corpus: pydoc's documentation topics, then the stdlib's .py files (the library
-    before its tests), cut into docs, up to `max_chars`."""
+    """The embedded corpus up to `max_chars`: pydoc's topics, then the stdlib's .py files, cut into docs."""
     from pydoc_data.topics import topics  # the language reference, as shipped for help(): 0.8 MB to import
 
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -274,8 +270,7 @@ def offline_documents(max_chars: int = OFFLINE_MAX_CHARS) -> list[str]:
 
 
 def write_shards(docs, corpus: str, detail, data_dir=None, val_docs=None) -> dict:
-    """Shuffle `docs` and replace the dir's shards with train shards + a last val shard: `val_docs`
-    as they are when given, else docs held out of the shuffle. Returns the manifest."""
+    """Replace the dir's shards with shuffled `docs` and a last val shard (`val_docs`, else held out)."""
     assert val_docs is not None or len(docs) >= 2, "one train and one validation doc at least"
     data_dir, docs = get_data_dir(data_dir), list(docs)
     random.Random(SHUFFLE_SEED).shuffle(docs)  # mixed topics; held-out docs look like training ones
@@ -298,8 +293,7 @@ def write_shards(docs, corpus: str, detail, data_dir=None, val_docs=None) -> dic
 
 
 def import_from_dir(src, data_dir=None, force=False, val=None) -> dict:
-    """Import the files under `src` (see `iter_documents`) into shards; return the manifest. The val shard:
-    the docs of `val` (a file or folder, in `src` or not) in order, else 5% of the shuffled docs."""
+    """Import the files under `src` into shards, the docs of `val` (else 5% held out) as the val shard."""
     data_dir, src = get_data_dir(data_dir), Path(src).expanduser().resolve()
     if not src.is_dir():
         raise NotADirectoryError(f"--from-dir {src}: not a directory")
