@@ -23,15 +23,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from nanochat.common import (
-    UserError,
-    all_reduce_sum,
-    autocast,
-    download_file,
-    file_lock,
-    get_base_dir,
-    get_dist_info,
-)
+from nanochat import common
 
 logger = logging.getLogger("nanochat.core_eval")
 
@@ -45,28 +37,28 @@ EXAMPLES_PER_CHUNK = 256  # examples prepared (tokenized) at a time before their
 # The eval bundle
 
 
-class EvalBundleError(UserError, FileNotFoundError):
+class EvalBundleError(common.UserError, FileNotFoundError):
     """The eval bundle is missing, damaged or cannot be fetched; the message names the file and the fix."""
 
 
 def get_eval_bundle() -> Path:
-    """The CORE eval bundle folder: `$NANOCHAT_EVAL_BUNDLE`, else `<base>/eval_bundle` (downloaded once).
-    Offline (HF_HUB_OFFLINE=1) without one, fails at once rather than retrying the download."""
+    """The CORE eval bundle folder: `$NANOCHAT_EVAL_BUNDLE`, else `<base>/eval_bundle` (downloaded once)."""
     env = os.environ.get("NANOCHAT_EVAL_BUNDLE")
-    folder = Path(env).expanduser() if env else get_base_dir() / "eval_bundle"
+    folder = Path(env).expanduser() if env else common.get_base_dir() / "eval_bundle"
     if (folder / "core.yaml").is_file():
         return folder
     if env:
         raise EvalBundleError(f"NANOCHAT_EVAL_BUNDLE={env} is not an eval bundle: no {folder / 'core.yaml'}")
     base = folder.parent
     fix = f"download {EVAL_BUNDLE_URL} and unzip it into {folder}, or set NANOCHAT_EVAL_BUNDLE to a copy"
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.environ.get("HF_HUB_OFFLINE") == "1":  # fail at once rather than retry the download
         raise EvalBundleError(f"offline (HF_HUB_OFFLINE=1) and there is no eval bundle in {folder}: {fix}")
-    with file_lock(folder):  # every rank may ask; one downloads
+    with common.file_lock(folder):  # every rank may ask; one downloads
         if (folder / "core.yaml").is_file():  # another process finished it while we waited
             return folder
+        zip_path = base / "eval_bundle.zip"
         try:
-            zip_path = download_file(EVAL_BUNDLE_URL, base / "eval_bundle.zip", validate=zipfile.is_zipfile)
+            common.download_file(EVAL_BUNDLE_URL, zip_path, validate=zipfile.is_zipfile)
         except RuntimeError as e:  # download_file's message names the url and the last error
             raise EvalBundleError(f"{e}; {fix}") from None
         with tempfile.TemporaryDirectory(prefix="eval_bundle.unzip.", dir=base) as staging:
@@ -138,8 +130,7 @@ def load_task_subset(bundle_dir: str | Path, task: CoreTask, max_per_task: int =
 
 
 def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
-    """`num_fewshot` items other than `data[idx]` (all the others if fewer): the draw of
-    `random.Random(1234 + idx).sample([i for i in range(n) if i != idx], k)`, without that list."""
+    """`num_fewshot` items other than `data[idx]` (all the others if fewer), drawn with seed 1234 + idx."""
     k = min(num_fewshot, len(data) - 1)
     if k <= 0:
         return []
@@ -150,8 +141,7 @@ def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
 def render_prompts(
     item: dict, task_type: str, delimiter: str, fewshot: list[dict]
 ) -> tuple[list[tuple[str, str]], int]:
-    """(prefix, full text) per option row of one item, and the gold row; the continuation is
-    `full[len(prefix):]`. Each shot is its gold row's full text, then a blank line."""
+    """(prefix, full text) per option row of one item, few-shot examples first, and the gold row."""
     head = ""
     for shot in fewshot:
         rows, gold = render_prompts(shot, task_type, delimiter, [])
@@ -197,8 +187,7 @@ def score_example(
     task_type: str, logits: torch.Tensor, ids: torch.Tensor, spans: list[tuple[int, int]], gold: int
 ) -> bool:
     """Whether the model answers one example right, from the logits (N, T, V) and ids (N, T) of its N
-    right-padded option rows; row r's continuation ids[r, start:end] is predicted by the logits at
-    start-1 .. end-2. A row with an empty span can never win."""
+    right-padded option rows, row r's continuation being ids[r, start:end]."""
     # results stay on the device until the one transfer at the end (a GPU syncs once per example)
     mean_losses = torch.full((len(spans),), float("inf"), device=logits.device)
     exact = torch.zeros(len(spans), dtype=torch.bool, device=logits.device)
@@ -217,17 +206,15 @@ def score_example(
 def prepare_example(
     tokenizer, data: list[dict], idx: int, task: CoreTask, max_len: int | None
 ) -> tuple[list[tuple[list[int], int]], int]:
-    """Item `idx` of `data` with its few-shot examples, tokenized: (ids, continuation start) per option
-    row, and the gold row."""
+    """Item `idx` with its few-shot examples, tokenized: (ids, continuation start) per row, and the gold."""
     fewshot = sample_fewshot(data, idx, task.num_fewshot)
     prompts, gold = render_prompts(data[idx], task.task_type, task.delimiter, fewshot)
     return tokenize_prompts(tokenizer, prompts, max_len), gold
 
 
 def _batches(examples: list, batch_size: int):
-    """`prepare_example` results grouped per forward: at most `batch_size` rows each (a larger example
-    goes alone). Sorted by length, so that rows of similar length share a forward."""
-    batch, num_rows = [], 0
+    batch, num_rows = [], 0  # at most batch_size rows per forward (a larger example goes alone)
+    # sorted by length, so that rows of similar length share a forward
     for example in sorted(examples, key=lambda ex: max(len(ids) for ids, _ in ex[0])):
         if batch and num_rows + len(example[0]) > batch_size:
             yield batch
@@ -243,7 +230,7 @@ def _score_batch(model, examples: list, task_type: str, device, pad_id: int) -> 
     """One right-padded forward over all rows of `examples`; the verdict of each example."""
     seqs = [torch.tensor(row_ids, dtype=torch.long) for rows, _ in examples for row_ids, _ in rows]
     ids = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True, padding_value=pad_id).to(device)  # (B, T)
-    with autocast(device):
+    with common.autocast(device):
         logits = model(ids)  # (B, T, V)
     verdicts, offset = [], 0
     for rows, gold in examples:
@@ -257,9 +244,8 @@ def _score_batch(model, examples: list, task_type: str, device, pad_id: int) -> 
 def evaluate_task(
     model, tokenizer, data: list[dict], task: CoreTask, device, batch_size: int, timings: dict
 ) -> float:
-    """Accuracy of the model on the items of `data` (this rank's stride, summed across ranks). `timings`
-    accumulates seconds in "prepare" (render + tokenize) and "forward" (model + scoring)."""
-    _, rank, _, world_size = get_dist_info()
+    """Accuracy on `data` (every rank its stride, summed); adds seconds to timings "prepare", "forward"."""
+    _, rank, _, world_size = common.get_dist_info()
     pad_id = tokenizer.get_bos_token_id()  # any valid id: padded positions are never scored
     max_len = model.config.sequence_len  # longer rows are cropped from the left
     mine = list(range(rank, len(data), world_size))
@@ -277,7 +263,7 @@ def evaluate_task(
         t2 = time.perf_counter()
         timings["prepare"] = timings.get("prepare", 0.0) + t1 - t0
         timings["forward"] = timings.get("forward", 0.0) + t2 - t1
-    correct_total, count_total = all_reduce_sum([correct, len(mine)], device)
+    correct_total, count_total = common.all_reduce_sum([correct, len(mine)], device)
     return correct_total / count_total if count_total else 0.0
 
 
@@ -302,8 +288,7 @@ def evaluate_core(
     tasks: list[str] | None = None,
     timings: dict | None = None,
 ) -> dict:
-    """CORE of a base model over the bundle's tasks (all ranks must call it): per-task accuracies
-    ("results", "centered"), "core", and the tasks skipped. `max_per_task` <= 0 evaluates everything."""
+    """CORE of a base model (all ranks must call it): per-task "results" and "centered", "core", "skipped"."""
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else get_eval_bundle()
     timings = {} if timings is None else timings
     all_tasks = load_core_tasks(bundle_dir)

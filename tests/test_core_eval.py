@@ -332,7 +332,7 @@ def test_eval_bundle_from_the_env_or_one_download_unzipped_writing_nothing_outsi
 
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    monkeypatch.setattr(core_eval, "download_file", download)
+    monkeypatch.setattr(core_eval.common, "download_file", download)
     got = core_eval.get_eval_bundle()
     assert got == tmp_path / "base" / "eval_bundle" and downloads == [core_eval.EVAL_BUNDLE_URL]
     assert [t.label for t in load_core_tasks(got)] == ["tiny_mc", "tiny_schema", "tiny_lm"]
