@@ -29,9 +29,7 @@ TOKENIZER_THREADS = 4  # tiktoken releases the GIL, so a block tokenizes in para
 
 
 def _best_fit(lengths: list[int], row_len: int, crop: bool) -> tuple[list[list[int]], int]:
-    """Item indices per row of `row_len`, and the tokens left over. A row takes the largest item that
-    fits (the earliest among equals) until none does; with `crop`, the shortest item then fills the
-    rest, and packing stops when less than a row is left; without, every item is placed whole."""
+    """Best-fit item indices per row of `row_len`, and the tokens left over; `crop`: only full rows."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)  # stable: ties keep input order
     sizes = [lengths[i] for i in order]
     left, rows = sum(sizes), []
@@ -97,19 +95,17 @@ def _next_block(state: dict, num_blocks: int) -> None:
 
 
 def _load_block(index: int, path, group: int, tokenizer, row_len: int) -> tuple[np.ndarray, dict]:
-    """Row group `index` (`group` of `path`) tokenized with BOS, best-fit into rows, and the rows
-    shuffled with seed `index` (best fit orders them by kind): (rows (n, row_len) int32, token counts)."""
+    """Row group `index` tokenized with BOS, packed into shuffled rows: (rows (n, row_len) int32, counts)."""
     bos = tokenizer.get_bos_token_id()
     docs = tokenizer.encode(read_row_group(path, group), prepend=bos, num_threads=TOKENIZER_THREADS)
     rows, cropped, dropped = pack_crop(docs, row_len)
     rows = np.array(rows, dtype=np.int32).reshape(-1, row_len)
-    rows = rows[np.random.default_rng(index).permutation(len(rows))]
+    rows = rows[np.random.default_rng(index).permutation(len(rows))]  # best fit sorts rows by kind
     return rows, {"read": sum(map(len, docs)), "cropped": cropped, "dropped": dropped}
 
 
 class DataLoader:
-    """Endless (inputs (B, T) int32, targets (B, T) int64) micro batches of pretraining text for one
-    rank: a row generator per slot, drawn round-robin. `state_dict()` is the JSON resume state."""
+    """Endless (inputs (B, T) int32, targets (B, T) int64) micro batches of pretraining text for one rank."""
 
     def __init__(
         self, tokenizer, B, T, split, rank=0, world_size=1, grad_accum=1, device="cpu", resume_state=None
