@@ -203,8 +203,7 @@ class Tokenizer:
     def encode(
         self, text: str | list[str], prepend: int | None = None, append: int | None = None, num_threads=8
     ) -> list[int] | list[list[int]]:
-        """Ordinary encoding of a text (or of each text of a list), the ids `prepend` / `append` around it:
-        text spelling `<|bos|>` never becomes the control id."""
+        """Ids of a text (or of each of a list) between `prepend` and `append`; "<|bos|>" text is text."""
         prefix, suffix = ([] if i is None else [i] for i in (prepend, append))
         if isinstance(text, str):
             return prefix + self.enc.encode_ordinary(text) + suffix
@@ -216,8 +215,7 @@ class Tokenizer:
         return self.enc.decode([int(i) for i in ids])
 
     def render_conversation(self, conversation, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
-        """(ids, mask) of a conversation validated where it was read (`validate_conversation`), truncated
-        to max_tokens; mask 1 = train on this token (only what the assistant writes itself)."""
+        """(ids, mask) of a validated conversation, cut to max_tokens; mask 1 where the assistant writes."""
         ids: list[int] = []
         mask: list[int] = []
 
@@ -252,8 +250,7 @@ class Tokenizer:
         return ids[:max_tokens], mask[:max_tokens]
 
     def render_for_completion(self, conversation) -> list[int]:
-        """Ids that prompt the assistant's next reply: a final assistant message (the answer) is dropped
-        and `<|assistant_start|>` appended."""
+        """Ids that prompt the assistant's next reply (a final assistant message, the answer, is dropped)."""
         messages = _messages(conversation)
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
@@ -267,10 +264,8 @@ def _messages(conversation) -> list[dict]:
 
 
 def validate_conversation(messages, last_role: str | None = None) -> list:
-    """`messages` if it is an optional system message, then user/assistant turns alternating from
-    user (the last one from `last_role`, when given), each {"role", "content"} with string content
-    (an assistant's may be a list of parts); else ValueError naming the first problem. The one check
-    of a conversation's shape, where one is read (HTTP, data files)."""
+    """`messages` if it is a conversation (optional system message, then user/assistant turns, the last
+    from `last_role` if given), else a ValueError naming the first problem; called where one is read."""
     if not isinstance(messages, list):
         raise ValueError(f"expected a list of messages, got {type(messages).__name__}")
     start = 1 if messages and isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
@@ -339,8 +334,7 @@ TOOL_DISPLAY = dict(zip(TOOL_TOKENS, ("<<", "=", "", ">>"), strict=True))
 
 
 class ReplyDecoder:
-    """Decodes a chat reply's token ids one at a time into complete UTF-8 text: tool tokens become
-    `TOOL_DISPLAY` markers, any other special token shows its name."""
+    """Decodes a reply's ids one at a time into complete UTF-8 text, special tokens as markers or names."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
