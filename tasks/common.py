@@ -26,8 +26,7 @@ LETTERS = "ABCDEFGHIJ"
 
 
 class Task:
-    """A read-only dataset of conversations `{"messages": [...]}`, seen through a start/stop/step view
-    (several ranks stride one task without copying it). Rows stay in file order."""
+    """A read-only dataset of conversations `{"messages": [...]}`, seen through a start/stop/step view."""
 
     eval_type: str = "generative"  # "categorical" | "generative"
     rows: Sequence  # the underlying examples of a task read from data
@@ -45,8 +44,7 @@ class Task:
         raise NotImplementedError
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        """Whether `completion` (the text of the assistant's reply) answers `conversation` correctly:
-        by default, whether it is the reference reply."""
+        """Whether `completion` (the assistant's reply text) is right; by default, the reference reply."""
         return completion.strip() == last_assistant_text(conversation).strip()
 
     def reward(self, conversation: dict, completion: str) -> float:
@@ -64,8 +62,7 @@ class Task:
 
 
 class GeneratedTask(Task):
-    """Examples we generate: `size` per split, example i from an RNG seeded by (name, split, seed, i),
-    so any example can be built alone, in any order, and train and test never share a draw."""
+    """Examples we generate, `size` per split, each from its own RNG: any one can be built alone."""
 
     name = "generated"  # the RNG namespace; each subclass sets its own
 
@@ -82,8 +79,7 @@ class GeneratedTask(Task):
 
 
 class TaskMixture(Task):
-    """All examples of several tasks, shuffled together once (deterministic for a given seed); listing a
-    task twice oversamples it. Evaluate with the task an example came from."""
+    """All examples of several tasks, shuffled together by `seed`; a task listed twice is oversampled."""
 
     eval_type = "mixed"
 
@@ -102,8 +98,7 @@ class TaskMixture(Task):
 
 
 def render_mc(question: str, letters: list[str], choices: list[str]) -> str:
-    """A multiple-choice prompt, each letter right after its choice (`- choice=A`): a small model
-    sees the choice before the letter it must attach to it."""
+    """A multiple-choice prompt, each letter right after its choice: a small model reads the choice first."""
     lines = [f"Multiple choice question: {question}", ""]
     lines += [f"- {choice}={letter}" for letter, choice in zip(letters, choices, strict=True)]
     lines += ["", "Answer with the letter of the correct choice only."]
@@ -139,8 +134,7 @@ def last_assistant_text(conversation: dict) -> str:
 
 
 def validate_messages(messages: object, where: str) -> list[dict]:
-    """`messages` if it is a conversation ending with the assistant's reply (tokenizer's
-    validate_conversation), else a ValueError naming `where` (e.g. "file.jsonl line 3")."""
+    """`messages` if it is a conversation ending in the assistant's reply, else ValueError naming `where`."""
     try:
         return validate_conversation(messages, last_role="assistant")
     except ValueError as e:
@@ -157,8 +151,7 @@ def task_data_dir() -> Path | None:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
-    """(line number, JSON value) of each non-blank line of a .jsonl or .jsonl.gz file; a damaged file
-    is a ValueError naming it."""
+    """(line number, JSON value) of each non-blank line of a .jsonl(.gz) file; ValueError names a bad one."""
     opener = gzip.open if str(path).endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -173,8 +166,7 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
 
 
 def load_task_rows(what: str, local: str, hub: tuple[str, str | None, str]) -> Sequence:
-    """Rows of one task split: the files `local` (a glob under $NANOCHAT_TASK_DATA) when that is set,
-    else `hub` = (dataset path, config name, split) through `datasets`. `what` names the task in errors."""
+    """Rows of a task split: the glob `local` under $NANOCHAT_TASK_DATA if set, else `hub` via `datasets`."""
     root = task_data_dir()
     if root is not None:
         paths = sorted(glob.glob(str(root / local)))

@@ -12,11 +12,10 @@ _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.
 
 
 def build_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
-    """The test program for one completion: stub, completion code (its first fenced block, else all of
-    it), the tests, and the call to check. With the stub first, a bare body continues it and a full
-    function redefines it: both kinds of answer work."""
+    """The test program of one completion: the stub, its code (first fenced block, else all), the tests."""
     match = _FENCE.search(completion)
     code = match.group(1) if match else completion
+    # the stub first: a bare body continues it, a full function redefines it
     stub = prompt if prompt.endswith("\n") else prompt + "\n"
     return f"{stub}{code}\n\n{test}\n\ncheck({entry_point})\n"
 

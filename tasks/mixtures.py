@@ -22,8 +22,7 @@ def identity_task(size: int):
 
 
 def offline_tasks(n: int, identity_copies: int, spelling_size: int) -> tuple[list, list]:
-    """The --offline (train, val) tasks: synthetic Arithmetic (`n`), Identity (n/4), SpellingBee and
-    SimpleSpelling, plus the local chat file; val holds n/20 held-out of the first three."""
+    """The --offline (train, val) tasks: Arithmetic, Identity, the spelling tasks and the local chat file."""
     identity = Identity(size=max(1, n // 4), split="train")
     tasks = [Arithmetic(size=n, split="train"), *[identity] * identity_copies]
     tasks += [task(size=spelling_size, split="train") for task in (SpellingBee, SimpleSpelling)]

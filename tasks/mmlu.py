@@ -8,8 +8,7 @@ from tasks.common import Task, load_task_rows, render_mc
 
 
 class MMLU(Task):
-    """MMLU questions (subset "all") or its auxiliary training questions (subset "auxiliary_train").
-    Rows are in subject order: take subsets with `step`, not `stop`."""
+    """MMLU questions, in subject order: take subsets with `step`, not `stop`."""
 
     eval_type = "categorical"
     letters = ["A", "B", "C", "D"]

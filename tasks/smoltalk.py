@@ -7,8 +7,7 @@ from tasks.common import Task, load_task_rows, validate_messages
 
 
 class SmolTalk(Task):
-    """SmolTalk chat conversations (train or test split). Chat has no single right answer: the default
-    grading by the reference reply is a sanity check, not a quality measure."""
+    """SmolTalk chat conversations; grading by the reference reply is a sanity check, not a measure."""
 
     def __init__(self, split: str = "train", **view):
         super().__init__(**view)

@@ -58,8 +58,7 @@ def _load_words(task_dir: str | None, base_dir: str | None) -> tuple[str, ...]:
 
 
 def load_words() -> tuple[str, ...]:
-    """The sorted lowercase a-z word list: `$NANOCHAT_TASK_DATA/spellingbee/words_alpha.txt`, else
-    /usr/share/dict/words, else words harvested from the offline pretraining corpus."""
+    """The sorted a-z word list: the task data's words_alpha.txt, /usr/share/dict/words, or harvested."""
     task_dir = task_data_dir()  # the sources are the cache key: a test may point them elsewhere
     return _load_words(str(task_dir) if task_dir else None, os.environ.get("NANOCHAT_BASE_DIR"))
 

@@ -134,8 +134,7 @@ PROBLEMS = [_shopping, _change, _sharing, _distance, _savings, _remaining, _area
 
 
 class Arithmetic(GeneratedTask):
-    """Arithmetic word problems answered with the calculator tool; graded on the number after `#### `.
-    Every answer is whole: a tiny model should learn to use the tool, not to round."""
+    """Word problems solved with the calculator tool, every answer whole: learn the tool, not rounding."""
 
     name = "arithmetic"
 
@@ -171,8 +170,7 @@ def exchange(rng, phrasings: dict) -> list[dict]:
 
 
 class Identity(GeneratedTask):
-    """Templated conversations about nanochat itself (who it is, how it was made, its limits); every
-    answer is true."""
+    """Templated, true conversations about nanochat itself (who it is, how it was made, its limits)."""
 
     name = "identity"
 
