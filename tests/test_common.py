@@ -22,12 +22,9 @@ from nanochat import common
 
 
 class ScriptedServer:
-    """Serves `bodies[path]`; the n-th request to a path gets action `scripts[path][n]` (the last repeats).
-
-    Actions: "ok", "500", "404", "garbage" (200 with non-matching bytes), "short" (Content-Length
-    larger than the bytes sent, then close), "stall" (half the body, then silence for
-    `stall_seconds`), "slow" (wait `slow_seconds`, then ok).
-    """
+    """Serves `bodies[path]`; the n-th request to a path gets action `scripts[path][n]` (the last repeats):
+    "ok", "500", "404", "garbage" (200, wrong bytes), "short" (Content-Length > bytes sent, then close),
+    "stall" (half the body, then silence for `stall_seconds`), "slow" (wait `slow_seconds`, then ok)."""
 
     def __init__(self, stall_seconds: float = 1.0, slow_seconds: float = 1.0) -> None:
         self.bodies: dict[str, bytes] = {}

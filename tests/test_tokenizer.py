@@ -206,8 +206,7 @@ def test_failed_save_keeps_the_previous_files(tok, tmp_path, monkeypatch):
 
 
 def rewrite(name: str, change):
-    """A damage: `change` applied to the bytes of file `name`, its checksum in the meta updated, so that
-    only the validation can catch it."""
+    """A damage: `change` applied to file `name`, its meta checksum updated: only validation can catch it."""
 
     def damage(d: Path) -> None:
         (d / name).write_bytes(change((d / name).read_bytes()))
