@@ -10,17 +10,9 @@ import pytest
 from conftest import TASK_DATA, needs
 
 from nanochat.calculator import use_calculator
-from tasks import spellingbee
+from tasks import common, spellingbee
 from tasks.arc import ARC
-from tasks.common import (
-    Task,
-    TaskMixture,
-    extract_hash_answer,
-    last_assistant_text,
-    load_task_rows,
-    render_mc,
-    validate_messages,
-)
+from tasks.common import TaskMixture, extract_hash_answer, last_assistant_text
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
@@ -50,7 +42,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-class Numbers(Task):
+class Numbers(common.Task):
     """A task whose example i is {"tag": tag, "i": i}: makes views and mixtures easy to check."""
 
     def __init__(self, n, tag="n", **view):
@@ -135,7 +127,7 @@ def test_arc_and_mmlu_are_categorical_with_letters_after_choices(shared_tasks):
 
 
 def test_render_mc_puts_each_letter_right_after_its_choice():
-    text = render_mc("Which is a fruit?", ["A", "B", "C"], ["rock", "apple", "chair"])
+    text = common.render_mc("Which is a fruit?", ["A", "B", "C"], ["rock", "apple", "chair"])
     lines = text.splitlines()
     assert lines[0] == "Multiple choice question: Which is a fruit?"
     assert ["- rock=A", "- apple=B", "- chair=C"] == [line for line in lines if line.startswith("- ")]
@@ -259,7 +251,7 @@ def test_hub_is_used_when_no_local_folder_is_set_and_its_failure_names_the_varia
     with pytest.raises(
         RuntimeError, match=r"allenai/ai2_arc.*offline.*NANOCHAT_TASK_DATA.*arc/ARC-Easy-train"
     ):
-        load_task_rows("ARC", "arc/ARC-Easy-train.jsonl", ("allenai/ai2_arc", "ARC-Easy", "train"))
+        common.load_task_rows("ARC", "arc/ARC-Easy-train.jsonl", ("allenai/ai2_arc", "ARC-Easy", "train"))
 
 
 # ------------------------------------------------------------------------------ views and mixtures
@@ -360,7 +352,7 @@ def test_identity_conversations_are_deterministic_and_valid():
     assert examples == list(Identity(size=100, split="train"))
     assert len({json.dumps(c) for c in examples}) > 50
     for conversation in examples:
-        validate_messages(conversation["messages"], "identity")
+        common.validate_messages(conversation["messages"], "identity")
         assert task.evaluate(conversation, last_assistant_text(conversation))
         assert not task.evaluate(conversation, "I am ChatGPT, made by OpenAI.")
     assert any("nanochat" in m["content"] for c in examples for m in c["messages"])
