@@ -19,29 +19,8 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (
-    RunSaver,
-    add_model_flags,
-    add_run_flags,
-    checkpoint_dir,
-    load_model,
-    start_run,
-)
-from nanochat.common import (
-    HelpFormatter,
-    UserError,
-    autocast,
-    compiled,
-    compute_cleanup,
-    compute_init,
-    exit_on_user_error,
-    exit_together,
-    in_range,
-    is_distributed,
-    print0,
-    setup_logging,
-    wandb_login_problem,
-)
+from nanochat import checkpoint_manager, common
+from nanochat.common import UserError, in_range, is_distributed, print0
 from nanochat.dataloader import conversation_batches
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, muon_momentum, optimizers_for
 from nanochat.report import MetricsLog, eta, get_report
@@ -50,9 +29,9 @@ from nanochat.task_eval import task_accuracy
 
 def chat_flags(description: str, **defaults) -> argparse.Namespace:
     """The flags of mid_train and chat_sft; `defaults` holds each stage's own defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=common.HelpFormatter)
     add = p.add_argument
-    add_model_flags(p, defaults["source"], stages=("base", "mid", "sft"))
+    checkpoint_manager.add_model_flags(p, defaults["source"], stages=("base", "mid", "sft"))
     add("--max-seq-len", type=in_range(int, 2), help="context of the training rows (None: the model's)")
     add("--device-batch-size", type=in_range(int, 1), help="rows per device per micro-step")
     add("--total-batch-size", type=int, help="tokens per step, all ranks (-1: one micro-step per rank)")
@@ -64,7 +43,7 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add("--metrics-every", type=int, help="steps between accuracy evals (-1: only at the end, 0: never)")
     add("--metrics-max-problems", type=int, help="problems per accuracy eval")
     add("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
-    add_run_flags(p)
+    checkpoint_manager.add_run_flags(p)
     add("--offline", action="store_true", help="synthetic tasks + NANOCHAT_TASK_DATA only")
     add("--synthetic-size", type=int, help="examples per synthetic task")
     add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
@@ -93,7 +72,7 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list) -> tuple[f
     denom = count.clamp(min=1).float()  # a step without supervised tokens: loss 0, not NaN
     loss_sum = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
-        with autocast(device):
+        with common.autocast(device):
             loss = model(inputs, targets, loss_reduction="sum")
         (loss * (world_size / denom)).backward()  # the optimizers average over ranks: undo it
         loss_sum += loss.detach().float()
@@ -111,7 +90,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator, steps: int) -> floa
     count = torch.zeros((), dtype=torch.long, device=device)
     for _ in range(steps):
         inputs, targets, _ = next(batches)
-        with autocast(device):
+        with common.autocast(device):
             total += model(inputs, targets, loss_reduction="sum").double()
         count += (targets >= 0).sum()
     if is_distributed():
@@ -124,8 +103,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator, steps: int) -> floa
 def chat_lr_multiplier(
     step: int, num_iterations: int, progress: float, warmdown_ratio: float, final_lr_frac: float = 0.0
 ) -> float:
-    """1, then linear to `final_lr_frac` over the last `warmdown_ratio` of training: in steps when
-    `num_iterations` > 0, else in epoch progress (0 → 1)."""
+    """1, then linear to `final_lr_frac` over the last `warmdown_ratio` of the steps (else of the epoch)."""
     if num_iterations > 0:
         return lr_multiplier(step, num_iterations, 0, warmdown_ratio, final_lr_frac)
     left = min(max(1.0 - progress, 0.0), 1.0)  # fraction of the epoch still to train on
@@ -204,38 +182,37 @@ def write_report(section: str, user_config: dict, source: str, steps: int, shape
 def train(
     args: argparse.Namespace, stage: str, section: str, train_task, val_task, metric_tasks: dict
 ) -> None:
-    """Train one chat stage ("mid" or "sft") on `train_task`; `metric_tasks` {name: task} are scored
-    for accuracy every --metrics-every steps."""
+    """Train one chat stage ("mid" or "sft"), scoring `metric_tasks` every --metrics-every steps."""
     user_config = vars(args).copy()
-    setup_logging()
-    _, rank, _, world_size, device = compute_init(args.device_type)
+    common.setup_logging()
+    _, rank, _, world_size, device = common.compute_init(args.device_type)
     print0(f"train conversations: {len(train_task):,}  val conversations: {len(val_task):,}")
-    with exit_together(stage):  # one rank's damaged copy stops every rank, with its message
-        model, tokenizer, source_meta = load_model(
+    with common.exit_together(stage):  # one rank's damaged copy stops every rank, with its message
+        model, tokenizer, source_meta = checkpoint_manager.load_model(
             args.source, device, "train", args.model_tag, args.model_step, args.verify
         )
     tag, num_iterations = source_meta["model_tag"], args.num_iterations
     source = f"{args.source} {tag} step {source_meta['step']}"
-    with exit_on_user_error(stage):
+    with common.exit_on_user_error(stage):
         print0(f"source: {source}  model: {model.config}")
         B, T, grad_accum = plan(args, model.config, world_size)
         print0(f"steps: {num_iterations if num_iterations > 0 else 'one epoch'}")
-        if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
+        if problem := common.wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
             raise UserError(problem)
         if args.dry_run:
-            compute_cleanup()
+            common.compute_cleanup()
             return
         optimizers = optimizers_for(model, args)
-        ckpt_dir = checkpoint_dir(stage, tag)
+        ckpt_dir = checkpoint_manager.checkpoint_dir(stage, tag)
         same = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
-        start_step, resumed = start_run(
+        start_step, resumed = checkpoint_manager.start_run(
             ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
         )
     if args.resume:
         print0(f"resumed from step {start_step}")
     loader_state = resumed["dataloader_state"][rank] if resumed else None
     orig_model = model  # uncompiled: checkpoints and generation
-    model = compiled(model, device) if args.compile else model
+    model = common.compiled(model, device) if args.compile else model
     train_batches = conversation_batches(
         train_task, tokenizer, B, T, rank, world_size, device, resume_state=loader_state
     )
@@ -251,7 +228,8 @@ def train(
     step = start_step
     start_progress = state["progress"]  # the ETA of an epoch-long run (-1 steps) goes by progress
     session_time = 0.0  # every step of this process, for the ETA
-    saver = RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)  # SIGTERM: save, exit 0
+    # on SIGTERM: save, exit 0
+    saver = checkpoint_manager.RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
     while True:
         last_step = step == num_iterations if num_iterations > 0 else state["progress"] >= 1.0
         if saver.due(step, last_step):
@@ -295,4 +273,4 @@ def train(
     shape = {"world size": world_size, "device batch size": B, "gradient accumulation": grad_accum}
     write_report(section, user_config, source, step, shape, state)
     run_log.finish()
-    compute_cleanup()
+    common.compute_cleanup()

@@ -21,28 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (
-    RunSaver,
-    add_model_flags,
-    add_run_flags,
-    checkpoint_dir,
-    load_model,
-    start_run,
-)
-from nanochat.common import (
-    HelpFormatter,
-    UserError,
-    all_reduce_sum,
-    autocast,
-    compute_cleanup,
-    compute_init,
-    exit_on_user_error,
-    exit_together,
-    in_range,
-    print0,
-    setup_logging,
-    wandb_login_problem,
-)
+from nanochat import checkpoint_manager, common
+from nanochat.common import HelpFormatter, UserError, in_range, print0
 from nanochat.engine import Engine, add_decode_flag, compile_decode, prompt_and_budget
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
 from nanochat.report import MetricsLog, eta, get_report, read_log
@@ -55,8 +35,7 @@ from tasks.synthetic import Arithmetic
 
 
 def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
-    """Advantage of each sample of one question's group: its reward minus the group mean (no std scaling).
-    A group whose samples all score the same contributes exactly zero gradient."""
+    """Each sample's reward minus its group's mean (no std scaling): a uniform group gives zero gradient."""
     return rewards - rewards.mean()
 
 
@@ -88,12 +67,8 @@ def rollout_batch(
 def policy_gradient_loss(
     logprobs: torch.Tensor, targets: torch.Tensor, advantages: torch.Tensor, num_tokens: int
 ) -> torch.Tensor:
-    """-Σ advantage · log p over the trained tokens (targets != -1) of a micro-batch, / num_tokens.
-
-    logprobs (B, T): log-probabilities of the targets; advantages (B,): one per row;
-    num_tokens: trained tokens of the whole optimizer step (all micro-batches, all ranks).
-    Summing this over the micro-batches of every rank gives the step's objective.
-    """
+    """-Σ advantage · log p over a micro-batch's trained tokens (targets != -1), / num_tokens: the trained
+    tokens of the whole step (all ranks). logprobs (B, T) of the targets, advantages (B,)."""
     trained = (targets != -1).to(logprobs.dtype)
     weighted = logprobs * trained * advantages.to(logprobs.dtype)[:, None]  # (B, T)
     return -weighted.sum() / max(num_tokens, 1)
@@ -106,7 +81,7 @@ if __name__ == "__main__":
     # ---------------------------------------------------------------------- flags
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     g = parser.add_argument_group("model and data")
-    add_model_flags(g, "sft")
+    checkpoint_manager.add_model_flags(g, "sft")
     g.add_argument("--offline", action="store_true", help="train on synthetic Arithmetic instead of GSM8K")
     g.add_argument("--max-seq-len", type=int, help="prompt + answer limit (default: the model's)")
     positive = in_range(int, 1)
@@ -130,7 +105,7 @@ if __name__ == "__main__":
     g.add_argument("--eval-samples", type=positive, default=8, help="samples per test question (k <= this)")
     g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
     g = parser.add_argument_group("run")
-    add_run_flags(g)
+    checkpoint_manager.add_run_flags(g)
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
     args = parser.parse_args()
@@ -139,18 +114,18 @@ if __name__ == "__main__":
     user_config = vars(args).copy()
 
     # ---------------------------------------------------------------------- compute, tasks (before the model)
-    setup_logging()
-    is_ddp, rank, _, world_size, device = compute_init(args.device_type)
+    common.setup_logging()
+    is_ddp, rank, _, world_size, device = common.compute_init(args.device_type)
     if args.offline:
         train_task = Arithmetic(size=5000, split="train")
         test_task = Arithmetic(size=256, split="test")  # the test questions chat_eval grades offline
     else:
         hint = "; or pass --offline (synthetic Arithmetic, no download)"
-        with exit_on_user_error("chat_rl", hint, TASK_DATA_ERRORS):
+        with common.exit_on_user_error("chat_rl", hint, TASK_DATA_ERRORS):
             train_task, test_task = GSM8K(subset="main", split="train"), GSM8K(subset="main", split="test")
     num_steps = args.num_iterations if args.num_iterations > 0 else len(train_task) // args.examples_per_step
     eval_examples = min(args.eval_examples, len(test_task))
-    with exit_on_user_error("chat_rl"):
+    with common.exit_on_user_error("chat_rl"):
         if args.examples_per_step % world_size:
             raise UserError(
                 f"--examples-per-step {args.examples_per_step} must be a multiple of {world_size} ranks"
@@ -159,8 +134,8 @@ if __name__ == "__main__":
             raise UserError(f"{len(train_task)} training questions make no step of {args.examples_per_step}")
 
     # ---------------------------------------------------------------------- model
-    with exit_together("chat_rl"):  # one rank's damaged copy stops every rank, with its message
-        model, tokenizer, source_meta = load_model(
+    with common.exit_together("chat_rl"):  # one rank's damaged copy stops every rank, with its message
+        model, tokenizer, source_meta = checkpoint_manager.load_model(
             args.source, device, "train", args.model_tag, args.model_step, args.verify
         )
     model_tag, max_seq_len = source_meta["model_tag"], args.max_seq_len or model.config.sequence_len
@@ -170,17 +145,17 @@ if __name__ == "__main__":
         f"on {type(train_task).__name__} ({len(train_task)} questions, {len(test_task)} for eval), "
         f"{world_size} rank(s)"
     )
-    with exit_on_user_error("chat_rl"):
-        if problem := wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
+    with common.exit_on_user_error("chat_rl"):
+        if problem := common.wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
             raise UserError(problem)
         if args.dry_run:
-            compute_cleanup()
+            common.compute_cleanup()
             raise SystemExit(0)
         optimizers = optimizers_for(model, args)  # fresh: the SFT run's moments are not carried over
-        ckpt_dir = checkpoint_dir("rl", model_tag)
+        ckpt_dir = checkpoint_manager.checkpoint_dir("rl", model_tag)
         same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
         same += ("num_iterations",)
-        start_step, _ = start_run(
+        start_step, _ = checkpoint_manager.start_run(
             ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
         )
     if args.resume:
@@ -213,7 +188,7 @@ if __name__ == "__main__":
             for i, k in enumerate(ks):
                 sums[2 + i] += pass_at_k(args.eval_samples, correct, k)
         model.train()
-        sums = all_reduce_sum(sums, device)
+        sums = common.all_reduce_sum(sums, device)
         n = max(sums[0], 1)
         return {"eval_reward": sums[1] / n, **{f"pass@{k}": sums[2 + i] / n for i, k in enumerate(ks)}}
 
@@ -225,7 +200,8 @@ if __name__ == "__main__":
     last_eval: dict = {}
     training_time = 0.0  # this process's steps (a resumed run starts it again): the ETA's pace
     per_rank = args.examples_per_step // world_size
-    saver = RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)  # SIGTERM: save, exit 0
+    # on SIGTERM: save, exit 0
+    saver = checkpoint_manager.RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
         if saver.due(step, last_step):
@@ -254,7 +230,7 @@ if __name__ == "__main__":
             rollouts.append((sequences, masks, group_advantages(rewards)))
         model.train()
         local_tokens = sum(sum(m[1:]) for _, masks, _ in rollouts for m in masks)
-        num_tokens, reward_total, samples = all_reduce_sum(
+        num_tokens, reward_total, samples = common.all_reduce_sum(
             [local_tokens, reward_sum, per_rank * args.num_samples], device
         )
         num_tokens = int(num_tokens)
@@ -266,7 +242,7 @@ if __name__ == "__main__":
             for start in range(0, len(sequences), args.device_batch_size):
                 rows = slice(start, start + args.device_batch_size)
                 inputs, targets = rollout_batch(sequences[rows], masks[rows], pad_id, device)
-                with autocast(device):
+                with common.autocast(device):
                     logprobs = -model(inputs, targets, loss_reduction="none")  # (B, T), 0 where target -1
                 loss = policy_gradient_loss(logprobs, targets, advantages[rows].to(device), num_tokens)
                 objective += loss.detach().double()
@@ -310,4 +286,4 @@ if __name__ == "__main__":
         }
         get_report().log(section="Chat RL", data=[user_config, results])
     run_log.finish()
-    compute_cleanup()
+    common.compute_cleanup()
