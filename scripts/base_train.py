@@ -24,50 +24,14 @@ from dataclasses import asdict, replace
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (
-    RunSaver,
-    add_device_flag,
-    add_run_flags,
-    add_verify_flag,
-    checkpoint_dir,
-    start_run,
-)
-from nanochat.common import (
-    HelpFormatter,
-    UserError,
-    autocast,
-    compiled,
-    compute_cleanup,
-    compute_dtype,
-    compute_init,
-    exit_on_user_error,
-    exit_together,
-    get_peak_flops,
-    in_range,
-    print0,
-    setup_logging,
-    wandb_login_problem,
-)
+from nanochat import checkpoint_manager, common, optim
+from nanochat.common import UserError, in_range, print0
 from nanochat.core_eval import evaluate_core, get_eval_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import list_parquet_files, read_manifest
 from nanochat.engine import greedy_completions
 from nanochat.gpt import ARCHES, GPT, GPTConfig, config_from_depth, estimate_memory, suggest_device_batch_size
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.optim import (
-    REF_DEPTH,
-    WeightEMA,
-    add_optimizer_flags,
-    apply_schedule,
-    batch_lr_scale,
-    batch_size_for,
-    describe_optimizers,
-    lr_multiplier,
-    muon_momentum,
-    optimizers_for,
-    scaled_weight_decay,
-    weight_decay_multiplier,
-)
 from nanochat.report import MetricsLog, eta, get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -85,7 +49,7 @@ def device_batch_size(text: str) -> str:
     return text
 
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
 g = parser.add_argument_group("model")
 g.add_argument("--depth", type=positive, default=20, help="transformer layers; also sets the width")
 # the record's architecture: its GPU runs at d12-d26 (public nanochat, to autoresearch round 2)
@@ -143,7 +107,7 @@ RECIPES = {
 }
 g = parser.add_argument_group("recipe (a flag left unset takes the --recipe's value)")
 g.add_argument("--recipe", default="record", choices=RECIPES, help="record: the public record's; v1: ours")
-add_optimizer_flags(parser, weight_decay=None, matrix_lr=None, embedding_lr=None, unembedding_lr=None)
+optim.add_optimizer_flags(parser, weight_decay=None, matrix_lr=None, embedding_lr=None, unembedding_lr=None)
 g.add_argument("--scalar-lr", type=in_range(float, 0), help="AdamW LR of the x0 scalars (residual: × 0.01)")
 wd_help = "record: --weight-decay × √(batch/2^19) × (d12 params/params), cosine to 0; constant: as given"
 g.add_argument("--wd-schedule", choices=("record", "constant"), help=wd_help)
@@ -167,11 +131,11 @@ g.add_argument(
     "--save-every", type=int, default=-1, help="steps between saves (-1: by the clock and at the end)"
 )
 g = parser.add_argument_group("run")
-add_run_flags(g)
+checkpoint_manager.add_run_flags(g)
 g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
 g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
-add_device_flag(g)
-add_verify_flag(g)
+checkpoint_manager.add_device_flag(g)
+checkpoint_manager.add_verify_flag(g)
 g.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
 g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile the model")
 g.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
@@ -184,15 +148,16 @@ user_config = vars(args).copy()
 # -----------------------------------------------------------------------------
 # Compute
 
-setup_logging()
-is_ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
+common.setup_logging()
+is_ddp, rank, local_rank, world_size, device = common.compute_init(args.device_type, seed=args.seed)
 master = rank == 0
 
 
 # -----------------------------------------------------------------------------
 # Tokenizer, model config, batch and length
 
-with exit_together("base_train", errors=(UserError, FileNotFoundError)):  # one node's missing files stop all
+# one node's missing files stop all
+with common.exit_together("base_train", errors=(UserError, FileNotFoundError)):
     tokenizer = get_tokenizer()
     if not list_parquet_files():
         raise UserError(
@@ -207,11 +172,11 @@ def model_config(depth: int) -> GPTConfig:
 
 
 # ValueError: a shape config_from_depth refuses, naming its flag
-with exit_on_user_error("base_train", errors=(UserError, ValueError)):
+with common.exit_on_user_error("base_train", errors=(UserError, ValueError)):
     config = model_config(args.depth)
     with torch.device("meta"):
         model = GPT(config)
-        reference = GPT(model_config(REF_DEPTH))  # the depth the batch and decay rules are anchored at
+        reference = GPT(model_config(optim.REF_DEPTH))  # the depth the batch and decay rules are anchored at
     num_params = model.num_params()
     scaling_params = model.num_scaling_params()  # what the horizon, batch and decay rules count
     ref_params = reference.num_scaling_params()
@@ -220,8 +185,8 @@ with exit_on_user_error("base_train", errors=(UserError, ValueError)):
     lr_scale = 1.0
     if args.total_batch_size == -1:
         # 2^19 tokens at depth 12, × (params / params at d12)^0.383 as a power of two; LRs × √(batch / 2^19)
-        args.total_batch_size = batch_size_for(scaling_params, ref_params)
-        lr_scale = batch_lr_scale(args.total_batch_size)
+        args.total_batch_size = optim.batch_size_for(scaling_params, ref_params)
+        lr_scale = optim.batch_lr_scale(args.total_batch_size)
         print0(f"total batch size: auto -> {args.total_batch_size:,} tokens (LRs × {lr_scale:.3f})")
     elif args.total_batch_size < 1:
         raise UserError(
@@ -235,7 +200,7 @@ with exit_on_user_error("base_train", errors=(UserError, ValueError)):
             available = torch.mps.recommended_max_memory()
         else:
             available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-        B = suggest_device_batch_size(config, T, available, world_size, compute_dtype(device))
+        B = suggest_device_batch_size(config, T, available, world_size, common.compute_dtype(device))
         while B > 1 and args.total_batch_size % (B * T * world_size):
             B //= 2
         print0(f"device batch size: auto -> {B}")
@@ -267,13 +232,13 @@ with exit_on_user_error("base_train", errors=(UserError, ValueError)):
 total_tokens = num_iterations * args.total_batch_size
 weight_decay = args.weight_decay  # Muon's, before its schedule
 if args.wd_schedule == "record":
-    weight_decay = scaled_weight_decay(
+    weight_decay = optim.scaled_weight_decay(
         weight_decay, args.total_batch_size, lr_scale, scaling_params, ref_params
     )
 momentum_ramp, momentum_start, momentum_peak, momentum_end = args.momentum
 if args.compile_optimizer is None:
     args.compile_optimizer = device.type == "cuda"  # a CPU pays ~20 s of compiling for little gain
-memory = estimate_memory(config, B, T, world_size, compute_dtype(device))
+memory = estimate_memory(config, B, T, world_size, common.compute_dtype(device))
 features = [name for name in ("value_embeds", "layer_scalars", "smear", "backout") if getattr(config, name)]
 short = f" (short {-(-T // 4)} tokens)" if "S" in config.window_pattern else ""
 print0(
@@ -299,22 +264,25 @@ print0(f"Muon weight decay: {args.weight_decay} -> {weight_decay:.4g} ({decay_ru
 if args.weight_ema > 0:
     print0(f"weight EMA: beta {args.weight_ema} over the last {warmdown_steps} steps, the final weights")
 with torch.device("meta"):  # the optimizers of the real run, on the meta model: LRs, betas, decay
-    for line in describe_optimizers(optimizers_for(model, args, lr_scale, weight_decay)):
+    for line in optim.describe_optimizers(optim.optimizers_for(model, args, lr_scale, weight_decay)):
         print0(f"  {line}")
 print0(f"total FLOPs: {flops_per_token * total_tokens:.3e}")
 print0("memory estimate per device: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in memory.items()))
-if args.core_metric_every > 0:  # the CORE bundle now, not mid-run: rank 0 downloads, then every rank finds it
-    bundle = dict(hint=" (the CORE eval bundle); set NANOCHAT_EVAL_BUNDLE or --core-metric-every -1")
-    with exit_together("base_train", errors=(OSError, RuntimeError, ValueError), **bundle):
+if args.core_metric_every > 0:  # the CORE bundle now, not mid-run
+    hint = " (the CORE eval bundle); set NANOCHAT_EVAL_BUNDLE or --core-metric-every -1"
+    bundle = dict(hint=hint, errors=(OSError, RuntimeError, ValueError))
+    # rank 0 downloads alone: if that fails, every rank stops here, before each retried it in turn
+    with common.exit_together("base_train", **bundle):
         if master:
             get_eval_bundle()
-    with exit_together("base_train", errors=(OSError, RuntimeError, ValueError), **bundle):
+    with common.exit_together("base_train", **bundle):  # then every rank finds it (another node: fetches)
         print0(f"CORE eval bundle: {get_eval_bundle()}")
-with exit_on_user_error("base_train"):  # wandb, like the bundle, before the dry run's exit: it checks them
-    if problem := wandb_login_problem(args.run):
+# wandb, like the bundle, before the dry run's exit: it checks them
+with common.exit_on_user_error("base_train"):
+    if problem := common.wandb_login_problem(args.run):
         raise UserError(problem)
 if args.dry_run:
-    compute_cleanup()
+    common.compute_cleanup()
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
@@ -322,24 +290,24 @@ if args.dry_run:
 
 model.to_empty(device=device)
 model.init_weights()
-optimizers = optimizers_for(model, args, lr_scale, weight_decay)
+optimizers = optim.optimizers_for(model, args, lr_scale, weight_decay)
 ema = None
 if args.weight_ema > 0:  # an "optimizer" stepped after the others, so checkpoints carry its average
-    ema = WeightEMA(model.parameters(), args.weight_ema, start=num_iterations - warmdown_steps)
+    ema = optim.WeightEMA(model.parameters(), args.weight_ema, start=num_iterations - warmdown_steps)
     optimizers.append(ema)
 same = ("total_batch_size", "device_batch_size", "max_seq_len")
-with exit_on_user_error("base_train"):
-    ckpt_dir = checkpoint_dir("base", args.model_tag or f"d{args.depth}")
-    start_step, resumed = start_run(
+with common.exit_on_user_error("base_train"):
+    ckpt_dir = checkpoint_manager.checkpoint_dir("base", args.model_tag or f"d{args.depth}")
+    start_step, resumed = checkpoint_manager.start_run(
         ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
     )
 loader_state = resumed["dataloader_state"][rank] if resumed else None
 if args.resume:
     print0(f"resumed from step {start_step}")
 orig_model = model  # the uncompiled module: for checkpoints and CORE
-model = compiled(model, device) if args.compile else model
+model = common.compiled(model, device) if args.compile else model
 
-with exit_together("base_train", errors=(UserError, ValueError)):  # a damaged or too small shard set
+with common.exit_together("base_train", errors=(UserError, ValueError)):  # a damaged or too small shard set
     train_loader = DataLoader(
         tokenizer, B, T, "train", rank, world_size, grad_accum, device, resume_state=loader_state
     )
@@ -355,14 +323,14 @@ eval_steps = max(1, args.eval_tokens // tokens_per_micro_step)
 run_log = MetricsLog(
     ckpt_dir / "log.jsonl", start_step, args.resume, args.run, "nanochat", user_config, master
 )
-peak_flops = get_peak_flops(device)
+peak_flops = common.get_peak_flops(device)
 # what a checkpoint carries on; training_time excludes the compile warm-up steps
 state = {"smooth_loss": 0.0, "min_val_bpb": float("inf"), "training_time": 0.0, "val_bpb": None, "core": None}
 state |= resumed.get("loop_state", {})
 session_time = 0.0  # every step of this process, for the ETA
 ema_beta = 0.9
 mfu = float("nan")
-saver = RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
+saver = checkpoint_manager.RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
 for step in range(start_step, num_iterations + 1):
     last_step = step == num_iterations
     if last_step and ema is not None:
@@ -404,16 +372,18 @@ for step in range(start_step, num_iterations + 1):
     loss_sum = torch.zeros((), device=device)
     for _ in range(grad_accum):
         inputs, targets = next(train_batches)
-        with autocast(device):
+        with common.autocast(device):
             loss = model(inputs, targets)
         loss_sum += loss.detach()
         (loss / grad_accum).backward()
-    lrm = lr_multiplier(step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
-    momentum = muon_momentum(
+    lrm = optim.lr_multiplier(
+        step, num_iterations, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac
+    )
+    momentum = optim.muon_momentum(
         step, momentum_ramp, momentum_start, momentum_peak, num_iterations, args.warmdown_ratio, momentum_end
     )
-    decay = weight_decay * weight_decay_multiplier(step, num_iterations, args.wd_schedule)
-    apply_schedule(optimizers, lrm, momentum, decay)
+    decay = weight_decay * optim.weight_decay_multiplier(step, num_iterations, args.wd_schedule)
+    optim.apply_schedule(optimizers, lrm, momentum, decay)
     for opt in optimizers:
         opt.step()
     model.zero_grad(set_to_none=True)
@@ -491,4 +461,4 @@ get_report().log(
     ],
 )
 run_log.finish()
-compute_cleanup()
+common.compute_cleanup()
