@@ -18,8 +18,7 @@ def evaluate_bpb(
     steps: int,
     token_bytes: torch.Tensor,
 ) -> float:
-    """Bits per byte over `steps` batches of (inputs, targets), the same on every rank (sums over all);
-    `inf` when no bytes were seen. `token_bytes` (V,): byte lengths, on the model's device."""
+    """Bits per byte over `steps` batches, summed over ranks; `token_bytes` (V,) is on the model's device."""
     device = token_bytes.device
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)

@@ -240,14 +240,12 @@ EXPORT_FILES |= {"tokenizer_config.json", "tokenizer.json", "README.md"}
 
 
 def _exported(path: Path) -> bool:
-    """A file an export wrote: one of its names, in a folder carrying nanochat's marker (the names alone
-    are every Hugging Face folder's: a folder without the marker is never emptied)."""
+    """A file an export wrote: one of its names in a folder with our marker (the names alone: any HF's)."""
     return path.is_file() and path.name in EXPORT_FILES and (path.parent / MARKER).is_file()
 
 
 def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, overwrite: bool = False) -> None:
-    """Write the model folder `out` (atomically: built next to it, then renamed). `overwrite` replaces an
-    earlier export there, and nothing else (UserError: `.`, `..`, a home directory, other files)."""
+    """Write the model folder `out` atomically; `overwrite` may replace an earlier export, nothing else."""
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"--out {out} exists and is not empty: choose another folder or pass --overwrite")
