@@ -182,8 +182,7 @@ def test_a_tag_must_be_a_plain_folder_name(private_base, tag):
     assert cm.checkpoint_dir("base", "d20.v2-x").name == "d20.v2-x"
 
 
-# -----------------------------------------------------------------------------
-# What a run may delete, and the messages between --resume and --overwrite
+# ----------------------------------- What a run may delete, and the messages between --resume and --overwrite
 
 
 def test_overwrite_deletes_the_run_and_its_marked_folder_but_nothing_else(tiny):
@@ -232,8 +231,7 @@ def test_remove_ours_refuses_root_home_and_the_working_folder(tmp_path, monkeypa
     assert (tmp_path / "work").is_dir()
 
 
-# -----------------------------------------------------------------------------
-# Locks
+# ---------------------------------------------------------------------- Locks
 
 
 def _run_into(folder: Path, name: str, barrier, results) -> None:
@@ -306,8 +304,7 @@ def test_nanochat_common_imports_and_locks_without_fcntl(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr[-2000:]
 
 
-# -----------------------------------------------------------------------------
-# Artifacts are checked before they are trusted
+# -------------------------------------------------------------- Artifacts are checked before they are trusted
 
 TAMPERED = {  # meta edit -> what the one-line error names
     "n_layer 200000": (lambda m: m["model_config"].update(n_layer=200_000), "n_layer"),
@@ -403,8 +400,7 @@ def test_a_flipped_bit_is_named_with_the_newest_intact_step_and_checked_per_chun
     assert cm.load_model("sft", "cpu", "eval", "d1", step=1)[2]["step"] == 1
 
 
-# -----------------------------------------------------------------------------
-# Saving during a run
+# ---------------------------------------------------------------------- Saving during a run
 
 
 def test_clock_saves_keep_the_newest_two_of_this_run_and_every_other_checkpoint(tiny, monkeypatch):

@@ -17,8 +17,7 @@ import pytest
 
 from nanochat import common
 
-# -----------------------------------------------------------------------------
-# A scripted local HTTP server
+# ---------------------------------------------------------------------- A scripted local HTTP server
 
 
 class ScriptedServer:
@@ -106,8 +105,7 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if ".tmp." in p.name)
 
 
-# -----------------------------------------------------------------------------
-# Paths, ranks, printing
+# ---------------------------------------------------------------------- Paths, ranks, printing
 
 
 def test_get_base_dir_follows_env_var_else_home_cache_and_creates_it(tmp_path, monkeypatch):
@@ -141,8 +139,7 @@ def test_print0_and_progress_bars_speak_on_rank_0_only(monkeypatch, capsys):
         assert (out.out == "printed\n", "work" in out.err) == (speaks, speaks)
 
 
-# -----------------------------------------------------------------------------
-# Atomic writes and locks
+# ---------------------------------------------------------------------- Atomic writes and locks
 
 
 def test_atomic_path_replaces_the_file_only_when_the_writer_succeeds(tmp_path):
@@ -177,8 +174,7 @@ def test_file_lock_excludes_other_holders(tmp_path):
     assert (tmp_path / "resource.lock").exists()
 
 
-# -----------------------------------------------------------------------------
-# Downloads
+# ---------------------------------------------------------------------- Downloads
 
 
 @pytest.mark.parametrize("failures", [("500", "500"), ("stall",), ("short",), ("garbage",)])

@@ -45,8 +45,7 @@ def loader(tokenizer, **kwargs) -> DataLoader:
     return DataLoader(tokenizer, **{"B": B, "T": T, "split": "train", **kwargs})
 
 
-# -----------------------------------------------------------------------------
-# The packer, by hand
+# ---------------------------------------------------------------------- The packer, by hand
 
 
 def doc(token: int, n: int, bos: int = 0) -> list[int]:
@@ -88,8 +87,7 @@ def test_pad_mode_places_whole_items_and_masks_padding():
         pack_pad([([0] * 9, [1] * 9)], row_len=8, pad_id=0)
 
 
-# -----------------------------------------------------------------------------
-# Batches from the real corpus
+# ---------------------------------------------------------------------- Batches from the real corpus
 
 
 def test_batches_are_bos_aligned_grad_accum_equals_ranks_and_both_resume_midstep(tokenizer, base_dir):
@@ -189,8 +187,7 @@ def test_batches_land_on_cuda(tokenizer, base_dir):
     assert torch.equal(y[:, :-1].cpu(), x[:, 1:].long().cpu())
 
 
-# -----------------------------------------------------------------------------
-# Synthetic corpus: trace every token to its document
+# -------------------------------------------------------- Synthetic corpus: trace every token to its document
 
 
 class IdTokenizer:

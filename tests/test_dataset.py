@@ -61,8 +61,7 @@ def jsonl(path: Path, texts: list[str]) -> Path:
     return path.parent
 
 
-# -----------------------------------------------------------------------------
-# Downloads: ClimbMix (the default) and FineWeb-Edu, against the local server
+# -------------------------------- Downloads: ClimbMix (the default) and FineWeb-Edu, against the local server
 
 
 @pytest.mark.parametrize("corpus, val_shard", [("climbmix", VAL_SHARD), ("fineweb-edu", FINEWEB_VAL_SHARD)])
@@ -120,8 +119,7 @@ def test_rerun_skips_complete_shards_and_repairs_damaged_ones(server, base_dir):
     assert leftovers(data_dir) == []
 
 
-# -----------------------------------------------------------------------------
-# --from-dir imports
+# ---------------------------------------------------------------------- --from-dir imports
 
 
 @needs(PRETRAIN)
@@ -251,8 +249,7 @@ def test_shards_without_manifest_count_as_fineweb_edu(server, base_dir):
     assert dataset.read_manifest()["source"] == "fineweb-edu"
 
 
-# -----------------------------------------------------------------------------
-# --offline corpus
+# ---------------------------------------------------------------------- --offline corpus
 
 
 def test_offline_corpus_is_big_enough_capped_and_byte_identical_across_builds(tmp_path):
@@ -265,8 +262,7 @@ def test_offline_corpus_is_big_enough_capped_and_byte_identical_across_builds(tm
     assert one == two
 
 
-# -----------------------------------------------------------------------------
-# Reading errors and the command line
+# ---------------------------------------------------------------------- Reading errors and the command line
 
 
 def test_reading_names_the_command_to_run_takes_the_last_file_as_val_and_names_a_damaged_shard(base_dir):

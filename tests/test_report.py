@@ -48,8 +48,7 @@ def summary(markdown: str) -> tuple[dict[str, list[str]], dict[str, str]]:
     return {row[0]: row[1:] for row in rows[1:]}, dict(re.findall(r"^- (.+?): (.*)$", block, flags=re.M))
 
 
-# -----------------------------------------------------------------------------
-# Sections: markdown for people, data for the summary and for `done`
+# ----------------------------------------- Sections: markdown for people, data for the summary and for `done`
 
 
 def test_log_writes_markdown_and_records_the_dicts_as_data_with_real_values(tmp_path):
@@ -97,8 +96,7 @@ def test_nonzero_rank_logs_nothing(base, monkeypatch):
     assert report.get_report().log("Chat SFT", [{"loss": 1.0}]) is None and not (base / "report").exists()
 
 
-# -----------------------------------------------------------------------------
-# reset: the Environment section
+# ---------------------------------------------------------------------- reset: the Environment section
 
 
 def test_reset_clears_the_report_folder_and_records_every_environment_field(base):
@@ -139,8 +137,7 @@ def test_cost_rate_comes_from_the_flag_then_the_environment_then_the_gpus(base, 
     assert report.default_cost_per_hour([]) == 0.0
 
 
-# -----------------------------------------------------------------------------
-# generate: the summary table, from the sections' data
+# ------------------------------------------------------- generate: the summary table, from the sections' data
 
 
 def test_partial_core_and_chatcore_are_starred_with_a_footnote(base):
@@ -207,8 +204,7 @@ def test_generate_without_a_reset_or_logs_still_writes_a_report_without_plots(ba
     assert not (tmp_path / "cwd" / report.FIGURES_DIR).exists()
 
 
-# -----------------------------------------------------------------------------
-# generate: plots
+# ---------------------------------------------------------------------- generate: plots
 
 
 def write_log(path, records):
@@ -257,8 +253,7 @@ def test_a_panel_is_drawn_only_for_a_curve_of_two_points_or_more():
     assert report.curves([{"step": 0, "loss": 2.0}], panels) == []  # one point of each: no figure
 
 
-# -----------------------------------------------------------------------------
-# MetricsLog and read_log
+# ---------------------------------------------------------------------- MetricsLog and read_log
 
 
 def test_resume_with_a_torn_last_line_keeps_the_complete_earlier_steps_and_appends_valid_lines(tmp_path):

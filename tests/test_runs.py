@@ -67,8 +67,7 @@ def dry_run(script: str, tmp_path: Path, *args: str, unset=(), **env: str) -> tu
     return commands, out.stdout
 
 
-# -----------------------------------------------------------------------------
-# Lint
+# ---------------------------------------------------------------------- Lint
 
 
 @pytest.mark.parametrize("script", ["speedrun.sh", "runs/runcpu.sh"])
@@ -81,8 +80,7 @@ def test_driver_scripts_are_shellcheck_clean(script):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-# -----------------------------------------------------------------------------
-# speedrun.sh
+# ---------------------------------------------------------------------- speedrun.sh
 
 
 def test_speedrun_dry_run_prints_every_stage_in_spec_order_and_runs_nothing(tmp_path):
@@ -154,8 +152,7 @@ def test_speedrun_rejects_unknown_arguments(tmp_path):
     assert out.returncode == 2 and "--fast" in out.stderr
 
 
-# -----------------------------------------------------------------------------
-# runs/runcpu.sh
+# ---------------------------------------------------------------------- runs/runcpu.sh
 
 
 RUNCPU_ORDER = [
