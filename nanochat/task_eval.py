@@ -33,9 +33,8 @@ def task_accuracy(
     progress: str | None = None,
     compile_decode: bool = False,
 ) -> float:
-    """The fraction of the first `max_problems` problems of `task` (all if None) the model solves; every
-    rank must call it. `batch_size`: questions per forward (categorical) or completions decoding together
-    (generative); prompt and answer share `max_context` positions (default: the model's context)."""
+    """The fraction of the first `max_problems` problems of `task` (all if None) solved; every rank calls it.
+    `batch_size`: questions per forward or completions decoding together; `max_context`: prompt + answer."""
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     indices = range(rank, len(task) if max_problems is None else min(len(task), max_problems), world_size)
     bar = progress_bar(len(indices), f"{progress} (rank 0)", "q", disable=progress is None)

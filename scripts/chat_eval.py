@@ -14,17 +14,9 @@ from __future__ import annotations
 import argparse
 import time
 
+from nanochat import common
 from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import (
-    HelpFormatter,
-    compute_cleanup,
-    compute_init,
-    exit_on_user_error,
-    get_base_dir,
-    in_range,
-    print0,
-    setup_logging,
-)
+from nanochat.common import in_range, print0
 from nanochat.engine import add_decode_flag, compile_decode
 from nanochat.execution import require_isolation
 from nanochat.report import get_report, read_sections
@@ -78,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_eval",
         description=__doc__.split("\n\n")[0],
-        formatter_class=HelpFormatter,
+        formatter_class=common.HelpFormatter,
     )
     add = parser.add_argument
     add_model_flags(parser, None)
@@ -97,16 +89,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     if args.num_samples > 1 and args.temperature == 0:
         print0("warning: -n > 1 with temperature 0 gives identical samples; pass -t to sample")
-    setup_logging()
-    # the sandbox, then all task data, before the model loads: a missing one fails in seconds
-    with exit_on_user_error("chat_eval", errors=TASK_DATA_ERRORS):  # SandboxUnavailable is a RuntimeError
+    common.setup_logging()
+    # the sandbox (SandboxUnavailable is a RuntimeError) and the task data before the model: fail in seconds
+    with common.exit_on_user_error("chat_eval", errors=TASK_DATA_ERRORS):
         if "HumanEval" in args.task_name and not args.allow_unisolated_code:
             require_isolation()  # HumanEval runs model-written code (nanochat/execution.py)
         tasks = {name: TASKS[name]() for name in args.task_name}
     if "HumanEval" in tasks:
         tasks["HumanEval"].isolated = not args.allow_unisolated_code
-    _, _, _, _, device = compute_init(args.device_type)
-    with exit_on_user_error("chat_eval"):
+    _, _, _, _, device = common.compute_init(args.device_type)
+    with common.exit_on_user_error("chat_eval"):
         model, tokenizer, meta = load_model(
             args.source, device, "eval", args.model_tag, args.model_step, args.verify
         )
@@ -130,15 +122,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         table.append([name, correct, total, accuracy])
         print0(f"{name}: {correct}/{total} = {100 * accuracy:.2f}% ({time.time() - start:.1f}s)")
     results = report(args, meta, accuracies, table)
-    compute_cleanup()
+    common.compute_cleanup()
     return results
 
 
 def report(args: argparse.Namespace, meta: dict, accuracies: dict[str, float], table: list) -> dict:
-    """Prints ChatCORE and writes the report section; an earlier run on the same model (tag and step)
-    adds its tasks to these. Returns {task: accuracy} (plus "ChatCORE" when complete)."""
+    """Prints ChatCORE and writes the report section (with an earlier run's tasks on the same model)."""
     section = f"Chat evaluation {args.source}"
-    earlier = read_sections(get_base_dir() / "report").get(section, {}).get("data", {})
+    earlier = read_sections(common.get_base_dir() / "report").get(section, {}).get("data", {})
     same = (earlier.get("model tag"), earlier.get("model step")) == (meta["model_tag"], meta.get("step"))
     if same:
         accuracies = {**{k: v for k, v in earlier.items() if k in TASKS}, **accuracies}

@@ -56,9 +56,8 @@ def script_chain(tokenizer: Tokenizer) -> list[list[int]]:
 
 @torch.no_grad()
 def scripted_model(tokenizer: Tokenizer, sequence_len: int = 256) -> GPT:
-    """A model whose greedy (and low-temperature) reply to any prompt is the script above: its blocks
-    are the identity (zero output projections), so the next token depends only on the current one,
-    and the embedding and head weights encode a chain of successors."""
+    """A model whose greedy (and low-temperature) reply to any prompt is the script above: identity blocks,
+    so the next token depends on the current one alone, through a chain in the embedding and head."""
     model = tiny_model(tokenizer.get_vocab_size(), sequence_len)
     wte, head = model.transformer.wte.weight, model.lm_head.weight
     runs = script_chain(tokenizer)
@@ -562,9 +561,8 @@ def test_an_empty_api_key_is_refused_at_start_in_one_line(capsys):
 
 
 def test_idle_sockets_never_lock_out_real_clients(tiny_base_dir, tmp_path):
-    """64, then 300 sockets that never send a byte, reopened whenever the server closes them: /health
-    and chats from another client are served throughout. The server starts with a soft limit of 256
-    open files, so it must raise its own limit to hold 300 sockets."""
+    """64, then 300 silent sockets, reopened whenever closed: /health and chats are served throughout
+    (the server starts with a soft limit of 256 open files: it must raise its own)."""
     import resource
 
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

@@ -38,9 +38,8 @@ def tokenizer() -> Tokenizer:  # byte-level (no merges): 256 byte tokens + the s
 
 @torch.no_grad()
 def make_model(tokenizer, arch: str = "v1", sequence_len: int = 128, block_stops: bool = True):
-    """tiny_model with blocks that all do something and well separated logits: "v1" (2 layers) or
-    "record" (3 layers: windows of 32 of 128 keys on layers 0 and 1, value embeddings, smear, backout).
-    With `block_stops`, the stop tokens' logits are exactly 0 (below the max), so greedy runs go on."""
+    """tiny_model with working blocks and well separated logits: "v1" (2 layers) or "record" (3 layers:
+    windows, value embeddings, smear, backout); `block_stops` keeps greedy runs from stopping."""
     model = tiny_model(tokenizer.get_vocab_size(), sequence_len, depth=2 if arch == "v1" else 3, arch=arch)
     for block in model.transformer.h:  # the init zeroes these: every block would be the identity
         for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
@@ -82,9 +81,8 @@ class RuleModel(nn.Module):
 
 @torch.no_grad()
 def generate_naive(model, tokens: list[int], max_tokens: int, forced=(), at: int = 0) -> list[int]:
-    """The reference the engine is tested against: the `max_tokens` greedy token ids after `tokens`,
-    recomputing the full forward each step (`forced` replaces the model's choice from step `at` on,
-    as tool output would)."""
+    """The `max_tokens` greedy ids after `tokens` by a full forward per step; `forced` replaces the model's
+    choices from step `at` on, as tool output would."""
     out = list(tokens)
     for s in range(max_tokens):
         ids = torch.tensor([out[-model.config.sequence_len :]], device=next(model.parameters()).device)

@@ -72,9 +72,8 @@ def browser():
 
 @pytest.fixture
 def open_page(browser, request):
-    """open_page(server fixture name): a fresh page on that server's UI; page.sent collects the bodies
-    it POSTs to /chat/completions. The fixtures are taken by name: as parameters they would shadow the
-    imports (ruff F811)."""
+    """open_page(server fixture name): a fresh page on that server's UI; page.sent collects its chat POSTs.
+    Fixtures are taken by name: as parameters they would shadow the imports (ruff F811)."""
     contexts = []
 
     def open_(server_fixture: str):
