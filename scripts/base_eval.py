@@ -11,23 +11,14 @@ section "Base model evaluation".
 import argparse
 import time
 
+from nanochat import common
 from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import (
-    HelpFormatter,
-    atomic_path,
-    compute_cleanup,
-    compute_init,
-    exit_on_user_error,
-    get_base_dir,
-    in_range,
-    print0,
-    setup_logging,
-)
+from nanochat.common import print0
 from nanochat.core_eval import evaluate_core
 from nanochat.report import get_report
 
 parser = argparse.ArgumentParser(
-    prog="python -m scripts.base_eval", description=__doc__, formatter_class=HelpFormatter
+    prog="python -m scripts.base_eval", description=__doc__, formatter_class=common.HelpFormatter
 )
 add_model_flags(parser, "base", choose_source=False)
 parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1: all)")
@@ -35,14 +26,15 @@ parser.add_argument(
     "--skip-missing", action="store_true", help="skip tasks without a data file (CORE: partial)"
 )
 parser.add_argument(
-    "--device-batch-size", type=in_range(int, 1), default=8, help="sequences (option rows) per forward"
+    "--device-batch-size", type=common.in_range(int, 1), default=8, help="sequences (option rows) per forward"
 )
 args = parser.parse_args()
 
-setup_logging()
-_, rank, _, _, device = compute_init(args.device_type)
+common.setup_logging()
+_, rank, _, _, device = common.compute_init(args.device_type)
 t0 = time.time()
-with exit_on_user_error("base_eval"):  # the model, then the bundle: no download before a model is found
+# the model, then the bundle: no download before a model is found
+with common.exit_on_user_error("base_eval"):
     model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step, args.verify)
     options = dict(max_per_task=args.max_per_task, skip_missing=args.skip_missing)
     out = evaluate_core(model, tokenizer, device, batch_size=args.device_batch_size, **options)
@@ -61,9 +53,9 @@ if out["skipped"]:
     print0(f"CORE (partial): skipped tasks without data files: {', '.join(out['skipped'])}")
 
 if rank == 0:
-    csv_path = get_base_dir() / "base_eval" / f"{model_tag}_step{meta['step']}.csv"
+    csv_path = common.get_base_dir() / "base_eval" / f"{model_tag}_step{meta['step']}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(csv_path) as tmp:
+    with common.atomic_path(csv_path) as tmp:
         tmp.write_text("\n".join(table) + "\n", encoding="utf-8")
     print0(f"wrote {csv_path}")
 
@@ -81,4 +73,4 @@ get_report().log(
         [["Task", "Accuracy", "Centered"], *rows],
     ],
 )
-compute_cleanup()
+common.compute_cleanup()

@@ -10,16 +10,9 @@ compares with the one base_train logged. Writes the report section "Base model l
 
 import argparse
 
+from nanochat import common
 from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import (
-    HelpFormatter,
-    compute_cleanup,
-    compute_init,
-    exit_on_user_error,
-    in_range,
-    print0,
-    setup_logging,
-)
+from nanochat.common import in_range, print0
 from nanochat.dataloader import DataLoader
 from nanochat.engine import greedy_completions
 from nanochat.loss_eval import evaluate_bpb
@@ -27,7 +20,7 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(
-    prog="python -m scripts.base_loss", description=__doc__, formatter_class=HelpFormatter
+    prog="python -m scripts.base_loss", description=__doc__, formatter_class=common.HelpFormatter
 )
 add_model_flags(parser, "base", choose_source=False)
 positive = in_range(int, 1)
@@ -36,9 +29,9 @@ parser.add_argument("--split-tokens", type=positive, default=20 * 524288, help="
 parser.add_argument("--sample-tokens", type=in_range(int, 0), default=16, help="tokens per sample (0: none)")
 args = parser.parse_args()
 
-setup_logging()
-_, rank, _, world_size, device = compute_init(args.device_type)
-with exit_on_user_error("base_loss"):  # a missing checkpoint, or a missing or damaged shard, is named
+common.setup_logging()
+_, rank, _, world_size, device = common.compute_init(args.device_type)
+with common.exit_on_user_error("base_loss"):  # a missing checkpoint, or a missing or damaged shard, is named
     model, tokenizer, meta = load_model("base", device, "eval", args.model_tag, args.model_step, args.verify)
     token_bytes = get_token_bytes(device)
     B, T = args.device_batch_size, model.config.sequence_len
@@ -62,4 +55,4 @@ get_report().log(
         "Samples:\n\n" + "\n".join(f"- {text!r}" for text in samples),
     ],
 )
-compute_cleanup()
+common.compute_cleanup()

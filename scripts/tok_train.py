@@ -8,23 +8,14 @@ Usage:
 import argparse
 import time
 
-from nanochat.common import (
-    HelpFormatter,
-    UserError,
-    exit_on_user_error,
-    get_base_dir,
-    hold_lock,
-    in_range,
-    make_folder,
-    print0,
-    progress_bar,
-)
+from nanochat import common
+from nanochat.common import UserError, in_range, print0
 from nanochat.dataset import parquets_iter_batched, read_manifest
 from nanochat.report import get_report
 from nanochat.tokenizer import META_FILE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
 parser = argparse.ArgumentParser(
-    prog="python -m scripts.tok_train", description=__doc__, formatter_class=HelpFormatter
+    prog="python -m scripts.tok_train", description=__doc__, formatter_class=common.HelpFormatter
 )
 add = parser.add_argument
 add("--max-chars", type=in_range(int, 1), default=2_000_000_000, help="total characters to train on")
@@ -35,14 +26,14 @@ add("--vocab-size", type=in_range(int, MIN_VOCAB_SIZE), default=32768, help="tok
 add("--num-threads", type=in_range(int, 1), help="threads for rustbpe (default: all CPU cores)")
 add("--overwrite", action="store_true", help="replace the tokenizer already in the base dir")
 args = parser.parse_args()
-tokenizer_dir = get_base_dir() / "tokenizer"
+tokenizer_dir = common.get_base_dir() / "tokenizer"
 chars_seen = 0
 
 
 def text_iterator():
     """Documents of the train split, each cropped to doc_cap chars, until max_chars chars are out."""
     global chars_seen
-    with progress_bar(expected_chars, "reading text", "chars", unit_scale=True) as bar:
+    with common.progress_bar(expected_chars, "reading text", "chars", unit_scale=True) as bar:
         for doc in (doc for batch in parquets_iter_batched("train") for doc in batch):
             doc = doc[: min(args.doc_cap, args.max_chars - chars_seen)]
             chars_seen += len(doc)
@@ -54,8 +45,9 @@ def text_iterator():
 
 
 # ValueError: a corpus of empty documents, or one too small to merge anything
-with exit_on_user_error("tok_train", errors=(UserError, ValueError)):
-    hold_lock(tokenizer_dir, "the tokenizer folder")  # a second tok_train is refused now, not after training
+with common.exit_on_user_error("tok_train", errors=(UserError, ValueError)):
+    # a second tok_train is refused now, not after training
+    common.hold_lock(tokenizer_dir, "the tokenizer folder")
     if (tokenizer_dir / META_FILE).exists() and not args.overwrite:  # every checkpoint depends on it
         raise UserError(
             f"{tokenizer_dir} already holds a tokenizer, which the checkpoints there were trained with: "
@@ -73,7 +65,7 @@ with exit_on_user_error("tok_train", errors=(UserError, ValueError)):
 train_time = time.time() - t0
 print0(f"trained on {chars_seen:,} chars in {train_time:.1f}s; vocab size {tokenizer.get_vocab_size():,}")
 
-tokenizer.save(make_folder(tokenizer_dir))
+tokenizer.save(common.make_folder(tokenizer_dir))
 print0(f"saved the tokenizer to {tokenizer_dir}")
 
 # Token byte lengths (what bits-per-byte divides by) and the report
