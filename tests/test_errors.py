@@ -44,14 +44,8 @@ def run(
     `help_first`: the script's --help first, in the same process, ending in a line "<end of help>"."""
     child_env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", **env}
     device = [] if module == "scripts.export_hf" else ["--device-type", "cpu"]  # export_hf: CPU always
-    proc = subprocess.run(
-        [sys.executable, *(["-c", HELP_FIRST] if help_first else ["-m"]), module, *args, *device],
-        cwd=ROOT,
-        env=child_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    cmd = [sys.executable, *(["-c", HELP_FIRST] if help_first else ["-m"]), module, *args, *device]
+    proc = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
@@ -76,11 +70,23 @@ def with_tokenizer(tiny_base_dir, tmp_path) -> Path:
 
 @pytest.fixture(scope="module")
 def with_models(tiny_base_dir, tmp_path_factory) -> Path:
-    """Tokenizer, tiny base and sft checkpoints (d2, step 1) and the offline corpus."""
+    """The tokenizer and tiny base and sft checkpoints (d2, step 1)."""
     base = tmp_path_factory.mktemp("errors_models")
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
     save_tiny(base, "base")
     save_tiny(base, "sft")
+    return base
+
+
+@pytest.fixture
+def with_shards(with_models, tmp_path) -> Path:
+    """A copy of `with_models` (base_train locks its tag) with two good shards: train, then val."""
+    base = tmp_path / "base"
+    shutil.copytree(with_models, base)
+    (base / "base_data").mkdir()
+    texts = [f"document number {i} " * 20 for i in range(64)]
+    for name in ("shard_00000.parquet", "shard_00002.parquet"):  # val: the last by name
+        pq.write_table(pa.table({"text": texts}), base / "base_data" / name, row_group_size=32)
     return base
 
 
@@ -117,11 +123,8 @@ WRONG_STEP = {  # stage -> its flags asking for step 999 of the tiny checkpoints
 
 
 @pytest.mark.parametrize("script", WRONG_STEP)
-def test_a_wrong_step_is_one_line_naming_a_flag_the_stage_accepts(with_models, tmp_path, script):
-    base = tmp_path / "base"
-    shutil.copytree(with_models, base)  # base_train locks its tag: in a copy
-    write_good_shards(base)
-    proc = run(base, f"scripts.{script}", *WRONG_STEP[script], help_first=True, HF_HUB_OFFLINE="1")
+def test_a_wrong_step_is_one_line_naming_a_flag_the_stage_accepts(with_shards, script):
+    proc = run(with_shards, f"scripts.{script}", *WRONG_STEP[script], help_first=True, HF_HUB_OFFLINE="1")
     help_text, _, out = proc.stdout.partition("<end of help>")
     errors = [line for line in out.splitlines() if "999" in line]  # "<script or stage>: step 999 ..."
     assert proc.returncode == 1 and len(errors) == 1 and re.match(r"\w+: ", errors[0]), message(proc)
@@ -142,33 +145,17 @@ def test_base_eval_offline_without_bundle_fails_at_once_naming_the_bundle(with_m
 # ---------------------------------------------------------------------------- damaged pretraining shards
 
 
-def write_good_shards(base: Path) -> None:
-    """Two good shards (train, then val: the last by name) in base/base_data."""
-    (base / "base_data").mkdir()
-    texts = [f"document number {i} " * 20 for i in range(64)]
-    for name in ("shard_00000.parquet", "shard_00002.parquet"):
-        pq.write_table(pa.table({"text": texts}), base / "base_data" / name, row_group_size=32)
-
-
-@pytest.fixture
-def base_loss_dir(with_models, tmp_path) -> Path:
-    base = tmp_path / "base"
-    shutil.copytree(with_models, base)
-    write_good_shards(base)
-    return base
-
-
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "no text column"])
-def test_a_damaged_shard_is_named(base_loss_dir, damage):
-    bad = base_loss_dir / "base_data" / "shard_00001.parquet"
-    good = (base_loss_dir / "base_data" / "shard_00000.parquet").read_bytes()
+def test_a_damaged_shard_is_named(with_shards, damage):
+    bad = with_shards / "base_data" / "shard_00001.parquet"
+    good = (with_shards / "base_data" / "shard_00000.parquet").read_bytes()
     if damage == "no text column":
         pq.write_table(pa.table({"content": ["a document"] * 4}), bad)
     else:
         bad.write_bytes(
             b"this is not a parquet file" * 100 if damage == "garbage" else good[: len(good) // 2]
         )
-    proc = run(base_loss_dir, "scripts.base_loss", "--device-batch-size", "1", "--split-tokens", "64")
+    proc = run(with_shards, "scripts.base_loss", "--device-batch-size", "1", "--split-tokens", "64")
     assert str(bad) in message(proc) and (damage != "no text column" or "'text'" in message(proc))
 
 
@@ -223,21 +210,20 @@ def test_damaged_task_file_is_named(with_tokenizer):
 
 
 @pytest.mark.parametrize("damage", ["duplicate token", "missing meta"])
-def test_a_damaged_tokenizer_is_one_line_in_chat_cli(tiny_base_dir, tmp_path, damage):
-    shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
-    save_tiny(tmp_path, "sft")
-    ranks = tmp_path / "tokenizer" / "tokenizer.tiktoken"
+def test_a_damaged_tokenizer_is_one_line_in_chat_cli(with_tokenizer, damage):
+    save_tiny(with_tokenizer, "sft")
+    folder = with_tokenizer / "tokenizer"
+    ranks, meta_path = folder / "tokenizer.tiktoken", folder / "tokenizer_meta.json"
     if damage == "duplicate token":
         lines = ranks.read_text().splitlines()
         ranks.write_text("\n".join([*lines, lines[300].split()[0] + f" {len(lines)}"]) + "\n")
-        meta_path = tmp_path / "tokenizer" / "tokenizer_meta.json"
         meta = json.loads(meta_path.read_text())
         meta["sha256"]["tokenizer.tiktoken"] = sha256_of(ranks)  # as if written so: only validation sees it
         meta_path.write_text(json.dumps(meta))
         named = f"tokenizer.tiktoken:{len(lines) + 1}: token"
     else:
-        (tmp_path / "tokenizer" / "tokenizer_meta.json").unlink()
+        meta_path.unlink()
         named = "tokenizer_meta.json"
-    proc = run(tmp_path, "scripts.chat_cli", "-p", "hi")
+    proc = run(with_tokenizer, "scripts.chat_cli", "-p", "hi")
     lines = proc.stdout.strip().splitlines()  # stderr holds only log lines (and `run` saw no traceback)
     assert len(lines) == 1 and named in lines[0] and "tok_train" in lines[0], message(proc)
