@@ -1,9 +1,6 @@
-"""Tests for nanochat.common: paths, ranks, atomic writes, locks, progress, downloads, compute, exits.
-
-Downloads run against a real HTTP server on 127.0.0.1 whose answer to each request follows a
-script (`ScriptedServer`, also used by test_dataset.py), so retries, stalls, short bodies and
-concurrent downloaders are exercised over real sockets, without the network.
-"""
+"""nanochat.common: paths, ranks, atomic writes, locks, progress, downloads, compute, exits. Downloads
+run against `ScriptedServer` (also test_dataset's), a local HTTP server whose answers follow a script:
+retries, stalls, short bodies and concurrent downloaders over real sockets, without the network."""
 
 import argparse
 import multiprocessing
@@ -121,9 +118,8 @@ def test_get_dist_info_reads_torchrun_env(monkeypatch):
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert common.get_dist_info() == (False, 0, 0, 1)
-    monkeypatch.setenv("RANK", "3")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    for name, value in (("RANK", "3"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "4")):
+        monkeypatch.setenv(name, value)
     assert common.get_dist_info() == (True, 3, 1, 4)
 
 
@@ -214,9 +210,7 @@ def test_download_that_always_fails_backs_off_exponentially_and_leaves_no_file(s
 def test_download_404_fails_fast_with_clear_error(server, tmp_path):
     url = server.url + "/missing.bin"
     with pytest.raises(RuntimeError, match="missing.bin.*HTTP 404.*not retrying"):
-        common.download_file(
-            url, tmp_path / "missing.bin", timeout=0.3, retries=5, backoff=10.0, progress=False
-        )
+        common.download_file(url, tmp_path / "missing.bin", **{**FAST, "retries": 5, "backoff": 10.0})
     assert server.count("/missing.bin") == 1
     assert not (tmp_path / "missing.bin").exists() and leftovers(tmp_path) == []
 
@@ -253,11 +247,8 @@ def test_concurrent_downloads_in_two_processes_fetch_once(tmp_path):
     with ScriptedServer(slow_seconds=1.0) as server:
         url = server.serve("/shared.bin", PAYLOAD, "slow")
         ctx = multiprocessing.get_context("spawn")
-        barrier = ctx.Barrier(2)
-        procs = [
-            ctx.Process(target=_download_after_barrier, args=(barrier, url, str(tmp_path / "shared.bin")))
-            for _ in range(2)
-        ]
+        args = (ctx.Barrier(2), url, str(tmp_path / "shared.bin"))
+        procs = [ctx.Process(target=_download_after_barrier, args=args) for _ in range(2)]
         for p in procs:
             p.start()
         for p in procs:
