@@ -51,8 +51,26 @@ def tiny_base_dir(tmp_path_factory) -> Path:
     return base
 
 
+@pytest.fixture(scope="session")
+def tokenizer(tiny_base_dir):
+    """The tiny base dir's 1024-token tokenizer."""
+    from nanochat.tokenizer import Tokenizer
+
+    return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+
+
 @pytest.fixture
 def base_dir(tiny_base_dir, monkeypatch) -> Path:
     """`tiny_base_dir`, set as NANOCHAT_BASE_DIR for the test."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base_dir))
     return tiny_base_dir
+
+
+class PickleBomb:
+    """Unpickling one creates the file `marker`: stands for any code a pickle can run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))

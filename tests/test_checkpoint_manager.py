@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import PickleBomb, tiny_model
 
 from nanochat import checkpoint_manager as cm
 from nanochat import common
@@ -117,16 +117,6 @@ def test_a_missing_tag_or_step_names_what_exists_and_the_flag(tiny):
         cm.load_model("mid", "cpu", mode="eval", model_tag="d2", step=7)
 
 
-class _Exploit:
-    """Unpickling this runs code: it creates the marker file."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_damaged_file_is_named_with_the_newest_intact_step_and_nothing_is_unpickled(tiny, tmp_path):
     directory = tmp_path / "ckpt"
     model, optimizers, meta = tiny
@@ -139,7 +129,7 @@ def test_damaged_file_is_named_with_the_newest_intact_step_and_nothing_is_unpick
     assert "\n" not in str(e.value) and str(model_3) in str(e.value)
     assert "newest intact step is 2" in str(e.value) and "--step 2" in str(e.value)
     marker = tmp_path / "pwned"  # step 2 cannot resume: its shard is crafted to run code
-    torch.save({"optimizers": [_Exploit(marker)], "rng": {}}, directory / "optim_000002_rank0.pt")
+    torch.save({"optimizers": [PickleBomb(marker)], "rng": {}}, directory / "optim_000002_rank0.pt")
     with pytest.raises(cm.CheckpointError, match="optim_000002_rank0.pt is damaged"):
         cm.load_checkpoint(directory, 2, "cpu", load_optimizer=True, verify=False)  # past the SHA-256 check
     assert not marker.exists()

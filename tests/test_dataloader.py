@@ -11,7 +11,6 @@ import torch
 
 from nanochat.dataloader import DataLoader, batch_from_rows, pack_crop, pack_pad
 from nanochat.dataset import list_row_groups, parquets_iter_batched, write_shards
-from nanochat.tokenizer import get_tokenizer
 
 B, T = 4, 64
 
@@ -34,11 +33,6 @@ def saved(dl: DataLoader) -> dict:
 def rows_of(batch) -> torch.Tensor:
     """The (B, T+1) token rows a batch was cut from."""
     return torch.cat([batch[0].long(), batch[1][:, -1:]], dim=1)
-
-
-@pytest.fixture
-def tokenizer(base_dir):
-    return get_tokenizer()
 
 
 def loader(tokenizer, **kwargs) -> DataLoader:

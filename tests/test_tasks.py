@@ -361,13 +361,6 @@ def test_identity_conversations_are_deterministic_and_valid():
 # ------------------------------------------------------------------------------ rendering every task
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_base_dir):
-    from nanochat.tokenizer import Tokenizer
-
-    return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
-
-
 def test_every_task_renders_with_the_tokenizer(tokenizer, monkeypatch):
     tasks = [Arithmetic(3), Identity(3), SpellingBee(3), SimpleSpelling(3)]
     if TASK_DATA.is_dir():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from bpe_reference import SAMPLE_TEXTS
-from conftest import SHARED_DATA, needs
+from conftest import SHARED_DATA, PickleBomb, needs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -227,21 +227,11 @@ def meta_with(**fields):
     return meta_as(lambda meta: meta | fields)
 
 
-class WritesMarkerWhenUnpickled:
-    """Unpickling one creates the file `marker`: stands for any code a pickle can run."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
 def old_pickle(d: Path) -> None:
     for name in TOKENIZER_FILES:
         (d / name).unlink()
     with open(d / "tokenizer.pkl", "wb") as f:
-        pickle.dump({"pattern": WritesMarkerWhenUnpickled(d.parent / "pwned")}, f)
+        pickle.dump({"pattern": PickleBomb(d.parent / "pwned")}, f)
 
 
 def flip_a_bit(d: Path) -> None:  # the checksum left as it was
