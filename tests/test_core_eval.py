@@ -105,8 +105,7 @@ def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
 
 
 class GoldStub(torch.nn.Module):
-    """A "model" that knows the gold row of every example of `tasks`: it predicts each next token of a
-    gold row with certainty and is uniform on any other row, so a correct scorer must pick gold."""
+    """A "model" certain of each next token of a gold row and uniform on any other: scorers must pick gold."""
 
     def __init__(self, tokenizer, bundle: Path, tasks: list[CoreTask], max_per_task: int, max_len: int):
         super().__init__()

@@ -40,8 +40,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module", params=list(ARCHITECTURES))
 def exported(request, tiny_base_dir, tmp_path_factory):
-    """(our model, our tokenizer, the export folder) of a tiny sft checkpoint with GQA whose every weight
-    is random (no zero-init identity blocks), exported through main()."""
+    """(model, tokenizer, export folder) of a tiny sft checkpoint with GQA and all weights random."""
     base = tmp_path_factory.mktemp(f"export_{request.param}")
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
     tokenizer = Tokenizer.from_directory(base / "tokenizer")
@@ -155,8 +154,7 @@ DOCS = SHARED_DATA / "pretrain" / "fineweb_edu_sample10BT_150docs.jsonl"
 @needs(SHARED_DATA / "tokenizers")
 @pytest.mark.parametrize("ranks_file", ["gpt2/r50k_base.tiktoken", "cl100k_base/cl100k_base.tiktoken"])
 def test_bpe_merges_from_large_real_vocabs_encode_like_tiktoken(ranks_file):
-    """The merges derived from ranks give tiktoken's ids on real text with 50k and 100k vocabs
-    (our split pattern), where the tiny tokenizer's 1024 tokens would hide rare merge orders."""
+    """Real 50k and 100k vocabs: the tiny tokenizer's 1024 tokens would hide rare merge orders."""
     ranks = load_tiktoken_ranks(SHARED_DATA / "tokenizers" / ranks_file)
     tokenizer = Tokenizer(SPLIT_PATTERN, ranks, {"<|bos|>": len(ranks)})
     hf = export_hf.build_hf_tokenizer(tokenizer)

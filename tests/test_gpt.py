@@ -44,8 +44,7 @@ def one_thread():
 
 
 def make_model(config: GPTConfig = TINY, seed: int = 0, mix: bool = True) -> GPT:
-    """A model per the init; with `mix`, the zero output projections get random weights too, so that
-    attention and MLP actually change the residual stream (what the causality/cache tests need)."""
+    """A model per the init; `mix` gives the zero output projections random weights: blocks act."""
     torch.manual_seed(seed)
     model = GPT(config)
     if mix:
@@ -173,9 +172,7 @@ def test_rotary_preserves_norms_and_makes_scores_depend_on_relative_position():
 
 @pytest.mark.parametrize("config", [TINY, replace(RECORD, n_layer=2)])  # RECORD has FULL's rope and QK scale
 def test_training_step_compiles_in_one_graph_and_matches_eager(config):
-    """torch.compile (inductor, here on CPU) over the training forward and backward: no graph break
-    (fullgraph), no recompile on the next step, and the loss and gradients of eager mode. Catches
-    code that would slow or break the compiled GPU path before a GPU ever runs it."""
+    """Catches code that would slow or break the compiled GPU path, on CPU, before a GPU ever runs it."""
     import torch._dynamo
 
     model = make_model(config)
@@ -201,8 +198,7 @@ def test_training_step_compiles_in_one_graph_and_matches_eager(config):
 
 
 def test_v1_and_old_checkpoint_configs_build_the_first_recipes_model_unchanged():
-    """arch "v1", and a checkpoint's config written before the record's fields, are exactly the model
-    before the record's parts: its parameter names, and its outputs for seed 0 as computed back then."""
+    """Its parameter names, and its outputs for seed 0 as computed before the record's parts."""
     config = config_from_depth(2, 250, 32, aspect_ratio=32, head_dim=16, arch="v1")
     assert config == replace(TINY, n_kv_head=4, **RECIPE)
     saved = {"sequence_len": 32, "vocab_size": 250, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "n_embd": 64}
@@ -503,8 +499,7 @@ def test_memory_estimate_shrinks_as_expected_and_the_suggested_batch_is_the_larg
 
 
 def test_window_block_mask_is_the_band_mask_and_skips_the_blocks_outside_it():
-    """flex_attention's BlockMask for the windows: element by element the band mask, and per block of
-    128 queries only the key blocks the band touches (what makes the windows cheaper on a GPU)."""
+    """Per block of 128 queries only the key blocks the band touches: what makes windows cheaper on a GPU."""
     from torch.nn.attention.flex_attention import create_mask
 
     T, window = 320, 80
@@ -518,11 +513,8 @@ def test_window_block_mask_is_the_band_mask_and_skips_the_blocks_outside_it():
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_compiled_windows_run_flex_attention_and_equal_the_band_mask_path(autocast):
-    """Compiled, the short layers take flex_attention (on a CPU only without gradients: torch 2.15 has
-    no flex backward there), and the logits equal eager's SDPA + band mask, which
-    test_record_forward_follows_the_record_equations checks by hand; also under bf16 autocast, as a
-    GPU trains, where layer 0's value embedding leaves v in fp32. 320 tokens: 3 blocks of queries,
-    window 80, so the kernel skips, fills and masks blocks. The backward is only checked on a GPU."""
+    """Without gradients (torch 2.15 has no CPU flex backward), also under bf16 autocast, as a GPU trains,
+    where layer 0's value embedding leaves v in fp32. 320 tokens: the kernel skips, fills and masks blocks."""
     import contextlib
 
     import torch._dynamo

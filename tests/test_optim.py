@@ -424,8 +424,7 @@ def test_build_optimizers_gives_each_group_the_records_lr_betas_and_decay():
 
 
 def test_compiled_update_equals_eager():
-    """torch.compile of the per-parameter math (inductor, on CPU here): the same parameters and state,
-    to fp32 rounding, over steps whose LR, momentum and decay change (inputs, not recompiles)."""
+    """To fp32 rounding, over steps whose LR, momentum and decay change (inputs, not recompiles)."""
 
     def train(compiled: bool) -> list[torch.Tensor]:
         gen = torch.Generator().manual_seed(0)
