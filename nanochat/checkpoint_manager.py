@@ -384,7 +384,6 @@ def start_run(
     torch.set_rng_state(shard["rng"]["cpu"])
     if "cuda" in shard["rng"]:
         torch.cuda.set_rng_state(shard["rng"]["cuda"], next(model.parameters()).device)
-    logger.info("resumed from step %d", step)
     return step, meta
 
 
