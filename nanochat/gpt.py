@@ -178,7 +178,6 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, kv_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        # with value embeddings: a gate per kv head, read from the input's leading channels
         has_ve = config.has_value_embed(layer_idx)
         self.ve_gate = nn.Linear(VE_GATE_CHANNELS, config.n_kv_head, bias=False) if has_ve else None
         self.window = config.window_sizes()[layer_idx]  # keys a query sees; None: all before it
@@ -286,7 +285,6 @@ class GPT(nn.Module):
             blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
             self.transformer = nn.ModuleDict({"wte": _table(V, config.n_embd), "h": blocks})
             self.lm_head = nn.Linear(config.n_embd, V, bias=False)
-            # value-embedding tables by layer index (empty without the feature)
             layers = [i for i in range(config.n_layer) if config.has_value_embed(i)]
             self.value_embeds = nn.ModuleDict({str(i): _table(V, kv_dim) for i in layers})
             if config.layer_scalars:  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0

@@ -184,7 +184,6 @@ with common.exit_on_user_error("base_train", errors=(UserError, ValueError)):
     T = args.max_seq_len
     lr_scale = 1.0
     if args.total_batch_size == -1:
-        # 2^19 tokens at depth 12, × (params / params at d12)^0.383 as a power of two; LRs × √(batch / 2^19)
         args.total_batch_size = optim.batch_size_for(scaling_params, ref_params)
         lr_scale = optim.batch_lr_scale(args.total_batch_size)
         print0(f"total batch size: auto -> {args.total_batch_size:,} tokens (LRs × {lr_scale:.3f})")
