@@ -136,7 +136,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def visible_keys(positions: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
-    """(..., Tq, Tk) bool: the keys up to its own position (the last `window`) a query at `positions` sees."""
+    """(..., Tq, Tk) bool: a query at `positions` (..., Tq) sees the keys up to it (the last `window`)."""
     back = positions[..., None] - torch.arange(num_keys, device=positions.device)  # (..., Tq, Tk)
     mask = back >= 0
     return mask if window is None else mask & (back < window)
