@@ -21,8 +21,7 @@ def needs(path: Path):
 
 
 def tiny_model(vocab_size: int = 1024, sequence_len: int = 64, seed: int = 0, depth: int = 2, **arch):
-    """The tests' small GPT: `config_from_depth(depth, ...)` at width 64 (head dim 32), the default
-    architecture unless `arch` says otherwise (e.g. arch="v1"), weights initialised from `seed`."""
+    """The tests' small GPT: `config_from_depth` at width 64 (head dim 32), weights drawn from `seed`."""
     import torch
 
     from nanochat.gpt import GPT, config_from_depth

@@ -43,13 +43,6 @@ class ScriptedServer:
     def count(self, path: str) -> int:
         return self.requests.count(path)
 
-    def _next_action(self, path: str) -> str:
-        with self.lock:
-            n = self.requests.count(path)
-            self.requests.append(path)
-        script = self.scripts.get(path, ["404"])
-        return script[min(n, len(script) - 1)]
-
     def _handler_class(self):
         server = self
 
@@ -58,7 +51,11 @@ class ScriptedServer:
                 pass
 
             def do_GET(self):
-                action = server._next_action(self.path)
+                with server.lock:
+                    n = server.requests.count(self.path)
+                    server.requests.append(self.path)
+                script = server.scripts.get(self.path, ["404"])
+                action = script[min(n, len(script) - 1)]
                 body = server.bodies.get(self.path, b"")
                 if action in ("500", "404"):
                     self.send_error(int(action))

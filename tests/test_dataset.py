@@ -128,9 +128,8 @@ def test_from_dir_imports_real_samples_into_shards_with_val_shard(tmp_path, monk
     src.mkdir()
     for name in ("fineweb_sample10BT_subset.parquet", "tinyshakespeare.txt", "c4_demo.jsonl"):
         (src / name).symlink_to(PRETRAIN / name)  # link, never copy, the shared samples
-    fineweb = [
-        t for t in pq.read_table(src / "fineweb_sample10BT_subset.parquet")["text"].to_pylist() if t.strip()
-    ]
+    fineweb = pq.read_table(src / "fineweb_sample10BT_subset.parquet")["text"].to_pylist()
+    fineweb = [t for t in fineweb if t.strip()]
     shakespeare = dataset.split_text((src / "tinyshakespeare.txt").read_bytes().decode("utf-8"))
     c4 = [json.loads(line)["text"] for line in (src / "c4_demo.jsonl").read_text().splitlines()]
     expected = fineweb + shakespeare + c4
@@ -304,9 +303,8 @@ def test_cli_help_lists_flags_and_defaults(capsys):
         dataset.main(["--help"])
     assert exit_info.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert all(
-        flag in help_text for flag in "--num-files --source --num-workers --from-dir --offline --val".split()
-    )
+    flags = "--num-files --source --num-workers --from-dir --offline --val".split()
+    assert all(flag in help_text for flag in flags)
     assert "(default: 4)" in help_text and "(default: climbmix)" in help_text
     assert "(default: 8" in help_text and "-n 180" in help_text  # the speedrun's first batch, not 100+ GB
 

@@ -248,9 +248,7 @@ def test_hub_is_used_when_no_local_folder_is_set_and_its_failure_names_the_varia
     assert GSM8K(split="test")[0]["answer"] == "2"
     assert calls == [("openai/gsm8k", "main", "test")]
     assert MMLU("auxiliary_train", "train")[0]["messages"][-1]["content"] == "C"
-    with pytest.raises(
-        RuntimeError, match=r"allenai/ai2_arc.*offline.*NANOCHAT_TASK_DATA.*arc/ARC-Easy-train"
-    ):
+    with pytest.raises(RuntimeError, match=r"allenai/ai2_arc.*offline.*NANOCHAT_TASK_DATA.*ARC-Easy-train"):
         common.load_task_rows("ARC", "arc/ARC-Easy-train.jsonl", ("allenai/ai2_arc", "ARC-Easy", "train"))
 
 
