@@ -253,8 +253,8 @@ def test_two_runs_started_together_into_one_tag_one_trains_the_other_refuses(tmp
         assert sorted(p.exitcode for p in procs) == [0, 1]
         (winner,) = [name for name, (_, text) in outcome.items() if text == "training"]
         (loser,) = set("ab") - {winner}
-        refusal = outcome[loser][1]
-        assert "\n" not in refusal and f"pid {outcome[winner][0]} on " in refusal
+        message = outcome[loser][1]
+        assert "\n" not in message and f"pid {outcome[winner][0]} on " in message
         assert (folder / "trained_by").read_text() == winner
 
 
@@ -271,9 +271,8 @@ time.sleep(60)
 def test_start_run_refuses_a_tag_another_process_holds_naming_it(tiny):
     model, optimizers, meta = tiny
     directory = cm.checkpoint_dir("base", "d1")
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD, str(directory)], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
+    cmd = [sys.executable, "-c", _HOLD, str(directory)]
+    holder = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "holding\n"
         assert f"pid {holder.pid} on " in refusal(model, optimizers, meta, directory)
@@ -377,16 +376,15 @@ def test_a_flipped_bit_is_named_with_the_newest_intact_step_and_checked_per_chun
     path.write_bytes(bytes(data))
     with pytest.raises(cm.CheckpointError) as e:
         cm.load_model("sft", "cpu", "eval", "d1")
-    assert str(path) in str(e.value) and "SHA-256" in str(e.value) and "--no-verify" in str(e.value)
-    assert "\n" not in str(e.value)
-    assert "newest intact step is 1" in str(e.value) and "--step 1" in str(e.value)
+    message = str(e.value)
+    assert str(path) in message and "SHA-256" in message and "--no-verify" in message and "\n" not in message
+    assert "newest intact step is 1" in message and "--step 1" in message
     loaded, _, _ = cm.load_model("sft", "cpu", "eval", "d1", verify=False)  # --no-verify: as it is
     assert not torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
     assert "model_000002.pt is damaged" in refusal(model, optimizers, meta, directory, resume=2)
     meta_path = directory / "meta_000001.json"  # saved before checksums existed: loads unchecked
-    meta_path.write_text(
-        json.dumps({k: v for k, v in json.loads(meta_path.read_text()).items() if k != "sha256"})
-    )
+    old_meta = {k: v for k, v in json.loads(meta_path.read_text()).items() if k != "sha256"}
+    meta_path.write_text(json.dumps(old_meta))
     assert cm.load_model("sft", "cpu", "eval", "d1", step=1)[2]["step"] == 1
 
 
@@ -406,9 +404,8 @@ def test_clock_saves_keep_the_newest_two_of_this_run_and_every_other_checkpoint(
             saver.save(step, model, optimizers, meta)
     # 4 and 8 by --save-every, 10 the last, 7 and 9 the newest clock saves, 1 not this run's
     assert cm.saved_steps(directory) == [1, 4, 7, 8, 9, 10]
-    assert sorted(p.name for p in directory.glob("optim_*")) == [
-        f"optim_{s:06d}_rank0.pt" for s in (1, 4, 7, 8, 9, 10)
-    ]
+    shards = sorted(p.name for p in directory.glob("optim_*"))
+    assert shards == [f"optim_{s:06d}_rank0.pt" for s in (1, 4, 7, 8, 9, 10)]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

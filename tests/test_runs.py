@@ -11,32 +11,18 @@ from pathlib import Path
 
 import pytest
 from conftest import EVAL_BUNDLE
+from test_report import summary
 
 from nanochat.report import Report, read_sections, slugify
 
 REPO = Path(__file__).resolve().parents[1]
 
 # SPEC section 2: the stages of speedrun.sh, in order (RL with RUN_RL=1).
-SPEEDRUN_ORDER = [
-    "uv sync",
-    "nanochat.report reset",
-    "nanochat.dataset -n 8",
-    "nanochat.dataset -n 180 &",
-    "python -c get_eval_bundle",
-    "python -c tasks",
-    "scripts.tok_train",
-    "scripts.tok_eval",
-    "scripts.base_train",
-    "scripts.base_loss",
-    "scripts.base_eval",
-    "scripts.mid_train",
-    "scripts.chat_eval -i mid",
-    "scripts.chat_sft",
-    "scripts.chat_eval -i sft",
-    "scripts.chat_rl",
-    "scripts.chat_eval -i rl",
-    "nanochat.report generate",
-]
+SPEEDRUN_ORDER = ["uv sync", "nanochat.report reset", "nanochat.dataset -n 8", "nanochat.dataset -n 180 &"]
+SPEEDRUN_ORDER += ["python -c get_eval_bundle", "python -c tasks", "scripts.tok_train", "scripts.tok_eval"]
+SPEEDRUN_ORDER += ["scripts.base_train", "scripts.base_loss", "scripts.base_eval", "scripts.mid_train"]
+SPEEDRUN_ORDER += ["scripts.chat_eval -i mid", "scripts.chat_sft", "scripts.chat_eval -i sft"]
+SPEEDRUN_ORDER += ["scripts.chat_rl", "scripts.chat_eval -i rl", "nanochat.report generate"]
 
 
 def stage_name(command: str) -> str:
@@ -132,15 +118,13 @@ def test_speedrun_rerun_skips_finished_stages_and_resumes_training(tmp_path):
     (base / "chatsft_checkpoints" / "d24").mkdir(parents=True)  # stopped before its first checkpoint
     (base / "chatsft_checkpoints" / "d24" / "log.jsonl").write_text('{"step": 0}\n')
     commands, stdout = dry_run("speedrun.sh", tmp_path)
-    stages = [stage_name(c) for c in commands if not c.startswith("sh -c")]
+    by_stage = {stage_name(c): c for c in commands if not c.startswith("sh -c")}
     for done in ["nanochat.report reset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train"]:
-        assert done not in stages
-    assert "scripts.base_loss" in stages and "nanochat.report generate" in stages
-    mid = next(c for c in commands if stage_name(c) == "scripts.mid_train")
-    assert mid.endswith("--resume")
-    sft = next(c for c in commands if stage_name(c) == "scripts.chat_sft")
-    assert sft.endswith("--overwrite")  # nothing to resume: start over rather than refuse
-    assert "--overwrite" not in next(c for c in commands if stage_name(c) == "scripts.base_loss")
+        assert done not in by_stage
+    assert "scripts.base_loss" in by_stage and "nanochat.report generate" in by_stage
+    assert by_stage["scripts.mid_train"].endswith("--resume")
+    assert by_stage["scripts.chat_sft"].endswith("--overwrite")  # nothing to resume: start over, not refuse
+    assert "--overwrite" not in by_stage["scripts.base_loss"]
     assert "skipping base_train" in stdout and "skipping tok_eval" in stdout
     assert "continuing that run's report" in stdout
 
@@ -155,33 +139,17 @@ def test_speedrun_rejects_unknown_arguments(tmp_path):
 # ---------------------------------------------------------------------- runs/runcpu.sh
 
 
-RUNCPU_ORDER = [
-    "nanochat.report reset",
-    "nanochat.dataset --offline",
-    "scripts.tok_train",
-    "scripts.tok_eval",
-    "scripts.base_train",
-    "scripts.base_loss",
-    "scripts.base_eval",
-    "scripts.chat_eval -i base",
-    "scripts.mid_train",
-    "scripts.chat_eval -i mid",
-    "scripts.chat_sft",
-    "scripts.chat_eval -i sft",
-    "scripts.chat_rl",
-    "scripts.chat_eval -i rl",
-    "nanochat.report generate",
-    "scripts.chat_cli",
-]
+RUNCPU_ORDER = ["nanochat.report reset", "nanochat.dataset --offline", "scripts.tok_train"]
+RUNCPU_ORDER += ["scripts.tok_eval", "scripts.base_train", "scripts.base_loss", "scripts.base_eval"]
+RUNCPU_ORDER += ["scripts.chat_eval -i base", "scripts.mid_train", "scripts.chat_eval -i mid"]
+RUNCPU_ORDER += ["scripts.chat_sft", "scripts.chat_eval -i sft", "scripts.chat_rl", "scripts.chat_eval -i rl"]
+RUNCPU_ORDER += ["nanochat.report generate", "scripts.chat_cli"]
 
 
 def runcpu_hints(stdout: str) -> dict[str, list[str]]:
     """The closing "chat:" and "web:" lines of runcpu.sh, split as the shell would."""
-    return {
-        line.split(":", 1)[0]: shlex.split(line.split(":", 1)[1])
-        for line in stdout.splitlines()
-        if line.startswith(("chat:", "web:"))
-    }
+    hints = [line.split(":", 1) for line in stdout.splitlines() if line.startswith(("chat:", "web:"))]
+    return {name: shlex.split(words) for name, words in hints}
 
 
 def test_runcpu_dry_run_lists_the_offline_pipeline_and_a_closing_hint_that_runs(tmp_path):
@@ -225,19 +193,13 @@ def test_runcpu_full_demo_compiles_skips_core_without_a_bundle_and_hints_uv(tmp_
 @pytest.mark.slow
 def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
     """SHORT=1 runs/runcpu.sh in an empty base dir with no task data and the hub off."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_TASK_DATA", "DRY_RUN")}
-    env.update(
-        NANOCHAT_BASE_DIR=str(tmp_path / "base"),
-        NANOCHAT_PYTHON=sys.executable,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        SHORT="1",
-    )
+    unset = ("NANOCHAT_TASK_DATA", "DRY_RUN", "NANOCHAT_EVAL_BUNDLE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(NANOCHAT_BASE_DIR=str(tmp_path / "base"), NANOCHAT_PYTHON=sys.executable, SHORT="1")
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     has_bundle = (EVAL_BUNDLE / "core.yaml").is_file()
     if has_bundle:
         env["NANOCHAT_EVAL_BUNDLE"] = str(EVAL_BUNDLE)  # local CORE data (18 of 22 tasks: partial)
-    else:
-        env.pop("NANOCHAT_EVAL_BUNDLE", None)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     out = subprocess.run(
@@ -257,11 +219,7 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
         assert name in sections and (report_dir / f"{slugify(name)}.md").is_file(), name
 
     text = (cwd / "report.md").read_text()
-    rows = {}
-    for line in text.split("## Summary", 1)[1].split("\n## ", 1)[0].splitlines():
-        if line.startswith("| ") and not line.startswith("| Metric"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            rows[cells[0]] = cells[1:]
+    rows = summary(text)[0]
     for task in ["Arithmetic", "SimpleSpelling", "SpellingBee"]:
         assert all(re.fullmatch(r"[0-9.]+", v) for v in rows[task]), (task, rows[task])
     # offline only SpellingBee of the six ChatCORE tasks runs: a partial ChatCORE, starred

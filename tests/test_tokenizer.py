@@ -80,19 +80,17 @@ def test_encode_a_list_as_each_text_with_prepend_and_append_ids_or_special_names
 
 # ---------------------------------------------------------------------- conversations
 
+TOOL_REPLY = [
+    {"type": "text", "text": "Let me check. "},
+    {"type": "python", "text": "2+2"},
+    {"type": "python_output", "text": "4"},
+    {"type": "text", "text": "It is 4."},
+]
 CONVERSATION = {
     "messages": [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is 2+2?"},
-        {
-            "role": "assistant",
-            "content": [
-                {"type": "text", "text": "Let me check. "},
-                {"type": "python", "text": "2+2"},
-                {"type": "python_output", "text": "4"},
-                {"type": "text", "text": "It is 4."},
-            ],
-        },
+        {"role": "assistant", "content": TOOL_REPLY},
         {"role": "user", "content": "Thanks"},
         {"role": "assistant", "content": "You're welcome."},
     ]
@@ -104,8 +102,7 @@ def test_render_conversation_ids_and_mask_and_for_completion(tok):
     assert tokenizer_module.validate_conversation(messages, last_role="assistant") is messages  # valid
     ids, mask = tok.render_conversation(CONVERSATION)
     text = tok.decode(ids)
-    # the system message merged into the user's
-    assert text == (
+    assert text == (  # the system message merged into the user's
         "<|bos|><|user_start|>Be brief.\n\nWhat is 2+2?<|user_end|>"
         "<|assistant_start|>Let me check. <|python_start|>2+2<|python_end|>"
         "<|output_start|>4<|output_end|>It is 4.<|assistant_end|>"
@@ -124,8 +121,7 @@ def test_render_conversation_ids_and_mask_and_for_completion(tok):
     assert tok.render_conversation(CONVERSATION, max_tokens=None) == (ids, mask)  # 2048 left it whole
     for n in (1, 5, len(ids) - 1):
         assert tok.render_conversation(CONVERSATION, max_tokens=n) == (ids[:n], mask[:n])
-    # for completion: the last answer dropped and a reply opened
-    ids = tok.render_for_completion(CONVERSATION)
+    ids = tok.render_for_completion(CONVERSATION)  # the last answer dropped and a reply opened
     assert tok.decode(ids).endswith("<|user_start|>Thanks<|user_end|><|assistant_start|>")
     without_answer = CONVERSATION["messages"][:-1]
     assert ids == tok.render_conversation(without_answer)[0] + [tok.encode_special("<|assistant_start|>")]
@@ -183,10 +179,9 @@ def test_save_writes_data_files_that_from_directory_round_trips(tok, tmp_path):
     loaded = Tokenizer.from_directory(d)
     assert loaded.mergeable_ranks == tok.mergeable_ranks
     assert loaded.encode(SAMPLE_TEXTS) == tok.encode(SAMPLE_TEXTS)
-    loaded.save(tmp_path / "again")  # the same tokenizer always gives byte-identical files
-    assert all(
-        (d / name).read_bytes() == (tmp_path / "again" / name).read_bytes() for name in TOKENIZER_FILES
-    )
+    again = tmp_path / "again"
+    loaded.save(again)  # the same tokenizer always gives byte-identical files
+    assert all((d / name).read_bytes() == (again / name).read_bytes() for name in TOKENIZER_FILES)
 
 
 def test_failed_save_keeps_the_previous_files(tok, tmp_path, monkeypatch):
@@ -218,13 +213,8 @@ def rewrite(name: str, change):
     return damage
 
 
-def meta_as(change):
-    """A damage: the meta replaced by `change(meta)`."""
-    return rewrite(META, lambda data: json.dumps(change(json.loads(data))).encode())
-
-
 def meta_with(**fields):
-    return meta_as(lambda meta: meta | fields)
+    return rewrite(META, lambda data: json.dumps(json.loads(data) | fields).encode())
 
 
 def old_pickle(d: Path) -> None:
@@ -246,8 +236,8 @@ def flip_a_bit(d: Path) -> None:  # the checksum left as it was
         (lambda d: (d / META).unlink(), [META, "tok_train"]),  # a save killed
         (old_pickle, ["tokenizer.pkl", "tok_train"]),  # never unpickled: it could run code
         (rewrite(META, lambda data: data[:-5]), [META]),
-        (meta_as(lambda meta: []), [META, "JSON object"]),
-        (meta_as(lambda meta: {"name": "x"}), [META, "lacks", "pattern"]),
+        (rewrite(META, lambda data: b"[]"), [META, "JSON object"]),
+        (rewrite(META, lambda data: b'{"name": "x"}'), [META, "lacks", "pattern"]),
         (meta_with(bos_token="<|no|>"), ["bos_token", "<|no|>"]),
         (meta_with(extra=1), ["unknown keys", "extra"]),
         (meta_with(pattern=5), ["wrong type", "pattern"]),
