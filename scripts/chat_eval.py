@@ -5,8 +5,8 @@ Evaluate a chat model on the chat benchmarks and compute ChatCORE.
     python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" -x 200
     torchrun --nproc_per_node 8 -m scripts.chat_eval -i sft
 
-ChatCORE = the mean over the six standard tasks of (acc - baseline) / (1 - baseline); with some of
-them missing, the mean over those that ran is reported as partial, naming the missing ones.
+ChatCORE = the mean over the six standard tasks of (acc - baseline) / (1 - baseline); with any of
+them missing there is none (a mean over fewer would pose as it): the tasks that ran are reported.
 """
 
 from __future__ import annotations
@@ -56,13 +56,11 @@ def parse_task_names(spec: str) -> list[str]:
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
-def chatcore(accuracies: dict[str, float]) -> tuple[float | None, float | None, list[str]]:
-    """(ChatCORE, the mean centered accuracy over the standard tasks present, the missing ones).
-    ChatCORE is None when any is missing, so a partial mean never poses as it."""
-    centered = [(accuracies[n] - b) / (1 - b) for n, b in BASELINES.items() if n in accuracies]
-    missing = [n for n in BASELINES if n not in accuracies]
-    partial = sum(centered) / len(centered) if centered else None
-    return (partial if not missing else None), partial, missing
+def chatcore(accuracies: dict[str, float]) -> tuple[float | None, list[str]]:
+    """(ChatCORE, or None while any of its six tasks is missing; the missing ones)."""
+    if missing := [n for n in BASELINES if n not in accuracies]:
+        return None, missing
+    return sum((accuracies[n] - b) / (1 - b) for n, b in BASELINES.items()) / len(BASELINES), []
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -133,18 +131,9 @@ def report(args: argparse.Namespace, meta: dict, accuracies: dict[str, float], t
     same = (earlier.get("model tag"), earlier.get("model step")) == (meta["model_tag"], meta.get("step"))
     if same:
         accuracies = {**{k: v for k, v in earlier.items() if k in TASKS}, **accuracies}
-    score, partial, missing = chatcore(accuracies)
-    if score is not None:
-        print0(f"ChatCORE: {score:.4f}")
-    elif partial is not None:
-        print0(f"ChatCORE (partial, missing {', '.join(missing)}): {partial:.4f}")
-    summary = {  # None drops a key that an earlier run of fewer tasks wrote
-        "ChatCORE": score,
-        "ChatCORE (partial)": partial,
-        "ChatCORE missing tasks": ", ".join(missing) if partial is not None else None,
-    }
-    if not same:
-        summary = {k: v for k, v in summary.items() if v is not None}
+    score, missing = chatcore(accuracies)
+    print0(f"ChatCORE: {score:.4f}" if score is not None else f"no ChatCORE: missing {', '.join(missing)}")
+    summary = {"ChatCORE": score} if score is not None else {}
     run = {
         "source": args.source,
         "model tag": meta["model_tag"],

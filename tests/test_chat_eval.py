@@ -35,14 +35,12 @@ def tokenizer(base_dir):
 # ChatCORE and task selection
 
 
-def test_chatcore_centers_each_task_on_its_baseline_and_is_partial_when_one_is_missing():
+def test_chatcore_centers_each_task_on_its_baseline_and_needs_all_six():
     # ARC-Easy at chance -> 0, ARC-Challenge perfect -> 1, MMLU halfway from chance -> 0.5; the rest as is
     six = dict(zip(BASELINES, [0.25, 1.0, 0.625, 0.5, 0.25, 0.0], strict=True))
-    assert chatcore(six) == (pytest.approx(2.25 / 6), pytest.approx(2.25 / 6), [])
-    score, partial, missing = chatcore({"ARC-Easy": 0.4, "GSM8K": 0.1, "Arithmetic": 0.9})
-    assert score is None and missing == ["ARC-Challenge", "MMLU", "HumanEval", "SpellingBee"]
-    assert partial == pytest.approx(((0.4 - 0.25) / 0.75 + 0.1) / 2)  # the offline task is not part of it
-    assert chatcore({}) == (None, None, list(BASELINES))
+    assert chatcore({**six, "Arithmetic": 0.9}) == (pytest.approx(2.25 / 6), [])  # offline tasks: not in it
+    missing = ["ARC-Challenge", "MMLU", "HumanEval", "SpellingBee"]
+    assert chatcore({"ARC-Easy": 0.4, "GSM8K": 0.1}) == (None, missing)
 
 
 def test_task_names_parse_pipes_and_reject_unknown_names():
@@ -235,17 +233,17 @@ def test_chat_eval_on_two_gloo_ranks_equals_one_and_a_second_run_adds_to_the_rep
     for proc, (_, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
     assert f"ARC-Easy: {expected}/7 = " in outputs[0][0]  # problems 0, 2, 4, 6 and 1, 3, 5: summed
-    assert "ChatCORE (partial, missing ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee)" in outputs[0][0]
+    assert "no ChatCORE: missing ARC-Challenge, MMLU, GSM8K, HumanEval, SpellingBee" in outputs[0][0]
     assert "ARC-Easy: " not in outputs[1][0]  # only rank 0 prints
     report_path = tmp_path / "report" / "chat-evaluation-sft.md"
     report = report_path.read_text()
     assert report.startswith("## Chat evaluation sft") and "- model step: 5" in report
-    assert "- ARC-Easy: " in report and "- ChatCORE (partial): " in report
+    assert "- ARC-Easy: " in report and "ChatCORE" not in report
 
     # a second run of the same model (one rank, in this process) adds its task to the section
     second = chat_eval_main("-i sft -a ARC-Challenge -x 8 --device-type cpu".split())
     assert set(second) == {"ARC-Easy", "ARC-Challenge"}
-    assert "missing MMLU, GSM8K, HumanEval, SpellingBee)" in capsys.readouterr().out
+    assert "missing MMLU, GSM8K, HumanEval, SpellingBee\n" in capsys.readouterr().out
     report = report_path.read_text()
     assert "- ARC-Easy: " in report and "- ARC-Challenge: " in report
     assert "| ARC-Easy " in report and "| ARC-Challenge |" in report
