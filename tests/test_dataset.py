@@ -166,9 +166,8 @@ def test_from_dir_reads_gz_and_md_skips_and_counts_unusable_lines(tmp_path):
     manifest = import_from_dir(src)
     assert manifest["num_docs"] == 5
     assert manifest["detail"]["skipped"] == 3 and manifest["detail"]["ignored_files"] == 1
-    assert sorted(all_texts("train") + all_texts("val")) == sorted(
-        ["first doc", "second", "gzipped json doc", "a gzipped text file", "# markdown notes"]
-    )
+    docs = ["first doc", "second", "gzipped json doc", "a gzipped text file", "# markdown notes"]
+    assert sorted(all_texts("train") + all_texts("val")) == sorted(docs)
 
 
 def test_split_text_cuts_long_text_at_blank_lines_and_conserves_it():

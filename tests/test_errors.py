@@ -162,7 +162,7 @@ def test_a_damaged_shard_is_named(with_shards, damage):
 # ---------------------------------------------------------------------------- chat_web --port
 
 
-def test_chat_web_port_in_use_is_refused_before_loading(with_tokenizer):
+def test_chat_web_port_in_use_or_out_of_range_is_refused_before_loading(with_tokenizer):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -170,9 +170,6 @@ def test_chat_web_port_in_use_is_refused_before_loading(with_tokenizer):
         proc = run(with_tokenizer, "scripts.chat_web", "--port", str(port))
     assert f"--port {port}" in message(proc) and "another --port" in message(proc)
     assert "loading" not in message(proc) and "serving" not in message(proc)
-
-
-def test_chat_web_port_out_of_range_is_refused(with_tokenizer):
     proc = run(with_tokenizer, "scripts.chat_web", "--port", "65536")
     assert "--port" in message(proc) and "65536" in message(proc)
 

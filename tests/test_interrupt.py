@@ -1,8 +1,6 @@
 """Long runs meet SIGTERM and Ctrl-C: a chat stage finishes its step, saves, exits 0 and says how to resume.
-
-The real `scripts.chat_sft` runs in a subprocess (--offline, a tiny random base model, CPU), as in
-test_chat_train; a signal arrives while it trains, and the printed command resumes it exactly.
-"""
+The real `scripts.chat_sft` runs in a subprocess as in test_chat_train (--offline, a tiny random base model,
+CPU); a signal arrives while it trains, and the printed command resumes it exactly."""
 
 import os
 import re
@@ -29,21 +27,23 @@ def env_for(base: Path) -> dict[str, str]:
     return env | {"PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
 
 
-def signal_after_step(cmd: list[str], base: Path, step: int, send) -> tuple[int, str, float]:
-    """Run `cmd`, call `send(proc)` once it prints the line of `step`; (exit status, output, seconds
-    from the signal to the exit)."""
+def signal_after_step(cmd: list[str], base: Path, step: int, send) -> tuple[re.Match, str, float]:
+    """Run `cmd`, call `send(proc)` once it prints the line of `step`, check that it exits 0; (its one
+    STOPPED line's match, its output, seconds from the signal to the exit)."""
     proc = subprocess.Popen(
         cmd, cwd=REPO, env=env_for(base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    output, sent = [], None
+    lines, sent = [], None
     for line in proc.stdout:
-        output.append(line)
+        lines.append(line)
         if sent is None and re.match(rf"step {step:05d}/", line):
             send(proc)
             sent = time.monotonic()
     proc.wait(timeout=120)
-    assert sent is not None, "".join(output[-30:])
-    return proc.returncode, "".join(output), time.monotonic() - sent
+    output = "".join(lines)
+    assert sent is not None and proc.returncode == 0, output[-3000:]
+    (stop,) = [m for m in map(STOPPED.search, lines) if m]
+    return stop, output, time.monotonic() - sent
 
 
 def test_sigterm_saves_the_step_exits_0_and_the_printed_command_resumes_exactly(chat_base):  # noqa: F811
@@ -51,9 +51,7 @@ def test_sigterm_saves_the_step_exits_0_and_the_printed_command_resumes_exactly(
     straight = subprocess.run([*sft, "--model-tag=a"], cwd=REPO, env=env_for(chat_base), capture_output=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
-    rc, output, seconds = signal_after_step([*sft, "--model-tag=b"], chat_base, 1, lambda p: p.terminate())
-    assert rc == 0, output[-3000:]
-    (stop,) = [m for m in map(STOPPED.search, output.splitlines()) if m]
+    stop, output, seconds = signal_after_step([*sft, "--model-tag=b"], chat_base, 1, lambda p: p.terminate())
     signame, step, command = stop.group(1), int(stop.group(2)), stop.group(3)
     directory = chat_base / "chatsft_checkpoints" / "b"
     assert signame == "SIGTERM" and 2 <= step < 10 and saved_steps(directory) == [step]
@@ -107,9 +105,7 @@ def test_sigterm_to_one_of_two_gloo_ranks_stops_both_at_the_same_saved_step(chat
     def terminate_rank_1(proc):  # its process group: the worker runs in a session of its own
         os.killpg(os.getpgid(_rank_pid(proc.pid, 1)), signal.SIGTERM)
 
-    rc, output, seconds = signal_after_step(cmd, chat_base, 1, terminate_rank_1)
-    assert rc == 0, output[-3000:]
-    (stop,) = [m for m in map(STOPPED.search, output.splitlines()) if m]  # rank 0 speaks for both
+    stop, output, seconds = signal_after_step(cmd, chat_base, 1, terminate_rank_1)  # rank 0 speaks for both
     assert stop.group(1) == "a signal to another rank"
     assert stop.group(3).startswith("torchrun --nproc_per_node 2")
     step = int(stop.group(2))

@@ -16,9 +16,8 @@ from nanochat.report import MetricsLog, Report, done, generate, read_log, read_s
 @pytest.fixture
 def base(tmp_path, monkeypatch):
     """An empty base dir (NANOCHAT_BASE_DIR) and a separate working directory."""
-    base = tmp_path / "base"
+    base, cwd = tmp_path / "base", tmp_path / "cwd"
     base.mkdir()
-    cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     monkeypatch.delenv("NANOCHAT_COST_PER_HOUR", raising=False)
@@ -52,9 +51,8 @@ def summary(markdown: str) -> tuple[dict[str, list[str]], dict[str, str]]:
 
 
 def test_log_writes_markdown_and_records_the_dicts_as_data_with_real_values(tmp_path):
-    path = Report(tmp_path).log(
-        "Chat SFT", ["Some text.", {"lr": 0.00031, "steps": 30}, [["a", "b"], [1, 2.5]], {"loss": 1.23456789}]
-    )
+    items = ["Some text.", {"lr": 0.00031, "steps": 30}, [["a", "b"], [1, 2.5]], {"loss": 1.23456789}]
+    path = Report(tmp_path).log("Chat SFT", items)
     assert path.name == "chat-sft.md"
     text = path.read_text()
     assert text.startswith("## Chat SFT\n\ntimestamp: ") and "Some text." in text and "- loss: 1.2346" in text
@@ -204,14 +202,10 @@ def write_log(path, records):
 
 def test_plots_are_drawn_for_the_logs_that_exist_and_linked_by_relative_path(base, tmp_path):
     reset()
-    write_log(
-        base / "base_checkpoints" / "d4" / "log.jsonl",
-        [{"step": s, "loss": 5.0 - 0.1 * s, "lrm": 1.0} for s in range(10)] + [{"step": 10, "val_bpb": 2.1}],
-    )
-    write_log(
-        base / "chatsft_checkpoints" / "d4" / "log.jsonl",
-        [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(5)] + [{"step": 4, "val_loss": 1.7}],
-    )
+    steps = [{"step": s, "loss": 5.0 - 0.1 * s, "lrm": 1.0} for s in range(10)]
+    write_log(base / "base_checkpoints" / "d4" / "log.jsonl", [*steps, {"step": 10, "val_bpb": 2.1}])
+    steps = [{"step": s, "loss": 2.0 - 0.1 * s} for s in range(5)]
+    write_log(base / "chatsft_checkpoints" / "d4" / "log.jsonl", [*steps, {"step": 4, "val_loss": 1.7}])
     # an RL log without any reward yet: no plot
     write_log(base / "chatrl_checkpoints" / "d4" / "log.jsonl", [{"step": 0, "lrm": 1.0}])
     other = tmp_path / "elsewhere"
