@@ -9,8 +9,9 @@ import pytest
 # resolve to a reachable interface (spawned workers and subprocesses inherit the variable).
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout: subprocesses run scripts from here
 # ../shared/data beside the checkout: every test reads shared samples through this one path
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = REPO.parent / "shared" / "data"
 TASK_DATA = SHARED_DATA / "tasks"
 EVAL_BUNDLE = SHARED_DATA / "eval_bundle"
 

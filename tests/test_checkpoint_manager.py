@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PickleBomb, tiny_model
+from conftest import REPO, PickleBomb, tiny_model
 
 from nanochat import checkpoint_manager as cm
 from nanochat import common
@@ -19,8 +19,6 @@ from nanochat.common import UserError, hold_lock, remove_ours
 from nanochat.gpt import GPT
 from nanochat.optim import build_optimizers
 from nanochat.tokenizer import get_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

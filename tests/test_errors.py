@@ -15,14 +15,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 
 from nanochat.checkpoint_manager import STAGE_DIRS, save_checkpoint
 from nanochat.common import sha256_of
 from nanochat.tokenizer import Tokenizer
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 HELP_FIRST = """
 import runpy, sys
@@ -45,7 +42,7 @@ def run(
     child_env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", **env}
     device = [] if module == "scripts.export_hf" else ["--device-type", "cpu"]  # export_hf: CPU always
     cmd = [sys.executable, *(["-c", HELP_FIRST] if help_first else ["-m"]), module, *args, *device]
-    proc = subprocess.run(cmd, cwd=ROOT, env=child_env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=REPO, env=child_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
