@@ -359,10 +359,9 @@ def test_identity_conversations_are_deterministic_and_valid():
 # ------------------------------------------------------------------------------ rendering every task
 
 
-def test_every_task_renders_with_the_tokenizer(tokenizer, monkeypatch):
+def test_every_task_renders_with_the_tokenizer(tokenizer, shared_tasks):
     tasks = [Arithmetic(3), Identity(3), SpellingBee(3), SimpleSpelling(3)]
     if TASK_DATA.is_dir():
-        monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
         tasks += [ARC("ARC-Challenge", "validation"), MMLU("all", "dev"), GSM8K(split="test"), HumanEval()]
         chat = CustomJSON("chat/kto_en_demo_accepted.messages.jsonl")  # SmolTalk-like
         tasks += [CustomJSON("chat/identity_conversations.jsonl"), chat]
