@@ -10,12 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EVAL_BUNDLE
+from conftest import EVAL_BUNDLE, REPO
 from test_report import summary
 
 from nanochat.report import Report, read_sections, slugify
-
-REPO = Path(__file__).resolve().parents[1]
 
 # SPEC section 2: the stages of speedrun.sh, in order (RL with RUN_RL=1).
 SPEEDRUN_ORDER = ["uv sync", "nanochat.report reset", "nanochat.dataset -n 8", "nanochat.dataset -n 180 &"]
@@ -43,14 +41,15 @@ def stage_name(command: str) -> str:
 
 
 def dry_run(script: str, tmp_path: Path, *args: str, unset=(), **env: str) -> tuple[list[str], str]:
-    """Run a driver in dry mode, without the variables `unset`; returns (its "+ " command lines, stdout)."""
+    """Run a driver in dry mode, without the variables `unset`; (its "+ " command lines, stdout), the
+    "sh -c" installers of a missing uv or cargo left out."""
     full_env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "base"), "DRY_RUN": "1", **env}
     full_env = {k: v for k, v in full_env.items() if k not in unset}
     cmd = ["bash", str(REPO / script), *args]
     out = subprocess.run(cmd, env=full_env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     commands = [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
-    return commands, out.stdout
+    return [c for c in commands if not c.startswith("sh -c")], out.stdout
 
 
 # ---------------------------------------------------------------------- Lint
@@ -71,7 +70,6 @@ def test_driver_scripts_are_shellcheck_clean(script):
 
 def test_speedrun_dry_run_prints_every_stage_in_spec_order_and_runs_nothing(tmp_path):
     commands, _ = dry_run("speedrun.sh", tmp_path, RUN_RL="1", WANDB_RUN="myrun")
-    commands = [c for c in commands if not c.startswith("sh -c")]  # installers of missing uv / cargo
     assert [stage_name(c) for c in commands] == SPEEDRUN_ORDER
     # nothing was run: the finished-stage queries at most made the (empty) base dir
     assert not list((tmp_path / "base").rglob("*"))
@@ -86,7 +84,6 @@ def test_speedrun_dry_run_prints_every_stage_in_spec_order_and_runs_nothing(tmp_
 
 def test_speedrun_smoke_runs_every_stage_briefly_in_its_own_base_dir(tmp_path):
     commands, stdout = dry_run("speedrun.sh", tmp_path, SMOKE="1")
-    commands = [c for c in commands if not c.startswith("sh -c")]
     assert f"artifacts: {tmp_path / 'base'}-smoke" in stdout  # never the real run's artifacts
     assert commands[0] == f"rm -rf {tmp_path / 'base'}-smoke"  # a smoke run starts from nothing
     stages = [stage_name(c) for c in commands[1:]]
@@ -102,7 +99,7 @@ def test_speedrun_smoke_runs_every_stage_briefly_in_its_own_base_dir(tmp_path):
 
 def test_speedrun_flag_form_nproc_and_rl_off(tmp_path):
     commands, _ = dry_run("speedrun.sh", tmp_path, "--dry-run", DRY_RUN="0", NPROC="2")
-    stages = [stage_name(c) for c in commands if not c.startswith("sh -c")]
+    stages = [stage_name(c) for c in commands]
     assert stages == [s for s in SPEEDRUN_ORDER if s not in ("scripts.chat_rl", "scripts.chat_eval -i rl")]
     assert all("--nproc_per_node=2" in c for c in commands if c.startswith("torchrun"))
 
@@ -118,7 +115,7 @@ def test_speedrun_rerun_skips_finished_stages_and_resumes_training(tmp_path):
     (base / "chatsft_checkpoints" / "d24").mkdir(parents=True)  # stopped before its first checkpoint
     (base / "chatsft_checkpoints" / "d24" / "log.jsonl").write_text('{"step": 0}\n')
     commands, stdout = dry_run("speedrun.sh", tmp_path)
-    by_stage = {stage_name(c): c for c in commands if not c.startswith("sh -c")}
+    by_stage = {stage_name(c): c for c in commands}
     for done in ["nanochat.report reset", "scripts.tok_train", "scripts.tok_eval", "scripts.base_train"]:
         assert done not in by_stage
     assert "scripts.base_loss" in by_stage and "nanochat.report generate" in by_stage
