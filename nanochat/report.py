@@ -27,6 +27,7 @@ from nanochat.common import atomic_path, get_base_dir
 REPO_DIR = Path(__file__).resolve().parents[1]
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 REPORT_FILE = "report.md"
+TITLE = "# nanochat training report"  # generate replaces a report.md only if it starts with this
 FIGURES_DIR = "report_figures"  # beside each report.md, linked by relative path: the pair can be moved
 ENVIRONMENT = "Environment"  # the section `reset` logs: the report's header
 LOSSES = {"train loss": "loss", "val loss": "val_loss"}
@@ -330,8 +331,6 @@ def summary_rows(sections: dict[str, dict]) -> list[list[str]]:
         columns["base"]["CORE"] = format_value(base["CORE"]) + ("*" if base.get("partial") else "")
     for stage in stages:
         data = sections.get(f"Chat evaluation {stage}", {}).get("data", {})
-        if "ChatCORE (partial)" in data:  # not all six ChatCORE tasks were evaluated (a full one wins)
-            columns[stage]["ChatCORE"] = format_value(data["ChatCORE (partial)"]) + "*"
         for name in (*CHAT_ROWS, *OFFLINE_ROWS, "ChatCORE"):
             if name in data:
                 columns[stage][name] = format_value(data[name])
@@ -383,6 +382,9 @@ def generate(copy_to: str | Path = ".") -> Path:
     """Write `report.md` into the report folder, and a copy with its report_figures/ into `copy_to`."""
     base_dir = get_base_dir()
     report_dir = base_dir / "report"
+    copy = Path(copy_to).resolve() / REPORT_FILE
+    if copy.is_file() and not copy.read_text(encoding="utf-8", errors="replace").startswith(TITLE):
+        raise common.UserError(f"{copy} is not a nanochat report: move it away, or pick another --output-dir")
     report_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.now()
     sections = read_sections(report_dir)
@@ -404,8 +406,7 @@ def generate(copy_to: str | Path = ".") -> Path:
     summary_block = "## Summary\n\n" + markdown_table(rows) + "\n\n"
     if any(cell.endswith("*") for row in rows for cell in row):
         summary_block += (
-            "\\* partial: CORE over the CORE tasks whose data was present, ChatCORE over the "
-            "ChatCORE tasks that were evaluated (see the sections below).\n\n"
+            "\\* partial: CORE over the CORE tasks whose data was present (see the sections below).\n\n"
         )
     summary_block += format_item(summary)
 
@@ -415,7 +416,7 @@ def generate(copy_to: str | Path = ".") -> Path:
     ordered = [title for _, titles, _ in STAGES.values() for title in titles if title in sections]
     extra = sorted(set(sections) - {ENVIRONMENT, *ordered}, key=lambda t: (sections[t]["timestamp"], t))
     body = [markdown(t) for t in ordered + extra]
-    text = "\n\n".join(["# nanochat training report", head, summary_block, *curves_block, *body]) + "\n"
+    text = "\n\n".join([TITLE, head, summary_block, *curves_block, *body]) + "\n"
 
     path = report_dir / REPORT_FILE
     write_atomically(path, text)
@@ -445,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("a section title goes with `done` and only with it")
     if args.command == "done":
         sys.exit(0 if done(args.section) else 1)
-    with common.exit_on_user_error(f"report {args.command}", errors=(OSError, ValueError)):
+    with common.exit_on_user_error(f"report {args.command}", errors=(common.UserError, OSError, ValueError)):
         if args.command == "reset":
             print(f"report reset: wrote {reset(cost_per_hour=args.cost_per_hour)}")
         else:

@@ -135,15 +135,20 @@ def test_cost_rate_comes_from_the_flag_then_the_environment_then_the_gpus(base, 
 # ------------------------------------------------------- generate: the summary table, from the sections' data
 
 
-def test_partial_core_and_chatcore_are_starred_with_a_footnote(base):
+def test_a_partial_core_is_starred_and_the_chat_tasks_that_ran_are_shown_without_a_chatcore(base, capsys):
     r = Report(base / "report")
     r.log("Base model evaluation", [{"CORE": 0.05, "partial": True, "skipped tasks": "squad"}])
-    scores = {"Arithmetic": 0.5, "SpellingBee": 0.25, "ChatCORE (partial)": 0.25}
-    r.log("Chat evaluation rl", [{**scores, "ChatCORE missing tasks": "MMLU"}])
+    r.log("Chat evaluation rl", [{"Arithmetic": 0.5, "SpellingBee": 0.25}])
     text = generate().read_text()
-    assert summary(text)[0]["CORE"] == ["0.05*", "-", "-", "-"]
-    assert summary(text)[0]["ChatCORE"] == ["-", "-", "-", "0.25*"]
-    assert "\\* partial: CORE over the CORE tasks" in text
+    rows = summary(text)[0]
+    assert rows["CORE"] == ["0.05*", "-", "-", "-"] and "\\* partial: CORE over the CORE tasks" in text
+    assert rows["SpellingBee"] == ["-", "-", "-", "0.25"] and rows["ChatCORE"] == ["-"] * 4
+    # a report.md that generate did not write is never replaced
+    (base.parent / "cwd" / "report.md").write_text("my notes\n")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["generate"])
+    assert exit_info.value.code == 1 and "--output-dir" in capsys.readouterr().out
+    assert (base.parent / "cwd" / "report.md").read_text() == "my notes\n"
 
 
 def test_generate_stitches_environment_summary_and_sections_in_pipeline_order(base):

@@ -219,8 +219,7 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
     rows = summary(text)[0]
     for task in ["Arithmetic", "SimpleSpelling", "SpellingBee"]:
         assert all(re.fullmatch(r"[0-9.]+", v) for v in rows[task]), (task, rows[task])
-    # offline only SpellingBee of the six ChatCORE tasks runs: a partial ChatCORE, starred
-    assert all(re.fullmatch(r"-?[0-9.]+\*", v) for v in rows["ChatCORE"][1:]), rows["ChatCORE"]
+    assert rows["ChatCORE"] == ["-"] * 4  # offline only SpellingBee of the six ChatCORE tasks runs: none
     if has_bundle:
         assert re.fullmatch(r"-?[0-9.]+\*?", rows["CORE"][0]), rows["CORE"]
     # the demo learns: midtraining teaches the calculator format, SFT keeps it, RL does not undo it
