@@ -1,5 +1,5 @@
 """The Task base class, task mixtures, and the one place task data is read from: $NANOCHAT_TASK_DATA
-(laid out like shared/data/tasks/) when set, else the Hugging Face hub, never one silently instead of
+(a folder per task of JSONL files) when set, else the Hugging Face hub, never one silently instead of
 the other. Missing or damaged data is one of TASK_DATA_ERRORS, naming the file and the fix."""
 
 from __future__ import annotations
@@ -172,9 +172,8 @@ def load_task_rows(what: str, local: str, hub: tuple[str, str | None, str]) -> S
         paths = sorted(glob.glob(str(root / local)))
         if not paths:
             raise FileNotFoundError(
-                f"{what}: no file {local!r} under {TASK_DATA_ENV}={root}. Put it there (layout like "
-                f"shared/data/tasks/), or unset {TASK_DATA_ENV} to download {hub[0]} from the Hugging "
-                "Face hub."
+                f"{what}: no file {local!r} under {TASK_DATA_ENV}={root}. Put it there, or unset "
+                f"{TASK_DATA_ENV} to download {hub[0]} from the Hugging Face hub."
             )
         return [row for path in paths for _, row in read_jsonl(path)]
     path, name, split = hub
@@ -191,5 +190,5 @@ def load_task_rows(what: str, local: str, hub: tuple[str, str | None, str]) -> S
         raise RuntimeError(
             f"{what}: could not load {path} ({name or 'default'}, split {split}) from the Hugging Face hub "
             f"({type(e).__name__}: {e}). Check the network / HF_HUB_OFFLINE, or set {TASK_DATA_ENV} to a "
-            f"folder holding {local} (layout like shared/data/tasks/)."
+            f"folder holding {local}."
         ) from e
