@@ -197,8 +197,7 @@ def train(
         print0(f"source: {source}  model: {model.config}")
         B, T, grad_accum = plan(args, model.config, world_size)
         print0(f"steps: {num_iterations if num_iterations > 0 else 'one epoch'}")
-        if problem := common.wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
-            raise UserError(problem)
+        common.check_wandb_login(args.run)  # before the dry run's exit: it checks this too
         if args.dry_run:
             common.compute_cleanup()
             return

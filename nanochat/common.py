@@ -551,19 +551,21 @@ def exit_together(script: str, hint: str = "", errors: tuple = (UserError,)) -> 
         raise_together(problem)
 
 
-def wandb_login_problem(run_name: str) -> str | None:
-    """Why `--run run_name` could not log to wandb (no API key), or None; reads no network."""
+def check_wandb_login(run_name: str) -> None:
+    """Raise UserError if `--run run_name` could not log to wandb (no API key); reads no network."""
     if run_name == "dummy" or os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
-        return None
+        return
     import wandb  # slow to import: only for a named run
 
     try:
         if wandb.login(prompt=False, verify=False):
-            return None
+            return
         problem = "wandb has no API key"
     except wandb.errors.Error as e:  # a malformed WANDB_API_KEY
         problem = str(e)
-    return f"--run {run_name}: {problem}; run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline"
+    raise UserError(
+        f"--run {run_name}: {problem}; run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline"
+    )
 
 
 def compute_dtype(device) -> Any:

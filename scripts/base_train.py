@@ -278,8 +278,7 @@ if args.core_metric_every > 0:  # the CORE bundle now, not mid-run
         print0(f"CORE eval bundle: {get_eval_bundle()}")
 # wandb, like the bundle, before the dry run's exit: it checks them
 with common.exit_on_user_error("base_train"):
-    if problem := common.wandb_login_problem(args.run):
-        raise UserError(problem)
+    common.check_wandb_login(args.run)
 if args.dry_run:
     common.compute_cleanup()
     sys.exit(0)

@@ -146,8 +146,7 @@ if __name__ == "__main__":
         f"{world_size} rank(s)"
     )
     with common.exit_on_user_error("chat_rl"):
-        if problem := common.wandb_login_problem(args.run):  # before the dry run's exit: it checks this too
-            raise UserError(problem)
+        common.check_wandb_login(args.run)  # before the dry run's exit: it checks this too
         if args.dry_run:
             common.compute_cleanup()
             raise SystemExit(0)
