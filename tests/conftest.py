@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny, hermetic artifact tree (offline corpus + small tokenizer)."""
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,13 @@ def needs(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"shared data not found at {path}")
 
 
+def free_port() -> int:
+    """A loopback port free at the time of asking (for a gloo rendezvous or a server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_model(vocab_size: int = 1024, sequence_len: int = 64, seed: int = 0, depth: int = 2, **arch):
     """The tests' small GPT: `config_from_depth` at width 64 (head dim 32), weights drawn from `seed`."""
     import torch
@@ -34,6 +42,18 @@ def tiny_model(vocab_size: int = 1024, sequence_len: int = 64, seed: int = 0, de
     torch.manual_seed(seed)
     model.init_weights()
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny tensors run fastest so (OpenMP hand-offs are slow on a
+    busy machine), and results do not depend on the machine's core count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

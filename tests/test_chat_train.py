@@ -5,14 +5,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TASK_DATA, needs, tiny_model
+from conftest import REPO, TASK_DATA, free_port, needs, tiny_model
 
 from nanochat.chat_train import accumulate_gradients, chat_lr_multiplier
 from nanochat.checkpoint_manager import save_checkpoint
@@ -21,18 +20,9 @@ from nanochat.dataloader import conversation_batches
 from nanochat.report import eta
 from tasks.common import Task
 
-REPO = Path(__file__).resolve().parents[1]
 SEQ = 128
 FAST = ["--offline", "--device-type=cpu", "--device-batch-size=2", "--max-seq-len=64", "--eval-steps=2"]
 FAST += ["--synthetic-size=200", "--metrics-max-problems=2", "--total-batch-size=-1", "--no-compile"]
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Chats(Task):
@@ -47,13 +37,6 @@ class Chats(Task):
         return {
             "messages": [{"role": "user", "content": f"say {index}"}, {"role": "assistant", "content": words}]
         }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_base_dir):
-    from nanochat.tokenizer import Tokenizer
-
-    return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
 
 
 # -----------------------------------------------------------------------------
@@ -169,10 +152,7 @@ def test_two_ranks_give_the_gradient_of_one_process(tokenizer, tmp_path, one_thr
     inputs, targets = batch_of_eight(tokenizer)
     model = tiny_model(tokenizer.get_vocab_size(), SEQ)
     loss, count = accumulate_gradients(model, [(inputs, targets)])
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = tmp_path / "rank0.pt"
+    out, port = tmp_path / "rank0.pt", free_port()
     mp.spawn(_two_rank_worker, args=(port, tokenizer.get_vocab_size(), (inputs, targets), str(out)), nprocs=2)
     result = torch.load(out, weights_only=True)
     assert result["count"] == count and result["loss"] == pytest.approx(loss, rel=1e-5)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_chat_train import FAST, REPO, chat_base, log_of  # noqa: F401 (chat_base: the fixture)
+from conftest import REPO, free_port
+from test_chat_train import FAST, chat_base, log_of  # noqa: F401 (chat_base: the fixture)
 
 from nanochat.checkpoint_manager import saved_steps
 
@@ -140,14 +141,9 @@ def _setup_that_fails_on_rank_1(rank: int, port: int, out: str) -> None:
 
 
 def test_a_setup_failure_on_one_rank_stops_every_rank_with_its_message(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_setup_that_fails_on_rank_1, args=(port, str(tmp_path)), nprocs=2)
+    mp.spawn(_setup_that_fails_on_rank_1, args=(free_port(), str(tmp_path)), nprocs=2)
     rank0, rank1 = ((tmp_path / f"rank{r}").read_text() for r in (0, 1))
     assert rank0 == "1\nchat_sft: rank 1: shard_00003.parquet is missing\n"
     assert rank1 == "1\n"  # it exits with the others; rank 0 says why, once
