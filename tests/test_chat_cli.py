@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
-from test_chat_web import REPO, SCRIPT_REPLY, build_base_dir, child_env, scripted_model
+from conftest import REPO
+from test_chat_web import SCRIPT_REPLY, build_base_dir, child_env, scripted_model
 
 from nanochat.engine import Engine
 from scripts import chat_cli
@@ -30,20 +30,17 @@ def test_one_shot_prompt_prints_the_reply_and_exits_0(cli_base):
 
 
 @pytest.fixture
-def in_process(cli_base, monkeypatch):
+def in_process(cli_base, monkeypatch, one_thread):
     """Runs `scripts.chat_cli.main` in this process with the given argv and stdin (faster than a
     subprocess; the one-shot test above covers the real command line)."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(cli_base))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
 
     def run(*args: str, stdin: str = "") -> None:
         monkeypatch.setattr(sys, "argv", ["chat_cli", "--device-type", "cpu", *args])
         monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
         chat_cli.main()
 
-    yield run
-    torch.set_num_threads(threads)
+    return run
 
 
 def test_interactive_chat_keeps_context_clears_and_quits(in_process, capsys):

@@ -14,23 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import REPO, tiny_model
 
 from nanochat.checkpoint_manager import save_checkpoint
 from scripts.chat_rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_RUN = ["--offline", "--examples-per-step=2", "--num-samples=4", "--max-new-tokens=12"]
 TINY_RUN += ["--eval-examples=2", "--eval-samples=2", "--init-lr-frac=1.0"]
 TINY_RUN += ["--device-batch-size=3"]  # 4 samples: micro-batches of 3 and 1
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -38,17 +38,7 @@ MISSING_IN_SHARED = ["hellaswag_zeroshot", "hellaswag", "squad", "coqa"]
 needs_bundle = needs(EVAL_BUNDLE / "core.yaml")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def tokenizer(tiny_base_dir) -> Tokenizer:
-    return Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_core_csv(path: Path) -> tuple[dict[str, tuple[float, float]], float]:

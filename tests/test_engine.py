@@ -21,13 +21,7 @@ from nanochat.engine import (
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():  # tiny tensors run fastest on one thread (OpenMP hand-offs are slow on a busy machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

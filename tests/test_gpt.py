@@ -34,13 +34,7 @@ RECORD_FEATURES = dict(
 RECORD = replace(FULL, n_layer=3, **RECORD_FEATURES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors run fastest on one thread (an oversubscribed machine makes OpenMP hand-offs slow)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_model(config: GPTConfig = TINY, seed: int = 0, mix: bool = True) -> GPT:

@@ -2,13 +2,13 @@
 
 import copy
 import datetime
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from nanochat.gpt import GPT, config_from_depth
 from nanochat.optim import (
@@ -328,23 +328,13 @@ def _worker(rank, world_size, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_ranks_equal_one_process_each_rank_owning_its_shard_and_resuming_exactly(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), tmp_path), nprocs=2, join=True)
+def test_two_ranks_equal_one_process_each_rank_owning_its_shard_and_resuming_exactly(tmp_path, one_thread):
+    mp.spawn(_worker, args=(2, free_port(), tmp_path), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"result_rank{r}.pt") for r in range(2)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:  # the same training in one process: both halves accumulated, each loss scaled by 1/2
-        single = _make_params()
-        opts = _make_optimizers(single)
-        single_losses = [_train_step(single, opts, step, [0, 1], 0.5) for step in range(STEPS)]
-    finally:
-        torch.set_num_threads(threads)
+    # the same training in one process: both halves accumulated, each loss scaled by 1/2
+    single = _make_params()
+    opts = _make_optimizers(single)
+    single_losses = [_train_step(single, opts, step, [0, 1], 0.5) for step in range(STEPS)]
     start = _make_params()
     for name in SHAPES:
         for r in range(2):
