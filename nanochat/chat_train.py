@@ -23,7 +23,7 @@ from nanochat import checkpoint_manager, common
 from nanochat.common import UserError, in_range, is_distributed, print0
 from nanochat.dataloader import conversation_batches
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, muon_momentum, optimizers_for
-from nanochat.report import MetricsLog, eta, get_report
+from nanochat.report import MetricsLog, eta, log_section
 from nanochat.task_eval import task_accuracy
 
 
@@ -176,7 +176,7 @@ def write_report(section: str, user_config: dict, source: str, steps: int, shape
         **state["metrics"],
         "training time (min)": state["training_time"] / 60,
     }
-    get_report().log(section=section, data=[user_config, results])
+    log_section(section, [user_config, results])
 
 
 def train(

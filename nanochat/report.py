@@ -18,6 +18,7 @@ import subprocess
 import sys
 from contextlib import suppress
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -114,29 +115,32 @@ def slugify(section: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", section.lower()).strip("-")
 
 
+def log_section(section: str, data: list, merge: bool = False, report_dir: Path | None = None) -> Path | None:
+    """Write the section from the items of `data`, replacing an earlier one (`merge`: merged); its .md.
+    Into `report_dir`, by default `<base dir>/report/` on rank 0 (other ranks write nothing)."""
+    if report_dir is None and common.get_dist_info()[1] != 0:
+        return None
+    report_dir = report_dir or get_base_dir() / "report"
+    path = report_dir / f"{slugify(section)}.md"
+    if merge and path.with_suffix(".json").is_file():
+        earlier = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        data = merge_items(earlier.get("items", [earlier["data"]]), data)
+    timestamp = datetime.now().strftime(TIME_FORMAT)
+    blocks = [f"## {section}", f"timestamp: {timestamp}", *(format_item(item) for item in data)]
+    merged = {key: value for item in data if isinstance(item, dict) for key, value in item.items()}
+    record = {"section": section, "timestamp": timestamp, "data": merged, "items": list(data)}
+    report_dir.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, "\n\n".join(blocks) + "\n\n")
+    # the data last: it exists only once the whole section does (values that JSON lacks become str)
+    write_atomically(path.with_suffix(".json"), json.dumps(record, indent=1, default=str) + "\n")
+    return path
+
+
 class Report:
-    """Logs sections into `report_dir`; with no folder (ranks other than 0) logging does nothing."""
+    """The old form of `log_section(..., report_dir=)`, still used by test_runs."""
 
-    def __init__(self, report_dir: Path | None):
-        self.report_dir = report_dir
-
-    def log(self, section: str, data: list, merge: bool = False) -> Path | None:
-        """Write the section from the items of `data`, replacing an earlier one (`merge`: merged); its .md."""
-        if self.report_dir is None:
-            return None
-        path = self.report_dir / f"{slugify(section)}.md"
-        if merge and path.with_suffix(".json").is_file():
-            earlier = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
-            data = merge_items(earlier.get("items", [earlier["data"]]), data)
-        timestamp = datetime.now().strftime(TIME_FORMAT)
-        blocks = [f"## {section}", f"timestamp: {timestamp}", *(format_item(item) for item in data)]
-        merged = {key: value for item in data if isinstance(item, dict) for key, value in item.items()}
-        record = {"section": section, "timestamp": timestamp, "data": merged, "items": list(data)}
-        self.report_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, "\n\n".join(blocks) + "\n\n")
-        # the data last: it exists only once the whole section does (values that JSON lacks become str)
-        write_atomically(path.with_suffix(".json"), json.dumps(record, indent=1, default=str) + "\n")
-        return path
+    def __init__(self, report_dir: Path):
+        self.log = partial(log_section, report_dir=report_dir)
 
 
 def merge_items(earlier: list, later: list) -> list:
@@ -151,12 +155,6 @@ def merge_items(earlier: list, later: list) -> list:
             item = [list(item[0]), *rows.values()]
         merged.append(item)
     return merged
-
-
-def get_report() -> Report:
-    """The report of this process: writes under `<base dir>/report/` on rank 0, a no-op elsewhere."""
-    _, rank, _, _ = common.get_dist_info()
-    return Report(get_base_dir() / "report" if rank == 0 else None)
 
 
 def read_sections(report_dir: str | Path) -> dict[str, dict]:
@@ -249,7 +247,7 @@ def reset(cost_per_hour: float | None = None) -> Path:
     items = environment(cost_per_hour)  # gathered first: a failure leaves the old report alone
     if report_dir.exists():
         shutil.rmtree(report_dir)
-    return Report(report_dir).log(ENVIRONMENT, items)
+    return log_section(ENVIRONMENT, items, report_dir=report_dir)
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from nanochat import common
 from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import print0
 from nanochat.core_eval import evaluate_core
-from nanochat.report import get_report
+from nanochat.report import log_section
 
 parser = argparse.ArgumentParser(
     prog="python -m scripts.base_eval", description=__doc__, formatter_class=common.HelpFormatter
@@ -59,9 +59,9 @@ if rank == 0:
         tmp.write_text("\n".join(table) + "\n", encoding="utf-8")
     print0(f"wrote {csv_path}")
 
-get_report().log(
-    section="Base model evaluation",
-    data=[
+log_section(
+    "Base model evaluation",
+    [
         {
             "model": f"{model_tag} step {meta['step']}",
             "CORE": out["core"],

@@ -16,7 +16,7 @@ from nanochat.common import in_range, print0
 from nanochat.dataloader import DataLoader
 from nanochat.engine import greedy_completions
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import get_report
+from nanochat.report import log_section
 from nanochat.tokenizer import get_token_bytes
 
 parser = argparse.ArgumentParser(
@@ -48,9 +48,9 @@ if rank == 0 and args.sample_tokens > 0:
     for text in samples:
         print0(repr(text))
 
-get_report().log(
-    section="Base model loss",
-    data=[
+log_section(
+    "Base model loss",
+    [
         {"model step": meta["step"], "tokens per split": steps * B * T * world_size, **results},
         "Samples:\n\n" + "\n".join(f"- {text!r}" for text in samples),
     ],

@@ -32,7 +32,7 @@ from nanochat.dataset import list_parquet_files, read_manifest
 from nanochat.engine import greedy_completions
 from nanochat.gpt import ARCHES, GPT, GPTConfig, config_from_depth, estimate_memory, suggest_device_batch_size
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import MetricsLog, eta, get_report
+from nanochat.report import MetricsLog, eta, log_section
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 # -----------------------------------------------------------------------------
@@ -431,9 +431,9 @@ training_minutes = state["training_time"] / 60
 cropped = train_loader.cropped_fraction
 print0(f"peak memory: {peak_memory / 2**30:.2f} GiB  training time: {training_minutes:.2f} min")
 print0(f"min val bpb: {state['min_val_bpb']:.4f}  cropped fraction of training tokens: {cropped:.4f}")
-get_report().log(
-    section="Base model training",
-    data=[
+log_section(
+    "Base model training",
+    [
         user_config,
         {
             "model": str(asdict(config)),

@@ -19,7 +19,7 @@ from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import in_range, print0
 from nanochat.engine import add_decode_flag, compile_decode
 from nanochat.execution import require_isolation
-from nanochat.report import get_report, read_sections
+from nanochat.report import log_section, read_sections
 from nanochat.task_eval import task_accuracy
 from tasks.arc import ARC
 from tasks.common import TASK_DATA_ERRORS
@@ -142,7 +142,7 @@ def report(args: argparse.Namespace, meta: dict, accuracies: dict[str, float], t
         "num samples": args.num_samples,
         "temperature": args.temperature,
     }
-    get_report().log(section=section, merge=same, data=[run, table, {**accuracies, **summary}])
+    log_section(section, [run, table, {**accuracies, **summary}], merge=same)
     return {**accuracies, **({"ChatCORE": score} if score is not None else {})}
 
 

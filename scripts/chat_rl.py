@@ -25,7 +25,7 @@ from nanochat import checkpoint_manager, common
 from nanochat.common import HelpFormatter, UserError, in_range, print0
 from nanochat.engine import Engine, add_decode_flag, compile_decode, prompt_and_budget
 from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
-from nanochat.report import MetricsLog, eta, get_report, read_log
+from nanochat.report import MetricsLog, eta, log_section, read_log
 from tasks.common import TASK_DATA_ERRORS
 from tasks.gsm8k import GSM8K
 from tasks.synthetic import Arithmetic
@@ -283,6 +283,6 @@ if __name__ == "__main__":
             **{f"final {k}": v for k, v in last_eval.items()},
             "training time (min)": training_time / 60,
         }
-        get_report().log(section="Chat RL", data=[user_config, results])
+        log_section("Chat RL", [user_config, results])
     run_log.finish()
     common.compute_cleanup()

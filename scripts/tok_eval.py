@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nanochat.common import HelpFormatter, exit_on_user_error, in_range, print0
 from nanochat.dataset import parquets_iter_batched
-from nanochat.report import get_report, markdown_table
+from nanochat.report import log_section, markdown_table
 from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 # label -> (pretrained name, file under the reference dir); only local files, never the network
@@ -111,4 +111,4 @@ for label, ref in references.items() if references else [("", None)]:
     print0(f"\n{title}:\n{markdown_table(rows)}")
     report_data += [f"{title}:", rows]
 print0("\nratio = bytes per token (higher is better); Diff % > 0 means ours needs fewer tokens")
-get_report().log(section="Tokenizer evaluation", data=report_data)
+log_section("Tokenizer evaluation", report_data)

@@ -11,7 +11,7 @@ import time
 from nanochat import common
 from nanochat.common import UserError, in_range, print0
 from nanochat.dataset import parquets_iter_batched, read_manifest
-from nanochat.report import get_report
+from nanochat.report import log_section
 from nanochat.tokenizer import META_FILE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
 parser = argparse.ArgumentParser(
@@ -76,4 +76,4 @@ print0("token bytes of ordinary tokens: " + ", ".join(f"{k}={v:.3g}" for k, v in
 settings = {"data_source": manifest.get("source", "unknown"), "chars_seen": chars_seen}
 settings |= {"max_chars": args.max_chars, "doc_cap": args.doc_cap, "vocab_size_requested": args.vocab_size}
 settings |= {"vocab_size": tokenizer.get_vocab_size(), "num_special_tokens": len(SPECIAL_TOKENS)}
-get_report().log(section="Tokenizer training", data=[settings | stats | {"train_time_s": train_time}])
+log_section("Tokenizer training", [settings | stats | {"train_time_s": train_time}])

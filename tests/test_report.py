@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 import pytest
 
 from nanochat import report
-from nanochat.report import MetricsLog, Report, done, generate, read_log, read_sections, reset
+from nanochat.report import MetricsLog, done, generate, log_section, read_log, read_sections, reset
 
 
 @pytest.fixture
@@ -25,18 +25,17 @@ def base(tmp_path, monkeypatch):
     return base
 
 
-def write_pipeline_sections(report_dir):
+def write_pipeline_sections():
     """Sections as the stage scripts log them (same titles and keys)."""
-    r = Report(report_dir)
-    r.log("Base model evaluation", [{"model": "d4 step 20", "CORE": 0.123449, "partial": False}])
-    r.log("Chat evaluation mid", [{"source": "mid"}, {"ARC-Easy": 0.31, "MMLU": 0.28}])
+    log_section("Base model evaluation", [{"model": "d4 step 20", "CORE": 0.123449, "partial": False}])
+    log_section("Chat evaluation mid", [{"source": "mid"}, {"ARC-Easy": 0.31, "MMLU": 0.28}])
     scores = {"ARC-Easy": 0.35, "ARC-Challenge": 0.3, "MMLU": 0.29, "GSM8K": 0.05, "HumanEval": 0.02}
     scores |= {"SpellingBee": 0.5, "Arithmetic": 0.75, "ChatCORE": 0.11}
     table = [["Task", "Correct", "Total", "Accuracy"], ["Arithmetic", 12, 16, 0.75]]
-    r.log("Chat evaluation sft", [{"source": "sft", "model step": 30}, table, scores])
-    r.log("Chat RL", [{"steps": 2}])
-    r.log("Midtraining", [{"steps": 20}])
-    r.log("Tokenizer training", [{"vocab_size": 4096}])
+    log_section("Chat evaluation sft", [{"source": "sft", "model step": 30}, table, scores])
+    log_section("Chat RL", [{"steps": 2}])
+    log_section("Midtraining", [{"steps": 20}])
+    log_section("Tokenizer training", [{"vocab_size": 4096}])
 
 
 def summary(markdown: str) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -52,7 +51,7 @@ def summary(markdown: str) -> tuple[dict[str, list[str]], dict[str, str]]:
 
 def test_log_writes_markdown_and_records_the_dicts_as_data_with_real_values(tmp_path):
     items = ["Some text.", {"lr": 0.00031, "steps": 30}, [["a", "b"], [1, 2.5]], {"loss": 1.23456789}]
-    path = Report(tmp_path).log("Chat SFT", items)
+    path = log_section("Chat SFT", items, report_dir=tmp_path)
     assert path.name == "chat-sft.md"
     text = path.read_text()
     assert text.startswith("## Chat SFT\n\ntimestamp: ") and "Some text." in text and "- loss: 1.2346" in text
@@ -64,7 +63,7 @@ def test_log_writes_markdown_and_records_the_dicts_as_data_with_real_values(tmp_
     assert datetime.strptime(record["timestamp"], report.TIME_FORMAT) <= datetime.now()
     assert text.split("timestamp: ", 1)[1].startswith(record["timestamp"])
     with pytest.raises(TypeError, match="int"):  # a section with an unloggable item writes neither file
-        Report(tmp_path).log("Bad", [{"x": 1}, 42])
+        log_section("Bad", [{"x": 1}, 42], report_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat-sft.json", "chat-sft.md"]  # no temp files
     assert not done("Bad", tmp_path)
 
@@ -72,7 +71,7 @@ def test_log_writes_markdown_and_records_the_dicts_as_data_with_real_values(tmp_
 def test_done_is_true_exactly_when_a_stage_recorded_its_section_data(base):
     report_dir = base / "report"
     assert not done("Base model training")
-    Report(report_dir).log("Base model training", [{"iterations": 10}])
+    log_section("Base model training", [{"iterations": 10}])
     assert done("Base model training") and done("Base model training", report_dir)
     # the markdown alone (say, a stage killed between its two writes) is not a finished stage
     (report_dir / "base-model-loss.md").write_text("## Base model loss\n")
@@ -88,7 +87,7 @@ def test_done_is_true_exactly_when_a_stage_recorded_its_section_data(base):
 def test_nonzero_rank_logs_nothing(base, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert report.get_report().log("Chat SFT", [{"loss": 1.0}]) is None and not (base / "report").exists()
+    assert report.log_section("Chat SFT", [{"loss": 1.0}]) is None and not (base / "report").exists()
 
 
 # ---------------------------------------------------------------------- reset: the Environment section
@@ -96,7 +95,7 @@ def test_nonzero_rank_logs_nothing(base, monkeypatch):
 
 def test_reset_clears_the_report_folder_and_records_every_environment_field(base):
     report_dir = base / "report"
-    Report(report_dir).log("Old section", [{"x": 1}])
+    log_section("Old section", [{"x": 1}])
     (report_dir / "report.md").write_text("old\n")
     path = reset()
     assert path == report_dir / "environment.md"
@@ -136,9 +135,8 @@ def test_cost_rate_comes_from_the_flag_then_the_environment_then_the_gpus(base, 
 
 
 def test_a_partial_core_is_starred_and_the_chat_tasks_that_ran_are_shown_without_a_chatcore(base, capsys):
-    r = Report(base / "report")
-    r.log("Base model evaluation", [{"CORE": 0.05, "partial": True, "skipped tasks": "squad"}])
-    r.log("Chat evaluation rl", [{"Arithmetic": 0.5, "SpellingBee": 0.25}])
+    log_section("Base model evaluation", [{"CORE": 0.05, "partial": True, "skipped tasks": "squad"}])
+    log_section("Chat evaluation rl", [{"Arithmetic": 0.5, "SpellingBee": 0.25}])
     text = generate().read_text()
     rows = summary(text)[0]
     assert rows["CORE"] == ["0.05*", "-", "-", "-"] and "\\* partial: CORE over the CORE tasks" in text
@@ -154,8 +152,8 @@ def test_a_partial_core_is_starred_and_the_chat_tasks_that_ran_are_shown_without
 def test_generate_stitches_environment_summary_and_sections_in_pipeline_order(base):
     reset(cost_per_hour=36.0)
     report_dir = base / "report"
-    write_pipeline_sections(report_dir)
-    Report(report_dir).log("Some custom stage", [{"x": 1}])
+    write_pipeline_sections()
+    log_section("Some custom stage", [{"x": 1}])
     # pretend the run started 2 hours ago
     env_json = report_dir / "environment.json"
     record = json.loads(env_json.read_text())
@@ -274,12 +272,12 @@ def test_a_fresh_run_starts_an_empty_log_and_other_ranks_write_nothing(tmp_path)
 
 def test_a_section_logged_again_with_merge_keeps_the_earlier_tasks(tmp_path):
     first = [{"model step": 7}, [["Task", "Accuracy"], ["ARC-Easy", 0.3]], {"ARC-Easy": 0.3, "partial": 0.1}]
-    Report(tmp_path).log("Chat evaluation sft", first)
+    log_section("Chat evaluation sft", first, report_dir=tmp_path)
     second = [{"model step": 7}, [["Task", "Accuracy"], ["GSM8K", 0.05]], {"GSM8K": 0.05, "partial": None}]
-    path = Report(tmp_path).log("Chat evaluation sft", second, merge=True)
+    path = log_section("Chat evaluation sft", second, merge=True, report_dir=tmp_path)
     data = read_sections(tmp_path)["Chat evaluation sft"]["data"]
     assert data == {"model step": 7, "ARC-Easy": 0.3, "GSM8K": 0.05}  # None took the stale key away
     text = path.read_text()
     assert "| ARC-Easy |" in text and "| GSM8K    |" in text
-    Report(tmp_path).log("Chat evaluation sft", second)  # without merge: replaced whole
+    log_section("Chat evaluation sft", second, report_dir=tmp_path)  # without merge: replaced whole
     assert "ARC-Easy" not in read_sections(tmp_path)["Chat evaluation sft"]["data"]
