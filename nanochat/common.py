@@ -563,9 +563,8 @@ def check_wandb_login(run_name: str) -> None:
         problem = "wandb has no API key"
     except wandb.errors.Error as e:  # a malformed WANDB_API_KEY
         problem = str(e)
-    raise UserError(
-        f"--run {run_name}: {problem}; run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline"
-    )
+    fix = "run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline"
+    raise UserError(f"--run {run_name}: {problem}; {fix}")
 
 
 def compute_dtype(device) -> Any:
