@@ -18,7 +18,6 @@ import subprocess
 import sys
 from contextlib import suppress
 from datetime import datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +133,6 @@ def log_section(section: str, data: list, merge: bool = False, report_dir: Path 
     # the data last: it exists only once the whole section does (values that JSON lacks become str)
     write_atomically(path.with_suffix(".json"), json.dumps(record, indent=1, default=str) + "\n")
     return path
-
-
-class Report:
-    """The old form of `log_section(..., report_dir=)`, still used by test_runs."""
-
-    def __init__(self, report_dir: Path):
-        self.log = partial(log_section, report_dir=report_dir)
 
 
 def merge_items(earlier: list, later: list) -> list:
