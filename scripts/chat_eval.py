@@ -89,9 +89,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print0("warning: -n > 1 with temperature 0 gives identical samples; pass -t to sample")
     common.setup_logging()
     # the sandbox (SandboxUnavailable is a RuntimeError) and the task data before the model: fail in seconds
-    with common.exit_on_user_error("chat_eval", errors=TASK_DATA_ERRORS):
+    with common.exit_on_user_error("chat_eval", errors=(RuntimeError,)):
         if "HumanEval" in args.task_name and not args.allow_unisolated_code:
             require_isolation()  # HumanEval runs model-written code (nanochat/execution.py)
+    offline = "; the offline tasks need no data: -a 'Arithmetic|SimpleSpelling|SpellingBee'"
+    with common.exit_on_user_error("chat_eval", offline, errors=TASK_DATA_ERRORS):
         tasks = {name: TASKS[name]() for name in args.task_name}
     if "HumanEval" in tasks:
         tasks["HumanEval"].isolated = not args.allow_unisolated_code
