@@ -4,15 +4,13 @@ chat_eval: the ChatCORE formula, task selection and the script end to end."""
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TASK_DATA, needs, tiny_model
+from conftest import REPO, TASK_DATA, free_port, needs, tiny_model
 
 import nanochat.task_eval as task_eval
 from nanochat import execution
@@ -20,16 +18,6 @@ from nanochat.task_eval import task_accuracy
 from scripts.chat_eval import BASELINES, chatcore, parse_task_names
 from scripts.chat_eval import main as chat_eval_main
 from tasks.common import Task
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def tokenizer(base_dir):
-    from nanochat.tokenizer import get_tokenizer
-
-    return get_tokenizer()
-
 
 # -----------------------------------------------------------------------------
 # ChatCORE and task selection
@@ -221,9 +209,7 @@ def test_chat_eval_on_two_gloo_ranks_equals_one_and_a_second_run_adds_to_the_rep
     expected = round(7 * task_accuracy(model, tokenizer, ARC("ARC-Easy", "test"), 7))
 
     # the environment torchrun would give each rank, without starting its agent process
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     world = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "scripts.chat_eval", *"-i sft -a ARC-Easy -x 7 --device-type cpu".split()]
     pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -261,7 +247,7 @@ def test_chat_eval_names_the_missing_data_or_sandbox_before_loading(tmp_path, mo
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(tmp_path / "no_such_folder"))
     out = exit_message(["-i", "sft", "-a", "MMLU", "--device-type", "cpu"], capsys)
-    assert out.startswith("chat_eval: MMLU") and "NANOCHAT_TASK_DATA" in out
+    assert out.startswith("chat_eval: MMLU") and "NANOCHAT_TASK_DATA" in out and "-a 'Arithmetic|" in out
     assert not (tmp_path / "report").exists()
     monkeypatch.setattr(execution, "isolation_problem", lambda: "bubblewrap is not installed")
     out = exit_message(["-i", "sft", "-a", "HumanEval", "--device-type", "cpu"], capsys)
