@@ -10,18 +10,16 @@ import logging
 import os
 import runpy
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import EVAL_BUNDLE, needs
+from conftest import EVAL_BUNDLE, REPO, free_port, needs
 
 from nanochat.checkpoint_manager import load_model
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = ["--depth=2", "--aspect-ratio=32", "--head-dim=32", "--max-seq-len=64", "--device-batch-size=4"]
 TINY += ["--core-metric-every=-1"]  # CORE has its own test below
 TINY += ["--no-compile"]  # eager: a tiny run does not pay back the compile (one test below compiles)
@@ -30,8 +28,7 @@ QUIET = ["--eval-every=-1", "--eval-tokens=512", "--sample-every=-1"]
 
 def env_for(base: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env |= {"NANOCHAT_BASE_DIR": str(base), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    return env
+    return env | {"NANOCHAT_BASE_DIR": str(base), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
 
 
 def train(base: Path, *flags: str, nproc=1, check=True, env: dict | None = None, module="scripts.base_train"):
@@ -108,9 +105,7 @@ def test_distributed_and_two_node_runs_equal_single_process_with_grad_accum(base
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
     # two nodes of one process each, meeting through a c10d rendezvous, train like one node of two
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
     cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nanochat-test"]
     procs = [

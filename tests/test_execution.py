@@ -18,7 +18,7 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
-from conftest import TASK_DATA, needs
+from conftest import REPO, TASK_DATA, needs
 
 from nanochat import execution
 from nanochat.execution import (
@@ -29,7 +29,6 @@ from nanochat.execution import (
     isolation_problem,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 HUMANEVAL = TASK_DATA / "humaneval" / "HumanEval.jsonl.gz"
 ISOLATION = isolation_problem()
 needs_isolation = pytest.mark.skipif(ISOLATION is not None, reason=f"no OS isolation here: {ISOLATION}")

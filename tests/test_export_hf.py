@@ -167,8 +167,7 @@ def test_bpe_merges_from_large_real_vocabs_encode_like_tiktoken(ranks_file):
 # What --overwrite may delete
 
 
-def test_overwrite_replaces_an_earlier_export_only(tiny_base_dir, tmp_path, monkeypatch):
-    tokenizer = Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+def test_overwrite_replaces_an_earlier_export_only(tokenizer, tmp_path, monkeypatch):
     model, meta, target = (
         tiny_model(tokenizer.get_vocab_size()),
         {"model_tag": "d2", "step": 7},

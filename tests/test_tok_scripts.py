@@ -12,14 +12,13 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from conftest import SHARED_DATA, needs
+from conftest import REPO, SHARED_DATA, needs
 
 from nanochat.common import hold_lock
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import format_value, markdown_table
 from nanochat.tokenizer import Tokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 REF_DIR = SHARED_DATA / "tokenizers"
 VOCAB_SIZE = 1024
 MAX_CHARS = 2_000_000
@@ -31,7 +30,7 @@ def subprocess_run(module: str, *flags: str, base: Path) -> subprocess.Completed
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env["NANOCHAT_BASE_DIR"] = str(base)
     command = [sys.executable, "-m", module, *flags]
-    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def run(module: str, *flags: str, capsys) -> tuple[int, str]:
