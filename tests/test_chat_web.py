@@ -17,14 +17,13 @@ from unittest.mock import patch
 import httpx
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import REPO, free_port, tiny_model
 
 from nanochat.calculator import use_calculator
 from nanochat.checkpoint_manager import checkpoint_dir, save_checkpoint
 from nanochat.gpt import GPT
 from nanochat.tokenizer import ReplyDecoder, Tokenizer, assistant_content
 
-REPO = Path(__file__).resolve().parents[1]
 CHAT = "/v1/chat/completions"
 user = lambda content: {"role": "user", "content": content}  # noqa: E731
 assistant = lambda content: {"role": "assistant", "content": content}  # noqa: E731
@@ -104,9 +103,7 @@ class ChatServer:
     """`python -m scripts.chat_web` on a free port of 127.0.0.1, stopped by `stop()`."""
 
     def __init__(self, base: Path, *args: str, **popen):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url, self.auth = f"http://127.0.0.1:{self.port}", {}  # auth: headers for /stats
         self.log_path = base / f"server_{self.port}.log"
         self.log = open(self.log_path, "w")
@@ -248,8 +245,7 @@ def test_raw_streams_end_with_their_done_marker(scripted_server, endpoint):
 # ---------------------------------------------------------------------------- native endpoint, UTF-8
 
 
-def test_reply_decoder_shows_tool_calls_and_assistant_content_keeps_their_parts(tiny_base_dir):
-    tokenizer = Tokenizer.from_directory(tiny_base_dir / "tokenizer")
+def test_reply_decoder_shows_tool_calls_and_assistant_content_keeps_their_parts(tokenizer):
     parts = ["x", "<|python_start|>", "2*3", "<|python_end|>", "<|output_start|>", "6", "<|output_end|>"]
     encode = lambda p: [tokenizer.encode_special(p)] if p[:2] == "<|" else tokenizer.encode(p)  # noqa: E731
     ids = [i for p in [*parts, " y"] for i in encode(p)]
@@ -645,11 +641,10 @@ def test_stop_strings_cut_the_reply_streaming_and_not(scripted_server):
 # ---------------------------------------------------------------------------- a crashing worker
 
 
-def test_a_crashed_worker_restarts_and_health_reports_it_while_down(tiny_base_dir, monkeypatch):
+def test_a_crashed_worker_restarts_and_health_reports_it_while_down(tokenizer, monkeypatch):
     from nanochat.engine import BatchScheduler, Engine
     from scripts import chat_web
 
-    tokenizer = Tokenizer.from_directory(tiny_base_dir / "tokenizer")
     engine = Engine(babbler_model(tokenizer), tokenizer, max_batch=2)
     scheduler = BatchScheduler(engine, restart_delay=1.0)
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 8}
