@@ -46,8 +46,7 @@ def tiny_model(vocab_size: int = 1024, sequence_len: int = 64, seed: int = 0, de
 
 @pytest.fixture
 def one_thread():
-    """Torch on one thread for the test: tiny tensors run fastest so (OpenMP hand-offs are slow on a
-    busy machine), and results do not depend on the machine's core count."""
+    """Torch on one thread: tiny tensors run fastest so (OpenMP hand-offs are slow on a busy machine)."""
     import torch
 
     threads = torch.get_num_threads()
