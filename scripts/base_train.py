@@ -400,7 +400,7 @@ for step in range(start_step, num_iterations + 1):
         mfu = 100 * flops_per_token * tok_per_sec / (peak_flops * world_size)
     print0(
         f"step {step:05d}/{num_iterations} ({100 * (step + 1) / num_iterations:.1f}%) | "
-        f"loss {debiased:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
+        f"loss (ema) {debiased:.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | "
         f"mfu {'n/a' if math.isnan(mfu) else f'{mfu:.1f}%'} | "
         f"{eta(session_time, step + 1 - start_step, num_iterations - step - 1)} | epoch {train_loader.epoch}"
     )

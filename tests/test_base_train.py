@@ -138,7 +138,8 @@ def test_resume_continues_bit_for_bit(base):
     (run / "optim_000015_rank0.pt.tmp.123.abcd").write_bytes(b"partial")
     with open(run / "log.jsonl", "a") as f:
         f.write('{"step": 15, "loss": 3.')  # the crash cut the log mid-line too
-    assert "resumed from step 10" in train(base, *flags, "--resume").stdout
+    out = train(base, *flags, "--resume").stdout
+    assert out.count("resumed from step 10") == 1 and "| loss (ema) " in out  # the log's "loss" is per step
     for key in ("loss", "val_bpb"):  # exactly, step by step
         assert [r[key] for r in log_of(base, "run") if key in r] == [r[key] for r in straight if key in r]
     assert not list(run.glob("*.tmp.*"))  # the next save removed the crashed save's leftovers
