@@ -45,6 +45,8 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
     checkpoint_manager.add_run_flags(p)
     add("--offline", action="store_true", help="synthetic tasks + NANOCHAT_TASK_DATA only")
+    add("--data", action="append", default=[], metavar="FILE", help="your conversations (.jsonl), repeatable")
+    add("--out-tag", metavar="TAG", help="checkpoint tag to write (default: the source's tag)")
     add("--synthetic-size", type=int, help="examples per synthetic task")
     add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
@@ -187,6 +189,8 @@ def train(
     common.setup_logging()
     _, rank, _, world_size, device = common.compute_init(args.device_type)
     print0(f"train conversations: {len(train_task):,}  val conversations: {len(val_task):,}")
+    for task in getattr(train_task, "tasks", []):  # the mixture, so that a user sees their --data file
+        print0(f"  {len(task):>9,}  {type(task).__name__} {getattr(task, 'filepath', '')}".rstrip())
     with common.exit_together(stage):  # one rank's damaged copy stops every rank, with its message
         model, tokenizer, source_meta = checkpoint_manager.load_model(
             args.source, device, "train", args.model_tag, args.model_step, args.verify
@@ -202,7 +206,7 @@ def train(
             common.compute_cleanup()
             return
         optimizers = optimizers_for(model, args)
-        ckpt_dir = checkpoint_manager.checkpoint_dir(stage, tag)
+        ckpt_dir = checkpoint_manager.checkpoint_dir(stage, args.out_tag or tag)
         same = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
         start_step, resumed = checkpoint_manager.start_run(
             ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify

@@ -107,6 +107,7 @@ if __name__ == "__main__":
     g = parser.add_argument_group("run")
     checkpoint_manager.add_run_flags(g)
     g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
+    g.add_argument("--out-tag", metavar="TAG", help="checkpoint tag to write (default: the source's tag)")
     g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
     args = parser.parse_args()
     if args.eval_samples > args.num_samples:
@@ -151,7 +152,7 @@ if __name__ == "__main__":
             common.compute_cleanup()
             raise SystemExit(0)
         optimizers = optimizers_for(model, args)  # fresh: the SFT run's moments are not carried over
-        ckpt_dir = checkpoint_manager.checkpoint_dir("rl", model_tag)
+        ckpt_dir = checkpoint_manager.checkpoint_dir("rl", args.out_tag or model_tag)
         same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
         same += ("num_iterations",)
         start_step, _ = checkpoint_manager.start_run(

@@ -13,7 +13,7 @@ loop is `nanochat.chat_train.train`, shared with mid_train.
 from nanochat.chat_train import chat_flags, train
 from nanochat.common import exit_on_user_error
 from tasks.common import TASK_DATA_ERRORS, TaskMixture
-from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks
+from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks, with_data
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic
 
@@ -58,6 +58,7 @@ with exit_on_user_error("chat_sft", "" if args.offline else OFFLINE_HINT, TASK_D
             "MMLU acc": MMLU(subset="all", split="test", step=7),
             "ARC-Easy acc": ARC(subset="ARC-Easy", split="test"),
         }
+    train_tasks = with_data(train_tasks, args.data)
 
 # -----------------------------------------------------------------------------
 # Compute, model, optimizer, loop, save, report

@@ -12,7 +12,7 @@ One epoch of the mixture below, the LR decaying linearly to 0 over its last 20%;
 from nanochat.chat_train import chat_flags, train
 from nanochat.common import exit_on_user_error
 from tasks.common import TASK_DATA_ERRORS, TaskMixture
-from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks
+from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks, with_data
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 # -----------------------------------------------------------------------------
@@ -51,6 +51,7 @@ with exit_on_user_error("mid_train", "" if args.offline else OFFLINE_HINT, TASK_
         train_tasks += [SimpleSpelling(size=200_000, split="train"), SpellingBee(size=80_000, split="train")]
         val_tasks = [SmolTalk(split="test"), MMLU(subset="all", split="test", step=3)]
         val_tasks += [GSM8K(subset="main", split="test", stop=420)]
+    train_tasks = with_data(train_tasks, args.data)
 
 # -----------------------------------------------------------------------------
 # Compute, model, optimizer, loop, save, report

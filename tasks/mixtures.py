@@ -21,6 +21,11 @@ def identity_task(size: int):
         return Identity(size=size, split="train")
 
 
+def with_data(tasks: list, paths: list[str]) -> list:
+    """The stage's tasks and the user's --data conversation files."""
+    return tasks + [CustomJSON(path) for path in paths]
+
+
 def offline_tasks(n: int, identity_copies: int, spelling_size: int) -> tuple[list, list]:
     """The --offline (train, val) tasks: Arithmetic, Identity, the spelling tasks and the local chat file."""
     identity = Identity(size=max(1, n // 4), split="train")

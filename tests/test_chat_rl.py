@@ -169,9 +169,8 @@ def test_resume_and_two_gloo_ranks_give_the_losses_of_one_uninterrupted_run(rl_b
     env = {"NANOCHAT_BASE_DIR": str(rl_base), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     env |= {"PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)]
-    # the same SFT weights under another tag: this process still holds chatrl_checkpoints/d2's lock
-    shutil.copytree(rl_base / "chatsft_checkpoints" / "d2", rl_base / "chatsft_checkpoints" / "twin")
-    proc = subprocess.run([*cmd, *flags, "-g", "twin"], cwd=REPO, env=env, capture_output=True, text=True)
+    # from the same SFT model into its own tag (--out-tag): this process still holds d2's lock
+    proc = subprocess.run([*cmd, *flags, "--out-tag=twin"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     # the same samples for 3 steps; after that the rounding differences below may change a sample
     two = [r for r in log_of(rl_base, "twin") if "loss" in r][:3]

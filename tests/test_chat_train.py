@@ -241,13 +241,14 @@ def test_mid_then_sft_run_end_to_end_and_write_their_report_sections(chat_base):
     assert len(lines) == len(steps) and all("| eta " in line for line in lines)
     assert lines[-1].endswith(f"| {eta(1.0, 1, 0)}") and "val loss" in mid.stdout  # nothing left
     assert "min val loss" in (chat_base / "report" / "midtraining.md").read_text()
-    sft = run(chat_base, "chat_sft", *FAST, "--model-tag=a", "--num-iterations=3", "--metrics-every=2")
+    flags = [*FAST, "--model-tag=a", "--out-tag=ft", "--num-iterations=3", "--metrics-every=2"]
+    sft = run(chat_base, "chat_sft", *flags)  # mid's tag a in, a finetune's own tag out
     lines = step_lines(sft.stdout)  # ETA as base_train prints it: steps left at this run's mean step time
     assert len(lines) == 3 and all("| eta " in line for line in lines)
     assert "Arithmetic acc" in (chat_base / "report" / "chat-sft.md").read_text()
-    sft_log = log_of(chat_base / "chatsft_checkpoints" / "a")
+    sft_log = log_of(chat_base / "chatsft_checkpoints" / "ft")
     assert [r["step"] for r in sft_log if "Arithmetic acc" in r] == [2, 3]
-    assert (chat_base / "chatsft_checkpoints" / "a" / "model_000003.pt").exists()
+    assert (chat_base / "chatsft_checkpoints" / "ft" / "model_000003.pt").exists()
 
 
 @pytest.mark.parametrize(
@@ -264,8 +265,13 @@ def test_dry_run_of_named_run_without_wandb_key_says_wandb_login(chat_base, tmp_
 
 
 @needs(TASK_DATA)
-def test_offline_mixture_includes_the_local_chat_file(chat_base):
-    proc = run(chat_base, "mid_train", *FAST, "--model-tag=a", "--dry-run", NANOCHAT_TASK_DATA=str(TASK_DATA))
-    # Arithmetic 200 + Identity 50 twice + SpellingBee 100 + SimpleSpelling 100, and the chat file's 150
-    assert "train conversations: 650 " in proc.stdout
+def test_offline_mixture_includes_the_local_chat_file_and_the_users_data(chat_base, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    mine.write_text(json.dumps(chat) + "\n" + json.dumps({"messages": chat}) + "\n")
+    flags = [*FAST, "--model-tag=a", "--dry-run", f"--data={mine}"]
+    proc = run(chat_base, "mid_train", *flags, NANOCHAT_TASK_DATA=str(TASK_DATA))
+    # Arithmetic 200 + Identity 50 twice + SpellingBee 100 + SimpleSpelling 100, the chat file's 150, and 2
+    assert "train conversations: 652 " in proc.stdout
+    assert f"        2  CustomJSON {mine}" in proc.stdout and "      200  Arithmetic" in proc.stdout
     assert "batch: 2 × 64 × 1 ranks × 1 micro-steps" in proc.stdout
