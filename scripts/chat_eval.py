@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from nanochat import common
 from nanochat.checkpoint_manager import add_model_flags, load_model
@@ -23,6 +24,7 @@ from nanochat.report import log_section, read_sections
 from nanochat.task_eval import task_accuracy
 from tasks.arc import ARC
 from tasks.common import TASK_DATA_ERRORS
+from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K
 from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
@@ -73,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add = parser.add_argument
     add_model_flags(parser, None)
     tasks = f"tasks from {'|'.join(TASKS)}, |-separated"
-    add("-a", "--task-name", type=parse_task_names, default="|".join(BASELINES), help=tasks)
+    add("-a", "--task-name", type=parse_task_names, help=tasks + " (default: ChatCORE's six)")
+    mine = "your held-out conversations (.jsonl): is the reply the file's last one, exactly? repeatable"
+    add("--task-file", action="append", default=[], metavar="FILE", help=mine)
     add("-x", "--max-problems", type=in_range(int, 1), default=None, help="problems per task (default: all)")
     add("-t", "--temperature", type=in_range(float, 0), default=0.0, help="sampling temperature (0: greedy)")
     add("-k", "--top-k", type=in_range(int, 0), default=50, help="top-k sampling (0: no filtering)")
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     add("--allow-unisolated-code", action="store_true", help=unisolated)
     add_decode_flag(parser)
     args = parser.parse_args(argv)
+    if args.task_name is None:  # with --task-file alone, only those files
+        args.task_name = [] if args.task_file else list(BASELINES)
     if args.num_samples > 1 and args.temperature == 0:
         print0("warning: -n > 1 with temperature 0 gives identical samples; pass -t to sample")
     common.setup_logging()
@@ -95,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     offline = "; the offline tasks need no data: -a 'Arithmetic|SimpleSpelling|SpellingBee'"
     with common.exit_on_user_error("chat_eval", offline, errors=TASK_DATA_ERRORS):
         tasks = {name: TASKS[name]() for name in args.task_name}
+        tasks |= {Path(path).name: CustomJSON(path) for path in args.task_file}
     if "HumanEval" in tasks:
         tasks["HumanEval"].isolated = not args.allow_unisolated_code
     _, _, _, _, device = common.compute_init(args.device_type)

@@ -2,6 +2,7 @@
 chat_eval: the ChatCORE formula, task selection and the script end to end."""
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -233,6 +234,17 @@ def test_chat_eval_on_two_gloo_ranks_equals_one_and_a_second_run_adds_to_the_rep
     report = report_path.read_text()
     assert "- ARC-Easy: " in report and "- ARC-Challenge: " in report
     assert "| ARC-Easy " in report and "| ARC-Challenge |" in report
+
+    # your own held-out conversations, graded by their last reply, and only those when -a is not given
+    mine = tmp_path / "mine.jsonl"
+    chat = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    mine.write_text(json.dumps(chat) + "\n")
+    results = chat_eval_main(["-i", "sft", "--task-file", str(mine), "--device-type", "cpu"])
+    out = capsys.readouterr().out
+    assert (
+        set(results) == {"ARC-Easy", "ARC-Challenge", "mine.jsonl"} and "ARC-Easy: " not in out
+    )  # not rerun
+    assert "mine.jsonl: 0/1 = 0.00%" in out and "- mine.jsonl: 0" in report_path.read_text()
 
 
 def exit_message(argv: list[str], capsys) -> str:
