@@ -46,6 +46,7 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     checkpoint_manager.add_run_flags(p)
     add("--offline", action="store_true", help="synthetic tasks + NANOCHAT_TASK_DATA only")
     add("--data", action="append", default=[], metavar="FILE", help="your conversations (.jsonl), repeatable")
+    add("--data-only", action="store_true", help="train on --data alone (the stage's val set stays)")
     add("--out-tag", metavar="TAG", help="checkpoint tag to write (default: the source's tag)")
     add("--synthetic-size", type=int, help="examples per synthetic task")
     add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
@@ -54,6 +55,8 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add_optimizer_flags(p, defaults["init_lr_frac"])
     p.set_defaults(**defaults)  # each stage's own defaults, shown by --help like the others
     args = p.parse_args()
+    if args.data_only and not args.data:
+        p.error("--data-only needs at least one --data FILE")
     if args.offline:
         os.environ["HF_HUB_OFFLINE"] = "1"  # no task may reach the hub
     return args

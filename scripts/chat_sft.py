@@ -58,7 +58,7 @@ with exit_on_user_error("chat_sft", "" if args.offline else OFFLINE_HINT, TASK_D
             "MMLU acc": MMLU(subset="all", split="test", step=7),
             "ARC-Easy acc": ARC(subset="ARC-Easy", split="test"),
         }
-    train_tasks = with_data(train_tasks, args.data)
+    train_tasks = with_data(train_tasks, args.data, args.data_only)
 
 # -----------------------------------------------------------------------------
 # Compute, model, optimizer, loop, save, report

@@ -51,7 +51,7 @@ with exit_on_user_error("mid_train", "" if args.offline else OFFLINE_HINT, TASK_
         train_tasks += [SimpleSpelling(size=200_000, split="train"), SpellingBee(size=80_000, split="train")]
         val_tasks = [SmolTalk(split="test"), MMLU(subset="all", split="test", step=3)]
         val_tasks += [GSM8K(subset="main", split="test", stop=420)]
-    train_tasks = with_data(train_tasks, args.data)
+    train_tasks = with_data(train_tasks, args.data, args.data_only)
 
 # -----------------------------------------------------------------------------
 # Compute, model, optimizer, loop, save, report

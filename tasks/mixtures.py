@@ -21,9 +21,9 @@ def identity_task(size: int):
         return Identity(size=size, split="train")
 
 
-def with_data(tasks: list, paths: list[str]) -> list:
-    """The stage's tasks and the user's --data conversation files."""
-    return tasks + [CustomJSON(path) for path in paths]
+def with_data(tasks: list, paths: list[str], only: bool) -> list:
+    """The stage's tasks (unless `only`) and the user's --data conversation files."""
+    return ([] if only else tasks) + [CustomJSON(path) for path in paths]
 
 
 def offline_tasks(n: int, identity_copies: int, spelling_size: int) -> tuple[list, list]:

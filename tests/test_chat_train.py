@@ -274,4 +274,6 @@ def test_offline_mixture_includes_the_local_chat_file_and_the_users_data(chat_ba
     # Arithmetic 200 + Identity 50 twice + SpellingBee 100 + SimpleSpelling 100, the chat file's 150, and 2
     assert "train conversations: 652 " in proc.stdout
     assert f"        2  CustomJSON {mine}" in proc.stdout and "      200  Arithmetic" in proc.stdout
+    alone = run(chat_base, "mid_train", *flags, "--data-only", NANOCHAT_TASK_DATA=str(TASK_DATA)).stdout
+    assert "train conversations: 2 " in alone and "Arithmetic" not in alone.split("val conversations")[1]
     assert "batch: 2 × 64 × 1 ranks × 1 micro-steps" in proc.stdout
