@@ -268,8 +268,11 @@ class Engine:
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
         """One token into each of rows 0 .. n-1: the logits (n, V), by the fixed-shape step of its buckets."""
         n, c = len(tokens), self.cache
+        if n == 1 and not self.compiled:  # eager, one row needs no mask: a one-token prefill is cheapest
+            return self.prefill(0, tokens)
         bucket = _bucket(n)
-        keys = keys or next(k for k in self.key_buckets if k > max(c.lengths[:n]))
+        longest = max(c.lengths[:n])  # eager steps attend to exactly the keys there are
+        keys = keys or (next(k for k in self.key_buckets if k > longest) if self.compiled else longest + 1)
         ids = torch.zeros(bucket, 1, dtype=torch.long)
         ids[:n, 0] = torch.tensor(tokens, dtype=torch.long)
         step = _decode_step
