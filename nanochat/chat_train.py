@@ -12,7 +12,6 @@ Checkpoints go to `<stage>_checkpoints/<source tag>`; --resume continues exactly
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections.abc import Iterator
 
@@ -20,47 +19,11 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint_manager, common
-from nanochat.common import UserError, in_range, is_distributed, print0
+from nanochat.common import UserError, is_distributed, print0
 from nanochat.dataloader import conversation_batches
-from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, muon_momentum, optimizers_for
+from nanochat.optim import apply_schedule, lr_multiplier, muon_momentum, optimizers_for
 from nanochat.report import MetricsLog, eta, log_section
 from nanochat.task_eval import task_accuracy
-
-
-def chat_flags(description: str, **defaults) -> argparse.Namespace:
-    """The flags of mid_train and chat_sft; `defaults` holds each stage's own defaults."""
-    p = argparse.ArgumentParser(description=description, formatter_class=common.HelpFormatter)
-    add = p.add_argument
-    checkpoint_manager.add_model_flags(p, defaults["source"], stages=("base", "mid", "sft"))
-    add("--max-seq-len", type=in_range(int, 2), help="context of the training rows (None: the model's)")
-    add("--device-batch-size", type=in_range(int, 1), help="rows per device per micro-step")
-    add("--total-batch-size", type=int, help="tokens per step, all ranks (-1: one micro-step per rank)")
-    add("--num-iterations", type=int, default=-1, help="optimizer steps (-1: one epoch of the data)")
-    add("--warmdown-ratio", type=in_range(float, 0, 1), help="final fraction of training decaying the LR")
-    add("--final-lr-frac", type=float, default=0.0, help="LR multiplier at the end of training")
-    add("--eval-every", type=int, help="steps between val loss evals (-1: at the end)")
-    add("--eval-steps", type=int, help="val micro-batches per eval")
-    add("--metrics-every", type=int, help="steps between accuracy evals (-1: only at the end, 0: never)")
-    add("--metrics-max-problems", type=int, help="problems per accuracy eval")
-    add("--save-every", type=int, default=-1, help="steps between checkpoints (-1: only at the end)")
-    checkpoint_manager.add_run_flags(p)
-    add("--offline", action="store_true", help="synthetic tasks + NANOCHAT_TASK_DATA only")
-    add("--data", action="append", default=[], metavar="FILE", help="your conversations (.jsonl), repeatable")
-    add("--data-only", action="store_true", help="train on --data alone (the stage's val set stays)")
-    add("--out-tag", metavar="TAG", help="checkpoint tag to write (default: the source's tag)")
-    add("--synthetic-size", type=int, help="examples per synthetic task")
-    add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
-    add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
-    add("--dry-run", action="store_true", help="open data and model, print the plan, then exit")
-    add_optimizer_flags(p, defaults["init_lr_frac"])
-    p.set_defaults(**defaults)  # each stage's own defaults, shown by --help like the others
-    args = p.parse_args()
-    if args.data_only and not args.data:
-        p.error("--data-only needs at least one --data FILE")
-    if args.offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # no task may reach the hub
-    return args
-
 
 # -----------------------------------------------------------------------------
 # One step, the evals and the schedule

@@ -6,7 +6,6 @@ last: a step exists once its meta does. Nothing is unpickled: every `.pt` loads 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -23,16 +22,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat import common
-from nanochat.common import UserError, get_base_dir, get_dist_info
+from nanochat.common import STAGE_DIRS, UserError, get_base_dir, get_dist_info
+from nanochat.flags import KEEP_CLOCK_SAVES
 
 logger = logging.getLogger("nanochat.checkpoint_manager")
-
-STAGE_DIRS = {
-    "base": "base_checkpoints",
-    "mid": "mid_checkpoints",
-    "sft": "chatsft_checkpoints",
-    "rl": "chatrl_checkpoints",
-}
 
 
 class CheckpointError(UserError):
@@ -263,44 +256,6 @@ def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
     return config
 
 
-def usable_device(name: str) -> str:
-    """--device-type's type: a device this machine lacks is refused by argparse, naming the flag."""
-    if (
-        name == "cuda"
-        and not torch.cuda.is_available()
-        or name == "mps"
-        and not torch.backends.mps.is_available()
-    ):
-        raise argparse.ArgumentTypeError(f"{name}: torch sees no usable {name} device here (try cpu)")
-    return name
-
-
-def add_device_flag(parser) -> None:
-    devices = ["cuda", "mps", "cpu"]
-    parser.add_argument("--device-type", type=usable_device, choices=devices, help="default: autodetect")
-
-
-def add_verify_flag(parser) -> None:
-    """--no-verify: load checkpoints without checking their SHA-256 (sets `args.verify` False)."""
-    no_check = "skip the SHA-256 check of checkpoint files (default: check them)"
-    parser.add_argument("--no-verify", dest="verify", action="store_false", help=no_check)
-
-
-def add_model_flags(parser, default_source: str | None = "sft", choose_source=True, stages=STAGE_DIRS):
-    """The checkpoint to load: -i/--source (if `choose_source`), -g, -s, --device-type, --no-verify."""
-    add = parser.add_argument
-    if choose_source:
-        source = dict(default=default_source, required=default_source is None)  # no default: -i required
-        add("-i", "--source", choices=list(stages), help="model stage", **source)
-    else:
-        parser.set_defaults(source=default_source)
-    add("-g", "--model-tag", metavar="TAG", help="checkpoint tag (default: the deepest d<N>)")
-    last = "checkpoint step (default: the last)"
-    add("-s", "--step", "--model-step", dest="model_step", metavar="STEP", type=int, help=last)
-    add_device_flag(parser)
-    add_verify_flag(parser)
-
-
 def load_model(
     source: str, device, mode: str, model_tag: str | None = None, step: int | None = None, verify=True
 ):
@@ -339,16 +294,6 @@ def load_model(
 
 # -----------------------------------------------------------------------------
 # Start or resume a training run
-
-
-def add_run_flags(parser) -> None:
-    """--resume [STEP], --overwrite and --save-every-minutes: the flags of `start_run` and `RunSaver`."""
-    add = parser.add_argument
-    resume = "continue the tag's run (from its last step, or STEP)"
-    add("--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help=resume)
-    add("--overwrite", action="store_true", help="delete the tag's old run and start over")
-    clock = f"wall-clock minutes between checkpoints, the newest {KEEP_CLOCK_SAVES} kept (0: off)"
-    add("--save-every-minutes", type=float, default=30.0, help=clock)
 
 
 def start_run(
@@ -432,8 +377,6 @@ def _check_run(directory, resume, overwrite, model, user_config, same_flags, ver
 
 # -----------------------------------------------------------------------------
 # Saving during a run: when, how many, and stopping on a signal
-
-KEEP_CLOCK_SAVES = 2  # the clock's checkpoints kept (the newest); --save-every's and the last are all kept
 
 
 class RunSaver:

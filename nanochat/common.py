@@ -42,6 +42,15 @@ def get_base_dir() -> Path:
     return base
 
 
+# the checkpoint folder of each training stage, under the artifact root
+STAGE_DIRS = {
+    "base": "base_checkpoints",
+    "mid": "mid_checkpoints",
+    "sft": "chatsft_checkpoints",
+    "rl": "chatrl_checkpoints",
+}
+
+
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name) or default)  # torchrun's variables: integers
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import queue
 import random
 import threading
@@ -37,21 +36,6 @@ logger = logging.getLogger(__name__)
 
 STOP_TOKENS = ("<|assistant_end|>", "<|bos|>")
 MIN_KEYS = 256  # the shortest key bucket of a decode step (each bucket is one more compiled shape)
-
-
-def add_decode_flag(parser) -> None:
-    """--decode, shared by the scripts that generate (default: $NANOCHAT_DECODE, else auto)."""
-    parser.add_argument(
-        "--decode",
-        choices=("auto", "compiled", "eager"),
-        default=os.environ.get("NANOCHAT_DECODE", "auto"),
-        help="decode step: compiled (torch.compile; CUDA graphs on CUDA), eager, or auto: compiled on "
-        "CUDA only (on a CPU a compile takes ~15-50 s per batch shape, worth it for long runs)",
-    )
-
-
-def compile_decode(mode: str, device: torch.device) -> bool:
-    return mode == "compiled" or (mode == "auto" and device.type == "cuda")
 
 
 def _bucket(n: int) -> int:  # the smallest power of two >= n: few batch shapes to compile

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nanochat.common import in_range, is_distributed
+from nanochat.common import is_distributed
 
 MIN_SHARD_NUMEL = 1024  # smaller AdamW parameters are all-reduced, not sharded
 
@@ -401,25 +401,6 @@ def weight_decay_multiplier(step: int, num_iterations: int, schedule: str) -> fl
         return 1.0
     assert schedule == "record", schedule
     return 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / num_iterations))
-
-
-def add_optimizer_flags(
-    parser,
-    init_lr_frac: float | None = None,
-    weight_decay: float | None = 0.0,
-    matrix_lr: float | None = 0.02,
-    embedding_lr: float | None = 0.2,
-    unembedding_lr: float | None = 0.004,
-) -> None:
-    """The LR and weight-decay flags of every training script (and --init-lr-frac when it has a default)."""
-    g = parser.add_argument_group("optimization")
-    rate = in_range(float, 0)
-    g.add_argument("--embedding-lr", type=rate, default=embedding_lr, help="AdamW LR of the token embedding")
-    g.add_argument("--unembedding-lr", type=rate, default=unembedding_lr, help="AdamW LR of the lm_head")
-    g.add_argument("--matrix-lr", type=rate, default=matrix_lr, help="Muon LR of the block matrices")
-    g.add_argument("--weight-decay", type=rate, default=weight_decay, help="cautious decay of the matrices")
-    if init_lr_frac is not None:
-        g.add_argument("--init-lr-frac", type=rate, default=init_lr_frac, help="all LRs are scaled by this")
 
 
 def apply_schedule(

@@ -32,8 +32,8 @@ FIGURES_DIR = "report_figures"  # beside each report.md, linked by relative path
 ENVIRONMENT = "Environment"  # the section `reset` logs: the report's header
 LOSSES = {"train loss": "loss", "val loss": "val_loss"}
 # The pipeline in order. Per stage: its checkpoint folder, its sections (titles as the scripts log
-# them; sections of other titles follow, oldest first) and its curves {y label: log.jsonl key}.
-# The stages with a checkpoint folder are the summary table's columns.
+# them, its training first; sections of other titles follow, oldest first) and its curves {y label:
+# log.jsonl key}. The stages with a checkpoint folder are the summary table's columns.
 STAGES = {
     "tok": (None, ("Tokenizer training", "Tokenizer evaluation"), {}),
     "base": (
@@ -333,6 +333,28 @@ def summary_rows(sections: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def lineage_warnings(sections: dict[str, dict]) -> list[str]:
+    """A line for each section logged before the training it builds on (an SFT re-run under an old RL,
+    an evaluation of an earlier model): the report then mixes two runs of that stage."""
+    pairs = []  # (a training section, a section that was made from its model)
+    previous = None
+    for stage, (_, titles, _) in STAGES.items():
+        pairs += [(titles[0], title) for title in titles[1:]]
+        # the stage a model was trained from, as its section names it ("mid d4 step 200", "sft/d4")
+        source = str(sections.get(titles[0], {}).get("data", {}).get("source", ""))
+        parent = re.match(r"[a-z]*", source).group() or previous
+        if parent in STAGES and parent != stage:
+            pairs.append((STAGES[parent][1][0], titles[0]))
+        previous = stage
+    lines = []
+    for upstream, downstream in pairs:
+        if upstream in sections and downstream in sections:
+            up, down = sections[upstream]["timestamp"], sections[downstream]["timestamp"]
+            if up > down:  # the format sorts as text in time order
+                lines.append(f"{downstream} ({down}) is older than {upstream} ({up})")
+    return lines
+
+
 def curves(records: list[dict], panels: dict[str, str]) -> list[tuple[str, list[tuple[int, float]]]]:
     """[(y label, [(step, value)])] of the panels with at least two points: one point is no curve."""
     series = [(label, [(r["step"], r[key]) for r in records if key in r]) for label, key in panels.items()]
@@ -398,6 +420,10 @@ def generate(copy_to: str | Path = ".") -> Path:
         summary_block += (
             "\\* partial: CORE over the CORE tasks whose data was present (see the sections below).\n\n"
         )
+    if lineage := lineage_warnings(sections):
+        print("report: mixed lineage, " + "; ".join(lineage))
+        lines = "".join(f"- {line}\n" for line in lineage)
+        summary_block += f"**Mixed lineage** (sections from different runs; rerun the older ones):\n{lines}\n"
     summary_block += format_item(summary)
 
     plots = make_plots(base_dir, report_dir / FIGURES_DIR)

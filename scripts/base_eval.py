@@ -12,10 +12,8 @@ import argparse
 import time
 
 from nanochat import common
-from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import print0
-from nanochat.core_eval import evaluate_core
-from nanochat.report import log_section
+from nanochat.flags import add_model_flags
 
 parser = argparse.ArgumentParser(
     prog="python -m scripts.base_eval", description=__doc__, formatter_class=common.HelpFormatter
@@ -29,6 +27,11 @@ parser.add_argument(
     "--device-batch-size", type=common.in_range(int, 1), default=8, help="sequences (option rows) per forward"
 )
 args = parser.parse_args()
+
+# the heavy imports after the flags: --help answers without loading torch
+from nanochat.checkpoint_manager import load_model
+from nanochat.core_eval import evaluate_core
+from nanochat.report import log_section
 
 common.setup_logging()
 _, rank, _, _, device = common.compute_init(args.device_type)

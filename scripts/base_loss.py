@@ -11,13 +11,8 @@ compares with the one base_train logged. Writes the report section "Base model l
 import argparse
 
 from nanochat import common
-from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import in_range, print0
-from nanochat.dataloader import DataLoader
-from nanochat.engine import greedy_completions
-from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import log_section
-from nanochat.tokenizer import get_token_bytes
+from nanochat.flags import add_model_flags
 
 parser = argparse.ArgumentParser(
     prog="python -m scripts.base_loss", description=__doc__, formatter_class=common.HelpFormatter
@@ -28,6 +23,14 @@ parser.add_argument("--device-batch-size", type=positive, default=32, help="sequ
 parser.add_argument("--split-tokens", type=positive, default=20 * 524288, help="tokens evaluated per split")
 parser.add_argument("--sample-tokens", type=in_range(int, 0), default=16, help="tokens per sample (0: none)")
 args = parser.parse_args()
+
+# the heavy imports after the flags: --help answers without loading torch
+from nanochat.checkpoint_manager import load_model
+from nanochat.dataloader import DataLoader
+from nanochat.engine import greedy_completions
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import log_section
+from nanochat.tokenizer import get_token_bytes
 
 common.setup_logging()
 _, rank, _, world_size, device = common.compute_init(args.device_type)

@@ -21,19 +21,9 @@ import sys
 import time
 from dataclasses import asdict, replace
 
-import torch
-import torch.distributed as dist
-
-from nanochat import checkpoint_manager, common, optim
+from nanochat import common
 from nanochat.common import UserError, in_range, print0
-from nanochat.core_eval import evaluate_core, get_eval_bundle
-from nanochat.dataloader import DataLoader
-from nanochat.dataset import list_parquet_files, read_manifest
-from nanochat.engine import greedy_completions
-from nanochat.gpt import ARCHES, GPT, GPTConfig, config_from_depth, estimate_memory, suggest_device_batch_size
-from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import MetricsLog, eta, log_section
-from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.flags import add_device_flag, add_optimizer_flags, add_run_flags, add_verify_flag
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -54,7 +44,7 @@ g = parser.add_argument_group("model")
 g.add_argument("--depth", type=positive, default=20, help="transformer layers; also sets the width")
 # the record's architecture: its GPU runs at d12-d26 (public nanochat, to autoresearch round 2)
 arch_help = "record: value embeddings, layer scalars, smear, backout, sliding windows; v1: our first model"
-g.add_argument("--arch", default="record", choices=ARCHES, help=arch_help)
+g.add_argument("--arch", default="record", choices=("record", "v1"), help=arch_help)  # gpt.ARCHES
 g.add_argument("--window-pattern", help="override the arch's: letters S (short window) and L (full)")
 g.add_argument("--aspect-ratio", type=positive, default=64, help="width = depth × this, in whole heads")
 g.add_argument("--head-dim", type=int, default=128, help="attention head dimension")
@@ -107,7 +97,7 @@ RECIPES = {
 }
 g = parser.add_argument_group("recipe (a flag left unset takes the --recipe's value)")
 g.add_argument("--recipe", default="record", choices=RECIPES, help="record: the public record's; v1: ours")
-optim.add_optimizer_flags(parser, weight_decay=None, matrix_lr=None, embedding_lr=None, unembedding_lr=None)
+add_optimizer_flags(parser, weight_decay=None, matrix_lr=None, embedding_lr=None, unembedding_lr=None)
 g.add_argument("--scalar-lr", type=in_range(float, 0), help="AdamW LR of the x0 scalars (residual: × 0.01)")
 wd_help = "record: --weight-decay × √(batch/2^19) × (d12 params/params), cosine to 0; constant: as given"
 g.add_argument("--wd-schedule", choices=("record", "constant"), help=wd_help)
@@ -131,11 +121,11 @@ g.add_argument(
     "--save-every", type=int, default=-1, help="steps between saves (-1: by the clock and at the end)"
 )
 g = parser.add_argument_group("run")
-checkpoint_manager.add_run_flags(g)
+add_run_flags(g)
 g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
 g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
-checkpoint_manager.add_device_flag(g)
-checkpoint_manager.add_verify_flag(g)
+add_device_flag(g)
+add_verify_flag(g)
 g.add_argument("--seed", type=int, default=42, help="seed of the initial weights")
 g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile the model")
 g.add_argument("--dry-run", action="store_true", help="validate and print the plan, then exit")
@@ -144,6 +134,20 @@ for key, value in RECIPES[args.recipe].items():
     if getattr(args, key, None) is None:
         setattr(args, key, value)
 user_config = vars(args).copy()
+
+# the heavy imports after the flags: --help answers without loading torch
+import torch
+import torch.distributed as dist
+
+from nanochat import checkpoint_manager, optim
+from nanochat.core_eval import evaluate_core, get_eval_bundle
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import list_parquet_files, read_manifest
+from nanochat.engine import greedy_completions
+from nanochat.gpt import GPT, GPTConfig, config_from_depth, estimate_memory, suggest_device_batch_size
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import MetricsLog, eta, log_section
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 # -----------------------------------------------------------------------------
 # Compute

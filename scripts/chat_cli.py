@@ -14,9 +14,35 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
-from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import HelpFormatter, compute_init, exit_on_user_error, in_range, setup_logging
-from nanochat.engine import Engine, Request, add_decode_flag, compile_decode, prompt_and_budget
+from nanochat.flags import add_decode_flag, add_model_flags, compile_decode
+
+
+def parse_args() -> argparse.Namespace:
+    """The flags; torch-free, so that --help answers before the heavy imports."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.chat_cli",
+        description="Chat with a trained nanochat model in the terminal.",
+        formatter_class=HelpFormatter,
+    )
+    add = parser.add_argument
+    add_model_flags(parser, "sft")
+    add("-p", "--prompt", default="", help="answer this one prompt and exit")
+    add("-t", "--temperature", type=in_range(float, 0), default=0.6, help="sampling temperature (0: greedy)")
+    add("-k", "--top-k", type=in_range(int, 0), default=50, help="top-k filtering (0: none)")
+    reply = dict(metavar="N", type=in_range(int, 1), default=512, help="longest reply, in tokens")
+    add("--max-new-tokens", "--max-tokens", **reply)
+    add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
+    add("--system", default="", metavar="TEXT", help="a system message that opens the conversation")
+    add_decode_flag(parser)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below load torch; main parses again
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.engine import Engine, Request, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, assistant_content
 
 
@@ -59,22 +85,7 @@ def typed_messages() -> Iterator[str | None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.chat_cli",
-        description="Chat with a trained nanochat model in the terminal.",
-        formatter_class=HelpFormatter,
-    )
-    add = parser.add_argument
-    add_model_flags(parser, "sft")
-    add("-p", "--prompt", default="", help="answer this one prompt and exit")
-    add("-t", "--temperature", type=in_range(float, 0), default=0.6, help="sampling temperature (0: greedy)")
-    add("-k", "--top-k", type=in_range(int, 0), default=50, help="top-k filtering (0: none)")
-    reply = dict(metavar="N", type=in_range(int, 1), default=512, help="longest reply, in tokens")
-    add("--max-new-tokens", "--max-tokens", **reply)
-    add("--seed", type=int, default=42, help="sampling seed of the first turn (+1 per turn)")
-    add("--system", default="", metavar="TEXT", help="a system message that opens the conversation")
-    add_decode_flag(parser)
-    args = parser.parse_args()
+    args = parse_args()
 
     setup_logging()
     _, _, _, _, device = compute_init(args.device_type)

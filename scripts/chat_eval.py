@@ -16,31 +16,19 @@ import time
 from pathlib import Path
 
 from nanochat import common
-from nanochat.checkpoint_manager import add_model_flags, load_model
 from nanochat.common import in_range, print0
-from nanochat.engine import add_decode_flag, compile_decode
-from nanochat.execution import require_isolation
-from nanochat.report import log_section, read_sections
-from nanochat.task_eval import task_accuracy
-from tasks.arc import ARC
-from tasks.common import TASK_DATA_ERRORS
-from tasks.customjson import CustomJSON
-from tasks.gsm8k import GSM8K
-from tasks.humaneval import HumanEval
-from tasks.mmlu import MMLU
-from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.synthetic import Arithmetic
+from nanochat.flags import add_decode_flag, add_model_flags, compile_decode
 
 # The six tasks of ChatCORE and their chance-level accuracies (1 in 4 letters; 0 for a written answer)
 BASELINES = dict.fromkeys(["ARC-Easy", "ARC-Challenge", "MMLU"], 0.25)
 BASELINES |= dict.fromkeys(["GSM8K", "HumanEval", "SpellingBee"], 0.0)
 OFFLINE_TASK_SIZE = 256  # test examples per synthetic task
-TASKS = {  # name -> the evaluation split (the last two are generated here: no download)
+TASKS = {  # name -> its evaluation split (the last two generated here: no download); classes imported below
     "ARC-Easy": lambda: ARC(subset="ARC-Easy", split="test"),
     "ARC-Challenge": lambda: ARC(subset="ARC-Challenge", split="test"),
     "MMLU": lambda: MMLU(subset="all", split="test"),
     "GSM8K": lambda: GSM8K(subset="main", split="test"),
-    "HumanEval": HumanEval,
+    "HumanEval": lambda: HumanEval(),
     "SpellingBee": lambda: SpellingBee(size=OFFLINE_TASK_SIZE, split="test"),
     "Arithmetic": lambda: Arithmetic(size=OFFLINE_TASK_SIZE, split="test"),
     "SimpleSpelling": lambda: SimpleSpelling(size=OFFLINE_TASK_SIZE, split="test"),
@@ -58,15 +46,8 @@ def parse_task_names(spec: str) -> list[str]:
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
-def chatcore(accuracies: dict[str, float]) -> tuple[float | None, list[str]]:
-    """(ChatCORE, or None while any of its six tasks is missing; the missing ones)."""
-    if missing := [n for n in BASELINES if n not in accuracies]:
-        return None, missing
-    return sum((accuracies[n] - b) / (1 - b) for n, b in BASELINES.items()) / len(BASELINES), []
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run the evaluation; returns {task: accuracy} (plus "ChatCORE" when complete)."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; torch-free, so that --help answers before the heavy imports."""
     parser = argparse.ArgumentParser(
         prog="python -m scripts.chat_eval",
         description=__doc__.split("\n\n")[0],
@@ -88,7 +69,36 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     unisolated = "run HumanEval's model-written code without OS isolation where bubblewrap is unavailable"
     add("--allow-unisolated-code", action="store_true", help=unisolated)
     add_decode_flag(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below load torch; main parses again
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.execution import require_isolation
+from nanochat.report import log_section, read_sections
+from nanochat.task_eval import task_accuracy
+from tasks.arc import ARC
+from tasks.common import TASK_DATA_ERRORS
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K
+from tasks.humaneval import HumanEval
+from tasks.mmlu import MMLU
+from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.synthetic import Arithmetic
+
+
+def chatcore(accuracies: dict[str, float]) -> tuple[float | None, list[str]]:
+    """(ChatCORE, or None while any of its six tasks is missing; the missing ones)."""
+    if missing := [n for n in BASELINES if n not in accuracies]:
+        return None, missing
+    return sum((accuracies[n] - b) / (1 - b) for n, b in BASELINES.items()) / len(BASELINES), []
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the evaluation; returns {task: accuracy} (plus "ChatCORE" when complete)."""
+    args = parse_args(argv)
     if args.task_name is None:  # with --task-file alone, only those files
         args.task_name = [] if args.task_file else list(BASELINES)
     if args.num_samples > 1 and args.temperature == 0:

@@ -18,13 +18,54 @@ import argparse
 import math
 import time
 
+from nanochat import common, flags
+from nanochat.common import HelpFormatter, UserError, in_range, print0
+
+# -----------------------------------------------------------------------------
+# Flags (parsed before the heavy imports below: --help answers without loading torch)
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    g = parser.add_argument_group("model and data")
+    flags.add_model_flags(g, "sft")
+    g.add_argument("--offline", action="store_true", help="train on synthetic Arithmetic instead of GSM8K")
+    g.add_argument("--max-seq-len", type=int, help="prompt + answer limit (default: the model's)")
+    positive = in_range(int, 1)
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--examples-per-step", type=positive, default=16, help="questions per step, all ranks")
+    g.add_argument("--num-samples", type=positive, default=16, help="samples per question (the group)")
+    g.add_argument("--max-new-tokens", type=positive, default=256, help="token budget of one answer")
+    # > 0: greedy samples of a group are identical and teach nothing
+    positive_float = in_range(float, 0, open_lo=True)
+    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
+    g.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
+    g.add_argument("--seed", type=int, default=42, help="base seed of the sampling")
+    flags.add_optimizer_flags(parser, init_lr_frac=0.05)
+    flags.add_decode_flag(g)
+    g = parser.add_argument_group("steps")
+    g.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the training set)")
+    g.add_argument("--device-batch-size", type=positive, default=8, help="sampled rows per forward/backward")
+    g = parser.add_argument_group("evaluation and checkpoints")
+    g.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evals (-1: first, last)")
+    g.add_argument("--eval-examples", type=int, default=400, help="test questions per eval")
+    g.add_argument("--eval-samples", type=positive, default=8, help="samples per test question (k <= this)")
+    g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
+    g = parser.add_argument_group("run")
+    flags.add_run_flags(g)
+    g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
+    g.add_argument("--out-tag", metavar="TAG", help="checkpoint tag to write (default: the source's tag)")
+    g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
+    args = parser.parse_args()
+    if args.eval_samples > args.num_samples:
+        parser.error(f"--eval-samples {args.eval_samples} must not exceed --num-samples {args.num_samples}")
+    user_config = vars(args).copy()
+
 import torch
 import torch.distributed as dist
 
-from nanochat import checkpoint_manager, common
-from nanochat.common import HelpFormatter, UserError, in_range, print0
-from nanochat.engine import Engine, add_decode_flag, compile_decode, prompt_and_budget
-from nanochat.optim import add_optimizer_flags, apply_schedule, lr_multiplier, optimizers_for
+from nanochat import checkpoint_manager
+from nanochat.engine import Engine, prompt_and_budget
+from nanochat.optim import apply_schedule, lr_multiplier, optimizers_for
 from nanochat.report import MetricsLog, eta, log_section, read_log
 from tasks.common import TASK_DATA_ERRORS
 from tasks.gsm8k import GSM8K
@@ -78,42 +119,6 @@ def policy_gradient_loss(
 # The script
 
 if __name__ == "__main__":
-    # ---------------------------------------------------------------------- flags
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    g = parser.add_argument_group("model and data")
-    checkpoint_manager.add_model_flags(g, "sft")
-    g.add_argument("--offline", action="store_true", help="train on synthetic Arithmetic instead of GSM8K")
-    g.add_argument("--max-seq-len", type=int, help="prompt + answer limit (default: the model's)")
-    positive = in_range(int, 1)
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--examples-per-step", type=positive, default=16, help="questions per step, all ranks")
-    g.add_argument("--num-samples", type=positive, default=16, help="samples per question (the group)")
-    g.add_argument("--max-new-tokens", type=positive, default=256, help="token budget of one answer")
-    # > 0: greedy samples of a group are identical and teach nothing
-    positive_float = in_range(float, 0, open_lo=True)
-    g.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature")
-    g.add_argument("--top-k", type=int, default=50, help="top-k sampling (0: off)")
-    g.add_argument("--seed", type=int, default=42, help="base seed of the sampling")
-    add_optimizer_flags(parser, init_lr_frac=0.05)
-    add_decode_flag(g)
-    g = parser.add_argument_group("steps")
-    g.add_argument("--num-iterations", type=int, default=-1, help="steps (-1: one epoch of the training set)")
-    g.add_argument("--device-batch-size", type=positive, default=8, help="sampled rows per forward/backward")
-    g = parser.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evals (-1: first, last)")
-    g.add_argument("--eval-examples", type=int, default=400, help="test questions per eval")
-    g.add_argument("--eval-samples", type=positive, default=8, help="samples per test question (k <= this)")
-    g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
-    g = parser.add_argument_group("run")
-    checkpoint_manager.add_run_flags(g)
-    g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
-    g.add_argument("--out-tag", metavar="TAG", help="checkpoint tag to write (default: the source's tag)")
-    g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
-    args = parser.parse_args()
-    if args.eval_samples > args.num_samples:
-        parser.error(f"--eval-samples {args.eval_samples} must not exceed --num-samples {args.num_samples}")
-    user_config = vars(args).copy()
-
     # ---------------------------------------------------------------------- compute, tasks (before the model)
     common.setup_logging()
     is_ddp, rank, _, world_size, device = common.compute_init(args.device_type)
@@ -160,7 +165,7 @@ if __name__ == "__main__":
         )
     if args.resume:
         print0(f"resumed from step {start_step}")
-    engine = Engine(model, tokenizer, compile=compile_decode(args.decode, device))
+    engine = Engine(model, tokenizer, compile=flags.compile_decode(args.decode, device))
     pad_id = tokenizer.get_bos_token_id()
 
     def sample(task, index: int, num_samples: int, seed: int) -> tuple[list, list, list[float]]:

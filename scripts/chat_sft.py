@@ -10,12 +10,7 @@ of the base LRs, decaying linearly to 0; accuracy every --metrics-every steps an
 loop is `nanochat.chat_train.train`, shared with mid_train.
 """
 
-from nanochat.chat_train import chat_flags, train
-from nanochat.common import exit_on_user_error
-from tasks.common import TASK_DATA_ERRORS, TaskMixture
-from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks, with_data
-from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.synthetic import Arithmetic
+from nanochat.flags import chat_flags
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -33,6 +28,14 @@ args = chat_flags(
     metrics_max_problems=1024,
     synthetic_size=2000,
 )
+
+# the heavy imports after the flags: --help answers without loading torch
+from nanochat.chat_train import train
+from nanochat.common import exit_on_user_error
+from tasks.common import TASK_DATA_ERRORS, TaskMixture
+from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks, with_data
+from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.synthetic import Arithmetic
 
 # -----------------------------------------------------------------------------
 # Data and evals (before the model, so missing data fails fast)

@@ -27,6 +27,46 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+from nanochat import common
+from nanochat.common import UserError, in_range
+from nanochat.flags import add_decode_flag, add_model_flags, compile_decode
+
+# field -> (lowest, highest): what the engine supports (the seed: what a torch.Generator takes)
+LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096), "seed": (0, 2**63 - 1)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags; torch-free, so that --help answers before the heavy imports."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.chat_web",
+        description="Serve a nanochat model: web UI + OpenAI-compatible API.",
+        formatter_class=common.HelpFormatter,
+    )
+    add = parser.add_argument
+    add_model_flags(parser, "sft")
+    add("--port", type=in_range(int, 1, 65535), default=8000, help="port to listen on")
+    add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
+    add("--allow-host", action="append", default=[], help="also serve this host name ('*': any); repeatable")
+    add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the APIs")
+    add("--docs", action="store_true", help="serve FastAPI's interactive API docs at /docs")
+    timeout = dict(type=in_range(float, 0, open_lo=True), default=10.0)
+    add("--client-timeout", help="seconds for a request's headers, then its body", **timeout)
+    add("--num-gpus", type=in_range(int, 1), default=1, help="model replicas, one per GPU (CUDA only)")
+    # the defaults of a request's fields, within the same limits
+    temperature, top_k = in_range(float, *LIMITS["temperature"]), in_range(int, *LIMITS["top_k"])
+    add("-t", "--temperature", type=temperature, default=0.8, help="default sampling temperature")
+    add("-k", "--top-k", type=top_k, default=50, help="default top-k (0: no filtering)")
+    reply = dict(metavar="N", type=in_range(int, *LIMITS["max_tokens"]), default=512)
+    add("--max-new-tokens", "--max-tokens", dest="max_tokens", help="default longest reply (tokens)", **reply)
+    add("--max-batch", type=in_range(int, 1), default=8, help="concurrent requests per worker")
+    add("--log-content", action="store_true", help="also log the messages and replies")
+    add_decode_flag(parser)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below load torch; main parses again
+
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
@@ -35,10 +75,8 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nanochat import common
-from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import UserError, in_range
-from nanochat.engine import BatchScheduler, Engine, add_decode_flag, compile_decode, prompt_and_budget
+from nanochat.checkpoint_manager import load_model
+from nanochat.engine import BatchScheduler, Engine, prompt_and_budget
 from nanochat.tokenizer import ReplyDecoder, validate_conversation
 
 logger = logging.getLogger("nanochat.chat_web")
@@ -51,8 +89,6 @@ MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1_000_000
 MAX_STOPS, MAX_STOP_CHARS = 4, 100
-# field -> (lowest, highest): what the engine supports (the seed: what a torch.Generator takes)
-LIMITS = {"temperature": (0.0, 2.0), "top_k": (0, 200), "max_tokens": (1, 4096), "seed": (0, 2**63 - 1)}
 # OpenAI fields accepted only at their no-op value (anything else would be silently wrong)
 NO_OP = {"n": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
 IGNORED = {"model", "user", "store", "metadata", "service_tier"}  # accepted, no effect on the reply
@@ -512,31 +548,7 @@ def raise_descriptor_limit() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.chat_web",
-        description="Serve a nanochat model: web UI + OpenAI-compatible API.",
-        formatter_class=common.HelpFormatter,
-    )
-    add = parser.add_argument
-    add_model_flags(parser, "sft")
-    add("--port", type=in_range(int, 1, 65535), default=8000, help="port to listen on")
-    add("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every interface)")
-    add("--allow-host", action="append", default=[], help="also serve this host name ('*': any); repeatable")
-    add("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the APIs")
-    add("--docs", action="store_true", help="serve FastAPI's interactive API docs at /docs")
-    timeout = dict(type=in_range(float, 0, open_lo=True), default=10.0)
-    add("--client-timeout", help="seconds for a request's headers, then its body", **timeout)
-    add("--num-gpus", type=in_range(int, 1), default=1, help="model replicas, one per GPU (CUDA only)")
-    # the defaults of a request's fields, within the same limits
-    temperature, top_k = in_range(float, *LIMITS["temperature"]), in_range(int, *LIMITS["top_k"])
-    add("-t", "--temperature", type=temperature, default=0.8, help="default sampling temperature")
-    add("-k", "--top-k", type=top_k, default=50, help="default top-k (0: no filtering)")
-    reply = dict(metavar="N", type=in_range(int, *LIMITS["max_tokens"]), default=512)
-    add("--max-new-tokens", "--max-tokens", dest="max_tokens", help="default longest reply (tokens)", **reply)
-    add("--max-batch", type=in_range(int, 1), default=8, help="concurrent requests per worker")
-    add("--log-content", action="store_true", help="also log the messages and replies")
-    add_decode_flag(parser)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     with common.exit_on_user_error("chat_web"):
         serve(args)
 

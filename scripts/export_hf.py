@@ -13,13 +13,32 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from nanochat.common import MARKER, HelpFormatter, UserError, check_removable, exit_on_user_error, remove_ours
+from nanochat.flags import add_model_flags
+
+
+def parse_args() -> argparse.Namespace:
+    """The flags; torch-free, so that --help answers before the heavy imports."""
+    parser = argparse.ArgumentParser(
+        prog="python -m scripts.export_hf",
+        description="Export a checkpoint as a Hugging Face transformers folder",
+        formatter_class=HelpFormatter,
+    )
+    add_model_flags(parser, default_source=None)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a bad flag answer here, before the imports below load torch; main parses again
+
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanochat.checkpoint_manager import add_model_flags, load_model
-from nanochat.common import MARKER, HelpFormatter, UserError, check_removable, exit_on_user_error, remove_ours
+from nanochat.checkpoint_manager import load_model
 from nanochat.engine import STOP_TOKENS
 from nanochat.gpt import LOGIT_SOFTCAP, NORM_EPS, GPTConfig
 from nanochat.tokenizer import Tokenizer
@@ -282,15 +301,7 @@ def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, over
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m scripts.export_hf",
-        description="Export a checkpoint as a Hugging Face transformers folder",
-        formatter_class=HelpFormatter,
-    )
-    add_model_flags(parser, default_source=None)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds files")
-    args = parser.parse_args()
+    args = parse_args()
     with exit_on_user_error("export_hf"):
         model, tokenizer, meta = load_model(
             args.source, "cpu", "eval", args.model_tag, args.model_step, args.verify

@@ -9,11 +9,7 @@ One epoch of the mixture below, the LR decaying linearly to 0 over its last 20%;
 `nanochat.chat_train.train`, shared with chat_sft.
 """
 
-from nanochat.chat_train import chat_flags, train
-from nanochat.common import exit_on_user_error
-from tasks.common import TASK_DATA_ERRORS, TaskMixture
-from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks, with_data
-from tasks.spellingbee import SimpleSpelling, SpellingBee
+from nanochat.flags import chat_flags
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -31,6 +27,13 @@ args = chat_flags(
     metrics_max_problems=500,
     synthetic_size=20000,
 )
+
+# the heavy imports after the flags: --help answers without loading torch
+from nanochat.chat_train import train
+from nanochat.common import exit_on_user_error
+from tasks.common import TASK_DATA_ERRORS, TaskMixture
+from tasks.mixtures import OFFLINE_HINT, identity_task, offline_tasks, with_data
+from tasks.spellingbee import SimpleSpelling, SpellingBee
 
 # -----------------------------------------------------------------------------
 # Data (before the model, so missing data fails fast)

@@ -11,6 +11,18 @@ import os
 from pathlib import Path
 
 from nanochat.common import HelpFormatter, exit_on_user_error, in_range, print0
+
+parser = argparse.ArgumentParser(
+    prog="python -m scripts.tok_eval", description=__doc__, formatter_class=HelpFormatter
+)
+add = parser.add_argument
+shared_refs = Path(__file__).resolve().parents[2] / "shared/data/tokenizers"  # ../shared beside the repo
+refs = os.environ.get("NANOCHAT_TOKENIZER_REFS", shared_refs)
+add("--ref-dir", type=Path, default=refs, help="the reference .tiktoken files ($NANOCHAT_TOKENIZER_REFS)")
+add("--sample-chars", type=in_range(int, 1), default=10_000, help="chars from each split's start")
+args = parser.parse_args()
+
+# the heavy imports after the flags: --help answers without loading torch
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import log_section, markdown_table
 from nanochat.tokenizer import Tokenizer, get_tokenizer
@@ -70,16 +82,6 @@ def comparison_rows(texts: dict[str, str], ours: Tokenizer, ref: Tokenizer | Non
         rows.append(row + [r, f"{b / r:.2f}", f"{100 * (r - o) / r:+.1f}"] if ref else row)
     return [header, *rows]
 
-
-parser = argparse.ArgumentParser(
-    prog="python -m scripts.tok_eval", description=__doc__, formatter_class=HelpFormatter
-)
-add = parser.add_argument
-shared_refs = Path(__file__).resolve().parents[2] / "shared/data/tokenizers"  # ../shared beside the repo
-refs = os.environ.get("NANOCHAT_TOKENIZER_REFS", shared_refs)
-add("--ref-dir", type=Path, default=refs, help="the reference .tiktoken files ($NANOCHAT_TOKENIZER_REFS)")
-add("--sample-chars", type=in_range(int, 1), default=10_000, help="chars from each split's start")
-args = parser.parse_args()
 
 # Tokenizers (ours, and whichever references are on disk) and texts (the samples, then the start of
 # each split: how well we fit our own data vs held-out text); what is missing is skipped with a note

@@ -10,9 +10,6 @@ import time
 
 from nanochat import common
 from nanochat.common import UserError, in_range, print0
-from nanochat.dataset import parquets_iter_batched, read_manifest
-from nanochat.report import log_section
-from nanochat.tokenizer import META_FILE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
 
 parser = argparse.ArgumentParser(
     prog="python -m scripts.tok_train", description=__doc__, formatter_class=common.HelpFormatter
@@ -21,11 +18,19 @@ add = parser.add_argument
 add("--max-chars", type=in_range(int, 1), default=2_000_000_000, help="total characters to train on")
 # cropping keeps a few huge documents (a long table dump) from dominating the pair counts
 add("--doc-cap", type=in_range(int, 1), default=10_000, help="each document is cropped to this many chars")
-# at least one token per byte plus the special tokens
-add("--vocab-size", type=in_range(int, MIN_VOCAB_SIZE), default=32768, help="tokens, special ones included")
+add("--vocab-size", type=int, default=32768, help="tokens, special ones included")
 add("--num-threads", type=in_range(int, 1), help="threads for rustbpe (default: all CPU cores)")
 add("--overwrite", action="store_true", help="replace the tokenizer already in the base dir")
 args = parser.parse_args()
+
+# the heavy imports after the flags: --help answers without loading torch
+from nanochat.dataset import parquets_iter_batched, read_manifest
+from nanochat.report import log_section
+from nanochat.tokenizer import META_FILE, MIN_VOCAB_SIZE, SPECIAL_TOKENS, Tokenizer
+
+if args.vocab_size < MIN_VOCAB_SIZE:  # at least one token per byte plus the special tokens
+    parser.error(f"argument --vocab-size: must be >= {MIN_VOCAB_SIZE}, got {args.vocab_size}")
+
 tokenizer_dir = common.get_base_dir() / "tokenizer"
 chars_seen = 0
 

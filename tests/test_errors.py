@@ -221,3 +221,17 @@ def test_a_damaged_tokenizer_is_one_line_in_chat_cli(with_tokenizer, damage):
     proc = run(with_tokenizer, "scripts.chat_cli", "-p", "hi")
     lines = proc.stdout.strip().splitlines()  # stderr holds only log lines (and `run` saw no traceback)
     assert len(lines) == 1 and named in lines[0] and "tok_train" in lines[0], message(proc)
+
+
+# ---------------------------------------------------------------------------- --help
+
+SCRIPTS = sorted(f"scripts.{path.stem}" for path in (REPO / "scripts").glob("[!_]*.py"))
+
+
+@pytest.mark.parametrize("module", [*SCRIPTS, "nanochat.dataset", "nanochat.report"])
+def test_help_answers_before_torch_is_imported(module):
+    """Issue 24: every --help in under 1 s. Importing torch alone takes ~1.7 s, so no --help may load it."""
+    cmd = [sys.executable, "-X", "importtime", "-m", module, "--help"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), message(proc)
+    assert not re.search(r"\|\s+torch$", proc.stderr, re.MULTILINE), "torch was imported for --help"

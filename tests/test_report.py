@@ -186,6 +186,36 @@ def test_generate_stitches_environment_summary_and_sections_in_pipeline_order(ba
     assert generate().read_text().count("## Summary") == 1
 
 
+def test_a_stage_rerun_under_the_stages_built_on_it_is_named_as_mixed_lineage(base, capsys):
+    def log_at(title, minute, data):
+        path = log_section(title, [data]).with_suffix(".json")
+        path.write_text(
+            json.dumps({**json.loads(path.read_text()), "timestamp": f"2026-01-01 10:{minute}:00"})
+        )
+
+    log_at("Base model training", 10, {"iterations": 20})
+    log_at("Midtraining", 20, {"source": "base d4 step 20"})
+    log_at("Chat SFT", 30, {"source": "mid d4 step 200"})
+    log_at("Chat evaluation sft", 40, {"Arithmetic": 0.5})
+    log_at("Chat RL", 50, {"source": "sft/d4"})
+    assert "Mixed lineage" not in generate().read_text()  # one run, in pipeline order
+    log_at("Chat SFT", 55, {"source": "mid d4 step 200"})  # SFT re-run under the old RL and its eval
+    log_at("Tokenizer training", 56, {"vocab_size": 4096})  # and a new tokenizer under the base model
+    text = generate().read_text()
+    warned = [line for line in text.splitlines() if line.startswith("- ") and "older than" in line]
+    named = [re.findall(r"([A-Z][\w ]+) \(2026", line) for line in warned]
+    assert sorted(named) == [
+        ["Base model training", "Tokenizer training"],
+        ["Chat RL", "Chat SFT"],
+        ["Chat evaluation sft", "Chat SFT"],
+    ]
+    assert "Chat RL" in capsys.readouterr().out
+    # an SFT trained from the base model does not build on midtraining, however old that is
+    log_at("Chat SFT", 55, {"source": "base d4 step 20"})
+    log_at("Midtraining", 58, {"source": "base d4 step 20"})
+    assert "- Chat SFT" not in generate().read_text()
+
+
 def test_generate_without_a_reset_or_logs_still_writes_a_report_without_plots(base, tmp_path):
     text = generate().read_text()
     assert "unknown" in summary(text)[1]["total wall-clock time"]
