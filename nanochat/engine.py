@@ -125,8 +125,9 @@ class _DecodeRows:
         return previous
 
 
-def _decode_step(model, ids, k, v, pos, last, n: int, keys: int) -> torch.Tensor:
+def _decode_step(model, ids, k, v, pos, last, keys: int) -> torch.Tensor:
     """Rows 0 .. n-1 each take their next token ids (n, 1): the logits (n, V)."""
+    n = ids.size(0)
     logits = model(ids, kv_cache=_DecodeRows(k, v, pos, last, n, keys))[:, -1]
     pos[:n] = (pos[:n] + 1).clamp(max=keys)
     return logits
@@ -250,30 +251,36 @@ class Engine:
             return self.model(idx, kv_cache=_PrefillRow(self.cache, row))[:, -1]
 
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
-        """One token into each of rows 0 .. n-1: the logits (n, V), by the fixed-shape step of its buckets."""
+        """One token into each of rows 0 .. n-1: the logits (n, V). Eager, the step takes exactly the rows
+        and keys there are; compiled, both round up to buckets (the graphs' fixed shapes)."""
         n, c = len(tokens), self.cache
-        if n == 1 and not self.compiled:  # eager, one row needs no mask: a one-token prefill is cheapest
+        if n == 1 and not self.compiled:  # one row needs no mask: a one-token prefill is cheapest
             return self.prefill(0, tokens)
-        bucket = _bucket(n)
-        longest = max(c.lengths[:n])  # eager steps attend to exactly the keys there are
-        keys = keys or (next(k for k in self.key_buckets if k > longest) if self.compiled else longest + 1)
-        ids = torch.zeros(bucket, 1, dtype=torch.long)
-        ids[:n, 0] = torch.tensor(tokens, dtype=torch.long)
-        step = _decode_step
+        step, rows, keys = _decode_step, n, keys or max(c.lengths[:n]) + 1
         if self.compiled:
-            if self._compiled_step is None:
-                mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
-                self._compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True, mode=mode)
-            # each (batch, keys) bucket is one graph, and past dynamo's recompile limit a fullgraph
-            # compile fails; the limit is per thread, so it is set in the thread that decodes
-            shapes = 2 * _bucket(self.max_batch).bit_length() * len(self.key_buckets)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
-            step = self._compiled_step
+            step, rows, keys = self._compiled(), _bucket(n), next(k for k in self.key_buckets if k >= keys)
+        ids = torch.zeros(rows, 1, dtype=torch.long)
+        ids[:n, 0] = torch.tensor(tokens, dtype=torch.long)
+        ids = ids.to(self.device)
+        if self.compiled and rows > 1 and self.device.type == "cpu":
+            # one CPU graph for every batch of 2+ rows (as fast as one per bucket, half the compiling);
+            # CUDA graphs need each shape fixed
+            torch._dynamo.mark_dynamic(ids, 0, min=2, max=c.rows)
         with autocast(self.device):
-            logits = step(self.model, ids.to(self.device), c.k, c.v, c.pos, c.last, bucket, keys)
+            logits = step(self.model, ids, c.k, c.v, c.pos, c.last, keys)
         for r in range(n):
             c.lengths[r] += 1
         return logits[:n].clone()  # a CUDA graph's output is overwritten by its next run
+
+    def _compiled(self):
+        if self._compiled_step is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs
+            self._compiled_step = torch.compile(_decode_step, dynamic=False, fullgraph=True, mode=mode)
+        # each (rows, keys) bucket may be one graph, and past dynamo's recompile limit a fullgraph
+        # compile fails; the limit is per thread, so it is set in the thread that decodes
+        shapes = 2 * _bucket(self.max_batch).bit_length() * len(self.key_buckets)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
+        return self._compiled_step
 
     def warm_up(self) -> float:
         """Compiles the decode step for every bucket (on free rows, so with none live); the seconds."""

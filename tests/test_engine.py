@@ -184,11 +184,10 @@ def test_rows_stop_at_assistant_end_or_bos_and_leave_the_batch(tokenizer):
     model.batch_sizes.clear()
     without, _ = engine.generate_batch([65], 16, max_tokens=40, temperature=1.0, seed=3)
     assert without == [row[:-1] for row in results]  # keep_stop=False: the same rows, stop token dropped
-    # forward 0 is the prefill (batch 1); decode step s holds the rows that sampled s 'A's, padded to
-    # a power of two (the compiled shapes)
+    # forward 0 is the prefill (batch 1); eager decode step s holds exactly the rows that sampled s 'A's
     alive = [sum(len(row) - 2 >= s for row in results) for s in range(1, 41)]
     assert max(len(row) for row in results) < 40  # every row stopped early
-    assert model.batch_sizes == [1] + [1 << (n - 1).bit_length() for n in alive if n]
+    assert model.batch_sizes == [1] + [n for n in alive if n]
 
 
 # -----------------------------------------------------------------------------
