@@ -272,7 +272,9 @@ class ChatServer:
         """The least loaded worker that can serve (HTTPException 503 if none can)."""
         ready = [(s.busy + s.queued, i) for i, (_, s) in enumerate(self.workers) if s.state == "ready"]
         if not ready:
-            raise HTTPException(503, "no model worker can serve now (restarting): retry in a few seconds")
+            # warming: compiling the decode step; restarting: after a failure
+            states = ", ".join(sorted({s.state for _, s in self.workers}))
+            raise HTTPException(503, f"no model worker can serve now ({states}): retry in a few seconds")
         index = min(ready)[1]
         return index, self.workers[index][1]
 

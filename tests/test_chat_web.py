@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from unittest.mock import patch
@@ -638,6 +639,50 @@ def test_stop_strings_cut_the_reply_streaming_and_not(scripted_server):
     assert reply.choices[0].message.content == SCRIPT_REPLY
 
 
+# ---------------------------------------------------------------------------- a compiling worker
+
+
+def test_while_the_decode_step_compiles_health_and_requests_say_warming_and_a_failed_compile_serves_eagerly(
+    tokenizer, monkeypatch
+):
+    from nanochat.engine import BatchScheduler, Engine
+    from scripts import chat_web
+
+    engine = Engine(babbler_model(tokenizer), tokenizer, max_batch=2, compile=True)
+    compiling = threading.Event()
+
+    def warm_up():  # holds the worker in "warming", then fails as a broken compiler would
+        compiling.wait(30)
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(engine, "warm_up", warm_up)
+    scheduler = BatchScheduler(engine)
+    server = chat_web.ChatServer(
+        [("cpu", scheduler)], "m", {"temperature": 0.0, "top_k": 0, "max_tokens": 8}, False
+    )
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=chat_web.create_app(server))
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            health = await client.get("/health")
+            assert health.status_code == 503 and health.json()["workers"][0]["state"] == "warming"
+            r = await client.post("/v1/chat/completions", json={"messages": HELLO})
+            assert r.status_code == 503 and "warming" in r.json()["error"]["message"]
+            compiling.set()
+            for _ in range(100):
+                if (await client.get("/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            r = await client.post("/v1/chat/completions", json={"messages": HELLO})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.close()
+    assert not engine.compiled  # the failed compile fell back to the eager step
+
+
 # ---------------------------------------------------------------------------- a crashing worker
 
 
@@ -672,7 +717,8 @@ def test_a_crashed_worker_restarts_and_health_reports_it_while_down(tokenizer, m
                 ("/chat/completions", True),
             ]:
                 r = await client.post(path, json={"messages": HELLO, "stream": stream})
-                assert r.status_code == 503 and "retry" in r.json()["error"]["message"]
+                message = r.json()["error"]["message"]
+                assert r.status_code == 503 and "restarting" in message and "retry" in message
             await asyncio.sleep(1.5)
             health = await client.get("/health")
             assert health.status_code == 200 and health.json()["workers"][0]["restarts"] == 1
