@@ -74,28 +74,29 @@ class KVCache:
         self.lengths[dst] = n
 
 
-class _PrefillRow:
-    """One row of a KVCache, fed T tokens at its position (a prompt, or a chunk of one)."""
+class _SameLengthRows:
+    """Rows `first` .. first+n-1 of a KVCache, all of the same length, fed T tokens each (a prompt, or
+    one token per row): keys by slicing and an int position, so attention takes SDPA's unmasked paths."""
 
-    def __init__(self, cache: KVCache, row: int):
-        self.cache, self.row = cache, row
+    def __init__(self, cache: KVCache, first: int, n: int):
+        self.cache, self.rows = cache, slice(first, first + n)
 
     def get_pos(self) -> int:
-        return self.cache.lengths[self.row]
+        return self.cache.lengths[self.rows.start]
 
     def insert_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        c, r, p, T = self.cache, self.row, self.cache.lengths[self.row], k.size(2)
+        c, rows, p, T = self.cache, self.rows, self.get_pos(), k.size(2)
         assert p + T <= c.max_len, f"{p + T} positions exceed the cache's {c.max_len}"
-        c.k[layer][r : r + 1, :, p : p + T] = k
-        c.v[layer][r : r + 1, :, p : p + T] = v
-        if layer == len(c.k) - 1:  # the last layer: the row has advanced
-            c.lengths[r] = p + T
-            c.pos[r] = p + T
-        return c.k[layer][r : r + 1, :, : p + T], c.v[layer][r : r + 1, :, : p + T]
+        c.k[layer][rows, :, p : p + T] = k
+        c.v[layer][rows, :, p : p + T] = v
+        if layer == len(c.k) - 1:  # the last layer: the rows have advanced
+            c.lengths[rows] = [p + T] * (rows.stop - rows.start)
+            c.pos[rows] = p + T
+        return c.k[layer][rows, :, : p + T], c.v[layer][rows, :, : p + T]
 
     def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
-        previous = self.cache.last[self.row : self.row + 1].clone()
-        self.cache.last[self.row] = last[0]
+        previous = self.cache.last[self.rows].clone()
+        self.cache.last[self.rows] = last
         return previous
 
 
@@ -248,14 +249,16 @@ class Engine:
         """Feeds ids into one row of the cache (eager, any length): the logits (1, V) after the last."""
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            return self.model(idx, kv_cache=_PrefillRow(self.cache, row))[:, -1]
+            return self.model(idx, kv_cache=_SameLengthRows(self.cache, row, 1))[:, -1]
 
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
         """One token into each of rows 0 .. n-1: the logits (n, V). Eager, the step takes exactly the rows
         and keys there are; compiled, both round up to buckets (the graphs' fixed shapes)."""
         n, c = len(tokens), self.cache
-        if n == 1 and not self.compiled:  # one row needs no mask: a one-token prefill is cheapest
-            return self.prefill(0, tokens)
+        if not self.compiled and len(set(c.lengths[:n])) == 1:  # e.g. the samples of one prompt
+            with autocast(self.device):
+                ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+                return self.model(ids, kv_cache=_SameLengthRows(c, 0, n))[:, -1]
         step, rows, keys = _decode_step, n, keys or max(c.lengths[:n]) + 1
         if self.compiled:
             step, rows, keys = self._compiled(), _bucket(n), next(k for k in self.key_buckets if k >= keys)
