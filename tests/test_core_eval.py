@@ -66,10 +66,8 @@ def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "core.yaml").write_text(json.dumps({"icl_tasks": entries}))  # JSON is YAML
     with open(root / "eval_meta_data.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Eval Task", "Task Category", "Random baseline", "Description"])
-        for label, *_, rb in tasks:
-            w.writerow([label, "x", rb, "a task, with a comma"])
+        rows = [[label, "x", baseline, "a task, with a comma"] for label, *_, baseline in tasks]
+        csv.writer(f).writerows([["Eval Task", "Task Category", "Random baseline", "Description"], *rows])
     mc = [
         dict(query=f"Question: what is {a} plus {b}?", choices=[str(a + b), str(a + b + 1), "cat"], gold=0)
         for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (5, 2), (6, 1)]
@@ -208,8 +206,7 @@ def test_multiple_choice_picks_the_lowest_mean_not_total_loss():
 def test_language_modeling_needs_every_continuation_token_to_be_the_argmax():
     ids = torch.tensor([[0, 1, 2, 3]])
     logits = torch.zeros(1, 4, 4)
-    logits[0, 1, 2] = 1.0
-    logits[0, 2, 3] = 1.0
+    logits[0, [1, 2], [2, 3]] = 1.0  # tokens 2 and 3 are each the argmax
     assert score_example("language_modeling", logits, ids, [(2, 4)], gold=0)
     logits[0, 2, 1] = 5.0  # the second continuation token is no longer the argmax
     assert not score_example("language_modeling", logits, ids, [(2, 4)], gold=0)
@@ -316,8 +313,7 @@ def test_eval_bundle_from_the_env_or_one_download_unzipped_writing_nothing_outsi
 
     def download(url, path, validate):
         downloads.append(url)
-        shutil.copyfile(zip_path, path)
-        return path
+        return shutil.copyfile(zip_path, path)
 
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
