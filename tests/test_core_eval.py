@@ -118,8 +118,7 @@ class GoldStub(torch.nn.Module):
         return logits
 
 
-# -----------------------------------------------------------------------------
-# Prompt rendering and few-shot sampling (hand-built examples)
+# ----------------------------------------------- Prompt rendering and few-shot sampling (hand-built examples)
 
 
 def test_prompts_join_shots_gold_rows_with_blank_lines_per_task_type():
@@ -153,8 +152,7 @@ def test_fewshot_excludes_the_item_matches_the_reference_draw_and_takes_all_when
     assert sample_fewshot([{"i": 0}], 0, 5) == [] and sample_fewshot(data, 1, 0) == []
 
 
-# -----------------------------------------------------------------------------
-# Continuation spans (tokenization boundary, cropping)
+# ------------------------------------------------------- Continuation spans (tokenization boundary, cropping)
 
 
 def test_span_starts_where_prefix_and_full_tokens_first_differ(tokenizer):
@@ -184,8 +182,7 @@ def test_long_rows_are_cropped_from_the_left_and_keep_the_continuation(tokenizer
     assert tiny == ids[-3:] and tstart == 1  # continuation longer than the window: all but the first
 
 
-# -----------------------------------------------------------------------------
-# Scoring
+# ---------------------------------------------------------------------- Scoring
 
 
 def test_multiple_choice_picks_the_lowest_mean_not_total_loss():
@@ -213,8 +210,7 @@ def test_language_modeling_needs_every_continuation_token_to_be_the_argmax():
     assert not score_example("language_modeling", logits, ids, [(4, 4)], gold=0)  # empty span never wins
 
 
-# -----------------------------------------------------------------------------
-# The real bundle: the GPT-2 reference numbers, a gold-answer stub end to end
+# -------------------------------- The real bundle: the GPT-2 reference numbers, a gold-answer stub end to end
 
 
 @needs_bundle
@@ -247,8 +243,7 @@ def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type_skipping
     assert list(out["centered"]) == [t.label for t in tasks] and out["core"] == pytest.approx(1.0)
 
 
-# -----------------------------------------------------------------------------
-# Hermetic bundle: stub, batching, distributed
+# --------------------------------------------------------------- Hermetic bundle: stub, batching, distributed
 
 
 def test_missing_file_is_named_and_skipping_it_marks_core_partial(tokenizer, tmp_path):
@@ -293,8 +288,7 @@ def test_batch_sizes_and_two_gloo_ranks_give_the_results_of_one_process(tokenize
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single[0]["results"]
 
 
-# -----------------------------------------------------------------------------
-# The eval bundle: env folder, download, safe unzip
+# ---------------------------------------------------------- The eval bundle: env folder, download, safe unzip
 
 
 def test_eval_bundle_from_the_env_or_one_download_unzipped_writing_nothing_outside(tmp_path, monkeypatch):
@@ -326,8 +320,7 @@ def test_eval_bundle_from_the_env_or_one_download_unzipped_writing_nothing_outsi
     assert not (tmp_path / "escaped.txt").exists()
 
 
-# -----------------------------------------------------------------------------
-# scripts/base_eval.py
+# ---------------------------------------------------------------------- scripts/base_eval.py
 
 
 def test_base_eval_script_writes_csv_and_report_for_a_saved_checkpoint(

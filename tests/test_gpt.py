@@ -80,8 +80,7 @@ class ReferenceKVCache:
         return previous
 
 
-# -----------------------------------------------------------------------------
-# Config
+# ---------------------------------------------------------------------- Config
 
 
 def test_config_from_depth_sets_width_heads_and_layers():
@@ -119,8 +118,7 @@ def test_gpt_config_rejects_invalid_shapes_naming_the_field(kwargs, named):
         replace(TINY, **{"n_kv_head": 4, **kwargs})
 
 
-# -----------------------------------------------------------------------------
-# Architecture
+# ---------------------------------------------------------------------- Architecture
 
 
 def test_logits_are_fp32_softcapped_over_the_unpadded_vocab_and_the_loss_is_their_cross_entropy():
@@ -186,8 +184,7 @@ def test_training_step_compiles_in_one_graph_and_matches_eager(config):
     torch._dynamo.reset()
 
 
-# -----------------------------------------------------------------------------
-# The record's architecture
+# ---------------------------------------------------------------------- The record's architecture
 
 
 def test_v1_and_old_checkpoint_configs_build_the_first_recipes_model_unchanged():
@@ -282,8 +279,7 @@ def test_record_forward_follows_the_record_equations():
     torch.testing.assert_close(model(idx), 15 * torch.tanh(logits / 15), atol=1e-5, rtol=1e-5)
 
 
-# -----------------------------------------------------------------------------
-# KV cache
+# ---------------------------------------------------------------------- KV cache
 
 
 @pytest.mark.parametrize("config", [TINY, FULL, RECORD])
@@ -315,8 +311,7 @@ def test_kv_cache_logits_equal_full_recompute_up_to_the_rotary_table(config):
         model(random_tokens(config, 1, 3), kv_cache=LateCache(config.n_layer))
 
 
-# -----------------------------------------------------------------------------
-# Init, parameter groups, FLOPs
+# ---------------------------------------------------------------------- Init, parameter groups, FLOPs
 
 
 @pytest.mark.parametrize("config", [TINY, FULL, RECORD])
@@ -390,8 +385,7 @@ def test_num_params_and_estimate_flops_hand_checked():
     assert model.estimate_flops() == 6 * (blocks + lm_head + 24) + attention
 
 
-# -----------------------------------------------------------------------------
-# Memory estimate
+# ---------------------------------------------------------------------- Memory estimate
 
 
 @pytest.mark.parametrize("config", [TINY, FULL, RECORD])
