@@ -346,13 +346,12 @@ def lineage_warnings(sections: dict[str, dict]) -> list[str]:
         if parent in STAGES and parent != stage:
             pairs.append((STAGES[parent][1][0], titles[0]))
         previous = stage
-    lines = []
-    for upstream, downstream in pairs:
-        if upstream in sections and downstream in sections:
-            up, down = sections[upstream]["timestamp"], sections[downstream]["timestamp"]
-            if up > down:  # the format sorts as text in time order
-                lines.append(f"{downstream} ({down}) is older than {upstream} ({up})")
-    return lines
+    stamps = {title: record["timestamp"] for title, record in sections.items()}  # sort as text in time order
+    return [
+        f"{down} ({stamps[down]}) is older than {up} ({stamps[up]})"
+        for up, down in pairs
+        if up in stamps and down in stamps and stamps[up] > stamps[down]
+    ]
 
 
 def curves(records: list[dict], panels: dict[str, str]) -> list[tuple[str, list[tuple[int, float]]]]:

@@ -122,18 +122,16 @@ def test_damaged_file_is_named_with_the_newest_intact_step_and_nothing_is_unpick
         cm.save_checkpoint(directory, step, model, optimizers, meta)
     model_3 = directory / "model_000003.pt"
     model_3.write_bytes(model_3.read_bytes()[:1000])  # cut short
-    with pytest.raises(cm.CheckpointError) as e:
+    with pytest.raises(cm.CheckpointError, match="--step 2") as e:  # the newest intact step
         cm.load_checkpoint(directory, 3, "cpu")
     assert "\n" not in str(e.value) and str(model_3) in str(e.value)
-    assert "newest intact step is 2" in str(e.value) and "--step 2" in str(e.value)
     marker = tmp_path / "pwned"  # step 2 cannot resume: its shard is crafted to run code
     torch.save({"optimizers": [PickleBomb(marker)], "rng": {}}, directory / "optim_000002_rank0.pt")
     with pytest.raises(cm.CheckpointError, match="optim_000002_rank0.pt is damaged"):
         cm.load_checkpoint(directory, 2, "cpu", load_optimizer=True, verify=False)  # past the SHA-256 check
     assert not marker.exists()
     fresh = build_optimizers(model.param_groups(), model.config.n_embd)
-    message = refusal(model, fresh, meta, directory, resume=True)
-    assert "newest intact step is 1" in message and "--resume 1" in message
+    assert "--resume 1" in refusal(model, fresh, meta, directory, resume=True)
 
 
 def test_resume_gives_back_the_saved_state_and_refuses_another_flag_or_rank_count(tiny, tmp_path):
@@ -149,11 +147,8 @@ def test_resume_gives_back_the_saved_state_and_refuses_another_flag_or_rank_coun
     assert torch.equal(torch.rand(3), expected_noise)
     assert all(torch.equal(fresh_model.state_dict()[k], v) for k, v in model.state_dict().items())
     for old, new in zip(optimizers, fresh, strict=True):
-        old_state, new_state = old.state_dict()["state"], new.state_dict()["state"]
-        assert old_state.keys() == new_state.keys() and old_state
-        for key, values in old_state.items():
-            for name, value in values.items():
-                assert torch.equal(torch.as_tensor(new_state[key][name]), torch.as_tensor(value)), name
+        assert old.state_dict()["state"]  # one step left state to restore
+        torch.testing.assert_close(new.state_dict()["state"], old.state_dict()["state"], rtol=0, atol=0)
     meta["user_config"] = {**same, "max_seq_len": 16}
     assert "--max-seq-len 32" in refusal(model, optimizers, meta, directory, True, same=("max_seq_len",))
     meta["user_config"] = same  # --seed: a flag the checkpoint predates
@@ -372,11 +367,10 @@ def test_a_flipped_bit_is_named_with_the_newest_intact_step_and_checked_per_chun
     assert offset > 0  # inside the embedding's float data: the file still loads
     data[offset + 3] ^= 0x01  # the lowest exponent bit of one float: a wrong weight, no error of torch's
     path.write_bytes(bytes(data))
-    with pytest.raises(cm.CheckpointError) as e:
+    with pytest.raises(cm.CheckpointError, match="--step 1") as e:  # the newest intact step
         cm.load_model("sft", "cpu", "eval", "d1")
     message = str(e.value)
     assert str(path) in message and "SHA-256" in message and "--no-verify" in message and "\n" not in message
-    assert "newest intact step is 1" in message and "--step 1" in message
     loaded, _, _ = cm.load_model("sft", "cpu", "eval", "d1", verify=False)  # --no-verify: as it is
     assert not torch.equal(loaded.transformer.wte.weight, model.transformer.wte.weight)
     assert "model_000002.pt is damaged" in refusal(model, optimizers, meta, directory, resume=2)

@@ -28,8 +28,8 @@ class ScriptedServer:
         self.requests: list[str] = []
         self.stall_seconds, self.slow_seconds = stall_seconds, slow_seconds
         self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self.httpd.daemon_threads = True
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedHandler)
+        self.httpd.scripted, self.httpd.daemon_threads = self, True
         self.httpd.handle_error = lambda request, address: None  # clients that gave up are expected
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
@@ -43,39 +43,6 @@ class ScriptedServer:
     def count(self, path: str) -> int:
         return self.requests.count(path)
 
-    def _handler_class(self):
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # keep test output quiet
-                pass
-
-            def do_GET(self):
-                with server.lock:
-                    n = server.requests.count(self.path)
-                    server.requests.append(self.path)
-                script = server.scripts.get(self.path, ["404"])
-                action = script[min(n, len(script) - 1)]
-                body = server.bodies.get(self.path, b"")
-                if action in ("500", "404"):
-                    self.send_error(int(action))
-                    return
-                if action == "slow":
-                    time.sleep(server.slow_seconds)
-                if action == "garbage":
-                    body = b"this is not the file you are looking for\n" * 50
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body) + (100 if action == "short" else 0)))
-                self.end_headers()
-                if action == "stall":
-                    self.wfile.write(body[: len(body) // 2])
-                    self.wfile.flush()
-                    time.sleep(server.stall_seconds)
-                    return
-                self.wfile.write(body)  # for "short", the connection closes 100 bytes early
-
-        return Handler
-
     def __enter__(self) -> "ScriptedServer":
         self.thread.start()
         return self
@@ -83,6 +50,36 @@ class ScriptedServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class ScriptedHandler(BaseHTTPRequestHandler):
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        server = self.server.scripted
+        with server.lock:
+            n = server.requests.count(self.path)
+            server.requests.append(self.path)
+        script = server.scripts.get(self.path, ["404"])
+        action = script[min(n, len(script) - 1)]
+        body = server.bodies.get(self.path, b"")
+        if action in ("500", "404"):
+            self.send_error(int(action))
+            return
+        if action == "slow":
+            time.sleep(server.slow_seconds)
+        if action == "garbage":
+            body = b"this is not the file you are looking for\n" * 50
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) + (100 if action == "short" else 0)))
+        self.end_headers()
+        if action == "stall":
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            time.sleep(server.stall_seconds)
+            return
+        self.wfile.write(body)  # for "short", the connection closes 100 bytes early
 
 
 @pytest.fixture
@@ -191,13 +188,12 @@ def test_download_that_always_fails_backs_off_exponentially_and_leaves_no_file(s
     waits = []
     monkeypatch.setattr(common.time, "sleep", waits.append)
     monkeypatch.setattr(common, "MAX_BACKOFF", 0.03)
+    check = {**FAST, "validate": lambda p: p.read_bytes() == PAYLOAD}
     for action in ("500", "short", "garbage"):
         name = f"/{action}.bin"
         url = server.serve(name, PAYLOAD, action)
         with pytest.raises(RuntimeError, match=f"{url}.*after 4 attempts"):
-            common.download_file(
-                url, tmp_path / name[1:], validate=lambda p: p.read_bytes() == PAYLOAD, **FAST
-            )
+            common.download_file(url, tmp_path / name[1:], **check)
         assert server.count(name) == 4 and waits == [0.01, 0.02, 0.03]  # FAST's backoff, doubled, capped
         assert not (tmp_path / name[1:]).exists()
         waits.clear()

@@ -66,10 +66,8 @@ def write_tiny_bundle(root: Path, with_missing: bool = False) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "core.yaml").write_text(json.dumps({"icl_tasks": entries}))  # JSON is YAML
     with open(root / "eval_meta_data.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["Eval Task", "Task Category", "Random baseline", "Description"])
-        for label, *_, rb in tasks:
-            w.writerow([label, "x", rb, "a task, with a comma"])
+        rows = [[label, "x", baseline, "a task, with a comma"] for label, *_, baseline in tasks]
+        csv.writer(f).writerows([["Eval Task", "Task Category", "Random baseline", "Description"], *rows])
     mc = [
         dict(query=f"Question: what is {a} plus {b}?", choices=[str(a + b), str(a + b + 1), "cat"], gold=0)
         for a, b in [(1, 2), (2, 2), (3, 1), (4, 4), (5, 2), (6, 1)]
@@ -120,8 +118,7 @@ class GoldStub(torch.nn.Module):
         return logits
 
 
-# -----------------------------------------------------------------------------
-# Prompt rendering and few-shot sampling (hand-built examples)
+# ----------------------------------------------- Prompt rendering and few-shot sampling (hand-built examples)
 
 
 def test_prompts_join_shots_gold_rows_with_blank_lines_per_task_type():
@@ -155,8 +152,7 @@ def test_fewshot_excludes_the_item_matches_the_reference_draw_and_takes_all_when
     assert sample_fewshot([{"i": 0}], 0, 5) == [] and sample_fewshot(data, 1, 0) == []
 
 
-# -----------------------------------------------------------------------------
-# Continuation spans (tokenization boundary, cropping)
+# ------------------------------------------------------- Continuation spans (tokenization boundary, cropping)
 
 
 def test_span_starts_where_prefix_and_full_tokens_first_differ(tokenizer):
@@ -186,8 +182,7 @@ def test_long_rows_are_cropped_from_the_left_and_keep_the_continuation(tokenizer
     assert tiny == ids[-3:] and tstart == 1  # continuation longer than the window: all but the first
 
 
-# -----------------------------------------------------------------------------
-# Scoring
+# ---------------------------------------------------------------------- Scoring
 
 
 def test_multiple_choice_picks_the_lowest_mean_not_total_loss():
@@ -208,16 +203,14 @@ def test_multiple_choice_picks_the_lowest_mean_not_total_loss():
 def test_language_modeling_needs_every_continuation_token_to_be_the_argmax():
     ids = torch.tensor([[0, 1, 2, 3]])
     logits = torch.zeros(1, 4, 4)
-    logits[0, 1, 2] = 1.0
-    logits[0, 2, 3] = 1.0
+    logits[0, [1, 2], [2, 3]] = 1.0  # tokens 2 and 3 are each the argmax
     assert score_example("language_modeling", logits, ids, [(2, 4)], gold=0)
     logits[0, 2, 1] = 5.0  # the second continuation token is no longer the argmax
     assert not score_example("language_modeling", logits, ids, [(2, 4)], gold=0)
     assert not score_example("language_modeling", logits, ids, [(4, 4)], gold=0)  # empty span never wins
 
 
-# -----------------------------------------------------------------------------
-# The real bundle: the GPT-2 reference numbers, a gold-answer stub end to end
+# -------------------------------- The real bundle: the GPT-2 reference numbers, a gold-answer stub end to end
 
 
 @needs_bundle
@@ -250,8 +243,7 @@ def test_gold_answer_stub_gets_centered_accuracy_one_on_every_task_type_skipping
     assert list(out["centered"]) == [t.label for t in tasks] and out["core"] == pytest.approx(1.0)
 
 
-# -----------------------------------------------------------------------------
-# Hermetic bundle: stub, batching, distributed
+# --------------------------------------------------------------- Hermetic bundle: stub, batching, distributed
 
 
 def test_missing_file_is_named_and_skipping_it_marks_core_partial(tokenizer, tmp_path):
@@ -296,8 +288,7 @@ def test_batch_sizes_and_two_gloo_ranks_give_the_results_of_one_process(tokenize
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == single[0]["results"]
 
 
-# -----------------------------------------------------------------------------
-# The eval bundle: env folder, download, safe unzip
+# ---------------------------------------------------------- The eval bundle: env folder, download, safe unzip
 
 
 def test_eval_bundle_from_the_env_or_one_download_unzipped_writing_nothing_outside(tmp_path, monkeypatch):
@@ -316,8 +307,7 @@ def test_eval_bundle_from_the_env_or_one_download_unzipped_writing_nothing_outsi
 
     def download(url, path, validate):
         downloads.append(url)
-        shutil.copyfile(zip_path, path)
-        return path
+        return shutil.copyfile(zip_path, path)
 
     monkeypatch.delenv("NANOCHAT_EVAL_BUNDLE", raising=False)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
@@ -330,8 +320,7 @@ def test_eval_bundle_from_the_env_or_one_download_unzipped_writing_nothing_outsi
     assert not (tmp_path / "escaped.txt").exists()
 
 
-# -----------------------------------------------------------------------------
-# scripts/base_eval.py
+# ---------------------------------------------------------------------- scripts/base_eval.py
 
 
 def test_base_eval_script_writes_csv_and_report_for_a_saved_checkpoint(

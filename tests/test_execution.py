@@ -72,8 +72,7 @@ def no_sandbox_left(seconds: float) -> bool:
     return sandbox_processes() == []
 
 
-# -----------------------------------------------------------------------------
-# Behaviour in both modes
+# ---------------------------------------------------------------------- Behaviour in both modes
 
 
 @pytest.mark.parametrize("isolated", BOTH)
@@ -206,8 +205,7 @@ def test_without_bubblewrap_isolated_runs_are_refused_with_the_fix(monkeypatch):
         execute_code("print(1)")
 
 
-# -----------------------------------------------------------------------------
-# The isolated mode contains every attack, also with the guards undone first
+# --------------------------------- The isolated mode contains every attack, also with the guards undone first
 
 ESCAPES = ["", UNDO_GUARDS]  # each attack as written, and after undoing the best-effort guards
 

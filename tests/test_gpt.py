@@ -80,8 +80,7 @@ class ReferenceKVCache:
         return previous
 
 
-# -----------------------------------------------------------------------------
-# Config
+# ---------------------------------------------------------------------- Config
 
 
 def test_config_from_depth_sets_width_heads_and_layers():
@@ -115,13 +114,11 @@ def test_config_from_depth_sets_width_heads_and_layers():
     ],
 )
 def test_gpt_config_rejects_invalid_shapes_naming_the_field(kwargs, named):
-    base = {"sequence_len": 32, "vocab_size": 250, "n_layer": 2, "n_head": 4, "n_kv_head": 4, "n_embd": 64}
     with pytest.raises(ValueError, match=named):
-        GPTConfig(**{**base, **kwargs})
+        replace(TINY, **{"n_kv_head": 4, **kwargs})
 
 
-# -----------------------------------------------------------------------------
-# Architecture
+# ---------------------------------------------------------------------- Architecture
 
 
 def test_logits_are_fp32_softcapped_over_the_unpadded_vocab_and_the_loss_is_their_cross_entropy():
@@ -187,8 +184,7 @@ def test_training_step_compiles_in_one_graph_and_matches_eager(config):
     torch._dynamo.reset()
 
 
-# -----------------------------------------------------------------------------
-# The record's architecture
+# ---------------------------------------------------------------------- The record's architecture
 
 
 def test_v1_and_old_checkpoint_configs_build_the_first_recipes_model_unchanged():
@@ -283,12 +279,11 @@ def test_record_forward_follows_the_record_equations():
     torch.testing.assert_close(model(idx), 15 * torch.tanh(logits / 15), atol=1e-5, rtol=1e-5)
 
 
-# -----------------------------------------------------------------------------
-# KV cache
+# ---------------------------------------------------------------------- KV cache
 
 
 @pytest.mark.parametrize("config", [TINY, FULL, RECORD])
-def test_kv_cache_logits_and_greedy_generation_equal_full_recompute_up_to_the_rotary_table(config):
+def test_kv_cache_logits_equal_full_recompute_up_to_the_rotary_table(config):
     model = make_model(config)
     idx = random_tokens(config, 2, 24)
     with torch.no_grad():
@@ -304,19 +299,6 @@ def test_kv_cache_logits_and_greedy_generation_equal_full_recompute_up_to_the_ro
         cache = ReferenceKVCache(config.n_layer)
         first, second = model(idx[:, :7], kv_cache=cache), model(idx[:, 7:], kv_cache=cache)
         torch.testing.assert_close(torch.cat([first, second], dim=1), full, atol=1e-5, rtol=1e-5)
-
-        # greedy decoding: 20 tokens after a prompt of 6, cached and recomputed
-        recomputed = cached = idx[:1, :6]
-        for _ in range(20):
-            next_token = model(recomputed)[:, -1].argmax(-1, keepdim=True)
-            recomputed = torch.cat([recomputed, next_token], dim=1)
-        cache = ReferenceKVCache(config.n_layer)
-        logits = model(cached, kv_cache=cache)
-        for _ in range(20):
-            next_token = logits[:, -1].argmax(-1, keepdim=True)
-            cached = torch.cat([cached, next_token], dim=1)
-            logits = model(next_token, kv_cache=cache)
-    assert torch.equal(cached, recomputed)
     # inference runs past the training length, up to the rotary table's end
     assert model.cos.shape == (1, 10 * config.sequence_len, 1, config.head_dim // 2)
     assert model(random_tokens(config, 1, 3 * config.sequence_len)).shape == (1, 96, 250)
@@ -329,8 +311,7 @@ def test_kv_cache_logits_and_greedy_generation_equal_full_recompute_up_to_the_ro
         model(random_tokens(config, 1, 3), kv_cache=LateCache(config.n_layer))
 
 
-# -----------------------------------------------------------------------------
-# Init, parameter groups, FLOPs
+# ---------------------------------------------------------------------- Init, parameter groups, FLOPs
 
 
 @pytest.mark.parametrize("config", [TINY, FULL, RECORD])
@@ -404,8 +385,7 @@ def test_num_params_and_estimate_flops_hand_checked():
     assert model.estimate_flops() == 6 * (blocks + lm_head + 24) + attention
 
 
-# -----------------------------------------------------------------------------
-# Memory estimate
+# ---------------------------------------------------------------------- Memory estimate
 
 
 @pytest.mark.parametrize("config", [TINY, FULL, RECORD])
@@ -509,8 +489,6 @@ def test_window_block_mask_is_the_band_mask_and_skips_the_blocks_outside_it():
 def test_compiled_windows_run_flex_attention_and_equal_the_band_mask_path(autocast):
     """Without gradients (torch 2.15 has no CPU flex backward), also under bf16 autocast, as a GPU trains,
     where layer 0's value embedding leaves v in fp32. 320 tokens: the kernel skips, fills and masks blocks."""
-    import contextlib
-
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -519,8 +497,7 @@ def test_compiled_windows_run_flex_attention_and_equal_the_band_mask_path(autoca
     idx = random_tokens(config, 2, 320)
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("inductor")  # inductor, and the graphs it compiled
-    bf16 = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with torch.no_grad(), bf16:
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         logits = torch.compile(model, backend=counter, fullgraph=True, dynamic=False)(idx)
         eager = model(idx)
     torch._dynamo.reset()

@@ -31,8 +31,7 @@ from nanochat.optim import (
     weight_decay_multiplier,
 )
 
-# -----------------------------------------------------------------------------
-# AdamW
+# ---------------------------------------------------------------------- AdamW
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -55,8 +54,7 @@ def test_adamw_matches_torch_adamw(weight_decay):
         assert not torch.equal(a, b.new_zeros(b.shape))
 
 
-# -----------------------------------------------------------------------------
-# Muon
+# ---------------------------------------------------------------------- Muon
 
 
 def _conditioned(rows, cols, cond, gen):
@@ -197,14 +195,13 @@ def test_horizon_batch_and_decay_rules_on_a_table_of_depths():
         params = scaling_params(depth)
         assert 8 * params / 1e9 == pytest.approx(billions, abs=0.0005), depth
         assert batch_size_for(params, reference) == batch, depth
-    assert 8 * scaling_params(24) // 2**20 == 5568
+    d24 = scaling_params(24)
+    assert 8 * d24 // 2**20 == 5568
     assert batch_lr_scale(2**19) == 1 and batch_lr_scale(2**21) == 2
     # decay: unchanged at the reference; d24 at 2^20 with the batch rule's LR scale √2
     assert scaled_weight_decay(0.28, 2**19, 1.0, reference, reference) == pytest.approx(0.28)
-    d24 = scaling_params(24)
-    assert scaled_weight_decay(0.28, 2**20, 2**0.5, d24, reference) == pytest.approx(
-        0.28 * 2**0.5 * reference / d24
-    )
+    d24_decay = 0.28 * 2**0.5 * reference / d24
+    assert scaled_weight_decay(0.28, 2**20, 2**0.5, d24, reference) == pytest.approx(d24_decay)
     # an explicit batch keeps the LRs (scale 1): the decay goes with the batch itself
     assert scaled_weight_decay(0.28, 2**18, 1.0, reference, reference) == pytest.approx(0.14)
 
@@ -219,8 +216,7 @@ def test_muon_chunks_pad_last_chunk_of_each_shape():
     assert [len(c) for c in muon_chunks([a, b, c], world_size=1)] == [1, 1, 1]
 
 
-# -----------------------------------------------------------------------------
-# A tiny model trained 1-process vs 2-process (gloo)
+# --------------------------------------------------------- A tiny model trained 1-process vs 2-process (gloo)
 
 SHAPES = {
     "emb": (64, 16),  # AdamW, sharded by rows (64 % 2 == 0, 1024 elements)
@@ -356,8 +352,7 @@ def test_two_ranks_equal_one_process_each_rank_owning_its_shard_and_resuming_exa
     assert s0["w_odd"]["second_moment"].shape == (1, 32)  # wide: one statistic per column
 
 
-# -----------------------------------------------------------------------------
-# build_optimizers
+# ---------------------------------------------------------------------- build_optimizers
 
 
 def test_build_optimizers_gives_each_group_the_records_lr_betas_and_decay():
@@ -372,9 +367,7 @@ def test_build_optimizers_gives_each_group_the_records_lr_betas_and_decay():
         "x0_scalars": [make(2)],
         "smear_backout": [make(1, 24), make(1), make(1)],
     }
-    adamw, muon = build_optimizers(
-        groups, n_embd=192, embedding_lr=0.3, unembedding_lr=0.008, weight_decay=0.1
-    )
+    adamw, muon = build_optimizers(groups, 192, embedding_lr=0.3, unembedding_lr=0.008, weight_decay=0.1)
     assert isinstance(adamw, AdamW) and isinstance(muon, Muon)
     seen = [id(p) for opt in (adamw, muon) for g in opt.param_groups for p in g["params"]]
     everything = [id(p) for ps in groups.values() for p in ps]

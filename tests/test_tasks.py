@@ -24,7 +24,6 @@ from tasks.synthetic import Arithmetic, Identity
 
 @pytest.fixture
 def shared_tasks(monkeypatch):
-    """NANOCHAT_TASK_DATA pointing at the shared task data."""
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
     return TASK_DATA
 
@@ -91,11 +90,9 @@ def test_gsm8k_tool_parts_and_grading_on_the_number_after_hashes(shared_tasks):
     assert parts[-1]["text"].endswith("#### 72") and not any("<<" in p["text"] for p in parts)
     assert conversation["answer"] == "72"
     task = GSM8K(split="test")
-    conversation = task[0]
-    gold = conversation["answer"]
+    conversation, gold = task[0], task[0]["answer"]
     assert task.evaluate(conversation, last_assistant_text(conversation))
-    assert task.evaluate(conversation, f"some work...\n#### {gold}")
-    assert task.evaluate(conversation, f"#### {gold}.0")
+    assert all(task.evaluate(conversation, text) for text in (f"work\n#### {gold}", f"#### {gold}.0"))
     assert task.reward(conversation, f"#### {gold}") == 1.0
     assert task.reward(conversation, f"#### {int(gold) + 1}") == 0.0
     assert not task.evaluate(conversation, f"the answer is {gold}")  # no #### means no answer
@@ -126,22 +123,16 @@ def test_arc_and_mmlu_are_categorical_with_letters_after_choices(shared_tasks):
     assert mmlu.evaluate(conversation, "B") and not mmlu.evaluate(conversation, "D")
 
 
-def test_render_mc_puts_each_letter_right_after_its_choice():
-    text = common.render_mc("Which is a fruit?", ["A", "B", "C"], ["rock", "apple", "chair"])
-    lines = text.splitlines()
-    assert lines[0] == "Multiple choice question: Which is a fruit?"
-    assert ["- rock=A", "- apple=B", "- chair=C"] == [line for line in lines if line.startswith("- ")]
-    assert "letter" in lines[-1]
-
-
 def test_arc_reletters_numeric_labels_by_position(local_tasks):
     choices = {"text": ["one", "two", "three"], "label": ["1", "2", "3"]}
     row = {"id": "x1", "question": "Pick three.", "choices": choices, "answerKey": "3"}
     write_jsonl(local_tasks / "arc" / "ARC-Challenge-validation.jsonl", [row])
     conversation = ARC("ARC-Challenge", "validation")[0]
-    assert conversation["letters"] == ["A", "B", "C"]
-    assert conversation["messages"][-1]["content"] == "C"
-    assert "- three=C" in conversation["messages"][0]["content"]
+    assert conversation["letters"] == ["A", "B", "C"] and conversation["messages"][-1]["content"] == "C"
+    # render_mc: each letter right after its choice
+    lines = conversation["messages"][0]["content"].splitlines()
+    assert lines[0] == "Multiple choice question: Pick three." and "letter" in lines[-1]
+    assert [line for line in lines if line.startswith("- ")] == ["- one=A", "- two=B", "- three=C"]
 
 
 # ------------------------------------------------------------------------------ HumanEval
@@ -231,7 +222,6 @@ def test_missing_local_data_names_the_file_and_the_variable(local_tasks, make, a
 
 def test_hub_is_used_when_no_local_folder_is_set_and_its_failure_names_the_variable(monkeypatch):
     calls = []
-    fake = types.ModuleType("datasets")
     gsm8k_row = {"question": "q?", "answer": "<<1+1=2>>2\n#### 2"}
     mmlu_row = {"question": "q", "subject": "", "choices": ["w", "x", "y", "z"], "answer": 2}
     rows = {"openai/gsm8k": [gsm8k_row], "cais/mmlu": [{"train": mmlu_row}]}  # hub aux rows are wrapped
@@ -242,8 +232,7 @@ def test_hub_is_used_when_no_local_folder_is_set_and_its_failure_names_the_varia
             raise ConnectionError("offline")
         return rows[path]
 
-    fake.load_dataset = load_dataset
-    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
     assert GSM8K(split="test")[0]["answer"] == "2"
     assert calls == [("openai/gsm8k", "main", "test")]
@@ -258,10 +247,9 @@ def test_hub_is_used_when_no_local_folder_is_set_and_its_failure_names_the_varia
 def test_views_slice_start_stop_step():
     assert [x["i"] for x in Numbers(10)] == list(range(10))
     view = Numbers(10, start=2, stop=9, step=3)
-    assert len(view) == 3 and [x["i"] for x in view] == [2, 5, 8]
-    assert view[-1]["i"] == 8
-    assert len(Numbers(10, start=1, stop=100, step=4)) == 3  # stop is clipped to the data: 1, 5, 9
-    assert len(Numbers(3, start=5)) == 0
+    assert len(view) == 3 and [x["i"] for x in view] == [2, 5, 8] and view[-1]["i"] == 8
+    # stop is clipped to the data: 1, 5, 9
+    assert len(Numbers(10, start=1, stop=100, step=4)) == 3 and len(Numbers(3, start=5)) == 0
     with pytest.raises(IndexError):
         view[3]
     with pytest.raises(AssertionError):
@@ -320,8 +308,7 @@ def test_word_list_falls_back_to_the_offline_corpus(base_dir, monkeypatch):
         assert words == tuple(spellingbee._harvest_words())
         assert len(words) > 1000 and list(words) == sorted(words)
         assert all(word.isalpha() and word.islower() for word in words)
-        conversation = SpellingBee(5, "train")[0]
-        assert conversation["word"] in words
+        assert SpellingBee(5, "train")[0]["word"] in words
     finally:
         spellingbee._load_words.cache_clear()
 

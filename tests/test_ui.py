@@ -1,9 +1,5 @@
-"""The web UI in a headless chromium (playwright) against test_chat_web.py's real servers: the
-scripted model, whose reply is known exactly, and the babbler, which talks until its budget runs out.
-Replies the scripted model cannot give (Markdown, injected HTML) go to the page's renderer
-(`window.nanochatRender`) or come from a routed /chat/completions. Skipped without chromium
-(CI: `apt-get install -y chromium`).
-"""
+"""The web UI in headless chromium (playwright) against test_chat_web.py's scripted and babbling servers;
+Markdown and injected HTML go to the page's renderer (`window.nanochatRender`) or a routed reply."""
 
 import json
 import shutil
@@ -48,13 +44,8 @@ COUNT_UPDATES = """() => {
 
 # Renders Markdown with the page's own renderer into #probe (created on first use).
 RENDER_PROBE = """(markdown) => {
-  let probe = document.getElementById("probe");
-  if (!probe) {
-    probe = document.createElement("div");
-    probe.id = "probe";
-    probe.className = "message assistant";
-    document.body.appendChild(probe);
-  }
+  const probe = document.getElementById("probe") || document.body.appendChild(document.createElement("div"));
+  Object.assign(probe, { id: "probe", className: "message assistant" });
   window.nanochatRender(markdown, probe);
 }"""
 
@@ -123,10 +114,8 @@ def route_reply(page, pieces: list[str]) -> None:
     """Answers the page's next chats with `pieces` as a server-sent event stream, like the server."""
     events = [{"token": p, "gpu": 0} for p in pieces] + [{"done": True, "finish_reason": "stop"}]
     body = "".join(f"data: {json.dumps(e)}\n\n" for e in events)
-    page.route(
-        "**/chat/completions",
-        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body),
-    )
+    stream = dict(status=200, content_type="text/event-stream", body=body)
+    page.route("**/chat/completions", lambda route: route.fulfill(**stream))
 
 
 # ---------------------------------------------------------------------------- conversation
@@ -180,12 +169,10 @@ def test_ui_streams_a_reply_then_regenerates_and_edits(page):
 
 def test_ui_header_shows_the_settings_in_effect_and_slash_commands_set_them(page):
     health = httpx.get(page.server.url + "/health", timeout=10).json()
-    temperature, max_tokens = health["defaults"]["temperature"], health["defaults"]["max_tokens"]
+    temperature, top_k, max_tokens = (health["defaults"][k] for k in ("temperature", "top_k", "max_tokens"))
     expect(page.locator("#model")).to_have_text(health["model"])
     settings = "temperature {:g} \u00b7 top-k {} \u00b7 max tokens {}"
-    expect(page.locator("#settings")).to_have_text(
-        settings.format(temperature, health["defaults"]["top_k"], max_tokens)
-    )
+    expect(page.locator("#settings")).to_have_text(settings.format(temperature, top_k, max_tokens))
     say(page, "/topk 7")  # one override; the others stay the server's
     expect(page.locator("#settings")).to_have_text(settings.format(temperature, 7, max_tokens))
     for command in ("/temperature 0.25", "/maxtokens 300", "/help", "/temperature 9", "/bogus"):
