@@ -89,7 +89,7 @@ def add_decode_flag(parser) -> None:
         choices=("auto", "compiled", "eager"),
         default=os.environ.get("NANOCHAT_DECODE", "auto"),
         help="decode step: compiled (torch.compile; CUDA graphs on CUDA), eager, or auto: compiled on "
-        "CUDA only (on a CPU a compile takes ~15-50 s per batch shape, worth it for long runs)",
+        "CUDA only (on a CPU compiling takes ~15 s with torch's cache warm, minutes cold: for long runs)",
     )
 
 
