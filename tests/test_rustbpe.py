@@ -2,6 +2,7 @@
 the error contract of its Python bindings."""
 
 import contextlib
+import functools
 import gc
 import sys
 import weakref
@@ -34,17 +35,14 @@ def assert_same_ranks(got: list[tuple[bytes, int]], want: list[tuple[bytes, int]
     assert len(got) == len(want), f"rustbpe made {len(got) - 256} merges, reference {len(want) - 256}"
 
 
-@pytest.fixture(scope="module")
-def shakespeare() -> tuple[list[str], list]:
-    """One speech per document, and the reference trainer's ranks on them."""
-    docs = SHAKESPEARE.read_text(encoding="utf-8")[:100_000].split("\n\n")
-    return docs, train_mergeable_ranks(docs, 256 + NUM_MERGES, SPLIT_PATTERN)
-
-
-@pytest.fixture(scope="module")
-def fineweb() -> tuple[list[str], list]:
-    """The first 19 FineWeb documents (~160,000 chars), and the reference trainer's ranks on them."""
-    docs = pq.read_table(FINEWEB, columns=["text"]).column("text").to_pylist()[:19]
+@functools.cache
+def real_text(corpus: str) -> tuple[list[str], list]:
+    """Shakespeare (one speech per document) or the first 19 FineWeb documents (~160,000 chars), and the
+    reference trainer's ranks on them (computed once per corpus)."""
+    if corpus == "shakespeare":
+        docs = SHAKESPEARE.read_text(encoding="utf-8")[:100_000].split("\n\n")
+    else:
+        docs = pq.read_table(FINEWEB, columns=["text"]).column("text").to_pylist()[:19]
     return docs, train_mergeable_ranks(docs, 256 + NUM_MERGES, SPLIT_PATTERN)
 
 
@@ -58,10 +56,8 @@ def fineweb() -> tuple[list[str], list]:
     [("fineweb", 1, 8192), ("fineweb", 2, 8192), ("shakespeare", 1, 8192)]
     + [("shakespeare", 2, buffer_size) for buffer_size in (1, 7, 8192, 1_000_000)],
 )
-def test_merges_match_reference_on_real_text_any_threads_and_buffer(
-    request, corpus, num_threads, buffer_size
-):
-    docs, reference = request.getfixturevalue(corpus)
+def test_merges_match_reference_on_real_text_any_threads_and_buffer(corpus, num_threads, buffer_size):
+    docs, reference = real_text(corpus)
     tok = train(docs, 256 + NUM_MERGES, num_threads=num_threads, buffer_size=buffer_size)
     assert_same_ranks(tok.get_mergeable_ranks(), reference)
 
