@@ -96,8 +96,8 @@ CHAT_EVAL=(-m scripts.chat_eval -g "$TAG" -a "$EVAL_TASKS" -x "$EVAL_X" --max-ne
 
 echo "artifacts: $NANOCHAT_BASE_DIR (model $TAG, context $SEQ, SHORT=$SHORT)"
 if [[ ${#UV[@]} -gt 0 && "$DRY_RUN" != 1 ]]; then
-    echo "+ ${UV[*]} sync"
-    "${UV[@]}" sync  # builds the Rust tokenizer trainer on the first run
+    echo "+ ${UV[*]} sync   (the first run compiles the Rust tokenizer trainer: about 2 minutes)"
+    "${UV[@]}" sync
 fi
 
 # -- report header (this run's start time, machine, code size)
