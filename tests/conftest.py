@@ -29,6 +29,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def child_env(base: Path, **extra: str) -> dict[str, str]:
+    """The environment of a script run as a subprocess on `base`: one thread, unbuffered, no hub, and none of
+    the caller's rank variables or task data (`extra` sets any of them)."""
+    unset = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_TASK_DATA")
+    env = {k: v for k, v in os.environ.items() if k not in unset} | {"NANOCHAT_BASE_DIR": str(base)}
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def encode_parts(tokenizer, *parts: str) -> list[int]:
+    """The token ids of text parts and special tokens ("<|...|>"), in order."""
+    return [
+        i for p in parts for i in ([tokenizer.encode_special(p)] if p[:2] == "<|" else tokenizer.encode(p))
+    ]
+
+
 def tiny_model(vocab_size: int = 1024, sequence_len: int = 64, seed: int = 0, depth: int = 2, **arch):
     """The tests' small GPT: `config_from_depth` at width 64 (head dim 32), weights drawn from `seed`."""
     import torch
