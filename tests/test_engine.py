@@ -7,17 +7,11 @@ import time
 import pytest
 import torch
 import torch.nn as nn
-from conftest import tiny_model
+from conftest import encode_parts, tiny_model
 
 import nanochat.engine as engine_module
-from nanochat.engine import (
-    BatchScheduler,
-    Engine,
-    fit_to_context,
-    greedy_completions,
-    sample_next,
-    use_calculator,
-)
+from nanochat.calculator import use_calculator
+from nanochat.engine import BatchScheduler, Engine, fit_to_context, greedy_completions, sample_next
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
@@ -103,8 +97,7 @@ def run_scheduler(engine, prompts, max_tokens, timeout: float = 30.0, **sampling
         scheduler.close()
 
 
-# -----------------------------------------------------------------------------
-# KV cache and generation
+# ---------------------------------------------------------------------------- KV cache and generation
 
 
 @pytest.mark.parametrize(
@@ -190,15 +183,12 @@ def test_rows_stop_at_assistant_end_or_bos_and_leave_the_batch(tokenizer):
     assert model.batch_sizes == [1] + [n for n in alive if n]
 
 
-# -----------------------------------------------------------------------------
-# Tool use
+# ---------------------------------------------------------------------------- Tool use
 
 
 def scripted_tool_model(tokenizer, prompt_len: int, text_parts):
     """A model that writes the given script position by position (placeholders where tool output goes)."""
-    script = []
-    for part in text_parts:
-        script += [tokenizer.encode_special(part)] if part.startswith("<|") else tokenizer.encode(part)
+    script = encode_parts(tokenizer, *text_parts)
     vocab = tokenizer.get_vocab_size()
     at = lambda pos: script[min(pos - prompt_len + 1, len(script) - 1)]  # noqa: E731
     one_hot = lambda token: torch.full((vocab,), -20.0).index_fill(0, torch.tensor([token]), 20.0)  # noqa: E731
@@ -211,15 +201,9 @@ def scripted_tool_model(tokenizer, prompt_len: int, text_parts):
 )
 def test_calculator_result_is_forced_with_mask_zero_and_streamed_by_the_scheduler(tokenizer, expr, output):
     prompt = tokenizer.encode("Q", prepend=tokenizer.get_bos_token_id())
-    # 'XXXX' are where the model would write while the tool output (4 tokens: start, '3', '6', end) is forced
-    parts = [
-        "<|python_start|>",
-        expr,
-        "<|python_end|>",
-        "XXXX" if output else "",
-        "done",
-        "<|assistant_end|>",
-    ]
+    # 'XXXX': where the model would write while the tool output (4 tokens: start, '3', '6', end) is forced
+    tool = "XXXX" if output else ""
+    parts = ["<|python_start|>", expr, "<|python_end|>", tool, "done", "<|assistant_end|>"]
     engine = Engine(scripted_tool_model(tokenizer, len(prompt), parts), tokenizer)
     results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=50, temperature=0.0)
     reply = f"<|python_start|>{expr}<|python_end|>{output}done"
@@ -298,8 +282,7 @@ def test_calculator_refuses_unsafe_or_unbounded_input_quickly(expr):
     assert time.perf_counter() - start < 0.5
 
 
-# -----------------------------------------------------------------------------
-# Context limit
+# ---------------------------------------------------------------------------- Context limit
 
 
 def conversation(num_pairs: int, last: str = "last question", system: bool = False) -> dict:
@@ -338,8 +321,10 @@ def test_fit_to_context_keeps_the_end_of_a_too_long_last_turn_and_never_fails(to
         assert ids[-1] == tokenizer.encode_special("<|assistant_start|>")
 
 
-# -----------------------------------------------------------------------------
-# Continuous batching
+# ---------- Continuous batching: requests of different lengths (the last to the end of the 128-token context)
+
+PROMPTS = [list(range(20 + r, 20 + r + n)) for r, n in enumerate((5, 41, 1, 12, 60, 33, 2, 50, 90, 7))]
+MAX_TOKENS = [30, 12, 25, 40, 18, 6, 33, 20, 38, 9]
 
 
 @pytest.mark.parametrize("arch, max_batch", [("v1", 3), ("record", 8)])
@@ -350,10 +335,8 @@ def test_scheduler_greedy_equals_full_recompute(tokenizer, arch, max_batch):
     model = make_model(tokenizer, arch)
     engine = Engine(model, tokenizer, max_batch=max_batch)
     storage = [t.data_ptr() for t in (*engine.cache.k, *engine.cache.v, engine.cache.last)]
-    prompts = [list(range(20 + r, 20 + r + n)) for r, n in enumerate((5, 41, 1, 12, 60, 33, 2, 50))]
-    max_tokens = [30, 12, 25, 40, 18, 6, 33, 20]
-    got = run_scheduler(engine, prompts, max_tokens, temperature=0.0)
-    assert got == [generate_naive(model, p, n) for p, n in zip(prompts, max_tokens, strict=True)]
+    got = run_scheduler(engine, PROMPTS, MAX_TOKENS, temperature=0.0)
+    assert got == [generate_naive(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)]
     assert [t.data_ptr() for t in (*engine.cache.k, *engine.cache.v, engine.cache.last)] == storage
 
 
@@ -369,8 +352,7 @@ def test_scheduler_asserts_its_invariants_in_the_callers_thread_and_refuses_work
         scheduler.submit([1], 5)
 
 
-# -----------------------------------------------------------------------------
-# Isolation: what one request does cannot hurt another, nor the scheduler
+# ------------------------------------ Isolation: what one request does cannot hurt another, nor the scheduler
 
 
 @pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-30, 1e-6, 2.0])
@@ -466,8 +448,7 @@ def test_a_failure_fails_its_batch_and_the_scheduler_keeps_serving(tokenizer, mo
     assert scheduler.state == "closed"
 
 
-# -----------------------------------------------------------------------------
-# The compiled decode step (torch.compile over the static shapes; tens of seconds per shape on a CPU)
+# -------- The compiled decode step (torch.compile over the static shapes; tens of seconds per shape on a CPU)
 
 
 @pytest.mark.parametrize("arch, max_batch", [("v1", 2), ("record", 8)])
@@ -478,9 +459,8 @@ def test_compiled_decode_greedy_equals_full_recompute(tokenizer, arch, max_batch
     engine = Engine(model, tokenizer, max_batch=max_batch, compile=True)
     assert engine.warm_up() > 0 and engine.cache.pos.tolist() == [0] * max_batch  # warm-up leaves no trace
     prompt = [(31 * i + 7) % 256 for i in range(110)]
-    assert engine.generate_batch(prompt, max_tokens=50, temperature=0.0)[0][0] == prompt + generate_naive(
-        model, prompt, 18
-    )
+    results, _ = engine.generate_batch(prompt, max_tokens=50, temperature=0.0)
+    assert results[0] == prompt + generate_naive(model, prompt, 18)
 
     special = tokenizer.encode_special
     forced = [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
@@ -493,7 +473,5 @@ def test_compiled_decode_greedy_equals_full_recompute(tokenizer, arch, max_batch
         return real_choose(request, sampled)
 
     monkeypatch.setattr(engine, "choose", choose)
-    prompts = [list(range(20 + r, 20 + r + n)) for r, n in enumerate((5, 41, 1, 12, 60, 33, 2, 50, 90, 7))]
-    max_tokens = [30, 12, 25, 40, 18, 6, 33, 20, 38, 9]
-    got = run_scheduler(engine, prompts, max_tokens, timeout=600, temperature=0.0)
-    assert got == [generate_naive(model, p, n, forced, 5) for p, n in zip(prompts, max_tokens, strict=True)]
+    got = run_scheduler(engine, PROMPTS, MAX_TOKENS, timeout=600, temperature=0.0)
+    assert got == [generate_naive(model, p, n, forced, 5) for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)]
