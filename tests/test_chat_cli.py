@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
-from test_chat_web import SCRIPT_REPLY, build_base_dir, child_env, scripted_model
+from conftest import REPO, child_env
+from test_chat_web import SCRIPT_REPLY, build_base_dir, scripted_model
 
 from nanochat.engine import Engine
 from scripts import chat_cli
@@ -22,8 +22,8 @@ def cli_base(tiny_base_dir, tmp_path_factory):
 
 def test_one_shot_prompt_prints_the_reply_and_exits_0(cli_base):
     cmd = [sys.executable, "-m", "scripts.chat_cli", "--device-type", "cpu", "-p", "What is 1+2?", "-t", "0"]
-    env = {**child_env(cli_base), "PYTHONIOENCODING": "utf-8"}
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120, check=False)
+    env = child_env(cli_base, PYTHONIOENCODING="utf-8")
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=120)
     assert result.returncode == 0, result.stderr.decode()
     # strict UTF-8: a split emoji would not decode
     assert result.stdout.decode("utf-8").strip() == SCRIPT_REPLY
@@ -46,13 +46,8 @@ def in_process(cli_base, monkeypatch, one_thread):
 def test_interactive_chat_keeps_context_clears_and_quits(in_process, capsys):
     # 20 turns of ~35 tokens each: far past the 64-token context, and past the 640 positions the
     # model can encode at all, so the chat only survives if old turns are dropped every time
-    turns = [f"remember the number {i} please" for i in range(20)] + [
-        "clear",
-        "",
-        "short one",
-        "exit",
-        "never",
-    ]
+    turns = [f"remember the number {i} please" for i in range(20)]
+    turns += ["clear", "", "short one", "exit", "never"]
     in_process("--max-tokens", "64", stdin="\n".join(turns) + "\n")
     out = capsys.readouterr().out
     assert out.count("Assistant: " + SCRIPT_REPLY) == 21
