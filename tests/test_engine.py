@@ -10,6 +10,7 @@ import torch.nn as nn
 from conftest import encode_parts, tiny_model
 
 import nanochat.engine as engine_module
+from nanochat import common
 from nanochat.calculator import use_calculator
 from nanochat.engine import BatchScheduler, Engine, fit_to_context, greedy_completions, sample_next
 from nanochat.gpt import GPTConfig
@@ -119,8 +120,6 @@ def test_kv_cached_greedy_equals_full_recompute(tokenizer, arch, prompt_lengths,
 
 def test_bf16_policy_keeps_a_bf16_kv_cache_and_generates_on_cpu(tokenizer, monkeypatch):
     """The CUDA SM80+ path (bf16 autocast, bf16 KV cache) exercised on CPU, where torch runs bf16 too."""
-    from nanochat import common
-
     model = make_model(tokenizer)
     prompt = [(31 * i + 7) % 256 for i in range(12)]
     fp32, _ = Engine(model, tokenizer).generate_batch(prompt, max_tokens=16, temperature=0.0)
@@ -152,10 +151,8 @@ def test_samples_differ_from_the_first_token_the_seed_reproduces_and_top_k_one_i
     prompt = [1, 2, 3, 4, 5]
     first, _ = engine.generate_batch(prompt, num_samples=8, max_tokens=1, temperature=1.0, seed=1)
     assert len({row[-1] for row in first}) > 1
-    a, b, c = (
-        engine.generate_batch(prompt, 4, True, max_tokens=12, temperature=1.0, top_k=50, seed=seed)[0]
-        for seed in (7, 7, 8)
-    )
+    sampling = dict(max_tokens=12, temperature=1.0, top_k=50)
+    a, b, c = (engine.generate_batch(prompt, 4, True, **sampling, seed=seed)[0] for seed in (7, 7, 8))
     assert a == b and a != c and len({tuple(row) for row in a}) == 4
     assert [len(row) for row in a] == [len(prompt) + 12] * 4  # the stop tokens are blocked
     assert engine.generate_batch(prompt, max_tokens=0) == ([prompt], [[0] * 5])
@@ -220,62 +217,24 @@ def test_calculator_result_is_forced_with_mask_zero_and_streamed_by_the_schedule
         scheduler.close()
 
 
-@pytest.mark.parametrize(
-    "expr, expected",
-    [
-        ("12*3", "36"),
-        ("1 + 2 * (3 - 5)", "-3"),
-        ("7 / 2", "3.5"),
-        ("6 / 3", "2"),
-        ("7 // 2 + 7 % 3", "4"),
-        ("2 ** 10", "1024"),
-        ("-(4) + +2", "-2"),
-        ("1,234 * 2", "2468"),
-        ("1 / 3", "0.3333333333"),
-        ("0.1 + 0.2", "0.3"),
-        ("2 ** -1", "0.5"),
-        ("'strawberry'.count('r')", "3"),
-        ('"banana".count("an") + 1', "3"),
-    ],
-)
-def test_calculator_evaluates_arithmetic_and_count(expr, expected):
-    assert use_calculator(expr) == expected
+def test_calculator_evaluates_arithmetic_and_count():
+    answers = {"12*3": "36", "1 + 2 * (3 - 5)": "-3", "7 / 2": "3.5", "6 / 3": "2", "7 // 2 + 7 % 3": "4"}
+    answers |= {"2 ** 10": "1024", "-(4) + +2": "-2", "1,234 * 2": "2468", "1 / 3": "0.3333333333"}
+    answers |= {"0.1 + 0.2": "0.3", "2 ** -1": "0.5", "'strawberry'.count('r')": "3"}
+    answers |= {'"banana".count("an") + 1': "3"}
+    assert {expr: use_calculator(expr) for expr in answers} == answers
 
 
-@pytest.mark.parametrize(
-    "expr",
-    [
-        "__import__('os')",
-        "__import__('os').system('echo hi')",
-        "().__class__",
-        "().__class__.__bases__[0].__subclasses__()",
-        "import os",
-        "9**9**9",
-        "10**10**10",
-        "2**100000",
-        "99999999999999999999**9999",
-        "'a'*10**9",
-        "'a' * 10",
-        "'abc'.upper()",
-        "'abc'.count('a', 1)",
-        "len('abc')",
-        "x + 1",
-        "[i for i in range(10**9)]",
-        "lambda: 1",
-        "1 if 1 else 0",
-        "1 / 0",
-        "5 % 0",
-        "(-8) ** 0.5",
-        "10.0 ** 400",
-        "True + 1",
-        "1j * 2",
-        "1" * 100 + " * " + "1" * 100,
-        "1+" * 300 + "1",
-        "(" * 200 + "1" + ")" * 200,
-        "",
-        "1 +",
-    ],
-)
+# code, names, calls other than str.count, unbounded powers and repeats, math errors, inputs too long or deep
+REFUSED = ["__import__('os')", "__import__('os').system('echo hi')", "import os", "x + 1"]
+REFUSED += ["lambda: 1", "1 if 1 else 0", "[i for i in range(10**9)]", "().__class__"]
+REFUSED += ["().__class__.__bases__[0].__subclasses__()", "'abc'.upper()", "'abc'.count('a', 1)"]
+REFUSED += ["len('abc')", "'a' * 10", "'a'*10**9", "9**9**9", "10**10**10", "2**100000"]
+REFUSED += ["99999999999999999999**9999", "10.0 ** 400", "1 / 0", "5 % 0", "(-8) ** 0.5", "True + 1"]
+REFUSED += ["1j * 2", "", "1 +", "1" * 100 + " * " + "1" * 100, "1+" * 300 + "1", "(" * 200 + "1" + ")" * 200]
+
+
+@pytest.mark.parametrize("expr", REFUSED)
 def test_calculator_refuses_unsafe_or_unbounded_input_quickly(expr):
     start = time.perf_counter()
     assert use_calculator(expr) is None
@@ -288,10 +247,8 @@ def test_calculator_refuses_unsafe_or_unbounded_input_quickly(expr):
 def conversation(num_pairs: int, last: str = "last question", system: bool = False) -> dict:
     messages = [{"role": "system", "content": "be brief"}] if system else []
     for i in range(num_pairs):
-        messages += [
-            {"role": "user", "content": f"question {i} " * 5},
-            {"role": "assistant", "content": f"answer {i} " * 5},
-        ]
+        messages.append({"role": "user", "content": f"question {i} " * 5})
+        messages.append({"role": "assistant", "content": f"answer {i} " * 5})
     return {"messages": messages + [{"role": "user", "content": last}]}
 
 
