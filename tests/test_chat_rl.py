@@ -9,15 +9,15 @@ import runpy
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_model
+from conftest import REPO, child_env, tiny_model
 
 from nanochat.checkpoint_manager import save_checkpoint
 from scripts.chat_rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch
+from tasks.synthetic import Arithmetic
 
 TINY_RUN = ["--offline", "--examples-per-step=2", "--num-samples=4", "--max-new-tokens=12"]
 TINY_RUN += ["--eval-examples=2", "--eval-samples=2", "--init-lr-frac=1.0"]
@@ -32,9 +32,7 @@ def rl_base(tiny_base_dir, tmp_path, monkeypatch) -> Path:
     """A private base dir: the tiny tokenizer and a random d2 model saved as the SFT checkpoint."""
     base = tmp_path / "base"
     shutil.copytree(tiny_base_dir / "tokenizer", base / "tokenizer")
-    model = tiny_model()
-    meta = {"model_config": asdict(model.config)}
-    save_checkpoint(base / "chatsft_checkpoints" / "d2", 0, model, None, meta)
+    save_checkpoint(base / "chatsft_checkpoints" / "d2", 0, tiny_model(), None, {})
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     monkeypatch.delenv("NANOCHAT_TASK_DATA", raising=False)
     return base
@@ -57,8 +55,7 @@ def log_of(base: Path, tag: str = "d2") -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-# -----------------------------------------------------------------------------
-# The math
+# ---------------------------------------------------------------------------- The math
 
 
 def test_advantage_is_reward_minus_group_mean_without_std_scaling():
@@ -115,20 +112,15 @@ def test_split_micro_batches_give_the_gradient_of_one_batch():
 
 
 def test_pass_at_k_unbiased_estimator():
-    assert pass_at_k(4, 0, 1) == 0.0
-    assert pass_at_k(4, 4, 4) == 1.0
-    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2)
-    assert pass_at_k(4, 3, 2) == 1.0
+    # of 4 samples (c correct, k drawn): none, all, 1 of 4, 1 - C(3,2)/C(4,2), and no way to miss
+    ck = [(0, 1), (4, 4), (1, 1), (1, 2), (3, 2)]
+    assert [pass_at_k(4, c, k) for c, k in ck] == pytest.approx([0.0, 1.0, 0.25, 0.5, 1.0])
 
 
-# -----------------------------------------------------------------------------
-# The script
+# ---------------------------------------------------------------------------- The script
 
 
 def test_resume_and_two_gloo_ranks_give_the_losses_of_one_uninterrupted_run(rl_base, monkeypatch, tmp_path):
-    from tasks.synthetic import Arithmetic
-
     monkeypatch.setattr(Arithmetic, "reward", length_reward)
     ckpt = rl_base / "chatrl_checkpoints" / "d2"
     flags = [*TINY_RUN, "--num-iterations=4", "--save-every=2", "--eval-every=2"]
@@ -147,10 +139,8 @@ def test_resume_and_two_gloo_ranks_give_the_losses_of_one_uninterrupted_run(rl_b
     for name in ("meta_000004.json", "model_000004.pt", "optim_000004_rank0.pt"):
         (ckpt / name).unlink()
     run_rl([*flags, "--resume"], monkeypatch)
-    resumed = [r for r in log_of(rl_base) if "loss" in r]
-    assert [(r["step"], r["loss"], r["reward"]) for r in resumed] == [
-        (r["step"], r["loss"], r["reward"]) for r in full
-    ]
+    resumed = [(r["step"], r["loss"], r["reward"]) for r in log_of(rl_base) if "loss" in r]
+    assert resumed == [(r["step"], r["loss"], r["reward"]) for r in full]
     again = torch.load(ckpt / "model_000004.pt", weights_only=True)
     assert all(torch.equal(final_weights[k], again[k]) for k in final_weights)
     with pytest.raises(SystemExit) as e:
@@ -159,15 +149,13 @@ def test_resume_and_two_gloo_ranks_give_the_losses_of_one_uninterrupted_run(rl_b
 
     # 2 gloo ranks: questions strided across them, rank-independent seeds, the global token count
     wrapper = tmp_path / "rl_length_reward.py"
-    wrapper.write_text(
-        "import runpy, sys\n"
-        "from tasks.synthetic import Arithmetic\n"
-        "Arithmetic.reward = lambda self, conversation, completion: float(len(completion) % 2)\n"
-        "sys.argv[0] = 'chat_rl'\n"
-        "runpy.run_module('scripts.chat_rl', run_name='__main__')\n"
-    )
-    env = {"NANOCHAT_BASE_DIR": str(rl_base), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    env |= {"PYTHONPATH": str(REPO), "GLOO_SOCKET_IFNAME": "lo"}
+    wrapper.write_text("""import runpy, sys
+from tasks.synthetic import Arithmetic
+Arithmetic.reward = lambda self, conversation, completion: float(len(completion) % 2)
+sys.argv[0] = 'chat_rl'
+runpy.run_module('scripts.chat_rl', run_name='__main__')
+""")
+    env = child_env(rl_base, PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)]
     # from the same SFT model into its own tag (--out-tag): this process still holds d2's lock
     proc = subprocess.run([*cmd, *flags, "--out-tag=twin"], cwd=REPO, env=env, capture_output=True, text=True)
@@ -183,8 +171,6 @@ def test_resume_and_two_gloo_ranks_give_the_losses_of_one_uninterrupted_run(rl_b
 
 def test_policy_learns_a_simple_reward(rl_base, monkeypatch):
     """The sign is right: rewarding answers without an 'e' (about 1 in 8 at first) raises the reward."""
-    from tasks.synthetic import Arithmetic
-
     monkeypatch.setattr(Arithmetic, "reward", lambda self, conversation, reply: float("e" not in reply))
     flags = ["--offline", "--examples-per-step=4", "--num-samples=8", "--max-new-tokens=8", "--eval-every=-1"]
     flags += ["--num-iterations=24", "--eval-examples=4", "--init-lr-frac=0.5", "--save-every=-1"]
