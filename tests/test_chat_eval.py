@@ -15,13 +15,14 @@ from conftest import REPO, TASK_DATA, free_port, needs, tiny_model
 
 import nanochat.task_eval as task_eval
 from nanochat import execution
+from nanochat.checkpoint_manager import load_model, save_checkpoint
 from nanochat.task_eval import task_accuracy
 from scripts.chat_eval import BASELINES, chatcore, parse_task_names
 from scripts.chat_eval import main as chat_eval_main
+from tasks.arc import ARC
 from tasks.common import Task
 
-# -----------------------------------------------------------------------------
-# ChatCORE and task selection
+# ---------------------------------------------------------------------------- ChatCORE and task selection
 
 
 def test_chatcore_centers_each_task_on_its_baseline_and_needs_all_six():
@@ -38,8 +39,7 @@ def test_task_names_parse_pipes_and_reject_unknown_names():
         parse_task_names("arc-easy")
 
 
-# -----------------------------------------------------------------------------
-# Categorical path on a stub model
+# --------------------------------------------------------------------------- Categorical path on a stub model
 
 
 class LetterStub(torch.nn.Module):
@@ -104,16 +104,13 @@ def test_categorical_accuracy_reads_the_answer_letter_at_the_answer_position(tok
 @needs(TASK_DATA)
 def test_categorical_accuracy_on_arc_matches_the_share_of_gold_letters(tokenizer, monkeypatch):
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
-    from tasks.arc import ARC
-
     task = ARC("ARC-Easy", "test", stop=40)
     expected = sum(task[i]["messages"][-1]["content"] == "A" for i in range(len(task)))
     assert 0 < expected < 40
     assert task_accuracy(LetterStub(tokenizer, "A"), tokenizer, task, batch_size=8) == expected / 40
 
 
-# -----------------------------------------------------------------------------
-# Generative path on a stub engine
+# --------------------------------------------------------------------------- Generative path on a stub engine
 
 
 class EchoTask(Task):
@@ -191,21 +188,17 @@ def test_generative_problems_decode_together_with_the_same_greedy_answers(tokeni
     assert any(replies[0] for replies in seen.values())  # something was generated
 
 
-# -----------------------------------------------------------------------------
-# The script end to end
+# ---------------------------------------------------------------------------- The script end to end
 
 
 @needs(TASK_DATA)
 def test_chat_eval_on_two_gloo_ranks_equals_one_and_a_second_run_adds_to_the_report(
     tiny_base_dir, tmp_path, monkeypatch, capsys
 ):
-    from nanochat.checkpoint_manager import checkpoint_dir, load_model, save_checkpoint
-    from tasks.arc import ARC
-
     shutil.copytree(tiny_base_dir / "tokenizer", tmp_path / "tokenizer")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     monkeypatch.setenv("NANOCHAT_TASK_DATA", str(TASK_DATA))
-    save_checkpoint(checkpoint_dir("sft", "d2"), 5, tiny_model(1024, 128), None, {})
+    save_checkpoint(tmp_path / "chatsft_checkpoints" / "d2", 5, tiny_model(1024, 128), None, {})
     model, tokenizer, _ = load_model("sft", "cpu", mode="eval")
     expected = round(7 * task_accuracy(model, tokenizer, ARC("ARC-Easy", "test"), 7))
 
@@ -241,17 +234,15 @@ def test_chat_eval_on_two_gloo_ranks_equals_one_and_a_second_run_adds_to_the_rep
     mine.write_text(json.dumps(chat) + "\n")
     results = chat_eval_main(["-i", "sft", "--task-file", str(mine), "--device-type", "cpu"])
     out = capsys.readouterr().out
-    assert (
-        set(results) == {"ARC-Easy", "ARC-Challenge", "mine.jsonl"} and "ARC-Easy: " not in out
-    )  # not rerun
+    assert set(results) == {"ARC-Easy", "ARC-Challenge", "mine.jsonl"}
+    assert "ARC-Easy: " not in out  # not rerun
     assert "mine.jsonl: 0/1 = 0.00%" in out and "- mine.jsonl: 0" in report_path.read_text()
 
 
 def exit_message(argv: list[str], capsys) -> str:
     """What chat_eval prints when it stops with a user error (exit status 1)."""
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match="^1$"):
         chat_eval_main(argv)
-    assert exc.value.code == 1
     return capsys.readouterr().out
 
 
@@ -270,9 +261,8 @@ def test_chat_eval_names_the_missing_data_or_sandbox_before_loading(tmp_path, mo
 
 
 def test_chat_eval_help_lists_every_flag(capsys):
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit, match="^0$"):
         chat_eval_main(["--help"])
-    assert exc.value.code == 0
     out = capsys.readouterr().out
     flags = "-i -a -x -t -k -n --max-new-tokens -g -s --batch-size --device-type --allow-unisolated-code"
     assert all(f" {flag}" in out for flag in flags.split())
