@@ -3,7 +3,6 @@ runs the real entry point in a base dir prepared for one mistake (a tiny random 
 
 import gzip
 import json
-import os
 import re
 import shutil
 import socket
@@ -15,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, tiny_model
+from conftest import REPO, child_env, tiny_model
 
 from nanochat.checkpoint_manager import STAGE_DIRS, save_checkpoint
 from nanochat.common import sha256_of
@@ -34,15 +33,13 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def run(
-    base: Path, module: str, *args: str, help_first: bool = False, **env: str
-) -> subprocess.CompletedProcess:
-    """`python -m module args` with NANOCHAT_BASE_DIR=base; asserts the one-line failure contract.
-    `help_first`: the script's --help first, in the same process, ending in a line "<end of help>"."""
-    child_env = {**os.environ, "NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", **env}
+def run(base: Path, module: str, *args: str, help_first=False, **env: str) -> subprocess.CompletedProcess:
+    """`python -m module args` on `base`; asserts the one-line failure contract. `help_first`: the
+    script's --help first, in the same process, ending in a line "<end of help>"."""
     device = [] if module == "scripts.export_hf" else ["--device-type", "cpu"]  # export_hf: CPU always
     cmd = [sys.executable, *(["-c", HELP_FIRST] if help_first else ["-m"]), module, *args, *device]
-    proc = subprocess.run(cmd, cwd=REPO, env=child_env, capture_output=True, text=True, timeout=120)
+    env = child_env(base, **env)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
@@ -96,7 +93,7 @@ def with_shards(with_models, tmp_path) -> Path:
 )
 def test_no_model_yet_names_the_checkpoint_folder(with_tokenizer, module, folder):
     start = time.time()
-    proc = run(with_tokenizer, module, HF_HUB_OFFLINE="1")
+    proc = run(with_tokenizer, module)
     assert folder in message(proc)
     assert time.time() - start < 60  # base_eval: no bundle download before the model is found
 
@@ -121,7 +118,7 @@ WRONG_STEP = {  # stage -> its flags asking for step 999 of the tiny checkpoints
 
 @pytest.mark.parametrize("script", WRONG_STEP)
 def test_a_wrong_step_is_one_line_naming_a_flag_the_stage_accepts(with_shards, script):
-    proc = run(with_shards, f"scripts.{script}", *WRONG_STEP[script], help_first=True, HF_HUB_OFFLINE="1")
+    proc = run(with_shards, f"scripts.{script}", *WRONG_STEP[script], help_first=True)
     help_text, _, out = proc.stdout.partition("<end of help>")
     errors = [line for line in out.splitlines() if "999" in line]  # "<script or stage>: step 999 ..."
     assert proc.returncode == 1 and len(errors) == 1 and re.match(r"\w+: ", errors[0]), message(proc)
@@ -134,7 +131,7 @@ def test_a_wrong_step_is_one_line_naming_a_flag_the_stage_accepts(with_shards, s
 
 def test_base_eval_offline_without_bundle_fails_at_once_naming_the_bundle(with_models):
     start = time.time()
-    proc = run(with_models, "scripts.base_eval", HF_HUB_OFFLINE="1")
+    proc = run(with_models, "scripts.base_eval")
     assert "eval_bundle" in message(proc) and "NANOCHAT_EVAL_BUNDLE" in message(proc)
     assert time.time() - start < 25  # the download's retries take ~30 s
 
@@ -149,9 +146,7 @@ def test_a_damaged_shard_is_named(with_shards, damage):
     if damage == "no text column":
         pq.write_table(pa.table({"content": ["a document"] * 4}), bad)
     else:
-        bad.write_bytes(
-            b"this is not a parquet file" * 100 if damage == "garbage" else good[: len(good) // 2]
-        )
+        bad.write_bytes(b"not a parquet file" * 100 if damage == "garbage" else good[: len(good) // 2])
     proc = run(with_shards, "scripts.base_loss", "--device-batch-size", "1", "--split-tokens", "64")
     assert str(bad) in message(proc) and (damage != "no text column" or "'text'" in message(proc))
 
@@ -185,7 +180,7 @@ def test_chat_web_port_in_use_or_out_of_range_is_refused_before_loading(with_tok
 def test_missing_task_data_is_one_line_naming_the_file(with_tokenizer, module, args, missing):
     empty = with_tokenizer / "task_data"
     empty.mkdir()
-    proc = run(with_tokenizer, module, *args, NANOCHAT_TASK_DATA=str(empty), HF_HUB_OFFLINE="1")
+    proc = run(with_tokenizer, module, *args, NANOCHAT_TASK_DATA=str(empty))
     assert proc.stdout.startswith(f"{module.split('.')[1]}: ") and proc.stdout.count("\n") == 1
     assert missing in proc.stdout and f"NANOCHAT_TASK_DATA={empty}" in proc.stdout
 
