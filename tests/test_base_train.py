@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import EVAL_BUNDLE, REPO, free_port, needs
+from conftest import EVAL_BUNDLE, REPO, child_env, free_port, needs
 
 from nanochat.checkpoint_manager import load_model
 
@@ -26,18 +26,12 @@ TINY += ["--no-compile"]  # eager: a tiny run does not pay back the compile (one
 QUIET = ["--eval-every=-1", "--eval-tokens=512", "--sample-every=-1"]
 
 
-def env_for(base: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return env | {"NANOCHAT_BASE_DIR": str(base), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-
-
-def train(base: Path, *flags: str, nproc=1, check=True, env: dict | None = None, module="scripts.base_train"):
-    """Runs base_train (or `module`; under torchrun when nproc > 1); returns the CompletedProcess."""
+def train(base: Path, *flags: str, nproc=1, check=True, module="scripts.base_train", **env: str):
+    """base_train (or `module`; under torchrun when nproc > 1) run on `base` with `env` added: its result."""
     torchrun = ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
     cmd = [sys.executable, "-m", *(torchrun if nproc > 1 else []), module, *flags]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=env or env_for(base), capture_output=True, text=True, timeout=300
-    )
+    env = child_env(base, **env)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert not check or proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     return proc
 
@@ -81,8 +75,7 @@ def base(tiny_base_dir, tmp_path) -> Path:
     return dst
 
 
-# -----------------------------------------------------------------------------
-# Learning, distributed = single process, exact resume
+# ------------------------------------------------------- Learning, distributed = single process, exact resume
 
 
 def test_tiny_model_lowers_val_bpb(base):
@@ -105,20 +98,11 @@ def test_distributed_and_two_node_runs_equal_single_process_with_grad_accum(base
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-3, atol=1e-4, msg=name)
     # two nodes of one process each, meeting through a c10d rendezvous, train like one node of two
-    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1"]
-    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=nanochat-test"]
-    procs = [
-        subprocess.Popen(
-            [*cmd, f"--node-rank={node}", "-m", "scripts.base_train", *flags, "--model-tag=twonode"],
-            cwd=REPO,
-            env=env_for(base),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for node in (0, 1)
-    ]
+    cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=nanochat-test"]
+    script = ["-m", "scripts.base_train", *flags, "--model-tag=twonode"]
+    pipes = dict(cwd=REPO, env=child_env(base), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen([*cmd, f"--node-rank={node}", *script], **pipes) for node in (0, 1)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert losses(base, "twonode") == pytest.approx(losses(base, "dist"), rel=1e-6)
@@ -164,24 +148,21 @@ def test_fresh_run_into_a_used_tag_refuses_and_overwrite_replaces_it(base, monke
     flags = [*TINY, *QUIET, "--total-batch-size=256", "--model-tag=used"]
     train(base, *flags, "--num-iterations=4")
     refused = train(base, *flags, "--num-iterations=2", check=False)
-    assert refused.returncode == 1
-    assert "already holds a run" in refused.stdout and "--resume" in refused.stdout
-    assert "--overwrite" in refused.stdout
+    assert refused.returncode == 1 and "--resume" in refused.stdout and "--overwrite" in refused.stdout
     train(base, *flags, "--num-iterations=2", "--overwrite")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
     assert load_model("base", "cpu", "eval", "used")[2]["step"] == 2  # the new run's, not the old run's 4
     assert [r["step"] for r in log_of(base, "used") if "loss" in r] == [0, 1]
 
 
-# -----------------------------------------------------------------------------
-# Evals and wandb
+# ---------------------------------------------------------------------------- Evals and wandb
 
 
 @needs(EVAL_BUNDLE)
 def test_core_metric_is_evaluated_during_training(base):
     flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=2", "--model-tag=core"]
-    env = env_for(base) | {"NANOCHAT_EVAL_BUNDLE": str(EVAL_BUNDLE)}
-    proc = train(base, *flags, "--core-metric-every=2", "--core-metric-max-per-task=2", env=env)
+    flags += ["--core-metric-every=2", "--core-metric-max-per-task=2"]
+    proc = train(base, *flags, NANOCHAT_EVAL_BUNDLE=str(EVAL_BUNDLE))
     assert "CORE" in proc.stdout and "partial" in proc.stdout  # the shared bundle lacks 4 task files
     core = [r for r in log_of(base, "core") if "core" in r]
     assert len(core) == 1 and core[0]["step"] == 2 and core[0]["core_partial"]
@@ -190,9 +171,8 @@ def test_core_metric_is_evaluated_during_training(base):
 
 def test_named_run_logs_to_wandb_offline_and_base_loss_evaluates_its_checkpoint(base, tmp_path):
     flags = [*TINY, *QUIET, "--total-batch-size=256", "--num-iterations=2", "--run=testrun"]
-    env = {k: v for k, v in env_for(base).items() if not k.startswith("WANDB_") and k != "NETRC"}
-    env |= {"HOME": str(tmp_path), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
-    train(base, *flags, env=env)
+    env = {k: "" for k in os.environ if k.startswith("WANDB_") or k == "NETRC"}  # none of the user's
+    train(base, *flags, **env, HOME=str(tmp_path), WANDB_MODE="offline", WANDB_DIR=str(tmp_path))
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     flags = ["--device-batch-size=4", "--split-tokens=512", "--sample-tokens=4"]
     proc = train(base, *flags, module="scripts.base_loss")  # the checkpoint d2 the run wrote
@@ -200,23 +180,16 @@ def test_named_run_logs_to_wandb_offline_and_base_loss_evaluates_its_checkpoint(
     assert "val bpb" in (base / "report" / "base-model-loss.md").read_text()
 
 
-# -----------------------------------------------------------------------------
-# Bad configs stop before training with one line naming the flag, file or bundle to change
+# ------------------- Bad configs stop before training with one line naming the flag, file or bundle to change
 
 
-@pytest.mark.parametrize(
-    "flags, named",
-    [
-        (["--head-dim=33"], "--head-dim"),
-        (["--depth=0"], "--depth"),
-        (["--total-batch-size=1000"], "--total-batch-size"),
-        (["--device-batch-size=0"], "--device-batch-size"),
-        (["--window-pattern=SX"], "--window-pattern"),
-        (["--weight-ema=1"], "--weight-ema"),
-        (["--matrix-lr=-1"], "--matrix-lr"),
-        (["--model-tag=..", "--overwrite"], "--model-tag '..'"),  # never rmtree the base dir
-    ],
-)
+BAD_FLAGS = ["--head-dim=33", "--depth=0", "--total-batch-size=1000", "--device-batch-size=0"]
+BAD_FLAGS += ["--window-pattern=SX", "--weight-ema=1", "--matrix-lr=-1"]
+BAD_CONFIGS = [([flag], flag.split("=")[0]) for flag in BAD_FLAGS]
+BAD_CONFIGS += [(["--model-tag=..", "--overwrite"], "--model-tag '..'")]  # never rmtree the base dir
+
+
+@pytest.mark.parametrize("flags, named", BAD_CONFIGS)
 def test_bad_config_stops_with_a_clear_message(base, train_here, flags, named):
     status, out = train_here(*TINY, *QUIET, "--total-batch-size=512", "--num-iterations=2", *flags)
     assert status != 0 and named in out and "Traceback" not in out, out
