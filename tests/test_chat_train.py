@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TASK_DATA, free_port, needs, tiny_model
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import REPO, TASK_DATA, child_env, free_port, needs, tiny_model
 
 from nanochat.chat_train import accumulate_gradients, chat_lr_multiplier
 from nanochat.checkpoint_manager import save_checkpoint
@@ -34,13 +36,11 @@ class Chats(Task):
 
     def get_example(self, index: int) -> dict:
         words = " ".join(f"w{index}x{j}" for j in range(self.rows[index]))
-        return {
-            "messages": [{"role": "user", "content": f"say {index}"}, {"role": "assistant", "content": words}]
-        }
+        messages = [{"role": "user", "content": f"say {index}"}, {"role": "assistant", "content": words}]
+        return {"messages": messages}
 
 
-# -----------------------------------------------------------------------------
-# Conversation batches
+# ---------------------------------------------------------------------------- Conversation batches
 
 
 def test_conversation_batches_resume_from_any_yielded_state(tokenizer):
@@ -74,16 +74,13 @@ def test_conversation_batches_cover_an_epoch_once_without_cropping(tokenizer):
     task = Chats([5] * 10)
     firsts = []  # two ranks read disjoint conversations
     for rank in (0, 1):
-        inputs, _, _ = next(
-            conversation_batches(task, tokenizer, 5, 64, rank=rank, world_size=2, block_size=8)
-        )
-        firsts.append(tokenizer.decode(inputs.flatten().tolist()))
+        batches = conversation_batches(task, tokenizer, 5, 64, rank=rank, world_size=2, block_size=8)
+        firsts.append(tokenizer.decode(next(batches)[0].flatten().tolist()))
     assert "say 0" in firsts[0] and "say 1" not in firsts[0]
     assert "say 1" in firsts[1] and "say 0" not in firsts[1]
 
 
-# -----------------------------------------------------------------------------
-# Loss normalisation and the schedule
+# ------------------------------------------------------------------------ Loss normalisation and the schedule
 
 
 def test_sft_loss_never_nan_with_short_context_and_unsupervised_micro_batches(tokenizer, one_thread):
@@ -124,19 +121,15 @@ def test_accumulated_gradient_equals_one_big_batch(tokenizer, one_thread):
 
 
 def _two_rank_worker(rank: int, port: int, vocab: int, rows: list, out: str) -> None:
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     model = tiny_model(vocab, SEQ)
     inputs, targets = rows
     mine = [(inputs[i : i + 1], targets[i : i + 1]) for i in range(rank, len(inputs), 2)]
     loss, count = accumulate_gradients(model, mine)
-    grads = {}
-    for name, p in model.named_parameters():
-        g = p.grad.clone()
-        dist.all_reduce(g)
-        grads[name] = g / 2  # what the optimizers see: the average over ranks
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+    grads = {name: p.grad / 2 for name, p in model.named_parameters()}  # the optimizers see the mean
     if rank == 0:
         torch.save({"loss": loss, "count": count, "grads": grads}, out)
     compute_cleanup()  # a barrier first: no rank tears down while its peer still communicates
@@ -147,8 +140,6 @@ def _two_rank_worker(rank: int, port: int, vocab: int, rows: list, out: str) -> 
 
 
 def test_two_ranks_give_the_gradient_of_one_process(tokenizer, tmp_path, one_thread):
-    import torch.multiprocessing as mp
-
     inputs, targets = batch_of_eight(tokenizer)
     model = tiny_model(tokenizer.get_vocab_size(), SEQ)
     loss, count = accumulate_gradients(model, [(inputs, targets)])
@@ -172,8 +163,7 @@ def test_lr_schedules_decrease_to_their_final_value():
     assert by_progress[10] == pytest.approx(0.1)
 
 
-# -----------------------------------------------------------------------------
-# The scripts, end to end
+# ---------------------------------------------------------------------------- The scripts, end to end
 
 
 @pytest.fixture
@@ -189,10 +179,8 @@ def chat_base(tiny_base_dir, tmp_path) -> Path:
 
 def run(base: Path, script: str, *flags: str, check: bool = True, **extra_env: str):
     """`python -m scripts.<script>` on `base`: one thread, no hub, no task data unless `extra_env` sets it."""
-    unset = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NANOCHAT_TASK_DATA")
-    env = {k: v for k, v in os.environ.items() if k not in unset}
-    env |= {"NANOCHAT_BASE_DIR": str(base), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra_env}
     cmd = [sys.executable, "-m", f"scripts.{script}", *flags]
+    env = child_env(base, **extra_env)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 or not check, f"{script}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -220,9 +208,7 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(chat_base):
     with open(resumed / "log.jsonl", "a") as f:
         f.write('{"step": 4, "lo')  # the crash cut the log mid-line
     proc = run(chat_base, "mid_train", *flags, "--model-tag=b", "--save-every=3", "--resume")
-    assert (proc.stdout + proc.stderr).count(
-        "resumed from step"
-    ) == 1 and "resumed from step 3" in proc.stdout
+    assert "resumed from step 3" in proc.stdout and (proc.stdout + proc.stderr).count("resumed from") == 1
     losses = log_of(straight, "loss")
     assert len(losses) == 6 and all(x == x for x in losses)
     assert log_of(resumed, "loss") == losses  # exactly, step by step
@@ -251,15 +237,13 @@ def test_mid_then_sft_run_end_to_end_and_write_their_report_sections(chat_base):
     assert (chat_base / "chatsft_checkpoints" / "ft" / "model_000003.pt").exists()
 
 
-@pytest.mark.parametrize(
-    ("script", "flags"),
-    [("mid_train", FAST), ("chat_rl", ["--offline", "--source=base", "--device-type=cpu"])],
-)
+@pytest.mark.parametrize("script, flags", [("mid_train", FAST), ("chat_rl", ["--offline", "--source=base"])])
 def test_dry_run_of_named_run_without_wandb_key_says_wandb_login(chat_base, tmp_path, script, flags):
     home = tmp_path / "home"  # no ~/.netrc, no wandb settings of the user's
     env = {k: "" for k in os.environ if k.startswith("WANDB_") or k == "NETRC"}
     env |= {"HOME": str(home), "WANDB_CONFIG_DIR": str(home / "wandb-config")}
-    proc = run(chat_base, script, *flags, "--model-tag=a", "--run=testrun", "--dry-run", check=False, **env)
+    flags = [*flags, "--device-type=cpu", "--model-tag=a", "--run=testrun", "--dry-run"]
+    proc = run(chat_base, script, *flags, check=False, **env)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "wandb login" in proc.stdout and "WANDB_MODE=offline" in proc.stdout
 
