@@ -69,14 +69,12 @@ def test_system_message_opens_every_conversation(in_process, capsys, monkeypatch
     assert seen == [["system", "user"], ["system", "user"]]
 
 
-@pytest.mark.parametrize(
-    "flag, value", [("-t", "-1"), ("-t", "nan"), ("-k", "-3"), ("--max-new-tokens", "0")]
-)
-def test_cli_rejects_bad_flags_naming_them(in_process, capsys, flag, value):
+@pytest.mark.parametrize("flag, bad", [("-t", "-1"), ("-t", "nan"), ("-k", "-3"), ("--max-new-tokens", "0")])
+def test_cli_rejects_bad_flags_naming_them(in_process, capsys, flag, bad):
     with pytest.raises(SystemExit) as exit_info:
-        in_process("-p", "hi", flag, value)
+        in_process("-p", "hi", flag, bad)
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2 and flag in error and value in error
+    assert exit_info.value.code == 2 and flag in error and bad in error
 
 
 def test_ctrl_c_stops_the_reply_or_the_line_and_never_quits(in_process, capsys, monkeypatch):
