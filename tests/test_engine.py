@@ -47,11 +47,9 @@ class RuleModel(nn.Module):
     """A stand-in model that follows the KV-cache protocol and picks each next token by a rule:
     rule(absolute position of the last input token, row's input ids) -> logits (V,)."""
 
-    def __init__(self, vocab_size: int, rule):
+    def __init__(self, vocab: int, rule):
         super().__init__()
-        self.config = GPTConfig(
-            sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=2
-        )
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
         self.rule = rule
         self.weight = nn.Parameter(torch.zeros(1))
         self.batch_sizes: list[int] = []
@@ -102,15 +100,14 @@ def run_scheduler(engine, prompts, max_tokens, timeout: float = 30.0, **sampling
 
 
 @pytest.mark.parametrize(
-    "arch, prompt_lengths, max_tokens",
-    [("v1", (1, 41, 120, 127), 200), ("record", (1, 7, 45), 40)],  # v1: each to the end of the context
+    "arch, lengths, max_tokens", [("v1", (1, 41, 120, 127), 200), ("record", (1, 7, 45), 40)]
 )
-def test_kv_cached_greedy_equals_full_recompute(tokenizer, arch, prompt_lengths, max_tokens):
+def test_kv_cached_greedy_equals_full_recompute(tokenizer, arch, lengths, max_tokens):
     """Windows, smear and value embeddings under the cache (record); generation ends quietly at the
-    end of the 128-position context."""
+    end of the 128-position context (v1: every prompt generates up to it)."""
     model = make_model(tokenizer, arch)
     engine = Engine(model, tokenizer)
-    for prompt_len in prompt_lengths:
+    for prompt_len in lengths:
         prompt = [(31 * i + 7) % 256 for i in range(prompt_len)]
         n = min(max_tokens, 128 - prompt_len)
         results, masks = engine.generate_batch(prompt, keep_stop=True, max_tokens=max_tokens, temperature=0.0)
