@@ -147,9 +147,7 @@ SCRIPTS = [["answer 0", "nope"], ["nope", "answer 1"], ["answer 3", "answer 3"],
 
 
 @pytest.mark.parametrize("num_samples, accuracy", [(1, 2 / 4), (2, 3 / 4)])
-def test_generative_counts_a_problem_solved_when_any_sample_is_right(
-    tokenizer, monkeypatch, num_samples, accuracy
-):
+def test_a_problem_counts_as_solved_when_any_sample_is_right(tokenizer, monkeypatch, num_samples, accuracy):
     schedulers = []
 
     def engine(model, tokenizer, max_batch, compile):
