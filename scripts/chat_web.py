@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import socket
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -556,6 +557,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
+    # the event loop and the decode threads share the GIL: a waiting thread gets it after 0.5 ms, not
+    # Python's 5 (8 streaming clients on 2 cores: ~15% more tokens/s, bench/infer.py)
+    sys.setswitchinterval(5e-4)
     if args.api_key is not None and not args.api_key.strip():  # an unset variable, say
         raise UserError("--api-key is empty: give the key, or leave the flag out")
     check_listen(args.host, args.port)
