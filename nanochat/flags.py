@@ -17,12 +17,8 @@ def usable_device(name: str) -> str:
     """--device-type's type: a device this machine lacks is refused by argparse, naming the flag."""
     import torch  # here, not at the top: argparse calls a type only for a value given, never for --help
 
-    if (
-        name == "cuda"
-        and not torch.cuda.is_available()
-        or name == "mps"
-        and not torch.backends.mps.is_available()
-    ):
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}
+    if name in available and not available[name]():
         raise argparse.ArgumentTypeError(f"{name}: torch sees no usable {name} device here (try cpu)")
     return name
 
