@@ -109,9 +109,9 @@ class ChatServer:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
             time.sleep(0.2)
-        log = self.log_text()
+        log, exited = self.log_text(), self.proc.poll()  # exited None: still starting after 90 s
         self.stop()
-        raise RuntimeError(f"chat_web did not come up in 90 s (exit status {self.proc.returncode}):\n{log}")
+        raise RuntimeError(f"chat_web never answered /health (exit status {exited}):\n{log}")
 
     def log_text(self) -> str:
         self.log.flush()
