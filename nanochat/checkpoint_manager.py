@@ -74,6 +74,9 @@ def resolve_tag(source: str, model_tag: str | None) -> str:
         return max(tags, key=lambda t: (int(t[1:]) if re.fullmatch(r"d\d+", t) else -1, t))
     if model_tag not in tags:
         what = f"tagged {model_tag!r} " if model_tag else ""
+        demo = Path.home() / ".cache" / "nanochat-cpu"  # runs/runcpu.sh's default, apart from GPU runs'
+        if "NANOCHAT_BASE_DIR" not in os.environ and (demo / STAGE_DIRS[source]).is_dir():
+            what += f"(the CPU demo's are in {demo}: run with NANOCHAT_BASE_DIR={demo}) "
         raise CheckpointError(
             f"no {source} checkpoint {what}in {root} (tags: {', '.join(sorted(tags)) or 'none'}): "
             "train that stage first, or pick another tag with -g/--model-tag"

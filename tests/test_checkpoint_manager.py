@@ -101,7 +101,7 @@ def test_load_model_round_trips_without_random_init_or_optimizer_shard(tiny, mon
     assert not cm.load_model("sft", "cpu", mode="eval", model_tag="d1")[0].training
 
 
-def test_a_missing_tag_or_step_names_what_exists_and_the_flag(tiny):
+def test_a_missing_tag_or_step_names_what_exists_and_the_flag(tiny, tmp_path, monkeypatch):
     model, optimizers, meta = tiny
     for tag in ("d2", "d10", "custom"):
         cm.save_checkpoint(cm.checkpoint_dir("mid", tag), 5, model, None, meta)
@@ -113,6 +113,11 @@ def test_a_missing_tag_or_step_names_what_exists_and_the_flag(tiny):
         assert named in str(e.value) and "--model-tag" in str(e.value)
     with pytest.raises(cm.CheckpointError, match=r"\[5\].*--step"):
         cm.load_model("mid", "cpu", mode="eval", model_tag="d2", step=7)
+    monkeypatch.delenv("NANOCHAT_BASE_DIR")  # the default base dir, with the CPU demo's beside it
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".cache" / "nanochat-cpu" / "chatsft_checkpoints").mkdir(parents=True)
+    with pytest.raises(cm.CheckpointError, match=r"NANOCHAT_BASE_DIR=\S*nanochat-cpu"):
+        cm.resolve_tag("sft", None)
 
 
 def test_damaged_file_is_named_with_the_newest_intact_step_and_nothing_is_unpickled(tiny, tmp_path):

@@ -202,8 +202,7 @@ def test_runcpu_short_runs_every_stage_offline_and_fills_the_report(tmp_path):
     out = subprocess.run(
         ["bash", str(REPO / "runs/runcpu.sh")], env=env, cwd=cwd, capture_output=True, text=True, timeout=900
     )
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     stages = [stage_name(line[2:]) for line in out.stdout.splitlines() if line.startswith("+ python")]
     expected = RUNCPU_ORDER if has_bundle else [s for s in RUNCPU_ORDER if s != "scripts.base_eval"]
     assert stages == expected
