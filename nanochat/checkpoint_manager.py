@@ -1,8 +1,6 @@
-"""
-Checkpoints: save, load and resume. A step of `<base>/<stage dir>/<tag>/` is `model_{step:06d}.pt`,
+"""Checkpoints: save, load and resume. A step of `<base>/<stage dir>/<tag>/` is `model_{step:06d}.pt`,
 one `optim_{step:06d}_rank{r}.pt` per rank (optimizer shard + RNG) and `meta_{step:06d}.json`, written
-last: a step exists once its meta does. Nothing is unpickled: every `.pt` loads with `weights_only=True`.
-"""
+last: a step exists once its meta does. Nothing is unpickled: every `.pt` loads with `weights_only=True`."""
 
 from __future__ import annotations
 
@@ -57,13 +55,10 @@ def checkpoint_dir(source: str, model_tag: str) -> Path:
 
 def saved_steps(directory: str | Path) -> list[int]:
     """Steps with a complete checkpoint (meta and model file present), ascending."""
-    directory = Path(directory)
-    steps = []
-    for path in directory.glob("meta_*.json"):
-        match = re.fullmatch(r"meta_(\d{6,})\.json", path.name)
-        if match and _paths(directory, int(match.group(1)))[0].exists():
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+    matches = (
+        re.fullmatch(r"meta_(\d{6,})\.json", path.name) for path in Path(directory).glob("meta_*.json")
+    )
+    return sorted(int(m[1]) for m in matches if m and _paths(Path(directory), int(m[1]))[0].exists())
 
 
 def resolve_tag(source: str, model_tag: str | None) -> str:
@@ -84,35 +79,20 @@ def resolve_tag(source: str, model_tag: str | None) -> str:
     return model_tag
 
 
-_STEP_FILE = re.compile(r"meta_(\d{6,})\.json|model_(\d{6,})\.pt|optim_(\d{6,})_rank\d+\.pt")
+_RUN_FILE = re.compile(r"log\.jsonl|meta_\d{6,}\.json|model_(\d{6,})\.pt|optim_(\d{6,})_rank\d+\.pt")
 _TEMP_SUFFIX = re.compile(r"\.tmp\.\d+\.[0-9a-f]+$")  # atomic_path's temp files
 
 
 def _run_file(path: Path) -> bool:
     """Whether `path`, in a checkpoint folder, is a file a run writes (or a temp file of one)."""
-    if not path.is_file() or path.is_symlink():
-        return False
     name = _TEMP_SUFFIX.sub("", path.name)
-    if name == "log.jsonl":
-        return True
-    match = _STEP_FILE.fullmatch(name)
-    if match is None:
+    match = _RUN_FILE.fullmatch(name)
+    if match is None or not path.is_file() or path.is_symlink():
         return False
-    step = int(next(g for g in match.groups() if g is not None))
     # a model or optimizer file is the run's once its meta exists, or in a marked folder (a killed save's)
-    if name != path.name or name.startswith("meta_") or (path.parent / common.MARKER).exists():
+    if name != path.name or not (match[1] or match[2]) or (path.parent / common.MARKER).exists():
         return True
-    return _paths(path.parent, step)[1].exists()
-
-
-def delete_step(directory: str | Path, step: int) -> None:
-    """Remove one saved step; every rank calls it."""
-    _, rank, _, _ = get_dist_info()
-    model_path, meta_path, optim_path = _paths(Path(directory), step, rank)
-    if rank == 0:
-        meta_path.unlink(missing_ok=True)  # first: the step stops existing at once
-        model_path.unlink(missing_ok=True)
-    optim_path.unlink(missing_ok=True)
+    return _paths(path.parent, int(match[1] or match[2]))[1].exists()
 
 
 # -----------------------------------------------------------------------------
@@ -136,12 +116,12 @@ def save_checkpoint(
         for stale in directory.glob("*.tmp.*"):  # a save that was killed half-way
             stale.unlink()
     _barrier()
-    files = []
+    sums = {}  # each file read back: what the load will check
     if rank == 0:
         # without torch.compile's prefix: a compiled and an eager model load the same file
         state = {k.removeprefix("_orig_mod."): v for k, v in model.state_dict().items()}
         common.save_tensors(state, model_path)
-        files.append(model_path)
+        sums[model_path.name] = common.checksums(model_path)
     if optimizers is not None:
         device = next(model.parameters()).device
         rng = {"cpu": torch.get_rng_state()}
@@ -149,8 +129,7 @@ def save_checkpoint(
             rng["cuda"] = torch.cuda.get_rng_state(device)
         shard = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}
         common.save_tensors(shard, optim_path)
-        files.append(optim_path)
-    sums = {path.name: common.checksums(path) for path in files}  # read back: what the load will check
+        sums[optim_path.name] = common.checksums(optim_path)
     gathered = [(sums, loader_state)]
     # after the writes: every shard is on disk before the meta marks the step complete
     if common.is_distributed():
@@ -310,15 +289,11 @@ def start_run(
     verify: bool = True,
 ) -> tuple[int, dict[str, Any]]:
     """(start step, resumed meta or {}); resuming restores weights, optimizers, RNG. Every rank calls it."""
-    rank = get_dist_info()[1]
-    problem = resumed = None
-    try:
+    rank, resumed = get_dist_info()[1], None
+    with common.raise_together(error=CheckpointError):  # before any barrier: no rank waits for a failed one
         if rank == 0:  # a second run into the tag is refused, naming the holder
             common.hold_lock(directory, "the checkpoint folder")
         resumed = _check_run(directory, resume, overwrite, model, user_config, same_flags, verify)
-    except UserError as e:
-        problem = str(e)
-    common.raise_together(problem, CheckpointError)  # before any barrier: no rank waits for one that failed
     if resumed is None:
         _barrier()  # every rank has looked before rank 0 deletes
         if rank == 0 and overwrite:
@@ -391,12 +366,14 @@ class RunSaver:
         self.last_save = time.monotonic()
         self.clock_saves: list[int] = []
         self.stopping = self.by_clock = False
-        common.catch_stop_signals()
+        self.signals = common.catch_stop_signals()  # the stop signals caught, in order
 
     def due(self, step: int, last_step: bool) -> bool:
         """Whether this step is saved (the same answer on every rank)."""
         clock = self.seconds > 0 and time.monotonic() - self.last_save >= self.seconds
-        self.stopping, clock = common.any_rank(common.stop_signal() is not None, clock)
+        # OR-ed over every rank in one all_reduce (NCCL reduces on this rank's GPU)
+        device = "cuda" if common.is_distributed() and dist.get_backend() == "nccl" else "cpu"
+        self.stopping, clock = (n > 0 for n in common.all_reduce_sum([bool(self.signals), clock], device))
         by_steps = self.save_every > 0 and step > self.start_step and step % self.save_every == 0
         self.by_clock = clock and not (last_step or by_steps)
         if self.stopping and step == self.start_step and step in saved_steps(self.directory):
@@ -411,21 +388,26 @@ class RunSaver:
             self.stop(step)
         if self.by_clock:
             self.clock_saves.append(step)
+            rank = get_dist_info()[1]
             for old in self.clock_saves[:-KEEP_CLOCK_SAVES]:
-                delete_step(self.directory, old)
+                model_path, meta_path, optim_path = _paths(self.directory, old, rank)
+                if rank == 0:
+                    meta_path.unlink(missing_ok=True)  # first: the step stops existing at once
+                    model_path.unlink(missing_ok=True)
+                optim_path.unlink(missing_ok=True)
             self.clock_saves = self.clock_saves[-KEEP_CLOCK_SAVES:]
 
     def stop(self, step: int) -> None:
         """Exit 0 on every rank after a stop signal, saying the step saved and the command that resumes."""
         common.print0(
-            f"stopped by {common.stop_signal() or 'a signal to another rank'} at step {step}, saved in "
+            f"stopped by {(self.signals or ['a signal to another rank'])[0]} at step {step}, saved in "
             f"{self.directory}; resume with: {common.resume_command()}",
             flush=True,
         )
         common.compute_cleanup()
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and wandb.run is not None:
+        if (wandb := sys.modules.get("wandb")) is not None and wandb.run is not None:
             wandb.finish()
+
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

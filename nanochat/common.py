@@ -1,8 +1,6 @@
-"""
-Thin helpers shared by every stage: paths, ranks, logging, safe writes and deletes, locks, downloads,
+"""Thin helpers shared by every stage: paths, ranks, logging, safe writes and deletes, locks, downloads,
 compute, stopping and the one exit path for user errors. No torch import at module load, so the data
-tools stay light; ranks come from torchrun's environment variables.
-"""
+tools stay light; ranks come from torchrun's environment variables."""
 
 from __future__ import annotations
 
@@ -112,16 +110,6 @@ def setup_logging(level: int = logging.INFO) -> None:
 # Safe writes and locks
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (some file systems cannot: then nothing)."""
-    with suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path next to `path`; on success fsync it and rename it onto `path`, on error delete it."""
@@ -132,10 +120,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    with suppress(OSError):  # the rename made durable (some file systems cannot fsync a folder)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_tensors(obj: Any, path: str | os.PathLike) -> None:
@@ -227,9 +220,8 @@ def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> st
     if not folder.is_dir():
         return None
     names = sorted(p.name for p in folder.iterdir() if p.name != MARKER and not ours(p))
-    if not names:
-        return None
-    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(names[:5]) + more if names else None
 
 
 def check_removable(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None:
@@ -255,10 +247,8 @@ def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None
     """Delete what `ours` recognises in `folder`, and the folder if marked; `check_removable` first."""
     folder = Path(folder)
     check_removable(folder, ours)
-    if not folder.exists():
-        return
     marked = (folder / MARKER).exists()
-    for path in folder.iterdir():
+    for path in folder.iterdir() if folder.exists() else []:
         path.unlink()  # `ours` recognises files only (and the marker)
     if marked:
         folder.rmdir()
@@ -297,14 +287,12 @@ def _fetch_once(
     request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
     # the timeout applies to every socket read
     with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as f:
-        headers = response.headers
-        expected = int(headers["Content-Length"]) if "Content-Length" in headers else None
+        expected = int(response.headers["Content-Length"]) if "Content-Length" in response.headers else None
         with progress_bar(expected, bar_desc, "B", unit_scale=True, disable=bar_desc is None) as bar:
             while chunk := response.read(CHUNK_SIZE):
                 bar.update(f.write(chunk))
-        received = f.tell()
-    if expected is not None and received != expected:
-        raise OSError(f"body cut short: got {received} of {expected} bytes")
+        if expected is not None and f.tell() != expected:
+            raise OSError(f"body cut short: got {f.tell()} of {expected} bytes")
     if validate is not None and validate(tmp) is False:
         raise ValueError("downloaded file failed validation")
 
@@ -322,8 +310,7 @@ def download_file(
     """Download `url` to `path` (never a partial file) unless it passes `validate` (False or raising fails);
     `1 + retries` attempts with exponential `backoff`. RuntimeError names the url."""
     path = Path(path)
-    stale = list(path.parent.glob(f"{path.name}.tmp.*"))  # leftovers of a crashed run
-    if not stale and _passes(path, validate):
+    if not list(path.parent.glob(f"{path.name}.tmp.*")) and _passes(path, validate):  # temps: a crashed run's
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(path):  # temps of this path are only written under this lock, so any we see are stale
@@ -382,11 +369,7 @@ def autodetect_device_type() -> str:
     """'cuda' if a GPU is usable, else 'mps' (Apple), else 'cpu'."""
     import torch
 
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def compute_init(device_type: str | None = None, seed: int = 42):
@@ -413,8 +396,7 @@ def compute_init(device_type: str | None = None, seed: int = 42):
         kwargs = {"device_id": device} if device_type == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
         dist.barrier()
-    if rank == 0:
-        logger.info("compute: %s, world size %d", device, world_size)
+    logger.info("compute: %s, world size %d", device, world_size)  # setup_logging keeps other ranks quiet
     return is_ddp, rank, local_rank, world_size, device
 
 
@@ -464,40 +446,25 @@ def compiled(model, device) -> Any:
     return torch.compile(model, dynamic=False)
 
 
-def any_rank(*flags: bool) -> list[bool]:
-    """Each flag OR-ed over every rank, in one all_reduce (the flags themselves without a process group)."""
-    import torch.distributed as dist
-
-    device = "cuda" if is_distributed() and dist.get_backend() == "nccl" else "cpu"  # NCCL: this rank's GPU
-    return [total > 0 for total in all_reduce_sum([float(f) for f in flags], device)]
-
-
 # -----------------------------------------------------------------------------
 # Stopping: signals and setup failures
 
 
-_stop_signal: str | None = None  # the name of the first stop signal caught
-
-
-def catch_stop_signals() -> None:
-    """From now on a first SIGTERM/SIGINT only sets `stop_signal()`; a second one exits at once."""
+def catch_stop_signals() -> list[str]:
+    """From now on a first SIGTERM/SIGINT only joins the list returned ("SIGTERM"); a second exits at once."""
+    caught: list[str] = []
 
     def on_signal(signum: int, frame: Any) -> None:
-        global _stop_signal
         name = signal.Signals(signum).name
-        if _stop_signal is not None:
+        if caught:
             os.write(2, f"{name} again: exiting now, without saving\n".encode())
             os._exit(128 + signum)  # no cleanup: the user asked twice; the last checkpoint is intact
-        _stop_signal = name
+        caught.append(name)
         os.write(2, f"{name}: finishing this step, then saving (send it again to exit at once)\n".encode())
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)
-
-
-def stop_signal() -> str | None:
-    """The name of the stop signal this process caught ("SIGTERM", "SIGINT"), or None."""
-    return _stop_signal
+    return caught
 
 
 def resume_command() -> str:
@@ -533,9 +500,15 @@ def exit_on_user_error(script: str, hint: str = "", errors: tuple = (UserError,)
         sys.exit(1)
 
 
-def raise_together(problem: str | None, error: type[UserError] = UserError) -> None:
-    """Every rank calls it with its problem or None, before any other collective: if any rank has one,
-    every rank raises `error` with the first one's message."""
+@contextmanager
+def raise_together(errors: tuple = (UserError,), error: type[UserError] = UserError) -> Iterator[None]:
+    """For setup one rank may fail alone; every rank enters it, no collective inside: if any rank raises one
+    of `errors`, every rank raises `error` with the first one's message."""
+    problem = None
+    try:
+        yield
+    except errors as e:
+        problem = str(e)
     problems = [problem]
     if is_distributed():
         import torch.distributed as dist
@@ -549,15 +522,9 @@ def raise_together(problem: str | None, error: type[UserError] = UserError) -> N
 
 @contextmanager
 def exit_together(script: str, hint: str = "", errors: tuple = (UserError,)) -> Iterator[None]:
-    """`exit_on_user_error` for setup one rank may fail alone: if any rank fails, all exit 1 together.
-    Every rank must enter it; no collective may run inside it."""
-    problem = None
-    try:
+    """`exit_on_user_error` around `raise_together`: if any rank fails, all exit 1 together."""
+    with exit_on_user_error(script, hint), raise_together(errors):
         yield
-    except errors as e:
-        problem = str(e).rstrip(".") + hint if hint else str(e)
-    with exit_on_user_error(script):
-        raise_together(problem)
 
 
 def check_wandb_login(run_name: str) -> None:
@@ -580,10 +547,8 @@ def compute_dtype(device) -> Any:
     """The dtype matmuls run in: bf16 on CUDA GPUs that run it natively (SM80+), fp32 elsewhere."""
     import torch
 
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
+    native = torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native else torch.float32
 
 
 def autocast(device) -> Any:
@@ -598,12 +563,9 @@ def get_peak_flops(device) -> float | None:
     """Peak dense bf16 FLOP/s of a CUDA device, or None when unknown (CPU, MPS, unlisted GPU)."""
     import torch
 
-    device = torch.device(device)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, flops in PEAK_BF16_FLOPS:
-        if key in name:
-            return flops
-    logger.warning("unknown GPU %r: MFU will not be reported", name)
-    return None
+    if (flops := next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)) is None:
+        logger.warning("unknown GPU %r: MFU will not be reported", name)
+    return flops

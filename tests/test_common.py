@@ -266,7 +266,6 @@ def test_autocast_is_off_on_cpu_and_follows_compute_dtype(monkeypatch):
 
 def test_collectives_are_identities_on_one_process():
     assert common.all_reduce_sum([1.5, 2.0], "cpu") == [1.5, 2.0]
-    assert common.any_rank(True, False) == [True, False]
 
 
 def test_exit_on_user_error_is_one_line_naming_the_script_and_exits_1(capsys):
