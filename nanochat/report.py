@@ -166,13 +166,12 @@ def done(section: str, report_dir: str | Path | None = None) -> bool:
 
 
 def _git(*args: str) -> str | None:
-    try:
+    with suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(
             ["git", *args], cwd=REPO_DIR, capture_output=True, text=True, timeout=30, check=True
         )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
+        return out.stdout.strip()
+    return None
 
 
 def code_size() -> dict[str, int]:
@@ -315,22 +314,15 @@ def read_log(path: str | Path) -> list[dict]:
 def summary_rows(sections: dict[str, dict]) -> list[list[str]]:
     """The summary table (header row first; `-` missing, `*` partial) from the sections' data."""
     stages = [stage for stage, (folder, _, _) in STAGES.items() if folder]
-    columns: dict[str, dict[str, str]] = {stage: {} for stage in stages}
+    chat = {stage: sections.get(f"Chat evaluation {stage}", {}).get("data", {}) for stage in stages}
+    cells = {(stage, name): format_value(value) for stage in stages for name, value in chat[stage].items()}
     base = sections.get("Base model evaluation", {}).get("data", {})
     if "CORE" in base:  # partial: some CORE task files were missing
-        columns["base"]["CORE"] = format_value(base["CORE"]) + ("*" if base.get("partial") else "")
-    for stage in stages:
-        data = sections.get(f"Chat evaluation {stage}", {}).get("data", {})
-        for name in (*CHAT_ROWS, *OFFLINE_ROWS, "ChatCORE"):
-            if name in data:
-                columns[stage][name] = format_value(data[name])
-    offline = [name for name in OFFLINE_ROWS if any(name in column for column in columns.values())]
-    rows = [["Metric", *(stage.upper() for stage in stages)]]
-    rows += [
-        [name, *(columns[s].get(name, "-") for s in stages)]
-        for name in ("CORE", *CHAT_ROWS, "ChatCORE", *offline)
-    ]
-    return rows
+        cells["base", "CORE"] = format_value(base["CORE"]) + ("*" if base.get("partial") else "")
+    offline = [name for name in OFFLINE_ROWS if any((stage, name) in cells for stage in stages)]
+    names = ("CORE", *CHAT_ROWS, "ChatCORE", *offline)
+    header = ["Metric", *(stage.upper() for stage in stages)]
+    return [header, *([name, *(cells.get((s, name), "-") for s in stages)] for name in names)]
 
 
 def lineage_warnings(sections: dict[str, dict]) -> list[str]:
@@ -364,8 +356,8 @@ def make_plots(base_dir: Path, figures_dir: Path) -> list[tuple[str, Path]]:
     """Draw each stage's training curves from its newest log into `figures_dir`: [(title, png path)]."""
     made = []
     for stage, (folder, titles, panels) in STAGES.items():
-        logs = list((base_dir / folder).glob("*/log.jsonl")) if folder else []
-        log = max(logs, key=lambda p: p.stat().st_mtime) if logs else None  # the tag trained last
+        logs = (base_dir / folder).glob("*/log.jsonl") if folder else []
+        log = max(logs, key=lambda p: p.stat().st_mtime, default=None)  # the tag trained last
         series = curves(read_log(log), panels) if log else []
         if not series:
             continue
@@ -397,41 +389,36 @@ def generate(copy_to: str | Path = ".") -> Path:
     if copy.is_file() and not copy.read_text(encoding="utf-8", errors="replace").startswith(TITLE):
         raise common.UserError(f"{copy} is not a nanochat report: move it away, or pick another --output-dir")
     report_dir.mkdir(parents=True, exist_ok=True)
-    now = datetime.now()
-    sections = read_sections(report_dir)
+    now, sections = datetime.now(), read_sections(report_dir)
 
     def markdown(title: str) -> str:
         return (report_dir / f"{slugify(title)}.md").read_text(encoding="utf-8").strip("\n")
 
     summary: dict[str, Any] = {"generated": now.strftime(TIME_FORMAT)}
-    head = "(no environment: `python -m nanochat.report reset` was not run)"
     summary["total wall-clock time"] = "unknown (no start time: run `python -m nanochat.report reset` first)"
+    blocks = [TITLE, "(no environment: `python -m nanochat.report reset` was not run)"]
     if (env := sections.get(ENVIRONMENT)) is not None:
-        head = markdown(ENVIRONMENT)
+        blocks[1] = markdown(ENVIRONMENT)
         elapsed = (now - datetime.strptime(env["timestamp"], TIME_FORMAT)).total_seconds()
         summary["run started"] = env["timestamp"]
         summary["total wall-clock time"] = format_duration(elapsed)
         if (rate := env["data"]["hourly cost estimate ($/h)"]) > 0:
             summary["estimated cost ($)"] = round(rate * elapsed / 3600, 2)
     rows = summary_rows(sections)
-    summary_block = "## Summary\n\n" + markdown_table(rows) + "\n\n"
+    blocks += ["## Summary", markdown_table(rows)]
     if any(cell.endswith("*") for row in rows for cell in row):
-        summary_block += (
-            "\\* partial: CORE over the CORE tasks whose data was present (see the sections below).\n\n"
-        )
+        blocks += ["\\* partial: CORE over the CORE tasks whose data was present (see the sections below)."]
     if lineage := lineage_warnings(sections):
         print("report: mixed lineage, " + "; ".join(lineage))
-        lines = "".join(f"- {line}\n" for line in lineage)
-        summary_block += f"**Mixed lineage** (sections from different runs; rerun the older ones):\n{lines}\n"
-    summary_block += format_item(summary)
-
+        lines = "".join(f"\n- {line}" for line in lineage)
+        blocks += [f"**Mixed lineage** (sections from different runs; rerun the older ones):{lines}"]
+    blocks.append(format_item(summary))
     plots = make_plots(base_dir, report_dir / FIGURES_DIR)
     images = [f"![{title}]({FIGURES_DIR}/{png.name})" for title, png in plots]
-    curves_block = ["## Training curves\n\n" + "\n\n".join(images)] if plots else []
+    blocks += ["## Training curves", *images] if plots else []
     ordered = [title for _, titles, _ in STAGES.values() for title in titles if title in sections]
     extra = sorted(set(sections) - {ENVIRONMENT, *ordered}, key=lambda t: (sections[t]["timestamp"], t))
-    body = [markdown(t) for t in ordered + extra]
-    text = "\n\n".join([TITLE, head, summary_block, *curves_block, *body]) + "\n"
+    text = "\n\n".join(blocks + [markdown(t) for t in ordered + extra]) + "\n"
 
     path = report_dir / REPORT_FILE
     write_atomically(path, text)
