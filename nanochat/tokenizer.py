@@ -136,10 +136,7 @@ class Tokenizer:
         directory = Path(directory)
         ranks_path, meta_path = directory / RANKS_FILE, directory / META_FILE
         if not ranks_path.exists() and (directory / OLD_PICKLE).exists():
-            raise TokenizerError(
-                f"{directory / OLD_PICKLE} is a pickled tokenizer of an older version, never loaded "
-                f"(unpickling can run code); {RETRAIN}"
-            )
+            raise TokenizerError(f"{directory / OLD_PICKLE} is an old pickle, never loaded; {RETRAIN}")
         for path in (ranks_path, meta_path):
             if not path.exists():  # the meta is written last: without it, a save was interrupted
                 raise TokenizerError(f"no tokenizer at {path} ({RETRAIN})")
@@ -200,15 +197,12 @@ class Tokenizer:
             lengths[rank] = len(token)  # from the bytes, not decode->str: a token may split a code point
         return torch.tensor(lengths, dtype=torch.int32)
 
-    def encode(
-        self, text: str | list[str], prepend: int | None = None, append: int | None = None, num_threads=8
-    ) -> list[int] | list[list[int]]:
-        """Ids of a text (or of each of a list) between `prepend` and `append`; "<|bos|>" text is text."""
-        prefix, suffix = ([] if i is None else [i] for i in (prepend, append))
+    def encode(self, text: str | list[str], prepend: int | None = None, num_threads=8) -> list | list[list]:
+        """Ids of a text (or of each of a list) after `prepend`; "<|bos|>" in the text is text."""
+        prefix = [] if prepend is None else [prepend]
         if isinstance(text, str):
-            return prefix + self.enc.encode_ordinary(text) + suffix
-        batch = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-        return [prefix + ids + suffix for ids in batch]
+            return prefix + self.enc.encode_ordinary(text)
+        return [prefix + ids for ids in self.enc.encode_ordinary_batch(text, num_threads=num_threads)]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of a sequence of ids; invalid UTF-8 becomes U+FFFD."""
@@ -216,8 +210,7 @@ class Tokenizer:
 
     def render_conversation(self, conversation, max_tokens: int | None = 2048) -> tuple[list[int], list[int]]:
         """(ids, mask) of a validated conversation, cut to max_tokens; mask 1 where the assistant writes."""
-        ids: list[int] = []
-        mask: list[int] = []
+        ids, mask = [], []
 
         def add(new_ids: list[int], m: int) -> None:
             ids.extend(new_ids)

@@ -68,12 +68,10 @@ def test_text_spelling_a_special_token_encodes_as_ordinary_tokens(tok, name):
         assert tok.decode(ids) == text
 
 
-def test_encode_a_list_as_each_text_with_prepend_and_append_ids_or_special_names(tok):
+def test_encode_a_list_as_each_text_with_a_prepended_id(tok):
     texts = SAMPLE_TEXTS + ["", "x"]
     assert tok.encode(texts) == tok.encode(texts, num_threads=2) == [tok.encode(t) for t in texts]
-    bos, end = tok.encode_special("<|bos|>"), tok.encode_special("<|assistant_end|>")
-    body = tok.encode("hi there")
-    assert tok.encode("hi there", prepend=bos, append=end) == [bos] + body + [end]
+    bos, body = tok.encode_special("<|bos|>"), tok.encode("hi there")
     assert tok.encode("hi there", prepend=bos) == [bos] + body
     assert tok.encode(["hi there", ""], prepend=bos) == [[bos] + body, [bos]]
 
