@@ -1,7 +1,5 @@
 """Export a checkpoint as a Hugging Face `transformers` model folder.
 
-python -m scripts.export_hf -i sft [-g TAG] [-s STEP] --out DIR
-
 The model is transformers' built-in NanoChat, whose architecture matches ours exactly; where ours goes
 beyond it (q/k scale, the record's parts) the folder ships nanochat/hf_model.py (`auto_map`).
 """
@@ -106,12 +104,9 @@ def build_hf_tokenizer(tokenizer: Tokenizer) -> HFTokenizer:
     merges = [(left, right) for _, _, left, right in splits]
     # ignore_merges: like tiktoken, a whole pre-tokenized chunk that is a token is taken as is
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
-    hf.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    split = pre_tokenizers.Split(Regex(tokenizer.pattern), behavior="isolated")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
     hf.decoder = decoders.ByteLevel()
     # special tokens take the next ids in order, which are ours unless our ids have gaps
     specials = tokenizer.special_tokens
@@ -284,8 +279,7 @@ def export(model, tokenizer: Tokenizer, meta: dict, source: str, out: Path, over
         for name, data in files.items():
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         build_hf_tokenizer(tokenizer).save(str(tmp / "tokenizer.json"))
-        card = model_card(config, meta, source, model.num_params())
-        (tmp / "README.md").write_text(card, encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(config, meta, source, model.num_params()), encoding="utf-8")
         (tmp / MARKER).write_text("written by nanochat's export_hf: --overwrite may replace this folder\n")
         # readable as any file the user writes (not mkdtemp's 0700, safetensors' 0600): a serving
         # container's user must read the export
