@@ -1,9 +1,7 @@
 """ARC (AI2 Reasoning Challenge): grade-school science questions with 3-5 choices, categorical.
 Local files: `$NANOCHAT_TASK_DATA/arc/ARC-{Easy,Challenge}-{train,validation,test}.jsonl`."""
 
-from __future__ import annotations
-
-from tasks.common import LETTERS, Task, load_task_rows, render_mc
+from tasks.common import LETTERS, Task, load_task_rows, qa_messages, render_mc
 
 
 class ARC(Task):
@@ -26,8 +24,6 @@ class ARC(Task):
                 f"ARC row {row.get('id', index)}: answerKey {row['answerKey']!r} not in labels {labels}"
             )
         letters = list(LETTERS[: len(choices)])  # by position: a few ARC rows label their choices "1".."4"
-        messages = [
-            {"role": "user", "content": render_mc(row["question"], letters, choices)},
-            {"role": "assistant", "content": letters[labels.index(row["answerKey"])]},
-        ]
+        answer = letters[labels.index(row["answerKey"])]
+        messages = qa_messages(render_mc(row["question"], letters, choices), answer)
         return {"messages": messages, "letters": letters}

@@ -2,8 +2,6 @@
 (a folder per task of JSONL files) when set, else the Hugging Face hub, never one silently instead of
 the other. Missing or damaged data is one of TASK_DATA_ERRORS, naming the file and the fix."""
 
-from __future__ import annotations
-
 import glob
 import gzip
 import json
@@ -122,6 +120,11 @@ def numbers_equal(a: str | None, b: str | None) -> bool:
         return Decimal(a) == Decimal(b)
     except InvalidOperation:
         return a.strip() == b.strip()
+
+
+def qa_messages(question: object, answer: object) -> list[dict]:
+    """A user question and the assistant's answer (a string or a list of parts)."""
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
 def last_assistant_text(conversation: dict) -> str:

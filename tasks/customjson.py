@@ -1,8 +1,6 @@
 """CustomJSON: your own conversations from a .jsonl file (e.g. the identity conversations), one per
 line: a JSON list of `{"role", "content"}` messages or an object `{"messages": [...]}`."""
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 

@@ -1,11 +1,9 @@
 """GSM8K: grade-school math word problems, solved step by step with the calculator tool; graded on
 the number after the first `#### `. Local files: `$NANOCHAT_TASK_DATA/gsm8k/{train,test}.jsonl`."""
 
-from __future__ import annotations
-
 import re
 
-from tasks.common import Task, extract_hash_answer, load_task_rows, numbers_equal
+from tasks.common import Task, extract_hash_answer, load_task_rows, numbers_equal, qa_messages
 
 _CALC = re.compile(r"<<([^<>]*)>>")
 
@@ -35,10 +33,7 @@ class GSM8K(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        messages = [
-            {"role": "user", "content": row["question"]},
-            {"role": "assistant", "content": answer_to_parts(row["answer"])},
-        ]
+        messages = qa_messages(row["question"], answer_to_parts(row["answer"]))
         return {"messages": messages, "answer": extract_hash_answer(row["answer"])}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:

@@ -1,12 +1,10 @@
 """HumanEval: 164 Python functions to complete, graded by running their unit tests in the sandbox
 (nanochat/execution.py). Local file: `$NANOCHAT_TASK_DATA/humaneval/HumanEval.jsonl.gz`."""
 
-from __future__ import annotations
-
 import re
 
 from nanochat.execution import execute_code
-from tasks.common import Task, load_task_rows
+from tasks.common import Task, load_task_rows, qa_messages
 
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|$)", re.DOTALL)
 
@@ -34,10 +32,7 @@ class HumanEval(Task):
 
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
-        messages = [
-            {"role": "user", "content": row["prompt"]},
-            {"role": "assistant", "content": row["prompt"] + row["canonical_solution"]},
-        ]
+        messages = qa_messages(row["prompt"], row["prompt"] + row["canonical_solution"])
         return {"messages": messages, "entry_point": row["entry_point"], "test": row["test"]}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:

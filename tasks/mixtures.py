@@ -1,7 +1,5 @@
 """The task lists mid_train and chat_sft share: the identity conversations and the --offline recipe."""
 
-from __future__ import annotations
-
 from contextlib import suppress
 
 from tasks.customjson import CustomJSON

@@ -2,9 +2,7 @@
 auxiliary training set (subset "auxiliary_train", split "train"). Local files:
 `$NANOCHAT_TASK_DATA/mmlu/mmlu_{split}.jsonl` and `mmlu/mmlu_auxiliary_train*.jsonl`."""
 
-from __future__ import annotations
-
-from tasks.common import Task, load_task_rows, render_mc
+from tasks.common import Task, load_task_rows, qa_messages, render_mc
 
 
 class MMLU(Task):
@@ -27,8 +25,6 @@ class MMLU(Task):
         row = self.rows[index]
         if isinstance(row.get("train"), dict):  # hub auxiliary_train rows: {"train": {...}}
             row = row["train"]
-        messages = [
-            {"role": "user", "content": render_mc(row["question"], self.letters, list(row["choices"]))},
-            {"role": "assistant", "content": self.letters[int(row["answer"])]},
-        ]
+        question = render_mc(row["question"], self.letters, list(row["choices"]))
+        messages = qa_messages(question, self.letters[int(row["answer"])])
         return {"messages": messages, "letters": list(self.letters), "subject": row.get("subject", "")}

@@ -1,8 +1,6 @@
 """SmolTalk: general chat conversations (HuggingFaceTB/smol-smoltalk) for midtraining and SFT.
 Local files: `$NANOCHAT_TASK_DATA/smoltalk/{train,test}.jsonl` (not part of shared/data)."""
 
-from __future__ import annotations
-
 from tasks.common import Task, load_task_rows, validate_messages
 
 

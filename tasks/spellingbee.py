@@ -2,8 +2,6 @@
 tool) and spell a word out letter by letter (SimpleSpelling). Small models see tokens, not letters;
 these tasks teach them to look inside words."""
 
-from __future__ import annotations
-
 import functools
 import os
 import re
@@ -12,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from nanochat import dataset
-from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal, task_data_dir
+from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal, qa_messages, task_data_dir
 
 SYSTEM_WORDS = Path("/usr/share/dict/words")
 _WORD = re.compile(r"^[a-z]+$")
@@ -115,7 +113,7 @@ class SpellingBee(WordTask):
             {"type": "python_output", "text": str(count)},
             {"type": "text", "text": answer},
         ]
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
+        messages = qa_messages(question, parts)
         return {"messages": messages, "answer": str(count), "word": word, "letter": letter}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
@@ -143,11 +141,7 @@ class SimpleSpelling(WordTask):
         rng = self.rng(index)
         word = rng.choice(self.words)
         question = rng.choice(_SPELL_QUESTIONS).format(W=rng.choice(_QUOTES).format(word))
-        messages = [
-            {"role": "user", "content": question},
-            {"role": "assistant", "content": f"{word}: {','.join(word)}"},
-        ]
-        return {"messages": messages, "word": word}
+        return {"messages": qa_messages(question, f"{word}: {','.join(word)}"), "word": word}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         spelled = completion.rpartition(":")[2]  # the letters after the last colon: a bare word fails

@@ -2,24 +2,16 @@
 word problems answered with the calculator tool, and Identity conversations about this model (their
 phrasings in identity.json)."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 
 from nanochat.calculator import use_calculator
-from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal
+from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal, qa_messages
 
 NAMES = "Ana Ben Chloe Dev Emma Farid Grace Hiro Ines Jonas Kemi Liam Mei Noah".split()
 ITEMS = "apples,notebooks,pencils,tickets,muffins,stickers,oranges,bottles of juice,comic books".split(",")
 THINGS = "marbles cookies cards candies stamps beads seashells coins".split()
-VEHICLES = {
-    "car": "kilometers",
-    "train": "kilometers",
-    "cyclist": "miles",
-    "bus": "miles",
-    "boat": "kilometers",
-}
+VEHICLES = dict(car="kilometers", train="kilometers", cyclist="miles", bus="miles", boat="kilometers")
 PLACES = ["garden", "room", "field", "parking lot", "playground", "kitchen floor"]
 
 
@@ -150,8 +142,7 @@ class Arithmetic(GeneratedTask):
             parts.append({"type": "python_output", "text": value})
         closing = f" {closing}" if closing else ""
         parts.append({"type": "text", "text": f"\n\nSo the answer is {value}{closing}.\n\n#### {value}"})
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
-        return {"messages": messages, "answer": value}
+        return {"messages": qa_messages(question, parts), "answer": value}
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
         return numbers_equal(extract_hash_answer(completion), conversation["answer"])
@@ -165,8 +156,7 @@ IDENTITY = json.loads(Path(__file__).with_name("identity.json").read_text(encodi
 
 def exchange(rng, phrasings: dict) -> list[dict]:
     """One user question and the assistant's answer, each drawn from its phrasings."""
-    question, answer = rng.choice(phrasings["user"]), rng.choice(phrasings["assistant"])
-    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return qa_messages(rng.choice(phrasings["user"]), rng.choice(phrasings["assistant"]))
 
 
 class Identity(GeneratedTask):
