@@ -261,22 +261,15 @@ class MetricsLog:
     """A run's per-step metrics: JSON lines in `path`, and wandb for a named run; only `master` writes."""
 
     def __init__(
-        self,
-        path: str | Path,
-        start_step: int = 0,
-        resume: bool = False,
-        run_name: str = "dummy",
-        project: str = "nanochat",
-        user_config: dict | None = None,
-        master: bool = True,
+        self, path: Path, start_step: int, resume: bool, run: str, project: str, config: dict, master: bool
     ):
         self.path, self.master, self.wandb = Path(path), master, None
         if not master:
             return
-        if run_name != "dummy":
+        if run != "dummy":
             import wandb  # optional and slow to import: only for a named run
 
-            wandb.init(project=project, name=run_name, config=user_config, resume="allow")
+            wandb.init(project=project, name=run, config=config, resume="allow")
             self.wandb = wandb
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # A resumed run keeps the steps before start_step and drops the rest, and with them a line

@@ -276,7 +276,7 @@ def test_resume_with_a_torn_last_line_keeps_the_complete_earlier_steps_and_appen
     complete = [{"step": s, "loss": 3.0 - 0.25 * s} for s in range(4)] + [{"step": 3, "val_loss": 2.1}]
     # a crash mid-append cut the last record in the middle of its JSON object
     path.write_text("".join(json.dumps(r) + "\n" for r in complete) + '{"step": 4, "loss": 1.9, "lr')
-    run_log = MetricsLog(path, 3, True)
+    run_log = MetricsLog(path, 3, True, "dummy", "nanochat", {}, True)
     run_log.log({"step": 3, "loss": 2.2})
     run_log.log({"step": 4, "loss": 2.0})
     run_log.finish()
@@ -290,9 +290,9 @@ def test_a_fresh_run_starts_an_empty_log_and_other_ranks_write_nothing(tmp_path)
     path = tmp_path / "run" / "log.jsonl"
     path.parent.mkdir()
     path.write_text('{"step": 0, "loss": 9.0}\n')
-    MetricsLog(path, 0, False).log({"step": 0, "loss": 3.0})
+    MetricsLog(path, 0, False, "dummy", "nanochat", {}, True).log({"step": 0, "loss": 3.0})
     assert read_log(path) == [{"step": 0, "loss": 3.0}]
-    other = MetricsLog(tmp_path / "other" / "log.jsonl", 5, True, master=False)
+    other = MetricsLog(tmp_path / "other" / "log.jsonl", 5, True, "dummy", "nanochat", {}, False)
     other.log({"step": 5, "loss": 1.0})
     other.finish()
     assert not (tmp_path / "other").exists()
