@@ -273,9 +273,7 @@ def validate_conversation(messages, last_role: str | None = None) -> list:
                 f"message {i} has role {message['role']!r} but {expected!r} was expected: messages "
                 "alternate user/assistant, starting with user (after an optional system message)"
             )
-        if not isinstance(message["content"], str) and not (
-            expected == "assistant" and isinstance(message["content"], list)
-        ):
+        if not isinstance(message["content"], (str, list) if expected == "assistant" else str):
             raise ValueError(f"message {i} ({expected}): content must be a string")
     if last_role is not None and messages[-1]["role"] != last_role:
         raise ValueError(f"the last message must be from the {last_role}")
