@@ -33,8 +33,7 @@ FEWSHOT_SEED = 1234
 SUBSET_SEED = 1337
 EXAMPLES_PER_CHUNK = 256  # examples prepared (tokenized) at a time before their forwards
 
-# -----------------------------------------------------------------------------
-# The eval bundle
+# -------------------------------------------------------------------------------------------- The eval bundle
 
 
 class EvalBundleError(common.UserError, FileNotFoundError):
@@ -49,19 +48,18 @@ def get_eval_bundle() -> Path:
         return folder
     if env:
         raise EvalBundleError(f"NANOCHAT_EVAL_BUNDLE={env} is not an eval bundle: no {folder / 'core.yaml'}")
-    base = folder.parent
     fix = f"download {EVAL_BUNDLE_URL} and unzip it into {folder}, or set NANOCHAT_EVAL_BUNDLE to a copy"
     if os.environ.get("HF_HUB_OFFLINE") == "1":  # fail at once rather than retry the download
         raise EvalBundleError(f"offline (HF_HUB_OFFLINE=1) and there is no eval bundle in {folder}: {fix}")
     with common.file_lock(folder):  # every rank may ask; one downloads
         if (folder / "core.yaml").is_file():  # another process finished it while we waited
             return folder
-        zip_path = base / "eval_bundle.zip"
+        zip_path = folder.parent / "eval_bundle.zip"
         try:
             common.download_file(EVAL_BUNDLE_URL, zip_path, validate=zipfile.is_zipfile)
         except RuntimeError as e:  # download_file's message names the url and the last error
             raise EvalBundleError(f"{e}; {fix}") from None
-        with tempfile.TemporaryDirectory(prefix="eval_bundle.unzip.", dir=base) as staging:
+        with tempfile.TemporaryDirectory(prefix="eval_bundle.unzip.", dir=folder.parent) as staging:
             with zipfile.ZipFile(zip_path) as zf:
                 # zipfile strips absolute paths and ".." and writes symlinks as plain files: nothing
                 # lands outside staging
@@ -78,8 +76,7 @@ def get_eval_bundle() -> Path:
     return folder
 
 
-# -----------------------------------------------------------------------------
-# Tasks and their data
+# --------------------------------------------------------------------------------------- Tasks and their data
 
 
 @dataclass
@@ -109,10 +106,8 @@ def load_core_tasks(bundle_dir: str | Path) -> list[CoreTask]:
             if not ok:
                 raise EvalBundleError(f"{bundle_dir / 'core.yaml'}: task {label!r}: {problem}")
         shots = shots[0] if isinstance(shots, list) else shots  # the bundle writes [n]
-        delimiter = entry.get("continuation_delimiter", " ")
-        tasks.append(
-            CoreTask(label, entry["dataset_uri"], task_type, int(shots), delimiter, baselines[label])
-        )
+        uri, delimiter = entry["dataset_uri"], entry.get("continuation_delimiter", " ")
+        tasks.append(CoreTask(label, uri, task_type, int(shots), delimiter, baselines[label]))
     return tasks
 
 
@@ -125,15 +120,12 @@ def load_task_subset(bundle_dir: str | Path, task: CoreTask, max_per_task: int =
     return data[:max_per_task] if max_per_task > 0 else data
 
 
-# -----------------------------------------------------------------------------
-# Prompts
+# ---------------------------------------------------------------------------------------------------- Prompts
 
 
 def sample_fewshot(data: list[dict], idx: int, num_fewshot: int) -> list[dict]:
     """`num_fewshot` items other than `data[idx]` (all the others if fewer), drawn with seed 1234 + idx."""
-    k = min(num_fewshot, len(data) - 1)
-    if k <= 0:
-        return []
+    k = max(0, min(num_fewshot, len(data) - 1))
     picks = random.Random(FEWSHOT_SEED + idx).sample(range(len(data) - 1), k)
     return [data[j if j < idx else j + 1] for j in picks]
 
@@ -171,16 +163,13 @@ def tokenize_prompts(
         # delimiter's space onto the answer (" Paris"), often a token before the prefix ends
         start = min(len(pids), len(ids))
         start = next((i for i in range(start) if pids[i] != ids[i]), start)
-        if max_len is not None and len(ids) > max_len:  # crop from the left
-            cut = len(ids) - max_len
-            ids = ids[cut:]
-            start = max(start - cut, 1)  # the first scored token is always predicted from something
+        if max_len is not None and (cut := len(ids) - max_len) > 0:  # crop from the left
+            ids, start = ids[cut:], max(start - cut, 1)  # the first scored token is predicted from something
         rows.append((ids, start))
     return rows
 
 
-# -----------------------------------------------------------------------------
-# Scoring
+# ---------------------------------------------------------------------------------------------------- Scoring
 
 
 def score_example(
@@ -252,9 +241,7 @@ def evaluate_task(
     correct = 0
     for c in range(0, len(mine), EXAMPLES_PER_CHUNK):
         t0 = time.perf_counter()
-        examples = [
-            prepare_example(tokenizer, data, i, task, max_len) for i in mine[c : c + EXAMPLES_PER_CHUNK]
-        ]
+        examples = [prepare_example(tokenizer, data, i, task, max_len) for i in mine[c:][:EXAMPLES_PER_CHUNK]]
         t1 = time.perf_counter()
         for batch in _batches(examples, batch_size):
             correct += sum(_score_batch(model, batch, task.task_type, device, pad_id))
@@ -267,8 +254,7 @@ def evaluate_task(
     return correct_total / count_total if count_total else 0.0
 
 
-# -----------------------------------------------------------------------------
-# CORE
+# ------------------------------------------------------------------------------------------------------- CORE
 
 
 def centered_accuracy(accuracy: float, random_baseline: float) -> float:

@@ -7,16 +7,14 @@ import math
 from collections.abc import Iterable
 
 import torch
+from torch import Tensor, nn
 
 from nanochat.common import all_reduce_sum, autocast
 
 
 @torch.no_grad()
 def evaluate_bpb(
-    model: torch.nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
-    token_bytes: torch.Tensor,
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], steps: int, token_bytes: Tensor
 ) -> float:
     """Bits per byte over `steps` batches, summed over ranks; `token_bytes` (V,) is on the model's device."""
     device = token_bytes.device

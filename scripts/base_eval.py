@@ -12,20 +12,17 @@ import argparse
 import time
 
 from nanochat import common
-from nanochat.common import print0
+from nanochat.common import in_range, print0
 from nanochat.flags import add_model_flags
 
 parser = argparse.ArgumentParser(
     prog="python -m scripts.base_eval", description=__doc__, formatter_class=common.HelpFormatter
 )
 add_model_flags(parser, "base", choose_source=False)
-parser.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1: all)")
-parser.add_argument(
-    "--skip-missing", action="store_true", help="skip tasks without a data file (CORE: partial)"
-)
-parser.add_argument(
-    "--device-batch-size", type=common.in_range(int, 1), default=8, help="sequences (option rows) per forward"
-)
+add = parser.add_argument
+add("--max-per-task", type=int, default=-1, help="examples per task (-1: all)")
+add("--skip-missing", action="store_true", help="skip tasks without a data file (CORE: partial)")
+add("--device-batch-size", type=in_range(int, 1), default=8, help="sequences (option rows) per forward")
 args = parser.parse_args()
 
 # the heavy imports after the flags: --help answers without loading torch
@@ -44,8 +41,7 @@ with common.exit_on_user_error("base_eval"):
 eval_time = time.time() - t0
 model_tag = args.model_tag or f"d{model.config.n_layer}"
 
-# -----------------------------------------------------------------------------
-# Table (printed, and as CSV in the format of the reference GPT-2 files), report
+# ----------------------------- Table (printed, and as CSV in the format of the reference GPT-2 files), report
 
 rows = [[label, acc, out["centered"][label]] for label, acc in out["results"].items()]
 table = [f"{'Task':<35}, {'Accuracy':<10}, {'Centered':<10}"]

@@ -48,8 +48,7 @@ with common.exit_on_user_error("base_loss"):  # a missing checkpoint, or a missi
 samples = []
 if rank == 0 and args.sample_tokens > 0:
     samples = greedy_completions(model, tokenizer, max_tokens=args.sample_tokens)
-    for text in samples:
-        print0(repr(text))
+    print0("\n".join(map(repr, samples)))
 
 log_section(
     "Base model loss",
