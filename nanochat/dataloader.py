@@ -24,8 +24,7 @@ from nanochat.dataset import list_row_groups, read_row_group
 
 TOKENIZER_THREADS = 4  # tiktoken releases the GIL, so a block tokenizes in parallel
 
-# -----------------------------------------------------------------------------
-# Best-fit packing (no parquet, no torch)
+# -------------------------------------------------------------------- Best-fit packing (no parquet, no torch)
 
 
 def _best_fit(lengths: list[int], row_len: int, crop: bool) -> tuple[list[list[int]], int]:
@@ -90,8 +89,7 @@ def _next_block(state: dict, num_blocks: int) -> None:
     state["epoch"] += state["block"] == 0  # past the last block: the next epoch
 
 
-# -----------------------------------------------------------------------------
-# Pretraining batches
+# ---------------------------------------------------------------------------------------- Pretraining batches
 
 
 def _load_block(index: int, path, group: int, tokenizer, row_len: int) -> tuple[np.ndarray, dict]:
@@ -176,8 +174,7 @@ class DataLoader:
         return sum(slot["cropped"] for slot in slots) / max(1, sum(slot["read"] for slot in slots))
 
 
-# -----------------------------------------------------------------------------
-# Conversation batches (midtraining and SFT)
+# ----------------------------------------------------------------- Conversation batches (midtraining and SFT)
 
 
 def conversation_batches(

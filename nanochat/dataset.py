@@ -58,8 +58,7 @@ class DataError(common.UserError, FileNotFoundError):  # so every caller that ha
     """No usable shards for a split: missing, damaged, text-less, or not where the manifest says."""
 
 
-# -----------------------------------------------------------------------------
-# The base_data directory
+# ------------------------------------------------------------------------------------ The base_data directory
 
 
 def shard_name(index: int) -> str:
@@ -67,7 +66,6 @@ def shard_name(index: int) -> str:
 
 
 def get_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """`data_dir` if given, else `<base dir>/base_data`; created if missing."""
     path = Path(data_dir) if data_dir is not None else common.get_base_dir() / "base_data"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -85,8 +83,7 @@ def _write_manifest(data_dir: Path, manifest: dict) -> None:
 
 
 def list_parquet_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """All complete parquet files of `base_data`, sorted by name (temp files never match)."""
-    return sorted(p for p in get_data_dir(data_dir).glob("*.parquet") if p.is_file())
+    return sorted(p for p in get_data_dir(data_dir).glob("*.parquet") if p.is_file())  # never temp files
 
 
 def _damaged(path: os.PathLike, e: Exception) -> DataError:
@@ -134,7 +131,6 @@ def parquets_iter_batched(split: str, start: int = 0, step: int = 1, data_dir=No
 
 
 def _claim(data_dir: Path, corpus: str, force: bool = False) -> None:
-    """Refuse to add `corpus`'s shards to another corpus's; with `force`, delete those first."""
     old = (read_manifest(data_dir) or {}).get("source", "fineweb-edu")  # shards without manifest: downloaded
     if (existing := list_parquet_files(data_dir)) and old != corpus:
         if force:
@@ -151,8 +147,7 @@ def _clear(data_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-# -----------------------------------------------------------------------------
-# Downloads (ClimbMix or FineWeb-Edu)
+# ------------------------------------------------------------------------ Downloads (ClimbMix or FineWeb-Edu)
 
 
 def has_text_column(path: str | os.PathLike) -> bool:
@@ -189,8 +184,7 @@ def download_corpus(
     return manifest
 
 
-# -----------------------------------------------------------------------------
-# Imports: local files (--from-dir) and the embedded corpus (--offline), through one writer
+# ------------------ Imports: local files (--from-dir) and the embedded corpus (--offline), through one writer
 
 
 def split_text(text: str, max_chars: int = MAX_DOC_CHARS) -> list[str]:
@@ -321,8 +315,7 @@ def build_offline(data_dir=None, max_chars: int = OFFLINE_MAX_CHARS, force: bool
     return write_shards(offline_documents(max_chars), "offline", detail | {"max_chars": max_chars}, data_dir)
 
 
-# -----------------------------------------------------------------------------
-# Command line
+# ----------------------------------------------------------------------------------------------- Command line
 
 
 def main(argv: list[str] | None = None) -> None:

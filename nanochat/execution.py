@@ -143,8 +143,7 @@ class SandboxUnavailable(RuntimeError):
     """OS isolation cannot run here; the message says why and what to do."""
 
 
-# -----------------------------------------------------------------------------
-# The isolated sandbox
+# --------------------------------------------------------------------------------------- The isolated sandbox
 
 # The seccomp filter answers EPERM to: clone, clone3, fork, vfork (RLIMIT_NPROC does not bind root);
 # add_key, request_key, keyctl (the keyring is not namespaced); ptrace, process_vm_readv/writev, kcmp,
@@ -219,8 +218,7 @@ def require_isolation() -> None:
         )
 
 
-# -----------------------------------------------------------------------------
-# Running a program
+# ------------------------------------------------------------------------------------------ Running a program
 
 
 def execute_code(
@@ -336,8 +334,7 @@ def _supervise(
     # the signal that ended the program: bwrap reports it as exit status 128 + N
     signum = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
 
-    def failed(error: str, **flags: bool) -> ExecutionResult:
-        return ExecutionResult(False, stdout, stderr, error, **flags)
+    failed = functools.partial(ExecutionResult, False, stdout, stderr)  # (error, **flags)
 
     if timed_out:
         return failed(f"timed out after {timeout:g} s", timeout=True)
