@@ -58,18 +58,9 @@ if rank == 0:
         tmp.write_text("\n".join(table) + "\n", encoding="utf-8")
     print0(f"wrote {csv_path}")
 
-log_section(
-    "Base model evaluation",
-    [
-        {
-            "model": f"{model_tag} step {meta['step']}",
-            "CORE": out["core"],
-            "partial": out["partial"],
-            "skipped tasks": ", ".join(out["skipped"]) or "none",
-            "examples per task": "all" if args.max_per_task <= 0 else args.max_per_task,
-            "evaluation time (s)": eval_time,
-        },
-        [["Task", "Accuracy", "Centered"], *rows],
-    ],
-)
+summary = {"model": f"{model_tag} step {meta['step']}", "CORE": out["core"], "partial": out["partial"]}
+summary["skipped tasks"] = ", ".join(out["skipped"]) or "none"
+summary["examples per task"] = "all" if args.max_per_task <= 0 else args.max_per_task
+summary["evaluation time (s)"] = eval_time
+log_section("Base model evaluation", [summary, [["Task", "Accuracy", "Centered"], *rows]])
 common.compute_cleanup()

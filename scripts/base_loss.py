@@ -50,11 +50,6 @@ if rank == 0 and args.sample_tokens > 0:
     samples = greedy_completions(model, tokenizer, max_tokens=args.sample_tokens)
     print0("\n".join(map(repr, samples)))
 
-log_section(
-    "Base model loss",
-    [
-        {"model step": meta["step"], "tokens per split": steps * B * T * world_size, **results},
-        "Samples:\n\n" + "\n".join(f"- {text!r}" for text in samples),
-    ],
-)
+summary = {"model step": meta["step"], "tokens per split": steps * B * T * world_size, **results}
+log_section("Base model loss", [summary, "Samples:\n\n" + "\n".join(f"- {text!r}" for text in samples)])
 common.compute_cleanup()
