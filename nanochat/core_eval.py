@@ -202,16 +202,14 @@ def prepare_example(
 
 
 def _batches(examples: list, batch_size: int):
-    batch, num_rows = [], 0  # at most batch_size rows per forward (a larger example goes alone)
+    batch = []  # at most batch_size rows per forward (a larger example goes alone); examples is not empty
     # sorted by length, so that rows of similar length share a forward
     for example in sorted(examples, key=lambda ex: max(len(ids) for ids, _ in ex[0])):
-        if batch and num_rows + len(example[0]) > batch_size:
+        if batch and sum(len(rows) for rows, _ in batch) + len(example[0]) > batch_size:
             yield batch
-            batch, num_rows = [], 0
+            batch = []
         batch.append(example)
-        num_rows += len(example[0])
-    if batch:
-        yield batch
+    yield batch
 
 
 @torch.no_grad()
