@@ -153,10 +153,9 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     for name, param in model.named_parameters():
         if name.startswith(("transformer.wte.", "lm_head.", "value_embeds.")):  # one row per (padded) token
             param = param[: model.config.vocab_size]
-        hf_name = name
+        hf_name = name if name.startswith("lm_head.") else "model." + name
         for ours, theirs in RENAMES.items():
             hf_name = hf_name.replace(ours, theirs)
-        hf_name = hf_name if name.startswith("lm_head.") else "model." + hf_name
         state[hf_name] = param.detach().to("cpu").contiguous()
     return state
 
