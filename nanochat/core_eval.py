@@ -61,8 +61,7 @@ def get_eval_bundle() -> Path:
             raise EvalBundleError(f"{e}; {fix}") from None
         with tempfile.TemporaryDirectory(prefix="eval_bundle.unzip.", dir=folder.parent) as staging:
             with zipfile.ZipFile(zip_path) as zf:
-                # zipfile strips absolute paths and ".." and writes symlinks as plain files: nothing
-                # lands outside staging
+                # zipfile strips absolute paths and ".." and writes symlinks as files: all lands in staging
                 zf.extractall(staging)
             # core.yaml sits at the top of the zip or in its one top folder (as the official zip has it)
             roots = [r for r in (Path(staging), *Path(staging).iterdir()) if (r / "core.yaml").is_file()]
