@@ -100,12 +100,7 @@ def _run_file(path: Path) -> bool:
 
 
 def save_checkpoint(
-    directory: str | Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizers: list[torch.optim.Optimizer] | None,
-    meta: dict[str, Any],
-    loader_state: dict | None = None,
+    directory: str | Path, step: int, model, optimizers: list | None, meta: dict, loader_state=None
 ) -> None:
     """Save one step; every rank calls it, with its own data position `loader_state` (kept in the meta)."""
     directory = Path(directory)
@@ -171,12 +166,7 @@ def _read_step(directory: Path, step: int, rank: int, device, with_optimizer: bo
 
 
 def load_checkpoint(
-    directory: str | Path,
-    step: int,
-    device,
-    load_optimizer: bool = False,
-    step_flag: str = "-s/--step",
-    verify: bool = True,
+    directory: str | Path, step: int, device, load_optimizer=False, step_flag="-s/--step", verify=True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     """(model state, this rank's optimizer shard or None, meta); a CheckpointError names `step_flag`."""
     directory = Path(directory)
@@ -217,9 +207,7 @@ def checked_config(raw: dict, meta_path: Path, state: dict[str, torch.Tensor]):
         fix = "restore the file, or pick another step with -s/--step"
         return CheckpointError(f"{meta_path}: model_config {why}; {fix}")
 
-    kinds = {
-        f.name: type(f.default) for f in fields(GPTConfig)
-    }  # every field has a default (old configs load)
+    kinds = {f.name: type(f.default) for f in fields(GPTConfig)}  # each has a default: old configs load
     for name, value in raw.items():
         kind, top = kinds.get(name), MAX_VALUES.get(name, math.inf)
         if kind is None:
@@ -345,8 +333,7 @@ def _check_run(directory, resume, overwrite, model, user_config, same_flags, ver
             raise CheckpointError(
                 f"--resume: the checkpoint used --{key.replace('_', '-')} {meta['user_config'].get(key)}"
             )
-    world_size = get_dist_info()[3]
-    if meta["world_size"] != world_size:
+    if meta["world_size"] != (world_size := get_dist_info()[3]):
         raise CheckpointError(
             f"--resume: the checkpoint was written by {meta['world_size']} processes, not {world_size}"
         )

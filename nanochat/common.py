@@ -29,7 +29,7 @@ from tqdm import tqdm
 logger = logging.getLogger("nanochat.common")
 
 # -----------------------------------------------------------------------------
-# Paths, ranks, logging
+# Paths, ranks, logging, progress
 
 
 def get_base_dir() -> Path:
@@ -66,6 +66,14 @@ def print0(*args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs)
 
 
+def progress_bar(total: float | None, desc: str, unit: str = "it", **kwargs: Any) -> tqdm:
+    """A tqdm bar on stderr, drawn by rank 0 only; `kwargs` go to tqdm (`unit_scale=True`: 1.2M)."""
+    # a terminal redraws in place; a captured log gets an update every 5 s at most, so it stays short
+    interval = 0.1 if sys.stderr.isatty() else 5.0
+    disable = kwargs.pop("disable", False) or _env_int("RANK", 0) != 0
+    return tqdm(total=total, desc=desc, unit=unit, mininterval=interval, disable=disable, **kwargs)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help of the scripts: the docstring as written, each flag's default (unless None or in the help)."""
 
@@ -97,11 +105,10 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("nanochat")  # modules log to "nanochat.<name>" children of it
     if not root.handlers:  # once per process
         prefix = f"[rank {rank}] " if world_size > 1 else ""
-        handler = logging.StreamHandler()
+        root.addHandler(handler := logging.StreamHandler())
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
         )
-        root.addHandler(handler)
         root.propagate = False
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
 
@@ -255,18 +262,6 @@ def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None
 
 
 # -----------------------------------------------------------------------------
-# Progress
-
-
-def progress_bar(total: float | None, desc: str, unit: str = "it", **kwargs: Any) -> tqdm:
-    """A tqdm bar on stderr, drawn by rank 0 only; `kwargs` go to tqdm (`unit_scale=True`: 1.2M)."""
-    # a terminal redraws in place; a captured log gets an update every 5 s at most, so it stays short
-    interval = 0.1 if sys.stderr.isatty() else 5.0
-    disable = kwargs.pop("disable", False) or _env_int("RANK", 0) != 0
-    return tqdm(total=total, desc=desc, unit=unit, mininterval=interval, disable=disable, **kwargs)
-
-
-# -----------------------------------------------------------------------------
 # Downloads
 
 MAX_BACKOFF = 60.0  # seconds; cap on the exponential wait between attempts
@@ -281,9 +276,7 @@ def _passes(path: Path, validate: Callable[[Path], object] | None) -> bool:
         return False
 
 
-def _fetch_once(
-    url: str, tmp: Path, timeout: float, bar_desc: str | None, validate: Callable[[Path], object] | None
-) -> None:
+def _fetch_once(url: str, tmp: Path, timeout: float, bar_desc: str | None, validate) -> None:
     request = urllib.request.Request(url, headers={"User-Agent": "nanochat"})
     # the timeout applies to every socket read
     with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as f:
@@ -298,17 +291,10 @@ def _fetch_once(
 
 
 def download_file(
-    url: str,
-    path: str | os.PathLike,
-    *,
-    timeout: float = 30.0,
-    retries: int = 5,
-    backoff: float = 1.0,
-    validate: Callable[[Path], object] | None = None,
-    progress: bool = True,
+    url: str, path: str | os.PathLike, *, timeout=30.0, retries=5, backoff=1.0, validate=None, progress=True
 ) -> Path:
-    """Download `url` to `path` (never a partial file) unless it passes `validate` (False or raising fails);
-    `1 + retries` attempts with exponential `backoff`. RuntimeError names the url."""
+    """Download `url` to `path` (never a partial file) unless it passes `validate(path)` (False or raising
+    fails); `1 + retries` attempts with exponential `backoff`. RuntimeError names the url."""
     path = Path(path)
     if not list(path.parent.glob(f"{path.name}.tmp.*")) and _passes(path, validate):  # temps: a crashed run's
         return path
@@ -382,9 +368,8 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     is_ddp, rank, local_rank, world_size = get_dist_info()
     if is_ddp and device_type == "mps":
         raise RuntimeError("multi-process training is not supported on MPS; run a single process")
-    torch.manual_seed(seed)  # every rank builds the same initial model
+    torch.manual_seed(seed)  # CUDA's generators too: every rank builds the same initial model
     if device_type == "cuda":
-        torch.cuda.manual_seed(seed)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) use TF32
         torch.backends.cudnn.allow_tf32 = True
         device = torch.device("cuda", local_rank)
@@ -392,9 +377,8 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     else:
         device = torch.device(device_type)
     if is_ddp and not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device_type == "cuda" else {}
-        dist.init_process_group(backend=backend, **kwargs)
+        backend, device_id = ("nccl", device) if device_type == "cuda" else ("gloo", None)
+        dist.init_process_group(backend=backend, device_id=device_id)
         dist.barrier()
     logger.info("compute: %s, world size %d", device, world_size)  # setup_logging keeps other ranks quiet
     return is_ddp, rank, local_rank, world_size, device
@@ -502,8 +486,7 @@ def exit_on_user_error(script: str, hint: str = "", errors: tuple = (UserError,)
 
 @contextmanager
 def raise_together(errors: tuple = (UserError,), error: type[UserError] = UserError) -> Iterator[None]:
-    """For setup one rank may fail alone; every rank enters it, no collective inside: if any rank raises one
-    of `errors`, every rank raises `error` with the first one's message."""
+    """All ranks enter it, no collective inside; one of `errors` on any raises `error` (first's) on all."""
     problem = None
     try:
         yield

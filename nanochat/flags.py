@@ -1,7 +1,5 @@
-"""
-The command-line flags that several scripts share. Torch-free: a script parses its flags first and
-imports torch after, so `--help` (and a bad flag) answers in a fraction of a second.
-"""
+"""The command-line flags that several scripts share. Torch-free: a script parses its flags first and
+imports torch after, so `--help` (and a bad flag) answers in a fraction of a second."""
 
 from __future__ import annotations
 
@@ -60,14 +58,10 @@ def add_run_flags(parser) -> None:
 
 
 def add_optimizer_flags(
-    parser,
-    init_lr_frac: float | None = None,
-    weight_decay: float | None = 0.0,
-    matrix_lr: float | None = 0.02,
-    embedding_lr: float | None = 0.2,
-    unembedding_lr: float | None = 0.004,
+    parser, init_lr_frac=None, weight_decay=0.0, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004
 ) -> None:
-    """The LR and weight-decay flags of every training script (and --init-lr-frac when it has a default)."""
+    """The LR and weight-decay flags of every training script, with these defaults (None: no default), and
+    --init-lr-frac when it has one."""
     g = parser.add_argument_group("optimization")
     rate = in_range(float, 0)
     g.add_argument("--embedding-lr", type=rate, default=embedding_lr, help="AdamW LR of the token embedding")
