@@ -255,9 +255,8 @@ def evaluate_task(
 
 
 def centered_accuracy(accuracy: float, random_baseline: float) -> float:
-    """`(acc - 0.01 rb) / (1 - 0.01 rb)`: 0 at chance, 1 when perfect (rb in percent)."""
-    rb = 0.01 * random_baseline
-    return (accuracy - rb) / (1.0 - rb)
+    """Accuracy rescaled so that chance (`random_baseline`, in percent) is 0 and perfect is 1."""
+    return (accuracy - 0.01 * random_baseline) / (1.0 - 0.01 * random_baseline)
 
 
 def evaluate_core(
