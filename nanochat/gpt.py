@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import UserError
-from nanochat.optim import AdamW, Muon, muon_chunks
+from nanochat.optim import AdamW, muon_chunks
 
 LOGIT_SOFTCAP = 15.0
 ROTARY_LENGTH_FACTOR = 10  # rotary tables cover this many times the training sequence length
@@ -57,14 +57,12 @@ class GPTConfig:
         # checkpoint_manager.checked_config's, and config_from_depth checks its own flags
         C, H, Hkv, pattern = self.n_embd, self.n_head, self.n_kv_head, self.window_pattern
         gates = max(SMEAR_CHANNELS * self.smear, VE_GATE_CHANNELS * self.value_embeds)  # channels read
+        letters = pattern and set(pattern) <= set("SL")
         for ok, problem in (
             (C % H == 0, f"n_embd ({C}) must be divisible by n_head ({H})"),
             (self.head_dim % 2 == 0, f"head dim {self.head_dim} must be even (rotary rotates pairs)"),
             (H % Hkv == 0, f"n_kv_head ({Hkv}) must divide n_head ({H})"),
-            (
-                pattern and set(pattern) <= set("SL"),
-                f"window_pattern (--window-pattern) must be letters S and L, not {pattern!r}",
-            ),
+            (letters, f"window_pattern (--window-pattern) must be letters S and L, not {pattern!r}"),
             (self.init in ARCHES, f"init must be one of {ARCHES}, got {self.init!r}"),
             (C >= gates, f"n_embd ({C}) must be >= {gates}: the gates read that many channels"),
         ):
@@ -74,10 +72,6 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     def window_sizes(self) -> list[int | None]:
         """Per layer, how many keys a query sees (its own included), None for all before it."""
@@ -143,18 +137,12 @@ def visible_keys(positions: torch.Tensor, num_keys: int, window: int | None) -> 
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
-    return visible_keys(torch.arange(T, device=device), T, window)
-
-
 def band_mask(T: int, window: int, device: torch.device) -> torch.Tensor:
     """visible_keys of a whole sequence, (T, T), built once per (T, window, device) and shared."""
     # SDPA with a mask still does all T² work (the record's FA3 skips hidden blocks; FA3 cannot be
     # installed here): at the d4 CPU demo's shape (B 8, 2 heads of 128, one thread, best of 15),
     # forward + backward 46 ms vs 42 ms causal at T 256, 193 vs 173 ms at T 512
-    if torch.compiler.is_compiling():  # a Python cache cannot live in a graph: a few fused ops instead
-        return visible_keys(torch.arange(T, device=device), T, window)
-    return _cached_band_mask(T, window, device)
+    return visible_keys(torch.arange(T, device=device), T, window)
 
 
 def window_block_mask(T: int, window: int, device: torch.device):
@@ -200,45 +188,42 @@ class CausalSelfAttention(nn.Module):
             # position after the last layer. Per-row positions: keys past a row's own end are masked.
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # (B, Hkv, Tk, D)
         y = self._attend(q, k, v, positions)  # (B, H, T, D)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.c_proj(y)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))  # (B, T, C)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions=None) -> torch.Tensor:
-        # only ask for GQA when it is used, so plain multi-head attention can take any kernel
-        kw = {"scale": self.softmax_scale}
-        if self.n_kv_head != self.n_head:
-            kw["enable_gqa"] = True
+        # GQA only when it is used, so plain multi-head attention can take any kernel
+        kw = dict(scale=self.softmax_scale, enable_gqa=self.n_kv_head != self.n_head)
         Tq, Tk, window = q.size(2), k.size(2), self.window
         if positions is not None:  # per-row positions (B, Tq): the query at p sees keys 0 .. p (windowed)
             # written out, not SDPA: a static cache's decode step masks most of its Tk keys, and at one
             # query SDPA's CPU kernel with a mask was 3x slower than these matmuls (d4, 1024 keys)
-            B, H, _, D = q.shape
-            Hkv = k.size(1)
+            (B, H, _, D), Hkv = q.shape, k.size(1)
             G = H // Hkv  # query heads per kv head, grouped as enable_gqa groups them
             mask = visible_keys(positions, Tk, window)[:, None, None]  # (B, 1, 1, Tq, Tk)
             scores = (q.reshape(B, Hkv, G * Tq, D) @ k.transpose(-1, -2)).view(B, Hkv, G, Tq, Tk)
             weights = (scores.float() * self.softmax_scale).masked_fill(~mask, float("-inf")).softmax(-1)
             return (weights.to(v.dtype).view(B, Hkv, G * Tq, Tk) @ v).view(B, H, Tq, D)
         hides = window is not None and window < Tk  # the window hides some keys
-        if Tq == Tk:  # no cache, or a cache that was empty
-            if not hides:
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
-            # Compiled, flex_attention's kernel skips the blocks outside the band. Eager flex is torch's
-            # unfused reference: 803 ms against the band mask's 166 ms (B 8, 2 heads of 128, T 512, window
-            # 128, one CPU thread, no grad, medians of 7). torch 2.15 has no CPU flex backward, so CPU
-            # training keeps the mask; compiled CPU inference takes flex (4% slower than the mask at T 256,
-            # 7% at T 512 on the d4 record) so that CI runs the GPU's path.
-            grads = q.requires_grad or k.requires_grad or v.requires_grad
-            if torch.compiler.is_compiling() and (q.is_cuda or (q.device.type == "cpu" and not grads)):
-                from torch.nn.attention.flex_attention import flex_attention
-
-                # autocast casts SDPA's inputs, not flex's: a value embedding (fp32) left v in fp32
-                k, v = k.to(q.dtype), v.to(q.dtype)
-                return flex_attention(q, k, v, block_mask=window_block_mask(Tk, window, q.device), **kw)
-            mask = band_mask(Tk, window, q.device)
-        elif Tq == 1 and not hides:  # one new token sees everything before it
+        if Tq == Tk and not hides:  # no cache, or a cache that was empty
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kw)
+        if Tq == 1 and not hides:  # one new token sees everything before it
             return F.scaled_dot_product_attention(q, k, v, **kw)
-        else:  # a block of queries at positions Tk-Tq .. Tk-1 (a chunked prefill)
+        # Compiled, flex_attention's kernel skips the blocks outside the band. Eager flex is torch's
+        # unfused reference: 803 ms against the band mask's 166 ms (B 8, 2 heads of 128, T 512, window
+        # 128, one CPU thread, no grad, medians of 7). torch 2.15 has no CPU flex backward, so CPU
+        # training keeps the mask; compiled CPU inference takes flex (4% slower than the mask at T 256,
+        # 7% at T 512 on the d4 record) so that CI runs the GPU's path.
+        compiling = torch.compiler.is_compiling()
+        grads = q.requires_grad or k.requires_grad or v.requires_grad
+        if Tq == Tk and compiling and (q.is_cuda or (q.device.type == "cpu" and not grads)):
+            from torch.nn.attention.flex_attention import flex_attention
+
+            # autocast casts SDPA's inputs, not flex's: a value embedding (fp32) left v in fp32
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            return flex_attention(q, k, v, block_mask=window_block_mask(Tk, window, q.device), **kw)
+        if Tq == Tk and not compiling:  # a whole sequence: the cached mask (no cache in a graph)
+            mask = band_mask(Tk, window, q.device)
+        else:  # queries at positions Tk-Tq .. Tk-1: a chunked prefill, or a compiled whole sequence
             mask = visible_keys(torch.arange(Tk - Tq, Tk, device=q.device), Tk, window)  # (Tq, Tk)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kw)
 
@@ -280,7 +265,8 @@ class GPT(nn.Module):
         # build shapes only; init_weights fills them on the real device. Only empty tensors and the
         # Linears' own uniform_ here: normal_ or arithmetic on the meta device runs torch's Python
         # references, whose first call imports torch._dynamo (~1 s of every process that loads a model)
-        V, kv_dim = config.padded_vocab_size, config.n_kv_head * config.head_dim
+        V = -(-config.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE  # the table's and head's rows, padded
+        kv_dim = config.n_kv_head * config.head_dim
         with torch.device("meta"):
             blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
             self.transformer = nn.ModuleDict({"wte": _table(V, config.n_embd), "h": blocks})
@@ -296,9 +282,8 @@ class GPT(nn.Module):
             if config.backout:
                 self.backout_lambda = nn.Parameter(torch.empty(1))
             rotary_shape = (1, ROTARY_LENGTH_FACTOR * config.sequence_len, 1, config.head_dim // 2)
-            cos, sin = (torch.empty(rotary_shape, dtype=torch.float32) for _ in range(2))
-        self.register_buffer("cos", cos, persistent=False)  # (1, L, 1, D/2), fp32
-        self.register_buffer("sin", sin, persistent=False)
+            for name in ("cos", "sin"):  # (1, L, 1, D/2), fp32
+                self.register_buffer(name, torch.empty(rotary_shape, dtype=torch.float32), persistent=False)
         if target.type != "meta":  # the same as the meta route: to_empty, then init_weights
             self.to_empty(device=target)
             self.init_weights()
@@ -370,8 +355,7 @@ class GPT(nn.Module):
 
     def num_matmul_params(self) -> int:
         """Weights every token is multiplied by (what FLOPs count): no embedding table, no scalar."""
-        smear_gate = self.smear_gate.weight.numel() if self.config.smear else 0
-        return self.num_scaling_params() + smear_gate
+        return self.num_scaling_params() + (self.smear_gate.weight.numel() if self.config.smear else 0)
 
     def estimate_flops(self) -> float:
         """Training FLOPs per token: 6 per matmul weight, 12 * heads * head_dim per key a query sees."""
@@ -440,14 +424,12 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
     N = batch * seq
     C, H, Hkv = config.n_embd, config.n_head, config.n_kv_head
     kv_dim, V = Hkv * config.head_dim, config.vocab_size  # V unpadded: logits are sliced before the fp32 cast
-    f32 = 4
-    c = torch.finfo(compute_dtype).bits // 8  # bytes per element of the compute dtype
+    f32, c = 4, torch.finfo(compute_dtype).bits // 8  # bytes per element of fp32 and of the compute dtype
     autocast = compute_dtype != torch.float32
-    input_copies = 3 if autocast else 1  # autocast casts the normed input once per q/k/v Linear
 
     attention = (
         f32 * N * (C + 1)  # residual stream x (fp32) and rstd, saved by the pre-norm
-        + input_copies * c * N * C  # normed x as the q, k, v matmuls save it
+        + (3 if autocast else 1) * c * N * C  # normed x as the q, k, v matmuls save it (autocast: 3 casts)
         + f32 * N * (C + kv_dim + H + Hkv)  # rotated q, k (fp32 even under autocast) and their rstd
         + c * N * (C + 2 * kv_dim)  # q, k, v as SDPA saves them
         + N * (c * C + f32 * H)  # SDPA output (also c_proj's input) and its log-sum-exp
@@ -496,20 +478,18 @@ def estimate_memory(
     with torch.device("meta"):  # shapes only
         groups = GPT(config).param_groups()
     total_params = sum(p.numel() for group in groups.values() for p in group)
-    # the optimizers' own ZeRO-2 rules: AdamW shards a parameter by rows when it can; Muon gives each
-    # block matrix one owner rank (slot 0 of each chunk is rank 0's)
+    # rank 0's optimizer state (ZeRO-2): AdamW's two moments, of its rows where AdamW shards a parameter;
+    # Muon's momentum and NorMuon statistic (per row, or column when wide) of slot 0 of each chunk
     adamw = [p for name, group in groups.items() if name != "matrix" for p in group]
-    adamw_state = sum(AdamW.state_numel(p, world_size) for p in adamw)
-    chunks = muon_chunks(groups["matrix"], world_size)
-    muon_state = sum(Muon.state_numel(chunk[0]) for chunk in chunks)
+    adamw_state = sum(2 * p.numel() // (world_size if AdamW.is_sharded(p, world_size) else 1) for p in adamw)
+    muon_state = sum(p.numel() + max(p.shape) for p, *_ in muon_chunks(groups["matrix"], world_size))
     memory = {
         "params": 4 * total_params,
         "grads": 4 * total_params,  # full on each rank until reduce-scattered
         "optimizer": 4 * (adamw_state + muon_state),
         "activations": _activation_bytes(config, device_batch_size, sequence_len, compute_dtype),
     }
-    memory["total"] = sum(memory.values())
-    return memory
+    return memory | {"total": sum(memory.values())}
 
 
 def suggest_device_batch_size(

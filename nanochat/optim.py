@@ -1,10 +1,9 @@
-"""
-Optimizers: Muon (with NorMuon) for the 2-D block matrices, AdamW for the rest (embeddings, lm_head,
+"""Optimizers: Muon (with NorMuon) for the 2-D block matrices, AdamW for the rest (embeddings, lm_head,
 scalars), each with the public nanochat record's betas and decay per group.
 
-- No DDP wrapper: the optimizers average gradients over ranks themselves (one process: no
-  communication). AdamW is ZeRO-2 style (each rank keeps state for its rows of a parameter); Muon
-  gives each matrix one owner rank. Every reduction is launched first, then awaited in turn.
+- No DDP wrapper: the optimizers average gradients over ranks themselves (one process: no communication).
+  AdamW is ZeRO-2 style (each rank keeps state for its rows of a parameter); Muon gives each matrix one
+  owner rank. Every reduction is launched first, then awaited in turn.
 - `state_dict()` is this rank's shard only and records the layout it was sharded for.
 - Schedules are plain functions applied by `apply_schedule`.
 """
@@ -68,8 +67,7 @@ class _ShardedOptimizer(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        group.setdefault("initial_lr", group["lr"])  # what LR schedules multiply
+        self.param_groups[-1].setdefault("initial_lr", self.param_groups[-1]["lr"])  # what schedules multiply
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -87,19 +85,17 @@ class _ShardedOptimizer(torch.optim.Optimizer):
 # AdamW
 
 
-def _scalars(compiled: bool, *values: float) -> list:
-    """Floats, or for a compiled update 0-d fp32 CPU tensors (a float would be baked in and recompile)."""
-    return [torch.tensor(v, dtype=torch.float32) for v in values] if compiled else list(values)
-
-
 _COMPILED: dict[Callable, Callable] = {}
 
 
-def _compiled(fn: Callable, compiled: bool) -> Callable:
-    """`fn`, or its torch.compile (one per function, built on first use; a graph per shape)."""
-    if compiled and fn not in _COMPILED:
+def _call(fn: Callable, compiled: bool, *tensors: Tensor, scalars: tuple[float, ...]) -> Any:
+    """fn(*tensors, *scalars), or its torch.compile's (one per function, a graph per shape), which takes
+    the scalars as 0-d fp32 CPU tensors: a float would be baked into the graph and recompile."""
+    if not compiled:
+        return fn(*tensors, *scalars)
+    if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
-    return _COMPILED[fn] if compiled else fn
+    return _COMPILED[fn](*tensors, *(torch.tensor(v, dtype=torch.float32) for v in scalars))
 
 
 def _adamw_math(
@@ -120,13 +116,10 @@ def _adamw_update(
         state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     state["step"] += 1
     t = state["step"]
-    beta1, beta2 = group["betas"]
-    lr = group["lr"]
-    hyper = _scalars(compiled, beta1, beta2, lr / (1 - beta1**t), math.sqrt(1 - beta2**t), group["eps"])
-    decay = _scalars(compiled, lr * group["weight_decay"])  # decoupled: follows the LR schedule
-    _compiled(_adamw_math, compiled)(
-        p, grad.to(p.dtype), state["exp_avg"], state["exp_avg_sq"], *hyper, *decay
-    )
+    (beta1, beta2), lr = group["betas"], group["lr"]
+    bias_corrected = (lr / (1 - beta1**t), math.sqrt(1 - beta2**t))
+    hyper = (beta1, beta2, *bias_corrected, group["eps"], lr * group["weight_decay"])  # decoupled decay: × LR
+    _call(_adamw_math, compiled, p, grad.to(p.dtype), state["exp_avg"], state["exp_avg_sq"], scalars=hyper)
 
 
 class AdamW(_ShardedOptimizer):
@@ -148,18 +141,9 @@ class AdamW(_ShardedOptimizer):
     @staticmethod
     def is_sharded(p: Tensor, world_size: int) -> bool:
         """Whether `p` is split along dim 0 across `world_size` ranks (else all-reduced and updated whole)."""
-        return (
-            world_size > 1
-            and p.ndim >= 1
-            and p.size(0) % world_size == 0
-            and p.numel() >= MIN_SHARD_NUMEL
-            and p.is_contiguous()
-        )
-
-    @classmethod
-    def state_numel(cls, p: Tensor, world_size: int) -> int:
-        """Elements of AdamW state one rank keeps for `p`: two moments of its rows, or of all of it."""
-        return 2 * p.numel() // (world_size if cls.is_sharded(p, world_size) else 1)
+        # the size test first: a 0-d tensor, which has no dim 0, stops there
+        big = p.numel() >= MIN_SHARD_NUMEL
+        return world_size > 1 and big and p.size(0) % world_size == 0 and p.is_contiguous()
 
     @torch.no_grad()
     def step(self) -> None:
@@ -169,8 +153,7 @@ class AdamW(_ShardedOptimizer):
         jobs = []
         for group in self.param_groups:
             for p in group["params"]:
-                grad, work = _grad_of(p), None
-                sharded = self.is_sharded(p, world_size)
+                grad, work, sharded = _grad_of(p), None, self.is_sharded(p, world_size)
                 if sharded:
                     grad, work = _reduce_scatter_avg(grad, world_size)
                 elif world_size > 1:
@@ -181,13 +164,10 @@ class AdamW(_ShardedOptimizer):
         for group, p, sharded, grad, work in jobs:
             if work is not None:
                 work.wait()
+            rows = p.data.chunk(world_size)[rank] if sharded else p.data  # a view: updating it updates p
+            _adamw_update(rows, grad, self.state[p], group, self.compiled)
             if sharded:
-                k = p.size(0) // world_size
-                rows = p.data[rank * k : (rank + 1) * k]  # a view: updating it updates p
-                _adamw_update(rows, grad, self.state[p], group, self.compiled)
                 gathers.append(dist.all_gather_into_tensor(p.data, rows, async_op=True))
-            else:
-                _adamw_update(p.data, grad, self.state[p], group, self.compiled)
         for work in gathers:
             work.wait()
 
@@ -219,13 +199,6 @@ def _normuon_dim(p: Tensor) -> int:
     return -1 if p.size(0) >= p.size(1) else -2
 
 
-def _normuon(ortho: Tensor, second_moment: Tensor, beta2=NORMUON_BETA2) -> Tensor:
-    """Each row (column when wide) over its running RMS, rescaled to the norm of the update before."""
-    second_moment.lerp_(ortho.square().mean(dim=_normuon_dim(ortho), keepdim=True), 1 - beta2)
-    normed = ortho / (second_moment.sqrt() + 1e-10)
-    return normed * (ortho.norm() / (normed.norm() + 1e-10))
-
-
 def _muon_lookahead(grad: Tensor, buf: Tensor, momentum) -> Tensor:
     """Updates the momentum buffer in place; returns the Nesterov look-ahead to orthogonalize."""
     buf.lerp_(grad, 1 - momentum)
@@ -233,8 +206,12 @@ def _muon_lookahead(grad: Tensor, buf: Tensor, momentum) -> Tensor:
 
 
 def _muon_apply(p: Tensor, ortho: Tensor, second_moment: Tensor, lr, decay, beta2) -> None:
-    """In place: NorMuon's statistic and p (decay = LR × wd; lr includes the aspect scale)."""
-    update = _normuon(ortho.to(p.dtype), second_moment, beta2)
+    """In place: p and NorMuon's statistic (decay = LR × wd; lr includes the aspect scale). NorMuon: each
+    row (column when wide) of the update over its running RMS, rescaled to the norm it had before."""
+    ortho = ortho.to(p.dtype)
+    second_moment.lerp_(ortho.square().mean(dim=_normuon_dim(ortho), keepdim=True), 1 - beta2)
+    normed = ortho / (second_moment.sqrt() + 1e-10)
+    update = normed * (ortho.norm() / (normed.norm() + 1e-10))
     # cautious decay: only where the update already moves p toward zero (decay 0 subtracts exact zeros)
     p.sub_(p * (update * p > 0) * decay)
     p.sub_(update * lr)
@@ -247,29 +224,22 @@ def _muon_update(
     if not state:
         state["momentum_buffer"] = torch.zeros_like(p)
         state["second_moment"] = torch.zeros_like(p.mean(dim=_normuon_dim(p), keepdim=True))
-    momentum, lr, decay, beta2 = _scalars(
-        compiled,
-        group["momentum"],
-        group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5,
-        group["lr"] * group["weight_decay"],
-        group.get("beta2", NORMUON_BETA2),  # groups saved before beta2 was a setting used the constant
-    )
-    grad = grad.to(p.dtype)
-    lookahead = _compiled(_muon_lookahead, compiled)(grad, state["momentum_buffer"], momentum)
+    lr = group["lr"] * max(1.0, p.size(0) / p.size(1)) ** 0.5
+    beta2 = group.get("beta2", NORMUON_BETA2)  # groups saved before beta2 was a setting used the constant
+    momentum = (group["momentum"],)
+    lookahead = _call(_muon_lookahead, compiled, grad.to(p.dtype), state["momentum_buffer"], scalars=momentum)
     ortho = orthogonalize(lookahead)  # eager always: matmul-bound, and compiled it rounds differently
-    _compiled(_muon_apply, compiled)(p, ortho, state["second_moment"], lr, decay, beta2)
+    hyper = (lr, group["lr"] * group["weight_decay"], beta2)
+    _call(_muon_apply, compiled, p, ortho, state["second_moment"], scalars=hyper)
 
 
 def muon_chunks(params: list[Tensor], world_size: int) -> list[list[Tensor | None]]:
     """Chunks of `world_size` same-shape matrices, slot r rank r's; largest first, padded with None."""
-    buckets: dict[tuple[int, ...], list[Tensor]] = {}
-    for p in params:
-        buckets.setdefault(tuple(p.shape), []).append(p)
-    chunks: list[list[Tensor | None]] = []
-    for shape in sorted(buckets, key=lambda s: (-math.prod(s), s)):
-        bucket = buckets[shape]
+    chunks = []
+    for shape in sorted({p.shape for p in params}, key=lambda s: (-math.prod(s), tuple(s))):
+        bucket = [p for p in params if p.shape == shape]
         for i in range(0, len(bucket), world_size):
-            chunk: list[Tensor | None] = list(bucket[i : i + world_size])
+            chunk = bucket[i : i + world_size]
             chunks.append(chunk + [None] * (world_size - len(chunk)))
     return chunks
 
@@ -290,18 +260,12 @@ class Muon(_ShardedOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, beta2=beta2))
         self.compiled = compiled
 
-    @staticmethod
-    def state_numel(p: Tensor) -> int:
-        """Elements of state Muon keeps for matrix `p`: momentum and one NorMuon statistic per row."""
-        return p.numel() + max(p.shape)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         assert all(p.ndim == 2 for p in self.param_groups[-1]["params"]), "Muon takes 2-D matrices only"
 
     @torch.no_grad()
     def step(self) -> None:
-        """Average gradients over ranks and update (on every rank; no-op communication for one process)."""
         world_size, rank = _world()
         for group in self.param_groups:
             if world_size == 1:
@@ -311,8 +275,7 @@ class Muon(_ShardedOptimizer):
             # launch every chunk's gradient reduction, then update and gather chunk by chunk
             reductions = []
             for chunk in muon_chunks(group["params"], world_size):
-                real = next(p for p in chunk if p is not None)
-                grads = [_grad_of(p) if p is not None else torch.zeros_like(real) for p in chunk]
+                grads = [_grad_of(p) if p is not None else torch.zeros_like(chunk[0]) for p in chunk]
                 stacked = torch.stack(grads)  # (W, rows, cols); slot r is rank r's matrix
                 reductions.append((chunk, stacked, *_reduce_scatter_avg(stacked, world_size)))
             gathers = []
@@ -345,11 +308,10 @@ class WeightEMA(_ShardedOptimizer):
             if group["steps"] <= group["start"]:
                 continue
             for p in group["params"]:
-                state = self.state[p]
-                if "average" not in state:
-                    state["average"] = p.detach().clone()
+                if "average" in self.state[p]:
+                    self.state[p]["average"].lerp_(p.detach(), 1 - group["beta"])
                 else:
-                    state["average"].lerp_(p.detach(), 1 - group["beta"])
+                    self.state[p]["average"] = p.detach().clone()
 
     @torch.no_grad()
     def swap_in(self) -> None:
@@ -458,10 +420,9 @@ def build_optimizers(
         "x0_scalars": scalar_lr,
         "smear_backout": smear_lr,
     }
+    settings = ADAMW_GROUPS if adam_groups == "record" else dict.fromkeys(ADAMW_GROUPS, UNIFORM_ADAMW)
     adam = []
-    for name, (betas, decay) in ADAMW_GROUPS.items():
-        if adam_groups == "uniform":
-            betas, decay = UNIFORM_ADAMW
+    for name, (betas, decay) in settings.items():
         # empty groups are left out: a v1 model keeps its [embedding, lm_head] (its old shards load)
         if params := list(model_param_groups.get(name, [])):
             adam.append(dict(name=name, params=params, lr=lrs[name], betas=betas, weight_decay=decay))
