@@ -1,5 +1,4 @@
-"""
-The calculator tool the chat model calls between <|python_start|> and <|python_end|>: arithmetic on
+"""The calculator tool the chat model calls between <|python_start|> and <|python_end|>: arithmetic on
 int/float literals and "literal".count("literal"), parsed with `ast` and walked by hand, never eval.
 Sizes are checked before each operation, so no timer is needed and any thread may call it.
 """
@@ -72,8 +71,7 @@ def use_calculator(expr: str) -> str | None:
         x = _evaluate(ast.parse(expr, mode="eval").body)
     except Exception:  # syntax errors, refusals, overflow, deep nesting: the tool just answers nothing
         return None
-    if isinstance(x, float):  # ints print without ".0", other floats with 10 significant digits
-        text = str(int(x)) if x == int(x) and abs(x) < 1e15 else f"{x:.10g}"
-    else:
-        text = str(x)
+    if isinstance(x, float):  # whole floats print without ".0", others with 10 significant digits
+        x = int(x) if x == int(x) and abs(x) < 1e15 else f"{x:.10g}"
+    text = str(x)
     return text if len(text) <= MAX_RESULT_CHARS else None
