@@ -35,12 +35,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _paths(directory: Path, step: int, rank: int = 0) -> tuple[Path, Path, Path]:
-    return (
-        directory / f"model_{step:06d}.pt",
-        directory / f"meta_{step:06d}.json",
-        directory / f"optim_{step:06d}_rank{rank}.pt",
-    )
+def _paths(directory: Path, step: int, rank: int = 0) -> tuple[Path, ...]:
+    names = f"model_{step:06d}.pt", f"meta_{step:06d}.json", f"optim_{step:06d}_rank{rank}.pt"
+    return tuple(directory / name for name in names)
 
 
 def checkpoint_dir(source: str, model_tag: str) -> Path:
@@ -95,10 +92,6 @@ def _run_file(path: Path) -> bool:
     return _paths(path.parent, int(match[1] or match[2]))[1].exists()
 
 
-# -----------------------------------------------------------------------------
-# Save
-
-
 def save_checkpoint(
     directory: str | Path, step: int, model, optimizers: list | None, meta: dict, loader_state=None
 ) -> None:
@@ -125,11 +118,8 @@ def save_checkpoint(
         shard = {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}
         common.save_tensors(shard, optim_path)
         sums[optim_path.name] = common.checksums(optim_path)
-    gathered = [(sums, loader_state)]
     # after the writes: every shard is on disk before the meta marks the step complete
-    if common.is_distributed():
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (sums, loader_state))
+    gathered = common.all_gather((sums, loader_state))
     if rank == 0:
         meta = {**meta, "step": step, "model_config": asdict(model.config), "world_size": world_size}
         meta["sha256"] = {name: digests for rank_sums, _ in gathered for name, digests in rank_sums.items()}
@@ -139,10 +129,6 @@ def save_checkpoint(
             tmp.write_text(json.dumps(meta, indent=2, default=str))
         logger.info("saved checkpoint step %d to %s", step, directory)
     _barrier()
-
-
-# -----------------------------------------------------------------------------
-# Load
 
 
 def _read_step(directory: Path, step: int, rank: int, device, with_optimizer: bool, verify: bool) -> list:

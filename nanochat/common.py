@@ -41,12 +41,9 @@ def get_base_dir() -> Path:
 
 
 # the checkpoint folder of each training stage, under the artifact root
-STAGE_DIRS = {
-    "base": "base_checkpoints",
-    "mid": "mid_checkpoints",
-    "sft": "chatsft_checkpoints",
-    "rl": "chatrl_checkpoints",
-}
+STAGE_DIRS = dict(
+    base="base_checkpoints", mid="mid_checkpoints", sft="chatsft_checkpoints", rl="chatrl_checkpoints"
+)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -114,7 +111,7 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 # -----------------------------------------------------------------------------
-# Safe writes and locks
+# Files: safe writes, locks, and deleting only what we wrote
 
 
 @contextmanager
@@ -205,9 +202,6 @@ def hold_lock(folder: str | os.PathLike, what: str) -> None:
         tmp.write_text(json.dumps(card))
 
 
-# -----------------------------------------------------------------------------
-# Deleting only what we wrote
-
 MARKER = ".nanochat"  # in every folder nanochat creates: `--overwrite` may remove such a folder
 
 
@@ -265,7 +259,6 @@ def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None
 # Downloads
 
 MAX_BACKOFF = 60.0  # seconds; cap on the exponential wait between attempts
-CHUNK_SIZE = 1 << 20
 
 
 def _passes(path: Path, validate: Callable[[Path], object] | None) -> bool:
@@ -282,7 +275,7 @@ def _fetch_once(url: str, tmp: Path, timeout: float, bar_desc: str | None, valid
     with urllib.request.urlopen(request, timeout=timeout) as response, open(tmp, "wb") as f:
         expected = int(response.headers["Content-Length"]) if "Content-Length" in response.headers else None
         with progress_bar(expected, bar_desc, "B", unit_scale=True, disable=bar_desc is None) as bar:
-            while chunk := response.read(CHUNK_SIZE):
+            while chunk := response.read(1 << 20):
                 bar.update(f.write(chunk))
         if expected is not None and f.tell() != expected:
             raise OSError(f"body cut short: got {f.tell()} of {expected} bytes")
@@ -369,19 +362,45 @@ def compute_init(device_type: str | None = None, seed: int = 42):
     if is_ddp and device_type == "mps":
         raise RuntimeError("multi-process training is not supported on MPS; run a single process")
     torch.manual_seed(seed)  # CUDA's generators too: every rank builds the same initial model
+    device = torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) use TF32
         torch.backends.cudnn.allow_tf32 = True
-        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    else:
-        device = torch.device(device_type)
     if is_ddp and not dist.is_initialized():
         backend, device_id = ("nccl", device) if device_type == "cuda" else ("gloo", None)
         dist.init_process_group(backend=backend, device_id=device_id)
         dist.barrier()
     logger.info("compute: %s, world size %d", device, world_size)  # setup_logging keeps other ranks quiet
     return is_ddp, rank, local_rank, world_size, device
+
+
+def compute_dtype(device) -> Any:
+    """The dtype matmuls run in: bf16 on CUDA GPUs that run it natively (SM80+), fp32 elsewhere."""
+    import torch
+
+    native = torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.bfloat16 if native else torch.float32
+
+
+def autocast(device) -> Any:
+    """Every forward pass's precision: bf16 autocast where `compute_dtype` says so, else plain fp32."""
+    import torch
+
+    dtype = compute_dtype(device)
+    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def get_peak_flops(device) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device, or None when unknown (CPU, MPS, unlisted GPU)."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if (flops := next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)) is None:
+        logger.warning("unknown GPU %r: MFU will not be reported", name)
+    return flops
 
 
 def compute_cleanup() -> None:
@@ -398,6 +417,17 @@ def is_distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
+
+
+def all_gather(obj: Any) -> list:
+    """`obj` of every rank, in rank order (`[obj]` without a process group)."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:
@@ -453,13 +483,10 @@ def catch_stop_signals() -> list[str]:
 
 def resume_command() -> str:
     """The command line that resumes this run: its script and flags, with `--resume`."""
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip and arg.isdigit():  # the STEP of a `--resume STEP`
-            skip = False
-            continue
-        skip = arg == "--resume"
-        if arg not in ("--overwrite", "--resume") and not arg.startswith("--resume="):
+    argv, args = sys.argv[1:], []
+    for i, arg in enumerate(argv):
+        resume_step = i > 0 and argv[i - 1] == "--resume" and arg.isdigit()  # the STEP of `--resume STEP`
+        if not resume_step and arg not in ("--overwrite", "--resume") and not arg.startswith("--resume="):
             args.append(arg)
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     script = f"-m {spec.name}" if spec is not None else sys.argv[0]
@@ -492,13 +519,7 @@ def raise_together(errors: tuple = (UserError,), error: type[UserError] = UserEr
         yield
     except errors as e:
         problem = str(e)
-    problems = [problem]
-    if is_distributed():
-        import torch.distributed as dist
-
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
-    for rank, first in enumerate(problems):
+    for rank, first in enumerate(all_gather(problem)):
         if first is not None:
             raise error(first if rank == 0 else f"rank {rank}: {first}")
 
@@ -524,31 +545,3 @@ def check_wandb_login(run_name: str) -> None:
         problem = str(e)
     fix = "run `wandb login` (or set WANDB_API_KEY), or set WANDB_MODE=offline"
     raise UserError(f"--run {run_name}: {problem}; {fix}")
-
-
-def compute_dtype(device) -> Any:
-    """The dtype matmuls run in: bf16 on CUDA GPUs that run it natively (SM80+), fp32 elsewhere."""
-    import torch
-
-    native = torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-    return torch.bfloat16 if native else torch.float32
-
-
-def autocast(device) -> Any:
-    """Every forward pass's precision: bf16 autocast where `compute_dtype` says so, else plain fp32."""
-    import torch
-
-    dtype = compute_dtype(device)
-    return torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
-def get_peak_flops(device) -> float | None:
-    """Peak dense bf16 FLOP/s of a CUDA device, or None when unknown (CPU, MPS, unlisted GPU)."""
-    import torch
-
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    if (flops := next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)) is None:
-        logger.warning("unknown GPU %r: MFU will not be reported", name)
-    return flops

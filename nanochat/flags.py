@@ -60,8 +60,7 @@ def add_run_flags(parser) -> None:
 def add_optimizer_flags(
     parser, init_lr_frac=None, weight_decay=0.0, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004
 ) -> None:
-    """The LR and weight-decay flags of every training script, with these defaults (None: no default), and
-    --init-lr-frac when it has one."""
+    """The LR and weight-decay flags, with these defaults (None: none), and --init-lr-frac if it has one."""
     g = parser.add_argument_group("optimization")
     rate = in_range(float, 0)
     g.add_argument("--embedding-lr", type=rate, default=embedding_lr, help="AdamW LR of the token embedding")
