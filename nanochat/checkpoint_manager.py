@@ -248,10 +248,6 @@ def load_model(
     return model, tokenizer, {**meta, "model_tag": model_tag}
 
 
-# -----------------------------------------------------------------------------
-# Start or resume a training run
-
-
 def start_run(
     directory: Path,
     resume: bool | int,
@@ -326,10 +322,6 @@ def _check_run(directory, resume, overwrite, model, user_config, same_flags, ver
     return step, meta, model_state, shard
 
 
-# -----------------------------------------------------------------------------
-# Saving during a run: when, how many, and stopping on a signal
-
-
 class RunSaver:
     """When a run saves (last step, every N steps or minutes, a signal): every rank calls `due`, `save`."""
 
@@ -364,10 +356,9 @@ class RunSaver:
             rank = get_dist_info()[1]
             for old in self.clock_saves[:-KEEP_CLOCK_SAVES]:
                 model_path, meta_path, optim_path = _paths(self.directory, old, rank)
-                if rank == 0:
-                    meta_path.unlink(missing_ok=True)  # first: the step stops existing at once
-                    model_path.unlink(missing_ok=True)
-                optim_path.unlink(missing_ok=True)
+                # rank 0 deletes the meta first: the step stops existing at once
+                for path in ([meta_path, model_path] if rank == 0 else []) + [optim_path]:
+                    path.unlink(missing_ok=True)
             self.clock_saves = self.clock_saves[-KEEP_CLOCK_SAVES:]
 
     def stop(self, step: int) -> None:
@@ -380,7 +371,6 @@ class RunSaver:
         common.compute_cleanup()
         if (wandb := sys.modules.get("wandb")) is not None and wandb.run is not None:
             wandb.finish()
-
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -165,11 +165,9 @@ def sha256_of(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-@contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `<path>.lock` for the duration of the block."""
-    with filelock.FileLock(f"{os.fspath(path)}.lock"):  # not fcntl: it does not exist everywhere
-        yield
+def file_lock(path: str | os.PathLike) -> filelock.FileLock:
+    """An exclusive lock on `<path>.lock`, held for the duration of a `with` block."""
+    return filelock.FileLock(f"{os.fspath(path)}.lock")  # not fcntl: it does not exist everywhere
 
 
 _held_locks: dict[Path, filelock.BaseFileLock] = {}  # alive until the process exits: the OS frees them
@@ -221,8 +219,7 @@ def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> st
     if not folder.is_dir():
         return None
     names = sorted(p.name for p in folder.iterdir() if p.name != MARKER and not ours(p))
-    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-    return ", ".join(names[:5]) + more if names else None
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else None
 
 
 def check_removable(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None:
@@ -297,8 +294,7 @@ def download_file(
             tmp.unlink(missing_ok=True)
         if _passes(path, validate):  # complete already, or another process finished it while we waited
             return path
-        last_error: BaseException | None = None
-        for attempt in range(retries + 1):
+        for attempt in range(retries + 1):  # at least one: `last_error` is set when the loop ends
             try:
                 with atomic_path(path) as tmp:
                     _fetch_once(url, tmp, timeout, path.name if progress else None, validate)
@@ -398,7 +394,7 @@ def get_peak_flops(device) -> float | None:
     if torch.device(device).type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    if (flops := next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)) is None:
+    if (flops := next((peak for key, peak in PEAK_BF16_FLOPS if key in name), None)) is None:
         logger.warning("unknown GPU %r: MFU will not be reported", name)
     return flops
 
@@ -490,9 +486,8 @@ def resume_command() -> str:
             args.append(arg)
     spec = getattr(sys.modules["__main__"], "__spec__", None)
     script = f"-m {spec.name}" if spec is not None else sys.argv[0]
-    launcher = "python"
-    if get_dist_info()[3] > 1:
-        launcher = f"torchrun --nproc_per_node {_env_int('LOCAL_WORLD_SIZE', get_dist_info()[3])}"
+    world = get_dist_info()[3]
+    launcher = f"torchrun --nproc_per_node {_env_int('LOCAL_WORLD_SIZE', world)}" if world > 1 else "python"
     return " ".join([launcher, script, *args, "--resume"])
 
 

@@ -73,13 +73,12 @@ def add_optimizer_flags(
 
 def add_decode_flag(parser) -> None:
     """--decode, shared by the scripts that generate (default: $NANOCHAT_DECODE, else auto)."""
-    parser.add_argument(
-        "--decode",
-        choices=("auto", "compiled", "eager"),
-        default=os.environ.get("NANOCHAT_DECODE", "auto"),
-        help="decode step: compiled (torch.compile; CUDA graphs on CUDA), eager, or auto: compiled on "
-        "CUDA only (on a CPU compiling takes ~15 s with torch's cache warm, minutes cold: for long runs)",
+    what = (
+        "decode step: compiled (torch.compile; CUDA graphs on CUDA), eager, or auto: compiled on "
+        "CUDA only (on a CPU compiling takes ~15 s with torch's cache warm, minutes cold: for long runs)"
     )
+    default = os.environ.get("NANOCHAT_DECODE", "auto")
+    parser.add_argument("--decode", choices=("auto", "compiled", "eager"), default=default, help=what)
 
 
 def compile_decode(mode: str, device) -> bool:
