@@ -27,22 +27,21 @@ class Task:
     """A read-only dataset of conversations `{"messages": [...]}`, seen through a start/stop/step view."""
 
     eval_type: str = "generative"  # "categorical" | "generative"
-    rows: Sequence  # the underlying examples of a task read from data
+    rows: Sequence  # the underlying examples (of a generated task: their indices)
 
     def __init__(self, start: int = 0, stop: int | None = None, step: int = 1):
         assert start >= 0 and (stop is None or stop >= 0) and step >= 1, (start, stop, step)
         self.start, self.stop, self.step = start, stop, step
-
-    def num_examples(self) -> int:
-        """Number of underlying examples (ignores the view)."""
-        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         """The conversation dict of underlying example `index`."""
         raise NotImplementedError
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        """Whether `completion` (the assistant's reply text) is right; by default, the reference reply."""
+        """Whether `completion` (the reply text) is right: an example with an "answer" is graded on the
+        number after `#### `, any other by the reference reply."""
+        if "answer" in conversation:
+            return numbers_equal(extract_hash_answer(completion), conversation["answer"])
         return completion.strip() == last_assistant_text(conversation).strip()
 
     def reward(self, conversation: dict, completion: str) -> float:
@@ -50,7 +49,7 @@ class Task:
 
     def indices(self) -> range:
         """The underlying indices of the view (a range slice clips start and stop to the data)."""
-        return range(self.num_examples())[self.start : self.stop : self.step]
+        return range(len(self.rows))[self.start : self.stop : self.step]
 
     def __len__(self) -> int:
         return len(self.indices())
@@ -67,10 +66,7 @@ class GeneratedTask(Task):
     def __init__(self, size: int = 1000, split: str = "train", seed: int = 42, **view):
         super().__init__(**view)
         assert size >= 1 and split in ("train", "test"), (size, split)
-        self.size, self.split, self.seed = size, split, seed
-
-    def num_examples(self) -> int:
-        return self.size
+        self.rows, self.split, self.seed = range(size), split, seed
 
     def rng(self, index: int) -> random.Random:
         return random.Random(f"{self.name}/{self.split}/{self.seed}/{index}")
@@ -179,14 +175,9 @@ def load_task_rows(what: str, local: str, hub: tuple[str, str | None, str]) -> S
                 f"{TASK_DATA_ENV} to download {hub[0]} from the Hugging Face hub."
             )
         return [row for path in paths for _, row in read_jsonl(path)]
+    import datasets  # a dependency, but heavy: imported only when the hub is used
+
     path, name, split = hub
-    try:
-        import datasets  # heavy; only when the hub is actually used
-    except ImportError as e:
-        raise RuntimeError(
-            f"{what}: the `datasets` package is needed to download {path}; install it, or set "
-            f"{TASK_DATA_ENV} to a folder holding {local}"
-        ) from e
     try:
         return datasets.load_dataset(path, name, split=split)
     except Exception as e:

@@ -3,7 +3,7 @@ the number after the first `#### `. Local files: `$NANOCHAT_TASK_DATA/gsm8k/{tra
 
 import re
 
-from tasks.common import Task, extract_hash_answer, load_task_rows, numbers_equal, qa_messages
+from tasks.common import Task, extract_hash_answer, load_task_rows, qa_messages
 
 _CALC = re.compile(r"<<([^<>]*)>>")
 
@@ -35,6 +35,3 @@ class GSM8K(Task):
         row = self.rows[index]
         messages = qa_messages(row["question"], answer_to_parts(row["answer"]))
         return {"messages": messages, "answer": extract_hash_answer(row["answer"])}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return numbers_equal(extract_hash_answer(completion), conversation["answer"])

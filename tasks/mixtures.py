@@ -6,15 +6,13 @@ from tasks.customjson import CustomJSON
 from tasks.spellingbee import SimpleSpelling, SpellingBee
 from tasks.synthetic import Arithmetic, Identity
 
-IDENTITY_FILE = "chat/identity_conversations.jsonl"
-CHAT_FILE = "chat/kto_en_demo_accepted.messages.jsonl"
 OFFLINE_HINT = "; or pass --offline (synthetic tasks, no download)"  # appended to task data errors
 
 
 def identity_task(size: int):
     """The identity conversations file when NANOCHAT_TASK_DATA has it, else the synthetic Identity."""
     try:
-        return CustomJSON(IDENTITY_FILE)
+        return CustomJSON("chat/identity_conversations.jsonl")
     except FileNotFoundError:
         return Identity(size=size, split="train")
 
@@ -30,5 +28,5 @@ def offline_tasks(n: int, identity_copies: int, spelling_size: int) -> tuple[lis
     tasks = [Arithmetic(size=n, split="train"), *[identity] * identity_copies]
     tasks += [task(size=spelling_size, split="train") for task in (SpellingBee, SimpleSpelling)]
     with suppress(FileNotFoundError):  # the chat file is there only when NANOCHAT_TASK_DATA has it
-        tasks.append(CustomJSON(CHAT_FILE))
+        tasks.append(CustomJSON("chat/kto_en_demo_accepted.messages.jsonl"))
     return tasks, [task(size=max(1, n // 20), split="test") for task in (Arithmetic, Identity, SpellingBee)]

@@ -10,7 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 from nanochat import dataset
-from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal, qa_messages, task_data_dir
+from tasks.common import GeneratedTask, qa_messages, task_data_dir
 
 SYSTEM_WORDS = Path("/usr/share/dict/words")
 _WORD = re.compile(r"^[a-z]+$")
@@ -115,9 +115,6 @@ class SpellingBee(WordTask):
         ]
         messages = qa_messages(question, parts)
         return {"messages": messages, "answer": str(count), "word": word, "letter": letter}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return numbers_equal(extract_hash_answer(completion), conversation["answer"])
 
 
 # ------------------------------------------------------------------------------ spelling out

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from nanochat.calculator import use_calculator
-from tasks.common import GeneratedTask, extract_hash_answer, numbers_equal, qa_messages
+from tasks.common import GeneratedTask, qa_messages
 
 NAMES = "Ana Ben Chloe Dev Emma Farid Grace Hiro Ines Jonas Kemi Liam Mei Noah".split()
 ITEMS = "apples,notebooks,pencils,tickets,muffins,stickers,oranges,bottles of juice,comic books".split(",")
@@ -143,9 +143,6 @@ class Arithmetic(GeneratedTask):
         closing = f" {closing}" if closing else ""
         parts.append({"type": "text", "text": f"\n\nSo the answer is {value}{closing}.\n\n#### {value}"})
         return {"messages": qa_messages(question, parts), "answer": value}
-
-    def evaluate(self, conversation: dict, completion: str) -> bool:
-        return numbers_equal(extract_hash_answer(completion), conversation["answer"])
 
 
 # ------------------------------------------------------------------------------ identity

@@ -69,18 +69,15 @@ class TinyMC(Task):
 
     def __init__(self, golds: list[str], **view):
         super().__init__(**view)
-        self.golds = golds
+        self.rows = golds
         self.seen: list[int] = []  # the examples this process asked for
-
-    def num_examples(self):
-        return len(self.golds)
 
     def get_example(self, index):
         self.seen.append(index)
         question = "Question number " + "very " * (index * 7) + f"long {index}? - x=A - y=B - z=C - w=D"
         messages = [
             {"role": "user", "content": question},
-            {"role": "assistant", "content": self.golds[index]},
+            {"role": "assistant", "content": self.rows[index]},
         ]
         return {"messages": messages, "letters": ["A", "B", "C", "D"]}
 
@@ -116,8 +113,7 @@ def test_categorical_accuracy_on_arc_matches_the_share_of_gold_letters(tokenizer
 class EchoTask(Task):
     """Generative problems whose correct answer is the text `answer <i>`."""
 
-    def num_examples(self):
-        return 4
+    rows = range(4)
 
     def get_example(self, index):
         messages = [{"role": "user", "content": f"say answer {index}"}, {"role": "assistant", "content": ""}]

@@ -75,7 +75,7 @@ class Numbers(common.Task):
 )
 def test_shared_data_row_counts(shared_tasks, make, args, expected):
     task = make(*args)
-    assert len(task) == task.num_examples() == expected
+    assert len(task) == len(task.rows) == expected
     assert task[expected - 1]["messages"]  # the last row loads too
 
 
