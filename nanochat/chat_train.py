@@ -1,15 +1,9 @@
 """
 The training loop of midtraining and SFT, written once: each script states its data, defaults and
-accuracy evals, then calls `train`.
-
-    Loss of a step = Σ supervised-token losses of every micro-batch on every rank / the step's
-    supervised tokens: never NaN, and the gradient of one big batch however the rows are split.
-
+accuracy evals, then calls `train`. A step's loss is the mean over the supervised tokens of every
+micro-batch on every rank: never NaN, and the gradient of one big batch however the rows are split.
 Length: --num-iterations, else one epoch (the first step where some rank has used its share).
-Checkpoints go to `<stage>_checkpoints/<source tag>`; --resume continues exactly.
 """
-
-from __future__ import annotations
 
 import argparse
 import time
@@ -33,10 +27,9 @@ def accumulate_gradients(model: torch.nn.Module, micro_batches: list) -> tuple[f
     """Backward over one step's (inputs, targets) micro-batches: (mean token loss, supervised tokens)."""
     device = micro_batches[0][1].device
     count = sum((targets >= 0).sum() for _, targets in micro_batches)
-    world_size = 1
+    world_size = dist.get_world_size() if is_distributed() else 1
     if is_distributed():
         dist.all_reduce(count)  # before the first backward: every rank divides by the step's count
-        world_size = dist.get_world_size()
     denom = count.clamp(min=1).float()  # a step without supervised tokens: loss 0, not NaN
     loss_sum = torch.zeros((), device=device)
     for inputs, targets in micro_batches:
@@ -61,11 +54,9 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterator, steps: int) -> floa
         with common.autocast(device):
             total += model(inputs, targets, loss_reduction="sum").double()
         count += (targets >= 0).sum()
-    if is_distributed():
-        dist.all_reduce(total)
-        dist.all_reduce(count)
     model.train()
-    return (total / count.clamp(min=1)).item()
+    total, count = common.all_reduce_sum([total.item(), count.item()], device)
+    return total / max(count, 1)
 
 
 def chat_lr_multiplier(
@@ -130,21 +121,22 @@ def plan(args: argparse.Namespace, config, world_size: int) -> tuple[int, int, i
     return B, T, grad_accum
 
 
-def write_report(section: str, user_config: dict, source: str, steps: int, shape: dict, state: dict) -> None:
-    """The stage's report section: its flags, then the run's `shape` and what the loop measured."""
-    results = {
-        "source": source,
-        "iterations": steps,
-        "epoch progress": state["progress"],
-        **shape,
-        "supervised tokens": state["supervised_tokens"],
-        "final train loss": state["train_loss"],
-        "min val loss": state["min_val_loss"],
-        "final val loss": state["val_loss"],
-        **state["metrics"],
-        "training time (min)": state["training_time"] / 60,
-    }
-    log_section(section, [user_config, results])
+def open_run(args, script: str, stage: str, model, tag: str, user_config: dict, same: tuple) -> tuple:
+    """After the wandb check and a dry run's exit (0): fresh optimizers and the stage's run folder, new
+    or resumed (--resume, --overwrite): (optimizers, checkpoint dir, start step, resumed checkpoint)."""
+    with common.exit_on_user_error(script):
+        common.check_wandb_login(args.run)  # before the dry run's exit: it checks this too
+        if args.dry_run:
+            common.compute_cleanup()
+            raise SystemExit(0)
+        optimizers = optimizers_for(model, args)  # fresh: the source run's moments are not carried over
+        ckpt_dir = checkpoint_manager.checkpoint_dir(stage, args.out_tag or tag)
+        start_step, resumed = checkpoint_manager.start_run(
+            ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
+        )
+    if args.resume:
+        print0(f"resumed from step {start_step}")
+    return optimizers, ckpt_dir, start_step, resumed
 
 
 def train(
@@ -167,18 +159,8 @@ def train(
         print0(f"source: {source}  model: {model.config}")
         B, T, grad_accum = plan(args, model.config, world_size)
         print0(f"steps: {num_iterations if num_iterations > 0 else 'one epoch'}")
-        common.check_wandb_login(args.run)  # before the dry run's exit: it checks this too
-        if args.dry_run:
-            common.compute_cleanup()
-            return
-        optimizers = optimizers_for(model, args)
-        ckpt_dir = checkpoint_manager.checkpoint_dir(stage, args.out_tag or tag)
-        same = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
-        start_step, resumed = checkpoint_manager.start_run(
-            ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
-        )
-    if args.resume:
-        print0(f"resumed from step {start_step}")
+    same = ("device_batch_size", "total_batch_size", "max_seq_len", "num_iterations", "offline")
+    optimizers, ckpt_dir, start_step, resumed = open_run(args, stage, stage, model, tag, user_config, same)
     loader_state = resumed["dataloader_state"][rank] if resumed else None
     orig_model = model  # uncompiled: checkpoints and generation
     model = common.compiled(model, device) if args.compile else model
@@ -239,7 +221,20 @@ def train(
         run_log.log({"step": step, **record, "dt": dt})
         step += 1
 
-    shape = {"world size": world_size, "device batch size": B, "gradient accumulation": grad_accum}
-    write_report(section, user_config, source, step, shape, state)
+    results = {
+        "source": source,
+        "iterations": step,
+        "epoch progress": state["progress"],
+        "world size": world_size,
+        "device batch size": B,
+        "gradient accumulation": grad_accum,
+        "supervised tokens": state["supervised_tokens"],
+        "final train loss": state["train_loss"],
+        "min val loss": state["min_val_loss"],
+        "final val loss": state["val_loss"],
+        **state["metrics"],
+        "training time (min)": state["training_time"] / 60,
+    }
+    log_section(section, [user_config, results])
     run_log.finish()
     common.compute_cleanup()

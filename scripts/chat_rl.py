@@ -5,14 +5,9 @@ Reinforcement learning on math word problems: on-policy, group-relative REINFORC
     python -m scripts.chat_rl --offline                        # synthetic Arithmetic, no download
     torchrun --nproc_per_node 8 -m scripts.chat_rl
 
-Each step samples --num-samples answers to each of --examples-per-step questions (with the
-calculator tool); advantage = reward − its group's mean (no std scaling, no KL, no reference
-model); objective = −Σ advantage·log p over the sampled tokens / the step's sampled tokens.
-Question j of step s is (s·examples_per_step + j) mod N, sampled with seed (--seed, s, j) whatever
-the number of ranks, so --resume replays exactly. Eval: mean reward and unbiased pass@k.
+Each step samples a group of answers per question (with the calculator tool); advantage = reward −
+the group's mean (no std scaling, KL or reference model). Eval: mean reward and unbiased pass@k.
 """
-
-from __future__ import annotations
 
 import argparse
 import math
@@ -64,8 +59,9 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint_manager
+from nanochat.chat_train import open_run
 from nanochat.engine import Engine, prompt_and_budget
-from nanochat.optim import apply_schedule, lr_multiplier, optimizers_for
+from nanochat.optim import apply_schedule, lr_multiplier
 from nanochat.report import MetricsLog, eta, log_section, read_log
 from tasks.common import TASK_DATA_ERRORS
 from tasks.gsm8k import GSM8K
@@ -83,9 +79,7 @@ def group_advantages(rewards: torch.Tensor) -> torch.Tensor:
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of a question with c correct among n samples: 1 - C(n-c, k) / C(n, k)."""
     assert 1 <= k <= n, (k, n)
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)  # comb is 0 where k > n - c: pass@k is 1
 
 
 def rollout_batch(
@@ -97,12 +91,9 @@ def rollout_batch(
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     trained = torch.zeros((len(sequences), width), dtype=torch.bool)
     for row, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
-        assert len(seq) == len(mask), (row, len(seq), len(mask))
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         trained[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
-    inputs = ids[:, :-1]
-    targets = ids[:, 1:].masked_fill(~trained[:, 1:], -1)
-    return inputs.to(device), targets.to(device)
+    return ids[:, :-1].to(device), ids[:, 1:].masked_fill(~trained[:, 1:], -1).to(device)
 
 
 def policy_gradient_loss(
@@ -151,20 +142,9 @@ if __name__ == "__main__":
         f"on {type(train_task).__name__} ({len(train_task)} questions, {len(test_task)} for eval), "
         f"{world_size} rank(s)"
     )
-    with common.exit_on_user_error("chat_rl"):
-        common.check_wandb_login(args.run)  # before the dry run's exit: it checks this too
-        if args.dry_run:
-            common.compute_cleanup()
-            raise SystemExit(0)
-        optimizers = optimizers_for(model, args)  # fresh: the SFT run's moments are not carried over
-        ckpt_dir = checkpoint_manager.checkpoint_dir("rl", args.out_tag or model_tag)
-        same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
-        same += ("num_iterations",)
-        start_step, _ = checkpoint_manager.start_run(
-            ckpt_dir, args.resume, args.overwrite, model, optimizers, user_config, same, args.verify
-        )
-    if args.resume:
-        print0(f"resumed from step {start_step}")
+    same = ("examples_per_step", "num_samples", "max_new_tokens", "seed", "offline", "init_lr_frac")
+    same += ("num_iterations",)
+    optimizers, ckpt_dir, start_step, _ = open_run(args, "chat_rl", "rl", model, model_tag, user_config, same)
     engine = Engine(model, tokenizer, compile=flags.compile_decode(args.decode, device))
     pad_id = tokenizer.get_bos_token_id()
 
@@ -188,10 +168,8 @@ if __name__ == "__main__":
         for index in range(rank, eval_examples, world_size):
             _, _, rewards = sample(test_task, index, args.eval_samples, seed=index)
             correct = sum(r > 0 for r in rewards)
-            sums[0] += 1
-            sums[1] += sum(rewards) / len(rewards)
-            for i, k in enumerate(ks):
-                sums[2 + i] += pass_at_k(args.eval_samples, correct, k)
+            row = [1, sum(rewards) / len(rewards), *(pass_at_k(args.eval_samples, correct, k) for k in ks)]
+            sums = [total + value for total, value in zip(sums, row, strict=True)]
         model.train()
         sums = common.all_reduce_sum(sums, device)
         n = max(sums[0], 1)
@@ -204,7 +182,6 @@ if __name__ == "__main__":
     )
     last_eval: dict = {}
     training_time = 0.0  # this process's steps (a resumed run starts it again): the ETA's pace
-    per_rank = args.examples_per_step // world_size
     # on SIGTERM: save, exit 0
     saver = checkpoint_manager.RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
     for step in range(start_step, num_steps + 1):
@@ -225,8 +202,8 @@ if __name__ == "__main__":
         model.eval()
         rollouts = []  # (sequences, masks, advantages (num_samples,)) per question
         reward_sum = 0.0
-        for local in range(per_rank):
-            j = rank + local * world_size  # position of the question within the step, across ranks
+        # question j of step s and its seed do not depend on the ranks: --resume and 2 ranks replay exactly
+        for j in range(rank, args.examples_per_step, world_size):  # j: the question's place in the step
             index = (step * args.examples_per_step + j) % len(train_task)
             seed = (args.seed * 1_000_003 + step * args.examples_per_step + j) % 2**62
             sequences, masks, rewards = sample(train_task, index, args.num_samples, seed)
@@ -235,11 +212,8 @@ if __name__ == "__main__":
             rollouts.append((sequences, masks, group_advantages(rewards)))
         model.train()
         local_tokens = sum(sum(m[1:]) for _, masks, _ in rollouts for m in masks)
-        num_tokens, reward_total, samples = common.all_reduce_sum(
-            [local_tokens, reward_sum, per_rank * args.num_samples], device
-        )
-        num_tokens = int(num_tokens)
-        mean_reward = reward_total / samples
+        num_tokens, reward_total = common.all_reduce_sum([local_tokens, reward_sum], device)
+        num_tokens, mean_reward = int(num_tokens), reward_total / (args.examples_per_step * args.num_samples)
 
         # one policy-gradient step over every rollout, device_batch_size rows at a time
         objective = torch.zeros((), device=device, dtype=torch.float64)
