@@ -5,11 +5,8 @@ Pretrain the base model on the shards in base_data/.
     torchrun --nproc_per_node 8 -m scripts.base_train --depth 20  # one node, 8 GPUs
 
 The defaults are the public nanochat record's (GPU-scale evidence): its architecture (--arch) and
-optimizer recipe (--recipe); `--arch v1 --recipe v1` is ours before, and a flag set explicitly wins
-over its recipe's value. Length: --num-iterations, else --target-flops, else
---target-param-data-ratio × the scaling parameters (block weights + lm_head, the record's count).
---resume continues bit for bit; --dry-run prints the plan (sizes, steps, memory, every optimizer
-group), checks the wandb login and the CORE bundle, and exits before allocating the model.
+optimizer recipe (--recipe); `--arch v1 --recipe v1` is ours before. --resume continues bit for bit;
+--dry-run prints the plan, checks the wandb login and the CORE bundle, and exits before allocating.
 """
 
 import argparse
@@ -117,9 +114,7 @@ g.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation 
 g.add_argument("--core-metric-every", type=int, default=2000, help="steps between CORE evals (-1: off)")
 g.add_argument("--core-metric-max-per-task", type=int, default=500, help="CORE examples per task")
 g.add_argument("--sample-every", type=int, default=2000, help="steps between greedy samples (-1: off)")
-g.add_argument(
-    "--save-every", type=int, default=-1, help="steps between saves (-1: by the clock and at the end)"
-)
+g.add_argument("--save-every", type=int, default=-1, help="steps between saves (-1: by clock and at end)")
 g = parser.add_argument_group("run")
 add_run_flags(g)
 g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
@@ -164,9 +159,7 @@ master = rank == 0
 with common.exit_together("base_train", errors=(UserError, FileNotFoundError)):
     tokenizer = get_tokenizer()
     if not list_parquet_files():
-        raise UserError(
-            "no pretraining data in base_data/: run `python -m nanochat.dataset -n 8` (or --offline)"
-        )
+        raise UserError("no shards in base_data/: run `python -m nanochat.dataset -n 8` (or --offline)")
 
 
 def model_config(depth: int) -> GPTConfig:
@@ -192,9 +185,7 @@ with common.exit_on_user_error("base_train", errors=(UserError, ValueError)):
         lr_scale = optim.batch_lr_scale(args.total_batch_size)
         print0(f"total batch size: auto -> {args.total_batch_size:,} tokens (LRs × {lr_scale:.3f})")
     elif args.total_batch_size < 1:
-        raise UserError(
-            f"--total-batch-size must be tokens or -1 (by model size), got {args.total_batch_size}"
-        )
+        raise UserError(f"--total-batch-size must be > 0 or -1 (by model size), got {args.total_batch_size}")
 
     if args.device_batch_size == "auto":
         if device.type == "cuda":
@@ -227,9 +218,7 @@ with common.exit_on_user_error("base_train", errors=(UserError, ValueError)):
     else:
         raise UserError("set one of --num-iterations, --target-flops or --target-param-data-ratio")
     if num_iterations < 1:
-        raise UserError(
-            f"that gives {num_iterations} steps; lower --total-batch-size or raise the length target"
-        )
+        raise UserError(f"{num_iterations} steps: lower --total-batch-size or raise the length target")
     if not 0 <= args.weight_ema < 1:
         raise UserError(f"--weight-ema must be in [0, 1) (0: off), got {args.weight_ema}")
 total_tokens = num_iterations * args.total_batch_size
@@ -435,32 +424,27 @@ training_minutes = state["training_time"] / 60
 cropped = train_loader.cropped_fraction
 print0(f"peak memory: {peak_memory / 2**30:.2f} GiB  training time: {training_minutes:.2f} min")
 print0(f"min val bpb: {state['min_val_bpb']:.4f}  cropped fraction of training tokens: {cropped:.4f}")
-log_section(
-    "Base model training",
-    [
-        user_config,
-        {
-            "model": str(asdict(config)),
-            "parameters": num_params,
-            "FLOPs per token": flops_per_token,
-            "iterations": num_iterations,
-            "training tokens": total_tokens,
-            "scaling parameters": scaling_params,
-            "tokens per scaling parameter": total_tokens / scaling_params,
-            "total batch size": args.total_batch_size,
-            "world size": world_size,
-            "device batch size": B,
-            "gradient accumulation": grad_accum,
-            "min val bpb": state["min_val_bpb"],
-            "final val bpb": state["val_bpb"],
-            "CORE": state["core"] if state["core"] is not None else "not evaluated (--core-metric-every -1)",
-            "MFU %": mfu if not math.isnan(mfu) else "n/a (no known peak FLOPs for this device)",
-            "total training FLOPs": flops_per_token * total_tokens,
-            "training time (min)": training_minutes,
-            "peak memory (GiB)": peak_memory / 2**30,
-            "cropped fraction": cropped,
-        },
-    ],
-)
+results = {
+    "model": str(asdict(config)),
+    "parameters": num_params,
+    "FLOPs per token": flops_per_token,
+    "iterations": num_iterations,
+    "training tokens": total_tokens,
+    "scaling parameters": scaling_params,
+    "tokens per scaling parameter": total_tokens / scaling_params,
+    "total batch size": args.total_batch_size,
+    "world size": world_size,
+    "device batch size": B,
+    "gradient accumulation": grad_accum,
+    "min val bpb": state["min_val_bpb"],
+    "final val bpb": state["val_bpb"],
+    "CORE": state["core"] if state["core"] is not None else "not evaluated (--core-metric-every -1)",
+    "MFU %": mfu if not math.isnan(mfu) else "n/a (no known peak FLOPs for this device)",
+    "total training FLOPs": flops_per_token * total_tokens,
+    "training time (min)": training_minutes,
+    "peak memory (GiB)": peak_memory / 2**30,
+    "cropped fraction": cropped,
+}
+log_section("Base model training", [user_config, results])
 run_log.finish()
 common.compute_cleanup()

@@ -9,8 +9,6 @@ ChatCORE = the mean over the six standard tasks of (acc - baseline) / (1 - basel
 them missing there is none (a mean over fewer would pose as it): the tasks that ran are reported.
 """
 
-from __future__ import annotations
-
 import argparse
 import time
 from pathlib import Path
@@ -40,9 +38,7 @@ def parse_task_names(spec: str) -> list[str]:
     names = [name.strip() for name in spec.split("|") if name.strip()]
     unknown = [name for name in names if name not in TASKS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown task(s) {unknown or spec!r}; choose from {'|'.join(TASKS)}"
-        )
+        raise argparse.ArgumentTypeError(f"unknown task(s) {unknown or spec!r}; pick from {'|'.join(TASKS)}")
     return list(dict.fromkeys(names))  # drop repeats, keep order
 
 
@@ -149,10 +145,10 @@ def report(args: argparse.Namespace, meta: dict, accuracies: dict[str, float], t
     earlier = read_sections(common.get_base_dir() / "report").get(section, {}).get("data", {})
     same = (earlier.get("model tag"), earlier.get("model step")) == (meta["model_tag"], meta.get("step"))
     if same:
-        accuracies = {**{k: v for k, v in earlier.items() if k in TASKS}, **accuracies}
+        accuracies = {k: v for k, v in earlier.items() if k in TASKS} | accuracies
     score, missing = chatcore(accuracies)
     print0(f"ChatCORE: {score:.4f}" if score is not None else f"no ChatCORE: missing {', '.join(missing)}")
-    summary = {"ChatCORE": score} if score is not None else {}
+    accuracies = accuracies | ({"ChatCORE": score} if score is not None else {})
     run = {
         "source": args.source,
         "model tag": meta["model_tag"],
@@ -161,8 +157,8 @@ def report(args: argparse.Namespace, meta: dict, accuracies: dict[str, float], t
         "num samples": args.num_samples,
         "temperature": args.temperature,
     }
-    log_section(section, [run, table, {**accuracies, **summary}], merge=same)
-    return {**accuracies, **({"ChatCORE": score} if score is not None else {})}
+    log_section(section, [run, table, accuracies], merge=same)
+    return accuracies
 
 
 if __name__ == "__main__":

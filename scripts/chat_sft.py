@@ -5,9 +5,8 @@ Supervised finetuning (SFT): train the midtrained model on curated chat conversa
     torchrun --nproc_per_node 8 -m scripts.chat_sft              # one node, 8 GPUs
     python -m scripts.chat_sft --offline --device-type cpu       # synthetic tasks only
 
-Only assistant tokens are trained, from the mid checkpoint (--source base skips midtraining) at 2%
-of the base LRs, decaying linearly to 0; accuracy every --metrics-every steps and at the end. The
-loop is `nanochat.chat_train.train`, shared with mid_train.
+Only assistant tokens are trained (--source base skips midtraining), with accuracy evals along the
+way; the loop is `nanochat.chat_train.train`, shared with mid_train.
 """
 
 from nanochat.flags import chat_flags
