@@ -3,8 +3,6 @@ int/float literals and "literal".count("literal"), parsed with `ast` and walked 
 Sizes are checked before each operation, so no timer is needed and any thread may call it.
 """
 
-from __future__ import annotations
-
 import ast
 import math
 import operator

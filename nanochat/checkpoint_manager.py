@@ -2,8 +2,6 @@
 one `optim_{step:06d}_rank{r}.pt` per rank (optimizer shard + RNG) and `meta_{step:06d}.json`, written
 last: a step exists once its meta does. Nothing is unpickled: every `.pt` loads with `weights_only=True`."""
 
-from __future__ import annotations
-
 import json
 import logging
 import math

@@ -2,8 +2,6 @@
 compute, stopping and the one exit path for user errors. No torch import at module load, so the data
 tools stay light; ranks come from torchrun's environment variables."""
 
-from __future__ import annotations
-
 import argparse
 import hashlib
 import json

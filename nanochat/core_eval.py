@@ -5,8 +5,6 @@ option of lowest mean loss; language_modeling needs the greedy argmax on every t
 centered accuracy; with `skip_missing`, tasks without a data file are skipped and CORE is partial.
 """
 
-from __future__ import annotations
-
 import csv
 import json
 import logging

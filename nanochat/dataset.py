@@ -10,8 +10,6 @@ One layout for every corpus, one corpus per directory: `shard_{i:05d}.parquet` f
 row groups of at most 1024 docs (the unit ranks split work by), the val shard named in manifest.json.
 """
 
-from __future__ import annotations
-
 import argparse
 import gzip
 import json

@@ -5,8 +5,6 @@ A prompt is prefilled eagerly; every live row then takes one fixed-shape decode 
 (compiled with `Engine(compile=True)`; CUDA graphs on CUDA).
 """
 
-from __future__ import annotations
-
 import bisect
 import logging
 import queue

@@ -10,8 +10,6 @@ each mode stops and what it cannot. The verdict comes from no channel the progra
 arrives after a random nonce, which the prelude writes to stdout only after the last statement ran.
 """
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import os

@@ -1,8 +1,6 @@
 """The command-line flags that several scripts share. Torch-free: a script parses its flags first and
 imports torch after, so `--help` (and a bad flag) answers in a fraction of a second."""
 
-from __future__ import annotations
-
 import argparse
 import os
 

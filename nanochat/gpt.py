@@ -8,8 +8,6 @@ KV cache protocol (nanochat/engine.py): `get_pos()` (an int, or (B,) per-row pos
 `insert_kv(layer, k, v) -> (k_all, v_all)`, and with smear `swap_last_embedding(last) -> previous`.
 """
 
-from __future__ import annotations
-
 import functools
 import math
 from dataclasses import dataclass

@@ -1,8 +1,6 @@
 """Bits per byte: the summed loss (nats) over the bytes the target tokens stand for, in bits. Unlike the
 mean loss per token it does not reward a tokenizer for short tokens, so vocabularies compare."""
 
-from __future__ import annotations
-
 import math
 from collections.abc import Iterable
 

@@ -8,8 +8,6 @@ scalars), each with the public nanochat record's betas and decay per group.
 - Schedules are plain functions applied by `apply_schedule`.
 """
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable, Iterable
 from typing import Any

@@ -5,8 +5,6 @@ training curves, then every section). `reset` starts a run's report; `done TITLE
 has logged that section (speedrun.sh skips on it). Only rank 0 writes.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import math

@@ -7,8 +7,6 @@ strided across ranks and sampling seeds come from problem indices, so the accura
 on the number of ranks.
 """
 
-from __future__ import annotations
-
 import torch
 import torch.distributed as dist
 from torch.nn.utils.rnn import pad_sequence

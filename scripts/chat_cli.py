@@ -8,8 +8,6 @@ Chat with a trained model in the terminal.
 so far stays) or clears the line being typed, and never quits.
 """
 
-from __future__ import annotations
-
 import argparse
 import contextlib
 from collections.abc import Iterator
