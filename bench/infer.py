@@ -103,7 +103,7 @@ N = args.gen_tokens
 
 def prefill() -> torch.Tensor:
     engine.cache.clear(0)
-    return engine.prefill(0, prompt)
+    return engine.prefill(0, [prompt])
 
 
 with torch.no_grad():

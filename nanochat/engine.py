@@ -243,34 +243,30 @@ class Engine:
 
     # ---- forwards
 
-    def prefill(self, row: int, ids: list[int]) -> torch.Tensor:
-        """Feeds ids into one row of the cache (eager, any length): the logits (1, V) after the last."""
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
+    def prefill(self, first: int, ids: list[list[int]]) -> torch.Tensor:
+        """Feeds ids (n rows of T) into rows first .. first+n-1, all of one length (eager, any T): the
+        logits (n, V) after the last."""
+        idx = torch.tensor(ids, dtype=torch.long, device=self.device)
         with autocast(self.device):
-            return self.model(idx, kv_cache=_SameLengthRows(self.cache, row, 1))[:, -1]
+            return self.model(idx, kv_cache=_SameLengthRows(self.cache, first, len(ids)))[:, -1]
 
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
         """One token into each of rows 0 .. n-1: the logits (n, V). Eager, the step takes exactly the rows
         and keys there are; compiled, both round up to buckets (the graphs' fixed shapes)."""
         n, c = len(tokens), self.cache
         if not self.compiled and len(set(c.lengths[:n])) == 1:  # e.g. the samples of one prompt
-            with autocast(self.device):
-                ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
-                return self.model(ids, kv_cache=_SameLengthRows(c, 0, n))[:, -1]
+            return self.prefill(0, [[t] for t in tokens])
         step, rows, keys = _decode_step, n, keys or max(c.lengths[:n]) + 1
         if self.compiled:
             step, rows, keys = self._compiled(), _bucket(n), next(k for k in self.key_buckets if k >= keys)
-        ids = torch.zeros(rows, 1, dtype=torch.long)
-        ids[:n, 0] = torch.tensor(tokens, dtype=torch.long)
-        ids = ids.to(self.device)
+        ids = torch.tensor(tokens + [0] * (rows - n), dtype=torch.long, device=self.device)[:, None]
         if self.compiled and rows > 1 and self.device.type == "cpu":
             # one CPU graph for every batch of 2+ rows (as fast as one per bucket, half the compiling);
             # CUDA graphs need each shape fixed
             torch._dynamo.mark_dynamic(ids, 0, min=2, max=c.rows)
         with autocast(self.device):
             logits = step(self.model, ids, c.k, c.v, c.pos, c.last, keys)
-        for r in range(n):
-            c.lengths[r] += 1
+        c.lengths[:n] = [length + 1 for length in c.lengths[:n]]
         return logits[:n].clone()  # a CUDA graph's output is overwritten by its next run
 
     def _compiled(self):
@@ -347,7 +343,7 @@ class Engine:
         assert len(self.active) + len(requests) <= self.max_batch, "the batch is full"
         first = len(self.active)
         self.cache.clear(first)
-        logits = self.prefill(first, requests[0].tokens)
+        logits = self.prefill(first, [requests[0].tokens])
         for r in range(first + 1, first + len(requests)):
             self.cache.copy_row(first, r)
         self.active.extend(requests)
