@@ -56,7 +56,7 @@ if __name__ == "__main__":
     user_config = vars(args).copy()
 
 import torch
-import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat import checkpoint_manager
 from nanochat.chat_train import open_run
@@ -87,12 +87,8 @@ def rollout_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), both (B, L-1) for the longest row length L: targets are the next tokens,
     -1 where the token was not sampled (prompt, forced tool output) and on padding."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    trained = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for row, (seq, mask) in enumerate(zip(sequences, masks, strict=True)):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        trained[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
+    ids = pad_sequence([torch.tensor(s) for s in sequences], batch_first=True, padding_value=pad_id)
+    trained = pad_sequence([torch.tensor(m, dtype=torch.bool) for m in masks], batch_first=True)
     return ids[:, :-1].to(device), ids[:, 1:].masked_fill(~trained[:, 1:], -1).to(device)
 
 
@@ -112,7 +108,7 @@ def policy_gradient_loss(
 if __name__ == "__main__":
     # ---------------------------------------------------------------------- compute, tasks (before the model)
     common.setup_logging()
-    is_ddp, rank, _, world_size, device = common.compute_init(args.device_type)
+    _, rank, _, world_size, device = common.compute_init(args.device_type)
     if args.offline:
         train_task = Arithmetic(size=5000, split="train")
         test_task = Arithmetic(size=256, split="test")  # the test questions chat_eval grades offline
@@ -182,11 +178,10 @@ if __name__ == "__main__":
     )
     last_eval: dict = {}
     training_time = 0.0  # this process's steps (a resumed run starts it again): the ETA's pace
-    # on SIGTERM: save, exit 0
     saver = checkpoint_manager.RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
     for step in range(start_step, num_steps + 1):
         last_step = step == num_steps
-        if saver.due(step, last_step):
+        if saver.due(step, last_step):  # also on SIGTERM: save, exit 0
             saver.save(step, model, optimizers, {"user_config": user_config, "source": args.source})
 
         if last_step or step == start_step == 0 or (args.eval_every > 0 and step % args.eval_every == 0):
@@ -207,9 +202,8 @@ if __name__ == "__main__":
             index = (step * args.examples_per_step + j) % len(train_task)
             seed = (args.seed * 1_000_003 + step * args.examples_per_step + j) % 2**62
             sequences, masks, rewards = sample(train_task, index, args.num_samples, seed)
-            rewards = torch.tensor(rewards, dtype=torch.float32)
-            reward_sum += rewards.sum().item()
-            rollouts.append((sequences, masks, group_advantages(rewards)))
+            reward_sum += sum(rewards)
+            rollouts.append((sequences, masks, group_advantages(torch.tensor(rewards, dtype=torch.float32))))
         model.train()
         local_tokens = sum(sum(m[1:]) for _, masks, _ in rollouts for m in masks)
         num_tokens, reward_total = common.all_reduce_sum([local_tokens, reward_sum], device)
@@ -231,9 +225,7 @@ if __name__ == "__main__":
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        if is_ddp:
-            dist.all_reduce(objective)
-        loss_value = objective.item()
+        (loss_value,) = common.all_reduce_sum([objective.item()], device)
         dt = time.time() - t0
         training_time += dt
         print0(
