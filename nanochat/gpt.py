@@ -109,7 +109,6 @@ def config_from_depth(
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm over the last dim, no learnable gain."""
     return F.rms_norm(x, (x.size(-1),), eps=NORM_EPS)
 
 
@@ -315,9 +314,8 @@ class GPT(nn.Module):
             nn.init.zeros_(self.smear_lambda)  # smear starts with no effect
         if c.backout:
             nn.init.constant_(self.backout_lambda, 0.2)
-        cos, sin = self.compute_rotary(self.cos.device)
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
+        for buffer, values in zip((self.cos, self.sin), self.compute_rotary(self.cos.device), strict=True):
+            buffer.copy_(values)
 
     def compute_rotary(self, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The values of the rotary buffers cos and sin: never saved, a checkpoint load computes them."""
@@ -435,8 +433,7 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
     mlp = (
         f32 * N * (C + 1)  # residual stream x and rstd
         + c * N * C  # c_fc input
-        + c * N * 4 * C  # relu output (shared by relu and square backward)
-        + c * N * 4 * C  # c_proj input
+        + 2 * c * N * 4 * C  # relu output (shared by relu and square backward), c_proj input
     )
     ends = f32 * N * (C + 1) * 2 + c * N * C  # embedding and final-norm inputs + rstd; lm_head input
     logits = 2 * f32 * N * V  # tanh output and log-softmax output (fp32)
@@ -451,8 +448,7 @@ def _activation_bytes(config: GPTConfig, batch: int, seq: int, compute_dtype: to
     if config.backout and config.n_layer <= 2:  # the middle is the last block: nothing else saves it
         record += f32 * N * C
     ve_layers = sum(config.has_value_embed(i) for i in range(config.n_layer))
-    # per value embedding: the table rows, the gate's sigmoid output and the gate (and autocast's
-    # copy of the gate's input channels)
+    # per value embedding: table rows, the gate's sigmoid output and the gate (+ autocast's input copy)
     record += ve_layers * N * (f32 * kv_dim + 2 * c * Hkv + (c * VE_GATE_CHANNELS if autocast else 0))
     windowed = sum(w is not None and w < seq for w in config.window_sizes())
     record += windowed * c * seq * seq  # SDPA's additive copy of the band mask, one per layer

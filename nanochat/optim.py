@@ -5,7 +5,6 @@ scalars), each with the public nanochat record's betas and decay per group.
   AdamW is ZeRO-2 style (each rank keeps state for its rows of a parameter); Muon gives each matrix one
   owner rank. Every reduction is launched first, then awaited in turn.
 - `state_dict()` is this rank's shard only and records the layout it was sharded for.
-- Schedules are plain functions applied by `apply_schedule`.
 """
 
 import math
@@ -42,7 +41,6 @@ NORMUON_BETA2 = 0.95  # EMA of each row's mean square update
 
 
 def _world() -> tuple[int, int]:
-    """(world_size, rank) of the default process group; (1, 0) without one."""
     return (dist.get_world_size(), dist.get_rank()) if is_distributed() else (1, 0)
 
 
@@ -371,10 +369,8 @@ def apply_schedule(
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if isinstance(opt, Muon):
-                if momentum is not None:
-                    group["momentum"] = momentum
-                if muon_weight_decay is not None:
-                    group["weight_decay"] = muon_weight_decay
+                settings = {"momentum": momentum, "weight_decay": muon_weight_decay}
+                group.update({key: value for key, value in settings.items() if value is not None})
 
 
 # -----------------------------------------------------------------------------
