@@ -242,9 +242,8 @@ def evaluate_task(
             correct += sum(_score_batch(model, batch, task.task_type, device, pad_id))
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
-        t2 = time.perf_counter()
-        timings["prepare"] = timings.get("prepare", 0.0) + t1 - t0
-        timings["forward"] = timings.get("forward", 0.0) + t2 - t1
+        for key, seconds in (("prepare", t1 - t0), ("forward", time.perf_counter() - t1)):
+            timings[key] = timings.get(key, 0.0) + seconds
     correct_total, count_total = common.all_reduce_sum([correct, len(mine)], device)
     return correct_total / count_total if count_total else 0.0
 

@@ -153,10 +153,9 @@ def read_sections(report_dir: str | Path) -> dict[str, dict]:
     return {r["section"]: r for r in records}
 
 
-def done(section: str, report_dir: str | Path | None = None) -> bool:
+def done(section: str) -> bool:
     """Whether a stage logged the section `section` (its data file is written last)."""
-    report_dir = Path(report_dir) if report_dir is not None else get_base_dir() / "report"
-    return (report_dir / f"{slugify(section)}.json").is_file()
+    return (get_base_dir() / "report" / f"{slugify(section)}.json").is_file()
 
 
 # -----------------------------------------------------------------------------
@@ -319,8 +318,7 @@ def summary_rows(sections: dict[str, dict]) -> list[list[str]]:
 def lineage_warnings(sections: dict[str, dict]) -> list[str]:
     """A line for each section logged before the training it builds on (an SFT re-run under an old RL,
     an evaluation of an earlier model): the report then mixes two runs of that stage."""
-    pairs = []  # (a training section, a section that was made from its model)
-    previous = None
+    pairs, previous = [], None  # pairs: (a training section, a section that was made from its model)
     for stage, (_, titles, _) in STAGES.items():
         pairs += [(titles[0], title) for title in titles[1:]]
         # the stage a model was trained from, as its section names it ("mid d4 step 200", "sft/d4")

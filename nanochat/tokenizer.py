@@ -187,7 +187,6 @@ class Tokenizer:
         return self.special_tokens[self.bos_token]
 
     def encode_special(self, name: str) -> int:
-        """The id of a special token, e.g. encode_special("<|assistant_end|>")."""
         return self.special_tokens[name]
 
     def token_bytes(self) -> torch.Tensor:
@@ -252,7 +251,6 @@ class Tokenizer:
 
 
 def _messages(conversation) -> list[dict]:
-    """A copy of the message list of {"messages": [...]} or of a bare list."""
     return list(conversation["messages"] if isinstance(conversation, dict) else conversation)
 
 
@@ -304,7 +302,6 @@ def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
 
 
 def get_tokenizer() -> Tokenizer:
-    """The trained tokenizer under $NANOCHAT_BASE_DIR/tokenizer."""
     return Tokenizer.from_directory(get_base_dir() / "tokenizer")
 
 
@@ -320,8 +317,7 @@ def get_token_bytes(device: str | torch.device = "cpu") -> torch.Tensor:
 # Chat front ends: streaming a reply as text, and storing it back as a message
 
 TOOL_TOKENS = ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>")
-# How the tool's special tokens are shown to a human: "<<12*7=84>>".
-TOOL_DISPLAY = dict(zip(TOOL_TOKENS, ("<<", "=", "", ">>"), strict=True))
+TOOL_DISPLAY = dict(zip(TOOL_TOKENS, ("<<", "=", "", ">>"), strict=True))  # shown to a human: "<<12*7=84>>"
 
 
 class ReplyDecoder:
