@@ -66,9 +66,7 @@ def chat_lr_multiplier(
     if num_iterations > 0:
         return lr_multiplier(step, num_iterations, 0, warmdown_ratio, final_lr_frac)
     left = min(max(1.0 - progress, 0.0), 1.0)  # fraction of the epoch still to train on
-    if left >= warmdown_ratio:
-        return 1.0
-    return final_lr_frac + (1 - final_lr_frac) * left / warmdown_ratio
+    return 1.0 if left >= warmdown_ratio else final_lr_frac + (1 - final_lr_frac) * left / warmdown_ratio
 
 
 def train_step(model, optimizers: list, batches: Iterator, grad_accum: int, step: int, args) -> tuple:
@@ -86,17 +84,6 @@ def train_step(model, optimizers: list, batches: Iterator, grad_accum: int, step
         opt.step()
     model.zero_grad(set_to_none=True)
     return train_loss, supervised, lrm, micro[-1][2], progress
-
-
-def accuracies(model: torch.nn.Module, tokenizer, metric_tasks: dict, problems: int, T: int) -> dict:
-    """{name: accuracy} of each metric task on its first `problems` problems (greedy, uncompiled)."""
-    model.eval()
-    scores = {
-        name: task_accuracy(model, tokenizer, task, problems, max_new_tokens=128, max_context=T)
-        for name, task in metric_tasks.items()
-    }
-    model.train()
-    return scores
 
 
 # -----------------------------------------------------------------------------
@@ -179,11 +166,10 @@ def train(
     step = start_step
     start_progress = state["progress"]  # the ETA of an epoch-long run (-1 steps) goes by progress
     session_time = 0.0  # every step of this process, for the ETA
-    # on SIGTERM: save, exit 0
     saver = checkpoint_manager.RunSaver(ckpt_dir, start_step, args.save_every, args.save_every_minutes)
     while True:
         last_step = step == num_iterations if num_iterations > 0 else state["progress"] >= 1.0
-        if saver.due(step, last_step):
+        if saver.due(step, last_step):  # also on SIGTERM: save, exit 0
             saver.save(step, orig_model, optimizers, meta, loader_state)
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
             val_batches = conversation_batches(val_task, tokenizer, B, T, rank, world_size, device)
@@ -193,7 +179,13 @@ def train(
             run_log.log({"step": step, "val_loss": state["val_loss"]})
         periodic = args.metrics_every > 0 and step > start_step and step % args.metrics_every == 0
         if metric_tasks and args.metrics_every != 0 and (last_step or periodic):
-            state["metrics"] = accuracies(orig_model, tokenizer, metric_tasks, args.metrics_max_problems, T)
+            orig_model.eval()  # greedy, uncompiled, on the first --metrics-max-problems of each task
+            problems = args.metrics_max_problems
+            state["metrics"] = {
+                name: task_accuracy(orig_model, tokenizer, task, problems, max_new_tokens=128, max_context=T)
+                for name, task in metric_tasks.items()
+            }
+            orig_model.train()
             print0(f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in state["metrics"].items()))
             run_log.log({"step": step, **state["metrics"]})
         if last_step:

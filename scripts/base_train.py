@@ -57,8 +57,7 @@ g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs 
 # the record's speedrun: d24 at 8 reaches GPT-2's CORE (its compute-optimal value is 10.5)
 ratio_help = "training tokens per scaling parameter (block weights and lm_head, the record's count)"
 g.add_argument("--target-param-data-ratio", type=float, default=8.0, help=ratio_help)
-# The recipes: every setting that differs between the record and ours before. A flag left unset
-# takes its --recipe's value.
+# The recipes: every setting that differs between the record and ours before
 RECIPES = {
     # The public nanochat record at autoresearch round 2 (commit a825e63, 2026-03-14): the defaults of
     # its scripts/base_train.py and the groups of gpt.py's setup_optimizer, tuned in d12-d26 GPU runs
