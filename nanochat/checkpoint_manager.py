@@ -48,12 +48,10 @@ def checkpoint_dir(source: str, model_tag: str) -> Path:
     return get_base_dir() / STAGE_DIRS[source] / model_tag
 
 
-def saved_steps(directory: str | Path) -> list[int]:
+def saved_steps(directory: Path) -> list[int]:
     """Steps with a complete checkpoint (meta and model file present), ascending."""
-    matches = (
-        re.fullmatch(r"meta_(\d{6,})\.json", path.name) for path in Path(directory).glob("meta_*.json")
-    )
-    return sorted(int(m[1]) for m in matches if m and _paths(Path(directory), int(m[1]))[0].exists())
+    matches = (re.fullmatch(r"meta_(\d{6,})\.json", p.name) for p in directory.glob("meta_*.json"))
+    return sorted(int(m[1]) for m in matches if m and _paths(directory, int(m[1]))[0].exists())
 
 
 def resolve_tag(source: str, model_tag: str | None) -> str:
@@ -91,10 +89,9 @@ def _run_file(path: Path) -> bool:
 
 
 def save_checkpoint(
-    directory: str | Path, step: int, model, optimizers: list | None, meta: dict, loader_state=None
+    directory: Path, step: int, model, optimizers: list | None, meta: dict, loader_state=None
 ) -> None:
     """Save one step; every rank calls it, with its own data position `loader_state` (kept in the meta)."""
-    directory = Path(directory)
     _, rank, _, world_size = get_dist_info()
     model_path, meta_path, optim_path = _paths(directory, step, rank)
     if rank == 0:
@@ -150,10 +147,9 @@ def _read_step(directory: Path, step: int, rank: int, device, with_optimizer: bo
 
 
 def load_checkpoint(
-    directory: str | Path, step: int, device, load_optimizer=False, step_flag="-s/--step", verify=True
+    directory: Path, step: int, device, load_optimizer=False, step_flag="-s/--step", verify=True
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any]]:
     """(model state, this rank's optimizer shard or None, meta); a CheckpointError names `step_flag`."""
-    directory = Path(directory)
     _, rank, _, _ = get_dist_info()
     steps = saved_steps(directory)
     if step not in steps:

@@ -100,10 +100,9 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("nanochat")  # modules log to "nanochat.<name>" children of it
     if not root.handlers:  # once per process
         prefix = f"[rank {rank}] " if world_size > 1 else ""
+        fmt = f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s"
         root.addHandler(handler := logging.StreamHandler())
-        handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {prefix}%(levelname).1s %(name)s: %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(logging.Formatter(fmt, "%H:%M:%S"))
         root.propagate = False
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
 
@@ -171,16 +170,14 @@ def file_lock(path: str | os.PathLike) -> filelock.FileLock:
 _held_locks: dict[Path, filelock.BaseFileLock] = {}  # alive until the process exits: the OS frees them
 
 
-def hold_lock(folder: str | os.PathLike, what: str) -> None:
+def hold_lock(folder: Path, what: str) -> None:
     """Take `<folder>.lock` for the rest of this process, or raise UserError naming its holder."""
-    folder = Path(folder)
     if folder in _held_locks:
         return
-    lock_path, holder_path = Path(f"{folder}.lock"), Path(f"{folder}.lock.json")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = filelock.FileLock(lock_path, timeout=0)
+    lock, holder_path = file_lock(folder), Path(f"{folder}.lock.json")
+    folder.parent.mkdir(parents=True, exist_ok=True)
     try:
-        lock.acquire()
+        lock.acquire(timeout=0)
     except filelock.Timeout:
         holder = "another process"
         for _ in range(20):  # the holder writes its card right after taking the lock
@@ -201,28 +198,25 @@ def hold_lock(folder: str | os.PathLike, what: str) -> None:
 MARKER = ".nanochat"  # in every folder nanochat creates: `--overwrite` may remove such a folder
 
 
-def make_folder(folder: str | os.PathLike) -> Path:
+def make_folder(folder: Path) -> Path:
     """Create `folder` (and its parents) with nanochat's marker file in it."""
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    marker = folder / MARKER
-    if not marker.exists():
-        marker.write_text("written by nanochat: --overwrite may delete this folder and its nanochat files\n")
+    (folder / MARKER).write_text(
+        "written by nanochat: --overwrite may delete this folder and its nanochat files\n"
+    )
     return folder
 
 
-def foreign_files(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> str | None:
+def foreign_files(folder: Path, ours: Callable[[Path], bool]) -> str | None:
     """The names (the first five) of the files in `folder` nanochat cannot prove it wrote, or None."""
-    folder = Path(folder)
     if not folder.is_dir():
         return None
     names = sorted(p.name for p in folder.iterdir() if p.name != MARKER and not ours(p))
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "") if names else None
 
 
-def check_removable(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None:
+def check_removable(folder: Path, ours: Callable[[Path], bool]) -> None:
     """Raise UserError (naming --overwrite) unless `remove_ours` may empty `folder`."""
-    folder = Path(folder)
     if not folder.exists():
         return
     for name, protected in (("the working folder", Path.cwd()), ("the home directory", Path.home())):
@@ -239,9 +233,8 @@ def check_removable(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> 
         )
 
 
-def remove_ours(folder: str | os.PathLike, ours: Callable[[Path], bool]) -> None:
+def remove_ours(folder: Path, ours: Callable[[Path], bool]) -> None:
     """Delete what `ours` recognises in `folder`, and the folder if marked; `check_removable` first."""
-    folder = Path(folder)
     check_removable(folder, ours)
     marked = (folder / MARKER).exists()
     for path in folder.iterdir() if folder.exists() else []:
@@ -292,7 +285,7 @@ def download_file(
             tmp.unlink(missing_ok=True)
         if _passes(path, validate):  # complete already, or another process finished it while we waited
             return path
-        for attempt in range(retries + 1):  # at least one: `last_error` is set when the loop ends
+        for attempt in range(retries + 1):
             try:
                 with atomic_path(path) as tmp:
                     _fetch_once(url, tmp, timeout, path.name if progress else None, validate)
@@ -305,14 +298,13 @@ def download_file(
                     ) from e
                 if isinstance(getattr(e, "reason", None), socket.gaierror):  # a name that does not resolve
                     raise RuntimeError(f"download of {url} failed: no network ({e.reason})") from e
-                last_error = e
-            if attempt < retries:
+                if attempt == retries:
+                    raise RuntimeError(
+                        f"download of {url} failed after {attempt + 1} attempts; last error: {e!r}"
+                    ) from e
                 wait = min(backoff * 2**attempt, MAX_BACKOFF)
-                logger.warning("%s: %s; retry %d/%d in %.1fs", url, last_error, attempt + 1, retries, wait)
+                logger.warning("%s: %s; retry %d/%d in %.1fs", url, e, attempt + 1, retries, wait)
                 time.sleep(wait)
-        raise RuntimeError(
-            f"download of {url} failed after {retries + 1} attempts; last error: {last_error!r}"
-        ) from last_error
 
 
 # -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ TMPFS_BYTES = 32 * 2**20  # the isolated sandbox's whole writable space
 # Runs in the child: argv = [cpu_seconds, max_memory, max_file, "isolated" | "guarded", parent pid];
 # stdin = nonce + "\n" + program source.
 _PRELUDE = r"""# nanochat sandbox prelude
-import os, resource, sys, traceback
+import contextlib, os, resource, sys, traceback
 
 def die_with_parent(parent_pid):
     try:
@@ -93,10 +93,9 @@ def main():
     for kind, value in ((resource.RLIMIT_AS, max_memory), (resource.RLIMIT_CPU, cpu_seconds),
                         (resource.RLIMIT_FSIZE, max_file), (resource.RLIMIT_NOFILE, 64),
                         (resource.RLIMIT_NPROC, 0), (resource.RLIMIT_CORE, 0)):
-        try:  # hard limits: the program cannot raise them again
+        # hard limits: the program cannot raise them again; a platform may refuse one (RLIMIT_AS on macOS)
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(kind, (value, value))
-        except (ValueError, OSError):
-            pass  # some platforms refuse a limit (e.g. RLIMIT_AS on macOS); the others still apply
     if sys.argv[4] == "guarded":
         die_with_parent(int(sys.argv[5]))
         install_guards()
@@ -258,12 +257,10 @@ def execute_code(
 
 
 def _start(cmd: list[str], cwd: str, home: str, pass_fds: tuple = ()) -> subprocess.Popen:
-    # nothing of the caller's environment is inherited; a new session, so that the parent can kill the
-    # child's whole process group and nothing else
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-    env |= {"HOME": home, "TMPDIR": home}
+    # no inherited environment; a new session: the parent can kill the child's whole group, nothing else
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home}
     pipe = subprocess.PIPE
-    kw = dict(stdin=pipe, stdout=pipe, stderr=pipe, cwd=cwd, env=env, pass_fds=pass_fds)
+    kw = dict(stdin=pipe, stdout=pipe, stderr=pipe, cwd=cwd, env=env | {"TMPDIR": home}, pass_fds=pass_fds)
     return subprocess.Popen(cmd, start_new_session=True, **kw)
 
 
@@ -326,8 +323,7 @@ def _supervise(
     finished = returncode == 0 and out.endswith(marker)
     out = out[: -len(marker)] if finished else out
     flooded = flooded or len(out) > max_output_bytes
-    stdout = out[:max_output_bytes].decode("utf-8", errors="replace")
-    stderr = err[:max_output_bytes].decode("utf-8", errors="replace")
+    stdout, stderr = (buf[:max_output_bytes].decode("utf-8", errors="replace") for buf in (out, err))
     last_line = (stderr.strip().splitlines() or [""])[-1][:2000]
     # the signal that ended the program: bwrap reports it as exit status 128 + N
     signum = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
