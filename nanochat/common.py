@@ -157,9 +157,9 @@ def checksums(path: str | os.PathLike) -> list[str]:
 
 
 def sha256_of(path: str | os.PathLike) -> str:
-    """The SHA-256 (hex) of a file's bytes."""
+    """The SHA-256 (hex) of a small file's bytes (not hashlib.file_digest: Python 3.11+)."""
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def file_lock(path: str | os.PathLike) -> filelock.FileLock:
