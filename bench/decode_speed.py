@@ -4,8 +4,8 @@ Decode speed of the Engine, eager and compiled: one stream and 8 samples decodin
     uv run python bench/decode_speed.py [--cpu]     # prints one JSON line
 
 A random model (`random_model`: every greedy row runs its whole budget): d12 at 2048 context on a GPU,
-a 2-layer toy on the CPU (what CI runs). A 32-token prompt and 200 new tokens (128 on the CPU) stay in
-the first key bucket, so only the batch-1 and batch-8 shapes compile (their compile time is reported
+a 2-layer toy on the CPU (what CI runs). A 32-token prompt and 96 new tokens stay in the first key
+bucket (128 keys), so only the batch-1 and batch-8 shapes compile (their compile time is reported
 apart); the best of 3 runs. bench/gpucheck.py calls `measure`; bench/infer.py uses `timed` and
 `random_model`.
 """
@@ -61,7 +61,7 @@ def measure(cpu: bool) -> dict:
     # byte-level: 256 byte tokens and the special tokens (the model's larger vocab is never decoded)
     ranks, special = {bytes([i]): i for i in range(256)}, {n: 256 + i for i, n in enumerate(SPECIAL_TOKENS)}
     tokenizer = Tokenizer(SPLIT_PATTERN, ranks, special)
-    depth, seq, vocab, new = (2, 256, 512, 128) if cpu else (12, 2048, 32768, 200)
+    depth, seq, vocab, new = (2, 256, 512, 96) if cpu else (12, 2048, 32768, 96)
     config = config_from_depth(depth, vocab, seq, aspect_ratio=32 if cpu else 64, head_dim=32 if cpu else 128)
     model = random_model(tokenizer, config, device)
     prompt = [tokenizer.get_bos_token_id()] + list(range(10, 41))
