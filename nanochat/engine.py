@@ -224,9 +224,8 @@ class Engine:
         self.stop_ids = {special(name) for name in STOP_TOKENS}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
-        # the key lengths a decode step attends to: the context, halved while >= MIN_KEYS. Attention over
-        # keys no row has yet would be most of the work at batch 8 (d4, 1024, compiled, one CPU thread:
-        # 9.1 ms a step at 1024 keys, 3.0 at 256, 2.1 at 128)
+        # the key lengths a decode step attends to: the context, halved while >= MIN_KEYS. Attention over keys
+        # no row has yet is most of a batch-8 step (d4, 1024, one CPU thread: 9.1 ms at 1024, 2.1 at 128)
         self.key_buckets = [self.context]
         while self.key_buckets[0] // 2 >= MIN_KEYS:
             self.key_buckets.insert(0, self.key_buckets[0] // 2)
