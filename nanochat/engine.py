@@ -1,8 +1,8 @@
 """
 Inference: a static KV cache, batched on-device sampling, the calculator tool, and one decode loop
 (`join`, `step`, `leave`) run by Engine.run (one prompt) and the BatchScheduler (continuous batching).
-A prompt is prefilled eagerly; every live row then takes one fixed-shape decode step at a time
-(compiled with `Engine(compile=True)`; CUDA graphs on CUDA).
+Prompts joining together are prefilled together, eagerly; every live row then takes one fixed-shape
+decode step at a time (compiled with `Engine(compile=True)`; CUDA graphs on CUDA).
 """
 
 import bisect
@@ -72,29 +72,33 @@ class KVCache:
         self.lengths[dst] = n
 
 
-class _SameLengthRows:
-    """Rows `first` .. first+n-1 of a KVCache, all of the same length, fed T tokens each (a prompt, or
-    one token per row): keys by slicing and an int position, so attention takes SDPA's unmasked paths."""
+class _PrefillRows:
+    """Rows `first` .. first+n-1 of a KVCache, all of one length, fed counts[i] tokens each, right-padded:
+    keys by slicing and an int position, so attention takes SDPA's unmasked paths. Causal attention hides
+    a row's padding from its tokens; decoding masks its keys (past the row's end) until it overwrites them."""
 
-    def __init__(self, cache: KVCache, first: int, n: int):
-        self.cache, self.rows = cache, slice(first, first + n)
+    def __init__(self, cache: KVCache, first: int, counts: list[int]):
+        self.cache, self.rows, self.counts = cache, slice(first, first + len(counts)), counts
+        self.ends = None if len(set(counts)) == 1 else torch.tensor(counts, device=cache.pos.device) - 1
 
     def get_pos(self) -> int:
         return self.cache.lengths[self.rows.start]
 
     def insert_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c, rows, p, T = self.cache, self.rows, self.get_pos(), k.size(2)
-        assert p + T <= c.max_len, f"{p + T} positions exceed the cache's {c.max_len}"
         c.k[layer][rows, :, p : p + T] = k
         c.v[layer][rows, :, p : p + T] = v
         if layer == len(c.k) - 1:  # the last layer: the rows have advanced
-            c.lengths[rows] = [p + T] * (rows.stop - rows.start)
-            c.pos[rows] = p + T
+            c.lengths[rows] = [p + n for n in self.counts]
+            c.pos[rows] = p + T if self.ends is None else p + self.ends + 1
         return c.k[layer][rows, :, : p + T], c.v[layer][rows, :, : p + T]
 
-    def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
+    def last_of(self, x: torch.Tensor) -> torch.Tensor:  # (n, T, ...) -> (n, ...): each row's last token's
+        return x[:, -1] if self.ends is None else x[torch.arange(x.size(0), device=x.device), self.ends]
+
+    def swap_last_embedding(self, x: torch.Tensor) -> torch.Tensor:
         previous = self.cache.last[self.rows].clone()
-        self.cache.last[self.rows] = last
+        self.cache.last[self.rows] = self.last_of(x)
         return previous
 
 
@@ -118,9 +122,9 @@ class _DecodeRows:
         self.v[layer].index_put_(at, v[:, :, 0].to(self.v[layer].dtype))
         return self.k[layer][:n, :, : self.keys], self.v[layer][:n, :, : self.keys]
 
-    def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
+    def swap_last_embedding(self, x: torch.Tensor) -> torch.Tensor:
         previous = self.last[: self.n].clone()
-        self.last[: self.n] = last.float()
+        self.last[: self.n] = x[:, -1].float()
         return previous
 
 
@@ -244,11 +248,11 @@ class Engine:
     # ---- forwards
 
     def prefill(self, first: int, ids: list[list[int]]) -> torch.Tensor:
-        """Feeds ids (n rows of T) into rows first .. first+n-1, all of one length (eager, any T): the
-        logits (n, V) after the last."""
-        idx = torch.tensor(ids, dtype=torch.long, device=self.device)
+        """ids[i] into row first+i (rows of one length; eager): the logits (n, V) after each row's last id."""
+        T, rows = max(map(len, ids)), _PrefillRows(self.cache, first, [len(row) for row in ids])
+        idx = torch.tensor([row + [0] * (T - len(row)) for row in ids], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            return self.model(idx, kv_cache=_SameLengthRows(self.cache, first, len(ids)))[:, -1]
+            return rows.last_of(self.model(idx, kv_cache=rows))
 
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
         """One token into each of rows 0 .. n-1: the logits (n, V). Eager, the step takes exactly the rows
@@ -339,14 +343,17 @@ class Engine:
         self.leave(finished)
 
     def join(self, requests: list[Request]) -> None:
-        """Requests sharing one prompt join the batch (one prefill); each draws its own first token."""
+        """Requests join the batch in one prefill of their prompts (the samples of one prompt: one row,
+        copied); each draws its own first token."""
         assert len(self.active) + len(requests) <= self.max_batch, "the batch is full"
-        first = len(self.active)
-        self.cache.clear(first)
-        logits = self.prefill(first, [requests[0].tokens])
-        for r in range(first + 1, first + len(requests)):
+        first, prompts = len(self.active), [q.tokens for q in requests]
+        n = 1 if all(p == prompts[0] for p in prompts) else len(prompts)
+        for r in range(first, first + n):
+            self.cache.clear(r)
+        logits = self.prefill(first, prompts[:n])
+        for r in range(first + n, first + len(requests)):
             self.cache.copy_row(first, r)
-        self.active.extend(requests)
+        self.active += requests
         self._advance(requests, logits.expand(len(requests), -1))
 
     def step(self) -> None:
@@ -566,17 +573,20 @@ class BatchScheduler:
                 admit = []
                 while self._pending and len(engine.active) + len(admit) < engine.max_batch:
                     admit.append(self._pending.popleft())
+            groups: dict = {}  # one prefill per power-of-two prompt length: padding at most doubles its work
             for request in admit:
                 if request._cancelled.is_set():
                     request._finish("cancelled")
-                    continue
+                else:
+                    groups.setdefault(_bucket(len(request.tokens)), []).append(request)
+            for group in groups.values():
                 try:
-                    engine.join([request])
-                except Exception as e:  # this request alone fails (its prefill went wrong)
-                    logger.exception("request failed at admission")
-                    if request in engine.active:
-                        engine.leave({request: ("error", e)})
-                    request._finish("error", e)
+                    engine.join(group)
+                except Exception as e:  # a failed prefill fails the requests in it
+                    logger.exception("requests failed at admission")
+                    engine.leave({q: ("error", e) for q in group if q in engine.active})
+                    for request in group:
+                        request._finish("error", e)
             if engine.active:
                 engine.step()
 

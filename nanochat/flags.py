@@ -46,13 +46,14 @@ def add_model_flags(parser, default_source: str | None = "sft", choose_source=Tr
 
 
 def add_run_flags(parser) -> None:
-    """--resume [STEP], --overwrite and --save-every-minutes: the flags of `start_run` and `RunSaver`."""
+    """--resume [STEP], --overwrite, --save-every-minutes (for `start_run` and `RunSaver`) and --run."""
     add = parser.add_argument
     resume = "continue the tag's run (from its last step, or STEP)"
     add("--resume", nargs="?", const=True, default=False, type=int, metavar="STEP", help=resume)
     add("--overwrite", action="store_true", help="delete the tag's old run and start over")
     clock = f"wall-clock minutes between checkpoints, the newest {KEEP_CLOCK_SAVES} kept (0: off)"
     add("--save-every-minutes", type=float, default=30.0, help=clock)
+    add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
 
 
 def add_optimizer_flags(
@@ -106,7 +107,6 @@ def chat_flags(description: str, **defaults) -> argparse.Namespace:
     add("--data-only", action="store_true", help="train on --data alone (the stage's val set stays)")
     add("--out-tag", metavar="TAG", help="checkpoint tag to write (default: the source's tag)")
     add("--synthetic-size", type=int, help="examples per synthetic task")
-    add("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     add("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
     add("--dry-run", action="store_true", help="open data and model, print the plan, then exit")
     add_optimizer_flags(p, defaults["init_lr_frac"])

@@ -4,8 +4,8 @@ Rotary positions; RMSNorm without gain; QK-norm; grouped-query attention through
 biases; untied head; fp32 logits softcapped at 15; fp32 parameters (precision policy: `common.autocast`).
 The public record's parts (measured there at d12-d26 on GPUs: value embeddings, layer scalars, smear,
 backout, sliding windows, its init) are GPTConfig switches that default off, so old checkpoints load.
-KV cache protocol (nanochat/engine.py): `get_pos()` (an int, or (B,) per-row positions),
-`insert_kv(layer, k, v) -> (k_all, v_all)`, and with smear `swap_last_embedding(last) -> previous`.
+KV cache protocol (nanochat/engine.py): `get_pos()` (an int, or (B,) per-row positions), `insert_kv(layer,
+k, v) -> (k_all, v_all)`, and with smear `swap_last_embedding(x) -> previous` (x (B, T, C): each row's last).
 """
 
 import functools
@@ -364,7 +364,7 @@ class GPT(nn.Module):
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
         if kv_cache is None:  # position 0 has no previous token
             return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
-        previous = kv_cache.swap_last_embedding(x[:, -1])  # (B, C): each row's last one so far, or zeros
+        previous = kv_cache.swap_last_embedding(x)  # (B, C): each row's last one so far, or zeros
         return x + gate * torch.cat([previous[:, None], x[:, :-1]], dim=1)
 
     def forward(

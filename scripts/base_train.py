@@ -117,7 +117,6 @@ g.add_argument("--save-every", type=int, default=-1, help="steps between saves (
 g = parser.add_argument_group("run")
 add_run_flags(g)
 g.add_argument("--model-tag", default=None, help="checkpoint folder name (default: d<depth>)")
-g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
 add_device_flag(g)
 add_verify_flag(g)
 g.add_argument("--seed", type=int, default=42, help="seed of the initial weights")

@@ -47,7 +47,6 @@ if __name__ == "__main__":
     g.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (-1: only the end)")
     g = parser.add_argument_group("run")
     flags.add_run_flags(g)
-    g.add_argument("--run", default="dummy", help="wandb run name ('dummy': no wandb)")
     g.add_argument("--out-tag", metavar="TAG", help="checkpoint tag to write (default: the source's tag)")
     g.add_argument("--dry-run", action="store_true", help="validate, print the plan and exit")
     args = parser.parse_args()

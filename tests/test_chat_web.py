@@ -407,8 +407,7 @@ def test_twenty_requests_and_hostile_but_accepted_values_at_once_all_complete(gu
 
     async def post(client, body: dict) -> httpx.Response:
         r = await client.post(guarded_server.url + CHAT, json=body, headers=AUTH, timeout=120)
-        # parsed, not a substring: the random model may well say "error" itself
-        payloads = sse_events(r) if body.get("stream") else [r.json()]
+        payloads = sse_events(r) if body.get("stream") else [r.json()]  # parsed: the model may say "error"
         assert r.status_code == 200 and not any("error" in p for p in payloads), (body, r.text)
         return r
 

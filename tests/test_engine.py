@@ -1,6 +1,7 @@
 """The inference engine against full recompute: static KV cache, sampling, the calculator tool,
 context fitting, continuous batching and the compiled decode step."""
 
+import itertools
 import threading
 import time
 
@@ -12,7 +13,7 @@ from conftest import encode_parts, tiny_model
 import nanochat.engine as engine_module
 from nanochat import common
 from nanochat.calculator import use_calculator
-from nanochat.engine import BatchScheduler, Engine, fit_to_context, greedy_completions, sample_next
+from nanochat.engine import BatchScheduler, Engine, Request, fit_to_context, greedy_completions, sample_next
 from nanochat.gpt import GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
@@ -61,8 +62,8 @@ class RuleModel(nn.Module):
         pos = torch.full((B,), pos) if isinstance(pos, int) else pos
         kv_cache.insert_kv(0, torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
         logits = torch.zeros(B, T, self.config.vocab_size)
-        for b in range(B):
-            logits[b, -1] = self.rule(int(pos[b]) + T - 1, idx[b].tolist())
+        for b, t in itertools.product(range(B), range(T)):  # every position: prefill rows may be padded
+            logits[b, t] = self.rule(int(pos[b]) + t, idx[b, : t + 1].tolist())
         return logits
 
 
@@ -292,6 +293,13 @@ def test_scheduler_greedy_equals_full_recompute(tokenizer, arch, max_batch):
     got = run_scheduler(engine, PROMPTS, MAX_TOKENS, temperature=0.0)
     assert got == [generate_naive(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS, strict=True)]
     assert [t.data_ptr() for t in (*engine.cache.k, *engine.cache.v, engine.cache.last)] == storage
+
+
+def test_prompts_joining_together_share_one_padded_prefill(tokenizer):
+    """Padded to the longest: smear's state and the logits are taken at each row's own last token."""
+    model, requests = make_model(tokenizer, "record"), [Request(p, 10, 0.0, None, 0) for p in PROMPTS[:6]]
+    Engine(model, tokenizer).run(requests)  # one join: one prefill of all six
+    assert [list(q) for q in requests] == [generate_naive(model, p, 10) for p in PROMPTS[:6]]
 
 
 def test_scheduler_asserts_its_invariants_in_the_callers_thread_and_refuses_work_once_closed(tokenizer):

@@ -74,9 +74,9 @@ class ReferenceKVCache:
             self.pos = k.size(2)
         return k, v
 
-    def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
-        previous = torch.zeros_like(last) if self.pos == 0 else self.last
-        self.last = last
+    def swap_last_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        previous = torch.zeros_like(x[:, -1]) if self.pos == 0 else self.last
+        self.last = x[:, -1]
         return previous
 
 
