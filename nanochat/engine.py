@@ -73,9 +73,8 @@ class KVCache:
 
 
 class _PrefillRows:
-    """Rows `first` .. first+n-1 of a KVCache, all of one length, fed counts[i] tokens each, right-padded:
-    keys by slicing and an int position, so attention takes SDPA's unmasked paths. Causal attention hides
-    a row's padding from its tokens; decoding masks its keys (past the row's end) until it overwrites them."""
+    """Rows `first` .. first+n-1 of a KVCache, all of one length, fed counts[i] tokens each: an int position
+    (SDPA's unmasked paths). Right padding: causal attention hides it from the row, decoding its keys."""
 
     def __init__(self, cache: KVCache, first: int, counts: list[int]):
         self.cache, self.rows, self.counts = cache, slice(first, first + len(counts)), counts
@@ -96,9 +95,9 @@ class _PrefillRows:
     def last_of(self, x: torch.Tensor) -> torch.Tensor:  # (n, T, ...) -> (n, ...): each row's last token's
         return x[:, -1] if self.ends is None else x[torch.arange(x.size(0), device=x.device), self.ends]
 
-    def swap_last_embedding(self, x: torch.Tensor) -> torch.Tensor:
+    def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
         previous = self.cache.last[self.rows].clone()
-        self.cache.last[self.rows] = self.last_of(x)
+        self.cache.last[self.rows] = last
         return previous
 
 
@@ -122,9 +121,12 @@ class _DecodeRows:
         self.v[layer].index_put_(at, v[:, :, 0].to(self.v[layer].dtype))
         return self.k[layer][:n, :, : self.keys], self.v[layer][:n, :, : self.keys]
 
-    def swap_last_embedding(self, x: torch.Tensor) -> torch.Tensor:
+    def last_of(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, -1]
+
+    def swap_last_embedding(self, last: torch.Tensor) -> torch.Tensor:
         previous = self.last[: self.n].clone()
-        self.last[: self.n] = x[:, -1].float()
+        self.last[: self.n] = last.float()
         return previous
 
 
@@ -252,7 +254,7 @@ class Engine:
         T, rows = max(map(len, ids)), _PrefillRows(self.cache, first, [len(row) for row in ids])
         idx = torch.tensor([row + [0] * (T - len(row)) for row in ids], dtype=torch.long, device=self.device)
         with autocast(self.device):
-            return rows.last_of(self.model(idx, kv_cache=rows))
+            return self.model(idx, kv_cache=rows)[:, -1]
 
     def decode(self, tokens: list[int], keys: int | None = None) -> torch.Tensor:
         """One token into each of rows 0 .. n-1: the logits (n, V). Eager, the step takes exactly the rows
@@ -265,8 +267,7 @@ class Engine:
             step, rows, keys = self._compiled(), _bucket(n), next(k for k in self.key_buckets if k >= keys)
         ids = torch.tensor(tokens + [0] * (rows - n), dtype=torch.long, device=self.device)[:, None]
         if self.compiled and rows > 1 and self.device.type == "cpu":
-            # one CPU graph for every batch of 2+ rows (as fast as one per bucket, half the compiling);
-            # CUDA graphs need each shape fixed
+            # CPU: one graph for all batches of 2+ rows (as fast, half the compiling); CUDA graphs fix shapes
             torch._dynamo.mark_dynamic(ids, 0, min=2, max=c.rows)
         with autocast(self.device):
             logits = step(self.model, ids, c.k, c.v, c.pos, c.last, keys)

@@ -5,7 +5,8 @@ biases; untied head; fp32 logits softcapped at 15; fp32 parameters (precision po
 The public record's parts (measured there at d12-d26 on GPUs: value embeddings, layer scalars, smear,
 backout, sliding windows, its init) are GPTConfig switches that default off, so old checkpoints load.
 KV cache protocol (nanochat/engine.py): `get_pos()` (an int, or (B,) per-row positions), `insert_kv(layer,
-k, v) -> (k_all, v_all)`, and with smear `swap_last_embedding(x) -> previous` (x (B, T, C): each row's last).
+k, v) -> (k_all, v_all)`, `last_of(x)` ((B, T, ...) -> (B, ...) at each row's last position: with a cache the
+logits are only there), and with smear `swap_last_embedding(last) -> previous`.
 """
 
 import functools
@@ -364,7 +365,7 @@ class GPT(nn.Module):
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B, T, 1)
         if kv_cache is None:  # position 0 has no previous token
             return torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * x[:, :-1]], dim=1)
-        previous = kv_cache.swap_last_embedding(x)  # (B, C): each row's last one so far, or zeros
+        previous = kv_cache.swap_last_embedding(kv_cache.last_of(x))  # (B, C): each row's last so far, or 0
         return x + gate * torch.cat([previous[:, None], x[:, :-1]], dim=1)
 
     def forward(
@@ -399,7 +400,7 @@ class GPT(nn.Module):
                 x_mid = x  # what backout subtracts a share of
         if c.backout:
             x = x - self.backout_lambda * x_mid
-        x = norm(x)
+        x = norm(x) if kv_cache is None else norm(kv_cache.last_of(x))[:, None]  # generating: each row's last
 
         logits = self.lm_head(x)[..., : self.config.vocab_size].float()  # (B, T, V), padding sliced off
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)

@@ -356,6 +356,4 @@ def assistant_content(tokenizer: Tokenizer, ids: list[int]) -> str | list[dict]:
             parts.append({"type": kind, "text": tokenizer.decode(chunk)})
         chunk = []
         kind = {"<|python_start|>": "python", "<|output_start|>": "python_output"}.get(name, "text")
-    if all(p["type"] == "text" for p in parts):
-        return "".join(p["text"] for p in parts)
-    return parts
+    return "".join(p["text"] for p in parts) if all(p["type"] == "text" for p in parts) else parts

@@ -58,13 +58,12 @@ class RuleModel(nn.Module):
     def forward(self, idx, kv_cache=None):
         B, T = idx.shape
         self.batch_sizes.append(B)
-        pos = kv_cache.get_pos()
-        pos = torch.full((B,), pos) if isinstance(pos, int) else pos
+        pos = torch.as_tensor(kv_cache.get_pos()).expand(B)  # an int, or per-row positions
         kv_cache.insert_kv(0, torch.zeros(B, 1, T, 2), torch.zeros(B, 1, T, 2))
         logits = torch.zeros(B, T, self.config.vocab_size)
         for b, t in itertools.product(range(B), range(T)):  # every position: prefill rows may be padded
             logits[b, t] = self.rule(int(pos[b]) + t, idx[b, : t + 1].tolist())
-        return logits
+        return kv_cache.last_of(logits)[:, None]
 
 
 @torch.no_grad()
@@ -296,9 +295,8 @@ def test_scheduler_greedy_equals_full_recompute(tokenizer, arch, max_batch):
 
 
 def test_prompts_joining_together_share_one_padded_prefill(tokenizer):
-    """Padded to the longest: smear's state and the logits are taken at each row's own last token."""
     model, requests = make_model(tokenizer, "record"), [Request(p, 10, 0.0, None, 0) for p in PROMPTS[:6]]
-    Engine(model, tokenizer).run(requests)  # one join: one prefill of all six
+    Engine(model, tokenizer).run(requests)  # one padded prefill: logits and smear's state at each row's last
     assert [list(q) for q in requests] == [generate_naive(model, p, 10) for p in PROMPTS[:6]]
 
 
