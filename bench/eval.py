@@ -16,7 +16,7 @@ instead times the code sandbox: HumanEval's 164 canonical solutions graded one a
 through `HumanEval.evaluate` (nanochat/execution.py), isolated (bubblewrap) vs best-effort,
 alternately --repeats times; prints programs per second for each.
 
-    uv run python bench/eval.py --generative [--problems 32 --gen-tokens 64 --batch-size 8]
+    uv run python bench/eval.py --generative [--problems 32 --gen-tokens 64 --batch-size 8 --decode compiled]
 
 instead times generative evaluation (`task_accuracy` on the synthetic Arithmetic task, the path of
 GSM8K and HumanEval) with --batch-size completions decoding together vs one at a time, alternately;
@@ -55,6 +55,7 @@ parser.add_argument(
 )
 parser.add_argument("--problems", type=int, default=32, help="problems in the --generative run")
 parser.add_argument("--gen-tokens", type=int, default=64, help="longest completion in the --generative run")
+parser.add_argument("--decode", default="eager", choices=["eager", "compiled"], help="--generative's step")
 args = parser.parse_args()
 
 
@@ -97,11 +98,12 @@ def generative_benchmark() -> dict:
     task = Arithmetic(size=args.problems, split="test")
     seconds: dict[str, list[float]] = {"batched": [], "one_at_a_time": []}
     accuracy: dict[str, float] = {}
+    compiled = dict(compile_decode=True) if args.decode == "compiled" else {}  # older checkouts: eager only
     for _ in range(args.repeats):
         for mode, batch_size in (("batched", args.batch_size), ("one_at_a_time", 1)):
             t0 = time.perf_counter()
             accuracy[mode] = task_accuracy(
-                model, tokenizer, task, batch_size=batch_size, max_new_tokens=args.gen_tokens
+                model, tokenizer, task, batch_size=batch_size, max_new_tokens=args.gen_tokens, **compiled
             )
             seconds[mode].append(time.perf_counter() - t0)
     rates = {f"{mode}_problems_per_s": round(args.problems / min(s), 2) for mode, s in seconds.items()}
@@ -112,6 +114,7 @@ def generative_benchmark() -> dict:
         "threads": torch.get_num_threads(),
         "depth": args.depth,
         "batch_size": args.batch_size,
+        "decode": args.decode,
         **rates,
         "same_accuracy": same,
     }
