@@ -73,8 +73,8 @@ class KVCache:
 
 
 class _PrefillRows:
-    """Rows `first` .. first+n-1 of a KVCache, all of one length, fed counts[i] tokens each: an int position
-    (SDPA's unmasked paths). Right padding: causal attention hides it from the row, decoding its keys."""
+    """Rows first .. first+n-1 of a KVCache, of one length, fed counts[i] tokens each, right-padded: an int
+    position (SDPA's unmasked paths). Causal attention hides the padding from a row, decoding its keys."""
 
     def __init__(self, cache: KVCache, first: int, counts: list[int]):
         self.cache, self.rows, self.counts = cache, slice(first, first + len(counts)), counts
