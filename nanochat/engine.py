@@ -1,6 +1,6 @@
 """
 Inference: a static KV cache, batched on-device sampling, the calculator tool, and one decode loop
-(`join`, `step`, `leave`) run by Engine.run (one prompt) and the BatchScheduler (continuous batching).
+(`join`, `step`, `leave`) run by Engine.run (one join) and the BatchScheduler (continuous batching).
 Prompts joining together are prefilled together, eagerly; every live row then takes one fixed-shape
 decode step at a time (compiled with `Engine(compile=True)`; CUDA graphs on CUDA).
 """
@@ -385,7 +385,7 @@ class Engine:
 
     @torch.no_grad()
     def run(self, requests: list[Request]) -> None:
-        """Decodes requests sharing one prompt to their ends; any exception (Ctrl-C) cancels the rest."""
+        """Decodes requests, joining at once, to their ends; any exception (Ctrl-C) cancels the rest."""
         assert not self.active, "run needs the engine to itself"
         try:
             self.join(requests)
